@@ -1,0 +1,1 @@
+"""edgemm.calib: calibration sets, activation statistics per stage and modality branch, quantization recipes."""

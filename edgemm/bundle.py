@@ -1,0 +1,120 @@
+"""Bundles: one directory of stage files, the tokenizer and the manifest `edgemm.json`.
+
+Written to a temporary sibling directory and renamed at the end, so an interrupted export leaves no half
+bundle. Loading verifies the manifest (format version, files inside the bundle, sha256) before anything runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoint import file_sha256
+from .errors import EdgemmError
+
+MANIFEST = "edgemm.json"
+FORMAT = "edgemm-bundle"
+FORMAT_VERSION = 1
+
+
+def tool_versions(*extra: str) -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("edgemm", "torch", "numpy", *extra):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def bundle_writer(out: str | Path, force: bool = False):
+    """Yields a temporary directory; on clean exit it is renamed to `out`, on error it is removed.
+
+    The caller writes its files and finally `manifest` (a dict without `files`) via write_manifest(tmp, m).
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).exists():
+            raise RuntimeError("bundle_writer: the exporter wrote no manifest")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
+    """Add format fields, the sha256 of every file in the directory, and write edgemm.json."""
+    d = Path(bundle_dir)
+    m = {"format": FORMAT, "format_version": FORMAT_VERSION,
+         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **manifest}
+    m["files"] = {str(p.relative_to(d)): file_sha256(p) for p in sorted(d.rglob("*"))
+                  if p.is_file() and p.name != MANIFEST}
+    (d / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+    return m
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    """Parse edgemm.json and check the format version (no file checks: see verify_bundle)."""
+    d = Path(bundle)
+    if not d.is_dir():
+        raise EdgemmError(f"bundle not found: {d} is not a directory")
+    p = d / MANIFEST
+    if not p.is_file():
+        raise EdgemmError(f"{d} is not an edgemm bundle ({MANIFEST} is missing); export one with `edgemm export`")
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgemmError(f"{p} is corrupt ({e}); re-export the bundle") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EdgemmError(f"{p} is not an edgemm manifest; re-export the bundle")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise EdgemmError(f"{d} has bundle format version {m.get('format_version')}, this edgemm reads "
+                          f"version {FORMAT_VERSION}: re-export it with this edgemm, or install the edgemm that made it")
+    return m
+
+
+def bundle_path(bundle: str | Path, rel: str) -> Path:
+    """A manifest-relative path, refused if it leaves the bundle directory."""
+    root = Path(bundle).resolve()
+    p = (root / rel).resolve()
+    if not isinstance(rel, str) or os.path.isabs(rel) or not p.is_relative_to(root):
+        raise EdgemmError(f"manifest of {bundle} names a path outside the bundle ({rel!r}); refusing it")
+    return p
+
+
+def verify_bundle(bundle: str | Path, check_hashes: bool = True) -> dict:
+    """read_manifest + every stage file present, inside the bundle, with the recorded sha256."""
+    m = read_manifest(bundle)
+    files = m.get("files", {})
+    stage_files = [s.get("file") for s in m.get("stages", {}).values()]
+    for st in m.get("stages", {}).values():
+        stage_files += st.get("extra_files", [])
+    for rel in set(stage_files) | set(files):
+        if rel is None:
+            continue
+        p = bundle_path(bundle, rel)
+        if not p.is_file():
+            raise EdgemmError(f"bundle {bundle} is incomplete: {rel} is missing; re-export it")
+        if rel not in files:
+            raise EdgemmError(f"bundle {bundle}: {rel} has no sha256 in the manifest; re-export it")
+        if check_hashes and file_sha256(p) != files[rel]:
+            raise EdgemmError(f"bundle {bundle}: {rel} does not match its sha256 (corrupt or tampered); re-export it")
+    return m

@@ -1,0 +1,115 @@
+"""Checkpoint directories: config.json, model.safetensors, tokenizer.json, chat_template.jinja. Never pickle."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import ModelConfig, get_preset, PRESETS
+from .errors import EdgemmError
+
+DEMO_DIR = Path(__file__).parent / "data" / "tiny-shapes"
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.cfg.save(tmp / "config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.cfg.decoder.tie_embeddings:
+            state.pop("decoder.lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer.json")
+        from .tokenizer import CHAT_TEMPLATE
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(spec: str | None) -> tuple[str, Path | None]:
+    """--model value -> (kind, path): ('dir', path) for a checkpoint directory, ('preset', None) for a
+    random-weight preset; 'tiny-shapes' (the default) resolves to the shipped trained weights."""
+    spec = spec or "tiny-shapes"
+    if spec == "tiny-shapes":
+        if not (DEMO_DIR / "model.safetensors").exists():
+            raise EdgemmError(f"the shipped tiny-shapes weights are missing from {DEMO_DIR}; "
+                              "reinstall edgemm or train them with `edgemm train-demo`")
+        return "dir", DEMO_DIR
+    p = Path(spec)
+    if p.is_dir():
+        return "dir", p
+    if spec in PRESETS:
+        return "preset", None
+    raise EdgemmError(f"--model {spec!r} is neither a checkpoint directory nor a preset "
+                      f"({', '.join(PRESETS)})")
+
+
+def load_checkpoint(path: str | Path, device="cpu"):
+    """-> (model, tokenizer). Every failure is an EdgemmError naming the file and what to do."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from .model import EdgeMM
+    from .tokenizer import Tokenizer
+    path = Path(path)
+    for f in FILES:
+        if not (path / f).is_file():
+            raise EdgemmError(f"{path} is not an edgemm checkpoint: {f} is missing")
+    cfg = ModelConfig.load(path / "config.json")
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise EdgemmError(f"{path / 'model.safetensors'} is corrupt ({e}); re-download or re-save it") from None
+    with torch.device("meta"):
+        model = EdgeMM(cfg)
+    if cfg.decoder.tie_embeddings:
+        state.setdefault("decoder.lm_head.weight", state.get("decoder.tok_embeddings.weight"))
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise EdgemmError(f"{path / 'model.safetensors'} does not match config.json: "
+                          f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in state.items():
+        want = tuple(model.state_dict()[k].shape)
+        if tuple(v.shape) != want:
+            raise EdgemmError(f"tensor {k} has shape {tuple(v.shape)}, config.json expects {want}")
+    model.load_state_dict(state, assign=True)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.tok_embeddings.weight
+    tok = Tokenizer.load(path / "tokenizer.json")
+    return model.to(device).eval(), tok
+
+
+def load_model(spec: str | None = None, device="cpu", seed: int = 0):
+    """--model semantics of DESIGN.md: checkpoint dir, 'tiny-shapes' (shipped), or a random-weight preset."""
+    kind, path = resolve_model(spec)
+    if kind == "dir":
+        return load_checkpoint(path, device)
+    from .model import EdgeMM
+    from .tokenizer import Tokenizer
+    cfg = get_preset(spec)
+    if spec == "cogvlm-17b":
+        raise EdgemmError("cogvlm-17b is a shapes-only preset (about 17.6e9 parameters, 70 GB in fp32): "
+                          "use it with `edgemm info`, or import real weights with `edgemm import`")
+    model = EdgeMM(cfg).init_weights(seed).to(device).eval()
+    return model, Tokenizer.load(DEMO_DIR / "tokenizer.json")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

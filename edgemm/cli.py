@@ -1,0 +1,195 @@
+"""The edgemm command line: a thin layer over the public Python functions."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .errors import EdgemmError
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def handle_errors(fn):
+    """User mistakes -> one line on stderr, exit code 2, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except EdgemmError as e:
+            _err(f"error: {e}")
+            sys.exit(2)
+        except KeyboardInterrupt:
+            _err("interrupted")
+            sys.exit(130)
+    return wrapper
+
+
+def model_options(fn):
+    """--model/--bundle/--backend/--device/--threads, shared by every command that runs a model."""
+    opts = [
+        click.option("--model", default=None, help="Checkpoint directory or preset (tiny-shapes, bench-0.5b). "
+                     "Default: tiny-shapes, the shipped trained demo model."),
+        click.option("--bundle", default=None, type=click.Path(), help="An exported bundle directory."),
+        click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "torch", "ort", "trt", "llamacpp"]),
+                     help="auto: torch for model directories, the fastest supported backend for bundles."),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]),
+                     help="auto uses a CUDA GPU when present and falls back to the CPU."),
+        click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def open_backend(model, bundle, backend, device, threads, quiet=False):
+    from .runtimes import load_backend
+    if model and bundle:
+        raise EdgemmError("give either --model or --bundle, not both")
+    if threads is not None and threads < 1:
+        raise EdgemmError("--threads must be at least 1")
+    return load_backend(backend, model=model, bundle=bundle, device=device,
+                        threads=threads or os.cpu_count(), log=None if quiet else _err)
+
+
+def gen_options(fn):
+    opts = [
+        click.option("--max-new-tokens", default=32, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="0 = off."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="1 = off."),
+        click.option("--seed", default=None, type=int, help="Sampling seed."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop):
+    from .generation import GenerationConfig
+    return GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgemm")
+def main():
+    """edgemm: run, export, calibrate and measure multimodal LLMs with a routed visual expert decoder
+    on edge machines (CUDA GPU when present, else the CPU).
+
+    Without --model or --bundle every command uses the shipped demo model `tiny-shapes`.
+    """
+
+
+@main.command()
+@click.argument("question")
+@click.option("--image", type=click.Path(), default=None, help="Image to ask about (any size, most formats).")
+@model_options
+@gen_options
+@handle_errors
+def run(question, image, model, bundle, backend, device, threads, **gen):
+    """Answer one QUESTION about an image, streaming the answer.
+
+    Example: edgemm run --image examples/shapes.png "What color is the circle?"
+    """
+    from .generation import answer
+    if not question.strip():
+        raise EdgemmError("the question is empty: pass a question about the image")
+    cfg = _gen_config(**gen)
+    b = open_backend(model, bundle, backend, device, threads)
+    answer(b, image, question, cfg, on_text=lambda s: click.echo(s, nl=False))
+    click.echo()
+
+
+@main.command()
+@click.option("--image", type=click.Path(), default=None, help="Image to start the chat with.")
+@model_options
+@gen_options
+@handle_errors
+def chat(image, model, bundle, backend, device, threads, **gen):
+    """Interactive multi-turn chat; the KV cache is kept across turns.
+
+    Commands: /image PATH (new image, new conversation), /reset, /quit.
+    """
+    from .generation import ChatSession
+    b = open_backend(model, bundle, backend, device, threads)
+    sess = ChatSession(b, _gen_config(**gen), log=_err)
+    if image:
+        sess.set_image(image)
+    _err(f"edgemm chat: {b.describe()}. /image PATH, /reset, /quit")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                sess.reset()
+                _err("(conversation reset)")
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise EdgemmError("usage: /image PATH")
+                sess.set_image(path)
+                _err(f"(image {path} loaded; new conversation)")
+            elif line.startswith("/"):
+                raise EdgemmError(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit")
+            else:
+                sess.ask(line, on_text=lambda s: click.echo(s, nl=False))
+                click.echo()
+        except EdgemmError as e:  # a bad turn does not end the chat
+            _err(f"error: {e}")
+
+
+@main.command("eval")
+@model_options
+@click.option("--data", type=click.Path(), default=None, help="JSONL of {image, question, answer[, type]} rows "
+              "(image paths relative to the file). Default: the shapes test split (1,000 questions, fixed seed).")
+@click.option("--limit", type=int, default=None, help="Only the first N questions.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the figures to this file.")
+@handle_errors
+def eval_cmd(model, bundle, backend, device, threads, data, limit, json_path):
+    """Accuracy (exact match after lower-casing and stripping), per question type."""
+    from .evaluate import evaluate, format_report
+    b = open_backend(model, bundle, backend, device, threads)
+    res = evaluate(b, data=data, limit=limit)
+    click.echo(format_report(res))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({k: v for k, v in res.items()} | {"backend": b.describe(), "source": b.source}, f, indent=1)
+
+
+@main.command()
+@click.option("--model", default=None, help="Checkpoint directory or preset (tiny-shapes, bench-0.5b, cogvlm-17b).")
+@click.option("--bundle", default=None, type=click.Path(), help="An exported bundle directory.")
+@click.option("--context", "contexts", multiple=True, type=int, help="Context lengths for the KV cache estimate.")
+@handle_errors
+def info(model, bundle, contexts):
+    """What a model or bundle is: config, parameters per branch, size, memory at each precision."""
+    from .info import describe
+    click.echo(describe(model=model, bundle=bundle, contexts=contexts or None))
+
+
+@main.command("train-demo")
+@click.option("-o", "--out", default="runs/tiny-shapes", show_default=True, type=click.Path())
+@click.option("--steps", default=4000, show_default=True, type=int)
+@click.option("--batch", default=48, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=None, type=int)
+@handle_errors
+def train_demo_cmd(out, steps, batch, seed, threads):
+    """Train the demo model tiny-shapes from scratch (about 25 minutes on 2 CPU cores)."""
+    from .train import train_demo
+    res = train_demo(out, steps=steps, batch=batch, seed=seed, threads=threads or os.cpu_count())
+    click.echo(json.dumps(res["history"][-1]))

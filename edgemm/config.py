@@ -1,0 +1,187 @@
+"""Model configs: plain dataclasses with named presets looked up by exact name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgemmError, UnsupportedVariant
+
+
+@dataclass
+class VisionConfig:
+    """EVA-style ViT: patch conv, CLS appended after the patches, post-norm blocks."""
+    image_size: int = 48
+    patch_size: int = 16
+    width: int = 128
+    layers: int = 3
+    heads: int = 4
+    mlp_dim: int = 256
+    eps: float = 1e-6
+    gelu: str = "tanh"                      # "tanh" (ggml_gelu) or "erf"
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class AdapterConfig:
+    """GLU adapter: linear_proj -> LayerNorm -> GELU -> down(silu(gate(h)) * up(h))."""
+    ffn_dim: int = 512
+    eps: float = 1e-5
+    gelu: str = "tanh"
+
+
+@dataclass
+class DecoderConfig:
+    """LLaMA-style decoder with a text and a vision branch per layer."""
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 3
+    n_heads: int = 4
+    n_kv_heads: int | None = None           # None: multi-head attention; fewer: grouped-query attention
+    ffn_dim: int = 512
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 512
+    tie_embeddings: bool = False
+    # Variants that real checkpoints use (see DESIGN.md section 1).
+    qkv_bias: bool = False                  # QKV bias per branch (CogVLM vision expert)
+    position_rule: str = "sequential"       # "sequential" | "cogvlm" (all patches share one position)
+    eoi_branch: str = "vision"              # "vision" | "text" (CogVLM's original routing)
+    vision_rank: int | None = None          # Libra: low-rank vision branches
+    per_modality_norms: bool = False        # Libra / mPLUG-Owl2
+    cross_modal_bridge: int | None = None   # Libra: rank of the cross-modal K/V bridge
+    per_modality_kv: bool = False           # mPLUG-Owl2: only K/V are per modality
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    @property
+    def n_image_rows(self) -> int:
+        """Rows the vision stage emits: boi + patches + eoi."""
+        return self.vision.n_patches + 2
+
+    def variants(self) -> list[str]:
+        """Names of the non-default variants this config uses."""
+        d = self.decoder
+        out = []
+        if d.n_kv_heads and d.n_kv_heads != d.n_heads:
+            out.append("grouped-query attention")
+        if d.qkv_bias:
+            out.append("qkv bias")
+        if d.position_rule != "sequential":
+            out.append("collapsed image positions (cogvlm position rule)")
+        if d.eoi_branch != "vision":
+            out.append("eoi through the text branch")
+        if d.vision_rank:
+            out.append("low-rank vision branches")
+        if d.per_modality_norms:
+            out.append("per-modality norms")
+        if d.cross_modal_bridge:
+            out.append("cross-modal K/V bridge")
+        if d.per_modality_kv:
+            out.append("per-modality K/V")
+        return out
+
+    def validate(self) -> "ModelConfig":
+        d, v = self.decoder, self.vision
+        if d.d_model % d.n_heads:
+            raise EdgemmError(f"d_model {d.d_model} is not divisible by n_heads {d.n_heads}")
+        if d.n_heads % d.kv_heads:
+            raise EdgemmError(f"n_heads {d.n_heads} is not a multiple of n_kv_heads {d.kv_heads}")
+        if v.image_size % v.patch_size:
+            raise EdgemmError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.width % v.heads:
+            raise EdgemmError(f"vision width {v.width} is not divisible by heads {v.heads}")
+        for g in (v.gelu, self.adapter.gelu):
+            if g not in ("tanh", "erf"):
+                raise EdgemmError(f"gelu must be 'tanh' or 'erf', not {g!r}")
+        if d.position_rule not in ("sequential", "cogvlm"):
+            raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
+        if d.eoi_branch not in ("vision", "text"):
+            raise EdgemmError(f"unknown eoi_branch {d.eoi_branch!r}")
+        return self
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        try:
+            vis = dict(d.get("vision", {}))
+            for k in ("image_mean", "image_std"):
+                if k in vis:
+                    vis[k] = tuple(vis[k])
+            return cls(name=d.get("name", "custom"), vision=VisionConfig(**vis),
+                       adapter=AdapterConfig(**d.get("adapter", {})),
+                       decoder=DecoderConfig(**d.get("decoder", {}))).validate()
+        except TypeError as e:
+            raise EdgemmError(f"invalid model config: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise EdgemmError(f"{path} is not valid JSON ({e}); re-export or re-save the model") from None
+
+
+# Variants the reference model computes today; the rest are expressible but refused.
+IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
+                        "collapsed image positions (cogvlm position rule)", "eoi through the text branch"}
+
+
+def check_reference_supports(cfg: ModelConfig) -> None:
+    for v in cfg.variants():
+        if v not in IMPLEMENTED_VARIANTS:
+            raise UnsupportedVariant(v, "the reference model (edgemm.model)")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The embedded demo model; trained weights ship in edgemm/data/tiny-shapes.
+    "tiny-shapes": ModelConfig(name="tiny-shapes"),
+    # ~0.5B random-weight model for speed work (text branch ~0.25B read per decode step).
+    "bench-0.5b": ModelConfig(
+        name="bench-0.5b",
+        vision=VisionConfig(image_size=224, patch_size=14, width=768, layers=6, heads=12, mlp_dim=3072),
+        adapter=AdapterConfig(ffn_dim=2816),
+        decoder=DecoderConfig(vocab_size=512, d_model=1024, n_layers=16, n_heads=16, ffn_dim=2816,
+                              max_seq_len=4096)),
+    # Shapes of THUDM/cogvlm-chat-hf (EVA2-CLIP-E + Vicuna-7B with visual experts), for info and size estimates.
+    "cogvlm-17b": ModelConfig(
+        name="cogvlm-17b",
+        vision=VisionConfig(image_size=490, patch_size=14, width=1792, layers=63, heads=16, mlp_dim=15360,
+                            gelu="erf", image_mean=(0.48145466, 0.4578275, 0.40821073),
+                            image_std=(0.26862954, 0.26130258, 0.27577711)),
+        adapter=AdapterConfig(ffn_dim=11008, gelu="erf"),
+        decoder=DecoderConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008,
+                              max_seq_len=4096, position_rule="cogvlm", eoi_branch="text")),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise EdgemmError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())

@@ -1,0 +1,103 @@
+"""`edgemm info`: what a model or bundle is, parameters per branch, memory estimates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ModelConfig, get_preset
+from .errors import EdgemmError
+
+# bytes per weight; GGUF types include their block scales
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 2 / 32,
+                    "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k_m": 176 / 256, "q4_k_m": 144 / 256, "q4_0": 18 / 32}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per part, from the config alone (no weights; works for cogvlm-17b)."""
+    v, a, d = cfg.vision, cfg.adapter, cfg.decoder
+    W = v.width
+    vit_block = (W * 3 * W + 3 * W) + (W * W + W) + 2 * (2 * W) + (W * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * W + W)
+    vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
+    D = d.d_model
+    adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
+    qkv_out = (d.n_heads + 2 * d.kv_heads) * d.head_dim
+    branch_layer = D * qkv_out + (qkv_out if d.qkv_bias else 0) + D * D + 3 * D * d.ffn_dim
+    shared = d.vocab_size * D * (1 if d.tie_embeddings else 2) + d.n_layers * 2 * D + D
+    return {"vision_tower": vision, "adapter": adapter, "decoder_shared": shared,
+            "text_branch": d.n_layers * branch_layer, "vision_branch": d.n_layers * branch_layer}
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per: float = 2.0) -> float:
+    d = cfg.decoder
+    return 2 * d.n_layers * d.kv_heads * d.head_dim * context * bytes_per
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def model_config(spec: str | None) -> tuple[ModelConfig, str]:
+    from .checkpoint import resolve_model
+    kind, path = resolve_model(spec)
+    if kind == "dir":
+        return ModelConfig.load(path / "config.json"), str(path)
+    return get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b" else "preset cogvlm-17b (shapes only)"
+
+
+def describe_config(cfg: ModelConfig, source: str, contexts=None) -> list[str]:
+    pc = param_counts(cfg)
+    total = sum(pc.values())
+    d, v = cfg.decoder, cfg.vision
+    lines = [f"model: {cfg.name}  ({source})",
+             f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> "
+             f"{cfg.n_image_rows} image rows (boi + {v.n_patches} patches + eoi)",
+             f"decoder: d_model {d.d_model}, {d.n_layers} layers, {d.n_heads} heads"
+             f"{f' ({d.kv_heads} kv)' if d.kv_heads != d.n_heads else ''}, ffn {d.ffn_dim}, vocab {d.vocab_size}, "
+             f"context {d.max_seq_len}",
+             f"variants: {', '.join(cfg.variants()) or 'none (llama.cpp cogvlm-compatible)'}",
+             "parameters:"]
+    for k, n in pc.items():
+        lines.append(f"  {k:<15} {_count(n):>9}  ({100 * n / total:.1f}%)")
+    lines.append(f"  {'total':<15} {_count(total):>9}")
+    per_step = pc["text_branch"] + pc["decoder_shared"] - d.vocab_size * d.d_model  # embedding row is a lookup
+    lines.append(f"weights read per decode step (text branch + shared): {_count(per_step)}")
+    contexts = list(contexts or (512, d.max_seq_len))
+    lines.append("memory estimate (weights + fp16 KV cache):")
+    lines.append("  precision  weights    " + "  ".join(f"ctx {c:>6}" for c in contexts))
+    for prec, bpw in BYTES_PER_WEIGHT.items():
+        w = total * bpw
+        lines.append(f"  {prec:<9} {_fmt(w):>9}   " + "  ".join(f"{_fmt(w + kv_cache_bytes(cfg, c)):>10}"
+                                                             for c in contexts))
+    return lines
+
+
+def describe(model: str | None = None, bundle: str | None = None, contexts=None) -> str:
+    if model and bundle:
+        raise EdgemmError("give either --model or --bundle, not both")
+    if bundle:
+        return "\n".join(describe_bundle(bundle, contexts))
+    cfg, source = model_config(model)
+    return "\n".join(describe_config(cfg, source, contexts))
+
+
+def describe_bundle(bundle: str, contexts=None) -> list[str]:
+    from .bundle import verify_bundle
+    m = verify_bundle(bundle, check_hashes=False)
+    cfg = ModelConfig.from_dict(m["model"])
+    lines = [f"bundle: {bundle}  target {m.get('target')}  format v{m.get('format_version')}",
+             f"source: {m.get('source', {}).get('model')}  precision: {m.get('precision')}"]
+    total = 0
+    for name, st in m.get("stages", {}).items():
+        size = sum((Path(bundle) / f).stat().st_size for f in [st["file"], *st.get("extra_files", [])])
+        total += size
+        lines.append(f"  stage {name:<14} {st['file']:<28} {_fmt(size):>10}  {st.get('precision', '')}")
+    lines.append(f"  total stage files: {_fmt(total)}")
+    lines += ["", *describe_config(cfg, "from the manifest", contexts)]
+    return lines

@@ -1,0 +1,86 @@
+"""Byte-level BPE tokenizer (GPT-2 style, so llama.cpp's `gpt2` tokenizer reads it) and the prompt format.
+
+A prompt is built piece by piece, the same way in training, inference and chat, so a chat turn appended to a
+KV cache tokenizes exactly as the whole conversation would:
+    <s> [image rows] "Q: {question}\\nA:" " {answer}" </s> "\\nQ: {question}\\nA:" ...
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EdgemmError
+
+BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
+USER_FMT = "Q: {question}\nA:"
+ANSWER_FMT = " {answer}"
+TURN_SEP = "\n"
+# The same format as a Jinja chat template (HF convention), stored with every checkpoint and GGUF file.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if not loop.first %}\n{% endif %}{% if m.get('image') %}<image>{% endif %}Q: {{ m['content'] }}\nA:"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def train_tokenizer(lines: list[str], vocab_size: int):
+    """Train a byte-level BPE on lines, padded with reserved special tokens to exactly vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, IMAGE],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = []
+    for line in lines:   # the pieces as they appear in prompts
+        corpus += [USER_FMT.format(question=line), ANSWER_FMT.format(answer=line), TURN_SEP + line]
+    tok.train_from_iterator(corpus * 4, trainer)
+    n = tok.get_vocab_size()
+    if n < vocab_size:
+        tok.add_special_tokens([f"<reserved_{i}>" for i in range(vocab_size - n)])
+    return tok
+
+
+class Tokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos_id = tok.token_to_id(BOS)
+        self.eos_id = tok.token_to_id(EOS)
+        self.pad_id = tok.token_to_id(PAD)
+        if None in (self.bos_id, self.eos_id, self.pad_id):
+            raise EdgemmError("tokenizer.json lacks the special tokens <s>, </s>, <pad>")
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise EdgemmError(f"cannot read tokenizer {path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+            if len(self._cache) < 100_000:
+                self._cache[text] = ids
+        return list(ids)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    # ---- prompt pieces ------------------------------------------------------
+    def user_turn(self, question: str, first: bool) -> list[int]:
+        text = USER_FMT.format(question=question.strip())
+        return self.encode(text if first else TURN_SEP + text)
+
+    def answer(self, answer: str) -> list[int]:
+        return self.encode(ANSWER_FMT.format(answer=answer)) + [self.eos_id]

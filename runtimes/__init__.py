@@ -1,0 +1,70 @@
+"""edgemm.runtimes: one small protocol over backends (torch, ort, trt, llamacpp).
+
+A backend runs the three stages of DESIGN.md section 2 and owns its KV cache:
+
+    b = load_backend("torch", model="tiny-shapes")       # or bundle="out/fp32"
+    rows = b.vision(pixels)                              # float32 [1, 3, S, S] -> [1, P+2, D]
+    st = b.new_state()                                   # empty KV cache, next position 0
+    logits = b.text(st, [bos_id])                        # float32 [vocab] for the last row
+    logits = b.image(st, rows)
+    logits = b.text(st, ids)
+
+Generation, chat and preprocessing live above the backends (edgemm.generation).
+Heavy imports (onnxruntime, tensorrt, llama_cpp) happen inside the backend that needs them.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend, State
+
+# name -> "module:Class"; resolved lazily so `import edgemm` stays cheap.
+BACKENDS: dict[str, str] = {
+    "torch": "edgemm.runtimes.torch_backend:TorchBackend",
+}
+
+
+def backend_class(name: str):
+    from edgemm.errors import EdgemmError
+    if name not in BACKENDS:
+        raise EdgemmError(f"unknown or unavailable backend {name!r}; available: {', '.join(BACKENDS)}")
+    mod, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def load_backend(name: str = "auto", model: str | None = None, bundle: str | None = None,
+                 device: str = "auto", threads: int | None = None, log=None) -> Backend:
+    """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why)."""
+    from edgemm.errors import EdgemmError
+    if model and bundle:
+        raise EdgemmError("give either --model or --bundle, not both")
+    if name == "auto":
+        name, why = pick_backend(bundle, device)
+        if log:
+            log(f"backend: {name} ({why})")
+    if bundle is None and name != "torch":
+        raise EdgemmError(f"the {name} backend runs bundles: export one with `edgemm export` and pass --bundle")
+    return backend_class(name).open(model=model, bundle=bundle, device=device, threads=threads, log=log)
+
+
+def pick_backend(bundle: str | None, device: str) -> tuple[str, str]:
+    """-> (backend name, reason). Model directories run on torch; bundles on the fastest backend they support."""
+    if bundle is None:
+        return "torch", "a model directory runs on the torch reference backend"
+    from edgemm.bundle import read_manifest
+    man = read_manifest(bundle)
+    target = man.get("target", "onnx")
+    candidates = {"onnx": ["ort"], "trt": ["trt", "ort"], "gguf": ["llamacpp"]}.get(target, [])
+    for cand in candidates:
+        if cand in BACKENDS:
+            cls = backend_class(cand)
+            ok, why = cls.available(man, device)
+            if ok:
+                return cand, why
+    raise EdgemmError(f"no installed backend can run this {target} bundle; "
+                      f"install the matching extra (see README: pip install 'edgemm[cpu]' or 'edgemm[gguf]')")
+
+
+from edgemm.errors import EdgemmError  # noqa: E402  (used above at call time)
+
+__all__ = ["Backend", "State", "BACKENDS", "backend_class", "load_backend", "pick_backend"]

@@ -1,0 +1,75 @@
+"""The reference backend: the PyTorch model itself, on CUDA when present, else the CPU."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+from .base import Backend, State
+
+
+def pick_torch_device(device: str, log=None) -> str:
+    import torch
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        try:
+            torch.zeros(1, device="cuda")
+            return "cuda"
+        except Exception as e:  # a broken driver: fall back, say so
+            if device == "cuda" and log:
+                log(f"note: CUDA failed to initialise ({e}); falling back to the CPU")
+            return "cpu"
+    if device == "cuda" and log:
+        log("note: no CUDA GPU found; falling back to the CPU")
+    return "cpu"
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, tokenizer, device="cpu", source=""):
+        self.model, self.tokenizer, self.device, self.source = model, tokenizer, device, source
+        self.cfg = model.cfg
+
+    @classmethod
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None):
+        import torch
+        from edgemm.checkpoint import load_model
+        if bundle is not None:
+            raise EdgemmError("the torch backend runs model directories, not bundles: pass --model "
+                              "(a bundle's source model is recorded in its edgemm.json), or use --backend ort")
+        if threads:
+            torch.set_num_threads(threads)
+        dev = pick_torch_device(device, log)
+        m, tok = load_model(model, device=dev)
+        return cls(m, tok, dev, source=str(model or "tiny-shapes"))
+
+    @classmethod
+    def available(cls, manifest, device):
+        return False, "the torch backend runs model directories only"
+
+    def new_state(self, max_len: int | None = None) -> State:
+        from edgemm.model import KVCache
+        return State(cache=KVCache.empty(self.cfg.decoder, 1, max_len, device=self.device))
+
+    def vision(self, pixels):
+        import torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
+            return self.model.encode_image(x).float().cpu().numpy()
+
+    def _segment(self, state, kind, data):
+        import torch
+        state.cache.length = state.length        # a state may have been rewound
+        with torch.inference_mode():
+            logits, state.pos = self.model.forward_segment(kind, data, state.cache, state.pos)
+        state.length = state.cache.length
+        return logits[0, -1].float().cpu().numpy()
+
+    def text(self, state, ids):
+        import torch
+        return self._segment(state, "text", torch.tensor([list(ids)], device=self.device))
+
+    def image(self, state, rows):
+        import torch
+        return self._segment(state, "image", torch.from_numpy(np.asarray(rows, np.float32)).to(self.device))
