@@ -183,7 +183,7 @@ def info(model, bundle, contexts):
 
 @main.command("train-demo")
 @click.option("-o", "--out", default="runs/tiny-shapes", show_default=True, type=click.Path())
-@click.option("--steps", default=4000, show_default=True, type=int)
+@click.option("--steps", default=5000, show_default=True, type=int)
 @click.option("--batch", default=48, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", default=None, type=int)
@@ -193,3 +193,70 @@ def train_demo_cmd(out, steps, batch, seed, threads):
     from .train import train_demo
     res = train_demo(out, steps=steps, batch=batch, seed=seed, threads=threads or os.cpu_count())
     click.echo(json.dumps(res["history"][-1]))
+
+
+TARGET_PRECISIONS = {"onnx": ("fp32", "fp16", "int8", "int8-wo", "int4", "fp8"),
+                     "trt": ("fp16", "int8", "fp8"),
+                     "gguf": ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")}
+DEFAULT_PRECISION = {"onnx": "fp32", "trt": "int8", "gguf": "q8_0"}
+
+
+def parse_precision(target: str, spec: str | None) -> dict[str, str]:
+    """'int8' or 'vision=fp16,decoder=int4' -> {'vision': ..., 'decoder': ...}."""
+    spec = spec or DEFAULT_PRECISION[target]
+    allowed = TARGET_PRECISIONS[target]
+    out = {}
+    if "=" in spec:
+        for part in spec.split(","):
+            stage, _, p = part.partition("=")
+            stage, p = stage.strip(), p.strip()
+            if stage not in ("vision", "decoder"):
+                raise EdgemmError(f"--precision: unknown stage {stage!r}; stages are vision and decoder")
+            out[stage] = p
+        for stage in ("vision", "decoder"):
+            out.setdefault(stage, DEFAULT_PRECISION[target])
+    else:
+        out = {"vision": spec, "decoder": spec}
+    for stage, p in out.items():
+        if p not in allowed:
+            raise EdgemmError(f"--precision {p!r} is not available for --target {target}; choose one of "
+                              f"{', '.join(allowed)}")
+    return out
+
+
+@main.command()
+@click.option("--target", type=click.Choice(list(TARGET_PRECISIONS)), default="onnx", show_default=True)
+@click.option("--model", default=None, help="Checkpoint directory or preset (default: tiny-shapes).")
+@click.option("--precision", "--quant", "precision", default=None,
+              help="onnx: fp32 fp16 int8 int8-wo int4 fp8 (default fp32); trt: fp16 int8 fp8 (default int8); "
+                   "gguf: f32 f16 q8_0 q4_0 q4_k_m q5_k_m q6_k (default q8_0). Per stage: vision=fp16,decoder=int4.")
+@click.option("-o", "--out", type=click.Path(), default=None, help="The bundle directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.option("--calib", default=None, help="Calibration set: a folder with images and prompts.jsonl "
+              "(default: the bundled shapes calibration split).")
+@click.option("--no-build", is_flag=True, help="trt: do not build engines here even if TensorRT and a GPU exist.")
+@click.option("--threads", default=None, type=int)
+@click.option("--list-recipes", is_flag=True, help="List the quantization recipes and exit.")
+@handle_errors
+def export(target, model, precision, out, force, calib, no_build, threads, list_recipes):
+    """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
+    from .export import EXPORTERS, export as run_export
+    if list_recipes:
+        try:
+            from .calib.recipes import RECIPES
+        except ImportError:
+            RECIPES = {}
+        for name, r in RECIPES.items():
+            click.echo(f"{name:<10} {r}")
+        if not RECIPES:
+            click.echo("no quantization recipes are installed in this version")
+        return
+    if not out:
+        raise EdgemmError("-o OUT is required: the bundle directory to write")
+    prec = parse_precision(target, precision)
+    if target not in EXPORTERS:
+        raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
+    import torch
+    torch.set_num_threads(threads or os.cpu_count())
+    run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
+               log=_err)

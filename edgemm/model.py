@@ -247,6 +247,13 @@ class EdgeMM(nn.Module):
                         mod.bias.zero_()
             for p in (self.vision.cls, self.vision.pos, self.adapter.boi, self.adapter.eoi):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            # Post-norm ViT blocks start close to identity (small post-norm gains), and the patch embedding at
+            # unit fan-in scale, so patch-specific features are not swamped by the shared attention output.
+            for blk in self.vision.blocks:
+                blk.ln1.weight.fill_(0.1)
+                blk.ln2.weight.fill_(0.1)
+            w = self.vision.patch_embed.weight
+            w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w[0].numel()))
         return self
 
     # ---- stages ------------------------------------------------------------

@@ -46,8 +46,8 @@ def build_batch(tok, scenes, idx, rng, turns: int):
     return ids, tg
 
 
-def train_demo(out: str | Path, steps: int = 4000, batch: int = 48, pool: int = 40000, turns: int = 3,
-               lr: float = 2e-3, warmup: int = 200, seed: int = 0, threads: int | None = None,
+def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 40000, turns: int = 3,
+               lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, seed: int = 0, threads: int | None = None,
                eval_every: int = 500, log=print) -> dict:
     import torch
     import torch.nn.functional as F
@@ -66,6 +66,11 @@ def train_demo(out: str | Path, steps: int = 4000, batch: int = 48, pool: int = 
 
     t0 = time.time()
     scenes = [shapes.scene_at("train", i) for i in range(pool)]
+    # curriculum pool: the same kind of scenes cut to 1-2 objects (easy grounding first)
+    n_easy = pool // 4
+    easy = [shapes.Scene(s.objects[: 1 + i % 2], s.background, s.noise, s.seed)
+            for i, s in enumerate(scenes[:n_easy])]
+    scenes = scenes + easy
     images = np.stack([shapes.render(s) for s in scenes])
     val = shapes.make_split("val", 400)
     log(f"pool of {pool} scenes rendered in {time.time() - t0:.0f}s")
@@ -82,7 +87,9 @@ def train_demo(out: str | Path, steps: int = 4000, batch: int = 48, pool: int = 
     t0 = time.time()
     for step in range(1, steps + 1):
         model.train()
-        idx = rng.integers(0, pool, batch)
+        p_easy = max(0.1, 1.0 - step / (curriculum * steps))  # share of easy scenes, decaying to 10%
+        n_e = int(rng.binomial(batch, p_easy))
+        idx = np.concatenate([rng.integers(pool, pool + n_easy, n_e), rng.integers(0, pool, batch - n_e)])
         ids, tg = build_batch(tok, scenes, idx, rng, turns)
         ids, tg = torch.from_numpy(ids), torch.from_numpy(tg)
         img = model.encode_image(_pixels(images[idx], cfg))
