@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib
 
 # target -> "module:function(model_spec, out, precision, force, threads, log) -> manifest"
-EXPORTERS: dict[str, str] = {}
+EXPORTERS: dict[str, str] = {
+    "gguf": "edgemm.export.gguf:export_gguf",
+    "onnx": "edgemm.export.onnx:export_onnx",
+}
 
 
 def export(target: str, **kwargs):

@@ -21,6 +21,8 @@ from .base import Backend, State
 # name -> "module:Class"; resolved lazily so `import edgemm` stays cheap.
 BACKENDS: dict[str, str] = {
     "torch": "edgemm.runtimes.torch_backend:TorchBackend",
+    "llamacpp": "edgemm.runtimes.llamacpp_backend:LlamaCppBackend",
+    "ort": "edgemm.runtimes.ort_backend:OrtBackend",
 }
 
 

@@ -1,0 +1,204 @@
+"""The `ort` backend: ONNX bundles on ONNX Runtime (TensorRT EP -> CUDA EP -> CPU EP).
+
+The KV cache lives in preallocated OrtValues, one [1, K, cache_len, E] buffer per layer for K and for V, on the
+session's device. Each call binds the same buffer as `past_*` input and `present_*` output (I/O binding), and
+GroupQueryAttention writes the new rows in place, so a decode step costs attention over the cache, not a copy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+from .base import Backend, State
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+STAGES = ("vision", "decoder_text", "decoder_image")
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise EdgemmError(f"the ort backend needs onnxruntime ({e}); pip install 'edgemm[cpu]' "
+                          "(or 'edgemm[gpu]' on a CUDA machine)") from None
+    return ort
+
+
+def provider_candidates(device: str, available: list[str]) -> list[str]:
+    """The providers to try, best first: `cpu` forces the CPU EP; otherwise TensorRT, CUDA, then the CPU."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    return [p for p in PROVIDER_ORDER if p in available or p == "CPUExecutionProvider"]
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, sessions, manifest, cfg, tokenizer, provider, bundle):
+        self.sess, self.manifest, self.cfg, self.tokenizer = sessions, manifest, cfg, tokenizer
+        self.provider = provider
+        self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+        self.source = str(bundle)
+        self._ort = _import_ort()
+        self._dev = ("cpu", 0) if self.device == "cpu" else ("cuda", 0)
+
+    # ---- opening -------------------------------------------------------------------
+    @classmethod
+    def available(cls, manifest, device):
+        if manifest.get("target", "onnx") not in ("onnx",):
+            return False, f"the ort backend runs onnx bundles, not {manifest.get('target')}"
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False, "onnxruntime is not installed"
+        provs = [p for p in provider_candidates(device, ort.get_available_providers())]
+        return True, f"onnx bundle on onnxruntime {ort.__version__} (providers to try: {', '.join(provs)})"
+
+    @classmethod
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True):
+        from edgemm.bundle import bundle_path, read_manifest, verify_bundle
+        from edgemm.config import ModelConfig
+        from edgemm.tokenizer import Tokenizer
+        if model is not None or bundle is None:
+            raise EdgemmError("the ort backend runs bundles: export one with `edgemm export --target onnx -o DIR` "
+                              "and pass --bundle DIR")
+        man = verify_bundle(bundle) if verify else read_manifest(bundle)
+        if man.get("target") != "onnx":
+            raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the ort backend runs onnx bundles")
+        stages = man.get("stages", {})
+        missing = [s for s in STAGES if s not in stages]
+        if missing:
+            raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
+        for s in ("decoder_text", "decoder_image"):
+            if stages[s].get("graph") != "ort-contrib-gqa":
+                raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
+                                  "the ort backend runs 'ort-contrib-gqa' decoder graphs")
+        try:
+            cfg = ModelConfig.from_dict(man["model"]["config"])
+        except (KeyError, TypeError):
+            raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
+        tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
+        ort = _import_ort()
+        paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in STAGES}
+        sessions, provider = cls._sessions(ort, paths, device, threads, log)
+        for s in STAGES:
+            cls._check_io(bundle, s, stages[s], sessions[s])
+        return cls(sessions, man, cfg, tok, provider, bundle)
+
+    @staticmethod
+    def _sessions(ort, paths, device, threads, log):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        cands = provider_candidates(device, available)
+        errors = []
+        for prov in cands:
+            chain = [prov] + (["CUDAExecutionProvider"] if prov == "TensorrtExecutionProvider" and
+                              "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+            chain = list(dict.fromkeys(chain))
+            try:
+                sessions = {s: ort.InferenceSession(p, so, providers=chain) for s, p in paths.items()}
+            except Exception as e:  # a provider that fails to initialise: try the next one
+                errors.append(f"{prov}: {str(e).splitlines()[0][:160]}")
+                continue
+            got = sessions["decoder_text"].get_providers()[0]
+            if got != prov:                      # onnxruntime fell back silently
+                errors.append(f"{prov}: did not initialise")
+                continue
+            if log:
+                if errors or (device == "cuda" and prov == "CPUExecutionProvider"):
+                    why = "; ".join(errors) if errors else "no CUDA provider in this onnxruntime"
+                    log(f"note: falling back to the CPU ({why})" if prov == "CPUExecutionProvider"
+                        else f"note: {why}")
+                log(f"ort: provider {prov} (onnxruntime {ort.__version__}, {so.intra_op_num_threads} threads)")
+            return sessions, prov
+        raise EdgemmError(f"onnxruntime could not open the bundle with any provider: {'; '.join(errors)}")
+
+    @staticmethod
+    def _check_io(bundle, stage, spec, sess):
+        want_in = [i["name"] for i in spec.get("inputs", [])]
+        want_out = [o["name"] for o in spec.get("outputs", [])]
+        have_in = [i.name for i in sess.get_inputs()]
+        have_out = [o.name for o in sess.get_outputs()]
+        if sorted(want_in) != sorted(have_in) or sorted(want_out) != sorted(have_out):
+            diff = sorted((set(want_in) ^ set(have_in)) | (set(want_out) ^ set(have_out)))
+            raise EdgemmError(f"bundle {bundle}: stage {stage}'s graph I/O names do not match the manifest "
+                              f"(differing: {', '.join(diff[:4])}); re-export it")
+
+    def describe(self) -> str:
+        return f"ort ({self.provider}) on {self.device}"
+
+    # ---- state -------------------------------------------------------------------------
+    def new_state(self, max_len: int | None = None) -> State:
+        c = self.cfg.decoder
+        n = int(max_len or c.max_seq_len)
+        shape = (1, c.kv_heads, n, c.head_dim)
+        ov = self._ort.OrtValue
+        if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
+            arrays = [np.zeros(shape, np.float32) for _ in range(2 * c.n_layers)]
+            vals = [ov.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            arrays = None
+            vals = [ov.ortvalue_from_shape_and_type(shape, np.float32, *self._dev) for _ in range(2 * c.n_layers)]
+        return State(cache={"k": vals[0::2], "v": vals[1::2], "capacity": n, "arrays": arrays})
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.decoder.max_seq_len
+
+    # ---- stages -------------------------------------------------------------------------
+    def vision(self, pixels):
+        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        return self.sess["vision"].run(["image_rows"], {"pixels": x})[0]
+
+    def _run(self, stage, state, first_name, first_val, positions):
+        T = len(positions)
+        cap = state.cache["capacity"]
+        if state.length + T > cap:
+            raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
+        total = state.length + T
+        sess = self.sess[stage]
+        io = sess.io_binding()
+        io.bind_cpu_input(first_name, first_val)
+        io.bind_cpu_input("positions", np.asarray(positions, np.int64))
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_output("logits", "cpu")                    # first: get_outputs() follows binding order
+        for i, (k, v) in enumerate(zip(state.cache["k"], state.cache["v"])):
+            io.bind_ortvalue_input(f"past_key.{i}", k)
+            io.bind_ortvalue_input(f"past_value.{i}", v)
+            io.bind_ortvalue_output(f"present_key.{i}", k)
+            io.bind_ortvalue_output(f"present_value.{i}", v)
+        sess.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        state.length = total
+        return logits[0].astype(np.float32, copy=False)
+
+    def text(self, state, ids):
+        ids = np.asarray([list(ids)], np.int64)
+        positions = np.arange(state.pos, state.pos + ids.shape[1])
+        logits = self._run("decoder_text", state, "input_ids", ids, positions)
+        state.pos += ids.shape[1]
+        return logits
+
+    def image_positions(self, start: int) -> np.ndarray:
+        n = self.cfg.n_image_rows
+        if self.cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
+            pos = np.full(n, start + 1)
+            pos[0], pos[-1] = start, start + 2
+            return pos
+        return np.arange(start, start + n)
+
+    def image(self, state, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
+            raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
+        positions = self.image_positions(state.pos)[: rows.shape[1]]
+        logits = self._run("decoder_image", state, "image_rows", rows, positions)
+        state.pos = int(positions[-1]) + 1
+        return logits
