@@ -99,5 +99,31 @@ def describe_bundle(bundle: str, contexts=None) -> list[str]:
         total += size
         lines.append(f"  stage {name:<14} {st['file']:<28} {_fmt(size):>10}  {st.get('precision', '')}")
     lines.append(f"  total stage files: {_fmt(total)}")
+    if m.get("target") == "gguf":
+        lines += describe_gguf_tensors(bundle, m)
     lines += ["", *describe_config(cfg, "from the manifest", contexts)]
+    return lines
+
+
+def describe_gguf_tensors(bundle: str, m: dict) -> list[str]:
+    """GGUF bundles: tensors per branch (shared, text branch, vision branch, vision stage) with quant types and sizes."""
+    from .bundle import bundle_path
+    from .export.gguf import branch_of, gguf_tensor_table
+    lines = ["", "GGUF tensors by branch:"]
+    for stage in ("decoder", "vision"):
+        st = m["stages"].get(stage)
+        if not st:
+            continue
+        groups: dict[str, dict[str, list[int]]] = {}
+        for t in gguf_tensor_table(bundle_path(bundle, st["file"])):
+            g = groups.setdefault(branch_of(t["name"]), {}).setdefault(t["type"], [0, 0])
+            g[0] += 1
+            g[1] += t["bytes"]
+        lines.append(f"  {st['file']}:")
+        for branch, types in groups.items():
+            size = sum(b for _, b in types.values())
+            detail = ", ".join(f"{n} x {ty} ({_fmt(b)})" for ty, (n, b) in sorted(types.items()))
+            lines.append(f"    {branch:<14} {_fmt(size):>10}  {detail}")
+    if m.get("runtime", {}).get("image_rows"):
+        lines.append(f"  image rows: {m['runtime']['image_rows']}")
     return lines

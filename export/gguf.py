@@ -1,0 +1,442 @@
+"""`--target gguf`: the decoder as a llama.cpp `cogvlm` GGUF, the vision stage as an mmproj GGUF (clip arch,
+projector `cogvlm`), the tokenizer inside, and the manifest.
+
+Tensor names and metadata keys follow llama.cpp (src/models/cogvlm.cpp, tools/mtmd/models/cogvlm.cpp,
+tools/mtmd/clip.cpp, gguf-py's constants): the text branch under the ordinary names (blk.N.attn_qkv ...), the
+vision branch under blk.N.vis_*. The decoder is written in f32 with the `gguf` package and quantized by llama.cpp's
+own quantizer (llama_model_quantize). The mmproj is written by the `gguf` package at f32 / f16 / q8_0 / q4_0 (the
+types llama.cpp's converter writes); K-quant requests for the vision stage fall back to q8_0, and it says so.
+
+Before it reports success the export runs its files in llama.cpp and compares next-token logits with the
+reference model for a text-only and an image prompt, and the mmproj's image rows with the reference vision stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError, UnsupportedVariant
+
+PRECISIONS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+# llama_ftype values (llama.h)
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# what the mmproj gets per requested precision (gguf-py quantizes f16/q8_0/q4_0; no K-quants for clip files)
+VISION_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0",
+                "q4_k_m": "q8_0", "q5_k_m": "q8_0", "q6_k": "q8_0"}
+# validation tolerances on next-token logits (max abs) by decoder precision; None: report only
+LOGIT_TOL = {"f32": 1e-3, "f16": 5e-2}
+ROWS_TOL = {"f32": 1e-3}
+TARGETS_THAT_CAN = "onnx, trt"
+VALIDATION_QUESTION = "what color is the circle?"
+
+# The prompt format of edgemm.tokenizer, extended for OpenAI-style content lists (llama-cpp-python's multimodal
+# chat handlers turn an image part into a text part holding the media marker): all parts but the last are
+# emitted as they are (the image marker), the last text part is the question.
+GGUF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if not loop.first %}\n{% endif %}"
+    "{% if m['content'] is string %}{% if m.get('image') %}<image>{% endif %}Q: {{ m['content'] }}\nA:"
+    "{% else %}{% for p in m['content'] %}{% if not loop.last %}"
+    "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endif %}{% endfor %}"
+    "Q: {{ m['content'][-1]['text'] }}\nA:{% endif %}"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+# --------------------------------------------------------------------------- checks
+def check_supported(cfg, log=print) -> None:
+    """Refuse every config llama.cpp's cogvlm graphs cannot compute; warn where it approximates."""
+    for v in cfg.variants():
+        raise UnsupportedVariant(v, "the gguf exporter (llama.cpp's cogvlm architecture)", TARGETS_THAT_CAN)
+    if cfg.vision.gelu != "tanh" or cfg.adapter.gelu != "tanh":
+        log("warning: this model uses the erf GELU; llama.cpp's cogvlm mmproj computes the tanh form "
+            "(ggml_gelu), so the vision stage is approximated")
+    if abs(cfg.adapter.eps - 1e-5) > 1e-12:
+        log(f"warning: the adapter LayerNorm eps is {cfg.adapter.eps}; llama.cpp's cogvlm projector uses 1e-5")
+    if cfg.vision.width % cfg.vision.heads:
+        raise EdgemmError("vision width must be divisible by the vision heads")
+
+
+# --------------------------------------------------------------------------- tokenizer
+def tokenizer_fields(tok, vocab_size: int) -> dict:
+    """edgemm's byte-level BPE -> llama.cpp's `gpt2` tokenizer fields (tokens, types, merges, special ids)."""
+    import gguf
+    data = json.loads(tok.tok.to_str())
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    if len(vocab) > vocab_size:
+        raise EdgemmError(f"the tokenizer has {len(vocab)} tokens, more than the model's vocab {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = gguf.TokenType.NORMAL
+    for i, added in tok.tok.get_added_tokens_decoder().items():
+        types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        raise EdgemmError(f"the tokenizer's pre-tokenizer {pre} has no llama.cpp equivalent; "
+                          "edgemm exports byte-level BPE with the GPT-2 split (ByteLevel, no prefix space)")
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+# --------------------------------------------------------------------------- writers
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().contiguous().numpy()
+
+
+def write_decoder_gguf(model, tok, path: Path, name: str) -> None:
+    """The decoder (text + vision branches, shared norms, embeddings, LM head) in f32, arch cogvlm."""
+    import gguf
+    cfg, d = model.cfg, model.cfg.decoder
+    w = gguf.GGUFWriter(str(path), arch="cogvlm")
+    w.add_name(name)
+    w.add_description("edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(d.max_seq_len)
+    w.add_embedding_length(d.d_model)
+    w.add_block_count(d.n_layers)
+    w.add_feed_forward_length(d.ffn_dim)
+    w.add_head_count(d.n_heads)
+    w.add_head_count_kv(d.kv_heads)
+    w.add_layer_norm_rms_eps(d.rms_eps)
+    w.add_rope_freq_base(d.rope_theta)
+    w.add_rope_dimension_count(d.head_dim)
+    w.add_vocab_size(d.vocab_size)
+    tf = tokenizer_fields(tok, d.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tf["tokens"])
+    w.add_token_types(tf["types"])
+    w.add_token_merges(tf["merges"])
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(False)        # the chat template writes <s>
+    w.add_add_eos_token(False)
+    w.add_chat_template(GGUF_CHAT_TEMPLATE)
+
+    dec = model.decoder
+    w.add_tensor("token_embd.weight", _np(dec.tok_embeddings.weight))
+    w.add_tensor("output_norm.weight", _np(dec.norm.weight))
+    if not d.tie_embeddings:
+        w.add_tensor("output.weight", _np(dec.lm_head.weight))
+    for i, layer in enumerate(dec.layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", _np(layer.attn_norm.weight))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", _np(layer.ffn_norm.weight))
+        for prefix, br in (("", layer.text), ("vis_", layer.vision)):
+            w.add_tensor(f"blk.{i}.{prefix}attn_qkv.weight", _np(br.qkv.weight))
+            w.add_tensor(f"blk.{i}.{'vis_attn_output' if prefix else 'attn_output'}.weight", _np(br.o.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'gate' if prefix else 'ffn_gate'}.weight", _np(br.gate.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'up' if prefix else 'ffn_up'}.weight", _np(br.up.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'down' if prefix else 'ffn_down'}.weight", _np(br.down.weight))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _vision_tensor(w, name: str, arr: np.ndarray, qtype: str) -> str:
+    """Matrices of linear layers get qtype (when their rows fit its blocks); the rest stay f32."""
+    import gguf
+    from gguf.quants import quantize
+    is_matrix = arr.ndim == 2 and name.endswith(".weight") and not name.startswith(("v.position_embd",))
+    if qtype == "f32" or not is_matrix:
+        w.add_tensor(name, arr.astype(np.float32))
+        return "f32"
+    if qtype == "f16":
+        w.add_tensor(name, arr.astype(np.float16))
+        return "f16"
+    gt = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
+    block = gguf.GGML_QUANT_SIZES[gt][0]
+    if arr.shape[-1] % block:
+        w.add_tensor(name, arr.astype(np.float16))
+        return "f16"
+    w.add_tensor(name, quantize(arr.astype(np.float32), gt), raw_dtype=gt)
+    return qtype
+
+
+def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
+    """ViT + adapter + boi/eoi as llama.cpp's clip/mmproj file, projector cogvlm. -> {tensor: type}."""
+    import gguf
+    cfg, v = model.cfg, model.cfg.vision
+    D = cfg.decoder.d_model
+    w = gguf.GGUFWriter(str(path), arch="clip")
+    w.add_name(f"{name} vision")
+    w.add_description("edgemm vision stage: EVA-style ViT + GLU adapter + boi/eoi (llama.cpp projector cogvlm)")
+    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[qtype])
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "cogvlm")
+    w.add_bool("clip.use_gelu", True)                     # FFN_GELU: ggml_gelu, the tanh form
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.width)
+    w.add_uint32("clip.vision.feed_forward_length", v.mlp_dim)
+    w.add_uint32("clip.vision.block_count", v.layers)
+    w.add_uint32("clip.vision.projection_dim", D)
+    w.add_uint32("clip.vision.attention.head_count", v.heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.eps)
+    w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
+    w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
+
+    types = {}
+    vt, ad = model.vision, model.adapter
+
+    def put(n, t):
+        types[n] = _vision_tensor(w, n, _np(t) if not isinstance(t, np.ndarray) else t, qtype)
+
+    # the patch conv stays f32 (im2col + matmul on its kernel), as do norms, biases and embeddings
+    w.add_tensor("v.patch_embd.weight", _np(vt.patch_embed.weight))
+    types["v.patch_embd.weight"] = "f32"
+    put("v.patch_embd.bias", vt.patch_embed.bias)
+    put("v.class_embd", _np(vt.cls).reshape(1, v.width))
+    put("v.position_embd.weight", _np(vt.pos).reshape(v.n_patches + 1, v.width))
+    for i, blk in enumerate(vt.blocks):
+        for ours, theirs in (("qkv", "attn_qkv"), ("proj", "attn_out"), ("ln1", "ln1"), ("fc1", "ffn_up"),
+                             ("fc2", "ffn_down"), ("ln2", "ln2")):
+            mod = getattr(blk, ours)
+            put(f"v.blk.{i}.{theirs}.weight", mod.weight)
+            put(f"v.blk.{i}.{theirs}.bias", mod.bias)
+    put("mm.model.fc.weight", ad.linear_proj.weight)
+    put("mm.post_fc_norm.weight", ad.norm.weight)
+    put("mm.post_fc_norm.bias", ad.norm.bias)
+    put("mm.gate.weight", ad.gate.weight)
+    put("mm.up.weight", ad.up.weight)
+    put("mm.down.weight", ad.down.weight)
+    put("v.boi", _np(ad.boi).reshape(1, D))
+    put("v.eoi", _np(ad.eoi).reshape(1, D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
+
+
+def quantize_decoder(src: Path, dst: Path, precision: str, threads: int) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) from the f32 file."""
+    import ctypes
+    from edgemm.runtimes.llamacpp_backend import _init_backend
+    ll = _init_backend()
+    p = ll.llama_model_quantize_default_params()
+    p.nthread = threads
+    p.ftype = FTYPES[precision]
+    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0 or not dst.is_file():
+        raise EdgemmError(f"llama_model_quantize to {precision} failed (code {rc})")
+
+
+# --------------------------------------------------------------------------- inspection
+def gguf_tensor_table(path: str | Path) -> list[dict]:
+    """[{name, type, shape, bytes}] of a GGUF file (used by `edgemm info` and the manifest)."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    return [{"name": t.name, "type": t.tensor_type.name.lower(), "shape": [int(s) for s in t.shape],
+             "bytes": int(t.n_bytes)} for t in r.tensors]
+
+
+def branch_of(name: str) -> str:
+    """Which part of the model a GGUF tensor belongs to."""
+    if name.startswith(("v.", "mm.")):
+        return "vision stage"
+    if ".vis_" in name:
+        return "vision branch"
+    if name.startswith("blk.") and not name.endswith(("attn_norm.weight", "ffn_norm.weight")):
+        return "text branch"
+    return "shared"
+
+
+def type_summary(table: list[dict]) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for t in table:
+        b = out.setdefault(branch_of(t["name"]), {})
+        b[t["type"]] = b.get(t["type"], 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+def validation_image(cfg) -> np.ndarray:
+    """A fixed test image at the tower's size (mtmd and edgemm then see the same pixels): a shapes scene when the
+    tower is the shapes size, else seeded noise."""
+    s = cfg.vision.image_size
+    try:
+        from edgemm import shapes
+        if s == shapes.IMAGE_SIZE:
+            return shapes.render(shapes.scene_at("test", 0))
+    except Exception:
+        pass
+    return np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+
+
+def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: int, log=print) -> dict:
+    """Run the files in llama.cpp and compare with the reference. -> figures (raises when f32/f16 are off)."""
+    import torch
+    from edgemm.model import KVCache
+    from edgemm.processor import preprocess
+    from edgemm.runtimes.llamacpp_backend import LlamaRunner, MtmdVision
+    cfg = model.cfg
+    dprec, vprec = precision["decoder"], precision["vision"]
+    q_ids = tok.user_turn(VALIDATION_QUESTION, first=True)
+    img = validation_image(cfg)
+    pixels = preprocess(img, cfg.vision)
+
+    with torch.inference_mode():
+        rows_ref = model.encode_image(torch.from_numpy(pixels))                        # [1, P+2, D]
+
+        def ref(segs):
+            cache, pos, logits = KVCache.empty(cfg.decoder, 1), 0, None
+            for kind, data in segs:
+                logits, pos = model.forward_segment(kind, data, cache, pos)
+            return logits[0, -1].float().numpy()
+        text_ids = torch.tensor([[tok.bos_id] + q_ids])
+        ref_text = ref([("text", text_ids)])
+        ref_img = ref([("text", torch.tensor([[tok.bos_id]])), ("image", rows_ref),
+                       ("text", torch.tensor([q_ids]))])
+
+    f32_kv = dprec == "f32"
+    run = LlamaRunner(decoder, cfg.decoder.max_seq_len, threads, n_batch=max(512, cfg.n_image_rows), f32_kv=f32_kv)
+    try:
+        out = {"kv_cache": run.kv_type, "flash_attention": False}
+        # tokenization: llama.cpp's gpt2 BPE vs edgemm's
+        prompts = [f"Q: {VALIDATION_QUESTION}\nA:", " red</s>", "\nQ: how many shapes are there?\nA:",
+                   " bottom left", "Q: Is there a  Purple cross?!\nA:"]
+        out["tokenization_equal"] = all(run.tokenize(p) == tok.encode(p) for p in prompts)
+        lt = run.decode_tokens([tok.bos_id] + q_ids, 0)
+        out["text_max_abs"] = float(np.max(np.abs(lt - ref_text)))
+        out["text_top1_equal"] = bool(lt.argmax() == ref_text.argmax())
+        run.clear()
+        run.decode_tokens([tok.bos_id], 0)
+        run.decode_embd(rows_ref[0].numpy(), 1)
+        li = run.decode_tokens(q_ids, 1 + cfg.n_image_rows)
+        out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
+        out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
+        # the mmproj through llama.cpp's mtmd
+        mt = MtmdVision(mmproj, run, threads)
+        try:
+            rows_mt = mt.encode_rgb(img)
+        finally:
+            mt.close()
+        out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
+        run.rewind(1)
+        run.decode_embd(rows_mt, 1)
+        le = run.decode_tokens(q_ids, 1 + cfg.n_image_rows)
+        out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
+        out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())
+    finally:
+        run.close()
+    log(f"validate: llama.cpp vs reference ({dprec} decoder, {vprec} vision, KV cache {out['kv_cache']}, "
+        f"flash attention off): next-token logits max abs  text-only {out['text_max_abs']:.2e}  "
+        f"image {out['image_max_abs']:.2e}  image via mtmd {out['image_mtmd_max_abs']:.2e}; "
+        f"mtmd image rows max abs {out['vision_rows_max_abs']:.2e}; top-1 equal "
+        f"{out['text_top1_equal'] and out['image_top1_equal'] and out['image_mtmd_top1_equal']}; "
+        f"tokenization equal {out['tokenization_equal']}")
+    bad = []
+    if not out["tokenization_equal"]:
+        bad.append("llama.cpp tokenizes the test prompts differently from edgemm")
+    for k in ("text_max_abs", "image_max_abs", "image_mtmd_max_abs", "vision_rows_max_abs"):
+        if not np.isfinite(out[k]):
+            bad.append(f"{k} is not finite")
+    tol = LOGIT_TOL.get(dprec)
+    if tol is not None:
+        for k in ("text_max_abs", "image_max_abs"):
+            if out[k] > tol:
+                bad.append(f"{k} {out[k]:.2e} > {tol:g}")
+        if vprec in ROWS_TOL and dprec == "f32" and out["image_mtmd_max_abs"] > tol:
+            bad.append(f"image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {tol:g}")
+    rtol = ROWS_TOL.get(vprec)
+    if rtol is not None and out["vision_rows_max_abs"] > rtol:
+        bad.append(f"vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:g}")
+    out["tolerance"] = tol
+    out["passed"] = not bad
+    if bad:
+        raise EdgemmError("GGUF validation failed: " + "; ".join(bad))
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+def _source(spec) -> dict:
+    from edgemm.checkpoint import file_sha256, resolve_model
+    kind, path = resolve_model(spec)
+    if kind == "dir":
+        return {"model": str(Path(path).resolve()), "digest": "sha256:" + file_sha256(Path(path) / "model.safetensors")}
+    return {"model": spec, "digest": None, "note": "random-weight preset (init_weights seed 0)"}
+
+
+def export_gguf(model=None, out=None, precision=None, force=False, calib=None, no_build=False, log=print,
+                threads: int | None = None) -> dict:
+    """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest."""
+    from edgemm.bundle import bundle_writer, tool_versions, write_manifest
+    from edgemm.checkpoint import load_model
+    from edgemm.info import model_config
+    if out is None:
+        raise EdgemmError("-o OUT is required: the bundle directory to write")
+    if isinstance(precision, str) or precision is None:
+        precision = {"vision": precision or "q8_0", "decoder": precision or "q8_0"}
+    precision = {"vision": precision.get("vision", "q8_0"), "decoder": precision.get("decoder", "q8_0")}
+    for stage, p in precision.items():
+        if p not in PRECISIONS:
+            raise EdgemmError(f"--precision {p!r} is not a gguf type; choose one of {', '.join(PRECISIONS)}")
+    if calib:
+        log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
+    cfg, _ = model_config(model)
+    check_supported(cfg, log)
+    from edgemm.runtimes.llamacpp_backend import import_llama_cpp
+    import_llama_cpp()      # the quantizer and the validation need llama.cpp
+    threads = threads or os.cpu_count() or 1
+    src = _source(model)
+    m, tok = load_model(model)
+    name = cfg.name
+    dprec, vprec = precision["decoder"], precision["vision"]
+    vtype = VISION_TYPES[vprec]
+    if vtype != vprec:
+        log(f"note: llama.cpp's mmproj files take f32/f16/q8_0/q4_0 here; the vision stage is written as {vtype} "
+            f"for --precision vision={vprec}")
+    with bundle_writer(out, force=force) as tmp:
+        dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
+        f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
+        log(f"writing the decoder (cogvlm, f32) ...")
+        write_decoder_gguf(m, tok, f32_path, name)
+        if dprec != "f32":
+            log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")
+            quantize_decoder(f32_path, tmp / dec_file, dprec, threads)
+            f32_path.unlink()
+        log(f"writing the mmproj (clip, projector cogvlm, {vtype}) ...")
+        vis_types = write_mmproj_gguf(m, tmp / mm_file, name, vtype)
+        tok.save(tmp / "tokenizer.json")
+        from edgemm.tokenizer import CHAT_TEMPLATE
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        log("validating in llama.cpp ...")
+        figures = validate(m, tok, tmp / dec_file, tmp / mm_file, {"decoder": dprec, "vision": vtype}, threads, log)
+        dec_table = gguf_tensor_table(tmp / dec_file)
+        manifest = {
+            "target": "gguf",
+            "model": cfg.to_dict(),
+            "source": src,
+            "reference": {"model": src["model"], "digest": src["digest"], "backend": "torch (edgemm.model)"},
+            "precision": {"decoder": dprec, "vision": vtype, "requested": dict(precision)},
+            "tokenizer": "tokenizer.json",
+            "chat_template": "chat_template.jinja",
+            "stages": {
+                "vision": {"file": mm_file, "format": "gguf mmproj (clip arch, projector cogvlm)",
+                           "precision": vtype, "runs_with": "llama.cpp mtmd",
+                           "input": {"pixels": ["1", "3", cfg.vision.image_size, cfg.vision.image_size]},
+                           "output": {"rows": ["1", cfg.n_image_rows, cfg.decoder.d_model]},
+                           "tensor_types": type_summary([{"name": k, "type": t} for k, t in vis_types.items()])},
+                "decoder": {"file": dec_file, "format": "gguf (arch cogvlm)", "precision": dprec,
+                            "quantizer": "llama_model_quantize" if dprec != "f32" else None,
+                            "branches": {"decoder_text": "token batches -> blk.N.{attn_qkv,attn_output,ffn_*}",
+                                         "decoder_image": "embedding batches -> blk.N.vis_*"},
+                            "tensor_types": type_summary(dec_table)},
+            },
+            "runtime": {"backend": "llamacpp", "image_rows": "mtmd with the mmproj (8-bit images at the tower "
+                        "size; other pixels: the reference vision code with the mmproj weights)",
+                        "kv_cache": "f32 for f32 bundles, else f16", "flash_attention": False},
+            "validation": figures,
+            "tools": tool_versions("gguf", "llama_cpp_python", "tokenizers"),
+        }
+        manifest = write_manifest(tmp, manifest)
+    log(f"wrote {out}: {dec_file} + {mm_file}")
+    return manifest

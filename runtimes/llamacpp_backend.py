@@ -1,0 +1,410 @@
+"""The llama.cpp backend: GGUF bundles through llama-cpp-python's low-level API.
+
+Text segments go in as token batches (llama.cpp's cogvlm graph then uses the text branch), the image segment as an
+embedding batch (the vision branch: llama.cpp routes per batch). One llama context holds the one KV cache;
+rewinds are `llama_memory_seq_rm`. The image rows come from the bundle's mmproj through mtmd (llama.cpp's own
+vision code) when the pixels are an image at the tower's size (what edgemm's preprocessing produces); other pixel
+arrays run the same mmproj weights through the reference modules (`vision_source` says which ran last).
+
+The helpers LlamaRunner / MtmdVision are shared with the GGUF exporter's validation.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+from .base import Backend, State
+
+_BACKEND_READY = False
+_LOG_CB = None
+
+
+def import_llama_cpp():
+    """-> the llama_cpp module, or an EdgemmError saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise EdgemmError(f"llama-cpp-python is not installed ({e}); install it with "
+                          "pip install 'edgemm[gguf]' (it builds llama.cpp from source)") from None
+    return llama_cpp
+
+
+def _init_backend(verbose: bool = False):
+    global _BACKEND_READY, _LOG_CB
+    llama_cpp = import_llama_cpp()
+    if not _BACKEND_READY:
+        llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
+    if _LOG_CB is None:
+        @llama_cpp.llama_log_callback
+        def _cb(level, text, user_data):      # keep llama.cpp's chatter off the terminal unless asked
+            if verbose or level == 3:
+                import sys
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+        _LOG_CB = _cb
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        try:
+            from llama_cpp import mtmd_cpp
+            mtmd_cpp.mtmd_log_set(_LOG_CB, ctypes.c_void_p(0))
+            mtmd_cpp.mtmd_helper_log_set(_LOG_CB, ctypes.c_void_p(0))
+        except Exception:   # older bindings without mtmd logging hooks
+            pass
+    return llama_cpp
+
+
+class LlamaRunner:
+    """One llama model + context (one sequence, one KV cache) driven batch by batch."""
+
+    def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
+                 f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False):
+        self.ll = ll = _init_backend(verbose)
+        self.path = str(path)
+        mp = ll.llama_model_default_params()
+        self.model = ll.llama_model_load_from_file(self.path.encode(), mp)
+        if not self.model:
+            raise EdgemmError(f"llama.cpp could not load {path}; is it a GGUF decoder of this llama.cpp version?")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = ll.llama_model_n_embd(self.model)
+        self.threads = threads or os.cpu_count() or 1
+        self.n_batch = n_batch
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if f32_kv:
+            cp.type_k = cp.type_v = ll.GGML_TYPE_F32
+        cp.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise EdgemmError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx})")
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.kv_type = "f32" if f32_kv else "f16"
+        self.flash_attn = flash_attn
+        self._tok_batch = ll.llama_batch_init(n_batch, 0, 1)
+        self._emb_batch = ll.llama_batch_init(n_batch, self.n_embd, 1)
+        self.length = 0          # rows in the KV cache
+
+    # ---- cache ---------------------------------------------------------------------------------
+    def clear(self):
+        self.ll.llama_memory_clear(self.mem, True)
+        self.length = 0
+
+    def rewind(self, length: int):
+        if length < self.length:
+            self.ll.llama_memory_seq_rm(self.mem, 0, length, -1)
+            self.length = length
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def _run(self, batch, n: int, pos0: int, last: bool):
+        for i in range(n):
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            # every row of the final batch is an output: llama.cpp's cogvlm graph does not select the output rows
+            # (no inp_out_ids), so it hands back the *first* n_outputs rows of the batch
+            batch.logits[i] = 1 if last else 0
+        batch.n_tokens = n
+        rc = self.ll.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise EdgemmError(f"llama_decode failed (code {rc}) at cache length {self.length}, {n} rows")
+        self.length += n
+
+    def _logits(self) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+
+    def _check_room(self, n: int):
+        if self.length + n > self.n_ctx:
+            raise EdgemmError(f"the llama.cpp context is full: {self.length} + {n} rows > {self.n_ctx}")
+
+    def decode_tokens(self, ids, pos0: int) -> np.ndarray:
+        ids = list(ids)
+        if not ids:
+            raise EdgemmError("empty text segment")
+        self._check_room(len(ids))
+        b = self._tok_batch
+        for s in range(0, len(ids), self.n_batch):
+            chunk = ids[s:s + self.n_batch]
+            for i, t in enumerate(chunk):
+                b.token[i] = int(t)
+            self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids))
+        return self._logits()
+
+    def decode_embd(self, rows: np.ndarray, pos0: int) -> np.ndarray:
+        rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
+        n = rows.shape[0]
+        self._check_room(n)
+        b = self._emb_batch
+        for s in range(0, n, self.n_batch):
+            chunk = np.ascontiguousarray(rows[s:s + self.n_batch])
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+            self._run(b, chunk.shape[0], pos0 + s, s + chunk.shape[0] == n)
+        return self._logits()
+
+    # ---- tokenizer -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self.ll.llama_token * cap)()
+        n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise EdgemmError(f"llama_tokenize needs {-n} tokens")
+        return list(buf[:n])
+
+    def close(self):
+        ll = getattr(self, "ll", None)
+        if ll is None:
+            return
+        for attr in ("_tok_batch", "_emb_batch"):
+            if getattr(self, attr, None) is not None:
+                ll.llama_batch_free(getattr(self, attr))
+                setattr(self, attr, None)
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class MtmdVision:
+    """The mmproj through llama.cpp's mtmd: an RGB image at the tower's size -> image rows [P + 2, D]."""
+
+    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None):
+        from llama_cpp import mtmd_cpp
+        self.m = mtmd_cpp
+        self.runner = runner          # mtmd keeps a pointer to the text model: keep it alive
+        p = mtmd_cpp.mtmd_context_params_default()
+        p.use_gpu = False
+        p.print_timings = False
+        p.n_threads = threads or runner.threads
+        p.flash_attn_type = runner.ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.warmup = False
+        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), runner.model, p)
+        if not self.ctx:
+            raise EdgemmError(f"llama.cpp's mtmd could not load the mmproj {mmproj}")
+        self.marker = mtmd_cpp.mtmd_default_marker()
+
+    def encode_rgb(self, rgb: np.ndarray) -> np.ndarray:
+        m = self.m
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        h, w, _ = rgb.shape
+        bmp = m.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        chunks = m.mtmd_input_chunks_init()
+        try:
+            txt = m.mtmd_input_text()
+            txt.text = self.marker
+            txt.text_len = len(self.marker)
+            txt.add_special = False
+            txt.parse_special = False
+            arr = (m.mtmd_bitmap_p_ctypes * 1)(bmp)
+            rc = m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(txt), arr, 1)
+            if rc != 0:
+                raise EdgemmError(f"mtmd_tokenize failed (code {rc})")
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                ch = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n = m.mtmd_input_chunk_get_n_tokens(ch)
+                    rc = m.mtmd_encode_chunk(self.ctx, ch)
+                    if rc != 0:
+                        raise EdgemmError(f"mtmd_encode_chunk failed (code {rc})")
+                    ptr = m.mtmd_get_output_embd(self.ctx)
+                    return np.ctypeslib.as_array(ptr, shape=(n * self.runner.n_embd,)).reshape(
+                        n, self.runner.n_embd).astype(np.float32, copy=True)
+            raise EdgemmError("mtmd produced no image chunk")
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+            m.mtmd_bitmap_free(bmp)
+
+    def close(self):
+        if getattr(self, "ctx", None):
+            self.m.mtmd_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def pixels_to_rgb(pixels: np.ndarray, vision_cfg) -> np.ndarray | None:
+    """Invert edgemm's normalisation: pixels [1, 3, S, S] -> uint8 [S, S, 3], or None when the pixels are not
+    exactly an 8-bit image (then mtmd, which takes 8-bit images, cannot reproduce them)."""
+    x = np.asarray(pixels, np.float32)
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+        return None
+    mean = np.asarray(vision_cfg.image_mean, np.float32)[:, None, None]
+    std = np.asarray(vision_cfg.image_std, np.float32)[:, None, None]
+    v = (x[0] * std + mean) * 255.0
+    u8 = np.clip(np.rint(v), 0, 255).astype(np.uint8)
+    back = (u8.astype(np.float32) / 255.0 - mean) / std
+    if np.max(np.abs(back - x[0])) > 1e-5:
+        return None
+    return np.ascontiguousarray(u8.transpose(1, 2, 0))
+
+
+def reference_vision_from_mmproj(mmproj: str | Path, cfg):
+    """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized)."""
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from edgemm.model import Adapter, VisionTower
+    v, d = cfg.vision, cfg.decoder
+    r = GGUFReader(str(mmproj))
+    t = {}
+    for ten in r.tensors:
+        a = dequantize(ten.data, ten.tensor_type).astype(np.float32)
+        t[ten.name] = torch.from_numpy(np.ascontiguousarray(a.reshape([int(s) for s in reversed(ten.shape)])))
+    tower, adapter = VisionTower(v), Adapter(cfg.adapter, v.width, d.d_model)
+    sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
+          "patch_embed.bias": t["v.patch_embd.bias"],
+          "cls": t["v.class_embd"].reshape(1, 1, v.width),
+          "pos": t["v.position_embd.weight"].reshape(1, v.n_patches + 1, v.width)}
+    names = {"qkv": "attn_qkv", "proj": "attn_out", "ln1": "ln1", "fc1": "ffn_up", "fc2": "ffn_down", "ln2": "ln2"}
+    for i in range(v.layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                sd[f"blocks.{i}.{ours}.{kind}"] = t[f"v.blk.{i}.{theirs}.{kind}"]
+    tower.load_state_dict(sd)
+    adapter.load_state_dict({"linear_proj.weight": t["mm.model.fc.weight"],
+                             "norm.weight": t["mm.post_fc_norm.weight"], "norm.bias": t["mm.post_fc_norm.bias"],
+                             "gate.weight": t["mm.gate.weight"], "up.weight": t["mm.up.weight"],
+                             "down.weight": t["mm.down.weight"],
+                             "boi": t["v.boi"].reshape(1, 1, -1), "eoi": t["v.eoi"].reshape(1, 1, -1)})
+    return tower.eval(), adapter.eval()
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+
+    def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None):
+        from edgemm.bundle import bundle_path
+        from edgemm.config import ModelConfig
+        from edgemm.tokenizer import Tokenizer
+        self.bundle, self.manifest, self.log = str(bundle), manifest, log
+        self.cfg = ModelConfig.from_dict(manifest["model"])
+        self.tokenizer = Tokenizer.load(bundle_path(bundle, manifest.get("tokenizer", "tokenizer.json")))
+        st = manifest["stages"]
+        self.decoder_path = bundle_path(bundle, st["decoder"]["file"])
+        self.mmproj_path = bundle_path(bundle, st["vision"]["file"])
+        self.threads = threads or os.cpu_count() or 1
+        # an f32 bundle gets an f32 KV cache (exact); quantized ones the usual f16 cache
+        if f32_kv is None:
+            f32_kv = st["decoder"].get("precision") == "f32"
+        self.runner = LlamaRunner(self.decoder_path, self.cfg.decoder.max_seq_len, self.threads,
+                                  n_batch=max(512, self.cfg.n_image_rows), f32_kv=f32_kv, flash_attn=flash_attn)
+        self.source = self.bundle
+        self.device = "cpu"
+        self._mtmd = None
+        self._ref_vision = None
+        self.vision_source = None
+        self._owner = None
+        self._next_id = 0
+
+    @classmethod
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None):
+        from edgemm.bundle import verify_bundle
+        if bundle is None:
+            raise EdgemmError("the llamacpp backend runs GGUF bundles: export one with "
+                              "`edgemm export --target gguf` and pass --bundle")
+        import_llama_cpp()
+        m = verify_bundle(bundle)
+        if m.get("target") != "gguf":
+            raise EdgemmError(f"{bundle} is a {m.get('target')} bundle; the llamacpp backend runs gguf bundles")
+        if device == "cuda" and log:
+            log("note: the llamacpp backend runs on the CPU in this build")
+        return cls(bundle, m, threads=threads, log=log)
+
+    @classmethod
+    def available(cls, manifest, device):
+        if manifest.get("target") != "gguf":
+            return False, "not a gguf bundle"
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return False, "llama-cpp-python is not installed (pip install 'edgemm[gguf]')"
+        return True, "a gguf bundle runs on llama.cpp (llama-cpp-python)"
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.n_ctx
+
+    def describe(self) -> str:
+        return (f"llamacpp on cpu ({self.threads} threads, KV cache {self.runner.kv_type}, "
+                f"decoder {self.manifest['stages']['decoder'].get('precision')}, "
+                f"vision rows from {self.vision_source or 'mtmd (mmproj)'})")
+
+    # ---- protocol ------------------------------------------------------------------------------
+    def new_state(self, max_len: int | None = None) -> State:
+        self._next_id += 1
+        self.runner.clear()
+        self._owner = self._next_id
+        return State(cache=self._next_id)
+
+    def _sync(self, state: State):
+        if state.cache != self._owner:
+            raise EdgemmError("the llamacpp backend holds one KV cache; this state was replaced by a newer "
+                              "new_state() (replay the conversation into the new state)")
+        if state.length > self.runner.length:
+            raise EdgemmError(f"state length {state.length} is past the KV cache ({self.runner.length} rows)")
+        self.runner.rewind(state.length)
+
+    def text(self, state: State, ids) -> np.ndarray:
+        self._sync(state)
+        ids = list(ids)
+        logits = self.runner.decode_tokens(ids, state.pos)
+        state.length += len(ids)
+        state.pos += len(ids)
+        return logits
+
+    def image(self, state: State, rows) -> np.ndarray:
+        self._sync(state)
+        rows = np.asarray(rows, np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        logits = self.runner.decode_embd(rows, state.pos)
+        state.length += rows.shape[0]
+        state.pos += rows.shape[0]
+        return logits
+
+    def vision(self, pixels) -> np.ndarray:
+        rgb = pixels_to_rgb(pixels, self.cfg.vision)
+        if rgb is not None:
+            if self._mtmd is None:
+                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads)
+            self.vision_source = "mtmd (mmproj)"
+            return self._mtmd.encode_rgb(rgb)[None]
+        import torch
+        if self._ref_vision is None:
+            self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg)
+            if self.log:
+                self.log("note: these pixels are not an 8-bit image, which mtmd needs; computing the image rows "
+                         "from the mmproj's weights with the reference vision code")
+        tower, adapter = self._ref_vision
+        self.vision_source = "reference code with the mmproj weights"
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+            return adapter(tower(x)).float().numpy()
+
+    def close(self):
+        if self._mtmd is not None:
+            self._mtmd.close()
+            self._mtmd = None
+        self.runner.close()
