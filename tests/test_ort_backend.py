@@ -216,3 +216,20 @@ def test_shipped_model_accuracy_matches(tmp_path):
     rt, ro = evaluate(tb, limit=100, progress=False), evaluate(ob, limit=100, progress=False)
     assert [p["prediction"] for p in ro["predictions"]] == [p["prediction"] for p in rt["predictions"]]
     assert ro["accuracy"] == rt["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_DIR / "model.safetensors").exists(),
+                    reason="the shipped tiny-shapes weights are not trained yet (edgemm/data/tiny-shapes)")
+def test_shipped_model_full_split(tmp_path):
+    """Acceptance: fp32 greedy answers identical to torch on all 1,000 test questions; fp16 within 1 point."""
+    from edgemm.evaluate import evaluate
+    from edgemm.export.onnx import export_onnx
+    for p in ("fp32", "fp16"):
+        export_onnx(model="tiny-shapes", out=tmp_path / p, precision=p, log=None)
+    rt = evaluate(load_backend("torch", model="tiny-shapes", device="cpu"), progress=False)
+    r32 = evaluate(load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu"), progress=False)
+    r16 = evaluate(load_backend("ort", bundle=str(tmp_path / "fp16"), device="cpu"), progress=False)
+    assert [p["prediction"] for p in r32["predictions"]] == [p["prediction"] for p in rt["predictions"]]
+    assert r32["accuracy"] == rt["accuracy"] and r32["total"] == 1000
+    assert abs(r16["accuracy"] - r32["accuracy"]) <= 0.01
