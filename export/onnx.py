@@ -265,7 +265,7 @@ def _load_source(model):
     m, tok = load_model(model)
     if kind == "dir":
         return m, tok, {"model": str(Path(path).resolve()), "kind": "checkpoint",
-                        "digest": file_sha256(Path(path) / "model.safetensors")}
+                        "digest": "sha256:" + file_sha256(Path(path) / "model.safetensors")}
     return m, tok, {"model": model, "kind": "preset", "seed": 0, "digest": "sha256-state:" + _state_digest(m)}
 
 
@@ -420,8 +420,13 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             del g
         graphs.clear()
         tok.save(tmp / "tokenizer.json")
-        manifest = {"target": "onnx", "model": {"config": cfg.to_dict()}, "source": source,
+        from edgemm.tokenizer import CHAT_TEMPLATE
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        manifest = {"target": "onnx", "model": cfg.to_dict(), "source": source,
+                    "reference": {"model": source["model"], "digest": source["digest"],
+                                  "backend": "torch (edgemm.model)"},
                     "precision": prec, "stages": stages, "tokenizer": "tokenizer.json",
+                    "chat_template": "chat_template.jinja",
                     "tools": tool_versions("onnx", "onnxruntime"), "opset": {"": OPSET, "com.microsoft": 1}}
         write_manifest(tmp, manifest)
         log(f"exported {', '.join(stages)} in {time.time() - t0:.1f}s; validating against the reference ...")

@@ -77,8 +77,8 @@ class OrtBackend(Backend):
                 raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                                   "the ort backend runs 'ort-contrib-gqa' decoder graphs")
         try:
-            cfg = ModelConfig.from_dict(man["model"]["config"])
-        except (KeyError, TypeError):
+            cfg = ModelConfig.from_dict(man["model"])
+        except (KeyError, TypeError, AttributeError):
             raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
         tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
         ort = _import_ort()

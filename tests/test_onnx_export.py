@@ -59,8 +59,9 @@ def test_fp32_bundle_manifest(fp32_bundle, ckpt):
     on_disk = json.loads((out / "edgemm.json").read_text())
     assert on_disk["files"] == m["files"]
     assert m["target"] == "onnx" and m["format_version"] == 1
-    assert m["model"]["config"] == get_preset("tiny-shapes").to_dict()
-    assert m["source"]["digest"] == file_sha256(ckpt / "model.safetensors")
+    assert m["model"] == get_preset("tiny-shapes").to_dict()
+    assert m["source"]["digest"] == "sha256:" + file_sha256(ckpt / "model.safetensors")
+    assert m["reference"]["digest"] == m["source"]["digest"]
     assert m["precision"] == {"vision": "fp32", "decoder": "fp32"}
     assert set(m["stages"]) == {"vision", "decoder_text", "decoder_image"}
     assert {"onnx", "onnxruntime", "torch"} <= set(m["tools"])
