@@ -47,8 +47,8 @@ def build_batch(tok, scenes, idx, rng, turns: int):
 
 
 def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 40000, turns: int = 3,
-               lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, seed: int = 0, threads: int | None = None,
-               eval_every: int = 500, log=print) -> dict:
+               lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, aux_weight: float = 0.5, seed: int = 0, threads: int | None = None,
+               eval_every: int = 250, log=print) -> dict:
     import torch
     import torch.nn.functional as F
     from . import shapes
@@ -75,8 +75,14 @@ def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 
     val = shapes.make_split("val", 400)
     log(f"pool of {pool} scenes rendered in {time.time() - t0:.0f}s")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "pos" in n]
+    # Training-only auxiliary heads: each patch row predicts the colour and shape in its grid cell (or none).
+    # Dense supervision grounds the vision tower quickly; the heads are not part of the shipped model.
+    aux = torch.nn.ModuleDict({"color": torch.nn.Linear(cfg.decoder.d_model, len(shapes.COLORS) + 1),
+                               "shape": torch.nn.Linear(cfg.decoder.d_model, len(shapes.SHAPES) + 1)})
+    cell_labels = _cell_labels(scenes, shapes)
+    params = list(model.named_parameters()) + list(aux.named_parameters())
+    decay = [p for n, p in params if p.dim() >= 2 and "pos" not in n]
+    no_decay = [p for n, p in params if p.dim() < 2 or "pos" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -96,6 +102,12 @@ def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 
         logits = model.forward_full([("text", bos), ("image", img), ("text", ids)])
         logits = logits[:, 1 + img.shape[1]:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tg.reshape(-1), ignore_index=-100)
+        if aux_weight:
+            patches = img[:, 1:-1]                                       # [B, 9, D] without boi/eoi
+            lab = torch.from_numpy(cell_labels[idx])                     # [B, 9, 2]
+            for k, name in enumerate(("color", "shape")):
+                a = aux[name](patches)
+                loss = loss + aux_weight * F.cross_entropy(a.reshape(-1, a.shape[-1]), lab[..., k].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,6 +122,17 @@ def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 
             log(f"step {step} val accuracy {acc}")
             save_checkpoint(model, tok, out)
     return {"history": history, "train_seconds": round(time.time() - t0)}
+
+
+def _cell_labels(scenes, shapes) -> np.ndarray:
+    """[N, 9, 2] (colour index, shape index) per grid cell; the last class of each means empty."""
+    lab = np.empty((len(scenes), shapes.GRID ** 2, 2), dtype=np.int64)
+    lab[..., 0], lab[..., 1] = len(shapes.COLORS), len(shapes.SHAPES)
+    colors = list(shapes.COLORS)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            lab[i, o.cell] = colors.index(o.color), shapes.SHAPES.index(o.shape)
+    return lab
 
 
 def teacher_forced_accuracy(model, tok, items, batch: int = 100) -> dict:

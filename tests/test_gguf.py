@@ -80,6 +80,23 @@ def test_gguf_files_layout(tmp_path, random_ckpt):
     assert bool(rv.fields["clip.use_gelu"].parts[-1][0])
 
 
+def test_gguf_chat_template_renders_the_prompt_format(tokenizer):
+    """The GGUF's chat template, rendered the way llama-cpp-python's MTMD handler renders it (trim_blocks, the
+    image part turned into the media marker), gives exactly edgemm's prompt pieces."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from edgemm.export.gguf import GGUF_CHAT_TEMPLATE
+    t = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(GGUF_CHAT_TEMPLATE)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "<__media__>"}, {"type": "text", "text": "q one"}]},
+            {"role": "assistant", "content": "red"}, {"role": "user", "content": "q two"}]
+    text = t.render(messages=msgs, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+    assert text == "<s><__media__>Q: q one\nA: red</s>\nQ: q two\nA:"
+    before, after = text.split("<__media__>")
+    tok = tokenizer
+    assert [tok.bos_id] == [tok.tok.token_to_id(before)]
+    want = tok.user_turn("q one", True) + tok.answer("red") + tok.user_turn("q two", False)
+    assert tok.tok.encode(after, add_special_tokens=True).ids == want
+
+
 def test_mmproj_weights_reload(tmp_path, random_ckpt):
     """The mmproj's weights (f32) drive the reference vision code to the same rows."""
     from edgemm.checkpoint import load_checkpoint

@@ -1,0 +1,127 @@
+"""Reference model: KV cache == full recompute, routing is real, variants."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgemm.config import get_preset
+from edgemm.errors import UnsupportedVariant
+from edgemm.model import EdgeMM, KVCache
+
+
+def _model(**decoder_overrides):
+    cfg = get_preset("tiny-shapes")
+    for k, v in decoder_overrides.items():
+        setattr(cfg.decoder, k, v)
+    torch.manual_seed(0)
+    m = EdgeMM(cfg.validate()).init_weights(3).eval()
+    # make every branch weight clearly different from init symmetry
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def _prompt(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, 3, 48, 48, generator=g)
+    return (torch.randint(0, 500, (1, 4), generator=g), m.encode_image(pixels),
+            torch.randint(0, 500, (1, 9), generator=g))
+
+
+@pytest.mark.parametrize("variant", [{}, {"n_kv_heads": 2}, {"qkv_bias": True},
+                                     {"position_rule": "cogvlm", "eoi_branch": "text"}])
+def test_kv_cache_decode_matches_full_recompute(variant):
+    m = _model(**variant)
+    pre, img, post = _prompt(m)
+    decode = torch.randint(0, 500, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = KVCache.empty(m.cfg.decoder)
+        _, pos = m.forward_segment("text", pre, cache, 0)
+        _, pos = m.forward_segment("image", img, cache, pos)
+        step_logits = [m.forward_segment("text", post, cache, pos)[0][0, -1]]
+        pos += post.shape[1]
+        for t in range(decode.shape[1]):
+            lg, pos = m.forward_segment("text", decode[:, t:t + 1], cache, pos)
+            step_logits.append(lg[0, -1])
+        full = m.forward_full([("text", pre), ("image", img), ("text", torch.cat([post, decode], 1))])[0]
+    n = decode.shape[1]
+    for i, lg in enumerate(step_logits):
+        ref = full[-(n + 1) + i]
+        assert (lg - ref).abs().max().item() <= 1e-5
+
+
+def test_routing_vision_weights_do_not_touch_text_prompts():
+    m = _model()
+    pre, img, post = _prompt(m)
+    text_only = torch.cat([pre, post], 1)
+    with torch.no_grad():
+        base_text = m.forward_full([("text", text_only)])
+        base_img = m.forward_full([("text", pre), ("image", img), ("text", post)])
+        m2 = copy.deepcopy(m)
+        for layer in m2.decoder.layers:
+            for p in layer.vision.parameters():
+                p.add_(torch.randn_like(p))
+        assert torch.equal(m2.forward_full([("text", text_only)]), base_text)
+        assert (m2.forward_full([("text", pre), ("image", img), ("text", post)]) - base_img).abs().max() > 1e-3
+        m3 = copy.deepcopy(m)
+        for layer in m3.decoder.layers:
+            for p in layer.text.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        assert (m3.forward_full([("text", text_only)]) - base_text).abs().max() > 1e-3
+        assert (m3.forward_full([("text", pre), ("image", img), ("text", post)]) - base_img).abs().max() > 1e-3
+
+
+def test_decoding_reads_no_vision_weight():
+    """A text segment through forward_segment never touches a vision-branch module."""
+    m = _model()
+    touched = []
+    for layer in m.decoder.layers:
+        for mod in layer.vision.modules():
+            mod.register_forward_hook(lambda *a: touched.append(1))
+    with torch.no_grad():
+        m.forward_segment("text", torch.tensor([[1, 2, 3]]), KVCache.empty(m.cfg.decoder), 0)
+    assert touched == []
+    with torch.no_grad():
+        m.forward_segment("image", _prompt(m)[1], KVCache.empty(m.cfg.decoder), 0)
+    assert touched
+
+
+def test_vit_appends_cls_and_drops_it():
+    m = _model()
+    px = torch.randn(2, 3, 48, 48)
+    feats = m.vision(px)
+    assert feats.shape == (2, m.cfg.vision.n_patches, m.cfg.vision.width)
+    assert m.encode_image(px).shape == (2, m.cfg.n_image_rows, m.cfg.decoder.d_model)
+
+
+def test_cogvlm_position_rule_collapses_patch_positions():
+    m = _model(position_rule="cogvlm")
+    pos = m.image_positions(5)
+    assert pos[0] == 5 and pos[-1] == 7 and bool((pos[1:-1] == 6).all())
+    assert m.next_position(pos) == 8
+
+
+@pytest.mark.parametrize("field,value,name", [("vision_rank", 8, "low-rank vision branches"),
+                                              ("per_modality_norms", True, "per-modality norms"),
+                                              ("cross_modal_bridge", 4, "cross-modal K/V bridge")])
+def test_unimplemented_variants_are_refused_by_name(field, value, name):
+    cfg = get_preset("tiny-shapes")
+    setattr(cfg.decoder, field, value)
+    with pytest.raises(UnsupportedVariant, match=name):
+        EdgeMM(cfg)
+
+
+def test_param_counts_match_info_arithmetic():
+    from edgemm.info import param_counts
+    for variant in ({}, {"n_kv_heads": 2, "qkv_bias": True}):
+        m = _model(**variant)
+        assert m.param_counts() == param_counts(m.cfg)
+
+
+def test_kv_cache_overflow_is_an_error():
+    m = _model()
+    cache = KVCache.empty(m.cfg.decoder, max_len=8)
+    with pytest.raises(ValueError, match="KV cache full"):
+        m.forward_segment("text", torch.zeros(1, 9, dtype=torch.long), cache, 0)
