@@ -163,17 +163,19 @@ class OrtBackend(Backend):
             raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
         total = state.length + T
         sess = self.sess[stage]
-        io = sess.io_binding()
-        io.bind_cpu_input(first_name, first_val)
-        io.bind_cpu_input("positions", np.asarray(positions, np.int64))
-        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        io.bind_output("logits", "cpu")                    # first: get_outputs() follows binding order
-        for i, (k, v) in enumerate(zip(state.cache["k"], state.cache["v"])):
-            io.bind_ortvalue_input(f"past_key.{i}", k)
-            io.bind_ortvalue_input(f"past_value.{i}", v)
-            io.bind_ortvalue_output(f"present_key.{i}", k)
-            io.bind_ortvalue_output(f"present_value.{i}", v)
+        io = state.extra.get(stage)
+        if io is None:        # one binding per state and stage: the KV buffers are bound once, in and out
+            io = state.extra[stage] = sess.io_binding()
+            io.bind_output("logits", "cpu")                # first: get_outputs() follows binding order
+            for i, (k, v) in enumerate(zip(state.cache["k"], state.cache["v"])):
+                io.bind_ortvalue_input(f"past_key.{i}", k)
+                io.bind_ortvalue_input(f"past_value.{i}", v)
+                io.bind_ortvalue_output(f"present_key.{i}", k)
+                io.bind_ortvalue_output(f"present_value.{i}", v)
+        feeds = {first_name: first_val, "positions": np.asarray(positions, np.int64),
+                 "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
+        for name, arr in feeds.items():                    # (feeds stays alive until the run is done)
+            io.bind_cpu_input(name, arr)
         sess.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         state.length = total
