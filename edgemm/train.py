@@ -46,7 +46,7 @@ def build_batch(tok, scenes, idx, rng, turns: int):
     return ids, tg
 
 
-def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 40000, turns: int = 3,
+def train_demo(out: str | Path, steps: int = 6500, batch: int = 48, pool: int = 40000, turns: int = 3,
                lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, aux_weight: float = 0.5, seed: int = 0, threads: int | None = None,
                eval_every: int = 250, log=print) -> dict:
     import torch

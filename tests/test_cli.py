@@ -1,0 +1,108 @@
+"""The CLI: answers, chat commands, eval output, and one-line errors with exit code 2 for user mistakes."""
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgemm import shapes
+from edgemm.cli import main
+from tests.conftest import requires_demo
+from tests.test_io import _bomb_png
+
+
+def _run(*args, input=None):
+    r = CliRunner().invoke(main, list(args), input=input)
+    return r.exit_code, r.output, r
+
+
+@pytest.fixture(scope="module")
+def example_png(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(shapes.render(shapes.scene_at("test", 3))).save(p)
+    return p
+
+
+def _bad(tmp_path, case):
+    p = tmp_path / "bad.png"
+    if case == "missing":
+        return tmp_path / "nope.png"
+    if case == "not-image":
+        p.write_text("just text")
+    elif case == "truncated":
+        Image.fromarray(shapes.render(shapes.scene_at("test", 0))).save(p)
+        p.write_bytes(p.read_bytes()[:150])
+    elif case == "bomb":
+        p.write_bytes(_bomb_png(30000, 30000))
+    return p
+
+
+@pytest.mark.parametrize("case", ["missing", "not-image", "truncated", "bomb"])
+def test_bad_image_is_one_line_exit_2(random_ckpt, tmp_path, case):
+    code, out, _ = _run("run", "--model", str(random_ckpt), "--image", str(_bad(tmp_path, case)), "What color?")
+    assert code == 2
+    assert "Traceback" not in out
+    errs = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1
+
+
+def test_empty_and_overlong_prompts_exit_2(random_ckpt, example_png):
+    code, out, _ = _run("run", "--model", str(random_ckpt), "--image", str(example_png), "  ")
+    assert code == 2 and "empty" in out and "Traceback" not in out
+    code, out, _ = _run("run", "--model", str(random_ckpt), "--image", str(example_png), "why " * 700)
+    assert code == 2 and "context holds" in out and "Traceback" not in out
+
+
+def test_model_and_bundle_together_and_unknown_model(random_ckpt, tmp_path):
+    code, out, _ = _run("run", "--model", str(random_ckpt), "--bundle", str(tmp_path), "hi")
+    assert code == 2 and "not both" in out
+    code, out, _ = _run("run", "--model", "no-such-model", "hi")
+    assert code == 2 and "neither a checkpoint directory nor a preset" in out
+    code, out, _ = _run("info", "--model", "cogvlm-17b")
+    assert code == 0 and "17.64B" in out
+
+
+def test_run_streams_an_answer(random_ckpt, example_png):
+    code, out, r = _run("run", "--model", str(random_ckpt), "--image", str(example_png), "--max-new-tokens", "3",
+                        "What color is the circle?")
+    assert code == 0, r.output
+    assert out.strip().splitlines()[-1].strip() != ""
+
+
+def test_chat_commands(random_ckpt, example_png, tmp_path):
+    lines = ["What color is the circle?", f"/image {example_png}", "Where is the red square?", "/reset",
+             "/image /no/such.png", "/bogus", "How many shapes are there?", "/quit"]
+    code, out, r = _run("chat", "--model", str(random_ckpt), "--max-new-tokens", "3", input="\n".join(lines) + "\n")
+    assert code == 0, r.output
+    assert "image not found" in out                     # a bad turn is reported, the chat goes on
+    assert "unknown command /bogus" in out
+    assert "conversation reset" in out
+
+
+def test_eval_prints_per_type_table_and_json(random_ckpt, tmp_path):
+    j = tmp_path / "r.json"
+    code, out, r = _run("eval", "--model", str(random_ckpt), "--limit", "8", "--json", str(j))
+    assert code == 0, r.output
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("accuracy: ") and last.endswith("/8)")
+    data = json.loads(j.read_text())
+    assert data["total"] == 8 and set(data["per_type"]) == set(shapes.QTYPES)
+
+
+def test_eval_data_jsonl_errors(random_ckpt, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"image": "a.png", "question": "q"}\n')
+    code, out, _ = _run("eval", "--model", str(random_ckpt), "--data", str(f))
+    assert code == 2 and "d.jsonl:1" in out
+
+
+@requires_demo
+def test_readme_example_is_answered_correctly():
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert 'edgemm run --image examples/shapes.png "What color is the circle?"' in readme
+    img = Path(__file__).parents[1] / "examples" / "shapes.png"
+    code, out, r = _run("run", "--image", str(img), "What color is the circle?")
+    assert code == 0, r.output
+    assert out.strip().splitlines()[-1].strip() == (Path(__file__).parents[1] / "examples" / "shapes.answer.txt"
+                                                    ).read_text().strip()
