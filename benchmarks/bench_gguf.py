@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Decode tokens/s of GGUF bundles through the llamacpp backend, next to the memory-bandwidth roofline.
+
+    python benchmarks/bench_gguf.py                                    # bench-0.5b at f16, q8_0, q4_k_m
+    python benchmarks/bench_gguf.py --threads 2 --steps 32 --workdir /tmp/gguf-bench   # keep the bundles
+
+For each precision the model is exported with `export_gguf` (which validates it against the reference), then a
+short prompt (<s> + image rows + a question) is prefilled and `--steps` greedy single-token decode steps are timed
+after a warm-up. The roofline is measured memory bandwidth (a 512 MB float32 torch sum on all threads, best of
+several) divided by the bytes of weights one decode step reads (from the GGUF: text branch + shared norms + LM head
++ one token-embedding row; the vision branch and the mmproj are never read while decoding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def measure_bandwidth(threads: int, mbytes: int = 512, repeats: int = 7) -> float:
+    """Bytes/s of a streaming read: torch sum over a float32 buffer of `mbytes` MB."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(mbytes * 1024 * 1024 // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def decode_bytes_per_step(decoder_gguf: Path, d_model: int) -> tuple[int, int]:
+    """-> (bytes of weights one text decode step reads, bytes of the whole decoder file's tensors)."""
+    from edgemm.export.gguf import branch_of, gguf_tensor_table
+    total = step = 0
+    for t in gguf_tensor_table(decoder_gguf):
+        total += t["bytes"]
+        b = branch_of(t["name"])
+        if t["name"] == "token_embd.weight":
+            step += t["bytes"] // t["shape"][1]            # one row
+        elif b in ("text branch", "shared"):
+            step += t["bytes"]
+    return step, total
+
+
+def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
+    from edgemm.runtimes.llamacpp_backend import LlamaCppBackend
+    b = LlamaCppBackend.open(bundle=str(bundle), threads=threads)
+    tok, cfg = b.tokenizer, b.cfg
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((1, cfg.n_image_rows, cfg.decoder.d_model)) * 0.02).astype(np.float32)
+    st = b.new_state()
+    t0 = time.perf_counter()
+    b.text(st, [tok.bos_id])
+    b.image(st, rows)
+    logits = b.text(st, tok.user_turn("what color is the circle?", True))
+    prefill = time.perf_counter() - t0
+    prompt_rows = st.length
+    for _ in range(warmup):
+        logits = b.text(st, [int(np.argmax(logits))])
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = b.text(st, [int(np.argmax(logits))])
+    dt = time.perf_counter() - t
+    out = {"tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "prefill_rows": prompt_rows,
+           "prefill_s": prefill, "kv_cache": b.runner.kv_type}
+    b.close()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bench-0.5b")
+    ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--workdir", default=None, help="Keep (and reuse) the exported bundles here.")
+    ap.add_argument("--json", default=None, help="Write the figures to this file.")
+    a = ap.parse_args(argv)
+    import importlib.metadata as md
+    from edgemm.export.gguf import export_gguf
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="edgemm-gguf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bw = measure_bandwidth(a.threads)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, threads {a.threads}; "
+          f"measured bandwidth {bw / 1e9:.1f} GB/s (512 MB float32 torch sum)")
+    rows = []
+    for prec in a.precisions.split(","):
+        bundle = work / f"{Path(a.model).name}-{prec}"
+        if not (bundle / "edgemm.json").exists():
+            t = time.perf_counter()
+            export_gguf(model=a.model, out=bundle, precision={"vision": "f16", "decoder": prec}, force=True,
+                        log=lambda s: print("  " + s, file=sys.stderr), threads=a.threads)
+            print(f"  exported {bundle} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        man = json.loads((bundle / "edgemm.json").read_text())
+        dec = bundle / man["stages"]["decoder"]["file"]
+        step_bytes, dec_bytes = decode_bytes_per_step(dec, man["model"]["decoder"]["d_model"])
+        r = bench_bundle(bundle, a.threads, a.steps, a.warmup)
+        r.update(precision=prec, decoder_file_bytes=dec.stat().st_size, weight_bytes_per_step=step_bytes,
+                 roofline_tokens_per_s=bw / step_bytes)
+        r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
+        rows.append(r)
+    print(f"\n{'precision':<9} {'decoder file':>12} {'weights/step':>12} {'tok/s':>8} {'ms/tok':>8} "
+          f"{'roofline tok/s':>14} {'of roofline':>11}")
+    for r in rows:
+        print(f"{r['precision']:<9} {r['decoder_file_bytes'] / 2**20:>9.0f} MB {r['weight_bytes_per_step'] / 2**20:>9.0f} MB "
+              f"{r['tokens_per_s']:>8.2f} {r['ms_per_token']:>8.1f} {r['roofline_tokens_per_s']:>14.2f} "
+              f"{100 * r['fraction_of_roofline']:>10.0f}%")
+    if a.json:
+        versions = {}
+        for n in ("edgemm", "torch", "numpy", "gguf", "llama_cpp_python"):
+            try:
+                versions[n] = md.version(n)
+            except md.PackageNotFoundError:
+                pass
+        Path(a.json).write_text(json.dumps({"model": a.model, "threads": a.threads, "bandwidth_Bps": bw,
+                                            "machine": platform.platform(), "cpu_count": os.cpu_count(),
+                                            "versions": versions, "results": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
