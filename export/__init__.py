@@ -7,6 +7,7 @@ import importlib
 EXPORTERS: dict[str, str] = {
     "gguf": "edgemm.export.gguf:export_gguf",
     "onnx": "edgemm.export.onnx:export_onnx",
+    "trt": "edgemm.export.trt:export_trt",
 }
 
 

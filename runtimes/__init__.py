@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
     "torch": "edgemm.runtimes.torch_backend:TorchBackend",
     "llamacpp": "edgemm.runtimes.llamacpp_backend:LlamaCppBackend",
     "ort": "edgemm.runtimes.ort_backend:OrtBackend",
+    "trt": "edgemm.runtimes.trt_backend:TrtBackend",
 }
 
 

@@ -1,0 +1,354 @@
+"""The `trt` backend: TensorRT engines of a `trt` bundle, the KV cache on the GPU.
+
+A `trt` bundle's decoder stages use the graph flavour `onnx-standard-kv-window` (standard ONNX ops only, see
+edgemm.export.trt): per layer the cache is an input `cache_key.i` / `cache_value.i` of shape [1, W, K, E]
+(rows, heads, head dim: BSNH, so the first W rows of a [1, capacity, K, E] buffer are one contiguous block), the
+graph writes the T new rows at `past_len` with ScatterElements, attends with a causal mask over rows
+<= past_len + i, and returns the new rows as `new_key.i` / `new_value.i` [1, T, K, E]. The runtime copies them
+into its buffer at `past_len`: one buffer per layer, never aliased between an engine's input and output.
+
+Two classes share that cache logic:
+- TrtBackend: the engines, with torch CUDA tensors as the I/O and cache buffers (execute_async_v3 on a stream).
+- OnnxQdqBackend: the same Q/DQ graphs in ONNX Runtime's CPU provider (numpy buffers). The exporter validates
+  with it, tests run it, and `--backend trt --device cpu` uses it to evaluate a trt bundle on a machine
+  without a GPU (slow: Q/DQ graphs are emulated in fp32).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+from .base import Backend, State
+
+STAGES = ("vision", "decoder_text", "decoder_image")
+GRAPH_KV = "onnx-standard-kv-window"
+REBUILD = "rebuild them on this machine: edgemm build-engines {bundle} --force"
+
+
+def _io_names(cfg):
+    L = cfg.decoder.n_layers
+    return ([f"cache_key.{i}" for i in range(L)], [f"cache_value.{i}" for i in range(L)],
+            [f"new_key.{i}" for i in range(L)], [f"new_value.{i}" for i in range(L)])
+
+
+def image_positions(cfg, start: int) -> np.ndarray:
+    n = cfg.n_image_rows
+    if cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
+        pos = np.full(n, start + 1)
+        pos[0], pos[-1] = start, start + 2
+        return pos
+    return np.arange(start, start + n)
+
+
+class _KVWindow(Backend):
+    """Cache bookkeeping shared by the engine and the ONNX Runtime flavours of the trt graphs."""
+
+    manifest: dict = {}
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest.get("trt", {}).get("max_context") or self.cfg.decoder.max_seq_len)
+
+    def _alloc(self, shape):                     # -> one zeroed cache buffer
+        raise NotImplementedError
+
+    def new_state(self, max_len: int | None = None) -> State:
+        c = self.cfg.decoder
+        n = int(max_len or self.context_length)
+        if n > self.context_length:
+            raise EdgemmError(f"a KV cache of {n} rows exceeds this bundle's maximum context "
+                              f"({self.context_length}, from its optimization profile)")
+        shape = (1, n, c.kv_heads, c.head_dim)
+        return State(cache={"k": [self._alloc(shape) for _ in range(c.n_layers)],
+                            "v": [self._alloc(shape) for _ in range(c.n_layers)], "capacity": n})
+
+    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
+        """Run one decoder stage -> (logits [vocab] numpy float32, new_k list, new_v list)."""
+        raise NotImplementedError
+
+    def _write(self, buf, start, rows):
+        buf[:, start:start + rows.shape[1]] = rows
+
+    def _run(self, stage, state, first_name, first_val, positions):
+        T = len(positions)
+        cap = state.cache["capacity"]
+        if state.length + T > cap:
+            raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
+        window = state.length + T
+        logits, nk, nv = self._decoder(stage, first_name, first_val, np.asarray(positions, np.int64),
+                                       state.length, window, state.cache)
+        for buf, rows in zip(state.cache["k"], nk):
+            self._write(buf, state.length, rows)
+        for buf, rows in zip(state.cache["v"], nv):
+            self._write(buf, state.length, rows)
+        state.length = window
+        return logits
+
+    def text(self, state, ids):
+        ids = np.asarray([list(ids)], np.int64)
+        positions = np.arange(state.pos, state.pos + ids.shape[1])
+        logits = self._run("decoder_text", state, "input_ids", ids, positions)
+        state.pos += ids.shape[1]
+        return logits
+
+    def image_positions(self, start: int) -> np.ndarray:
+        return image_positions(self.cfg, start)
+
+    def image(self, state, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
+            raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
+        positions = self.image_positions(state.pos)[: rows.shape[1]]
+        logits = self._run("decoder_image", state, "image_rows", rows, positions)
+        state.pos = int(positions[-1]) + 1
+        return logits
+
+
+def _open_bundle(bundle, verify=True):
+    from edgemm.bundle import bundle_path, read_manifest, verify_bundle
+    from edgemm.config import ModelConfig
+    from edgemm.tokenizer import Tokenizer
+    man = verify_bundle(bundle) if verify else read_manifest(bundle)
+    if man.get("target") != "trt":
+        raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the trt backend runs trt bundles "
+                          "(edgemm export --target trt)")
+    stages = man.get("stages", {})
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
+    for s in ("decoder_text", "decoder_image"):
+        if stages[s].get("graph") != GRAPH_KV:
+            raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
+                              f"the trt backend runs {GRAPH_KV!r} decoder graphs")
+    try:
+        cfg = ModelConfig.from_dict(man["model"])
+    except (KeyError, TypeError, AttributeError):
+        raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
+    tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
+    return man, cfg, tok
+
+
+# --------------------------------------------------------------------------- ONNX Runtime (CPU) flavour
+class OnnxQdqBackend(_KVWindow):
+    """The Q/DQ graphs of a trt bundle in ONNX Runtime's CPU provider (validation, CPU-only machines)."""
+    name = "trt-onnx"
+    device = "cpu"
+
+    def __init__(self, sessions, manifest, cfg, tokenizer, source):
+        self.sess, self.manifest, self.cfg, self.tokenizer, self.source = sessions, manifest, cfg, tokenizer, source
+        self.names = _io_names(cfg)
+        self.on_outputs = None          # hook(stage, {name: array}) for calibration statistics
+
+    @classmethod
+    def open(cls, model=None, bundle=None, device="cpu", threads=None, log=None, verify=True, paths=None,
+             extra_outputs=None):
+        """paths: {stage: onnx path} to run graphs other than the bundle's (calibration, validation)."""
+        from edgemm.bundle import bundle_path
+        if model is not None or bundle is None:
+            raise EdgemmError("the trt backend runs trt bundles: pass --bundle DIR")
+        man, cfg, tok = _open_bundle(bundle, verify)
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise EdgemmError(f"running a trt bundle's graphs on the CPU needs onnxruntime ({e}); "
+                              "pip install 'edgemm[cpu]'") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
+        # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        paths = paths or {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in STAGES}
+        sessions = {s: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for s, p in paths.items()}
+        b = cls(sessions, man, cfg, tok, str(bundle))
+        b.extra = extra_outputs or {}
+        if log:
+            log(f"trt bundle on onnxruntime {ort.__version__} CPU provider (Q/DQ graphs emulated in fp32; "
+                "no TensorRT engines used)")
+        return b
+
+    @classmethod
+    def available(cls, manifest, device):
+        return False, "the CPU emulation of trt bundles runs only when asked for (--backend trt --device cpu)"
+
+    def describe(self) -> str:
+        return "trt bundle graphs on onnxruntime (CPU provider)"
+
+    def _alloc(self, shape):
+        return np.zeros(shape, np.float32)
+
+    def _fetch(self, stage, names):
+        return list(names) + list(self.extra.get(stage, []))
+
+    def _emit(self, stage, names, outs):
+        if self.on_outputs and self.extra.get(stage):
+            self.on_outputs(stage, dict(zip(names, outs)))
+
+    def vision(self, pixels):
+        names = self._fetch("vision", ["image_rows"])
+        outs = self.sess["vision"].run(names, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
+        self._emit("vision", names, outs)
+        return outs[0]
+
+    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
+        ck, cv, nk, nv = self.names
+        feeds = {first_name: first_val, "positions": positions, "past_len": np.array([past_len], np.int64)}
+        for i in range(len(ck)):
+            feeds[ck[i]] = cache["k"][i][:, :window]       # a view: batch 1, BSNH -> contiguous
+            feeds[cv[i]] = cache["v"][i][:, :window]
+        names = self._fetch(stage, ["logits", *nk, *nv])
+        outs = self.sess[stage].run(names, feeds)
+        self._emit(stage, names, outs)
+        L = len(ck)
+        return outs[0][0].astype(np.float32, copy=False), outs[1:1 + L], outs[1 + L:1 + 2 * L]
+
+
+# --------------------------------------------------------------------------- TensorRT engines
+def gpu_identity() -> dict | None:
+    """{'tensorrt', 'gpu', 'compute_capability'} of this machine, or None without tensorrt + a CUDA GPU."""
+    try:
+        import tensorrt as trt
+        import torch
+    except ImportError:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
+                "compute_capability": f"{major}.{minor}"}
+    except Exception:           # a broken driver counts as no GPU
+        return None
+
+
+def engine_mismatch(engines: dict, here: dict | None) -> str | None:
+    """Why the manifest's engines cannot run here (None when they can). Pure; tested on fake identities."""
+    if not engines or not engines.get("files"):
+        return "the bundle holds no TensorRT engines yet"
+    if here is None:
+        return "this machine has no TensorRT with a CUDA GPU"
+    for key, what in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability",
+                                                                         "compute capability")):
+        if str(engines.get(key)) != str(here.get(key)):
+            return (f"the engines were built for {what} {engines.get(key)!r}, this machine has {here.get(key)!r} "
+                    "(engines are tied to the GPU and the TensorRT version)")
+    return None
+
+
+class TrtBackend(_KVWindow):
+    name = "trt"
+    device = "cuda"
+
+    def __init__(self, engines, manifest, cfg, tokenizer, source, trt):
+        import torch
+        self.manifest, self.cfg, self.tokenizer, self.source = manifest, cfg, tokenizer, source
+        self.trt, self.torch = trt, torch
+        self.engines = engines
+        self.ctx = {s: e.create_execution_context() for s, e in engines.items()}
+        self.stream = torch.cuda.Stream()
+        self.names = _io_names(cfg)
+
+    @classmethod
+    def available(cls, manifest, device):
+        if manifest.get("target") != "trt":
+            return False, f"the trt backend runs trt bundles, not {manifest.get('target')}"
+        if device == "cpu":
+            return False, "--device cpu"
+        why = engine_mismatch(manifest.get("trt", {}).get("engines", {}), gpu_identity())
+        if why:
+            return False, why
+        e = manifest["trt"]["engines"]
+        return True, f"TensorRT {e['tensorrt']} engines built for this GPU ({e['gpu']}, sm {e['compute_capability']})"
+
+    @classmethod
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True):
+        from edgemm.bundle import bundle_path
+        if device == "cpu":         # no engines on the CPU: the same graphs on onnxruntime
+            return OnnxQdqBackend.open(model=model, bundle=bundle, threads=threads, log=log, verify=verify)
+        if model is not None or bundle is None:
+            raise EdgemmError("the trt backend runs trt bundles: pass --bundle DIR")
+        man, cfg, tok = _open_bundle(bundle, verify)
+        here = gpu_identity()
+        engines = man.get("trt", {}).get("engines", {})
+        if here is None:
+            raise EdgemmError("the trt backend needs TensorRT and a CUDA GPU (pip install 'edgemm[gpu]', or "
+                              "JetPack's TensorRT on a Jetson); on this machine use --device cpu or --backend ort")
+        why = engine_mismatch(engines, here)
+        if why:
+            raise EdgemmError(f"cannot load the engines of {bundle}: {why}; " + REBUILD.format(bundle=bundle))
+        import tensorrt as trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        loaded = {}
+        for s in STAGES:
+            data = bundle_path(bundle, engines["files"][s]).read_bytes()
+            eng = runtime.deserialize_cuda_engine(data)
+            if eng is None:
+                raise EdgemmError(f"TensorRT could not deserialize the {s} engine of {bundle}; "
+                                  + REBUILD.format(bundle=bundle))
+            loaded[s] = eng
+        if log:
+            log(f"trt: TensorRT {trt.__version__} on {here['gpu']} (sm {here['compute_capability']})")
+        return cls(loaded, man, cfg, tok, str(bundle), trt)
+
+    def describe(self) -> str:
+        return f"trt (TensorRT {self.trt.__version__}) on cuda"
+
+    # ---- buffers --------------------------------------------------------------------------
+    def _alloc(self, shape):
+        return self.torch.zeros(shape, dtype=self.torch.float32, device="cuda")
+
+    def _write(self, buf, start, rows):
+        buf[:, start:start + rows.shape[1]].copy_(rows)
+
+    _DT = None
+
+    def _torch_dtype(self, trt_dtype):
+        t, trt = self.torch, self.trt
+        table = {trt.float32: t.float32, trt.float16: t.float16, trt.int32: t.int32, trt.int64: t.int64,
+                 trt.int8: t.int8, trt.bool: t.bool}
+        if hasattr(trt, "bfloat16"):
+            table[trt.bfloat16] = t.bfloat16
+        return table[trt_dtype]
+
+    def _execute(self, stage, inputs: dict) -> dict:
+        """inputs: {name: CUDA tensor}; allocates the outputs from the shapes TensorRT infers."""
+        eng, ctx, t = self.engines[stage], self.ctx[stage], self.torch
+        for name, x in inputs.items():
+            ctx.set_input_shape(name, tuple(x.shape))
+            ctx.set_tensor_address(name, x.data_ptr())
+        outs = {}
+        for i in range(eng.num_io_tensors):
+            name = eng.get_tensor_name(i)
+            if eng.get_tensor_mode(name) != self.trt.TensorIOMode.OUTPUT:
+                continue
+            shape = tuple(ctx.get_tensor_shape(name))
+            outs[name] = t.empty(shape, dtype=self._torch_dtype(eng.get_tensor_dtype(name)), device="cuda")
+            ctx.set_tensor_address(name, outs[name].data_ptr())
+        self.stream.wait_stream(t.cuda.current_stream())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise EdgemmError(f"TensorRT failed to run the {stage} engine")
+        t.cuda.current_stream().wait_stream(self.stream)
+        return outs
+
+    def vision(self, pixels):
+        t = self.torch
+        x = t.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).cuda()
+        return self._execute("vision", {"pixels": x})["image_rows"].float().cpu().numpy()
+
+    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
+        t = self.torch
+        ck, cv, nk, nv = self.names
+        inputs = {first_name: t.from_numpy(np.ascontiguousarray(first_val)).cuda(),
+                  "positions": t.from_numpy(positions).cuda(),
+                  "past_len": t.tensor([past_len], dtype=t.int64, device="cuda")}
+        for i in range(len(ck)):
+            inputs[ck[i]] = cache["k"][i][:, :window]            # contiguous view (batch 1, BSNH)
+            inputs[cv[i]] = cache["v"][i][:, :window]
+        outs = self._execute(stage, inputs)
+        logits = outs["logits"][0].float().cpu().numpy()
+        return logits, [outs[n] for n in nk], [outs[n] for n in nv]
