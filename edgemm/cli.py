@@ -260,3 +260,17 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     torch.set_num_threads(threads or os.cpu_count())
     run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
                log=_err)
+
+
+@main.command("build-engines")
+@click.argument("bundle", type=click.Path())
+@click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
+              help="Optimization profiles to build (default: orin on a Jetson, else workstation).")
+@click.option("--force", is_flag=True, help="Rebuild engines that already exist for this GPU.")
+@click.option("--threads", default=None, type=int)
+@handle_errors
+def build_engines_cmd(bundle, device_class, force, threads):
+    """Build the TensorRT engines of a trt BUNDLE on this machine (engines are tied to the GPU and the
+    TensorRT version), validate them against the bundle's Q/DQ graphs, and add them to its manifest."""
+    from .export.trt import build_engines
+    build_engines(bundle, device_class=device_class, force=force, log=_err, threads=threads)

@@ -354,12 +354,15 @@ def quantize_stage_builtin(onnx_in, onnx_out, stage, precision, stats=None, keep
 
 
 def _quantizer():
-    """The calibration package's quantize_stage when installed, else the built-in one (same interface)."""
+    """(quantize_stage, collect_stats or None, name): the calibration package's functions when installed
+    (statistics from the PyTorch reference, per stage and modality branch), else the built-in quantizer with
+    activation maxima collected on the fp32 graphs here."""
     try:
         from edgemm.calib.quantize import quantize_stage
-        return quantize_stage, "edgemm.calib.quantize"
+        from edgemm.calib.stats import collect_stats
+        return quantize_stage, collect_stats, "edgemm.calib.quantize"
     except ImportError:
-        return quantize_stage_builtin, "edgemm.export.trt (built-in)"
+        return quantize_stage_builtin, None, "edgemm.export.trt (built-in)"
 
 
 def calibration_items(model, tok, calib=None, n: int = 32):
@@ -368,7 +371,14 @@ def calibration_items(model, tok, calib=None, n: int = 32):
     import json
     from edgemm.processor import preprocess
     pairs = []
-    if calib is None:
+    try:                                  # the calibration package's set loader, when installed
+        from edgemm.calib.sets import resolve_calib
+        pairs = [(x.image, x.prompt, x.answer) for x in resolve_calib(calib, n).samples]
+    except ImportError:
+        pass
+    if pairs:
+        pass
+    elif calib is None:
         from edgemm import shapes
         for img, q in shapes.make_split("calib", n):
             pairs.append((img, q.question, q.answer))
@@ -652,14 +662,18 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
             del graphs
             calib_items, recipe, calib_digest = None, {}, None
             if quantized:
-                quantize_stage, qname = _quantizer()
+                quantize_stage, collect_stats, qname = _quantizer()
                 calib_items = calibration_items(m, tok, calib, calib_size)
                 calib_digest = _calib_digest(calib_items)
                 log(f"calibrating on {len(calib_items)} image+prompt pairs "
                     f"({'the bundled shapes calibration split' if calib is None else calib}) ...")
-                paths = {s: fp32_dir / f"{s}.onnx" for s in STAGES
-                         if prec["vision" if s == "vision" else "decoder"] in ("int8", "fp8")}
-                amax = collect_activation_amax(paths, fp32_dir, calib_items, threads=threads)
+                if collect_stats is not None:
+                    st_all = collect_stats((m, tok), calib, n=calib_size, log=log, progress=False)
+                    amax = {s: st_all for s in STAGES}
+                else:
+                    paths = {s: fp32_dir / f"{s}.onnx" for s in STAGES
+                             if prec["vision" if s == "vision" else "decoder"] in ("int8", "fp8")}
+                    amax = collect_activation_amax(paths, fp32_dir, calib_items, threads=threads)
                 log(f"quantizing with {qname}:")
             for s in STAGES:
                 p = prec["vision" if s == "vision" else "decoder"]
