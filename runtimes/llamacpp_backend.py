@@ -345,7 +345,7 @@ class LlamaCppBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return self.runner.n_ctx
+        return min(self.runner.n_ctx, self.cfg.decoder.max_seq_len)
 
     def describe(self) -> str:
         return (f"llamacpp on cpu ({self.threads} threads, KV cache {self.runner.kv_type}, "
