@@ -75,14 +75,11 @@ def train_demo(out: str | Path, steps: int = 6500, batch: int = 48, pool: int = 
     val = shapes.make_split("val", 400)
     log(f"pool of {pool} scenes rendered in {time.time() - t0:.0f}s")
 
-    # Training-only auxiliary heads: each patch row predicts the colour and shape in its grid cell (or none)
-    # and the cell's index.
+    # Training-only auxiliary heads: each patch row predicts the colour and shape in its grid cell (or none).
     # Dense supervision grounds the vision tower quickly; the heads are not part of the shipped model.
     aux = torch.nn.ModuleDict({"color": torch.nn.Linear(cfg.decoder.d_model, len(shapes.COLORS) + 1),
-                               "shape": torch.nn.Linear(cfg.decoder.d_model, len(shapes.SHAPES) + 1),
-                               "cell": torch.nn.Linear(cfg.decoder.d_model, shapes.GRID ** 2)})
+                               "shape": torch.nn.Linear(cfg.decoder.d_model, len(shapes.SHAPES) + 1)})
     cell_labels = _cell_labels(scenes, shapes)
-    cell_ids = torch.arange(shapes.GRID ** 2)[None]
     params = list(model.named_parameters()) + list(aux.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2 and "pos" not in n]
     no_decay = [p for n, p in params if p.dim() < 2 or "pos" in n]
@@ -111,9 +108,6 @@ def train_demo(out: str | Path, steps: int = 6500, batch: int = 48, pool: int = 
             for k, name in enumerate(("color", "shape")):
                 a = aux[name](patches)
                 loss = loss + aux_weight * F.cross_entropy(a.reshape(-1, a.shape[-1]), lab[..., k].reshape(-1))
-            # and which cell it is: keeps the position in the row's features for "where" questions
-            a = aux["cell"](patches)
-            loss = loss + aux_weight * F.cross_entropy(a.reshape(-1, a.shape[-1]), cell_ids.expand(a.shape[0], -1).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
