@@ -811,8 +811,15 @@ def build_engine(onnx_path, stage_plan: dict, timing_cache: bytes | None, log=pr
     for f in stage_plan["flags"]:
         config.set_flag(getattr(trt.BuilderFlag, f))
     profile = builder.create_optimization_profile()
-    for name, s in stage_plan["profile"].items():
-        profile.set_shape(name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
+    for i in range(network.num_inputs):                 # shapes for the inputs with dynamic dimensions
+        t = network.get_input(i)
+        if all(d >= 0 for d in t.shape):
+            continue
+        if t.name not in stage_plan["profile"]:
+            raise EdgemmError(f"the build plan has no profile for input {t.name} of {Path(onnx_path).name}; "
+                              "re-export the bundle")
+        s = stage_plan["profile"][t.name]
+        profile.set_shape(t.name, tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
