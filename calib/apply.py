@@ -1,0 +1,59 @@
+"""Quantize the stages of a bundle being exported (called by the ONNX exporter after the fp32 graphs are written
+and before validation). One precision per stage group: `vision` -> the vision stage, `decoder` -> both decoder
+stages (each calibrated on its own modality's rows)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+QUANTIZED = ("int8", "int8-wo", "int4", "fp8")
+STAGE_GROUP = {"vision": "vision", "decoder_text": "decoder", "decoder_image": "decoder"}
+# validation against the reference (random inputs): minimum cosine similarity of the compared vectors
+VALIDATION_COS = {"int8": 0.98, "fp8": 0.98, "int8-wo": 0.995, "int4": 0.97}
+
+
+def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tokenizer, calib=None, stats=None,
+                           keep_sensitive: float | None = None, model_digest: str | None = None, log=print,
+                           recipes: dict | None = None) -> dict:
+    """Quantize, in place, every stage of `bundle_dir` whose group precision is quantized.
+
+    `stages` is the exporter's manifest `stages` dict (updated: precision, weights, quantization record).
+    Returns the manifest's `calibration` entry (or {} when nothing needed statistics).
+    """
+    from .quantize import quantize_stage
+    from .recipes import get_recipe
+    from .stats import Stats, collect_stats
+    bundle_dir = Path(bundle_dir)
+    recipes = recipes or {}
+    todo = {s: precision[STAGE_GROUP[s]] for s in stages if precision.get(STAGE_GROUP[s]) in QUANTIZED}
+    if not todo:
+        return {}
+    need = any(get_recipe(recipes.get(s, p)).needs_stats for s, p in todo.items())
+    if need and stats is None:
+        stats = collect_stats((model, tokenizer), calib, model_digest=model_digest, log=log)
+    elif stats is not None and not isinstance(stats, Stats):
+        stats = Stats.load(stats)
+    for stage, p in todo.items():
+        st = stages[stage]
+        f = bundle_dir / st["file"]
+        tmp = f.with_name(f.stem + ".quant.onnx")
+        rec = quantize_stage(f, tmp, stage, p, stats=stats, keep_sensitive=keep_sensitive, log=log,
+                             recipe=recipes.get(stage))
+        for extra in st.get("extra_files", []):
+            (bundle_dir / extra).unlink(missing_ok=True)
+        tmp.replace(f)
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            data.replace(f.with_name(f.name + ".data"))
+            st["extra_files"] = [f.name + ".data"]
+        else:
+            st.pop("extra_files", None)
+        st["precision"] = p
+        st["weights"] = rec["recipe_text"]
+        st["quantization"] = {k: rec[k] for k in ("recipe", "quantized", "kept", "bytes_before", "bytes_after",
+                                                  "opset", "layers")}
+    if stats is None:
+        return {}
+    return {"set": stats.meta.get("set"), "set_digest": stats.meta.get("set_digest"),
+            "samples": stats.meta.get("samples"), "stats_digest": stats.meta.get("digest"),
+            "mode": stats.meta.get("mode", "per-modality"),
+            "stats_file": str(stats.path) if stats.path else None}

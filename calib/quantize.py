@@ -1,0 +1,386 @@
+"""Apply a quantization recipe to one exported ONNX stage: the one entry point, `quantize_stage`.
+
+Every MatMul/Gemm whose right-hand side is a constant weight (an initializer, possibly behind the fp16 export's
+Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention scores) stay float.
+
+- int8 / fp8 (W8A8): the weight becomes an int8 (or FLOAT8E4M3FN) initializer with one scale per output
+  channel and a DequantizeLinear; the activation gets QuantizeLinear -> DequantizeLinear with one calibrated
+  scale (symmetric, zero point 0). Standard ONNX ops: ONNX Runtime runs them on the CPU, TensorRT 10 builds
+  explicit-quantization engines from them. fp8 raises the graph to opset 19 (Reduce* axes become inputs).
+  SmoothQuant (recipe option) divides the activation by s_j = max|X_j|^a / max|W_j|^(1-a) per input channel
+  (a Mul before the Q) and multiplies the weight rows by s_j before quantizing them.
+- int8-wo / int4: com.microsoft MatMulNBits, block-wise symmetric along the input dimension.
+
+The layer behind each ONNX weight is found by content (the statistics keep each layer's first two weight
+rows), so any graph made from the same model works, whatever its initializer names. With keep_sensitive=t,
+a layer whose relative output error on its sampled calibration inputs exceeds t stays at its original
+precision. The returned record says what every weight MatMul/Gemm got.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+
+STAGES = ("vision", "decoder_text", "decoder_image")
+PRECISIONS = ("int8", "fp8", "int8-wo", "int4")
+FP8_MAX = 448.0
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+# --------------------------------------------------------------------------- numerics
+def fp8_e4m3_round(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest E4M3FN value (saturating at +-448), as float32."""
+    import ml_dtypes
+    return np.clip(np.asarray(x, np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def quant_weight_per_channel(W: np.ndarray, kind: str, axis: int = 1):
+    """W [in, out] (axis=1: one scale per column) -> (q values as float32, scales [out], dequantized W)."""
+    red = tuple(i for i in range(W.ndim) if i != axis)
+    amax = np.abs(W).max(axis=red)
+    qmax = 127.0 if kind == "int8" else FP8_MAX
+    s = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * W.ndim
+    shape[axis] = -1
+    v = W / s.reshape(shape)
+    q = np.clip(np.round(v), -127, 127) if kind == "int8" else fp8_e4m3_round(v)
+    return q.astype(np.float32), s, (q * s.reshape(shape)).astype(np.float32)
+
+
+def fake_quant_act(x: np.ndarray, amax: float, kind: str) -> np.ndarray:
+    s = max(amax, 1e-12) / (127.0 if kind == "int8" else FP8_MAX)
+    if kind == "int8":
+        return (np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)
+    return (fp8_e4m3_round(x / s) * s).astype(np.float32)
+
+
+def quant_blockwise(W: np.ndarray, bits: int, block: int):
+    """W [K, N] -> (packed uint8 [N, n_blocks, block*bits/8], scales float32 [N*n_blocks], dequantized W)."""
+    K, N = W.shape
+    nb = -(-K // block)
+    Wt = np.zeros((N, nb * block), np.float32)
+    Wt[:, :K] = W.T
+    blocks = Wt.reshape(N, nb, block)
+    qmax = 2 ** (bits - 1) - 1
+    s = np.abs(blocks).max(-1) / qmax
+    s = np.where(s > 0, s, 1.0).astype(np.float32)
+    q = np.clip(np.round(blocks / s[..., None]), -qmax - 1, qmax)
+    deq = (q * s[..., None]).reshape(N, nb * block)[:, :K].T.astype(np.float32)
+    u = (q + 2 ** (bits - 1)).astype(np.uint8)                       # default zero point 2^(bits-1)
+    if bits == 4:
+        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(u), s.reshape(-1), deq
+
+
+def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# --------------------------------------------------------------------------- matching ONNX weights to layers
+class _Matcher:
+    """Find the stats layer whose weight the ONNX weight [in, out] is (or a column slice / concatenation of)."""
+
+    def __init__(self, layers: dict):
+        self.by_in: dict[int, list] = {}
+        for v in layers.values():
+            if v.wsig is not None:
+                self.by_in.setdefault(int(v.in_features), []).append(v)
+
+    def find(self, W: np.ndarray):
+        K, N = W.shape
+        sig = W[:2].astype(np.float32)
+        for v in self.by_in.get(K, []):
+            S = np.asarray(v.wsig, np.float32)                          # [2, out]
+            scale = float(np.abs(S).max()) or 1.0
+            tol = 2e-3 * scale
+            n = min(N, S.shape[1])
+            cands = np.nonzero(np.abs(S[0] - sig[0, 0]) <= tol)[0]
+            for j in cands[:64]:
+                m = min(n, S.shape[1] - j)
+                if m >= min(N, 8) and np.allclose(S[:, j:j + m], sig[:, :m], atol=tol, rtol=0):
+                    return v
+        return None
+
+
+# --------------------------------------------------------------------------- graph surgery
+class _Surgery:
+    def __init__(self, model):
+        from onnx import numpy_helper
+        self.m = model
+        self.g = model.graph
+        self.nh = numpy_helper
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.n = 0
+        self.new_inits, self.new_nodes_before = [], {}
+
+    def uniq(self, base: str) -> str:
+        self.n += 1
+        return f"{base}.q{self.n}"
+
+    def const_weight(self, name: str):
+        """-> (float32 array, how) for a constant weight input, or (None, None)."""
+        if name in self.inits:
+            return self.nh.to_array(self.inits[name]).astype(np.float32), "initializer"
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "Cast" and p.input[0] in self.inits:
+            return self.nh.to_array(self.inits[p.input[0]]).astype(np.float32), "cast"
+        if p is not None and p.op_type == "Constant":
+            for a in p.attribute:
+                if a.name == "value":
+                    return self.nh.to_array(a.t).astype(np.float32), "constant"
+        if p is not None and p.op_type == "Transpose" and p.input[0] in self.inits:
+            perm = [a.ints for a in p.attribute if a.name == "perm"]
+            arr = self.nh.to_array(self.inits[p.input[0]]).astype(np.float32)
+            if arr.ndim == 2 and (not perm or list(perm[0]) == [1, 0]):
+                return arr.T.copy(), "transpose"
+        return None, None
+
+    def add_init(self, arr, name: str, dtype=None) -> str:
+        if dtype == "fp8":
+            import ml_dtypes
+            arr = np.asarray(arr, np.float32).astype(ml_dtypes.float8_e4m3fn)
+        t = self.nh.from_array(np.asarray(arr), name)
+        self.new_inits.append(t)
+        return name
+
+    def insert_before(self, node, new_nodes: list) -> None:
+        self.new_nodes_before.setdefault(id(node), []).extend(new_nodes)
+
+    def finish(self) -> None:
+        nodes = []
+        for n in self.g.node:
+            nodes.extend(self.new_nodes_before.get(id(n), []))
+            nodes.append(n)
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        self.g.initializer.extend(self.new_inits)
+        self.prune()
+
+    def prune(self) -> None:
+        """Drop nodes whose outputs nobody uses, then unused initializers."""
+        outputs = {o.name for o in self.g.output}
+        while True:
+            used = set(outputs)
+            for n in self.g.node:
+                used.update(n.input)
+            keep = [n for n in self.g.node if any(o in used for o in n.output)]
+            if len(keep) == len(self.g.node):
+                break
+            del self.g.node[:]
+            self.g.node.extend(keep)
+        used = {i for n in self.g.node for i in n.input} | outputs
+        inits = [t for t in self.g.initializer if t.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(inits)
+
+
+def _upgrade_opset(model, target: int = 19) -> None:
+    """Raise the default-domain opset to `target`; Reduce* ops (axes attribute until 18) get an axes input."""
+    from onnx import helper, numpy_helper
+    cur = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if cur and cur[0].version >= target:
+        return
+    reduce_ops = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                  "ReduceLogSumExp", "ReduceSumSquare"}
+    for i, n in enumerate(model.graph.node):
+        if n.op_type in reduce_ops and n.domain in ("", "ai.onnx"):
+            axes = [a for a in n.attribute if a.name == "axes"]
+            if axes:
+                name = f"{n.name or n.op_type}_{i}.axes"
+                model.graph.initializer.append(numpy_helper.from_array(np.array(list(axes[0].ints), np.int64), name))
+                n.input.append(name)
+                n.attribute.remove(axes[0])
+        if n.op_type == "Split" and n.domain in ("", "ai.onnx"):
+            pass                                  # opset 18 Split still takes a `split` input
+    for o in cur:
+        o.version = target
+    if not cur:
+        model.opset_import.append(helper.make_opsetid("", target))
+    model.ir_version = max(model.ir_version, 9)
+
+
+def _ensure_ms_domain(model) -> None:
+    from onnx import helper
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _stage_layers(stats, stage: str) -> dict:
+    if stats is None:
+        return {}
+    layers = stats.stage(stage) if hasattr(stats, "stage") else {}
+    return layers
+
+
+def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, keep_sensitive: float | None = None,
+                   log=print, recipe=None, method: str | None = None, smoothquant: float | None = None,
+                   block_size: int | None = None) -> dict:
+    """Quantize one ONNX stage file (see the module docstring) and write it to onnx_out.
+
+    precision: int8 | fp8 | int8-wo | int4 (or pass recipe= a Recipe / recipe name to override the default).
+    stats: calibration statistics (edgemm.calib.stats.Stats or a path to a stats file); needed for int8/fp8.
+    Returns {"stage", "precision", "recipe", "stats", "layers": [{node, weight, layer, shape, got, rel_err,
+    act_amax?}], "quantized", "kept", "bytes_before", "bytes_after"}.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from .recipes import get_recipe
+    from .stats import Stats
+    log = log or (lambda s: None)
+    if stage not in STAGES:
+        raise EdgemmError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if precision not in PRECISIONS:
+        raise EdgemmError(f"quantize_stage: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    r = get_recipe(recipe or precision).with_options(method=method, smoothquant=smoothquant, block_size=block_size,
+                                                     keep_sensitive=keep_sensitive)
+    if stats is not None and not isinstance(stats, Stats):
+        stats = Stats.load(stats)
+    if r.needs_stats and stats is None:
+        raise EdgemmError(f"the {r.name} recipe quantizes activations and needs calibration statistics: "
+                          "run `edgemm calibrate` or pass stats= (edgemm.calib.collect_stats)")
+    t0 = time.time()
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    model = onnx.load(str(onnx_in))
+    bytes_before = sum(len(t.raw_data) or 0 for t in model.graph.initializer)
+    sur = _Surgery(model)
+    matcher = _Matcher(_stage_layers(stats, stage))
+    wkind = r.weights
+    akind = r.activations
+    records = []
+    if wkind == "fp8":
+        _upgrade_opset(model, 19)
+    if r.granularity == "block":
+        _ensure_ms_domain(model)
+    rng = np.random.default_rng(0)
+    replace: dict[int, list] = {}       # id(node) -> replacement nodes (MatMulNBits)
+    for node in list(model.graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        W, how = sur.const_weight(node.input[1])
+        if W is None or W.ndim != 2:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        trans_b = node.op_type == "Gemm" and attrs.get("transB", 0)
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                       or attrs.get("beta", 1.0) != 1.0):
+            records.append({"node": node.name, "weight": node.input[1], "got": "original (unsupported Gemm form)"})
+            continue
+        Wio = W.T if trans_b else W                                   # [in, out]
+        layer = matcher.find(Wio)
+        rec = {"node": node.name or node.output[0], "weight": node.input[1], "layer": layer.key if layer else None,
+               "shape": [int(Wio.shape[0]), int(Wio.shape[1])]}
+        X = np.asarray(layer.rows, np.float32) if layer is not None and layer.rows is not None \
+            else rng.standard_normal((16, Wio.shape[0])).astype(np.float32)
+        ref = X @ Wio
+        # ---- quantize (numerically first, to measure the error) ---------------------------------
+        smooth = None
+        if akind is not None:
+            if layer is None:
+                rec.update(got="original (no calibration statistics for this layer)")
+                records.append(rec)
+                continue
+            Wq_in = Wio
+            if r.smoothquant is not None:
+                a = r.smoothquant
+                cmax = np.maximum(np.asarray(layer.chan_absmax, np.float32), 1e-5)
+                wmax = np.maximum(np.abs(Wio).max(1), 1e-5)
+                smooth = (cmax ** a / wmax ** (1 - a)).astype(np.float32)
+                smooth = np.clip(smooth, 1e-2, 1e2)
+                Wq_in = Wio * smooth[:, None]
+                amax = float((cmax / smooth).max())                   # smoothed per-tensor max
+                Xs = X / smooth
+            else:
+                amax = layer.amax(r.method, r.percentile, 128 if akind == "int8" else 256)
+                Xs = X
+            q, s, deq = quant_weight_per_channel(Wq_in, wkind, axis=1)
+            got = fake_quant_act(Xs, amax, akind) @ deq
+            rec["act_amax"] = amax
+        else:
+            bits = 8 if wkind == "int8" else 4
+            packed, s, deq = quant_blockwise(Wio, bits, r.block_size)
+            got = X @ deq
+        err = rel_err(ref, got)
+        rec["rel_err"] = err
+        if r.keep_sensitive is not None and err > r.keep_sensitive:
+            rec["got"] = f"original (kept: error {err:.3g} > {r.keep_sensitive:g})"
+            records.append(rec)
+            continue
+        # ---- rewrite the graph ------------------------------------------------------------------------
+        base = (node.name or node.output[0]).replace("/", "_")
+        if akind is not None:
+            elem = TensorProto.INT8 if akind == "int8" else TensorProto.FLOAT8E4M3FN
+            qmax = 127.0 if akind == "int8" else FP8_MAX
+            x_in = node.input[0]
+            new = []
+            if smooth is not None:
+                inv = sur.add_init((1.0 / smooth).astype(np.float32), sur.uniq(base + ".smooth_inv"))
+                xs = sur.uniq(base + ".smoothed")
+                new.append(helper.make_node("Mul", [x_in, inv], [xs], name=sur.uniq(base + ".smooth")))
+                x_in = xs
+                rec["smoothquant"] = r.smoothquant
+            a_s = sur.add_init(np.array(max(amax, 1e-12) / qmax, np.float32), sur.uniq(base + ".act_scale"))
+            zp_arr = np.array(0, np.int8) if akind == "int8" else np.array(0.0, np.float32)
+            a_zp = sur.add_init(zp_arr, sur.uniq(base + ".act_zp"), dtype="fp8" if akind == "fp8" else None)
+            xq, xdq = sur.uniq(base + ".act_q"), sur.uniq(base + ".act_dq")
+            new += [helper.make_node("QuantizeLinear", [x_in, a_s, a_zp], [xq], name=sur.uniq(base + ".QuantizeLinear")),
+                    helper.make_node("DequantizeLinear", [xq, a_s, a_zp], [xdq], name=sur.uniq(base + ".DequantizeLinear"))]
+            # weight: int8 / fp8 initializer in the node's layout + per-channel DequantizeLinear
+            wq_layout = q.T if trans_b else q                         # Gemm transB keeps [out, in]
+            axis = 0 if trans_b else 1
+            w_name = sur.add_init(wq_layout.astype(np.int8) if wkind == "int8" else wq_layout,
+                                  sur.uniq(base + ".weight_q"), dtype="fp8" if wkind == "fp8" else None)
+            w_s = sur.add_init(s, sur.uniq(base + ".weight_scale"))
+            w_zp = sur.add_init(np.zeros(len(s), np.int8) if wkind == "int8" else np.zeros(len(s), np.float32),
+                                sur.uniq(base + ".weight_zp"), dtype="fp8" if wkind == "fp8" else None)
+            wdq = sur.uniq(base + ".weight_dq")
+            new.append(helper.make_node("DequantizeLinear", [w_name, w_s, w_zp], [wdq], axis=axis,
+                                        name=sur.uniq(base + ".weight_DequantizeLinear")))
+            sur.insert_before(node, new)
+            node.input[0] = xdq
+            node.input[1] = wdq
+            rec["got"] = f"{wkind} weights per channel, {akind} activations per tensor"
+        else:
+            K, N = Wio.shape
+            b_name = sur.add_init(packed, sur.uniq(base + ".weight_nbits"))
+            s_name = sur.add_init(s, sur.uniq(base + ".weight_scales"))
+            out = node.output[0]
+            mm_out = out if node.op_type == "MatMul" or len(node.input) < 3 else sur.uniq(base + ".mm")
+            nodes = [helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], [mm_out], domain="com.microsoft",
+                                      name=sur.uniq(base + ".MatMulNBits"), K=int(K), N=int(N),
+                                      bits=8 if wkind == "int8" else 4, block_size=int(r.block_size),
+                                      accuracy_level=int(r.accuracy_level))]
+            if mm_out != out:
+                nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=sur.uniq(base + ".bias")))
+            replace[id(node)] = nodes
+            rec["got"] = f"{wkind} weight-only, block {r.block_size} (MatMulNBits)"
+        records.append(rec)
+    if replace:
+        nodes = []
+        for n in model.graph.node:
+            nodes.extend(replace.get(id(n), [n]))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    sur.finish()
+    bytes_after = sum(len(t.raw_data) or 0 for t in model.graph.initializer)
+    onnx_out.parent.mkdir(parents=True, exist_ok=True)
+    if bytes_after > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(onnx_out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=onnx_out.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(onnx_out))
+    n_q = sum(1 for x in records if not x["got"].startswith("original"))
+    n_k = len(records) - n_q
+    errs = [x["rel_err"] for x in records if "rel_err" in x]
+    log(f"quantized {stage} ({r.name}): {n_q} of {len(records)} weight MatMul/Gemm"
+        + (f", {n_k} kept at original precision" if n_k else "")
+        + (f"; layer error median {np.median(errs):.3g}, max {max(errs):.3g}" if errs else "")
+        + f"; weights {bytes_before / 1e6:.1f} -> {bytes_after / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+    return {"stage": stage, "precision": precision, "recipe": r.to_dict(), "recipe_text": str(r),
+            "stats": (stats.meta if stats is not None else None), "layers": records, "quantized": n_q,
+            "kept": n_k, "bytes_before": bytes_before, "bytes_after": bytes_after,
+            "opset": {o.domain or "": o.version for o in model.opset_import}}

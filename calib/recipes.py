@@ -1,0 +1,86 @@
+"""Quantization recipes: small frozen dataclasses, one entry point (`edgemm.calib.quantize.quantize_stage`).
+
+    int8      W8A8 static Q/DQ: int8 weights per output channel, int8 activations per tensor from calibration
+              (symmetric, zero point 0: the explicit-quantization form TensorRT consumes); SmoothQuant optional
+    int8-sq   int8 with SmoothQuant migration (alpha 0.5)
+    int8-wo   int8 weight-only, block-wise (MatMulNBits bits=8); activations stay float in the graph
+    int4      4-bit weight-only, block-wise (MatMulNBits bits=4), block size selectable
+    fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
+
+MatMulNBits' accuracy_level 4 (the default here) computes with int8 dot products, the activations quantized
+per block on the fly inside the kernel: ONNX Runtime's fast CPU path. accuracy_level 0 keeps fp32 compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from edgemm.errors import EdgemmError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    weights: str                         # "int8" | "int4" | "fp8"
+    activations: str | None = None       # "int8" | "fp8" | None (weight-only)
+    granularity: str = "per-channel"     # weights: "per-channel" (Q/DQ) | "block" (MatMulNBits)
+    block_size: int = 0                  # block-wise: weights per scale along the input dimension
+    method: str = "max"                  # activation amax: max | percentile | entropy
+    percentile: float = 99.99
+    smoothquant: float | None = None     # SmoothQuant migration strength alpha (W8A8 only)
+    accuracy_level: int = 4              # MatMulNBits compute: 0 fp32, 4 int8
+    keep_sensitive: float | None = None  # keep layers whose relative output error exceeds this at fp32
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.activations is not None or self.smoothquant is not None
+
+    def with_options(self, **kw) -> "Recipe":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        r = dataclasses.replace(self, **kw)
+        r.check()
+        return r
+
+    def check(self) -> "Recipe":
+        from .stats import METHODS
+        if self.method not in METHODS:
+            raise EdgemmError(f"unknown calibration method {self.method!r}; methods: {', '.join(METHODS)}")
+        if self.granularity == "block" and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise EdgemmError(f"block size {self.block_size}: must be a power of 2, at least 16")
+        if self.smoothquant is not None and not (0 <= self.smoothquant <= 1 and self.activations):
+            raise EdgemmError("SmoothQuant needs quantized activations and an alpha in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        w = f"{self.weights} weights " + (f"block-wise (block {self.block_size}, MatMulNBits, accuracy_level "
+                                          f"{self.accuracy_level})" if self.granularity == "block"
+                                          else "per output channel (Q/DQ)")
+        a = (f"; {self.activations} activations per tensor, static ({self.method}"
+             + (f" {self.percentile}" if self.method == "percentile" else "") + ")") if self.activations \
+            else "; activations float (weight-only)"
+        sq = f"; SmoothQuant alpha {self.smoothquant}" if self.smoothquant is not None else ""
+        return w + a + sq
+
+
+RECIPES: dict[str, Recipe] = {
+    "int8": Recipe("int8", "int8", "int8", method="percentile"),
+    "int8-sq": Recipe("int8-sq", "int8", "int8", method="percentile", smoothquant=0.5),
+    "int8-wo": Recipe("int8-wo", "int8", None, "block", block_size=128),
+    "int4": Recipe("int4", "int4", None, "block", block_size=32),
+    "fp8": Recipe("fp8", "fp8", "fp8", method="max"),
+}
+
+# --precision value -> recipe name
+PRECISION_RECIPE = {"int8": "int8", "int8-wo": "int8-wo", "int4": "int4", "fp8": "fp8"}
+
+
+def get_recipe(name_or_recipe) -> Recipe:
+    if isinstance(name_or_recipe, Recipe):
+        return name_or_recipe.check()
+    name = PRECISION_RECIPE.get(name_or_recipe, name_or_recipe)
+    if name not in RECIPES:
+        raise EdgemmError(f"unknown quantization recipe {name_or_recipe!r}; recipes: {', '.join(RECIPES)}")
+    return RECIPES[name].check()
