@@ -76,24 +76,30 @@ class OrtBackend(Backend):
             if stages[s].get("graph") != "ort-contrib-gqa":
                 raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                                   "the ort backend runs 'ort-contrib-gqa' decoder graphs")
-        try:
-            cfg = ModelConfig.from_dict(man["model"])
-        except (KeyError, TypeError, AttributeError):
-            raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
+        mc = man.get("model")
+        if not isinstance(mc, dict) or not {"vision", "decoder"} <= set(mc):
+            raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it")
+        cfg = ModelConfig.from_dict(mc)
         tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
         ort = _import_ort()
         paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in STAGES}
-        sessions, provider = cls._sessions(ort, paths, device, threads, log)
+        # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
+        # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
+        fp8 = any(stages[s].get("precision") == "fp8" for s in STAGES)
+        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
         for s in STAGES:
             cls._check_io(bundle, s, stages[s], sessions[s])
+        cls._check_shapes(bundle, cfg, sessions)
         return cls(sessions, man, cfg, tok, provider, bundle)
 
     @staticmethod
-    def _sessions(ort, paths, device, threads, log):
+    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False):
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if disable_qdq_fusion:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         available = ort.get_available_providers()
         cands = provider_candidates(device, available)
         errors = []
@@ -129,6 +135,23 @@ class OrtBackend(Backend):
             diff = sorted((set(want_in) ^ set(have_in)) | (set(want_out) ^ set(have_out)))
             raise EdgemmError(f"bundle {bundle}: stage {stage}'s graph I/O names do not match the manifest "
                               f"(differing: {', '.join(diff[:4])}); re-export it")
+
+    @staticmethod
+    def _check_shapes(bundle, cfg, sessions):
+        """The graphs must have the KV layout and widths of the manifest's config."""
+        c = cfg.decoder
+        for s in ("decoder_text", "decoder_image"):
+            ins = {i.name: i.shape for i in sessions[s].get_inputs()}
+            n_past = sum(1 for n in ins if n.startswith("past_key."))
+            k = ins.get("past_key.0", [None] * 4)
+            if n_past != c.n_layers or k[1] != c.kv_heads or k[3] != c.head_dim:
+                raise EdgemmError(f"bundle {bundle}: stage {s} has {n_past} layers of KV [{k[1]} heads x {k[3]}], "
+                                  f"the manifest's config says {c.n_layers} x [{c.kv_heads} x {c.head_dim}]; "
+                                  "re-export it")
+        rows = sessions["decoder_image"].get_inputs()[0].shape
+        if rows[-1] != c.d_model:
+            raise EdgemmError(f"bundle {bundle}: decoder_image takes rows of width {rows[-1]}, the manifest's "
+                              f"config says d_model {c.d_model}; re-export it")
 
     def describe(self) -> str:
         return f"ort ({self.provider}) on {self.device}"

@@ -171,10 +171,13 @@ def _bad(name, d):
             m["stages"]["decoder_text"]["inputs"][0]["name"] = "tokens"
         _edit_manifest(d, ren)
         return "I/O names do not match"
+    if name == "config":
+        _edit_manifest(d, lambda m: m["model"]["decoder"].update(n_layers=2))
+        return "the manifest's config says 2"
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("case", ["version", "missing", "sha", "escape", "io"])
+@pytest.mark.parametrize("case", ["version", "missing", "sha", "escape", "io", "config"])
 def test_bad_bundle_refused(bundle, tmp_path, case):
     d = _copy(bundle, tmp_path)
     want = _bad(case, d)
