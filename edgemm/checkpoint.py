@@ -64,14 +64,24 @@ def load_checkpoint(path: str | Path, device="cpu"):
     from .model import EdgeMM
     from .tokenizer import Tokenizer
     path = Path(path)
+    sharded = not (path / "model.safetensors").is_file() and (path / "model.safetensors.index.json").is_file()
     for f in FILES:
-        if not (path / f).is_file():
+        if not (path / f).is_file() and not (sharded and f == "model.safetensors"):
             raise EdgemmError(f"{path} is not an edgemm checkpoint: {f} is missing")
     cfg = ModelConfig.load(path / "config.json")
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise EdgemmError(f"{path / 'model.safetensors'} is corrupt ({e}); re-download or re-save it") from None
+    files = ["model.safetensors"]
+    if sharded:                 # large checkpoints (edgemm import): shards listed by the index
+        import json
+        try:
+            files = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise EdgemmError(f"{path / 'model.safetensors.index.json'} is not a valid index ({e})") from None
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(path / f)))
+        except (SafetensorError, OSError) as e:
+            raise EdgemmError(f"{path / f} is missing or corrupt ({e}); re-download or re-save it") from None
     with torch.device("meta"):
         model = EdgeMM(cfg)
     if cfg.decoder.tie_embeddings:

@@ -274,3 +274,24 @@ def build_engines_cmd(bundle, device_class, force, threads):
     TensorRT version), validate them against the bundle's Q/DQ graphs, and add them to its manifest."""
     from .export.trt import build_engines
     build_engines(bundle, device_class=device_class, force=force, log=_err, threads=threads)
+
+
+@main.command("import")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="The edgemm checkpoint directory to write.")
+@click.option("--from", "family", default="auto", show_default=True,
+              type=click.Choice(["auto", "cogvlm", "llava", "libra"]),
+              help="The source family; auto reads it from config.json.")
+@click.option("--tokenizer", default=None, type=click.Path(),
+              help="A directory with tokenizer.json, for checkpoints that ship none (cogvlm-chat-hf).")
+@click.option("--rules", default="original", show_default=True, type=click.Choice(["original", "llamacpp"]),
+              help="cogvlm: CogVLM's own position/routing rules, or llama.cpp's (sequential positions, eoi "
+                   "through the vision branch; exports to GGUF).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output weight file.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@handle_errors
+def import_cmd(src, out, family, tokenizer, rules, shard_size, force):
+    """Import a Hugging Face-layout CogVLM, LLaVA or Libra checkpoint, streaming shard by shard."""
+    from .importers import import_checkpoint, parse_size
+    import_checkpoint(src, out, family=family, tokenizer=tokenizer, force=force, rules=rules,
+                      shard_bytes=parse_size(shard_size), log=_err)

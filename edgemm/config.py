@@ -19,9 +19,15 @@ class VisionConfig:
     heads: int = 4
     mlp_dim: int = 256
     eps: float = 1e-6
-    gelu: str = "tanh"                      # "tanh" (ggml_gelu) or "erf"
+    gelu: str = "tanh"                      # "tanh" (ggml_gelu), "erf", or "quick" (CLIP's x*sigmoid(1.702x))
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    # Imported families (edgemm.importers): "eva" is the default above; "clip" is a LLaVA-style CLIP tower
+    # (CLS first, pre-LayerNorm, pre-norm blocks); "none": no pixel tower (Libra: image rows come from its
+    # VQ image tokenizer; image_size/patch_size then give the token grid, n_patches = (image_size/patch_size)^2).
+    arch: str = "eva"
+    feature_layer: int | None = None        # clip: blocks run before the features are taken (None: all)
+    keep_cls: bool = False                  # clip: LLaVA's "full" feature strategy keeps the CLS row
 
     @property
     def n_patches(self) -> int:
@@ -34,6 +40,16 @@ class AdapterConfig:
     ffn_dim: int = 512
     eps: float = 1e-5
     gelu: str = "tanh"
+    # "glu" (above; boi/eoi rows), "mlp" (LLaVA: linear_1 -> GELU -> linear_2, no boi/eoi) or
+    # "libra" (Libra's image-token input: per-codebook embeddings + the continuous signal, boi/eoi are tokens)
+    kind: str = "glu"
+    bias: bool = True                       # mlp: biases of linear_1/linear_2
+    codebooks: int = 0                      # libra: vision_codebook_num
+    vision_vocab: int = 0                   # libra: vision_vocab_size (per codebook)
+    signal_size: int = 0                    # libra: contiguous_signal_size (0: none)
+    concat_signals: bool = True             # libra: processor over concat(token embeddings, signal)
+    norm_signals: bool = True               # libra: RMSNorm before the processor (concat mode)
+    position_embedding: int = 0             # libra: rows of vision_position_embedding (0: none)
 
 
 @dataclass
@@ -57,6 +73,8 @@ class DecoderConfig:
     per_modality_norms: bool = False        # Libra / mPLUG-Owl2
     cross_modal_bridge: int | None = None   # Libra: rank of the cross-modal K/V bridge
     per_modality_kv: bool = False           # mPLUG-Owl2: only K/V are per modality
+    vision_down_ratio: int | None = None    # Libra: low-rank vision branches of rank out_features // ratio
+    single_branch: bool = False             # LLaVA: one set of weights; image rows use the text branch
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +94,9 @@ class ModelConfig:
 
     @property
     def n_image_rows(self) -> int:
-        """Rows the vision stage emits: boi + patches + eoi."""
+        """Rows the vision stage emits: boi + patches + eoi (LLaVA: the patches, + CLS when kept)."""
+        if self.adapter.kind == "mlp":
+            return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
         return self.vision.n_patches + 2
 
     def variants(self) -> list[str]:
@@ -99,6 +119,16 @@ class ModelConfig:
             out.append("cross-modal K/V bridge")
         if d.per_modality_kv:
             out.append("per-modality K/V")
+        if d.vision_down_ratio and not d.vision_rank:
+            out.append("low-rank vision branches")
+        if d.single_branch:
+            out.append("single branch (llava)")
+        if self.vision.arch == "clip":
+            out.append("clip vision tower")
+        if self.adapter.kind == "mlp":
+            out.append("mlp projector")
+        if self.vision.arch == "none" or self.adapter.kind == "libra":
+            out.append("libra image tokens")
         return out
 
     def validate(self) -> "ModelConfig":
@@ -112,8 +142,17 @@ class ModelConfig:
         if v.width % v.heads:
             raise EdgemmError(f"vision width {v.width} is not divisible by heads {v.heads}")
         for g in (v.gelu, self.adapter.gelu):
-            if g not in ("tanh", "erf"):
-                raise EdgemmError(f"gelu must be 'tanh' or 'erf', not {g!r}")
+            if g not in ("tanh", "erf", "quick"):
+                raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
+        if v.arch not in ("eva", "clip", "none"):
+            raise EdgemmError(f"unknown vision arch {v.arch!r}")
+        if self.adapter.kind not in ("glu", "mlp", "libra"):
+            raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
+        if (v.arch == "none") != (self.adapter.kind == "libra"):
+            raise EdgemmError("vision arch 'none' goes with adapter kind 'libra' (and only with it)")
+        if d.single_branch and (d.vision_rank or d.vision_down_ratio or d.per_modality_norms
+                                or d.cross_modal_bridge or d.eoi_branch != "vision"):
+            raise EdgemmError("single_branch excludes the per-modality variants")
         if d.position_rule not in ("sequential", "cogvlm"):
             raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
         if d.eoi_branch not in ("vision", "text"):
@@ -150,7 +189,9 @@ class ModelConfig:
 
 # Variants the reference model computes today; the rest are expressible but refused.
 IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
-                        "collapsed image positions (cogvlm position rule)", "eoi through the text branch"}
+                        "collapsed image positions (cogvlm position rule)", "eoi through the text branch",
+                        "low-rank vision branches", "per-modality norms", "cross-modal K/V bridge",
+                        "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens"}
 
 
 def check_reference_supports(cfg: ModelConfig) -> None:

@@ -16,6 +16,8 @@ from .config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig, che
 
 
 def gelu(x: torch.Tensor, form: str) -> torch.Tensor:
+    if form == "quick":                                     # CLIP's quick_gelu
+        return x * torch.sigmoid(1.702 * x)
     return F.gelu(x, approximate="tanh" if form == "tanh" else "none")
 
 
@@ -81,6 +83,105 @@ class Adapter(nn.Module):
         return torch.cat([self.boi.expand(B, -1, -1), h, self.eoi.expand(B, -1, -1)], 1)
 
 
+# --------------------------------------------------------------------------- imported vision inputs
+class ClipBlock(nn.Module):
+    """CLIP pre-norm block (LLaVA's tower): x + attn(LN1(x)), then x + mlp(LN2(x)); fused QKV with bias."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.heads, self.gelu = c.heads, c.gelu
+        self.ln1 = nn.LayerNorm(c.width, eps=c.eps)
+        self.qkv = nn.Linear(c.width, 3 * c.width)
+        self.proj = nn.Linear(c.width, c.width)
+        self.ln2 = nn.LayerNorm(c.width, eps=c.eps)
+        self.fc1 = nn.Linear(c.width, c.mlp_dim)
+        self.fc2 = nn.Linear(c.mlp_dim, c.width)
+
+    def forward(self, x):                                   # x: [B, N, W]
+        B, N, W = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W))
+        return x + self.fc2(gelu(self.fc1(self.ln2(x)), self.gelu))
+
+
+class ClipVisionTower(nn.Module):
+    """CLIP ViT as LLaVA uses it: CLS first, one position table, pre-LayerNorm, the first `feature_layer`
+    blocks (LLaVA's vision_feature_layer), CLS dropped unless keep_cls. Output [B, P (+1), W]."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size, bias=False)
+        self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.pos = nn.Parameter(torch.zeros(1, c.n_patches + 1, c.width))
+        self.pre_norm = nn.LayerNorm(c.width, eps=c.eps)
+        n = c.layers if c.feature_layer is None else c.feature_layer
+        self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(n))
+        self.keep_cls = c.keep_cls
+
+    def forward(self, pixels):                              # pixels: [B, 3, S, S]
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = self.pre_norm(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x if self.keep_cls else x[:, 1:]
+
+
+class MlpProjector(nn.Module):
+    """LLaVA's multi-modal projector: linear_1 -> GELU -> linear_2 (no boi/eoi rows)."""
+
+    def __init__(self, c: AdapterConfig, width: int, d_model: int):
+        super().__init__()
+        self.gelu = c.gelu
+        self.linear_1 = nn.Linear(width, d_model, bias=c.bias)
+        self.linear_2 = nn.Linear(d_model, d_model, bias=c.bias)
+
+    def forward(self, feats):                               # [B, P, W] -> [B, P, D]
+        return self.linear_2(gelu(self.linear_1(feats), self.gelu))
+
+
+class NoPixelTower(nn.Module):
+    """Libra: pixels become image tokens in Libra's own VQ image tokenizer (+ a CLIP continuous signal),
+    neither of which is part of the decoder checkpoint; edgemm takes the tokens (encode_image_tokens)."""
+
+    def forward(self, pixels):
+        from .errors import EdgemmError
+        raise EdgemmError("this model (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
+                          "signal encoder are not imported; use EdgeMM.encode_image_tokens(codes, signal)")
+
+
+class LibraImageInput(nn.Module):
+    """Libra's input rows for image tokens: concat of per-codebook embeddings (+ position embedding), then
+    processor(RMSNorm(concat(embeddings, signal))) (concat mode) or embeddings + processor(signal)."""
+
+    def __init__(self, c: AdapterConfig, d: DecoderConfig):
+        super().__init__()
+        self.c = c
+        self.embed = nn.ModuleList(nn.Embedding(c.vision_vocab, d.d_model // c.codebooks)
+                                   for _ in range(c.codebooks))
+        if c.position_embedding:
+            self.pos = nn.Embedding(c.position_embedding, d.d_model)
+        if c.signal_size:
+            n_in = c.signal_size + (d.d_model if c.concat_signals else 0)
+            if c.concat_signals and c.norm_signals:
+                self.signal_norm = RMSNorm(n_in, d.rms_eps)
+            self.processor = nn.Linear(n_in, d.d_model, bias=False)
+
+    def forward(self, codes, signal=None, indices=None):    # codes [B, N, codebooks], signal [B, N, S]
+        x = torch.cat([e(codes[..., i]) for i, e in enumerate(self.embed)], -1)
+        if self.c.position_embedding:
+            idx = torch.arange(codes.shape[1], device=codes.device) if indices is None else indices
+            x = x + self.pos(idx)
+        if not self.c.signal_size:
+            return x
+        if self.c.concat_signals:
+            if signal is None:
+                signal = x.new_zeros(x.shape[:-1] + (self.c.signal_size,))
+            h = torch.cat([x, signal], -1)
+            return self.processor(self.signal_norm(h) if self.c.norm_signals else h)
+        return x if signal is None else x + self.processor(signal)
+
+
 # --------------------------------------------------------------------------- decoder
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -102,6 +203,46 @@ class Branch(nn.Module):
         self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
         self.up = nn.Linear(c.d_model, c.ffn_dim, bias=False)
         self.down = nn.Linear(c.ffn_dim, c.d_model, bias=False)
+
+    def mlp(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LowRankLinear(nn.Module):
+    """Libra's LibraLinear: y = B (A x), A [rank, in], B [out, rank], no bias."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int):
+        super().__init__()
+        self.weight_A = nn.Parameter(torch.empty(rank, n_in))
+        self.weight_B = nn.Parameter(torch.empty(n_out, rank))
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.weight_A), self.weight_B)
+
+
+def _add_bridge(branch: nn.Module, c: DecoderConfig) -> None:
+    """Libra's cross-modal K/V bridge of one modality: rank-r K and V added to this modality's rows when
+    the other modality's queries read them."""
+    if c.cross_modal_bridge:
+        branch.k_bridge = LowRankLinear(c.d_model, c.kv_heads * c.head_dim, c.cross_modal_bridge)
+        branch.v_bridge = LowRankLinear(c.d_model, c.kv_heads * c.head_dim, c.cross_modal_bridge)
+
+
+class LowRankBranch(nn.Module):
+    """Libra's vision branch: every routed projection low-rank (rank = vision_rank or out // down_ratio)."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+
+        def lr(n_in, n_out):
+            return LowRankLinear(n_in, n_out, c.vision_rank or n_out // c.vision_down_ratio)
+        E = c.head_dim
+        self.q, self.k, self.v = lr(c.d_model, c.n_heads * E), lr(c.d_model, c.kv_heads * E), lr(c.d_model, c.kv_heads * E)
+        self.o = lr(c.d_model, c.d_model)
+        self.gate, self.up, self.down = lr(c.d_model, c.ffn_dim), lr(c.d_model, c.ffn_dim), lr(c.ffn_dim, c.d_model)
+
+    def qkv(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
 
     def mlp(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -148,7 +289,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, c: DecoderConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32):
-        shape = (c.n_layers, batch, c.kv_heads, max_len or c.max_seq_len, c.head_dim)
+        heads = c.kv_heads * (2 if c.cross_modal_bridge else 1)    # bridge: K/V as read by each modality
+        shape = (c.n_layers, batch, heads, max_len or c.max_seq_len, c.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
@@ -166,12 +308,35 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(c.d_model, c.rms_eps)
         self.ffn_norm = RMSNorm(c.d_model, c.rms_eps)
         self.text = Branch(c)
-        self.vision = Branch(c)
+        if c.vision_rank or c.vision_down_ratio:
+            self.vision = LowRankBranch(c)
+        elif not c.single_branch:
+            self.vision = Branch(c)
+        if c.per_modality_norms:
+            self.vision_attn_norm = RMSNorm(c.d_model, c.rms_eps)
+            self.vision_ffn_norm = RMSNorm(c.d_model, c.rms_eps)
+        if c.cross_modal_bridge:
+            _add_bridge(self.text, c)
+            _add_bridge(self.vision, c)
+
+    @property
+    def vision(self):
+        """The vision branch; with single_branch (LLaVA) the text branch serves image rows too."""
+        m = self._modules.get("vision")
+        return self._modules["text"] if m is None else m
+
+    def _norm(self, x, route, which: str):
+        n = self.attn_norm if which == "attn" else self.ffn_norm
+        if not self.c.per_modality_norms:
+            return n(x)
+        return routed(x, route, n, self.vision_attn_norm if which == "attn" else self.vision_ffn_norm)
 
     def forward(self, x, route, cos, sin, cache: KVCache | None, layer: int, start: int):
         c = self.c
         B, T, D = x.shape
         H, K, E = c.n_heads, c.kv_heads, c.head_dim
+        if c.per_modality_norms or c.cross_modal_bridge:
+            return self._forward_libra(x, route, cos, sin, cache, layer, start)
         qkv = routed(self.attn_norm(x), route, self.text.qkv, self.vision.qkv)      # [B, T, (H+2K)E]
         q = qkv[..., : H * E].view(B, T, H, E).transpose(1, 2)
         k = qkv[..., H * E: (H + K) * E].view(B, T, K, E).transpose(1, 2)
@@ -191,6 +356,54 @@ class DecoderLayer(nn.Module):
         x = x + routed(a, route, self.text.o, self.vision.o)
         return x + routed(self.ffn_norm(x), route, self.text.mlp, self.vision.mlp)
 
+    def _forward_libra(self, x, route, cos, sin, cache: KVCache | None, layer: int, start: int):
+        """Per-modality norms and, with cross_modal_bridge, Libra's bridge: a row's K/V as read by queries of
+        the other modality get the row's own-modality rank-r bridge added. The cache holds both versions:
+        heads [0, K) for text queries, [K, 2K) for vision queries."""
+        c = self.c
+        B, T, D = x.shape
+        H, K, E = c.n_heads, c.kv_heads, c.head_dim
+        h = self._norm(x, route, "attn")
+        qkv = routed(h, route, self.text.qkv, self.vision.qkv)
+        q = apply_rope(qkv[..., : H * E].view(B, T, H, E).transpose(1, 2), cos, sin)
+        k, v = qkv[..., H * E: (H + K) * E], qkv[..., (H + K) * E:]                 # [B, T, K*E]
+        vis = route if not isinstance(route, str) else torch.full((T,), route == "vision", device=x.device)
+        if c.cross_modal_bridge:
+            kb = routed(h, route, self.text.k_bridge, self.vision.k_bridge)
+            vb = routed(h, route, self.text.v_bridge, self.vision.v_bridge)
+            sel = vis[None, :, None]
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            ks = (k + torch.where(sel, kb, zero), k + torch.where(sel, zero, kb))  # (for text q, for vision q)
+            vs = (v + torch.where(sel, vb, zero), v + torch.where(sel, zero, vb))
+        else:
+            ks, vs = (k,), (v,)
+        ks = [apply_rope(t.view(B, T, K, E).transpose(1, 2), cos, sin) for t in ks]
+        vs = [t.view(B, T, K, E).transpose(1, 2) for t in vs]
+        if cache is not None:
+            for j, (kj, vj) in enumerate(zip(ks, vs)):
+                cache.k[layer, :B, j * K:(j + 1) * K, start:start + T] = kj
+                cache.v[layer, :B, j * K:(j + 1) * K, start:start + T] = vj
+            n = len(ks)
+            ks = [cache.k[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
+            vs = [cache.v[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
+        S = ks[0].shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if T > 1 else None
+
+        def attend(kk, vv):
+            if K != H:
+                kk, vv = kk.repeat_interleave(H // K, 1), vv.repeat_interleave(H // K, 1)
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)      # [B, H, T, E]
+        if len(ks) == 1:
+            a = attend(ks[0], vs[0])
+        elif isinstance(route, str):
+            j = 1 if route == "vision" else 0
+            a = attend(ks[j], vs[j])
+        else:
+            a = torch.where(vis[None, None, :, None], attend(ks[1], vs[1]), attend(ks[0], vs[0]))
+        a = a.transpose(1, 2).reshape(B, T, D)
+        x = x + routed(a, route, self.text.o, self.vision.o)
+        return x + routed(self._norm(x, route, "ffn"), route, self.text.mlp, self.vision.mlp)
+
 
 class Decoder(nn.Module):
     def __init__(self, c: DecoderConfig):
@@ -202,6 +415,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        if c.per_modality_norms:
+            self.vision_norm = RMSNorm(c.d_model, c.rms_eps)           # Libra: final norm per modality
 
     def forward(self, x, route, positions, cache: KVCache | None = None, last_only: bool = False):
         """x: [B, T, D] input rows; positions: [T] RoPE positions; appends to cache at cache.length."""
@@ -215,6 +430,10 @@ class Decoder(nn.Module):
             cache.length = start + x.shape[1]
         if last_only:
             x = x[:, -1:]
+            if not isinstance(route, str):
+                route = route[-1:]
+        if self.c.per_modality_norms:
+            return self.lm_head(routed(x, route, self.norm, self.vision_norm))
         return self.lm_head(self.norm(x))                                            # [B, T, vocab]
 
 
@@ -226,8 +445,14 @@ class EdgeMM(nn.Module):
         cfg.validate()
         check_reference_supports(cfg)
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
-        self.adapter = Adapter(cfg.adapter, cfg.vision.width, cfg.decoder.d_model)
+        v, a = cfg.vision, cfg.adapter
+        self.vision = {"eva": VisionTower, "clip": ClipVisionTower, "none": lambda _: NoPixelTower()}[v.arch](v)
+        if a.kind == "glu":
+            self.adapter = Adapter(a, v.width, cfg.decoder.d_model)
+        elif a.kind == "mlp":
+            self.adapter = MlpProjector(a, v.width, cfg.decoder.d_model)
+        else:
+            self.adapter = LibraImageInput(a, cfg.decoder)
         self.decoder = Decoder(cfg.decoder)
 
     def init_weights(self, seed: int = 0) -> "EdgeMM":
@@ -245,21 +470,33 @@ class EdgeMM(nn.Module):
                     mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
                     if getattr(mod, "bias", None) is not None:
                         mod.bias.zero_()
-            for p in (self.vision.cls, self.vision.pos, self.adapter.boi, self.adapter.eoi):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            # Post-norm ViT blocks start close to identity (small post-norm gains), and the patch embedding at
-            # unit fan-in scale, so patch-specific features are not swamped by the shared attention output.
-            for blk in self.vision.blocks:
-                blk.ln1.weight.fill_(0.1)
-                blk.ln2.weight.fill_(0.1)
-            w = self.vision.patch_embed.weight
-            w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w[0].numel()))
+                elif isinstance(mod, LowRankLinear):                # imported-family variants only
+                    for p in (mod.weight_A, mod.weight_B):
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            for p in (getattr(self.vision, "cls", None), getattr(self.vision, "pos", None),
+                      getattr(self.adapter, "boi", None), getattr(self.adapter, "eoi", None)):
+                if p is not None:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            if self.cfg.vision.arch == "eva":
+                # Post-norm ViT blocks start close to identity (small post-norm gains), and the patch embedding
+                # at unit fan-in scale, so patch-specific features are not swamped by the shared attention output.
+                for blk in self.vision.blocks:
+                    blk.ln1.weight.fill_(0.1)
+                    blk.ln2.weight.fill_(0.1)
+            if hasattr(self.vision, "patch_embed"):
+                w = self.vision.patch_embed.weight
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w[0].numel()))
         return self
 
     # ---- stages ------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Stage `vision`: pixels [B, 3, S, S] -> image rows [B, P + 2, D] (boi, patches, eoi)."""
         return self.adapter(self.vision(pixels))
+
+    def encode_image_tokens(self, codes: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor:
+        """Libra: image tokens [B, P + 2, codebooks] (boi, patches, eoi; ids within the vision vocab) and the
+        continuous signal [B, P + 2, signal_size] -> image rows [B, P + 2, D]."""
+        return self.adapter(codes, signal)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.tok_embeddings(ids)

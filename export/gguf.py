@@ -50,8 +50,10 @@ GGUF_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- checks
 def check_supported(cfg, log=print) -> None:
     """Refuse every config llama.cpp's cogvlm graphs cannot compute; warn where it approximates."""
+    from edgemm.export.onnx import NO_TARGET, ONNX_VARIANTS
     for v in cfg.variants():
-        raise UnsupportedVariant(v, "the gguf exporter (llama.cpp's cogvlm architecture)", TARGETS_THAT_CAN)
+        raise UnsupportedVariant(v, "the gguf exporter (llama.cpp's cogvlm architecture)",
+                                 TARGETS_THAT_CAN if v in ONNX_VARIANTS else NO_TARGET)
     if cfg.vision.gelu != "tanh" or cfg.adapter.gelu != "tanh":
         log("warning: this model uses the erf GELU; llama.cpp's cogvlm mmproj computes the tanh form "
             "(ggml_gelu), so the vision stage is approximated")

@@ -269,13 +269,20 @@ def _load_source(model):
     return m, tok, {"model": model, "kind": "preset", "seed": 0, "digest": "sha256-state:" + _state_digest(m)}
 
 
+# Variants the ONNX graphs compute: the vision stage is traced from the reference (any tower/projector), the
+# decoder graphs read `layer.vision`, which is the text branch for single-branch (LLaVA) models.
+ONNX_VARIANTS = ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)",
+                 "single branch (llava)", "clip vision tower", "mlp projector")
+NO_TARGET = "none yet (the torch reference backend runs it)"
+
+
 def _check_variants(cfg) -> None:
     if cfg.decoder.eoi_branch != "vision":
         raise UnsupportedVariant("eoi through the text branch", "the onnx exporter (decoder_image is one branch)",
-                                 "gguf")
+                                 "none yet (import CogVLM with --rules llamacpp for onnx and gguf)")
     for v in cfg.variants():
-        if v not in ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)"):
-            raise UnsupportedVariant(v, "the onnx exporter")
+        if v not in ONNX_VARIANTS:
+            raise UnsupportedVariant(v, "the onnx exporter", NO_TARGET)
 
 
 def _precisions(precision) -> dict:

@@ -31,7 +31,10 @@ def _prompt(m, seed=0):
 
 
 @pytest.mark.parametrize("variant", [{}, {"n_kv_heads": 2}, {"qkv_bias": True},
-                                     {"position_rule": "cogvlm", "eoi_branch": "text"}])
+                                     {"position_rule": "cogvlm", "eoi_branch": "text"},
+                                     {"vision_down_ratio": 4, "per_modality_norms": True, "cross_modal_bridge": 4},
+                                     {"vision_rank": 8, "per_modality_norms": True, "n_kv_heads": 2},
+                                     {"single_branch": True, "n_kv_heads": 2}])
 def test_kv_cache_decode_matches_full_recompute(variant):
     m = _model(**variant)
     pre, img, post = _prompt(m)
@@ -103,9 +106,7 @@ def test_cogvlm_position_rule_collapses_patch_positions():
     assert m.next_position(pos) == 8
 
 
-@pytest.mark.parametrize("field,value,name", [("vision_rank", 8, "low-rank vision branches"),
-                                              ("per_modality_norms", True, "per-modality norms"),
-                                              ("cross_modal_bridge", 4, "cross-modal K/V bridge")])
+@pytest.mark.parametrize("field,value,name", [("per_modality_kv", True, "per-modality K/V")])
 def test_unimplemented_variants_are_refused_by_name(field, value, name):
     cfg = get_preset("tiny-shapes")
     setattr(cfg.decoder, field, value)
@@ -125,3 +126,21 @@ def test_kv_cache_overflow_is_an_error():
     cache = KVCache.empty(m.cfg.decoder, max_len=8)
     with pytest.raises(ValueError, match="KV cache full"):
         m.forward_segment("text", torch.zeros(1, 9, dtype=torch.long), cache, 0)
+
+
+def test_bridge_couples_the_modalities_and_single_branch_shares_weights():
+    """Libra's bridge changes what text queries read from image rows (not text-only prompts); a single-branch
+    (LLaVA) model has no vision weights of its own."""
+    m = _model(vision_down_ratio=4, per_modality_norms=True, cross_modal_bridge=4)
+    pre, img, post = _prompt(m)
+    with torch.no_grad():
+        base = m.forward_full([("text", pre), ("image", img), ("text", post)])
+        base_text = m.forward_full([("text", torch.cat([pre, post], 1))])
+        for layer in m.decoder.layers:
+            layer.text.k_bridge.weight_B.add_(torch.randn_like(layer.text.k_bridge.weight_B))
+            layer.vision.v_bridge.weight_B.add_(torch.randn_like(layer.vision.v_bridge.weight_B))
+        assert torch.equal(m.forward_full([("text", torch.cat([pre, post], 1))]), base_text)
+        assert (m.forward_full([("text", pre), ("image", img), ("text", post)]) - base).abs().max() > 1e-3
+    s = _model(single_branch=True)
+    assert s.decoder.layers[0].vision is s.decoder.layers[0].text
+    assert not any(".vision." in k for k in s.state_dict() if k.startswith("decoder."))
