@@ -237,8 +237,10 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--no-build", is_flag=True, help="trt: do not build engines here even if TensorRT and a GPU exist.")
 @click.option("--threads", default=None, type=int)
 @click.option("--list-recipes", is_flag=True, help="List the quantization recipes and exit.")
+@click.option("--keep-sensitive", type=float, default=None, help="Keep layers whose relative quantization error "
+              "on the calibration inputs exceeds this (e.g. 0.05) at their original precision.")
 @handle_errors
-def export(target, model, precision, out, force, calib, no_build, threads, list_recipes):
+def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -259,7 +261,7 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     import torch
     torch.set_num_threads(threads or os.cpu_count())
     run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
-               log=_err)
+               log=_err, **({"keep_sensitive": keep_sensitive} if keep_sensitive is not None else {}))
 
 
 @main.command("build-engines")
@@ -295,3 +297,63 @@ def import_cmd(src, out, family, tokenizer, rules, shard_size, force):
     from .importers import import_checkpoint, parse_size
     import_checkpoint(src, out, family=family, tokenizer=tokenizer, force=force, rules=rules,
                       shard_bytes=parse_size(shard_size), log=_err)
+
+@main.command()
+@click.option("--model", default=None, help="Checkpoint directory or preset (default: tiny-shapes).")
+@click.option("--calib", default=None, type=click.Path(), help="A folder with images and prompts.jsonl "
+              "(default: the bundled shapes calibration split).")
+@click.option("-n", "--samples", default=None, type=int, help="Use only the first N samples (bundled: default 64).")
+@click.option("--method", default="percentile", show_default=True, type=click.Choice(["max", "percentile", "entropy"]),
+              help="Threshold shown in the summary (every method is computable from the saved statistics).")
+@click.option("--cache", default=None, type=click.Path(), help="Statistics cache folder (default ~/.cache/edgemm/calib).")
+@click.option("--refresh", is_flag=True, help="Recompute even if cached statistics exist.")
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Write the per-layer summary here.")
+@click.option("--threads", default=None, type=int)
+@handle_errors
+def calibrate(model, calib, samples, method, cache, refresh, json_path, threads):
+    """Record activation statistics per stage, layer and modality branch over a calibration set (cached by the
+    digests of the set and the model; every quantizing exporter reuses them)."""
+    import torch
+    from .calib.stats import collect_stats
+    torch.set_num_threads(threads or os.cpu_count())
+    st = collect_stats(model, calib, n=samples, cache=cache, refresh=refresh, log=_err)
+    rows = st.summary()
+    click.echo(f"{'layer':<52} {'branch':<12} {'rows':>6} {'max':>9} {method:>10}")
+    for r in rows:
+        v = st.layers[r["key"]].amax(method)
+        click.echo(f"{r['key']:<52} {r['branch']:<12} {r['rows']:>6} {r['max']:>9.3g} {v:>10.3g}")
+    click.echo(f"statistics: {st.path or '(not cached)'} ({st.meta.get('samples')} samples of {st.meta.get('set')})")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": st.meta, "layers": rows, "file": str(st.path)}, f, indent=1)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, type=click.Path())
+@click.option("--backend", "backends", multiple=True, default=("auto",), show_default=True,
+              type=click.Choice(["auto", "ort", "trt", "llamacpp"]), help="Repeatable: each bundle on each backend.")
+@click.option("--reference", default=None, help="The fp32 reference model for fidelity (default: each manifest's "
+              "source model).")
+@click.option("--limit", default=None, type=int, help="Questions of the test split for accuracy (default all "
+              "1,000; 0 skips accuracy).")
+@click.option("--fidelity-prompts", default=32, show_default=True, type=int, help="0 skips fidelity.")
+@click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("--warmup", default=2, show_default=True, type=int)
+@click.option("--decode-steps", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("-o", "--out", default="bench-out", show_default=True, type=click.Path(),
+              help="Folder for bench.json, bench.csv and bench.png.")
+@handle_errors
+def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out):
+    """Latency, memory, size, accuracy and fidelity of each BUNDLE on each backend: a table, JSON, CSV and a
+    latency-vs-accuracy plot with the Pareto front."""
+    from .bench import bench as run_bench, format_table
+    if not bundles:
+        raise EdgemmError("give one or more bundle directories: edgemm bench out/fp32 out/int8 ...")
+    rep = run_bench(list(bundles), backends=backends, reference=reference, limit=limit, repeats=repeats,
+                    warmup=warmup, decode_steps=decode_steps, threads=threads, device=device, out=out,
+                    fidelity_n=fidelity_prompts, log=_err)
+    click.echo(format_table(rep))
+    for f in rep.get("files", []):
+        _err(f"wrote {f}")

@@ -29,7 +29,7 @@ from edgemm.errors import EdgemmError, UnsupportedVariant
 OPSET = 17
 IR_VERSION = 8                      # readable by every onnxruntime >= 1.14 and TensorRT 8.6+
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights in <file>.data
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-wo", "int4", "fp8")   # quantized: edgemm.calib
 GRAPH_STANDARD = "onnx-standard"
 GRAPH_GQA = "ort-contrib-gqa"       # com.microsoft GroupQueryAttention, shared past/present KV buffer
 FP32_TOL = 1e-4                     # max abs error per stage
@@ -354,6 +354,9 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
         p = precision["vision" if stage == "vision" else "decoder"]
         if p == "fp32":
             tol, ok = f"max abs <= {FP32_TOL:g}", err <= FP32_TOL
+        elif p in ("int8", "int8-wo", "int4", "fp8"):
+            from edgemm.calib.apply import VALIDATION_COS
+            tol, ok = f"cosine >= {VALIDATION_COS[p]}", cos >= VALIDATION_COS[p]
         else:
             lim = FP16_REL * max(1.0, scale)
             tol, ok = f"max abs <= {lim:.3g}, cosine >= {FP16_COS}", err <= lim and cos >= FP16_COS
@@ -376,7 +379,8 @@ def format_validation(figures: dict) -> str:
 
 # --------------------------------------------------------------------------- the exporter
 def export_onnx(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
-                log=print, threads: int | None = None, seed: int | None = None, **_ignored) -> dict:
+                log=print, threads: int | None = None, seed: int | None = None, keep_sensitive: float | None = None,
+                stats=None, **_ignored) -> dict:
     """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`.
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.
@@ -391,7 +395,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     if out.exists() and not force:
         raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
     prec = _precisions(precision)
-    if calib is not None:
+    if calib is not None and not set(prec.values()) & {"int8", "int8-wo", "int4", "fp8"}:
         log("note: --calib is not used by fp32/fp16 onnx exports")
     m, tok, source = _load_source(model)
     m = m.float().cpu().eval()
@@ -426,6 +430,9 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             stages[stage] = st
             del g
         graphs.clear()
+        from edgemm.calib.apply import quantize_bundle_stages     # quantized precisions (no-op for fp32/fp16)
+        calibration = quantize_bundle_stages(tmp, stages, prec, m, tok, calib=calib, stats=stats, log=log,
+                                             keep_sensitive=keep_sensitive, model_digest=source["digest"])
         tok.save(tmp / "tokenizer.json")
         from edgemm.tokenizer import CHAT_TEMPLATE
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -435,6 +442,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                     "precision": prec, "stages": stages, "tokenizer": "tokenizer.json",
                     "chat_template": "chat_template.jinja",
                     "tools": tool_versions("onnx", "onnxruntime"), "opset": {"": OPSET, "com.microsoft": 1}}
+        if calibration:
+            manifest["calibration"] = calibration
         write_manifest(tmp, manifest)
         log(f"exported {', '.join(stages)} in {time.time() - t0:.1f}s; validating against the reference ...")
         figures = validate_bundle(m, tmp, prec, seed=seed, threads=threads)
