@@ -17,7 +17,7 @@ TURN_SEP = "\n"
 # The same format as a Jinja chat template (HF convention), stored with every checkpoint and GGUF file.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-    "{% if not loop.first %}\n{% endif %}{% if m.get('image') %}<image>{% endif %}Q: {{ m['content'] }}\nA:"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}{% if m.get('image') %}<image>{% endif %}Q: {{ m['content'] }}{{ '\\n' }}A:"
     "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
