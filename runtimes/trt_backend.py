@@ -231,8 +231,8 @@ def engine_mismatch(engines: dict, here: dict | None) -> str | None:
         return "the bundle holds no TensorRT engines yet"
     if here is None:
         return "this machine has no TensorRT with a CUDA GPU"
-    for key, what in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability",
-                                                                         "compute capability")):
+    for key, what in (("gpu", "GPU"), ("compute_capability", "compute capability"),
+                      ("tensorrt", "TensorRT version")):
         if str(engines.get(key)) != str(here.get(key)):
             return (f"the engines were built for {what} {engines.get(key)!r}, this machine has {here.get(key)!r} "
                     "(engines are tied to the GPU and the TensorRT version)")
