@@ -362,13 +362,16 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
                               qkv_bias=qkv_bias, single_branch=True))
     if tc.get("hidden_act", "silu") != "silu":
         raise EdgemmError(f"{wt}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
+    # transformers 4.x before 4.52, 4.52+, and 5.x's save format (vision tower without `vision_model.`)
     names = set(src.where)
-    if any(n.startswith("model.language_model.") for n in names):       # transformers >= 4.52
-        lm, vt, pj = "model.language_model.", "model.vision_tower.vision_model.", "model.multi_modal_projector."
-        head = "lm_head.weight"
-    else:
-        lm, vt, pj = "language_model.model.", "vision_tower.vision_model.", "multi_modal_projector."
-        head = "language_model.lm_head.weight"
+
+    def pick(cands, suffix):
+        return next((c for c in cands if c + suffix in names), cands[0])
+    lm = pick(("model.language_model.", "language_model.model."), "embed_tokens.weight")
+    vt = pick(("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+               "vision_tower."), "embeddings.patch_embedding.weight")
+    pj = pick(("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight")
+    head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
     plan = Plan(cfg)
     plan.add("decoder.tok_embeddings.weight", lm + "embed_tokens.weight")
     plan.add("decoder.norm.weight", lm + "norm.weight")
