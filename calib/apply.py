@@ -8,7 +8,7 @@ from pathlib import Path
 QUANTIZED = ("int8", "int8-wo", "int4", "fp8")
 STAGE_GROUP = {"vision": "vision", "decoder_text": "decoder", "decoder_image": "decoder"}
 # validation against the reference (random inputs): minimum cosine similarity of the compared vectors
-VALIDATION_COS = {"int8": 0.98, "fp8": 0.98, "int8-wo": 0.995, "int4": 0.97}
+VALIDATION_COS = {"int8": 0.97, "fp8": 0.97, "int8-wo": 0.99, "int4": 0.94}
 
 
 def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tokenizer, calib=None, stats=None,

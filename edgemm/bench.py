@@ -1,0 +1,426 @@
+"""`edgemm bench`: what each bundle x backend costs and what it loses (DESIGN.md section 5).
+
+For each bundle and backend, in a fresh child process (so peak memory is its own): size on disk, peak
+resident memory, vision-stage latency, time to first token (vision + prefill of bos, image, question), decode
+tokens/s (medians over repeats, after warm-up), accuracy on the shapes test split (edgemm.evaluate.evaluate,
+what `edgemm eval` computes), and fidelity to the fp32 reference: top-1 next-token agreement and mean
+KL(reference || variant) over a fixed prompt set (shapes `val` split: bos, image, question, then the
+reference's greedy answer teacher-forced). Decode speed is also compared with the roofline: memory bandwidth
+measured now (a 512 MB torch sum on all threads) / bytes of weights one decode step reads.
+
+Writes bench.json (figures + machine, threads, library versions), bench.csv and bench.png (latency against
+accuracy, Pareto front marked).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgemmError
+
+FIDELITY_PROMPTS = 32
+FIDELITY_STEPS = 8
+
+
+# --------------------------------------------------------------------------- machine
+def measure_bandwidth(mb: int = 512, repeats: int = 5, threads: int | None = None) -> float:
+    """Memory read bandwidth (bytes/s): median time of summing a `mb` MB float32 tensor with all threads."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    return x.numel() * 4 / float(np.median(ts))
+
+
+def machine_info(threads: int) -> dict:
+    from .bundle import tool_versions
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "threads": threads,
+            "versions": tool_versions("onnx", "onnxruntime", "onnxruntime-gpu", "gguf", "llama_cpp_python",
+                                      "tensorrt", "matplotlib", "psutil", "tokenizers", "safetensors")}
+    try:
+        import psutil
+        info["memory_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
+    except ImportError:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- bundle facts
+def dir_size(path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def decode_weight_bytes(bundle) -> int | None:
+    """Bytes of weights one decode step reads: the decoder_text graph's initializers (onnx) or the decoder
+    GGUF's text-branch + shared tensors, with one row of the token embedding table instead of all of it."""
+    from .bundle import bundle_path, read_manifest
+    man = read_manifest(bundle)
+    st = man.get("stages", {}).get("decoder_text")
+    if man.get("target") in ("onnx", "trt") and st:
+        import onnx
+        from onnx import numpy_helper
+        m = onnx.load(str(bundle_path(bundle, st["file"])), load_external_data=True)
+        gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+        total = 0
+        for t in m.graph.initializer:
+            n = int(np.prod(t.dims)) if t.dims else 1
+            nbytes = len(t.raw_data) if t.raw_data else n * numpy_helper.to_array(t).itemsize
+            if t.name in gathered and len(t.dims) == 2:
+                nbytes = nbytes // max(int(t.dims[0]), 1)
+            total += nbytes
+        return total
+    if man.get("target") == "gguf":
+        try:
+            import gguf
+        except ImportError:
+            return None
+        for s in man.get("stages", {}).values():
+            f = bundle_path(bundle, s["file"])
+            r = gguf.GGUFReader(str(f))
+            names = [t.name for t in r.tensors]
+            if not any(n.startswith("blk.") for n in names):
+                continue                                         # the mmproj
+            total = 0
+            for t in r.tensors:
+                if "visexp" in t.name or "vision" in t.name:
+                    continue
+                nb = int(t.n_bytes)
+                if t.name.startswith("token_embd"):
+                    nb //= max(int(t.shape[-1]) if len(t.shape) > 1 else 1, 1)
+                total += nb
+            return total
+    return None
+
+
+# --------------------------------------------------------------------------- reference
+def fidelity_prompts(n: int = FIDELITY_PROMPTS):
+    from . import shapes
+    return [(img, q.question) for img, q in shapes.make_split("val", n)]
+
+
+def _prompt(backend, img, question):
+    """bos, image, question -> (state, logits). Shared by every backend."""
+    from .processor import preprocess
+    tok = backend.tokenizer
+    px = preprocess(img, backend.cfg.vision)
+    rows = backend.vision(px)
+    st = _new_state(backend, 1 + rows.shape[1] + 64 + FIDELITY_STEPS)
+    backend.text(st, [tok.bos_id])
+    backend.image(st, rows)
+    return st, np.array(backend.text(st, tok.user_turn(question, first=True)), np.float32)  # (copies: a backend
+    # may return a view of a buffer that its next call reuses)
+
+
+def _new_state(backend, need):
+    try:
+        return backend.new_state(max_len=int(need))
+    except TypeError:
+        return backend.new_state()
+
+
+def reference_logits(reference: str, n: int = FIDELITY_PROMPTS, steps: int = FIDELITY_STEPS, progress=True):
+    """The fp32 torch reference over the fixed prompt set: per prompt, the logits of the prompt's last row and
+    of each teacher-forced step of its greedy answer (until </s>, at most `steps`)."""
+    from tqdm import tqdm
+    from .runtimes import load_backend
+    b = load_backend("torch", model=reference, device="cpu")
+    out = []
+    for img, q in tqdm(fidelity_prompts(n), desc="reference", unit="prompt", disable=not progress, leave=False):
+        st, logits = _prompt(b, img, q)
+        seq, ls = [], [logits]
+        for _ in range(steps):
+            t = int(np.argmax(ls[-1]))
+            seq.append(t)
+            if t == b.tokenizer.eos_id:
+                break
+            ls.append(np.array(b.text(st, [t]), np.float32))
+        out.append({"tokens": seq, "logits": np.stack(ls).astype(np.float32)})
+    return out
+
+
+def fidelity(backend, ref) -> dict:
+    """Top-1 agreement and mean KL(reference || backend) of the next-token distributions."""
+    def logsm(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    agree, kls = [], []
+    for (img, q), r in zip(fidelity_prompts(len(ref)), ref):
+        st, logits = _prompt(backend, img, q)
+        got = [logits]
+        for t in r["tokens"][: len(r["logits"]) - 1]:
+            got.append(np.array(backend.text(st, [t]), np.float32))
+        got = np.stack(got)
+        lp, lq = logsm(r["logits"]), logsm(got)
+        kls += list((np.exp(lp) * (lp - lq)).sum(-1))
+        agree += list(r["logits"].argmax(-1) == got.argmax(-1))
+    return {"top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls)), "positions": len(kls)}
+
+
+# --------------------------------------------------------------------------- one bundle x backend (child)
+def _timings(backend, repeats: int, warmup: int, decode_steps: int) -> dict:
+    from . import shapes
+    from .processor import preprocess
+    img, q = shapes.make_split("val", 1)[0]
+    tok = backend.tokenizer
+    ids = tok.user_turn(q.question, first=True)
+    vis, ttft, tps = [], [], []
+    for r in range(warmup + repeats):
+        t0 = time.perf_counter()
+        px = preprocess(img, backend.cfg.vision)
+        rows = backend.vision(px)
+        t1 = time.perf_counter()
+        st = _new_state(backend, 1 + rows.shape[1] + len(ids) + decode_steps + 2)
+        t1b = time.perf_counter()
+        backend.text(st, [tok.bos_id])
+        backend.image(st, rows)
+        logits = backend.text(st, ids)
+        t2 = time.perf_counter()
+        t = int(np.argmax(logits))
+        t3 = time.perf_counter()
+        for _ in range(decode_steps):
+            t = int(np.argmax(backend.text(st, [t])))
+        t4 = time.perf_counter()
+        if r >= warmup:
+            vis.append(t1 - t0)
+            ttft.append((t1 - t0) + (t2 - t1b))
+            tps.append(decode_steps / (t4 - t3))
+    return {"vision_ms": 1e3 * float(np.median(vis)), "ttft_ms": 1e3 * float(np.median(ttft)),
+            "decode_tok_s": float(np.median(tps)), "decode_ms_per_token": 1e3 / float(np.median(tps))}
+
+
+def _bench_one(job: dict) -> dict:
+    """Runs in a child process: open, time, evaluate, compare; report peak RSS."""
+    import resource
+    import torch
+    threads = job["threads"]
+    torch.set_num_threads(threads)
+    from .runtimes import load_backend
+    res = {"bundle": job["bundle"], "backend_requested": job["backend"]}
+    try:
+        import psutil
+        res["rss_before_open_mb"] = psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        pass
+    notes = []
+    try:
+        b = load_backend(job["backend"], bundle=job["bundle"], device=job["device"], threads=threads,
+                         log=notes.append)
+    except EdgemmError as e:
+        res["error"] = str(e)
+        return res
+    res["backend"] = b.name
+    res["describe"] = b.describe()
+    res["notes"] = notes
+    res.update(_timings(b, job["repeats"], job["warmup"], job["decode_steps"]))
+    if job["limit"] != 0:
+        from .evaluate import evaluate
+        ev = evaluate(b, limit=job["limit"], progress=job["progress"])
+        res.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
+                   accuracy_per_type={t: v["accuracy"] for t, v in ev["per_type"].items()})
+    if job.get("ref_file"):
+        z = np.load(job["ref_file"], allow_pickle=False)
+        ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
+        res.update(fidelity(b, ref))
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def _run_child(job: dict) -> dict:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_bench_one, (job,))
+
+
+# --------------------------------------------------------------------------- the bench
+def bench(bundles, backends=("auto",), reference: str | None = None, limit: int | None = None,
+          repeats: int = 5, warmup: int = 2, decode_steps: int = 32, threads: int | None = None,
+          device: str = "auto", out: str | Path | None = None, fidelity_n: int = FIDELITY_PROMPTS,
+          progress: bool = True, log=print, isolate: bool = True) -> dict:
+    """Measure every bundle x backend; -> {"machine", "bandwidth_gb_s", "results": [...]}; writes
+    bench.json / bench.csv / bench.png into `out` when given. limit: questions of the test split
+    (None: all 1,000; 0: skip accuracy). reference: the fp32 reference model (default: each manifest's
+    source model); fidelity_n=0 skips fidelity."""
+    import tempfile
+    from tqdm import tqdm
+    from .bundle import read_manifest
+    log = log or (lambda s: None)
+    if not bundles:
+        raise EdgemmError("bench needs at least one bundle directory")
+    threads = int(threads or os.cpu_count() or 1)
+    mans = {str(b): read_manifest(b) for b in bundles}
+    machine = machine_info(threads)
+    log(f"measuring memory bandwidth ({threads} threads) ...")
+    bw = measure_bandwidth(threads=threads)
+    log(f"bandwidth: {bw / 1e9:.1f} GB/s")
+    tmpdir = Path(tempfile.mkdtemp(prefix="edgemm-bench-"))
+    refs: dict[str, str | None] = {}
+    ref_notes: dict[str, str] = {}
+    for b, man in mans.items():
+        src = reference or (man.get("reference") or {}).get("model") or (man.get("source") or {}).get("model")
+        kind = (man.get("source") or {}).get("kind")
+        if not reference and kind == "in-memory":
+            src = None
+            ref_notes[b] = "the bundle was exported from an in-memory model: pass --reference MODEL"
+        if fidelity_n and src and src not in refs:
+            try:
+                ref = reference_logits(src, fidelity_n, progress=progress)
+            except EdgemmError as e:
+                refs[src] = None
+                ref_notes[b] = f"reference {src} could not be loaded ({e})"
+                continue
+            f = tmpdir / f"ref{len(refs)}.npz"
+            np.savez(f, n=len(ref), **{f"t{i}": np.array(r["tokens"], np.int64) for i, r in enumerate(ref)},
+                     **{f"l{i}": r["logits"] for i, r in enumerate(ref)})
+            refs[src] = str(f)
+        mans[b]["_ref"] = src
+    jobs = [(b, be) for b in mans for be in backends]
+    results = []
+    for b, be in tqdm(jobs, desc="bench", unit="run", disable=not progress):
+        man = mans[b]
+        job = {"bundle": b, "backend": be, "device": device, "threads": threads, "repeats": repeats,
+               "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
+               "ref_file": refs.get(man.get("_ref")) if fidelity_n else None}
+        res = _run_child(job) if isolate else _bench_one(job)
+        res["name"] = Path(b).name
+        res["target"] = man.get("target")
+        res["precision"] = man.get("precision")
+        res["size_mb"] = dir_size(b) / 1e6
+        if b in ref_notes:
+            res["fidelity_note"] = ref_notes[b]
+        res["reference"] = man.get("_ref")
+        wb = decode_weight_bytes(b)
+        if wb:
+            res["weight_bytes_per_step"] = wb
+            res["roofline_tok_s"] = bw / wb
+            if "decode_tok_s" in res:
+                res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
+        results.append(res)
+        if "error" in res:
+            log(f"{res['name']} / {be}: {res['error']}")
+    report = {"machine": machine, "bandwidth_gb_s": bw / 1e9, "settings": {
+        "repeats": repeats, "warmup": warmup, "decode_steps": decode_steps, "limit": limit,
+        "fidelity_prompts": fidelity_n, "threads": threads, "device": device}, "results": results}
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+        write_csv(results, out / "bench.csv")
+        try:
+            plot(results, out / "bench.png")
+        except ImportError:
+            log("note: matplotlib is not installed, no plot (pip install 'edgemm[bench]')")
+        report["files"] = [str(out / f) for f in ("bench.json", "bench.csv", "bench.png") if (out / f).exists()]
+    return report
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("size_mb", "size MB", "{:.1f}"),
+           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("vision_ms", "vision ms", "{:.2f}"),
+           ("ttft_ms", "TTFT ms", "{:.2f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+           ("roofline_fraction", "of roofline", "{:.0%}"), ("accuracy", "accuracy", "{:.3f}"),
+           ("top1_agreement", "top-1 agree", "{:.3f}"), ("mean_kl", "mean KL", "{:.2e}")]
+
+
+def format_table(report: dict) -> str:
+    rows = [[h for _, h, _ in COLUMNS]]
+    for r in report["results"]:
+        if "error" in r:
+            rows.append([r.get("name", "?"), r.get("backend_requested", "?"), "error: " + r["error"][:60]]
+                        + [""] * (len(COLUMNS) - 3))
+            continue
+        rows.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS])
+    w = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    m = report["machine"]
+    lines.append(f"machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads); bandwidth "
+                 f"{report['bandwidth_gb_s']:.1f} GB/s; roofline = bandwidth / weight bytes per decode step")
+    return "\n".join(lines)
+
+
+def write_csv(results: list, path) -> None:
+    keys = ["name", "bundle", "target", "backend", "precision", "size_mb", "peak_rss_mb", "vision_ms", "ttft_ms",
+            "decode_tok_s", "decode_ms_per_token", "weight_bytes_per_step", "roofline_tok_s", "roofline_fraction",
+            "accuracy", "correct", "total", "top1_agreement", "mean_kl", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow({k: (json.dumps(r[k]) if isinstance(r.get(k), dict) else r.get(k)) for k in keys})
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both lower latency and higher accuracy."""
+    idx = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            idx.append(i)
+    return sorted(idx, key=lambda i: points[i][0])
+
+
+def plot(results: list, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in results if "error" not in r and r.get("decode_ms_per_token")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "decode_ms_per_token", "decode latency (ms / token)"),
+                           (axes[1], "ttft_ms", "time to first token (ms)")):
+        pts = [(r[key], r.get("accuracy", float("nan"))) for r in ok]
+        for r, (x, y) in zip(ok, pts):
+            ax.scatter([x], [y if y == y else 0], s=40)
+            ax.annotate(f"{r['name']} ({r.get('backend', '?')})", (x, y if y == y else 0), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        valid = [(i, p) for i, p in enumerate(pts) if p[1] == p[1]]
+        if valid:
+            front = pareto([p for _, p in valid])
+            fx = [valid[i][1][0] for i in front]
+            fy = [valid[i][1][1] for i in front]
+            ax.step(fx, fy, where="post", color="crimson", lw=1.2, label="Pareto front")
+            ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="crimson")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (shapes test split)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("edgemm bench: latency vs accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""edgemm bench on small random-weight bundles: figures, files, Pareto front, table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+
+def test_pareto():
+    from edgemm.bench import pareto
+    pts = [(10, 0.9), (5, 0.8), (20, 0.95), (12, 0.85), (5, 0.7)]
+    assert pareto(pts) == [1, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def bundles(random_ckpt, tmp_path_factory):
+    from edgemm.export.onnx import export_onnx
+    d = tmp_path_factory.mktemp("bench")
+    out = []
+    for p in ("fp32", "int4"):
+        export_onnx(model=str(random_ckpt), out=d / p, precision=p, threads=1, log=None)
+        out.append(str(d / p))
+    return out
+
+
+def test_bench_end_to_end(bundles, tmp_path):
+    pytest.importorskip("matplotlib")
+    from edgemm.bench import bench, format_table
+    rep = bench(bundles, limit=4, repeats=1, warmup=0, decode_steps=2, threads=1, out=tmp_path, fidelity_n=2,
+                progress=False, log=None, isolate=False)
+    rows = {r["name"]: r for r in rep["results"]}
+    assert set(rows) == {"fp32", "int4"}
+    for r in rows.values():
+        assert "error" not in r, r
+        for k in ("size_mb", "peak_rss_mb", "vision_ms", "ttft_ms", "decode_tok_s", "accuracy", "top1_agreement",
+                  "mean_kl", "roofline_tok_s", "roofline_fraction", "weight_bytes_per_step"):
+            assert r[k] is not None, k
+    assert rows["fp32"]["mean_kl"] < 1e-6 and rows["fp32"]["top1_agreement"] == 1.0
+    assert rows["int4"]["weight_bytes_per_step"] < rows["fp32"]["weight_bytes_per_step"] / 3
+    assert rows["int4"]["size_mb"] < rows["fp32"]["size_mb"]
+    for f in ("bench.json", "bench.csv", "bench.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    j = json.loads((tmp_path / "bench.json").read_text())
+    assert j["machine"]["threads"] == 1 and "onnxruntime" in j["machine"]["versions"]
+    assert j["bandwidth_gb_s"] > 0
+    t = format_table(rep)
+    assert "int4" in t and "decode tok/s" in t
+
+
+def test_bench_cli_needs_bundles():
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["bench"])
+    assert r.exit_code == 2 and "bundle" in r.output

@@ -1,0 +1,194 @@
+"""Calibration sets, statistics per modality branch, quantization numerics and recipes (small and CPU-fast)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgemm.errors import EdgemmError
+
+
+# --------------------------------------------------------------------------- calibration folders
+def _png(path):
+    from PIL import Image
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+
+
+def test_calib_dir_ok(tmp_path):
+    from edgemm.calib.sets import load_calib_dir
+    _png(tmp_path / "a.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "What color?"}) + "\n\n"
+                                            + json.dumps({"image": "a.png", "question": "Shape?", "answer": "x"}))
+    s = load_calib_dir(tmp_path)
+    assert len(s) == 2 and s.samples[1].answer == "x"
+    assert len(s.digest()) == 64 and s.digest() == load_calib_dir(tmp_path).digest()
+
+
+def test_calib_dir_missing_image(tmp_path):
+    from edgemm.calib.sets import load_calib_dir
+    _png(tmp_path / "a.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "q"}) + "\n"
+                                            + json.dumps({"image": "nope.png", "prompt": "q"}) + "\n")
+    with pytest.raises(EdgemmError, match=r"prompts.jsonl:2: image 'nope.png' not found"):
+        load_calib_dir(tmp_path)
+
+
+def test_calib_dir_bad_line(tmp_path):
+    from edgemm.calib.sets import load_calib_dir
+    _png(tmp_path / "a.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "q"}) + "\n{not json\n")
+    with pytest.raises(EdgemmError, match=r"prompts.jsonl:2: not valid JSON"):
+        load_calib_dir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png"}) + "\n")
+    with pytest.raises(EdgemmError, match=r"prompts.jsonl:1: .*prompt"):
+        load_calib_dir(tmp_path)
+
+
+def test_calib_dir_zero_samples_and_missing_file(tmp_path):
+    from edgemm.calib.sets import load_calib_dir
+    with pytest.raises(EdgemmError, match="prompts.jsonl is missing"):
+        load_calib_dir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("\n  \n")
+    with pytest.raises(EdgemmError, match="no samples"):
+        load_calib_dir(tmp_path)
+    with pytest.raises(EdgemmError, match="not a directory"):
+        load_calib_dir(tmp_path / "missing")
+
+
+def test_bundled_set_is_the_calib_split_disjoint_from_test():
+    from edgemm import shapes
+    from edgemm.calib.sets import bundled_set
+    s = bundled_set(8)
+    assert s.name.startswith("shapes-calib") and len(s) == 8
+    test = {shapes.scene_at("test", i).signature() for i in range(200)}
+    assert not any(shapes.scene_at("calib", i).signature() in test for i in range(8))
+
+
+# --------------------------------------------------------------------------- statistics
+def test_histogram_range_doubling_is_exact_and_methods():
+    from edgemm.calib.stats import LayerStats
+    rng = np.random.default_rng(0)
+    st = LayerStats("k", "decoder_text", "m", "text", 16)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    st.add(x[:200] * 0.1, rng)
+    st.add(x[200:], rng)                      # forces the range to double several times
+    assert st.hist.sum() == 400 * 16 and st.count == 400
+    assert st.absmax == pytest.approx(float(np.abs(np.r_[x[:200] * 0.1, x[200:]]).max()))
+    assert st.amax("percentile", 99.0) < st.amax("max")
+    ent = st.amax("entropy")
+    assert 0.3 * st.absmax < ent <= st.absmax       # clips the tail, not the bulk
+    with pytest.raises(EdgemmError, match="unknown calibration method"):
+        st.amax("mse")
+
+
+def test_collect_stats_per_modality_and_cache(random_ckpt, tmp_path):
+    from edgemm.calib.sets import bundled_set
+    from edgemm.calib.stats import collect_stats
+    logs = []
+    st = collect_stats(str(random_ckpt), bundled_set(2), cache=tmp_path, progress=False, log=logs.append)
+    keys = set(st.layers)
+    assert "decoder_text/decoder.layers.0.text.qkv" in keys
+    assert "decoder_image/decoder.layers.0.vision.qkv" in keys
+    assert "vision/adapter.down" in keys and "decoder_text/decoder.lm_head" in keys
+    # routing: image rows never reach a text-branch layer and vice versa
+    assert not any(".text." in k for k in keys if k.startswith("decoder_image/"))
+    assert not any(".vision." in k for k in keys if k.startswith("decoder_text/"))
+    n_img = st.layers["decoder_image/decoder.layers.0.vision.qkv"].count
+    from edgemm.config import get_preset
+    assert n_img == 2 * get_preset("tiny-shapes").n_image_rows
+    again = collect_stats(str(random_ckpt), bundled_set(2), cache=tmp_path, progress=False, log=logs.append)
+    assert "reusing" in logs[-1] and set(again.layers) == keys
+    a, b = st.layers["vision/vision.blocks.0.fc1"], again.layers["vision/vision.blocks.0.fc1"]
+    assert np.array_equal(a.hist, b.hist) and a.absmax == b.absmax
+    sh = st.shared()
+    t = sh.layers["decoder_text/decoder.layers.1.text.qkv"]
+    assert t.count == st.layers["decoder_text/decoder.layers.1.text.qkv"].count + \
+        st.layers["decoder_image/decoder.layers.1.vision.qkv"].count
+
+
+# --------------------------------------------------------------------------- numerics in ONNX Runtime
+def _run(model, feeds, disable_qdq=False):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if disable_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _mm_model(W, opset=17):
+    from onnx import TensorProto, helper, numpy_helper
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", W.shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int8-wo", "int4"])
+def test_quantize_stage_numerics(tmp_path, precision):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from edgemm.calib.quantize import fake_quant_act, quant_blockwise, quant_weight_per_channel, quantize_stage
+    from edgemm.calib.stats import LayerStats, Stats
+    rng = np.random.default_rng(0)
+    K, N = 64, 48
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((1, 5, K)).astype(np.float32)
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(),
+                    weight_absmax=np.abs(W).max(1))
+    ls.add(x, rng)
+    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "out.onnx", "decoder_text", precision, stats=stats,
+                         log=None, method="max")
+    assert rec["quantized"] == 1 and rec["layers"][0]["layer"] == "decoder_text/l"
+    m = onnx.load(tmp_path / "out.onnx")
+    ops = {n.op_type for n in m.graph.node}
+    got = _run(m, {"x": x}, disable_qdq=precision == "fp8")
+    if precision in ("int8", "fp8"):
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        _, _, deq = quant_weight_per_channel(W, precision)
+        want = fake_quant_act(x, float(np.abs(x).max()), precision) @ deq
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        if precision == "fp8":
+            assert max(o.version for o in m.opset_import if o.domain == "") >= 19
+    else:
+        assert "MatMulNBits" in ops
+        _, _, deq = quant_blockwise(W, 8 if precision == "int8-wo" else 4, 32 if precision == "int4" else 128)
+        np.testing.assert_allclose(got, x @ deq, rtol=0.05, atol=0.02)   # accuracy_level 4: int8 activations
+    assert np.linalg.norm(got - x @ W) / np.linalg.norm(x @ W) < (0.2 if precision == "int4" else 0.08)
+
+
+def test_quantize_stage_keep_sensitive_and_needs_stats(tmp_path):
+    import onnx
+    from edgemm.calib.quantize import quantize_stage
+    W = np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    with pytest.raises(EdgemmError, match="needs calibration statistics"):
+        quantize_stage(tmp_path / "in.onnx", tmp_path / "o.onnx", "vision", "int8", log=None)
+    rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "o.onnx", "vision", "int4", keep_sensitive=1e-6, log=None)
+    assert rec["kept"] == 1 and rec["layers"][0]["got"].startswith("original (kept")
+    assert {n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node} == {"MatMul"}
+    with pytest.raises(EdgemmError, match="precision"):
+        quantize_stage(tmp_path / "in.onnx", tmp_path / "o.onnx", "vision", "q4_k_m", log=None)
+
+
+def test_recipes_registry():
+    from edgemm.calib.recipes import RECIPES, get_recipe
+    assert {"int8", "int8-wo", "int4", "fp8"} <= set(RECIPES)
+    assert get_recipe("int4").block_size == 32 and get_recipe("int8").activations == "int8"
+    assert "SmoothQuant" in str(RECIPES["int8-sq"])
+    assert get_recipe("int4").with_options(block_size=64).block_size == 64
+    with pytest.raises(EdgemmError, match="power of 2"):
+        get_recipe("int4").with_options(block_size=48)
+    with pytest.raises(EdgemmError, match="unknown quantization recipe"):
+        get_recipe("int3")
+
+
+def test_list_recipes_cli():
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["export", "--list-recipes"])
+    assert r.exit_code == 0 and "int4" in r.output and "MatMulNBits" in r.output
