@@ -31,6 +31,9 @@ from .errors import EdgemmError, UnsupportedVariant
 
 FAMILIES = ("cogvlm", "llava", "libra")
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
+# A memory-mapped shard's pages count as resident once touched: the mapping is dropped and re-opened after this
+# many bytes were read from it, so resident memory stays bounded even for shards larger than RAM.
+REMAP_BYTES = 256 * 1024 ** 2
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -131,6 +134,7 @@ class _Shard:
 
     def __init__(self, path: Path, kind: str):
         self.path, self.kind = path, kind
+        self.touched = 0
 
     def __enter__(self):
         if self.kind == "safetensors":
@@ -162,7 +166,14 @@ class _Shard:
         return str(self.d[k].dtype).replace("torch.", "")
 
     def get(self, k):
-        return self.f.get_tensor(k) if self.kind == "safetensors" else self.d[k]
+        if self.kind != "safetensors":
+            return self.d[k]
+        t = self.f.get_tensor(k)
+        self.touched += t.numel() * t.element_size()
+        if self.touched > REMAP_BYTES:            # drop the touched pages of the mapping: map it afresh
+            self.f, self.touched = None, 0
+            self.__enter__()
+        return t
 
 
 # --------------------------------------------------------------------------- families
