@@ -23,7 +23,10 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     from .recipes import get_recipe
     from .stats import Stats, collect_stats
     bundle_dir = Path(bundle_dir)
-    recipes = recipes or {}
+    recipes = dict(recipes or {})          # stage or group ("vision" / "decoder") -> recipe name or Recipe
+    for s in list(stages):
+        if s not in recipes and STAGE_GROUP.get(s) in recipes:
+            recipes[s] = recipes[STAGE_GROUP[s]]
     todo = {s: precision[STAGE_GROUP[s]] for s in stages if precision.get(STAGE_GROUP[s]) in QUANTIZED}
     if not todo:
         return {}

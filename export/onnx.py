@@ -380,7 +380,7 @@ def format_validation(figures: dict) -> str:
 # --------------------------------------------------------------------------- the exporter
 def export_onnx(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                 log=print, threads: int | None = None, seed: int | None = None, keep_sensitive: float | None = None,
-                stats=None, **_ignored) -> dict:
+                stats=None, recipes: dict | None = None, **_ignored) -> dict:
     """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`.
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.
@@ -432,7 +432,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         graphs.clear()
         from edgemm.calib.apply import quantize_bundle_stages     # quantized precisions (no-op for fp32/fp16)
         calibration = quantize_bundle_stages(tmp, stages, prec, m, tok, calib=calib, stats=stats, log=log,
-                                             keep_sensitive=keep_sensitive, model_digest=source["digest"])
+                                             keep_sensitive=keep_sensitive, model_digest=source["digest"],
+                                             recipes=recipes)
         tok.save(tmp / "tokenizer.json")
         from edgemm.tokenizer import CHAT_TEMPLATE
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
