@@ -58,6 +58,19 @@ def open_backend(model, bundle, backend, device, threads, quiet=False):
                         threads=threads or os.cpu_count(), log=None if quiet else _err)
 
 
+def _streamer():
+    """Echo streamed text as it comes, without the answer's leading space."""
+    started = False
+
+    def emit(piece: str) -> None:
+        nonlocal started
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        click.echo(piece, nl=False)
+    return emit
+
+
 def gen_options(fn):
     opts = [
         click.option("--max-new-tokens", default=32, show_default=True, type=int),
@@ -103,7 +116,7 @@ def run(question, image, model, bundle, backend, device, threads, **gen):
         raise EdgemmError("the question is empty: pass a question about the image")
     cfg = _gen_config(**gen)
     b = open_backend(model, bundle, backend, device, threads)
-    answer(b, image, question, cfg, on_text=lambda s: click.echo(s, nl=False))
+    answer(b, image, question, cfg, on_text=_streamer())
     click.echo()
 
 
@@ -146,7 +159,7 @@ def chat(image, model, bundle, backend, device, threads, **gen):
             elif line.startswith("/"):
                 raise EdgemmError(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit")
             else:
-                sess.ask(line, on_text=lambda s: click.echo(s, nl=False))
+                sess.ask(line, on_text=_streamer())
                 click.echo()
         except EdgemmError as e:  # a bad turn does not end the chat
             _err(f"error: {e}")
@@ -264,20 +277,6 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
                log=_err, **({"keep_sensitive": keep_sensitive} if keep_sensitive is not None else {}))
 
 
-@main.command("build-engines")
-@click.argument("bundle", type=click.Path())
-@click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
-              help="Optimization profiles to build (default: orin on a Jetson, else workstation).")
-@click.option("--force", is_flag=True, help="Rebuild engines that already exist for this GPU.")
-@click.option("--threads", default=None, type=int)
-@handle_errors
-def build_engines_cmd(bundle, device_class, force, threads):
-    """Build the TensorRT engines of a trt BUNDLE on this machine (engines are tied to the GPU and the
-    TensorRT version), validate them against the bundle's Q/DQ graphs, and add them to its manifest."""
-    from .export.trt import build_engines
-    build_engines(bundle, device_class=device_class, force=force, log=_err, threads=threads)
-
-
 @main.command("import")
 @click.argument("src", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="The edgemm checkpoint directory to write.")
@@ -297,6 +296,21 @@ def import_cmd(src, out, family, tokenizer, rules, shard_size, force):
     from .importers import import_checkpoint, parse_size
     import_checkpoint(src, out, family=family, tokenizer=tokenizer, force=force, rules=rules,
                       shard_bytes=parse_size(shard_size), log=_err)
+
+
+@main.command("build-engines")
+@click.argument("bundle", type=click.Path())
+@click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
+              help="Optimization profiles to build (default: orin on a Jetson, else workstation).")
+@click.option("--force", is_flag=True, help="Rebuild engines that already exist for this GPU.")
+@click.option("--threads", default=None, type=int)
+@handle_errors
+def build_engines_cmd(bundle, device_class, force, threads):
+    """Build the TensorRT engines of a trt BUNDLE on this machine (engines are tied to the GPU and the
+    TensorRT version), validate them against the bundle's Q/DQ graphs, and add them to its manifest."""
+    from .export.trt import build_engines
+    build_engines(bundle, device_class=device_class, force=force, log=_err, threads=threads)
+
 
 @main.command()
 @click.option("--model", default=None, help="Checkpoint directory or preset (default: tiny-shapes).")
