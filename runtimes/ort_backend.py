@@ -202,7 +202,7 @@ class OrtBackend(Backend):
         sess.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         state.length = total
-        return logits[0].astype(np.float32, copy=False)
+        return np.array(logits[0], dtype=np.float32)  # a copy: the bound output buffer is reused by the next call
 
     def text(self, state, ids):
         ids = np.asarray([list(ids)], np.int64)

@@ -170,8 +170,9 @@ def test_variants(tokenizer, tmp_path):
 
 def test_unsupported_precision(ckpt, tmp_path):
     from edgemm.export.onnx import export_onnx
-    with pytest.raises(EdgemmError, match="int8"):
-        export_onnx(model=str(ckpt), out=tmp_path / "q", precision={"vision": "fp32", "decoder": "int8"})
+    with pytest.raises(EdgemmError, match="q4_k_m"):
+        export_onnx(model=str(ckpt), out=tmp_path / "q", precision={"vision": "fp32", "decoder": "q4_k_m"})
+    assert not (tmp_path / "q").exists()
 
 
 def test_cli_export_refuses_existing_out(ckpt, tmp_path):
