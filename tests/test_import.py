@@ -399,6 +399,9 @@ def test_cogvlm_gguf_export_agrees_with_llamacpp(tmp_path):
     src = write_hf(tmp_path / "cog-zero-bias", COGVLM_CONFIG, cogvlm_tensors(zero_bias=True))
     ck = tmp_path / "cog-llamacpp"
     import_checkpoint(src, ck, rules="llamacpp", log=None)
+    # llama.cpp needs a byte-level BPE tokenizer; the fixture's word-level one stands in for Vicuna's elsewhere
+    from tests.conftest import make_tokenizer
+    make_tokenizer().save(ck / "tokenizer.json")
     manifest = export_gguf(str(ck), tmp_path / "gguf", precision="f32", log=lambda *_: None)
     val = manifest.get("validation", manifest)
     assert json.dumps(val)                                # export_gguf raises when llama.cpp disagrees
