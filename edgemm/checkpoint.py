@@ -123,3 +123,23 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The source digest of a checkpoint directory: sha256 of model.safetensors, or of a sharded checkpoint's
+    index and every shard it lists ("sha256-shards:", each shard's name and sha256 by name)."""
+    import json
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return "sha256:" + file_sha256(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EdgemmError(f"{path} has neither model.safetensors nor a valid {index.name} ({e})") from None
+    h = hashlib.sha256(file_sha256(index).encode())
+    for f in sorted(shards):
+        if not (path / f).is_file():
+            raise EdgemmError(f"{path / f} is missing (listed by {index.name})")
+        h.update(f"\n{f} {file_sha256(path / f)}".encode())
+    return "sha256-shards:" + h.hexdigest()

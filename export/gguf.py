@@ -368,10 +368,10 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
 
 # --------------------------------------------------------------------------- entry point
 def _source(spec) -> dict:
-    from edgemm.checkpoint import file_sha256, resolve_model
+    from edgemm.checkpoint import checkpoint_digest, resolve_model
     kind, path = resolve_model(spec)
     if kind == "dir":
-        return {"model": str(Path(path).resolve()), "digest": "sha256:" + file_sha256(Path(path) / "model.safetensors")}
+        return {"model": str(Path(path).resolve()), "digest": checkpoint_digest(path)}
     return {"model": spec, "digest": None, "note": "random-weight preset (init_weights seed 0)"}
 
 
