@@ -252,8 +252,15 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--list-recipes", is_flag=True, help="List the quantization recipes and exit.")
 @click.option("--keep-sensitive", type=float, default=None, help="Keep layers whose relative quantization error "
               "on the calibration inputs exceeds this (e.g. 0.05) at their original precision.")
+@click.option("--recipe", default=None, help="onnx: quantization recipe instead of the precision's default, e.g. "
+              "int8-sq (SmoothQuant); per stage: vision=int8,decoder=int8-sq. See --list-recipes.")
+@click.option("--max-context", type=int, default=None, help="trt: the longest context the engines' optimisation "
+              "profiles accept (default: the device class's, capped at the model's max_seq_len).")
+@click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
+              help="trt: the device class whose profiles engines built at export use (default: by the GPU here).")
 @handle_errors
-def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive):
+def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
+           max_context, device_class):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -269,12 +276,54 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     if not out:
         raise EdgemmError("-o OUT is required: the bundle directory to write")
     prec = parse_precision(target, precision)
+    extra = {} if keep_sensitive is None else {"keep_sensitive": keep_sensitive}
+    if recipe is not None:
+        if target != "onnx":
+            raise EdgemmError(f"--recipe applies to --target onnx; --target {target} takes its quantization from "
+                              "--precision alone")
+        extra["recipes"] = parse_recipes(recipe, prec)
+    for flag, val, key in (("--max-context", max_context, "max_context"), ("--profile", device_class, "device_class")):
+        if val is not None:
+            if target != "trt":
+                raise EdgemmError(f"{flag} applies to --target trt (TensorRT optimisation profiles); {target} "
+                                  "bundles run any context up to the model's max_seq_len")
+            extra[key] = val
+    if max_context is not None and max_context < 1:
+        raise EdgemmError("--max-context must be a positive number of tokens")
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch
     torch.set_num_threads(threads or os.cpu_count())
     run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
-               log=_err, **({"keep_sensitive": keep_sensitive} if keep_sensitive is not None else {}))
+               log=_err, **extra)
+
+
+def parse_recipes(spec: str, prec: dict) -> dict:
+    """--recipe NAME | vision=NAME,decoder=NAME -> {stage group: recipe}; each must fit its stage's precision."""
+    from .calib.recipes import RECIPES, get_recipe
+    pairs = [p.split("=", 1) for p in spec.split(",")] if "=" in spec else [[g, spec] for g in ("vision", "decoder")]
+    out = {}
+    for pair in pairs:
+        if len(pair) != 2 or pair[0].strip() not in ("vision", "decoder"):
+            raise EdgemmError(f"--recipe {spec!r}: write NAME or vision=NAME,decoder=NAME")
+        group, name = pair[0].strip(), pair[1].strip()
+        r = get_recipe(name)
+        if prec[group] not in ("int8", "int8-wo", "int4", "fp8"):
+            if "=" in spec:
+                raise EdgemmError(f"--recipe {group}={name}: the {group} stage is exported at {prec[group]}, "
+                                  "which is not quantized; give --precision a quantized value for it")
+            continue
+        base = RECIPES[prec[group]]
+
+        def fits(x):
+            return x.weights == base.weights and (x.activations is None) == (base.activations is None)
+        if not fits(r):
+            raise EdgemmError(f"--recipe {name} does not compute --precision {prec[group]} ({group}); recipes "
+                              f"for it: {', '.join(n for n, x in RECIPES.items() if fits(x))}")
+        out[group] = name
+    if not out:
+        raise EdgemmError("--recipe needs a quantized --precision (int8, int8-wo, int4 or fp8)")
+    return out
 
 
 @main.command("import")

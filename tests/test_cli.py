@@ -115,3 +115,36 @@ def test_readme_example_is_answered_correctly():
     code, out, r = _run("run", "--image", str(img), "What color is the circle?")
     assert code == 0, r.output
     assert out.strip().splitlines()[-1].strip() == truth[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--target", "gguf", "--max-context", "128"], "--max-context applies to --target trt"),
+    (["--target", "onnx", "--profile", "orin"], "--profile applies to --target trt"),
+    (["--target", "trt", "--recipe", "int8-sq"], "--recipe applies to --target onnx"),
+    (["--target", "onnx", "--precision", "int8", "--recipe", "int4"], "does not compute --precision int8"),
+    (["--target", "onnx", "--precision", "int4", "--recipe", "decoder=int8-wo"], "recipes for it: int4"),
+    (["--target", "onnx", "--precision", "fp32", "--recipe", "int8"], "needs a quantized --precision"),
+    (["--target", "onnx", "--precision", "int8", "--recipe", "nope"], "unknown quantization recipe"),
+    (["--target", "onnx", "--precision", "int8", "--recipe", "text=int8"], "vision=NAME,decoder=NAME"),
+    (["--target", "trt", "--max-context", "0"], "positive"),
+])
+def test_export_flag_errors(tmp_path, args, says):
+    code, out, _ = _run("export", *args, "-o", str(tmp_path / "b"))
+    assert code == 2 and says in out and "Traceback" not in out, out
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_recipe_and_max_context_reach_the_manifest(tmp_path, random_ckpt):
+    code, out, _ = _run("export", "--model", str(random_ckpt), "--precision", "vision=fp32,decoder=int8",
+                        "--recipe", "decoder=int8-sq", "-o", str(tmp_path / "o"))
+    assert code == 0, out
+    st = json.loads((tmp_path / "o" / "edgemm.json").read_text())["stages"]
+    assert st["decoder_text"]["quantization"]["recipe"]["name"] == "int8-sq"
+    assert st["decoder_text"]["quantization"]["recipe"]["smoothquant"] == 0.5
+    assert st["vision"]["precision"] == "fp32"
+    code, out, _ = _run("export", "--model", str(random_ckpt), "--target", "trt", "--precision", "fp16",
+                        "--no-build", "--max-context", "96", "--profile", "orin", "-o", str(tmp_path / "t"))
+    assert code == 0, out
+    trt = json.loads((tmp_path / "t" / "edgemm.json").read_text())["trt"]
+    assert trt["max_context"] == 96 and trt["device_class"] == "orin"
+    assert trt["profiles"]["orin"]["decoder_text"]["cache_key.0"]["max"][1] == 96
