@@ -9,11 +9,9 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .checkpoint import file_sha256
+from .checkpoint import atomic_dir, file_sha256
 from .errors import EdgemmError
 
 MANIFEST = "edgemm.json"
@@ -41,23 +39,10 @@ def bundle_writer(out: str | Path, force: bool = False):
     out = Path(out)
     if out.exists() and not force:
         raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
         if not (tmp / MANIFEST).exists():
             raise RuntimeError("bundle_writer: the exporter wrote no manifest")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:

@@ -1,6 +1,7 @@
 """Checkpoint directories: config.json, model.safetensors, tokenizer.json, chat_template.jinja. Never pickle."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -14,13 +15,34 @@ DEMO_DIR = Path(__file__).parent / "data" / "tiny-shapes"
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yields a temporary sibling directory of `out`; on clean exit it replaces `out` (an old `out` is kept
+    until the new one is in place), on error it is removed: nothing half-written is ever at `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)                                  # mkdtemp makes it private
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
     from safetensors.torch import save_file
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.cfg.save(tmp / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.cfg.decoder.tie_embeddings:
@@ -29,12 +51,6 @@ def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
         tokenizer.save(tmp / "tokenizer.json")
         from .tokenizer import CHAT_TEMPLATE
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

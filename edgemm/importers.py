@@ -17,15 +17,13 @@ model.safetensors, or pytorch_model*.bin read with torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import atomic_dir
 from .config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from .errors import EdgemmError, UnsupportedVariant
 
@@ -726,9 +724,7 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
             reasons[why] = reasons.get(why, 0) + 1
     for why, n in reasons.items():
         log(f"not imported: {n} tensor(s): {why}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _install_tokenizer(src, tok_dir, tmp, log)
         files = stream_convert(plan, source, shapes, tmp, shard_bytes, log)
         plan.cfg.save(tmp / "config.json")
@@ -737,12 +733,6 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
                    "not_imported": {k: v for k, v in plan.ignored.items() if k in source.where},
                    "notes": plan.notes}
         (tmp / "edgemm-import.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} ({len(files)} weight file(s)); variants: {', '.join(plan.cfg.variants()) or 'none'}")
     return summary
 
