@@ -38,13 +38,15 @@ def atomic_dir(out: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
-    """Write atomically: a temporary sibling directory renamed into place."""
+def save_checkpoint(model, tokenizer, out: str | Path, dtype=None) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place. dtype=torch.float16 stores the
+    floating-point tensors in half precision (the shipped demo model); loading computes in fp32 regardless."""
     from safetensors.torch import save_file
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.cfg.save(tmp / "config.json")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+                 for k, v in model.state_dict().items()}
         if model.cfg.decoder.tie_embeddings:
             state.pop("decoder.lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -111,6 +113,8 @@ def load_checkpoint(path: str | Path, device="cpu"):
         want = tuple(model.state_dict()[k].shape)
         if tuple(v.shape) != want:
             raise EdgemmError(f"tensor {k} has shape {tuple(v.shape)}, config.json expects {want}")
+    # fp16-stored weights (the shipped demo model) are computed in fp32: the reference every export checks against
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.tok_embeddings.weight

@@ -48,6 +48,21 @@ def test_checkpoint_roundtrip(random_ckpt, tmp_path):
                                                      "tokenizer.json"]
 
 
+def test_fp16_storage_loads_in_fp32(random_ckpt, tmp_path):
+    import torch
+    from safetensors import safe_open
+    m, tok = load_checkpoint(random_ckpt)
+    save_checkpoint(m, tok, tmp_path / "h", dtype=torch.float16)
+    with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    m2, _ = load_checkpoint(tmp_path / "h")
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert b.dtype == torch.float32, k
+        assert torch.equal(b, a.half().float()), k
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "h") < 0.51 * size(random_ckpt)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(random_ckpt, tmp_path):
     import shutil
     bad = tmp_path / "bad"
