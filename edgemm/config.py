@@ -84,6 +84,11 @@ class DecoderConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def cache_heads(self) -> int:
+        """KV-cache heads per layer: with Libra's bridge, K for text queries then K for vision queries."""
+        return self.kv_heads * (2 if self.cross_modal_bridge else 1)
+
 
 @dataclass
 class ModelConfig:
@@ -98,6 +103,15 @@ class ModelConfig:
         if self.adapter.kind == "mlp":
             return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
         return self.vision.n_patches + 2
+
+    @property
+    def input_stage(self) -> str:
+        """The bundle stage that makes image rows: `vision` (pixels) or, for Libra, `image_tokens`."""
+        return "image_tokens" if self.adapter.kind == "libra" else "vision"
+
+    @property
+    def stages(self) -> tuple[str, str, str]:
+        return self.input_stage, "decoder_text", "decoder_image"
 
     def variants(self) -> list[str]:
         """Names of the non-default variants this config uses."""

@@ -9,7 +9,10 @@
   (BSNH: the first W rows of the runtime's [1, capacity, K, E] buffer, one contiguous block), the T new rows are
   written at `past_len` with ScatterElements, attention is a masked softmax (row i sees cache rows
   <= past_len + i), and the new rows come out as `new_key.i` / `new_value.i` [1, T, K, E] for the runtime to
-  store. RoPE (NEOX) is computed from an explicit `positions` input, so the cogvlm position rule works.
+  store. RoPE (NEOX) is computed from an explicit `positions` input, so the cogvlm position rule works. The
+  layers are edgemm.export.onnx.decoder_layers (low-rank branches, per-modality norms, Libra's bridge: the cache
+  then has 2 * kv_heads heads and each branch's attention slices its half; eoi through the text branch:
+  decoder_text's `input_rows`), with this file's standard-op attention.
 - int8 / fp8: Q/DQ inserted by edgemm.calib.quantize.quantize_stage when that module is installed, else by the
   built-in quantizer below: per-output-channel symmetric weights (int8 stored as int8 + DequantizeLinear; fp8
   as fp32 + QuantizeLinear/DequantizeLinear, which TensorRT folds), per-tensor symmetric activations at every
@@ -35,14 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemm.errors import EdgemmError, UnsupportedVariant
+from edgemm.errors import EdgemmError
+from edgemm.export.onnx import group
 
 OPSET = 19                      # FP8 QuantizeLinear needs 19; TensorRT 10's parser reads 9..20+
 IR_VERSION = 9
 PRECISIONS = ("fp16", "int8", "fp8")
 GRAPH_STANDARD = "onnx-standard"
 GRAPH_KV = "onnx-standard-kv-window"
-STAGES = ("vision", "decoder_text", "decoder_image")
+STAGES = ("vision", "decoder_text", "decoder_image")      # Libra: image_tokens instead of vision (cfg.stages)
 MIN_TRT_MAJOR = 10
 FP8_MIN_CC = (8, 9)
 NEG = -1e9                      # masked attention score (-inf in fp16 after TensorRT's cast: still correct)
@@ -87,6 +91,8 @@ class _G:
         self.inits.append(numpy_helper.from_array(np.asarray(arr, order="C"), name))
         return name
 
+    weight = init                   # the name edgemm.export.onnx's shared decoder code uses
+
     def i64(self, vals):
         key = ("i64", tuple(np.atleast_1d(vals).tolist()), np.ndim(vals))
         if key not in self._consts:
@@ -120,20 +126,17 @@ def decoder_graph(model, branch: str):
     """One decoder branch ('text' or 'vision') in standard ONNX ops with a fixed-size KV-cache window."""
     import torch
     from onnx import TensorProto, helper
+    from edgemm.export.onnx import decoder_input, decoder_layers, final_norm
     c, dec = model.cfg.decoder, model.decoder
     D, H, K, E, L = c.d_model, c.n_heads, c.kv_heads, c.head_dim, c.n_layers
+    NK = c.cache_heads                  # Libra's bridge: K heads as text queries read them, K as vision ones do
     g = _G()
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     vi = helper.make_tensor_value_info
-    if branch == "text":
-        inputs = [vi("input_ids", i64, [1, "seq"])]
-        x = g.op("Gather", [g.init("tok_embeddings.weight", _np(dec.tok_embeddings.weight)), "input_ids"], axis=0)
-    else:
-        inputs = [vi("image_rows", f32, [1, "seq", D])]
-        x = "image_rows"
+    inputs, x = decoder_input(g, model, branch)
     inputs += [vi("positions", i64, ["seq"]), vi("past_len", i64, [1])]
     for i in range(L):
-        inputs += [vi(f"cache_key.{i}", f32, [1, "cache_len", K, E]), vi(f"cache_value.{i}", f32, [1, "cache_len", K, E])]
+        inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for kv in ("key", "value")]
 
     # rows written by this call (past_len + 0..T-1) and the mask over the cache window [T, W]
     zero, one = g.i64(0), g.i64(1)
@@ -143,8 +146,8 @@ def decoder_graph(model, branch: str):
     cols = g.op("Range", [zero, W, one])                                                      # [W]
     allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.i64([0])]),
                                    g.op("Unsqueeze", [rows, g.i64([1])])], name="causal_mask")  # [T, W]
-    scatter_shape = g.op("Concat", [g.i64([1]), g.op("Unsqueeze", [T, g.i64([0])]), g.i64([K, E])], axis=0)
-    scatter_idx = g.op("Expand", [g.op("Reshape", [rows, g.i64([1, -1, 1, 1])]), scatter_shape])  # [1, T, K, E]
+    scatter_shape = g.op("Concat", [g.i64([1]), g.op("Unsqueeze", [T, g.i64([0])]), g.i64([NK, E])], axis=0)
+    scatter_idx = g.op("Expand", [g.op("Reshape", [rows, g.i64([1, -1, 1, 1])]), scatter_shape])  # [1, T, NK, E]
 
     inv = (1.0 / c.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E)).numpy()
     f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=f32), g.i64([1])]), g.init("rope.inv_freq", inv)])
@@ -153,21 +156,16 @@ def decoder_graph(model, branch: str):
     sin = g.op("Unsqueeze", [g.op("Sin", [f]), g.i64([0, 2])])
     scale = g.f32(1.0 / math.sqrt(E))
 
-    for i, layer in enumerate(dec.layers):
-        br = getattr(layer, branch)
-        p = f"layers.{i}"
-        h = _rms(g, x, g.init(f"{p}.attn_norm.weight", _np(layer.attn_norm.weight)), c.rms_eps)
-        qkv = g.op("MatMul", [h, g.init(f"{p}.{branch}.qkv.weight.T", _np(br.qkv.weight).T)], name=f"{p}.{branch}.qkv")
-        if br.qkv.bias is not None:
-            qkv = g.op("Add", [qkv, g.init(f"{p}.{branch}.qkv.bias", _np(br.qkv.bias))])
-        q, k, v = g.op("Split", [qkv, g.i64([H * E, K * E, K * E])], n_out=3, axis=-1)
-        q4 = _rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E)                # [1, T, H, E]
-        k4 = _rope(g, g.op("Reshape", [k, g.i64([1, -1, K, E])]), cos, sin, E)                # [1, T, K, E]
-        v4 = g.op("Reshape", [v, g.i64([1, -1, K, E])])
+    def attend(i, q, k, v, read):
+        q4 = _rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E)               # [1, T, H, E]
+        k4 = _rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E)              # [1, T, NK, E]
+        v4 = g.op("Reshape", [v, g.i64([1, -1, NK, E])])
         g.op("Identity", [k4], out=f"new_key.{i}")
         g.op("Identity", [v4], out=f"new_value.{i}")
-        kf = g.op("ScatterElements", [f"cache_key.{i}", scatter_idx, k4], axis=1)             # [1, W, K, E]
+        kf = g.op("ScatterElements", [f"cache_key.{i}", scatter_idx, k4], axis=1)             # [1, W, NK, E]
         vf = g.op("ScatterElements", [f"cache_value.{i}", scatter_idx, v4], axis=1)
+        if read is not None:            # the bridge: this branch's queries read one half of the heads
+            kf, vf = (g.op("Slice", [t, g.i64([read * K]), g.i64([(read + 1) * K]), g.i64([2])]) for t in (kf, vf))
         qh = g.op("Transpose", [q4], perm=[0, 2, 1, 3])                                       # [1, H, T, E]
         kh = g.op("Transpose", [kf], perm=[0, 2, 3, 1])                                       # [1, K, E, W]
         vh = g.op("Transpose", [vf], perm=[0, 2, 1, 3])                                       # [1, K, W, E]
@@ -178,23 +176,16 @@ def decoder_graph(model, branch: str):
         s = g.op("Mul", [g.op("MatMul", [qh, kh]), scale])                                    # [1, H, T, W]
         s = g.op("Where", [allowed, s, g.f32(NEG)])
         a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                               # [1, H, T, E]
-        a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, D])])
-        x = g.op("Add", [x, g.op("MatMul", [a, g.init(f"{p}.{branch}.o.weight.T", _np(br.o.weight).T)],
-                                 name=f"{p}.{branch}.o")])
-        h = _rms(g, x, g.init(f"{p}.ffn_norm.weight", _np(layer.ffn_norm.weight)), c.rms_eps)
-        gu = np.concatenate([_np(br.gate.weight).T, _np(br.up.weight).T], 1)
-        gate, up = g.op("Split", [g.op("MatMul", [h, g.init(f"{p}.{branch}.gate_up.weight.T", gu)],
-                                       name=f"{p}.{branch}.gate_up"), g.i64([c.ffn_dim, c.ffn_dim])], n_out=2, axis=-1)
-        m = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        x = g.op("Add", [x, g.op("MatMul", [m, g.init(f"{p}.{branch}.down.weight.T", _np(br.down.weight).T)],
-                                 name=f"{p}.{branch}.down")])
+        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, D])])
+
+    x = decoder_layers(g, model, branch, x, lambda x, w, eps: _rms(g, x, w, eps), attend)
     last = g.op("Slice", [x, g.i64([-1]), g.i64([2**62]), g.i64([1])])                       # [1, 1, D]
-    hn = _rms(g, last, g.init("norm.weight", _np(dec.norm.weight)), c.rms_eps)
+    hn = _rms(g, last, g.init("norm.weight", _np(final_norm(model, branch).weight)), c.rms_eps)
     lg = g.op("MatMul", [hn, g.init("lm_head.weight.T", _np(dec.lm_head.weight).T)], name="lm_head")
     g.op("Reshape", [lg, g.i64([1, c.vocab_size])], out="logits")
     outputs = [vi("logits", f32, [1, c.vocab_size])]
-    outputs += [vi(f"new_key.{i}", f32, [1, "seq", K, E]) for i in range(L)]
-    outputs += [vi(f"new_value.{i}", f32, [1, "seq", K, E]) for i in range(L)]
+    outputs += [vi(f"new_key.{i}", f32, [1, "seq", NK, E]) for i in range(L)]
+    outputs += [vi(f"new_value.{i}", f32, [1, "seq", NK, E]) for i in range(L)]
     graph = helper.make_graph(g.nodes, f"edgemm_trt_decoder_{branch}", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                              producer_name="edgemm")
@@ -430,16 +421,24 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         raise EdgemmError(f"--max-context {ctx} cannot hold an image ({cfg.n_image_rows} rows) and a prompt")
     batch = int(max_batch or dc["max_batch"])
     opt_ctx = max(1, min(dc["opt_context"], ctx))
-    S, K, E, D, n_img = cfg.vision.image_size, c.kv_heads, c.head_dim, c.d_model, cfg.n_image_rows
+    S, K, E, D, n_img = cfg.vision.image_size, c.cache_heads, c.head_dim, c.d_model, cfg.n_image_rows
 
     def cache(prof):
         return {f"cache_{kv}.{i}": prof for i in range(c.n_layers) for kv in ("key", "value")}
 
     def kv(lo, opt, hi):
         return {"min": [1, lo, K, E], "opt": [1, opt, K, E], "max": [1, hi, K, E]}
+
+    def batched(*shape):
+        return {"min": [1, *shape], "opt": [1, *shape], "max": [batch, *shape]}
+    a, eoi = cfg.adapter, int(c.eoi_branch == "text")     # eoi through text: no ids and one row (input_rows)
+    inp = {"pixels": batched(3, S, S)} if cfg.input_stage == "vision" else {"codes": batched(n_img, a.codebooks)}
+    if cfg.input_stage == "image_tokens" and a.signal_size:
+        inp["signal"] = batched(n_img, a.signal_size)
+    rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
     return {
-        "vision": {"pixels": {"min": [1, 3, S, S], "opt": [1, 3, S, S], "max": [batch, 3, S, S]}},
-        "decoder_text": {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [1, ctx]},
+        cfg.input_stage: inp,
+        "decoder_text": {"input_ids": {"min": [1, 1 - eoi], "opt": [1, 1], "max": [1, ctx]}, **rows,
                          "positions": {"min": [1], "opt": [1], "max": [ctx]},
                          "past_len": {"min": [1], "opt": [1], "max": [1]},
                          **cache(kv(1, opt_ctx, ctx))},
@@ -497,8 +496,8 @@ def build_plan(manifest: dict, here: dict, device_class: str | None = None) -> d
     # graph, so the Q/DQ layers run in int8/fp8 and everything else in the graph's fp32.
     strongly_typed = major >= 11
     stages = {}
-    for s in STAGES:
-        p = prec["vision" if s == "vision" else "decoder"]
+    for s in (x for x in profiles if x != "_meta"):
+        p = prec[group(s)]
         if strongly_typed and p == "fp16":
             raise EdgemmError(f"TensorRT {trt_ver} builds strongly typed networks only, and this bundle's {s} "
                               "graph is fp32 (fp16 was left to TensorRT 10's builder flag): use TensorRT 10, "
@@ -533,24 +532,23 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     """The bundle's graphs in ONNX Runtime (CPU) against the reference: vision rows, and the decoder logits
     after text, image and text segments then greedy decode steps; real calibration inputs when given."""
     import torch
+    from edgemm.export.onnx import input_examples, run_input_stage
     from edgemm.model import KVCache
     from edgemm.runtimes.trt_backend import OnnxQdqBackend
     cfg = model.cfg
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     b = OnnxQdqBackend.open(bundle=str(bundle_dir), verify=False, threads=threads)
-    res = {s: [] for s in STAGES}
-    v = cfg.vision
+    res = {s: [] for s in cfg.stages}
     with torch.inference_mode():
         if calib_items:
-            px = torch.from_numpy(calib_items[seed % len(calib_items)][0])
+            ins = {"pixels": torch.from_numpy(calib_items[seed % len(calib_items)][0])}
             ids2 = calib_items[seed % len(calib_items)][1][2][1]
         else:
-            px = torch.randn(1, 3, v.image_size, v.image_size, generator=gen)
+            ins = input_examples(cfg, gen)      # random pixels, or Libra's random image tokens and signal
             ids2 = torch.randint(0, cfg.decoder.vocab_size, (6,), generator=gen).tolist()
-        ref_rows = model.encode_image(px)
-        got_rows = b.vision(px.numpy())
-        res["vision"].append(_compare(_np(ref_rows), got_rows))
+        ref_rows, got_rows = run_input_stage(model, b, ins)
+        res[cfg.input_stage].append(_compare(_np(ref_rows), got_rows))
         need = 2 + len(ids2) + cfg.n_image_rows + decode_steps + 2
         st = b.new_state(max_len=need)
         cache = KVCache.empty(cfg.decoder, 1, need)
@@ -572,7 +570,7 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     out = {}
     for stage, rows in res.items():
         err, cos, scale = max(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows)
-        p = precision["vision" if stage == "vision" else "decoder"]
+        p = precision[group(stage)]
         if p == "fp16":
             tol, ok = f"graph fp32: max abs <= {FP32_TOL:g}", err <= FP32_TOL
         elif stage == "decoder_image":
@@ -611,15 +609,6 @@ def _precisions(precision) -> dict:
     return out
 
 
-def _check_variants(cfg) -> None:
-    if cfg.decoder.eoi_branch != "vision":
-        raise UnsupportedVariant("eoi through the text branch", "the trt exporter (decoder_image is one branch)",
-                                 "gguf")
-    for v in cfg.variants():
-        if v not in ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)"):
-            raise UnsupportedVariant(v, "the trt exporter")
-
-
 def export_trt(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                log=print, threads: int | None = None, seed: int | None = None, device_class: str | None = None,
                max_context: int | None = None, max_batch: int | None = None, calib_size: int = 32,
@@ -628,7 +617,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     import onnx
     import torch
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
-    from edgemm.export.onnx import _load_source
+    from edgemm.export.onnx import _load_source, check_variants, stage_notes
     from edgemm.runtimes.trt_backend import gpu_identity
     log = log or (lambda s: None)
     if not out:
@@ -644,14 +633,14 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     m, tok, source = _load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
-    _check_variants(cfg)
+    check_variants(cfg, "the trt exporter", prec)
     profiles = {dc: make_profiles(cfg, dc, max_context, max_batch) for dc in DEVICE_CLASSES}
     quantized = any(p in ("int8", "fp8") for p in prec.values())
     t0 = time.time()
     with bundle_writer(out, force) as tmp, torch.inference_mode():
         fp32_dir = Path(tempfile.mkdtemp(prefix="edgemm-trt-fp32-", dir=tmp.parent))
         try:
-            graphs = {"vision": vision_graph(m), "decoder_text": decoder_graph(m, "text"),
+            graphs = {cfg.input_stage: vision_graph(m), "decoder_text": decoder_graph(m, "text"),
                       "decoder_image": decoder_graph(m, "vision")}
             for s, g in graphs.items():
                 onnx.save_model(g, str(fp32_dir / f"{s}.onnx"))
@@ -660,7 +649,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
             stages = {}
             for s, g in graphs.items():
                 ins = [{"name": v.name} for v in g.graph.input]
-                stages[s] = {"file": f"{s}.onnx", "graph": GRAPH_KV if s != "vision" else GRAPH_STANDARD,
+                stages[s] = {"file": f"{s}.onnx", "graph": GRAPH_KV if s != cfg.input_stage else GRAPH_STANDARD,
                              "inputs": ins}
             base = {"target": "trt", "model": cfg.to_dict(), "stages": stages, "tokenizer": "tokenizer.json",
                     "trt": {"max_context": profiles["workstation"]["_meta"]["max_context"]}}
@@ -675,14 +664,13 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                     f"({'the bundled shapes calibration split' if calib is None else calib}) ...")
                 if collect_stats is not None:
                     st_all = collect_stats((m, tok), calib, n=calib_size, log=log, progress=False)
-                    amax = {s: st_all for s in STAGES}
+                    amax = {s: st_all for s in cfg.stages}
                 else:
-                    paths = {s: fp32_dir / f"{s}.onnx" for s in STAGES
-                             if prec["vision" if s == "vision" else "decoder"] in ("int8", "fp8")}
+                    paths = {s: fp32_dir / f"{s}.onnx" for s in cfg.stages if prec[group(s)] in ("int8", "fp8")}
                     amax = collect_activation_amax(paths, fp32_dir, calib_items, threads=threads)
                 log(f"quantizing with {qname}:")
-            for s in STAGES:
-                p = prec["vision" if s == "vision" else "decoder"]
+            for s in cfg.stages:
+                p = prec[group(s)]
                 src, dst = fp32_dir / f"{s}.onnx", tmp / f"{s}.onnx"
                 if p in ("int8", "fp8"):
                     kw = {} if keep_sensitive is None else {"keep_sensitive": keep_sensitive}
@@ -694,15 +682,16 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
         finally:
             shutil.rmtree(fp32_dir, ignore_errors=True)
         stages = {}
-        for s in STAGES:
+        heads = "2 * kv_heads" if cfg.decoder.cross_modal_bridge else "kv_heads"
+        for s in cfg.stages:
             g = onnx.load(str(tmp / f"{s}.onnx"))
             ins, outs = _io_spec(g)
-            st = {"file": f"{s}.onnx", "graph": GRAPH_STANDARD if s == "vision" else GRAPH_KV,
-                  "precision": prec["vision" if s == "vision" else "decoder"], "inputs": ins, "outputs": outs,
-                  "quantization": recipe[s]}
-            if s != "vision":
+            st = {"file": f"{s}.onnx", "graph": GRAPH_STANDARD if s == cfg.input_stage else GRAPH_KV,
+                  "precision": prec[group(s)], "inputs": ins, "outputs": outs, "quantization": recipe[s],
+                  **stage_notes(cfg, s)}
+            if s != cfg.input_stage:
                 st["branch"] = "text" if s == "decoder_text" else "vision"
-                st["kv_cache"] = {"layout": "BSNH [1, rows, kv_heads, head_dim] per layer", "dtype": "float32",
+                st["kv_cache"] = {"layout": f"BSNH [1, rows, {heads}, head_dim] per layer", "dtype": "float32",
                                   "inputs": "cache_key.i / cache_value.i: the first past_len + seq rows of the "
                                             "runtime's buffer", "outputs": "new_key.i / new_value.i: the seq new "
                                             "rows, for the runtime to store at past_len",
@@ -712,7 +701,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
         from edgemm.tokenizer import CHAT_TEMPLATE
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         dc_default = device_class or default_device_class(here)
-        manifest = {"target": "trt", "model": cfg.to_dict(), "source": source,
+        manifest = {"target": "trt", "model": cfg.to_dict(), "source": source, "variants": cfg.variants(),
                     "reference": {"model": source["model"], "digest": source["digest"],
                                   "backend": "torch (edgemm.model)"},
                     "precision": prec, "stages": stages, "tokenizer": "tokenizer.json",
@@ -733,7 +722,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                                        "items": len(calib_items), "digest": calib_digest,
                                        "statistics": "activation amax per stage (per modality branch)"}
         write_manifest(tmp, manifest)
-        log(f"exported {', '.join(STAGES)} ({'/'.join(sorted(set(prec.values())))}) in {time.time() - t0:.1f}s; "
+        log(f"exported {', '.join(cfg.stages)} ({'/'.join(sorted(set(prec.values())))}) in {time.time() - t0:.1f}s; "
             "validating in onnxruntime (CPU) against the reference ...")
         figures = validate_graphs(m, tmp, prec, seed=seed, threads=threads, calib_items=calib_items)
         log(format_validation(figures))
@@ -842,12 +831,15 @@ def validate_engines(bundle, decode_steps: int = 8, seed: int = 0, threads=None)
     from edgemm.runtimes.trt_backend import OnnxQdqBackend, TrtBackend
     ref = OnnxQdqBackend.open(bundle=str(bundle), verify=False, threads=threads)
     eng = TrtBackend.open(bundle=str(bundle), device="cuda", verify=False)
+    import torch
+    from edgemm.export.onnx import input_examples
     cfg = ref.cfg
     rng = np.random.default_rng(seed)
-    px = rng.standard_normal((1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
-    res = {s: [] for s in STAGES}
-    rr, re_ = ref.vision(px), eng.vision(px)
-    res["vision"].append(_compare(rr, re_))
+    ins = [t.numpy() for t in input_examples(cfg, torch.Generator().manual_seed(seed)).values()]
+    encode = "vision" if cfg.input_stage == "vision" else "image_tokens"
+    res = {s: [] for s in cfg.stages}
+    rr, re_ = getattr(ref, encode)(*ins), getattr(eng, encode)(*ins)
+    res[cfg.input_stage].append(_compare(rr, re_))
     ids = rng.integers(0, cfg.decoder.vocab_size, 6).tolist()
     sr, se = ref.new_state(max_len=64 + cfg.n_image_rows), eng.new_state(max_len=64 + cfg.n_image_rows)
     for kind in ("text", "image", "text"):

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError
-from .base import Backend, State
+from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-STAGES = ("vision", "decoder_text", "decoder_image")
 
 
 def _import_ort():
@@ -34,7 +33,7 @@ def provider_candidates(device: str, available: list[str]) -> list[str]:
     return [p for p in PROVIDER_ORDER if p in available or p == "CPUExecutionProvider"]
 
 
-class OrtBackend(Backend):
+class OrtBackend(SegmentRunner):
     name = "ort"
 
     def __init__(self, sessions, manifest, cfg, tokenizer, provider, bundle):
@@ -68,26 +67,26 @@ class OrtBackend(Backend):
         man = verify_bundle(bundle) if verify else read_manifest(bundle)
         if man.get("target") != "onnx":
             raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the ort backend runs onnx bundles")
-        stages = man.get("stages", {})
-        missing = [s for s in STAGES if s not in stages]
+        mc = man.get("model")
+        if not isinstance(mc, dict) or not {"vision", "decoder"} <= set(mc):
+            raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it")
+        cfg = ModelConfig.from_dict(mc)
+        stages, names = man.get("stages", {}), cfg.stages
+        missing = [s for s in names if s not in stages]
         if missing:
             raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
         for s in ("decoder_text", "decoder_image"):
             if stages[s].get("graph") != "ort-contrib-gqa":
                 raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                                   "the ort backend runs 'ort-contrib-gqa' decoder graphs")
-        mc = man.get("model")
-        if not isinstance(mc, dict) or not {"vision", "decoder"} <= set(mc):
-            raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it")
-        cfg = ModelConfig.from_dict(mc)
         tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
         ort = _import_ort()
-        paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in STAGES}
+        paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in names}
         # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
         # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
-        fp8 = any(stages[s].get("precision") == "fp8" for s in STAGES)
+        fp8 = any(stages[s].get("precision") == "fp8" for s in names)
         sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
-        for s in STAGES:
+        for s in names:
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
         return cls(sessions, man, cfg, tok, provider, bundle)
@@ -144,11 +143,11 @@ class OrtBackend(Backend):
             ins = {i.name: i.shape for i in sessions[s].get_inputs()}
             n_past = sum(1 for n in ins if n.startswith("past_key."))
             k = ins.get("past_key.0", [None] * 4)
-            if n_past != c.n_layers or k[1] != c.kv_heads or k[3] != c.head_dim:
+            if n_past != c.n_layers or k[1] != c.cache_heads or k[3] != c.head_dim:
                 raise EdgemmError(f"bundle {bundle}: stage {s} has {n_past} layers of KV [{k[1]} heads x {k[3]}], "
-                                  f"the manifest's config says {c.n_layers} x [{c.kv_heads} x {c.head_dim}]; "
+                                  f"the manifest's config says {c.n_layers} x [{c.cache_heads} x {c.head_dim}]; "
                                   "re-export it")
-        rows = sessions["decoder_image"].get_inputs()[0].shape
+        rows = {i.name: i.shape for i in sessions["decoder_image"].get_inputs()}["image_rows"]
         if rows[-1] != c.d_model:
             raise EdgemmError(f"bundle {bundle}: decoder_image takes rows of width {rows[-1]}, the manifest's "
                               f"config says d_model {c.d_model}; re-export it")
@@ -160,7 +159,7 @@ class OrtBackend(Backend):
     def new_state(self, max_len: int | None = None) -> State:
         c = self.cfg.decoder
         n = int(max_len or c.max_seq_len)
-        shape = (1, c.kv_heads, n, c.head_dim)
+        shape = (1, c.cache_heads, n, c.head_dim)
         ov = self._ort.OrtValue
         if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
             arrays = [np.zeros(shape, np.float32) for _ in range(2 * c.n_layers)]
@@ -175,11 +174,10 @@ class OrtBackend(Backend):
         return self.cfg.decoder.max_seq_len
 
     # ---- stages -------------------------------------------------------------------------
-    def vision(self, pixels):
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self.sess["vision"].run(["image_rows"], {"pixels": x})[0]
+    def _encode(self, stage, feeds):
+        return self.sess[stage].run(["image_rows"], feeds)[0]
 
-    def _run(self, stage, state, first_name, first_val, positions):
+    def _run(self, stage, state, feeds, positions):
         T = len(positions)
         cap = state.cache["capacity"]
         if state.length + T > cap:
@@ -195,7 +193,7 @@ class OrtBackend(Backend):
                 io.bind_ortvalue_input(f"past_value.{i}", v)
                 io.bind_ortvalue_output(f"present_key.{i}", k)
                 io.bind_ortvalue_output(f"present_value.{i}", v)
-        feeds = {first_name: first_val, "positions": np.asarray(positions, np.int64),
+        feeds = {**feeds, "positions": np.asarray(positions, np.int64),
                  "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
         for name, arr in feeds.items():                    # (feeds stays alive until the run is done)
             io.bind_cpu_input(name, arr)
@@ -203,27 +201,3 @@ class OrtBackend(Backend):
         logits = io.get_outputs()[0].numpy()
         state.length = total
         return np.array(logits[0], dtype=np.float32)  # a copy: the bound output buffer is reused by the next call
-
-    def text(self, state, ids):
-        ids = np.asarray([list(ids)], np.int64)
-        positions = np.arange(state.pos, state.pos + ids.shape[1])
-        logits = self._run("decoder_text", state, "input_ids", ids, positions)
-        state.pos += ids.shape[1]
-        return logits
-
-    def image_positions(self, start: int) -> np.ndarray:
-        n = self.cfg.n_image_rows
-        if self.cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
-            pos = np.full(n, start + 1)
-            pos[0], pos[-1] = start, start + 2
-            return pos
-        return np.arange(start, start + n)
-
-    def image(self, state, rows):
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
-            raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
-        positions = self.image_positions(state.pos)[: rows.shape[1]]
-        logits = self._run("decoder_image", state, "image_rows", rows, positions)
-        state.pos = int(positions[-1]) + 1
-        return logits

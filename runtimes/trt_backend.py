@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError
-from .base import Backend, State
+from .base import SegmentRunner, State
 
-STAGES = ("vision", "decoder_text", "decoder_image")
 GRAPH_KV = "onnx-standard-kv-window"
 REBUILD = "rebuild them on this machine: edgemm build-engines {bundle} --force"
 
@@ -34,16 +33,7 @@ def _io_names(cfg):
             [f"new_key.{i}" for i in range(L)], [f"new_value.{i}" for i in range(L)])
 
 
-def image_positions(cfg, start: int) -> np.ndarray:
-    n = cfg.n_image_rows
-    if cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
-        pos = np.full(n, start + 1)
-        pos[0], pos[-1] = start, start + 2
-        return pos
-    return np.arange(start, start + n)
-
-
-class _KVWindow(Backend):
+class _KVWindow(SegmentRunner):
     """Cache bookkeeping shared by the engine and the ONNX Runtime flavours of the trt graphs."""
 
     manifest: dict = {}
@@ -61,25 +51,25 @@ class _KVWindow(Backend):
         if n > self.context_length:
             raise EdgemmError(f"a KV cache of {n} rows exceeds this bundle's maximum context "
                               f"({self.context_length}, from its optimization profile)")
-        shape = (1, n, c.kv_heads, c.head_dim)
+        shape = (1, n, c.cache_heads, c.head_dim)
         return State(cache={"k": [self._alloc(shape) for _ in range(c.n_layers)],
                             "v": [self._alloc(shape) for _ in range(c.n_layers)], "capacity": n})
 
-    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
+    def _decoder(self, stage, feeds, positions, past_len, window, cache):
         """Run one decoder stage -> (logits [vocab] numpy float32, new_k list, new_v list)."""
         raise NotImplementedError
 
     def _write(self, buf, start, rows):
         buf[:, start:start + rows.shape[1]] = rows
 
-    def _run(self, stage, state, first_name, first_val, positions):
+    def _run(self, stage, state, feeds, positions):
         T = len(positions)
         cap = state.cache["capacity"]
         if state.length + T > cap:
             raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
         window = state.length + T
-        logits, nk, nv = self._decoder(stage, first_name, first_val, np.asarray(positions, np.int64),
-                                       state.length, window, state.cache)
+        logits, nk, nv = self._decoder(stage, feeds, np.asarray(positions, np.int64), state.length, window,
+                                       state.cache)
         for buf, rows in zip(state.cache["k"], nk):
             self._write(buf, state.length, rows)
         for buf, rows in zip(state.cache["v"], nv):
@@ -87,24 +77,6 @@ class _KVWindow(Backend):
         state.length = window
         return logits
 
-    def text(self, state, ids):
-        ids = np.asarray([list(ids)], np.int64)
-        positions = np.arange(state.pos, state.pos + ids.shape[1])
-        logits = self._run("decoder_text", state, "input_ids", ids, positions)
-        state.pos += ids.shape[1]
-        return logits
-
-    def image_positions(self, start: int) -> np.ndarray:
-        return image_positions(self.cfg, start)
-
-    def image(self, state, rows):
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
-            raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
-        positions = self.image_positions(state.pos)[: rows.shape[1]]
-        logits = self._run("decoder_image", state, "image_rows", rows, positions)
-        state.pos = int(positions[-1]) + 1
-        return logits
 
 
 def _open_bundle(bundle, verify=True):
@@ -115,18 +87,18 @@ def _open_bundle(bundle, verify=True):
     if man.get("target") != "trt":
         raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the trt backend runs trt bundles "
                           "(edgemm export --target trt)")
+    try:
+        cfg = ModelConfig.from_dict(man["model"])
+    except (KeyError, TypeError, AttributeError):
+        raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
     stages = man.get("stages", {})
-    missing = [s for s in STAGES if s not in stages]
+    missing = [s for s in cfg.stages if s not in stages]
     if missing:
         raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
     for s in ("decoder_text", "decoder_image"):
         if stages[s].get("graph") != GRAPH_KV:
             raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                               f"the trt backend runs {GRAPH_KV!r} decoder graphs")
-    try:
-        cfg = ModelConfig.from_dict(man["model"])
-    except (KeyError, TypeError, AttributeError):
-        raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it") from None
     tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
     return man, cfg, tok
 
@@ -162,7 +134,7 @@ class OnnxQdqBackend(_KVWindow):
         # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
         # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        paths = paths or {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in STAGES}
+        paths = paths or {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in cfg.stages}
         sessions = {s: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for s, p in paths.items()}
         b = cls(sessions, man, cfg, tok, str(bundle))
         b.extra = extra_outputs or {}
@@ -188,15 +160,15 @@ class OnnxQdqBackend(_KVWindow):
         if self.on_outputs and self.extra.get(stage):
             self.on_outputs(stage, dict(zip(names, outs)))
 
-    def vision(self, pixels):
-        names = self._fetch("vision", ["image_rows"])
-        outs = self.sess["vision"].run(names, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
-        self._emit("vision", names, outs)
+    def _encode(self, stage, feeds):
+        names = self._fetch(stage, ["image_rows"])
+        outs = self.sess[stage].run(names, feeds)
+        self._emit(stage, names, outs)
         return outs[0]
 
-    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
+    def _decoder(self, stage, feeds, positions, past_len, window, cache):
         ck, cv, nk, nv = self.names
-        feeds = {first_name: first_val, "positions": positions, "past_len": np.array([past_len], np.int64)}
+        feeds = {**feeds, "positions": positions, "past_len": np.array([past_len], np.int64)}
         for i in range(len(ck)):
             feeds[ck[i]] = cache["k"][i][:, :window]       # a view: batch 1, BSNH -> contiguous
             feeds[cv[i]] = cache["v"][i][:, :window]
@@ -284,7 +256,7 @@ class TrtBackend(_KVWindow):
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         loaded = {}
-        for s in STAGES:
+        for s in cfg.stages:
             data = bundle_path(bundle, engines["files"][s]).read_bytes()
             eng = runtime.deserialize_cuda_engine(data)
             if eng is None:
@@ -335,17 +307,15 @@ class TrtBackend(_KVWindow):
         t.cuda.current_stream().wait_stream(self.stream)
         return outs
 
-    def vision(self, pixels):
-        t = self.torch
-        x = t.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).cuda()
-        return self._execute("vision", {"pixels": x})["image_rows"].float().cpu().numpy()
+    def _cuda(self, feeds):
+        return {n: self.torch.from_numpy(np.ascontiguousarray(v)).cuda() for n, v in feeds.items()}
 
-    def _decoder(self, stage, first_name, first_val, positions, past_len, window, cache):
-        t = self.torch
+    def _encode(self, stage, feeds):
+        return self._execute(stage, self._cuda(feeds))["image_rows"].float().cpu().numpy()
+
+    def _decoder(self, stage, feeds, positions, past_len, window, cache):
         ck, cv, nk, nv = self.names
-        inputs = {first_name: t.from_numpy(np.ascontiguousarray(first_val)).cuda(),
-                  "positions": t.from_numpy(positions).cuda(),
-                  "past_len": t.tensor([past_len], dtype=t.int64, device="cuda")}
+        inputs = self._cuda({**feeds, "positions": positions, "past_len": np.array([past_len], np.int64)})
         for i in range(len(ck)):
             inputs[ck[i]] = cache["k"][i][:, :window]            # contiguous view (batch 1, BSNH)
             inputs[cv[i]] = cache["v"][i][:, :window]

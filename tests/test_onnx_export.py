@@ -148,7 +148,9 @@ def test_external_data(ckpt, tmp_path, monkeypatch):
 
 
 def test_variants(tokenizer, tmp_path):
-    """Grouped-query attention, QKV bias and the cogvlm position rule export exactly; eoi-as-text is refused."""
+    """Grouped-query attention, QKV bias and the cogvlm position rule export exactly; a variant the graphs cannot
+    compute (mPLUG-Owl2's per-modality K/V) is refused by name. (Imported CogVLM and Libra variants:
+    tests/test_import_export.py.)"""
     from edgemm.config import ModelConfig
     from edgemm.export.onnx import export_onnx
     d = get_preset("tiny-shapes").to_dict()
@@ -162,10 +164,10 @@ def test_variants(tokenizer, tmp_path):
     m = export_onnx(model=(model, tokenizer), out=tmp_path / "gqa", precision="fp32", threads=1, log=None)
     assert all(f["ok"] for f in m["validation"]["stages"].values())
     assert m["stages"]["decoder_text"]["inputs"][4]["shape"] == [1, 2, "cache_len", 64]
-    d["decoder"].update(position_rule="sequential", eoi_branch="text")
-    with pytest.raises(UnsupportedVariant, match="eoi through the text branch"):
-        export_onnx(model=(EdgeMM(ModelConfig.from_dict(d)), tokenizer), out=tmp_path / "eoi", log=None)
-    assert not (tmp_path / "eoi").exists()
+    from edgemm.export.onnx import check_variants
+    d["decoder"].update(per_modality_kv=True)
+    with pytest.raises(UnsupportedVariant, match="onnx exporter.*'per-modality K/V'; targets that can: none yet"):
+        check_variants(ModelConfig.from_dict(d), "the onnx exporter", {"vision": "fp32", "decoder": "fp32"})
 
 
 def test_unsupported_precision(ckpt, tmp_path):
