@@ -46,7 +46,7 @@ def build_batch(tok, scenes, idx, rng, turns: int):
     return ids, tg
 
 
-def train_demo(out: str | Path, steps: int = 6500, batch: int = 48, pool: int = 40000, turns: int = 3,
+def train_demo(out: str | Path, steps: int = 7000, batch: int = 48, pool: int = 40000, turns: int = 3,
                lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, aux_weight: float = 0.5, seed: int = 0, threads: int | None = None,
                eval_every: int = 250, log=print) -> dict:
     import torch
@@ -120,7 +120,7 @@ def train_demo(out: str | Path, steps: int = 6500, batch: int = 48, pool: int = 
             acc = teacher_forced_accuracy(model, tok, val)
             history.append({"step": step, "val": acc, "elapsed_s": round(time.time() - t0)})
             log(f"step {step} val accuracy {acc}")
-            save_checkpoint(model, tok, out)
+            save_checkpoint(model, tok, out, dtype=torch.float16)     # fp16 storage: ~10 MB shipped
     return {"history": history, "train_seconds": round(time.time() - t0)}
 
 

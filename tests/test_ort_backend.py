@@ -212,7 +212,7 @@ def test_shipped_model_accuracy_matches(tmp_path):
     """The trained demo model: fp32 bundle within 1e-4, same greedy answers as torch on 100 test questions."""
     from edgemm.evaluate import evaluate
     from edgemm.export.onnx import export_onnx
-    m = export_onnx(model="tiny-shapes", out=tmp_path / "fp32", precision="fp32", threads=2, log=None)
+    m = export_onnx(model="tiny-shapes", out=tmp_path / "fp32", precision="fp32", threads=2, log=None, seed=0)
     assert all(f["max_abs_err"] <= 1e-4 for f in m["validation"]["stages"].values())
     tb = load_backend("torch", model="tiny-shapes", device="cpu", threads=2)
     ob = load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu", threads=2)
@@ -229,7 +229,7 @@ def test_shipped_model_full_split(tmp_path):
     from edgemm.evaluate import evaluate
     from edgemm.export.onnx import export_onnx
     for p in ("fp32", "fp16"):
-        export_onnx(model="tiny-shapes", out=tmp_path / p, precision=p, log=None)
+        export_onnx(model="tiny-shapes", out=tmp_path / p, precision=p, log=None, seed=0)
     rt = evaluate(load_backend("torch", model="tiny-shapes", device="cpu"), progress=False)
     r32 = evaluate(load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu"), progress=False)
     r16 = evaluate(load_backend("ort", bundle=str(tmp_path / "fp16"), device="cpu"), progress=False)
