@@ -87,13 +87,7 @@ def load_checkpoint(path: str | Path, device="cpu"):
         if not (path / f).is_file() and not (sharded and f == "model.safetensors"):
             raise EdgemmError(f"{path} is not an edgemm checkpoint: {f} is missing")
     cfg = ModelConfig.load(path / "config.json")
-    files = ["model.safetensors"]
-    if sharded:                 # large checkpoints (edgemm import): shards listed by the index
-        import json
-        try:
-            files = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise EdgemmError(f"{path / 'model.safetensors.index.json'} is not a valid index ({e})") from None
+    files = shard_files(path) if sharded else ["model.safetensors"]   # large checkpoints (edgemm import)
     state = {}
     for f in files:
         try:
@@ -145,20 +139,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def shard_files(path: Path) -> list[str]:
+    """The weight files a sharded checkpoint's model.safetensors.index.json lists, sorted."""
+    import json
+    index = Path(path) / "model.safetensors.index.json"
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EdgemmError(f"{path} has neither model.safetensors nor a valid {index.name} ({e})") from None
+
+
 def checkpoint_digest(path: str | Path) -> str:
     """The source digest of a checkpoint directory: sha256 of model.safetensors, or of a sharded checkpoint's
     index and every shard it lists ("sha256-shards:", each shard's name and sha256 by name)."""
-    import json
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return "sha256:" + file_sha256(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
-    try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise EdgemmError(f"{path} has neither model.safetensors nor a valid {index.name} ({e})") from None
+    shards = shard_files(path)
     h = hashlib.sha256(file_sha256(index).encode())
-    for f in sorted(shards):
+    for f in shards:
         if not (path / f).is_file():
             raise EdgemmError(f"{path / f} is missing (listed by {index.name})")
         h.update(f"\n{f} {file_sha256(path / f)}".encode())

@@ -399,16 +399,17 @@ def check_variants(cfg, where: str, precision: dict) -> None:
                           "fp16 (trt: fp16)")
 
 
-def _precisions(precision) -> dict:
+def _precisions(precision, allowed=PRECISIONS, default: str = "fp32", target: str = "onnx") -> dict:
+    """None | "p" | {"vision": p, "decoder": p} -> {"vision": p, "decoder": p}, each one of `allowed`."""
     if precision is None:
-        precision = "fp32"
+        precision = default
     if isinstance(precision, str):
         precision = {"vision": precision, "decoder": precision}
-    out = {"vision": precision.get("vision", "fp32"), "decoder": precision.get("decoder", "fp32")}
+    out = {"vision": precision.get("vision", default), "decoder": precision.get("decoder", default)}
     for stage, p in out.items():
-        if p not in PRECISIONS:
-            raise EdgemmError(f"--precision {p} ({stage}) is not implemented by the onnx exporter yet; "
-                              f"it exports {' and '.join(PRECISIONS)}")
+        if p not in allowed:
+            raise EdgemmError(f"--precision {p} ({stage}) is not available for --target {target}; choose one of "
+                              f"{', '.join(allowed)}")
     return out
 
 
@@ -584,7 +585,6 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                                   "seed": figures.pop("_seed"),
                                   "stages": figures}
         result = write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)                                  # mkdtemp makes it private
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB)")
     return result

@@ -612,16 +612,8 @@ def format_validation(figures: dict, title="graph (onnxruntime CPU)") -> str:
 
 # --------------------------------------------------------------------------- the exporter
 def _precisions(precision) -> dict:
-    if precision is None:
-        precision = "int8"
-    if isinstance(precision, str):
-        precision = {"vision": precision, "decoder": precision}
-    out = {"vision": precision.get("vision", "int8"), "decoder": precision.get("decoder", "int8")}
-    for stage, p in out.items():
-        if p not in PRECISIONS:
-            raise EdgemmError(f"--precision {p} ({stage}) is not available for --target trt; choose one of "
-                              f"{', '.join(PRECISIONS)}")
-    return out
+    from edgemm.export.onnx import _precisions as parse
+    return parse(precision, PRECISIONS, "int8", "trt")
 
 
 def export_trt(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
@@ -751,7 +743,6 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
         result = write_manifest(tmp, manifest)
         if build_here:
             result = build_engines(tmp, device_class=device_class, log=log, threads=threads)
-        os.chmod(tmp, 0o755)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB)")
     if not build_here:

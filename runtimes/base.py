@@ -63,6 +63,15 @@ class SegmentRunner(Backend):
     Model variants handled here, once: the cogvlm position rule, CogVLM's original routing (the image segment's
     eoi row runs through decoder_text's `input_rows` input) and Libra's `image_tokens` input stage."""
 
+    @staticmethod
+    def _room(state: State, T: int) -> int:
+        """-> the rows filled after appending T; an error when the KV cache cannot take them."""
+        from edgemm.errors import EdgemmError
+        cap = state.cache["capacity"]
+        if state.length + T > cap:
+            raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
+        return state.length + T
+
     def _eoi_text(self) -> bool:
         return self.cfg.decoder.eoi_branch == "text"
 

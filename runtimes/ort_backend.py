@@ -178,11 +178,7 @@ class OrtBackend(SegmentRunner):
         return self.sess[stage].run(["image_rows"], feeds)[0]
 
     def _run(self, stage, state, feeds, positions):
-        T = len(positions)
-        cap = state.cache["capacity"]
-        if state.length + T > cap:
-            raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
-        total = state.length + T
+        total = self._room(state, len(positions))
         sess = self.sess[stage]
         io = state.extra.get(stage)
         if io is None:        # one binding per state and stage: the KV buffers are bound once, in and out

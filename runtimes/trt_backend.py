@@ -63,11 +63,7 @@ class _KVWindow(SegmentRunner):
         buf[:, start:start + rows.shape[1]] = rows
 
     def _run(self, stage, state, feeds, positions):
-        T = len(positions)
-        cap = state.cache["capacity"]
-        if state.length + T > cap:
-            raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")
-        window = state.length + T
+        window = self._room(state, len(positions))
         logits, nk, nv = self._decoder(stage, feeds, np.asarray(positions, np.int64), state.length, window,
                                        state.cache)
         for buf, rows in zip(state.cache["k"], nk):
