@@ -492,14 +492,17 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     return out
 
 
-def format_validation(figures: dict) -> str:
-    lines = [f"{'stage':<14} {'precision':<9} {'max abs err':>12} {'cosine':>10} {'|ref| max':>10}  check",
-             "-" * 72]
+def format_validation(figures: dict, title: str = "onnxruntime CPU vs the reference") -> str:
+    """The per-stage validation table the exporters print (onnx, trt graphs, trt engines)."""
+    lines = [f"{'stage':<14} {'precision':<9} {'max abs err':>12} {'cosine':>10} {'|ref| max':>10} {'top-1':>6}  "
+             f"check ({title})", "-" * 86]
     for stage, f in figures.items():
         if stage.startswith("_"):
             continue
+        top1 = f"{f['top1_agree']:>6.2f}" if "top1_agree" in f else f"{'-':>6}"
         lines.append(f"{stage:<14} {f['precision']:<9} {f['max_abs_err']:>12.3e} {f['cosine']:>10.7f} "
-                     f"{f['ref_max_abs']:>10.3g}  {'ok' if f['ok'] else 'FAIL'} ({f['tolerance']})")
+                     f"{f.get('ref_max_abs', float('nan')):>10.3g} {top1}  {'ok' if f['ok'] else 'FAIL'} "
+                     f"({f['tolerance']})")
     return "\n".join(lines)
 
 

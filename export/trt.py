@@ -600,14 +600,8 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
 
 
 def format_validation(figures: dict, title="graph (onnxruntime CPU)") -> str:
-    lines = [f"{'stage':<14} {'precision':<9} {'max abs err':>12} {'cosine':>10} {'top-1':>6}  check ({title})",
-             "-" * 78]
-    for stage, f in figures.items():
-        if stage.startswith("_"):
-            continue
-        lines.append(f"{stage:<14} {f['precision']:<9} {f['max_abs_err']:>12.3e} {f['cosine']:>10.6f} "
-                     f"{f.get('top1_agree', 1.0):>6.2f}  {'ok' if f['ok'] else 'FAIL'} ({f['tolerance']})")
-    return "\n".join(lines)
+    from edgemm.export.onnx import format_validation as table
+    return table(figures, title)
 
 
 # --------------------------------------------------------------------------- the exporter
