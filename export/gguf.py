@@ -41,9 +41,11 @@ VALIDATION_QUESTION = "what color is the circle?"
 
 # The prompt format of edgemm.tokenizer, extended for OpenAI-style content lists (llama-cpp-python's multimodal
 # chat handlers turn an image part into a text part holding the media marker): all parts but the last are
-# emitted as they are (the image marker), the last text part is the question.
+# emitted as they are (the image marker), the last text part is the question. No {{ bos_token }}: the file
+# says add_bos_token, so llama.cpp's tokenizer puts <s> first (llama-cpp-python's handlers render bos_token as
+# an empty string, which lost the <s> the model was trained with).
 GGUF_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
     "{% if not loop.first %}{{ '\\n' }}{% endif %}"   # an expression: trim_blocks would eat a literal newline
     "{% if m['content'] is string %}{% if m.get('image') %}<image>{% endif %}Q: {{ m['content'] }}\nA:"
     "{% else %}{% for p in m['content'] %}{% if not loop.last %}"
@@ -124,7 +126,7 @@ def write_decoder_gguf(model, tok, path: Path, name: str) -> None:
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
     w.add_pad_token_id(tok.pad_id)
-    w.add_add_bos_token(False)        # the chat template writes <s>
+    w.add_add_bos_token(True)         # <s> first, as every edgemm prompt starts (the chat template has none)
     w.add_add_eos_token(False)
     w.add_chat_template(GGUF_CHAT_TEMPLATE)
 
