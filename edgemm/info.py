@@ -68,7 +68,7 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None) -> list[str]:
     lines.append(f"  {'total':<15} {_count(total):>9}")
     per_step = pc["text_branch"] + pc["decoder_shared"] - d.vocab_size * d.d_model  # embedding row is a lookup
     lines.append(f"weights read per decode step (text branch + shared): {_count(per_step)}")
-    contexts = list(contexts or (512, d.max_seq_len))
+    contexts = list(contexts or dict.fromkeys((512, d.max_seq_len)))     # one column when they coincide
     lines.append("memory estimate (weights + fp16 KV cache):")
     lines.append("  precision  weights    " + "  ".join(f"ctx {c:>6}" for c in contexts))
     for prec, bpw in BYTES_PER_WEIGHT.items():
