@@ -196,13 +196,13 @@ def info(model, bundle, contexts):
 
 @main.command("train-demo")
 @click.option("-o", "--out", default="runs/tiny-shapes", show_default=True, type=click.Path())
-@click.option("--steps", default=7000, show_default=True, type=int)
+@click.option("--steps", default=5000, show_default=True, type=int)
 @click.option("--batch", default=48, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", default=None, type=int)
 @handle_errors
 def train_demo_cmd(out, steps, batch, seed, threads):
-    """Train the demo model tiny-shapes from scratch (about 38 minutes on 2 CPU cores)."""
+    """Train the demo model tiny-shapes from scratch (about 37 minutes on 2 CPU cores)."""
     from .train import train_demo
     res = train_demo(out, steps=steps, batch=batch, seed=seed, threads=threads or os.cpu_count())
     click.echo(json.dumps(res["history"][-1]))

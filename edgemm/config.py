@@ -216,7 +216,9 @@ def check_reference_supports(cfg: ModelConfig) -> None:
 
 PRESETS: dict[str, ModelConfig] = {
     # The embedded demo model; trained weights ship in edgemm/data/tiny-shapes.
-    "tiny-shapes": ModelConfig(name="tiny-shapes"),
+    # Its ViT is wider than the dataclass default (256 vs 128): the tower sees 10 rows per image, so width costs
+    # little, and the wider tower binds colour, shape and cell in each row (measured in the issue-2 note).
+    "tiny-shapes": ModelConfig(name="tiny-shapes", vision=VisionConfig(width=256, mlp_dim=512)),
     # ~0.5B random-weight model for speed work (text branch ~0.25B read per decode step).
     "bench-0.5b": ModelConfig(
         name="bench-0.5b",
