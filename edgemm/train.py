@@ -12,7 +12,8 @@ Recipe (sized for 2 CPU cores, < 45 minutes):
 - pointer supervision (pointer_weight): head 0 of decoder layer 0, at the word that names the asked object
   ("red" in "Where is the red circle?"), and head 0 of layer 1, at the row before the answer, are taught to
   attend to that object's image row. Binding a word to one object of several is the step that otherwise
-  emerges late and by chance (one run of the recipe without it reached position 0.90, another 0.5);
+  emerges late and by chance: without it, colour and position questions sat near 0.5 (picking one of the
+  objects) for thousands of steps in three of four runs; with it they pass 0.85 by step 1000;
 - a curriculum of 1-2-object scenes early on; AdamW, linear warm-up then cosine decay.
 """
 from __future__ import annotations
