@@ -149,7 +149,7 @@ def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 
     #   of all objects. A mean of rows can only say "the red one is a circle at top left" if each row binds its
     #   colour, shape and cell, which makes every question type readable from an average of the image rows
     #   instead of a retrieval the decoder has to discover.
-    n_col, n_cell, n_shape = len(shapes.COLORS), shapes.GRID ** 2, len(shapes.SHAPES)
+    n_col, n_shape = len(shapes.COLORS), len(shapes.SHAPES)
     d = cfg.decoder.d_model
     aux = torch.nn.ModuleDict({"color": torch.nn.Linear(d, n_col + 1), "shape": torch.nn.Linear(d, n_shape + 1)})
     pooled_heads = _pooled_heads(shapes)                       # name -> (groups, classes)
