@@ -7,8 +7,9 @@ Recipe (sized for 2 CPU cores, < 45 minutes):
   loss on the answer tokens and </s>, plus (question_weight) on the question tokens, whose words depend on the
   image ("Where is the red ..." is followed by the red object's shape); multi-turn samples also teach the chat
   format;
-- training-only auxiliary heads on the image rows (per row: its cell's colour, shape and its cell; on the mean
-  of the rows: each colour's cell and shape), which make the rows carry colour-shape-cell bindings;
+- training-only auxiliary heads on the image rows (per row: its cell's colour and shape; on the mean of the
+  rows: each colour's cell and shape, each shape's colour, the counts), which make the rows carry
+  colour-shape-cell bindings;
 - pointer supervision (pointer_weight): head 0 of decoder layer 0, at the word that names the asked object
   ("red" in "Where is the red circle?"), and head 0 of layer 1, at the row before the answer, are taught to
   attend to that object's image row. Binding a word to one object of several is the step that otherwise
@@ -18,6 +19,7 @@ Recipe (sized for 2 CPU cores, < 45 minutes):
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -102,6 +104,7 @@ def _pointer(scene, q):
     return None
 
 
+@functools.lru_cache(maxsize=4096)         # the task has a few hundred (question, word, first) triples
 def _word_token(tok, question: str, word: str, first: bool) -> int:
     """Index, in tok.user_turn(question, first), of the token holding the last character of `word`."""
     from .tokenizer import TURN_SEP, USER_FMT
@@ -114,8 +117,8 @@ def _word_token(tok, question: str, word: str, first: bool) -> int:
 
 def train_demo(out: str | Path, steps: int = 5000, batch: int = 48, pool: int = 40000, turns: int = 3,
                lr: float = 1.5e-3, warmup: int = 200, curriculum: float = 0.3, aux_weight: float = 0.5,
-               question_weight: float = 0.5, aux_where: bool = True, pointer_weight: float = 0.5, seed: int = 0, threads: int | None = None,
-               eval_every: int = 500, config=None, log=print) -> dict:
+               question_weight: float = 0.5, aux_where: bool = True, pointer_weight: float = 0.5, seed: int = 0,
+               threads: int | None = None, eval_every: int = 500, config=None, log=print) -> dict:
     import torch
     import torch.nn.functional as F
     from . import shapes
