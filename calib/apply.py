@@ -40,8 +40,10 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
         st = stages[stage]
         f = bundle_dir / st["file"]
         tmp = f.with_name(f.stem + ".quant.onnx")
+        # u8u8: the same numbers as TensorRT's s8s8 Q/DQ, in the storage ONNX Runtime computes exactly on every
+        # x86 CPU (its u8s8 kernels saturate 16-bit pair sums on CPUs without VNNI)
         rec = quantize_stage(f, tmp, stage, p, stats=stats, keep_sensitive=keep_sensitive, log=log,
-                             recipe=recipes.get(stage))
+                             recipe=recipes.get(stage), int8_storage="u8u8")
         for extra in st.get("extra_files", []):
             (bundle_dir / extra).unlink(missing_ok=True)
         tmp.replace(f)
@@ -53,8 +55,8 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
             st.pop("extra_files", None)
         st["precision"] = p
         st["weights"] = rec["recipe_text"]
-        st["quantization"] = {k: rec[k] for k in ("recipe", "quantized", "kept", "bytes_before", "bytes_after",
-                                                  "opset", "layers")}
+        st["quantization"] = {k: rec[k] for k in ("recipe", "int8_storage", "quantized", "kept", "bytes_before",
+                                                  "bytes_after", "opset", "layers")}
     if stats is None:
         return {}
     return {"set": stats.meta.get("set"), "set_digest": stats.meta.get("set_digest"),

@@ -5,8 +5,11 @@ Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention
 
 - int8 / fp8 (W8A8): the weight becomes an int8 (or FLOAT8E4M3FN) initializer with one scale per output
   channel and a DequantizeLinear; the activation gets QuantizeLinear -> DequantizeLinear with one calibrated
-  scale (symmetric, zero point 0). Standard ONNX ops: ONNX Runtime runs them on the CPU, TensorRT 10 builds
-  explicit-quantization engines from them. fp8 raises the graph to opset 19 (Reduce* axes become inputs).
+  scale (symmetric). Standard ONNX ops: ONNX Runtime runs them on the CPU, TensorRT 10 builds
+  explicit-quantization engines from them. Two storages of the same numbers (`int8_storage`):
+  `s8s8` (int8, zero point 0: the form TensorRT consumes) and `u8u8` (uint8, zero point 128: ONNX Runtime's
+  U8U8 kernels, exact on every x86 CPU; its u8s8 kernels, which s8s8 graphs run on, add pairs of products in
+  saturating 16-bit lanes on x86 CPUs without VNNI and lose up to ~0.5 on a 64-wide MatMul). fp8 raises the graph to opset 19 (Reduce* axes become inputs).
   SmoothQuant (recipe option) divides the activation by s_j = max|X_j|^a / max|W_j|^(1-a) per input channel
   (a Mul before the Q) and multiplies the weight rows by s_j before quantizing them.
 - int8-wo / int4: com.microsoft MatMulNBits, block-wise symmetric along the input dimension.
@@ -27,6 +30,7 @@ from edgemm.errors import EdgemmError
 
 STAGES = ("vision", "decoder_text", "decoder_image")
 PRECISIONS = ("int8", "fp8", "int8-wo", "int4")
+INT8_STORAGES = ("s8s8", "u8u8")
 FP8_MAX = 448.0
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -219,11 +223,12 @@ def _stage_layers(stats, stage: str) -> dict:
 
 def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, keep_sensitive: float | None = None,
                    log=print, recipe=None, method: str | None = None, smoothquant: float | None = None,
-                   block_size: int | None = None) -> dict:
+                   block_size: int | None = None, int8_storage: str = "s8s8") -> dict:
     """Quantize one ONNX stage file (see the module docstring) and write it to onnx_out.
 
     precision: int8 | fp8 | int8-wo | int4 (or pass recipe= a Recipe / recipe name to override the default).
     stats: calibration statistics (edgemm.calib.stats.Stats or a path to a stats file); needed for int8/fp8.
+    int8_storage: "s8s8" (TensorRT) or "u8u8" (ONNX Runtime: exact on every x86 CPU); the same numbers.
     Returns {"stage", "precision", "recipe", "stats", "layers": [{node, weight, layer, shape, got, rel_err,
     act_amax?}], "quantized", "kept", "bytes_before", "bytes_after"}.
     """
@@ -236,6 +241,8 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
         raise EdgemmError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if precision not in PRECISIONS:
         raise EdgemmError(f"quantize_stage: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if int8_storage not in INT8_STORAGES:
+        raise EdgemmError(f"quantize_stage: int8_storage {int8_storage!r} is not one of {', '.join(INT8_STORAGES)}")
     r = get_recipe(recipe or precision).with_options(method=method, smoothquant=smoothquant, block_size=block_size,
                                                      keep_sensitive=keep_sensitive)
     if stats is not None and not isinstance(stats, Stats):
@@ -324,7 +331,9 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
                 x_in = xs
                 rec["smoothquant"] = r.smoothquant
             a_s = sur.add_init(np.array(max(amax, 1e-12) / qmax, np.float32), sur.uniq(base + ".act_scale"))
-            zp_arr = np.array(0, np.int8) if akind == "int8" else np.array(0.0, np.float32)
+            u8 = int8_storage == "u8u8"
+            zp_arr = (np.array(128 if u8 else 0, np.uint8 if u8 else np.int8) if akind == "int8"
+                      else np.array(0.0, np.float32))
             a_zp = sur.add_init(zp_arr, sur.uniq(base + ".act_zp"), dtype="fp8" if akind == "fp8" else None)
             xq, xdq = sur.uniq(base + ".act_q"), sur.uniq(base + ".act_dq")
             new += [helper.make_node("QuantizeLinear", [x_in, a_s, a_zp], [xq], name=sur.uniq(base + ".QuantizeLinear")),
@@ -332,18 +341,22 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             # weight: int8 / fp8 initializer in the node's layout + per-channel DequantizeLinear
             wq_layout = q.T if trans_b else q                         # Gemm transB keeps [out, in]
             axis = 0 if trans_b else 1
-            w_name = sur.add_init(wq_layout.astype(np.int8) if wkind == "int8" else wq_layout,
-                                  sur.uniq(base + ".weight_q"), dtype="fp8" if wkind == "fp8" else None)
+            if wkind == "int8":
+                wq_store = (wq_layout + 128).astype(np.uint8) if u8 else wq_layout.astype(np.int8)
+                wzp_arr = np.full(len(s), 128, np.uint8) if u8 else np.zeros(len(s), np.int8)
+            else:
+                wq_store, wzp_arr = wq_layout, np.zeros(len(s), np.float32)
+            w_name = sur.add_init(wq_store, sur.uniq(base + ".weight_q"), dtype="fp8" if wkind == "fp8" else None)
             w_s = sur.add_init(s, sur.uniq(base + ".weight_scale"))
-            w_zp = sur.add_init(np.zeros(len(s), np.int8) if wkind == "int8" else np.zeros(len(s), np.float32),
-                                sur.uniq(base + ".weight_zp"), dtype="fp8" if wkind == "fp8" else None)
+            w_zp = sur.add_init(wzp_arr, sur.uniq(base + ".weight_zp"), dtype="fp8" if wkind == "fp8" else None)
             wdq = sur.uniq(base + ".weight_dq")
             new.append(helper.make_node("DequantizeLinear", [w_name, w_s, w_zp], [wdq], axis=axis,
                                         name=sur.uniq(base + ".weight_DequantizeLinear")))
             sur.insert_before(node, new)
             node.input[0] = xdq
             node.input[1] = wdq
-            rec["got"] = f"{wkind} weights per channel, {akind} activations per tensor"
+            rec["got"] = (f"{wkind} weights per channel, {akind} activations per tensor"
+                          + (f" ({int8_storage})" if akind == "int8" else ""))
         else:
             K, N = Wio.shape
             b_name = sur.add_init(packed, sur.uniq(base + ".weight_nbits"))
@@ -381,6 +394,7 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
         + (f"; layer error median {np.median(errs):.3g}, max {max(errs):.3g}" if errs else "")
         + f"; weights {bytes_before / 1e6:.1f} -> {bytes_after / 1e6:.1f} MB in {time.time() - t0:.1f}s")
     return {"stage": stage, "precision": precision, "recipe": r.to_dict(), "recipe_text": str(r),
+            "int8_storage": int8_storage if akind == "int8" else None,
             "stats": (stats.meta if stats is not None else None), "layers": records, "quantized": n_q,
             "kept": n_k, "bytes_before": bytes_before, "bytes_after": bytes_after,
             "opset": {o.domain or "": o.version for o in model.opset_import}}

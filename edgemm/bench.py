@@ -58,6 +58,8 @@ def machine_info(threads: int) -> dict:
             "cores": os.cpu_count(), "threads": threads,
             "versions": tool_versions("onnx", "onnxruntime", "onnxruntime-gpu", "gguf", "llama_cpp_python",
                                       "tensorrt", "matplotlib", "psutil", "tokenizers", "safetensors")}
+    from .doctor import facts
+    info["doctor"] = facts()              # CPU flags, llama.cpp variant, providers, GPU: what `edgemm doctor` prints
     try:
         import psutil
         info["memory_gb"] = round(psutil.virtual_memory().total / 1e9, 1)

@@ -45,6 +45,29 @@ def bundle_writer(out: str | Path, force: bool = False):
             raise RuntimeError("bundle_writer: the exporter wrote no manifest")
 
 
+def write_json_atomic(path: str | Path, obj, indent: int = 2, default=None) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: a reader sees the old file or the new one."""
+    import os
+    import tempfile
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    except OSError as e:
+        raise EdgemmError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent, default=default)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise EdgemmError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
     """Add format fields, the sha256 of every file in the directory, and write edgemm.json."""
     d = Path(bundle_dir)
@@ -52,7 +75,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **manifest}
     m["files"] = {str(p.relative_to(d)): file_sha256(p) for p in sorted(d.rglob("*"))
                   if p.is_file() and p.name != MANIFEST}
-    (d / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+    write_json_atomic(d / MANIFEST, m)
     return m
 
 

@@ -194,6 +194,22 @@ def info(model, bundle, contexts):
     click.echo(describe(model=model, bundle=bundle, contexts=contexts or None))
 
 
+@main.command()
+@click.option("--bundle", default=None, type=click.Path(), help="Also say which backend `auto` picks for this bundle.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Write the facts to this file.")
+@handle_errors
+def doctor(bundle, device, json_path):
+    """What this machine can run and why: CPU and the instruction sets its kernel enables, the llama.cpp CPU
+    variant that loads, ONNX Runtime and its providers, CUDA / TensorRT / GPU, installed extras."""
+    from .doctor import facts, report
+    f = facts(bundle=bundle, device=device)
+    click.echo(report(f))
+    if json_path:
+        from .bundle import write_json_atomic
+        write_json_atomic(json_path, f)
+
+
 @main.command("train-demo")
 @click.option("-o", "--out", default="runs/tiny-shapes", show_default=True, type=click.Path())
 @click.option("--steps", default=5000, show_default=True, type=int)

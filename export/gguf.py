@@ -395,8 +395,8 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
     cfg, _ = model_config(model)
     check_supported(cfg, log)
-    from edgemm.runtimes.llamacpp_backend import import_llama_cpp
-    import_llama_cpp()      # the quantizer and the validation need llama.cpp
+    from edgemm.runtimes.llamacpp_backend import load_llama_cpp
+    load_llama_cpp()      # the quantizer and the validation need llama.cpp (with a CPU variant this machine runs)
     threads = threads or os.cpu_count() or 1
     src = _source(model)
     m, tok = load_model(model)

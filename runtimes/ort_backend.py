@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemm.cpu import s8s8_int8_exact
 from edgemm.errors import EdgemmError
 from .base import SegmentRunner, State
 
@@ -31,6 +32,17 @@ def provider_candidates(device: str, available: list[str]) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     return [p for p in PROVIDER_ORDER if p in available or p == "CPUExecutionProvider"]
+
+
+def s8s8_stages(stages: dict, names) -> list[str]:
+    """Stages quantized W8A8 int8 in the s8s8 storage (bundles made before u8u8 record no int8_storage)."""
+    out = []
+    for n in names:
+        q = stages[n].get("quantization") or {}
+        acts = (q.get("recipe") or {}).get("activations")
+        if stages[n].get("precision") == "int8" and acts == "int8" and q.get("int8_storage", "s8s8") == "s8s8":
+            out.append(n)
+    return out
 
 
 class OrtBackend(SegmentRunner):
@@ -85,7 +97,13 @@ class OrtBackend(SegmentRunner):
         # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
         # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
         fp8 = any(stages[s].get("precision") == "fp8" for s in names)
-        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
+        s8 = s8s8_stages(stages, names)
+        inexact = bool(s8) and not s8s8_int8_exact()
+        if inexact and log:
+            log(f"note: stages {', '.join(s8)} hold s8s8 int8 Q/DQ, which ONNX Runtime's int8 kernels compute with "
+                "saturating 16-bit sums on this CPU (no VNNI); running them dequantized in fp32 instead (exact, "
+                "slower). Re-export the bundle (int8 bundles are now u8u8, exact everywhere)")
+        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8 or inexact)
         for s in names:
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)

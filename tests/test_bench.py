@@ -44,6 +44,8 @@ def test_bench_end_to_end(bundles, tmp_path):
         assert (tmp_path / f).stat().st_size > 0
     j = json.loads((tmp_path / "bench.json").read_text())
     assert j["machine"]["threads"] == 1 and "onnxruntime" in j["machine"]["versions"]
+    doc = j["machine"]["doctor"]                       # the `edgemm doctor` facts
+    assert doc["cpu"]["flags"] and "llama_cpp" in doc and doc["onnxruntime"]["installed"]
     assert j["bandwidth_gb_s"] > 0
     t = format_table(rep)
     assert "int4" in t and "decode tok/s" in t

@@ -126,8 +126,12 @@ def _mm_model(W, opset=17):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp8", "int8-wo", "int4"])
-def test_quantize_stage_numerics(tmp_path, precision):
+@pytest.mark.parametrize("precision,storage", [("int8", "s8s8"), ("int8", "u8u8"), ("fp8", "s8s8"),
+                                               ("int8-wo", "s8s8"), ("int4", "s8s8")],
+                         ids=["int8", "int8-u8u8", "fp8", "int8-wo", "int4"])
+def test_quantize_stage_numerics(tmp_path, precision, storage):
+    """Every precision against its numpy fake-quant reference. int8 s8s8 is exact only where ONNX Runtime's
+    u8s8 kernels do not saturate (VNNI, ARM): skipped elsewhere; u8u8 must be exact on every CPU."""
     pytest.importorskip("onnxruntime")
     import onnx
     from edgemm.calib.quantize import fake_quant_act, quant_blockwise, quant_weight_per_channel, quantize_stage
@@ -141,10 +145,18 @@ def test_quantize_stage_numerics(tmp_path, precision):
                     weight_absmax=np.abs(W).max(1))
     ls.add(x, rng)
     stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    from edgemm.cpu import s8s8_int8_exact
+    if precision == "int8" and storage == "s8s8" and not s8s8_int8_exact():
+        pytest.skip("this CPU has no VNNI: ONNX Runtime's u8s8 kernels saturate s8s8 graphs (the ort backend runs "
+                    "them dequantized; test_portability checks both storages under an emulated AVX2 CPU)")
     rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "out.onnx", "decoder_text", precision, stats=stats,
-                         log=None, method="max")
+                         log=None, method="max", int8_storage=storage)
     assert rec["quantized"] == 1 and rec["layers"][0]["layer"] == "decoder_text/l"
     m = onnx.load(tmp_path / "out.onnx")
+    if precision == "int8":
+        want_type = onnx.TensorProto.UINT8 if storage == "u8u8" else onnx.TensorProto.INT8
+        wq = [t for t in m.graph.initializer if ".weight_q." in t.name]
+        assert wq and all(t.data_type == want_type for t in wq) and rec["int8_storage"] == storage
     ops = {n.op_type for n in m.graph.node}
     got = _run(m, {"x": x}, disable_qdq=precision == "fp8")
     if precision in ("int8", "fp8"):

@@ -270,7 +270,11 @@ def test_stock_llama_cpp_python_answers(tmp_path):
     ref_b = TorchBackend.open(model="tiny-shapes", device="cpu")
     ref = [answer(ref_b, img, q.question, GenerationConfig(max_new_tokens=8)).lower() for img, q in items]
 
-    # -- from here on only llama-cpp-python
+    # -- from here on only llama-cpp-python (the one call before: register llama.cpp's CPU variant, which a
+    #    GGML_BACKEND_DL build needs and llama-cpp-python does not do; llama.cpp's own tools call
+    #    ggml_backend_load_all the same way)
+    from edgemm.runtimes.llamacpp_backend import load_llama_cpp
+    load_llama_cpp()
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
     # logits_all: llama.cpp's cogvlm graph does not select output rows (no inp_out_ids), so a prompt batch that
