@@ -133,18 +133,11 @@ def _prompt(backend, img, question):
     tok = backend.tokenizer
     px = preprocess(img, backend.cfg.vision)
     rows = backend.vision(px)
-    st = _new_state(backend, 1 + rows.shape[1] + 64 + FIDELITY_STEPS)
+    st = backend.new_state(max_len=1 + rows.shape[1] + 64 + FIDELITY_STEPS)
     backend.text(st, [tok.bos_id])
     backend.image(st, rows)
     return st, np.array(backend.text(st, tok.user_turn(question, first=True)), np.float32)  # (copies: a backend
     # may return a view of a buffer that its next call reuses)
-
-
-def _new_state(backend, need):
-    try:
-        return backend.new_state(max_len=int(need))
-    except TypeError:
-        return backend.new_state()
 
 
 def reference_logits(reference: str, n: int = FIDELITY_PROMPTS, steps: int = FIDELITY_STEPS, progress=True):
@@ -199,7 +192,7 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int) -> dict:
         px = preprocess(img, backend.cfg.vision)
         rows = backend.vision(px)
         t1 = time.perf_counter()
-        st = _new_state(backend, 1 + rows.shape[1] + len(ids) + decode_steps + 2)
+        st = backend.new_state(max_len=1 + rows.shape[1] + len(ids) + decode_steps + 2)
         t1b = time.perf_counter()
         backend.text(st, [tok.bos_id])
         backend.image(st, rows)
@@ -346,7 +339,8 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+        from .bundle import write_json_atomic
+        write_json_atomic(out / "bench.json", report, indent=1, default=_jsonable)
         write_csv(results, out / "bench.csv")
         try:
             plot(results, out / "bench.png")

@@ -96,7 +96,18 @@ def read_manifest(bundle: str | Path) -> dict:
     if m.get("format_version") != FORMAT_VERSION:
         raise EdgemmError(f"{d} has bundle format version {m.get('format_version')}, this edgemm reads "
                           f"version {FORMAT_VERSION}: re-export it with this edgemm, or install the edgemm that made it")
+    stages = m.get("stages")
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str)
+                                               for v in stages.values()):
+        raise EdgemmError(f"{p}: 'stages' must map each stage to an entry with a 'file'; re-export the bundle")
+    missing = [s for s in REQUIRED_STAGES.get(m.get("target"), ()) if s not in stages]
+    if missing:
+        raise EdgemmError(f"{p}: a {m.get('target')} bundle needs the stages {', '.join(missing)}; re-export it")
     return m
+
+
+REQUIRED_STAGES = {"gguf": ("decoder", "vision"), "onnx": ("decoder_text", "decoder_image"),
+                   "trt": ("decoder_text", "decoder_image")}    # + the input stage: vision or image_tokens
 
 
 def bundle_path(bundle: str | Path, rel: str) -> Path:

@@ -24,6 +24,10 @@ def handle_errors(fn):
         except EdgemmError as e:
             _err(f"error: {e}")
             sys.exit(2)
+        except OSError as e:            # an unwritable --json path, a full disk, a file that vanished
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _err(f"error: {where}{e.strerror or e}")
+            sys.exit(2)
         except KeyboardInterrupt:
             _err("interrupted")
             sys.exit(130)
@@ -179,8 +183,9 @@ def eval_cmd(model, bundle, backend, device, threads, data, limit, json_path):
     res = evaluate(b, data=data, limit=limit)
     click.echo(format_report(res))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({k: v for k, v in res.items()} | {"backend": b.describe(), "source": b.source}, f, indent=1)
+        from .bundle import write_json_atomic
+        write_json_atomic(json_path, {k: v for k, v in res.items()} | {"backend": b.describe(), "source": b.source},
+                          indent=1)
 
 
 @main.command()
@@ -292,7 +297,12 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     if not out:
         raise EdgemmError("-o OUT is required: the bundle directory to write")
     prec = parse_precision(target, precision)
-    extra = {} if keep_sensitive is None else {"keep_sensitive": keep_sensitive}
+    extra = {}
+    if keep_sensitive is not None:
+        if target == "gguf":
+            raise EdgemmError("--keep-sensitive applies to --target onnx and trt (Q/DQ and MatMulNBits layers); "
+                              "gguf types are chosen per tensor by llama.cpp's quantizer")
+        extra["keep_sensitive"] = keep_sensitive
     if recipe is not None:
         if target != "onnx":
             raise EdgemmError(f"--recipe applies to --target onnx; --target {target} takes its quantization from "
@@ -311,7 +321,7 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     import torch
     torch.set_num_threads(threads or os.cpu_count())
     run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
-               log=_err, **extra)
+               log=_err, threads=threads, **extra)
 
 
 def parse_recipes(spec: str, prec: dict) -> dict:
@@ -403,8 +413,8 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads)
         click.echo(f"{r['key']:<52} {r['branch']:<12} {r['rows']:>6} {r['max']:>9.3g} {v:>10.3g}")
     click.echo(f"statistics: {st.path or '(not cached)'} ({st.meta.get('samples')} samples of {st.meta.get('set')})")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"meta": st.meta, "layers": rows, "file": str(st.path)}, f, indent=1)
+        from .bundle import write_json_atomic
+        write_json_atomic(json_path, {"meta": st.meta, "layers": rows, "file": str(st.path)}, indent=1)
 
 
 @main.command()

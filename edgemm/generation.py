@@ -54,9 +54,37 @@ class Sampler:
         return int(self.rng.choice(p.size, p=p))
 
 
+class TextStream:
+    """Incremental detokenization: each new token costs a decode of a short tail, not of the whole answer.
+
+    The text of ids[prefix:] minus the text of ids[prefix:read] is what the new tokens add; a byte-level BPE
+    token can end inside a UTF-8 character, so while the tail ends in U+FFFD nothing is emitted yet."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.prefix, self.read, self.text = tok, [], 0, 0, ""
+
+    def add(self, t: int) -> str:
+        self.ids.append(t)
+        head = self.tok.decode(self.ids[self.prefix:self.read])
+        tail = self.tok.decode(self.ids[self.prefix:])
+        if len(tail) > len(head) and not tail.endswith("\ufffd"):
+            new = tail[len(head):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += new
+            return new
+        return ""
+
+
 class ChatSession:
     """A conversation about (at most) one image. The KV cache is kept across turns; only the new turn's
-    tokens are fed. When the context fills, the oldest whole turns are dropped (never the image)."""
+    tokens are fed. When the context fills, the oldest whole turns are dropped (never the image).
+
+    A turn's closing </s> (and a token sampled but cut by a stop string) is not fed at the end of the turn: it
+    goes into the cache with the next question, in the same call, so a one-question session makes no decoder
+    call that nothing reads. The KV cache is sized to what the conversation needs (at least CACHE_MIN rows,
+    doubling as turns arrive, never past the context) rather than the whole context at every image."""
+
+    CACHE_MIN = 256
 
     def __init__(self, backend, gen: GenerationConfig | None = None, log: Callable[[str], None] | None = None):
         self.b = backend
@@ -66,6 +94,8 @@ class ChatSession:
         self.rows = None              # image rows [1, P+2, D] from the vision stage
         self.turns: list[tuple[str, list[int]]] = []   # (question, answer ids incl. </s>)
         self.state = None
+        self.capacity = 0             # rows the state's KV cache holds
+        self.pending: list[int] = []  # ids of the last turn not yet in the cache (its </s>)
         self._warned = False
 
     # ---- conversation control -------------------------------------------------
@@ -82,7 +112,10 @@ class ChatSession:
 
     def reset(self) -> None:
         self.turns = []
-        self.state = None
+        self.pending = []
+        if self.state is not None:              # keep the allocated cache: rewinding it costs nothing
+            self.state.length = self.state.pos = 0
+            self.state = self._fill(self.state, [])
 
     # ---- prompt pieces ---------------------------------------------------------
     def _prefix_segments(self):
@@ -94,24 +127,35 @@ class ChatSession:
     def _rows(self, segs) -> int:
         return sum(len(d) if k == "text" else d.shape[1] for k, d in segs)
 
-    def _replay(self, turns) -> tuple[object, np.ndarray]:
-        """Fresh state holding the prefix and `turns`; returns (state, logits of the last row)."""
-        st = self.b.new_state()
-        logits = None
+    def _turn_rows(self, turns) -> int:
+        return sum(len(self.tok.user_turn(q, i == 0)) + len(a) for i, (q, a) in enumerate(turns))
+
+    def _fill(self, st, turns):
+        """Feed the prefix and `turns` into the (empty) state `st`; -> st."""
         pending: list[int] = []
         for kind, data in self._prefix_segments():
             if kind == "image":
                 if pending:
                     self.b.text(st, pending)
                     pending = []
-                logits = self.b.image(st, data)
+                self.b.image(st, data)
             else:
                 pending += data
         for i, (q, a) in enumerate(turns):
             pending += self.tok.user_turn(q, first=(i == 0)) + a
         if pending:
-            logits = self.b.text(st, pending)
-        return st, logits
+            self.b.text(st, pending)
+        return st
+
+    def _replay(self, turns, need: int):
+        """A fresh state of at least `need` rows holding the prefix and `turns`."""
+        ctx = self.b.context_length
+        cap = max(self.CACHE_MIN, self.capacity)
+        while cap < need:
+            cap *= 2
+        self.capacity = min(cap, ctx)
+        self.pending = []
+        return self._fill(self.b.new_state(max_len=self.capacity), turns)
 
     # ---- one turn ------------------------------------------------------------------
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
@@ -119,54 +163,62 @@ class ChatSession:
             raise EdgemmError("the question is empty: type a question about the image")
         ctx = self.b.context_length
         gen = self.gen
-        first = not self.turns
-        q_ids = self.tok.user_turn(question, first=first)
+        q_ids = self.tok.user_turn(question, first=not self.turns)
         prefix_rows = self._rows(self._prefix_segments())
         if prefix_rows + len(self.tok.user_turn(question, first=True)) + gen.max_new_tokens + 1 > ctx:
             raise EdgemmError(
                 f"the prompt needs {prefix_rows + len(q_ids)} tokens plus {gen.max_new_tokens} to answer, "
                 f"but the context holds {ctx}: shorten the question or lower --max-new-tokens")
+        answer_rows = gen.max_new_tokens + 1
         if self.state is None:
-            self.state, _ = self._replay([])
-        need = len(q_ids) + gen.max_new_tokens + 1
-        if self.state.length + need > ctx:
+            self.state = self._replay([], prefix_rows + len(q_ids) + answer_rows)
+        need = self.state.length + len(self.pending) + len(q_ids) + answer_rows
+        if need > ctx:
             turns = list(self.turns)
-            while turns and prefix_rows + sum(len(self.tok.user_turn(q, i == 0)) + len(a)
-                                              for i, (q, a) in enumerate(turns)) \
-                    + len(self.tok.user_turn(question, not turns)) + gen.max_new_tokens + 1 > ctx:
+            while turns and prefix_rows + self._turn_rows(turns) \
+                    + len(self.tok.user_turn(question, not turns)) + answer_rows > ctx:
                 turns.pop(0)
             if not self._warned:
                 self.log(f"note: the context ({ctx} tokens) is full; dropping the oldest turns "
                          f"({len(self.turns) - len(turns)} now, more later as needed; the image stays)")
                 self._warned = True
             self.turns = turns
-            self.state, _ = self._replay(turns)
             q_ids = self.tok.user_turn(question, first=not turns)
-        logits = self.b.text(self.state, q_ids)
+            self.state = self._replay(turns, prefix_rows + self._turn_rows(turns) + len(q_ids) + answer_rows)
+        elif need > self.capacity:                               # grow the cache: replay into a bigger one
+            self.state = self._replay(self.turns, need)
+        logits = self.b.text(self.state, self.pending + q_ids)
+        self.pending = []
         sampler = Sampler(gen)
         out: list[int] = []
-        unfed: list[int] = []
-        text = ""
+        stream = TextStream(self.tok)
+        stops = [x for x in gen.stop if x]
+        hold = max((len(x) for x in stops), default=1) - 1   # a tail that may still become a stop string
+        emitted = 0
         for _ in range(gen.max_new_tokens):
             t = sampler(logits)
             if t == self.tok.eos_id:
                 break
             out.append(t)
-            new_text = self.tok.decode(out)
-            hit = [new_text.find(s) for s in gen.stop if s and s in new_text]
-            if hit:
-                new_text = new_text[: min(hit)]
-            if on_text and len(new_text) > len(text) and new_text.startswith(text):
-                on_text(new_text[len(text):])
-            text = new_text
-            if hit:
-                unfed = [t]
+            stream.add(t)
+            hits = [stream.text.find(x) for x in stops if x in stream.text]
+            if hits:
+                stream.text = stream.text[:min(hits)]
+                self.pending = [t]                               # sampled, not in the cache
                 break
-            logits = self.b.text(self.state, [t])
-        # close the turn in the cache with </s>, so the next turn appends to exactly what a replay would hold
-        self.b.text(self.state, unfed + [self.tok.eos_id])
+            if on_text and len(stream.text) - hold > emitted:
+                on_text(stream.text[emitted:len(stream.text) - hold])
+                emitted = len(stream.text) - hold
+            if len(out) < gen.max_new_tokens:
+                logits = self.b.text(self.state, [t])
+            else:
+                self.pending = [t]                               # the last token: nothing reads its logits
+        if on_text and len(stream.text) > emitted:
+            on_text(stream.text[emitted:])
+        # the turn closes with </s>; it enters the cache with the next question (see the class docstring)
+        self.pending = self.pending + [self.tok.eos_id]
         self.turns.append((question, out + [self.tok.eos_id]))
-        return text.strip()
+        return stream.text.strip()
 
 
 def answer(backend, image, question: str, gen: GenerationConfig | None = None, on_text=None) -> str:

@@ -509,7 +509,7 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
 # --------------------------------------------------------------------------- the exporter
 def export_onnx(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                 log=print, threads: int | None = None, seed: int | None = None, keep_sensitive: float | None = None,
-                stats=None, recipes: dict | None = None, **_ignored) -> dict:
+                stats=None, recipes: dict | None = None) -> dict:
     """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`.
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.

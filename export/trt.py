@@ -613,7 +613,7 @@ def _precisions(precision) -> dict:
 def export_trt(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                log=print, threads: int | None = None, seed: int | None = None, device_class: str | None = None,
                max_context: int | None = None, max_batch: int | None = None, calib_size: int = 32,
-               keep_sensitive=None, **_ignored) -> dict:
+               keep_sensitive=None) -> dict:
     """Export `model` (a --model spec or a (model, tokenizer) pair) to a trt bundle at `out`; -> the manifest."""
     import onnx
     import torch

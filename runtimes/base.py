@@ -9,7 +9,11 @@ import numpy as np
 
 @dataclass
 class State:
-    """One KV cache: `length` rows filled, `pos` the next RoPE position (they differ under the cogvlm rule)."""
+    """One KV cache: `length` rows filled, `pos` the next RoPE position (they differ under the cogvlm rule).
+
+    `cache` is the backend's own, one type per backend: torch `edgemm.model.KVCache`; ort and trt a dict
+    {"k": [per layer], "v": [per layer], "capacity": rows} of OrtValues / arrays; llamacpp the int id of the
+    llama context's sequence that holds it. Setting `length` (and `pos`) lower rewinds the cache."""
     cache: Any = None
     length: int = 0
     pos: int = 0
@@ -37,7 +41,8 @@ class Backend:
     def context_length(self) -> int:
         return self.cfg.decoder.max_seq_len
 
-    def new_state(self) -> State:
+    def new_state(self, max_len: int | None = None) -> State:
+        """An empty KV cache of `max_len` rows (default: the whole context)."""
         raise NotImplementedError
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:

@@ -148,3 +148,37 @@ def test_export_recipe_and_max_context_reach_the_manifest(tmp_path, random_ckpt)
     trt = json.loads((tmp_path / "t" / "edgemm.json").read_text())["trt"]
     assert trt["max_context"] == 96 and trt["device_class"] == "orin"
     assert trt["profiles"]["orin"]["decoder_text"]["cache_key.0"]["max"][1] == 96
+
+
+# --------------------------------------------------------------------------- OS and bundle-format errors
+def test_unwritable_json_path_is_one_error_line(tmp_path, random_ckpt):
+    code, out, r = _run("eval", "--model", str(random_ckpt), "--limit", "1", "--json",
+                        str(tmp_path / "no-such-dir" / "x.json"))
+    assert code == 2 and "error:" in out and "Traceback" not in out and r.exception.__class__ is SystemExit
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_manifest_without_a_stage_is_one_error_line(tmp_path):
+    from edgemm.bundle import FORMAT, FORMAT_VERSION, MANIFEST
+    b = tmp_path / "g"
+    b.mkdir()
+    (b / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "target": "gguf",
+                                          "stages": {"vision": {"file": "mmproj.gguf"}}}))
+    code, out, _ = _run("run", "--bundle", str(b), "hi")
+    assert code == 2 and "needs the stages decoder" in out and "Traceback" not in out
+    (b / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "target": "gguf",
+                                          "stages": {"vision": "mmproj.gguf"}}))
+    code, out, _ = _run("info", "--bundle", str(b))
+    assert code == 2 and "'stages' must map" in out
+
+
+def test_exporters_take_no_unknown_options_and_get_threads(monkeypatch, tmp_path):
+    import edgemm.export.onnx as O
+    with pytest.raises(TypeError):
+        O.export_onnx(model="tiny-shapes", out=tmp_path / "x", precision="fp32", log=None, max_contxt=5)
+    seen = {}
+    monkeypatch.setattr(O, "export_onnx", lambda **kw: seen.update(kw))
+    code, out, _ = _run("export", "--target", "onnx", "--threads", "1", "-o", str(tmp_path / "b"))
+    assert code == 0 and seen["threads"] == 1
+    code, out, _ = _run("export", "--target", "gguf", "--keep-sensitive", "0.1", "-o", str(tmp_path / "g"))
+    assert code == 2 and "--keep-sensitive applies to --target onnx and trt" in out

@@ -25,8 +25,9 @@ def test_chat_turns_reuse_the_cache_and_match_full_recompute(backend):
     sess.ask("Where is the red square?")
     q3 = backend.tokenizer.user_turn("How many shapes are there?", first=False)
     length_before = sess.state.length
-    live = backend.text(sess.state, q3)
-    assert sess.state.length == length_before + len(q3)        # only the new turn was fed
+    assert sess.pending[-1] == backend.tokenizer.eos_id          # the closing </s> waits for the next question
+    live = backend.text(sess.state, sess.pending + q3)
+    assert sess.state.length == length_before + len(sess.pending) + len(q3)   # only the new turn was fed
     # the whole conversation recomputed in one pass, routed per row
     tok = backend.tokenizer
     ids = []
@@ -55,17 +56,79 @@ def test_sampler_modes():
         GenerationConfig(top_p=0)
 
 
+class Scripted:
+    """A backend whose text branch answers a fixed token script (one-hot logits); counts its calls."""
+
+    def __init__(self, real, script):
+        self.cfg, self.tokenizer, self.real = real.cfg, real.tokenizer, real
+        self.script, self.calls, self.fed = list(script), {"text": 0, "image": 0}, []
+        self.context_length = real.context_length
+
+    def new_state(self, max_len=None):
+        return self.real.new_state(max_len)
+
+    def vision(self, px):
+        return self.real.vision(px)
+
+    def image(self, st, rows):
+        self.calls["image"] += 1
+        st.length += rows.shape[1]
+        return np.zeros(self.tokenizer.vocab_size, np.float32)
+
+    def text(self, st, ids):
+        self.calls["text"] += 1
+        self.fed.append(list(ids))
+        st.length += len(ids)
+        z = np.zeros(self.tokenizer.vocab_size, np.float32)
+        if list(ids) != [self.tokenizer.bos_id]:                # the prefix's <s>: its logits are not read
+            z[self.script.pop(0) if self.script else self.tokenizer.eos_id] = 1
+        return z
+
+
 def test_streaming_pieces_join_to_the_answer_and_stop_strings_cut(backend):
-    sess = ChatSession(backend, GenerationConfig(max_new_tokens=12))
+    tok = backend.tokenizer
+    ids = tok.encode(" red circle at the top")
+    b = Scripted(backend, ids)
+    sess = ChatSession(b, GenerationConfig(max_new_tokens=12))
     sess.set_image(_image())
     pieces = []
     ans = sess.ask("What shape is the red object?", on_text=pieces.append)
-    assert "".join(pieces).strip() == ans
-    if len(ans) > 2:
-        stop = ans[1:3]
-        sess2 = ChatSession(backend, GenerationConfig(max_new_tokens=12, stop=(stop,)))
-        sess2.set_image(_image())
-        assert stop not in sess2.ask("What shape is the red object?")
+    assert ans == "red circle at the top" and "".join(pieces).strip() == ans and len(pieces) == len(ids)
+    b2 = Scripted(backend, ids)
+    sess2 = ChatSession(b2, GenerationConfig(max_new_tokens=12, stop=("le a",)))
+    sess2.set_image(_image())
+    pieces = []
+    assert sess2.ask("What shape is the red object?", on_text=pieces.append) == "red circ"
+    assert "".join(pieces).strip() == "red circ"
+    assert sess2.pending[-1] == tok.eos_id and len(sess2.pending) == 2     # the cut token and </s>, unfed
+
+
+def test_one_question_makes_no_decoder_call_after_the_answer(backend):
+    """bos, image, question, then one call per generated token but the last: the answer's </s> (and the last
+    token's logits) are never computed for a question nobody follows up."""
+    tok = backend.tokenizer
+    ids = tok.encode(" blue")
+    for max_new, want_text in ((8, 2 + len(ids)), (len(ids), 2 + len(ids) - 1)):
+        b = Scripted(backend, ids)
+        sess = ChatSession(b, GenerationConfig(max_new_tokens=max_new))
+        sess.set_image(_image())
+        assert sess.ask("What color is the circle?") == "blue"
+        assert b.calls == {"text": want_text, "image": 1}, (max_new, b.calls)
+        # a second question carries the first turn's unfed ids in its own call
+        b.script = ids[:]
+        sess.ask("And the square?")
+        q2 = tok.user_turn("And the square?", first=False)
+        unfed = [] if max_new > len(ids) else ids[-1:]
+        assert b.fed[want_text] == unfed + [tok.eos_id] + q2       # </s> went in with the next question
+
+
+def test_incremental_detokenization_matches_a_full_decode(backend):
+    from edgemm.generation import TextStream
+    tok = backend.tokenizer
+    text = "what color é is the ✓ circle? 3 shapes"
+    ids = tok.encode(text)
+    st = TextStream(tok)
+    assert "".join(st.add(t) for t in ids) == tok.decode(ids) == text
 
 
 def test_empty_and_too_long_prompts(backend):
@@ -88,6 +151,9 @@ def test_full_context_drops_oldest_turns_and_keeps_the_image(random_ckpt):
         assert sess.state.length <= 80
     assert len(notes) == 1 and "dropping the oldest turns" in notes[0]
     assert 0 < len(sess.turns) < 8 and sess.rows is not None
-    # the cache after dropping is exactly a replay of the kept turns with the image
-    st, logits = sess._replay(sess.turns)
-    assert st.length == sess.state.length
+    # the cache after dropping is exactly a replay of the kept turns with the image: same next-token logits
+    q = b.tokenizer.user_turn("How many shapes are there?", first=False)
+    live = b.text(sess.state, sess.pending + q)
+    replay = sess._replay(sess.turns, 80)
+    assert replay.length == sess.state.length - len(q)
+    np.testing.assert_allclose(b.text(replay, q), live, atol=1e-5)
