@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-QUANTIZED = ("int8", "int8-wo", "int4", "fp8")
+from .recipes import QUANTIZED
+
 STAGE_GROUP = {"vision": "vision", "image_tokens": "vision", "decoder_text": "decoder", "decoder_image": "decoder"}
-# validation against the reference (random inputs): minimum cosine similarity of the compared vectors; the
-# measured figures go to the manifest (a random-weight 16-layer model at int4 reaches ~0.87 on noise-like logits)
-VALIDATION_COS = {"int8": 0.95, "fp8": 0.95, "int8-wo": 0.98, "int4": 0.8}   # sanity bounds: a broken graph gives ~0
 
 
 def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tokenizer, calib=None, stats=None,

@@ -29,7 +29,7 @@ import numpy as np
 from edgemm.errors import EdgemmError
 
 STAGES = ("vision", "decoder_text", "decoder_image")
-PRECISIONS = ("int8", "fp8", "int8-wo", "int4")
+from .recipes import QUANTIZED as PRECISIONS  # noqa: E402
 INT8_STORAGES = ("s8s8", "u8u8")
 FP8_MAX = 448.0
 EXTERNAL_DATA_BYTES = 1_800_000_000

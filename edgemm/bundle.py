@@ -68,13 +68,15 @@ def write_json_atomic(path: str | Path, obj, indent: int = 2, default=None) -> N
         raise
 
 
-def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
-    """Add format fields, the sha256 of every file in the directory, and write edgemm.json."""
+def write_manifest(bundle_dir: str | Path, manifest: dict, exclude=()) -> dict:
+    """Add format fields, the sha256 of every file in the directory (but the relative paths in `exclude`: files
+    about to be removed), and write edgemm.json atomically."""
     d = Path(bundle_dir)
     m = {"format": FORMAT, "format_version": FORMAT_VERSION,
          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **manifest}
+    skip = {str(x) for x in exclude}
     m["files"] = {str(p.relative_to(d)): file_sha256(p) for p in sorted(d.rglob("*"))
-                  if p.is_file() and p.name != MANIFEST}
+                  if p.is_file() and p.name != MANIFEST and str(p.relative_to(d)) not in skip}
     write_json_atomic(d / MANIFEST, m)
     return m
 

@@ -229,10 +229,7 @@ def train_demo_cmd(out, steps, batch, seed, threads):
     click.echo(json.dumps(res["history"][-1]))
 
 
-TARGET_PRECISIONS = {"onnx": ("fp32", "fp16", "int8", "int8-wo", "int4", "fp8"),
-                     "trt": ("fp16", "int8", "fp8"),
-                     "gguf": ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")}
-DEFAULT_PRECISION = {"onnx": "fp32", "trt": "int8", "gguf": "q8_0"}
+from .export import DEFAULT_PRECISION, TARGET_PRECISIONS  # noqa: E402  (a light registry module)
 
 
 def parse_precision(target: str, spec: str | None) -> dict[str, str]:
@@ -333,8 +330,9 @@ def parse_recipes(spec: str, prec: dict) -> dict:
         if len(pair) != 2 or pair[0].strip() not in ("vision", "decoder"):
             raise EdgemmError(f"--recipe {spec!r}: write NAME or vision=NAME,decoder=NAME")
         group, name = pair[0].strip(), pair[1].strip()
+        from .calib.recipes import QUANTIZED
         r = get_recipe(name)
-        if prec[group] not in ("int8", "int8-wo", "int4", "fp8"):
+        if prec[group] not in QUANTIZED:
             if "=" in spec:
                 raise EdgemmError(f"--recipe {group}={name}: the {group} stage is exported at {prec[group]}, "
                                   "which is not quantized; give --precision a quantized value for it")
@@ -383,7 +381,7 @@ def import_cmd(src, out, family, tokenizer, rules, shard_size, force):
 def build_engines_cmd(bundle, device_class, force, threads):
     """Build the TensorRT engines of a trt BUNDLE on this machine (engines are tied to the GPU and the
     TensorRT version), validate them against the bundle's Q/DQ graphs, and add them to its manifest."""
-    from .export.trt import build_engines
+    from .export.trt_engines import build_engines
     build_engines(bundle, device_class=device_class, force=force, log=_err, threads=threads)
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError, UnsupportedVariant
+from edgemm.export import TARGET_PRECISIONS
 
-PRECISIONS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+PRECISIONS = TARGET_PRECISIONS["gguf"]
 # llama_ftype values (llama.h)
 FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 # what the mmproj gets per requested precision (gguf-py quantizes f16/q8_0/q4_0; no K-quants for clip files)

@@ -72,6 +72,30 @@ def _compiled_features(info: str) -> list[str]:
     return out
 
 
+def _libggml(ll):
+    """The libggml instance libllama uses (its registry is the one model loads consult). The wheel holds copies,
+    not links, of libggml.so and libggml.so.0, so opening another path would load a second, separate registry:
+    ask the dynamic loader for the already-loaded object by its soname instead."""
+    import llama_cpp.llama_cpp  # noqa: F401  (loads libllama and, through it, libggml)
+    lib = _lib_dir(ll)
+    if os.name == "posix" and hasattr(os, "RTLD_NOLOAD"):
+        for soname in sorted({p.name for p in lib.glob("libggml.so.*") if p.name.count(".") == 2}) or ["libggml.so.0"]:
+            try:
+                return ctypes.CDLL(soname, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+            except OSError:
+                continue
+    from llama_cpp._ggml import libggml
+    return libggml
+
+
+def _dlclose(h) -> None:
+    try:
+        import _ctypes
+        _ctypes.dlclose(h._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 def _load_ggml_backends(ll) -> dict:
     """Register llama.cpp's compute backends once, before the first model load.
 
@@ -82,7 +106,7 @@ def _load_ggml_backends(ll) -> dict:
     (one libggml-cpu) is checked instead: if it was compiled for instruction sets this kernel does not enable it
     would die with SIGILL, so it is refused with the command that rebuilds it."""
     from edgemm.cpu import cpu_flags, is_x86
-    from llama_cpp._ggml import libggml                       # the libggml llama_cpp itself loaded
+    libggml = _libggml(ll)
     libggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     libggml.ggml_backend_load.restype = ctypes.c_void_p
     libggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
@@ -114,6 +138,7 @@ def _load_ggml_backends(ll) -> dict:
                 h = ctypes.CDLL(str(path))
                 h.ggml_backend_score.restype = ctypes.c_int
                 score = int(h.ggml_backend_score())
+                _dlclose(h)
             except (OSError, AttributeError):
                 continue
             if score > best[0]:
@@ -140,9 +165,25 @@ def _load_ggml_backends(ll) -> dict:
 
 
 def load_llama_cpp(verbose: bool = False):
-    """-> the llama_cpp module with its backends registered (see _load_ggml_backends); idempotent."""
-    global _BACKEND_READY
+    """-> the llama_cpp module with its backends registered (see _load_ggml_backends) and llama.cpp's log kept
+    off the terminal unless `verbose` (errors always show); idempotent."""
+    global _BACKEND_READY, _LOG_CB
     llama_cpp = import_llama_cpp()
+    if _LOG_CB is None:
+        @llama_cpp.llama_log_callback
+        def _cb(level, text, user_data):
+            if verbose or level in (3, 4):         # GGML_LOG_LEVEL_WARN, _ERROR
+                import sys
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+        _LOG_CB = _cb
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        try:
+            from llama_cpp import mtmd_cpp
+            mtmd_cpp.mtmd_log_set(_LOG_CB, ctypes.c_void_p(0))
+            mtmd_cpp.mtmd_helper_log_set(_LOG_CB, ctypes.c_void_p(0))
+        except Exception:   # older bindings without mtmd logging hooks
+            pass
     if not _BACKEND_READY:
         GGML_CPU.update(_load_ggml_backends(llama_cpp))
         llama_cpp.llama_backend_init()
@@ -161,24 +202,7 @@ def import_llama_cpp():
 
 
 def _init_backend(verbose: bool = False):
-    global _LOG_CB
-    llama_cpp = load_llama_cpp(verbose)
-    if _LOG_CB is None:
-        @llama_cpp.llama_log_callback
-        def _cb(level, text, user_data):      # keep llama.cpp's chatter off the terminal unless asked
-            if verbose or level == 3:
-                import sys
-                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
-        _LOG_CB = _cb
-        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
-        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
-        try:
-            from llama_cpp import mtmd_cpp
-            mtmd_cpp.mtmd_log_set(_LOG_CB, ctypes.c_void_p(0))
-            mtmd_cpp.mtmd_helper_log_set(_LOG_CB, ctypes.c_void_p(0))
-        except Exception:   # older bindings without mtmd logging hooks
-            pass
-    return llama_cpp
+    return load_llama_cpp(verbose)
 
 
 class LlamaRunner:

@@ -79,10 +79,12 @@ def _open_bundle(bundle, verify=True):
     from edgemm.bundle import bundle_path, read_manifest, verify_bundle
     from edgemm.config import ModelConfig
     from edgemm.tokenizer import Tokenizer
-    man = verify_bundle(bundle) if verify else read_manifest(bundle)
+    man = read_manifest(bundle)
     if man.get("target") != "trt":
         raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the trt backend runs trt bundles "
                           "(edgemm export --target trt)")
+    if verify:
+        man = verify_bundle(bundle)
     try:
         cfg = ModelConfig.from_dict(man["model"])
     except (KeyError, TypeError, AttributeError):
@@ -108,12 +110,9 @@ class OnnxQdqBackend(_KVWindow):
     def __init__(self, sessions, manifest, cfg, tokenizer, source):
         self.sess, self.manifest, self.cfg, self.tokenizer, self.source = sessions, manifest, cfg, tokenizer, source
         self.names = _io_names(cfg)
-        self.on_outputs = None          # hook(stage, {name: array}) for calibration statistics
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="cpu", threads=None, log=None, verify=True, paths=None,
-             extra_outputs=None):
-        """paths: {stage: onnx path} to run graphs other than the bundle's (calibration, validation)."""
+    def open(cls, model=None, bundle=None, device="cpu", threads=None, log=None, verify=True):
         from edgemm.bundle import bundle_path
         if model is not None or bundle is None:
             raise EdgemmError("the trt backend runs trt bundles: pass --bundle DIR")
@@ -130,10 +129,9 @@ class OnnxQdqBackend(_KVWindow):
         # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
         # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        paths = paths or {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in cfg.stages}
+        paths = {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in cfg.stages}
         sessions = {s: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for s, p in paths.items()}
         b = cls(sessions, man, cfg, tok, str(bundle))
-        b.extra = extra_outputs or {}
         if log:
             log(f"trt bundle on onnxruntime {ort.__version__} CPU provider (Q/DQ graphs emulated in fp32; "
                 "no TensorRT engines used)")
@@ -149,18 +147,8 @@ class OnnxQdqBackend(_KVWindow):
     def _alloc(self, shape):
         return np.zeros(shape, np.float32)
 
-    def _fetch(self, stage, names):
-        return list(names) + list(self.extra.get(stage, []))
-
-    def _emit(self, stage, names, outs):
-        if self.on_outputs and self.extra.get(stage):
-            self.on_outputs(stage, dict(zip(names, outs)))
-
     def _encode(self, stage, feeds):
-        names = self._fetch(stage, ["image_rows"])
-        outs = self.sess[stage].run(names, feeds)
-        self._emit(stage, names, outs)
-        return outs[0]
+        return self.sess[stage].run(["image_rows"], feeds)[0]
 
     def _decoder(self, stage, feeds, positions, past_len, window, cache):
         ck, cv, nk, nv = self.names
@@ -168,9 +156,7 @@ class OnnxQdqBackend(_KVWindow):
         for i in range(len(ck)):
             feeds[ck[i]] = cache["k"][i][:, :window]       # a view: batch 1, BSNH -> contiguous
             feeds[cv[i]] = cache["v"][i][:, :window]
-        names = self._fetch(stage, ["logits", *nk, *nv])
-        outs = self.sess[stage].run(names, feeds)
-        self._emit(stage, names, outs)
+        outs = self.sess[stage].run(["logits", *nk, *nv], feeds)
         L = len(ck)
         return outs[0][0].astype(np.float32, copy=False), outs[1:1 + L], outs[1 + L:1 + 2 * L]
 
@@ -233,7 +219,9 @@ class TrtBackend(_KVWindow):
         return True, f"TensorRT {e['tensorrt']} engines built for this GPU ({e['gpu']}, sm {e['compute_capability']})"
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, engines=None):
+        """engines: an engines record to load instead of the manifest's (build-engines validates new engines
+        before it commits them to the manifest)."""
         from edgemm.bundle import bundle_path
         if device == "cpu":         # no engines on the CPU: the same graphs on onnxruntime
             return OnnxQdqBackend.open(model=model, bundle=bundle, threads=threads, log=log, verify=verify)
@@ -241,7 +229,7 @@ class TrtBackend(_KVWindow):
             raise EdgemmError("the trt backend runs trt bundles: pass --bundle DIR")
         man, cfg, tok = _open_bundle(bundle, verify)
         here = gpu_identity()
-        engines = man.get("trt", {}).get("engines", {})
+        engines = engines or man.get("trt", {}).get("engines", {})
         if here is None:
             raise EdgemmError("the trt backend needs TensorRT and a CUDA GPU (pip install 'edgemm[gpu]', or "
                               "JetPack's TensorRT on a Jetson); on this machine use --device cpu or --backend ort")

@@ -134,9 +134,9 @@ def test_validation_failure_leaves_no_bundle(ckpt, tmp_path, monkeypatch):
 
 
 def test_external_data(ckpt, tmp_path, monkeypatch):
-    import edgemm.export.onnx as eo
+    import edgemm.export.graph as eg
     from edgemm.bundle import verify_bundle
-    monkeypatch.setattr(eo, "EXTERNAL_DATA_BYTES", 1000)   # force the >2 GB path on a small model
+    monkeypatch.setattr(eg, "EXTERNAL_DATA_BYTES", 1000)   # force the >2 GB path on a small model
     out = tmp_path / "ext"
     m, _ = _export(ckpt, out)
     for st in m["stages"].values():

@@ -19,6 +19,7 @@ from edgemm.cli import main  # noqa: E402
 from edgemm.config import get_preset  # noqa: E402
 from edgemm.errors import EdgemmError  # noqa: E402
 from edgemm.export import trt as T  # noqa: E402
+from edgemm.export import trt_profiles as P  # noqa: E402
 from edgemm.model import EdgeMM  # noqa: E402
 from edgemm.runtimes import load_backend  # noqa: E402
 from edgemm.runtimes import trt_backend as TB  # noqa: E402
@@ -180,40 +181,6 @@ def test_fp8_and_mixed_precision_per_stage(ckpt, tmp_path):
     print({s: round(v[s]["cosine"], 5) for s in T.STAGES})
 
 
-def test_builtin_quantizer_numerics(tmp_path):
-    """Per-channel int8 weights and per-tensor activations: ORT's result equals numpy fake-quantisation."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    W = rng.standard_normal((16, 8)).astype(np.float32) * np.linspace(0.1, 3, 8, dtype=np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-                          [numpy_helper.from_array(W, "W")])
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9),
-                    str(tmp_path / "a.onnx"))
-    x = rng.standard_normal((4, 16)).astype(np.float32)
-    amax = float(np.abs(x).max())
-    for prec, qmax in (("int8", 127.0), ("fp8", 448.0)):
-        info = T.quantize_stage_builtin(tmp_path / "a.onnx", tmp_path / f"{prec}.onnx", "t", prec,
-                                        stats={"x": amax}, log=None)
-        assert info["quantized"] == 1
-        onnx.checker.check_model(str(tmp_path / f"{prec}.onnx"), full_check=True)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        y = ort.InferenceSession(str(tmp_path / f"{prec}.onnx"), so,
-                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        if prec == "int8":
-            ws = np.abs(W).max(0) / qmax
-            xs = amax / qmax
-            ref = (np.clip(np.round(x / xs), -127, 127) * xs) @ (np.clip(np.round(W / ws), -127, 127) * ws)
-            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-        rel = np.abs(y - x @ W).max() / np.abs(x @ W).max()
-        assert rel < (0.02 if prec == "int8" else 0.08), (prec, rel)
-    with pytest.raises(EdgemmError, match="no calibration statistics"):
-        T.quantize_stage_builtin(tmp_path / "a.onnx", tmp_path / "b.onnx", "t", "int8", stats={}, log=None)
-
-
 # ---- profiles and the build plan (pure) ------------------------------------------------------------------
 def test_profiles_cover_the_context(int8):
     _, man = int8
@@ -244,7 +211,7 @@ def test_profiles_cover_the_context(int8):
 
 
 def _plan(man, trt="10.3.0", cc="8.7", gpu="Orin", dc=None):
-    return T.build_plan(man, {"tensorrt": trt, "gpu": gpu, "compute_capability": cc}, dc)
+    return P.build_plan(man, {"tensorrt": trt, "gpu": gpu, "compute_capability": cc}, dc)
 
 
 def test_build_plan(int8):
@@ -330,7 +297,8 @@ def test_trt_backend_refuses_onnx_bundles(tmp_path):
     d = tmp_path / "x"
     d.mkdir()
     (d / "edgemm.json").write_text(json.dumps({"format": "edgemm-bundle", "format_version": 1, "target": "onnx",
-                                               "stages": {}, "files": {}}))
+                                               "stages": {s: {"file": f"{s}.onnx"} for s in T.STAGES},
+                                               "files": {}}))
     with pytest.raises(EdgemmError, match="trt bundles"):
         TB.TrtBackend.open(bundle=str(d), device="cpu")
 

@@ -1,0 +1,384 @@
+"""The one ONNX graph builder of the onnx and trt exporters: stage graphs from the reference model.
+
+Both decoder flavours are emitted from one layer description (`decoder_layers`) and differ only in attention:
+
+- `ort-contrib-gqa` (onnx bundles, the `ort` backend): com.microsoft GroupQueryAttention with past and present
+  sharing one preallocated buffer per layer ([1, K, cache_len, E], BNSH): the runtime binds the same OrtValue as
+  `past_key.i` and `present_key.i`, the op writes the new rows in place at `seqlens_k + 1 - T` and attends over
+  the first `total_sequence_length` rows, so a decode step never copies the cache.
+- `onnx-standard-kv-window` (trt bundles, TensorRT and the CPU emulation): standard ops only. Per layer the
+  cache is an input `cache_key.i` / `cache_value.i` [1, W, K, E] (BSNH: the first W rows of the runtime's buffer),
+  the T new rows are written at `past_len` with ScatterElements, attention is a masked softmax (row i sees cache
+  rows <= past_len + i), and the new rows come out as `new_key.i` / `new_value.i` [1, T, K, E] for the runtime
+  to store.
+
+RoPE (NEOX form) is computed from an explicit `positions` input in both, so the cogvlm position rule works.
+RMSNorm is written `Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div -> Mul`, the form ONNX Runtime fuses into
+SimplifiedLayerNormalization (and TensorRT into its normalization layer). One opset for every graph: 19 (the
+first with FLOAT8E4M3FN QuantizeLinear; ONNX Runtime >= 1.16, TensorRT 10).
+
+Imported-model variants: low-rank vision branches (two MatMuls per projection, the weights stay low-rank),
+per-modality norms (the vision graph holds the vision norms, incl. the final one), Libra's cross-modal K/V bridge
+(a cache of 2 * kv_heads heads: each segment writes both versions of its rows and attends over its own half),
+CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The input stage is traced from the
+reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
+
+fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPSET = 19
+IR_VERSION = 9
+GRAPH_STANDARD = "onnx-standard"
+GRAPH_GQA = "ort-contrib-gqa"
+GRAPH_KV = "onnx-standard-kv-window"
+NEG = -1e9                      # masked attention score (-inf in fp16 after TensorRT's cast: still correct)
+
+
+class Graph:
+    """A small op-by-op builder over onnx.helper; returns value names."""
+
+    def __init__(self, fp16_weights: bool = False):
+        from onnx import helper
+        self.h = helper
+        self.nodes, self.inits, self.n = [], [], 0
+        self.fp16 = fp16_weights
+        self.weight_bytes = 0
+        self._consts: dict = {}
+
+    def _name(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}_{self.n}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str | None = None, name=None,
+           out: str | None = None, **attrs):
+        outs = [out] if out else [self._name(op_type) for _ in range(n_out)]
+        self.nodes.append(self.h.make_node(op_type, inputs, outs, name=name or self._name(f"n_{op_type}"),
+                                           domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+        arr = np.asarray(arr, order="C")              # (np.ascontiguousarray would make 0-d arrays 1-d)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        self.weight_bytes += arr.nbytes
+        return name
+
+    def i64(self, vals) -> str:
+        key = ("i64", tuple(np.atleast_1d(vals).tolist()), np.ndim(vals))
+        if key not in self._consts:
+            self._consts[key] = self.const(f"const.i64.{len(self._consts)}", np.array(vals, np.int64))
+        return self._consts[key]
+
+    def f32(self, v) -> str:
+        key = ("f32", float(v))
+        if key not in self._consts:
+            self._consts[key] = self.const(f"const.f32.{len(self._consts)}", np.array(v, np.float32))
+        return self._consts[key]
+
+    def weight(self, name: str, arr: np.ndarray) -> str:
+        """A float32 weight; matrices are stored in fp16 (and Cast back to fp32) for fp16 exports."""
+        arr = np.asarray(arr, np.float32)
+        if self.fp16 and arr.ndim >= 2:
+            from onnx import TensorProto
+            src = self.const(name + ".fp16", arr.astype(np.float16))
+            return self.op("Cast", [src], out=name, to=TensorProto.FLOAT)
+        return self.const(name, arr)
+
+    def model(self, name: str, inputs, outputs, ms_domain: bool = False):
+        g = self.h.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        ops = [self.h.make_opsetid("", OPSET)] + ([self.h.make_opsetid("com.microsoft", 1)] if ms_domain else [])
+        return self.h.make_model(g, opset_imports=ops, ir_version=IR_VERSION, producer_name="edgemm")
+
+
+def np32(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- layers
+def rms(g: Graph, x: str, w: str, eps: float) -> str:
+    """x / sqrt(mean(x^2) + eps) * w, as edgemm.model.RMSNorm, in the pattern ONNX Runtime fuses."""
+    ms = g.op("ReduceMean", [g.op("Pow", [x, g.f32(2.0)]), g.i64([-1])], keepdims=1)
+    return g.op("Mul", [g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.f32(eps)])])]), w])
+
+
+def rope_tables(g: Graph, c) -> tuple[str, str]:
+    """cos, sin [1, T, 1, E] from the `positions` input, as edgemm.model.rope_cos_sin computes them."""
+    import torch
+    from onnx import TensorProto
+    E = c.head_dim
+    inv = (1.0 / c.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E)).numpy()
+    f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([1])]),
+                     g.const("rope.inv_freq", inv)])                               # [T, E/2]
+    f = g.op("Concat", [f, f], axis=-1)                                           # [T, E]
+    return (g.op("Unsqueeze", [g.op("Cos", [f]), g.i64([0, 2])]),
+            g.op("Unsqueeze", [g.op("Sin", [f]), g.i64([0, 2])]))
+
+
+def rope(g: Graph, x4: str, cos: str, sin: str, E: int) -> str:
+    """NEOX RoPE on x4 [1, T, n, E]: x * cos + cat(-x2, x1) * sin."""
+    x1, x2 = g.op("Split", [x4, g.i64([E // 2, E // 2])], n_out=2, axis=3)
+    rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+    return g.op("Add", [g.op("Mul", [x4, cos]), g.op("Mul", [rot, sin])])
+
+
+def linear(g: Graph, x: str, mod, name: str) -> str:
+    """x @ W^T (+ b) for an nn.Linear; Libra's LowRankLinear as two MatMuls (x @ A^T @ B^T: stays low-rank)."""
+    if hasattr(mod, "weight_A"):
+        h = g.op("MatMul", [x, g.weight(f"{name}.weight_A.T", np32(mod.weight_A).T)], name=f"{name}.A")
+        return g.op("MatMul", [h, g.weight(f"{name}.weight_B.T", np32(mod.weight_B).T)], name=f"{name}.B")
+    y = g.op("MatMul", [x, g.weight(f"{name}.weight.T", np32(mod.weight).T)], name=name)
+    return y if mod.bias is None else g.op("Add", [y, g.weight(f"{name}.bias", np32(mod.bias))])
+
+
+def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
+    """SwiGLU; a dense branch's gate and up share one MatMul."""
+    if hasattr(br.gate, "weight_A"):
+        gate, up = linear(g, x, br.gate, f"{name}.gate"), linear(g, x, br.up, f"{name}.up")
+    else:
+        gu = np.concatenate([np32(br.gate.weight).T, np32(br.up.weight).T], 1)   # [D, 2F]: one MatMul
+        gate, up = g.op("Split", [g.op("MatMul", [x, g.weight(f"{name}.gate_up.weight.T", gu)], name=f"{name}.gate_up"),
+                                  g.i64([ffn, ffn])], n_out=2, axis=-1)
+    return linear(g, g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]), br.down, f"{name}.down")
+
+
+def decoder_input(g: Graph, model, branch: str) -> tuple[list, str]:
+    """-> (graph inputs, rows [1, T, D]): token ids (text) or image rows (vision). The text graph of a model that
+    routes the image segment's eoi row through the text branch (CogVLM's original rule) also takes `input_rows`
+    [1, rows, D], appended after the ids' embeddings: the runtime feeds the ids and no rows for text, no ids
+    and the eoi row for the end of an image segment."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    D = model.cfg.decoder.d_model
+    if branch != "text":
+        return [vi("image_rows", TensorProto.FLOAT, [1, "seq", D])], "image_rows"
+    emb = g.weight("tok_embeddings.weight", np32(model.decoder.tok_embeddings.weight))
+    x = g.op("Gather", [emb, "input_ids"], axis=0)                                        # [1, T, D]
+    if model.cfg.decoder.eoi_branch != "text":
+        return [vi("input_ids", TensorProto.INT64, [1, "seq"])], x
+    ins = [vi("input_ids", TensorProto.INT64, [1, "ids"]), vi("input_rows", TensorProto.FLOAT, [1, "rows", D])]
+    return ins, g.op("Concat", [x, "input_rows"], axis=1)
+
+
+def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
+    """The layers of one decoder branch: dense or low-rank (Libra) projections, per-modality norms, Libra's
+    cross-modal K/V bridge.
+
+    attend(i, q, k, v, read) -> [1, T, H*E]: q [1, T, H*E] and k, v [1, T, cache_heads*E] before RoPE; with the
+    bridge k, v hold both versions of the rows (heads [0, K) as text queries read them, [K, 2K) as vision
+    queries do: this branch's own rows plain, the other modality's with its rank-r bridge added) and
+    `read` says which half this branch's queries attend over (None without the bridge)."""
+    c = model.cfg.decoder
+    H, K, E = c.n_heads, c.kv_heads, c.head_dim
+    own = branch == "vision" and c.per_modality_norms
+    for i, layer in enumerate(model.decoder.layers):
+        br, p = getattr(layer, branch), f"layers.{i}"
+        nrm = (layer.vision_attn_norm, layer.vision_ffn_norm) if own else (layer.attn_norm, layer.ffn_norm)
+        pre = "vision_" if own else ""
+        h = rms(g, x, g.weight(f"{p}.{pre}attn_norm.weight", np32(nrm[0].weight)), c.rms_eps)
+        if hasattr(br.qkv, "weight"):
+            q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
+                           n_out=3, axis=-1)
+        else:
+            q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
+        read = None
+        if c.cross_modal_bridge:
+            read = int(branch == "vision")
+            ko, vo = (g.op("Add", [t, linear(g, h, getattr(br, f"{n}_bridge"), f"{p}.{branch}.{n}_bridge")])
+                      for t, n in ((k, "k"), (v, "v")))              # as the other modality's queries read them
+            k, v = (g.op("Concat", [t, o] if read == 0 else [o, t], axis=-1) for t, o in ((k, ko), (v, vo)))
+        x = g.op("Add", [x, linear(g, attend(i, q, k, v, read), br.o, f"{p}.{branch}.o")])
+        h = rms(g, x, g.weight(f"{p}.{pre}ffn_norm.weight", np32(nrm[1].weight)), c.rms_eps)
+        x = g.op("Add", [x, mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)])
+    return x
+
+
+def final_norm(model, branch: str):
+    dec = model.decoder
+    return dec.vision_norm if branch == "vision" and model.cfg.decoder.per_modality_norms else dec.norm
+
+
+# --------------------------------------------------------------------------- attention, per flavour
+def _gqa_attention(g: Graph, c, cos, sin):
+    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa)."""
+    H, E, NK = c.n_heads, c.head_dim, c.cache_heads
+
+    def attend(i, q, k, v, read):
+        # with the bridge, the queries are duplicated (2H heads over the 2K cache heads: the first H read
+        # [0, K), the others [K, 2K)), so one GroupQueryAttention writes both versions of the new rows into
+        # the shared buffer; the half of the output this branch does not read is dropped
+        n = 1 if read is None else 2
+        q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E), g.i64([0, 0, H * E])])
+        k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E), g.i64([0, 0, NK * E])])
+        a, pk, pv = g.op("GroupQueryAttention", [g.op("Concat", [q] * n, axis=-1) if n > 1 else q, k, v,
+                                                 f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                                 "total_sequence_length"], n_out=3, domain="com.microsoft",
+                         num_heads=n * H, kv_num_heads=NK, scale=1.0 / math.sqrt(E))
+        g.op("Identity", [pk], out=f"present_key.{i}", name=f"present_key_id.{i}")
+        g.op("Identity", [pv], out=f"present_value.{i}", name=f"present_value_id.{i}")
+        return a if n == 1 else g.op("Split", [a, g.i64([H * E, H * E])], n_out=2, axis=-1)[read]
+    return attend
+
+
+def _window_attention(g: Graph, c, cos, sin):
+    """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window)."""
+    D, H, K, E, NK = c.d_model, c.n_heads, c.kv_heads, c.head_dim, c.cache_heads
+    zero, one = g.i64(0), g.i64(1)
+    T = g.op("Squeeze", [g.op("Shape", ["positions"]), g.i64([0])])
+    W = g.op("Gather", [g.op("Shape", ["cache_key.0"]), one], axis=0)
+    rows = g.op("Add", [g.op("Range", [zero, T, one]), "past_len"], name="write_rows")         # [T]
+    cols = g.op("Range", [zero, W, one])                                                      # [W]
+    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.i64([0])]),
+                                   g.op("Unsqueeze", [rows, g.i64([1])])], name="causal_mask")  # [T, W]
+    scatter_shape = g.op("Concat", [g.i64([1]), g.op("Unsqueeze", [T, g.i64([0])]), g.i64([NK, E])], axis=0)
+    scatter_idx = g.op("Expand", [g.op("Reshape", [rows, g.i64([1, -1, 1, 1])]), scatter_shape])  # [1, T, NK, E]
+    scale = g.f32(1.0 / math.sqrt(E))
+
+    def attend(i, q, k, v, read):
+        q4 = rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E)                # [1, T, H, E]
+        k4 = rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E)               # [1, T, NK, E]
+        v4 = g.op("Reshape", [v, g.i64([1, -1, NK, E])])
+        g.op("Identity", [k4], out=f"new_key.{i}")
+        g.op("Identity", [v4], out=f"new_value.{i}")
+        kf = g.op("ScatterElements", [f"cache_key.{i}", scatter_idx, k4], axis=1)             # [1, W, NK, E]
+        vf = g.op("ScatterElements", [f"cache_value.{i}", scatter_idx, v4], axis=1)
+        if read is not None:            # the bridge: this branch's queries read one half of the heads
+            kf, vf = (g.op("Slice", [t, g.i64([read * K]), g.i64([(read + 1) * K]), g.i64([2])]) for t in (kf, vf))
+        qh = g.op("Transpose", [q4], perm=[0, 2, 1, 3])                                       # [1, H, T, E]
+        kh = g.op("Transpose", [kf], perm=[0, 2, 3, 1])                                       # [1, K, E, W]
+        vh = g.op("Transpose", [vf], perm=[0, 2, 1, 3])                                       # [1, K, W, E]
+        if K != H:                                                                            # grouped-query
+            rep = g.i64([1, 1, H // K, 1, 1])
+            kh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [kh, g.i64([2])]), rep]), g.i64([1, H, E, -1])])
+            vh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vh, g.i64([2])]), rep]), g.i64([1, H, -1, E])])
+        s = g.op("Mul", [g.op("MatMul", [qh, kh]), scale])                                    # [1, H, T, W]
+        s = g.op("Where", [allowed, s, g.f32(NEG)])
+        a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                               # [1, H, T, E]
+        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, D])])
+    return attend
+
+
+def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = False):
+    """One decoder branch ('text' or 'vision') as an ONNX model of the given flavour -> (model, weight bytes)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    c, dec = model.cfg.decoder, model.decoder
+    E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    g = Graph(fp16)
+    inputs, x = decoder_input(g, model, branch)
+    inputs.append(vi("positions", i64, ["seq"]))
+    gqa = flavour == GRAPH_GQA
+    if gqa:
+        inputs += [vi("seqlens_k", i32, [1]), vi("total_sequence_length", i32, [])]
+        inputs += [vi(f"past_{kv}.{i}", f32, [1, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+    elif flavour == GRAPH_KV:
+        inputs.append(vi("past_len", i64, [1]))
+        inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for i in range(L) for kv in ("key", "value")]
+    else:
+        raise ValueError(f"unknown decoder graph flavour {flavour!r}")
+    cos, sin = rope_tables(g, c)
+    attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
+    x = decoder_layers(g, model, branch, x, attend)
+    last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [1, D]
+    hn = rms(g, last, g.weight("norm.weight", np32(final_norm(model, branch).weight)), c.rms_eps)
+    g.op("MatMul", [hn, g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)], out="logits", name="lm_head")
+    outputs = [vi("logits", f32, [1, V])]
+    if gqa:
+        outputs += [vi(f"present_{kv}.{i}", f32, [1, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+    else:
+        outputs += [vi(f"new_{kv}.{i}", f32, [1, "seq", NK, E]) for kv in ("key", "value") for i in range(L)]
+    name = f"edgemm_decoder_{branch}" if gqa else f"edgemm_trt_decoder_{branch}"
+    return g.model(name, inputs, outputs, ms_domain=gqa), g.weight_bytes
+
+
+# --------------------------------------------------------------------------- the input stage
+def input_examples(cfg, gen) -> dict:
+    """Random inputs of the input stage: {"pixels": [1, 3, S, S]}, or Libra's {"codes": [1, N, codebooks]
+    (+ "signal": [1, N, signal_size])}, N = the image rows (boi, patches, eoi)."""
+    import torch
+    v, a = cfg.vision, cfg.adapter
+    if cfg.input_stage == "vision":
+        return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen)}
+    out = {"codes": torch.randint(0, a.vision_vocab, (1, cfg.n_image_rows, a.codebooks), generator=gen)}
+    if a.signal_size:
+        out["signal"] = torch.randn(1, cfg.n_image_rows, a.signal_size, generator=gen)
+    return out
+
+
+def vision_graph(model, fp16: bool = False):
+    """The input stage traced from the reference (standard ops, dynamic batch) -> (model, weight bytes):
+    `vision` (pixels -> image rows) or, for Libra, `image_tokens` ((codes, signal) -> image rows); fp16 stores
+    matrices in fp16 behind a Cast, as the decoder graphs do."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    class Vision(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *x):
+            return self.m.encode_image(*x) if self.m.cfg.input_stage == "vision" else self.m.encode_image_tokens(*x)
+
+    ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Vision(model).eval(), tuple(ins.values()), buf, input_names=list(ins),
+                          output_names=["image_rows"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in [*ins, "image_rows"]})
+    m = onnx.load_from_string(buf.getvalue())
+    m.ir_version = IR_VERSION
+    nbytes = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer)
+    if fp16:
+        new_inits, casts = [], []
+        for t in m.graph.initializer:
+            if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+                a = numpy_helper.to_array(t).astype(np.float16)
+                new_inits.append(numpy_helper.from_array(a, t.name + ".fp16"))
+                casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=f"cast_{t.name}",
+                                              to=TensorProto.FLOAT))
+            else:
+                new_inits.append(t)
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(new_inits)
+        nodes = casts + list(m.graph.node)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
+    return m, nbytes
+
+
+# --------------------------------------------------------------------------- files
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights in <file>.data
+
+
+def save_stage(m, path, weight_bytes: int) -> list[str]:
+    """Save one stage; weights go to `<file>.data` when the graph would pass protobuf's 2 GB limit."""
+    import onnx
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [data]
+    onnx.save_model(m, str(path))
+    return []
+
+
+def io_spec(m) -> tuple[list, list]:
+    from onnx import helper
+
+    def one(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "shape": shape, "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type))}
+    inits = {i.name for i in m.graph.initializer}
+    return [one(v) for v in m.graph.input if v.name not in inits], [one(v) for v in m.graph.output]

@@ -1,0 +1,131 @@
+"""TensorRT optimization profiles per device class and the engine build plan (pure: tested without a GPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemm.errors import EdgemmError
+from edgemm.export.onnx import group
+
+MIN_TRT_MAJOR = 10
+FP8_MIN_CC = (8, 9)
+TRT_PRECISIONS = ("fp16", "int8", "fp8")
+# Build defaults per device class; --max-context / --max-batch override them.
+DEVICE_CLASSES = {
+    "orin": {"description": "Jetson Orin (AGX / NX / Nano; JetPack 6, TensorRT 10; shared CPU/GPU memory)",
+             "max_context": 2048, "opt_context": 512, "max_batch": 1, "workspace_mib": 1024,
+             "builder_optimization_level": 3},
+    "workstation": {"description": "workstation / server with a discrete CUDA GPU",
+                    "max_context": 8192, "opt_context": 1024, "max_batch": 8, "workspace_mib": 8192,
+                    "builder_optimization_level": 3},
+}
+
+
+def make_profiles(cfg, device_class: str, max_context: int | None = None, max_batch: int | None = None) -> dict:
+    """Optimization profiles {stage: {input: {min, opt, max}}} for a device class (pure)."""
+    if device_class not in DEVICE_CLASSES:
+        raise EdgemmError(f"unknown device class {device_class!r}; choose {', '.join(DEVICE_CLASSES)}")
+    dc = DEVICE_CLASSES[device_class]
+    c = cfg.decoder
+    ctx = int(max_context or min(dc["max_context"], c.max_seq_len))
+    if ctx > c.max_seq_len:
+        raise EdgemmError(f"--max-context {ctx} exceeds the model's context length {c.max_seq_len}")
+    if ctx < cfg.n_image_rows + 8:
+        raise EdgemmError(f"--max-context {ctx} cannot hold an image ({cfg.n_image_rows} rows) and a prompt")
+    batch = int(max_batch or dc["max_batch"])
+    opt_ctx = max(1, min(dc["opt_context"], ctx))
+    S, K, E, D, n_img = cfg.vision.image_size, c.cache_heads, c.head_dim, c.d_model, cfg.n_image_rows
+
+    def cache(prof):
+        return {f"cache_{kv}.{i}": prof for i in range(c.n_layers) for kv in ("key", "value")}
+
+    def kv(lo, opt, hi):
+        return {"min": [1, lo, K, E], "opt": [1, opt, K, E], "max": [1, hi, K, E]}
+
+    def batched(*shape):
+        return {"min": [1, *shape], "opt": [1, *shape], "max": [batch, *shape]}
+    a, eoi = cfg.adapter, int(c.eoi_branch == "text")     # eoi through text: no ids and one row (input_rows)
+    inp = {"pixels": batched(3, S, S)} if cfg.input_stage == "vision" else {"codes": batched(n_img, a.codebooks)}
+    if cfg.input_stage == "image_tokens" and a.signal_size:
+        inp["signal"] = batched(n_img, a.signal_size)
+    rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
+    return {
+        cfg.input_stage: inp,
+        "decoder_text": {"input_ids": {"min": [1, 1 - eoi], "opt": [1, 1], "max": [1, ctx]}, **rows,
+                         "positions": {"min": [1], "opt": [1], "max": [ctx]},
+                         "past_len": {"min": [1], "opt": [1], "max": [1]},
+                         **cache(kv(1, opt_ctx, ctx))},
+        "decoder_image": {"image_rows": {"min": [1, 1, D], "opt": [1, n_img, D], "max": [1, n_img, D]},
+                          "positions": {"min": [1], "opt": [n_img], "max": [n_img]},
+                          "past_len": {"min": [1], "opt": [1], "max": [1]},
+                          **cache(kv(1, min(opt_ctx, ctx), ctx))},
+        "_meta": {"device_class": device_class, "max_context": ctx, "max_batch": batch,
+                  "workspace_mib": dc["workspace_mib"], "builder_optimization_level": dc["builder_optimization_level"]},
+    }
+
+
+def parse_cc(cc) -> tuple[int, int]:
+    if isinstance(cc, (tuple, list)):
+        return int(cc[0]), int(cc[1])
+    a, _, b = str(cc).partition(".")
+    return int(a), int(b or 0)
+
+
+def check_precision_supported(precision: dict, compute_capability, gpu: str = "this GPU") -> None:
+    """FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); refuse below with an int8 offer."""
+    if "fp8" in precision.values() and parse_cc(compute_capability) < FP8_MIN_CC:
+        cc = "%d.%d" % parse_cc(compute_capability)
+        raise EdgemmError(f"FP8 engines need a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                          f"{gpu} has {cc}: export with --precision int8 instead (Jetson Orin is 8.7)")
+
+
+def trt_flags(precision: str, strongly_typed: bool) -> list[str]:
+    """BuilderFlag names for a weakly typed build; none for a strongly typed one (types come from the graph)."""
+    if strongly_typed:
+        return []
+    return {"fp16": ["FP16"], "int8": ["INT8", "FP16"], "fp8": ["FP8", "FP16"]}[precision]
+
+
+def build_plan(manifest: dict, here: dict, device_class: str | None = None) -> dict:
+    """The settings the engine build passes to TensorRT, per stage (pure: tested without a GPU).
+
+    here: {'tensorrt': version, 'gpu': name, 'compute_capability': 'X.Y'}.
+    """
+    trt_ver = str(here["tensorrt"])
+    major = int(trt_ver.split(".")[0])
+    if major < MIN_TRT_MAJOR:
+        raise EdgemmError(f"TensorRT {trt_ver} is too old: trt bundles need TensorRT {MIN_TRT_MAJOR} or newer "
+                          "(JetPack 6 on a Jetson; pip install 'edgemm[gpu]' on a workstation)")
+    prec = manifest["precision"]
+    check_precision_supported(prec, here["compute_capability"], here.get("gpu", "this GPU"))
+    info = manifest["trt"]
+    device_class = device_class or info.get("device_class", "workstation")
+    if device_class not in info["profiles"]:
+        raise EdgemmError(f"the bundle has no profiles for device class {device_class!r} "
+                          f"(it has {', '.join(info['profiles'])}); re-export with --max-context/--max-batch")
+    profiles = info["profiles"][device_class]
+    meta = profiles["_meta"]
+    # TensorRT 11 builds strongly typed networks only (BuilderFlag FP16/INT8 are gone): the types come from the
+    # graph, so the Q/DQ layers run in int8/fp8 and everything else in the graph's fp32.
+    strongly_typed = major >= 11
+    stages = {}
+    for s in (x for x in profiles if x != "_meta"):
+        p = prec[group(s)]
+        if strongly_typed and p == "fp16":
+            raise EdgemmError(f"TensorRT {trt_ver} builds strongly typed networks only, and this bundle's {s} "
+                              "graph is fp32 (fp16 was left to TensorRT 10's builder flag): use TensorRT 10, "
+                              "or export with --precision int8")
+        stages[s] = {"onnx": manifest["stages"][s]["file"], "engine": f"engines/{s}.engine", "precision": p,
+                     "strongly_typed": strongly_typed, "flags": trt_flags(p, strongly_typed),
+                     "profile": {k: v for k, v in profiles[s].items()},
+                     "workspace_bytes": int(meta["workspace_mib"]) << 20,
+                     "builder_optimization_level": int(meta["builder_optimization_level"])}
+    return {"tensorrt": trt_ver, "gpu": here.get("gpu"), "compute_capability": str(here["compute_capability"]),
+            "device_class": device_class, "max_context": meta["max_context"], "timing_cache": "engines/timing.cache",
+            "stages": stages}
+
+
+def default_device_class(here: dict | None) -> str:
+    """orin on a Jetson (Tegra), else workstation."""
+    if here and ("orin" in str(here.get("gpu", "")).lower() or Path("/etc/nv_tegra_release").exists()):
+        return "orin"
+    return "workstation"

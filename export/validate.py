@@ -1,0 +1,105 @@
+"""One validation for every ONNX-graph export (onnx, trt graphs, trt engines): a backend against a reference on
+the same prompt, compared stage by stage, and the table the exporters print.
+
+The prompt: the input stage on `ins`, then text, image and text segments into one KV cache, then greedy decode
+steps (the reference's argmax fed to both), comparing the logits after every segment and step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def compare(ref, got) -> tuple[float, float, float, int]:
+    """-> (max abs error, cosine, max |ref|, top-1 agreement) of two vectors."""
+    ref, got = np.asarray(ref, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+    err = float(np.abs(ref - got).max())
+    cos = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
+    return err, cos, float(np.abs(ref).max()), int(ref.argmax() == got.argmax())
+
+
+class TorchReference:
+    """The PyTorch reference model behind the backend protocol's segment calls (vision/text/image)."""
+
+    def __init__(self, model, need: int):
+        from edgemm.model import KVCache
+        self.m, self.cfg = model, model.cfg
+        self.cache, self.pos = KVCache.empty(model.cfg.decoder, 1, need), 0
+
+    def input_stage(self, ins: dict):
+        import torch
+        with torch.inference_mode():
+            enc = self.m.encode_image if self.cfg.input_stage == "vision" else self.m.encode_image_tokens
+            return enc(*ins.values()).numpy()
+
+    def segment(self, kind: str, data):
+        import torch
+        x = torch.tensor([list(data)]) if kind == "text" else torch.from_numpy(np.asarray(data, np.float32))
+        with torch.inference_mode():
+            out, self.pos = self.m.forward_segment(kind, x, self.cache, self.pos)
+        return out[0, -1].numpy()
+
+
+def backend_input_stage(b, cfg, ins: dict):
+    arrs = [t.numpy() if hasattr(t, "numpy") else np.asarray(t) for t in ins.values()]
+    return b.vision(*arrs) if cfg.input_stage == "vision" else b.image_tokens(*arrs)
+
+
+def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int | None = None) -> dict:
+    """ref: a TorchReference (or a backend); b: the backend under test. segments: [("text", ids) |
+    ("image", rows | None)], None = the reference's own rows for `ins`. -> {stage: [compare rows]}."""
+    res: dict[str, list] = {s: [] for s in cfg.stages}
+    ref_rows = ref.input_stage(ins) if isinstance(ref, TorchReference) else backend_input_stage(ref, cfg, ins)
+    res[cfg.input_stage].append(compare(ref_rows, backend_input_stage(b, cfg, ins)))
+    need = sum(len(d) if k == "text" else cfg.n_image_rows for k, d in segments) + decode_steps + 2
+    st = b.new_state(max_len=need)
+    rst = None if isinstance(ref, TorchReference) else ref.new_state(max_len=need)
+
+    def both(kind, data):
+        if rst is None:
+            r = ref.segment(kind, data)
+        else:
+            r = ref.text(rst, data) if kind == "text" else ref.image(rst, data)
+        return r, (b.text(st, data) if kind == "text" else b.image(st, data))
+
+    r = None
+    for kind, data in segments:
+        data = ref_rows if kind == "image" and data is None else data
+        r, g = both(kind, data)
+        res["decoder_" + kind].append(compare(r, g))
+    for _ in range(decode_steps):
+        t = int(np.argmax(r))
+        if stop_id is not None and t == stop_id:
+            break           # a real prompt's answer is complete: rows past </s> are never computed by a runtime
+        r, g = both("text", [t])
+        res["decoder_text"].append(compare(r, g))
+    return res
+
+
+def summarize(res: dict, precision_of, judge) -> dict:
+    """Per stage: worst error and cosine over its compared vectors, judged by judge(stage, p, err, cos, scale)
+    -> (tolerance text, ok)."""
+    out = {}
+    for stage, rows in res.items():
+        err, cos, scale = max(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows)
+        p = precision_of(stage)
+        tol, ok = judge(stage, p, err, cos, scale)
+        out[stage] = {"max_abs_err": err, "cosine": cos, "ref_max_abs": scale, "compared": len(rows),
+                      "top1_agree": sum(r[3] for r in rows) / len(rows), "precision": p, "tolerance": tol,
+                      "ok": bool(ok)}
+    return out
+
+
+def format_validation(figures: dict, title: str = "onnxruntime CPU vs the reference") -> str:
+    """The per-stage validation table the exporters print (onnx, trt graphs, trt engines, gguf)."""
+    lines = [f"{'stage':<14} {'precision':<9} {'max abs err':>12} {'cosine':>10} {'|ref| max':>10} {'top-1':>6}  "
+             f"check ({title})", "-" * 86]
+    for stage, f in figures.items():
+        if stage.startswith("_"):
+            continue
+        top1 = f"{f['top1_agree']:>6.2f}" if "top1_agree" in f else f"{'-':>6}"
+        err = f"{f['max_abs_err']:>12.3e}" if f.get("max_abs_err") is not None else f"{'-':>12}"
+        cos = f"{f['cosine']:>10.7f}" if f.get("cosine") is not None else f"{'-':>10}"
+        lines.append(f"{stage:<14} {f['precision']:<9} {err} {cos} "
+                     f"{f.get('ref_max_abs') or float('nan'):>10.3g} {top1}  {'ok' if f['ok'] else 'FAIL'} "
+                     f"({f['tolerance']})")
+    return "\n".join(lines)
