@@ -37,6 +37,18 @@ ROWS_TOL = {"f32": 1e-3}
 # the decoder itself (reference rows in an embd batch) keeps the strict LOGIT_TOL.
 MTMD_ROWS_RTOL = 5e-3
 MTMD_LOGIT_TOL = 1e-2
+# Fidelity of every decoder type on a fixed prompt set (FIDELITY_QUESTIONS about the validation image, reference
+# image rows, FIDELITY_STEPS greedy steps teacher-forced with the reference's tokens): mean KL(reference ||
+# llama.cpp) of the next-token distributions and top-1 agreement. Bounds: a working quantization is far inside
+# them (tiny-shapes: see the note of the issue that set them), a broken tensor (zeroed scales) far outside.
+FIDELITY_QUESTIONS = ("what color is the circle?", "how many shapes are there?", "where is the red square?",
+                      "what shape is at the top left?", "what color is the triangle?", "is there a blue cross?")
+FIDELITY_STEPS = 4
+FIDELITY_KL = {"f32": 1e-4, "f16": 1e-3, "q8_0": 5e-3, "q6_k": 2e-2, "q5_k_m": 5e-2, "q4_k_m": 0.1, "q4_0": 0.15}
+# top-1 agreement is gated where the reference is sure (top-1 probability ahead of the second by FIDELITY_MARGIN):
+# a flip between near-tied tokens (random-weight models have flat logits) is reported, not a failure
+FIDELITY_TOP1 = {"f32": 0.99, "f16": 0.95, "q8_0": 0.9, "q6_k": 0.85, "q5_k_m": 0.85, "q4_k_m": 0.85, "q4_0": 0.8}
+FIDELITY_MARGIN = 0.2
 TARGETS_THAT_CAN = "onnx, trt"
 VALIDATION_QUESTION = "what color is the circle?"
 
@@ -282,6 +294,50 @@ def validation_image(cfg) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
 
 
+def _log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def fidelity(model, tok, run, rows_ref) -> dict:
+    """Mean KL(reference || llama.cpp) and top-1 agreement of next-token distributions on the fixed prompt set
+    (bos, the reference's image rows, each question, then FIDELITY_STEPS reference-greedy steps)."""
+    import torch
+    from edgemm.model import KVCache
+    cfg = model.cfg
+    kls, agree = [], []
+    for q in FIDELITY_QUESTIONS:
+        q_ids = tok.user_turn(q, first=True)
+        cache, pos = KVCache.empty(cfg.decoder, 1), 0
+        with torch.inference_mode():
+            for kind, data in (("text", torch.tensor([[tok.bos_id]])), ("image", rows_ref),
+                               ("text", torch.tensor([q_ids]))):
+                r, pos = model.forward_segment(kind, data, cache, pos)
+        run.clear()
+        run.decode_tokens([tok.bos_id], 0)
+        run.decode_embd(rows_ref[0].numpy(), 1)
+        g = run.decode_tokens(q_ids, 1 + cfg.n_image_rows)
+        n = 1 + cfg.n_image_rows + len(q_ids)
+        for step in range(FIDELITY_STEPS + 1):
+            rl = r[0, -1].float().numpy()
+            lp, lq = _log_softmax(rl), _log_softmax(g)
+            kls.append(float(np.sum(np.exp(lp) * (lp - lq))))
+            top2 = np.sort(np.exp(lp))[-2:]
+            agree.append((int(rl.argmax() == g.argmax()), bool(top2[1] - top2[0] > FIDELITY_MARGIN)))
+            if step == FIDELITY_STEPS:
+                break
+            t = int(rl.argmax())
+            with torch.inference_mode():
+                r, pos = model.forward_segment("text", torch.tensor([[t]]), cache, pos)
+            g = run.decode_tokens([t], n)
+            n += 1
+    sure = [a for a, confident in agree if confident]
+    return {"prompts": len(FIDELITY_QUESTIONS), "positions": len(kls), "mean_kl": float(np.mean(kls)),
+            "max_kl": float(np.max(kls)), "top1": float(np.mean([a for a, _ in agree])),
+            "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None}
+
+
 def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: int, log=print) -> dict:
     """Run the files in llama.cpp and compare with the reference. -> figures (raises when f32/f16 are off)."""
     import torch
@@ -337,8 +393,15 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         le = run.decode_tokens(q_ids, 1 + cfg.n_image_rows)
         out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
         out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())
+        out["fidelity"] = fidelity(model, tok, run, rows_ref)
     finally:
         run.close()
+    fid = out["fidelity"]
+    conf = fid["top1_confident"]
+    log(f"validate: fidelity on {fid['prompts']} prompts x {fid['positions'] // fid['prompts']} positions: mean KL "
+        f"{fid['mean_kl']:.2e} (bound {FIDELITY_KL[dprec]:g}), top-1 agreement {fid['top1']:.3f}, where the "
+        f"reference is sure ({fid['confident_positions']} positions) "
+        + (f"{conf:.3f}" if conf is not None else "n/a") + f" (bound {FIDELITY_TOP1[dprec]:g})")
     log(f"validate: llama.cpp vs reference ({dprec} decoder, {vprec} vision, KV cache {out['kv_cache']}, "
         f"flash attention off): next-token logits max abs  text-only {out['text_max_abs']:.2e}  "
         f"image {out['image_max_abs']:.2e}  image via mtmd {out['image_mtmd_max_abs']:.2e}; "
@@ -351,6 +414,10 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     for k in ("text_max_abs", "image_max_abs", "image_mtmd_max_abs", "vision_rows_max_abs"):
         if not np.isfinite(out[k]):
             bad.append(f"{k} is not finite")
+    if not fid["mean_kl"] <= FIDELITY_KL[dprec]:
+        bad.append(f"mean KL {fid['mean_kl']:.3g} > {FIDELITY_KL[dprec]:g} on the fidelity prompts")
+    if conf is not None and not conf >= FIDELITY_TOP1[dprec]:
+        bad.append(f"top-1 agreement {conf:.3f} < {FIDELITY_TOP1[dprec]:g} where the reference is sure")
     tol = LOGIT_TOL.get(dprec)
     if tol is not None:
         for k in ("text_max_abs", "image_max_abs"):

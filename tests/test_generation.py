@@ -157,3 +157,27 @@ def test_full_context_drops_oldest_turns_and_keeps_the_image(random_ckpt):
     replay = sess._replay(sess.turns, 80)
     assert replay.length == sess.state.length - len(q)
     np.testing.assert_allclose(b.text(replay, q), live, atol=1e-5)
+
+
+def test_eval_feeds_no_closing_token_and_allocates_one_cache(backend):
+    """evaluate() over several questions: the answer's </s> is never fed (one decoder call fewer per question
+    than closing each turn), and the KV cache is allocated once, sized to the need, then rewound per image."""
+    from edgemm.evaluate import evaluate
+    tok = backend.tokenizer
+    calls = {"text": [], "new_state": []}
+    real_text, real_new = backend.text, backend.new_state
+
+    def text(st, ids):
+        calls["text"].append(list(ids))
+        return real_text(st, ids)
+
+    def new_state(max_len=None):
+        calls["new_state"].append(max_len)
+        return real_new(max_len)
+    backend.text, backend.new_state = text, new_state
+    res = evaluate(backend, limit=6, progress=False, max_new_tokens=8)
+    assert res["total"] == 6
+    assert not any(tok.eos_id in ids for ids in calls["text"])
+    assert len(calls["new_state"]) == 1 and calls["new_state"][0] < backend.context_length
+    n_prompt = sum(1 for ids in calls["text"] if len(ids) > 1 or ids == [tok.bos_id])
+    assert n_prompt == 2 * 6                                   # bos and the question, per question

@@ -250,6 +250,32 @@ def test_q4_k_m_export(tmp_path, random_ckpt):
     assert types & {"q4_k", "q5_0", "q6_k"}
 
 
+@needs_llama
+@needs_demo
+def test_broken_q4_k_m_fails_fidelity(tmp_path):
+    """A quantized decoder is checked for fidelity (KL, top-1), not only for finite values: the trained model's
+    q4_k_m passes and records its figures; the same file with one tensor's blocks (scales and all) zeroed fails."""
+    from gguf import GGUFReader
+    from edgemm.checkpoint import load_model
+    from edgemm.export.gguf import FIDELITY_KL, export_gguf, validate
+    out = tmp_path / "q4km"
+    man = export_gguf(model="tiny-shapes", out=out, precision={"vision": "f32", "decoder": "q4_k_m"}, log=_quiet)
+    fid = man["validation"]["fidelity"]
+    assert fid["mean_kl"] < FIDELITY_KL["q4_k_m"] and fid["top1_confident"] >= 0.9 and fid["confident_positions"] > 5
+    dec, mm = out / man["stages"]["decoder"]["file"], out / man["stages"]["vision"]["file"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(dec.read_bytes())
+    r = GGUFReader(str(broken), "r+")
+    t = next(t for t in r.tensors if t.name == "blk.0.attn_qkv.weight")
+    assert t.tensor_type.name in ("Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q5_K", "Q4_0")
+    t.data[...] = 0                      # every block's scale (d, dmin) and quants: the tensor computes zeros
+    r.data.flush()
+    del r
+    m, tok = load_model("tiny-shapes")
+    with pytest.raises(EdgemmError, match="mean KL|top-1 agreement"):
+        validate(m, tok, broken, mm, {"decoder": "q4_k_m", "vision": "f32"}, 2, log=_quiet)
+
+
 # --------------------------------------------------------------------------- stock llama-cpp-python, trained weights
 @needs_llama
 @needs_demo

@@ -303,6 +303,59 @@ def test_trt_backend_refuses_onnx_bundles(tmp_path):
         TB.TrtBackend.open(bundle=str(d), device="cpu")
 
 
+def test_failed_engine_rebuild_keeps_the_previous_engines(fp16, tmp_path, monkeypatch):
+    """build-engines --force whose new engines fail validation (or whose build dies) leaves the bundle as it was:
+    the manifest byte for byte, the previous engine files, and verify_bundle passing (TensorRT mocked: CPU only)."""
+    import shutil
+    from edgemm import bundle as B
+    from edgemm.export import trt_engines as TE
+    d = tmp_path / "b"
+    shutil.copytree(fp16[0], d)
+    here = {"tensorrt": "10.9.0", "gpu": "Fake GPU", "compute_capability": "8.9"}
+    # a bundle that already holds (fake) engines for this GPU, committed by the manifest
+    man = B.verify_bundle(d)
+    (d / "engines").mkdir()
+    files = {}
+    for s in T.STAGES:
+        (d / "engines" / f"{s}.old.engine").write_bytes(b"old " + s.encode())
+        files[s] = f"engines/{s}.old.engine"
+    man["trt"]["engines"] = {**here, "files": files}
+    man.pop("files")
+    B.write_manifest(d, man)
+    before = {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    monkeypatch.setattr(TB, "gpu_identity", lambda: here)
+    monkeypatch.setattr(TE, "build_engine", lambda path, sp, cache, log: (b"new engine", b"cache"))
+
+    def bad_validation(bundle, engines=None, **kw):
+        assert all((d / f).read_bytes() == b"new engine" for f in engines["files"].values())   # staged, named
+        return {s: {"ok": s != "decoder_image", "precision": "fp16", "tolerance": "t", "max_abs_err": 1.0,
+                    "cosine": 0.5, "ref_max_abs": 1.0} for s in T.STAGES}
+    monkeypatch.setattr(TE, "validate_engines", bad_validation)
+    with pytest.raises(EdgemmError, match="decoder_image engine.*previous engines stay"):
+        TE.build_engines(d, force=True, log=None)
+    assert {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    B.verify_bundle(d)
+
+    def dies(path, sp, cache, log):           # a build interrupted halfway (second stage)
+        if "decoder_text" in str(path):
+            raise KeyboardInterrupt
+        return b"new engine", b"cache"
+    monkeypatch.setattr(TE, "build_engine", dies)
+    with pytest.raises(KeyboardInterrupt):
+        TE.build_engines(d, force=True, log=None)
+    assert {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+    # and a rebuild that validates switches the manifest to the new files and removes the old ones
+    monkeypatch.setattr(TE, "build_engine", lambda path, sp, cache, log: (b"new engine", b"cache"))
+    monkeypatch.setattr(TE, "validate_engines", lambda bundle, engines=None, **kw: {
+        s: {"ok": True, "precision": "fp16", "tolerance": "t", "max_abs_err": 0.0, "cosine": 1.0, "ref_max_abs": 1.0}
+        for s in T.STAGES})
+    new = TE.build_engines(d, force=True, log=None)
+    assert all((d / f).read_bytes() == b"new engine" for f in new["trt"]["engines"]["files"].values())
+    assert not any((d / f).exists() for f in files.values())
+    B.verify_bundle(d)
+
+
 # ---- with TensorRT and a GPU ---------------------------------------------------------------------------------
 @needs_gpu
 @pytest.mark.gpu
