@@ -332,43 +332,19 @@ class DecoderLayer(nn.Module):
         return routed(x, route, n, self.vision_attn_norm if which == "attn" else self.vision_ffn_norm)
 
     def forward(self, x, route, cos, sin, cache: KVCache | None, layer: int, start: int):
-        c = self.c
-        B, T, D = x.shape
-        H, K, E = c.n_heads, c.kv_heads, c.head_dim
-        if c.per_modality_norms or c.cross_modal_bridge:
-            return self._forward_libra(x, route, cos, sin, cache, layer, start)
-        qkv = routed(self.attn_norm(x), route, self.text.qkv, self.vision.qkv)      # [B, T, (H+2K)E]
-        q = qkv[..., : H * E].view(B, T, H, E).transpose(1, 2)
-        k = qkv[..., H * E: (H + K) * E].view(B, T, K, E).transpose(1, 2)
-        v = qkv[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            cache.k[layer, :B, :, start:start + T] = k
-            cache.v[layer, :B, :, start:start + T] = v
-            k, v = cache.k[layer, :B, :, : start + T], cache.v[layer, :B, :, : start + T]
-        S = k.shape[2]
-        if K != H:
-            k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
-        # causal over all rows: new row i sees cached rows and new rows <= i
-        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if T > 1 else None
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # [B, H, T, E]
-        a = a.transpose(1, 2).reshape(B, T, D)
-        x = x + routed(a, route, self.text.o, self.vision.o)
-        return x + routed(self.ffn_norm(x), route, self.text.mlp, self.vision.mlp)
-
-    def _forward_libra(self, x, route, cos, sin, cache: KVCache | None, layer: int, start: int):
-        """Per-modality norms and, with cross_modal_bridge, Libra's bridge: a row's K/V as read by queries of
-        the other modality get the row's own-modality rank-r bridge added. The cache holds both versions:
-        heads [0, K) for text queries, [K, 2K) for vision queries."""
+        """One layer over rows x [B, T, D] routed per row (`route`: "text", "vision" or a bool mask of vision
+        rows). Per-modality norms pick the norm per row; with cross_modal_bridge (Libra) a row's K/V as read by
+        queries of the other modality get the row's own-modality rank-r bridge added, and the cache holds both
+        versions: heads [0, K) for text queries, [K, 2K) for vision queries."""
         c = self.c
         B, T, D = x.shape
         H, K, E = c.n_heads, c.kv_heads, c.head_dim
         h = self._norm(x, route, "attn")
-        qkv = routed(h, route, self.text.qkv, self.vision.qkv)
+        qkv = routed(h, route, self.text.qkv, self.vision.qkv)                       # [B, T, (H+2K)E]
         q = apply_rope(qkv[..., : H * E].view(B, T, H, E).transpose(1, 2), cos, sin)
         k, v = qkv[..., H * E: (H + K) * E], qkv[..., (H + K) * E:]                 # [B, T, K*E]
-        vis = route if not isinstance(route, str) else torch.full((T,), route == "vision", device=x.device)
         if c.cross_modal_bridge:
+            vis = route if not isinstance(route, str) else torch.full((T,), route == "vision", device=x.device)
             kb = routed(h, route, self.text.k_bridge, self.vision.k_bridge)
             vb = routed(h, route, self.text.v_bridge, self.vision.v_bridge)
             sel = vis[None, :, None]
@@ -387,6 +363,7 @@ class DecoderLayer(nn.Module):
             ks = [cache.k[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
             vs = [cache.v[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
         S = ks[0].shape[2]
+        # causal over all rows: new row i sees cached rows and new rows <= i
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if T > 1 else None
 
         def attend(kk, vv):

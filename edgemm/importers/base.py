@@ -1,0 +1,86 @@
+"""The import plan (edgemm tensor <- source tensors) and the helpers every family mapper shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import ModelConfig
+from ..errors import EdgemmError
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass
+class Entry:
+    name: str                                   # edgemm state-dict name
+    sources: tuple[str, ...]                    # source tensor names (empty: synthesized)
+    fn: Callable | None = None                  # list of source tensors -> tensor; None: the one source as is
+
+    def build(self, tensors):
+        return tensors[0] if self.fn is None else self.fn(tensors)
+
+
+@dataclass
+class Plan:
+    cfg: ModelConfig
+    entries: list[Entry] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)      # source name -> why it is not imported
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name, *sources, fn=None):
+        self.entries.append(Entry(name, tuple(sources), fn))
+
+    def ignore(self, name, reason):
+        self.ignored[name] = reason
+
+
+def _cat(ts):
+    import torch
+    return torch.cat(list(ts), 0)
+
+
+
+def _req(d: dict, key: str, where: str):
+    if key not in d:
+        raise EdgemmError(f"{where} lacks the key {key!r}")
+    return d[key]
+
+
+def _act(name: str, where: str) -> str:
+    forms = {"gelu": "erf", "gelu_python": "erf", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh",
+             "gelu_fast": "tanh", "quick_gelu": "quick"}
+    if name not in forms:
+        raise EdgemmError(f"{where}: activation {name!r} is not supported (edgemm computes gelu, "
+                          "its tanh form and quick_gelu)")
+    return forms[name]
+
+
+def _rope_theta(tc: dict, where: str) -> float:
+    rp = tc.get("rope_parameters") or {}
+    scaling = tc.get("rope_scaling")
+    rtype = rp.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if rtype != "default":
+        raise EdgemmError(f"{where}: RoPE scaling {rtype!r} is not supported (plain RoPE only)")
+    return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
+
+
+def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=None):
+    e, s = f"decoder.layers.{i}.", f"{pre}layers.{i}."
+    plan.add(e + "attn_norm.weight", s + "input_layernorm.weight")
+    plan.add(e + "ffn_norm.weight", s + "post_attention_layernorm.weight")
+    a = s + "self_attn."
+    plan.add(e + "text.qkv.weight", a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight", fn=_cat)
+    if qkv_bias:
+        plan.add(e + "text.qkv.bias", a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias", fn=_cat)
+    plan.add(e + "text.o.weight", a + "o_proj.weight")
+    for n in ("gate", "up", "down"):
+        plan.add(e + f"text.{n}.weight", s + f"mlp.{n}_proj.weight")
+    plan.ignore(a + "rotary_emb.inv_freq", "RoPE frequencies (recomputed from the config's rope_theta)")
+
+
+def _zeros(n):
+    import torch
+    return torch.zeros(n)
+
+
