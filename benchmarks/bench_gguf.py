@@ -3,6 +3,11 @@
 
     python benchmarks/bench_gguf.py                                    # bench-0.5b at f16, q8_0, q4_k_m
     python benchmarks/bench_gguf.py --threads 2 --steps 32 --workdir /tmp/gguf-bench   # keep the bundles
+    python benchmarks/bench_gguf.py --compare-build /tmp/old-site --rounds 5           # two llama.cpp builds
+
+`--compare-build DIR` times the same bundles with another llama-cpp-python build as well (DIR: a directory it was
+installed into with `pip install --target DIR --no-deps WHEEL`), each measurement in its own child process, the
+two builds alternating round by round; the table then shows the median of each.
 
 For each precision the model is exported with `export_gguf` (which validates it against the reference), then a
 short prompt (<s> + image rows + a question) is prefilled and `--steps` greedy single-token decode steps are timed
@@ -77,8 +82,26 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
     return out
 
 
+def _child_run(bundle: Path, threads: int, steps: int, warmup: int, site: str | None) -> dict:
+    """bench_bundle in a fresh process, with `site` (another llama-cpp-python build) first on the path."""
+    import subprocess
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (site, root, env.get("PYTHONPATH")) if p])
+    code = ("import json, sys; sys.path.insert(0, %r); from bench_gguf import bench_bundle; "
+            "from edgemm.llamacpp import GGML_CPU; "
+            "r = bench_bundle(__import__('pathlib').Path(%r), %d, %d, %d); r['variant'] = GGML_CPU.get('variant'); "
+            "print(json.dumps(r))") % (str(Path(__file__).parent), str(bundle), threads, steps, warmup)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"child failed ({out.returncode}): {out.stderr[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare-build", default=None, help="Another llama-cpp-python build's install directory.")
+    ap.add_argument("--rounds", type=int, default=5, help="Interleaved rounds with --compare-build.")
     ap.add_argument("--model", default="bench-0.5b")
     ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -105,7 +128,21 @@ def main(argv=None) -> int:
         man = json.loads((bundle / "edgemm.json").read_text())
         dec = bundle / man["stages"]["decoder"]["file"]
         step_bytes, dec_bytes = decode_bytes_per_step(dec, man["model"]["decoder"]["d_model"])
-        r = bench_bundle(bundle, a.threads, a.steps, a.warmup)
+        if a.compare_build:
+            runs = {"this": [], "other": []}
+            for _ in range(a.rounds):
+                for name, site in (("this", None), ("other", a.compare_build)):
+                    runs[name].append(_child_run(bundle, a.threads, a.steps, a.warmup, site))
+            med = {n: float(np.median([x["tokens_per_s"] for x in v])) for n, v in runs.items()}
+            print(f"  {prec}: this build ({runs['this'][0]['variant']}) {med['this']:.2f} tok/s, "
+                  f"--compare-build ({runs['other'][0]['variant']}) {med['other']:.2f} tok/s "
+                  f"(medians of {a.rounds} interleaved rounds; ratio {med['this'] / med['other']:.3f})")
+            r = dict(runs["this"][0], tokens_per_s=med["this"], ms_per_token=1e3 / med["this"],
+                     compare_build={"dir": a.compare_build, "tokens_per_s": med["other"],
+                                    "variant": runs["other"][0]["variant"],
+                                    "rounds": {n: [x["tokens_per_s"] for x in v] for n, v in runs.items()}})
+        else:
+            r = bench_bundle(bundle, a.threads, a.steps, a.warmup)
         r.update(precision=prec, decoder_file_bytes=dec.stat().st_size, weight_bytes_per_step=step_bytes,
                  roofline_tokens_per_s=bw / step_bytes)
         r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]

@@ -23,7 +23,8 @@ EXTRAS = {"cpu": ("onnxruntime",), "gpu": ("onnxruntime-gpu", "tensorrt"), "gguf
 _PROBE = """
 import json, sys
 import numpy as np
-from edgemm.runtimes.llamacpp_backend import GGML_CPU, LlamaRunner, load_llama_cpp
+from edgemm.llamacpp import GGML_CPU, load_llama_cpp
+from edgemm.runtimes.llamacpp_backend import LlamaRunner
 ll = load_llama_cpp()
 out = dict(GGML_CPU, system_info=ll.llama_print_system_info().decode("utf-8", "replace"))
 if len(sys.argv) > 1:                       # a GGUF decoder: decode a few tokens with the variant that loaded

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -242,8 +241,8 @@ def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
 def quantize_decoder(src: Path, dst: Path, precision: str, threads: int) -> None:
     """llama.cpp's own quantizer (llama_model_quantize) from the f32 file."""
     import ctypes
-    from edgemm.runtimes.llamacpp_backend import _init_backend
-    ll = _init_backend()
+    from edgemm.llamacpp import load_llama_cpp
+    ll = load_llama_cpp()
     p = ll.llama_model_quantize_default_params()
     p.nthread = threads
     p.ftype = FTYPES[precision]
@@ -463,7 +462,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
     cfg, _ = model_config(model)
     check_supported(cfg, log)
-    from edgemm.runtimes.llamacpp_backend import load_llama_cpp
+    from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()      # the quantizer and the validation need llama.cpp (with a CPU variant this machine runs)
     threads = threads or os.cpu_count() or 1
     src = _source(model)
@@ -477,7 +476,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     with bundle_writer(out, force=force) as tmp:
         dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
         f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
-        log(f"writing the decoder (cogvlm, f32) ...")
+        log("writing the decoder (cogvlm, f32) ...")
         write_decoder_gguf(m, tok, f32_path, name)
         if dprec != "f32":
             log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")

@@ -14,11 +14,9 @@ renamed into place; a failure leaves no bundle.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from edgemm.errors import EdgemmError, UnsupportedVariant
 

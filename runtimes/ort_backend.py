@@ -7,7 +7,6 @@ GroupQueryAttention writes the new rows in place, so a decode step costs attenti
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 

@@ -16,7 +16,6 @@ Two classes share that cache logic:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 

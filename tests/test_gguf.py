@@ -299,7 +299,7 @@ def test_stock_llama_cpp_python_answers(tmp_path):
     # -- from here on only llama-cpp-python (the one call before: register llama.cpp's CPU variant, which a
     #    GGML_BACKEND_DL build needs and llama-cpp-python does not do; llama.cpp's own tools call
     #    ggml_backend_load_all the same way)
-    from edgemm.runtimes.llamacpp_backend import load_llama_cpp
+    from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler

@@ -79,14 +79,14 @@ def test_llama_cpp_runs_on_an_emulated_avx2_cpu(tiny_gguf):
 
 
 def test_monolithic_feature_parse():
-    from edgemm.runtimes.llamacpp_backend import _compiled_features
+    from edgemm.llamacpp import _compiled_features
     info = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 0 | AVX512_VNNI = 1 | OPENMP = 1 | "
     assert _compiled_features(info) == ["SSE3", "SSSE3", "AVX", "AVX2", "AVX512_VNNI", "OPENMP"]
 
 
 def test_variant_table_is_ordered_by_instruction_sets():
     """Every variant's kernel flags include those of the variants it extends (the table is what filters them)."""
-    from edgemm.runtimes.llamacpp_backend import X86_VARIANT_FLAGS as V
+    from edgemm.llamacpp import X86_VARIANT_FLAGS as V
     for a, b in [("sse42", "sandybridge"), ("sandybridge", "haswell"), ("haswell", "skylakex"),
                  ("skylakex", "icelake"), ("icelake", "zen4"), ("haswell", "alderlake"), ("zen4", "sapphirerapids")]:
         assert set(V[a]) < set(V[b]), (a, b)
