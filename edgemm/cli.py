@@ -215,6 +215,57 @@ def doctor(bundle, device, json_path):
         write_json_atomic(json_path, f)
 
 
+@main.command()
+@click.option("--model", "models", multiple=True, help="Checkpoint directory or preset to serve (repeatable; "
+              "default tiny-shapes when no --bundle is given).")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(), help="A bundle to serve (repeatable); its "
+              "model id is the directory's name.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "ort", "trt", "llamacpp"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback "
+              "needs --api-key.")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--parallel", default=1, show_default=True, type=int, help="Conversations decoding at once per "
+              "model (slots, each with its own KV cache).")
+@click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond the slots; "
+              "more get 503 with Retry-After.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
+@click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
+@click.option("--max-tokens", default=512, show_default=True, type=int, help="Hard cap on a request's max_tokens.")
+@click.option("--max-image-pixels", default=16_000_000, show_default=True, type=int,
+              help="Largest decoded image (width x height) a request may send.")
+@click.option("--allow-remote-images", "remote_hosts", multiple=True, help="Allow http(s) image URLs from this "
+              "host (repeatable); private, loopback and link-local addresses stay refused.")
+@handle_errors
+def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
+          metrics, max_tokens, max_image_pixels, remote_hosts):
+    """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
+    /tokenize, /metrics).
+
+    Example: edgemm serve --bundle out/q4km --parallel 4, then point an OpenAI client at
+    http://127.0.0.1:8080/v1 with model "q4km".
+    """
+    try:
+        from .serve import serve as run_server
+        from .serve.app import Limits
+        import fastapi  # noqa: F401
+    except ImportError as e:
+        raise EdgemmError(f"edgemm serve needs the serve extra ({e}); pip install 'edgemm[serve]'") from None
+    if models and bundles:
+        raise EdgemmError("give --model or --bundle options, not both")
+    if api_key_file:
+        from pathlib import Path
+        api_key = Path(api_key_file).read_text().strip()
+        if not api_key:
+            raise EdgemmError(f"--api-key-file {api_key_file} is empty")
+    run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
+               Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts)),
+               log=_err)
+
+
 @main.command("train-demo")
 @click.option("-o", "--out", default="runs/tiny-shapes", show_default=True, type=click.Path())
 @click.option("--steps", default=5000, show_default=True, type=int)

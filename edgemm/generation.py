@@ -75,6 +75,57 @@ class TextStream:
         return ""
 
 
+class AnswerStream:
+    """One answer being generated: sampling, incremental text, stop strings and the length limit, fed one
+    logits vector at a time (ChatSession.ask and the server's slots both drive it).
+
+    push(logits) -> (text to emit now, finished). Text that may still turn into a stop string is held back
+    until it cannot. After it finishes: `ids` the answer's tokens, `text` the answer, `finish_reason`
+    ("stop" | "length"), `unfed` the sampled tokens whose rows are not in the KV cache (a token cut by a stop
+    string, or the last one at the length limit)."""
+
+    def __init__(self, tok, gen: GenerationConfig):
+        self.tok, self.gen = tok, gen
+        self.sampler = Sampler(gen)
+        self.stream = TextStream(tok)
+        self.stops = [x for x in gen.stop if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.emitted = 0
+        self.ids: list[int] = []
+        self.unfed: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    def _flush(self) -> str:
+        piece = self.stream.text[self.emitted:]
+        self.emitted = len(self.stream.text)
+        return piece
+
+    def push(self, logits) -> tuple[str, bool]:
+        t = self.sampler(logits)
+        if t == self.tok.eos_id:
+            self.finish_reason = "stop"
+            return self._flush(), True
+        self.ids.append(t)
+        self.stream.add(t)
+        hits = [self.stream.text.find(x) for x in self.stops if x in self.stream.text]
+        if hits:
+            self.stream.text = self.stream.text[:min(hits)]
+            self.unfed, self.finish_reason = [t], "stop"
+            return self._flush(), True
+        if len(self.ids) >= self.gen.max_new_tokens:
+            self.unfed, self.finish_reason = [t], "length"     # nothing reads this token's logits
+            return self._flush(), True
+        piece = ""
+        if len(self.stream.text) - self.hold > self.emitted:
+            piece = self.stream.text[self.emitted:len(self.stream.text) - self.hold]
+            self.emitted = len(self.stream.text) - self.hold
+        return piece, False
+
+
 class ChatSession:
     """A conversation about (at most) one image. The KV cache is kept across turns; only the new turn's
     tokens are fed. When the context fills, the oldest whole turns are dropped (never the image).
@@ -188,37 +239,20 @@ class ChatSession:
         elif need > self.capacity:                               # grow the cache: replay into a bigger one
             self.state = self._replay(self.turns, need)
         logits = self.b.text(self.state, self.pending + q_ids)
-        self.pending = []
-        sampler = Sampler(gen)
-        out: list[int] = []
-        stream = TextStream(self.tok)
-        stops = [x for x in gen.stop if x]
-        hold = max((len(x) for x in stops), default=1) - 1   # a tail that may still become a stop string
-        emitted = 0
-        for _ in range(gen.max_new_tokens):
-            t = sampler(logits)
-            if t == self.tok.eos_id:
+        ans = AnswerStream(self.tok, gen)
+        while True:
+            piece, done = ans.push(logits)
+            if on_text and piece:
+                on_text(piece)
+            if done:
                 break
-            out.append(t)
-            stream.add(t)
-            hits = [stream.text.find(x) for x in stops if x in stream.text]
-            if hits:
-                stream.text = stream.text[:min(hits)]
-                self.pending = [t]                               # sampled, not in the cache
-                break
-            if on_text and len(stream.text) - hold > emitted:
-                on_text(stream.text[emitted:len(stream.text) - hold])
-                emitted = len(stream.text) - hold
-            if len(out) < gen.max_new_tokens:
-                logits = self.b.text(self.state, [t])
-            else:
-                self.pending = [t]                               # the last token: nothing reads its logits
-        if on_text and len(stream.text) > emitted:
-            on_text(stream.text[emitted:])
+            logits = self.b.text(self.state, [ans.ids[-1]])
+        out = ans.ids
+        self.pending = ans.unfed
         # the turn closes with </s>; it enters the cache with the next question (see the class docstring)
         self.pending = self.pending + [self.tok.eos_id]
         self.turns.append((question, out + [self.tok.eos_id]))
-        return stream.text.strip()
+        return ans.text.strip()
 
 
 def answer(backend, image, question: str, gen: GenerationConfig | None = None, on_text=None) -> str:

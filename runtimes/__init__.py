@@ -36,8 +36,11 @@ def backend_class(name: str):
 
 
 def load_backend(name: str = "auto", model: str | None = None, bundle: str | None = None,
-                 device: str = "auto", threads: int | None = None, log=None) -> Backend:
-    """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why)."""
+                 device: str = "auto", threads: int | None = None, log=None, slots: int = 1) -> Backend:
+    """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why).
+
+    slots: how many states will be live at once (a server's parallel slots); backends whose states share one
+    native context (llamacpp) size it for them, the others hold any number of states anyway."""
     from edgemm.errors import EdgemmError
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
@@ -49,7 +52,10 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
             log(f"backend: {name} ({why})")
     if bundle is None and name != "torch":
         raise EdgemmError(f"the {name} backend runs bundles: export one with `edgemm export` and pass --bundle")
-    return backend_class(name).open(model=model, bundle=bundle, device=device, threads=threads, log=log)
+    cls = backend_class(name)
+    import inspect
+    kw = {"slots": slots} if "slots" in inspect.signature(cls.open).parameters else {}
+    return cls.open(model=model, bundle=bundle, device=device, threads=threads, log=log, **kw)
 
 
 TRT_CPU_FALLBACK = "falling back to the CPU: the bundle's Q/DQ graphs on ONNX Runtime"

@@ -57,6 +57,14 @@ class Backend:
         """Append an image segment (vision branch); -> float32 logits [vocab] of its last row."""
         raise NotImplementedError
 
+    def decode_batch(self, states: list, tokens: list[int]) -> list[np.ndarray]:
+        """One decode step for several states (token i appended to state i) -> logits per state. Backends that
+        can batch sequences (llamacpp) do it in one call; the default runs them one after another."""
+        return [self.text(st, [t]) for st, t in zip(states, tokens)]
+
+    def release(self, state: State) -> None:
+        """Return a state's resources early (a finished server request); by default nothing to do."""
+
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
 

@@ -23,10 +23,11 @@ from edgemm.llamacpp import GGML_CPU, import_llama_cpp, load_llama_cpp  # noqa: 
 
 
 class LlamaRunner:
-    """One llama model + context (one sequence, one KV cache) driven batch by batch."""
+    """One llama model + context driven batch by batch. The context holds `n_seq` sequences (KV caches of
+    `n_ctx` rows each, llama.cpp's seq ids 0..n_seq-1); every call names its sequence (default 0)."""
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
-                 f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False):
+                 f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1):
         self.ll = ll = load_llama_cpp(verbose)
         self.path = str(path)
         mp = ll.llama_model_default_params()
@@ -39,9 +40,10 @@ class LlamaRunner:
         self.threads = threads or os.cpu_count() or 1
         self.n_batch = n_batch
         cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
+        cp.n_ctx = n_ctx * n_seq            # not unified: each sequence gets n_ctx cells of its own
         cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if f32_kv:
@@ -51,70 +53,93 @@ class LlamaRunner:
         if not self.ctx:
             ll.llama_model_free(self.model)
             raise EdgemmError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx})")
-        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_ctx = ll.llama_n_ctx(self.ctx) // n_seq
+        self.n_seq = n_seq
         self.mem = ll.llama_get_memory(self.ctx)
         self.kv_type = "f32" if f32_kv else "f16"
         self.flash_attn = flash_attn
         self._tok_batch = ll.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = ll.llama_batch_init(n_batch, self.n_embd, 1)
-        self.length = 0          # rows in the KV cache
+        self.lengths = [0] * n_seq   # rows in each sequence's KV cache
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
 
     # ---- cache ---------------------------------------------------------------------------------
-    def clear(self):
-        self.ll.llama_memory_clear(self.mem, True)
-        self.length = 0
+    def clear(self, seq: int | None = None):
+        if seq is None:
+            self.ll.llama_memory_clear(self.mem, True)
+            self.lengths = [0] * self.n_seq
+        else:
+            self.rewind(0, seq)
 
-    def rewind(self, length: int):
-        if length < self.length:
-            self.ll.llama_memory_seq_rm(self.mem, 0, length, -1)
-            self.length = length
+    def rewind(self, length: int, seq: int = 0):
+        if length < self.lengths[seq]:
+            self.ll.llama_memory_seq_rm(self.mem, seq, length, -1)
+            self.lengths[seq] = length
 
     # ---- decoding ------------------------------------------------------------------------------
-    def _run(self, batch, n: int, pos0: int, last: bool):
+    def _run(self, batch, n: int, pos0: int, last: bool, seq: int = 0):
         for i in range(n):
             batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            batch.seq_id[i][0] = seq
             # every row of the final batch is an output: llama.cpp's cogvlm graph does not select the output rows
             # (no inp_out_ids), so it hands back the *first* n_outputs rows of the batch
             batch.logits[i] = 1 if last else 0
         batch.n_tokens = n
         rc = self.ll.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise EdgemmError(f"llama_decode failed (code {rc}) at cache length {self.length}, {n} rows")
-        self.length += n
+            raise EdgemmError(f"llama_decode failed (code {rc}) at cache length {self.lengths[seq]}, {n} rows")
+        self.lengths[seq] += n
 
-    def _logits(self) -> np.ndarray:
-        ptr = self.ll.llama_get_logits_ith(self.ctx, -1)
+    def _logits(self, i: int = -1) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
 
-    def _check_room(self, n: int):
-        if self.length + n > self.n_ctx:
-            raise EdgemmError(f"the llama.cpp context is full: {self.length} + {n} rows > {self.n_ctx}")
+    def _check_room(self, n: int, seq: int = 0):
+        if self.lengths[seq] + n > self.n_ctx:
+            raise EdgemmError(f"the llama.cpp context is full: {self.lengths[seq]} + {n} rows > {self.n_ctx}")
 
-    def decode_tokens(self, ids, pos0: int) -> np.ndarray:
+    def decode_tokens(self, ids, pos0: int, seq: int = 0) -> np.ndarray:
         ids = list(ids)
         if not ids:
             raise EdgemmError("empty text segment")
-        self._check_room(len(ids))
+        self._check_room(len(ids), seq)
         b = self._tok_batch
         for s in range(0, len(ids), self.n_batch):
             chunk = ids[s:s + self.n_batch]
             for i, t in enumerate(chunk):
                 b.token[i] = int(t)
-            self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids))
+            self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids), seq)
         return self._logits()
 
-    def decode_embd(self, rows: np.ndarray, pos0: int) -> np.ndarray:
+    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0) -> np.ndarray:
         rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
         n = rows.shape[0]
-        self._check_room(n)
+        self._check_room(n, seq)
         b = self._emb_batch
         for s in range(0, n, self.n_batch):
             chunk = np.ascontiguousarray(rows[s:s + self.n_batch])
             ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
-            self._run(b, chunk.shape[0], pos0 + s, s + chunk.shape[0] == n)
+            self._run(b, chunk.shape[0], pos0 + s, s + chunk.shape[0] == n, seq)
         return self._logits()
+
+    def decode_step(self, items) -> list[np.ndarray]:
+        """One token for each of several sequences in one llama_decode: items [(seq, token, pos)] -> logits."""
+        b = self._tok_batch
+        for i, (seq, t, pos) in enumerate(items):
+            self._check_room(1, seq)
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), int(pos), 1, 1
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        rc = self.ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EdgemmError(f"llama_decode failed (code {rc}) for a batch of {len(items)} sequences")
+        for seq, _, _ in items:
+            self.lengths[seq] += 1
+        return [self._logits(i) for i in range(len(items))]
 
     # ---- tokenizer -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
@@ -259,7 +284,7 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
-    def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None):
+    def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1):
         from edgemm.bundle import bundle_path
         from edgemm.config import ModelConfig
         from edgemm.tokenizer import Tokenizer
@@ -274,17 +299,20 @@ class LlamaCppBackend(Backend):
         if f32_kv is None:
             f32_kv = st["decoder"].get("precision") == "f32"
         self.runner = LlamaRunner(self.decoder_path, self.cfg.decoder.max_seq_len, self.threads,
-                                  n_batch=max(512, self.cfg.n_image_rows), f32_kv=f32_kv, flash_attn=flash_attn)
+                                  n_batch=max(512, self.cfg.n_image_rows), f32_kv=f32_kv, flash_attn=flash_attn,
+                                  n_seq=n_seq)
         self.source = self.bundle
         self.device = "cpu"
         self._mtmd = None
         self._ref_vision = None
         self.vision_source = None
-        self._owner = None
+        self._owner = [None] * n_seq        # seq id -> the id of the state that holds it
         self._next_id = 0
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, slots: int = 1):
+        """slots: how many states may be live at once (llama.cpp sequences in one context; `edgemm serve
+        --parallel N`); a new_state beyond them takes over the sequence of the oldest."""
         from edgemm.bundle import verify_bundle
         if bundle is None:
             raise EdgemmError("the llamacpp backend runs GGUF bundles: export one with "
@@ -295,7 +323,7 @@ class LlamaCppBackend(Backend):
             raise EdgemmError(f"{bundle} is a {m.get('target')} bundle; the llamacpp backend runs gguf bundles")
         if device == "cuda" and log:
             log("note: the llamacpp backend runs on the CPU in this build")
-        return cls(bundle, m, threads=threads, log=log)
+        return cls(bundle, m, threads=threads, log=log, n_seq=max(1, int(slots)))
 
     @classmethod
     def available(cls, manifest, device):
@@ -318,32 +346,53 @@ class LlamaCppBackend(Backend):
 
     # ---- protocol ------------------------------------------------------------------------------
     def new_state(self, max_len: int | None = None) -> State:
+        """A sequence of the context: a free one, else the one held longest (its old state is then refused)."""
         self._next_id += 1
-        self.runner.clear()
-        self._owner = self._next_id
-        return State(cache=self._next_id)
+        free = [i for i, o in enumerate(self._owner) if o is None]
+        seq = free[0] if free else min(range(len(self._owner)), key=lambda i: self._owner[i])
+        self.runner.clear(seq)
+        self._owner[seq] = self._next_id
+        return State(cache=(seq, self._next_id))
 
-    def _sync(self, state: State):
-        if state.cache != self._owner:
-            raise EdgemmError("the llamacpp backend holds one KV cache; this state was replaced by a newer "
-                              "new_state() (replay the conversation into the new state)")
-        if state.length > self.runner.length:
-            raise EdgemmError(f"state length {state.length} is past the KV cache ({self.runner.length} rows)")
-        self.runner.rewind(state.length)
+    def release(self, state: State) -> None:
+        """Give a state's sequence back (serving: a finished request frees its slot)."""
+        seq, sid = state.cache
+        if self._owner[seq] == sid:
+            self.runner.clear(seq)
+            self._owner[seq] = None
+
+    def _sync(self, state: State) -> int:
+        seq, sid = state.cache
+        if self._owner[seq] != sid:
+            raise EdgemmError("this llamacpp state's KV cache was taken over by a newer new_state() (more live "
+                              "states than the backend's slots); replay the conversation into a new state")
+        if state.length > self.runner.lengths[seq]:
+            raise EdgemmError(f"state length {state.length} is past the KV cache ({self.runner.lengths[seq]} rows)")
+        self.runner.rewind(state.length, seq)
+        return seq
 
     def text(self, state: State, ids) -> np.ndarray:
-        self._sync(state)
+        seq = self._sync(state)
         ids = list(ids)
-        logits = self.runner.decode_tokens(ids, state.pos)
+        logits = self.runner.decode_tokens(ids, state.pos, seq)
         state.length += len(ids)
         state.pos += len(ids)
         return logits
 
+    def decode_batch(self, states, tokens) -> list[np.ndarray]:
+        """One token per state, all in one llama_decode (the weights are read once for every sequence)."""
+        items = [(self._sync(st), t, st.pos) for st, t in zip(states, tokens)]
+        out = self.runner.decode_step(items)
+        for st in states:
+            st.length += 1
+            st.pos += 1
+        return out
+
     def image(self, state: State, rows) -> np.ndarray:
-        self._sync(state)
+        seq = self._sync(state)
         rows = np.asarray(rows, np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        logits = self.runner.decode_embd(rows, state.pos)
+        logits = self.runner.decode_embd(rows, state.pos, seq)
         state.length += rows.shape[0]
         state.pos += rows.shape[0]
         return logits

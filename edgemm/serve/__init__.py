@@ -1,0 +1,83 @@
+"""`edgemm serve`: an OpenAI-compatible HTTP server over the runtime (FastAPI + uvicorn, the `serve` extra).
+
+    edgemm serve --bundle out/q4km --parallel 4          # http://127.0.0.1:8080/v1, model id "q4km"
+
+Several --bundle options serve several variants; a request's `model` picks one (the bundle directory's name).
+Binding anything but a loopback address needs an API key. See edgemm.serve.app (routes, limits) and
+edgemm.serve.engine (slots).
+"""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from ..errors import EdgemmError
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def chat_template_of(backend) -> str | None:
+    """The chat template stored with the model or bundle (None: edgemm's own format)."""
+    from ..checkpoint import resolve_model
+    src = Path(str(backend.source))
+    if (src / "edgemm.json").is_file():
+        from ..bundle import bundle_path, read_manifest
+        rel = read_manifest(src).get("chat_template")
+        p = bundle_path(src, rel) if rel else None
+    else:
+        try:
+            kind, path = resolve_model(str(backend.source))
+        except EdgemmError:
+            return None
+        p = path / "chat_template.jinja" if kind == "dir" else None
+    return p.read_text() if p is not None and p.is_file() else None
+
+
+def load_models(models=(), bundles=(), backend="auto", device="auto", threads=None, parallel=1, max_queue=16,
+                log=None) -> dict:
+    """-> {model id: edgemm.serve.app.Model}: each opened with `slots=parallel` and its own engine."""
+    from ..runtimes import load_backend
+    from .app import Model
+    from .engine import Engine
+    specs = [("model", m) for m in models] + [("bundle", b) for b in bundles]
+    if not specs:
+        specs = [("model", "tiny-shapes")]
+    out = {}
+    for kind, spec in specs:
+        mid = Path(str(spec).rstrip("/")).name
+        if mid in out:
+            raise EdgemmError(f"two served models would both be called {mid!r}: give the bundle directories "
+                              "distinct names")
+        b = load_backend(backend, **{kind: spec}, device=device, threads=threads, log=log, slots=parallel)
+        out[mid] = Model(id=mid, backend=b, engine=Engine(b, parallel, max_queue, log=log),
+                         template=chat_template_of(b))
+        if log:
+            log(f"serving {mid}: {b.describe()}, {parallel} slot(s)")
+    return out
+
+
+def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, host="127.0.0.1", port=8080,
+          parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print) -> None:
+    """Run the server until interrupted (models load in the background; /health says 503 until ready)."""
+    import uvicorn
+    from .app import create_app
+    if not is_loopback(host) and not api_key:
+        raise EdgemmError(f"binding {host} exposes the server beyond this machine: give --api-key or "
+                          "--api-key-file (or bind 127.0.0.1)")
+    if parallel < 1 or max_queue < 0:
+        raise EdgemmError("--parallel must be at least 1 and --max-queue at least 0")
+    app = create_app({}, limits=limits, api_key=api_key, metrics=metrics,
+                     loader=lambda: load_models(models, bundles, backend, device, threads, parallel, max_queue, log))
+    if log:
+        log(f"edgemm serve on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'}); "
+            f"GET /health says when the models are loaded")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, access_log=False)

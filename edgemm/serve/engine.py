@@ -1,0 +1,199 @@
+"""Slots: N conversations decoding at once over one backend, scheduled token by token.
+
+One worker thread owns the backend (backends are not thread-safe). Each loop it admits waiting requests into
+free slots (encode the images, prefill the prompt, sample the first token), then advances every active slot by
+one token in one `decode_batch` call (llama.cpp: one llama_decode over all the slots' sequences, the weights
+read once for all of them; the other backends step the slots one after another). A long answer therefore never
+blocks the others, a cancelled request (client gone) frees its slot before the next step, and at most
+`max_queue` requests wait beyond the slots (more are refused: the server answers 503 with Retry-After).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import EdgemmError
+from ..generation import AnswerStream, GenerationConfig
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    segments: list                      # [("text", ids) | ("image", index)]
+    pixels: list                        # float32 [1, 3, S, S] per image index
+    gen: GenerationConfig
+    on_event: object                    # callable(kind, data), called from the worker thread
+    prompt_rows: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    n_out: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Slot:
+    state: object
+    job: Job | None = None
+    ans: AnswerStream | None = None
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}                   # status code -> count
+        self.tokens = 0
+        self.decode_seconds = 0.0
+        self.ttft = []                       # seconds, the last 1000
+
+    def request(self, code: int) -> None:
+        with self.lock:
+            self.requests[code] = self.requests.get(code, 0) + 1
+
+    def prometheus(self, engines: dict) -> str:
+        with self.lock:
+            lines = ["# HELP edgemm_requests_total HTTP requests by status code", "# TYPE edgemm_requests_total counter"]
+            lines += [f'edgemm_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]
+            lines += ["# HELP edgemm_generated_tokens_total tokens generated", "# TYPE edgemm_generated_tokens_total counter",
+                      f"edgemm_generated_tokens_total {self.tokens}",
+                      "# HELP edgemm_decode_tokens_per_second generated tokens per second of decoding",
+                      "# TYPE edgemm_decode_tokens_per_second gauge",
+                      f"edgemm_decode_tokens_per_second {self.tokens / self.decode_seconds if self.decode_seconds else 0.0:.3f}"]
+            if self.ttft:
+                q = np.quantile(self.ttft, [0.5, 0.95])
+                lines += ["# HELP edgemm_ttft_seconds time to first token", "# TYPE edgemm_ttft_seconds summary",
+                          f'edgemm_ttft_seconds{{quantile="0.5"}} {q[0]:.6f}',
+                          f'edgemm_ttft_seconds{{quantile="0.95"}} {q[1]:.6f}',
+                          f"edgemm_ttft_seconds_count {len(self.ttft)}"]
+        lines += ["# HELP edgemm_queue_depth requests waiting for a slot", "# TYPE edgemm_queue_depth gauge"]
+        lines += [f'edgemm_queue_depth{{model="{m}"}} {len(e.waiting)}' for m, e in engines.items()]
+        lines += ["# HELP edgemm_active_slots slots decoding", "# TYPE edgemm_active_slots gauge"]
+        lines += [f'edgemm_active_slots{{model="{m}"}} {e.active()}' for m, e in engines.items()]
+        return "\n".join(lines) + "\n"
+
+
+class Engine:
+    """The slots of one model (see the module docstring)."""
+
+    def __init__(self, backend, parallel: int = 1, max_queue: int = 16, metrics: Metrics | None = None, log=None):
+        self.b = backend
+        self.parallel, self.max_queue = int(parallel), int(max_queue)
+        self.metrics = metrics or Metrics()
+        self.log = log or (lambda s: None)
+        self.slots = [Slot(state=None) for _ in range(self.parallel)]
+        self.waiting: deque[Job] = deque()
+        self.cv = threading.Condition()
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
+        self.thread.start()
+
+    # ---- from the HTTP side -----------------------------------------------------------------------
+    def active(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if len(self.waiting) >= self.max_queue and self.active() + len(self.waiting) >= self.parallel:
+                raise QueueFull()
+            self.waiting.append(job)
+            self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self.running = False
+            self.cv.notify()
+        self.thread.join(timeout=10)
+
+    # ---- the worker ----------------------------------------------------------------------------------
+    def _finish(self, slot: Slot, reason: str | None = None, error: str | None = None) -> None:
+        job = slot.job
+        slot.job, slot.ans = None, None
+        if error is not None:
+            job.on_event("error", error)
+        else:
+            job.on_event("done", {"finish_reason": reason, "prompt_tokens": job.prompt_rows,
+                                  "completion_tokens": job.n_out})
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        b = self.b
+        if slot.state is None:
+            slot.state = b.new_state(max_len=b.context_length)
+        st = slot.state
+        st.length = st.pos = 0                      # rewind: the slot's cache is reused request after request
+        rows_cache = {}
+        logits = None
+        for kind, data in job.segments:
+            if job.cancelled.is_set():
+                return
+            if kind == "text":
+                logits = b.text(st, data)
+            else:
+                if data not in rows_cache:
+                    rows_cache[data] = b.vision(job.pixels[data])
+                logits = b.image(st, rows_cache[data])
+        slot.job, slot.ans = job, AnswerStream(b.tokenizer, job.gen)
+        self._advance(slot, logits)
+
+    def _advance(self, slot: Slot, logits) -> None:
+        job, ans = slot.job, slot.ans
+        piece, done = ans.push(logits)
+        if job.t_first is None:
+            job.t_first = time.perf_counter()
+            with self.metrics.lock:
+                self.metrics.ttft = (self.metrics.ttft + [job.t_first - job.t_submit])[-1000:]
+        job.n_out = len(ans.ids)
+        if piece:
+            job.on_event("text", piece)
+        if done:
+            self._finish(slot, ans.finish_reason)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while self.running and not self.waiting and not self.active():
+                    self.cv.wait()
+                if not self.running:
+                    break
+                admit = []
+                for slot in self.slots:
+                    if slot.job is None and self.waiting:
+                        admit.append((slot, self.waiting.popleft()))
+            for slot, job in admit:
+                if job.cancelled.is_set():
+                    job.on_event("error", "cancelled")
+                    continue
+                try:
+                    self._start(slot, job)
+                except EdgemmError as e:
+                    slot.job = job
+                    self._finish(slot, error=str(e))
+                except Exception as e:  # a backend failure ends this request, not the server
+                    slot.job = job
+                    self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
+            for slot in self.slots:                     # clients that went away free their slots now
+                if slot.job is not None and slot.job.cancelled.is_set():
+                    self._finish(slot, "cancelled")
+            live = [s for s in self.slots if s.job is not None]
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
+            except Exception as e:
+                for s in live:
+                    self._finish(s, error=f"decoding failed: {e}")
+                continue
+            with self.metrics.lock:
+                self.metrics.decode_seconds += time.perf_counter() - t0
+                self.metrics.tokens += len(live)
+            for s, logits in zip(live, outs):
+                self._advance(s, logits)
