@@ -17,6 +17,7 @@ class GenerationConfig:
     top_p: float = 1.0              # 1: off
     seed: int | None = None
     stop: tuple = ()                # stop strings (not included in the answer)
+    ignore_eos: bool = False        # keep going past </s> until max_new_tokens (benchmarks, load tests)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -106,7 +107,7 @@ class AnswerStream:
 
     def push(self, logits) -> tuple[str, bool]:
         t = self.sampler(logits)
-        if t == self.tok.eos_id:
+        if t == self.tok.eos_id and not self.gen.ignore_eos:
             self.finish_reason = "stop"
             return self._flush(), True
         self.ids.append(t)

@@ -447,6 +447,7 @@ def _source(spec) -> dict:
 def export_gguf(model=None, out=None, precision=None, force=False, calib=None, no_build=False, log=print,
                 threads: int | None = None) -> dict:
     """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest."""
+    log = log or (lambda s: None)
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
     from edgemm.checkpoint import load_model
     from edgemm.info import model_config

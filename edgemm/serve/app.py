@@ -141,11 +141,16 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     app.state.load_error = None
     app.state.metrics = Metrics()
     m_ = app.state.metrics
+    for m in models.values():                         # one set of figures for every engine
+        m.engine.metrics = m_
 
     if loader is not None:
         def _load():
             try:
-                app.state.models.update(loader())
+                loaded = loader()
+                for m in loaded.values():
+                    m.engine.metrics = m_
+                app.state.models.update(loaded)
                 app.state.ready = True
             except Exception as e:                      # reported by /health
                 app.state.load_error = str(e)
@@ -282,7 +287,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             raise APIError(400, "n must be 1")
         try:
             return GenerationConfig(max_new_tokens=mt, temperature=float(t), top_p=float(p), seed=seed,
-                                    stop=tuple(stop))
+                                    stop=tuple(stop), ignore_eos=bool(body.get("ignore_eos", False)))
         except EdgemmError as e:
             raise APIError(400, str(e).replace("--", "")) from None
 

@@ -133,6 +133,7 @@ class Engine:
         logits = None
         for kind, data in job.segments:
             if job.cancelled.is_set():
+                self._finish(slot, "cancelled")
                 return
             if kind == "text":
                 logits = b.text(st, data)
@@ -140,7 +141,7 @@ class Engine:
                 if data not in rows_cache:
                     rows_cache[data] = b.vision(job.pixels[data])
                 logits = b.image(st, rows_cache[data])
-        slot.job, slot.ans = job, AnswerStream(b.tokenizer, job.gen)
+        slot.ans = AnswerStream(b.tokenizer, job.gen)
         self._advance(slot, logits)
 
     def _advance(self, slot: Slot, logits) -> None:
@@ -166,23 +167,23 @@ class Engine:
                 admit = []
                 for slot in self.slots:
                     if slot.job is None and self.waiting:
-                        admit.append((slot, self.waiting.popleft()))
-            for slot, job in admit:
+                        slot.job = self.waiting.popleft()         # taken now: submit() counts it as active
+                        admit.append(slot)
+            for slot in admit:
+                job = slot.job
                 if job.cancelled.is_set():
-                    job.on_event("error", "cancelled")
+                    self._finish(slot, "cancelled")
                     continue
                 try:
                     self._start(slot, job)
                 except EdgemmError as e:
-                    slot.job = job
                     self._finish(slot, error=str(e))
                 except Exception as e:  # a backend failure ends this request, not the server
-                    slot.job = job
                     self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
             for slot in self.slots:                     # clients that went away free their slots now
                 if slot.job is not None and slot.job.cancelled.is_set():
                     self._finish(slot, "cancelled")
-            live = [s for s in self.slots if s.job is not None]
+            live = [s for s in self.slots if s.job is not None and s.ans is not None]
             if not live:
                 continue
             t0 = time.perf_counter()

@@ -1,0 +1,365 @@
+"""`edgemm serve`: the real server on a free loopback port, driven by the official openai client."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_demo
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("openai") is None,
+                                 reason="needs the serve and test extras (fastapi, uvicorn, openai)"), requires_demo]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`edgemm serve` in its own process group on 127.0.0.1; stopped by its pid's group at the end."""
+
+    def __init__(self, *args, key=None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
+        cmd = [sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--port", str(self.port),
+               "--threads", "2", *args] + (["--api-key", key] if key else [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def client(self, key=None):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key or "none", max_retries=0, timeout=120)
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if self.key and "Authorization" not in h:
+            h["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def rss_anon_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _img_url(path=EXAMPLE) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _msg(q, url=None):
+    parts = ([{"type": "image_url", "image_url": {"url": url}}] if url else []) + [{"type": "text", "text": q}]
+    return {"role": "user", "content": parts}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--parallel", "2", "--max-queue", "4", "--metrics", "--max-tokens", "64")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """edgemm's own answers (what `edgemm run` prints) through the same generation code, torch backend."""
+    from edgemm.generation import ChatSession, GenerationConfig, answer
+    from edgemm.runtimes import load_backend
+    b = load_backend("torch", model="tiny-shapes", device="cpu")
+    out = {"circle": answer(b, str(EXAMPLE), "What color is the circle?", GenerationConfig(max_new_tokens=16))}
+    s = ChatSession(b, GenerationConfig(max_new_tokens=16))
+    s.set_image(str(EXAMPLE))
+    out["turn1"] = s.ask("How many shapes are there?")
+    out["turn2"] = s.ask("What color is the circle?")
+    tok = b.tokenizer
+    out["prompt_tokens"] = 1 + b.cfg.n_image_rows + len(tok.user_turn("What color is the circle?", first=True))
+    out["completion_tokens"] = len(tok.encode(" " + out["circle"]))        # the answer's tokens, not its </s>
+    return out
+
+
+def test_cli_run_answer_matches(reference):
+    r = subprocess.run([sys.executable, "-c", "from edgemm.cli import main; main()", "run", "--image", str(EXAMPLE),
+                        "What color is the circle?"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == reference["circle"]
+
+
+def test_answers_streamed_and_not_equal_edgemm_run(server, reference):
+    c = server.client()
+    msgs = [_msg("What color is the circle?", _img_url())]
+    r = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
+    assert r.choices[0].message.content == reference["circle"] and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == reference["prompt_tokens"]                     # image rows included
+    assert r.usage.completion_tokens == reference["completion_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    pieces, usage = [], []
+    for ch in c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16,
+                                        stream=True, stream_options={"include_usage": True}):
+        if ch.choices and ch.choices[0].delta.content:
+            pieces.append(ch.choices[0].delta.content)
+        if ch.usage:
+            usage.append(ch.usage)
+    assert "".join(pieces) == reference["circle"] and len(usage) == 1
+    assert usage[0].prompt_tokens == reference["prompt_tokens"]
+    no_usage = [ch for ch in c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0,
+                                                       max_tokens=16, stream=True) if ch.usage]
+    assert no_usage == []                                     # the usage chunk only when asked for
+
+
+def test_multi_turn_matches_a_chat_session(server, reference):
+    c = server.client()
+    msgs = [_msg("How many shapes are there?", _img_url()), {"role": "assistant", "content": reference["turn1"]},
+            _msg("What color is the circle?")]
+    r = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
+    assert r.choices[0].message.content == reference["turn2"]
+
+
+def test_models_health_tokenize_metrics(server):
+    c = server.client()
+    ms = c.models.list().data
+    assert [m.id for m in ms] == ["tiny-shapes"]
+    code, body, _ = server.get("/health")
+    assert code == 200 and json.loads(body)["status"] == "ok"
+    code, body, _ = server.request("POST", "/tokenize", {"model": "tiny-shapes", "content": "Q: hi"})
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.tokenizer import Tokenizer
+    assert code == 200 and json.loads(body)["tokens"] == Tokenizer.load(DEMO_DIR / "tokenizer.json").encode("Q: hi")
+    code, body, _ = server.get("/metrics")
+    text = body.decode()
+    assert code == 200 and "edgemm_requests_total" in text and "edgemm_queue_depth" in text and "edgemm_ttft" in text
+
+
+def _tiny_png(w=8, h=8) -> bytes:
+    from PIL import Image
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 10, 10)).save(b, "PNG")
+    return b.getvalue()
+
+
+def _bomb_png(w, h) -> bytes:
+    from tests.test_io import _bomb_png as bomb
+    return bomb(w, h)
+
+
+def _body(messages, **kw):
+    return {"model": "tiny-shapes", "messages": messages, "max_tokens": 8, "temperature": 0, **kw}
+
+
+@pytest.mark.parametrize("case,status,code_", [
+    ("bad json", 400, None), ("not an object", 400, None), ("no messages", 400, None),
+    ("image does not decode", 400, "invalid_image"), ("gif refused", 400, "invalid_image"),
+    ("too many pixels", 400, "image_too_large"), ("remote url", 400, "invalid_image_url"),
+    ("context", 400, "context_length_exceeded"), ("max_tokens cap", 400, None),
+    ("unknown model", 404, "model_not_found"), ("body too large", 413, "body_too_large"),
+    ("bad role", 400, None), ("last not user", 400, None)])
+def test_errors_have_openai_shape_and_the_server_keeps_answering(server, case, status, code_):
+    bad = "data:image/png;base64," + base64.b64encode(b"not a png at all").decode()
+    raw = None
+    if case == "bad json":
+        raw = b"{nope"
+    elif case == "not an object":
+        raw = b"[1, 2]"
+    body = {"no messages": {"model": "tiny-shapes"},
+            "image does not decode": _body([_msg("hi", bad)]),
+            "gif refused": _body([_msg("hi", "data:image/gif;base64," + base64.b64encode(b"GIF89a").decode())]),
+            "too many pixels": _body([_msg("hi", "data:image/png;base64," + base64.b64encode(_bomb_png(5000, 5000)).decode())]),
+            "remote url": _body([_msg("hi", "http://example.com/cat.png")]),
+            # over-long and with an undecodable image: the length check answers before any image is touched
+            "context": _body([_msg("why " * 3000, bad)]),
+            "max_tokens cap": _body([_msg("hi")], max_tokens=100000),
+            "unknown model": dict(_body([_msg("hi")]), model="nope"),
+            "bad role": _body([{"role": "robot", "content": "hi"}]),
+            "last not user": _body([_msg("hi"), {"role": "assistant", "content": "x"}])}.get(case)
+    if case == "body too large":        # declared over the limit: answered before the body is read
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sk:
+            sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n{\"x\": \"aaaa" % (33 * 2**20))
+            resp = b""
+            while b"\r\n\r\n" not in resp or len(resp.split(b"\r\n\r\n", 1)[1]) < 20:
+                got = sk.recv(65536)
+                if not got:
+                    break
+                resp += got
+        head, out = resp.split(b"\r\n\r\n", 1)
+        code = int(head.split()[1])
+        out = out[:out.rfind(b"}") + 1]
+    else:
+        code, out, _ = server.request("POST", "/v1/chat/completions", body, raw=raw)
+    assert code == status, out[:300]
+    err = json.loads(out)["error"]
+    assert set(err) >= {"message", "type", "code"} and err["message"]
+    if code_:
+        assert err["code"] == code_
+    ok = server.client().chat.completions.create(model="tiny-shapes", messages=[_msg("What color is the circle?",
+                                                  _img_url())], temperature=0, max_tokens=4)
+    assert ok.choices[0].message.content
+
+
+def test_api_key_queue_full_and_loopback_only():
+    import openai
+    s = Server("--parallel", "1", "--max-queue", "0", key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(key="wrong").models.list()
+        code, _, _ = s.request("GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert code == 401
+        assert s.request("GET", "/health", headers={"Authorization": ""})[0] == 200     # no key needed
+        c = s.client()
+        msgs = [_msg("What color is the circle?", _img_url())]
+        stream = c.chat.completions.create(model="tiny-shapes", messages=msgs, max_tokens=480, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))                                          # the only slot is busy now
+        code, body, headers = s.request("POST", "/v1/chat/completions", _body(msgs))
+        assert code == 503 and json.loads(body)["error"]["code"] == "queue_full" and headers.get("retry-after")
+        stream.close()                                              # a client that goes away frees the slot
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            code, body, _ = s.request("POST", "/v1/chat/completions", _body(msgs))
+            if code == 200:
+                break
+            time.sleep(0.2)
+        assert code == 200
+    finally:
+        s.stop()
+    r = subprocess.run([sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--host", "0.0.0.0",
+                        "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_template_sandbox():
+    from edgemm.errors import EdgemmError
+    from edgemm.serve.prompt import build_segments
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.tokenizer import Tokenizer
+    tok = Tokenizer.load(DEMO_DIR / "tokenizer.json")
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(EdgemmError, match="sandbox"):
+        build_segments(tok, evil, [{"role": "user", "content": "hi"}])
+    tmpl = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{% if p['type'] == 'image' %}"
+            "<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}assistant:")
+    segs, urls = build_segments(tok, tmpl, [_msg("hi", "data:x")])
+    assert [k for k, _ in segs] == ["text", "image", "text"] and urls == ["data:x"]
+    assert tok.decode(segs[0][1]) == "user: " and tok.decode(segs[2][1]) == "hi\nassistant:"
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
+def test_llamacpp_parallel_slots_answer_as_one_at_a_time(tmp_path_factory, reference):
+    """Four concurrent requests on --parallel 4 (one batched llama_decode per step over four sequences) give the
+    answers each gives alone."""
+    from edgemm.export.gguf import export_gguf
+    d = tmp_path_factory.mktemp("g") / "tiny-f32"
+    export_gguf(model="tiny-shapes", out=d, precision={"vision": "f32", "decoder": "f32"}, log=None)
+    s = Server("--bundle", str(d), "--parallel", "4")
+    try:
+        c = s.client()
+        qs = ["What color is the circle?", "How many shapes are there?", "Where is the red square?",
+              "What shape is at the top left?"]
+        alone = [c.chat.completions.create(model="tiny-f32", messages=[_msg(q, _img_url())], temperature=0,
+                                           max_tokens=12).choices[0].message.content for q in qs]
+        assert alone[0] == reference["circle"]
+        got = [None] * 4
+
+        def ask(i):
+            got[i] = c.chat.completions.create(model="tiny-f32", messages=[_msg(qs[i], _img_url())], temperature=0,
+                                               max_tokens=12).choices[0].message.content
+        ts = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        assert got == alone
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_soak_300_requests_with_cancellations(reference):
+    """300 image requests from 4 concurrent clients, every 7th cancelled mid-stream: no 5xx, every completed
+    answer right, and the server's RssAnon after the run within 5% of after the first 50 requests."""
+    import openai
+    s = Server("--parallel", "4", "--max-queue", "8")
+    try:
+        url = _img_url()
+        c = s.client()
+        lock = threading.Lock()
+        done = {"n": 0, "bad": [], "errors": [], "rss50": None}
+        t_end = time.time() + 900
+
+        def worker(k):
+            for i in range(k, 300, 4):
+                if time.time() > t_end:
+                    return
+                try:
+                    if i % 7 == 3:
+                        st = c.chat.completions.create(model="tiny-shapes", messages=[_msg("What color is the circle?", url)],
+                                                       temperature=0, max_tokens=16, stream=True)
+                        next(iter(st))
+                        st.close()
+                    else:
+                        a = c.chat.completions.create(model="tiny-shapes", messages=[_msg("What color is the circle?", url)],
+                                                      temperature=0, max_tokens=16).choices[0].message.content
+                        if a != reference["circle"]:
+                            with lock:
+                                done["bad"].append(a)
+                except openai.APIStatusError as e:
+                    with lock:
+                        done["errors"].append(e.status_code)
+                with lock:
+                    done["n"] += 1
+                    if done["n"] == 50:
+                        done["rss50"] = s.rss_anon_kb()
+        ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(960)
+        assert done["n"] == 300 and not done["bad"]
+        assert not [e for e in done["errors"] if e >= 500], done["errors"]
+        assert s.rss_anon_kb() <= 1.05 * done["rss50"], (s.rss_anon_kb(), done["rss50"])
+    finally:
+        s.stop()
