@@ -6,12 +6,18 @@ one token in one `decode_batch` call (llama.cpp: one llama_decode over all the s
 read once for all of them; the other backends step the slots one after another). A long answer therefore never
 blocks the others, a cancelled request (client gone) frees its slot before the next step, and at most
 `max_queue` requests wait beyond the slots (more are refused: the server answers 503 with Retry-After).
+
+Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
+pixels). A new request goes to the free slot whose cache shares the longest leading run of segments with its
+prompt; the cache is rewound to the end of that run and only the rest is prefilled (the same image and
+conversation history are not recomputed turn after turn). Image rows are also kept for the last few images.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +41,7 @@ class Job:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     n_out: int = 0
+    keys: list | None = None            # the segments' cache keys (segment_keys)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -45,6 +52,36 @@ class Slot:
     state: object
     job: Job | None = None
     ans: AnswerStream | None = None
+    held: list = field(default_factory=list)     # [(segment key, length after, pos after)] in the KV cache
+
+
+def segment_keys(job: Job) -> list:
+    if job.keys is not None:
+        return job.keys
+    keys = []
+    for kind, data in job.segments:
+        if kind == "text":
+            keys.append(("text", tuple(data)))
+        else:
+            keys.append(("image", hashlib.sha1(job.pixels[data].tobytes()).hexdigest()))
+    job.keys = keys
+    return keys
+
+
+def reuse_score(slot: Slot, keys: list) -> float:
+    """Rows a slot's cache saves this prompt, less half of those it would throw away (so a text-only prompt
+    takes an empty slot rather than the one holding an image for the next request)."""
+    k = min(common_prefix(slot.held, keys), len(keys) - 1)
+    reused = slot.held[k - 1][1] if k else 0
+    held = slot.state.length if slot.state is not None else 0
+    return reused - 0.5 * (held - reused)
+
+
+def common_prefix(held: list, keys: list) -> int:
+    n = 0
+    while n < len(held) and n < len(keys) and held[n][0] == keys[n]:
+        n += 1
+    return n
 
 
 class Metrics:
@@ -91,6 +128,8 @@ class Engine:
         self.log = log or (lambda s: None)
         self.slots = [Slot(state=None) for _ in range(self.parallel)]
         self.waiting: deque[Job] = deque()
+        self.rows_cache: OrderedDict = OrderedDict()      # image digest -> rows, the last ROWS_CACHE images
+        self.prefill_rows_saved = 0
         self.cv = threading.Condition()
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
@@ -118,29 +157,43 @@ class Engine:
         job = slot.job
         slot.job, slot.ans = None, None
         if error is not None:
+            slot.held = []                  # what the cache holds is not known after a failure
             job.on_event("error", error)
         else:
             job.on_event("done", {"finish_reason": reason, "prompt_tokens": job.prompt_rows,
                                   "completion_tokens": job.n_out})
+
+    ROWS_CACHE = 8
+
+    def _rows(self, key: str, pixels):
+        if key in self.rows_cache:
+            self.rows_cache.move_to_end(key)
+            return self.rows_cache[key]
+        rows = self.b.vision(pixels)
+        self.rows_cache[key] = rows
+        while len(self.rows_cache) > self.ROWS_CACHE:
+            self.rows_cache.popitem(last=False)
+        return rows
 
     def _start(self, slot: Slot, job: Job) -> None:
         b = self.b
         if slot.state is None:
             slot.state = b.new_state(max_len=b.context_length)
         st = slot.state
-        st.length = st.pos = 0                      # rewind: the slot's cache is reused request after request
-        rows_cache = {}
+        keys = segment_keys(job)
+        # reuse the cached leading segments, but always run the last one: its logits start the answer
+        k = min(common_prefix(slot.held, keys), len(keys) - 1)
+        slot.held = slot.held[:k]
+        st.length, st.pos = (slot.held[-1][1], slot.held[-1][2]) if k else (0, 0)   # rewind to the shared part
+        self.prefill_rows_saved += st.length
         logits = None
-        for kind, data in job.segments:
+        for (kind, data), key in zip(job.segments[k:], keys[k:]):
             if job.cancelled.is_set():
+                slot.held = []
                 self._finish(slot, "cancelled")
                 return
-            if kind == "text":
-                logits = b.text(st, data)
-            else:
-                if data not in rows_cache:
-                    rows_cache[data] = b.vision(job.pixels[data])
-                logits = b.image(st, rows_cache[data])
+            logits = b.text(st, data) if kind == "text" else b.image(st, self._rows(key[1], job.pixels[data]))
+            slot.held.append((key, st.length, st.pos))
         slot.ans = AnswerStream(b.tokenizer, job.gen)
         self._advance(slot, logits)
 
@@ -165,10 +218,14 @@ class Engine:
                 if not self.running:
                     break
                 admit = []
-                for slot in self.slots:
-                    if slot.job is None and self.waiting:
-                        slot.job = self.waiting.popleft()         # taken now: submit() counts it as active
-                        admit.append(slot)
+                free = [s for s in self.slots if s.job is None]
+                while free and self.waiting:
+                    job = self.waiting.popleft()
+                    keys = segment_keys(job)
+                    slot = max(free, key=lambda s: reuse_score(s, keys))       # the best cached prefix
+                    free.remove(slot)
+                    slot.job = job                             # taken now: submit() counts it as active
+                    admit.append(slot)
             for slot in admit:
                 job = slot.job
                 if job.cancelled.is_set():

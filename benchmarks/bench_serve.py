@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Load test of `edgemm serve` with the official openai client (issue 15; not a test).
+
+    python benchmarks/bench_serve.py --bundle out/q4km --parallel 4            # starts the server itself
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8080 --model q4km  # a server already running
+
+N concurrent clients (N = --clients, default 1,2,4) send streamed chat requests for --seconds each level, half
+with the example image and half text-only, each asking for --max-tokens tokens with ignore_eos (so every
+request decodes the same number of tokens). Printed per N: requests/s, aggregate decode tokens/s (completion
+tokens / wall time), TTFT p50/p95, per-token latency p50/p95 (gaps between streamed chunks), and the server's
+peak RSS (VmHWM, when this script started it).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--port", str(port),
+           "--parallel", str(args.parallel), "--max-queue", "64", "--max-tokens", str(max(512, args.max_tokens))]
+    cmd += ["--bundle", args.bundle] if args.bundle else ["--model", args.model_path]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return p, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGTERM)
+    raise SystemExit("the server did not become healthy")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_level(url, model, n, seconds, max_tokens, image_url):
+    import openai
+    c = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"), max_retries=0,
+                      timeout=300)
+    stats = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": 0}
+    lock = threading.Lock()
+    t_stop = time.perf_counter() + seconds
+
+    def client(k):
+        i = 0
+        while time.perf_counter() < t_stop:
+            content = [{"type": "text", "text": "What color is the circle?"}]
+            if (i + k) % 2 == 0:
+                content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+            i += 1
+            t0 = time.perf_counter()
+            last, ttft, gaps, ntok = None, None, [], 0
+            try:
+                for ch in c.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                                    max_tokens=max_tokens, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True},
+                                                    extra_body={"ignore_eos": True}):
+                    now = time.perf_counter()
+                    if ch.choices and ch.choices[0].delta.content:
+                        if ttft is None:
+                            ttft = now - t0
+                        elif last is not None:
+                            gaps.append(now - last)
+                        last = now
+                    if ch.usage:
+                        ntok = ch.usage.completion_tokens
+            except openai.APIError:
+                with lock:
+                    stats["errors"] += 1
+                continue
+            with lock:
+                stats["requests"] += 1
+                stats["tokens"] += ntok
+                if ttft is not None:
+                    stats["ttft"].append(ttft)
+                stats["gaps"] += gaps
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = lambda xs, p: 1e3 * float(np.quantile(xs, p)) if xs else float("nan")   # noqa: E731
+    return {"clients": n, "requests_per_s": stats["requests"] / wall, "decode_tok_s": stats["tokens"] / wall,
+            "ttft_p50_ms": q(stats["ttft"], 0.5), "ttft_p95_ms": q(stats["ttft"], 0.95),
+            "token_p50_ms": q(stats["gaps"], 0.5), "token_p95_ms": q(stats["gaps"], 0.95),
+            "requests": stats["requests"], "errors": stats["errors"]}
+
+
+def decode_batch_only(a) -> int:
+    from edgemm.runtimes import load_backend
+    b = load_backend(a.backend or "auto", bundle=a.bundle, model=None if a.bundle else a.model_path,
+                     threads=a.threads, slots=4)
+    sts = [b.new_state(max_len=512) for _ in range(4)]
+    for st in sts:
+        b.text(st, [b.tokenizer.bos_id, 5, 6, 7])
+    base = None
+    print(f"{b.describe()}: decode_batch, one token per sequence per step (median of 5 x 10 steps)")
+    for n in (1, 2, 4):
+        b.decode_batch(sts[:n], [5] * n)
+        per = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(10):
+                b.decode_batch(sts[:n], [5] * n)
+            per.append((time.perf_counter() - t) / 10)
+        dt = float(np.median(per))
+        base = base or n / dt
+        print(f"  {n} sequence(s): {dt * 1e3:6.1f} ms/step, {n / dt:6.1f} tok/s aggregate ({n / dt / base:.2f}x)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="A running server (else one is started with --bundle/--model).")
+    ap.add_argument("--model", default=None, help="Model id to request (default: the first in /v1/models).")
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--model-path", default="tiny-shapes", help="--model for the server this script starts.")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clients", default="1,2,4")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--decode-batch", action="store_true", help="Only time the backend's decode_batch for 1, 2 "
+                    "and 4 sequences (no HTTP): the ceiling slots can reach on this machine.")
+    a = ap.parse_args(argv)
+    if a.decode_batch:
+        return decode_batch_only(a)
+    proc = None
+    url = a.url
+    if url is None:
+        proc, url = start_server(a)
+    try:
+        import openai
+        c = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"))
+        models = c.models.list().data
+        model = a.model or models[0].id
+        meta = next((m for m in models if m.id == model), models[0]).model_extra.get("meta", {})
+        image_url = "data:image/png;base64," + base64.b64encode((ROOT / "examples" / "shapes.png").read_bytes()).decode()
+        print(f"server {url}, model {model}: {meta.get('backend')}, {meta.get('slots')} slot(s); "
+              f"{a.max_tokens} tokens per request (ignore_eos), half the requests with an image")
+        print(f"{'clients':>7} {'req/s':>7} {'decode tok/s':>12} {'TTFT p50':>9} {'TTFT p95':>9} "
+              f"{'tok p50':>8} {'tok p95':>8} {'requests':>8} {'errors':>6}")
+        rows = []
+        for n in [int(x) for x in a.clients.split(",")]:
+            r = run_level(url, model, n, a.seconds, a.max_tokens, image_url)
+            rows.append(r)
+            print(f"{n:>7} {r['requests_per_s']:>7.2f} {r['decode_tok_s']:>12.1f} {r['ttft_p50_ms']:>7.0f}ms "
+                  f"{r['ttft_p95_ms']:>7.0f}ms {r['token_p50_ms']:>6.1f}ms {r['token_p95_ms']:>6.1f}ms "
+                  f"{r['requests']:>8} {r['errors']:>6}")
+        if len(rows) > 1:
+            print(f"aggregate decode tok/s at {rows[-1]['clients']} clients / at {rows[0]['clients']}: "
+                  f"{rows[-1]['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x")
+        if proc is not None:
+            print(f"server peak RSS: {peak_rss_mb(proc.pid):.0f} MB")
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
