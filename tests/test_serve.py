@@ -41,11 +41,13 @@ class Server:
         self.key = key
         cmd = [sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--port", str(self.port),
                "--threads", "2", *args] + (["--api-key", key] if key else [])
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        import tempfile
+        self.logf = tempfile.NamedTemporaryFile(prefix="edgemm-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log()[-2000:]}")
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -80,6 +82,9 @@ class Server:
                 return int(line.split()[1])
         return 0
 
+    def log(self) -> str:
+        return Path(self.logf.name).read_text(errors="replace")
+
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -88,6 +93,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.logf.close()
+        Path(self.logf.name).unlink(missing_ok=True)
 
 
 def _img_url(path=EXAMPLE) -> str:
@@ -103,6 +110,7 @@ def _msg(q, url=None):
 def server():
     s = Server("--parallel", "2", "--max-queue", "4", "--metrics", "--max-tokens", "64")
     yield s
+    print(s.log()[-3000:])
     s.stop()
 
 
@@ -157,6 +165,24 @@ def test_multi_turn_matches_a_chat_session(server, reference):
             _msg("What color is the circle?")]
     r = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
     assert r.choices[0].message.content == reference["turn2"]
+
+
+def test_prompt_cache_reuses_the_image_and_answers_the_same(server, reference):
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.tokenizer import Tokenizer
+    c = server.client()
+
+    def reused():
+        line = [ln for ln in server.get("/metrics")[1].decode().splitlines()
+                if ln.startswith("edgemm_prompt_rows_reused_total")]
+        return float(line[0].split()[-1])
+    msgs = [_msg("What color is the circle?", _img_url())]
+    first = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
+    before = reused()
+    again = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
+    assert again.choices[0].message.content == first.choices[0].message.content == reference["circle"]
+    q_rows = len(Tokenizer.load(DEMO_DIR / "tokenizer.json").user_turn("What color is the circle?", first=True))
+    assert reused() - before >= first.usage.prompt_tokens - q_rows      # <s> and the image rows, at least
 
 
 def test_models_health_tokenize_metrics(server):

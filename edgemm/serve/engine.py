@@ -47,7 +47,7 @@ class Job:
         self.cancelled.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     state: object
     job: Job | None = None
@@ -113,6 +113,9 @@ class Metrics:
                           f"edgemm_ttft_seconds_count {len(self.ttft)}"]
         lines += ["# HELP edgemm_queue_depth requests waiting for a slot", "# TYPE edgemm_queue_depth gauge"]
         lines += [f'edgemm_queue_depth{{model="{m}"}} {len(e.waiting)}' for m, e in engines.items()]
+        lines += ["# HELP edgemm_prompt_rows_reused_total prompt rows taken from a slot's cache, not recomputed",
+                  "# TYPE edgemm_prompt_rows_reused_total counter"]
+        lines += [f'edgemm_prompt_rows_reused_total{{model="{m}"}} {e.prefill_rows_saved}' for m, e in engines.items()]
         lines += ["# HELP edgemm_active_slots slots decoding", "# TYPE edgemm_active_slots gauge"]
         lines += [f'edgemm_active_slots{{model="{m}"}} {e.active()}' for m, e in engines.items()]
         return "\n".join(lines) + "\n"
@@ -211,47 +214,57 @@ class Engine:
             self._finish(slot, ans.finish_reason)
 
     def _loop(self) -> None:
-        while True:
-            with self.cv:
-                while self.running and not self.waiting and not self.active():
-                    self.cv.wait()
-                if not self.running:
-                    break
-                admit = []
-                free = [s for s in self.slots if s.job is None]
-                while free and self.waiting:
-                    job = self.waiting.popleft()
-                    keys = segment_keys(job)
-                    slot = max(free, key=lambda s: reuse_score(s, keys))       # the best cached prefix
-                    free.remove(slot)
-                    slot.job = job                             # taken now: submit() counts it as active
-                    admit.append(slot)
-            for slot in admit:
-                job = slot.job
-                if job.cancelled.is_set():
-                    self._finish(slot, "cancelled")
-                    continue
-                try:
-                    self._start(slot, job)
-                except EdgemmError as e:
-                    self._finish(slot, error=str(e))
-                except Exception as e:  # a backend failure ends this request, not the server
-                    self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
-            for slot in self.slots:                     # clients that went away free their slots now
-                if slot.job is not None and slot.job.cancelled.is_set():
-                    self._finish(slot, "cancelled")
-            live = [s for s in self.slots if s.job is not None and s.ans is not None]
-            if not live:
-                continue
-            t0 = time.perf_counter()
+        while self.running:
             try:
-                outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
-            except Exception as e:
-                for s in live:
-                    self._finish(s, error=f"decoding failed: {e}")
+                self._once()
+            except Exception as e:      # never let the worker die: fail what it was doing, keep serving
+                self.log(f"error: the engine's step failed ({type(e).__name__}: {e}); its requests were ended")
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
+
+    def _once(self) -> None:
+        """One admission round and one decode step."""
+        with self.cv:
+            while self.running and not self.waiting and not self.active():
+                self.cv.wait()
+            if not self.running:
+                return
+            admit = []
+            free = [s for s in self.slots if s.job is None]
+            while free and self.waiting:
+                job = self.waiting.popleft()
+                keys = segment_keys(job)
+                slot = max(free, key=lambda s: reuse_score(s, keys))       # the best cached prefix
+                free.remove(slot)
+                slot.job = job                             # taken now: submit() counts it as active
+                admit.append(slot)
+        for slot in admit:
+            job = slot.job
+            if job.cancelled.is_set():
+                self._finish(slot, "cancelled")
                 continue
-            with self.metrics.lock:
-                self.metrics.decode_seconds += time.perf_counter() - t0
-                self.metrics.tokens += len(live)
-            for s, logits in zip(live, outs):
-                self._advance(s, logits)
+            try:
+                self._start(slot, job)
+            except EdgemmError as e:
+                self._finish(slot, error=str(e))
+            except Exception as e:  # a backend failure ends this request, not the server
+                self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
+        for slot in self.slots:                     # clients that went away free their slots now
+            if slot.job is not None and slot.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        live = [s for s in self.slots if s.job is not None and s.ans is not None]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
+        except Exception as e:
+            for s in live:
+                self._finish(s, error=f"decoding failed: {e}")
+            return
+        with self.metrics.lock:
+            self.metrics.decode_seconds += time.perf_counter() - t0
+            self.metrics.tokens += len(live)
+        for s, logits in zip(live, outs):
+            self._advance(s, logits)
