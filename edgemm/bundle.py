@@ -30,6 +30,14 @@ def tool_versions(*extra: str) -> dict:
     return out
 
 
+def check_out(out: str | Path, force: bool) -> Path:
+    """-o OUT: refused when it exists, unless --force (DESIGN.md Conventions); checked before any work."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    return out
+
+
 @contextlib.contextmanager
 def bundle_writer(out: str | Path, force: bool = False):
     """Yields a temporary directory; on clean exit it is renamed to `out`, on error it is removed.
@@ -37,8 +45,7 @@ def bundle_writer(out: str | Path, force: bool = False):
     The caller writes its files and finally `manifest` (a dict without `files`) via write_manifest(tmp, m).
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    check_out(out, force)
     with atomic_dir(out) as tmp:
         yield tmp
         if not (tmp / MANIFEST).exists():

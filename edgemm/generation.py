@@ -138,11 +138,21 @@ class ChatSession:
 
     CACHE_MIN = 256
 
-    def __init__(self, backend, gen: GenerationConfig | None = None, log: Callable[[str], None] | None = None):
+    def __init__(self, backend, gen: GenerationConfig | None = None, log: Callable[[str], None] | None = None,
+                 template: str | None = "auto"):
         self.b = backend
         self.tok = backend.tokenizer
         self.gen = gen or GenerationConfig()
         self.log = log or (lambda s: None)
+        # an imported model is prompted through its own chat template (edgemm.serve.prompt); edgemm's own
+        # models keep their training format, built piece by piece below
+        from .tokenizer import CHAT_TEMPLATE
+        if template == "auto":
+            from .serve import chat_template_of
+            template = chat_template_of(backend)
+        self.template = template if template and template.strip() != CHAT_TEMPLATE.strip() else None
+        self.fed: list = []           # template mode: the prompt items in the cache (token ids, "image"), and
+        self.fed_at: list = []        # the (length, pos) after each
         self.rows = None              # image rows [1, P+2, D] from the vision stage
         self.turns: list[tuple[str, list[int]]] = []   # (question, answer ids incl. </s>)
         self.state = None
@@ -165,6 +175,7 @@ class ChatSession:
     def reset(self) -> None:
         self.turns = []
         self.pending = []
+        self.fed, self.fed_at = [], []
         if self.state is not None:              # keep the allocated cache: rewinding it costs nothing
             self.state.length = self.state.pos = 0
             self.state = self._fill(self.state, [])
@@ -210,9 +221,79 @@ class ChatSession:
         return self._fill(self.b.new_state(max_len=self.capacity), turns)
 
     # ---- one turn ------------------------------------------------------------------
+    def _template_items(self, turns, question) -> list:
+        from .serve.prompt import normalize_messages, segments_template
+        msgs, img = [], self.rows is not None
+        for i, (q, a) in enumerate([*turns, (question, None)]):
+            parts = ([{"type": "image_url", "image_url": {"url": "data:,"}}] if img and i == 0 else [])
+            msgs.append({"role": "user", "content": parts + [{"type": "text", "text": q}]})
+            if a is not None:
+                msgs.append({"role": "assistant", "content": a})
+        segs = segments_template(self.tok, self.template, normalize_messages(msgs))
+        return [t for k, d in segs for t in (d if k == "text" else ["image"])]
+
+    def _ask_template(self, question: str, on_text) -> str:
+        """The conversation rendered by the model's chat template; the cache keeps the longest prefix of the
+        rendered items it already holds, only the rest is fed."""
+        ctx, gen = self.b.context_length, self.gen
+        n_img = self.rows.shape[1] if self.rows is not None else 0
+        size = lambda items: sum(n_img if t == "image" else 1 for t in items)   # noqa: E731
+        turns = list(self.turns)
+        items = self._template_items(turns, question)
+        while size(items) + gen.max_new_tokens + 1 > ctx:
+            if not turns:
+                raise EdgemmError(f"the prompt needs {size(items)} tokens plus {gen.max_new_tokens} to answer, "
+                                  f"but the context holds {ctx}: shorten the question or lower --max-new-tokens")
+            turns.pop(0)
+            items = self._template_items(turns, question)
+            if not self._warned:
+                self.log(f"note: the context ({ctx} tokens) is full; dropping the oldest turns (the image stays)")
+                self._warned = True
+        self.turns = turns
+        if self.state is None:
+            self.state = self.b.new_state(max_len=ctx)
+        st = self.state
+        p = 0
+        while p < len(self.fed) and p < len(items) and self.fed[p] == items[p]:
+            p += 1
+        p = min(p, len(items) - 1)                       # the last item is always run: its logits start the answer
+        self.fed, self.fed_at = self.fed[:p], self.fed_at[:p]
+        st.length, st.pos = self.fed_at[-1] if p else (0, 0)
+        i, logits = p, None
+        while i < len(items):
+            if items[i] == "image":
+                logits = self.b.image(st, self.rows)
+                self.fed.append("image")
+                self.fed_at.append((st.length, st.pos))
+                i += 1
+                continue
+            j = i
+            while j < len(items) and items[j] != "image":
+                j += 1
+            length0, pos0 = st.length, st.pos
+            logits = self.b.text(st, items[i:j])
+            self.fed += items[i:j]
+            self.fed_at += [(length0 + k + 1, pos0 + k + 1) for k in range(j - i)]
+            i = j
+        ans = AnswerStream(self.tok, gen)
+        while True:
+            piece, done = ans.push(logits)
+            if on_text and piece:
+                on_text(piece)
+            if done:
+                break
+            length0, pos0 = st.length, st.pos
+            logits = self.b.text(st, [ans.ids[-1]])
+            self.fed.append(ans.ids[-1])
+            self.fed_at.append((length0 + 1, pos0 + 1))
+        self.turns.append((question, ans.text.strip()))
+        return ans.text.strip()
+
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         if not question or not question.strip():
             raise EdgemmError("the question is empty: type a question about the image")
+        if self.template is not None:
+            return self._ask_template(question, on_text)
         ctx = self.b.context_length
         gen = self.gen
         q_ids = self.tok.user_turn(question, first=not self.turns)

@@ -165,13 +165,12 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     """
     import onnx
     import torch
-    from edgemm.bundle import bundle_writer, tool_versions, write_manifest
+    from edgemm.bundle import bundle_writer, check_out, tool_versions, write_manifest
     log = log or (lambda s: None)
     if not out:
         raise EdgemmError("-o OUT is required: the bundle directory to write")
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    check_out(out, force)
     prec = _precisions(precision)
     if calib is not None and not set(prec.values()) & set(QUANTIZED):
         log("note: --calib is not used by fp32/fp16 onnx exports")

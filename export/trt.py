@@ -129,15 +129,14 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     """Export `model` (a --model spec or a (model, tokenizer) pair) to a trt bundle at `out`; -> the manifest."""
     import onnx
     import torch
-    from edgemm.bundle import bundle_writer, tool_versions, write_manifest
+    from edgemm.bundle import bundle_writer, check_out, tool_versions, write_manifest
     from edgemm.export.onnx import _load_source, check_variants, stage_notes
     from edgemm.runtimes.trt_backend import gpu_identity
     log = log or (lambda s: None)
     if not out:
         raise EdgemmError("-o OUT is required: the bundle directory to write")
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    check_out(out, force)
     prec = _precisions(precision)
     here = gpu_identity()
     build_here = here is not None and not no_build

@@ -70,3 +70,111 @@ def test_llava_onnx_export_validates(tmp_path):
     import_checkpoint(src, tmp_path / "ck", log=None)
     export_onnx(str(tmp_path / "ck"), tmp_path / "bundle", precision="fp32", log=lambda *_: None)
     assert (tmp_path / "bundle" / "edgemm.json").is_file()
+
+
+LLAVA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+                  "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+                  "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %} "
+                  "{% else %}ASSISTANT: {% for p in m['content'] %}{{ p['text'] }}{% endfor %}</s>{% endif %}"
+                  "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _chat_tokenizer(d):
+    """A word-level tokenizer that knows the template's words and the test questions."""
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["USER", "ASSISTANT", ":", "what", "color", "is", "the", "circle", "?", "red", "how", "many", "shapes",
+             "are", "there", "three"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<image>"])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAVA_TEMPLATE, "bos_token": "<s>",
+                                                         "eos_token": "</s>", "pad_token": "<pad>"}))
+
+
+def test_chat_template_prompt_ids_equal_the_llava_processor(tmp_path):
+    """The server's prompt for an imported LLaVA comes from the checkpoint's own chat template (rendered in the
+    sandbox, split at <image>): the same ids as transformers' LlavaProcessor.apply_chat_template + tokenization,
+    the image placeholder expanded to the image rows."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from edgemm.serve.prompt import build_segments
+    from edgemm.tokenizer import Tokenizer
+    model = _tiny_llava(2)
+    src = tmp_path / "llava-tiny-hf"
+    model.save_pretrained(src, safe_serialization=True)
+    _chat_tokenizer(src)
+    out = tmp_path / "ck"
+    import_checkpoint(src, out, log=None)
+    template = (out / "chat_template.jinja").read_text()
+    assert template == LLAVA_TEMPLATE                       # the importer kept the source's template
+    m, _ = load_checkpoint(out)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                             crop_size={"height": 16, "width": 16}),
+                          tokenizer=hf_tok, chat_template=LLAVA_TEMPLATE, patch_size=4,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)      # the CLS row, as llava-1.5-7b-hf sets it
+    from PIL import Image
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    convs = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many shapes are there ?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "three"}]},
+         {"role": "user", "content": [{"type": "text", "text": "what color is the circle ?"}]}]]
+    ours_tok = Tokenizer.load(out / "tokenizer.json")
+    for conv in convs:
+        text = proc.apply_chat_template(conv, add_generation_prompt=True)
+        want = proc(images=[img], text=text, return_tensors="pt")["input_ids"][0].tolist()
+        openai_msgs = [{"role": c["role"], "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,x"}} if p["type"] == "image"
+            else {"type": "text", "text": p["text"]} for p in c["content"]]} for c in conv]
+        segs, urls = build_segments(ours_tok, template, openai_msgs)
+        got = [t for k, d in segs for t in (d if k == "text" else [IMAGE_TOKEN] * m.cfg.n_image_rows)]
+        assert got == want, f"{got} != {want}"
+        assert len(urls) == 1
+        assert want.count(IMAGE_TOKEN) == m.cfg.n_image_rows == 16
+
+
+def test_chat_session_prompts_an_imported_model_through_its_template(tmp_path):
+    """edgemm chat/run on an imported LLaVA: the first prompt is the processor's ids (image rows in place of
+    the placeholder); the next turn feeds only what the re-rendered conversation adds to the cache."""
+    import numpy as np
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.runtimes import load_backend
+    model = _tiny_llava(2)
+    src = tmp_path / "llava-tiny-hf"
+    model.save_pretrained(src, safe_serialization=True)
+    _chat_tokenizer(src)
+    import_checkpoint(src, tmp_path / "ck", log=None)
+    b = load_backend("torch", model=str(tmp_path / "ck"), device="cpu")
+    fed = []
+    real_text, real_image = b.text, b.image
+    b.text = lambda st, ids: (fed.append(list(ids)), real_text(st, ids))[1]
+    b.image = lambda st, rows: (fed.append(["image"]), real_image(st, rows))[1]
+    s = ChatSession(b, GenerationConfig(max_new_tokens=3))
+    assert s.template == LLAVA_TEMPLATE
+    img = np.full((16, 16, 3), 120, np.uint8)
+    s.set_image(img)
+    s.ask("what color is the circle ?")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), bos_token="<s>", eos_token="</s>")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                             crop_size={"height": 16, "width": 16}),
+                          tokenizer=hf_tok, chat_template=LLAVA_TEMPLATE, patch_size=4,
+                          vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]}]
+    from PIL import Image
+    want = proc(images=[Image.fromarray(img)], text=proc.apply_chat_template(conv, add_generation_prompt=True),
+                return_tensors="pt")["input_ids"][0].tolist()
+    n = b.cfg.n_image_rows
+    prompt = [t for call in fed[:3] for t in (call if call != ["image"] else [IMAGE_TOKEN] * n)]
+    assert prompt == want
+    before = len(fed)
+    s.ask("how many shapes are there ?")
+    second = [t for call in fed[before:] for t in call]
+    assert "image" not in second and len(second) < len(want)       # the image and the first turn stay cached
+    full = s._template_items(s.turns[:1], "how many shapes are there ?")
+    assert s.fed[:len(full)] == full                               # the cache holds the re-rendered conversation

@@ -83,14 +83,15 @@ def test_logits_and_cache_in_place(backends):
     assert rows.shape == (1, 11, 256) and rows.dtype == np.float32
     np.testing.assert_allclose(rows, tb.vision(px), atol=1e-5)
     st_o, st_t = ob.new_state(max_len=64), tb.new_state(max_len=64)
-    bufs = [id(v) for v in st_o.cache["k"]]
+    bufs = [v.data_ptr() for v in st_o.cache["k"]]
+    assert bufs == [a.ctypes.data for a in st_o.cache["arrays"][0::2]]      # the numpy arrays are the buffers
     for b, st in ((ob, st_o), (tb, st_t)):
         b.text(st, [1, 5, 9])
         b.image(st, rows)
     lo, lt = ob.text(st_o, [4, 2]), tb.text(st_t, [4, 2])
     np.testing.assert_allclose(lo, lt, atol=1e-4)
     assert st_o.length == st_t.length == 3 + rows.shape[1] + 2 and st_o.pos == st_t.pos
-    assert [id(v) for v in st_o.cache["k"]] == bufs               # same buffers, written in place
+    assert [v.data_ptr() for v in st_o.cache["k"]] == bufs         # same memory, written in place
     k0 = st_o.cache["arrays"][0]
     np.testing.assert_allclose(k0[0, :, :st_o.length], st_t.cache.k[0, 0, :, :st_t.length].numpy(), atol=1e-5)
     assert not k0[0, :, st_o.length:].any()                       # nothing written past the filled rows

@@ -20,6 +20,7 @@ import json
 import re
 from pathlib import Path
 
+from ..bundle import check_out
 from ..checkpoint import atomic_dir
 from ..errors import EdgemmError
 
@@ -95,8 +96,7 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
         raise EdgemmError(f"{src} is not a directory")
     if not (src / "config.json").is_file():
         raise EdgemmError(f"{src} is not a Hugging Face checkpoint: config.json is missing")
-    if out.exists() and not force:
-        raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")
+    check_out(out, force)
     try:
         hf = json.loads((src / "config.json").read_text())
     except json.JSONDecodeError as e:

@@ -28,6 +28,8 @@ def is_loopback(host: str) -> bool:
 def chat_template_of(backend) -> str | None:
     """The chat template stored with the model or bundle (None: edgemm's own format)."""
     from ..checkpoint import resolve_model
+    if not getattr(backend, "source", None):
+        return None
     src = Path(str(backend.source))
     if (src / "edgemm.json").is_file():
         from ..bundle import bundle_path, read_manifest
