@@ -181,7 +181,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
         if n is not None and (not n.isdigit() or int(n) > limits.body_bytes):
             return err(APIError(413, f"the request body is over this server's limit of {limits.body_bytes} bytes",
                                 code="body_too_large"))
-        if api_key and request.url.path != "/health":
+        if api_key and request.url.path not in ("/health", "/"):        # the page itself asks for the key
             got = request.headers.get("authorization", "")
             token = got[7:] if got.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
@@ -218,6 +218,13 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
         if name not in ms:
             raise APIError(404, f"model {name!r} is not served here; models: {', '.join(ms)}", code="model_not_found")
         return ms[name]
+
+    @app.get("/")
+    async def page():
+        """The browser chat page (static, no CDN: works on an offline box), over the /v1 routes."""
+        from fastapi.responses import HTMLResponse
+        from pathlib import Path
+        return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text())
 
     @app.get("/health")
     async def health():
