@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,2,4")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--ray", type=int, default=None, help="Serve on a local Ray Serve cluster with this many "
+                    "replicas (started here, stopped at the end) instead of plain `edgemm serve`.")
     ap.add_argument("--decode-batch", action="store_true", help="Only time the backend's decode_batch for 1, 2 "
                     "and 4 sequences (no HTTP): the ceiling slots can reach on this machine.")
     a = ap.parse_args(argv)
@@ -160,7 +162,24 @@ def main(argv=None) -> int:
         return decode_batch_only(a)
     proc = None
     url = a.url
-    if url is None:
+    ray_started = False
+    if a.ray:
+        import ray
+        from ray import serve
+        from edgemm.serve import ray_app
+        from edgemm.serve.app import Limits
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray_started = True
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ray_app.ray_args([] if a.bundle else [a.model_path], [a.bundle] if a.bundle else [], a.backend or "auto",
+                                "cpu", a.threads, a.parallel, 64, None, False,
+                                Limits(max_tokens=max(512, a.max_tokens)), a.ray, None, False)
+        serve.run(ray_app.build_app(args), name=ray_app.APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+    elif url is None:
         proc, url = start_server(a)
     try:
         import openai
@@ -189,6 +208,11 @@ def main(argv=None) -> int:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        if ray_started:
+            from ray import serve
+            import ray
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 

@@ -239,9 +239,15 @@ def doctor(bundle, device, json_path):
               help="Largest decoded image (width x height) a request may send.")
 @click.option("--allow-remote-images", "remote_hosts", multiple=True, help="Allow http(s) image URLs from this "
               "host (repeatable); private, loopback and link-local addresses stay refused.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve (the local Ray, or the cluster in "
+              "RAY_ADDRESS): replicas, autoscaling, backpressure.")
+@click.option("--replicas", default=None, type=int, help="--ray: how many replicas (default 1).")
+@click.option("--autoscale", default=None, help="--ray: MIN:MAX replicas, scaled by ongoing requests.")
+@click.option("--ray-config", default=None, type=click.Path(), help="Write the Ray Serve config file for "
+              "`serve deploy` on a cluster, and exit.")
 @handle_errors
 def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
-          metrics, max_tokens, max_image_pixels, remote_hosts):
+          metrics, max_tokens, max_image_pixels, remote_hosts, use_ray, replicas, autoscale, ray_config):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -261,9 +267,31 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         api_key = Path(api_key_file).read_text().strip()
         if not api_key:
             raise EdgemmError(f"--api-key-file {api_key_file} is empty")
+    limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts))
+    if use_ray or ray_config:
+        from .serve import is_loopback
+        from .serve import ray_app
+        if (replicas is not None) and autoscale:
+            raise EdgemmError("give --replicas or --autoscale, not both")
+        if not ray_config and not is_loopback(host) and not api_key:
+            raise EdgemmError(f"binding {host} exposes the server beyond this machine: give --api-key or "
+                              "--api-key-file (or bind 127.0.0.1)")
+        args = ray_app.ray_args(models, bundles, backend, device, threads, parallel, max_queue, api_key_file,
+                                metrics, limits, replicas or 1, ray_app.parse_autoscale(autoscale), device == "cuda")
+        if api_key and not api_key_file:
+            args["api_key"] = api_key
+        if ray_config:
+            ray_app.write_config(ray_config, args, host, port)
+            _err(f"wrote {ray_config}: deploy it with `serve deploy {ray_config}` on a running Ray cluster")
+            return
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise EdgemmError(f"--ray needs the ray extra ({e}); pip install 'edgemm[ray]'") from None
+        ray_app.run(args, host, port, log=_err)
+        return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts)),
-               log=_err)
+               limits, log=_err)
 
 
 @main.command("train-demo")

@@ -187,7 +187,10 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             if not hmac.compare_digest(token.encode(), api_key.encode()):
                 return err(APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                     "authentication_error", "invalid_api_key"))
-        return await call_next(request)
+        resp = await call_next(request)
+        if getattr(app.state, "replica", None):        # Ray Serve: which replica answered
+            resp.headers["x-edgemm-replica"] = str(app.state.replica)
+        return resp
 
     async def read_json(request: Request) -> dict:
         body = bytearray()
@@ -231,7 +234,11 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
         if not app.state.ready:
             return JSONResponse({"status": "error" if app.state.load_error else "loading",
                                  "error": app.state.load_error}, status_code=503)
-        return {"status": "ok", "models": list(app.state.models)}
+        out = {"status": "ok", "models": list(app.state.models)}
+        if getattr(app.state, "replica", None):
+            import os
+            out.update(replica=str(app.state.replica), pid=os.getpid())
+        return out
 
     @app.get("/v1/models")
     async def list_models():
