@@ -221,6 +221,19 @@ class ChatSession:
         return self._fill(self.b.new_state(max_len=self.capacity), turns)
 
     # ---- one turn ------------------------------------------------------------------
+    def _generate(self, st, logits, on_text, fed=None) -> AnswerStream:
+        """Sample the answer from `logits` on, feeding each token back; fed(token) after each one is in."""
+        ans = AnswerStream(self.tok, self.gen)
+        while True:
+            piece, done = ans.push(logits)
+            if on_text and piece:
+                on_text(piece)
+            if done:
+                return ans
+            logits = self.b.text(st, [ans.ids[-1]])
+            if fed:
+                fed(ans.ids[-1])
+
     def _template_items(self, turns, question) -> list:
         from .serve.prompt import normalize_messages, segments_template
         msgs, img = [], self.rows is not None
@@ -275,17 +288,10 @@ class ChatSession:
             self.fed += items[i:j]
             self.fed_at += [(length0 + k + 1, pos0 + k + 1) for k in range(j - i)]
             i = j
-        ans = AnswerStream(self.tok, gen)
-        while True:
-            piece, done = ans.push(logits)
-            if on_text and piece:
-                on_text(piece)
-            if done:
-                break
-            length0, pos0 = st.length, st.pos
-            logits = self.b.text(st, [ans.ids[-1]])
-            self.fed.append(ans.ids[-1])
-            self.fed_at.append((length0 + 1, pos0 + 1))
+        def fed(t):
+            self.fed.append(t)
+            self.fed_at.append((st.length, st.pos))
+        ans = self._generate(st, logits, on_text, fed)
         self.turns.append((question, ans.text.strip()))
         return ans.text.strip()
 
@@ -321,14 +327,7 @@ class ChatSession:
         elif need > self.capacity:                               # grow the cache: replay into a bigger one
             self.state = self._replay(self.turns, need)
         logits = self.b.text(self.state, self.pending + q_ids)
-        ans = AnswerStream(self.tok, gen)
-        while True:
-            piece, done = ans.push(logits)
-            if on_text and piece:
-                on_text(piece)
-            if done:
-                break
-            logits = self.b.text(self.state, [ans.ids[-1]])
+        ans = self._generate(self.state, logits, on_text)
         out = ans.ids
         self.pending = ans.unfed
         # the turn closes with </s>; it enters the cache with the next question (see the class docstring)
