@@ -96,10 +96,18 @@ def read_manifest(bundle: str | Path) -> dict:
     p = d / MANIFEST
     if not p.is_file():
         raise EdgemmError(f"{d} is not an edgemm bundle ({MANIFEST} is missing); export one with `edgemm export`")
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise EdgemmError(f"{p}: the key {dup!r} appears twice; refusing an ambiguous manifest")
+        return dict(pairs)
     try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgemmError(f"{p} is corrupt ({e}); re-export the bundle") from None
+        if p.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgemmError(f"{p} is {p.stat().st_size} bytes, more than a manifest can be; refusing it")
+        m = json.loads(p.read_text(), object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise EdgemmError(f"{p} is corrupt ({str(e)[:120]}); re-export the bundle") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgemmError(f"{p} is not an edgemm manifest; re-export the bundle")
     if m.get("format_version") != FORMAT_VERSION:
@@ -115,6 +123,8 @@ def read_manifest(bundle: str | Path) -> dict:
     return m
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+HEX = set("0123456789abcdef")
 REQUIRED_STAGES = {"gguf": ("decoder", "vision"), "onnx": ("decoder_text", "decoder_image"),
                    "trt": ("decoder_text", "decoder_image")}    # + the input stage: vision or image_tokens
 
@@ -132,6 +142,25 @@ def verify_bundle(bundle: str | Path, check_hashes: bool = True) -> dict:
     """read_manifest + every stage file present, inside the bundle, with the recorded sha256."""
     m = read_manifest(bundle)
     files = m.get("files", {})
+    if not isinstance(files, dict):
+        raise EdgemmError(f"bundle {bundle}: the manifest's 'files' must map paths to sha256 digests; re-export it")
+    root = Path(bundle).resolve()
+    for rel, digest in files.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= HEX):
+            raise EdgemmError(f"bundle {bundle}: the digest of {rel!r} is not 64 hex characters; re-export it")
+        q = Path(bundle) / rel
+        bundle_path(bundle, rel)                                  # no absolute path, no .. out
+        for part in [q, *q.parents]:
+            if part.resolve() == root or not str(part).startswith(str(Path(bundle))):
+                break
+            if part.is_symlink():
+                raise EdgemmError(f"bundle {bundle}: {rel} is (or lies under) a symbolic link; refusing it")
+    listed = set(files) | {MANIFEST}
+    extra = sorted(str(x.relative_to(bundle)) for x in Path(bundle).rglob("*")
+                   if (x.is_file() or x.is_symlink()) and str(x.relative_to(bundle)) not in listed)
+    if extra:
+        raise EdgemmError(f"bundle {bundle}: {extra[0]} is in the bundle but not in its manifest"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + "; re-export it or remove it")
     stage_files = [s.get("file") for s in m.get("stages", {}).values()]
     for st in m.get("stages", {}).values():
         stage_files += st.get("extra_files", [])

@@ -28,6 +28,8 @@ class LlamaRunner:
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
                  f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1):
+        from edgemm.safety import check_gguf
+        check_gguf(path)                       # bounded header checks before llama.cpp's loader sees the file
         self.ll = ll = load_llama_cpp(verbose)
         self.path = str(path)
         mp = ll.llama_model_default_params()
@@ -178,6 +180,8 @@ class MtmdVision:
 
     def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None):
         from llama_cpp import mtmd_cpp
+        from edgemm.safety import check_gguf
+        check_gguf(mmproj)
         self.m = mtmd_cpp
         self.runner = runner          # mtmd keeps a pointer to the text model: keep it alive
         p = mtmd_cpp.mtmd_context_params_default()

@@ -93,6 +93,9 @@ class OrtBackend(SegmentRunner):
         tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
         ort = _import_ort()
         paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in names}
+        from edgemm.safety import check_onnx_external
+        for p in paths.values():                  # external data stays inside the bundle, before ORT reads it
+            check_onnx_external(p, bundle)
         # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
         # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
         fp8 = any(stages[s].get("precision") == "fp8" for s in names)

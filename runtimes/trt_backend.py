@@ -129,6 +129,9 @@ class OnnxQdqBackend(_KVWindow):
         # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         paths = {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in cfg.stages}
+        from edgemm.safety import check_onnx_external
+        for p in paths.values():
+            check_onnx_external(p, bundle)
         sessions = {s: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for s, p in paths.items()}
         b = cls(sessions, man, cfg, tok, str(bundle))
         if log:

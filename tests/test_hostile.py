@@ -1,0 +1,271 @@
+"""Hostile files: crafted GGUF headers, ONNX external data that points out of the bundle, tampered manifests, and a
+hypothesis fuzz suite over the pure-Python parsers (only edgemm's own error escapes, in bounded time)."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgemm.errors import EdgemmError
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+def _gguf(path, tokens=("a", "b", "c"), tensor=(64, 2)):
+    """A small valid GGUF written with gguf-py."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(list(tokens))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_tensor("t.weight", np.zeros(tensor, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _header(n_tensors, n_kv, body=b""):
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body
+
+
+# --------------------------------------------------------------------------- GGUF pre-check
+def test_valid_gguf_passes(tmp_path):
+    from edgemm.safety import check_gguf
+    r = check_gguf(_gguf(tmp_path / "ok.gguf"))
+    assert r["tensors"] == 1 and r["alignment"] == 32
+
+
+def test_huge_tensor_count_refused_fast_and_small(tmp_path):
+    import tracemalloc
+    from edgemm.safety import check_gguf
+    p = tmp_path / "evil.gguf"
+    p.write_bytes(_header(2**40, 0))
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(EdgemmError, match="claims 1099511627776 tensors"):
+        check_gguf(p)
+    dt, (_, peak) = time.perf_counter() - t, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert dt < 1.0 and peak < 50 * 2**20
+
+
+@pytest.mark.parametrize("case,match", [
+    ("magic", "bad magic"), ("version", "version 7"), ("kv count", "metadata keys"),
+    ("string length", "claims 1152921504606846976 bytes"), ("array length", "claims 1099511627776 items"),
+    ("string array past end", "runs past the end"), ("unknown type", "unknown value type"),
+    ("truncated data", "outside the file"), ("tokens not strings", "tokenizer.ggml.tokens must be"),
+    ("scores length", "items for 3 tokens"), ("alignment", "general.alignment"), ("dims", "dimensions")])
+def test_crafted_gguf_headers(tmp_path, case, match):
+    from edgemm.safety import check_gguf
+    p = tmp_path / "x.gguf"
+    key = lambda k: struct.pack("<Q", len(k)) + k                                     # noqa: E731
+    if case == "magic":
+        p.write_bytes(b"GGUX" + b"\0" * 20)
+    elif case == "version":
+        p.write_bytes(b"GGUF" + struct.pack("<IQQ", 7, 0, 0))
+    elif case == "kv count":
+        p.write_bytes(_header(0, 2**30))
+    elif case == "string length":
+        p.write_bytes(_header(0, 1, struct.pack("<Q", 2**60)))
+    elif case == "array length":
+        p.write_bytes(_header(0, 1, key(b"k") + struct.pack("<IIQ", 9, 4, 2**40)))
+    elif case == "string array past end":
+        p.write_bytes(_header(0, 1, key(b"k") + struct.pack("<IIQ", 9, 8, 2**20)))
+    elif case == "unknown type":
+        p.write_bytes(_header(0, 1, key(b"k") + struct.pack("<I", 99)))
+    elif case == "truncated data":
+        good = _gguf(tmp_path / "g.gguf").read_bytes()
+        p.write_bytes(good[:-100])
+    elif case == "tokens not strings":
+        p.write_bytes(_header(0, 1, key(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 4, 1) + b"\0" * 4))
+    elif case == "scores length":
+        _gguf(p)
+        b = bytearray(p.read_bytes())
+        i = b.find(b"tokenizer.ggml.scores") + len(b"tokenizer.ggml.scores")
+        struct.pack_into("<Q", b, i + 8, 2)               # (type, item type) then the count: 3 -> 2 scores
+        p.write_bytes(bytes(b[:i + 16]) + bytes(b[i + 16 + 4:]))   # and drop one float so the rest still parses
+    elif case == "alignment":
+        p.write_bytes(_header(0, 1, key(b"general.alignment") + struct.pack("<II", 4, 48)))
+    elif case == "dims":
+        p.write_bytes(_header(1, 0, key(b"t") + struct.pack("<I", 9)))
+    with pytest.raises(EdgemmError, match=match):
+        check_gguf(p)
+
+
+def test_llama_cpp_never_sees_a_refused_gguf(tmp_path, monkeypatch):
+    """The backend's runner checks the header first; llama.cpp's loader is not called for a refused file."""
+    import edgemm.runtimes.llamacpp_backend as LB
+    calls = []
+    monkeypatch.setattr(LB, "load_llama_cpp", lambda *a, **k: calls.append(1))
+    p = tmp_path / "evil.gguf"
+    p.write_bytes(_header(2**40, 0))
+    with pytest.raises(EdgemmError, match="tensors"):
+        LB.LlamaRunner(p, 64)
+    assert calls == []
+
+
+def test_cli_refuses_a_bundle_with_a_crafted_decoder(tmp_path):
+    """A gguf bundle whose decoder was swapped for a crafted file (manifest rehashed, as an attacker would): one
+    error line, exit code 2."""
+    from edgemm.bundle import FORMAT, FORMAT_VERSION, write_manifest
+    from edgemm.cli import main
+    from edgemm.config import get_preset
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "decoder.gguf").write_bytes(_header(2**40, 0))
+    _gguf(b / "mmproj.gguf")
+    from tests.conftest import make_tokenizer
+    make_tokenizer().save(b / "tokenizer.json")
+    write_manifest(b, {"target": "gguf", "model": get_preset("tiny-shapes").to_dict(), "tokenizer": "tokenizer.json",
+                       "stages": {"decoder": {"file": "decoder.gguf"}, "vision": {"file": "mmproj.gguf"}}})
+    assert json.loads((b / "edgemm.json").read_text())["format"] == FORMAT and FORMAT_VERSION
+    r = CliRunner().invoke(main, ["run", "--bundle", str(b), "--backend", "llamacpp", "hi"])
+    assert r.exit_code == 2 and "error:" in r.output and "tensors" in r.output and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------- ONNX external data
+def _onnx_with_external(path, location):
+    import onnx
+    from onnx import TensorProto, helper
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 2])
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save_model(helper.make_model(g), str(path))
+
+
+@pytest.mark.parametrize("loc,match", [("../outside.bin", "outside the bundle"), ("/etc/passwd", "outside the bundle"),
+                                       ("link.bin", "leads outside|symbolic link"), ("hard.bin", "hard link")])
+def test_onnx_external_data_must_stay_inside(tmp_path, loc, match):
+    import os
+    from edgemm.safety import check_onnx_external
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 16)
+    os.symlink(tmp_path / "outside.bin", b / "link.bin")
+    os.link(tmp_path / "outside.bin", b / "hard.bin")
+    _onnx_with_external(b / "stage.onnx", loc)
+    with pytest.raises(EdgemmError, match=match):
+        check_onnx_external(b / "stage.onnx", b)
+    (b / "ok.bin").write_bytes(b"\0" * 16)
+    _onnx_with_external(b / "ok.onnx", "ok.bin")
+    check_onnx_external(b / "ok.onnx", b)                     # inside: fine
+
+
+# --------------------------------------------------------------------------- manifests
+def _bundle(tmp_path):
+    from edgemm.bundle import write_manifest
+    b = tmp_path / "m"
+    b.mkdir()
+    (b / "decoder.gguf").write_bytes(b"x")
+    (b / "mmproj.gguf").write_bytes(b"y")
+    write_manifest(b, {"target": "gguf", "stages": {"decoder": {"file": "decoder.gguf"},
+                                                    "vision": {"file": "mmproj.gguf"}}})
+    return b
+
+
+@pytest.mark.parametrize("case,match", [("duplicate key", "appears twice"), ("digest", "not 64 hex"),
+                                        ("unlisted", "not in its manifest"), ("symlink", "symbolic link|outside the bundle"),
+                                        ("dotdot", "outside the bundle"), ("files type", "'files' must map")])
+def test_tampered_manifests(tmp_path, case, match):
+    import os
+    from edgemm.bundle import MANIFEST, verify_bundle
+    b = _bundle(tmp_path)
+    m = json.loads((b / MANIFEST).read_text())
+    if case == "duplicate key":
+        text = (b / MANIFEST).read_text().replace('"target": "gguf"', '"target": "gguf", "target": "onnx"')
+        (b / MANIFEST).write_text(text)
+    else:
+        if case == "digest":
+            m["files"]["decoder.gguf"] = "zz" * 32
+        elif case == "unlisted":
+            (b / "evil.so").write_bytes(b"\x7fELF")
+        elif case == "symlink":
+            (tmp_path / "elsewhere").write_bytes(b"x")
+            os.remove(b / "decoder.gguf")
+            os.symlink(tmp_path / "elsewhere", b / "decoder.gguf")
+        elif case == "dotdot":
+            m["files"]["../elsewhere"] = "0" * 64
+        elif case == "files type":
+            m["files"] = ["decoder.gguf"]
+        (b / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(EdgemmError, match=match):
+        verify_bundle(b)
+
+
+# --------------------------------------------------------------------------- fuzzing
+FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                        HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tmp_path_factory):
+    return _gguf(tmp_path_factory.mktemp("fz") / "good.gguf").read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_gguf_precheck(tmp_path_factory, good_gguf, data):
+    """Byte flips, truncations and random headers: check_gguf passes or raises EdgemmError, quickly."""
+    from edgemm.safety import check_gguf
+    b = bytearray(good_gguf)
+    for _ in range(data.draw(st.integers(0, 8))):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(b)))
+    blob = bytes(b[:cut]) if data.draw(st.booleans()) else data.draw(st.binary(max_size=256))
+    p = tmp_path_factory.mktemp("f") / "x.gguf"
+    p.write_bytes(blob)
+    t = time.perf_counter()
+    try:
+        check_gguf(p)
+    except EdgemmError:
+        pass
+    assert time.perf_counter() - t < 1.0
+
+
+@FUZZ
+@given(blob=st.one_of(st.binary(max_size=512), st.text(max_size=512).map(str.encode),
+                      st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                                   lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                                   max_leaves=20).map(lambda v: json.dumps(v).encode())))
+def test_fuzz_manifest(tmp_path_factory, blob):
+    from edgemm.bundle import MANIFEST, read_manifest, verify_bundle
+    d = tmp_path_factory.mktemp("m")
+    (d / MANIFEST).write_bytes(blob)
+    try:
+        verify_bundle(d)
+    except EdgemmError:
+        pass
+    try:
+        read_manifest(d)
+    except EdgemmError:
+        pass
+
+
+@FUZZ
+@given(lines=st.lists(st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b: b.decode("latin-1")),
+                                st.dictionaries(st.sampled_from(["image", "prompt", "question", "answer"]),
+                                                st.one_of(st.text(max_size=20), st.integers(), st.none()),
+                                                max_size=4).map(json.dumps)), max_size=6))
+def test_fuzz_calibration_prompts(tmp_path_factory, lines):
+    from PIL import Image
+    from edgemm.calib.sets import load_calib_dir
+    d = tmp_path_factory.mktemp("c")
+    Image.new("RGB", (4, 4)).save(d / "a.png")
+    (d / "prompts.jsonl").write_text("\n".join(lines), encoding="utf-8", errors="surrogateescape")
+    try:
+        load_calib_dir(d)
+    except EdgemmError:
+        pass
