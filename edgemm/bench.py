@@ -103,6 +103,7 @@ def decode_weight_bytes(bundle) -> int | None:
             import gguf
         except ImportError:
             return None
+        from .export.gguf import branch_of
         for s in man.get("stages", {}).values():
             f = bundle_path(bundle, s["file"])
             r = gguf.GGUFReader(str(f))
@@ -111,7 +112,7 @@ def decode_weight_bytes(bundle) -> int | None:
                 continue                                         # the mmproj
             total = 0
             for t in r.tensors:
-                if "visexp" in t.name or "vision" in t.name:
+                if branch_of(t.name) in ("vision branch", "vision stage"):   # blk.N.vis_*: never read decoding text
                     continue
                 nb = int(t.n_bytes)
                 if t.name.startswith("token_embd"):

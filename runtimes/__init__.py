@@ -44,6 +44,10 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
     from edgemm.errors import EdgemmError
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
+    if name == "auto" and bundle is None and model in (None, "tiny-shapes"):
+        bundle = shipped_bundle(log)             # the shipped model without importing torch, where it can
+        if bundle is not None:
+            model = None
     if name == "auto":
         name, why = pick_backend(bundle, device)
         if name == "trt" and why.startswith(TRT_CPU_FALLBACK):
@@ -59,6 +63,40 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
 
 
 TRT_CPU_FALLBACK = "falling back to the CPU: the bundle's Q/DQ graphs on ONNX Runtime"
+
+
+def shipped_bundle(log=None):
+    """The shipped tiny-shapes model as a validated fp32 ONNX bundle, made once into the cache
+    ($EDGEMM_CACHE or ~/.cache/edgemm/bundles) and reused, so `edgemm run` answers without importing torch
+    (most of a cold start). None where onnxruntime is not installed or EDGEMM_NO_BUNDLE_CACHE is set: then
+    the torch reference runs, as it does with --backend torch."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    if os.environ.get("EDGEMM_NO_BUNDLE_CACHE") or importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from edgemm import __version__
+    from edgemm.checkpoint import DEMO_DIR, checkpoint_digest
+    if not (DEMO_DIR / "model.safetensors").exists():
+        return None
+    root = Path(os.environ.get("EDGEMM_CACHE", Path.home() / ".cache" / "edgemm")) / "bundles"
+    out = root / f"tiny-shapes-{checkpoint_digest(DEMO_DIR)[:12]}-{__version__}"
+    if not (out / "edgemm.json").is_file():
+        from edgemm.export.onnx import export_onnx
+        if log:
+            log(f"note: making a validated ONNX bundle of the shipped model once, at {out}; later runs use it "
+                "without loading torch (--backend torch runs the reference)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            export_onnx(model="tiny-shapes", out=out, precision="fp32", log=None, seed=0)
+        except EdgemmError:
+            if not (out / "edgemm.json").is_file():      # another process may have made it meanwhile
+                raise
+        except OSError as e:                             # an unwritable cache: run the reference instead
+            if log:
+                log(f"note: cannot write the bundle cache ({e}); running the torch reference")
+            return None
+    return str(out)
 
 
 def pick_backend(bundle: str | None, device: str) -> tuple[str, str]:

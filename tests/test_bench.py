@@ -56,3 +56,29 @@ def test_bench_cli_needs_bundles():
     from edgemm.cli import main
     r = CliRunner().invoke(main, ["bench"])
     assert r.exit_code == 2 and "bundle" in r.output
+
+
+def _text_step_params(ckpt) -> int:
+    """Parameters one text decode step reads, counted on the reference: the text branch, the shared norms and
+    LM head, and one row of the token embedding table."""
+    from edgemm.checkpoint import load_checkpoint
+    m, _ = load_checkpoint(ckpt)
+    n = 0
+    for name, p in m.decoder.named_parameters():
+        if ".vision." in name or "vision_" in name.split(".")[-2:][0]:
+            continue
+        n += p.shape[1] if name == "tok_embeddings.weight" else p.numel()
+    return n
+
+
+def test_decode_bytes_per_step_match_the_reference(bundles, random_ckpt, tmp_path):
+    from edgemm.bench import decode_weight_bytes
+    want = 4 * _text_step_params(random_ckpt)
+    got = decode_weight_bytes(bundles[0])                                   # the fp32 onnx bundle
+    assert want <= got <= want * 1.01 + 4096, (got, want)                   # + the graph's few small constants
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: the gguf half of this check needs it")
+    from edgemm.export.gguf import export_gguf
+    export_gguf(model=str(random_ckpt), out=tmp_path / "g", precision={"vision": "f32", "decoder": "f32"}, log=None)
+    assert decode_weight_bytes(tmp_path / "g") == want                       # no vis_* tensor counted
