@@ -77,9 +77,49 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
         logits = b.text(st, [int(np.argmax(logits))])
     dt = time.perf_counter() - t
     out = {"tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "prefill_rows": prompt_rows,
-           "prefill_s": prefill, "kv_cache": b.runner.kv_type}
+           "prefill_s": prefill, "kv_cache": b.runner.kv_type, "n_ctx": b.runner.n_ctx}
     b.close()
     return out
+
+
+def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int, prompt_len: int = 300) -> float:
+    """llama.cpp's own low-level loop on the same file and context settings (f16 KV cache, flash attention off,
+    as the backend for quantized bundles): a prompt of `prompt_len` tokens, then greedy single-token
+    llama_decode steps reading the logits in place. -> tokens/s. No edgemm code inside the timed loop."""
+    import ctypes
+    from edgemm.llamacpp import load_llama_cpp
+    ll = load_llama_cpp()
+    model = ll.llama_model_load_from_file(str(decoder).encode(), ll.llama_model_default_params())
+    cp = ll.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, 1
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.no_perf = True
+    ctx = ll.llama_init_from_model(model, cp)
+    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+    batch = ll.llama_batch_init(512, 0, 1)
+    try:
+        def decode(tokens, pos0):
+            for i, t in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos0 + i, 1, 1
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = len(tokens)
+            assert ll.llama_decode(ctx, batch) == 0
+            return np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(n_vocab,))
+        logits = decode([1] + [5] * (prompt_len - 1), 0)
+        pos = prompt_len
+        for _ in range(warmup):
+            logits = decode([int(np.argmax(logits))], pos)
+            pos += 1
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = decode([int(np.argmax(logits))], pos)
+            pos += 1
+        return steps / (time.perf_counter() - t)
+    finally:
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)
 
 
 def _child_run(bundle: Path, threads: int, steps: int, warmup: int, site: str | None) -> dict:
@@ -101,7 +141,9 @@ def _child_run(bundle: Path, threads: int, steps: int, warmup: int, site: str | 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compare-build", default=None, help="Another llama-cpp-python build's install directory.")
-    ap.add_argument("--rounds", type=int, default=5, help="Interleaved rounds with --compare-build.")
+    ap.add_argument("--rounds", type=int, default=5, help="Interleaved rounds with --compare-build / --stock.")
+    ap.add_argument("--stock", action="store_true", help="Also time llama.cpp's own low-level loop on the same "
+                    "file (no edgemm code in the loop), interleaved with the backend, and print the ratio.")
     ap.add_argument("--model", default="bench-0.5b")
     ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -141,6 +183,17 @@ def main(argv=None) -> int:
                      compare_build={"dir": a.compare_build, "tokens_per_s": med["other"],
                                     "variant": runs["other"][0]["variant"],
                                     "rounds": {n: [x["tokens_per_s"] for x in v] for n, v in runs.items()}})
+        elif a.stock:
+            ours, stock = [], []
+            for _ in range(a.rounds):
+                ours.append(bench_bundle(bundle, a.threads, a.steps, a.warmup))
+                stock.append(stock_loop(dec, a.threads, a.steps, a.warmup, ours[-1]["n_ctx"], ours[-1]["prefill_rows"]))
+            med_o = float(np.median([x["tokens_per_s"] for x in ours]))
+            med_s = float(np.median(stock))
+            print(f"  {prec}: edgemm llamacpp backend {med_o:.2f} tok/s, llama.cpp low-level loop {med_s:.2f} tok/s "
+                  f"(medians of {a.rounds} interleaved rounds; ratio {med_o / med_s:.3f})")
+            r = dict(ours[0], tokens_per_s=med_o, ms_per_token=1e3 / med_o,
+                     stock={"tokens_per_s": med_s, "rounds": stock, "ours": [x["tokens_per_s"] for x in ours]})
         else:
             r = bench_bundle(bundle, a.threads, a.steps, a.warmup)
         r.update(precision=prec, decoder_file_bytes=dec.stat().st_size, weight_bytes_per_step=step_bytes,
