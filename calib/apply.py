@@ -38,10 +38,10 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
         st = stages[stage]
         f = bundle_dir / st["file"]
         tmp = f.with_name(f.stem + ".quant.onnx")
-        # u8u8: the same numbers as TensorRT's s8s8 Q/DQ, in the storage ONNX Runtime computes exactly on every
-        # x86 CPU (its u8s8 kernels saturate 16-bit pair sums on CPUs without VNNI)
+        # s8s8, as TensorRT takes it and the fastest on CPUs with VNNI; the ort backend converts it to u8u8 (the
+        # same numbers) at load on x86 CPUs without VNNI, where the s8s8 kernels saturate
         rec = quantize_stage(f, tmp, stage, p, stats=stats, keep_sensitive=keep_sensitive, log=log,
-                             recipe=recipes.get(stage), int8_storage="u8u8")
+                             recipe=recipes.get(stage), int8_storage="s8s8")
         for extra in st.get("extra_files", []):
             (bundle_dir / extra).unlink(missing_ok=True)
         tmp.replace(f)

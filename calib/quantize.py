@@ -7,9 +7,10 @@ Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention
   channel and a DequantizeLinear; the activation gets QuantizeLinear -> DequantizeLinear with one calibrated
   scale (symmetric). Standard ONNX ops: ONNX Runtime runs them on the CPU, TensorRT 10 builds
   explicit-quantization engines from them. Two storages of the same numbers (`int8_storage`):
-  `s8s8` (int8, zero point 0: the form TensorRT consumes) and `u8u8` (uint8, zero point 128: ONNX Runtime's
-  U8U8 kernels, exact on every x86 CPU; its u8s8 kernels, which s8s8 graphs run on, add pairs of products in
-  saturating 16-bit lanes on x86 CPUs without VNNI and lose up to ~0.5 on a 64-wide MatMul). fp8 raises the graph to opset 19 (Reduce* axes become inputs).
+  `s8s8` (int8, zero point 0: the form TensorRT consumes, and the faster one for ONNX Runtime on CPUs with VNNI)
+  and `u8u8` (uint8, zero point 128: ONNX Runtime's U8U8 kernels, exact on every x86 CPU; its u8s8 kernels, which
+  s8s8 graphs run on, add pairs of products in saturating 16-bit lanes on x86 CPUs without VNNI and lose up to
+  ~0.5 on a 64-wide MatMul). Bundles store s8s8; `to_u8u8` converts a graph at load where the CPU needs it. fp8 raises the graph to opset 19 (Reduce* axes become inputs).
   SmoothQuant (recipe option) divides the activation by s_j = max|X_j|^a / max|W_j|^(1-a) per input channel
   (a Mul before the Q) and multiplies the weight rows by s_j before quantizing them.
 - int8-wo / int4: com.microsoft MatMulNBits, block-wise symmetric along the input dimension.
@@ -212,6 +213,28 @@ def _ensure_ms_domain(model) -> None:
     from onnx import helper
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def to_u8u8(model) -> int:
+    """Rewrite, in place, a graph's int8 Q/DQ from the s8s8 storage to u8u8: the same numbers (x + 128 with zero
+    point 128), which ONNX Runtime's x86 kernels compute exactly without VNNI. -> how many zero points changed."""
+    from onnx import TensorProto, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
+            continue
+        zp = inits.get(n.input[2])
+        if zp is None or zp.data_type != TensorProto.INT8:
+            continue
+        z = numpy_helper.to_array(zp).astype(np.int16)
+        zp.CopyFrom(numpy_helper.from_array((z + 128).astype(np.uint8), zp.name))
+        changed += 1
+        src = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if src is not None and src.data_type == TensorProto.INT8:          # a weight: its int8 values too
+            w = numpy_helper.to_array(src).astype(np.int16)
+            src.CopyFrom(numpy_helper.from_array((w + 128).astype(np.uint8), src.name))
+    return changed
 
 
 def _stage_layers(stats, stage: str) -> dict:

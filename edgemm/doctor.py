@@ -136,7 +136,7 @@ def report(f: dict) -> str:
             lines.append(f"llama.cpp:    not usable: {ll.get('error')}")
     if o.get("installed"):
         note = ("int8 kernels exact for every bundle" if o["int8_s8s8_exact"] else
-                "no VNNI: onnx int8 bundles use u8u8 (exact); s8s8 Q/DQ graphs run dequantized (exact, slower)")
+                "no VNNI: int8 Q/DQ bundles are run as u8u8 (the same numbers, exact)")
         lines.append(f"onnxruntime:  {o['version']}, providers {', '.join(o['providers'])}; {note}")
     else:
         lines.append("onnxruntime:  not installed (pip install 'edgemm[cpu]', or 'edgemm[gpu]' with CUDA)")

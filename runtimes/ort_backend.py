@@ -93,23 +93,39 @@ class OrtBackend(SegmentRunner):
         tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
         ort = _import_ort()
         paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in names}
-        from edgemm.safety import check_onnx_external
-        for p in paths.values():                  # external data stays inside the bundle, before ORT reads it
-            check_onnx_external(p, bundle)
         # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
         # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
         fp8 = any(stages[s].get("precision") == "fp8" for s in names)
+        from edgemm.safety import check_onnx_external
+        for p in paths.values():                  # external data stays inside the bundle, before ORT reads it
+            check_onnx_external(p, bundle)
         s8 = s8s8_stages(stages, names)
-        inexact = bool(s8) and not s8s8_int8_exact()
-        if inexact and log:
-            log(f"note: stages {', '.join(s8)} hold s8s8 int8 Q/DQ, which ONNX Runtime's int8 kernels compute with "
-                "saturating 16-bit sums on this CPU (no VNNI); running them dequantized in fp32 instead (exact, "
-                "slower). Re-export the bundle (int8 bundles are now u8u8, exact everywhere)")
-        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8 or inexact)
+        if s8 and not s8s8_int8_exact():
+            paths.update(cls._u8u8(paths, s8, log))
+        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
         for s in names:
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
         return cls(sessions, man, cfg, tok, provider, bundle)
+
+    @staticmethod
+    def _u8u8(paths: dict, s8: list, log) -> dict:
+        """s8s8 int8 stages as u8u8 graphs in memory (the same numbers; exact on x86 CPUs without VNNI, where
+        ONNX Runtime's kernels for s8s8 saturate 16-bit pair sums) -> {stage: serialized model}."""
+        import onnx
+        from edgemm.calib.quantize import to_u8u8
+        out = {}
+        for s in s8:
+            m = onnx.load(paths[s])
+            if m.ByteSize() > 1_800_000_000:
+                raise EdgemmError(f"stage {s} is too large to convert to u8u8 in memory on this CPU (no VNNI); "
+                                  "re-export it with int8 weight-only (--precision int8-wo)")
+            to_u8u8(m)
+            out[s] = m.SerializeToString()
+        if log:
+            log(f"note: this CPU has no VNNI, where ONNX Runtime's int8 kernels for the bundle's s8s8 Q/DQ saturate; "
+                f"running {', '.join(s8)} as u8u8 (the same int8 numbers, computed exactly)")
+        return out
 
     @staticmethod
     def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False):

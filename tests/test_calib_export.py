@@ -56,3 +56,29 @@ def test_export_bad_calib_dir(random_ckpt, tmp_path):
         export_onnx(model=str(random_ckpt), out=tmp_path / "b", precision="int8", threads=1,
                     calib=str(tmp_path / "calib"), log=None)
     assert not (tmp_path / "b").exists()
+
+
+def test_int8_bundle_runs_as_u8u8_on_a_cpu_without_vnni(random_ckpt, stats, tmp_path, monkeypatch):
+    """The bundle stores s8s8 (TensorRT's form, the fastest with VNNI); where the kernel lists no VNNI the ort
+    backend runs the same numbers as u8u8 and says so; the logits equal the as-stored run's (exact here)."""
+    from edgemm import cpu
+    from edgemm.export.onnx import export_onnx
+    from edgemm.runtimes.ort_backend import OrtBackend
+    man = export_onnx(model=str(random_ckpt), out=tmp_path / "b", precision="int8", threads=1, stats=stats, log=None)
+    assert man["stages"]["decoder_text"]["quantization"]["int8_storage"] == "s8s8"
+    if not cpu.s8s8_int8_exact():
+        pytest.skip("this CPU has no VNNI: the as-stored s8s8 run is not a reference here")
+
+    def run(b):
+        st = b.new_state(max_len=32)
+        return b.text(st, [1, 5, 7, 9])
+    want = run(OrtBackend.open(bundle=str(tmp_path / "b"), device="cpu", threads=1))
+    monkeypatch.setenv("EDGEMM_CPU_FLAGS", "sse4_2 avx f16c fma bmi2 avx2")      # an AVX2-only kernel
+    cpu.cpu_flags.cache_clear()
+    try:
+        logs = []
+        b = OrtBackend.open(bundle=str(tmp_path / "b"), device="cpu", threads=1, log=logs.append)
+        assert any("as u8u8" in m for m in logs), logs
+        np.testing.assert_allclose(run(b), want, atol=1e-4)
+    finally:
+        cpu.cpu_flags.cache_clear()

@@ -132,11 +132,20 @@ def _stage(tmp_path, storage):
 
 @needs_qemu
 def test_int8_u8u8_is_exact_on_an_emulated_avx2_cpu(tmp_path):
-    """The onnx target's int8 storage (u8u8) gives the fake-quant numbers on a CPU without VNNI; the s8s8 storage
-    does not there (which also shows the emulated CPU really took ONNX Runtime's non-VNNI kernels)."""
+    """An s8s8 graph converted to u8u8 (what the ort backend does at load without VNNI) gives the fake-quant
+    numbers on a CPU without VNNI; the s8s8 graph as stored does not there (which also shows the emulated CPU
+    really took ONNX Runtime's non-VNNI kernels)."""
     pytest.importorskip("onnxruntime")
-    x, u8, want = _stage(tmp_path, "u8u8")
-    _, s8, _ = _stage(tmp_path, "s8s8")
+    import onnx
+    from edgemm.calib.quantize import to_u8u8
+    x, s8, want = _stage(tmp_path, "s8s8")
+    m = onnx.load(s8)
+    assert to_u8u8(m) > 0
+    u8 = tmp_path / "converted.onnx"
+    onnx.save(m, u8)
+    direct = onnx.load(_stage(tmp_path, "u8u8")[1])       # the conversion = quantizing to u8u8 directly
+    assert sorted(t.SerializeToString() for t in m.graph.initializer) == sorted(
+        t.SerializeToString() for t in direct.graph.initializer)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "child.py").write_text(_QDQ_CHILD)
     r = subprocess.run(HASWELL + [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "x.npy"), str(u8), str(s8)],
@@ -148,9 +157,9 @@ def test_int8_u8u8_is_exact_on_an_emulated_avx2_cpu(tmp_path):
     assert np.abs(got_s8 - want).max() > 0.05, "s8s8 did not saturate: qemu's CPU model took a VNNI path?"
 
 
-def test_ort_backend_runs_s8s8_dequantized_without_vnni(monkeypatch):
-    """Bundles quantized s8s8 (before u8u8, and trt graphs) run with ONNX Runtime's QDQ fusion off on CPUs where
-    the fused kernels would saturate; u8u8 bundles keep the fast int8 kernels."""
+def test_which_stages_need_u8u8_without_vnni(monkeypatch):
+    """s8s8 W8A8 stages (what bundles store; older bundles record no storage) are run as u8u8 on CPUs where the
+    fused kernels would saturate; u8u8 and weight-only stages are left as they are."""
     from edgemm import cpu
     from edgemm.runtimes.ort_backend import s8s8_stages
     w8a8 = {"recipe": {"activations": "int8"}}
