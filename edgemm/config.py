@@ -167,6 +167,10 @@ class ModelConfig:
         if d.single_branch and (d.vision_rank or d.vision_down_ratio or d.per_modality_norms
                                 or d.cross_modal_bridge or d.eoi_branch != "vision"):
             raise EdgemmError("single_branch excludes the per-modality variants")
+        if d.per_modality_kv and (not d.per_modality_norms or d.vision_rank or d.vision_down_ratio
+                                  or d.cross_modal_bridge or d.single_branch):
+            raise EdgemmError("per_modality_kv (mPLUG-Owl2's modality-adaptive module) goes with per_modality_norms "
+                              "and excludes low-rank branches, the bridge and single_branch")
         if d.position_rule not in ("sequential", "cogvlm"):
             raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
         if d.eoi_branch not in ("vision", "text"):
@@ -205,7 +209,8 @@ class ModelConfig:
 IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
                         "collapsed image positions (cogvlm position rule)", "eoi through the text branch",
                         "low-rank vision branches", "per-modality norms", "cross-modal K/V bridge",
-                        "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens"}
+                        "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens",
+                        "per-modality K/V"}
 
 
 def check_reference_supports(cfg: ModelConfig) -> None:

@@ -208,6 +208,48 @@ class Branch(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class _QRows:
+    """The Q rows of a fused QKV Linear, as a Linear-like view (shared Q of mPLUG-Owl2's vision branch)."""
+
+    def __init__(self, qkv: nn.Linear, n: int):
+        self._qkv, self._n = qkv, n
+
+    @property
+    def weight(self):
+        return self._qkv.weight[: self._n]
+
+    @property
+    def bias(self):
+        return None if self._qkv.bias is None else self._qkv.bias[: self._n]
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class KVBranch(nn.Module):
+    """mPLUG-Owl2's modality-adaptive module, vision side: its own K and V projections; Q, the attention output
+    and the MLP are the text branch's (shared, not copied: only k and v are parameters of this module)."""
+
+    def __init__(self, c: DecoderConfig, text: Branch):
+        super().__init__()
+        E = c.head_dim
+        self.k = nn.Linear(c.d_model, c.kv_heads * E, bias=c.qkv_bias)
+        self.v = nn.Linear(c.d_model, c.kv_heads * E, bias=c.qkv_bias)
+        self.__dict__["_text"] = text                       # a plain reference: not a submodule, no duplicate
+        self.__dict__["q"] = _QRows(text.qkv, c.n_heads * E)
+
+    o = property(lambda self: self._text.o)
+    gate = property(lambda self: self._text.gate)
+    up = property(lambda self: self._text.up)
+    down = property(lambda self: self._text.down)
+
+    def qkv(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+
+    def mlp(self, x):
+        return self._text.mlp(x)
+
+
 class LowRankLinear(nn.Module):
     """Libra's LibraLinear: y = B (A x), A [rank, in], B [out, rank], no bias."""
 
@@ -308,7 +350,9 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(c.d_model, c.rms_eps)
         self.ffn_norm = RMSNorm(c.d_model, c.rms_eps)
         self.text = Branch(c)
-        if c.vision_rank or c.vision_down_ratio:
+        if c.per_modality_kv:
+            self.vision = KVBranch(c, self.text)
+        elif c.vision_rank or c.vision_down_ratio:
             self.vision = LowRankBranch(c)
         elif not c.single_branch:
             self.vision = Branch(c)

@@ -64,7 +64,7 @@ def _load_source(model):
 ONNX_VARIANTS = ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)",
                  "eoi through the text branch", "low-rank vision branches", "per-modality norms",
                  "cross-modal K/V bridge", "single branch (llava)", "clip vision tower", "mlp projector",
-                 "libra image tokens")
+                 "libra image tokens", "per-modality K/V")
 NO_TARGET = "none yet (the torch reference backend runs it)"
 
 

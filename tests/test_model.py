@@ -106,12 +106,72 @@ def test_cogvlm_position_rule_collapses_patch_positions():
     assert m.next_position(pos) == 8
 
 
-@pytest.mark.parametrize("field,value,name", [("per_modality_kv", True, "per-modality K/V")])
-def test_unimplemented_variants_are_refused_by_name(field, value, name):
+def _owl2(seed=0):
     cfg = get_preset("tiny-shapes")
-    setattr(cfg.decoder, field, value)
-    with pytest.raises(UnsupportedVariant, match=name):
-        EdgeMM(cfg)
+    cfg.decoder.n_layers, cfg.decoder.n_kv_heads = 2, 2
+    cfg.decoder.per_modality_kv = cfg.decoder.per_modality_norms = True
+    m = EdgeMM(cfg.validate()).init_weights(seed)
+    with torch.no_grad():                     # norms away from one, so that per-modality norms matter
+        g = torch.Generator().manual_seed(seed + 7)
+        for n, p in m.decoder.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_mplug_owl2_modality_adaptive_module_matches_the_paper_equations():
+    """mPLUG-Owl2's layer, recomputed here from the paper's equations: per-modality input and post-attention
+    norms and K/V projections, a shared Q, attention output and MLP; causal attention over all rows."""
+    import torch.nn.functional as F
+    from edgemm.model import apply_rope, rope_cos_sin
+    m = _owl2()
+    c = m.cfg.decoder
+    H, K, E, D = c.n_heads, c.kv_heads, c.head_dim, c.d_model
+    lay0 = m.decoder.layers[0]
+    assert set(n for n, _ in lay0.vision.named_parameters()) == {"k.weight", "v.weight"}    # only K/V are its own
+    g = torch.Generator().manual_seed(3)
+    pre, post = torch.randint(4, 500, (1, 4), generator=g), torch.randint(4, 500, (1, 5), generator=g)
+    img = torch.randn(1, m.cfg.n_image_rows, D, generator=g) * 0.5
+    with torch.no_grad():
+        got = m.forward_full([("text", pre), ("image", img), ("text", post)])[0]
+        x = torch.cat([m.decoder.tok_embeddings(pre), img, m.decoder.tok_embeddings(post)], 1)[0]
+        vis = torch.zeros(x.shape[0], dtype=torch.bool)
+        vis[pre.shape[1]:pre.shape[1] + img.shape[1]] = True
+        T = x.shape[0]
+        cos, sin = rope_cos_sin(torch.arange(T), E, c.rope_theta)
+
+        def rms(t, w):
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + c.rms_eps) * w
+
+        def per_mod(t, w_text, w_vis):
+            return torch.where(vis[:, None], rms(t, w_vis), rms(t, w_text))
+        for L in m.decoder.layers:
+            Wqkv = L.text.qkv.weight
+            Wq, Wk_t, Wv_t = Wqkv[:H * E], Wqkv[H * E:(H + K) * E], Wqkv[(H + K) * E:]
+            h = per_mod(x, L.attn_norm.weight, L.vision_attn_norm.weight)
+            q = h @ Wq.T
+            k = torch.where(vis[:, None], h @ L.vision.k.weight.T, h @ Wk_t.T)
+            v = torch.where(vis[:, None], h @ L.vision.v.weight.T, h @ Wv_t.T)
+            q = apply_rope(q.view(T, H, E).transpose(0, 1)[None], cos, sin)
+            k = apply_rope(k.view(T, K, E).transpose(0, 1)[None], cos, sin).repeat_interleave(H // K, 1)
+            v = v.view(T, K, E).transpose(0, 1)[None].repeat_interleave(H // K, 1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1).reshape(T, D)
+            x = x + a @ L.text.o.weight.T
+            h = per_mod(x, L.ffn_norm.weight, L.vision_ffn_norm.weight)
+            x = x + L.text.down(F.silu(L.text.gate(h)) * L.text.up(h))
+        want = m.decoder.lm_head(per_mod(x, m.decoder.norm.weight, m.decoder.vision_norm.weight))
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_mplug_owl2_exports_to_onnx_and_validates(tokenizer, tmp_path):
+    from edgemm.export.onnx import export_onnx
+    man = export_onnx(model=(_owl2(), tokenizer), out=tmp_path / "owl2", precision="fp32", threads=1, log=None,
+                      seed=0)
+    assert "per-modality K/V" in man["variants"] and all(f["ok"] for f in man["validation"]["stages"].values())
+    from edgemm.export.trt import export_trt
+    t = export_trt(model=(_owl2(), tokenizer), out=tmp_path / "owl2-trt", precision="fp16", no_build=True, threads=1,
+                   log=None, seed=0)
+    assert all(f["ok"] for f in t["validation"]["stages"].values())      # each branch's graph, its own K/V
 
 
 def test_param_counts_match_info_arithmetic():

@@ -149,8 +149,8 @@ def test_external_data(ckpt, tmp_path, monkeypatch):
 
 def test_variants(tokenizer, tmp_path):
     """Grouped-query attention, QKV bias and the cogvlm position rule export exactly; a variant the graphs cannot
-    compute (mPLUG-Owl2's per-modality K/V) is refused by name. (Imported CogVLM and Libra variants:
-    tests/test_import_export.py.)"""
+    compute is refused by name. (Imported CogVLM and Libra variants: tests/test_import_export.py; mPLUG-Owl2's
+    per-modality K/V: tests/test_model.py.)"""
     from edgemm.config import ModelConfig
     from edgemm.export.onnx import export_onnx
     d = get_preset("tiny-shapes").to_dict()
@@ -165,9 +165,10 @@ def test_variants(tokenizer, tmp_path):
     assert all(f["ok"] for f in m["validation"]["stages"].values())
     assert m["stages"]["decoder_text"]["inputs"][4]["shape"] == [1, 2, "cache_len", 64]
     from edgemm.export.onnx import check_variants
-    d["decoder"].update(per_modality_kv=True)
-    with pytest.raises(UnsupportedVariant, match="onnx exporter.*'per-modality K/V'; targets that can: none yet"):
-        check_variants(ModelConfig.from_dict(d), "the onnx exporter", {"vision": "fp32", "decoder": "fp32"})
+    bad = ModelConfig.from_dict(d)
+    bad.variants = lambda: ["mixture of experts"]          # a variant no graph computes yet
+    with pytest.raises(UnsupportedVariant, match="onnx exporter.*'mixture of experts'; targets that can: none yet"):
+        check_variants(bad, "the onnx exporter", {"vision": "fp32", "decoder": "fp32"})
 
 
 def test_unsupported_precision(ckpt, tmp_path):
