@@ -131,6 +131,21 @@ def load_model(spec: str | None = None, device="cpu", seed: int = 0):
     return model, Tokenizer.load(DEMO_DIR / "tokenizer.json")
 
 
+def chat_template_for(model) -> str:
+    """The chat template a bundle of `model` carries: the checkpoint directory's own (an imported model's, from
+    its tokenizer config), else edgemm's format. `model` is a --model spec or a (model, tokenizer) pair."""
+    from .tokenizer import CHAT_TEMPLATE
+    if isinstance(model, (str, Path)):
+        try:
+            kind, path = resolve_model(str(model))
+        except EdgemmError:
+            return CHAT_TEMPLATE
+        f = Path(path) / "chat_template.jinja" if kind == "dir" else None
+        if f is not None and f.is_file():
+            return f.read_text()
+    return CHAT_TEMPLATE
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

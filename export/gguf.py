@@ -486,8 +486,8 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         log(f"writing the mmproj (clip, projector cogvlm, {vtype}) ...")
         vis_types = write_mmproj_gguf(m, tmp / mm_file, name, vtype)
         tok.save(tmp / "tokenizer.json")
-        from edgemm.tokenizer import CHAT_TEMPLATE
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        from edgemm.checkpoint import chat_template_for
+        (tmp / "chat_template.jinja").write_text(chat_template_for(model))
         log("validating in llama.cpp ...")
         figures = validate(m, tok, tmp / dec_file, tmp / mm_file, {"decoder": dprec, "vision": vtype}, threads, log)
         dec_table = gguf_tensor_table(tmp / dec_file)

@@ -214,8 +214,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                                              keep_sensitive=keep_sensitive, model_digest=source["digest"],
                                              recipes=recipes)
         tok.save(tmp / "tokenizer.json")
-        from edgemm.tokenizer import CHAT_TEMPLATE
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        from edgemm.checkpoint import chat_template_for
+        (tmp / "chat_template.jinja").write_text(chat_template_for(model))
         manifest = {"target": "onnx", "model": cfg.to_dict(), "source": source, "variants": cfg.variants(),
                     "reference": {"model": source["model"], "digest": source["digest"],
                                   "backend": "torch (edgemm.model)"},

@@ -196,8 +196,8 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                                   "past_len": "rows filled before this call"}
             stages[s] = st
         tok.save(tmp / "tokenizer.json")
-        from edgemm.tokenizer import CHAT_TEMPLATE
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        from edgemm.checkpoint import chat_template_for
+        (tmp / "chat_template.jinja").write_text(chat_template_for(model))
         dc_default = device_class or default_device_class(here)
         manifest = {"target": "trt", "model": cfg.to_dict(), "source": source, "variants": cfg.variants(),
                     "reference": {"model": source["model"], "digest": source["digest"],

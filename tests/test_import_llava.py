@@ -109,6 +109,11 @@ def test_chat_template_prompt_ids_equal_the_llava_processor(tmp_path):
     import_checkpoint(src, out, log=None)
     template = (out / "chat_template.jinja").read_text()
     assert template == LLAVA_TEMPLATE                       # the importer kept the source's template
+    from edgemm.export.onnx import export_onnx
+    from edgemm.runtimes import load_backend
+    from edgemm.serve import chat_template_of
+    export_onnx(str(out), tmp_path / "bundle", precision="fp32", log=None)
+    assert chat_template_of(load_backend("ort", bundle=str(tmp_path / "bundle"), device="cpu")) == LLAVA_TEMPLATE
     m, _ = load_checkpoint(out)
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
                                      pad_token="<pad>")
