@@ -63,6 +63,9 @@ def bundled_set(n: int = BUNDLED_SIZE) -> CalibSet:
     return CalibSet(f"shapes-calib[{n}]", tuple(CalibSample(img, q.question, q.answer) for img, q in items))
 
 
+MAX_LINE = 64 * 1024
+
+
 def load_calib_dir(path: str | Path, limit: int | None = None) -> CalibSet:
     """A folder with images and prompts.jsonl -> CalibSet; every problem is an EdgemmError naming the line."""
     d = Path(path)
@@ -72,15 +75,25 @@ def load_calib_dir(path: str | Path, limit: int | None = None) -> CalibSet:
     if not pf.is_file():
         raise EdgemmError(f"--calib {d}: {PROMPTS_FILE} is missing; write one line per sample: "
                           '{"image": "img.png", "prompt": "What is shown?"}')
+    from edgemm.safety import inside
     samples = []
-    for n, line in enumerate(pf.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    try:
+        text = pf.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = pf.read_bytes()[:e.start].count(b"\n") + 1
+        raise EdgemmError(f"{pf}:{line}: not valid UTF-8; save the file as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE:
+            raise EdgemmError(f"{pf}:{n}: the line is {len(line)} characters long (limit {MAX_LINE})")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise EdgemmError(f"{pf}:{n}: not valid JSON ({e.msg}); each line is one JSON object "
                               '{"image": ..., "prompt": ...}') from None
+        except RecursionError:
+            raise EdgemmError(f"{pf}:{n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise EdgemmError(f"{pf}:{n}: expected a JSON object with \"image\" and \"prompt\", got "
                               f"{type(row).__name__}")
@@ -88,7 +101,7 @@ def load_calib_dir(path: str | Path, limit: int | None = None) -> CalibSet:
         if "image" not in row or not isinstance(row["image"], str) or not isinstance(prompt, str) or \
                 not prompt.strip():
             raise EdgemmError(f"{pf}:{n}: each line needs a string \"image\" and a non-empty string \"prompt\"")
-        img = d / row["image"]
+        img = inside(d, row["image"], f"{pf}:{n}: image")
         if not img.is_file():
             raise EdgemmError(f"{pf}:{n}: image {row['image']!r} not found in {d}")
         ans = row.get("answer")

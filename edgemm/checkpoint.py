@@ -158,10 +158,12 @@ def shard_files(path: Path) -> list[str]:
     """The weight files a sharded checkpoint's model.safetensors.index.json lists, sorted."""
     import json
     index = Path(path) / "model.safetensors.index.json"
+    from .safety import bare_file_name
     try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise EdgemmError(f"{path} has neither model.safetensors nor a valid {index.name} ({e})") from None
+    return [bare_file_name(n, str(index)) for n in names]
 
 
 def checkpoint_digest(path: str | Path) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 from .errors import EdgemmError
 
 MAX_PIXELS = 64_000_000   # refuse decompression bombs before decoding
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")   # multi-frame: the first frame
 
 
 def load_image(src) -> "Image.Image":
@@ -26,7 +27,7 @@ def load_image(src) -> "Image.Image":
         if path.is_dir():
             raise EdgemmError(f"{path} is a directory, not an image file")
         try:
-            img = Image.open(path)
+            img = Image.open(path, formats=IMAGE_FORMATS)     # no EPS/PDF/PSD/FITS... decoders for user files
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise EdgemmError(f"{path} is {w}x{h} pixels, over the {MAX_PIXELS // 1_000_000} megapixel limit "

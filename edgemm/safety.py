@@ -186,3 +186,26 @@ def check_onnx_external(path, root=None) -> None:
         if real.exists() and real.stat().st_nlink > 1:
             raise EdgemmError(f"{p}: tensor {t.name}'s data file {loc!r} is a hard link to another file; "
                               "refusing it")
+
+
+# --------------------------------------------------------------------------- names inside a directory
+def bare_file_name(name, where: str) -> str:
+    """A shard index's file name: a plain name in the checkpoint directory (no directory part, no .., not
+    absolute)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or os.path.isabs(name) or "\0" in name:
+        raise EdgemmError(f"{where}: {name!r} is not a plain file name in the checkpoint directory; refusing it")
+    return name
+
+
+def inside(root, rel, where: str) -> Path:
+    """`rel` (a relative path from a user file) resolved inside `root`: no URL, no absolute path, no .., no link
+    that leads out."""
+    if not isinstance(rel, str) or not rel or "://" in rel or rel.startswith("file:") or os.path.isabs(rel) \
+            or ".." in Path(rel).parts or "\0" in rel:
+        raise EdgemmError(f"{where}: {rel!r} must be a path inside {root} (no URL, absolute path or ..)")
+    root = Path(root).resolve()
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root):
+        raise EdgemmError(f"{where}: {rel!r} leads outside {root} (a link); refusing it")
+    return p

@@ -269,3 +269,58 @@ def test_fuzz_calibration_prompts(tmp_path_factory, lines):
         load_calib_dir(d)
     except EdgemmError:
         pass
+
+
+# --------------------------------------------------------------------------- calibration folders, indexes, images
+@pytest.mark.parametrize("image,match", [("../a.png", "must be a path inside"), ("/etc/passwd", "must be a path inside"),
+                                        ("file:///etc/passwd", "must be a path inside"),
+                                        ("link.png", "leads outside")])
+def test_calibration_images_stay_in_the_folder(tmp_path, image, match):
+    import os
+    from PIL import Image
+    from edgemm.calib.sets import load_calib_dir
+    d = tmp_path / "calib"
+    d.mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", d / "link.png")
+    (d / "prompts.jsonl").write_text(json.dumps({"image": image, "prompt": "q"}) + "\n")
+    with pytest.raises(EdgemmError, match=match):
+        load_calib_dir(d)
+
+
+def test_calibration_lines_invalid_utf8_deep_nesting_and_length(tmp_path):
+    from edgemm.calib.sets import load_calib_dir
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "prompts.jsonl").write_bytes(b'{"image": "a.png", "prompt": "q"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(EdgemmError, match="prompts.jsonl:2: not valid UTF-8"):
+        load_calib_dir(d)
+    (d / "prompts.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(EdgemmError, match="prompts.jsonl:1: (the line is|JSON nested)"):
+        load_calib_dir(d)
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/abs/x.safetensors", "sub/x.safetensors"])
+def test_shard_index_names_must_be_plain_files(tmp_path, shard):
+    from edgemm.checkpoint import checkpoint_digest
+    from edgemm.importers.shards import Source
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(EdgemmError, match="not a plain file name"):
+        checkpoint_digest(tmp_path)
+    with pytest.raises(EdgemmError, match="not a plain file name"):
+        Source(tmp_path)
+
+
+def test_only_allowed_image_formats_are_decoded(tmp_path):
+    from PIL import Image
+    from edgemm.processor import load_image
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.pdf")                   # Pillow writes PDF; we never read it
+    with pytest.raises(EdgemmError, match="not an image file"):
+        load_image(tmp_path / "x.pdf")
+    frames = [Image.new("RGB", (6, 3), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    img = load_image(tmp_path / "anim.gif")                             # multi-frame: the first frame
+    assert img.size == (6, 3) and img.getpixel((0, 0))[0] > 200
+    Image.new("RGB", (1, 500)).save(tmp_path / "thin.png")
+    assert load_image(tmp_path / "thin.png").size == (1, 500)            # odd geometry: an image

@@ -66,10 +66,15 @@ class Source:
 
     @staticmethod
     def _index(path: Path) -> dict:
+        from ..safety import bare_file_name
         try:
             wm = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EdgemmError(f"{path} is not a valid checkpoint index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise EdgemmError(f"{path} is not a valid checkpoint index ({str(e)[:120]})") from None
+        if not isinstance(wm, dict):
+            raise EdgemmError(f"{path}: weight_map must map tensor names to shard files")
+        for v in set(wm.values()) if all(isinstance(v, str) for v in wm.values()) else [None]:
+            bare_file_name(v, str(path))
         return wm
 
     def open(self, shard: str) -> "_Shard":
