@@ -81,14 +81,21 @@ def shipped_bundle(log=None):
         return None
     root = Path(os.environ.get("EDGEMM_CACHE", Path.home() / ".cache" / "edgemm")) / "bundles"
     out = root / f"tiny-shapes-{checkpoint_digest(DEMO_DIR)[:12]}-{__version__}"
-    if not (out / "edgemm.json").is_file():
+    stale = False
+    if (out / "edgemm.json").is_file():
+        from edgemm.bundle import verify_bundle
+        try:
+            verify_bundle(out)
+        except EdgemmError:                              # an older format or a damaged cache: make it again
+            stale = True
+    if stale or not (out / "edgemm.json").is_file():
         from edgemm.export.onnx import export_onnx
         if log:
             log(f"note: making a validated ONNX bundle of the shipped model once, at {out}; later runs use it "
                 "without loading torch (--backend torch runs the reference)")
         try:
             root.mkdir(parents=True, exist_ok=True)
-            export_onnx(model="tiny-shapes", out=out, precision="fp32", log=None, seed=0)
+            export_onnx(model="tiny-shapes", out=out, precision="fp32", log=None, seed=0, force=stale)
         except EdgemmError:
             if not (out / "edgemm.json").is_file():      # another process may have made it meanwhile
                 raise

@@ -182,3 +182,28 @@ def test_exporters_take_no_unknown_options_and_get_threads(monkeypatch, tmp_path
     assert code == 0 and seen["threads"] == 1
     code, out, _ = _run("export", "--target", "gguf", "--keep-sensitive", "0.1", "-o", str(tmp_path / "g"))
     assert code == 2 and "--keep-sensitive applies to --target onnx and trt" in out
+
+
+@requires_demo
+def test_shipped_model_answers_without_torch_after_the_first_run(tmp_path):
+    """Cold start: the first run makes a validated ONNX bundle of the shipped model in the cache; later runs
+    answer from it without importing torch, with the reference's answer."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed (pip install 'edgemm[cpu]')")
+    from edgemm.generation import GenerationConfig, answer
+    from edgemm.runtimes import load_backend
+    ref = answer(load_backend("torch", model="tiny-shapes", device="cpu"), "examples/shapes.png",
+                 "What color is the circle?", GenerationConfig(max_new_tokens=16))
+    env = {**__import__("os").environ, "EDGEMM_CACHE": str(tmp_path / "cache")}
+    env.pop("EDGEMM_NO_BUNDLE_CACHE", None)
+    code = ("import sys; from edgemm.cli import main; sys.argv = ['edgemm', 'run', '--image', 'examples/shapes.png', "
+            "'What color is the circle?']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('\\nTORCH', 'torch' in sys.modules)")
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "making a validated ONNX bundle" in first.stderr and first.stdout.startswith(ref)
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert again.stdout.startswith(ref) and "TORCH False" in again.stdout, (again.stdout, again.stderr[-500:])
+    assert "backend: ort" in again.stderr
