@@ -90,10 +90,19 @@ def decode_weight_bytes(bundle) -> int | None:
         from onnx import numpy_helper
         m = onnx.load(str(bundle_path(bundle, st["file"])), load_external_data=True)
         gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+        # fp16 bundles store matrices as Cast(fp16 initializer); ONNX Runtime folds the Cast at load (on every
+        # provider), so a decode step reads them as fp32: count what is read, not what is stored
+        cast_src = {n.input[0]: n.output[0] for n in m.graph.node if n.op_type == "Cast"}
         total = 0
         for t in m.graph.initializer:
             n = int(np.prod(t.dims)) if t.dims else 1
             nbytes = len(t.raw_data) if t.raw_data else n * numpy_helper.to_array(t).itemsize
+            if t.name in cast_src and t.data_type == onnx.TensorProto.FLOAT16:
+                nbytes *= 2
+                if cast_src[t.name] in gathered and len(t.dims) == 2:
+                    nbytes = nbytes // max(int(t.dims[0]), 1)
+                    total += nbytes
+                    continue
             if t.name in gathered and len(t.dims) == 2:
                 nbytes = nbytes // max(int(t.dims[0]), 1)
             total += nbytes

@@ -82,3 +82,14 @@ def test_decode_bytes_per_step_match_the_reference(bundles, random_ckpt, tmp_pat
     from edgemm.export.gguf import export_gguf
     export_gguf(model=str(random_ckpt), out=tmp_path / "g", precision={"vision": "f32", "decoder": "f32"}, log=None)
     assert decode_weight_bytes(tmp_path / "g") == want                       # no vis_* tensor counted
+
+
+def test_fp16_bundles_count_the_fp32_bytes_onnx_runtime_reads(random_ckpt, tmp_path):
+    """fp16 bundles store fp16 matrices behind a Cast that ONNX Runtime folds to fp32 at load: half the disk,
+    the same bytes read per decode step as fp32 (bench says so instead of counting 2 bytes a weight)."""
+    from edgemm.bench import decode_weight_bytes, dir_size
+    from edgemm.export.onnx import export_onnx
+    for p in ("fp32", "fp16"):
+        export_onnx(model=str(random_ckpt), out=tmp_path / p, precision=p, threads=1, log=None)
+    assert decode_weight_bytes(tmp_path / "fp16") == decode_weight_bytes(tmp_path / "fp32")
+    assert dir_size(tmp_path / "fp16") < 0.6 * dir_size(tmp_path / "fp32")
