@@ -114,7 +114,7 @@ def _np(t) -> np.ndarray:
 def write_decoder_gguf(model, tok, path: Path, name: str) -> None:
     """The decoder (text + vision branches, shared norms, embeddings, LM head) in f32, arch cogvlm."""
     import gguf
-    cfg, d = model.cfg, model.cfg.decoder
+    d = model.cfg.decoder
     w = gguf.GGUFWriter(str(path), arch="cogvlm")
     w.add_name(name)
     w.add_description("edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)")
