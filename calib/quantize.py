@@ -343,7 +343,6 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
         # ---- rewrite the graph ------------------------------------------------------------------------
         base = (node.name or node.output[0]).replace("/", "_")
         if akind is not None:
-            elem = TensorProto.INT8 if akind == "int8" else TensorProto.FLOAT8E4M3FN
             qmax = 127.0 if akind == "int8" else FP8_MAX
             x_in = node.input[0]
             new = []
