@@ -256,7 +256,7 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
     act_amax?}], "quantized", "kept", "bytes_before", "bytes_after"}.
     """
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
     from .recipes import get_recipe
     from .stats import Stats
     log = log or (lambda s: None)
