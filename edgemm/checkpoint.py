@@ -89,7 +89,10 @@ def load_checkpoint(path: str | Path, device="cpu"):
     cfg = ModelConfig.load(path / "config.json")
     files = shard_files(path) if sharded else ["model.safetensors"]   # large checkpoints (edgemm import)
     state = {}
+    from .safety import check_safetensors
     for f in files:
+        if (path / f).is_file():
+            check_safetensors(path / f)                  # bounded header checks before the library maps it
         try:
             state.update(load_file(str(path / f)))
         except (SafetensorError, OSError) as e:

@@ -209,3 +209,72 @@ def inside(root, rel, where: str) -> Path:
     if not p.is_relative_to(root):
         raise EdgemmError(f"{where}: {rel!r} leads outside {root} (a link); refusing it")
     return p
+
+
+# --------------------------------------------------------------------------- safetensors headers
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_ST_HEADER = 100 << 20
+
+
+def check_safetensors(path) -> int:
+    """A safetensors file's header, bounded, before the library maps it: the header length inside the file,
+    JSON without duplicate keys, known dtypes, shapes of non-negative ints whose byte size equals the entry's span,
+    spans inside the data that cover it without overlaps or gaps. -> the number of tensors."""
+    import json
+    p = Path(path)
+    where = str(p)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise EdgemmError(f"{where} is not a safetensors file (shorter than its header length)")
+            n = struct.unpack("<Q", head)[0]
+            if n > MAX_ST_HEADER or 8 + n > size:
+                raise EdgemmError(f"{where}: the header claims {n} bytes (file {size}, limit {MAX_ST_HEADER})")
+            raw = f.read(n)
+    except OSError as e:
+        raise EdgemmError(f"cannot read {where}: {e.strerror or e}") from None
+
+    def no_dup(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise EdgemmError(f"{where}: the header names a tensor twice")
+        return dict(pairs)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dup)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise EdgemmError(f"{where}: the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise EdgemmError(f"{where}: the header is not a JSON object")
+    data = size - 8 - n
+    spans = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(e, dict) or e.get("dtype") not in ST_ITEMSIZE or not isinstance(e.get("shape"), list) \
+                or not isinstance(e.get("data_offsets"), list) or len(e["data_offsets"]) != 2:
+            raise EdgemmError(f"{where}: tensor {name!r} has a malformed entry")
+        shape, (a, b) = e["shape"], e["data_offsets"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or \
+                not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+            raise EdgemmError(f"{where}: tensor {name!r} has a bad shape or offsets")
+        nbytes = ST_ITEMSIZE[e["dtype"]]
+        for d in shape:
+            nbytes *= d
+            if nbytes > data:
+                break
+        if not 0 <= a <= b <= data or b - a != nbytes:
+            raise EdgemmError(f"{where}: tensor {name!r} spans bytes {a}..{b} of {data}, but its shape and dtype "
+                              f"need {nbytes}")
+        spans.append((a, b, name))
+    pos = 0
+    for a, b, name in sorted(spans):
+        if a != pos:
+            raise EdgemmError(f"{where}: tensor {name!r} " + ("overlaps the one before it" if a < pos else
+                              "leaves a gap before it") + " in the data")
+        pos = b
+    if pos != data:
+        raise EdgemmError(f"{where}: {data - pos} bytes of data are not any tensor's")
+    return len(spans)

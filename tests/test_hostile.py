@@ -324,3 +324,73 @@ def test_only_allowed_image_formats_are_decoded(tmp_path):
     assert img.size == (6, 3) and img.getpixel((0, 0))[0] > 200
     Image.new("RGB", (1, 500)).save(tmp_path / "thin.png")
     assert load_image(tmp_path / "thin.png").size == (1, 500)            # odd geometry: an image
+
+
+# --------------------------------------------------------------------------- safetensors headers
+def _st(path, header: dict, data: bytes):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+@pytest.mark.parametrize("case,match", [
+    ("ok", None), ("header length", "the header claims"), ("duplicate", "names a tensor twice"),
+    ("span", "need 16"), ("overlap", "overlaps"), ("gap", "leaves a gap"), ("tail", "not any tensor's"),
+    ("dtype", "malformed"), ("shape", "bad shape"), ("not json", "not valid JSON")])
+def test_crafted_safetensors_headers(tmp_path, case, match):
+    from edgemm.safety import check_safetensors
+    p = tmp_path / "m.safetensors"
+    a = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    b = {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}
+    if case == "ok":
+        _st(p, {"a": a, "b": b, "__metadata__": {"format": "pt"}}, b"\0" * 24)
+        assert check_safetensors(p) == 2
+        return
+    if case == "header length":
+        p.write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    elif case == "duplicate":
+        h = b'{"a": %s, "a": %s}' % (json.dumps(a).encode(), json.dumps(a).encode())
+        p.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * 16)
+    elif case == "span":
+        _st(p, {"a": dict(a, data_offsets=[0, 12])}, b"\0" * 12)
+    elif case == "overlap":
+        _st(p, {"a": a, "b": dict(b, data_offsets=[8, 16])}, b"\0" * 16)
+    elif case == "gap":
+        _st(p, {"a": a, "b": dict(b, data_offsets=[20, 28])}, b"\0" * 28)
+    elif case == "tail":
+        _st(p, {"a": a}, b"\0" * 40)
+    elif case == "dtype":
+        _st(p, {"a": dict(a, dtype="F128")}, b"\0" * 16)
+    elif case == "shape":
+        _st(p, {"a": dict(a, shape=[-2, -2])}, b"\0" * 16)
+    elif case == "not json":
+        p.write_bytes(struct.pack("<Q", 4) + b"{no}")
+    with pytest.raises(EdgemmError, match=match):
+        check_safetensors(p)
+
+
+def test_load_checkpoint_refuses_a_crafted_safetensors(tmp_path, random_ckpt):
+    import shutil
+    from edgemm.checkpoint import load_checkpoint
+    d = tmp_path / "ck"
+    shutil.copytree(random_ckpt, d)
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    (d / "model.safetensors").write_bytes(bytes(raw[:len(raw) // 2]))        # truncated: spans leave the file
+    with pytest.raises(EdgemmError, match="spans bytes|the header claims"):
+        load_checkpoint(d)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_safetensors_header(tmp_path_factory, data):
+    from edgemm.safety import check_safetensors
+    p = tmp_path_factory.mktemp("s") / "x.safetensors"
+    h = json.dumps({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    good = bytearray(struct.pack("<Q", len(h)) + h + b"\0" * 16)
+    for _ in range(data.draw(st.integers(0, 6))):
+        good[data.draw(st.integers(0, len(good) - 1))] = data.draw(st.integers(0, 255))
+    p.write_bytes(bytes(good[:data.draw(st.integers(0, len(good)))]))
+    try:
+        check_safetensors(p)
+    except EdgemmError:
+        pass

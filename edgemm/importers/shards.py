@@ -96,6 +96,8 @@ class _Shard:
     def __enter__(self):
         if self.kind == "safetensors":
             from safetensors import safe_open
+            from ..safety import check_safetensors
+            check_safetensors(self.path)
             try:
                 self.f = safe_open(str(self.path), framework="pt")
             except Exception as e:
