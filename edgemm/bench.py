@@ -97,13 +97,11 @@ def decode_weight_bytes(bundle) -> int | None:
         for t in m.graph.initializer:
             n = int(np.prod(t.dims)) if t.dims else 1
             nbytes = len(t.raw_data) if t.raw_data else n * numpy_helper.to_array(t).itemsize
-            if t.name in cast_src and t.data_type == onnx.TensorProto.FLOAT16:
+            name = t.name
+            if name in cast_src and t.data_type == onnx.TensorProto.FLOAT16:
                 nbytes *= 2
-                if cast_src[t.name] in gathered and len(t.dims) == 2:
-                    nbytes = nbytes // max(int(t.dims[0]), 1)
-                    total += nbytes
-                    continue
-            if t.name in gathered and len(t.dims) == 2:
+                name = cast_src[name]                 # what the graph reads is the Cast's output
+            if name in gathered and len(t.dims) == 2:
                 nbytes = nbytes // max(int(t.dims[0]), 1)
             total += nbytes
         return total

@@ -13,9 +13,6 @@ from pathlib import Path
 
 from ..errors import EdgemmError
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -222,12 +222,14 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             raise APIError(404, f"model {name!r} is not served here; models: {', '.join(ms)}", code="model_not_found")
         return ms[name]
 
+    from pathlib import Path
+    page_html = (Path(__file__).parent / "static" / "index.html").read_text()      # read once, not per request
+
     @app.get("/")
     async def page():
         """The browser chat page (static, no CDN: works on an offline box), over the /v1 routes."""
         from fastapi.responses import HTMLResponse
-        from pathlib import Path
-        return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text())
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health():
