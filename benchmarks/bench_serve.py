@@ -125,17 +125,22 @@ def decode_batch_only(a) -> int:
     sts = [b.new_state(max_len=512) for _ in range(4)]
     for st in sts:
         b.text(st, [b.tokenizer.bos_id, 5, 6, 7])
-    base = None
-    print(f"{b.describe()}: decode_batch, one token per sequence per step (median of 5 x 10 steps)")
-    for n in (1, 2, 4):
-        b.decode_batch(sts[:n], [5] * n)
-        per = []
-        for _ in range(5):
+    base, levels = None, (1, 2, 4)
+    batched = getattr(b, "pooled", lambda st: b.name == "llamacpp")(sts[0])
+    how = "one batched run" if batched else "one run per sequence"
+    print(f"{b.describe()}: decode_batch, one token per sequence per step ({how}; median of 5 interleaved rounds "
+          "x 10 steps)")
+    per = {n: [] for n in levels}
+    for n in levels:
+        b.decode_batch(sts[:n], [5] * n)               # warm-up (and the bindings)
+    for _ in range(5):
+        for n in levels:
             t = time.perf_counter()
             for _ in range(10):
                 b.decode_batch(sts[:n], [5] * n)
-            per.append((time.perf_counter() - t) / 10)
-        dt = float(np.median(per))
+            per[n].append((time.perf_counter() - t) / 10)
+    for n in levels:
+        dt = float(np.median(per[n]))
         base = base or n / dt
         print(f"  {n} sequence(s): {dt * 1e3:6.1f} ms/step, {n / dt:6.1f} tok/s aggregate ({n / dt / base:.2f}x)")
     return 0
@@ -153,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,2,4")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="Repeat the client levels this many times, interleaved "
+                    "(1,2,4,1,2,4,...), and compare their medians (load from other processes then hits every level).")
     ap.add_argument("--ray", type=int, default=None, help="Serve on a local Ray Serve cluster with this many "
                     "replicas (started here, stopped at the end) instead of plain `edgemm serve`.")
     ap.add_argument("--decode-batch", action="store_true", help="Only time the backend's decode_batch for 1, 2 "
@@ -192,16 +199,20 @@ def main(argv=None) -> int:
               f"{a.max_tokens} tokens per request (ignore_eos), half the requests with an image")
         print(f"{'clients':>7} {'req/s':>7} {'decode tok/s':>12} {'TTFT p50':>9} {'TTFT p95':>9} "
               f"{'tok p50':>8} {'tok p95':>8} {'requests':>8} {'errors':>6}")
-        rows = []
-        for n in [int(x) for x in a.clients.split(",")]:
-            r = run_level(url, model, n, a.seconds, a.max_tokens, image_url)
-            rows.append(r)
-            print(f"{n:>7} {r['requests_per_s']:>7.2f} {r['decode_tok_s']:>12.1f} {r['ttft_p50_ms']:>7.0f}ms "
-                  f"{r['ttft_p95_ms']:>7.0f}ms {r['token_p50_ms']:>6.1f}ms {r['token_p95_ms']:>6.1f}ms "
-                  f"{r['requests']:>8} {r['errors']:>6}")
-        if len(rows) > 1:
-            print(f"aggregate decode tok/s at {rows[-1]['clients']} clients / at {rows[0]['clients']}: "
-                  f"{rows[-1]['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x")
+        rows, levels = [], [int(x) for x in a.clients.split(",")]
+        for _ in range(a.rounds):                   # the levels interleaved, round after round
+            for n in levels:
+                r = run_level(url, model, n, a.seconds, a.max_tokens, image_url)
+                rows.append(r)
+                print(f"{n:>7} {r['requests_per_s']:>7.2f} {r['decode_tok_s']:>12.1f} {r['ttft_p50_ms']:>7.0f}ms "
+                      f"{r['ttft_p95_ms']:>7.0f}ms {r['token_p50_ms']:>6.1f}ms {r['token_p95_ms']:>6.1f}ms "
+                      f"{r['requests']:>8} {r['errors']:>6}")
+        med = {n: float(np.median([r["decode_tok_s"] for r in rows if r["clients"] == n])) for n in levels}
+        if a.rounds > 1:
+            print("median decode tok/s over the rounds: " + ", ".join(f"{n} client(s) {v:.1f}" for n, v in med.items()))
+        if len(levels) > 1:
+            print(f"aggregate decode tok/s at {levels[-1]} clients / at {levels[0]}: "
+                  f"{med[levels[-1]] / med[levels[0]]:.2f}x" + (" (medians)" if a.rounds > 1 else ""))
         if proc is not None:
             print(f"server peak RSS: {peak_rss_mb(proc.pid):.0f} MB")
     finally:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .recipes import QUANTIZED
 
-STAGE_GROUP = {"vision": "vision", "image_tokens": "vision", "decoder_text": "decoder", "decoder_image": "decoder"}
+STAGE_GROUP = {"vision": "vision", "image_tokens": "vision", "decoder_text": "decoder", "decoder_image": "decoder",
+               "cross_kv": "decoder"}              # gated cross-attention (edgemm.xattn)
 
 
 def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tokenizer, calib=None, stats=None,

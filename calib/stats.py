@@ -245,7 +245,7 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
     import torch
     from tqdm import tqdm
     from edgemm.model import EdgeMM, KVCache
-    from edgemm.processor import preprocess
+    from edgemm.anyres import Tiles, preprocess_image
     from .sets import resolve_calib
     log = log or (lambda s: None)
     cset = resolve_calib(calib_set, n)
@@ -289,11 +289,14 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
     try:
         with torch.inference_mode():
             for s in tqdm(cset.samples, desc="calibrate", unit="sample", disable=not progress, leave=False):
-                px = torch.from_numpy(preprocess(s.image, cfg.vision))
+                px = preprocess_image(s.image, cfg.vision)       # any-resolution models: the image's tiles
+                t = torch.from_numpy(np.asarray(px))
                 current["stage"] = "vision"
-                rows = m.encode_image(px)
+                from edgemm.qformer import instruction       # InstructBLIP: the prompt's Q-Former ids
+                ins = [torch.from_numpy(x) for x in instruction(tok, cfg, s.prompt)]
+                rows = m.encode_image_tiled(t, *px.hw, px.max_tiles) if isinstance(px, Tiles) else m.encode_image(t, *ins)
                 ids = tok.user_turn(s.prompt, first=True) + (tok.answer(s.answer) if s.answer else [])
-                cache_ = KVCache.empty(cfg.decoder, 1, 1 + cfg.n_image_rows + len(ids) + 2)
+                cache_ = KVCache.empty(cfg.decoder, 1, 1 + rows.shape[1] + len(ids) + 2)
                 current["stage"] = "decoder_text"
                 _, pos = m.forward_segment("text", torch.tensor([[tok.bos_id]]), cache_, 0, last_only=False)
                 current["stage"] = "decoder_image"

@@ -85,6 +85,11 @@ def decode_weight_bytes(bundle) -> int | None:
     from .bundle import bundle_path, read_manifest
     man = read_manifest(bundle)
     st = man.get("stages", {}).get("decoder_text")
+    dec = man.get("model", {}).get("decoder", {})
+    # MoE: a decode step reads top_k of n_experts stacked experts (3-D initializers / *_exps tensors); the dense
+    # standard-op form (trt bundles, onnx moe_form="dense") computes, so reads, every expert
+    sparse = dec.get("n_experts") and (st or {}).get("moe", {}).get("form", "ort-moe") != "dense"
+    expert_share = dec["experts_top_k"] / dec["n_experts"] if sparse else 1.0
     if man.get("target") in ("onnx", "trt") and st:
         import onnx
         from onnx import numpy_helper
@@ -101,8 +106,10 @@ def decode_weight_bytes(bundle) -> int | None:
             if name in cast_src and t.data_type == onnx.TensorProto.FLOAT16:
                 nbytes *= 2
                 name = cast_src[name]                 # what the graph reads is the Cast's output
-            if name in gathered and len(t.dims) == 2:
-                nbytes = nbytes // max(int(t.dims[0]), 1)
+            if (name in gathered or name.startswith("rotary.")) and len(t.dims) == 2:
+                nbytes = nbytes // max(int(t.dims[0]), 1)      # one row (the rotary caches: a row per position)
+            if len(t.dims) == 3 and ".experts." in name:
+                nbytes = int(nbytes * expert_share)
             total += nbytes
         return total
     if man.get("target") == "gguf":
@@ -124,6 +131,8 @@ def decode_weight_bytes(bundle) -> int | None:
                 nb = int(t.n_bytes)
                 if t.name.startswith("token_embd"):
                     nb //= max(int(t.shape[-1]) if len(t.shape) > 1 else 1, 1)
+                if "_exps." in t.name:
+                    nb = int(nb * expert_share)
                 total += nb
             return total
     return None
@@ -137,10 +146,9 @@ def fidelity_prompts(n: int = FIDELITY_PROMPTS):
 
 def _prompt(backend, img, question):
     """bos, image, question -> (state, logits). Shared by every backend."""
-    from .processor import preprocess
+    from .anyres import image_rows
     tok = backend.tokenizer
-    px = preprocess(img, backend.cfg.vision)
-    rows = backend.vision(px)
+    rows = image_rows(backend, img)          # (tiled and packed for any-resolution models)
     st = backend.new_state(max_len=1 + rows.shape[1] + 64 + FIDELITY_STEPS)
     backend.text(st, [tok.bos_id])
     backend.image(st, rows)
@@ -188,17 +196,32 @@ def fidelity(backend, ref) -> dict:
 
 
 # --------------------------------------------------------------------------- one bundle x backend (child)
-def _timings(backend, repeats: int, warmup: int, decode_steps: int) -> dict:
+def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(None,)):
+    """Median vision / TTFT / decode figures on the test image; with several max-tiles settings (any-resolution
+    models; None = the bundle's own) one list of figures per setting, measured in interleaved rounds."""
+    if len(settings) > 1 or settings[0] is not None:
+        own, out = backend.cfg.vision.max_tiles, {s: [] for s in settings}
+        for r in range(warmup + repeats):
+            for s in settings:
+                _use_tiles(backend, s, own)
+                out[s].append(_timings(backend, 1, 0, decode_steps) if r >= warmup else None)
+        backend.cfg.vision.max_tiles = own
+        res = []
+        for s in settings:
+            runs = [x for x in out[s] if x]
+            med = {k: float(np.median([x[k] for x in runs])) for k in ("vision_ms", "ttft_ms", "decode_tok_s")}
+            res.append({**runs[0], **med, "decode_ms_per_token": 1e3 / med["decode_tok_s"],
+                        "max_tiles": own if s is None else s})
+        return res
     from . import shapes
-    from .processor import preprocess
+    from .anyres import image_rows
     img, q = shapes.make_split("val", 1)[0]
     tok = backend.tokenizer
     ids = tok.user_turn(q.question, first=True)
     vis, ttft, tps = [], [], []
     for r in range(warmup + repeats):
         t0 = time.perf_counter()
-        px = preprocess(img, backend.cfg.vision)
-        rows = backend.vision(px)
+        rows = image_rows(backend, img)      # (tiled and packed for any-resolution models)
         t1 = time.perf_counter()
         st = backend.new_state(max_len=1 + rows.shape[1] + len(ids) + decode_steps + 2)
         t1b = time.perf_counter()
@@ -216,7 +239,17 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int) -> dict:
             ttft.append((t1 - t0) + (t2 - t1b))
             tps.append(decode_steps / (t4 - t3))
     return {"vision_ms": 1e3 * float(np.median(vis)), "ttft_ms": 1e3 * float(np.median(ttft)),
-            "decode_tok_s": float(np.median(tps)), "decode_ms_per_token": 1e3 / float(np.median(tps))}
+            "decode_tok_s": float(np.median(tps)), "decode_ms_per_token": 1e3 / float(np.median(tps)),
+            "image_rows": int(rows.shape[1]), "image_size": f"{img.shape[1]}x{img.shape[0]}"}
+
+
+def _use_tiles(backend, setting, own) -> None:
+    """Apply one --max-tiles setting (None: the bundle's own, `own`) to the backend's config."""
+    from .anyres import set_max_tiles
+    if setting is None:
+        backend.cfg.vision.max_tiles = own
+    else:
+        set_max_tiles(backend.cfg, setting, getattr(backend, "manifest", None))
 
 
 def _bench_one(job: dict) -> dict:
@@ -241,18 +274,28 @@ def _bench_one(job: dict) -> dict:
     res["backend"] = b.name
     res["describe"] = b.describe()
     res["notes"] = notes
-    res.update(_timings(b, job["repeats"], job["warmup"], job["decode_steps"]))
-    if job["limit"] != 0:
-        from .evaluate import evaluate
-        ev = evaluate(b, limit=job["limit"], progress=job["progress"])
-        res.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
-                   accuracy_per_type={t: v["accuracy"] for t, v in ev["per_type"].items()})
-    if job.get("ref_file"):
-        z = np.load(job["ref_file"], allow_pickle=False)
-        ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
-        res.update(fidelity(b, ref))
-    res["peak_rss_mb"] = peak_rss_mb()
-    return res
+    settings = tuple(job.get("max_tiles") or (None,))     # any-resolution models: tile budgets, interleaved
+    try:
+        figures = _timings(b, job["repeats"], job["warmup"], job["decode_steps"], settings)
+    except EdgemmError as e:
+        res["error"] = str(e)
+        return res
+    out, own = [], b.cfg.vision.max_tiles
+    for s, figs in zip(settings, figures if isinstance(figures, list) else [figures]):
+        r = {**res, **figs}
+        _use_tiles(b, s, own)
+        if job["limit"] != 0:
+            from .evaluate import evaluate
+            ev = evaluate(b, limit=job["limit"], progress=job["progress"])
+            r.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
+                     accuracy_per_type={t: v["accuracy"] for t, v in ev["per_type"].items()})
+        if job.get("ref_file"):
+            z = np.load(job["ref_file"], allow_pickle=False)
+            ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
+            r.update(fidelity(b, ref))
+        r["peak_rss_mb"] = peak_rss_mb()
+        out.append(r)
+    return out if len(out) > 1 else out[0]
 
 
 def peak_rss_mb() -> float:
@@ -279,7 +322,7 @@ def _run_child(job: dict) -> dict:
 def bench(bundles, backends=("auto",), reference: str | None = None, limit: int | None = None,
           repeats: int = 5, warmup: int = 2, decode_steps: int = 32, threads: int | None = None,
           device: str = "auto", out: str | Path | None = None, fidelity_n: int = FIDELITY_PROMPTS,
-          progress: bool = True, log=print, isolate: bool = True) -> dict:
+          progress: bool = True, log=print, isolate: bool = True, max_tiles=None) -> dict:
     """Measure every bundle x backend; -> {"machine", "bandwidth_gb_s", "results": [...]}; writes
     bench.json / bench.csv / bench.png into `out` when given. limit: questions of the test split
     (None: all 1,000; 0: skip accuracy). reference: the fp32 reference model (default: each manifest's
@@ -323,27 +366,30 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
         man = mans[b]
         job = {"bundle": b, "backend": be, "device": device, "threads": threads, "repeats": repeats,
                "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
-               "ref_file": refs.get(man.get("_ref")) if fidelity_n else None}
-        res = _run_child(job) if isolate else _bench_one(job)
-        res["name"] = Path(b).name
-        res["target"] = man.get("target")
-        res["precision"] = man.get("precision")
-        res["size_mb"] = dir_size(b) / 1e6
-        if b in ref_notes:
-            res["fidelity_note"] = ref_notes[b]
-        res["reference"] = man.get("_ref")
-        wb = decode_weight_bytes(b)
-        if wb:
-            res["weight_bytes_per_step"] = wb
-            res["roofline_tok_s"] = bw / wb
-            if "decode_tok_s" in res:
-                res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
-        results.append(res)
-        if "error" in res:
-            log(f"{res['name']} / {be}: {res['error']}")
+               "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles}
+        got = _run_child(job) if isolate else _bench_one(job)
+        for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
+            res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
+                                            if isinstance(got, list) else "")
+            res["target"] = man.get("target")
+            res["precision"] = man.get("precision")
+            res["size_mb"] = dir_size(b) / 1e6
+            if b in ref_notes:
+                res["fidelity_note"] = ref_notes[b]
+            res["reference"] = man.get("_ref")
+            wb = decode_weight_bytes(b)
+            if wb:
+                res["weight_bytes_per_step"] = wb
+                res["roofline_tok_s"] = bw / wb
+                if "decode_tok_s" in res:
+                    res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
+            results.append(res)
+            if "error" in res:
+                log(f"{res['name']} / {be}: {res['error']}")
     report = {"machine": machine, "bandwidth_gb_s": bw / 1e9, "settings": {
         "repeats": repeats, "warmup": warmup, "decode_steps": decode_steps, "limit": limit,
-        "fidelity_prompts": fidelity_n, "threads": threads, "device": device}, "results": results}
+        "fidelity_prompts": fidelity_n, "threads": threads, "device": device, "max_tiles": max_tiles},
+        "results": results}
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +415,8 @@ def _jsonable(o):
 
 
 COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("size_mb", "size MB", "{:.1f}"),
-           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("vision_ms", "vision ms", "{:.2f}"),
+           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("image_rows", "image rows", "{}"),
+           ("vision_ms", "vision ms", "{:.2f}"),
            ("ttft_ms", "TTFT ms", "{:.2f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
            ("roofline_fraction", "of roofline", "{:.0%}"), ("accuracy", "accuracy", "{:.3f}"),
            ("top1_agreement", "top-1 agree", "{:.3f}"), ("mean_kl", "mean KL", "{:.2e}")]
@@ -393,7 +440,8 @@ def format_table(report: dict) -> str:
 
 
 def write_csv(results: list, path) -> None:
-    keys = ["name", "bundle", "target", "backend", "precision", "size_mb", "peak_rss_mb", "vision_ms", "ttft_ms",
+    keys = ["name", "bundle", "target", "backend", "precision", "size_mb", "peak_rss_mb", "image_rows", "image_size",
+            "max_tiles", "vision_ms", "ttft_ms",
             "decode_tok_s", "decode_ms_per_token", "weight_bytes_per_step", "roofline_tok_s", "roofline_fraction",
             "accuracy", "correct", "total", "top1_agreement", "mean_kl", "error"]
     with open(path, "w", newline="") as f:

@@ -117,7 +117,10 @@ def read_manifest(bundle: str | Path) -> dict:
     if not isinstance(stages, dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str)
                                                for v in stages.values()):
         raise EdgemmError(f"{p}: 'stages' must map each stage to an entry with a 'file'; re-export the bundle")
-    missing = [s for s in REQUIRED_STAGES.get(m.get("target"), ()) if s not in stages]
+    need = REQUIRED_STAGES.get(m.get("target"), ())
+    if ((m.get("model") or {}).get("decoder") or {}).get("cross_attn_every") and "decoder_image" in need:
+        need = ("decoder_text", "cross_kv")         # gated cross-attention: images are not decoder rows
+    missing = [s for s in need if s not in stages]
     if missing:
         raise EdgemmError(f"{p}: a {m.get('target')} bundle needs the stages {', '.join(missing)}; re-export it")
     return m
@@ -138,9 +141,35 @@ def bundle_path(bundle: str | Path, rel: str) -> Path:
     return p
 
 
-def verify_bundle(bundle: str | Path, check_hashes: bool = True) -> dict:
-    """read_manifest + every stage file present, inside the bundle, with the recorded sha256."""
+def read_verified(bundle: str | Path, rel: str, manifest: dict) -> bytes:
+    """The bytes of a file the manifest lists, checked against its sha256 after they are read: the caller parses
+    these bytes, so what is parsed is what was hashed (no window between a check and a later open in which the
+    file could be swapped)."""
+    import hashlib
+    data = bundle_path(bundle, rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest.get("files", {}).get(rel):
+        raise EdgemmError(f"bundle {bundle}: {rel} does not match its sha256 (corrupt or tampered); re-export it")
+    return data
+
+
+def parsed_files(m: dict) -> set:
+    """The files a backend parses from bytes it has read and hashed itself (see read_verified): the tokenizer
+    and every stage graph without external data."""
+    out = {m.get("tokenizer", "tokenizer.json")}
+    if isinstance(m.get("qformer_tokenizer"), str):         # InstructBLIP (edgemm.qformer)
+        out.add(m["qformer_tokenizer"])
+    for st in m.get("stages", {}).values():
+        if isinstance(st, dict) and isinstance(st.get("file"), str) and not st.get("extra_files"):
+            out.add(st["file"])
+    return out
+
+
+def verify_bundle(bundle: str | Path, check_hashes: bool = True, defer_parsed: bool = False) -> dict:
+    """read_manifest + every stage file present, inside the bundle, with the recorded sha256. defer_parsed: the
+    files of parsed_files(manifest) are checked for presence here and hashed by the caller as it reads them
+    (read_verified, stage_sources)."""
     m = read_manifest(bundle)
+    deferred = parsed_files(m) if defer_parsed else set()
     files = m.get("files", {})
     if not isinstance(files, dict):
         raise EdgemmError(f"bundle {bundle}: the manifest's 'files' must map paths to sha256 digests; re-export it")
@@ -172,6 +201,75 @@ def verify_bundle(bundle: str | Path, check_hashes: bool = True) -> dict:
             raise EdgemmError(f"bundle {bundle} is incomplete: {rel} is missing; re-export it")
         if rel not in files:
             raise EdgemmError(f"bundle {bundle}: {rel} has no sha256 in the manifest; re-export it")
-        if check_hashes and file_sha256(p) != files[rel]:
+        if check_hashes and rel not in deferred and file_sha256(p) != files[rel]:
             raise EdgemmError(f"bundle {bundle}: {rel} does not match its sha256 (corrupt or tampered); re-export it")
     return m
+
+
+def stage_sources(bundle: str | Path, m: dict, stages, verified: bool) -> dict:
+    """{stage: bytes | path} to open each stage's ONNX graph from. verified (verify_bundle ran with
+    defer_parsed): a graph without external data comes as its bytes, hashed as they were read; one with external
+    data as its path (its files were hashed by verify_bundle). External-data locations are checked first."""
+    from .safety import check_onnx_external
+    out = {}
+    for s in stages:
+        st = m["stages"][s]
+        p = bundle_path(bundle, st["file"])
+        if verified and st["file"] in parsed_files(m):
+            data = read_verified(bundle, st["file"], m)
+            check_onnx_external(p, bundle, data=data)
+            out[s] = data
+        else:
+            check_onnx_external(p, bundle)
+            out[s] = str(p)
+    return out
+
+
+class PinnedFile:
+    """A listed file opened once and hashed through that descriptor; `path` names the same open file
+    (/proc/self/fd/N on Linux, /dev/fd/N elsewhere) for a library that opens files by name (llama.cpp): replacing
+    the directory entry after the check no longer changes what it reads. Where neither exists, the plain path
+    (the check then has the usual window). Keep it open while the library may (re)open the file."""
+
+    def __init__(self, bundle: str | Path, rel: str, m: dict):
+        import hashlib
+        p = bundle_path(bundle, rel)
+        try:
+            self.fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise EdgemmError(f"bundle {bundle}: cannot open {rel} ({e.strerror}); re-export it") from None
+        h = hashlib.sha256()
+        while chunk := os.read(self.fd, 1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != m.get("files", {}).get(rel):
+            os.close(self.fd)
+            raise EdgemmError(f"bundle {bundle}: {rel} does not match its sha256 (corrupt or tampered); re-export it")
+        for d in ("/proc/self/fd", "/dev/fd"):
+            if os.path.exists(f"{d}/{self.fd}"):
+                self.path = f"{d}/{self.fd}"
+                break
+        else:
+            self.path = str(p)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def load_tokenizer(bundle: str | Path, m: dict, verified: bool):
+    """The bundle's tokenizer, parsed from the bytes that were hashed when `verified` (see stage_sources)."""
+    from .tokenizer import Tokenizer
+    rel = m.get("tokenizer", "tokenizer.json")
+    p = bundle_path(bundle, rel)
+    tok = Tokenizer.load(p, read_verified(bundle, rel, m) if verified else None)
+    if isinstance(m.get("model"), dict) and (m["model"].get("adapter") or {}).get("qformer_text"):
+        from .qformer import attach_bundle_tokenizer       # InstructBLIP: the Q-Former's own tokenizer too
+        attach_bundle_tokenizer(tok, bundle, m, verified)
+    return tok

@@ -51,6 +51,9 @@ def save_checkpoint(model, tokenizer, out: str | Path, dtype=None) -> Path:
             state.pop("decoder.lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
+        if getattr(tokenizer, "qformer", None) is not None:      # InstructBLIP (edgemm.qformer)
+            from .qformer import QFORMER_TOKENIZER
+            tokenizer.qformer.save(tmp / QFORMER_TOKENIZER)
         from .tokenizer import CHAT_TEMPLATE
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
@@ -116,6 +119,9 @@ def load_checkpoint(path: str | Path, device="cpu"):
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.tok_embeddings.weight
     tok = Tokenizer.load(path / "tokenizer.json")
+    if cfg.adapter.qformer_text:                  # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer)
+        from .qformer import attach_checkpoint_tokenizer
+        attach_checkpoint_tokenizer(tok, path, cfg)
     return model.to(device).eval(), tok
 
 

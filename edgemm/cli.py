@@ -52,14 +52,22 @@ def model_options(fn):
     return fn
 
 
-def open_backend(model, bundle, backend, device, threads, quiet=False):
+def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles=None):
     from .runtimes import load_backend
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
     if threads is not None and threads < 1:
         raise EdgemmError("--threads must be at least 1")
-    return load_backend(backend, model=model, bundle=bundle, device=device,
-                        threads=threads or os.cpu_count(), log=None if quiet else _err)
+    b = load_backend(backend, model=model, bundle=bundle, device=device,
+                     threads=threads or os.cpu_count(), log=None if quiet else _err)
+    if max_tiles is not None:               # any-resolution models: override the bundle's tile budget
+        from .anyres import set_max_tiles
+        set_max_tiles(b.cfg, max_tiles, getattr(b, "manifest", None))
+    return b
+
+
+MAX_TILES_HELP = ("Any-resolution (LLaVA-NeXT) models: the most grid tiles per image (the overview is always added; "
+                  "fewer tiles, fewer image rows). Default: the bundle's (export --max-tiles), else every pinpoint.")
 
 
 def _streamer():
@@ -107,10 +115,11 @@ def main():
 @main.command()
 @click.argument("question")
 @click.option("--image", type=click.Path(), default=None, help="Image to ask about (any size, most formats).")
+@click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
 @gen_options
 @handle_errors
-def run(question, image, model, bundle, backend, device, threads, **gen):
+def run(question, image, max_tiles, model, bundle, backend, device, threads, **gen):
     """Answer one QUESTION about an image, streaming the answer.
 
     Example: edgemm run --image examples/shapes.png "What color is the circle?"
@@ -119,23 +128,24 @@ def run(question, image, model, bundle, backend, device, threads, **gen):
     if not question.strip():
         raise EdgemmError("the question is empty: pass a question about the image")
     cfg = _gen_config(**gen)
-    b = open_backend(model, bundle, backend, device, threads)
+    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles)
     answer(b, image, question, cfg, on_text=_streamer())
     click.echo()
 
 
 @main.command()
 @click.option("--image", type=click.Path(), default=None, help="Image to start the chat with.")
+@click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
 @gen_options
 @handle_errors
-def chat(image, model, bundle, backend, device, threads, **gen):
+def chat(image, max_tiles, model, bundle, backend, device, threads, **gen):
     """Interactive multi-turn chat; the KV cache is kept across turns.
 
     Commands: /image PATH (new image, new conversation), /reset, /quit.
     """
     from .generation import ChatSession
-    b = open_backend(model, bundle, backend, device, threads)
+    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles)
     sess = ChatSession(b, _gen_config(**gen), log=_err)
     if image:
         sess.set_image(image)
@@ -355,9 +365,11 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
               "profiles accept (default: the device class's, capped at the model's max_seq_len).")
 @click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
               help="trt: the device class whose profiles engines built at export use (default: by the GPU here).")
+@click.option("--max-tiles", type=int, default=None, help="onnx/trt, any-resolution (LLaVA-NeXT) models: the "
+              "bundle's default tile budget (most grid tiles per image; run/chat/bench can override it).")
 @handle_errors
 def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
-           max_context, device_class):
+           max_context, device_class, max_tiles):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -392,6 +404,11 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
             extra[key] = val
     if max_context is not None and max_context < 1:
         raise EdgemmError("--max-context must be a positive number of tokens")
+    if max_tiles is not None:
+        if target not in ("onnx", "trt"):
+            raise EdgemmError(f"--max-tiles applies to --target onnx and trt (the host tiles the image); a {target} "
+                              "bundle tiles as its runtime does")
+        extra["max_tiles"] = max_tiles
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch
@@ -429,11 +446,14 @@ def parse_recipes(spec: str, prec: dict) -> dict:
     return out
 
 
+from .importers import FAMILIES as IMPORT_FAMILIES  # noqa: E402  (light: no torch)
+
+
 @main.command("import")
 @click.argument("src", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="The edgemm checkpoint directory to write.")
 @click.option("--from", "family", default="auto", show_default=True,
-              type=click.Choice(["auto", "cogvlm", "llava", "libra"]),
+              type=click.Choice(["auto", *IMPORT_FAMILIES]),
               help="The source family; auto reads it from config.json.")
 @click.option("--tokenizer", default=None, type=click.Path(),
               help="A directory with tokenizer.json, for checkpoints that ship none (cogvlm-chat-hf).")
@@ -441,13 +461,16 @@ def parse_recipes(spec: str, prec: dict) -> dict:
               help="cogvlm: CogVLM's own position/routing rules, or llama.cpp's (sequential positions, eoi "
                    "through the vision branch; exports to GGUF).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output weight file.")
+@click.option("--allow-bin", is_flag=True, help="Read pickled pytorch_model*.bin weights (torch.load with "
+              "weights_only=True). Off by default: unpickling can run code; prefer safetensors.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @handle_errors
-def import_cmd(src, out, family, tokenizer, rules, shard_size, force):
-    """Import a Hugging Face-layout CogVLM, LLaVA or Libra checkpoint, streaming shard by shard."""
+def import_cmd(src, out, family, tokenizer, rules, shard_size, allow_bin, force):
+    """Import a Hugging Face-layout checkpoint (CogVLM, Libra, LLaVA incl. MoE language models, LLaVA-NeXT,
+    BLIP-2, InstructBLIP, Idefics), streaming shard by shard."""
     from .importers import import_checkpoint, parse_size
     import_checkpoint(src, out, family=family, tokenizer=tokenizer, force=force, rules=rules,
-                      shard_bytes=parse_size(shard_size), log=_err)
+                      shard_bytes=parse_size(shard_size), log=_err, allow_bin=allow_bin)
 
 
 @main.command("build-engines")
@@ -510,16 +533,26 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads)
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("-o", "--out", default="bench-out", show_default=True, type=click.Path(),
               help="Folder for bench.json, bench.csv and bench.png.")
+@click.option("--max-tiles", default=None, help="Any-resolution (LLaVA-NeXT) bundles: tile budgets to compare, "
+              "comma-separated, 'default' = the bundle's own (e.g. 1,default): one row each, timed in interleaved "
+              "rounds.")
 @handle_errors
-def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out):
+def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out,
+          max_tiles):
     """Latency, memory, size, accuracy and fidelity of each BUNDLE on each backend: a table, JSON, CSV and a
     latency-vs-accuracy plot with the Pareto front."""
     from .bench import bench as run_bench, format_table
     if not bundles:
         raise EdgemmError("give one or more bundle directories: edgemm bench out/fp32 out/int8 ...")
+    tiles = None
+    if max_tiles is not None:
+        try:
+            tiles = [None if t.strip() == "default" else int(t) for t in max_tiles.split(",")]
+        except ValueError:
+            raise EdgemmError(f"--max-tiles {max_tiles!r}: give numbers or 'default', comma-separated") from None
     rep = run_bench(list(bundles), backends=backends, reference=reference, limit=limit, repeats=repeats,
                     warmup=warmup, decode_steps=decode_steps, threads=threads, device=device, out=out,
-                    fidelity_n=fidelity_prompts, log=_err)
+                    fidelity_n=fidelity_prompts, log=_err, max_tiles=tiles)
     click.echo(format_table(rep))
     for f in rep.get("files", []):
         _err(f"wrote {f}")

@@ -28,6 +28,11 @@ class VisionConfig:
     arch: str = "eva"
     feature_layer: int | None = None        # clip: blocks run before the features are taken (None: all)
     keep_cls: bool = False                  # clip: LLaVA's "full" feature strategy keeps the CLS row
+    # Any-resolution tiling (LLaVA-NeXT, edgemm.anyres): [h, w] pairs (multiples of image_size) the image may be
+    # tiled to; empty: one fixed-size image. max_tiles: the most grid tiles (the overview is always added; None:
+    # any pinpoint), a budget knob that departs from the source model when it excludes pinpoints.
+    grid_pinpoints: list = field(default_factory=list)
+    max_tiles: int | None = None
 
     @property
     def n_patches(self) -> int:
@@ -50,6 +55,27 @@ class AdapterConfig:
     concat_signals: bool = True             # libra: processor over concat(token embeddings, signal)
     norm_signals: bool = True               # libra: RMSNorm before the processor (concat mode)
     position_embedding: int = 0             # libra: rows of vision_position_embedding (0: none)
+    # "perceiver" (Idefics' Perceiver resampler, edgemm.xattn; goes with the decoder's gated cross-attention)
+    perceiver_latents: int = 0
+    perceiver_depth: int = 0
+    perceiver_heads: int = 0
+    perceiver_head_dim: int = 0
+    perceiver_qk_norms: bool = False        # LayerNorm of q and k per head
+    perceiver_ffn: int = 0                  # ReLU MLP width (0: 4 * vision width)
+    # "qformer" (BLIP-2 / InstructBLIP, edgemm.qformer): query_tokens learned queries through a Q-Former of
+    # qformer_layers BERT-style layers (cross-attention to the tower rows every cross_attention_frequency layers;
+    # LayerNorm eps `eps`, activation `gelu`), then a projection to d_model (bias: `bias`); qformer_text:
+    # InstructBLIP's instruction tokens (vocab qformer_vocab, qformer_positions position rows) join the queries
+    query_tokens: int = 0
+    qformer_width: int = 0
+    qformer_layers: int = 0
+    qformer_heads: int = 0
+    qformer_ffn: int = 0
+    cross_attention_frequency: int = 1
+    qformer_text: bool = False
+    qformer_vocab: int = 0
+    qformer_positions: int = 0
+    image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
 
 
 @dataclass
@@ -75,6 +101,29 @@ class DecoderConfig:
     per_modality_kv: bool = False           # mPLUG-Owl2: only K/V are per modality
     vision_down_ratio: int | None = None    # Libra: low-rank vision branches of rank out_features // ratio
     single_branch: bool = False             # LLaVA: one set of weights; image rows use the text branch
+    # Gated cross-attention (Flamingo / Idefics, edgemm.xattn): a tanh-gated cross-attention layer before decoder
+    # layer i when i % cross_attn_every == 0 reads the current image's resampled rows (width cross_attn_kv_dim);
+    # an image segment is its cross_attn_image_token (wrapped in cross_attn_image_wrap tokens, Idefics'
+    # <fake_token_around_image>) through the text path; after cross_attn_reset_token a token reads no image until
+    # the next one.
+    cross_attn_every: int = 0               # 0: none
+    cross_attn_kv_dim: int = 0              # 0: d_model
+    cross_attn_qk_norms: bool = False       # RMSNorm of q and k per head (Idefics' qk_layer_norms)
+    cross_attn_alpha: str = "float"         # "float" | "vector" gates
+    cross_attn_image_token: int | None = None
+    cross_attn_image_wrap: int | None = None
+    cross_attn_reset_token: int | None = None
+    # Mixture of experts (MoE-LLaVA: Mixtral / Qwen3-MoE language models), edgemm.moe. A layer i is an MoE layer
+    # when n_experts > 0, (i + 1) % moe_every == 0 (Qwen3-MoE's decoder_sparse_step) and i is not in
+    # moe_dense_layers (its mlp_only_layers); the router's top-k softmax weights are renormalised to sum to one
+    # when norm_topk_prob (Mixtral always; Qwen3-MoE by its flag).
+    n_experts: int = 0                      # 0: dense SwiGLU MLPs
+    experts_top_k: int = 2
+    expert_ffn_dim: int | None = None       # None: ffn_dim
+    moe_every: int = 1
+    moe_dense_layers: list = field(default_factory=list)
+    norm_topk_prob: bool = True
+    qk_norm: bool = False                   # Qwen3: RMSNorm over each head's Q and K (before RoPE); single branch
 
     @property
     def head_dim(self) -> int:
@@ -83,6 +132,27 @@ class DecoderConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0 and i not in self.moe_dense_layers
+
+    @property
+    def moe_ffn_dim(self) -> int:
+        return self.expert_ffn_dim or self.ffn_dim
+
+    def ffn_params(self) -> tuple[int, int]:
+        """FFN parameters of the whole decoder (one branch): (stored, read by one decode step). An MoE layer
+        stores every expert and the router; a decode step reads the router and its top-k experts only."""
+        stored = read = 0
+        for i in range(self.n_layers):
+            if self.is_moe_layer(i):
+                one = 3 * self.d_model * self.moe_ffn_dim
+                stored += self.n_experts * (one + self.d_model)
+                read += self.experts_top_k * one + self.n_experts * self.d_model
+            else:
+                stored += 3 * self.d_model * self.ffn_dim
+                read += 3 * self.d_model * self.ffn_dim
+        return stored, read
 
     @property
     def cache_heads(self) -> int:
@@ -99,10 +169,25 @@ class ModelConfig:
 
     @property
     def n_image_rows(self) -> int:
-        """Rows the vision stage emits: boi + patches + eoi (LLaVA: the patches, + CLS when kept)."""
+        """Rows the vision stage emits: boi + patches + eoi (LLaVA: the patches, + CLS when kept). With
+        any-resolution tiling the count depends on the image (image_rows_for); this is the most one image takes."""
+        if self.vision.grid_pinpoints:
+            from .anyres import max_rows
+            return max_rows(self.vision)
+        if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
+            return self.adapter.query_tokens
         if self.adapter.kind == "mlp":
             return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
+        if self.decoder.cross_attn_every:                   # gated cross-attention: the image's own tokens
+            return len(cross_image_ids(self.decoder))
         return self.vision.n_patches + 2
+
+    def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
+        """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
+        if not self.vision.grid_pinpoints:
+            return self.n_image_rows
+        from .anyres import row_index
+        return len(row_index(self.vision, height, width, max_tiles))
 
     @property
     def input_stage(self) -> str:
@@ -111,6 +196,8 @@ class ModelConfig:
 
     @property
     def stages(self) -> tuple[str, str, str]:
+        if self.decoder.cross_attn_every:     # image rows -> per-layer cross K/V, once per image (edgemm.xattn)
+            return self.input_stage, "cross_kv", "decoder_text"
         return self.input_stage, "decoder_text", "decoder_image"
 
     def variants(self) -> list[str]:
@@ -137,10 +224,24 @@ class ModelConfig:
             out.append("low-rank vision branches")
         if d.single_branch:
             out.append("single branch (llava)")
+        if d.cross_attn_every:
+            out.append("gated cross-attention")
+        if d.n_experts:
+            out.append("mixture of experts")
+        if d.qk_norm:
+            out.append("per-head q/k norm")
         if self.vision.arch == "clip":
             out.append("clip vision tower")
         if self.adapter.kind == "mlp":
             out.append("mlp projector")
+        if self.vision.arch == "blip":
+            out.append("blip vision tower")
+        if self.adapter.kind == "qformer":
+            out.append("q-former adapter")
+            if self.adapter.qformer_text:
+                out.append("q-former instruction input (instructblip)")
+        if self.vision.grid_pinpoints:
+            out.append("any-resolution tiling")
         if self.vision.arch == "none" or self.adapter.kind == "libra":
             out.append("libra image tokens")
         return out
@@ -158,10 +259,20 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none"):
+        if v.arch not in ("eva", "clip", "none", "blip"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
-        if self.adapter.kind not in ("glu", "mlp", "libra"):
+        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
+        if self.adapter.kind == "qformer":
+            a = self.adapter
+            if min(a.query_tokens, a.qformer_width, a.qformer_layers, a.qformer_heads, a.qformer_ffn,
+                   a.cross_attention_frequency) < 1 or a.qformer_width % a.qformer_heads:
+                raise EdgemmError("a qformer adapter needs query_tokens, qformer_width (a multiple of qformer_heads), "
+                                  "qformer_layers, qformer_heads, qformer_ffn and cross_attention_frequency >= 1")
+            if a.qformer_text and min(a.qformer_vocab, a.qformer_positions) < 1:
+                raise EdgemmError("qformer_text (InstructBLIP) needs qformer_vocab and qformer_positions >= 1")
+        elif v.arch == "blip":
+            raise EdgemmError("vision arch 'blip' (all tower rows, CLS included) goes with adapter kind 'qformer'")
         if (v.arch == "none") != (self.adapter.kind == "libra"):
             raise EdgemmError("vision arch 'none' goes with adapter kind 'libra' (and only with it)")
         if d.single_branch and (d.vision_rank or d.vision_down_ratio or d.per_modality_norms
@@ -171,6 +282,20 @@ class ModelConfig:
                                   or d.cross_modal_bridge or d.single_branch):
             raise EdgemmError("per_modality_kv (mPLUG-Owl2's modality-adaptive module) goes with per_modality_norms "
                               "and excludes low-rank branches, the bridge and single_branch")
+        if d.qk_norm and not d.single_branch:
+            raise EdgemmError("qk_norm (Qwen3's per-head Q/K RMSNorm) goes with single_branch")
+        if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):
+            raise EdgemmError("mixture of experts needs single_branch (MoE-LLaVA; routed-expert + MoE models are not "
+                              "supported) and 1 <= experts_top_k <= n_experts, moe_every >= 1")
+        if v.grid_pinpoints or self.adapter.image_newline:
+            from .anyres import check_config
+            check_config(self)
+        if (d.cross_attn_every > 0) != (self.adapter.kind == "perceiver") or (d.cross_attn_every and not (
+                d.single_branch and d.cross_attn_image_token is not None and d.cross_attn_alpha in ("float", "vector")
+                and d.cross_attn_every <= d.n_layers and not d.n_kv_heads)):
+            raise EdgemmError("gated cross-attention goes with the perceiver adapter (and only with it), "
+                              "single_branch, multi-head attention, an image token, cross_attn_every <= n_layers "
+                              "and float or vector gates")
         if d.position_rule not in ("sequential", "cogvlm"):
             raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
         if d.eoi_branch not in ("vision", "text"):
@@ -210,7 +335,26 @@ IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
                         "collapsed image positions (cogvlm position rule)", "eoi through the text branch",
                         "low-rank vision branches", "per-modality norms", "cross-modal K/V bridge",
                         "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens",
-                        "per-modality K/V"}
+                        "per-modality K/V", "mixture of experts", "per-head q/k norm", "blip vision tower", "q-former adapter",
+                        "q-former instruction input (instructblip)",
+                        "any-resolution tiling", "gated cross-attention"}
+
+
+def cross_image_ids(d: DecoderConfig) -> list:
+    """Gated cross-attention: the tokens an image segment feeds (Idefics' processor: fake, <image>, fake)."""
+    w = [] if d.cross_attn_image_wrap is None else [d.cross_attn_image_wrap]
+    return w + [d.cross_attn_image_token] + w
+
+
+def cross_gates(ids, active: bool, reset: int | None) -> tuple[list, bool]:
+    """Gated cross-attention (edgemm.xattn): whether each token of ids reads the current image -> (per token,
+    whether the next token does); a token after `reset` (Idefics: </s>) reads no image until the next one."""
+    out = []
+    for t in ids:
+        out.append(active)
+        if reset is not None and int(t) == reset:
+            active = False
+    return out, active
 
 
 def check_reference_supports(cfg: ModelConfig) -> None:

@@ -154,6 +154,7 @@ class ChatSession:
         self.fed: list = []           # template mode: the prompt items in the cache (token ids, "image"), and
         self.fed_at: list = []        # the (length, pos) after each
         self.rows = None              # image rows [1, P+2, D] from the vision stage
+        self.pixels = None            # InstructBLIP: the image, encoded with the conversation's first question
         self.turns: list[tuple[str, list[int]]] = []   # (question, answer ids incl. </s>)
         self.state = None
         self.capacity = 0             # rows the state's KV cache holds
@@ -163,16 +164,30 @@ class ChatSession:
     # ---- conversation control -------------------------------------------------
     def set_image(self, src) -> None:
         """Load an image (path, PIL image or uint8 array) and start a new conversation about it."""
-        from .processor import preprocess
-        pixels = preprocess(src, self.b.cfg.vision)
-        self.rows = self.b.vision(pixels)
+        from .anyres import image_rows, preprocess_image
+        from .qformer import needs_instruction
+        if needs_instruction(self.b.cfg):            # InstructBLIP: the vision stage reads the question too
+            self.pixels, self.rows = preprocess_image(src, self.b.cfg.vision), None
+        else:
+            self.pixels, self.rows = None, image_rows(self.b, src)   # (tiled and packed for any-resolution models)
         self.reset()
 
     def set_image_rows(self, rows) -> None:
-        self.rows = rows
+        self.pixels, self.rows = None, rows
         self.reset()
 
+    def _encode_with(self, question: str) -> None:
+        """InstructBLIP: the image's rows from its pixels and the conversation's first question (the Q-Former's
+        instruction, tokenized as InstructBlipProcessor does); later turns keep them (and the KV cache)."""
+        from .qformer import instruction
+        self.rows = self.b.vision(self.pixels, *instruction(self.tok, self.b.cfg, question))
+        if self.state is not None and self.template is None:       # the prefix now holds the image
+            self.state.length = self.state.pos = 0
+            self.state = self._fill(self.state, [])
+
     def reset(self) -> None:
+        if self.pixels is not None:             # InstructBLIP: re-encoded with the next first question
+            self.rows = None
         self.turns = []
         self.pending = []
         self.fed, self.fed_at = [], []
@@ -298,6 +313,8 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         if not question or not question.strip():
             raise EdgemmError("the question is empty: type a question about the image")
+        if self.pixels is not None and self.rows is None:
+            self._encode_with(question)
         if self.template is not None:
             return self._ask_template(question, on_text)
         ctx = self.b.context_length

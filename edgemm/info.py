@@ -19,11 +19,22 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
     D = d.d_model
     adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
+    if a.kind == "qformer":                                 # BLIP-2 / InstructBLIP
+        from .qformer import qformer_param_count
+        adapter = qformer_param_count(a, W, D)
+        vision += 2 * W if v.arch == "blip" else 0          # the BLIP tower's post_layernorm
     qkv_out = (d.n_heads + 2 * d.kv_heads) * d.head_dim
     branch_layer = D * qkv_out + (qkv_out if d.qkv_bias else 0) + D * D + 3 * D * d.ffn_dim
     shared = d.vocab_size * D * (1 if d.tie_embeddings else 2) + d.n_layers * 2 * D + D
+    text = d.n_layers * (branch_layer - 3 * D * d.ffn_dim) + d.ffn_params()[0]        # MoE: every expert
+    if d.cross_attn_every:              # gated cross-attention (edgemm.xattn): the resampler is the adapter; the
+        nx, Wk = d.n_layers // d.cross_attn_every, d.cross_attn_kv_dim or D   # K/V projections run once per image
+        n, hd = a.perceiver_heads * a.perceiver_head_dim, a.perceiver_ffn or 4 * W
+        adapter = (a.perceiver_latents * W + 2 * W + a.perceiver_depth * (6 * W + 4 * W * n + 2 * W * hd)
+                   + nx * 2 * Wk * D)
+        text += nx * (2 * D * D + 3 * D * d.ffn_dim + 2 * D + 2 * (D if d.cross_attn_alpha == "vector" else 1))
     return {"vision_tower": vision, "adapter": adapter, "decoder_shared": shared,
-            "text_branch": d.n_layers * branch_layer, "vision_branch": d.n_layers * branch_layer}
+            "text_branch": text, "vision_branch": 0 if d.single_branch else d.n_layers * branch_layer}
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per: float = 2.0) -> float:
@@ -57,17 +68,34 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None) -> list[str]:
     d, v = cfg.decoder, cfg.vision
     lines = [f"model: {cfg.name}  ({source})",
              f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> "
-             f"{cfg.n_image_rows} image rows (boi + {v.n_patches} patches + eoi)",
+             + (f"{cfg.adapter.perceiver_latents} resampled rows per image, read by gated cross-attention every "
+              f"{d.cross_attn_every} layers ({cfg.n_image_rows} context rows: the image's tokens)"
+              if d.cross_attn_every else
+              f"{cfg.n_image_rows} image rows (boi + {v.n_patches} patches + eoi)"),
              f"decoder: d_model {d.d_model}, {d.n_layers} layers, {d.n_heads} heads"
              f"{f' ({d.kv_heads} kv)' if d.kv_heads != d.n_heads else ''}, ffn {d.ffn_dim}, vocab {d.vocab_size}, "
              f"context {d.max_seq_len}",
              f"variants: {', '.join(cfg.variants()) or 'none (llama.cpp cogvlm-compatible)'}",
              "parameters:"]
+    if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
+        from .qformer import describe_rows
+        lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
+    if v.grid_pinpoints:                                    # any-resolution tiling: rows depend on the image
+        from .anyres import describe_rows as tiled_rows
+        lines = [tiled_rows(cfg) if s.startswith("vision:") else s for s in lines]
     for k, n in pc.items():
         lines.append(f"  {k:<15} {_count(n):>9}  ({100 * n / total:.1f}%)")
     lines.append(f"  {'total':<15} {_count(total):>9}")
     per_step = pc["text_branch"] + pc["decoder_shared"] - d.vocab_size * d.d_model  # embedding row is a lookup
-    lines.append(f"weights read per decode step (text branch + shared): {_count(per_step)}")
+    if d.n_experts:
+        stored, read = d.ffn_params()
+        per_step -= stored - read                                    # only the top-k experts of each MoE layer
+        n_moe = sum(map(d.is_moe_layer, range(d.n_layers)))
+        lines.append(f"mixture of experts: {d.n_experts} experts per MoE layer ({n_moe} of {d.n_layers} layers), "
+                     f"top-{d.experts_top_k}{' renormalised' if d.norm_topk_prob else ''}, expert ffn "
+                     f"{d.moe_ffn_dim}; a decode step reads {_count(read)} of the {_count(stored)} FFN parameters")
+    lines.append(f"weights read per decode step (text branch + shared"
+                 f"{', top-k experts' if d.n_experts else ''}): {_count(per_step)}")
     contexts = list(contexts or dict.fromkeys((512, d.max_seq_len)))     # one column when they coincide
     lines.append("memory estimate (weights + fp16 KV cache):")
     lines.append("  precision  weights    " + "  ".join(f"ctx {c:>6}" for c in contexts))

@@ -135,6 +135,8 @@ class MlpProjector(nn.Module):
         self.gelu = c.gelu
         self.linear_1 = nn.Linear(width, d_model, bias=c.bias)
         self.linear_2 = nn.Linear(d_model, d_model, bias=c.bias)
+        if c.image_newline:                                 # LLaVA-NeXT: ends each row of tiles (edgemm.anyres)
+            self.image_newline = nn.Parameter(torch.zeros(d_model))
 
     def forward(self, feats):                               # [B, P, W] -> [B, P, D]
         return self.linear_2(gelu(self.linear_1(feats), self.gelu))
@@ -194,17 +196,26 @@ class RMSNorm(nn.Module):
 
 
 class Branch(nn.Module):
-    """The routed sub-modules of one modality in one layer: fused QKV, attention output, SwiGLU MLP."""
+    """The routed sub-modules of one modality in one layer: fused QKV, attention output, SwiGLU MLP (or, in an
+    MoE layer, `moe`: router + stacked experts, edgemm.moe)."""
 
-    def __init__(self, c: DecoderConfig):
+    def __init__(self, c: DecoderConfig, moe: bool = False):
         super().__init__()
         self.qkv = nn.Linear(c.d_model, (c.n_heads + 2 * c.kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.o = nn.Linear(c.d_model, c.d_model, bias=False)
+        if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K
+            self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_eps), RMSNorm(c.head_dim, c.rms_eps)
+        if moe:
+            from .moe import MoE
+            self.moe = MoE(c)
+            return
         self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
         self.up = nn.Linear(c.d_model, c.ffn_dim, bias=False)
         self.down = nn.Linear(c.ffn_dim, c.d_model, bias=False)
 
     def mlp(self, x):
+        if "moe" in self._modules:
+            return self.moe(x)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -328,6 +339,8 @@ class KVCache:
     k: torch.Tensor                                         # [L, B, K, S_max, E]
     v: torch.Tensor
     length: int = 0
+    cross: tuple | None = None              # gated cross-attention: the current image's K, V (edgemm.xattn)
+    cross_on: bool = False                  # whether the next token reads that image
 
     @classmethod
     def empty(cls, c: DecoderConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32):
@@ -344,12 +357,12 @@ class KVCache:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: DecoderConfig):
+    def __init__(self, c: DecoderConfig, index: int = 0):
         super().__init__()
         self.c = c
         self.attn_norm = RMSNorm(c.d_model, c.rms_eps)
         self.ffn_norm = RMSNorm(c.d_model, c.rms_eps)
-        self.text = Branch(c)
+        self.text = Branch(c, moe=c.is_moe_layer(index))
         if c.per_modality_kv:
             self.vision = KVBranch(c, self.text)
         elif c.vision_rank or c.vision_down_ratio:
@@ -385,7 +398,8 @@ class DecoderLayer(nn.Module):
         H, K, E = c.n_heads, c.kv_heads, c.head_dim
         h = self._norm(x, route, "attn")
         qkv = routed(h, route, self.text.qkv, self.vision.qkv)                       # [B, T, (H+2K)E]
-        q = apply_rope(qkv[..., : H * E].view(B, T, H, E).transpose(1, 2), cos, sin)
+        qn, kn = (getattr(self.text, n, None) or (lambda t: t) for n in ("q_norm", "k_norm"))   # (qk_norm)
+        q = apply_rope(qn(qkv[..., : H * E].view(B, T, H, E)).transpose(1, 2), cos, sin)
         k, v = qkv[..., H * E: (H + K) * E], qkv[..., (H + K) * E:]                 # [B, T, K*E]
         if c.cross_modal_bridge:
             vis = route if not isinstance(route, str) else torch.full((T,), route == "vision", device=x.device)
@@ -397,7 +411,7 @@ class DecoderLayer(nn.Module):
             vs = (v + torch.where(sel, vb, zero), v + torch.where(sel, zero, vb))
         else:
             ks, vs = (k,), (v,)
-        ks = [apply_rope(t.view(B, T, K, E).transpose(1, 2), cos, sin) for t in ks]
+        ks = [apply_rope(kn(t.view(B, T, K, E)).transpose(1, 2), cos, sin) for t in ks]
         vs = [t.view(B, T, K, E).transpose(1, 2) for t in vs]
         if cache is not None:
             for j, (kj, vj) in enumerate(zip(ks, vs)):
@@ -431,21 +445,31 @@ class Decoder(nn.Module):
         super().__init__()
         self.c = c
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.d_model, c.rms_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         if c.per_modality_norms:
             self.vision_norm = RMSNorm(c.d_model, c.rms_eps)           # Libra: final norm per modality
+        if c.cross_attn_every:                                          # Flamingo / Idefics (edgemm.xattn)
+            from .xattn import GatedCrossAttnLayer, n_cross_layers
+            self.cross_layers = nn.ModuleList(GatedCrossAttnLayer(c) for _ in range(n_cross_layers(c)))
 
-    def forward(self, x, route, positions, cache: KVCache | None = None, last_only: bool = False):
-        """x: [B, T, D] input rows; positions: [T] RoPE positions; appends to cache at cache.length."""
+    def forward(self, x, route, positions, cache: KVCache | None = None, last_only: bool = False, cross=None):
+        """x: [B, T, D] input rows; positions: [T] RoPE positions; appends to cache at cache.length.
+        cross: (K, V [Lx, B, H, n, E] or None, gate [B, T, 1]) for the gated cross-attention layers."""
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {x.shape[1]} rows > capacity {cache.capacity}")
         cos, sin = rope_cos_sin(positions, self.c.head_dim, self.c.rope_theta)
         for i, layer in enumerate(self.layers):
+            if cross is not None:
+                from .xattn import cross_layer_at
+                j = cross_layer_at(self.c, i)
+                if j is not None:
+                    k, v, gate = cross
+                    x = self.cross_layers[j](x, None if k is None else k[j], None if v is None else v[j], gate)
             x = layer(x, route, cos, sin, cache, i, start)
         if cache is not None:
             cache.length = start + x.shape[1]
@@ -467,11 +491,19 @@ class EdgeMM(nn.Module):
         check_reference_supports(cfg)
         self.cfg = cfg
         v, a = cfg.vision, cfg.adapter
-        self.vision = {"eva": VisionTower, "clip": ClipVisionTower, "none": lambda _: NoPixelTower()}[v.arch](v)
+        if v.arch == "blip" or a.kind == "qformer":         # BLIP-2 / InstructBLIP (edgemm.qformer)
+            from .qformer import BlipVisionTower, QFormerAdapter
+        towers = {"eva": VisionTower, "clip": ClipVisionTower, "none": lambda _: NoPixelTower()}
+        self.vision = (BlipVisionTower if v.arch == "blip" else towers[v.arch])(v)
         if a.kind == "glu":
             self.adapter = Adapter(a, v.width, cfg.decoder.d_model)
         elif a.kind == "mlp":
             self.adapter = MlpProjector(a, v.width, cfg.decoder.d_model)
+        elif a.kind == "qformer":
+            self.adapter = QFormerAdapter(a, v.width, cfg.decoder.d_model)
+        elif a.kind == "perceiver":                         # Idefics (edgemm.xattn)
+            from .xattn import PerceiverResampler
+            self.adapter = PerceiverResampler(a, v.width)
         else:
             self.adapter = LibraImageInput(a, cfg.decoder)
         self.decoder = Decoder(cfg.decoder)
@@ -491,11 +523,15 @@ class EdgeMM(nn.Module):
                     mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
                     if getattr(mod, "bias", None) is not None:
                         mod.bias.zero_()
+                elif hasattr(mod, "init_weights") and mod_name.endswith(".moe"):    # stacked MoE experts
+                    mod.init_weights(g, 0.02, resid_std)
                 elif isinstance(mod, LowRankLinear):                # imported-family variants only
                     for p in (mod.weight_A, mod.weight_B):
                         p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             for p in (getattr(self.vision, "cls", None), getattr(self.vision, "pos", None),
-                      getattr(self.adapter, "boi", None), getattr(self.adapter, "eoi", None)):
+                      getattr(self.adapter, "boi", None), getattr(self.adapter, "eoi", None),
+                      getattr(self.adapter, "query", None), getattr(self.adapter, "image_newline", None),
+                      getattr(self.adapter, "latents", None)):
                 if p is not None:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             if self.cfg.vision.arch == "eva":
@@ -510,9 +546,17 @@ class EdgeMM(nn.Module):
         return self
 
     # ---- stages ------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Stage `vision`: pixels [B, 3, S, S] -> image rows [B, P + 2, D] (boi, patches, eoi)."""
-        return self.adapter(self.vision(pixels))
+    def encode_image(self, pixels: torch.Tensor, *instruction) -> torch.Tensor:
+        """Stage `vision`: pixels [B, 3, S, S] -> image rows [B, P + 2, D] (boi, patches, eoi). InstructBLIP's
+        Q-Former also takes the instruction: ids [B, T] (its own tokenizer) and optionally a mask [B, T]."""
+        return self.adapter(self.vision(pixels), *instruction)
+
+    def encode_image_tiled(self, pixels: torch.Tensor, height: int, width: int, max_tiles="config"):
+        """Any-resolution tiling (edgemm.anyres): the tiles of one height x width image [N, 3, S, S] (overview
+        first) -> packed image rows [1, rows, D] (overview, unpadded tile rows each ended by the newline row)."""
+        from .anyres import pack, row_index
+        return pack(self.encode_image(pixels), self.adapter.image_newline,
+                    row_index(self.cfg.vision, height, width, max_tiles))
 
     def encode_image_tokens(self, codes: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor:
         """Libra: image tokens [B, P + 2, codebooks] (boi, patches, eoi; ids within the vision vocab) and the
@@ -522,9 +566,9 @@ class EdgeMM(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.tok_embeddings(ids)
 
-    def image_positions(self, start_pos: int) -> torch.Tensor:
-        """RoPE positions of the image rows starting at start_pos; returns [P + 2]."""
-        n = self.cfg.n_image_rows
+    def image_positions(self, start_pos: int, n: int | None = None) -> torch.Tensor:
+        """RoPE positions of the n image rows (default n_image_rows) starting at start_pos; returns [n]."""
+        n = self.cfg.n_image_rows if n is None else n
         if self.cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
             pos = torch.full((n,), start_pos + 1)
             pos[0], pos[-1] = start_pos, start_pos + 2
@@ -539,11 +583,14 @@ class EdgeMM(nn.Module):
 
         Returns (logits, next_pos). Stages `decoder_text` / `decoder_image`.
         """
+        if self.cfg.decoder.cross_attn_every:               # gated cross-attention (edgemm.xattn)
+            from .xattn import forward_segment
+            return forward_segment(self, kind, data, cache, pos, last_only)
         if kind == "text":
             positions = torch.arange(pos, pos + data.shape[1])
             logits = self.decoder(self.embed_tokens(data), "text", positions.to(data.device), cache, last_only)
             return logits, pos + data.shape[1]
-        positions = self.image_positions(pos).to(data.device)
+        positions = self.image_positions(pos, data.shape[1]).to(data.device)
         if self.cfg.decoder.eoi_branch == "text":
             self.decoder(data[:, :-1], "vision", positions[:-1], cache, True)
             logits = self.decoder(data[:, -1:], "text", positions[-1:], cache, last_only)
@@ -554,6 +601,9 @@ class EdgeMM(nn.Module):
     def forward_full(self, segments: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """The whole sequence in one pass, routed per row by a mask (no cache): the reference for checks
         and the training forward. segments: [("text", ids [B, T]) | ("image", rows [B, P+2, D])]."""
+        if self.cfg.decoder.cross_attn_every:               # gated cross-attention (edgemm.xattn)
+            from .xattn import forward_full
+            return forward_full(self, segments)
         xs, masks, poss, pos = [], [], [], 0
         for kind, data in segments:
             if kind == "text":
@@ -567,7 +617,7 @@ class EdgeMM(nn.Module):
                 if self.cfg.decoder.eoi_branch == "text":
                     m[-1] = False
                 masks.append(m)
-                p = self.image_positions(pos)
+                p = self.image_positions(pos, data.shape[1])
                 pos = self.next_position(p)
             poss.append(p)
         x = torch.cat(xs, 1)

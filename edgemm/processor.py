@@ -70,12 +70,18 @@ def to_rgb(img) -> "Image.Image":
 
 
 def preprocess(src, vision_cfg) -> np.ndarray:
-    """-> float32 pixels [1, 3, S, S], resized (stretched) to the tower's size, normalised."""
+    """-> float32 pixels [1, 3, S, S], resized (stretched) to the tower's size, normalised. (Any-resolution
+    models tile the image instead: edgemm.anyres.preprocess_tiles / image_rows.)"""
     from PIL import Image
     img = load_image(src)
     s = vision_cfg.image_size
     if img.size != (s, s):
         img = img.resize((s, s), Image.BICUBIC, reducing_gap=None)
+    return normalize(img, vision_cfg)
+
+
+def normalize(img, vision_cfg) -> np.ndarray:
+    """RGB PIL image -> float32 [1, 3, h, w]: scaled to [0, 1], minus the mean, over the std."""
     x = np.asarray(img, dtype=np.float32) / 255.0
     x = (x - np.asarray(vision_cfg.image_mean, np.float32)) / np.asarray(vision_cfg.image_std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])

@@ -151,23 +151,27 @@ def check_gguf(path) -> dict:
 
 
 # --------------------------------------------------------------------------- ONNX external data
-def check_onnx_external(path, root=None) -> None:
+def check_onnx_external(path, root=None, data: bytes | None = None) -> None:
     """Every external-data `location` of an ONNX graph must be a relative path that stays inside `root` (default:
     the graph's directory): no `..` out, no absolute path, no symlink or hard link to a file elsewhere. Checked
-    on the graph's protobuf before onnx or ONNX Runtime reads any external file."""
+    on the graph's protobuf (`data`: its bytes, already read) before onnx or ONNX Runtime reads any external file."""
     import mmap
     p = Path(path)
     root = Path(root or p.parent).resolve()
-    try:                      # an external-data entry stores the key "location": a graph without it has none
-        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if mm.find(b"location") < 0:
-                return
-    except (OSError, ValueError):
-        pass                  # empty or unmappable: let the parse below say what it is
+    if data is not None:
+        if b"location" not in data:
+            return
+    else:
+        try:                  # an external-data entry stores the key "location": a graph without it has none
+            with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                if mm.find(b"location") < 0:
+                    return
+        except (OSError, ValueError):
+            pass              # empty or unmappable: let the parse below say what it is
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
     try:
-        m = onnx.load(str(p), load_external_data=False)
+        m = onnx.load_from_string(data) if data is not None else onnx.load(str(p), load_external_data=False)
     except Exception as e:      # a damaged protobuf
         raise EdgemmError(f"{p} is not a readable ONNX graph ({str(e).splitlines()[0][:120]})") from None
     for t in _get_all_tensors(m):

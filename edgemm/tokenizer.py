@@ -42,6 +42,8 @@ def train_tokenizer(lines: list[str], vocab_size: int):
 
 
 class Tokenizer:
+    qformer = None      # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer.QFormerTokenizer)
+
     def __init__(self, tok):
         self.tok = tok
         self.bos_id = tok.token_to_id(BOS)
@@ -52,12 +54,15 @@ class Tokenizer:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path, data: bytes | None = None) -> "Tokenizer":
+        """From a tokenizer.json path, or from its bytes (`data`, already read and checked; path names it)."""
         from tokenizers import Tokenizer as HFTokenizer
         try:
+            if data is not None:
+                return cls(HFTokenizer.from_str(data.decode("utf-8")))
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
-            raise EdgemmError(f"cannot read tokenizer {path}: {e}") from None
+            raise EdgemmError(f"cannot read tokenizer {path}: {str(e)[:200]}") from None
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))

@@ -5,7 +5,9 @@ Both decoder flavours are emitted from one layer description (`decoder_layers`) 
 - `ort-contrib-gqa` (onnx bundles, the `ort` backend): com.microsoft GroupQueryAttention with past and present
   sharing one preallocated buffer per layer ([1, K, cache_len, E], BNSH): the runtime binds the same OrtValue as
   `past_key.i` and `present_key.i`, the op writes the new rows in place at `seqlens_k + 1 - T` and attends over
-  the first `total_sequence_length` rows, so a decode step never copies the cache.
+  the first `total_sequence_length` rows, so a decode step never copies the cache. The text graph has a dynamic
+  batch dimension (`batch=True`, where decode_batch_supported): the runtime binds rows of one [slots, K,
+  cache_len, E] buffer and each row's seqlens_k is its own, so one run decodes a token for several slots.
 - `onnx-standard-kv-window` (trt bundles, TensorRT and the CPU emulation): standard ops only. Per layer the
   cache is an input `cache_key.i` / `cache_value.i` [1, W, K, E] (BSNH: the first W rows of the runtime's buffer),
   the T new rows are written at `past_len` with ScatterElements, attention is a masked softmax (row i sees cache
@@ -24,6 +26,10 @@ CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The i
 reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
 
 fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32.
+
+Mixture-of-experts layers (MoE-LLaVA, `moe_mlp`): com.microsoft MoE in the onnx graphs (QMoE with int4 experts
+for int4 bundles), a standard-op dense form in the trt graphs (measured: benchmarks/bench_moe.py). Qwen3's
+per-head Q/K RMSNorm runs on the [1, T, heads, E] view before RoPE.
 """
 from __future__ import annotations
 
@@ -106,17 +112,18 @@ def rms(g: Graph, x: str, w: str, eps: float) -> str:
     return g.op("Mul", [g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.f32(eps)])])]), w])
 
 
-def rope_tables(g: Graph, c) -> tuple[str, str]:
-    """cos, sin [1, T, 1, E] from the `positions` input, as edgemm.model.rope_cos_sin computes them."""
+def rope_tables(g: Graph, c, batched: bool = False) -> tuple[str, str]:
+    """cos, sin [1, T, 1, E] from the `positions` input [T] ([B, T, 1, E] from [B, T] when batched), as
+    edgemm.model.rope_cos_sin computes them."""
     import torch
     from onnx import TensorProto
     E = c.head_dim
     inv = (1.0 / c.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E)).numpy()
-    f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([1])]),
-                     g.const("rope.inv_freq", inv)])                               # [T, E/2]
-    f = g.op("Concat", [f, f], axis=-1)                                           # [T, E]
-    return (g.op("Unsqueeze", [g.op("Cos", [f]), g.i64([0, 2])]),
-            g.op("Unsqueeze", [g.op("Sin", [f]), g.i64([0, 2])]))
+    f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([-1])]),
+                     g.const("rope.inv_freq", inv)])                               # [(B,) T, E/2]
+    f = g.op("Concat", [f, f], axis=-1)                                           # [(B,) T, E]
+    ax = g.i64([2] if batched else [0, 2])
+    return g.op("Unsqueeze", [g.op("Cos", [f]), ax]), g.op("Unsqueeze", [g.op("Sin", [f]), ax])
 
 
 def rope(g: Graph, x4: str, cos: str, sin: str, E: int) -> str:
@@ -135,8 +142,64 @@ def linear(g: Graph, x: str, mod, name: str) -> str:
     return y if mod.bias is None else g.op("Add", [y, g.weight(f"{name}.bias", np32(mod.bias))])
 
 
+MOE_FORMS = ("ort-moe", "dense", "ort-qmoe4")
+MOE_DEFAULT = {GRAPH_GQA: "ort-moe", GRAPH_KV: "dense"}    # onnx: the faster on the CPU (benchmarks/bench_moe.py)
+QMOE_BLOCK = 32                 # int4 experts: symmetric per block of 32 inputs (the int4 recipe's MatMulNBits block)
+
+
+def qmoe_int4(w: np.ndarray, block: int = QMOE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """[E, N, K] float -> (uint8 [E, N, K/2]: two 4-bit codes a byte, low nibble first; scales [E, N, K/block]):
+    w ~ (code - 8) * scale, as com.microsoft QMoE dequantizes without zero points."""
+    E, N, K = w.shape
+    wb = w.reshape(E, N, K // block, block)
+    scale = np.abs(wb).max(-1, keepdims=True) / 7.0
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.round(wb / scale), -8, 7) + 8).astype(np.uint8).reshape(E, N, K)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale[..., 0].astype(np.float32)
+
+
+def moe_mlp(g: Graph, x: str, moe, name: str, form: str) -> str:
+    """An MoE FFN (edgemm.moe.MoE) on x [1, T, D]. `ort-moe`: com.microsoft MoE (router logits in; softmax, top-k,
+    renormalisation and the chosen experts' SwiGLU in the op; gate/up interleaved per row, the CPU kernel's only
+    layout). `ort-qmoe4`: the same in com.microsoft QMoE with int4 block-wise experts (onnx int4 bundles).
+    `dense`: standard ops (TensorRT): every expert on every row, weighted by the sparse top-k gate."""
+    n, Fe, D = moe.gate.shape
+    logits = g.op("MatMul", [x, g.weight(f"{name}.router.weight.T", np32(moe.router.weight).T)], name=f"{name}.router")
+    gate, up, down = np32(moe.gate), np32(moe.up), np32(moe.down)
+    fc1 = np.stack([gate, up], 2).reshape(n, 2 * Fe, D)                           # [n, 2F, D]: g0 u0 g1 u1 ...
+    swiglu = dict(k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                  normalize_routing_weights=int(moe.norm_topk_prob))
+    if form == "ort-qmoe4" and D % QMOE_BLOCK == 0 and Fe % QMOE_BLOCK == 0:    # int4 experts, fp32 activations
+        (q1, s1), (q2, s2) = qmoe_int4(fc1), qmoe_int4(down)
+        c = [g.const(f"{name}.experts.{t}", a) for t, a in (("fc1.q4", q1), ("fc1.scales", s1), ("fc2.q4", q2),
+                                                               ("fc2.scales", s2))]
+        return g.op("QMoE", [x, g.op("Reshape", [logits, g.i64([-1, n])]), c[0], c[1], "", c[2], c[3], ""],
+                    domain="com.microsoft", name=f"{name}.qmoe", expert_weight_bits=4, block_size=QMOE_BLOCK,
+                    weights_prepacked=0, **swiglu)
+    if form in ("ort-moe", "ort-qmoe4"):                                        # (widths off the int4 blocks)
+        return g.op("MoE", [x, g.op("Reshape", [logits, g.i64([-1, n])]), g.weight(f"{name}.experts.fc1", fc1), "",
+                            g.weight(f"{name}.experts.fc2", down)], domain="com.microsoft", name=f"{name}.moe",
+                    **swiglu)
+    if form != "dense":
+        raise ValueError(f"unknown MoE form {form!r}; one of {MOE_FORMS}")
+    p = g.op("Softmax", [logits], axis=-1)                                        # [1, T, n]
+    val, idx = g.op("TopK", [p, g.i64([moe.top_k])], n_out=2, axis=-1)
+    if moe.norm_topk_prob:
+        val = g.op("Div", [val, g.op("ReduceSum", [val, g.i64([-1])], keepdims=1)])
+    w = g.op("ScatterElements", [g.op("Mul", [p, g.f32(0.0)]), idx, val], axis=-1)    # [1, T, n], k non-zero
+    gu = g.op("MatMul", [x, g.weight(f"{name}.experts.gate_up.T", np.concatenate([gate, up], 1).transpose(0, 2, 1))],
+              name=f"{name}.experts.gate_up")                                     # [n, T, 2F]
+    a, b = g.op("Split", [gu, g.i64([Fe, Fe])], n_out=2, axis=-1)
+    y = g.op("MatMul", [g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a])]), b]),
+                        g.weight(f"{name}.experts.down.T", down.transpose(0, 2, 1))], name=f"{name}.experts.down")
+    y = g.op("Mul", [y, g.op("Transpose", [w], perm=[2, 1, 0])])                 # [n, T, D] * [n, T, 1]
+    return g.op("ReduceSum", [y, g.i64([0])], keepdims=1)                         # [1, T, D]
+
+
 def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
-    """SwiGLU; a dense branch's gate and up share one MatMul."""
+    """SwiGLU; a dense branch's gate and up share one MatMul; an MoE layer's experts: moe_mlp."""
+    if "moe" in getattr(br, "_modules", {}):
+        return moe_mlp(g, x, br.moe, name, getattr(g, "moe_form", "dense"))
     if hasattr(br.gate, "weight_A"):
         gate, up = linear(g, x, br.gate, f"{name}.gate"), linear(g, x, br.up, f"{name}.up")
     else:
@@ -146,8 +209,9 @@ def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
     return linear(g, g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]), br.down, f"{name}.down")
 
 
-def decoder_input(g: Graph, model, branch: str) -> tuple[list, str]:
-    """-> (graph inputs, rows [1, T, D]): token ids (text) or image rows (vision). The text graph of a model that
+def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list, str]:
+    """-> (graph inputs, rows [B, T, D]): token ids (text) or image rows (vision); B is 1, or "batch" for a
+    batch-capable decoder_text (decode_batch_supported). The text graph of a model that
     routes the image segment's eoi row through the text branch (CogVLM's original rule) also takes `input_rows`
     [1, rows, D], appended after the ids' embeddings: the runtime feeds the ids and no rows for text, no ids
     and the eoi row for the end of an image segment."""
@@ -159,8 +223,8 @@ def decoder_input(g: Graph, model, branch: str) -> tuple[list, str]:
     emb = g.weight("tok_embeddings.weight", np32(model.decoder.tok_embeddings.weight))
     x = g.op("Gather", [emb, "input_ids"], axis=0)                                        # [1, T, D]
     if model.cfg.decoder.eoi_branch != "text":
-        return [vi("input_ids", TensorProto.INT64, [1, "seq"])], x
-    ins = [vi("input_ids", TensorProto.INT64, [1, "ids"]), vi("input_rows", TensorProto.FLOAT, [1, "rows", D])]
+        return [vi("input_ids", TensorProto.INT64, [B, "seq"])], x
+    ins = [vi("input_ids", TensorProto.INT64, [B, "ids"]), vi("input_rows", TensorProto.FLOAT, [B, "rows", D])]
     return ins, g.op("Concat", [x, "input_rows"], axis=1)
 
 
@@ -176,6 +240,8 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
     H, K, E = c.n_heads, c.kv_heads, c.head_dim
     own = branch == "vision" and c.per_modality_norms
     for i, layer in enumerate(model.decoder.layers):
+        if c.cross_attn_every:
+            x = cross_attn_block(g, model, i, x)
         br, p = getattr(layer, branch), f"layers.{i}"
         nrm = (layer.vision_attn_norm, layer.vision_ffn_norm) if own else (layer.attn_norm, layer.ffn_norm)
         pre = "vision_" if own else ""
@@ -185,6 +251,12 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
                            n_out=3, axis=-1)
         else:
             q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
+        if c.qk_norm:                                   # Qwen3: RMSNorm over each head's Q and K, before RoPE
+            def head_norm(t, n, nm):
+                w = g.weight(f"{p}.{branch}.{nm}.weight", np32(getattr(br, nm).weight))
+                t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
+                return g.op("Reshape", [t, g.i64([0, 0, n * E])])
+            q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
         read = None
         if c.cross_modal_bridge:
             read = int(branch == "vision")
@@ -197,27 +269,111 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
     return x
 
 
+def cross_attn_block(g: Graph, model, i: int, x: str) -> str:
+    """The gated cross-attention layer before decoder layer i, if any (edgemm.xattn.GatedCrossAttnLayer): reads
+    the graph inputs cross_key.j / cross_value.j [1, H, n, E] (the image's, from the cross_kv stage) and
+    cross_gate [1, T, 1] (1 where the row reads the image)."""
+    from edgemm.xattn import cross_layer_at
+    c = model.cfg.decoder
+    j = cross_layer_at(c, i)
+    if j is None:
+        return x
+    xl, p, H, E = model.decoder.cross_layers[j], f"cross_layers.{j}", c.n_heads, c.head_dim
+    h = rms(g, x, g.weight(f"{p}.attn_norm.weight", np32(xl.attn_norm.weight)), c.rms_eps)
+    q = g.op("Reshape", [linear(g, h, xl.q, f"{p}.q"), g.i64([1, -1, H, E])])              # [1, T, H, E]
+    if c.cross_attn_qk_norms:
+        q = rms(g, q, g.weight(f"{p}.q_norm.weight", np32(xl.q_norm.weight)), c.rms_eps)
+    kt = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])                           # [1, H, E, n]
+    s = g.op("Mul", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1, 3]), kt]), g.f32(1.0 / math.sqrt(E))])
+    a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), f"cross_value.{j}"])                 # [1, H, T, E]
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, c.d_model])])
+    a = g.op("Mul", [linear(g, a, xl.o, f"{p}.o"), "cross_gate"])
+    x = g.op("Add", [x, g.op("Mul", [a, g.const(f"{p}.tanh_alpha_attn", np.tanh(np32(xl.alpha_attn)))])])
+    h = rms(g, x, g.weight(f"{p}.ffn_norm.weight", np32(xl.ffn_norm.weight)), c.rms_eps)
+    d = g.op("Mul", [mlp(g, h, xl, p, c.ffn_dim), g.const(f"{p}.tanh_alpha_dense", np.tanh(np32(xl.alpha_dense)))])
+    return g.op("Add", [x, d])
+
+
+def cross_inputs(model) -> list:
+    """The decoder graph inputs of the gated cross-attention layers (none without them)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    from edgemm.xattn import n_cross_layers
+    c = model.cfg.decoder
+    if not c.cross_attn_every:
+        return []
+    return [vi("cross_gate", TensorProto.FLOAT, [1, "seq", 1])] + [
+        vi(f"cross_{kv}.{j}", TensorProto.FLOAT, [1, c.n_heads, "cross_len", c.head_dim])
+        for j in range(n_cross_layers(c)) for kv in ("key", "value")]
+
+
+def cross_kv_graph(model, fp16: bool = False):
+    """Stage `cross_kv`: an image's resampled rows image_rows [1, n, W] -> cross_key.j / cross_value.j
+    [1, H, n, E] for every cross-attention layer j (k normed per head with qk norms), once per image."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    c = model.cfg.decoder
+    H, E, W = c.n_heads, c.head_dim, c.cross_attn_kv_dim or c.d_model
+    g, outs = Graph(fp16), []
+    for j, xl in enumerate(model.decoder.cross_layers):
+        for kv in ("key", "value"):
+            t = g.op("Reshape", [linear(g, "image_rows", getattr(xl, kv[0]), f"cross_layers.{j}.{kv[0]}"),
+                                 g.i64([1, -1, H, E])])
+            if kv == "key" and c.cross_attn_qk_norms:
+                t = rms(g, t, g.weight(f"cross_layers.{j}.k_norm.weight", np32(xl.k_norm.weight)), c.rms_eps)
+            g.op("Transpose", [t], perm=[0, 2, 1, 3], out=f"cross_{kv}.{j}")
+            outs.append(vi(f"cross_{kv}.{j}", TensorProto.FLOAT, [1, H, "rows", E]))
+    ins = [vi("image_rows", TensorProto.FLOAT, [1, "rows", W])]
+    return g.model("edgemm_cross_kv", ins, outs), g.weight_bytes
+
+
 def final_norm(model, branch: str):
     dec = model.decoder
     return dec.vision_norm if branch == "vision" and model.cfg.decoder.per_modality_norms else dec.norm
 
 
 # --------------------------------------------------------------------------- attention, per flavour
+def gqa_rotary(c) -> bool:
+    """GroupQueryAttention rotates Q and K itself (do_rotary, NEOX form, cos/sin caches) when every row's RoPE
+    position is its cache row, i.e. the sequential position rule; CogVLM's collapsed image positions keep the
+    external RoPE from the `positions` input, as do head sizes ONNX Runtime's rotary kernel refuses (not a
+    multiple of 16)."""
+    return c.position_rule == "sequential" and c.head_dim % 16 == 0
+
+
+def rotary_caches(g: Graph, c) -> tuple[str, str]:
+    """cos, sin caches [max_seq_len, E/2] for GroupQueryAttention's do_rotary (edgemm.model.rope_cos_sin)."""
+    import torch
+    from edgemm.model import rope_cos_sin
+    cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, c.rope_theta)
+    E2 = c.head_dim // 2
+    n = g.weight_bytes
+    out = g.const("rotary.cos_cache", cos[:, :E2].numpy()), g.const("rotary.sin_cache", sin[:, :E2].numpy())
+    g.weight_bytes = n                  # tables (fp32 in every precision), not weights: a step reads T rows
+    return out
+
+
 def _gqa_attention(g: Graph, c, cos, sin):
-    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa)."""
+    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa). cos, sin: the external
+    RoPE tables, or None when the op rotates (gqa_rotary)."""
     H, E, NK = c.n_heads, c.head_dim, c.cache_heads
+    caches = rotary_caches(g, c) if cos is None else None
 
     def attend(i, q, k, v, read):
         # with the bridge, the queries are duplicated (2H heads over the 2K cache heads: the first H read
         # [0, K), the others [K, 2K)), so one GroupQueryAttention writes both versions of the new rows into
         # the shared buffer; the half of the output this branch does not read is dropped
         n = 1 if read is None else 2
-        q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E), g.i64([0, 0, H * E])])
-        k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E), g.i64([0, 0, NK * E])])
+        ins, rot = [], {}
+        if caches is None:
+            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E), g.i64([0, 0, H * E])])
+            k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E), g.i64([0, 0, NK * E])])
+        else:
+            ins, rot = list(caches), {"do_rotary": 1, "rotary_interleaved": 0}
         a, pk, pv = g.op("GroupQueryAttention", [g.op("Concat", [q] * n, axis=-1) if n > 1 else q, k, v,
                                                  f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-                                                 "total_sequence_length"], n_out=3, domain="com.microsoft",
-                         num_heads=n * H, kv_num_heads=NK, scale=1.0 / math.sqrt(E))
+                                                 "total_sequence_length", *ins], n_out=3, domain="com.microsoft",
+                         num_heads=n * H, kv_num_heads=NK, scale=1.0 / math.sqrt(E), **rot)
         g.op("Identity", [pk], out=f"present_key.{i}", name=f"present_key_id.{i}")
         g.op("Identity", [pv], out=f"present_value.{i}", name=f"present_value_id.{i}")
         return a if n == 1 else g.op("Split", [a, g.i64([H * E, H * E])], n_out=2, axis=-1)[read]
@@ -262,38 +418,58 @@ def _window_attention(g: Graph, c, cos, sin):
     return attend
 
 
-def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = False):
-    """One decoder branch ('text' or 'vision') as an ONNX model of the given flavour -> (model, weight bytes)."""
+def decode_batch_supported(cfg, moe_form: str | None = None) -> bool:
+    """Whether decoder_text can take a batch dimension (several KV caches stepped in one run): not with gated
+    cross-attention (each row would need its own image's cross K/V) nor the dense MoE form (its expert MatMuls
+    broadcast over the batch axis)."""
+    c = cfg.decoder
+    return not c.cross_attn_every and not (c.n_experts and (moe_form or MOE_DEFAULT[GRAPH_GQA]) == "dense")
+
+
+def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = False, moe_form: str | None = None,
+                  batch: bool = False):
+    """One decoder branch ('text' or 'vision') as an ONNX model of the given flavour -> (model, weight bytes);
+    MoE layers in `moe_form` (default MOE_DEFAULT[flavour]; the trt flavour takes standard ops only).
+    batch (ort-contrib-gqa text branch only): a dynamic batch dimension on input_ids [batch, seq], positions
+    [batch, seq], seqlens_k [batch], the KV buffers [batch, K, cache_len, E] and logits [batch, V], so one run
+    steps several KV caches (rows of one buffer per layer; GroupQueryAttention reads each row's own seqlens_k);
+    B = 1 is the single-state path."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
     c, dec = model.cfg.decoder, model.decoder
     E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     g = Graph(fp16)
-    inputs, x = decoder_input(g, model, branch)
-    inputs.append(vi("positions", i64, ["seq"]))
+    g.moe_form = moe_form or MOE_DEFAULT.get(flavour, "dense")
     gqa = flavour == GRAPH_GQA
+    if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):
+        raise ValueError("a batch dimension is for the ort-contrib-gqa text graph of models that support it")
+    B = "batch" if batch else 1
+    inputs, x = decoder_input(g, model, branch, B)
+    inputs.append(vi("positions", i64, [B, "seq"] if batch else ["seq"]))
     if gqa:
-        inputs += [vi("seqlens_k", i32, [1]), vi("total_sequence_length", i32, [])]
-        inputs += [vi(f"past_{kv}.{i}", f32, [1, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+        inputs += [vi("seqlens_k", i32, [B]), vi("total_sequence_length", i32, [])]
+        inputs += [vi(f"past_{kv}.{i}", f32, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
     elif flavour == GRAPH_KV:
         inputs.append(vi("past_len", i64, [1]))
         inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for i in range(L) for kv in ("key", "value")]
     else:
         raise ValueError(f"unknown decoder graph flavour {flavour!r}")
-    cos, sin = rope_tables(g, c)
+    inputs += cross_inputs(model)
+    cos, sin = (None, None) if gqa and gqa_rotary(c) else rope_tables(g, c, batch)
     attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
     x = decoder_layers(g, model, branch, x, attend)
-    last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [1, D]
+    last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]
     hn = rms(g, last, g.weight("norm.weight", np32(final_norm(model, branch).weight)), c.rms_eps)
     g.op("MatMul", [hn, g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)], out="logits", name="lm_head")
-    outputs = [vi("logits", f32, [1, V])]
+    outputs = [vi("logits", f32, [B, V])]
     if gqa:
-        outputs += [vi(f"present_{kv}.{i}", f32, [1, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+        outputs += [vi(f"present_{kv}.{i}", f32, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
     else:
         outputs += [vi(f"new_{kv}.{i}", f32, [1, "seq", NK, E]) for kv in ("key", "value") for i in range(L)]
     name = f"edgemm_decoder_{branch}" if gqa else f"edgemm_trt_decoder_{branch}"
-    return g.model(name, inputs, outputs, ms_domain=gqa), g.weight_bytes
+    ms = gqa or any(nd.domain == "com.microsoft" for nd in g.nodes)
+    return g.model(name, inputs, outputs, ms_domain=ms), g.weight_bytes
 
 
 # --------------------------------------------------------------------------- the input stage
@@ -302,6 +478,12 @@ def input_examples(cfg, gen) -> dict:
     (+ "signal": [1, N, signal_size])}, N = the image rows (boi, patches, eoi)."""
     import torch
     v, a = cfg.vision, cfg.adapter
+    if cfg.input_stage == "vision" and a.kind == "qformer" and a.qformer_text:
+        # InstructBLIP: + the question's Q-Former ids and mask [1, T] (T dynamic; the last id padded)
+        T = min(6, a.qformer_positions)
+        return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen),
+                "qformer_input_ids": torch.randint(0, a.qformer_vocab, (1, T), generator=gen),
+                "qformer_attention_mask": (torch.arange(T) < max(1, T - 1)).long()[None]}
     if cfg.input_stage == "vision":
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen)}
     out = {"codes": torch.randint(0, a.vision_vocab, (1, cfg.n_image_rows, a.codebooks), generator=gen)}
@@ -335,7 +517,8 @@ def vision_graph(model, fp16: bool = False):
         warnings.simplefilter("ignore")
         torch.onnx.export(Vision(model).eval(), tuple(ins.values()), buf, input_names=list(ins),
                           output_names=["image_rows"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in [*ins, "image_rows"]})
+                          dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {})}
+                                        for n in [*ins, "image_rows"]})
     m = onnx.load_from_string(buf.getvalue())
     m.ir_version = IR_VERSION
     nbytes = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer)

@@ -4,7 +4,8 @@
 - The two decoder stages are written op by op by edgemm.export.graph (flavour `ort-contrib-gqa`: ONNX Runtime's
   GroupQueryAttention over a shared past/present buffer), one graph per branch, so routing is static:
   `decoder_text` holds the shared weights and the text branch only, `decoder_image` the shared weights and the
-  vision branch only.
+  vision branch only. decoder_text has a batch dimension (BATCH_NOTE) so a server's slots decode in one run;
+  validation checks that batched step against the reference too (validate_batch).
 - fp16: weights (matrices) stored in fp16 and Cast to fp32 at the graph's entry; compute and the KV cache stay
   fp32 (ONNX Runtime's CPU provider lacks fp16 kernels for several ops). The manifest says so per stage.
 
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from edgemm.errors import EdgemmError, UnsupportedVariant
 
-from edgemm.export.graph import (GRAPH_GQA, GRAPH_STANDARD, OPSET, decoder_graph, input_examples, io_spec,
-                                 save_stage, vision_graph)
-from edgemm.export.validate import TorchReference, format_validation, run_prompt, summarize
+from edgemm.export.graph import (GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, decode_batch_supported,
+                                 decoder_graph, io_spec, save_stage, vision_graph)
+from edgemm.export.validate import TorchReference, format_validation, run_prompt, summarize, validation_inputs
 
 from edgemm.calib.recipes import QUANTIZED
 from edgemm.export import TARGET_PRECISIONS
@@ -64,16 +65,41 @@ def _load_source(model):
 ONNX_VARIANTS = ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)",
                  "eoi through the text branch", "low-rank vision branches", "per-modality norms",
                  "cross-modal K/V bridge", "single branch (llava)", "clip vision tower", "mlp projector",
-                 "libra image tokens", "per-modality K/V")
+                 "libra image tokens", "per-modality K/V", "mixture of experts",
+                 "any-resolution tiling", "per-head q/k norm")
+# BLIP-2: the BLIP tower and the Q-Former live in the traced vision stage; InstructBLIP's also takes the question's
+# Q-Former ids and mask (qformer_input_ids / qformer_attention_mask, dynamic length; the bundle carries that
+# tokenizer: edgemm.qformer).
+ONNX_VARIANTS += ("blip vision tower", "q-former adapter", "q-former instruction input (instructblip)")
+# Idefics: the vision stage emits the resampled rows, the `cross_kv` stage each cross-attention layer's K/V of an
+# image (once per image), decoder_text takes them as inputs (there is no decoder_image: images are not rows).
+ONNX_VARIANTS += ("gated cross-attention",)
 NO_TARGET = "none yet (the torch reference backend runs it)"
+BATCH_NOTE = ("dynamic: input_ids / positions [batch, seq], seqlens_k [batch], past/present [batch, ...], logits "
+              "[batch, vocab]; one run steps several KV caches (rows of one buffer per layer, each row's seqlens_k "
+              "its own; a row that sits out writes its dummy row past its filled rows); batch 1 for prompts")
 
 
 INPUTS = {"vision": "pixels", "image_tokens": "image tokens and continuous signal (Libra)"}
 
 
-def stage_notes(cfg, stage: str) -> dict:
+def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     """Manifest fields that say how a stage computes the model's variants (onnx and trt bundles)."""
+    from edgemm.config import cross_image_ids
     c, out = cfg.decoder, {}
+    if stage.startswith("decoder") and c.n_experts:
+        how = {"ort-moe": "com.microsoft MoE (softmax, top-k and the chosen experts in the op)",
+               "ort-qmoe4": "com.microsoft QMoE: int4 experts, block 32, fp32 activations (widths off the blocks: MoE)",
+               }.get(moe_form, "standard ops: every expert computed, weighted by the sparse top-k gate")
+        out["moe"] = {"form": moe_form, "experts": c.n_experts, "top_k": c.experts_top_k, "how": how}
+    if c.cross_attn_every and stage in ("cross_kv", "decoder_text"):
+        out["cross_attention"] = (
+            "cross_kv: image_rows [1, n, W] (the vision stage's resampled rows) -> cross_key.j / cross_value.j "
+            "[1, heads, n, head_dim] per gated cross-attention layer j, run once per image" if stage == "cross_kv" else
+            "inputs cross_key.j / cross_value.j (the current image's, kept by the runtime beside the KV cache) and "
+            "cross_gate [1, seq, 1] (1 where the row reads the image: from its <image> token on, none after "
+            f"token {c.cross_attn_reset_token}); an image segment is its tokens {cross_image_ids(c)} (fake, "
+            "<image>, fake: the first fed with the previous image's K/V, the others with the new image's)")
     if stage == "image_tokens":
         out["input"] = ("Libra image tokens: codes [batch, rows, codebooks] (+ signal [batch, rows, signal_size]) "
                         "-> image rows (LibraImageInput); Libra's VQ image tokenizer and CLIP signal encoder are "
@@ -95,6 +121,9 @@ def check_variants(cfg, where: str, precision: dict) -> None:
     for v in cfg.variants():
         if v not in ONNX_VARIANTS:
             raise UnsupportedVariant(v, where, NO_TARGET)
+    if cfg.decoder.cross_attn_every and set(precision.values()) & set(QUANTIZED):
+        raise EdgemmError(f"{where}: quantized precisions are not available for gated cross-attention models yet "
+                          "(their calibration has no cross_kv statistics); export fp32 or fp16 (trt: fp16)")
     if cfg.input_stage == "image_tokens" and set(precision.values()) & set(QUANTIZED):
         raise EdgemmError(f"{where}: quantized precisions calibrate on images through the pixel path, which a "
                           "Libra import does not have (its VQ image tokenizer is not imported); export fp32 or "
@@ -118,7 +147,7 @@ def _precisions(precision, allowed=PRECISIONS, default: str = "fp32", target: st
 # --------------------------------------------------------------------------- validation
 def group(stage: str) -> str:
     """The --precision group of a stage: `decoder` for the decoder stages, `vision` for the input stage."""
-    return "decoder" if stage.startswith("decoder") else "vision"
+    return "decoder" if stage.startswith("decoder") or stage == "cross_kv" else "vision"
 
 
 def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = None, threads: int | None = None,
@@ -135,13 +164,19 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     cfg = model.cfg
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
-    b = OrtBackend.open(bundle=str(bundle), device="cpu", threads=threads, verify=False)
-    ins = input_examples(cfg, gen)
+    b = OrtBackend.open(bundle=str(bundle), device="cpu", threads=threads, verify=False, slots=1 + BATCH_CHECK)
+    ins, hw = validation_inputs(cfg, gen)
     ref = TorchReference(model, 2 * 6 + cfg.n_image_rows + decode_steps + 2)
-    rows = torch.from_numpy(ref.input_stage(ins))
-    img = (torch.randn(1, cfg.n_image_rows, cfg.decoder.d_model, generator=gen) * rows.std() + rows).numpy()
+    rows = ref.input_stage(ins)
+    if hw is not None:                  # any-resolution tiling: the tiles' rows packed as the host packs them
+        from edgemm.anyres import pack, row_index
+        rows = pack(rows, ref.image_newline(), row_index(cfg.vision, *hw))
+    rows = torch.from_numpy(rows)
+    img = (torch.randn(rows.shape, generator=gen) * rows.std() + rows).numpy()
     ids = [torch.randint(0, cfg.decoder.vocab_size, (6,), generator=gen).tolist() for _ in range(2)]
     res = run_prompt(ref, b, cfg, ins, [("text", ids[0]), ("image", img), ("text", ids[1])], decode_steps)
+    if b.batched:
+        res["decoder_batch"] = validate_batch(model, b, gen)
 
     def judge(stage, p, err, cos, scale):
         if p == "fp32":
@@ -155,11 +190,44 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     return out
 
 
+BATCH_CHECK = 3                     # KV caches the batched decode check steps at once
+
+
+def validate_batch(model, b, gen, steps: int = 4) -> list:
+    """decode_batch over BATCH_CHECK KV caches of different lengths (rows of the backend's one buffer per layer)
+    against the reference run on each cache alone -> compare rows (edgemm.export.validate.compare)."""
+    import numpy as np
+    import torch
+    from edgemm.export.validate import compare
+    lens = [3 + 2 * i for i in range(BATCH_CHECK)]
+    refs = [TorchReference(model, n + steps + 1) for n in lens]
+    sts = [b.new_state(max_len=max(lens) + steps + 1) for _ in lens]
+    if not all(b.pooled(st) for st in sts):
+        raise EdgemmError("internal: the batched decode check did not get rows of the backend's KV pool")
+    toks = []
+    for ref, st, n in zip(refs, sts, lens):
+        ids = torch.randint(0, model.cfg.decoder.vocab_size, (n,), generator=gen).tolist()
+        b.text(st, ids)
+        toks.append(int(np.argmax(ref.segment("text", ids))))
+    rows = []
+    for _ in range(steps):
+        got = b.decode_batch(sts, toks)
+        want = [ref.segment("text", [t]) for ref, t in zip(refs, toks)]
+        rows += [compare(w, o) for w, o in zip(want, got)]
+        toks = [int(np.argmax(w)) for w in want]
+    for st in sts:
+        b.release(st)
+    return rows
+
+
 # --------------------------------------------------------------------------- the exporter
 def export_onnx(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                 log=print, threads: int | None = None, seed: int | None = None, keep_sensitive: float | None = None,
-                stats=None, recipes: dict | None = None) -> dict:
-    """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`.
+                stats=None, recipes: dict | None = None, moe_form: str | None = None,
+                max_tiles: int | None = None) -> dict:
+    """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`. max_tiles: the
+    bundle's default tile budget (any-resolution models; edgemm.anyres).
+    moe_form: how MoE layers are written (edgemm.export.graph.MOE_FORMS; default the faster on the CPU).
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.
     """
@@ -177,15 +245,25 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     m, tok, source = _load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
+    from edgemm.anyres import set_max_tiles
+    set_max_tiles(cfg, max_tiles)               # --max-tiles: the bundle's default (any-resolution models)
     check_variants(cfg, "the onnx exporter", prec)
+    moe_form = moe_form or ("ort-qmoe4" if prec["decoder"] == "int4" else MOE_DEFAULT[GRAPH_GQA])
+    if moe_form == "ort-qmoe4" and prec["decoder"] != "int4":
+        raise EdgemmError("the ort-qmoe4 MoE form (int4 experts) goes with --precision decoder=int4")
     t0 = time.time()
     with bundle_writer(out, force) as tmp, torch.inference_mode():
         stages = {}
         vm, vbytes = vision_graph(m, prec["vision"] == "fp16")
         graphs = {cfg.input_stage: (vm, vbytes, GRAPH_STANDARD, prec["vision"], None)}
-        for branch in ("text", "image"):
+        if "cross_kv" in cfg.stages:                    # gated cross-attention: K/V of an image, once per image
+            from edgemm.export.graph import cross_kv_graph
+            graphs["cross_kv"] = (*cross_kv_graph(m, prec["decoder"] == "fp16"), GRAPH_STANDARD, prec["decoder"],
+                                  None)
+        batch = decode_batch_supported(cfg, moe_form)        # decoder_text steps several KV caches at once
+        for branch in [b for b in ("text", "image") if f"decoder_{b}" in cfg.stages]:
             dm, dbytes = decoder_graph(m, "text" if branch == "text" else "vision", GRAPH_GQA,
-                                       prec["decoder"] == "fp16")
+                                       prec["decoder"] == "fp16", moe_form=moe_form, batch=batch and branch == "text")
             graphs[f"decoder_{branch}"] = (dm, dbytes, GRAPH_GQA, prec["decoder"],
                                            "text" if branch == "text" else "vision")
         heads = "2 * kv_heads" if cfg.decoder.cross_modal_bridge else "kv_heads"
@@ -201,12 +279,15 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                 st["extra_files"] = extra
             if branch:
                 st["branch"] = branch
-                st["kv_cache"] = {"layout": f"BNSH [1, {heads}, cache_len, head_dim] per layer",
+                B = "batch" if batch and branch == "text" else 1
+                st["kv_cache"] = {"layout": f"BNSH [{B}, {heads}, cache_len, head_dim] per layer",
                                   "dtype": "float32", "shared_past_present": True,
                                   "inputs": "past_key.i / past_value.i", "outputs": "present_key.i / present_value.i",
                                   "seqlens_k": "rows filled after this call - 1",
                                   "total_sequence_length": "rows filled after this call"}
-            stages[stage] = {**st, **stage_notes(cfg, stage)}
+                if B != 1:
+                    st["batch"] = BATCH_NOTE
+            stages[stage] = {**st, **stage_notes(cfg, stage, moe_form)}
             del g
         graphs.clear()
         from edgemm.calib.apply import quantize_bundle_stages     # quantized precisions (no-op for fp32/fp16)
@@ -214,6 +295,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                                              keep_sensitive=keep_sensitive, model_digest=source["digest"],
                                              recipes=recipes)
         tok.save(tmp / "tokenizer.json")
+        from edgemm.qformer import bundle_fields
+        qformer = bundle_fields(tok, tmp, cfg)                  # InstructBLIP: its Q-Former tokenizer
         from edgemm.checkpoint import chat_template_for
         (tmp / "chat_template.jinja").write_text(chat_template_for(model))
         manifest = {"target": "onnx", "model": cfg.to_dict(), "source": source, "variants": cfg.variants(),
@@ -221,9 +304,13 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                                   "backend": "torch (edgemm.model)"},
                     "precision": prec, "stages": stages, "tokenizer": "tokenizer.json",
                     "chat_template": "chat_template.jinja",
-                    "tools": tool_versions("onnx", "onnxruntime"), "opset": {"": OPSET, "com.microsoft": 1}}
+                    "tools": tool_versions("onnx", "onnxruntime"), "opset": {"": OPSET, "com.microsoft": 1},
+                    **qformer}
         if calibration:
             manifest["calibration"] = calibration
+        if cfg.vision.grid_pinpoints:
+            from edgemm.anyres import manifest_fields
+            manifest["anyres"] = manifest_fields(m)
         write_manifest(tmp, manifest)
         log(f"exported {', '.join(stages)} in {time.time() - t0:.1f}s; validating against the reference ...")
         figures = validate_bundle(m, tmp, prec, seed=seed, threads=threads)

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError
-from edgemm.export.graph import GRAPH_KV, GRAPH_STANDARD, OPSET, decoder_graph, input_examples, io_spec, vision_graph
+from edgemm.export.graph import GRAPH_KV, GRAPH_STANDARD, OPSET, decoder_graph, io_spec, vision_graph
 from edgemm.export.onnx import group
 from edgemm.export.trt_engines import build_engines
 from edgemm.export.trt_profiles import (DEVICE_CLASSES, FP8_MIN_CC, TRT_PRECISIONS as PRECISIONS,
                                         check_precision_supported, default_device_class, make_profiles, trt_flags)
-from edgemm.export.validate import TorchReference, format_validation, run_prompt, summarize
+from edgemm.export.validate import TorchReference, format_validation, run_prompt, summarize, validation_inputs
 
 STAGES = ("vision", "decoder_text", "decoder_image")      # Libra: image_tokens instead of vision (cfg.stages)
 # Validation tolerances on the CPU (ONNX Runtime) against the fp32 reference.
@@ -54,11 +54,11 @@ def calibration_items(model, tok, calib=None, n: int = 32):
     """(pixels, segments) of the calibration set (edgemm.calib.sets: the bundled shapes calibration split, or a
     folder with images and prompts.jsonl). Segments: bos, the image, the user turn and the answer."""
     from edgemm.calib.sets import resolve_calib
-    from edgemm.processor import preprocess
+    from edgemm.anyres import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
     items = []
     for x in resolve_calib(calib, n).samples:
         ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])
-        items.append((preprocess(x.image, model.cfg.vision), [("text", [tok.bos_id]), ("image", None), ("text", ids)]))
+        items.append((preprocess_image(x.image, model.cfg.vision), [("text", [tok.bos_id]), ("image", None), ("text", ids)]))
     return items
 
 
@@ -84,8 +84,11 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     b = OnnxQdqBackend.open(bundle=str(bundle_dir), verify=False, threads=threads)
+    hw = None
     if calib_items:
-        ins = {"pixels": torch.from_numpy(calib_items[seed % len(calib_items)][0])}
+        px = calib_items[seed % len(calib_items)][0]
+        ins, hw = {"pixels": torch.from_numpy(np.asarray(px))}, getattr(px, "hw", None)
+        ins.update({k: v for k, v in validation_inputs(cfg, gen)[0].items() if k.startswith("qformer_")})
         ids2 = calib_items[seed % len(calib_items)][1][2][1]
         # compare where a runtime samples: the prompt up to its answer, then greedy steps up to </s> (the
         # rows after </s> are never computed, and their near-flat logits make int8 cosines meaningless)
@@ -93,11 +96,11 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
         ends = [i + len(cue) for i in range(len(ids2) - len(cue) + 1) if ids2[i:i + len(cue)] == cue]
         ids2 = ids2[:ends[-1]] if ends else ids2
     else:
-        ins = input_examples(cfg, gen)      # random pixels, or Libra's random image tokens and signal
+        ins, hw = validation_inputs(cfg, gen)   # random pixels (tiles), or Libra's random image tokens and signal
         ids2 = torch.randint(0, cfg.decoder.vocab_size, (6,), generator=gen).tolist()
     ref = TorchReference(model, 2 + len(ids2) + cfg.n_image_rows + decode_steps + 2)
     res = run_prompt(ref, b, cfg, ins, [("text", [1]), ("image", None), ("text", ids2)], decode_steps,
-                     stop_id=b.tokenizer.eos_id if calib_items else None)
+                     stop_id=b.tokenizer.eos_id if calib_items else None, image_hw=hw)
 
     def judge(stage, p, err, cos, scale):
         if p == "fp16":
@@ -125,8 +128,9 @@ def _precisions(precision) -> dict:
 def export_trt(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                log=print, threads: int | None = None, seed: int | None = None, device_class: str | None = None,
                max_context: int | None = None, max_batch: int | None = None, calib_size: int = 32,
-               keep_sensitive=None) -> dict:
-    """Export `model` (a --model spec or a (model, tokenizer) pair) to a trt bundle at `out`; -> the manifest."""
+               keep_sensitive=None, max_tiles: int | None = None) -> dict:
+    """Export `model` (a --model spec or a (model, tokenizer) pair) to a trt bundle at `out`; -> the manifest.
+    max_tiles: the bundle's tile budget (any-resolution models), which also bounds the vision profile's batch."""
     import onnx
     import torch
     from edgemm.bundle import bundle_writer, check_out, tool_versions, write_manifest
@@ -145,6 +149,8 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     m, tok, source = _load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
+    from edgemm.anyres import manifest_fields, set_max_tiles
+    set_max_tiles(cfg, max_tiles)
     check_variants(cfg, "the trt exporter", prec)
     profiles = {dc: make_profiles(cfg, dc, max_context, max_batch) for dc in DEVICE_CLASSES}
     from edgemm.calib.recipes import QDQ
@@ -153,8 +159,12 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     with bundle_writer(out, force) as tmp, torch.inference_mode():
         fp32_dir = Path(tempfile.mkdtemp(prefix="edgemm-trt-fp32-", dir=tmp.parent))
         try:
-            graphs = {cfg.input_stage: vision_graph(m)[0], "decoder_text": decoder_graph(m, "text", GRAPH_KV)[0],
-                      "decoder_image": decoder_graph(m, "vision", GRAPH_KV)[0]}
+            graphs = {cfg.input_stage: vision_graph(m)[0], "decoder_text": decoder_graph(m, "text", GRAPH_KV)[0]}
+            if "cross_kv" in cfg.stages:            # gated cross-attention: the image's K/V stage, no image branch
+                from edgemm.export.graph import cross_kv_graph
+                graphs["cross_kv"] = cross_kv_graph(m)[0]
+            else:
+                graphs["decoder_image"] = decoder_graph(m, "vision", GRAPH_KV)[0]
             for s, g in graphs.items():
                 onnx.save_model(g, str(fp32_dir / f"{s}.onnx"))
             del graphs
@@ -184,10 +194,10 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
         for s in cfg.stages:
             g = onnx.load(str(tmp / f"{s}.onnx"))
             ins, outs = io_spec(g)
-            st = {"file": f"{s}.onnx", "graph": GRAPH_STANDARD if s == cfg.input_stage else GRAPH_KV,
+            st = {"file": f"{s}.onnx", "graph": GRAPH_KV if s.startswith("decoder") else GRAPH_STANDARD,
                   "precision": prec[group(s)], "inputs": ins, "outputs": outs, "quantization": recipe[s],
                   **stage_notes(cfg, s)}
-            if s != cfg.input_stage:
+            if s.startswith("decoder"):
                 st["branch"] = "text" if s == "decoder_text" else "vision"
                 st["kv_cache"] = {"layout": f"BSNH [1, rows, {heads}, head_dim] per layer", "dtype": "float32",
                                   "inputs": "cache_key.i / cache_value.i: the first past_len + seq rows of the "
@@ -196,6 +206,8 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                                   "past_len": "rows filled before this call"}
             stages[s] = st
         tok.save(tmp / "tokenizer.json")
+        from edgemm.qformer import bundle_fields
+        qformer = bundle_fields(tok, tmp, cfg)                  # InstructBLIP: its Q-Former tokenizer
         from edgemm.checkpoint import chat_template_for
         (tmp / "chat_template.jinja").write_text(chat_template_for(model))
         dc_default = device_class or default_device_class(here)
@@ -214,7 +226,9 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                                       "flags_tensorrt10": {p: trt_flags(p, False) for p in PRECISIONS},
                                       "timing_cache": "engines/timing.cache",
                                       "fp8_min_compute_capability": "%d.%d" % FP8_MIN_CC},
-                            "engines": {}}}
+                            "engines": {}}, **qformer}
+        if cfg.vision.grid_pinpoints:
+            manifest["anyres"] = manifest_fields(m)
         if calib_digest:
             manifest["calibration"] = {"set": "shapes calib split" if calib is None else str(calib),
                                        "items": len(calib_items), "digest": calib_digest,

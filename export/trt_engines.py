@@ -99,14 +99,15 @@ def validate_engines(bundle, engines: dict | None = None, decode_steps: int = 8,
     """Engines (trt backend; `engines` = a record not yet in the manifest) against their Q/DQ graphs
     (onnxruntime CPU) on the same random prompt."""
     import torch
-    from edgemm.export.graph import input_examples
+    from edgemm.export.validate import validation_inputs
     from edgemm.runtimes.trt_backend import OnnxQdqBackend, TrtBackend
     ref = OnnxQdqBackend.open(bundle=str(bundle), verify=False, threads=threads)
     eng = TrtBackend.open(bundle=str(bundle), device="cuda", verify=False, engines=engines)
     cfg = ref.cfg
-    ins = input_examples(cfg, torch.Generator().manual_seed(seed))
+    ins, hw = validation_inputs(cfg, torch.Generator().manual_seed(seed))      # (hw: any-resolution tiling)
     ids = np.random.default_rng(seed).integers(0, cfg.decoder.vocab_size, 6).tolist()
-    res = run_prompt(ref, eng, cfg, ins, [("text", ids), ("image", None), ("text", ids)], decode_steps)
+    res = run_prompt(ref, eng, cfg, ins, [("text", ids), ("image", None), ("text", ids)], decode_steps,
+                     image_hw=hw)
     return summarize(res, lambda s: ref.manifest["stages"][s].get("precision"),
                      lambda s, p, err, cos, scale: (f"engine vs Q/DQ graph: cosine >= {ENGINE_COS}", cos >= ENGINE_COS))
 

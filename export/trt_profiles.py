@@ -45,10 +45,18 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         return {"min": [1, *shape], "opt": [1, *shape], "max": [batch, *shape]}
     a, eoi = cfg.adapter, int(c.eoi_branch == "text")     # eoi through text: no ids and one row (input_rows)
     inp = {"pixels": batched(3, S, S)} if cfg.input_stage == "vision" else {"codes": batched(n_img, a.codebooks)}
+    if cfg.vision.grid_pinpoints:       # any-resolution tiling: one image's tiles (overview + grid) per call
+        from edgemm.anyres import max_tile_batch
+        n = max_tile_batch(cfg.vision)
+        inp["pixels"] = {"min": [1, 3, S, S], "opt": [max(1, (n + 1) // 2), 3, S, S], "max": [max(n, batch), 3, S, S]}
     if cfg.input_stage == "image_tokens" and a.signal_size:
         inp["signal"] = batched(n_img, a.signal_size)
+    if a.kind == "qformer" and a.qformer_text:      # InstructBLIP: the question's Q-Former ids (0 ids: none)
+        T = a.qformer_positions
+        inp.update({n: {"min": [1, 0], "opt": [1, min(32, T)], "max": [batch, T]}
+                    for n in ("qformer_input_ids", "qformer_attention_mask")})
     rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
-    return {
+    out = {
         cfg.input_stage: inp,
         "decoder_text": {"input_ids": {"min": [1, 1 - eoi], "opt": [1, 1], "max": [1, ctx]}, **rows,
                          "positions": {"min": [1], "opt": [1], "max": [ctx]},
@@ -61,6 +69,16 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         "_meta": {"device_class": device_class, "max_context": ctx, "max_batch": batch,
                   "workspace_mib": dc["workspace_mib"], "builder_optimization_level": dc["builder_optimization_level"]},
     }
+    if c.cross_attn_every:      # gated cross-attention (edgemm.xattn): the cross_kv stage instead of decoder_image
+        n, W, H = a.perceiver_latents, c.cross_attn_kv_dim or D, c.n_heads
+        del out["decoder_image"]
+        out["cross_kv"] = {"image_rows": {"min": [1, 1, W], "opt": [1, n, W], "max": [1, n, W]}}
+        out["decoder_text"]["cross_gate"] = {"min": [1, 1, 1], "opt": [1, 1, 1], "max": [1, ctx, 1]}
+        for j in range(c.n_layers // c.cross_attn_every):
+            for kv in ("key", "value"):
+                out["decoder_text"][f"cross_{kv}.{j}"] = {"min": [1, H, 1, E], "opt": [1, H, n, E],
+                                                          "max": [1, H, n, E]}
+    return out
 
 
 def parse_cc(cc) -> tuple[int, int]:

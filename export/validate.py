@@ -31,6 +31,16 @@ class TorchReference:
             enc = self.m.encode_image if self.cfg.input_stage == "vision" else self.m.encode_image_tokens
             return enc(*ins.values()).numpy()
 
+    def cross_kv(self, rows) -> np.ndarray:
+        """Gated cross-attention: an image's K and V of every cross-attention layer, flattened."""
+        import torch
+        from edgemm.xattn import cross_kv
+        with torch.inference_mode():
+            return torch.cat([t.flatten() for t in cross_kv(self.m, torch.from_numpy(np.asarray(rows)))]).numpy()
+
+    def image_newline(self):
+        return self.m.adapter.image_newline.detach().numpy()
+
     def segment(self, kind: str, data):
         import torch
         x = torch.tensor([list(data)]) if kind == "text" else torch.from_numpy(np.asarray(data, np.float32))
@@ -44,12 +54,19 @@ def backend_input_stage(b, cfg, ins: dict):
     return b.vision(*arrs) if cfg.input_stage == "vision" else b.image_tokens(*arrs)
 
 
-def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int | None = None) -> dict:
+def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int | None = None,
+               image_hw=None) -> dict:
     """ref: a TorchReference (or a backend); b: the backend under test. segments: [("text", ids) |
-    ("image", rows | None)], None = the reference's own rows for `ins`. -> {stage: [compare rows]}."""
+    ("image", rows | None)], None = the reference's own rows for `ins` (any-resolution tiling: `ins` holds the
+    tiles of an image of image_hw = (height, width), packed by edgemm.anyres). -> {stage: [compare rows]}."""
     res: dict[str, list] = {s: [] for s in cfg.stages}
     ref_rows = ref.input_stage(ins) if isinstance(ref, TorchReference) else backend_input_stage(ref, cfg, ins)
     res[cfg.input_stage].append(compare(ref_rows, backend_input_stage(b, cfg, ins)))
+    if image_hw is not None:
+        from edgemm.anyres import pack, row_index
+        ref_rows = pack(ref_rows, ref.image_newline(), row_index(cfg.vision, *image_hw))
+    if "cross_kv" in res:                   # gated cross-attention: the image's cross K/V, once per image
+        res["cross_kv"].append(compare(ref.cross_kv(ref_rows), b.cross_kv(ref_rows)))
     need = sum(len(d) if k == "text" else cfg.n_image_rows for k, d in segments) + decode_steps + 2
     st = b.new_state(max_len=need)
     rst = None if isinstance(ref, TorchReference) else ref.new_state(max_len=need)
@@ -65,7 +82,7 @@ def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int
     for kind, data in segments:
         data = ref_rows if kind == "image" and data is None else data
         r, g = both(kind, data)
-        res["decoder_" + kind].append(compare(r, g))
+        res["decoder_" + kind if "decoder_" + kind in res else "decoder_text"].append(compare(r, g))
     for _ in range(decode_steps):
         t = int(np.argmax(r))
         if stop_id is not None and t == stop_id:
@@ -103,3 +120,20 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
                      f"{f.get('ref_max_abs') or float('nan'):>10.3g} {top1}  {'ok' if f['ok'] else 'FAIL'} "
                      f"({f['tolerance']})")
     return "\n".join(lines)
+
+
+def validation_inputs(cfg, gen):
+    """Random input-stage inputs for an export's check -> (ins, image_hw): graph.input_examples, or for
+    any-resolution tiling the tile batch of an image as tall as the largest pinpoint allowed and 3/4 as wide
+    (so the grid, the unpad and the newline rows all take part); image_hw = (height, width), else None."""
+    from edgemm.export.graph import input_examples
+    v = cfg.vision
+    if not v.grid_pinpoints:
+        return input_examples(cfg, gen), None
+    import torch
+    from edgemm.anyres import n_tiles
+    S = v.image_size
+    pts = [p for p in v.grid_pinpoints if v.max_tiles is None or (p[0] // S) * (p[1] // S) <= v.max_tiles] or [[S, S]]
+    h, w = max(pts, key=lambda p: (p[0] // S) * (p[1] // S))
+    hw = (h, max(1, w * 3 // 4))
+    return {"pixels": torch.randn(n_tiles(v, *hw), 3, S, S, generator=gen)}, hw

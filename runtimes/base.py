@@ -45,8 +45,13 @@ class Backend:
         """An empty KV cache of `max_len` rows (default: the whole context)."""
         raise NotImplementedError
 
-    def vision(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 [1, 3, S, S] -> image rows float32 [1, P + 2, D]."""
+    def vision(self, pixels: np.ndarray, *instruction) -> np.ndarray:
+        """float32 [1, 3, S, S] -> image rows float32 [1, P + 2, D]. InstructBLIP: + the question's Q-Former ids
+        and mask int64 [1, T] (edgemm.qformer.instruction); none is an empty instruction."""
+        raise NotImplementedError
+
+    def image_newline(self) -> np.ndarray:
+        """Any-resolution tiling (edgemm.anyres): the float32 newline row [D] the host packs between tile rows."""
         raise NotImplementedError
 
     def text(self, state: State, ids: list[int]) -> np.ndarray:
@@ -98,12 +103,57 @@ class SegmentRunner(Backend):
     def text(self, state: State, ids) -> np.ndarray:
         ids = np.asarray([list(ids)], np.int64)
         positions = np.arange(state.pos, state.pos + ids.shape[1])
-        logits = self._run("decoder_text", state, self._text_feeds(ids), positions)
+        feeds = self._text_feeds(ids)
+        if self.cfg.decoder.cross_attn_every:
+            feeds.update(self._cross_feeds(state, ids[0]))
+        logits = self._run("decoder_text", state, feeds, positions)
         state.pos += ids.shape[1]
         return logits
 
-    def image_positions(self, start: int) -> np.ndarray:
-        n = self.cfg.n_image_rows
+    # ---- gated cross-attention (edgemm.xattn): the image's K/V beside the KV cache, in state.extra
+    def _outputs(self, stage: str, feeds: dict) -> dict:
+        """All outputs of a non-decoder stage -> {name: the backend's own value (kept on its device)}."""
+        raise NotImplementedError
+
+    def _cross_values(self, rows) -> dict:
+        from edgemm.errors import EdgemmError
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        W = self.cfg.decoder.cross_attn_kv_dim or self.cfg.decoder.d_model
+        if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != W:
+            raise EdgemmError(f"image rows must be [1, n, {W}], got {list(rows.shape)}")
+        return self._outputs("cross_kv", {"image_rows": rows})
+
+    def cross_kv(self, rows) -> np.ndarray:
+        """An image's K then V of every cross-attention layer, flattened (validation)."""
+        vals = self._cross_values(rows)
+        n = len(vals) // 2
+        arr = [vals[f"cross_{kv}.{j}"] for kv in ("key", "value") for j in range(n)]
+        host = [a.cpu() if hasattr(a, "cpu") else a.numpy() if hasattr(a, "numpy") else a for a in arr]
+        return np.concatenate([np.asarray(a, np.float32).ravel() for a in host])   # torch / OrtValue / numpy
+
+    def _cross_feeds(self, state: State, ids) -> dict:
+        """decoder_text's cross inputs for ids: the current image's K/V (zeros before the first image: the
+        rows' gates are 0 then) and cross_gate."""
+        from edgemm.config import cross_gates
+        c = self.cfg.decoder
+        gate, state.extra["cross_on"] = cross_gates(ids, state.extra.get("cross_on", False), c.cross_attn_reset_token)
+        kv = state.extra.get("cross")
+        if kv is None:
+            z = np.zeros((1, c.n_heads, 1, c.head_dim), np.float32)
+            kv = {f"cross_{n}.{j}": z for j in range(c.n_layers // c.cross_attn_every)
+                  for n in ("key", "value")}
+        return {"cross_gate": np.asarray(gate, np.float32).reshape(1, -1, 1), **kv}
+
+    def image_newline(self) -> np.ndarray:
+        from edgemm.errors import EdgemmError
+        row = (getattr(self, "manifest", None) or {}).get("anyres", {}).get("image_newline")
+        if row is None or len(row) != self.cfg.decoder.d_model:
+            raise EdgemmError(f"bundle {self.source}: the manifest has no image_newline row of width "
+                              f"{self.cfg.decoder.d_model} for any-resolution tiling; re-export it")
+        return np.asarray(row, np.float32)
+
+    def image_positions(self, start: int, n: int | None = None) -> np.ndarray:
+        n = self.cfg.n_image_rows if n is None else n
         if self.cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
             pos = np.full(n, start + 1)
             pos[0], pos[-1] = start, start + 2
@@ -112,10 +162,17 @@ class SegmentRunner(Backend):
 
     def image(self, state: State, rows) -> np.ndarray:
         from edgemm.errors import EdgemmError
+        if self.cfg.decoder.cross_attn_every:       # the image's K/V once, then its tokens (fake, <image>, fake)
+            from edgemm.config import cross_image_ids
+            ids, kv = cross_image_ids(self.cfg.decoder), self._cross_values(rows)
+            if len(ids) > 1:                        # the leading fake token still reads the previous image
+                self.text(state, ids[:1])
+            state.extra["cross"], state.extra["cross_on"] = kv, True
+            return self.text(state, ids[-2:] if len(ids) > 1 else ids)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
             raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
-        positions = self.image_positions(state.pos)[: rows.shape[1]]
+        positions = self.image_positions(state.pos, max(rows.shape[1], self.cfg.n_image_rows))[: rows.shape[1]]
         if self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows:
             self._run("decoder_image", state, {"image_rows": rows[:, :-1]}, positions[:-1])
             logits = self._run("decoder_text", state, self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]),
@@ -125,12 +182,21 @@ class SegmentRunner(Backend):
         state.pos = int(positions[-1]) + 1
         return logits
 
-    def vision(self, pixels) -> np.ndarray:
+    def vision(self, pixels, *instruction) -> np.ndarray:
         from edgemm.errors import EdgemmError
         if self.cfg.input_stage != "vision":
             raise EdgemmError("this bundle (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
                               "signal encoder are not imported; use image_tokens(codes, signal)")
-        return self._encode("vision", {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
+        feeds = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
+        from edgemm.qformer import needs_instruction
+        if needs_instruction(self.cfg):         # InstructBLIP: the question's Q-Former ids (none: an empty one)
+            B = feeds["pixels"].shape[0]
+            ids = np.zeros((B, 0), np.int64) if not instruction else np.asarray(instruction[0], np.int64)
+            mask = np.ones_like(ids) if len(instruction) < 2 else np.asarray(instruction[1], np.int64)
+            feeds.update(qformer_input_ids=np.ascontiguousarray(ids), qformer_attention_mask=np.ascontiguousarray(mask))
+        elif instruction:
+            raise EdgemmError("only InstructBLIP's vision stage takes an instruction")
+        return self._encode("vision", feeds)
 
     def image_tokens(self, codes, signal=None) -> np.ndarray:
         """Libra: image tokens [1, rows, codebooks] (+ continuous signal [1, rows, signal_size]) -> image rows."""

@@ -6,6 +6,11 @@ rewinds are `llama_memory_seq_rm`. The image rows come from the bundle's mmproj 
 vision code) when the pixels are an image at the tower's size (what edgemm's preprocessing produces); other pixel
 arrays run the same mmproj weights through the reference modules (`vision_source` says which ran last).
 
+LLaVA bundles (llama.cpp's llama / qwen2 decoder, an `mlp` mmproj) run the same way, one set of weights for both
+batch kinds; where the export found llama.cpp's llava graph misordering CLIP's CLS row (ggml-org/llama.cpp#25814)
+the image rows come from the mmproj's weights through the reference code, as do LLaVA-NeXT's tiles (the host
+packs them: edgemm.anyres, with the manifest's newline row).
+
 The helpers LlamaRunner / MtmdVision are shared with the GGUF exporter's validation.
 """
 from __future__ import annotations
@@ -254,6 +259,34 @@ def pixels_to_rgb(pixels: np.ndarray, vision_cfg) -> np.ndarray | None:
     return np.ascontiguousarray(u8.transpose(1, 2, 0))
 
 
+def _llava_vision_from_tensors(t: dict, cfg):
+    """edgemm's ClipVisionTower + MlpProjector from the tensors of an mlp-projector mmproj (export/gguf.py's
+    write_llava_mmproj_gguf)."""
+    import torch
+    from edgemm.model import ClipVisionTower, MlpProjector
+    v, d = cfg.vision, cfg.decoder
+    tower, proj = ClipVisionTower(v), MlpProjector(cfg.adapter, v.width, d.d_model)
+    sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
+          "cls": t["v.class_embd"].reshape(1, 1, v.width),
+          "pos": t["v.position_embd.weight"].reshape(1, v.n_patches + 1, v.width),
+          "pre_norm.weight": t["v.pre_ln.weight"], "pre_norm.bias": t["v.pre_ln.bias"]}
+    up, down = ("ffn_down", "ffn_up") if v.mlp_dim == v.width else ("ffn_up", "ffn_down")   # as written
+    for i in range(len(tower.blocks)):
+        b = f"v.blk.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"blocks.{i}.qkv.{kind}"] = torch.cat([t[f"{b}attn_{n}.{kind}"] for n in "qkv"])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
+                sd[f"blocks.{i}.{ours}.{kind}"] = t[f"{b}{theirs}.{kind}"]
+    tower.load_state_dict(sd)
+    psd = {"linear_1.weight": t["mm.0.weight"], "linear_2.weight": t["mm.2.weight"]}
+    if cfg.adapter.bias:
+        psd.update({"linear_1.bias": t["mm.0.bias"], "linear_2.bias": t["mm.2.bias"]})
+    if cfg.adapter.image_newline:
+        psd["image_newline"] = t["model.image_newline"]
+    proj.load_state_dict(psd)
+    return tower.eval(), proj.eval()
+
+
 def reference_vision_from_mmproj(mmproj: str | Path, cfg):
     """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized)."""
     import torch
@@ -266,6 +299,8 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
     for ten in r.tensors:
         a = dequantize(ten.data, ten.tensor_type).astype(np.float32)
         t[ten.name] = torch.from_numpy(np.ascontiguousarray(a.reshape([int(s) for s in reversed(ten.shape)])))
+    if cfg.adapter.kind == "mlp":
+        return _llava_vision_from_tensors(t, cfg)
     tower, adapter = VisionTower(v), Adapter(cfg.adapter, v.width, d.d_model)
     sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
           "patch_embed.bias": t["v.patch_embd.bias"],
@@ -289,15 +324,15 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
 
     def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1):
-        from edgemm.bundle import bundle_path
+        from edgemm.bundle import PinnedFile, load_tokenizer
         from edgemm.config import ModelConfig
-        from edgemm.tokenizer import Tokenizer
         self.bundle, self.manifest, self.log = str(bundle), manifest, log
         self.cfg = ModelConfig.from_dict(manifest["model"])
-        self.tokenizer = Tokenizer.load(bundle_path(bundle, manifest.get("tokenizer", "tokenizer.json")))
+        self.tokenizer = load_tokenizer(bundle, manifest, verified=True)
         st = manifest["stages"]
-        self.decoder_path = bundle_path(bundle, st["decoder"]["file"])
-        self.mmproj_path = bundle_path(bundle, st["vision"]["file"])
+        # the GGUF files hashed through the descriptors llama.cpp then reads (open() verified the rest)
+        self._pinned = [PinnedFile(bundle, st[s]["file"], manifest) for s in ("decoder", "vision")]
+        self.decoder_path, self.mmproj_path = (f.path for f in self._pinned)
         self.threads = threads or os.cpu_count() or 1
         # an f32 bundle gets an f32 KV cache (exact); quantized ones the usual f16 cache
         if f32_kv is None:
@@ -309,6 +344,7 @@ class LlamaCppBackend(Backend):
         self.device = "cpu"
         self._mtmd = None
         self._ref_vision = None
+        self._why_reference = None
         self.vision_source = None
         self._owner = [None] * n_seq        # seq id -> the id of the state that holds it
         self._next_id = 0
@@ -322,7 +358,7 @@ class LlamaCppBackend(Backend):
             raise EdgemmError("the llamacpp backend runs GGUF bundles: export one with "
                               "`edgemm export --target gguf` and pass --bundle")
         load_llama_cpp()
-        m = verify_bundle(bundle)
+        m = verify_bundle(bundle, defer_parsed=True)       # the parsed files are hashed as they are read
         if m.get("target") != "gguf":
             raise EdgemmError(f"{bundle} is a {m.get('target')} bundle; the llamacpp backend runs gguf bundles")
         if device == "cuda" and log:
@@ -403,6 +439,14 @@ class LlamaCppBackend(Backend):
 
     def vision(self, pixels) -> np.ndarray:
         rgb = pixels_to_rgb(pixels, self.cfg.vision)
+        # a LLaVA bundle exported where llama.cpp's llava graph had the CLS-order defect (ggml-org/llama.cpp#25814)
+        # gets its rows from the mmproj's weights through the reference code instead of mtmd
+        if self.manifest.get("validation", {}).get("mtmd_cls_order_defect"):
+            rgb = None
+            self._why_reference = "llama.cpp's llava graph misorders CLIP's CLS row (ggml-org/llama.cpp#25814)"
+        elif self.cfg.vision.grid_pinpoints:        # tiles: the host tiles and packs (edgemm.anyres), not mtmd
+            rgb = None
+            self._why_reference = "any-resolution tiles are packed on the host"
         if rgb is not None:
             if self._mtmd is None:
                 self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads)
@@ -412,13 +456,18 @@ class LlamaCppBackend(Backend):
         if self._ref_vision is None:
             self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg)
             if self.log:
-                self.log("note: these pixels are not an 8-bit image, which mtmd needs; computing the image rows "
-                         "from the mmproj's weights with the reference vision code")
+                why = self._why_reference or "these pixels are not an 8-bit image, which mtmd needs"
+                self.log(f"note: {why}; computing the image rows from the mmproj's weights with the reference "
+                         "vision code")
         tower, adapter = self._ref_vision
         self.vision_source = "reference code with the mmproj weights"
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
             return adapter(tower(x)).float().numpy()
+
+    def image_newline(self) -> np.ndarray:
+        from .base import SegmentRunner
+        return SegmentRunner.image_newline(self)         # the manifest's `anyres` row, as the onnx / trt bundles
 
     def close(self):
         if self._mtmd is not None:

@@ -3,6 +3,10 @@
 The KV cache lives in preallocated OrtValues, one [1, K, cache_len, E] buffer per layer for K and for V, on the
 session's device. Each call binds the same buffer as `past_*` input and `present_*` output (I/O binding), and
 GroupQueryAttention writes the new rows in place, so a decode step costs attention over the cache, not a copy.
+
+Opened with `slots=N > 1` (edgemm serve --parallel N) on a bundle whose decoder_text has a batch dimension, the
+states are rows of one [N, K, cache_len + 1, E] buffer per layer (runtimes/kv_pool.py) and decode_batch steps
+them in one run, the weights read once for all rows; older bundles (batch 1) step the states one by one.
 """
 from __future__ import annotations
 
@@ -44,6 +48,28 @@ def s8s8_stages(stages: dict, names) -> list[str]:
     return out
 
 
+def off_provider_nodes(assignment, provider: str) -> dict[str, int]:
+    """{op type: count} of the nodes ONNX Runtime placed on another provider than `provider`, from
+    InferenceSession.get_provider_graph_assignment_info() (ONNX Runtime's own placement report; needs the
+    session entry session.record_ep_graph_assignment_info)."""
+    out: dict[str, int] = {}
+    for sub in assignment:
+        if sub.ep_name != provider:
+            for n in sub.get_nodes():
+                key = f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def placement_line(stage: str, provider: str, off: dict[str, int]) -> str | None:
+    """One line naming the nodes of `stage` that do not run on `provider` (None when all do)."""
+    if not off:
+        return None
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(off.items(), key=lambda kv: -kv[1])[:4])
+    return (f"note: {sum(off.values())} node(s) of {stage} run off {provider} (on the next provider of the chain, "
+            f"with copies between devices): {ops}{', ...' if len(off) > 4 else ''}")
+
+
 class OrtBackend(SegmentRunner):
     name = "ort"
 
@@ -54,6 +80,9 @@ class OrtBackend(SegmentRunner):
         self.source = str(bundle)
         self._ort = _import_ort()
         self._dev = ("cpu", 0) if self.device == "cpu" else ("cuda", 0)
+        ids = next((i.shape for i in sessions["decoder_text"].get_inputs() if i.name == "input_ids"), [1])
+        self.batched = isinstance(ids[0], str)        # decoder_text with a batch dimension (decode_batch)
+        self.slots, self._pool = 1, None
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
@@ -68,14 +97,13 @@ class OrtBackend(SegmentRunner):
         return True, f"onnx bundle on onnxruntime {ort.__version__} (providers to try: {', '.join(provs)})"
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True):
-        from edgemm.bundle import bundle_path, read_manifest, verify_bundle
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1):
+        from edgemm.bundle import load_tokenizer, read_manifest, stage_sources, verify_bundle
         from edgemm.config import ModelConfig
-        from edgemm.tokenizer import Tokenizer
         if model is not None or bundle is None:
             raise EdgemmError("the ort backend runs bundles: export one with `edgemm export --target onnx -o DIR` "
                               "and pass --bundle DIR")
-        man = verify_bundle(bundle) if verify else read_manifest(bundle)
+        man = verify_bundle(bundle, defer_parsed=True) if verify else read_manifest(bundle)
         if man.get("target") != "onnx":
             raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the ort backend runs onnx bundles")
         mc = man.get("model")
@@ -86,27 +114,32 @@ class OrtBackend(SegmentRunner):
         missing = [s for s in names if s not in stages]
         if missing:
             raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
-        for s in ("decoder_text", "decoder_image"):
+        for s in [n for n in names if n.startswith("decoder")]:
             if stages[s].get("graph") != "ort-contrib-gqa":
                 raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                                   "the ort backend runs 'ort-contrib-gqa' decoder graphs")
-        tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
+        tok = load_tokenizer(bundle, man, verify)
         ort = _import_ort()
-        paths = {s: str(bundle_path(bundle, stages[s]["file"])) for s in names}
+        # graphs come as the bytes that were hashed (external-data graphs as paths, their locations checked)
+        paths = stage_sources(bundle, man, names, verify)
         # fp8 Q/DQ: ONNX Runtime's CPU QDQ fusion would turn them into MatMulIntegerToFloat, which has no fp8
         # kernel; with the fusion off the Q/DQ ops run as written (edgemm.calib.quantize)
         fp8 = any(stages[s].get("precision") == "fp8" for s in names)
-        from edgemm.safety import check_onnx_external
-        for p in paths.values():                  # external data stays inside the bundle, before ORT reads it
-            check_onnx_external(p, bundle)
         s8 = s8s8_stages(stages, names)
         if s8 and not s8s8_int8_exact():
             paths.update(cls._u8u8(paths, s8, log))
         sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
+        fp16 = [s for s in names if stages[s].get("precision") == "fp16"]
+        if fp16 and provider == "CPUExecutionProvider" and log:
+            log(f"note: {', '.join(fp16)} stored in fp16: on the CPU provider ONNX Runtime turns those weights into "
+                "fp32 when it loads them (half the file, the memory and speed of fp32); fp16 compute needs the CUDA "
+                "or TensorRT provider")
         for s in names:
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
-        return cls(sessions, man, cfg, tok, provider, bundle)
+        b = cls(sessions, man, cfg, tok, provider, bundle)
+        b.slots = max(1, int(slots))      # states live at once: with a batched decoder_text, rows of one pool
+        return b
 
     @staticmethod
     def _u8u8(paths: dict, s8: list, log) -> dict:
@@ -116,7 +149,7 @@ class OrtBackend(SegmentRunner):
         from edgemm.calib.quantize import to_u8u8
         out = {}
         for s in s8:
-            m = onnx.load(paths[s])
+            m = onnx.load_from_string(paths[s]) if isinstance(paths[s], bytes) else onnx.load(paths[s])
             if m.ByteSize() > 1_800_000_000:
                 raise EdgemmError(f"stage {s} is too large to convert to u8u8 in memory on this CPU (no VNNI); "
                                   "re-export it with int8 weight-only (--precision int8-wo)")
@@ -133,6 +166,7 @@ class OrtBackend(SegmentRunner):
         so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below
         if disable_qdq_fusion:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
         available = ort.get_available_providers()
@@ -151,6 +185,11 @@ class OrtBackend(SegmentRunner):
             if got != prov:                      # onnxruntime fell back silently
                 errors.append(f"{prov}: did not initialise")
                 continue
+            if log and prov != "CPUExecutionProvider":       # nodes the chosen provider has no kernel for
+                for s, sess in sessions.items():
+                    line = placement_line(s, prov, off_provider_nodes(sess.get_provider_graph_assignment_info(), prov))
+                    if line:
+                        log(line)
             if log:
                 if errors or (device == "cuda" and prov == "CPUExecutionProvider"):
                     why = "; ".join(errors) if errors else "no CUDA provider in this onnxruntime"
@@ -175,7 +214,7 @@ class OrtBackend(SegmentRunner):
     def _check_shapes(bundle, cfg, sessions):
         """The graphs must have the KV layout and widths of the manifest's config."""
         c = cfg.decoder
-        for s in ("decoder_text", "decoder_image"):
+        for s in [n for n in cfg.stages if n.startswith("decoder")]:
             ins = {i.name: i.shape for i in sessions[s].get_inputs()}
             n_past = sum(1 for n in ins if n.startswith("past_key."))
             k = ins.get("past_key.0", [None] * 4)
@@ -183,6 +222,8 @@ class OrtBackend(SegmentRunner):
                 raise EdgemmError(f"bundle {bundle}: stage {s} has {n_past} layers of KV [{k[1]} heads x {k[3]}], "
                                   f"the manifest's config says {c.n_layers} x [{c.cache_heads} x {c.head_dim}]; "
                                   "re-export it")
+        if "decoder_image" not in sessions:            # gated cross-attention: images are not decoder rows
+            return
         rows = {i.name: i.shape for i in sessions["decoder_image"].get_inputs()}["image_rows"]
         if rows[-1] != c.d_model:
             raise EdgemmError(f"bundle {bundle}: decoder_image takes rows of width {rows[-1]}, the manifest's "
@@ -195,6 +236,13 @@ class OrtBackend(SegmentRunner):
     def new_state(self, max_len: int | None = None) -> State:
         c = self.cfg.decoder
         n = int(max_len or c.max_seq_len)
+        if self.batched and self.slots > 1:        # a row of the slots' pool (sized by the first state)
+            if self._pool is None:
+                from .kv_pool import KVPool
+                self._pool = KVPool(self._ort, self._dev, self.slots, c.n_layers, c.cache_heads, n, c.head_dim)
+            st = self._pool.take(n)
+            if st is not None:
+                return st                          # (else a state of its own, stepped alone)
         shape = (1, c.cache_heads, n, c.head_dim)
         ov = self._ort.OrtValue
         if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
@@ -213,23 +261,55 @@ class OrtBackend(SegmentRunner):
     def _encode(self, stage, feeds):
         return self.sess[stage].run(["image_rows"], feeds)[0]
 
+    def _outputs(self, stage, feeds):
+        names = [o.name for o in self.sess[stage].get_outputs()]
+        ov = self._ort.OrtValue
+        return {n: ov.ortvalue_from_numpy(a, *self._dev) for n, a in zip(names, self.sess[stage].run(names, feeds))}
+
     def _run(self, stage, state, feeds, positions):
         total = self._room(state, len(positions))
         sess = self.sess[stage]
+        pool = state.cache.get("pool")
+        row = pool.row(state) if pool is not None else None
         io = state.extra.get(stage)
         if io is None:        # one binding per state and stage: the KV buffers are bound once, in and out
             io = state.extra[stage] = sess.io_binding()
             io.bind_output("logits", "cpu")                # first: get_outputs() follows binding order
-            for i, (k, v) in enumerate(zip(state.cache["k"], state.cache["v"])):
+            if pool is not None:
+                pool.bind(io, row, 1)
+            for i, (k, v) in enumerate(zip(state.cache.get("k", ()), state.cache.get("v", ()))):
                 io.bind_ortvalue_input(f"past_key.{i}", k)
                 io.bind_ortvalue_input(f"past_value.{i}", v)
                 io.bind_ortvalue_output(f"present_key.{i}", k)
                 io.bind_ortvalue_output(f"present_value.{i}", v)
-        feeds = {**feeds, "positions": np.asarray(positions, np.int64),
+        positions = np.asarray(positions, np.int64)
+        feeds = {**feeds, "positions": positions[None] if self.batched and stage == "decoder_text" else positions,
                  "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
         for name, arr in feeds.items():                    # (feeds stays alive until the run is done)
-            io.bind_cpu_input(name, arr)
+            if isinstance(arr, self._ort.OrtValue):          # e.g. an image's cross K/V, on the device
+                io.bind_ortvalue_input(name, arr)
+            else:
+                io.bind_cpu_input(name, arr)
         sess.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         state.length = total
         return np.array(logits[0], dtype=np.float32)  # a copy: the bound output buffer is reused by the next call
+
+    # ---- parallel slots (runtimes/kv_pool.py) ---------------------------------------------------
+    def pooled(self, state: State) -> bool:
+        """Whether a state is a row of the slots' KV pool (so decode_batch steps it with the others)."""
+        return self._pool is not None and state.cache.get("pool") is self._pool and state.cache.get("row") is not None
+
+    def decode_batch(self, states, tokens) -> list[np.ndarray]:
+        """One token per state: rows of the KV pool in one run of decoder_text (the weights read once for all);
+        a bundle without the batch dimension, or states of their own, one after another."""
+        if len(states) < 2 or not all(self.pooled(st) for st in states):
+            return super().decode_batch(states, tokens)
+        c = self.cfg.decoder
+        row_feeds = {"input_rows": np.zeros((1, 0, c.d_model), np.float32)} if self._eoi_text() else {}
+        return self._pool.step(self.sess["decoder_text"], states, tokens, row_feeds)
+
+    def release(self, state: State) -> None:
+        """A pool row goes back to the pool (the state can no longer be used)."""
+        if state.cache is not None and state.cache.get("pool") is not None:
+            state.cache["pool"].release(state)

@@ -52,11 +52,17 @@ class TorchBackend(Backend):
         from edgemm.model import KVCache
         return State(cache=KVCache.empty(self.cfg.decoder, 1, max_len, device=self.device))
 
-    def vision(self, pixels):
+    def vision(self, pixels, *instruction):
         import torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-            return self.model.encode_image(x).float().cpu().numpy()
+            ins = [torch.from_numpy(np.asarray(t, np.int64)).to(self.device) for t in instruction]
+            if not ins and self.cfg.adapter.qformer_text:           # InstructBLIP: none is an empty instruction
+                ins = [torch.zeros(x.shape[0], 0, dtype=torch.long, device=self.device)]
+            return self.model.encode_image(x, *ins).float().cpu().numpy()
+
+    def image_newline(self):
+        return self.model.adapter.image_newline.detach().float().cpu().numpy()
 
     def _segment(self, state, kind, data):
         import torch

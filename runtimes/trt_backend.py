@@ -75,15 +75,17 @@ class _KVWindow(SegmentRunner):
 
 
 def _open_bundle(bundle, verify=True):
-    from edgemm.bundle import bundle_path, read_manifest, verify_bundle
+    from edgemm.bundle import load_tokenizer, read_manifest, verify_bundle
     from edgemm.config import ModelConfig
-    from edgemm.tokenizer import Tokenizer
     man = read_manifest(bundle)
     if man.get("target") != "trt":
         raise EdgemmError(f"{bundle} is a {man.get('target')!r} bundle; the trt backend runs trt bundles "
                           "(edgemm export --target trt)")
     if verify:
-        man = verify_bundle(bundle)
+        man = verify_bundle(bundle, defer_parsed=True)
+    if (man.get("trt") or {}).get("plugins"):
+        raise EdgemmError(f"bundle {bundle}: the manifest names TensorRT plugin libraries; edgemm loads none "
+                          "(a plugin is native code run in this process), so it refuses the bundle")
     try:
         cfg = ModelConfig.from_dict(man["model"])
     except (KeyError, TypeError, AttributeError):
@@ -92,11 +94,11 @@ def _open_bundle(bundle, verify=True):
     missing = [s for s in cfg.stages if s not in stages]
     if missing:
         raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")
-    for s in ("decoder_text", "decoder_image"):
+    for s in [n for n in cfg.stages if n.startswith("decoder")]:
         if stages[s].get("graph") != GRAPH_KV:
             raise EdgemmError(f"bundle {bundle}: stage {s} has graph flavour {stages[s].get('graph')!r}; "
                               f"the trt backend runs {GRAPH_KV!r} decoder graphs")
-    tok = Tokenizer.load(bundle_path(bundle, man.get("tokenizer", "tokenizer.json")))
+    tok = load_tokenizer(bundle, man, verify)
     return man, cfg, tok
 
 
@@ -112,7 +114,7 @@ class OnnxQdqBackend(_KVWindow):
 
     @classmethod
     def open(cls, model=None, bundle=None, device="cpu", threads=None, log=None, verify=True):
-        from edgemm.bundle import bundle_path
+        from edgemm.bundle import stage_sources
         if model is not None or bundle is None:
             raise EdgemmError("the trt backend runs trt bundles: pass --bundle DIR")
         man, cfg, tok = _open_bundle(bundle, verify)
@@ -128,11 +130,8 @@ class OnnxQdqBackend(_KVWindow):
         # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
         # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        paths = {s: str(bundle_path(bundle, man["stages"][s]["file"])) for s in cfg.stages}
-        from edgemm.safety import check_onnx_external
-        for p in paths.values():
-            check_onnx_external(p, bundle)
-        sessions = {s: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for s, p in paths.items()}
+        srcs = stage_sources(bundle, man, cfg.stages, verify)        # the bytes that were hashed
+        sessions = {s: ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]) for s, src in srcs.items()}
         b = cls(sessions, man, cfg, tok, str(bundle))
         if log:
             log(f"trt bundle on onnxruntime {ort.__version__} CPU provider (Q/DQ graphs emulated in fp32; "
@@ -151,6 +150,10 @@ class OnnxQdqBackend(_KVWindow):
 
     def _encode(self, stage, feeds):
         return self.sess[stage].run(["image_rows"], feeds)[0]
+
+    def _outputs(self, stage, feeds):
+        names = [o.name for o in self.sess[stage].get_outputs()]
+        return dict(zip(names, self.sess[stage].run(names, feeds)))
 
     def _decoder(self, stage, feeds, positions, past_len, window, cache):
         ck, cv, nk, nv = self.names
@@ -224,7 +227,8 @@ class TrtBackend(_KVWindow):
     def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, engines=None):
         """engines: an engines record to load instead of the manifest's (build-engines validates new engines
         before it commits them to the manifest)."""
-        from edgemm.bundle import bundle_path
+        from edgemm.bundle import bundle_path, read_verified
+        explicit = engines is not None          # build-engines validating the engines it has just written
         if device == "cpu":         # no engines on the CPU: the same graphs on onnxruntime
             return OnnxQdqBackend.open(model=model, bundle=bundle, threads=threads, log=log, verify=verify)
         if model is not None or bundle is None:
@@ -243,7 +247,16 @@ class TrtBackend(_KVWindow):
         runtime = trt.Runtime(logger)
         loaded = {}
         for s in cfg.stages:
-            data = bundle_path(bundle, engines["files"][s]).read_bytes()
+            # engines are executable artefacts: only files the manifest lists and hashes, checked on the very
+            # bytes TensorRT deserializes
+            rel = engines["files"][s]
+            if explicit:
+                data = bundle_path(bundle, rel).read_bytes()
+            elif rel not in man.get("files", {}):
+                raise EdgemmError(f"bundle {bundle}: engine {rel} is not listed and hashed in the manifest; "
+                                  "refusing it (" + REBUILD.format(bundle=bundle) + ")")
+            else:
+                data = read_verified(bundle, rel, man)
             eng = runtime.deserialize_cuda_engine(data)
             if eng is None:
                 raise EdgemmError(f"TensorRT could not deserialize the {s} engine of {bundle}; "
@@ -293,11 +306,15 @@ class TrtBackend(_KVWindow):
         t.cuda.current_stream().wait_stream(self.stream)
         return outs
 
-    def _cuda(self, feeds):
-        return {n: self.torch.from_numpy(np.ascontiguousarray(v)).cuda() for n, v in feeds.items()}
+    def _cuda(self, feeds):             # (CUDA tensors, e.g. an image's cross K/V, stay where they are)
+        return {n: v if isinstance(v, self.torch.Tensor) else self.torch.from_numpy(np.ascontiguousarray(v)).cuda()
+                for n, v in feeds.items()}
 
     def _encode(self, stage, feeds):
         return self._execute(stage, self._cuda(feeds))["image_rows"].float().cpu().numpy()
+
+    def _outputs(self, stage, feeds):
+        return self._execute(stage, self._cuda(feeds))
 
     def _decoder(self, stage, feeds, positions, past_len, window, cache):
         ck, cv, nk, nv = self.names

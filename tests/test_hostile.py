@@ -394,3 +394,69 @@ def test_fuzz_safetensors_header(tmp_path_factory, data):
         check_safetensors(p)
     except EdgemmError:
         pass
+
+
+# --------------------------------------------------------------------------- what is parsed is what was hashed
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory, random_ckpt):
+    from edgemm.export.onnx import export_onnx
+    out = tmp_path_factory.mktemp("swap") / "b"
+    export_onnx(model=str(random_ckpt), out=out, precision="fp32", threads=2, log=None)
+    return out
+
+
+def test_a_graph_swapped_after_the_check_is_refused(onnx_bundle, tmp_path, monkeypatch):
+    """A stage file replaced between the manifest check and the parse (a check-then-swap race, simulated by
+    swapping right after verify_bundle returns) is refused: the backend hashes the bytes it hands to ONNX Runtime."""
+    import shutil
+    import edgemm.bundle as B
+    from edgemm.runtimes.ort_backend import OrtBackend
+    b = tmp_path / "b"
+    shutil.copytree(onnx_bundle, b)
+    OrtBackend.open(bundle=str(b), threads=1)                      # intact: opens
+    real = B.verify_bundle
+
+    def verify_then_swap(*a, **kw):
+        m = real(*a, **kw)
+        (b / "decoder_text.onnx").write_bytes((b / "decoder_image.onnx").read_bytes())   # a valid, other graph
+        return m
+    monkeypatch.setattr(B, "verify_bundle", verify_then_swap)
+    with pytest.raises(EdgemmError, match="decoder_text.onnx does not match its sha256"):
+        OrtBackend.open(bundle=str(b), threads=1)
+
+
+def test_trt_bundles_naming_plugin_libraries_are_refused(tmp_path):
+    from edgemm.bundle import write_manifest
+    from edgemm.runtimes.trt_backend import _open_bundle
+    b = tmp_path / "t"
+    b.mkdir()
+    (b / "libevil.so").write_bytes(b"\x7fELF")
+    for s in ("decoder_text", "decoder_image"):
+        (b / f"{s}.onnx").write_bytes(b"")
+    write_manifest(b, {"target": "trt", "stages": {s: {"file": f"{s}.onnx"} for s in ("decoder_text", "decoder_image")},
+                       "trt": {"plugins": ["libevil.so"]}})
+    with pytest.raises(EdgemmError, match="plugin libraries"):
+        _open_bundle(b, verify=False)
+
+
+def test_a_pinned_gguf_is_the_file_that_was_hashed(tmp_path):
+    """The llamacpp backend hashes each GGUF through a descriptor and hands llama.cpp that descriptor's name:
+    a file swapped in before the hash is refused; one swapped in after it is never read."""
+    import os
+    from edgemm.bundle import PinnedFile, write_manifest
+    from edgemm.safety import check_gguf
+    b = tmp_path / "b"
+    b.mkdir()
+    _gguf(b / "decoder.gguf")
+    _gguf(b / "mmproj.gguf")
+    m = write_manifest(b, {"target": "gguf", "stages": {"decoder": {"file": "decoder.gguf"},
+                                                        "vision": {"file": "mmproj.gguf"}}})
+    pin = PinnedFile(b, "decoder.gguf", m)
+    (tmp_path / "evil.gguf").write_bytes(_header(2**40, 0))
+    os.replace(tmp_path / "evil.gguf", b / "decoder.gguf")           # after the hash: the pinned name still reads
+    assert check_gguf(pin.path)["tensors"] == 1                      # the original file
+    with pytest.raises(EdgemmError, match="tensors"):
+        check_gguf(b / "decoder.gguf")
+    pin.close()
+    with pytest.raises(EdgemmError, match="does not match its sha256"):  # before the hash: refused
+        PinnedFile(b, "decoder.gguf", m)

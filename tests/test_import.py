@@ -550,6 +550,14 @@ def test_bin_checkpoint_is_read_weights_only(tmp_path):
     (src / "config.json").write_text(json.dumps(COGVLM_CONFIG))
     torch.save(t, src / "pytorch_model.bin")
     write_tokenizer(src)
-    import_checkpoint(src, tmp_path / "o", log=None)
+    # refused unless asked for (unpickling can run code), on the CLI with exit code 2 and nothing written
+    r = _run_cli("import", str(src), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "--allow-bin" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(EdgemmError, match="pickled"):
+        import_checkpoint(src, tmp_path / "o", log=None)
+    r = _run_cli("import", str(src), "-o", str(tmp_path / "o"), "--allow-bin")
+    assert r.exit_code == 0, r.output
+    import_checkpoint(src, tmp_path / "o", log=None, allow_bin=True, force=True)
     m, _ = load_checkpoint(tmp_path / "o")
     assert torch.equal(m.decoder.layers[1].vision.down.weight, t["model.layers.1.mlp.vision_mlp.down_proj.weight"])

@@ -133,6 +133,24 @@ def test_provider_order_and_fallback(bundle, monkeypatch):
     assert any("falling back to the CPU" in s and "CUDA" in s for s in logs)
 
 
+def test_placement_report_names_nodes_off_the_provider(bundle):
+    """ONNX Runtime's own placement report: on this CPU-only machine every node is on the CPU provider, so
+    asked against CUDA the report lists every node by op type (GroupQueryAttention included), against the CPU
+    nothing."""
+    from edgemm.runtimes.ort_backend import off_provider_nodes, placement_line
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    sess = ort.InferenceSession(str(bundle / "decoder_text.onnx"), so, providers=["CPUExecutionProvider"])
+    info = sess.get_provider_graph_assignment_info()
+    assert off_provider_nodes(info, "CPUExecutionProvider") == {}
+    off = off_provider_nodes(info, "CUDAExecutionProvider")
+    n_layers = get_preset("tiny-shapes").decoder.n_layers
+    assert off.get("com.microsoft.GroupQueryAttention") == n_layers and sum(off.values()) > 4 * n_layers
+    line = placement_line("decoder_text", "CUDAExecutionProvider", off)
+    assert line.startswith(f"note: {sum(off.values())} node(s) of decoder_text run off CUDAExecutionProvider")
+    assert placement_line("decoder_text", "CPUExecutionProvider", {}) is None
+
+
 # ---- bad bundles: one-line errors, exit code 2 -------------------------------------------------------
 def _copy(bundle, tmp_path):
     d = tmp_path / "b"

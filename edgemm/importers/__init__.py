@@ -1,4 +1,5 @@
-"""`edgemm import`: Hugging Face-layout checkpoints of the CogVLM, LLaVA and Libra families -> edgemm checkpoints.
+"""`edgemm import`: Hugging Face-layout checkpoints (CogVLM, Libra, LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP,
+Idefics) -> edgemm checkpoints.
 
 A source is a directory with config.json, the weights (safetensors shards + model.safetensors.index.json, a single
 model.safetensors, or pytorch_model*.bin read with torch.load(weights_only=True)) and tokenizer files.
@@ -24,13 +25,16 @@ from ..bundle import check_out
 from ..checkpoint import atomic_dir
 from ..errors import EdgemmError
 
+from .blip2 import map_blip2
 from .cogvlm import map_cogvlm
+from .idefics import map_idefics
 from .libra import map_libra
-from .llava import map_llava
+from .llava import map_llava, map_llava_next
 from .shards import DEFAULT_SHARD_BYTES, Source, check_plan, stream_convert
 
-FAMILIES = ("cogvlm", "llava", "libra")
-MAPPERS = {"cogvlm": map_cogvlm, "llava": map_llava, "libra": map_libra}
+FAMILIES = ("cogvlm", "llava", "libra", "llava_next", "blip2", "instructblip", "idefics")
+MAPPERS = {"cogvlm": map_cogvlm, "llava": map_llava, "libra": map_libra, "llava_next": map_llava_next,
+           "blip2": map_blip2, "instructblip": map_blip2, "idefics": map_idefics}
 
 
 # --------------------------------------------------------------------------- families
@@ -38,8 +42,16 @@ def detect_family(hf: dict, where: str = "config.json") -> str:
     mt = str(hf.get("model_type", "")).lower()
     arch = " ".join(hf.get("architectures") or []).lower()
     auto = json.dumps(hf.get("auto_map") or {}).lower()
+    if mt == "llava_next" or "llavanextforconditionalgeneration" in arch:
+        return "llava_next"
     if mt == "llava" or "llavaforconditionalgeneration" in arch:
         return "llava"
+    if mt == "blip-2" or "blip2forconditionalgeneration" in arch:
+        return "blip2"
+    if mt == "instructblip" or "instructblipforconditionalgeneration" in arch:
+        return "instructblip"
+    if mt == "idefics" or "ideficsforvisiontext2text" in arch:
+        return "idefics"
     if mt == "libra" or "libraforcausallm" in arch:
         return "libra"
     if mt == "cogvlm" or "cogvlm" in arch or "cogvlm" in auto:
@@ -88,8 +100,9 @@ def _install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: bool = False, rules: str = "original",
-                      shard_bytes: int = DEFAULT_SHARD_BYTES, log=print) -> dict:
-    """Import a HF-layout checkpoint directory into an edgemm checkpoint at `out`. -> a summary dict."""
+                      shard_bytes: int = DEFAULT_SHARD_BYTES, log=print, allow_bin: bool = False) -> dict:
+    """Import a HF-layout checkpoint directory into an edgemm checkpoint at `out`. -> a summary dict.
+    allow_bin: read pickled pytorch_model*.bin shards (with torch.load(weights_only=True)); refused otherwise."""
     log = log or (lambda *_: None)
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -104,11 +117,15 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
     fam = detect_family(hf, str(src / "config.json")) if family == "auto" else family
     if fam not in MAPPERS:
         raise EdgemmError(f"unknown family {family!r}; edgemm imports {', '.join(FAMILIES)}")
-    source = Source(src)
+    source = Source(src, allow_bin=allow_bin)
     plan = MAPPERS[fam](hf, source, rules)
     plan.cfg.validate()
     shapes = check_plan(plan, source)
     tok_dir = Path(tokenizer) if tokenizer else None
+    qformer_tok = None
+    if plan.cfg.adapter.qformer_text:                 # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer)
+        from ..qformer import QFORMER_TOKENIZER, import_tokenizer
+        qformer_tok = import_tokenizer(src, tok_dir, plan.cfg)
     log(f"importing {src} as {fam}: {len(plan.entries)} edgemm tensors from {len(source.where)} source tensors "
         f"in {len(source.shards)} shard(s)")
     for n in plan.notes:
@@ -121,6 +138,8 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
         log(f"not imported: {n} tensor(s): {why}")
     with atomic_dir(out) as tmp:
         _install_tokenizer(src, tok_dir, tmp, log)
+        if qformer_tok is not None:
+            qformer_tok.save(tmp / QFORMER_TOKENIZER)
         files = stream_convert(plan, source, shapes, tmp, shard_bytes, log)
         plan.cfg.save(tmp / "config.json")
         summary = {"source": str(src.resolve()), "family": fam, "rules": rules if fam == "cogvlm" else None,

@@ -65,7 +65,7 @@ def _rope_theta(tc: dict, where: str) -> float:
     return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
 
 
-def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=None):
+def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=None, mlp: bool = True):
     e, s = f"decoder.layers.{i}.", f"{pre}layers.{i}."
     plan.add(e + "attn_norm.weight", s + "input_layernorm.weight")
     plan.add(e + "ffn_norm.weight", s + "post_attention_layernorm.weight")
@@ -74,9 +74,30 @@ def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=No
     if qkv_bias:
         plan.add(e + "text.qkv.bias", a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias", fn=_cat)
     plan.add(e + "text.o.weight", a + "o_proj.weight")
-    for n in ("gate", "up", "down"):
+    for n in ("gate", "up", "down") if mlp else ():        # (mlp=False: the caller maps an MoE block)
         plan.add(e + f"text.{n}.weight", s + f"mlp.{n}_proj.weight")
     plan.ignore(a + "rotary_emb.inv_freq", "RoPE frequencies (recomputed from the config's rope_theta)")
+
+
+def _clip_vision(plan: Plan, vt: str, n_blocks: int, post_norm_why: str) -> None:
+    """A CLIP ViT in transformers' layout under `vt` -> edgemm's "clip" tower: embeddings, pre-LayerNorm and the
+    first n_blocks encoder layers (fused QKV); post_layernorm (the pooled output's) is not imported."""
+    em = vt + "embeddings."
+    plan.add("vision.patch_embed.weight", em + "patch_embedding.weight")
+    plan.add("vision.cls", em + "class_embedding", fn=lambda t: t[0].reshape(1, 1, -1))
+    plan.add("vision.pos", em + "position_embedding.weight", fn=lambda t: t[0].unsqueeze(0))
+    plan.ignore(em + "position_ids", "position index buffer")
+    for n in ("weight", "bias"):
+        plan.add(f"vision.pre_norm.{n}", vt + f"pre_layrnorm.{n}")
+        plan.ignore(vt + f"post_layernorm.{n}", post_norm_why)
+    for i in range(n_blocks):
+        s, e = f"{vt}encoder.layers.{i}.", f"vision.blocks.{i}."
+        a = s + "self_attn."
+        for n in ("weight", "bias"):
+            plan.add(e + f"qkv.{n}", a + f"q_proj.{n}", a + f"k_proj.{n}", a + f"v_proj.{n}", fn=_cat)
+            for ours, theirs in (("proj", "self_attn.out_proj"), ("ln1", "layer_norm1"), ("ln2", "layer_norm2"),
+                                 ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                plan.add(e + f"{ours}.{n}", s + f"{theirs}.{n}")
 
 
 def _zeros(n):

@@ -5,8 +5,49 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
-from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _llama_layer, _req, _rope_theta
+from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _clip_vision, _llama_layer, _req, _rope_theta
 from .shards import Source
+
+
+def _moe_fields(tc: dict, tmt: str, wt: str) -> dict:
+    """DecoderConfig MoE fields of a Mixtral text_config (every layer an MoE layer, top-k renormalised) or a
+    Qwen3-MoE one (decoder_sparse_step, mlp_only_layers, norm_topk_prob, moe_intermediate_size; per-head Q/K norm)."""
+    if tmt not in ("mixtral", "qwen3_moe"):
+        return {}
+    n = tc.get("num_experts", tc.get("num_local_experts"))
+    if n is None:
+        raise EdgemmError(f"{wt} lacks the key 'num_local_experts'")
+    k = _req(tc, "num_experts_per_tok", wt)
+    if tmt == "mixtral":
+        return {"n_experts": n, "experts_top_k": k, "norm_topk_prob": True}
+    return {"n_experts": n, "experts_top_k": k, "norm_topk_prob": bool(tc.get("norm_topk_prob", False)),
+            "expert_ffn_dim": _req(tc, "moe_intermediate_size", wt), "moe_every": tc.get("decoder_sparse_step", 1),
+            "moe_dense_layers": list(tc.get("mlp_only_layers") or []), "qk_norm": True}
+
+
+def _moe_block(plan: Plan, lm: str, i: int, n: int, names: set) -> None:
+    """Router and stacked experts of one MoE layer: transformers 5's fused layout (mlp.gate, mlp.experts.gate_up_proj
+    [n, 2F, D] = [gate | up], mlp.experts.down_proj) or the per-expert ones it saves (Mixtral: block_sparse_moe.gate,
+    block_sparse_moe.experts.e.w1 = gate, w3 = up, w2 = down; Qwen3-MoE: mlp.gate, mlp.experts.e.gate_proj ...)."""
+    import torch
+    e, s = f"decoder.layers.{i}.text.moe.", f"{lm}layers.{i}."
+    if s + "mlp.experts.gate_up_proj" in names:
+        f = s + "mlp.experts."
+        plan.add(e + "router.weight", s + "mlp.gate.weight")
+        plan.add(e + "gate", f + "gate_up_proj", fn=lambda t: t[0][:, : t[0].shape[1] // 2])
+        plan.add(e + "up", f + "gate_up_proj", fn=lambda t: t[0][:, t[0].shape[1] // 2:])
+        plan.add(e + "down", f + "down_proj")
+        return
+    if s + "mlp.gate.weight" in names:                      # Qwen3-MoE, per expert
+        plan.add(e + "router.weight", s + "mlp.gate.weight")
+        for n_ in ("gate", "up", "down"):
+            plan.add(e + n_, *(f"{s}mlp.experts.{j}.{n_}_proj.weight" for j in range(n)),
+                     fn=lambda t: torch.stack(list(t)))
+        return
+    b = s + "block_sparse_moe."
+    plan.add(e + "router.weight", b + "gate.weight")
+    for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        plan.add(e + ours, *(f"{b}experts.{j}.{theirs}.weight" for j in range(n)), fn=lambda t: torch.stack(list(t)))
 
 
 def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
@@ -15,20 +56,23 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     tc, vc = _req(hf, "text_config", w), _req(hf, "vision_config", w)
     wt, wv = "config.json text_config", "config.json vision_config"
     tmt, vmt = tc.get("model_type", "llama"), vc.get("model_type", "clip_vision_model")
-    if tmt not in ("llama", "mistral", "qwen2"):
-        raise EdgemmError(f"{wt}: language model {tmt!r} is not supported (llama, mistral, qwen2)")
+    if tmt not in ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe"):
+        raise EdgemmError(f"{wt}: language model {tmt!r} is not supported (llama, mistral, qwen2, mixtral, qwen3_moe)")
     if vmt != "clip_vision_model":
         raise EdgemmError(f"{wv}: vision tower {vmt!r} is not supported (clip_vision_model)")
     if tc.get("mlp_bias"):
         raise EdgemmError(f"{wt}: mlp_bias is not supported")
-    if tmt == "llama" and tc.get("attention_bias"):
+    if tmt == "qwen3_moe" and tc.get("use_sliding_window"):
+        raise EdgemmError(f"{wt}: sliding-window attention is not supported")
+    if tmt in ("llama", "qwen3_moe") and tc.get("attention_bias"):
         raise EdgemmError(f"{wt}: attention_bias (which biases o_proj too) is not supported")
-    if tmt == "mistral" and tc.get("sliding_window") not in (None, 0) and \
+    if tmt in ("mistral", "mixtral") and tc.get("sliding_window") not in (None, 0) and \
             tc["sliding_window"] < tc.get("max_position_embeddings", 0):
         raise EdgemmError(f"{wt}: sliding-window attention is not supported")
     D, H, L = _req(tc, "hidden_size", wt), _req(tc, "num_attention_heads", wt), _req(tc, "num_hidden_layers", wt)
     if tc.get("head_dim") not in (None, D // H):
-        raise EdgemmError(f"{wt}: head_dim {tc['head_dim']} != hidden_size / num_attention_heads")
+        raise EdgemmError(f"{wt}: head_dim {tc['head_dim']} != hidden_size / num_attention_heads is not supported "
+                          "(edgemm's decoder has head_dim = d_model / n_heads)")
     kv = tc.get("num_key_value_heads") or H
     fl = hf.get("vision_feature_layer", -2)
     if not isinstance(fl, int):
@@ -55,7 +99,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
                               n_kv_heads=kv if kv != H else None, ffn_dim=_req(tc, "intermediate_size", wt),
                               rope_theta=_rope_theta(tc, wt), rms_eps=tc.get("rms_norm_eps", 1e-6),
                               max_seq_len=tc.get("max_position_embeddings", 4096), tie_embeddings=tie,
-                              qkv_bias=qkv_bias, single_branch=True))
+                              qkv_bias=qkv_bias, single_branch=True, **_moe_fields(tc, tmt, wt)))
     if tc.get("hidden_act", "silu") != "silu":
         raise EdgemmError(f"{wt}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
     # transformers 4.x before 4.52, 4.52+, and 5.x's save format (vision tower without `vision_model.`)
@@ -76,37 +120,66 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     else:
         plan.add("decoder.lm_head.weight", head)
     for i in range(L):
-        _llama_layer(plan, lm, i, qkv_bias)
-    em = vt + "embeddings."
-    plan.add("vision.patch_embed.weight", em + "patch_embedding.weight")
-    plan.add("vision.cls", em + "class_embedding", fn=lambda t: t[0].reshape(1, 1, -1))
-    plan.add("vision.pos", em + "position_embedding.weight", fn=lambda t: t[0].unsqueeze(0))
-    plan.ignore(em + "position_ids", "position index buffer")
-    for n in ("weight", "bias"):
-        plan.add(f"vision.pre_norm.{n}", vt + f"pre_layrnorm.{n}")
-        plan.ignore(vt + f"post_layernorm.{n}", "CLIP's pooled-output norm: LLaVA takes hidden states before it")
-    for i in range(vl):
+        _llama_layer(plan, lm, i, qkv_bias, mlp=not cfg.decoder.is_moe_layer(i))
+        if cfg.decoder.is_moe_layer(i):
+            _moe_block(plan, lm, i, cfg.decoder.n_experts, names)
+        if cfg.decoder.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                plan.add(f"decoder.layers.{i}.text.{n}.weight", f"{lm}layers.{i}.self_attn.{n}.weight")
+    _clip_vision(plan, vt, used, "CLIP's pooled-output norm: LLaVA takes hidden states before it")
+    for i in range(used, vl):
         s = f"{vt}encoder.layers.{i}."
-        if i >= used:
-            for k in src.where:
-                if k.startswith(s):
-                    plan.ignore(k, f"CLIP layer after vision_feature_layer {fl}: LLaVA does not use it")
-            continue
-        e = f"vision.blocks.{i}."
-        a = s + "self_attn."
-        for n in ("weight", "bias"):
-            plan.add(e + f"qkv.{n}", a + f"q_proj.{n}", a + f"k_proj.{n}", a + f"v_proj.{n}", fn=_cat)
-            plan.add(e + f"proj.{n}", a + f"out_proj.{n}")
-            plan.add(e + f"ln1.{n}", s + f"layer_norm1.{n}")
-            plan.add(e + f"ln2.{n}", s + f"layer_norm2.{n}")
-            plan.add(e + f"fc1.{n}", s + f"mlp.fc1.{n}")
-            plan.add(e + f"fc2.{n}", s + f"mlp.fc2.{n}")
+        for k in src.where:
+            if k.startswith(s):
+                plan.ignore(k, f"CLIP layer after vision_feature_layer {fl}: LLaVA does not use it")
     for n in ("linear_1", "linear_2"):
         plan.add(f"adapter.{n}.weight", pj + f"{n}.weight")
         if cfg.adapter.bias:
             plan.add(f"adapter.{n}.bias", pj + f"{n}.bias")
+    if cfg.decoder.n_experts:
+        plan.notes.append(f"mixture of experts: {cfg.decoder.n_experts} experts, top-{cfg.decoder.experts_top_k}, "
+                          f"in {sum(map(cfg.decoder.is_moe_layer, range(L)))} of {L} layers")
     plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are "
                       f"replaced by the {cfg.n_image_rows} image rows of the vision stage")
     return plan
 
 
+
+
+def map_llava_next(hf: dict, src: Source, rules: str = "original") -> Plan:
+    """transformers' LlavaNextForConditionalGeneration: LLaVA's plan + any-resolution tiling (edgemm.anyres):
+    image_grid_pinpoints, the newline row, and the processor's settings from preprocessor_config.json if present."""
+    import json
+    plan = map_llava(hf, src, rules)
+    v = plan.cfg.vision
+    pins = hf.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    if hf.get("vision_feature_select_strategy", "default") != "default":
+        raise EdgemmError("config.json: LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported "
+                          "(its tiles would carry a CLS row)")
+    pp = src.path / "preprocessor_config.json"
+    if pp.is_file():
+        w = "preprocessor_config.json"
+        try:
+            p = json.loads(pp.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgemmError(f"{pp} is not valid JSON ({e})") from None
+        if p.get("image_grid_pinpoints", pins) != pins:
+            raise EdgemmError(f"{w}: image_grid_pinpoints {p['image_grid_pinpoints']} differ from config.json's {pins}")
+        size, crop = p.get("size") or {}, p.get("crop_size") or {}
+        for what, n in (("size", size.get("shortest_edge", size.get("height"))), ("crop_size", crop.get("height"))):
+            if n not in (None, v.image_size):
+                raise EdgemmError(f"{w}: {what} {n} differs from the tower's image_size {v.image_size}")
+        if p.get("do_pad") is False:
+            raise EdgemmError(f"{w}: do_pad false is not supported")
+        v.image_mean = tuple(p.get("image_mean", v.image_mean))
+        v.image_std = tuple(p.get("image_std", v.image_std))
+    v.grid_pinpoints = [[int(a), int(b)] for a, b in pins]
+    plan.cfg.adapter.image_newline = True
+    plan.cfg.validate()
+    names = set(src.where)
+    plan.add("adapter.image_newline", next((n for n in ("model.image_newline", "image_newline") if n in names),
+                                          "model.image_newline"))
+    plan.notes = [n for n in plan.notes if not n.startswith("image token id")]
+    plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are replaced "
+                      f"by the image's rows (any-resolution tiling: up to {plan.cfg.n_image_rows} for one image)")
+    return plan

@@ -25,7 +25,7 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 class Source:
     """The tensors of a HF checkpoint directory: names, shapes, dtypes and which shard holds each."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, allow_bin: bool = False):
         self.path = path
         self.where: dict[str, str] = {}
         self.shapes: dict[str, tuple] = {}
@@ -44,6 +44,10 @@ class Source:
         else:
             raise EdgemmError(f"{p} holds no weights: expected model.safetensors(.index.json) or "
                               "pytorch_model.bin(.index.json)")
+        if self.kind == "bin" and not allow_bin:
+            raise EdgemmError(f"{p} holds pickled pytorch_model.bin weights, and unpickling a file can run code; "
+                              "convert them to safetensors, or pass --allow-bin to read them with "
+                              "torch.load(weights_only=True) if you trust where they come from")
         if wm is not None:
             self.shards = list(dict.fromkeys(wm[k] for k in sorted(wm, key=lambda k: (wm[k], k))))
             for shard in self.shards:

@@ -251,6 +251,8 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             data.append({"id": mid, "object": "model", "created": m.created, "owned_by": "edgemm",
                          "meta": {"backend": m.backend.describe(), "context_length": m.backend.context_length,
                                   "image_size": cfg.vision.image_size, "image_rows": cfg.n_image_rows,
+                                  "image_rows_note": "the most one image takes" if cfg.vision.grid_pinpoints
+                                  else "per image",
                                   "slots": m.engine.parallel}})
         return {"object": "list", "data": data}
 
@@ -322,15 +324,23 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             raise APIError(400, f"the prompt needs {rows} tokens (image rows included) plus max_tokens "
                                 f"{gen.max_new_tokens}, over the model's context of {b.context_length}; shorten "
                                 "the conversation or lower max_tokens", code="context_length_exceeded")
-        from ..processor import preprocess
+        from ..anyres import preprocess_image
         pixels = []
         for u in urls:
             data = await asyncio.to_thread(fetch_image, u, limits)
             img = await asyncio.to_thread(decode_image, data, limits)
-            pixels.append(preprocess(img, b.cfg.vision))
+            pixels.append(preprocess_image(img, b.cfg.vision))
+        if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
+            rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
+        from ..qformer import instruction, needs_instruction
+        from .prompt import normalize_messages
+        instructions = None                 # InstructBLIP: each image with the text of the message it comes in
+        if needs_instruction(b.cfg):
+            instructions = [instruction(b.tokenizer, b.cfg, m["text"]) for m in normalize_messages(body["messages"])
+                            for _ in m["images"]]
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
+        job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows, instructions=instructions,
                   on_event=lambda kind, data: loop.call_soon_threadsafe(q.put_nowait, (kind, data)))
         try:
             m.engine.submit(job)

@@ -2,7 +2,8 @@
 
 One worker thread owns the backend (backends are not thread-safe). Each loop it admits waiting requests into
 free slots (encode the images, prefill the prompt, sample the first token), then advances every active slot by
-one token in one `decode_batch` call (llama.cpp: one llama_decode over all the slots' sequences, the weights
+one token in one `decode_batch` call (llama.cpp: one llama_decode over all the slots' sequences; ort with a
+batch-capable decoder_text: one run over the slots' rows of one KV buffer per layer; either way the weights are
 read once for all of them; the other backends step the slots one after another). A long answer therefore never
 blocks the others, a cancelled request (client gone) frees its slot before the next step, and at most
 `max_queue` requests wait beyond the slots (more are refused: the server answers 503 with Retry-After).
@@ -42,6 +43,7 @@ class Job:
     t_first: float | None = None
     n_out: int = 0
     keys: list | None = None            # the segments' cache keys (segment_keys)
+    instructions: list | None = None    # InstructBLIP: (ids, mask) of each image's question (edgemm.qformer)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -63,7 +65,10 @@ def segment_keys(job: Job) -> list:
         if kind == "text":
             keys.append(("text", tuple(data)))
         else:
-            keys.append(("image", hashlib.sha1(job.pixels[data].tobytes()).hexdigest()))
+            h = hashlib.sha1(job.pixels[data].tobytes())
+            if job.instructions:            # InstructBLIP: the rows depend on the question too
+                h.update(b"q" + np.asarray(job.instructions[data][0], np.int64).tobytes())
+            keys.append(("image", h.hexdigest()))
     job.keys = keys
     return keys
 
@@ -168,11 +173,13 @@ class Engine:
 
     ROWS_CACHE = 8
 
-    def _rows(self, key: str, pixels):
+    def _rows(self, key: str, pixels, instruction=()):
         if key in self.rows_cache:
             self.rows_cache.move_to_end(key)
             return self.rows_cache[key]
-        rows = self.b.vision(pixels)
+        from ..anyres import encode_pixels
+        # (tiled and packed for any-resolution models; InstructBLIP: with its question's Q-Former ids)
+        rows = self.b.vision(pixels, *instruction) if instruction else encode_pixels(self.b, pixels)
         self.rows_cache[key] = rows
         while len(self.rows_cache) > self.ROWS_CACHE:
             self.rows_cache.popitem(last=False)
@@ -195,7 +202,8 @@ class Engine:
                 slot.held = []
                 self._finish(slot, "cancelled")
                 return
-            logits = b.text(st, data) if kind == "text" else b.image(st, self._rows(key[1], job.pixels[data]))
+            ins = job.instructions[data] if kind == "image" and job.instructions else ()   # InstructBLIP
+            logits = b.text(st, data) if kind == "text" else b.image(st, self._rows(key[1], job.pixels[data], ins))
             slot.held.append((key, st.length, st.pos))
         slot.ans = AnswerStream(b.tokenizer, job.gen)
         self._advance(slot, logits)

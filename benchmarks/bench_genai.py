@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""edgemm's ort decode step against ONNX Runtime GenAI on the same shapes and bit width (not a test).
+
+    python benchmarks/bench_genai.py                       # bench-0.5b shapes, int4 and int8, context 64, 64 steps
+    python benchmarks/bench_genai.py --threads 2 --rounds 5 --workdir /tmp/genai-bench   # keep the models
+
+ONNX Runtime GenAI runs a plain Llama with the text-branch shapes of the preset (d_model, layers, heads, ffn,
+vocab), random weights made with transformers' LlamaForCausalLM and converted by GenAI's own builder
+(`onnxruntime_genai.models.builder`, `-e cpu`, its defaults: block 32, accuracy level 4). edgemm runs the same
+preset exported with `export_onnx` (int4: MatMulNBits block 32; int8-wo: block 128) on its ort backend. Each
+engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed; the engines alternate
+round by round and the table shows the median tok/s of `--rounds` rounds, and the ratio edgemm / GenAI.
+(llama.cpp: `python benchmarks/bench_gguf.py --stock` times edgemm's llamacpp backend against the stock loop.)
+Needs the genai extra: pip install 'edgemm[genai]' (onnxruntime-genai, onnx-ir; CPU machines only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PAIRS = {"int4": ("int4", "int4"), "int8": ("int8-wo", "int8")}      # name -> (edgemm precision, GenAI -p)
+
+
+def plain_llama(cfg, tok, out: Path, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM with the preset's text-branch shapes (+ edgemm's tokenizer, which GenAI's builder
+    copies), saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    c = cfg.decoder
+    torch.manual_seed(seed)
+    hf = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+                     num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
+                     max_position_embeddings=c.max_seq_len, rms_norm_eps=c.rms_eps, rope_theta=c.rope_theta,
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(hf).eval().save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok.tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(out)
+    return out
+
+
+def build_genai(src: Path, out: Path, precision: str, threads: int) -> Path:
+    if (out / "genai_config.json").is_file():
+        return out
+    import subprocess
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+           "-e", "cpu", "-c", str(out.parent / "cache")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode:
+        sys.exit(f"the GenAI builder failed:\n{r.stderr[-3000:]}")
+    return out
+
+
+class GenAI:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime_genai as og
+        cfg_path = path / "genai_config.json"
+        gc = json.loads(cfg_path.read_text())
+        opts = gc["model"]["decoder"].setdefault("session_options", {})
+        opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
+        cfg_path.write_text(json.dumps(gc, indent=1))
+        self.og, self.model = og, og.Model(str(path))
+
+    def decode(self, prompt: list[int], steps: int, warmup: int) -> float:
+        og = self.og
+        p = og.GeneratorParams(self.model)
+        n = len(prompt) + warmup + steps + 1
+        p.set_search_options(max_length=n, min_length=n, do_sample=False)    # min_length: no stop at EOS
+        g = og.Generator(self.model, p)
+        g.append_tokens(np.asarray(prompt, np.int32))
+        for _ in range(warmup):
+            g.generate_next_token()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            g.generate_next_token()
+        return steps / (time.perf_counter() - t0)
+
+
+class Edgemm:
+    def __init__(self, bundle: Path, threads: int):
+        from edgemm.runtimes import load_backend
+        self.b = load_backend("ort", bundle=str(bundle), device="cpu", threads=threads)
+
+    def decode(self, prompt: list[int], steps: int, warmup: int) -> float:
+        st = self.b.new_state(max_len=len(prompt) + warmup + steps + 2)
+        tok = int(np.argmax(self.b.text(st, prompt)))
+        for _ in range(warmup):
+            tok = int(np.argmax(self.b.text(st, [tok])))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = int(np.argmax(self.b.text(st, [tok])))
+        return steps / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="bench-0.5b")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--precisions", default="int4,int8", help="comma-separated: int4, int8")
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workdir", default=None, help="keep the exported models here (reused when present)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        sys.exit("needs onnxruntime-genai: pip install 'edgemm[genai]'")
+    import torch
+    torch.set_num_threads(a.threads)
+    from edgemm import shapes
+    from edgemm.config import get_preset
+    from edgemm.export.onnx import export_onnx
+    from edgemm.model import EdgeMM
+    from edgemm.tokenizer import Tokenizer, train_tokenizer
+
+    tmp = None
+    if a.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="edgemm-genai-")
+    work = Path(a.workdir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = get_preset(a.preset)
+    precisions = a.precisions.split(",")
+    log = lambda s: print("# " + s, file=sys.stderr)   # noqa: E731
+    hf = work / "plain-llama"
+    model = None
+    tok = Tokenizer(train_tokenizer(shapes.corpus_lines(), cfg.decoder.vocab_size))
+    if not (hf / "config.json").is_file():
+        log(f"building a plain Llama with the {a.preset} text-branch shapes")
+        plain_llama(cfg, tok, hf)
+    engines = {}
+    for name in precisions:
+        ours, theirs = PAIRS[name]
+        bundle = work / f"edgemm-{ours}"
+        if not (bundle / "edgemm.json").is_file():
+            if model is None:
+                model = EdgeMM(cfg).init_weights().eval()
+            log(f"exporting edgemm {ours}")
+            export_onnx(model=(model, tok), out=bundle, precision=ours, threads=a.threads, log=None)
+        log(f"building ONNX Runtime GenAI {theirs}")
+        g = build_genai(hf, work / f"genai-{theirs}", theirs, a.threads)
+        engines[f"edgemm-ort-{name}"] = Edgemm(bundle, a.threads)
+        engines[f"ort-genai-{name}"] = GenAI(g, a.threads)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg.decoder.vocab_size, a.context).tolist()
+    runs = {k: [] for k in engines}
+    for r in range(a.rounds):                       # interleaved rounds: the machine's noise hits every engine
+        for k, e in engines.items():
+            runs[k].append(e.decode(prompt, a.steps, a.warmup))
+        log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"\n{a.preset} text-branch shapes, context {a.context}, {a.steps} greedy steps, {a.threads} threads, "
+          f"median of {a.rounds} interleaved rounds")
+    print(f"{'engine':<18} {'tok/s':>8}")
+    for k, v in med.items():
+        print(f"{k:<18} {v:>8.1f}")
+    ratios = {n: med[f"edgemm-ort-{n}"] / med[f"ort-genai-{n}"] for n in precisions}
+    for n, x in ratios.items():
+        print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"runs": runs, "median": med, "ratios": ratios, "args": vars(a)}, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

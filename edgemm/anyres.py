@@ -1,0 +1,216 @@
+"""Any-resolution tiling (LLaVA-NeXT): the host side of the vision stage.
+
+An image of H x W pixels is fitted to the best of `grid_pinpoints` ([h, w], multiples of the tower's image_size S)
+exactly as transformers' LlavaNextImageProcessor picks it (select_best_resolution), resized with its aspect ratio
+kept and padded with black to that resolution, and cut row-major into S x S tiles; a stretched S x S overview of the
+whole image goes first. The tower + projector run over that dynamic batch of tiles (the `vision` stage: [N, P, D]);
+then the rows are packed as LlavaNextModel.pack_image_features does: the overview's P rows, then the tiles' feature
+map (gh * side rows x gw * side columns) with the padding rows or columns removed (unpad_image) and the newline row
+`adapter.image_newline` after each remaining row. The packing is a gather (`row_index`) into the table
+[the N * P tile rows; the newline row], so the PyTorch reference and the runtimes (numpy) share one description.
+
+`max_tiles` (edgemm's budget knob, not in the source model): only pinpoints of at most that many grid tiles are
+candidates; when none is, the image is the overview alone plus one newline row (transformers' single-tile path).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import EdgemmError
+
+CONFIG = "config"           # max_tiles argument: take the config's
+
+
+def check_config(cfg) -> None:
+    v, a = cfg.vision, cfg.adapter
+    if a.image_newline and a.kind != "mlp":
+        raise EdgemmError("image_newline goes with the mlp projector (LLaVA-NeXT)")
+    if not v.grid_pinpoints:
+        return
+    if a.kind != "mlp" or v.arch != "clip" or v.keep_cls:
+        raise EdgemmError("any-resolution tiling needs the clip tower and the mlp projector without the CLS row "
+                          "(LLaVA-NeXT's 'default' feature strategy)")
+    S = v.image_size
+    for p in v.grid_pinpoints:
+        if len(p) != 2 or any(int(x) != x or x <= 0 or x % S for x in p):
+            raise EdgemmError(f"grid_pinpoints entry {p} is not an [h, w] pair of multiples of image_size {S}")
+    if v.max_tiles is not None and (int(v.max_tiles) != v.max_tiles or v.max_tiles < 1):
+        raise EdgemmError(f"max_tiles must be a positive integer (or None), not {v.max_tiles!r}")
+
+
+def _max_tiles(v, max_tiles):
+    return v.max_tiles if isinstance(max_tiles, str) and max_tiles == CONFIG else max_tiles
+
+
+def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """The pinpoint (h, w) that keeps the most of the image's resolution, then wastes the least (transformers')."""
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        eff = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    return best
+
+
+def best_resolution(v, height: int, width: int, max_tiles=CONFIG) -> tuple[int, int] | None:
+    """The tiled resolution (h, w) for an image, or None: the overview alone (no pinpoint within max_tiles)."""
+    mt, S = _max_tiles(v, max_tiles), v.image_size
+    pts = [p for p in v.grid_pinpoints if mt is None or (p[0] // S) * (p[1] // S) <= mt]
+    return select_best_resolution(height, width, pts) if pts else None
+
+
+def n_tiles(v, height: int, width: int, max_tiles=CONFIG) -> int:
+    """Tower passes for an image: the overview + the grid tiles."""
+    best = best_resolution(v, height, width, max_tiles)
+    return 1 + (0 if best is None else (best[0] // v.image_size) * (best[1] // v.image_size))
+
+
+def row_index(v, height: int, width: int, max_tiles=CONFIG) -> np.ndarray:
+    """int64 [rows]: the packed image rows as indices into [tile rows (N * P, overview first); newline row]."""
+    side = v.image_size // v.patch_size
+    P = side * side
+    best = best_resolution(v, height, width, max_tiles)
+    if best is None:
+        return np.arange(P + 1, dtype=np.int64)                  # overview rows, then the newline (index P)
+    gh, gw = best[0] // v.image_size, best[1] // v.image_size
+    newline = (1 + gh * gw) * P
+    r, c = np.meshgrid(np.arange(gh * side), np.arange(gw * side), indexing="ij")
+    fmap = (1 + (r // side) * gw + c // side) * P + (r % side) * side + c % side    # [gh*side, gw*side]
+    ch, cw = fmap.shape
+    if width / height > cw / ch:                                 # unpad_image: drop the padding rows / columns
+        pad = (ch - int(round(height * (cw / width), 7))) // 2
+        fmap = fmap[pad: ch - pad]
+    else:
+        pad = (cw - int(round(width * (ch / height), 7))) // 2
+        fmap = fmap[:, pad: cw - pad]
+    fmap = np.concatenate([fmap, np.full((fmap.shape[0], 1), newline)], 1)
+    return np.concatenate([np.arange(P), fmap.ravel()]).astype(np.int64)
+
+
+def max_rows(v, max_tiles=CONFIG) -> int:
+    """The most image rows one image can take (an image of a pinpoint's aspect ratio: nothing unpadded)."""
+    mt, S, side = _max_tiles(v, max_tiles), v.image_size, v.image_size // v.patch_size
+    pts = [p for p in v.grid_pinpoints if mt is None or (p[0] // S) * (p[1] // S) <= mt]
+    grid = [(h // S) * side * ((w // S) * side + 1) for h, w in pts]
+    return side * side + max(grid, default=1)
+
+
+def max_tile_batch(v, max_tiles=CONFIG) -> int:
+    """The largest vision-stage batch (overview + grid tiles) an image can need."""
+    mt, S = _max_tiles(v, max_tiles), v.image_size
+    return 1 + max([(h // S) * (w // S) for h, w in v.grid_pinpoints
+                    if mt is None or (h // S) * (w // S) <= mt], default=0)
+
+
+def pack(tile_rows, newline, index):
+    """tile_rows [N, P, D] (torch or numpy), newline [D], index (row_index) -> packed rows [1, rows, D]."""
+    D = tile_rows.shape[-1]
+    if isinstance(tile_rows, np.ndarray):
+        table = np.concatenate([tile_rows.reshape(-1, D), np.asarray(newline, tile_rows.dtype).reshape(1, D)])
+        return table[index][None]
+    import torch
+    table = torch.cat([tile_rows.reshape(-1, D), newline.reshape(1, D).to(tile_rows)])
+    return table[torch.from_numpy(index).to(table.device)][None]
+
+
+def tile_image(img, v, max_tiles=CONFIG) -> list:
+    """RGB PIL image -> the S x S PIL tiles the tower sees: the stretched overview, then the grid row-major."""
+    from PIL import Image
+    S = v.image_size
+    W, H = img.size
+    tiles = [img.resize((S, S), Image.BICUBIC, reducing_gap=None)]
+    best = best_resolution(v, H, W, max_tiles)
+    if best is None:
+        return tiles
+    bh, bw = best
+    if bw / W < bh / H:                                          # get_patch_output_size
+        nw, nh = bw, min(math.ceil(H * bw / W), bh)
+    else:
+        nw, nh = min(math.ceil(W * bh / H), bw), bh
+    canvas = Image.new("RGB", (bw, bh), (0, 0, 0))              # zero padding, centred (left/top get the floor)
+    canvas.paste(img.resize((nw, nh), Image.BICUBIC, reducing_gap=None), ((bw - nw) // 2, (bh - nh) // 2))
+    tiles += [canvas.crop((x, y, x + S, y + S)) for y in range(0, bh, S) for x in range(0, bw, S)]
+    return tiles
+
+
+def preprocess_tiles(src, v, max_tiles=CONFIG) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image (path, PIL image or uint8 array) -> (float32 pixels [N, 3, S, S], (height, width))."""
+    from .processor import load_image, normalize
+    img = load_image(src)
+    return np.concatenate([normalize(t, v) for t in tile_image(img, v, max_tiles)]), (img.size[1], img.size[0])
+
+
+class Tiles(np.ndarray):
+    """One image's tile batch [N, 3, S, S] (overview first) that remembers the image's (height, width) and the
+    max_tiles it was cut with: what the host queues for the vision stage (serve's engine hashes it as pixels)."""
+    hw: tuple = (0, 0)
+    max_tiles = None
+
+
+def preprocess_image(src, v):
+    """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles."""
+    from .processor import preprocess
+    if not v.grid_pinpoints:
+        return preprocess(src, v)
+    px, hw = preprocess_tiles(src, v)
+    t = px.view(Tiles)
+    t.hw, t.max_tiles = hw, v.max_tiles
+    return t
+
+
+def encode_pixels(backend, pixels) -> np.ndarray:
+    """preprocess_image's output -> image rows [1, rows, D] through the backend's vision stage (+ the packing)."""
+    if not isinstance(pixels, Tiles):
+        return backend.vision(pixels)
+    (h, w), mt = pixels.hw, pixels.max_tiles
+    return pack(backend.vision(np.asarray(pixels)), backend.image_newline(), row_index(backend.cfg.vision, h, w, mt))
+
+
+def image_rows(backend, src) -> np.ndarray:
+    """The host's image path for any backend: image -> rows [1, rows, D] (fixed size: the vision stage's rows)."""
+    return encode_pixels(backend, preprocess_image(src, backend.cfg.vision))
+
+
+def set_max_tiles(cfg, n, manifest: dict | None = None) -> None:
+    """--max-tiles N: at export (the bundle's default) or at run time (overriding it); a trt bundle's profiles
+    bound the tile batch, so a run-time value may not need more tiles than its export allowed."""
+    if n is None:
+        return
+    if not cfg.vision.grid_pinpoints:
+        raise EdgemmError("--max-tiles applies to any-resolution (LLaVA-NeXT) models; this one takes one fixed-size "
+                          "image")
+    cfg.vision.max_tiles = n
+    check_config(cfg)
+    ar = (manifest or {}).get("anyres") or {}
+    if (manifest or {}).get("target") == "trt" and max_tile_batch(cfg.vision) > ar.get("max_tile_batch", 1 << 30):
+        raise EdgemmError(f"--max-tiles {n} needs a vision batch of {max_tile_batch(cfg.vision)} tiles; this trt "
+                          f"bundle's profiles stop at {ar['max_tile_batch']} (re-export with --max-tiles {n})")
+
+
+def manifest_fields(model) -> dict:
+    """The bundle manifest's `anyres` record (onnx and trt): what the host does and the newline row it needs."""
+    v = model.cfg.vision
+    return {"grid_pinpoints": v.grid_pinpoints, "max_tiles": v.max_tiles, "max_tile_batch": max_tile_batch(v),
+            "max_image_rows": max_rows(v),
+            "host": "tile choice (select_best_resolution over grid_pinpoints within max_tiles), aspect-preserving "
+                    "resize + zero pad, the S x S tiles after the stretched overview, then unpad and the newline "
+                    "rows (edgemm.anyres); the vision stage is the tower + projector over a dynamic tile batch",
+            "image_newline": [float(x) for x in model.adapter.image_newline.detach().float().cpu().numpy()]}
+
+
+TYPICAL_SIZES = ((640, 480), (1024, 768), (1920, 1080), (1080, 1920))       # (width, height)
+
+
+def describe_rows(cfg) -> str:
+    """`edgemm info`'s vision line: image rows per image for a few typical sizes and the most one image takes."""
+    v = cfg.vision
+    mt = "all" if v.max_tiles is None else v.max_tiles
+    sizes = ((v.image_size, v.image_size),) + TYPICAL_SIZES
+    per = ", ".join(f"{w}x{h}: {cfg.image_rows_for(w, h)} rows ({n_tiles(v, h, w)} tiles)" for w, h in sizes)
+    return (f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, any-resolution "
+            f"tiling over {len(v.grid_pinpoints)} pinpoints (max tiles {mt}; overview + grid, unpadded, newline "
+            f"rows) -> image rows per image: {per}; at most {max_rows(v)} rows ({max_tile_batch(v)} tiles)")
