@@ -246,6 +246,7 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
     from tqdm import tqdm
     from edgemm.model import EdgeMM, KVCache
     from edgemm.anyres import Tiles, preprocess_image
+    from edgemm.qformer import instruction
     from .sets import resolve_calib
     log = log or (lambda s: None)
     cset = resolve_calib(calib_set, n)
@@ -292,9 +293,9 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
                 px = preprocess_image(s.image, cfg.vision)       # any-resolution models: the image's tiles
                 t = torch.from_numpy(np.asarray(px))
                 current["stage"] = "vision"
-                from edgemm.qformer import instruction       # InstructBLIP: the prompt's Q-Former ids
-                ins = [torch.from_numpy(x) for x in instruction(tok, cfg, s.prompt)]
-                rows = m.encode_image_tiled(t, *px.hw, px.max_tiles) if isinstance(px, Tiles) else m.encode_image(t, *ins)
+                ins = [torch.from_numpy(x) for x in instruction(tok, cfg, s.prompt)]   # InstructBLIP: Q-Former ids
+                rows = (m.encode_image_tiled(t, *px.hw, px.max_tiles) if isinstance(px, Tiles)
+                        else m.encode_image(t, *ins))
                 ids = tok.user_turn(s.prompt, first=True) + (tok.answer(s.answer) if s.answer else [])
                 cache_ = KVCache.empty(cfg.decoder, 1, 1 + rows.shape[1] + len(ids) + 2)
                 current["stage"] = "decoder_text"

@@ -190,6 +190,12 @@ class ModelConfig:
         return len(row_index(self.vision, height, width, max_tiles))
 
     @property
+    def reads_question(self) -> bool:
+        """InstructBLIP: the vision stage reads the question too (its Q-Former tokenizer's ids). A plain config
+        check, so the runtime path of other models never imports edgemm.qformer (and torch)."""
+        return self.adapter.kind == "qformer" and bool(self.adapter.qformer_text)
+
+    @property
     def input_stage(self) -> str:
         """The bundle stage that makes image rows: `vision` (pixels) or, for Libra, `image_tokens`."""
         return "image_tokens" if self.adapter.kind == "libra" else "vision"

@@ -165,8 +165,7 @@ class ChatSession:
     def set_image(self, src) -> None:
         """Load an image (path, PIL image or uint8 array) and start a new conversation about it."""
         from .anyres import image_rows, preprocess_image
-        from .qformer import needs_instruction
-        if needs_instruction(self.b.cfg):            # InstructBLIP: the vision stage reads the question too
+        if self.b.cfg.reads_question:                # InstructBLIP: the vision stage reads the question too
             self.pixels, self.rows = preprocess_image(src, self.b.cfg.vision), None
         else:
             self.pixels, self.rows = None, image_rows(self.b, src)   # (tiled and packed for any-resolution models)

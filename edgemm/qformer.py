@@ -171,7 +171,7 @@ SOURCE_DIR = "qformer_tokenizer"                   # InstructBlipProcessor.save_
 
 def needs_instruction(cfg) -> bool:
     """InstructBLIP: the vision stage reads the question too (its Q-Former tokenizer's ids)."""
-    return cfg.adapter.kind == "qformer" and bool(cfg.adapter.qformer_text)
+    return cfg.reads_question
 
 
 class QFormerTokenizer:

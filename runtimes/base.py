@@ -188,8 +188,7 @@ class SegmentRunner(Backend):
             raise EdgemmError("this bundle (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
                               "signal encoder are not imported; use image_tokens(codes, signal)")
         feeds = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
-        from edgemm.qformer import needs_instruction
-        if needs_instruction(self.cfg):         # InstructBLIP: the question's Q-Former ids (none: an empty one)
+        if self.cfg.reads_question:             # InstructBLIP: the question's Q-Former ids (none: an empty one)
             B = feeds["pixels"].shape[0]
             ids = np.zeros((B, 0), np.int64) if not instruction else np.asarray(instruction[0], np.int64)
             mask = np.ones_like(ids) if len(instruction) < 2 else np.asarray(instruction[1], np.int64)

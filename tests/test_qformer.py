@@ -1,6 +1,8 @@
 """BLIP-2 / InstructBLIP: the Q-Former adapter and BLIP tower (edgemm.qformer), edgemm import of transformers'
 Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration checked against transformers' forward, and
 the exporters on the imported model."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -269,6 +271,12 @@ def test_instructblip_bundles_encode_the_question(tmp_path, monkeypatch):
     man_t = export_trt(str(ck), tmp_path / "trt", precision="fp16", no_build=True, log=None)
     assert all(s["ok"] for s in man_t["validation"]["stages"].values())
     assert man_t["trt"]["profiles"]["orin"]["vision"]["qformer_input_ids"]["max"][1] == 64
+    with warnings.catch_warnings():        # int8: calibrated with each prompt's Q-Former ids (no empty instruction)
+        warnings.simplefilter("error", UserWarning)
+        man8 = export_trt(str(ck), tmp_path / "trt8", precision="int8", no_build=True, log=None, calib_size=4)
+    assert all(s["ok"] for s in man8["validation"]["stages"].values())
+    q8 = man8["stages"]["vision"]["quantization"]
+    assert q8["quantized"] == len([r for r in q8["layers"] if r.get("weight")])      # the instruction rows' too
     img_path = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8)).save(img_path)
     proc = InstructBlipProcessor.from_pretrained(src)
@@ -294,6 +302,11 @@ def test_instructblip_bundles_encode_the_question(tmp_path, monkeypatch):
         empty = hf_model.get_image_features(enc["pixel_values"], enc["qformer_input_ids"][:, :0],
                                             return_dict=True).pooler_output
     assert np.abs(b.vision(px) - empty.numpy()).max() <= 1e-4
+    from edgemm.errors import EdgemmError
+    qf = tmp_path / "onnx" / man["qformer_tokenizer"]                 # the tokenizer is hashed like the stages
+    qf.write_text(qf.read_text().replace('"what"', '"whet"'))
+    with pytest.raises(EdgemmError, match="qformer_tokenizer.json does not match its sha256"):
+        OrtBackend.open(bundle=str(tmp_path / "onnx"), device="cpu")
 
 
 def test_instructblip_chat_and_serve_encode_with_the_question(tmp_path, monkeypatch):

@@ -332,10 +332,10 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
             pixels.append(preprocess_image(img, b.cfg.vision))
         if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
             rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
-        from ..qformer import instruction, needs_instruction
         from .prompt import normalize_messages
         instructions = None                 # InstructBLIP: each image with the text of the message it comes in
-        if needs_instruction(b.cfg):
+        if b.cfg.reads_question:
+            from ..qformer import instruction
             instructions = [instruction(b.tokenizer, b.cfg, m["text"]) for m in normalize_messages(body["messages"])
                             for _ in m["images"]]
         loop = asyncio.get_running_loop()
