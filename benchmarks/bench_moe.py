@@ -10,7 +10,8 @@ onnx: one bundle per precision:MoE form pair (edgemm.export.graph.MOE_FORMS), ea
 interleaved rounds (form A, form B, form A, ...), decode tok/s after a `--context`-token prompt and the prompt's
 prefill time. The faster form is the onnx exporter's default (MOE_DEFAULT).
 gguf: the MoE model and a dense one whose FFN has the MoE's active width (top_k * expert_ffn_dim), same
-attention, embeddings and layers, both GGUF (--gguf-precision, f16) through llama-cpp-python, decode tok/s in interleaved rounds.
+attention, embeddings and layers, both GGUF (--gguf-precision, f16) through llama-cpp-python, decode tok/s in
+interleaved rounds.
 Medians over the rounds are printed with the min-max range.
 """
 from __future__ import annotations
@@ -133,7 +134,8 @@ def bench_gguf(a, log) -> dict:
         if r < 0:
             continue
         log(f"# round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in res.items()))
-    print(f"\nllama.cpp decode (CPU, {a.gguf_precision}, {a.threads} threads): {a.layers} layers of bench-0.5b shapes; MoE "
+    print(f"\nllama.cpp decode (CPU, {a.gguf_precision}, {a.threads} threads): {a.layers} layers of bench-0.5b "
+          f"shapes; MoE "
           f"{a.experts} experts top-{a.top_k} vs dense FFN {dense.decoder.ffn_dim} (= the MoE's active width); "
           f"median [range] of {a.rounds} interleaved rounds after a {a.context}-token prompt")
     for n, v in res.items():

@@ -8,7 +8,8 @@ N concurrent clients (N = --clients, default 1,2,4) send streamed chat requests 
 with the example image and half text-only, each asking for --max-tokens tokens with ignore_eos (so every
 request decodes the same number of tokens). Printed per N: requests/s, aggregate decode tokens/s (completion
 tokens / wall time), TTFT p50/p95, per-token latency p50/p95 (gaps between streamed chunks), and the server's
-peak RSS (VmHWM, when this script started it).
+peak RSS (VmHWM, when this script started it). --rounds R repeats the levels interleaved (1,2,4,1,2,4,...) and
+compares their medians, so a machine shared with other work loads every level alike.
 """
 from __future__ import annotations
 

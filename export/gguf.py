@@ -1,6 +1,7 @@
 """`--target gguf`: the decoder as a llama.cpp `cogvlm` GGUF, the vision stage as an mmproj GGUF (clip arch,
 projector `cogvlm`), the tokenizer inside, and the manifest. Imported LLaVA models (single branch, CLIP tower, MLP
-projector) go to llama.cpp's `llama` architecture (`qwen2` with QKV bias) and an mmproj with projector `mlp`.
+projector) go to llama.cpp's `llama` architecture (`qwen2` with QKV bias) and an mmproj with projector `mlp`;
+MoE-LLaVA (Mixtral experts in every layer) as `llama` with ffn_gate_inp + ffn_{gate,up,down}_exps (Mixtral layout).
 
 Tensor names and metadata keys follow llama.cpp (src/models/cogvlm.cpp, tools/mtmd/models/cogvlm.cpp,
 tools/mtmd/clip.cpp, gguf-py's constants): the text branch under the ordinary names (blk.N.attn_qkv ...), the
@@ -72,6 +73,7 @@ GGUF_CHAT_TEMPLATE = (
 # LLaVA (transformers' LlavaForConditionalGeneration imports): what llama.cpp's llama / qwen2 decoders and the `mlp`
 # mmproj projector (tools/mtmd/models/llava.cpp) compute
 LLAVA_VARIANTS = {"single branch (llava)", "clip vision tower", "mlp projector", "grouped-query attention", "qkv bias",
+                  "mixture of experts",
                   "any-resolution tiling"}         # LLaVA-NeXT: image_grid_pinpoints, spatial_unpad, image_newline
 
 
@@ -99,6 +101,7 @@ def check_supported(cfg, log=print) -> None:
     if cfg.vision.width % cfg.vision.heads:
         raise EdgemmError("vision width must be divisible by the vision heads")
     if llava:
+        _check_moe(cfg.decoder, where)
         if cfg.vision.keep_cls:         # llava.cpp gathers the patch rows only (its `patches` input skips CLS)
             raise UnsupportedVariant("CLS row kept (vision_feature_select_strategy 'full')", where, TARGETS_THAT_CAN)
         if cfg.vision.gelu == "erf":
@@ -113,6 +116,18 @@ def check_supported(cfg, log=print) -> None:
             "(ggml_gelu), so the vision stage is approximated")
     if abs(cfg.adapter.eps - 1e-5) > 1e-12:
         log(f"warning: the adapter LayerNorm eps is {cfg.adapter.eps}; llama.cpp's cogvlm projector uses 1e-5")
+
+
+def _check_moe(d, where: str) -> None:
+    """llama.cpp's llama arch with experts (Mixtral's layout): every layer an MoE layer of n_ff-wide experts,
+    softmax top-k weights renormalised (build_moe_ffn with norm_w)."""
+    if not d.n_experts:
+        return
+    if not all(map(d.is_moe_layer, range(d.n_layers))):
+        raise UnsupportedVariant("mixture of experts with dense layers between (moe_every / moe_dense_layers)", where,
+                                 TARGETS_THAT_CAN)
+    if not d.norm_topk_prob:
+        raise UnsupportedVariant("mixture of experts without renormalised top-k weights", where, TARGETS_THAT_CAN)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -200,7 +215,10 @@ def write_decoder_gguf(model, tok, path: Path, name: str, chat_template: str | N
     w.add_context_length(d.max_seq_len)
     w.add_embedding_length(d.d_model)
     w.add_block_count(d.n_layers)
-    w.add_feed_forward_length(d.ffn_dim)
+    w.add_feed_forward_length(d.moe_ffn_dim if d.n_experts else d.ffn_dim)    # MoE: the experts' width (n_ff)
+    if d.n_experts:                     # Mixtral layout: ffn_gate_inp + ffn_{gate,up,down}_exps in every layer
+        w.add_expert_count(d.n_experts)
+        w.add_expert_used_count(d.experts_top_k)
     w.add_head_count(d.n_heads)
     w.add_head_count_kv(d.kv_heads)
     w.add_layer_norm_rms_eps(d.rms_eps)
@@ -271,7 +289,15 @@ def _write_attention(w, i: int, br, d, permute: bool) -> None:
 
 
 def _write_ffn(w, i: int, br) -> None:
-    """The feed-forward tensors of one single-branch layer (the dense SwiGLU MLP)."""
+    """The feed-forward tensors of one single-branch layer: the dense SwiGLU MLP, or an MoE layer's router
+    (ffn_gate_inp [n_expert, n_embd]) and stacked experts (ffn_{gate,up}_exps [n_expert, n_ff, n_embd],
+    ffn_down_exps [n_expert, n_embd, n_ff]; ggml's ne reversed), as llama.cpp's llama arch loads them."""
+    if "moe" in br._modules:
+        moe = br.moe
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", _np(moe.router.weight))
+        for n in ("gate", "up", "down"):
+            w.add_tensor(f"blk.{i}.ffn_{n}_exps.weight", _np(getattr(moe, n)))
+        return
     w.add_tensor(f"blk.{i}.ffn_gate.weight", _np(br.gate.weight))
     w.add_tensor(f"blk.{i}.ffn_up.weight", _np(br.up.weight))
     w.add_tensor(f"blk.{i}.ffn_down.weight", _np(br.down.weight))

@@ -323,6 +323,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                                   "random text + image rows + text, then greedy decode steps",
                                   "seed": figures.pop("_seed"),
                                   "stages": figures}
+        if "decoder_batch" in figures:          # not a stage: decoder_text's batched step (validate_batch)
+            manifest["validation"]["decode_batch"] = {**figures.pop("decoder_batch"), "states": BATCH_CHECK}
         result = write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB)")

@@ -1,5 +1,7 @@
 """Mixture of experts (MoE-LLaVA): LlavaForConditionalGeneration with a Mixtral text_config, imported and checked
 against transformers' forward (logits and the experts the router picks), then exported and validated."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -246,8 +248,8 @@ def test_moe_block_matches_qwen3_moe_without_renormalisation():
 
 def test_layer_pattern_without_renormalisation_both_forms_validate_and_bench_counts_the_chosen_experts(tmp_path):
     """Dense and MoE layers mixed (every other layer, one forced dense), no renormalisation, Qwen3's per-head Q/K
-    norm: both onnx MoE forms and the int4 one (QMoE) validate against the reference; bench's bytes per decode step count top_k of n_experts for the MoE op and
-    every expert for the dense form (which computes them all)."""
+    norm: both onnx MoE forms and the int4 one (QMoE) validate against the reference; bench's bytes per decode step
+    count top_k of n_experts for the MoE op and every expert for the dense form (which computes them all)."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     import onnx
     from edgemm.bench import decode_weight_bytes
@@ -314,3 +316,69 @@ def test_qmoe_int4_layout_matches_the_dequantized_experts():
         want = moe(x)
     assert np.abs(y - want.numpy()).max() <= 1e-4 * max(1.0, float(want.abs().max()))
     assert np.abs(y - ref.numpy()).max() > 1e-3                 # int4 does change the result: the check can tell
+
+
+# --------------------------------------------------------------------------- gguf (llama arch, Mixtral layout)
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
+
+
+@needs_llama
+def test_gguf_moe_loads_in_stock_llama_cpp_and_agrees_on_top1(tmp_path, tokenizer):
+    """The MoE-LLaVA decoder as llama.cpp's `llama` arch with ffn_gate_inp + ffn_{gate,up,down}_exps and the
+    expert counts: the export validates itself in llama.cpp, and stock llama-cpp-python's greedy tokens equal the
+    reference's on a text prompt."""
+    import numpy as np
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+    from edgemm.export.gguf import export_gguf
+    from edgemm.model import KVCache
+    hf = _tiny_moe_llava(seed=4)
+    src = tmp_path / "src"
+    hf.save_pretrained(src, safe_serialization=True)
+    tokenizer.save(src / "tokenizer.json")
+    import_checkpoint(src, tmp_path / "ck", log=None)
+    man = export_gguf(model=str(tmp_path / "ck"), out=tmp_path / "g", precision="f32", log=None)
+    dec = tmp_path / "g" / man["stages"]["decoder"]["file"]
+    r = GGUFReader(str(dec))
+    assert int(r.fields["llama.expert_count"].parts[-1][0]) == 4
+    assert int(r.fields["llama.expert_used_count"].parts[-1][0]) == 2
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}
+    assert shapes["blk.1.ffn_gate_exps.weight"] == [32, 48, 4] and shapes["blk.1.ffn_down_exps.weight"] == [48, 32, 4]
+    assert shapes["blk.1.ffn_gate_inp.weight"] == [32, 4] and "blk.1.ffn_gate.weight" not in shapes
+    m, _ = load_checkpoint(tmp_path / "ck")
+    ids = torch.randint(4, 500, (1, 7), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cache, pos = KVCache.empty(m.cfg.decoder, max_len=32), 0
+        lg, pos = m.forward_segment("text", ids, cache, pos)
+        want = []
+        for _ in range(6):
+            want.append(int(lg[0, -1].argmax()))
+            lg, pos = m.forward_segment("text", torch.tensor([[want[-1]]]), cache, pos)
+    llm = Llama(model_path=str(dec), n_ctx=32, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(ids[0].tolist())
+    first = np.asarray(llm.scores[llm.n_tokens - 1], np.float32)
+    with torch.no_grad():
+        ref = m.forward_segment("text", ids, KVCache.empty(m.cfg.decoder, max_len=32), 0)[0][0, -1].numpy()
+    assert np.abs(first - ref).max() <= 1e-2 * max(1.0, float(np.abs(ref).max()))   # (f16 KV cache in llama.cpp)
+    got = []
+    for _ in range(6):
+        got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([got[-1]])
+    assert got == want
+
+
+def test_gguf_refuses_what_llama_cpp_llama_moe_cannot_compute(tmp_path):
+    """llama.cpp's llama arch puts experts in every layer and renormalises the top-k weights; Qwen3-MoE's dense
+    layers, plain top-k weights and per-head Q/K norm are refused, naming the targets that can."""
+    from edgemm.config import AdapterConfig, VisionConfig
+    from edgemm.errors import UnsupportedVariant
+    from edgemm.export.gguf import check_supported
+    base = dict(d_model=64, n_layers=2, n_experts=4, experts_top_k=2, single_branch=True)
+    for extra in ({"moe_every": 2}, {"norm_topk_prob": False}, {"qk_norm": True}):
+        cfg = ModelConfig(vision=VisionConfig(arch="clip", gelu="quick"), adapter=AdapterConfig(kind="mlp"),
+                          decoder=DecoderConfig(**base, **extra)).validate()
+        with pytest.raises(UnsupportedVariant, match="targets that can: .*onnx"):
+            check_supported(cfg, log=lambda *_: None)
+    check_supported(ModelConfig(vision=VisionConfig(arch="clip", gelu="quick"), adapter=AdapterConfig(kind="mlp"),
+                                decoder=DecoderConfig(**base)).validate(), log=lambda *_: None)

@@ -72,8 +72,8 @@ def test_fp32_bundle_manifest(fp32_bundle, ckpt):
     dt = m["stages"]["decoder_text"]
     assert dt["graph"] == "ort-contrib-gqa" and m["stages"]["vision"]["graph"] == "onnx-standard"
     ins = {i["name"]: i for i in dt["inputs"]}
-    assert ins["input_ids"]["shape"] == [1, "seq"] and ins["input_ids"]["dtype"] == "int64"
-    assert ins["past_key.0"]["shape"] == [1, 4, "cache_len", 64]
+    assert ins["input_ids"]["shape"] == ["batch", "seq"] and ins["input_ids"]["dtype"] == "int64"   # decode_batch
+    assert ins["past_key.0"]["shape"] == ["batch", 4, "cache_len", 64]
     assert (out / "tokenizer.json").is_file()
     # validation figures recorded and printed
     for stage in ("vision", "decoder_text", "decoder_image"):
@@ -163,7 +163,7 @@ def test_variants(tokenizer, tmp_path):
                 br.qkv.bias.normal_(0, 0.1)
     m = export_onnx(model=(model, tokenizer), out=tmp_path / "gqa", precision="fp32", threads=1, log=None)
     assert all(f["ok"] for f in m["validation"]["stages"].values())
-    assert m["stages"]["decoder_text"]["inputs"][4]["shape"] == [1, 2, "cache_len", 64]
+    assert m["stages"]["decoder_text"]["inputs"][4]["shape"] == ["batch", 2, "cache_len", 64]
     from edgemm.export.onnx import check_variants
     bad = ModelConfig.from_dict(d)
     bad.variants = lambda: ["some future variant"]         # a variant no graph computes yet
