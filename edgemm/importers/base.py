@@ -65,6 +65,16 @@ def _rope_theta(tc: dict, where: str) -> float:
     return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
 
 
+def _lm_ends(plan: Plan, lm: str, head: str, tie: bool) -> None:
+    """A LLaMA-style language model's token embedding, final norm and LM head (ignored when tied)."""
+    plan.add("decoder.tok_embeddings.weight", lm + "embed_tokens.weight")
+    plan.add("decoder.norm.weight", lm + "norm.weight")
+    if tie:
+        plan.ignore(head, "tied to the token embedding")
+    else:
+        plan.add("decoder.lm_head.weight", head)
+
+
 def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=None, mlp: bool = True):
     e, s = f"decoder.layers.{i}.", f"{pre}layers.{i}."
     plan.add(e + "attn_norm.weight", s + "input_layernorm.weight")

@@ -14,7 +14,7 @@ import json
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
-from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _llama_layer, _req, _rope_theta, _zeros
+from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _llama_layer, _lm_ends, _req, _rope_theta, _zeros
 from .shards import Source
 
 TEXT_MODELS = ("llama",)
@@ -107,12 +107,7 @@ def map_blip2(hf: dict, src: Source, rules: str = "original") -> Plan:
                if p + "embed_tokens.weight" in names), "language_model.model.")
     head = next((h for h in ("language_model.lm_head.weight", "lm_head.weight") if h in names),
                 "language_model.lm_head.weight")
-    plan.add("decoder.tok_embeddings.weight", lm + "embed_tokens.weight")
-    plan.add("decoder.norm.weight", lm + "norm.weight")
-    if tie:
-        plan.ignore(head, "tied to the token embedding")
-    else:
-        plan.add("decoder.lm_head.weight", head)
+    _lm_ends(plan, lm, head, tie)
     for i in range(dec["n_layers"]):
         _llama_layer(plan, lm, i, False)
     # the vision tower

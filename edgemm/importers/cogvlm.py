@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
-from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _req, _rope_theta, _zeros
+from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _lm_ends, _req, _rope_theta, _zeros
 from .shards import Source
 
 
@@ -46,12 +46,7 @@ def map_cogvlm(hf: dict, src: Source, rules: str = "original") -> Plan:
                               position_rule="cogvlm" if rules == "original" else "sequential",
                               eoi_branch="text" if rules == "original" else "vision"))
     plan = Plan(cfg, notes=notes)
-    plan.add("decoder.tok_embeddings.weight", "model.embed_tokens.weight")
-    plan.add("decoder.norm.weight", "model.norm.weight")
-    if cfg.decoder.tie_embeddings:
-        plan.ignore("lm_head.weight", "tied to the token embedding")
-    else:
-        plan.add("decoder.lm_head.weight", "lm_head.weight")
+    _lm_ends(plan, "model.", "lm_head.weight", cfg.decoder.tie_embeddings)
     for i in range(L):
         e, s = f"decoder.layers.{i}.", f"model.layers.{i}."
         plan.add(e + "attn_norm.weight", s + "input_layernorm.weight")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError, UnsupportedVariant
 
-from .base import Plan, _llama_layer, _req, _rope_theta
+from .base import Plan, _llama_layer, _lm_ends, _req, _rope_theta
 from .shards import Source
 
 
@@ -44,13 +44,8 @@ def map_libra(hf: dict, src: Source, rules: str = "original") -> Plan:
                               per_modality_norms=True, cross_modal_bridge=bridge))
     plan = Plan(cfg)
     m = "model."
-    plan.add("decoder.tok_embeddings.weight", m + "embed_tokens.weight")
-    plan.add("decoder.norm.weight", m + "norm.weight")
+    _lm_ends(plan, m, "lm_head.weight", cfg.decoder.tie_embeddings)
     plan.add("decoder.vision_norm.weight", m + "vision_norm.weight")
-    if cfg.decoder.tie_embeddings:
-        plan.ignore("lm_head.weight", "tied to the token embedding")
-    else:
-        plan.add("decoder.lm_head.weight", "lm_head.weight")
     for i in range(L):
         _llama_layer(plan, m, i, False)
         e, s = f"decoder.layers.{i}.", f"{m}layers.{i}."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
-from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _clip_vision, _llama_layer, _req, _rope_theta
+from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _clip_vision, _llama_layer, _lm_ends, _req, _rope_theta
 from .shards import Source
 
 
@@ -113,12 +113,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     pj = pick(("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight")
     head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
     plan = Plan(cfg)
-    plan.add("decoder.tok_embeddings.weight", lm + "embed_tokens.weight")
-    plan.add("decoder.norm.weight", lm + "norm.weight")
-    if tie:
-        plan.ignore(head, "tied to the token embedding")
-    else:
-        plan.add("decoder.lm_head.weight", head)
+    _lm_ends(plan, lm, head, tie)
     for i in range(L):
         _llama_layer(plan, lm, i, qkv_bias, mlp=not cfg.decoder.is_moe_layer(i))
         if cfg.decoder.is_moe_layer(i):
