@@ -267,6 +267,8 @@ class OrtBackend(SegmentRunner):
         return {n: ov.ortvalue_from_numpy(a, *self._dev) for n, a in zip(names, self.sess[stage].run(names, feeds))}
 
     def _run(self, stage, state, feeds, positions):
+        if stage == "decoder_text" and len(positions) == 1 and len(feeds) == 1 and state.cache.get("pool") is None:
+            return self._step(state, feeds["input_ids"], positions)
         total = self._room(state, len(positions))
         sess = self.sess[stage]
         pool = state.cache.get("pool")
@@ -277,11 +279,7 @@ class OrtBackend(SegmentRunner):
             io.bind_output("logits", "cpu")                # first: get_outputs() follows binding order
             if pool is not None:
                 pool.bind(io, row, 1)
-            for i, (k, v) in enumerate(zip(state.cache.get("k", ()), state.cache.get("v", ()))):
-                io.bind_ortvalue_input(f"past_key.{i}", k)
-                io.bind_ortvalue_input(f"past_value.{i}", v)
-                io.bind_ortvalue_output(f"present_key.{i}", k)
-                io.bind_ortvalue_output(f"present_value.{i}", v)
+            self._bind_cache(io, state)
         positions = np.asarray(positions, np.int64)
         feeds = {**feeds, "positions": positions[None] if self.batched and stage == "decoder_text" else positions,
                  "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
@@ -294,6 +292,39 @@ class OrtBackend(SegmentRunner):
         logits = io.get_outputs()[0].numpy()
         state.length = total
         return np.array(logits[0], dtype=np.float32)  # a copy: the bound output buffer is reused by the next call
+
+    def _bind_cache(self, io, state) -> None:
+        for i, (k, v) in enumerate(zip(state.cache.get("k", ()), state.cache.get("v", ()))):
+            io.bind_ortvalue_input(f"past_key.{i}", k)
+            io.bind_ortvalue_input(f"past_value.{i}", v)
+            io.bind_ortvalue_output(f"present_key.{i}", k)
+            io.bind_ortvalue_output(f"present_value.{i}", v)
+
+    def _step(self, state, ids, positions) -> np.ndarray:
+        """One token through decoder_text (the decode loop): a binding made once per state, whose CPU inputs are
+        small numpy arrays updated in place and whose logits land in one preallocated buffer, so a step allocates
+        and rebinds nothing (measured 0.2-0.8 ms a step on bench-0.5b int4 with fresh bindings)."""
+        total = self._room(state, 1)
+        f = state.extra.get("decoder_text.step")
+        if f is None:
+            io = self.sess["decoder_text"].io_binding()
+            arrs = {"input_ids": np.zeros((1, 1), np.int64),
+                    "positions": np.zeros((1, 1) if self.batched else (1,), np.int64),
+                    "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.zeros((), np.int32)}
+            logits = np.zeros((1, self.cfg.decoder.vocab_size), np.float32)
+            io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self._bind_cache(io, state)
+            for name, a in arrs.items():                     # backed by these arrays: updated in place below
+                io.bind_cpu_input(name, a)
+            f = state.extra["decoder_text.step"] = (io, arrs, logits)
+        io, arrs, logits = f
+        arrs["input_ids"].flat[0] = int(np.asarray(ids).flat[0])
+        arrs["positions"].flat[0] = int(positions[0])
+        arrs["seqlens_k"][0] = total - 1
+        arrs["total_sequence_length"][...] = total
+        self.sess["decoder_text"].run_with_iobinding(io)
+        state.length = total
+        return logits[0].copy()
 
     # ---- parallel slots (runtimes/kv_pool.py) ---------------------------------------------------
     def pooled(self, state: State) -> bool:
