@@ -281,6 +281,10 @@ def _bench_one(job: dict) -> dict:
         res["error"] = str(e)
         return res
     out, own = [], b.cfg.vision.max_tiles
+    ref = None
+    if job.get("ref_file"):
+        z = np.load(job["ref_file"], allow_pickle=False)
+        ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
     for s, figs in zip(settings, figures if isinstance(figures, list) else [figures]):
         r = {**res, **figs}
         _use_tiles(b, s, own)
@@ -289,9 +293,7 @@ def _bench_one(job: dict) -> dict:
             ev = evaluate(b, limit=job["limit"], progress=job["progress"])
             r.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
                      accuracy_per_type={t: v["accuracy"] for t, v in ev["per_type"].items()})
-        if job.get("ref_file"):
-            z = np.load(job["ref_file"], allow_pickle=False)
-            ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
+        if ref is not None:
             r.update(fidelity(b, ref))
         r["peak_rss_mb"] = peak_rss_mb()
         out.append(r)
@@ -368,6 +370,7 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
                "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles}
         got = _run_child(job) if isolate else _bench_one(job)
+        wb = decode_weight_bytes(b)
         for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
             res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
                                             if isinstance(got, list) else "")
@@ -377,7 +380,6 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
             if b in ref_notes:
                 res["fidelity_note"] = ref_notes[b]
             res["reference"] = man.get("_ref")
-            wb = decode_weight_bytes(b)
             if wb:
                 res["weight_bytes_per_step"] = wb
                 res["roofline_tok_s"] = bw / wb

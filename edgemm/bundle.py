@@ -96,12 +96,8 @@ def read_manifest(bundle: str | Path) -> dict:
     p = d / MANIFEST
     if not p.is_file():
         raise EdgemmError(f"{d} is not an edgemm bundle ({MANIFEST} is missing); export one with `edgemm export`")
-    def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            dup = next(k for k in keys if keys.count(k) > 1)
-            raise EdgemmError(f"{p}: the key {dup!r} appears twice; refusing an ambiguous manifest")
-        return dict(pairs)
+    from .safety import unique_keys
+    no_duplicates = unique_keys(lambda key: f"{p}: the key {key!r} appears twice; refusing an ambiguous manifest")
     try:
         if p.stat().st_size > MAX_MANIFEST_BYTES:
             raise EdgemmError(f"{p} is {p.stat().st_size} bytes, more than a manifest can be; refusing it")

@@ -453,8 +453,9 @@ class Decoder(nn.Module):
         if c.per_modality_norms:
             self.vision_norm = RMSNorm(c.d_model, c.rms_eps)           # Libra: final norm per modality
         if c.cross_attn_every:                                          # Flamingo / Idefics (edgemm.xattn)
-            from .xattn import GatedCrossAttnLayer, n_cross_layers
+            from .xattn import GatedCrossAttnLayer, cross_layer_at, n_cross_layers
             self.cross_layers = nn.ModuleList(GatedCrossAttnLayer(c) for _ in range(n_cross_layers(c)))
+        self.cross_at = [cross_layer_at(c, i) if c.cross_attn_every else None for i in range(c.n_layers)]
 
     def forward(self, x, route, positions, cache: KVCache | None = None, last_only: bool = False, cross=None):
         """x: [B, T, D] input rows; positions: [T] RoPE positions; appends to cache at cache.length.
@@ -465,8 +466,7 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.c.head_dim, self.c.rope_theta)
         for i, layer in enumerate(self.layers):
             if cross is not None:
-                from .xattn import cross_layer_at
-                j = cross_layer_at(self.c, i)
+                j = self.cross_at[i]
                 if j is not None:
                     k, v, gate = cross
                     x = self.cross_layers[j](x, None if k is None else k[j], None if v is None else v[j], gate)

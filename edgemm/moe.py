@@ -49,8 +49,3 @@ class MoE(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * s)
 
 
-def moe_layers(cfg) -> list[int]:
-    """Indices of the decoder's MoE layers."""
-    d = cfg.decoder if hasattr(cfg, "decoder") else cfg
-    return [i for i in range(d.n_layers) if d.is_moe_layer(i)]
-

@@ -169,11 +169,6 @@ QFORMER_TOKENIZER = "qformer_tokenizer.json"       # in edgemm checkpoints and b
 SOURCE_DIR = "qformer_tokenizer"                   # InstructBlipProcessor.save_pretrained's subfolder
 
 
-def needs_instruction(cfg) -> bool:
-    """InstructBLIP: the vision stage reads the question too (its Q-Former tokenizer's ids)."""
-    return cfg.reads_question
-
-
 class QFormerTokenizer:
     """The Q-Former's own tokenizer (InstructBLIP: BERT WordPiece), as InstructBlipProcessor calls it: the text
     with its special tokens ([CLS] ... [SEP]), unpadded. Longer than the Q-Former's position table (where
@@ -207,7 +202,7 @@ class QFormerTokenizer:
 def instruction(tokenizer, cfg, text: str):
     """The question's Q-Former inputs (ids, mask) for an InstructBLIP model; () for any other model, so callers
     write vision(pixels, *instruction(...))."""
-    if not needs_instruction(cfg):
+    if not cfg.reads_question:
         return ()
     q = getattr(tokenizer, "qformer", None)
     if q is None:
@@ -249,7 +244,7 @@ def attach_checkpoint_tokenizer(tok, path, cfg) -> None:
 
 def bundle_fields(tok, out, cfg) -> dict:
     """An export of an InstructBLIP model: writes qformer_tokenizer.json into the bundle -> the manifest fields."""
-    if not needs_instruction(cfg):
+    if not cfg.reads_question:
         return {}
     q = getattr(tok, "qformer", None)
     if q is None:
@@ -269,7 +264,7 @@ def attach_bundle_tokenizer(tok, bundle, m: dict, verified: bool) -> None:
     from .bundle import bundle_path, read_verified
     from .config import ModelConfig
     cfg = ModelConfig.from_dict(m["model"])
-    if not needs_instruction(cfg):
+    if not cfg.reads_question:
         return
     from .errors import EdgemmError
     rel = m.get("qformer_tokenizer")

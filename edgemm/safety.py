@@ -151,6 +151,17 @@ def check_gguf(path) -> dict:
 
 
 # --------------------------------------------------------------------------- ONNX external data
+def unique_keys(message):
+    """A json.loads object_pairs_hook that refuses a key given twice (Python keeps the last, a C parser may keep
+    the first: an ambiguous file): EdgemmError(message(key))."""
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise EdgemmError(message(next(k for k in keys if keys.count(k) > 1)))
+        return dict(pairs)
+    return hook
+
+
 def check_onnx_external(path, root=None, data: bytes | None = None) -> None:
     """Every external-data `location` of an ONNX graph must be a relative path that stays inside `root` (default:
     the graph's directory): no `..` out, no absolute path, no symlink or hard link to a file elsewhere. Checked
@@ -241,13 +252,9 @@ def check_safetensors(path) -> int:
     except OSError as e:
         raise EdgemmError(f"cannot read {where}: {e.strerror or e}") from None
 
-    def no_dup(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise EdgemmError(f"{where}: the header names a tensor twice")
-        return dict(pairs)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dup)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys(
+            lambda key: f"{where}: the header names a tensor twice"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise EdgemmError(f"{where}: the header is not valid JSON") from None
     if not isinstance(header, dict):

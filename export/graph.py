@@ -48,11 +48,13 @@ NEG = -1e9                      # masked attention score (-inf in fp16 after Ten
 class Graph:
     """A small op-by-op builder over onnx.helper; returns value names."""
 
-    def __init__(self, fp16_weights: bool = False):
+    def __init__(self, fp16_weights: bool = False, fused_norms: bool = False, moe_form: str = "dense"):
+        """fused_norms: the graph may use ONNX Runtime's contrib ops for residual + norm and separate gate/up
+        MatMuls (the ort flavour, see add_rms and mlp); moe_form: how MoE layers are written (moe_mlp)."""
         from onnx import helper
         self.h = helper
         self.nodes, self.inits, self.n = [], [], 0
-        self.fp16 = fp16_weights
+        self.fp16, self.fused_norms, self.moe_form = fp16_weights, fused_norms, moe_form
         self.weight_bytes = 0
         self._consts: dict = {}
 
@@ -95,9 +97,10 @@ class Graph:
             return self.op("Cast", [src], out=name, to=TensorProto.FLOAT)
         return self.const(name, arr)
 
-    def model(self, name: str, inputs, outputs, ms_domain: bool = False):
+    def model(self, name: str, inputs, outputs):
         g = self.h.make_graph(self.nodes, name, inputs, outputs, self.inits)
-        ops = [self.h.make_opsetid("", OPSET)] + ([self.h.make_opsetid("com.microsoft", 1)] if ms_domain else [])
+        ms = any(nd.domain == "com.microsoft" for nd in self.nodes)        # contrib ops: import their domain
+        ops = [self.h.make_opsetid("", OPSET)] + ([self.h.make_opsetid("com.microsoft", 1)] if ms else [])
         return self.h.make_model(g, opset_imports=ops, ir_version=IR_VERSION, producer_name="edgemm")
 
 
@@ -116,7 +119,7 @@ def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
     """(x + d, rms(x + d) * w). Graphs that may use ONNX Runtime's contrib ops (g.fused_norms) get one
     com.microsoft SkipSimplifiedLayerNormalization, whose 4th output is the residual sum: ONNX Runtime does not fuse
     Add + SimplifiedLayerNormalization itself when the sum also feeds the next residual, as it does here."""
-    if not getattr(g, "fused_norms", False):
+    if not g.fused_norms:
         s = g.op("Add", [x, d])
         return s, rms(g, s, w, eps)
     h, s = g._name("skip_norm"), g._name("residual")
@@ -213,10 +216,10 @@ def moe_mlp(g: Graph, x: str, moe, name: str, form: str) -> str:
 def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
     """SwiGLU (a dense branch's gate and up: one MatMul in the TensorRT flavour); an MoE layer's experts: moe_mlp."""
     if "moe" in getattr(br, "_modules", {}):
-        return moe_mlp(g, x, br.moe, name, getattr(g, "moe_form", "dense"))
+        return moe_mlp(g, x, br.moe, name, g.moe_form)
     # ONNX Runtime graphs (g.fused_norms): gate and up as two MatMuls, no Split, as ORT GenAI's builder writes them
     # (measured 1-2% faster a decode step on bench-0.5b int4 than one [D, 2F] MatMul + Split); TensorRT: one MatMul
-    if hasattr(br.gate, "weight_A") or getattr(g, "fused_norms", False):
+    if hasattr(br.gate, "weight_A") or g.fused_norms:
         gate, up = linear(g, x, br.gate, f"{name}.gate"), linear(g, x, br.up, f"{name}.up")
     else:
         gu = np.concatenate([np32(br.gate.weight).T, np32(br.up.weight).T], 1)   # [D, 2F]: one MatMul
@@ -252,12 +255,13 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
     bridge k, v hold both versions of the rows (heads [0, K) as text queries read them, [K, 2K) as vision
     queries do: this branch's own rows plain, the other modality's with its rank-r bridge added) and
     `read` says which half this branch's queries attend over (None without the bridge)."""
+    from edgemm.xattn import cross_layer_at
     c = model.cfg.decoder
-    H, K, E = c.n_heads, c.kv_heads, c.head_dim
     own = branch == "vision" and c.per_modality_norms
     pend = None                                         # the last MLP's output, not yet added to x (see add_rms)
+    packed = getattr(attend, "packed", False) and not c.qk_norm and not c.cross_modal_bridge
     for i, layer in enumerate(model.decoder.layers):
-        if c.cross_attn_every:
+        if c.cross_attn_every and cross_layer_at(c, i) is not None:
             if pend is not None:
                 x, pend = g.op("Add", [x, pend]), None
             x = cross_attn_block(g, model, i, x)
@@ -269,34 +273,38 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
             h = rms(g, x, w, c.rms_eps)
         else:
             x, h = add_rms(g, x, pend, w, c.rms_eps)
-        if getattr(attend, "packed", False) and hasattr(br.qkv, "weight") and not c.qk_norm \
-                and not c.cross_modal_bridge:           # GroupQueryAttention takes the fused QKV as it is
+        if packed and hasattr(br.qkv, "weight"):      # GroupQueryAttention takes the fused QKV as it is
             a = attend(i, linear(g, h, br.qkv, f"{p}.{branch}.qkv"), None, None, None)
-            x, h = add_rms(g, x, linear(g, a, br.o, f"{p}.{branch}.o"),
-                           g.weight(f"{p}.{pre}ffn_norm.weight", np32(nrm[1].weight)), c.rms_eps)
-            pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
-            continue
-        if hasattr(br.qkv, "weight"):
-            q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
-                           n_out=3, axis=-1)
         else:
-            q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
-        if c.qk_norm:                                   # Qwen3: RMSNorm over each head's Q and K, before RoPE
-            def head_norm(t, n, nm):
-                w = g.weight(f"{p}.{branch}.{nm}.weight", np32(getattr(br, nm).weight))
-                t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
-                return g.op("Reshape", [t, g.i64([0, 0, n * E])])
-            q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
-        read = None
-        if c.cross_modal_bridge:
-            read = int(branch == "vision")
-            ko, vo = (g.op("Add", [t, linear(g, h, getattr(br, f"{n}_bridge"), f"{p}.{branch}.{n}_bridge")])
-                      for t, n in ((k, "k"), (v, "v")))              # as the other modality's queries read them
-            k, v = (g.op("Concat", [t, o] if read == 0 else [o, t], axis=-1) for t, o in ((k, ko), (v, vo)))
-        x, h = add_rms(g, x, linear(g, attend(i, q, k, v, read), br.o, f"{p}.{branch}.o"),
+            a = attend(i, *_qkv(g, c, br, h, p, branch))
+        x, h = add_rms(g, x, linear(g, a, br.o, f"{p}.{branch}.o"),
                        g.weight(f"{p}.{pre}ffn_norm.weight", np32(nrm[1].weight)), c.rms_eps)
         pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
     return g.op("Add", [x, pend])
+
+
+def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
+    """-> (q, k, v, read) of one layer for attend: dense or low-rank projections, Qwen3's per-head q/k norm, Libra's
+    bridge (k, v then hold both versions of the rows and `read` names the half this branch attends over)."""
+    H, K, E = c.n_heads, c.kv_heads, c.head_dim
+    if hasattr(br.qkv, "weight"):
+        q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
+                       n_out=3, axis=-1)
+    else:
+        q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
+    if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K, before RoPE
+        def head_norm(t, n, nm):
+            w = g.weight(f"{p}.{branch}.{nm}.weight", np32(getattr(br, nm).weight))
+            t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
+            return g.op("Reshape", [t, g.i64([0, 0, n * E])])
+        q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
+    read = None
+    if c.cross_modal_bridge:
+        read = int(branch == "vision")
+        ko, vo = (g.op("Add", [t, linear(g, h, getattr(br, f"{n}_bridge"), f"{p}.{branch}.{n}_bridge")])
+                  for t, n in ((k, "k"), (v, "v")))                  # as the other modality's queries read them
+        k, v = (g.op("Concat", [t, o] if read == 0 else [o, t], axis=-1) for t, o in ((k, ko), (v, vo)))
+    return q, k, v, read
 
 
 def cross_attn_block(g: Graph, model, i: int, x: str) -> str:
@@ -472,10 +480,8 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     c, dec = model.cfg.decoder, model.decoder
     E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    g = Graph(fp16)
-    g.moe_form = moe_form or MOE_DEFAULT.get(flavour, "dense")
-    gqa = flavour == GRAPH_GQA
-    g.fused_norms = gqa                                 # ONNX Runtime's contrib ops are this flavour's anyway
+    gqa = flavour == GRAPH_GQA                          # ONNX Runtime's contrib ops are this flavour's anyway
+    g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"))
     if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):
         raise ValueError("a batch dimension is for the ort-contrib-gqa text graph of models that support it")
     B = "batch" if batch else 1
@@ -502,8 +508,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     else:
         outputs += [vi(f"new_{kv}.{i}", f32, [1, "seq", NK, E]) for kv in ("key", "value") for i in range(L)]
     name = f"edgemm_decoder_{branch}" if gqa else f"edgemm_trt_decoder_{branch}"
-    ms = gqa or any(nd.domain == "com.microsoft" for nd in g.nodes)
-    return g.model(name, inputs, outputs, ms_domain=ms), g.weight_bytes
+    return g.model(name, inputs, outputs), g.weight_bytes
 
 
 # --------------------------------------------------------------------------- the input stage

@@ -267,7 +267,7 @@ class OrtBackend(SegmentRunner):
         return {n: ov.ortvalue_from_numpy(a, *self._dev) for n, a in zip(names, self.sess[stage].run(names, feeds))}
 
     def _run(self, stage, state, feeds, positions):
-        if stage == "decoder_text" and len(positions) == 1 and len(feeds) == 1 and state.cache.get("pool") is None:
+        if stage == "decoder_text" and len(positions) == 1 and len(feeds) == 1:
             return self._step(state, feeds["input_ids"], positions)
         total = self._room(state, len(positions))
         sess = self.sess[stage]
@@ -313,7 +313,11 @@ class OrtBackend(SegmentRunner):
                     "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.zeros((), np.int32)}
             logits = np.zeros((1, self.cfg.decoder.vocab_size), np.float32)
             io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            self._bind_cache(io, state)
+            pool = state.cache.get("pool")
+            if pool is not None:                             # a row of the slots' pool (serve --parallel)
+                pool.bind(io, pool.row(state), 1)
+            else:
+                self._bind_cache(io, state)
             for name, a in arrs.items():                     # backed by these arrays: updated in place below
                 io.bind_cpu_input(name, a)
             f = state.extra["decoder_text.step"] = (io, arrs, logits)

@@ -298,7 +298,7 @@ def test_qmoe_int4_layout_matches_the_dequantized_experts():
     gr = Graph()
     moe_mlp(gr, "x", moe, "l0", "ort-qmoe4")
     gr.op("Identity", [gr.nodes[-1].output[0]], out="y")
-    model = gr.model("t", [vi("x", TensorProto.FLOAT, [1, 7, 64])], [vi("y", TensorProto.FLOAT, [1, 7, 64])], True)
+    model = gr.model("t", [vi("x", TensorProto.FLOAT, [1, 7, 64])], [vi("y", TensorProto.FLOAT, [1, 7, 64])])
     assert any(n.op_type == "QMoE" for n in model.graph.node)
     x = torch.randn(1, 7, 64, generator=g)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
