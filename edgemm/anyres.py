@@ -56,10 +56,15 @@ def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int
     return best
 
 
+def allowed_pinpoints(v, max_tiles=CONFIG) -> list:
+    """The pinpoints [h, w] whose grid has at most max_tiles tiles (all of them without a budget)."""
+    mt, S = _max_tiles(v, max_tiles), v.image_size
+    return [p for p in v.grid_pinpoints if mt is None or (p[0] // S) * (p[1] // S) <= mt]
+
+
 def best_resolution(v, height: int, width: int, max_tiles=CONFIG) -> tuple[int, int] | None:
     """The tiled resolution (h, w) for an image, or None: the overview alone (no pinpoint within max_tiles)."""
-    mt, S = _max_tiles(v, max_tiles), v.image_size
-    pts = [p for p in v.grid_pinpoints if mt is None or (p[0] // S) * (p[1] // S) <= mt]
+    pts = allowed_pinpoints(v, max_tiles)
     return select_best_resolution(height, width, pts) if pts else None
 
 
@@ -93,17 +98,15 @@ def row_index(v, height: int, width: int, max_tiles=CONFIG) -> np.ndarray:
 
 def max_rows(v, max_tiles=CONFIG) -> int:
     """The most image rows one image can take (an image of a pinpoint's aspect ratio: nothing unpadded)."""
-    mt, S, side = _max_tiles(v, max_tiles), v.image_size, v.image_size // v.patch_size
-    pts = [p for p in v.grid_pinpoints if mt is None or (p[0] // S) * (p[1] // S) <= mt]
-    grid = [(h // S) * side * ((w // S) * side + 1) for h, w in pts]
+    S, side = v.image_size, v.image_size // v.patch_size
+    grid = [(h // S) * side * ((w // S) * side + 1) for h, w in allowed_pinpoints(v, max_tiles)]
     return side * side + max(grid, default=1)
 
 
 def max_tile_batch(v, max_tiles=CONFIG) -> int:
     """The largest vision-stage batch (overview + grid tiles) an image can need."""
-    mt, S = _max_tiles(v, max_tiles), v.image_size
-    return 1 + max([(h // S) * (w // S) for h, w in v.grid_pinpoints
-                    if mt is None or (h // S) * (w // S) <= mt], default=0)
+    S = v.image_size
+    return 1 + max([(h // S) * (w // S) for h, w in allowed_pinpoints(v, max_tiles)], default=0)
 
 
 def pack(tile_rows, newline, index):

@@ -201,7 +201,8 @@ def _np(t) -> np.ndarray:
     return t.detach().float().cpu().contiguous().numpy()
 
 
-def write_decoder_gguf(model, tok, path: Path, name: str, chat_template: str | None = None) -> None:
+def write_decoder_gguf(model, tok, path: Path, name: str, chat_template: str | None = None,
+                       tok_fields: dict | None = None) -> None:
     """The decoder in f32: arch cogvlm (text + vision branches, shared norms, embeddings, LM head), or for LLaVA
     arch llama / qwen2 (one branch). chat_template: what tokenizer.chat_template holds (None: edgemm's format)."""
     import gguf
@@ -225,7 +226,7 @@ def write_decoder_gguf(model, tok, path: Path, name: str, chat_template: str | N
     w.add_rope_freq_base(d.rope_theta)
     w.add_rope_dimension_count(d.head_dim)
     w.add_vocab_size(d.vocab_size)
-    tf = tokenizer_fields(tok, d.vocab_size)
+    tf = tok_fields or tokenizer_fields(tok, d.vocab_size)
     w.add_tokenizer_model(tf["model"])
     w.add_token_list(tf["tokens"])
     w.add_token_types(tf["types"])
@@ -760,7 +761,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     threads = threads or os.cpu_count() or 1
     src = _source(model)
     m, tok = load_model(model)
-    tokenizer_fields(tok, cfg.decoder.vocab_size)       # a tokenizer llama.cpp cannot read is refused up front
+    tok_fields = tokenizer_fields(tok, cfg.decoder.vocab_size)   # one llama.cpp cannot read is refused up front
     name = cfg.name
     arch, llava = decoder_arch(cfg), is_llava(cfg)
     projector = "mlp" if llava else "cogvlm"
@@ -776,7 +777,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
         log(f"writing the decoder ({arch}, f32) ...")
         # an imported model's own chat template goes into the file; edgemm's format as the GGUF form of it
-        write_decoder_gguf(m, tok, f32_path, name, template if llava else None)
+        write_decoder_gguf(m, tok, f32_path, name, template if llava else None, tok_fields)
         if dprec != "f32":
             log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")
             quantize_decoder(f32_path, tmp / dec_file, dprec, threads)

@@ -131,9 +131,9 @@ def validation_inputs(cfg, gen):
     if not v.grid_pinpoints:
         return input_examples(cfg, gen), None
     import torch
-    from edgemm.anyres import n_tiles
+    from edgemm.anyres import allowed_pinpoints, n_tiles
     S = v.image_size
-    pts = [p for p in v.grid_pinpoints if v.max_tiles is None or (p[0] // S) * (p[1] // S) <= v.max_tiles] or [[S, S]]
+    pts = allowed_pinpoints(v) or [[S, S]]
     h, w = max(pts, key=lambda p: (p[0] // S) * (p[1] // S))
     hw = (h, max(1, w * 3 // 4))
     return {"pixels": torch.randn(n_tiles(v, *hw), 3, S, S, generator=gen)}, hw
