@@ -8,8 +8,12 @@ ONNX Runtime GenAI runs a plain Llama with the text-branch shapes of the preset 
 vocab), random weights made with transformers' LlamaForCausalLM and converted by GenAI's own builder
 (`onnxruntime_genai.models.builder`, `-e cpu`, its defaults: block 32, accuracy level 4). edgemm runs the same
 preset exported with `export_onnx` (int4: MatMulNBits block 32; int8-wo: block 128) on its ort backend. Each
-engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed; the engines alternate
-round by round and the table shows the median tok/s of `--rounds` rounds, and the ratio edgemm / GenAI.
+engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed.
+Each measurement runs in a fresh process that loads one engine alone (`--worker`): on these machines an engine's
+speed depends on what else the process loaded and in which order (measured here in one process: the engine loaded
+second decoded 3-8% faster, whichever it was), which a per-process measurement leaves out. The processes alternate
+round by round (ABBA: the order reverses every round); the table shows the median tok/s of `--rounds` rounds and
+the median of the per-round ratios edgemm / GenAI (both engines of a round ran under the same load).
 (llama.cpp: `python benchmarks/bench_gguf.py --stock` times edgemm's llamacpp backend against the stock loop.)
 Needs the genai extra: pip install 'edgemm[genai]' (onnxruntime-genai, onnx-ir; CPU machines only).
 """
@@ -99,8 +103,31 @@ class Edgemm:
         return steps / (time.perf_counter() - t0)
 
 
+ENGINES = {"edgemm": Edgemm, "genai": GenAI}
+
+
+def measure(kind: str, path: Path, a) -> float:
+    """One engine's decode tok/s, loaded alone in a fresh process (this script's --worker)."""
+    import subprocess
+    cmd = [sys.executable, __file__, "--worker", kind, str(path), "--threads", str(a.threads), "--context",
+           str(a.context), "--steps", str(a.steps), "--warmup", str(a.warmup), "--preset", a.preset]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"the {kind} worker failed:\n{r.stderr[-3000:]}")
+    return float(r.stdout.split()[-1])
+
+
+def worker(kind: str, path: str, a) -> int:
+    from edgemm.config import get_preset
+    vocab = get_preset(a.preset).decoder.vocab_size
+    prompt = np.random.default_rng(0).integers(3, vocab, a.context).tolist()
+    print(ENGINES[kind](Path(path), a.threads).decode(prompt, a.steps, a.warmup))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default="bench-0.5b")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precisions", default="int4,int8", help="comma-separated: int4, int8")
@@ -111,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep the exported models here (reused when present)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.worker:
+        return worker(*a.worker, a)
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
@@ -137,7 +166,7 @@ def main(argv=None) -> int:
     if not (hf / "config.json").is_file():
         log(f"building a plain Llama with the {a.preset} text-branch shapes")
         plain_llama(cfg, tok, hf)
-    engines = {}
+    jobs = {}
     for name in precisions:
         ours, theirs = PAIRS[name]
         bundle = work / f"edgemm-{ours}"
@@ -147,29 +176,26 @@ def main(argv=None) -> int:
             log(f"exporting edgemm {ours}")
             export_onnx(model=(model, tok), out=bundle, precision=ours, threads=a.threads, log=None)
         log(f"building ONNX Runtime GenAI {theirs}")
-        g = build_genai(hf, work / f"genai-{theirs}", theirs, a.threads)
-        engines[f"edgemm-ort-{name}"] = Edgemm(bundle, a.threads)
-        engines[f"ort-genai-{name}"] = GenAI(g, a.threads)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, cfg.decoder.vocab_size, a.context).tolist()
-    runs = {k: [] for k in engines}
-    for r in range(a.rounds):                       # interleaved rounds: the machine's noise hits every engine
-        for k, e in engines.items():
-            runs[k].append(e.decode(prompt, a.steps, a.warmup))
+        jobs[f"edgemm-ort-{name}"] = ("edgemm", bundle)
+        jobs[f"ort-genai-{name}"] = ("genai", build_genai(hf, work / f"genai-{theirs}", theirs, a.threads))
+    runs = {k: [] for k in jobs}
+    for r in range(a.rounds):         # interleaved rounds, ABBA; one fresh process per engine and round
+        for k in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+            runs[k].append(measure(*jobs[k], a))
         log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()))
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{a.preset} text-branch shapes, context {a.context}, {a.steps} greedy steps, {a.threads} threads, "
-          f"median of {a.rounds} interleaved rounds")
+          f"median of {a.rounds} interleaved rounds (a fresh process per engine and round)")
     print(f"{'engine':<18} {'tok/s':>8}")
     for k, v in med.items():
         print(f"{k:<18} {v:>8.1f}")
-    ratios = {n: med[f"edgemm-ort-{n}"] / med[f"ort-genai-{n}"] for n in precisions}
-    paired = {n: statistics.median(a / b for a, b in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"]))
-              for n in precisions}                  # round by round: both engines saw the same load
-    for n, x in ratios.items():
-        print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios {paired[n]:.3f})")
+    paired = {n: statistics.median(x / y for x, y in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"]))
+              for n in precisions}                  # round by round: both engines ran under the same load
+    for n, x in paired.items():
+        print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios; of the medians "
+              f"{med[f'edgemm-ort-{n}'] / med[f'ort-genai-{n}']:.3f})")
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "median": med, "ratios": ratios, "paired_ratios": paired,
+        Path(a.json).write_text(json.dumps({"runs": runs, "median": med, "ratios": paired,
                                             "args": vars(a)}, indent=1))
     if tmp is not None:
         tmp.cleanup()
