@@ -51,7 +51,7 @@ def fill_state(backend, state, context: int, rng) -> None:
                 rng.standard_normal(buf[:, :, :, :context].shape, dtype=np.float32)))
     else:
         for a in state.cache["arrays"]:
-            a[:, :, :context] = rng.standard_normal(a[:, :, :context].shape, dtype=np.float32)
+            a[:, :, :context] = rng.standard_normal(a[:, :, :context].shape, dtype=np.float32).astype(a.dtype)
     state.length = state.pos = context
 
 

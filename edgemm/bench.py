@@ -79,7 +79,7 @@ def dir_size(path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def decode_weight_bytes(bundle) -> int | None:
+def decode_weight_bytes(bundle, cpu: bool = False) -> int | None:
     """Bytes of weights one decode step reads: the decoder_text graph's initializers (onnx) or the decoder
     GGUF's text-branch + shared tensors, with one row of the token embedding table instead of all of it."""
     from .bundle import bundle_path, read_manifest
@@ -98,6 +98,10 @@ def decode_weight_bytes(bundle) -> int | None:
         # fp16 bundles store matrices as Cast(fp16 initializer); ONNX Runtime folds the Cast at load (on every
         # provider), so a decode step reads them as fp32: count what is read, not what is stored
         cast_src = {n.input[0]: n.output[0] for n in m.graph.node if n.op_type == "Cast"}
+        # fp16 compute bundles (export --device cuda) read fp16 weights on CUDA; on the CPU provider ONNX Runtime
+        # runs their MatMuls in fp32 behind casts and folds those weights to fp32 at load
+        folded = {n.input[1] for n in m.graph.node if n.op_type == "MatMul"} if cpu and st.get("compute") == "fp16" \
+            else set()
         total = 0
         for t in m.graph.initializer:
             n = int(np.prod(t.dims)) if t.dims else 1
@@ -106,6 +110,8 @@ def decode_weight_bytes(bundle) -> int | None:
             if name in cast_src and t.data_type == onnx.TensorProto.FLOAT16:
                 nbytes *= 2
                 name = cast_src[name]                 # what the graph reads is the Cast's output
+            elif name in folded and t.data_type == onnx.TensorProto.FLOAT16:
+                nbytes *= 2
             if (name in gathered or name.startswith("rotary.")) and len(t.dims) == 2:
                 nbytes = nbytes // max(int(t.dims[0]), 1)      # one row (the rotary caches: a row per position)
             if len(t.dims) == 3 and ".experts." in name:
@@ -370,7 +376,8 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
                "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles}
         got = _run_child(job) if isolate else _bench_one(job)
-        wb = decode_weight_bytes(b)
+        first = got[0] if isinstance(got, list) else got
+        wb = decode_weight_bytes(b, cpu=str(first.get("describe", "")).endswith(" on cpu"))   # ("ort (...) on cpu")
         for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
             res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
                                             if isinstance(got, list) else "")

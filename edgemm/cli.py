@@ -367,9 +367,12 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
               help="trt: the device class whose profiles engines built at export use (default: by the GPU here).")
 @click.option("--max-tiles", type=int, default=None, help="onnx/trt, any-resolution (LLaVA-NeXT) models: the "
               "bundle's default tile budget (most grid tiles per image; run/chat/bench can override it).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="onnx: the ONNX Runtime provider "
+              "the bundle is for (default cpu). cuda, with --precision fp16: fp16 compute decoders (fp16 activations, "
+              "attention and KV cache); cpu: fp16 weights, fp32 compute (the CPU's faster form).")
 @handle_errors
 def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
-           max_context, device_class, max_tiles):
+           max_context, device_class, max_tiles, device):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -409,6 +412,11 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
             raise EdgemmError(f"--max-tiles applies to --target onnx and trt (the host tiles the image); a {target} "
                               "bundle tiles as its runtime does")
         extra["max_tiles"] = max_tiles
+    if device is not None:
+        if target != "onnx":
+            raise EdgemmError(f"--device applies to --target onnx; {target} bundles are for "
+                              f"{'TensorRT on a GPU' if target == 'trt' else 'llama.cpp'} by their target")
+        extra["device"] = device
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch

@@ -25,7 +25,10 @@ per-modality norms (the vision graph holds the vision norms, incl. the final one
 CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The input stage is traced from the
 reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
 
-fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32.
+fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32 (what the
+CPU provider runs fastest). fp16 exports for CUDA (`half`, ort flavour, dense decoders) compute in fp16: fp16
+weights, activations, GroupQueryAttention and KV cache (ONNX Runtime registers its CUDA GroupQueryAttention for
+fp16/bf16 only), RMSNorm statistics in fp32, fp32 logits out and fp32 image rows in.
 
 Mixture-of-experts layers (MoE-LLaVA, `moe_mlp`): com.microsoft MoE in the onnx graphs (QMoE with int4 experts
 for int4 bundles), a standard-op dense form in the trt graphs (measured: benchmarks/bench_moe.py). Qwen3's
@@ -48,13 +51,17 @@ NEG = -1e9                      # masked attention score (-inf in fp16 after Ten
 class Graph:
     """A small op-by-op builder over onnx.helper; returns value names."""
 
-    def __init__(self, fp16_weights: bool = False, fused_norms: bool = False, moe_form: str = "dense"):
+    def __init__(self, fp16_weights: bool = False, fused_norms: bool = False, moe_form: str = "dense",
+                 half: bool = False):
         """fused_norms: the graph may use ONNX Runtime's contrib ops for residual + norm and separate gate/up
-        MatMuls (the ort flavour, see add_rms and mlp); moe_form: how MoE layers are written (moe_mlp)."""
-        from onnx import helper
+        MatMuls (the ort flavour, see add_rms and mlp); moe_form: how MoE layers are written (moe_mlp);
+        half: fp16 compute (weights and activations in fp16; see act)."""
+        from onnx import TensorProto, helper
         self.h = helper
         self.nodes, self.inits, self.n = [], [], 0
-        self.fp16, self.fused_norms, self.moe_form = fp16_weights, fused_norms, moe_form
+        self.fp16, self.fused_norms, self.moe_form = fp16_weights and not half, fused_norms, moe_form
+        self.half = half
+        self.ftype = TensorProto.FLOAT16 if half else TensorProto.FLOAT      # the activations' element type
         self.weight_bytes = 0
         self._consts: dict = {}
 
@@ -91,11 +98,17 @@ class Graph:
     def weight(self, name: str, arr: np.ndarray) -> str:
         """A float32 weight; matrices are stored in fp16 (and Cast back to fp32) for fp16 exports."""
         arr = np.asarray(arr, np.float32)
+        if self.half:                                  # fp16 compute: every weight in fp16, as it is read
+            return self.const(name, arr.astype(np.float16))
         if self.fp16 and arr.ndim >= 2:
             from onnx import TensorProto
             src = self.const(name + ".fp16", arr.astype(np.float16))
             return self.op("Cast", [src], out=name, to=TensorProto.FLOAT)
         return self.const(name, arr)
+
+    def act(self, x: str) -> str:
+        """An fp32 value (a graph input, a table) in the activations' type."""
+        return self.op("Cast", [x], to=self.ftype) if self.half else x
 
     def model(self, name: str, inputs, outputs):
         g = self.h.make_graph(self.nodes, name, inputs, outputs, self.inits)
@@ -110,9 +123,14 @@ def np32(t) -> np.ndarray:
 
 # --------------------------------------------------------------------------- layers
 def rms(g: Graph, x: str, w: str, eps: float) -> str:
-    """x / sqrt(mean(x^2) + eps) * w, as edgemm.model.RMSNorm, in the pattern ONNX Runtime fuses."""
+    """x / sqrt(mean(x^2) + eps) * w, as edgemm.model.RMSNorm, in the pattern ONNX Runtime fuses (fp16 compute:
+    the statistics in fp32, as the fused kernels keep them: x^2 overflows fp16 from |x| = 256)."""
+    from onnx import TensorProto
+    if g.half:
+        x = g.op("Cast", [x], to=TensorProto.FLOAT)
     ms = g.op("ReduceMean", [g.op("Pow", [x, g.f32(2.0)]), g.i64([-1])], keepdims=1)
-    return g.op("Mul", [g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.f32(eps)])])]), w])
+    y = g.act(g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.f32(eps)])])]))
+    return g.op("Mul", [y, w])
 
 
 def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
@@ -140,7 +158,7 @@ def rope_tables(g: Graph, c, batched: bool = False) -> tuple[str, str]:
                      g.const("rope.inv_freq", inv)])                               # [(B,) T, E/2]
     f = g.op("Concat", [f, f], axis=-1)                                           # [(B,) T, E]
     ax = g.i64([2] if batched else [0, 2])
-    return g.op("Unsqueeze", [g.op("Cos", [f]), ax]), g.op("Unsqueeze", [g.op("Sin", [f]), ax])
+    return g.act(g.op("Unsqueeze", [g.op("Cos", [f]), ax])), g.act(g.op("Unsqueeze", [g.op("Sin", [f]), ax]))
 
 
 def rope(g: Graph, x4: str, cos: str, sin: str, E: int) -> str:
@@ -238,13 +256,13 @@ def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list,
     from onnx.helper import make_tensor_value_info as vi
     D = model.cfg.decoder.d_model
     if branch != "text":
-        return [vi("image_rows", TensorProto.FLOAT, [1, "seq", D])], "image_rows"
+        return [vi("image_rows", TensorProto.FLOAT, [1, "seq", D])], g.act("image_rows")
     emb = g.weight("tok_embeddings.weight", np32(model.decoder.tok_embeddings.weight))
     x = g.op("Gather", [emb, "input_ids"], axis=0)                                        # [1, T, D]
     if model.cfg.decoder.eoi_branch != "text":
         return [vi("input_ids", TensorProto.INT64, [B, "seq"])], x
     ins = [vi("input_ids", TensorProto.INT64, [B, "ids"]), vi("input_rows", TensorProto.FLOAT, [B, "rows", D])]
-    return ins, g.op("Concat", [x, "input_rows"], axis=1)
+    return ins, g.op("Concat", [x, g.act("input_rows")], axis=1)
 
 
 def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
@@ -384,9 +402,10 @@ def rotary_caches(g: Graph, c) -> tuple[str, str]:
     import torch
     from edgemm.model import rope_cos_sin
     cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, c.rope_theta)
-    E2 = c.head_dim // 2
+    E2, dt = c.head_dim // 2, np.float16 if g.half else np.float32      # the op takes them in the queries' type
     n = g.weight_bytes
-    out = g.const("rotary.cos_cache", cos[:, :E2].numpy()), g.const("rotary.sin_cache", sin[:, :E2].numpy())
+    out = (g.const("rotary.cos_cache", cos[:, :E2].numpy().astype(dt)),
+           g.const("rotary.sin_cache", sin[:, :E2].numpy().astype(dt)))
     g.weight_bytes = n                  # tables (fp32 in every precision), not weights: a step reads T rows
     return out
 
@@ -468,20 +487,24 @@ def decode_batch_supported(cfg, moe_form: str | None = None) -> bool:
 
 
 def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = False, moe_form: str | None = None,
-                  batch: bool = False):
+                  batch: bool = False, half: bool = False):
     """One decoder branch ('text' or 'vision') as an ONNX model of the given flavour -> (model, weight bytes);
     MoE layers in `moe_form` (default MOE_DEFAULT[flavour]; the trt flavour takes standard ops only).
     batch (ort-contrib-gqa text branch only): a dynamic batch dimension on input_ids [batch, seq], positions
     [batch, seq], seqlens_k [batch], the KV buffers [batch, K, cache_len, E] and logits [batch, V], so one run
     steps several KV caches (rows of one buffer per layer; GroupQueryAttention reads each row's own seqlens_k);
-    B = 1 is the single-state path."""
+    B = 1 is the single-state path. half (ort-contrib-gqa, dense decoders without cross-attention): fp16 compute
+    for the CUDA provider, past/present in fp16 (see the module docstring)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
     c, dec = model.cfg.decoder, model.decoder
     E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     gqa = flavour == GRAPH_GQA                          # ONNX Runtime's contrib ops are this flavour's anyway
-    g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"))
+    if half and not (gqa and not c.n_experts and not c.cross_attn_every):
+        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs of dense decoders without cross-attention")
+    g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"), half=half)
+    kvt = g.ftype
     if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):
         raise ValueError("a batch dimension is for the ort-contrib-gqa text graph of models that support it")
     B = "batch" if batch else 1
@@ -489,7 +512,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     inputs.append(vi("positions", i64, [B, "seq"] if batch else ["seq"]))
     if gqa:
         inputs += [vi("seqlens_k", i32, [B]), vi("total_sequence_length", i32, [])]
-        inputs += [vi(f"past_{kv}.{i}", f32, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+        inputs += [vi(f"past_{kv}.{i}", kvt, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
     elif flavour == GRAPH_KV:
         inputs.append(vi("past_len", i64, [1]))
         inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for i in range(L) for kv in ("key", "value")]
@@ -501,10 +524,14 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     x = decoder_layers(g, model, branch, x, attend)
     last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]
     hn = rms(g, last, g.weight("norm.weight", np32(final_norm(model, branch).weight)), c.rms_eps)
-    g.op("MatMul", [hn, g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)], out="logits", name="lm_head")
+    lm = g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)
+    if half:
+        g.op("Cast", [g.op("MatMul", [hn, lm], name="lm_head")], out="logits", to=f32)
+    else:
+        g.op("MatMul", [hn, lm], out="logits", name="lm_head")
     outputs = [vi("logits", f32, [B, V])]
     if gqa:
-        outputs += [vi(f"present_{kv}.{i}", f32, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+        outputs += [vi(f"present_{kv}.{i}", kvt, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
     else:
         outputs += [vi(f"new_{kv}.{i}", f32, [1, "seq", NK, E]) for kv in ("key", "value") for i in range(L)]
     name = f"edgemm_decoder_{branch}" if gqa else f"edgemm_trt_decoder_{branch}"

@@ -83,6 +83,27 @@ BATCH_NOTE = ("dynamic: input_ids / positions [batch, seq], seqlens_k [batch], p
 INPUTS = {"vision": "pixels", "image_tokens": "image tokens and continuous signal (Libra)"}
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def _half_for(device: str, prec: dict, cfg) -> bool:
+    """Whether the decoder graphs compute in fp16 (export_onnx's device); a clear error where they cannot."""
+    if device not in DEVICES:
+        raise EdgemmError(f"--device {device!r}: the onnx exporter writes bundles for {', '.join(DEVICES)}")
+    if device == "cpu":
+        return False
+    if prec["decoder"] != "fp16":
+        raise EdgemmError(f"--device cuda writes fp16 compute decoders (ONNX Runtime's CUDA GroupQueryAttention is "
+                          f"fp16 only; a {prec['decoder']} decoder's attention would run on the CPU): use --precision "
+                          "fp16 or decoder=fp16, or --device cpu")
+    c = cfg.decoder
+    if c.n_experts or c.cross_attn_every:
+        what = "mixture-of-experts" if c.n_experts else "gated cross-attention"
+        raise EdgemmError(f"--device cuda (fp16 compute) is not available for {what} decoders yet; export with "
+                          "--device cpu (fp16 weights, fp32 compute) or --target trt")
+    return True
+
+
 def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     """Manifest fields that say how a stage computes the model's variants (onnx and trt bundles)."""
     from edgemm.config import cross_image_ids
@@ -224,9 +245,12 @@ def validate_batch(model, b, gen, steps: int = 4) -> list:
 def export_onnx(model=None, out=None, precision=None, force: bool = False, calib=None, no_build: bool = False,
                 log=print, threads: int | None = None, seed: int | None = None, keep_sensitive: float | None = None,
                 stats=None, recipes: dict | None = None, moe_form: str | None = None,
-                max_tiles: int | None = None) -> dict:
+                max_tiles: int | None = None, device: str = "cpu") -> dict:
     """Export `model` (a --model spec, or a (model, tokenizer) pair) to an ONNX bundle at `out`. max_tiles: the
     bundle's default tile budget (any-resolution models; edgemm.anyres).
+    device: the ONNX Runtime provider the bundle is for. "cuda" with an fp16 decoder writes fp16 compute decoder
+    graphs (fp16 activations, GroupQueryAttention and KV cache: ONNX Runtime's CUDA GroupQueryAttention is fp16/bf16
+    only, an fp32 one would run on the CPU); "cpu" keeps fp16 weights behind a Cast with fp32 compute.
     moe_form: how MoE layers are written (edgemm.export.graph.MOE_FORMS; default the faster on the CPU).
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.
@@ -248,6 +272,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     from edgemm.anyres import set_max_tiles
     set_max_tiles(cfg, max_tiles)               # --max-tiles: the bundle's default (any-resolution models)
     check_variants(cfg, "the onnx exporter", prec)
+    half = _half_for(device, prec, cfg)
     moe_form = moe_form or ("ort-qmoe4" if prec["decoder"] == "int4" else MOE_DEFAULT[GRAPH_GQA])
     if moe_form == "ort-qmoe4" and prec["decoder"] != "int4":
         raise EdgemmError("the ort-qmoe4 MoE form (int4 experts) goes with --precision decoder=int4")
@@ -263,7 +288,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         batch = decode_batch_supported(cfg, moe_form)        # decoder_text steps several KV caches at once
         for branch in [b for b in ("text", "image") if f"decoder_{b}" in cfg.stages]:
             dm, dbytes = decoder_graph(m, "text" if branch == "text" else "vision", GRAPH_GQA,
-                                       prec["decoder"] == "fp16", moe_form=moe_form, batch=batch and branch == "text")
+                                       prec["decoder"] == "fp16", moe_form=moe_form, batch=batch and branch == "text",
+                                       half=half)
             graphs[f"decoder_{branch}"] = (dm, dbytes, GRAPH_GQA, prec["decoder"],
                                            "text" if branch == "text" else "vision")
         heads = "2 * kv_heads" if cfg.decoder.cross_modal_bridge else "kv_heads"
@@ -272,16 +298,18 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             extra = save_stage(g, tmp / fname, nbytes)
             onnx.checker.check_model(str(tmp / fname))           # path form: works with external data
             ins, outs = io_spec(g)
+            fp16_compute = half and branch is not None
             st = {"file": fname, "graph": flavour, "precision": p, "inputs": ins, "outputs": outs,
-                  "weights": "fp16 matrices, cast to fp32 in the graph; fp32 compute" if p == "fp16"
-                  else "fp32"}
+                  "weights": "fp16; fp16 compute (RMSNorm statistics in fp32), fp32 logits" if fp16_compute
+                  else "fp16 matrices, cast to fp32 in the graph; fp32 compute" if p == "fp16" else "fp32",
+                  "compute": "fp16" if fp16_compute else "fp32"}
             if extra:
                 st["extra_files"] = extra
             if branch:
                 st["branch"] = branch
                 B = "batch" if batch and branch == "text" else 1
                 st["kv_cache"] = {"layout": f"BNSH [{B}, {heads}, cache_len, head_dim] per layer",
-                                  "dtype": "float32", "shared_past_present": True,
+                                  "dtype": "float16" if fp16_compute else "float32", "shared_past_present": True,
                                   "inputs": "past_key.i / past_value.i", "outputs": "present_key.i / present_value.i",
                                   "seqlens_k": "rows filled after this call - 1",
                                   "total_sequence_length": "rows filled after this call"}
@@ -305,6 +333,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                     "precision": prec, "stages": stages, "tokenizer": "tokenizer.json",
                     "chat_template": "chat_template.jinja",
                     "tools": tool_versions("onnx", "onnxruntime"), "opset": {"": OPSET, "com.microsoft": 1},
+                    "device": device,
                     **qformer}
         if calibration:
             manifest["calibration"] = calibration

@@ -21,18 +21,19 @@ from .base import State
 
 
 class KVPool:
-    def __init__(self, ort, dev: tuple, slots: int, n_layers: int, heads: int, capacity: int, head_dim: int):
-        self.capacity, self.n_layers, self.dev = int(capacity), n_layers, dev
+    def __init__(self, ort, dev: tuple, slots: int, n_layers: int, heads: int, capacity: int, head_dim: int,
+                 dtype=np.float32):
+        self.capacity, self.n_layers, self.dev, self.dtype = int(capacity), n_layers, dev, np.dtype(dtype)
         self.shape = (int(slots), heads, self.capacity + 1, head_dim)
         if dev[0] == "cpu":                 # numpy-backed: zero pages until written, readable in place
-            self.arrays = [np.zeros(self.shape, np.float32) for _ in range(2 * n_layers)]
+            self.arrays = [np.zeros(self.shape, self.dtype) for _ in range(2 * n_layers)]
             self.ptrs = [a.ctypes.data for a in self.arrays]
         else:
             self.arrays = None
-            self._vals = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, np.float32, *dev)
+            self._vals = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, *dev)
                           for _ in range(2 * n_layers)]
             self.ptrs = [v.data_ptr() for v in self._vals]
-        self.row_bytes = int(np.prod(self.shape[1:])) * 4
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         self.owners: list = [None] * self.shape[0]      # row -> weakref to its State
         self._io: dict = {}                              # (first row, rows) -> the batched step's IOBinding
 
@@ -71,8 +72,8 @@ class KVPool:
         for i in range(self.n_layers):
             for j, kv in enumerate(("key", "value")):
                 ptr = self.ptrs[2 * i + j] + first * self.row_bytes
-                io.bind_input(f"past_{kv}.{i}", self.dev[0], self.dev[1], np.float32, shape, ptr)
-                io.bind_output(f"present_{kv}.{i}", self.dev[0], self.dev[1], np.float32, shape, ptr)
+                io.bind_input(f"past_{kv}.{i}", self.dev[0], self.dev[1], self.dtype, shape, ptr)
+                io.bind_output(f"present_{kv}.{i}", self.dev[0], self.dev[1], self.dtype, shape, ptr)
 
     def step(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
         """One decode step of every state (token i appended to state i) in one run -> logits per state.

@@ -82,6 +82,8 @@ class OrtBackend(SegmentRunner):
         self._dev = ("cpu", 0) if self.device == "cpu" else ("cuda", 0)
         ids = next((i.shape for i in sessions["decoder_text"].get_inputs() if i.name == "input_ids"), [1])
         self.batched = isinstance(ids[0], str)        # decoder_text with a batch dimension (decode_batch)
+        past = next((i.type for i in sessions["decoder_text"].get_inputs() if i.name == "past_key.0"), "")
+        self.kv_dtype = np.float16 if past == "tensor(float16)" else np.float32     # fp16 compute bundles
         self.slots, self._pool = 1, None
 
     # ---- opening -------------------------------------------------------------------
@@ -129,11 +131,16 @@ class OrtBackend(SegmentRunner):
         if s8 and not s8s8_int8_exact():
             paths.update(cls._u8u8(paths, s8, log))
         sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
-        fp16 = [s for s in names if stages[s].get("precision") == "fp16"]
+        fp16 = [s for s in names if stages[s].get("precision") == "fp16" and stages[s].get("compute") != "fp16"]
+        half = [s for s in names if stages[s].get("compute") == "fp16"]
         if fp16 and provider == "CPUExecutionProvider" and log:
             log(f"note: {', '.join(fp16)} stored in fp16: on the CPU provider ONNX Runtime turns those weights into "
-                "fp32 when it loads them (half the file, the memory and speed of fp32); fp16 compute needs the CUDA "
-                "or TensorRT provider")
+                "fp32 when it loads them (half the file, the memory and speed of fp32); fp16 compute: export "
+                "--precision fp16 --device cuda (decoders, for the CUDA provider) or --target trt")
+        if half and provider == "CPUExecutionProvider" and log:
+            log(f"note: {', '.join(half)} compute in fp16 for the CUDA provider (exported with --device cuda); on the "
+                "CPU ONNX Runtime runs their MatMuls in fp32 behind casts (fp16 KV cache and attention): a bundle "
+                "exported for the CPU decodes faster here")
         for s in names:
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
@@ -239,18 +246,19 @@ class OrtBackend(SegmentRunner):
         if self.batched and self.slots > 1:        # a row of the slots' pool (sized by the first state)
             if self._pool is None:
                 from .kv_pool import KVPool
-                self._pool = KVPool(self._ort, self._dev, self.slots, c.n_layers, c.cache_heads, n, c.head_dim)
+                self._pool = KVPool(self._ort, self._dev, self.slots, c.n_layers, c.cache_heads, n, c.head_dim,
+                                    self.kv_dtype)
             st = self._pool.take(n)
             if st is not None:
                 return st                          # (else a state of its own, stepped alone)
         shape = (1, c.cache_heads, n, c.head_dim)
         ov = self._ort.OrtValue
         if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
-            arrays = [np.zeros(shape, np.float32) for _ in range(2 * c.n_layers)]
+            arrays = [np.zeros(shape, self.kv_dtype) for _ in range(2 * c.n_layers)]
             vals = [ov.ortvalue_from_numpy(a) for a in arrays]
         else:
             arrays = None
-            vals = [ov.ortvalue_from_shape_and_type(shape, np.float32, *self._dev) for _ in range(2 * c.n_layers)]
+            vals = [ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, *self._dev) for _ in range(2 * c.n_layers)]
         return State(cache={"k": vals[0::2], "v": vals[1::2], "capacity": n, "arrays": arrays})
 
     @property
