@@ -9,11 +9,12 @@ vocab), random weights made with transformers' LlamaForCausalLM and converted by
 (`onnxruntime_genai.models.builder`, `-e cpu`, its defaults: block 32, accuracy level 4). edgemm runs the same
 preset exported with `export_onnx` (int4: MatMulNBits block 32; int8-wo: block 128) on its ort backend. Each
 engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed.
-Each measurement runs in a fresh process that loads one engine alone (`--worker`): on these machines an engine's
-speed depends on what else the process loaded and in which order (measured here in one process: the engine loaded
-second decoded 3-8% faster, whichever it was), which a per-process measurement leaves out. The processes alternate
-round by round (ABBA: the order reverses every round); the table shows the median tok/s of `--rounds` rounds and
-the median of the per-round ratios edgemm / GenAI (both engines of a round ran under the same load).
+Each measurement runs in a fresh process that loads one engine alone (`--worker`) and decodes `--repeats` times
+(its median counts): on these machines an engine's speed depends on what else the process loaded and in which
+order (measured here in one process: the engine loaded second decoded 3-8% faster, whichever it was), which a
+per-process measurement leaves out. The processes alternate round by round (ABBA: the order reverses every round);
+the table shows the median tok/s of `--rounds` rounds and the median of the per-round ratios edgemm / GenAI (both
+engines of a round ran under the same load).
 (llama.cpp: `python benchmarks/bench_gguf.py --stock` times edgemm's llamacpp backend against the stock loop.)
 Needs the genai extra: pip install 'edgemm[genai]' (onnxruntime-genai, onnx-ir; CPU machines only).
 """
@@ -63,14 +64,25 @@ def build_genai(src: Path, out: Path, precision: str, threads: int) -> Path:
 
 
 class GenAI:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, profile: str | None = None):
         import onnxruntime_genai as og
         cfg_path = path / "genai_config.json"
         gc = json.loads(cfg_path.read_text())
         opts = gc["model"]["decoder"].setdefault("session_options", {})
         opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
+        opts.pop("enable_profiling", None)
         cfg_path.write_text(json.dumps(gc, indent=1))
-        self.og, self.model = og, og.Model(str(path))
+        if profile:                                    # ONNX Runtime's profiler, written when the model goes
+            opts["enable_profiling"] = profile
+            cfg_path = Path(tempfile.mkdtemp(prefix="genai-prof-")) / "genai_config.json"
+            for f in path.iterdir():                   # (a copy of the folder: the shared config stays as it was)
+                (cfg_path.parent / f.name).symlink_to(f.resolve())
+            (cfg_path.parent / "genai_config.json").unlink()
+            cfg_path.write_text(json.dumps(gc, indent=1))
+        self.og, self.model = og, og.Model(str(cfg_path.parent))
+
+    def end_profile(self) -> None:
+        del self.model
 
     def decode(self, prompt: list[int], steps: int, warmup: int) -> float:
         og = self.og
@@ -88,9 +100,21 @@ class GenAI:
 
 
 class Edgemm:
-    def __init__(self, bundle: Path, threads: int):
+    def __init__(self, bundle: Path, threads: int, profile: str | None = None):
+        import onnxruntime as ort
         from edgemm.runtimes import load_backend
+        if profile:                 # the backend's sessions with ONNX Runtime's profiler on (this process only)
+            options = ort.SessionOptions
+
+            def profiled():
+                so = options()
+                so.enable_profiling, so.profile_file_prefix = True, profile
+                return so
+            ort.SessionOptions = profiled
         self.b = load_backend("ort", bundle=str(bundle), device="cpu", threads=threads)
+
+    def end_profile(self) -> None:
+        self.b.sess["decoder_text"].end_profiling()
 
     def decode(self, prompt: list[int], steps: int, warmup: int) -> float:
         st = self.b.new_state(max_len=len(prompt) + warmup + steps + 2)
@@ -110,18 +134,47 @@ def measure(kind: str, path: Path, a) -> float:
     """One engine's decode tok/s, loaded alone in a fresh process (this script's --worker)."""
     import subprocess
     cmd = [sys.executable, __file__, "--worker", kind, str(path), "--threads", str(a.threads), "--context",
-           str(a.context), "--steps", str(a.steps), "--warmup", str(a.warmup), "--preset", a.preset]
+           str(a.context), "--steps", str(a.steps), "--warmup", str(a.warmup), "--repeats", str(a.repeats),
+           "--preset", a.preset]
+    if a.profile:
+        cmd += ["--profile", a.profile]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"the {kind} worker failed:\n{r.stderr[-3000:]}")
-    return float(r.stdout.split()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def kernel_times(prof_dir: Path) -> dict:
+    """ONNX Runtime profiles in prof_dir -> {op type: kernel microseconds per decode step} over the decode runs
+    (runs under twice the median run: the prefills are left out), "all": their sum."""
+    import bisect
+    from collections import Counter
+    ev = [e for f in prof_dir.glob("*.json") for e in json.loads(f.read_text() or "[]")]
+    runs = sorted((e for e in ev if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    med = statistics.median(r["dur"] for r in runs)
+    dec = [r for r in runs if r["dur"] < 2 * med]
+    starts, ops = [r["ts"] for r in dec], Counter()
+    for n in ev:
+        if n.get("cat") == "Node" and n.get("name", "").endswith("_kernel_time"):
+            i = bisect.bisect_right(starts, n["ts"]) - 1
+            if i >= 0 and n["ts"] <= dec[i]["ts"] + dec[i]["dur"]:
+                ops[n["args"].get("op_name", "?")] += n["dur"]
+    out = {k: v / len(dec) for k, v in ops.most_common()}
+    return {"all": sum(out.values()), **out}
 
 
 def worker(kind: str, path: str, a) -> int:
     from edgemm.config import get_preset
     vocab = get_preset(a.preset).decoder.vocab_size
     prompt = np.random.default_rng(0).integers(3, vocab, a.context).tolist()
-    print(ENGINES[kind](Path(path), a.threads).decode(prompt, a.steps, a.warmup))
+    prof = Path(tempfile.mkdtemp(prefix="prof-", dir=a.profile)) if a.profile else None
+    e = ENGINES[kind](Path(path), a.threads, profile=str(prof / "ort") if prof else None)
+    out = {"tok_s": statistics.median(e.decode(prompt, a.steps, a.warmup) for _ in range(a.repeats))}
+    if prof:
+        e.end_profile()
+        out["kernels"] = kernel_times(prof)
+        out["kernels"]["outside kernels"] = 1e6 / out["tok_s"] - out["kernels"]["all"]    # the host's share
+    print(json.dumps(out))
     return 0
 
 
@@ -135,8 +188,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="decodes per process (a fresh KV cache each); its median")
     ap.add_argument("--workdir", default=None, help="keep the exported models here (reused when present)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR", help="also run ONNX Runtime's profiler in both "
+                    "engines (profiles kept in DIR) and print the kernel time per decode step by op type: what the "
+                    "kernels cost, apart from the host loop (the profiler slows both)")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(*a.worker, a)
@@ -178,10 +235,15 @@ def main(argv=None) -> int:
         log(f"building ONNX Runtime GenAI {theirs}")
         jobs[f"edgemm-ort-{name}"] = ("edgemm", bundle)
         jobs[f"ort-genai-{name}"] = ("genai", build_genai(hf, work / f"genai-{theirs}", theirs, a.threads))
-    runs = {k: [] for k in jobs}
+    runs, kern = {k: [] for k in jobs}, {k: [] for k in jobs}
+    if a.profile:
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
     for r in range(a.rounds):         # interleaved rounds, ABBA; one fresh process per engine and round
         for k in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
-            runs[k].append(measure(*jobs[k], a))
+            got = measure(*jobs[k], a)
+            runs[k].append(got["tok_s"])
+            if "kernels" in got:
+                kern[k].append(got["kernels"])
         log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()))
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{a.preset} text-branch shapes, context {a.context}, {a.steps} greedy steps, {a.threads} threads, "
@@ -194,6 +256,11 @@ def main(argv=None) -> int:
     for n, x in paired.items():
         print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios; of the medians "
               f"{med[f'edgemm-ort-{n}'] / med[f'ort-genai-{n}']:.3f})")
+    if a.profile:
+        print("\nkernel time per decode step, us (ONNX Runtime's profiler; median of the rounds)")
+        for k, ks in kern.items():
+            top = ["outside kernels"] + sorted((o for o in ks[0] if o != "outside kernels"), key=lambda o: -ks[0][o])[:5]
+            print(f"{k:<18} " + ", ".join(f"{o} {statistics.median(d.get(o, 0.0) for d in ks):.0f}" for o in top))
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "median": med, "ratios": paired,
                                             "args": vars(a)}, indent=1))

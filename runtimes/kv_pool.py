@@ -20,13 +20,23 @@ from edgemm.errors import EdgemmError
 from .base import State
 
 
+def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """A zero-filled array whose data starts on an `align`-byte boundary, as ONNX Runtime's own CPU allocator aligns
+    tensors (numpy's large arrays start 16 bytes past a page: the attention kernels then read the cache unaligned)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
 class KVPool:
     def __init__(self, ort, dev: tuple, slots: int, n_layers: int, heads: int, capacity: int, head_dim: int,
                  dtype=np.float32):
         self.capacity, self.n_layers, self.dev, self.dtype = int(capacity), n_layers, dev, np.dtype(dtype)
         self.shape = (int(slots), heads, self.capacity + 1, head_dim)
         if dev[0] == "cpu":                 # numpy-backed: zero pages until written, readable in place
-            self.arrays = [np.zeros(self.shape, self.dtype) for _ in range(2 * n_layers)]
+            self.arrays = [aligned_zeros(self.shape, self.dtype) for _ in range(2 * n_layers)]
             self.ptrs = [a.ctypes.data for a in self.arrays]
         else:
             self.arrays = None

@@ -254,7 +254,8 @@ class OrtBackend(SegmentRunner):
         shape = (1, c.cache_heads, n, c.head_dim)
         ov = self._ort.OrtValue
         if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
-            arrays = [np.zeros(shape, self.kv_dtype) for _ in range(2 * c.n_layers)]
+            from .kv_pool import aligned_zeros
+            arrays = [aligned_zeros(shape, self.kv_dtype) for _ in range(2 * c.n_layers)]
             vals = [ov.ortvalue_from_numpy(a) for a in arrays]
         else:
             arrays = None
