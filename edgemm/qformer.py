@@ -132,7 +132,9 @@ class QFormerAdapter(nn.Module):
             x = torch.cat([x, t], 1)
             if instruction_mask is not None:
                 keep = torch.cat([torch.ones(B, Q, dtype=torch.bool, device=x.device), instruction_mask.bool()], 1)
-                mask = keep[:, None, None, :]
+                # additive, in the rows' type: a bool mask traces to fp32 ops in an fp16 graph (export --device cuda)
+                mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+                mask = mask[:, None, None, :]
         x = self.norm(x)
         for layer in self.layers:
             x = layer(x, Q, feats, mask)

@@ -558,10 +558,12 @@ def input_examples(cfg, gen) -> dict:
     return out
 
 
-def vision_graph(model, fp16: bool = False):
+def vision_graph(model, fp16: bool = False, half: bool = False):
     """The input stage traced from the reference (standard ops, dynamic batch) -> (model, weight bytes):
     `vision` (pixels -> image rows) or, for Libra, `image_tokens` ((codes, signal) -> image rows); fp16 stores
-    matrices in fp16 behind a Cast, as the decoder graphs do."""
+    matrices in fp16 behind a Cast, as the decoder graphs do. half (fp16 compute for the CUDA provider): traced from
+    an fp16 copy of the reference, fp32 inputs and image rows cast at the graph's edges."""
+    import copy
     import io
     import warnings
 
@@ -575,20 +577,24 @@ def vision_graph(model, fp16: bool = False):
             self.m = m
 
         def forward(self, *x):
-            return self.m.encode_image(*x) if self.m.cfg.input_stage == "vision" else self.m.encode_image_tokens(*x)
+            if half:
+                x = [t.half() if t.is_floating_point() else t for t in x]
+            y = self.m.encode_image(*x) if self.m.cfg.input_stage == "vision" else self.m.encode_image_tokens(*x)
+            return y.float() if half else y
 
     ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Vision(model).eval(), tuple(ins.values()), buf, input_names=list(ins),
+        torch.onnx.export(Vision(copy.deepcopy(model).half() if half else model).eval(), tuple(ins.values()), buf,
+                          input_names=list(ins),
                           output_names=["image_rows"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {})}
                                         for n in [*ins, "image_rows"]})
     m = onnx.load_from_string(buf.getvalue())
     m.ir_version = IR_VERSION
-    nbytes = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer)
-    if fp16:
+    nbytes = sum(int(np.prod(t.dims)) * (2 if t.data_type == TensorProto.FLOAT16 else 4) for t in m.graph.initializer)
+    if fp16 and not half:
         new_inits, casts = [], []
         for t in m.graph.initializer:
             if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:

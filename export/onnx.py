@@ -279,7 +279,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     t0 = time.time()
     with bundle_writer(out, force) as tmp, torch.inference_mode():
         stages = {}
-        vm, vbytes = vision_graph(m, prec["vision"] == "fp16")
+        vision_half = device == "cuda" and prec["vision"] == "fp16"      # (the vision stage: any model)
+        vm, vbytes = vision_graph(m, prec["vision"] == "fp16", half=vision_half)
         graphs = {cfg.input_stage: (vm, vbytes, GRAPH_STANDARD, prec["vision"], None)}
         if "cross_kv" in cfg.stages:                    # gated cross-attention: K/V of an image, once per image
             from edgemm.export.graph import cross_kv_graph
@@ -298,10 +299,11 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             extra = save_stage(g, tmp / fname, nbytes)
             onnx.checker.check_model(str(tmp / fname))           # path form: works with external data
             ins, outs = io_spec(g)
-            fp16_compute = half and branch is not None
+            fp16_compute = (half and branch is not None) or (vision_half and stage == cfg.input_stage)
             st = {"file": fname, "graph": flavour, "precision": p, "inputs": ins, "outputs": outs,
-                  "weights": "fp16; fp16 compute (RMSNorm statistics in fp32), fp32 logits" if fp16_compute
-                  else "fp16 matrices, cast to fp32 in the graph; fp32 compute" if p == "fp16" else "fp32",
+                  "weights": ("fp16; fp16 compute (RMSNorm statistics in fp32), fp32 logits" if branch else
+                              "fp16; fp16 compute (traced from an fp16 copy of the reference), fp32 in and out")
+                  if fp16_compute else "fp16 matrices, cast to fp32 in the graph; fp32 compute" if p == "fp16" else "fp32",
                   "compute": "fp16" if fp16_compute else "fp32"}
             if extra:
                 st["extra_files"] = extra

@@ -69,7 +69,10 @@ def test_decoder_graphs_compute_in_fp16(half):
         assert len(ops) > 8 and all(types[n.input[0]] == F16 for n in ops), \
             [n.name for n in ops if types[n.input[0]] != F16][:4]
     assert man["device"] == "cuda"
-    assert man["stages"]["vision"]["compute"] == "fp32"                 # the traced vision stage: fp16 storage
+    v = onnx.load(str(out / man["stages"]["vision"]["file"]))          # the traced vision stage, from fp16
+    assert man["stages"]["vision"]["compute"] == "fp16"
+    assert all(t.data_type == F16 for t in v.graph.initializer if t.data_type in (F16, F32) and len(t.dims) >= 2)
+    assert [i.type.tensor_type.elem_type for i in [*v.graph.input, *v.graph.output]] == [F32, F32]
 
 
 def test_runs_on_the_cpu_against_the_reference(half, ckpt):
@@ -89,7 +92,9 @@ def test_runs_on_the_cpu_against_the_reference(half, ckpt):
     assert all(a.dtype == np.float16 for a in st.cache["arrays"])
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g).numpy()
-    rows = b.vision(pixels)
+    rows = b.vision(pixels)                                              # the fp16 compute vision stage
+    want_rows = ref.input_stage({"pixels": torch.from_numpy(pixels)})
+    assert np.abs(rows - want_rows).max() < 2e-2 * max(1.0, float(np.abs(want_rows).max()))
     errs, agree = [], 0
     for kind, data in (("text", [1, 5, 9, 22]), ("image", rows), ("text", [40, 41, 7])):
         got = b.text(st, data) if kind == "text" else b.image(st, data)
@@ -186,3 +191,21 @@ def test_on_cuda_every_decoder_node_on_the_gpu(half):
     sg, sc = b.new_state(max_len=32), c.new_state(max_len=32)
     for ids in ([1, 5, 9], [4], [7]):
         assert np.abs(b.text(sg, ids) - c.text(sc, ids)).max() < 2e-2
+
+
+@pytest.mark.parametrize("family", ["instructblip", "libra"])
+def test_imported_families_validate(family, tmp_path):
+    """InstructBLIP (the Q-Former reads the question: an additive mask in the rows' type traces to fp16) and Libra
+    (the image_tokens input stage, the cross-modal bridge, low-rank branches): fp16 compute exports validate."""
+    from edgemm.export.onnx import export_onnx
+    from edgemm.importers import import_checkpoint
+    if family == "instructblip":
+        from .test_qformer import _imported
+        ck = _imported(tmp_path, instruct=True)[-1]
+    else:
+        from .test_import_export import LIBRA_CONFIG, libra_tensors, write_hf
+        ck = tmp_path / "ck"
+        import_checkpoint(write_hf(tmp_path / "hf", LIBRA_CONFIG, libra_tensors(), shards=2), ck, log=None)
+    m = export_onnx(model=str(ck), out=tmp_path / "b", precision="fp16", device="cuda", threads=1, log=None)
+    assert all(f["ok"] for f in m["validation"]["stages"].values())
+    assert {s["compute"] for s in m["stages"].values()} == {"fp16"}
