@@ -370,9 +370,12 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="onnx: the ONNX Runtime provider "
               "the bundle is for (default cpu). cuda, with --precision fp16: fp16 compute decoders (fp16 activations, "
               "attention and KV cache); cpu: fp16 weights, fp32 compute (the CPU's faster form).")
+@click.option("--moe-form", type=click.Choice(["ort-moe", "ort-qmoe4", "dense"]), default=None,
+              help="onnx, mixture-of-experts models: how MoE layers are written: com.microsoft MoE (default), QMoE "
+              "with int4 experts (the default with an int4 decoder), or dense standard ops (every expert computed).")
 @handle_errors
 def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
-           max_context, device_class, max_tiles, device):
+           max_context, device_class, max_tiles, device, moe_form):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -412,6 +415,11 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
             raise EdgemmError(f"--max-tiles applies to --target onnx and trt (the host tiles the image); a {target} "
                               "bundle tiles as its runtime does")
         extra["max_tiles"] = max_tiles
+    if moe_form is not None:
+        if target != "onnx":
+            raise EdgemmError(f"--moe-form applies to --target onnx; {target} bundles write MoE layers one way "
+                              f"({'dense standard ops' if target == 'trt' else 'llama.cpp expert tensors'})")
+        extra["moe_form"] = moe_form
     if device is not None:
         if target != "onnx":
             raise EdgemmError(f"--device applies to --target onnx; {target} bundles are for "

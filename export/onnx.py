@@ -250,7 +250,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     bundle's default tile budget (any-resolution models; edgemm.anyres).
     device: the ONNX Runtime provider the bundle is for. "cuda" with an fp16 decoder writes fp16 compute decoder
     graphs (fp16 activations, GroupQueryAttention and KV cache: ONNX Runtime's CUDA GroupQueryAttention is fp16/bf16
-    only, an fp32 one would run on the CPU); "cpu" keeps fp16 weights behind a Cast with fp32 compute.
+    only, an fp32 one would run on the CPU) and, with an fp16 vision stage, an fp16 compute vision graph; "cpu" keeps
+    fp16 weights behind a Cast with fp32 compute.
     moe_form: how MoE layers are written (edgemm.export.graph.MOE_FORMS; default the faster on the CPU).
 
     Returns the manifest. Raises EdgemmError (and leaves no bundle) when validation fails.
@@ -273,6 +274,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     set_max_tiles(cfg, max_tiles)               # --max-tiles: the bundle's default (any-resolution models)
     check_variants(cfg, "the onnx exporter", prec)
     half = _half_for(device, prec, cfg)
+    if moe_form is not None and not cfg.decoder.n_experts:
+        log("note: --moe-form is not used: this model has no mixture-of-experts layers")
     moe_form = moe_form or ("ort-qmoe4" if prec["decoder"] == "int4" else MOE_DEFAULT[GRAPH_GQA])
     if moe_form == "ort-qmoe4" and prec["decoder"] != "int4":
         raise EdgemmError("the ort-qmoe4 MoE form (int4 experts) goes with --precision decoder=int4")

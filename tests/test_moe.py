@@ -1,6 +1,7 @@
 """Mixture of experts (MoE-LLaVA): LlavaForConditionalGeneration with a Mixtral text_config, imported and checked
 against transformers' forward (logits and the experts the router picks), then exported and validated."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -184,6 +185,25 @@ def test_onnx_export_validates(imported, tmp_path):
     assert man["stages"]["decoder_text"]["moe"]["form"] == "ort-moe"            # the default: the faster one
     assert all(f["ok"] for f in man["validation"]["stages"].values())
     assert "MoE" in {n.op_type for n in onnx.load(str(tmp_path / "b" / "decoder_text.onnx")).graph.node}
+
+
+def test_cli_moe_form(imported, tmp_path):
+    """--moe-form on the command line: the form is the manifest's and the graph's; misuse is a one-line error."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    import onnx
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    _, ck, _ = imported
+    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--moe-form", "dense", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "d" / "edgemm.json").read_text())
+    assert man["stages"]["decoder_text"]["moe"]["form"] == "dense"
+    assert "MoE" not in {n.op_type for n in onnx.load(str(tmp_path / "d" / "decoder_text.onnx")).graph.node}
+    for args, msg in ((["--moe-form", "ort-qmoe4"], "decoder=int4"),
+                      (["--target", "gguf", "--moe-form", "dense"], "--moe-form applies to --target onnx")):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), *args, "-o", str(tmp_path / "x")])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_info_counts_match_the_model(imported):
