@@ -389,3 +389,62 @@ def test_soak_300_requests_with_cancellations(reference):
         assert s.rss_anon_kb() <= 1.05 * done["rss50"], (s.rss_anon_kb(), done["rss50"])
     finally:
         s.stop()
+
+
+def test_reuse_point_whole_segments_then_tokens():
+    from edgemm.serve.engine import reuse_point
+    img, t = ("image", "abc"), (lambda *ids: ("text", tuple(ids)))
+    held = [(t(1, 2), 2, 2), (img, 13, 3), (t(5, 6, 7), 16, 6), (("gen", (8, 9)), 18, 8)]
+    # the next turn: the same lead, its last text segment = the old one + the answer + a new question
+    assert reuse_point(held, [t(1, 2), img, t(5, 6, 7, 8, 9, 2, 4)]) == (2, 5, 18, 8)
+    assert reuse_point(held, [t(1, 2), img, t(5, 6, 7, 8, 9, 2, 4)], tokens=False) == (2, 0, 13, 3)
+    assert reuse_point(held, [t(1, 2), img, t(5, 6, 7)]) == (2, 2, 15, 5)      # the same prompt: one row runs
+    assert reuse_point(held, [t(1, 2), img, t(5, 3)]) == (2, 1, 14, 4)         # diverges inside the segment
+    assert reuse_point(held, [t(1, 2), ("image", "other"), t(5, 6)]) == (1, 0, 2, 2)   # another image
+    assert reuse_point(held, [t(1, 9), img]) == (0, 1, 1, 1)                   # inside the first segment
+    assert reuse_point([], [t(1, 2)]) == (0, 0, 0, 0)
+
+
+@requires_demo
+def test_engine_multi_turn_prefills_only_the_new_message():
+    """A second turn (the first turn's question, image and answer sent back, then a new question) reuses the
+    cache through the previous answer, and answers as an engine with nothing cached."""
+    from edgemm.anyres import preprocess_image
+    from edgemm.generation import GenerationConfig
+    from edgemm.processor import load_image
+    from edgemm.runtimes import load_backend
+    from edgemm.serve.engine import Engine, Job
+    from edgemm.serve.prompt import build_segments
+    b = load_backend("torch", model="tiny-shapes", device="cpu", threads=1)
+    pixels = [preprocess_image(load_image(str(EXAMPLE)), b.cfg.vision)]
+
+    def ask(engine, messages):
+        segs, _ = build_segments(b.tokenizer, None, messages, 1)
+        done, out = threading.Event(), []
+
+        def on_event(kind, data):
+            if kind == "text":
+                out.append(data)
+            elif kind in ("done", "error"):
+                out.append((kind, data))
+                done.set()
+        engine.submit(Job(segments=segs, pixels=pixels, gen=GenerationConfig(max_new_tokens=16), on_event=on_event,
+                          prompt_rows=sum(len(d) if k == "text" else b.cfg.n_image_rows for k, d in segs)))
+        assert done.wait(60) and out[-1][0] == "done", out
+        return "".join(x for x in out if isinstance(x, str)).strip(), out[-1][1]
+    e, fresh = Engine(b, parallel=1), Engine(b, parallel=1)
+    try:
+        turn1 = [_msg("How many shapes are there?", "data:")]
+        a1, u1 = ask(e, turn1)
+        turn2 = turn1 + [{"role": "assistant", "content": a1}, _msg("What color is the circle?")]
+        before = e.prefill_rows_saved
+        a2, u2 = ask(e, turn2)
+        saved = e.prefill_rows_saved - before
+        # everything up to the answer's last fed token (its final token was sampled, never fed), less the
+        # couple of tokens where the client's copy of the answer is closed differently
+        assert saved >= u1["prompt_tokens"] + u1["completion_tokens"] - 3, (saved, u1, u2)
+        assert u2["prompt_tokens"] - saved <= len(b.tokenizer.user_turn("What color is the circle?", first=False)) + 3
+        assert ask(fresh, turn2)[0] == a2                              # nothing cached: the same answer
+    finally:
+        e.close()
+        fresh.close()

@@ -9,9 +9,13 @@ blocks the others, a cancelled request (client gone) frees its slot before the n
 `max_queue` requests wait beyond the slots (more are refused: the server answers 503 with Retry-After).
 
 Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
-pixels). A new request goes to the free slot whose cache shares the longest leading run of segments with its
-prompt; the cache is rewound to the end of that run and only the rest is prefilled (the same image and
-conversation history are not recomputed turn after turn). Image rows are also kept for the last few images.
+pixels; the tokens its last answer fed back). A new request goes to the free slot whose cache shares the longest
+lead with its prompt: whole segments, then token by token into the first text segment that differs (a text row is
+one token at the next position, so a cache can be cut anywhere inside text). The cache is rewound there and only
+the rest is prefilled, so in a multi-turn conversation neither the image, nor the history, nor the previous answer
+is recomputed: a turn prefills its new message and the few tokens where the client's copy of the answer is
+tokenized or closed differently. Image rows are also kept for the last few images. (Gated cross-attention models
+reuse whole segments only: which image a row reads depends on the tokens before it.)
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ class Slot:
     job: Job | None = None
     ans: AnswerStream | None = None
     held: list = field(default_factory=list)     # [(segment key, length after, pos after)] in the KV cache
+    fed: list = field(default_factory=list)      # the answer's tokens fed to the cache so far (decode steps)
 
 
 def segment_keys(job: Job) -> list:
@@ -73,13 +78,34 @@ def segment_keys(job: Job) -> list:
     return keys
 
 
-def reuse_score(slot: Slot, keys: list) -> float:
+def reuse_score(slot: Slot, keys: list, tokens: bool = True) -> float:
     """Rows a slot's cache saves this prompt, less half of those it would throw away (so a text-only prompt
     takes an empty slot rather than the one holding an image for the next request)."""
-    k = min(common_prefix(slot.held, keys), len(keys) - 1)
-    reused = slot.held[k - 1][1] if k else 0
+    reused = reuse_point(slot.held, keys, tokens)[2]
     held = slot.state.length if slot.state is not None else 0
     return reused - 0.5 * (held - reused)
+
+
+def reuse_point(held: list, keys: list, tokens: bool = True) -> tuple[int, int, int, int]:
+    """Where a prompt (its segment keys) starts in a cache that holds `held` -> (k, j, length, pos): its first k
+    segments are held whole and (tokens) the first j ids of segment k too, matched over the held text and answer
+    tokens from there on; (length, pos) is the cache's state at that point. The last segment always runs at least
+    one row: its logits start the answer."""
+    last = len(keys) - 1
+    k = min(common_prefix(held, keys), last)
+    length, pos = (held[k - 1][1], held[k - 1][2]) if k else (0, 0)
+    j = 0
+    if tokens and keys[k][0] == "text":
+        run = []
+        for key, _, _ in held[k:]:
+            if key[0] not in ("text", "gen"):
+                break
+            run.extend(key[1])
+        new = keys[k][1]
+        cap = min(len(run), len(new) - 1 if k == last else len(new))
+        while j < cap and run[j] == new[j]:
+            j += 1
+    return k, j, length + j, pos + j
 
 
 def common_prefix(held: list, keys: list) -> int:
@@ -138,6 +164,7 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.rows_cache: OrderedDict = OrderedDict()      # image digest -> rows, the last ROWS_CACHE images
         self.prefill_rows_saved = 0
+        self.token_reuse = not backend.cfg.decoder.cross_attn_every     # (see the module docstring)
         self.cv = threading.Condition()
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
@@ -164,6 +191,9 @@ class Engine:
     def _finish(self, slot: Slot, reason: str | None = None, error: str | None = None) -> None:
         job = slot.job
         slot.job, slot.ans = None, None
+        if error is None and slot.fed and slot.state is not None:        # the answer is in the cache too
+            slot.held.append((("gen", tuple(slot.fed)), slot.state.length, slot.state.pos))
+        slot.fed = []
         if error is not None:
             slot.held = []                  # what the cache holds is not known after a failure
             job.on_event("error", error)
@@ -191,13 +221,17 @@ class Engine:
             slot.state = b.new_state(max_len=b.context_length)
         st = slot.state
         keys = segment_keys(job)
-        # reuse the cached leading segments, but always run the last one: its logits start the answer
-        k = min(common_prefix(slot.held, keys), len(keys) - 1)
-        slot.held = slot.held[:k]
-        st.length, st.pos = (slot.held[-1][1], slot.held[-1][2]) if k else (0, 0)   # rewind to the shared part
+        # reuse the cached lead (whole segments, then tokens), but always run a row of the last segment
+        k, j, st.length, st.pos = reuse_point(slot.held, keys, self.token_reuse)    # rewind to the shared part
+        slot.held, slot.fed = slot.held[:k], []
         self.prefill_rows_saved += st.length
         logits = None
-        for (kind, data), key in zip(job.segments[k:], keys[k:]):
+        for n, ((kind, data), key) in enumerate(zip(job.segments[k:], keys[k:])):
+            if n == 0 and j:
+                data = data[j:]                  # the held first j ids of this text segment
+                if not data:                     # all of it (not the last segment): nothing to run
+                    slot.held.append((key, st.length, st.pos))
+                    continue
             if job.cancelled.is_set():
                 slot.held = []
                 self._finish(slot, "cancelled")
@@ -243,7 +277,7 @@ class Engine:
             while free and self.waiting:
                 job = self.waiting.popleft()
                 keys = segment_keys(job)
-                slot = max(free, key=lambda s: reuse_score(s, keys))       # the best cached prefix
+                slot = max(free, key=lambda s: reuse_score(s, keys, self.token_reuse))     # the best cached lead
                 free.remove(slot)
                 slot.job = job                             # taken now: submit() counts it as active
                 admit.append(slot)
@@ -275,4 +309,5 @@ class Engine:
             self.metrics.decode_seconds += time.perf_counter() - t0
             self.metrics.tokens += len(live)
         for s, logits in zip(live, outs):
+            s.fed.append(s.ans.ids[-1])
             self._advance(s, logits)
