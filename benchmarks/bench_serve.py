@@ -10,6 +10,11 @@ request decodes the same number of tokens). Printed per N: requests/s, aggregate
 tokens / wall time), TTFT p50/p95, per-token latency p50/p95 (gaps between streamed chunks), and the server's
 peak RSS (VmHWM, when this script started it). --rounds R repeats the levels interleaved (1,2,4,1,2,4,...) and
 compares their medians, so a machine shared with other work loads every level alike.
+
+--turns T: multi-turn conversations instead (the image on the first turn, a new question each turn, the answers
+sent back as the history), against two servers started here: one reusing its prompt cache token by token (the
+default) and one reusing whole segments only (EDGEMM_PROMPT_REUSE=segments), conversations alternating between
+them --rounds times. Printed: the TTFT of each turn on both and the prompt tokens it carries.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -41,7 +46,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--backend", args.backend]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -119,6 +125,60 @@ def run_level(url, model, n, seconds, max_tokens, image_url):
             "requests": stats["requests"], "errors": stats["errors"]}
 
 
+QUESTIONS = ["How many shapes are there?", "What color is the circle?", "Is there a square?",
+             "What shape is red?", "How many circles are there?", "Is there a triangle?"]
+
+
+def conversation(url, model, turns, max_tokens, image_url) -> list[tuple[float, int]]:
+    """One conversation of `turns` turns -> [(TTFT s, prompt tokens)] per turn."""
+    import openai
+    c = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"), max_retries=0,
+                      timeout=300)
+    msgs, out = [], []
+    for t in range(turns):
+        content = [{"type": "text", "text": QUESTIONS[t % len(QUESTIONS)]}]
+        if t == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+        msgs.append({"role": "user", "content": content})
+        t0, ttft, text, usage = time.perf_counter(), None, [], None
+        for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}):
+            if ch.choices and ch.choices[0].delta.content:
+                ttft = ttft or time.perf_counter() - t0
+                text.append(ch.choices[0].delta.content)
+            if ch.usage:
+                usage = ch.usage
+        msgs.append({"role": "assistant", "content": "".join(text)})
+        out.append((ttft, usage.prompt_tokens))
+    return out
+
+
+def turns_only(a) -> int:
+    """--turns: token-level against whole-segment prompt reuse, conversations alternating between two servers."""
+    image_url = "data:image/png;base64," + base64.b64encode((ROOT / "examples" / "shapes.png").read_bytes()).decode()
+    servers = {m: start_server(a, {"EDGEMM_PROMPT_REUSE": m}) for m in ("tokens", "segments")}
+    try:
+        import openai
+        model = a.model or openai.OpenAI(base_url=servers["tokens"][1] + "/v1", api_key="none").models.list().data[0].id
+        runs = {m: [] for m in servers}
+        for r in range(a.rounds):
+            for m in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                runs[m].append(conversation(servers[m][1], model, a.turns, a.max_tokens, image_url))
+        print(f"{model}: {a.turns}-turn conversations, {a.max_tokens} tokens per answer (ignore_eos), "
+              f"median TTFT of {a.rounds} rounds; prompt reuse token by token vs whole segments")
+        print(f"{'turn':>4} {'prompt tokens':>13} {'TTFT tokens':>12} {'TTFT segments':>14} {'ratio':>6}")
+        for t in range(a.turns):
+            tok, seg = (float(np.median([c[t][0] for c in runs[m]])) for m in ("tokens", "segments"))
+            print(f"{t + 1:>4} {runs['tokens'][0][t][1]:>13} {tok * 1e3:>10.0f}ms {seg * 1e3:>12.0f}ms "
+                  f"{seg / tok:>5.2f}x")
+    finally:
+        for p, _ in servers.values():
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+    return 0
+
+
 def decode_batch_only(a) -> int:
     from edgemm.runtimes import load_backend
     b = load_backend(a.backend or "auto", bundle=a.bundle, model=None if a.bundle else a.model_path,
@@ -165,9 +225,13 @@ def main(argv=None) -> int:
                     "replicas (started here, stopped at the end) instead of plain `edgemm serve`.")
     ap.add_argument("--decode-batch", action="store_true", help="Only time the backend's decode_batch for 1, 2 "
                     "and 4 sequences (no HTTP): the ceiling slots can reach on this machine.")
+    ap.add_argument("--turns", type=int, default=None, help="Multi-turn conversations of this many turns: TTFT per "
+                    "turn with token-level against whole-segment prompt reuse (two servers started here).")
     a = ap.parse_args(argv)
     if a.decode_batch:
         return decode_batch_only(a)
+    if a.turns:
+        return turns_only(a)
     proc = None
     url = a.url
     ray_started = False

@@ -20,6 +20,7 @@ reuse whole segments only: which image a row reads depends on the tokens before 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -164,7 +165,10 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.rows_cache: OrderedDict = OrderedDict()      # image digest -> rows, the last ROWS_CACHE images
         self.prefill_rows_saved = 0
-        self.token_reuse = not backend.cfg.decoder.cross_attn_every     # (see the module docstring)
+        # (see the module docstring; EDGEMM_PROMPT_REUSE=segments turns token reuse off: benchmarks/bench_serve.py
+        # --turns compares the two)
+        self.token_reuse = (not backend.cfg.decoder.cross_attn_every
+                            and os.environ.get("EDGEMM_PROMPT_REUSE", "tokens") != "segments")
         self.cv = threading.Condition()
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
