@@ -11,7 +11,7 @@ preset exported with `export_onnx` (int4: MatMulNBits block 32; int8-wo: block 1
 engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed.
 Each measurement runs in a fresh process that loads one engine alone (`--worker`) and decodes `--repeats` times
 (its median counts): on these machines an engine's speed depends on what else the process loaded and in which
-order (measured here in one process: the engine loaded second decoded 3-8% faster, whichever it was), which a
+order (seen here with both engines in one process: whichever was loaded second decoded faster), which a
 per-process measurement leaves out. The processes alternate round by round (ABBA: the order reverses every round);
 the table shows the median tok/s of `--rounds` rounds and the median of the per-round ratios edgemm / GenAI (both
 engines of a round ran under the same load).
