@@ -96,7 +96,8 @@ class Graph:
         return self._consts[key]
 
     def weight(self, name: str, arr: np.ndarray) -> str:
-        """A float32 weight; matrices are stored in fp16 (and Cast back to fp32) for fp16 exports."""
+        """A float32 weight; matrices are stored in fp16 (and Cast back to fp32) for fp16 exports; with half
+        (fp16 compute) every weight is stored and read in fp16."""
         arr = np.asarray(arr, np.float32)
         if self.half:                                  # fp16 compute: every weight in fp16, as it is read
             return self.const(name, arr.astype(np.float16))
@@ -406,7 +407,7 @@ def rotary_caches(g: Graph, c) -> tuple[str, str]:
     n = g.weight_bytes
     out = (g.const("rotary.cos_cache", cos[:, :E2].numpy().astype(dt)),
            g.const("rotary.sin_cache", sin[:, :E2].numpy().astype(dt)))
-    g.weight_bytes = n                  # tables (fp32 in every precision), not weights: a step reads T rows
+    g.weight_bytes = n                  # tables (fp32, or fp16 with half), not weights: a step reads T rows
     return out
 
 
