@@ -26,7 +26,7 @@ CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The i
 reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
 
 fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32 (what the
-CPU provider runs fastest). fp16 exports for CUDA (`half`, ort flavour, dense decoders) compute in fp16: fp16
+CPU provider runs fastest). fp16 exports for CUDA (`half`, ort flavour, no cross-attention) compute in fp16: fp16
 weights, activations, GroupQueryAttention and KV cache (ONNX Runtime registers its CUDA GroupQueryAttention for
 fp16/bf16 only), RMSNorm statistics in fp32, fp32 logits out and fp32 image rows in.
 
@@ -93,6 +93,15 @@ class Graph:
         key = ("f32", float(v))
         if key not in self._consts:
             self._consts[key] = self.const(f"const.f32.{len(self._consts)}", np.array(v, np.float32))
+        return self._consts[key]
+
+    def scalar(self, v) -> str:
+        """A scalar constant in the activations' type (fp16 with half)."""
+        if not self.half:
+            return self.f32(v)
+        key = ("f16", float(v))
+        if key not in self._consts:
+            self._consts[key] = self.const(f"const.f16.{len(self._consts)}", np.array(v, np.float16))
         return self._consts[key]
 
     def weight(self, name: str, arr: np.ndarray) -> str:
@@ -222,7 +231,7 @@ def moe_mlp(g: Graph, x: str, moe, name: str, form: str) -> str:
     val, idx = g.op("TopK", [p, g.i64([moe.top_k])], n_out=2, axis=-1)
     if moe.norm_topk_prob:
         val = g.op("Div", [val, g.op("ReduceSum", [val, g.i64([-1])], keepdims=1)])
-    w = g.op("ScatterElements", [g.op("Mul", [p, g.f32(0.0)]), idx, val], axis=-1)    # [1, T, n], k non-zero
+    w = g.op("ScatterElements", [g.op("Mul", [p, g.scalar(0.0)]), idx, val], axis=-1)   # [1, T, n], k non-zero
     gu = g.op("MatMul", [x, g.weight(f"{name}.experts.gate_up.T", np.concatenate([gate, up], 1).transpose(0, 2, 1))],
               name=f"{name}.experts.gate_up")                                     # [n, T, 2F]
     a, b = g.op("Split", [gu, g.i64([Fe, Fe])], n_out=2, axis=-1)
@@ -494,7 +503,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     batch (ort-contrib-gqa text branch only): a dynamic batch dimension on input_ids [batch, seq], positions
     [batch, seq], seqlens_k [batch], the KV buffers [batch, K, cache_len, E] and logits [batch, V], so one run
     steps several KV caches (rows of one buffer per layer; GroupQueryAttention reads each row's own seqlens_k);
-    B = 1 is the single-state path. half (ort-contrib-gqa, dense decoders without cross-attention): fp16 compute
+    B = 1 is the single-state path. half (ort-contrib-gqa, decoders without cross-attention): fp16 compute
     for the CUDA provider, past/present in fp16 (see the module docstring)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
@@ -502,8 +511,8 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     gqa = flavour == GRAPH_GQA                          # ONNX Runtime's contrib ops are this flavour's anyway
-    if half and not (gqa and not c.n_experts and not c.cross_attn_every):
-        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs of dense decoders without cross-attention")
+    if half and not (gqa and not c.cross_attn_every):
+        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs of decoders without cross-attention")
     g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"), half=half)
     kvt = g.ftype
     if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):

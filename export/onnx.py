@@ -97,8 +97,8 @@ def _half_for(device: str, prec: dict, cfg) -> bool:
                           f"fp16 only; a {prec['decoder']} decoder's attention would run on the CPU): use --precision "
                           "fp16 or decoder=fp16, or --device cpu")
     c = cfg.decoder
-    if c.n_experts or c.cross_attn_every:
-        what = "mixture-of-experts" if c.n_experts else "gated cross-attention"
+    if c.cross_attn_every:
+        what = "gated cross-attention"
         raise EdgemmError(f"--device cuda (fp16 compute) is not available for {what} decoders yet; export with "
                           "--device cpu (fp16 weights, fp32 compute) or --target trt")
     return True

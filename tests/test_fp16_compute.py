@@ -153,11 +153,11 @@ def test_refusals(ckpt, tmp_path):
     with pytest.raises(EdgemmError, match="fp16 compute decoders.*--precision fp16"):
         export_onnx(model=str(ckpt), out=tmp_path / "x", precision="int4", device="cuda", threads=1, log=None)
     assert not (tmp_path / "x").exists()
-    moe = get_preset("tiny-shapes")
-    moe.decoder.n_experts, moe.decoder.experts_top_k = 4, 2
-    with pytest.raises(EdgemmError, match="mixture-of-experts"):
-        _half_for("cuda", {"vision": "fp16", "decoder": "fp16"}, moe)
-    assert _half_for("cpu", {"vision": "fp16", "decoder": "fp16"}, moe) is False
+    xattn = get_preset("tiny-shapes")
+    xattn.decoder.cross_attn_every = 2
+    with pytest.raises(EdgemmError, match="gated cross-attention"):
+        _half_for("cuda", {"vision": "fp16", "decoder": "fp16"}, xattn)
+    assert _half_for("cpu", {"vision": "fp16", "decoder": "fp16"}, xattn) is False
     r = CliRunner().invoke(main, ["export", "--target", "gguf", "--device", "cuda", "-o", str(tmp_path / "g")])
     assert r.exit_code != 0 and "--device applies to --target onnx" in r.output
     assert not (tmp_path / "g").exists()
@@ -193,19 +193,32 @@ def test_on_cuda_every_decoder_node_on_the_gpu(half):
         assert np.abs(b.text(sg, ids) - c.text(sc, ids)).max() < 2e-2
 
 
-@pytest.mark.parametrize("family", ["instructblip", "libra"])
+@pytest.mark.parametrize("family", ["instructblip", "libra", "moe"])
 def test_imported_families_validate(family, tmp_path):
-    """InstructBLIP (the Q-Former reads the question: an additive mask in the rows' type traces to fp16) and Libra
-    (the image_tokens input stage, the cross-modal bridge, low-rank branches): fp16 compute exports validate."""
+    """InstructBLIP (the Q-Former reads the question: an additive mask in the rows' type traces to fp16), Libra
+    (the image_tokens input stage, the cross-modal bridge, low-rank branches) and MoE-LLaVA (com.microsoft MoE,
+    and the dense standard-op form): fp16 compute exports validate."""
     from edgemm.export.onnx import export_onnx
     from edgemm.importers import import_checkpoint
-    if family == "instructblip":
+    forms = [None]
+    if family == "moe":
+        from .test_import import write_tokenizer
+        from .test_moe import _tiny_moe_llava
+        _tiny_moe_llava().save_pretrained(tmp_path / "hf", safe_serialization=True)
+        write_tokenizer(tmp_path / "hf")
+        ck, forms = tmp_path / "ck", ["ort-moe", "dense"]
+        import_checkpoint(tmp_path / "hf", ck, log=None)
+    elif family == "instructblip":
         from .test_qformer import _imported
         ck = _imported(tmp_path, instruct=True)[-1]
     else:
         from .test_import_export import LIBRA_CONFIG, libra_tensors, write_hf
         ck = tmp_path / "ck"
         import_checkpoint(write_hf(tmp_path / "hf", LIBRA_CONFIG, libra_tensors(), shards=2), ck, log=None)
-    m = export_onnx(model=str(ck), out=tmp_path / "b", precision="fp16", device="cuda", threads=1, log=None)
-    assert all(f["ok"] for f in m["validation"]["stages"].values())
-    assert {s["compute"] for s in m["stages"].values()} == {"fp16"}
+    for form in forms:
+        m = export_onnx(model=str(ck), out=tmp_path / f"b{form}", precision="fp16", device="cuda", threads=1,
+                        log=None, moe_form=form)
+        assert all(f["ok"] for f in m["validation"]["stages"].values())
+        assert {s["compute"] for s in m["stages"].values()} == {"fp16"}
+        if form:
+            assert m["stages"]["decoder_text"]["moe"]["form"] == form
