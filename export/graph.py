@@ -26,7 +26,7 @@ CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The i
 reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
 
 fp16 onnx exports store weight matrices in fp16 behind a Cast to fp32; compute and the KV cache stay fp32 (what the
-CPU provider runs fastest). fp16 exports for CUDA (`half`, ort flavour, no cross-attention) compute in fp16: fp16
+CPU provider runs fastest). fp16 exports for CUDA (`half`, ort flavour) compute in fp16: fp16
 weights, activations, GroupQueryAttention and KV cache (ONNX Runtime registers its CUDA GroupQueryAttention for
 fp16/bf16 only), RMSNorm statistics in fp32, fp32 logits out and fp32 image rows in.
 
@@ -350,18 +350,19 @@ def cross_attn_block(g: Graph, model, i: int, x: str) -> str:
     if c.cross_attn_qk_norms:
         q = rms(g, q, g.weight(f"{p}.q_norm.weight", np32(xl.q_norm.weight)), c.rms_eps)
     kt = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])                           # [1, H, E, n]
-    s = g.op("Mul", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1, 3]), kt]), g.f32(1.0 / math.sqrt(E))])
+    s = g.op("Mul", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1, 3]), kt]), g.scalar(1.0 / math.sqrt(E))])
     a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), f"cross_value.{j}"])                 # [1, H, T, E]
     a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, c.d_model])])
-    a = g.op("Mul", [linear(g, a, xl.o, f"{p}.o"), "cross_gate"])
-    x = g.op("Add", [x, g.op("Mul", [a, g.const(f"{p}.tanh_alpha_attn", np.tanh(np32(xl.alpha_attn)))])])
+    a = g.op("Mul", [linear(g, a, xl.o, f"{p}.o"), g.act("cross_gate")])
+    x = g.op("Add", [x, g.op("Mul", [a, g.weight(f"{p}.tanh_alpha_attn", np.tanh(np32(xl.alpha_attn)))])])
     h = rms(g, x, g.weight(f"{p}.ffn_norm.weight", np32(xl.ffn_norm.weight)), c.rms_eps)
-    d = g.op("Mul", [mlp(g, h, xl, p, c.ffn_dim), g.const(f"{p}.tanh_alpha_dense", np.tanh(np32(xl.alpha_dense)))])
+    d = g.op("Mul", [mlp(g, h, xl, p, c.ffn_dim), g.weight(f"{p}.tanh_alpha_dense", np.tanh(np32(xl.alpha_dense)))])
     return g.op("Add", [x, d])
 
 
-def cross_inputs(model) -> list:
-    """The decoder graph inputs of the gated cross-attention layers (none without them)."""
+def cross_inputs(model, kv_type=None) -> list:
+    """The decoder graph inputs of the gated cross-attention layers (none without them); cross K/V in kv_type
+    (the cross_kv stage's output type: fp16 with half)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
     from edgemm.xattn import n_cross_layers
@@ -369,26 +370,28 @@ def cross_inputs(model) -> list:
     if not c.cross_attn_every:
         return []
     return [vi("cross_gate", TensorProto.FLOAT, [1, "seq", 1])] + [
-        vi(f"cross_{kv}.{j}", TensorProto.FLOAT, [1, c.n_heads, "cross_len", c.head_dim])
+        vi(f"cross_{kv}.{j}", kv_type or TensorProto.FLOAT, [1, c.n_heads, "cross_len", c.head_dim])
         for j in range(n_cross_layers(c)) for kv in ("key", "value")]
 
 
-def cross_kv_graph(model, fp16: bool = False):
+def cross_kv_graph(model, fp16: bool = False, half: bool = False):
     """Stage `cross_kv`: an image's resampled rows image_rows [1, n, W] -> cross_key.j / cross_value.j
-    [1, H, n, E] for every cross-attention layer j (k normed per head with qk norms), once per image."""
+    [1, H, n, E] for every cross-attention layer j (k normed per head with qk norms), once per image; half: in
+    fp16 compute, K/V out in fp16 (the fp16 decoder's cross inputs)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
     c = model.cfg.decoder
     H, E, W = c.n_heads, c.head_dim, c.cross_attn_kv_dim or c.d_model
-    g, outs = Graph(fp16), []
+    g, outs = Graph(fp16, half=half), []
+    rows = g.act("image_rows")
     for j, xl in enumerate(model.decoder.cross_layers):
         for kv in ("key", "value"):
-            t = g.op("Reshape", [linear(g, "image_rows", getattr(xl, kv[0]), f"cross_layers.{j}.{kv[0]}"),
+            t = g.op("Reshape", [linear(g, rows, getattr(xl, kv[0]), f"cross_layers.{j}.{kv[0]}"),
                                  g.i64([1, -1, H, E])])
             if kv == "key" and c.cross_attn_qk_norms:
                 t = rms(g, t, g.weight(f"cross_layers.{j}.k_norm.weight", np32(xl.k_norm.weight)), c.rms_eps)
             g.op("Transpose", [t], perm=[0, 2, 1, 3], out=f"cross_{kv}.{j}")
-            outs.append(vi(f"cross_{kv}.{j}", TensorProto.FLOAT, [1, H, "rows", E]))
+            outs.append(vi(f"cross_{kv}.{j}", g.ftype, [1, H, "rows", E]))
     ins = [vi("image_rows", TensorProto.FLOAT, [1, "rows", W])]
     return g.model("edgemm_cross_kv", ins, outs), g.weight_bytes
 
@@ -503,7 +506,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     batch (ort-contrib-gqa text branch only): a dynamic batch dimension on input_ids [batch, seq], positions
     [batch, seq], seqlens_k [batch], the KV buffers [batch, K, cache_len, E] and logits [batch, V], so one run
     steps several KV caches (rows of one buffer per layer; GroupQueryAttention reads each row's own seqlens_k);
-    B = 1 is the single-state path. half (ort-contrib-gqa, decoders without cross-attention): fp16 compute
+    B = 1 is the single-state path. half (ort-contrib-gqa): fp16 compute
     for the CUDA provider, past/present in fp16 (see the module docstring)."""
     from onnx import TensorProto
     from onnx.helper import make_tensor_value_info as vi
@@ -511,8 +514,8 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     gqa = flavour == GRAPH_GQA                          # ONNX Runtime's contrib ops are this flavour's anyway
-    if half and not (gqa and not c.cross_attn_every):
-        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs of decoders without cross-attention")
+    if half and not gqa:
+        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs")
     g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"), half=half)
     kvt = g.ftype
     if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):
@@ -528,7 +531,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
         inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for i in range(L) for kv in ("key", "value")]
     else:
         raise ValueError(f"unknown decoder graph flavour {flavour!r}")
-    inputs += cross_inputs(model)
+    inputs += cross_inputs(model, g.ftype)
     cos, sin = (None, None) if gqa and gqa_rotary(c) else rope_tables(g, c, batch)
     attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
     x = decoder_layers(g, model, branch, x, attend)

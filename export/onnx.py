@@ -86,7 +86,7 @@ INPUTS = {"vision": "pixels", "image_tokens": "image tokens and continuous signa
 DEVICES = ("cpu", "cuda")
 
 
-def _half_for(device: str, prec: dict, cfg) -> bool:
+def _half_for(device: str, prec: dict) -> bool:
     """Whether the decoder graphs compute in fp16 (export_onnx's device); a clear error where they cannot."""
     if device not in DEVICES:
         raise EdgemmError(f"--device {device!r}: the onnx exporter writes bundles for {', '.join(DEVICES)}")
@@ -96,11 +96,6 @@ def _half_for(device: str, prec: dict, cfg) -> bool:
         raise EdgemmError(f"--device cuda writes fp16 compute decoders (ONNX Runtime's CUDA GroupQueryAttention is "
                           f"fp16 only; a {prec['decoder']} decoder's attention would run on the CPU): use --precision "
                           "fp16 or decoder=fp16, or --device cpu")
-    c = cfg.decoder
-    if c.cross_attn_every:
-        what = "gated cross-attention"
-        raise EdgemmError(f"--device cuda (fp16 compute) is not available for {what} decoders yet; export with "
-                          "--device cpu (fp16 weights, fp32 compute) or --target trt")
     return True
 
 
@@ -273,7 +268,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     from edgemm.anyres import set_max_tiles
     set_max_tiles(cfg, max_tiles)               # --max-tiles: the bundle's default (any-resolution models)
     check_variants(cfg, "the onnx exporter", prec)
-    half = _half_for(device, prec, cfg)
+    half = _half_for(device, prec)
     if moe_form is not None and not cfg.decoder.n_experts:
         log("note: --moe-form is not used: this model has no mixture-of-experts layers")
     moe_form = moe_form or ("ort-qmoe4" if prec["decoder"] == "int4" else MOE_DEFAULT[GRAPH_GQA])
@@ -287,7 +282,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         graphs = {cfg.input_stage: (vm, vbytes, GRAPH_STANDARD, prec["vision"], None)}
         if "cross_kv" in cfg.stages:                    # gated cross-attention: K/V of an image, once per image
             from edgemm.export.graph import cross_kv_graph
-            graphs["cross_kv"] = (*cross_kv_graph(m, prec["decoder"] == "fp16"), GRAPH_STANDARD, prec["decoder"],
+            graphs["cross_kv"] = (*cross_kv_graph(m, prec["decoder"] == "fp16", half), GRAPH_STANDARD, prec["decoder"],
                                   None)
         batch = decode_batch_supported(cfg, moe_form)        # decoder_text steps several KV caches at once
         for branch in [b for b in ("text", "image") if f"decoder_{b}" in cfg.stages]:
@@ -302,10 +297,12 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             extra = save_stage(g, tmp / fname, nbytes)
             onnx.checker.check_model(str(tmp / fname))           # path form: works with external data
             ins, outs = io_spec(g)
-            fp16_compute = (half and branch is not None) or (vision_half and stage == cfg.input_stage)
+            fp16_compute = (half and (branch is not None or stage == "cross_kv")) or \
+                (vision_half and stage == cfg.input_stage)
             st = {"file": fname, "graph": flavour, "precision": p, "inputs": ins, "outputs": outs,
                   "weights": ("fp16; fp16 compute (RMSNorm statistics in fp32), fp32 logits" if branch else
-                              "fp16; fp16 compute (traced from an fp16 copy of the reference), fp32 in and out")
+                              "fp16; fp16 compute, fp32 image rows in, fp16 cross K/V out" if stage == "cross_kv"
+                              else "fp16; fp16 compute (traced from an fp16 copy of the reference), fp32 in and out")
                   if fp16_compute else "fp16 matrices, cast to fp32 in the graph; fp32 compute" if p == "fp16" else "fp32",
                   "compute": "fp16" if fp16_compute else "fp32"}
             if extra:

@@ -139,7 +139,7 @@ class SegmentRunner(Backend):
         gate, state.extra["cross_on"] = cross_gates(ids, state.extra.get("cross_on", False), c.cross_attn_reset_token)
         kv = state.extra.get("cross")
         if kv is None:
-            z = np.zeros((1, c.n_heads, 1, c.head_dim), np.float32)
+            z = np.zeros((1, c.n_heads, 1, c.head_dim), getattr(self, "kv_dtype", np.float32))   # (fp16 compute)
             kv = {f"cross_{n}.{j}": z for j in range(c.n_layers // c.cross_attn_every)
                   for n in ("key", "value")}
         return {"cross_gate": np.asarray(gate, np.float32).reshape(1, -1, 1), **kv}

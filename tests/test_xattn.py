@@ -173,6 +173,28 @@ def test_idefics_onnx_export_validates_and_ort_runs_it(ck, tmp_path):
     assert ans(r1.output) == ans(r2.output) and ans(r1.output).startswith("w")
 
 
+def test_idefics_fp16_compute_for_cuda_validates_and_runs_on_the_cpu(ck, tmp_path):
+    """export --precision fp16 --device cuda: the cross_kv stage and the decoder in fp16 (cross K/V fp16 beside an
+    fp16 KV cache); on the CPU the prompt with two images and decode steps stays within fp16 error of the reference."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    import onnx
+    from edgemm.export.onnx import export_onnx
+    from edgemm.runtimes.ort_backend import OrtBackend
+    man = export_onnx(str(ck), tmp_path / "b", precision="fp16", device="cuda", log=None)
+    assert all(f["ok"] for f in man["validation"]["stages"].values())
+    assert {s["compute"] for s in man["stages"].values()} == {"fp16"}
+    types = {v.name: v.type.tensor_type.elem_type for f in ("cross_kv", "decoder_text")
+             for g in [onnx.load(str(tmp_path / "b" / f"{f}.onnx")).graph] for v in [*g.input, *g.output]}
+    assert types["cross_key.0"] == types["past_key.0"] == onnx.TensorProto.FLOAT16
+    assert types["image_rows"] == types["cross_gate"] == types["logits"] == onnx.TensorProto.FLOAT
+    b = OrtBackend.open(bundle=str(tmp_path / "b"), device="cpu")
+    m, _ = load_checkpoint(ck)
+    res = _prompt_check(m, b)
+    scale = max(r[2] for rows in res.values() for r in rows)
+    assert max(r[0] for rows in res.values() for r in rows) <= 2e-2 * max(1.0, scale)
+    assert min(r[1] for r in res["decoder_text"]) >= 0.999
+
+
 def test_gguf_refuses_gated_cross_attention_naming_the_targets_that_can(ck, tmp_path):
     from edgemm.errors import UnsupportedVariant
     from edgemm.export.gguf import export_gguf
