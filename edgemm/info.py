@@ -120,12 +120,14 @@ def describe_bundle(bundle: str, contexts=None) -> list[str]:
     m = verify_bundle(bundle, check_hashes=False)
     cfg = ModelConfig.from_dict(m["model"])
     lines = [f"bundle: {bundle}  target {m.get('target')}  format v{m.get('format_version')}",
-             f"source: {m.get('source', {}).get('model')}  precision: {m.get('precision')}"]
+             f"source: {m.get('source', {}).get('model')}  precision: {m.get('precision')}"
+             + (f"  for the {m['device'].upper()} provider" if m.get("device") else "")]
     total = 0
     for name, st in m.get("stages", {}).items():
         size = sum((Path(bundle) / f).stat().st_size for f in [st["file"], *st.get("extra_files", [])])
         total += size
-        lines.append(f"  stage {name:<14} {st['file']:<28} {_fmt(size):>10}  {st.get('precision', '')}")
+        how = f" ({st['compute']} compute)" if st.get("precision") == "fp16" and st.get("compute") else ""
+        lines.append(f"  stage {name:<14} {st['file']:<28} {_fmt(size):>10}  {st.get('precision', '')}{how}")
     lines.append(f"  total stage files: {_fmt(total)}")
     if m.get("target") == "gguf":
         lines += describe_gguf_tensors(bundle, m)

@@ -69,6 +69,9 @@ def test_decoder_graphs_compute_in_fp16(half):
         assert len(ops) > 8 and all(types[n.input[0]] == F16 for n in ops), \
             [n.name for n in ops if types[n.input[0]] != F16][:4]
     assert man["device"] == "cuda"
+    from edgemm.info import describe_bundle
+    info = "\n".join(describe_bundle(str(out)))
+    assert "for the CUDA provider" in info and "decoder_text.onnx" in info and "fp16 (fp16 compute)" in info
     v = onnx.load(str(out / man["stages"]["vision"]["file"]))          # the traced vision stage, from fp16
     assert man["stages"]["vision"]["compute"] == "fp16"
     assert all(t.data_type == F16 for t in v.graph.initializer if t.data_type in (F16, F32) and len(t.dims) >= 2)
