@@ -368,7 +368,7 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--max-tiles", type=int, default=None, help="onnx/trt, any-resolution (LLaVA-NeXT) models: the "
               "bundle's default tile budget (most grid tiles per image; run/chat/bench can override it).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="onnx: the ONNX Runtime provider "
-              "the bundle is for (default cpu). cuda, with --precision fp16: fp16 compute decoders (fp16 activations, "
+              "the bundle is for (default cpu). cuda, with --precision fp16: stages that compute in fp16 (activations, "
               "attention and KV cache); cpu: fp16 weights, fp32 compute (the CPU's faster form).")
 @click.option("--moe-form", type=click.Choice(["ort-moe", "ort-qmoe4", "dense"]), default=None,
               help="onnx, mixture-of-experts models: how MoE layers are written: com.microsoft MoE (default), QMoE "
