@@ -87,32 +87,40 @@ class KVPool:
 
     def step(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
         """One decode step of every state (token i appended to state i) in one run -> logits per state.
-        row_feeds: other inputs of one row ([1, ...] arrays), repeated for every row."""
+        row_feeds: other inputs of one row ([1, ...] arrays, the same every call), repeated for every row.
+        As the single-state step does (OrtBackend._step), each span of rows keeps one binding whose CPU inputs are
+        arrays updated in place and whose logits land in one preallocated buffer: a step allocates nothing."""
         rows = [self.row(st) for st in states]
         if len(set(rows)) < len(rows):
             raise EdgemmError("decode_batch got the same state twice")
+        for st in states:
+            if st.length + 1 > self.capacity:
+                raise EdgemmError(f"KV cache full: {st.length} + 1 rows > capacity {self.capacity}")
         lo, n = min(rows), max(rows) + 1 - min(rows)
-        ids, pos, seqlens = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64), np.zeros(n, np.int32)
+        f = self._io.get((lo, n))
+        if f is None:
+            io = sess.io_binding()
+            arrs = {"input_ids": np.zeros((n, 1), np.int64), "positions": np.zeros((n, 1), np.int64),
+                    "seqlens_k": np.zeros(n, np.int32), "total_sequence_length": np.zeros((), np.int32),
+                    **{k: np.repeat(v, n, axis=0) for k, v in row_feeds.items()}}
+            logits = np.zeros((n, sess.get_outputs()[0].shape[-1]), np.float32)
+            io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self.bind(io, lo, n)
+            for name, arr in arrs.items():  # backed by these arrays: updated in place below
+                io.bind_cpu_input(name, arr)
+            f = self._io[(lo, n)] = (io, arrs, logits)
+        io, arrs, logits = f
+        ids, pos, seqlens = arrs["input_ids"], arrs["positions"], arrs["seqlens_k"]
+        ids.fill(0)
+        pos.fill(0)
         for r in range(lo, lo + n):         # rows sitting out: the dummy row goes past what they hold
             o = self._owner(r)
             seqlens[r - lo] = min(o.length, self.capacity) if o is not None else 0
         for st, r, t in zip(states, rows, tokens):
-            if st.length + 1 > self.capacity:
-                raise EdgemmError(f"KV cache full: {st.length} + 1 rows > capacity {self.capacity}")
             ids[r - lo, 0], pos[r - lo, 0], seqlens[r - lo] = t, st.pos, st.length
-        io = self._io.get((lo, n))
-        if io is None:
-            io = self._io[(lo, n)] = sess.io_binding()
-            io.bind_output("logits", "cpu")
-            self.bind(io, lo, n)
-        feeds = {"input_ids": ids, "positions": pos, "seqlens_k": seqlens,
-                 "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32),
-                 **{k: np.repeat(v, n, axis=0) for k, v in row_feeds.items()}}
-        for name, arr in feeds.items():     # (feeds stays alive until the run is done)
-            io.bind_cpu_input(name, arr)
+        arrs["total_sequence_length"][...] = int(seqlens.max()) + 1
         sess.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
         for st in states:
             st.length += 1
             st.pos += 1
-        return [np.array(logits[r - lo], dtype=np.float32) for r in rows]
+        return [logits[r - lo].copy() for r in rows]
