@@ -85,6 +85,7 @@ def test_logits_and_cache_in_place(backends):
     st_o, st_t = ob.new_state(max_len=64), tb.new_state(max_len=64)
     bufs = [v.data_ptr() for v in st_o.cache["k"]]
     assert bufs == [a.ctypes.data for a in st_o.cache["arrays"][0::2]]      # the numpy arrays are the buffers
+    assert all(p % 64 == 0 for p in bufs)            # aligned as ONNX Runtime's own allocator aligns tensors
     for b, st in ((ob, st_o), (tb, st_t)):
         b.text(st, [1, 5, 9])
         b.image(st, rows)
