@@ -124,10 +124,16 @@ class DecoderConfig:
     moe_dense_layers: list = field(default_factory=list)
     norm_topk_prob: bool = True
     qk_norm: bool = False                   # Qwen3: RMSNorm over each head's Q and K (before RoPE); single branch
+    attn_head_dim: int = 0                  # 0: d_model // n_heads; else the heads' own width (Qwen3: 128 at 2048)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
+
+    @property
+    def attn_width(self) -> int:
+        """Q rows and the attention output's width: n_heads * head_dim (d_model unless attn_head_dim says)."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -236,6 +242,8 @@ class ModelConfig:
             out.append("mixture of experts")
         if d.qk_norm:
             out.append("per-head q/k norm")
+        if d.attn_head_dim and d.attn_head_dim * d.n_heads != d.d_model:
+            out.append("head_dim of its own")
         if self.vision.arch == "clip":
             out.append("clip vision tower")
         if self.adapter.kind == "mlp":
@@ -254,8 +262,11 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         d, v = self.decoder, self.vision
-        if d.d_model % d.n_heads:
+        if d.d_model % d.n_heads and not d.attn_head_dim:
             raise EdgemmError(f"d_model {d.d_model} is not divisible by n_heads {d.n_heads}")
+        if d.attn_head_dim and (d.attn_head_dim % 2 or d.cross_attn_every):
+            raise EdgemmError(f"attn_head_dim {d.attn_head_dim}: must be even (RoPE) and goes without gated "
+                              "cross-attention")
         if d.n_heads % d.kv_heads:
             raise EdgemmError(f"n_heads {d.n_heads} is not a multiple of n_kv_heads {d.kv_heads}")
         if v.image_size % v.patch_size:
@@ -343,7 +354,7 @@ IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
                         "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens",
                         "per-modality K/V", "mixture of experts", "per-head q/k norm", "blip vision tower", "q-former adapter",
                         "q-former instruction input (instructblip)",
-                        "any-resolution tiling", "gated cross-attention"}
+                        "any-resolution tiling", "gated cross-attention", "head_dim of its own"}
 
 
 def cross_image_ids(d: DecoderConfig) -> list:

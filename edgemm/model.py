@@ -202,7 +202,7 @@ class Branch(nn.Module):
     def __init__(self, c: DecoderConfig, moe: bool = False):
         super().__init__()
         self.qkv = nn.Linear(c.d_model, (c.n_heads + 2 * c.kv_heads) * c.head_dim, bias=c.qkv_bias)
-        self.o = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.o = nn.Linear(c.attn_width, c.d_model, bias=False)
         if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_eps), RMSNorm(c.head_dim, c.rms_eps)
         if moe:
@@ -291,7 +291,7 @@ class LowRankBranch(nn.Module):
             return LowRankLinear(n_in, n_out, c.vision_rank or n_out // c.vision_down_ratio)
         E = c.head_dim
         self.q, self.k, self.v = lr(c.d_model, c.n_heads * E), lr(c.d_model, c.kv_heads * E), lr(c.d_model, c.kv_heads * E)
-        self.o = lr(c.d_model, c.d_model)
+        self.o = lr(c.attn_width, c.d_model)
         self.gate, self.up, self.down = lr(c.d_model, c.ffn_dim), lr(c.d_model, c.ffn_dim), lr(c.ffn_dim, c.d_model)
 
     def qkv(self, x):
@@ -394,7 +394,7 @@ class DecoderLayer(nn.Module):
         queries of the other modality get the row's own-modality rank-r bridge added, and the cache holds both
         versions: heads [0, K) for text queries, [K, 2K) for vision queries."""
         c = self.c
-        B, T, D = x.shape
+        B, T, _ = x.shape
         H, K, E = c.n_heads, c.kv_heads, c.head_dim
         h = self._norm(x, route, "attn")
         qkv = routed(h, route, self.text.qkv, self.vision.qkv)                       # [B, T, (H+2K)E]
@@ -435,7 +435,7 @@ class DecoderLayer(nn.Module):
             a = attend(ks[j], vs[j])
         else:
             a = torch.where(vis[None, None, :, None], attend(ks[1], vs[1]), attend(ks[0], vs[0]))
-        a = a.transpose(1, 2).reshape(B, T, D)
+        a = a.transpose(1, 2).reshape(B, T, H * E)
         x = x + routed(a, route, self.text.o, self.vision.o)
         return x + routed(self._norm(x, route, "ffn"), route, self.text.mlp, self.vision.mlp)
 

@@ -455,7 +455,7 @@ def _gqa_attention(g: Graph, c, cos, sin):
 
 def _window_attention(g: Graph, c, cos, sin):
     """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window)."""
-    D, H, K, E, NK = c.d_model, c.n_heads, c.kv_heads, c.head_dim, c.cache_heads
+    H, K, E, NK = c.n_heads, c.kv_heads, c.head_dim, c.cache_heads
     zero, one = g.i64(0), g.i64(1)
     T = g.op("Squeeze", [g.op("Shape", ["positions"]), g.i64([0])])
     W = g.op("Gather", [g.op("Shape", ["cache_key.0"]), one], axis=0)
@@ -487,7 +487,7 @@ def _window_attention(g: Graph, c, cos, sin):
         s = g.op("Mul", [g.op("MatMul", [qh, kh]), scale])                                    # [1, H, T, W]
         s = g.op("Where", [allowed, s, g.f32(NEG)])
         a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                               # [1, H, T, E]
-        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, D])])
+        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, H * E])])
     return attend
 
 

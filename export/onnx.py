@@ -74,6 +74,7 @@ ONNX_VARIANTS += ("blip vision tower", "q-former adapter", "q-former instruction
 # Idefics: the vision stage emits the resampled rows, the `cross_kv` stage each cross-attention layer's K/V of an
 # image (once per image), decoder_text takes them as inputs (there is no decoder_image: images are not rows).
 ONNX_VARIANTS += ("gated cross-attention",)
+ONNX_VARIANTS += ("head_dim of its own",)
 NO_TARGET = "none yet (the torch reference backend runs it)"
 BATCH_NOTE = ("dynamic: input_ids / positions [batch, seq], seqlens_k [batch], past/present [batch, ...], logits "
               "[batch, vocab]; one run steps several KV caches (rows of one buffer per layer, each row's seqlens_k "

@@ -165,12 +165,35 @@ def test_moe_layer_pattern_and_refusals():
         ModelConfig(decoder=DecoderConfig(n_experts=2, experts_top_k=3, single_branch=True)).validate()
 
 
-def test_qwen3_head_dim_of_its_own_is_refused():
-    from edgemm.importers.llava import map_llava
-    tc = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_attention_heads": 32, "num_hidden_layers": 2,
-          "head_dim": 128}
-    with pytest.raises(EdgemmError, match="head_dim 128"):
-        map_llava({"text_config": tc, "vision_config": {}}, None)
+def test_qwen3_head_dim_of_its_own_imports_and_exports(tmp_path):
+    """Real Qwen3-MoE checkpoints set head_dim apart from hidden_size / heads (128 at 2048 x 32): Q and the attention
+    output are n_heads * head_dim wide. The import matches transformers; onnx validates; gguf refuses by name."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from transformers import Qwen3MoeConfig
+    from edgemm.errors import UnsupportedVariant
+    from edgemm.export.onnx import export_onnx
+    hf = _llava_with(Qwen3MoeConfig(vocab_size=512, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    rms_norm_eps=1e-5, max_position_embeddings=256, num_experts=4,
+                                    num_experts_per_tok=2, tie_word_embeddings=False), seed=2)
+    hf.save_pretrained(tmp_path / "src", safe_serialization=True)
+    write_tokenizer(tmp_path / "src")
+    summary = import_checkpoint(tmp_path / "src", tmp_path / "ck", log=None)
+    assert "head_dim of its own" in summary["variants"]
+    m, _ = load_checkpoint(tmp_path / "ck")
+    d = m.cfg.decoder
+    assert (d.head_dim, d.attn_width, d.d_model) == (16, 64, 32)
+    assert tuple(m.decoder.layers[0].text.o.weight.shape) == (32, 64)
+    _matches_transformers(hf, m)
+    man = export_onnx(str(tmp_path / "ck"), tmp_path / "b", precision="fp32", log=None)
+    assert all(f["ok"] for f in man["validation"]["stages"].values())
+    from edgemm.export.trt import export_trt                          # the standard-op (window) attention too
+    man = export_trt(str(tmp_path / "ck"), tmp_path / "t", precision="fp16", no_build=True, log=None)
+    assert all(f["ok"] for f in man["validation"]["stages"].values())
+    from edgemm.export.gguf import export_gguf
+    with pytest.raises(UnsupportedVariant, match="targets that can: onnx, trt"):
+        export_gguf(model=str(tmp_path / "ck"), out=tmp_path / "g", log=None)
+    assert not (tmp_path / "g").exists()
 
 
 def test_onnx_export_validates(imported, tmp_path):

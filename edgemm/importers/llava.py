@@ -70,9 +70,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
             tc["sliding_window"] < tc.get("max_position_embeddings", 0):
         raise EdgemmError(f"{wt}: sliding-window attention is not supported")
     D, H, L = _req(tc, "hidden_size", wt), _req(tc, "num_attention_heads", wt), _req(tc, "num_hidden_layers", wt)
-    if tc.get("head_dim") not in (None, D // H):
-        raise EdgemmError(f"{wt}: head_dim {tc['head_dim']} != hidden_size / num_attention_heads is not supported "
-                          "(edgemm's decoder has head_dim = d_model / n_heads)")
+    E = tc.get("head_dim") or D // H            # Qwen3 (and newer Llamas) may set the heads' width of their own
     kv = tc.get("num_key_value_heads") or H
     fl = hf.get("vision_feature_layer", -2)
     if not isinstance(fl, int):
@@ -99,7 +97,8 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
                               n_kv_heads=kv if kv != H else None, ffn_dim=_req(tc, "intermediate_size", wt),
                               rope_theta=_rope_theta(tc, wt), rms_eps=tc.get("rms_norm_eps", 1e-6),
                               max_seq_len=tc.get("max_position_embeddings", 4096), tie_embeddings=tie,
-                              qkv_bias=qkv_bias, single_branch=True, **_moe_fields(tc, tmt, wt)))
+                              qkv_bias=qkv_bias, single_branch=True, attn_head_dim=E if E * H != D else 0,
+                              **_moe_fields(tc, tmt, wt)))
     if tc.get("hidden_act", "silu") != "silu":
         raise EdgemmError(f"{wt}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
     # transformers 4.x before 4.52, 4.52+, and 5.x's save format (vision tower without `vision_model.`)
