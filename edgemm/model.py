@@ -106,24 +106,33 @@ class ClipBlock(nn.Module):
 
 class ClipVisionTower(nn.Module):
     """CLIP ViT as LLaVA uses it: CLS first, one position table, pre-LayerNorm, the first `feature_layer`
-    blocks (LLaVA's vision_feature_layer), CLS dropped unless keep_cls. Output [B, P (+1), W]."""
+    blocks (LLaVA's vision_feature_layer), CLS dropped unless keep_cls. Output [B, P (+1), W].
+    BLIP's tower (arch "blip", BLIP-2 / InstructBLIP, transformers' Blip2VisionModel) is the same with a patch conv
+    bias, no pre-LayerNorm, a post_layernorm after every block and every row kept (edgemm.qformer)."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size, bias=False)
+        blip = c.arch == "blip"
+        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size, bias=blip)
         self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos = nn.Parameter(torch.zeros(1, c.n_patches + 1, c.width))
-        self.pre_norm = nn.LayerNorm(c.width, eps=c.eps)
+        if blip:
+            self.post_norm = nn.LayerNorm(c.width, eps=c.eps)
+        else:
+            self.pre_norm = nn.LayerNorm(c.width, eps=c.eps)
         n = c.layers if c.feature_layer is None else c.feature_layer
         self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(n))
-        self.keep_cls = c.keep_cls
+        self.keep_cls = c.keep_cls or blip
 
     def forward(self, pixels):                              # pixels: [B, 3, S, S]
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        x = self.pre_norm(x)
+        if hasattr(self, "pre_norm"):
+            x = self.pre_norm(x)
         for blk in self.blocks:
             x = blk(x)
+        if hasattr(self, "post_norm"):
+            x = self.post_norm(x)
         return x if self.keep_cls else x[:, 1:]
 
 
@@ -492,9 +501,10 @@ class EdgeMM(nn.Module):
         self.cfg = cfg
         v, a = cfg.vision, cfg.adapter
         if v.arch == "blip" or a.kind == "qformer":         # BLIP-2 / InstructBLIP (edgemm.qformer)
-            from .qformer import BlipVisionTower, QFormerAdapter
-        towers = {"eva": VisionTower, "clip": ClipVisionTower, "none": lambda _: NoPixelTower()}
-        self.vision = (BlipVisionTower if v.arch == "blip" else towers[v.arch])(v)
+            from .qformer import QFormerAdapter
+        towers = {"eva": VisionTower, "clip": ClipVisionTower, "blip": ClipVisionTower,
+                  "none": lambda _: NoPixelTower()}
+        self.vision = towers[v.arch](v)
         if a.kind == "glu":
             self.adapter = Adapter(a, v.width, cfg.decoder.d_model)
         elif a.kind == "mlp":

@@ -2,10 +2,10 @@
 
 Shapes: B batch, N tower rows (CLS + patches), Q query tokens, T instruction tokens, W Q-Former width, D d_model.
 
-- BlipVisionTower (VisionConfig.arch "blip", transformers' Blip2VisionModel): patch conv with bias, CLS first,
-  one position table over CLS+patches, no pre-LayerNorm, pre-norm blocks (edgemm.model.ClipBlock: fused QKV
-  with bias; BLIP-2 stores q_bias, a zero k bias and v_bias), post_layernorm on the last hidden state; every
-  row (CLS included) is kept: the Q-Former cross-attends to all of them. Output [B, N, Wv].
+- The BLIP tower (VisionConfig.arch "blip", transformers' Blip2VisionModel) is edgemm.model.ClipVisionTower's
+  BLIP form: patch conv with bias, CLS first, one position table over CLS+patches, no pre-LayerNorm, pre-norm
+  blocks (ClipBlock: fused QKV with bias; BLIP-2 stores q_bias, a zero k bias and v_bias), post_layernorm on the
+  last hidden state; every row (CLS included) is kept: the Q-Former cross-attends to all of them. [B, N, Wv].
 - QFormerAdapter (AdapterConfig.kind "qformer"): Q learned query rows (InstructBLIP: followed by the
   instruction's token + position embeddings) -> LayerNorm -> BERT-style post-norm layers: self-attention over
   all rows, cross-attention of the query rows to the tower rows every `cross_attention_frequency` layers
@@ -19,25 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import AdapterConfig, VisionConfig
-from .model import ClipBlock, gelu
-
-
-class BlipVisionTower(nn.Module):
-    def __init__(self, c: VisionConfig):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
-        self.pos = nn.Parameter(torch.zeros(1, c.n_patches + 1, c.width))
-        self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(c.layers))
-        self.post_norm = nn.LayerNorm(c.width, eps=c.eps)
-
-    def forward(self, pixels):                              # pixels: [B, 3, S, S] -> [B, 1 + P, Wv]
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        for blk in self.blocks:
-            x = blk(x)
-        return self.post_norm(x)
+from .config import AdapterConfig
+from .model import gelu
 
 
 class QFormerAttention(nn.Module):
