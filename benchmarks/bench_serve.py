@@ -70,10 +70,35 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def client_for(url):
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"), max_retries=0,
+                         timeout=300)
+
+
+def stream_chat(c, model, messages, max_tokens) -> tuple[float | None, list, str, object]:
+    """One streamed greedy request (ignore_eos) -> (TTFT s, gaps between chunks s, text, usage)."""
+    t0 = time.perf_counter()
+    last, ttft, gaps, text, usage = None, None, [], [], None
+    for ch in c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                        stream=True, stream_options={"include_usage": True},
+                                        extra_body={"ignore_eos": True}):
+        now = time.perf_counter()
+        if ch.choices and ch.choices[0].delta.content:
+            if ttft is None:
+                ttft = now - t0
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
+            text.append(ch.choices[0].delta.content)
+        if ch.usage:
+            usage = ch.usage
+    return ttft, gaps, "".join(text), usage
+
+
 def run_level(url, model, n, seconds, max_tokens, image_url):
     import openai
-    c = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"), max_retries=0,
-                      timeout=300)
+    c = client_for(url)
     stats = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": 0}
     lock = threading.Lock()
     t_stop = time.perf_counter() + seconds
@@ -85,22 +110,9 @@ def run_level(url, model, n, seconds, max_tokens, image_url):
             if (i + k) % 2 == 0:
                 content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
             i += 1
-            t0 = time.perf_counter()
-            last, ttft, gaps, ntok = None, None, [], 0
             try:
-                for ch in c.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                                    max_tokens=max_tokens, temperature=0, stream=True,
-                                                    stream_options={"include_usage": True},
-                                                    extra_body={"ignore_eos": True}):
-                    now = time.perf_counter()
-                    if ch.choices and ch.choices[0].delta.content:
-                        if ttft is None:
-                            ttft = now - t0
-                        elif last is not None:
-                            gaps.append(now - last)
-                        last = now
-                    if ch.usage:
-                        ntok = ch.usage.completion_tokens
+                ttft, gaps, _, usage = stream_chat(c, model, [{"role": "user", "content": content}], max_tokens)
+                ntok = usage.completion_tokens if usage else 0
             except openai.APIError:
                 with lock:
                     stats["errors"] += 1
@@ -131,25 +143,15 @@ QUESTIONS = ["How many shapes are there?", "What color is the circle?", "Is ther
 
 def conversation(url, model, turns, max_tokens, image_url) -> list[tuple[float, int]]:
     """One conversation of `turns` turns -> [(TTFT s, prompt tokens)] per turn."""
-    import openai
-    c = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("EDGEMM_API_KEY", "none"), max_retries=0,
-                      timeout=300)
+    c = client_for(url)
     msgs, out = [], []
     for t in range(turns):
         content = [{"type": "text", "text": QUESTIONS[t % len(QUESTIONS)]}]
         if t == 0:
             content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
         msgs.append({"role": "user", "content": content})
-        t0, ttft, text, usage = time.perf_counter(), None, [], None
-        for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}):
-            if ch.choices and ch.choices[0].delta.content:
-                ttft = ttft or time.perf_counter() - t0
-                text.append(ch.choices[0].delta.content)
-            if ch.usage:
-                usage = ch.usage
-        msgs.append({"role": "assistant", "content": "".join(text)})
+        ttft, _, text, usage = stream_chat(c, model, msgs, max_tokens)
+        msgs.append({"role": "assistant", "content": text})
         out.append((ttft, usage.prompt_tokens))
     return out
 
@@ -159,8 +161,7 @@ def turns_only(a) -> int:
     image_url = "data:image/png;base64," + base64.b64encode((ROOT / "examples" / "shapes.png").read_bytes()).decode()
     servers = {m: start_server(a, {"EDGEMM_PROMPT_REUSE": m}) for m in ("tokens", "segments")}
     try:
-        import openai
-        model = a.model or openai.OpenAI(base_url=servers["tokens"][1] + "/v1", api_key="none").models.list().data[0].id
+        model = a.model or client_for(servers["tokens"][1]).models.list().data[0].id
         runs = {m: [] for m in servers}
         for r in range(a.rounds):
             for m in (list(servers) if r % 2 == 0 else list(servers)[::-1]):

@@ -278,6 +278,7 @@ def _bench_one(job: dict) -> dict:
         res["error"] = str(e)
         return res
     res["backend"] = b.name
+    res["on_device"] = b.device
     res["describe"] = b.describe()
     res["notes"] = notes
     settings = tuple(job.get("max_tiles") or (None,))     # any-resolution models: tile budgets, interleaved
@@ -377,7 +378,7 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles}
         got = _run_child(job) if isolate else _bench_one(job)
         first = got[0] if isinstance(got, list) else got
-        wb = decode_weight_bytes(b, cpu=str(first.get("describe", "")).endswith(" on cpu"))   # ("ort (...) on cpu")
+        wb = decode_weight_bytes(b, cpu=first.get("on_device") == "cpu")
         for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
             res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
                                             if isinstance(got, list) else "")

@@ -81,6 +81,8 @@ class SegmentRunner(Backend):
     Model variants handled here, once: the cogvlm position rule, CogVLM's original routing (the image segment's
     eoi row runs through decoder_text's `input_rows` input) and Libra's `image_tokens` input stage."""
 
+    kv_dtype = np.float32           # the KV cache's (and cross K/V's) element type; fp16 compute bundles: float16
+
     @staticmethod
     def _room(state: State, T: int) -> int:
         """-> the rows filled after appending T; an error when the KV cache cannot take them."""
@@ -139,7 +141,7 @@ class SegmentRunner(Backend):
         gate, state.extra["cross_on"] = cross_gates(ids, state.extra.get("cross_on", False), c.cross_attn_reset_token)
         kv = state.extra.get("cross")
         if kv is None:
-            z = np.zeros((1, c.n_heads, 1, c.head_dim), getattr(self, "kv_dtype", np.float32))   # (fp16 compute)
+            z = np.zeros((1, c.n_heads, 1, c.head_dim), self.kv_dtype)
             kv = {f"cross_{n}.{j}": z for j in range(c.n_layers // c.cross_attn_every)
                   for n in ("key", "value")}
         return {"cross_gate": np.asarray(gate, np.float32).reshape(1, -1, 1), **kv}

@@ -20,15 +20,10 @@ F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 
 
 @pytest.fixture(scope="module")
-def ckpt(random_ckpt):
-    return random_ckpt
-
-
-@pytest.fixture(scope="module")
-def half(ckpt, tmp_path_factory):
+def half(random_ckpt, tmp_path_factory):
     from edgemm.export.onnx import export_onnx
     out = tmp_path_factory.mktemp("b") / "fp16-cuda"
-    man = export_onnx(model=str(ckpt), out=out, precision="fp16", device="cuda", threads=1, log=None)
+    man = export_onnx(model=str(random_ckpt), out=out, precision="fp16", device="cuda", threads=1, log=None)
     return out, man
 
 
@@ -65,7 +60,8 @@ def test_decoder_graphs_compute_in_fp16(half):
         ty = {i.name: i.type.tensor_type.elem_type for i in [*m.graph.input, *m.graph.output]}
         assert ty["past_key.0"] == ty["present_value.0"] == F16 and ty["logits"] == F32
         types = _types(m)
-        ops = [n for n in m.graph.node if n.op_type in ("GroupQueryAttention", "MatMul", "SkipSimplifiedLayerNormalization")]
+        ops = [n for n in m.graph.node
+               if n.op_type in ("GroupQueryAttention", "MatMul", "SkipSimplifiedLayerNormalization")]
         assert len(ops) > 8 and all(types[n.input[0]] == F16 for n in ops), \
             [n.name for n in ops if types[n.input[0]] != F16][:4]
     assert man["device"] == "cuda"
@@ -78,7 +74,7 @@ def test_decoder_graphs_compute_in_fp16(half):
     assert [i.type.tensor_type.elem_type for i in [*v.graph.input, *v.graph.output]] == [F32, F32]
 
 
-def test_runs_on_the_cpu_against_the_reference(half, ckpt):
+def test_runs_on_the_cpu_against_the_reference(half, random_ckpt):
     """The ort backend on the CPU: fp16 KV buffers, logits of a text + image + text prompt and 6 greedy decode
     steps within fp16 error of the reference's (an fp32 bundle: 1e-4)."""
     from edgemm.checkpoint import load_checkpoint
@@ -88,7 +84,7 @@ def test_runs_on_the_cpu_against_the_reference(half, ckpt):
     notes = []
     b = load_backend("ort", bundle=str(out), device="cpu", threads=1, log=notes.append)
     assert any("compute in fp16 for the CUDA provider" in n for n in notes)
-    model, _ = load_checkpoint(ckpt)
+    model, _ = load_checkpoint(random_ckpt)
     model = model.float().eval()
     ref = TorchReference(model, 64)
     st = b.new_state(max_len=64)
@@ -115,14 +111,14 @@ def test_runs_on_the_cpu_against_the_reference(half, ckpt):
     assert st.cache["arrays"][0][0, :, :st.length].any()                # the fp16 cache holds the rows
 
 
-def test_answers_as_the_cpu_bundle(half, ckpt, tmp_path):
+def test_answers_as_the_cpu_bundle(half, random_ckpt, tmp_path):
     """Greedy answers on images: the fp16 compute bundle as the fp32 one (random tiny weights: close logits, the
     same top-1 over 12 tokens)."""
     from edgemm import shapes
     from edgemm.export.onnx import export_onnx
     from edgemm.generation import GenerationConfig, answer
     from edgemm.runtimes import load_backend
-    export_onnx(model=str(ckpt), out=tmp_path / "fp32", precision="fp32", threads=1, log=None)
+    export_onnx(model=str(random_ckpt), out=tmp_path / "fp32", precision="fp32", threads=1, log=None)
     a = load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu", threads=1)
     h = load_backend("ort", bundle=str(half[0]), device="cpu", threads=1)
     rng = np.random.default_rng(3)
@@ -150,11 +146,11 @@ def test_variants_validate(tokenizer, tmp_path):
     assert not any(a.name == "do_rotary" and a.i for n in g.graph.node for a in n.attribute)   # external RoPE
 
 
-def test_refusals(ckpt, tmp_path):
+def test_refusals(random_ckpt, tmp_path):
     from edgemm.cli import main
     from edgemm.export.onnx import _half_for, export_onnx
     with pytest.raises(EdgemmError, match="fp16 compute decoders.*--precision fp16"):
-        export_onnx(model=str(ckpt), out=tmp_path / "x", precision="int4", device="cuda", threads=1, log=None)
+        export_onnx(model=str(random_ckpt), out=tmp_path / "x", precision="int4", device="cuda", threads=1, log=None)
     assert not (tmp_path / "x").exists()
     assert _half_for("cpu", {"vision": "fp16", "decoder": "fp16"}) is False
     with pytest.raises(EdgemmError, match="the onnx exporter writes bundles for cpu, cuda"):
@@ -164,10 +160,10 @@ def test_refusals(ckpt, tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-def test_bench_counts_fp16_reads_on_cuda_fp32_on_the_cpu(half, ckpt, tmp_path):
+def test_bench_counts_fp16_reads_on_cuda_fp32_on_the_cpu(half, random_ckpt, tmp_path):
     from edgemm.bench import decode_weight_bytes
     from edgemm.export.onnx import export_onnx
-    export_onnx(model=str(ckpt), out=tmp_path / "fp32", precision="fp32", threads=1, log=None)
+    export_onnx(model=str(random_ckpt), out=tmp_path / "fp32", precision="fp32", threads=1, log=None)
     f32 = decode_weight_bytes(tmp_path / "fp32")
     on_gpu, on_cpu = decode_weight_bytes(half[0]), decode_weight_bytes(half[0], cpu=True)
     assert abs(on_gpu - f32 / 2) < 0.01 * f32                      # 2 bytes a weight where it computes in fp16
