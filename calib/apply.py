@@ -7,10 +7,6 @@ from pathlib import Path
 
 from .recipes import QUANTIZED
 
-STAGE_GROUP = {"vision": "vision", "image_tokens": "vision", "decoder_text": "decoder", "decoder_image": "decoder",
-               "cross_kv": "decoder"}              # gated cross-attention (edgemm.xattn)
-
-
 def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tokenizer, calib=None, stats=None,
                            keep_sensitive: float | None = None, model_digest: str | None = None, log=print,
                            recipes: dict | None = None) -> dict:
@@ -19,15 +15,16 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     `stages` is the exporter's manifest `stages` dict (updated: precision, weights, quantization record).
     Returns the manifest's `calibration` entry (or {} when nothing needed statistics).
     """
+    from edgemm.export.onnx import group              # a stage's --precision group
     from .quantize import quantize_stage
     from .recipes import get_recipe
     from .stats import Stats, collect_stats
     bundle_dir = Path(bundle_dir)
     recipes = dict(recipes or {})          # stage or group ("vision" / "decoder") -> recipe name or Recipe
     for s in list(stages):
-        if s not in recipes and STAGE_GROUP.get(s) in recipes:
-            recipes[s] = recipes[STAGE_GROUP[s]]
-    todo = {s: precision[STAGE_GROUP[s]] for s in stages if precision.get(STAGE_GROUP[s]) in QUANTIZED}
+        if s not in recipes and group(s) in recipes:
+            recipes[s] = recipes[group(s)]
+    todo = {s: precision[group(s)] for s in stages if precision.get(group(s)) in QUANTIZED}
     if not todo:
         return {}
     need = any(get_recipe(recipes.get(s, p)).needs_stats for s, p in todo.items())
