@@ -36,6 +36,11 @@ X86_VARIANT_FLAGS = {
 _SYSINFO_FLAGS = {"AVX": ("avx",), "AVX2": ("avx2",), "F16C": ("f16c",), "FMA": ("fma",), "BMI2": ("bmi2",),
                   "AVX_VNNI": ("avx_vnni",), "AVX512": ("avx512f",), "AVX512_VBMI": ("avx512vbmi",),
                   "AVX512_VNNI": ("avx512_vnni",), "AVX512_BF16": ("avx512_bf16",), "AMX_INT8": ("amx_int8",)}
+# Variants whose AMX kernels are not used unless EDGEMM_GGML_AMX=1: this llama.cpp's AMX matmul (ggml-cpu/amx) runs
+# `tilezero` with an invalid tile configuration (the compiler drops the stack copy _tile_loadconfig reads; open fix
+# ggml-org/llama.cpp#26954) and dies with SIGILL on a Xeon whose kernel enables AMX (seen here: a q8_0 decode). Their
+# AMX-free twin (zen4: the same AVX-512 + VNNI + BF16 sets) is picked instead.
+AMX_VARIANTS = ("sapphirerapids",)
 REBUILD_HINT = ("rebuild llama-cpp-python with the README's set-up command, adding --no-cache-dir --force-reinstall "
                 "--no-deps llama-cpp-python (pip reuses a cached wheel otherwise)")
 
@@ -87,6 +92,25 @@ def _dlclose(h) -> None:
         pass
 
 
+def variant_candidates(names, flags, x86: bool = True, allow_amx: bool | None = None) -> tuple[list, dict]:
+    """llama.cpp CPU variant names -> (those this machine may load, {skipped name: why}).
+
+    On x86 a variant is a candidate when /proc/cpuinfo (`flags`; None: unknown, all pass) lists its instruction
+    sets, and an AMX variant only with `allow_amx` (default: EDGEMM_GGML_AMX=1; see AMX_VARIANTS)."""
+    if allow_amx is None:
+        allow_amx = os.environ.get("EDGEMM_GGML_AMX", "") == "1"
+    ok, skipped = [], {}
+    for name in names:
+        need = X86_VARIANT_FLAGS.get(name) if x86 else None
+        if x86 and flags is not None and (need is None or any(f not in flags for f in need)):
+            skipped[name] = "instruction sets the kernel does not enable" if need else "unknown variant"
+        elif x86 and name in AMX_VARIANTS and not allow_amx:
+            skipped[name] = "its AMX kernels die with SIGILL in this llama.cpp (EDGEMM_GGML_AMX=1 allows it)"
+        else:
+            ok.append(name)
+    return ok, skipped
+
+
 def _load_ggml_backends(ll) -> dict:
     """Register llama.cpp's compute backends once, before the first model load.
 
@@ -119,12 +143,9 @@ def _load_ggml_backends(ll) -> dict:
     chosen, why = None, ""
     if variants:
         best = (0, None)
-        skipped = []
-        for name, path in variants.items():
-            need = X86_VARIANT_FLAGS.get(name) if is_x86() else None
-            if is_x86() and flags is not None and (need is None or any(f not in flags for f in need)):
-                skipped.append(name)
-                continue
+        usable, skipped = variant_candidates(variants, flags, x86=is_x86())
+        for name in usable:
+            path = variants[name]
             try:
                 h = ctypes.CDLL(str(path))
                 h.ggml_backend_score.restype = ctypes.c_int
@@ -139,7 +160,8 @@ def _load_ggml_backends(ll) -> dict:
                               f"{REBUILD_HINT}")
         chosen = best[1]
         why = (f"best of {len(variants)} CPU variants by ggml's score among those whose instruction sets the "
-               f"kernel enables" + (f" (not usable here: {', '.join(skipped)})" if skipped else ""))
+               f"kernel enables" + "".join(f"; {n} not used: {w}" for n, w in skipped.items() if n in AMX_VARIANTS
+                                           and not w.startswith("instruction sets")))
         if not libggml.ggml_backend_load(str(variants[chosen]).encode()):
             raise EdgemmError(f"llama.cpp could not load its CPU library {variants[chosen]}; {REBUILD_HINT}")
     elif (lib / f"{prefix[:-1]}{ext}").exists():                # GGML_BACKEND_DL with one CPU library

@@ -34,6 +34,15 @@ def tiny_gguf(tmp_path_factory, random_ckpt):
     return p
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf_q8(tiny_gguf):
+    """The same decoder quantized to q8_0 by llama.cpp (the quantized matmuls are where AMX kernels run)."""
+    from edgemm.export.gguf import quantize_decoder
+    p = tiny_gguf.with_name("decoder-q8_0.gguf")
+    quantize_decoder(tiny_gguf, p, "q8_0", 1)
+    return p
+
+
 def _fail_msg(r: dict) -> str:
     from edgemm import cpu
     return f"{r.get('error')} [CPU flags: {cpu.x86_summary()}]"
@@ -48,6 +57,34 @@ def test_llama_cpp_decodes_in_a_child_process(tiny_gguf):
     assert r["ok"], _fail_msg(r)
     assert r["decoded"]["finite"] and r["decoded"]["tokens"] == 3
     assert r["variant"], r
+
+
+@needs_llama
+def test_llama_cpp_decodes_q8_0_in_a_child_process(tiny_gguf_q8):
+    """A quantized decode with the variant the loader picks (on a Xeon with AMX the kernel enables, llama.cpp's
+    AMX variant died here with SIGILL and took the whole suite with it)."""
+    from edgemm.doctor import probe_llama_cpp
+    r = probe_llama_cpp(gguf=tiny_gguf_q8)
+    assert r["ok"], _fail_msg(r)
+    assert r["decoded"]["finite"] and r["decoded"]["tokens"] == 3
+    from edgemm.llamacpp import AMX_VARIANTS
+    assert r["variant"] not in AMX_VARIANTS, r
+
+
+def test_amx_variants_are_opt_in():
+    """With every instruction set listed, the AMX variant is only a candidate with EDGEMM_GGML_AMX=1; flags the
+    kernel lacks rule a variant out either way."""
+    from edgemm.llamacpp import X86_VARIANT_FLAGS, variant_candidates
+    spr = frozenset(X86_VARIANT_FLAGS["sapphirerapids"])
+    ok, skipped = variant_candidates(["haswell", "zen4", "sapphirerapids"], spr, allow_amx=False)
+    assert ok == ["haswell", "zen4"] and "EDGEMM_GGML_AMX=1" in skipped["sapphirerapids"]
+    ok, _ = variant_candidates(["haswell", "zen4", "sapphirerapids"], spr, allow_amx=True)
+    assert ok == ["haswell", "zen4", "sapphirerapids"]
+    ok, skipped = variant_candidates(["haswell", "zen4", "sapphirerapids", "riscv"], frozenset(HASWELL_FLAGS.split()),
+                                     allow_amx=True)
+    assert ok == ["haswell"] and set(skipped) == {"zen4", "sapphirerapids", "riscv"}
+    assert variant_candidates(["zen4", "sapphirerapids"], None, allow_amx=False)[0] == ["zen4"]
+    assert variant_candidates(["armv8.2_1"], None, x86=False)[0] == ["armv8.2_1"]
 
 
 @needs_llama
