@@ -24,7 +24,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         adapter = qformer_param_count(a, W, D)
         vision += 2 * W if v.arch == "blip" else 0          # the BLIP tower's post_layernorm
     qkv_out = (d.n_heads + 2 * d.kv_heads) * d.head_dim
-    branch_layer = D * qkv_out + (qkv_out if d.qkv_bias else 0) + d.attn_width * D + 3 * D * d.ffn_dim
+    branch_layer = (D * qkv_out + (qkv_out if d.qkv_bias else 0) + d.attn_width * D + 3 * D * d.ffn_dim
+                    + (2 * d.head_dim if d.qk_norm else 0))            # Qwen3: per-head Q and K RMSNorm weights
     shared = d.vocab_size * D * (1 if d.tie_embeddings else 2) + d.n_layers * 2 * D + D
     text = d.n_layers * (branch_layer - 3 * D * d.ffn_dim) + d.ffn_params()[0]        # MoE: every expert
     if d.cross_attn_every:              # gated cross-attention (edgemm.xattn): the resampler is the adapter; the

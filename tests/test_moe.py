@@ -185,6 +185,8 @@ def test_qwen3_head_dim_of_its_own_imports_and_exports(tmp_path):
     assert (d.head_dim, d.attn_width, d.d_model) == (16, 64, 32)
     assert tuple(m.decoder.layers[0].text.o.weight.shape) == (32, 64)
     _matches_transformers(hf, m)
+    from edgemm.info import param_counts
+    assert d.qk_norm and param_counts(m.cfg) == m.param_counts()      # info's count includes the q/k norm weights
     man = export_onnx(str(tmp_path / "ck"), tmp_path / "b", precision="fp32", log=None)
     assert all(f["ok"] for f in man["validation"]["stages"].values())
     from edgemm.export.trt import export_trt                          # the standard-op (window) attention too
