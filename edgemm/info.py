@@ -17,8 +17,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     W = v.width
     vit_block = (W * 3 * W + 3 * W) + (W * W + W) + 2 * (2 * W) + (W * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * W + W)
     vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
+    if v.arch == "clip":        # LLaVA's CLIP: no patch bias, a pre-LayerNorm, only the blocks before the feature layer
+        vision = (3 * v.patch_size ** 2 * W + W + (v.n_patches + 1) * W + 2 * W
+                  + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
+    elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
+        vision = 0
     D = d.d_model
     adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
+    if a.kind == "mlp":                                     # LLaVA's projector (+ LLaVA-NeXT's image_newline)
+        adapter = W * D + D * D + (2 * D if a.bias else 0) + (D if a.image_newline else 0)
     if a.kind == "qformer":                                 # BLIP-2 / InstructBLIP
         from .qformer import qformer_param_count
         adapter = qformer_param_count(a, W, D)
@@ -36,6 +43,40 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         text += nx * (2 * D * D + 3 * D * d.ffn_dim + 2 * D + 2 * (D if d.cross_attn_alpha == "vector" else 1))
     return {"vision_tower": vision, "adapter": adapter, "decoder_shared": shared,
             "text_branch": text, "vision_branch": 0 if d.single_branch else d.n_layers * branch_layer}
+
+
+PARTS = ("vision_tower", "adapter", "decoder_shared", "text_branch", "vision_branch")
+
+
+def param_part(name: str) -> str:
+    """A parameter's name in EdgeMM's state dict -> the part `edgemm info` counts it in."""
+    if name.startswith("vision."):
+        return "vision_tower"
+    if name.startswith("adapter."):
+        return "adapter"
+    return "text_branch" if ".text." in name else "vision_branch" if ".vision." in name else "decoder_shared"
+
+
+def checkpoint_param_counts(path: str | Path) -> dict[str, int]:
+    """Parameters per part of a checkpoint folder, from its safetensors headers (checked first; nothing loaded):
+    exact for every imported variant, where param_counts(cfg) has only the config's arithmetic."""
+    from safetensors import safe_open
+
+    from .checkpoint import shard_files
+    from .safety import check_safetensors
+    path = Path(path)
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else \
+        [path / f for f in shard_files(path)]
+    out = dict.fromkeys(PARTS, 0)
+    for f in files:
+        check_safetensors(f)
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                n = 1
+                for dim in st.get_slice(k).get_shape():
+                    n *= int(dim)
+                out[param_part(k)] += n
+    return out
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per: float = 2.0) -> float:
@@ -63,8 +104,9 @@ def model_config(spec: str | None) -> tuple[ModelConfig, str]:
     return get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b" else "preset cogvlm-17b (shapes only)"
 
 
-def describe_config(cfg: ModelConfig, source: str, contexts=None) -> list[str]:
-    pc = param_counts(cfg)
+def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict | None = None) -> list[str]:
+    """counts: parameters per part (checkpoint_param_counts); None: from the config (param_counts)."""
+    pc = counts or param_counts(cfg)
     total = sum(pc.values())
     d, v = cfg.decoder, cfg.vision
     lines = [f"model: {cfg.name}  ({source})",
@@ -113,7 +155,10 @@ def describe(model: str | None = None, bundle: str | None = None, contexts=None)
     if bundle:
         return "\n".join(describe_bundle(bundle, contexts))
     cfg, source = model_config(model)
-    return "\n".join(describe_config(cfg, source, contexts))
+    from .checkpoint import resolve_model
+    kind, path = resolve_model(model)
+    counts = checkpoint_param_counts(path) if kind == "dir" else None   # a folder: its weights' own shapes
+    return "\n".join(describe_config(cfg, source, contexts, counts))
 
 
 def describe_bundle(bundle: str, contexts=None) -> list[str]:

@@ -636,20 +636,11 @@ class EdgeMM(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per part: vision tower, adapter, shared decoder, text branch, vision branch."""
-        out = {"vision_tower": 0, "adapter": 0, "decoder_shared": 0, "text_branch": 0, "vision_branch": 0}
+        from .info import PARTS, param_part
+        out = dict.fromkeys(PARTS, 0)
         seen = set()
         for name, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if name.startswith("vision."):
-                out["vision_tower"] += p.numel()
-            elif name.startswith("adapter."):
-                out["adapter"] += p.numel()
-            elif ".text." in name:
-                out["text_branch"] += p.numel()
-            elif ".vision." in name:
-                out["vision_branch"] += p.numel()
-            else:
-                out["decoder_shared"] += p.numel()
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[param_part(name)] += p.numel()
         return out

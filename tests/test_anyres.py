@@ -66,6 +66,8 @@ def test_import_matches_transformers_on_three_aspect_ratios(imported):
     model, summary, ck = imported
     assert summary["family"] == "llava_next" and "any-resolution tiling" in summary["variants"]
     m, _ = load_checkpoint(ck)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(ck) == m.param_counts()     # `edgemm info`'s count, from the file headers
     assert m.cfg.vision.grid_pinpoints == PINPOINTS and m.cfg.adapter.image_newline
     proc = _processor()
     counts = set()

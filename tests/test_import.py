@@ -367,6 +367,8 @@ def test_cogvlm_import_matches_independent_recomputation(cogvlm_src, tmp_path):
     assert "eoi through the text branch" in summary["variants"] and "qkv bias" in summary["variants"]
     assert len(summary["not_imported"]) == COGVLM_CONFIG["num_hidden_layers"]       # the inv_freq buffers
     m, tok = load_checkpoint(out)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(out) == m.param_counts()     # `edgemm info`'s count, from the file headers
     t = cogvlm_tensors()
     px = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     pre, post = _text_ids(1, 5), _text_ids(2, 7)
@@ -422,6 +424,8 @@ def test_libra_import_matches_independent_recomputation(libra_src, tmp_path):
     for v in ("low-rank vision branches", "per-modality norms", "cross-modal K/V bridge"):
         assert v in summary["variants"]
     m, _ = load_checkpoint(out)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(out) == m.param_counts()     # `edgemm info`'s count, from the file headers
     t = libra_tensors()
     g = torch.Generator().manual_seed(7)
     n = LIBRA_CONFIG["max_vision_token_length"]

@@ -42,6 +42,8 @@ def test_llava_import_matches_transformers(kv_heads, tmp_path):
     assert summary["family"] == "llava"
     assert ("grouped-query attention" in summary["variants"]) == (kv_heads != 4)
     m, _ = load_checkpoint(out)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(out) == m.param_counts()     # `edgemm info`'s count, from the file headers
     n_img = m.cfg.n_image_rows
     assert n_img == 16
     g = torch.Generator().manual_seed(5)

@@ -87,6 +87,8 @@ def test_idefics_import_matches_transformers(alpha_type, qk_norms, tmp_path):
     assert summary["family"] == "idefics"
     assert "gated cross-attention" in summary["variants"]
     m, _ = load_checkpoint(out)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(out) == m.param_counts()     # `edgemm info`'s count, from the file headers
     assert m.cfg.decoder.vocab_size == 66 and m.cfg.n_image_rows == 3
     assert (m.cfg.decoder.cross_attn_image_token, m.cfg.decoder.cross_attn_image_wrap) == (IMAGE, FAKE)
     g = torch.Generator().manual_seed(5)
