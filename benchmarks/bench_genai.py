@@ -163,6 +163,14 @@ def kernel_times(prof_dir: Path) -> dict:
     return {"all": sum(out.values()), **out}
 
 
+def bootstrap_median(xs: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the median of xs: whether a ratio's distance from 1.0 is more than
+    the rounds' noise."""
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(np.asarray(xs, float), size=(n, len(xs))), axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
 def worker(kind: str, path: str, a) -> int:
     from edgemm.config import get_preset
     vocab = get_preset(a.preset).decoder.vocab_size
@@ -254,7 +262,10 @@ def main(argv=None) -> int:
     paired = {n: statistics.median(x / y for x, y in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"]))
               for n in precisions}                  # round by round: both engines ran under the same load
     for n, x in paired.items():
-        print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios; of the medians "
+        rs = [a / b for a, b in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"])]
+        lo, hi = bootstrap_median(rs)
+        print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios, 95% bootstrap "
+              f"interval {lo:.3f}-{hi:.3f}, rounds {min(rs):.3f}-{max(rs):.3f}; of the medians "
               f"{med[f'edgemm-ort-{n}'] / med[f'ort-genai-{n}']:.3f})")
     if a.profile:
         print("\nkernel time per decode step, us (ONNX Runtime's profiler; median of the rounds)")
