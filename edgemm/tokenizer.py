@@ -67,6 +67,13 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
 
+    def ordinary_ids(self, vocab_size: int) -> list[int]:
+        """The ids below vocab_size that are not special or added tokens (<pad>, <image>, the <reserved_i> padding:
+        rows a model may never have trained, whose activations no calibration set covers)."""
+        added = set(self.tok.get_added_tokens_decoder())
+        ids = [i for i in range(vocab_size) if i not in added]
+        return ids or list(range(vocab_size))
+
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()

@@ -36,7 +36,8 @@ from edgemm.export.onnx import group
 from edgemm.export.trt_engines import build_engines
 from edgemm.export.trt_profiles import (DEVICE_CLASSES, FP8_MIN_CC, TRT_PRECISIONS as PRECISIONS,
                                         check_precision_supported, default_device_class, make_profiles, trt_flags)
-from edgemm.export.validate import TorchReference, format_validation, run_prompt, summarize, validation_inputs
+from edgemm.export.validate import (TorchReference, calibration_items, format_validation, random_ids,
+                                    real_prompt, run_prompt, summarize, validation_inputs)
 
 STAGES = ("vision", "decoder_text", "decoder_image")      # Libra: image_tokens instead of vision (cfg.stages)
 # Validation tolerances on the CPU (ONNX Runtime) against the fp32 reference.
@@ -48,18 +49,6 @@ QDQ_COS_REAL = {"int8": 0.95, "fp8": 0.95}   # decoder_text on a calibration pro
 # check is a looser cosine (top-1 is reported; random-weight models have near-ties) (trained tiny-shapes, fp8:
 # eoi-row cosine 0.959, text 0.99993).
 QDQ_COS_IMAGE = {"int8": 0.98, "fp8": 0.95}
-
-
-def calibration_items(model, tok, calib=None, n: int = 32):
-    """(pixels, segments) of the calibration set (edgemm.calib.sets: the bundled shapes calibration split, or a
-    folder with images and prompts.jsonl). Segments: bos, the image, the user turn and the answer."""
-    from edgemm.calib.sets import resolve_calib
-    from edgemm.anyres import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
-    items = []
-    for x in resolve_calib(calib, n).samples:
-        ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])
-        items.append((preprocess_image(x.image, model.cfg.vision), [("text", [tok.bos_id]), ("image", None), ("text", ids)]))
-    return items
 
 
 def _calib_digest(items) -> str:
@@ -79,25 +68,16 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     after text, image and text segments then greedy decode steps; real calibration inputs when given."""
     import torch
     from edgemm.runtimes.trt_backend import OnnxQdqBackend
-    from edgemm.tokenizer import USER_FMT
     cfg = model.cfg
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     b = OnnxQdqBackend.open(bundle=str(bundle_dir), verify=False, threads=threads)
     hw = None
     if calib_items:
-        px = calib_items[seed % len(calib_items)][0]
-        ins, hw = {"pixels": torch.from_numpy(np.asarray(px))}, getattr(px, "hw", None)
-        ins.update({k: v for k, v in validation_inputs(cfg, gen)[0].items() if k.startswith("qformer_")})
-        ids2 = calib_items[seed % len(calib_items)][1][2][1]
-        # compare where a runtime samples: the prompt up to its answer, then greedy steps up to </s> (the
-        # rows after </s> are never computed, and their near-flat logits make int8 cosines meaningless)
-        cue = b.tokenizer.encode(USER_FMT.split("}")[-1])                    # "\nA:"
-        ends = [i + len(cue) for i in range(len(ids2) - len(cue) + 1) if ids2[i:i + len(cue)] == cue]
-        ids2 = ids2[:ends[-1]] if ends else ids2
+        ins, hw, ids2 = real_prompt(calib_items, seed, cfg, b.tokenizer, gen)
     else:
         ins, hw = validation_inputs(cfg, gen)   # random pixels (tiles), or Libra's random image tokens and signal
-        ids2 = torch.randint(0, cfg.decoder.vocab_size, (6,), generator=gen).tolist()
+        ids2 = random_ids(b.tokenizer, cfg.decoder.vocab_size, 6, gen)
     ref = TorchReference(model, 2 + len(ids2) + cfg.n_image_rows + decode_steps + 2)
     res = run_prompt(ref, b, cfg, ins, [("text", [1]), ("image", None), ("text", ids2)], decode_steps,
                      stop_id=b.tokenizer.eos_id if calib_items else None, image_hw=hw)
