@@ -7,7 +7,8 @@
 ONNX Runtime GenAI runs a plain Llama with the text-branch shapes of the preset (d_model, layers, heads, ffn,
 vocab), random weights made with transformers' LlamaForCausalLM and converted by GenAI's own builder
 (`onnxruntime_genai.models.builder`, `-e cpu`, its defaults: block 32, accuracy level 4). edgemm runs the same
-preset exported with `export_onnx` (int4: MatMulNBits block 32; int8-wo: block 128) on its ort backend. Each
+preset exported with `export_onnx` (its defaults: int4 and int8-wo MatMulNBits block 128; `--edgemm-recipe
+int4=int4-b32` for GenAI's block 32, like for like) on its ort backend. Each
 engine prefills `--context` random token ids, then `--steps` greedy decode steps are timed.
 Each measurement runs in a fresh process that loads one engine alone (`--worker`) and decodes `--repeats` times
 (its median counts): on these machines an engine's speed depends on what else the process loaded and in which
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="decodes per process (a fresh KV cache each); its median")
+    ap.add_argument("--edgemm-recipe", default="", metavar="P=RECIPE,...", help="edgemm's recipe per precision "
+                    "instead of its default, e.g. int4=int4-b32 (GenAI's block 32: like for like)")
     ap.add_argument("--workdir", default=None, help="keep the exported models here (reused when present)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, metavar="DIR", help="also run ONNX Runtime's profiler in both "
@@ -212,6 +215,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(a.threads)
     from edgemm import shapes
+    from edgemm.calib.recipes import get_recipe
     from edgemm.config import get_preset
     from edgemm.export.onnx import export_onnx
     from edgemm.model import EdgeMM
@@ -234,12 +238,15 @@ def main(argv=None) -> int:
     jobs = {}
     for name in precisions:
         ours, theirs = PAIRS[name]
-        bundle = work / f"edgemm-{ours}"
+        recipe = get_recipe(dict(x.split("=", 1) for x in a.edgemm_recipe.split(",") if x).get(name, ours))
+        bundle = work / f"edgemm-{ours}-b{recipe.block_size}"      # (a bundle per block size: reused when present)
         if not (bundle / "edgemm.json").is_file():
             if model is None:
                 model = EdgeMM(cfg).init_weights().eval()
             log(f"exporting edgemm {ours}")
-            export_onnx(model=(model, tok), out=bundle, precision=ours, threads=a.threads, log=None)
+            export_onnx(model=(model, tok), out=bundle, precision=ours, threads=a.threads, log=None,
+                        recipes={"decoder": recipe, "vision": recipe})
+        log(f"edgemm {name}: recipe {recipe.name} (MatMulNBits block {recipe.block_size})")
         log(f"building ONNX Runtime GenAI {theirs}")
         jobs[f"edgemm-ort-{name}"] = ("edgemm", bundle)
         jobs[f"ort-genai-{name}"] = ("genai", build_genai(hf, work / f"genai-{theirs}", theirs, a.threads))

@@ -6,8 +6,8 @@ from pathlib import Path
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
 
-# bytes per weight; GGUF types include their block scales
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 2 / 32,
+# bytes per weight; int4 (MatMulNBits block 128, fp32 scales) and GGUF types include their block scales
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128,
                     "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k_m": 176 / 256, "q4_k_m": 144 / 256, "q4_0": 18 / 32}
 
 

@@ -127,15 +127,18 @@ def _mm_model(W, opset=17):
 
 
 @pytest.mark.parametrize("precision,storage", [("int8", "s8s8"), ("int8", "u8u8"), ("fp8", "s8s8"),
-                                               ("int8-wo", "s8s8"), ("int4", "s8s8")],
-                         ids=["int8", "int8-u8u8", "fp8", "int8-wo", "int4"])
+                                               ("int8-wo", "s8s8"), ("int4", "s8s8"), ("int4-b32", "s8s8")],
+                         ids=["int8", "int8-u8u8", "fp8", "int8-wo", "int4", "int4-b32"])
 def test_quantize_stage_numerics(tmp_path, precision, storage):
     """Every precision against its numpy fake-quant reference. int8 s8s8 is exact only where ONNX Runtime's
     u8s8 kernels do not saturate (VNNI, ARM): skipped elsewhere; u8u8 must be exact on every CPU."""
     pytest.importorskip("onnxruntime")
     import onnx
     from edgemm.calib.quantize import fake_quant_act, quant_blockwise, quant_weight_per_channel, quantize_stage
+    from edgemm.calib.recipes import get_recipe
     from edgemm.calib.stats import LayerStats, Stats
+    recipe = get_recipe(precision)                   # int4-b32: the int4 precision with a recipe of its own
+    precision = recipe.weights if precision == "int4-b32" else precision
     rng = np.random.default_rng(0)
     K, N = 64, 48
     W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
@@ -150,7 +153,7 @@ def test_quantize_stage_numerics(tmp_path, precision, storage):
         pytest.skip("this CPU has no VNNI: ONNX Runtime's u8s8 kernels saturate s8s8 graphs (the ort backend runs "
                     "them dequantized; test_portability checks both storages under an emulated AVX2 CPU)")
     rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "out.onnx", "decoder_text", precision, stats=stats,
-                         log=None, method="max", int8_storage=storage)
+                         log=None, method="max", int8_storage=storage, recipe=recipe.name)
     assert rec["quantized"] == 1 and rec["layers"][0]["layer"] == "decoder_text/l"
     m = onnx.load(tmp_path / "out.onnx")
     if precision == "int8":
@@ -168,7 +171,9 @@ def test_quantize_stage_numerics(tmp_path, precision, storage):
             assert max(o.version for o in m.opset_import if o.domain == "") >= 19
     else:
         assert "MatMulNBits" in ops
-        _, _, deq = quant_blockwise(W, 8 if precision == "int8-wo" else 4, 32 if precision == "int4" else 128)
+        assert [a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "block_size"] == [recipe.block_size]
+        _, _, deq = quant_blockwise(W, 8 if precision == "int8-wo" else 4, recipe.block_size)
         np.testing.assert_allclose(got, x @ deq, rtol=0.05, atol=0.02)   # accuracy_level 4: int8 activations
     assert np.linalg.norm(got - x @ W) / np.linalg.norm(x @ W) < (0.2 if precision == "int4" else 0.08)
 
@@ -190,7 +195,8 @@ def test_quantize_stage_keep_sensitive_and_needs_stats(tmp_path):
 def test_recipes_registry():
     from edgemm.calib.recipes import RECIPES, get_recipe
     assert {"int8", "int8-wo", "int4", "fp8"} <= set(RECIPES)
-    assert get_recipe("int4").block_size == 32 and get_recipe("int8").activations == "int8"
+    assert get_recipe("int4").block_size == 128 and get_recipe("int4-b32").block_size == 32
+    assert get_recipe("int8").activations == "int8"
     assert "SmoothQuant" in str(RECIPES["int8-sq"])
     assert get_recipe("int4").with_options(block_size=64).block_size == 64
     with pytest.raises(EdgemmError, match="power of 2"):
