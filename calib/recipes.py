@@ -5,7 +5,7 @@
     int8-sq   int8 with SmoothQuant migration (alpha 0.5)
     int8-wo   int8 weight-only, block-wise (MatMulNBits bits=8); activations stay float in the graph
     int4      4-bit weight-only, block-wise (MatMulNBits bits=4), a scale per 128 weights (AWQ/GPTQ's group size)
-    int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 4.5+ bits a weight
+    int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 5 bits a weight
     fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
 
 MatMulNBits' accuracy_level 4 (the default here) computes with int8 dot products, the activations quantized

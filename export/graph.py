@@ -189,7 +189,7 @@ def linear(g: Graph, x: str, mod, name: str) -> str:
 
 MOE_FORMS = ("ort-moe", "dense", "ort-qmoe4")
 MOE_DEFAULT = {GRAPH_GQA: "ort-moe", GRAPH_KV: "dense"}    # onnx: the faster on the CPU (benchmarks/bench_moe.py)
-QMOE_BLOCK = 32                 # int4 experts: symmetric per block of 32 inputs (the int4 recipe's MatMulNBits block)
+QMOE_BLOCK = 32                 # int4 experts: symmetric per block of 32 inputs (the int4-b32 recipe's block)
 
 
 def qmoe_int4(w: np.ndarray, block: int = QMOE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
