@@ -18,13 +18,13 @@ IMAGE_TOKEN = 3          # <image> in the test tokenizer
 N_QUERY = 6
 
 
-def _configs(kv_heads, instruct):
+def _configs(kv_heads, instruct, head_dim=None):
     from transformers import LlamaConfig
     pre = "InstructBlip" if instruct else "Blip2"
     VC, QC = (getattr(transformers, pre + n) for n in ("VisionConfig", "QFormerConfig"))
     text = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, head_dim=head_dim)
     vision = VC(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
                 patch_size=4, layer_norm_eps=1e-6)
     qf = QC(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
@@ -34,10 +34,10 @@ def _configs(kv_heads, instruct):
                                                   image_token_index=IMAGE_TOKEN)
 
 
-def _tiny(kv_heads=2, instruct=False, seed=0):
+def _tiny(kv_heads=2, instruct=False, seed=0, head_dim=None):
     cls = transformers.InstructBlipForConditionalGeneration if instruct else transformers.Blip2ForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(_configs(kv_heads, instruct)).eval()
+    model = cls(_configs(kv_heads, instruct, head_dim)).eval()
     with torch.no_grad():         # every parameter away from init: the zero query_tokens, the zero k bias, ...
         g = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
@@ -94,6 +94,25 @@ def test_blip2_import_matches_transformers(kv_heads, tmp_path):
     assert rows.shape == (1, N_QUERY, 32)
     assert (rows - want).abs().max().item() <= 1e-4
     _check_logits(m, hf_model, px, pre, post, ids, rows)
+
+
+def test_blip2_head_dim_of_its_own_matches_transformers(tmp_path):
+    """A LLaMA text model whose head_dim is not hidden_size / heads (4 heads x 16 on a width of 32): Q and the
+    attention output are heads * head_dim wide; the import matches transformers and the onnx export validates."""
+    hf_model, summary, out = _imported(tmp_path, kv_heads=2, head_dim=16)
+    assert "head_dim of its own" in summary["variants"]
+    m, _ = load_checkpoint(out)
+    assert (m.cfg.decoder.head_dim, m.cfg.decoder.attn_width) == (16, 64)
+    from edgemm.info import checkpoint_param_counts
+    assert checkpoint_param_counts(out) == m.param_counts()
+    px, pre, post, ids = _prompt(N_QUERY)
+    with torch.no_grad():
+        rows = m.encode_image(px)
+    _check_logits(m, hf_model, px, pre, post, ids, rows)
+    pytest.importorskip("onnxruntime")
+    from edgemm.export.onnx import export_onnx
+    man = export_onnx(str(out), tmp_path / "b", precision="fp32", log=None)
+    assert all(f["ok"] for f in man["validation"]["stages"].values())
 
 
 def test_blip2_older_layout_q_and_v_bias(tmp_path):

@@ -33,13 +33,15 @@ def _text_config(tc: dict, w: str) -> dict:
     if tc.get("hidden_act", "silu") != "silu":
         raise EdgemmError(f"{w}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
     D, H = _req(tc, "hidden_size", w), _req(tc, "num_attention_heads", w)
-    if tc.get("head_dim") not in (None, D // H):
-        raise EdgemmError(f"{w}: head_dim {tc['head_dim']} != hidden_size / num_attention_heads")
+    E = tc.get("head_dim") or D // H            # a heads' width of its own (as the LLaVA importer takes it)
+    if not isinstance(E, int) or E <= 0 or E % 2:
+        raise EdgemmError(f"{w}: head_dim {E!r} must be a positive even integer")
     kv = tc.get("num_key_value_heads") or H
     return dict(vocab_size=_req(tc, "vocab_size", w), d_model=D, n_layers=_req(tc, "num_hidden_layers", w), n_heads=H,
                 n_kv_heads=kv if kv != H else None, ffn_dim=_req(tc, "intermediate_size", w),
                 rope_theta=_rope_theta(tc, w), rms_eps=tc.get("rms_norm_eps", 1e-6),
-                max_seq_len=tc.get("max_position_embeddings", 2048), single_branch=True)
+                max_seq_len=tc.get("max_position_embeddings", 2048), single_branch=True,
+                attn_head_dim=E if E * H != D else 0)
 
 
 def _q0v(ts):
