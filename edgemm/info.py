@@ -16,16 +16,18 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     v, a, d = cfg.vision, cfg.adapter, cfg.decoder
     W = v.width
     vit_block = (W * 3 * W + 3 * W) + (W * W + W) + 2 * (2 * W) + (W * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * W + W)
-    vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
     if v.arch == "clip":        # LLaVA's CLIP: no patch bias, a pre-LayerNorm, only the blocks before the feature layer
         vision = (3 * v.patch_size ** 2 * W + W + (v.n_patches + 1) * W + 2 * W
                   + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
     elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
         vision = 0
+    else:                       # EVA (and BLIP's, + its post_layernorm below): patch bias, CLS, positions, blocks
+        vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
     D = d.d_model
-    adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
     if a.kind == "mlp":                                     # LLaVA's projector (+ LLaVA-NeXT's image_newline)
         adapter = W * D + D * D + (2 * D if a.bias else 0) + (D if a.image_newline else 0)
+    else:
+        adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
     if a.kind == "qformer":                                 # BLIP-2 / InstructBLIP
         from .qformer import qformer_param_count
         adapter = qformer_param_count(a, W, D)
@@ -96,12 +98,14 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def model_config(spec: str | None) -> tuple[ModelConfig, str]:
+def model_config(spec: str | None) -> tuple[ModelConfig, str, Path | None]:
+    """-> (config, where it came from, the checkpoint folder or None for a preset)."""
     from .checkpoint import resolve_model
     kind, path = resolve_model(spec)
     if kind == "dir":
-        return ModelConfig.load(path / "config.json"), str(path)
-    return get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b" else "preset cogvlm-17b (shapes only)"
+        return ModelConfig.load(path / "config.json"), str(path), path
+    return (get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b"
+            else "preset cogvlm-17b (shapes only)", None)
 
 
 def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict | None = None) -> list[str]:
@@ -154,10 +158,8 @@ def describe(model: str | None = None, bundle: str | None = None, contexts=None)
         raise EdgemmError("give either --model or --bundle, not both")
     if bundle:
         return "\n".join(describe_bundle(bundle, contexts))
-    cfg, source = model_config(model)
-    from .checkpoint import resolve_model
-    kind, path = resolve_model(model)
-    counts = checkpoint_param_counts(path) if kind == "dir" else None   # a folder: its weights' own shapes
+    cfg, source, path = model_config(model)
+    counts = checkpoint_param_counts(path) if path is not None else None   # a folder: its weights' own shapes
     return "\n".join(describe_config(cfg, source, contexts, counts))
 
 

@@ -41,6 +41,7 @@ _SYSINFO_FLAGS = {"AVX": ("avx",), "AVX2": ("avx2",), "F16C": ("f16c",), "FMA": 
 # ggml-org/llama.cpp#26954) and dies with SIGILL on a Xeon whose kernel enables AMX (seen here: a q8_0 decode). Their
 # AMX-free twin (zen4: the same AVX-512 + VNNI + BF16 sets) is picked instead.
 AMX_VARIANTS = ("sapphirerapids",)
+AMX_SKIPPED = "its AMX kernels die with SIGILL in this llama.cpp (EDGEMM_GGML_AMX=1 allows it)"
 REBUILD_HINT = ("rebuild llama-cpp-python with the README's set-up command, adding --no-cache-dir --force-reinstall "
                 "--no-deps llama-cpp-python (pip reuses a cached wheel otherwise)")
 
@@ -105,7 +106,7 @@ def variant_candidates(names, flags, x86: bool = True, allow_amx: bool | None = 
         if x86 and flags is not None and (need is None or any(f not in flags for f in need)):
             skipped[name] = "instruction sets the kernel does not enable" if need else "unknown variant"
         elif x86 and name in AMX_VARIANTS and not allow_amx:
-            skipped[name] = "its AMX kernels die with SIGILL in this llama.cpp (EDGEMM_GGML_AMX=1 allows it)"
+            skipped[name] = AMX_SKIPPED
         else:
             ok.append(name)
     return ok, skipped
@@ -160,8 +161,7 @@ def _load_ggml_backends(ll) -> dict:
                               f"{REBUILD_HINT}")
         chosen = best[1]
         why = (f"best of {len(variants)} CPU variants by ggml's score among those whose instruction sets the "
-               f"kernel enables" + "".join(f"; {n} not used: {w}" for n, w in skipped.items() if n in AMX_VARIANTS
-                                           and not w.startswith("instruction sets")))
+               f"kernel enables" + "".join(f"; {n} not used: {w}" for n, w in skipped.items() if w == AMX_SKIPPED))
         if not libggml.ggml_backend_load(str(variants[chosen]).encode()):
             raise EdgemmError(f"llama.cpp could not load its CPU library {variants[chosen]}; {REBUILD_HINT}")
     elif (lib / f"{prefix[:-1]}{ext}").exists():                # GGML_BACKEND_DL with one CPU library

@@ -754,7 +754,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
             raise EdgemmError(f"--precision {p!r} is not a gguf type; choose one of {', '.join(PRECISIONS)}")
     if calib:
         log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
-    cfg, _ = model_config(model)
+    cfg, _, _ = model_config(model)
     check_supported(cfg, log)
     from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()      # the quantizer and the validation need llama.cpp (with a CPU variant this machine runs)

@@ -185,21 +185,22 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     seed = int(time.time_ns() % 2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     b = OrtBackend.open(bundle=str(bundle), device="cpu", threads=threads, verify=False, slots=1 + BATCH_CHECK)
-    ins, hw = validation_inputs(cfg, gen)
-    longest = max([12] + [1 + len(segs[2][1]) for _, segs in calib_items or ()])    # text rows of a prompt
-    ref = TorchReference(model, longest + cfg.n_image_rows + decode_steps + 2)
-    rows = ref.input_stage(ins)
-    if hw is not None:                  # any-resolution tiling: the tiles' rows packed as the host packs them
-        from edgemm.anyres import pack, row_index
-        rows = pack(rows, ref.image_newline(), row_index(cfg.vision, *hw))
-    rows = torch.from_numpy(rows)
-    img = (torch.randn(rows.shape, generator=gen) * rows.std() + rows).numpy()
-    ids = [random_ids(b.tokenizer, cfg.decoder.vocab_size, 6, gen) for _ in range(2)]
-    segments, stop, hw_real = [("text", ids[0]), ("image", img), ("text", ids[1])], None, None
     if calib_items:                     # a real prompt: its image and question, greedy steps up to </s>
-        ins, hw_real, q = real_prompt(calib_items, seed, cfg, b.tokenizer, gen)
+        ins, hw, q = real_prompt(calib_items, seed, cfg, b.tokenizer, gen)
+        ref = TorchReference(model, 1 + len(q) + cfg.n_image_rows + decode_steps + 2)
         segments, stop = [("text", [b.tokenizer.bos_id]), ("image", None), ("text", q)], b.tokenizer.eos_id
-    res = run_prompt(ref, b, cfg, ins, segments, decode_steps, stop_id=stop, image_hw=hw_real)
+    else:                               # random ids around image rows near the reference's
+        ins, tiles = validation_inputs(cfg, gen)
+        ref = TorchReference(model, 2 * 6 + cfg.n_image_rows + decode_steps + 2)
+        rows = ref.input_stage(ins)
+        if tiles is not None:           # any-resolution tiling: the tiles' rows packed as the host packs them
+            from edgemm.anyres import pack, row_index
+            rows = pack(rows, ref.image_newline(), row_index(cfg.vision, *tiles))
+        rows = torch.from_numpy(rows)
+        img = (torch.randn(rows.shape, generator=gen) * rows.std() + rows).numpy()
+        ids = [random_ids(b.tokenizer, cfg.decoder.vocab_size, 6, gen) for _ in range(2)]
+        segments, stop, hw = [("text", ids[0]), ("image", img), ("text", ids[1])], None, None
+    res = run_prompt(ref, b, cfg, ins, segments, decode_steps, stop_id=stop, image_hw=hw)
     if b.batched:
         res["decoder_batch"] = validate_batch(model, b, gen, against_backend=bool(calib_items))
 
