@@ -236,9 +236,10 @@ def main(argv=None) -> int:
         log(f"building a plain Llama with the {a.preset} text-branch shapes")
         plain_llama(cfg, tok, hf)
     jobs = {}
+    chosen = dict(x.split("=", 1) for x in a.edgemm_recipe.split(",") if x)      # --edgemm-recipe
     for name in precisions:
         ours, theirs = PAIRS[name]
-        recipe = get_recipe(dict(x.split("=", 1) for x in a.edgemm_recipe.split(",") if x).get(name, ours))
+        recipe = get_recipe(chosen.get(name, ours))
         bundle = work / f"edgemm-{ours}-b{recipe.block_size}"      # (a bundle per block size: reused when present)
         if not (bundle / "edgemm.json").is_file():
             if model is None:
@@ -266,10 +267,11 @@ def main(argv=None) -> int:
     print(f"{'engine':<18} {'tok/s':>8}")
     for k, v in med.items():
         print(f"{k:<18} {v:>8.1f}")
-    paired = {n: statistics.median(x / y for x, y in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"]))
+    ratios = {n: [x / y for x, y in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"])]
               for n in precisions}                  # round by round: both engines ran under the same load
+    paired = {n: statistics.median(rs) for n, rs in ratios.items()}
     for n, x in paired.items():
-        rs = [a / b for a, b in zip(runs[f"edgemm-ort-{n}"], runs[f"ort-genai-{n}"])]
+        rs = ratios[n]
         lo, hi = bootstrap_median(rs)
         print(f"ratio edgemm-ort-{n} / ort-genai-{n}: {x:.3f} (median of the per-round ratios, 95% bootstrap "
               f"interval {lo:.3f}-{hi:.3f}, rounds {min(rs):.3f}-{max(rs):.3f}; of the medians "
