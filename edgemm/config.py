@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .blocks import support
 from .errors import EdgemmError, UnsupportedVariant
 
 
@@ -213,52 +214,8 @@ class ModelConfig:
         return self.input_stage, "decoder_text", "decoder_image"
 
     def variants(self) -> list[str]:
-        """Names of the non-default variants this config uses."""
-        d = self.decoder
-        out = []
-        if d.n_kv_heads and d.n_kv_heads != d.n_heads:
-            out.append("grouped-query attention")
-        if d.qkv_bias:
-            out.append("qkv bias")
-        if d.position_rule != "sequential":
-            out.append("collapsed image positions (cogvlm position rule)")
-        if d.eoi_branch != "vision":
-            out.append("eoi through the text branch")
-        if d.vision_rank:
-            out.append("low-rank vision branches")
-        if d.per_modality_norms:
-            out.append("per-modality norms")
-        if d.cross_modal_bridge:
-            out.append("cross-modal K/V bridge")
-        if d.per_modality_kv:
-            out.append("per-modality K/V")
-        if d.vision_down_ratio and not d.vision_rank:
-            out.append("low-rank vision branches")
-        if d.single_branch:
-            out.append("single branch (llava)")
-        if d.cross_attn_every:
-            out.append("gated cross-attention")
-        if d.n_experts:
-            out.append("mixture of experts")
-        if d.qk_norm:
-            out.append("per-head q/k norm")
-        if d.attn_head_dim and d.attn_head_dim * d.n_heads != d.d_model:
-            out.append("head_dim of its own")
-        if self.vision.arch == "clip":
-            out.append("clip vision tower")
-        if self.adapter.kind == "mlp":
-            out.append("mlp projector")
-        if self.vision.arch == "blip":
-            out.append("blip vision tower")
-        if self.adapter.kind == "qformer":
-            out.append("q-former adapter")
-            if self.adapter.qformer_text:
-                out.append("q-former instruction input (instructblip)")
-        if self.vision.grid_pinpoints:
-            out.append("any-resolution tiling")
-        if self.vision.arch == "none" or self.adapter.kind == "libra":
-            out.append("libra image tokens")
-        return out
+        """Names of the non-default features this config uses (the support matrix, edgemm.blocks.support)."""
+        return support.variants(self)
 
     def validate(self) -> "ModelConfig":
         d, v = self.decoder, self.vision
@@ -347,16 +304,6 @@ class ModelConfig:
             raise EdgemmError(f"{path} is not valid JSON ({e}); re-export or re-save the model") from None
 
 
-# Variants the reference model computes today; the rest are expressible but refused.
-IMPLEMENTED_VARIANTS = {"grouped-query attention", "qkv bias",
-                        "collapsed image positions (cogvlm position rule)", "eoi through the text branch",
-                        "low-rank vision branches", "per-modality norms", "cross-modal K/V bridge",
-                        "single branch (llava)", "clip vision tower", "mlp projector", "libra image tokens",
-                        "per-modality K/V", "mixture of experts", "per-head q/k norm", "blip vision tower", "q-former adapter",
-                        "q-former instruction input (instructblip)",
-                        "any-resolution tiling", "gated cross-attention", "head_dim of its own"}
-
-
 def cross_image_ids(d: DecoderConfig) -> list:
     """Gated cross-attention: the tokens an image segment feeds (Idefics' processor: fake, <image>, fake)."""
     w = [] if d.cross_attn_image_wrap is None else [d.cross_attn_image_wrap]
@@ -375,9 +322,9 @@ def cross_gates(ids, active: bool, reset: int | None) -> tuple[list, bool]:
 
 
 def check_reference_supports(cfg: ModelConfig) -> None:
-    for v in cfg.variants():
-        if v not in IMPLEMENTED_VARIANTS:
-            raise UnsupportedVariant(v, "the reference model (edgemm.model)")
+    v = support.refusal(cfg, "torch")
+    if v is not None:
+        raise UnsupportedVariant(v, "the reference model (edgemm.model)")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -50,7 +50,6 @@ FIDELITY_KL = {"f32": 1e-4, "f16": 1e-3, "q8_0": 5e-3, "q6_k": 2e-2, "q5_k_m": 5
 # a flip between near-tied tokens (random-weight models have flat logits) is reported, not a failure
 FIDELITY_TOP1 = {"f32": 0.99, "f16": 0.95, "q8_0": 0.9, "q6_k": 0.85, "q5_k_m": 0.85, "q4_k_m": 0.85, "q4_0": 0.8}
 FIDELITY_MARGIN = 0.2
-TARGETS_THAT_CAN = "onnx, trt"
 VALIDATION_QUESTION = "what color is the circle?"
 
 # The prompt format of edgemm.tokenizer, extended for OpenAI-style content lists (llama-cpp-python's multimodal
@@ -72,11 +71,6 @@ GGUF_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------- checks
 # LLaVA (transformers' LlavaForConditionalGeneration imports): what llama.cpp's llama / qwen2 decoders and the `mlp`
 # mmproj projector (tools/mtmd/models/llava.cpp) compute
-LLAVA_VARIANTS = {"single branch (llava)", "clip vision tower", "mlp projector", "grouped-query attention", "qkv bias",
-                  "mixture of experts",
-                  "any-resolution tiling"}         # LLaVA-NeXT: image_grid_pinpoints, spatial_unpad, image_newline
-
-
 def is_llava(cfg) -> bool:
     return cfg.decoder.single_branch and cfg.vision.arch == "clip" and cfg.adapter.kind == "mlp"
 
@@ -90,20 +84,21 @@ def decoder_arch(cfg) -> str:
 
 def check_supported(cfg, log=print) -> None:
     """Refuse every config llama.cpp's graphs cannot compute; warn where it approximates."""
-    from edgemm.export.onnx import NO_TARGET, ONNX_VARIANTS
+    from edgemm.blocks import support
     llava = is_llava(cfg)
     where = (f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + mlp mmproj)" if llava
              else "the gguf exporter (llama.cpp's cogvlm architecture)")
     # the variants no llama.cpp graph here computes are named first (a BLIP-2 import is refused for its Q-Former)
-    for v in sorted(cfg.variants(), key=lambda v: v in LLAVA_VARIANTS):
-        if not (llava and v in LLAVA_VARIANTS):
-            raise UnsupportedVariant(v, where, TARGETS_THAT_CAN if v in ONNX_VARIANTS else NO_TARGET)
+    v = support.refusal(cfg, "gguf")            # the support matrix: llama.cpp's cogvlm graph, or its llava graph
+    if v is not None:
+        raise UnsupportedVariant(v, where, support.targets_that_can(v, exclude="gguf"))
     if cfg.vision.width % cfg.vision.heads:
         raise EdgemmError("vision width must be divisible by the vision heads")
     if llava:
         _check_moe(cfg.decoder, where)
         if cfg.vision.keep_cls:         # llava.cpp gathers the patch rows only (its `patches` input skips CLS)
-            raise UnsupportedVariant("CLS row kept (vision_feature_select_strategy 'full')", where, TARGETS_THAT_CAN)
+            raise UnsupportedVariant("CLS row kept (vision_feature_select_strategy 'full')", where,
+                                     support.targets_that_can("clip vision tower", exclude="gguf"))
         if cfg.vision.gelu == "erf":
             log("warning: this CLIP tower uses the erf GELU; llama.cpp's clip graph computes the tanh form "
                 "(use_gelu), so the vision stage is approximated")
@@ -121,13 +116,15 @@ def check_supported(cfg, log=print) -> None:
 def _check_moe(d, where: str) -> None:
     """llama.cpp's llama arch with experts (Mixtral's layout): every layer an MoE layer of n_ff-wide experts,
     softmax top-k weights renormalised (build_moe_ffn with norm_w)."""
+    from edgemm.blocks.support import targets_that_can
     if not d.n_experts:
         return
+    can = targets_that_can("mixture of experts", exclude="gguf")
     if not all(map(d.is_moe_layer, range(d.n_layers))):
         raise UnsupportedVariant("mixture of experts with dense layers between (moe_every / moe_dense_layers)", where,
-                                 TARGETS_THAT_CAN)
+                                 can)
     if not d.norm_topk_prob:
-        raise UnsupportedVariant("mixture of experts without renormalised top-k weights", where, TARGETS_THAT_CAN)
+        raise UnsupportedVariant("mixture of experts without renormalised top-k weights", where, can)
 
 
 # --------------------------------------------------------------------------- tokenizer

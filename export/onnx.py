@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 
+from edgemm.blocks import support
 from edgemm.errors import EdgemmError, UnsupportedVariant
 
 from edgemm.export.graph import (GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, decode_batch_supported,
@@ -59,24 +60,12 @@ def _load_source(model):
     return m, tok, {"model": model, "kind": "preset", "seed": 0, "digest": "sha256-state:" + _state_digest(m)}
 
 
-# Variants the ONNX graphs compute (and the trt graphs, which share decoder_layers): the input stage is traced
-# from the reference (any tower/projector, Libra's image-token input), the decoder graphs read `layer.vision`
-# (the text branch for single-branch LLaVA models), dense or low-rank, with per-modality norms and Libra's
-# bridge; an eoi row routed through the text branch runs in decoder_text (its `input_rows` input).
-ONNX_VARIANTS = ("grouped-query attention", "qkv bias", "collapsed image positions (cogvlm position rule)",
-                 "eoi through the text branch", "low-rank vision branches", "per-modality norms",
-                 "cross-modal K/V bridge", "single branch (llava)", "clip vision tower", "mlp projector",
-                 "libra image tokens", "per-modality K/V", "mixture of experts",
-                 "any-resolution tiling", "per-head q/k norm")
-# BLIP-2: the BLIP tower and the Q-Former live in the traced vision stage; InstructBLIP's also takes the question's
-# Q-Former ids and mask (qformer_input_ids / qformer_attention_mask, dynamic length; the bundle carries that
-# tokenizer: edgemm.qformer).
-ONNX_VARIANTS += ("blip vision tower", "q-former adapter", "q-former instruction input (instructblip)")
-# Idefics: the vision stage emits the resampled rows, the `cross_kv` stage each cross-attention layer's K/V of an
-# image (once per image), decoder_text takes them as inputs (there is no decoder_image: images are not rows).
-ONNX_VARIANTS += ("gated cross-attention",)
-ONNX_VARIANTS += ("head_dim of its own",)
-NO_TARGET = "none yet (the torch reference backend runs it)"
+# What the onnx and trt graphs compute is the support matrix's (edgemm.blocks.support): the input stage is traced
+# from the reference (any tower/projector, Libra's image-token input); the decoder graphs read `layer.vision` (the
+# text branch for single-branch models), dense or low-rank, with per-modality norms and Libra's bridge; an eoi row
+# routed through the text branch runs in decoder_text (its `input_rows` input); BLIP-2's tower and Q-Former live
+# in the traced vision stage; Idefics' vision stage emits the resampled rows and `cross_kv` each cross-attention
+# layer's K/V of an image (once per image).
 BATCH_NOTE = ("dynamic: input_ids / positions [batch, seq], seqlens_k [batch], past/present [batch, ...], logits "
               "[batch, vocab]; one run steps several KV caches (rows of one buffer per layer, each row's seqlens_k "
               "its own; a row that sits out writes its dummy row past its filled rows); batch 1 for prompts")
@@ -134,18 +123,14 @@ def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     return out
 
 
-def check_variants(cfg, where: str, precision: dict) -> None:
-    """Refuse what the onnx / trt graphs cannot compute, naming the variant (and who can)."""
-    for v in cfg.variants():
-        if v not in ONNX_VARIANTS:
-            raise UnsupportedVariant(v, where, NO_TARGET)
-    if cfg.decoder.cross_attn_every and set(precision.values()) & set(QUANTIZED):
-        raise EdgemmError(f"{where}: quantized precisions are not available for gated cross-attention models yet "
-                          "(their calibration has no cross_kv statistics); export fp32 or fp16 (trt: fp16)")
-    if cfg.input_stage == "image_tokens" and set(precision.values()) & set(QUANTIZED):
-        raise EdgemmError(f"{where}: quantized precisions calibrate on images through the pixel path, which a "
-                          "Libra import does not have (its VQ image tokenizer is not imported); export fp32 or "
-                          "fp16 (trt: fp16)")
+def check_variants(cfg, where: str, precision: dict, target: str = "onnx") -> None:
+    """Refuse what the onnx / trt graphs cannot compute, naming the variant (and who can): the support matrix."""
+    v = support.refusal(cfg, target)
+    if v is not None:
+        raise UnsupportedVariant(v, where, support.targets_that_can(v, exclude=target))
+    reasons = support.unquantized_only(cfg)
+    if reasons and set(precision.values()) & set(QUANTIZED):
+        raise EdgemmError(f"{where}: {reasons[0]}; export fp32 or fp16 (trt: fp16)")
 
 
 def _precisions(precision, allowed=PRECISIONS, default: str = "fp32", target: str = "onnx") -> dict:

@@ -131,7 +131,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     cfg = m.cfg
     from edgemm.anyres import manifest_fields, set_max_tiles
     set_max_tiles(cfg, max_tiles)
-    check_variants(cfg, "the trt exporter", prec)
+    check_variants(cfg, "the trt exporter", prec, target="trt")
     profiles = {dc: make_profiles(cfg, dc, max_context, max_batch) for dc in DEVICE_CLASSES}
     from edgemm.calib.recipes import QDQ
     quantized = any(p in QDQ for p in prec.values())

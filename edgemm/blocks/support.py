@@ -1,0 +1,130 @@
+"""The support matrix: each model feature (a block, or a variant of one), the block that computes it, how a config
+shows it, and the targets that compute it. Data, not prose: `ModelConfig.variants()`, every exporter's refusal,
+`edgemm info` and `edgemm families` (and the README's family table, tested) are generated from FEATURES.
+
+Targets: `torch` (the reference model), `onnx` and `trt` (edgemm's graphs: they share the decoder graph builder),
+`gguf` (llama.cpp). llama.cpp computes edgemm's own family through its `cogvlm` architecture, which has none of the
+features below; a feature marked `gguf="llava"` is computed by its `llama`/`qwen2` decoders with the `mlp` mmproj
+projector, so a model reaches that graph only as a LLaVA composition (single branch + CLIP tower + MLP projector).
+
+This module is core: it imports nothing of edgemm, and a config is read by duck typing (`cfg.decoder`, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+TARGETS = ("torch", "onnx", "trt", "gguf")
+NO_TARGET = "none yet (the torch reference backend runs it)"
+LLAVA_GRAPH = ("single branch (llava)", "clip vision tower", "mlp projector")     # what makes the llava gguf graph
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str                           # as ModelConfig.variants() names it (manifests record these names)
+    block: str                          # "role:kind" of the block that computes it
+    applies: Callable                   # cfg -> bool
+    targets: tuple = ("torch", "onnx", "trt")
+    gguf: str | None = None             # "llava": llama.cpp computes it in its llava graph (see above)
+    unquantized: str | None = None      # onnx/trt compute it unquantized only: the reason
+
+    def computed_by(self, target: str) -> bool:
+        return target in self.targets or (target == "gguf" and self.gguf is not None)
+
+
+def _d(cfg):
+    return cfg.decoder
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("grouped-query attention", "layer:attention",
+            lambda c: bool(_d(c).n_kv_heads and _d(c).n_kv_heads != _d(c).n_heads), gguf="llava"),
+    Feature("qkv bias", "layer:attention", lambda c: bool(_d(c).qkv_bias), gguf="llava"),
+    Feature("collapsed image positions (cogvlm position rule)", "layer:routed",
+            lambda c: _d(c).position_rule != "sequential"),
+    Feature("eoi through the text branch", "layer:routed", lambda c: _d(c).eoi_branch != "vision"),
+    Feature("low-rank vision branches", "layer:low-rank",
+            lambda c: bool(_d(c).vision_rank or _d(c).vision_down_ratio)),
+    Feature("per-modality norms", "layer:routed", lambda c: bool(_d(c).per_modality_norms)),
+    Feature("cross-modal K/V bridge", "layer:bridge", lambda c: bool(_d(c).cross_modal_bridge)),
+    Feature("per-modality K/V", "layer:per-modality-kv", lambda c: bool(_d(c).per_modality_kv)),
+    Feature("single branch (llava)", "layer:single", lambda c: bool(_d(c).single_branch), gguf="llava"),
+    Feature("gated cross-attention", "layer:gated-cross-attention", lambda c: bool(_d(c).cross_attn_every),
+            unquantized="quantized precisions are not available for gated cross-attention models yet (their "
+                        "calibration has no cross_kv statistics)"),
+    Feature("mixture of experts", "layer:moe", lambda c: bool(_d(c).n_experts), gguf="llava"),
+    Feature("per-head q/k norm", "layer:attention", lambda c: bool(_d(c).qk_norm)),
+    Feature("head_dim of its own", "layer:attention",
+            lambda c: bool(_d(c).attn_head_dim and _d(c).attn_head_dim * _d(c).n_heads != _d(c).d_model)),
+    Feature("clip vision tower", "vision:clip", lambda c: c.vision.arch == "clip", gguf="llava"),
+    Feature("mlp projector", "connector:mlp", lambda c: c.adapter.kind == "mlp", gguf="llava"),
+    Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip"),
+    Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer"),
+    Feature("q-former instruction input (instructblip)", "connector:qformer",
+            lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text)),
+    Feature("any-resolution tiling", "vision:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
+    Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" or c.adapter.kind == "libra",
+            unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "
+                        "not have (its VQ image tokenizer is not imported)"),
+)
+BY_NAME = {f.name: f for f in FEATURES}
+# The base composition every config starts from (edgemm's own family): computed by every target, llama.cpp's
+# cogvlm architecture included.
+BASE_BLOCKS = ("vision:eva", "connector:glu", "layer:routed")
+
+
+def variants(cfg) -> list[str]:
+    """Names of the non-default features a config uses, in FEATURES order."""
+    return [f.name for f in FEATURES if f.applies(cfg)]
+
+
+def targets_that_can(name: str, exclude: str | None = None) -> str:
+    """The targets that compute the feature `name`, as a refusal names them ('onnx, trt'), or NO_TARGET."""
+    f = BY_NAME.get(name)
+    out = [t for t in TARGETS[1:] if f is not None and f.computed_by(t) and t != exclude]
+    return ", ".join(out) or NO_TARGET
+
+
+def refusal(cfg, target: str) -> str | None:
+    """The first feature of cfg that `target` cannot compute, or None. gguf: features outside its llava graph are
+    named before the llava ones, and a llava feature outside a LLaVA composition is refused."""
+    names = cfg.variants()
+    if target != "gguf":
+        return next((v for v in names if v not in BY_NAME or not BY_NAME[v].computed_by(target)), None)
+    llava = all(v in names for v in LLAVA_GRAPH)
+    for v in sorted(names, key=lambda v: v in BY_NAME and BY_NAME[v].gguf is not None):
+        if not (llava and v in BY_NAME and BY_NAME[v].gguf):
+            return v
+    return None
+
+
+def is_llava_graph(cfg) -> bool:
+    return all(v in cfg.variants() for v in LLAVA_GRAPH)
+
+
+def unquantized_only(cfg) -> list[str]:
+    """Reasons why cfg's onnx/trt graphs can be exported unquantized only (empty: any precision)."""
+    return [f.unquantized for f in FEATURES if f.unquantized and f.applies(cfg)]
+
+
+def target_summary(core: list[str], optional: list[str] = (), hints: dict | None = None) -> str:
+    """'onnx, trt, gguf (not X)' for a family whose configs always use `core` and may use `optional`: the
+    targets computing every core feature, each with the optional ones it lacks; unquantized-only noted."""
+    hints = hints or {}
+    out = []
+    for t in TARGETS[1:]:
+        feats = [BY_NAME[n] for n in core]
+        if t == "gguf" and feats and not all(n in core for n in LLAVA_GRAPH):
+            continue                                            # not a LLaVA composition: the cogvlm graph
+        if not all(f.computed_by(t) for f in feats):
+            continue
+        lacks = [n for n in optional if not BY_NAME[n].computed_by(t)]
+        notes = []
+        if t in ("onnx", "trt") and any(f.unquantized for f in feats):
+            notes.append("fp32, fp16" if t == "onnx" else "fp16")
+        if lacks:
+            notes.append("not " + ", ".join(lacks))
+        if t in hints:
+            notes.append(hints[t])
+        out.append(t + (f" ({'; '.join(notes)})" if notes else ""))
+    return ", ".join(out)
