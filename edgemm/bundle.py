@@ -267,5 +267,6 @@ def load_tokenizer(bundle: str | Path, m: dict, verified: bool):
     tok = Tokenizer.load(p, read_verified(bundle, rel, m) if verified else None)
     if isinstance(m.get("model"), dict) and (m["model"].get("adapter") or {}).get("qformer_text"):
         from .qformer import attach_bundle_tokenizer       # InstructBLIP: the Q-Former's own tokenizer too
-        attach_bundle_tokenizer(tok, bundle, m, verified)
+        attach_bundle_tokenizer(tok, bundle, m, lambda f: (bundle_path(bundle, f),
+                                                            read_verified(bundle, f, m) if verified else None))
     return tok

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .blocks.params import PARTS, param_part
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
 
@@ -45,18 +46,6 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         text += nx * (2 * D * D + 3 * D * d.ffn_dim + 2 * D + 2 * (D if d.cross_attn_alpha == "vector" else 1))
     return {"vision_tower": vision, "adapter": adapter, "decoder_shared": shared,
             "text_branch": text, "vision_branch": 0 if d.single_branch else d.n_layers * branch_layer}
-
-
-PARTS = ("vision_tower", "adapter", "decoder_shared", "text_branch", "vision_branch")
-
-
-def param_part(name: str) -> str:
-    """A parameter's name in EdgeMM's state dict -> the part `edgemm info` counts it in."""
-    if name.startswith("vision."):
-        return "vision_tower"
-    if name.startswith("adapter."):
-        return "adapter"
-    return "text_branch" if ".text." in name else "vision_branch" if ".vision." in name else "decoder_shared"
 
 
 def checkpoint_param_counts(path: str | Path) -> dict[str, int]:

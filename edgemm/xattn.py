@@ -1,12 +1,13 @@
 """Gated cross-attention (Flamingo / Idefics): image rows never enter the sequence.
 
-- `PerceiverResampler` (adapter kind "perceiver", Idefics' IdeficsPerceiverResampler): the vision tower's rows
-  [B, N, W] -> `perceiver_latents` rows [B, n, W] through `perceiver_depth` blocks of attention over
-  concat(context, latents) + a ReLU MLP, then a LayerNorm. This is the `vision` stage's output.
-- `GatedCrossAttnLayer` (IdeficsGatedCrossAttentionLayer): before decoder layer i when i % cross_attn_every == 0,
-  x + tanh(alpha_attn) * gate * o(attn(q(RMSNorm(x)), K, V)), then x + tanh(alpha_dense) * mlp(RMSNorm(x)).
-  K and V come from the image's resampled rows, once per image (`cross_kv`, the `cross_kv` stage), and are kept
-  beside the KV cache. No RoPE in cross-attention; optional RMSNorm of q and k per head (qk_layer_norms).
+The blocks are registered in edgemm.blocks (re-exported here): the resampler (connector kind "perceiver",
+edgemm.blocks.connectors.PerceiverResampler: tower rows [B, N, W] -> perceiver_latents rows [B, n, W], the `vision`
+stage's output) and the gated cross-attention layer (layer kind "gated-cross-attention",
+edgemm.blocks.cross.GatedCrossAttnLayer, before decoder layer i when i % cross_attn_every == 0). This module is
+the model's segments around them:
+
+- K and V come from the image's resampled rows, once per image (`cross_kv`, the `cross_kv` stage), and are kept
+  beside the KV cache.
 - Which image a token reads (Idefics' processor, image_attention_mask_for_packed_input_ids): the most recent
   image, from its `<image>` token on; a token after `cross_attn_reset_token` (Idefics: </s>) reads none until the
   next image; a token that reads no image has gate 0 (its cross-attention output is zeroed, the gated MLP still
@@ -19,114 +20,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .config import AdapterConfig, DecoderConfig, cross_gates, cross_image_ids
+from .blocks.connectors import PerceiverBlock, PerceiverResampler
+from .blocks.cross import GatedCrossAttnLayer, cross_layer_at, n_cross_layers
+from .blocks.decoder import KVCache
+from .config import cross_gates, cross_image_ids
 
-
-# --------------------------------------------------------------------------- the resampler (adapter)
-class PerceiverBlock(nn.Module):
-    def __init__(self, a: AdapterConfig, width: int):
-        super().__init__()
-        n = a.perceiver_heads * a.perceiver_head_dim
-        self.heads, self.hd = a.perceiver_heads, a.perceiver_head_dim
-        self.context_norm = nn.LayerNorm(width, eps=a.eps)
-        self.latents_norm = nn.LayerNorm(width, eps=a.eps)
-        if a.perceiver_qk_norms:
-            self.q_norm = nn.LayerNorm(self.hd, eps=a.eps)
-            self.k_norm = nn.LayerNorm(self.hd, eps=a.eps)
-        self.q, self.k, self.v = (nn.Linear(width, n, bias=False) for _ in range(3))
-        self.o = nn.Linear(n, width, bias=False)
-        self.ln = nn.LayerNorm(width, eps=a.eps)
-        self.fc = nn.Linear(width, a.perceiver_ffn or 4 * width, bias=False)
-        self.c_proj = nn.Linear(a.perceiver_ffn or 4 * width, width, bias=False)
-
-    def forward(self, ctx, lat):                            # ctx [B, N, W], lat [B, n, W]
-        c, l = self.context_norm(ctx), self.latents_norm(lat)
-        B, n = l.shape[:2]
-        kv = torch.cat([c, l], 1)
-
-        def heads(t):
-            return t.view(B, t.shape[1], self.heads, self.hd).transpose(1, 2)
-        q, k, v = heads(self.q(l)), heads(self.k(kv)), heads(self.v(kv))
-        if "q_norm" in self._modules:
-            q, k = self.q_norm(q), self.k_norm(k)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, -1)
-        lat = lat + self.o(a)
-        return lat + self.c_proj(F.relu(self.fc(self.ln(lat))))
-
-
-class PerceiverResampler(nn.Module):
-    def __init__(self, a: AdapterConfig, width: int):
-        super().__init__()
-        self.latents = nn.Parameter(torch.zeros(a.perceiver_latents, width))
-        self.blocks = nn.ModuleList(PerceiverBlock(a, width) for _ in range(a.perceiver_depth))
-        self.norm = nn.LayerNorm(width, eps=a.eps)
-
-    def forward(self, feats):                               # [B, N, W] -> [B, n_latents, W]
-        lat = self.latents.expand(feats.shape[0], -1, -1)
-        for blk in self.blocks:
-            lat = blk(feats, lat)
-        return self.norm(lat)
-
-
-# --------------------------------------------------------------------------- the gated cross-attention layer
-def n_cross_layers(c: DecoderConfig) -> int:
-    return c.n_layers // c.cross_attn_every if c.cross_attn_every else 0
-
-
-def cross_layer_at(c: DecoderConfig, i: int) -> int | None:
-    """The index of the cross-attention layer that runs before decoder layer i (Idefics' placement), or None."""
-    if c.cross_attn_every and i % c.cross_attn_every == 0 and i // c.cross_attn_every < n_cross_layers(c):
-        return i // c.cross_attn_every
-    return None
-
-
-class GatedCrossAttnLayer(nn.Module):
-    def __init__(self, c: DecoderConfig):
-        from .model import RMSNorm
-        super().__init__()
-        self.c = c
-        D, E, W = c.d_model, c.head_dim, c.cross_attn_kv_dim or c.d_model
-        self.attn_norm = RMSNorm(D, c.rms_eps)
-        self.q = nn.Linear(D, D, bias=False)
-        self.k = nn.Linear(W, D, bias=False)
-        self.v = nn.Linear(W, D, bias=False)
-        self.o = nn.Linear(D, D, bias=False)
-        if c.cross_attn_qk_norms:
-            self.q_norm = RMSNorm(E, c.rms_eps)
-            self.k_norm = RMSNorm(E, c.rms_eps)
-        self.ffn_norm = RMSNorm(D, c.rms_eps)
-        self.gate = nn.Linear(D, c.ffn_dim, bias=False)
-        self.up = nn.Linear(D, c.ffn_dim, bias=False)
-        self.down = nn.Linear(c.ffn_dim, D, bias=False)
-        n = D if c.cross_attn_alpha == "vector" else 1
-        self.alpha_attn = nn.Parameter(torch.zeros(n))
-        self.alpha_dense = nn.Parameter(torch.zeros(n))
-
-    def mlp(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-    def kv(self, rows):                                     # rows [B, N, W] -> K, V [B, H, N, E]
-        B, N = rows.shape[:2]
-        H, E = self.c.n_heads, self.c.head_dim
-        k = self.k(rows).view(B, N, H, E).transpose(1, 2)
-        if "k_norm" in self._modules:
-            k = self.k_norm(k)
-        return k, self.v(rows).view(B, N, H, E).transpose(1, 2)
-
-    def forward(self, x, k, v, gate):
-        """x [B, T, D]; k, v [B, H, N, E] (None: no image yet); gate [B, T, 1]: 1 where the row reads the image."""
-        if k is not None:
-            B, T, D = x.shape
-            H, E = self.c.n_heads, self.c.head_dim
-            q = self.q(self.attn_norm(x)).view(B, T, H, E).transpose(1, 2)
-            if "q_norm" in self._modules:
-                q = self.q_norm(q)
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
-            x = x + torch.tanh(self.alpha_attn) * (self.o(a) * gate)
-        return x + torch.tanh(self.alpha_dense) * self.mlp(self.ffn_norm(x))
+__all__ = ["PerceiverBlock", "PerceiverResampler", "GatedCrossAttnLayer", "cross_layer_at", "n_cross_layers",
+           "cross_kv", "forward_segment", "forward_full"]
 
 
 # --------------------------------------------------------------------------- the model's segments
@@ -161,7 +62,6 @@ def forward_segment(model, kind: str, data: torch.Tensor, cache, pos: int, last_
 def forward_full(model, segments) -> torch.Tensor:
     """EdgeMM.forward_full for a cross-attention model: the segments one after another into one cache (the
     same computation as one pass with Idefics' image attention mask), all rows' logits."""
-    from .model import KVCache
     n = sum(d.shape[1] if k == "text" else model.cfg.n_image_rows for k, d in segments)
     B = segments[0][1].shape[0]
     dev = segments[0][1].device
