@@ -144,11 +144,11 @@ class ChatSession:
         self.tok = backend.tokenizer
         self.gen = gen or GenerationConfig()
         self.log = log or (lambda s: None)
-        # an imported model is prompted through its own chat template (edgemm.serve.prompt); edgemm's own
+        # an imported model is prompted through its own chat template (edgemm.chat_template); edgemm's own
         # models keep their training format, built piece by piece below
         from .tokenizer import CHAT_TEMPLATE
         if template == "auto":
-            from .serve import chat_template_of
+            from .chat_template import chat_template_of
             template = chat_template_of(backend)
         self.template = template if template and template.strip() != CHAT_TEMPLATE.strip() else None
         self.fed: list = []           # template mode: the prompt items in the cache (token ids, "image"), and
@@ -249,7 +249,7 @@ class ChatSession:
                 fed(ans.ids[-1])
 
     def _template_items(self, turns, question) -> list:
-        from .serve.prompt import normalize_messages, segments_template
+        from .chat_template import normalize_messages, segments_template
         msgs, img = [], self.rows is not None
         for i, (q, a) in enumerate([*turns, (question, None)]):
             parts = ([{"type": "image_url", "image_url": {"url": "data:,"}}] if img and i == 0 else [])

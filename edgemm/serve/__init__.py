@@ -11,7 +11,11 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+from ..chat_template import chat_template_of
 from ..errors import EdgemmError
+
+__all__ = ["chat_template_of", "is_loopback", "load_models", "serve"]
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -20,25 +24,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def chat_template_of(backend) -> str | None:
-    """The chat template stored with the model or bundle (None: edgemm's own format)."""
-    from ..checkpoint import resolve_model
-    if not getattr(backend, "source", None):
-        return None
-    src = Path(str(backend.source))
-    if (src / "edgemm.json").is_file():
-        from ..bundle import bundle_path, read_manifest
-        rel = read_manifest(src).get("chat_template")
-        p = bundle_path(src, rel) if rel else None
-    else:
-        try:
-            kind, path = resolve_model(str(backend.source))
-        except EdgemmError:
-            return None
-        p = path / "chat_template.jinja" if kind == "dir" else None
-    return p.read_text() if p is not None and p.is_file() else None
 
 
 def load_models(models=(), bundles=(), backend="auto", device="auto", threads=None, parallel=1, max_queue=16,

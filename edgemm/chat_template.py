@@ -1,0 +1,116 @@
+"""Chat templates: find the one stored with a model or bundle, and render conversations through it.
+
+The core piece of prompting an imported model (edgemm.generation's ChatSession and the server's
+edgemm.serve.prompt both use it; it imports nothing from the server). A template is rendered in Jinja's
+ImmutableSandboxedEnvironment: a template that reaches for Python internals is an error and nothing of it runs.
+The rendered text is split at the image placeholder into text and image segments; the text pieces are tokenized
+with the model's tokenizer (special tokens parsed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EdgemmError
+from .tokenizer import IMAGE
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_template_of(backend) -> str | None:
+    """The chat template stored with the model or bundle (None: edgemm's own format)."""
+    from .checkpoint import resolve_model
+    if not getattr(backend, "source", None):
+        return None
+    src = Path(str(backend.source))
+    if (src / "edgemm.json").is_file():
+        from .bundle import bundle_path, read_manifest
+        rel = read_manifest(src).get("chat_template")
+        p = bundle_path(src, rel) if rel else None
+    else:
+        try:
+            kind, path = resolve_model(str(backend.source))
+        except EdgemmError:
+            return None
+        p = path / "chat_template.jinja" if kind == "dir" else None
+    return p.read_text() if p is not None and p.is_file() else None
+
+
+def _content_parts(i: int, c) -> tuple[list[str], list[str]]:
+    """One message's content -> (texts, image urls)."""
+    texts, images = [], []
+    if isinstance(c, str):
+        texts.append(c)
+    elif isinstance(c, list):
+        for j, part in enumerate(c):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                u = part.get("image_url")
+                url = u.get("url") if isinstance(u, dict) else u
+                if not isinstance(url, str):
+                    raise EdgemmError(f"messages[{i}].content[{j}]: image_url needs a url")
+                images.append(url)
+            else:
+                raise EdgemmError(f"messages[{i}].content[{j}]: parts are text or image_url")
+    elif c is not None:
+        raise EdgemmError(f"messages[{i}]: content must be a string or a list of parts")
+    return texts, images
+
+
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI messages -> [{"role", "text", "images": [image_url strings]}]; a clear error for a bad one."""
+    if not isinstance(messages, list) or not messages:
+        raise EdgemmError("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise EdgemmError(f"messages[{i}]: each message needs a role of {', '.join(ROLES)}")
+        texts, images = _content_parts(i, m.get("content"))
+        if m["role"] != "user" and images:
+            raise EdgemmError(f"messages[{i}]: only user messages carry images")
+        out.append({"role": m["role"], "text": " ".join(t.strip() for t in texts if t.strip()), "images": images})
+    if out[-1]["role"] != "user":
+        raise EdgemmError("the last message must be the user's")
+    return out
+
+
+def render_template(template: str, msgs: list[dict], bos: str, eos: str) -> str:
+    """The template in a sandbox, HF conventions: messages with content parts, add_generation_prompt."""
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+    env.globals["raise_exception"] = raise_exception
+    hf_msgs = []
+    for m in msgs:
+        parts = [{"type": "image"} for _ in m["images"]] + ([{"type": "text", "text": m["text"]}] if m["text"] else [])
+        hf_msgs.append({"role": m["role"], "content": parts})
+    try:
+        return env.from_string(template).render(messages=hf_msgs, add_generation_prompt=True, bos_token=bos,
+                                                eos_token=eos)
+    except SecurityError as e:
+        raise EdgemmError(f"the chat template tried something the sandbox forbids ({e}); refusing it") from None
+    except TemplateError as e:
+        raise EdgemmError(f"the chat template failed: {e}") from None
+
+
+def segments_template(tok, template: str, msgs: list[dict], image_token: str = IMAGE) -> list[tuple]:
+    """Any other chat template: rendered, split at `image_token`, the text pieces tokenized."""
+    text = render_template(template, msgs, tok.bos_token, tok.eos_token)
+    pieces = text.split(image_token)
+    n_img = sum(len(m["images"]) for m in msgs)
+    if len(pieces) - 1 != n_img:
+        raise EdgemmError(f"the chat template rendered {len(pieces) - 1} image placeholder(s) for {n_img} image(s)")
+    segs: list[tuple] = []
+    for i, p in enumerate(pieces):
+        if p:
+            segs.append(("text", tok.tok.encode(p, add_special_tokens=False).ids))
+        if i < n_img:
+            segs.append(("image", i))
+    pre = tok.prefix_ids()          # the bos the tokenizer prepends (transformers processors tokenize with it)
+    if pre and not (segs and segs[0][0] == "text" and segs[0][1][:len(pre)] == pre):
+        segs[:1] = [("text", pre + segs[0][1])] if segs and segs[0][0] == "text" else [("text", pre)] + segs[:1]
+    return segs

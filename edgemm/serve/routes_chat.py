@@ -1,0 +1,205 @@
+"""POST /v1/chat/completions: a request checked and turned into a job for a model's engine (edgemm.serve.engine),
+its answer streamed as server-sent events or returned whole, in OpenAI's shapes."""
+# (no `from __future__ import annotations`: FastAPI reads the routes' `Request` annotations as objects)
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import EdgemmError
+from ..generation import GenerationConfig
+from .api import APIError, Limits, error_body, pick_model, read_json
+from .images import decode_image, fetch_image
+from .prompt import build_segments, normalize_messages
+
+
+def _number(name: str, v) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise APIError(400, f"{name} must be a number")
+    return float(v)
+
+
+def _max_tokens(body: dict, limits: Limits) -> int:
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    if mt is None:
+        mt = min(limits.max_tokens, 128)
+    if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+        raise APIError(400, "max_tokens must be a positive integer")
+    if mt > limits.max_tokens:
+        raise APIError(400, f"max_tokens {mt} is over this server's cap of {limits.max_tokens}")
+    return mt
+
+
+def _stop(body: dict) -> tuple:
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise APIError(400, "stop must be a string or a list of at most 4 strings")
+    return tuple(stop)
+
+
+def gen_config(body: dict, limits: Limits) -> GenerationConfig:
+    """The request's sampling settings, checked (400 for a bad one)."""
+    mt, stop = _max_tokens(body, limits), _stop(body)
+    t, p = _number("temperature", body.get("temperature", 1.0)), _number("top_p", body.get("top_p", 1.0))
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise APIError(400, "seed must be an integer")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "n must be 1")
+    try:
+        return GenerationConfig(max_new_tokens=mt, temperature=t, top_p=p, seed=seed, stop=stop,
+                                ignore_eos=bool(body.get("ignore_eos", False)))
+    except EdgemmError as e:
+        raise APIError(400, str(e).replace("--", "")) from None
+
+
+def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits) -> tuple[list, list, int]:
+    """-> (segments, image urls, prompt rows), the context checked before any image is decoded or encoded."""
+    b = m.backend
+    try:
+        segs, urls = build_segments(b.tokenizer, m.template, body.get("messages"), limits.images_per_request)
+    except EdgemmError as e:
+        raise APIError(400, str(e)) from None
+    rows = sum(len(d) if k == "text" else b.cfg.n_image_rows for k, d in segs)
+    if rows + gen.max_new_tokens > b.context_length:
+        raise APIError(400, f"the prompt needs {rows} tokens (image rows included) plus max_tokens "
+                            f"{gen.max_new_tokens}, over the model's context of {b.context_length}; shorten "
+                            "the conversation or lower max_tokens", code="context_length_exceeded")
+    return segs, urls, rows
+
+
+async def pixels_of(urls: list, cfg, limits: Limits) -> list:
+    """Each image fetched, decoded and preprocessed for the model (off the event loop)."""
+    from ..anyres import preprocess_image
+    pixels = []
+    for u in urls:
+        data = await asyncio.to_thread(fetch_image, u, limits)
+        img = await asyncio.to_thread(decode_image, data, limits)
+        pixels.append(preprocess_image(img, cfg.vision))
+    return pixels
+
+
+def instructions_of(b, messages) -> list | None:
+    """InstructBLIP: each image with the text of the message it comes in (None for other models)."""
+    if not b.cfg.reads_question:
+        return None
+    from ..qformer import instruction
+    return [instruction(b.tokenizer, b.cfg, m["text"]) for m in normalize_messages(messages) for _ in m["images"]]
+
+
+def usage_of(d: dict) -> dict:
+    return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
+            "total_tokens": d["prompt_tokens"] + d["completion_tokens"]}
+
+
+@dataclass
+class Answer:
+    """One request's answer as it comes from the engine: events on `q`, the job to cancel."""
+    model: str
+    job: object
+    q: asyncio.Queue
+    id: str
+    created: int
+
+    def chunk(self, delta, finish=None, usage=None) -> str:
+        c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+             "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage:
+            c["usage"] = usage
+        return f"data: {json.dumps(c)}\n\n"
+
+
+async def submit(m, body: dict, limits: Limits) -> Answer:
+    """The request checked, its images prepared, its job queued on the model's engine (503 when full)."""
+    from .engine import Job, QueueFull
+    gen = gen_config(body, limits)
+    b = m.backend
+    segs, urls, rows = prompt_of(m, body, gen, limits)
+    pixels = await pixels_of(urls, b.cfg, limits)
+    if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
+        rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
+              instructions=instructions_of(b, body.get("messages")),
+              on_event=lambda kind, data: loop.call_soon_threadsafe(q.put_nowait, (kind, data)))
+    try:
+        m.engine.submit(job)
+    except QueueFull:
+        raise APIError(503, "the server is busy (all slots and the queue are full); retry shortly",
+                       "server_error", "queue_full", headers={"Retry-After": "1"}) from None
+    return Answer(m.id, job, q, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+
+
+async def events(a: Answer, include_usage: bool):
+    """The answer as server-sent events; a client that disconnects frees its slot."""
+    lead = True                      # the answer's leading space (" red"), stripped as when whole
+    try:
+        yield a.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, data = await a.q.get()
+            if kind == "text":
+                if lead:
+                    data = data.lstrip()
+                    lead = not data
+                if data:
+                    yield a.chunk({"content": data})
+            elif kind == "error":
+                yield f"data: {json.dumps(error_body(data, 'server_error', None))}\n\n"
+                break
+            else:
+                yield a.chunk({}, data["finish_reason"])
+                if include_usage:
+                    yield a.chunk({}, usage=usage_of(data))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        a.job.cancel()
+
+
+async def whole(a: Answer, request) -> dict | None:
+    """The answer in one response (None when the client went away first)."""
+    parts = []
+    try:
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(a.q.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if kind == "text":
+                parts.append(data)
+            elif kind == "error":
+                raise APIError(500, data, "server_error")
+            else:
+                break
+    finally:
+        a.job.cancel()
+    return {"id": a.id, "object": "chat.completion", "created": a.created, "model": a.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts).strip()},
+                         "finish_reason": data["finish_reason"]}],
+            "usage": usage_of(data)}
+
+
+def install_chat_route(app) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    state = app.state
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_json(request, state.limits)
+        a = await submit(pick_model(state, body.get("model")), body, state.limits)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            state.metrics.request(200)
+            return StreamingResponse(events(a, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        out = await whole(a, request)
+        if out is None:
+            return JSONResponse({}, status_code=499)
+        state.metrics.request(200)
+        return out
