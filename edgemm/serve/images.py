@@ -1,14 +1,12 @@
-"""Images of a request: data: URIs (always), http(s) URLs (only from hosts the server allows), decoded within
-the pixel limit. Every refusal is an APIError 400 with a one-line message."""
+"""Images of a request: data: URIs (always), http(s) URLs (only from hosts the server allows, fetched by
+edgemm.serve.fetch), decoded within the pixel limit. Every refusal is an APIError 400 with a one-line message."""
 from __future__ import annotations
 
 import base64
 import io
-import ipaddress
-import socket
-from urllib.parse import urlparse
 
 from .api import APIError, Limits
+from .fetch import fetch_remote
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 
@@ -36,18 +34,6 @@ def decode_image(data: bytes, limits: Limits):
     return to_rgb(img)
 
 
-def _public_address(host: str) -> None:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        raise APIError(400, f"cannot resolve the image host {host}", code="invalid_image_url") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            raise APIError(400, f"image host {host} resolves to a non-public address; refused",
-                           code="invalid_image_url")
-
-
 def fetch_image(url: str, limits: Limits) -> bytes:
     """data: URIs always; http(s) only for hosts named by --allow-remote-images, public addresses, bounded."""
     if url.startswith("data:"):
@@ -59,21 +45,4 @@ def fetch_image(url: str, limits: Limits) -> bytes:
             return base64.b64decode(payload, validate=True)
         except ValueError:
             raise APIError(400, "the image's base64 data does not decode", code="invalid_image") from None
-    u = urlparse(url)
-    if u.scheme not in ("http", "https"):
-        raise APIError(400, "image_url must be a data: URI (or http(s) where the server allows it)",
-                       code="invalid_image_url")
-    if not limits.remote_hosts or u.hostname not in limits.remote_hosts:
-        raise APIError(400, "remote image URLs are refused by this server (start it with --allow-remote-images "
-                            "HOST to allow a host); send the image as a data: URI", code="invalid_image_url")
-    _public_address(u.hostname)
-    import urllib.request
-    req = urllib.request.Request(url, headers={"User-Agent": "edgemm"})
-    try:
-        with urllib.request.urlopen(req, timeout=limits.remote_seconds) as r:     # noqa: S310 (checked above)
-            data = r.read(limits.remote_bytes + 1)
-    except OSError as e:
-        raise APIError(400, f"cannot fetch the image: {e}", code="invalid_image_url") from None
-    if len(data) > limits.remote_bytes:
-        raise APIError(400, "the remote image is larger than this server accepts", code="image_too_large")
-    return data
+    return fetch_remote(url, limits)
