@@ -299,7 +299,9 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
                 ids = tok.user_turn(s.prompt, first=True) + (tok.answer(s.answer) if s.answer else [])
                 cache_ = KVCache.empty(cfg.decoder, 1, 1 + rows.shape[1] + len(ids) + 2)
                 current["stage"] = "decoder_text"
-                _, pos = m.forward_segment("text", torch.tensor([[tok.bos_id]]), cache_, 0, last_only=False)
+                pos = 0
+                if tok.add_bos:
+                    _, pos = m.forward_segment("text", torch.tensor([tok.prefix_ids()]), cache_, 0, last_only=False)
                 current["stage"] = "decoder_image"
                 _, pos = m.forward_segment("image", rows, cache_, pos, last_only=False)
                 current["stage"] = "decoder_text"

@@ -156,7 +156,8 @@ def _prompt(backend, img, question):
     tok = backend.tokenizer
     rows = image_rows(backend, img)          # (tiled and packed for any-resolution models)
     st = backend.new_state(max_len=1 + rows.shape[1] + 64 + FIDELITY_STEPS)
-    backend.text(st, [tok.bos_id])
+    if tok.add_bos:
+        backend.text(st, tok.prefix_ids())
     backend.image(st, rows)
     return st, np.array(backend.text(st, tok.user_turn(question, first=True)), np.float32)  # (copies: a backend
     # may return a view of a buffer that its next call reuses)
@@ -175,7 +176,7 @@ def reference_logits(reference: str, n: int = FIDELITY_PROMPTS, steps: int = FID
         for _ in range(steps):
             t = int(np.argmax(ls[-1]))
             seq.append(t)
-            if t == b.tokenizer.eos_id:
+            if b.tokenizer.is_eos(t):
                 break
             ls.append(np.array(b.text(st, [t]), np.float32))
         out.append({"tokens": seq, "logits": np.stack(ls).astype(np.float32)})
@@ -231,7 +232,8 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(No
         t1 = time.perf_counter()
         st = backend.new_state(max_len=1 + rows.shape[1] + len(ids) + decode_steps + 2)
         t1b = time.perf_counter()
-        backend.text(st, [tok.bos_id])
+        if tok.add_bos:
+            backend.text(st, tok.prefix_ids())
         backend.image(st, rows)
         logits = backend.text(st, ids)
         t2 = time.perf_counter()

@@ -264,7 +264,8 @@ def load_tokenizer(bundle: str | Path, m: dict, verified: bool):
     from .tokenizer import Tokenizer
     rel = m.get("tokenizer", "tokenizer.json")
     p = bundle_path(bundle, rel)
-    tok = Tokenizer.load(p, read_verified(bundle, rel, m) if verified else None)
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    tok = Tokenizer.load(p, read_verified(bundle, rel, m) if verified else None, tokens=model.get("tokens"))
     if isinstance(m.get("model"), dict) and (m["model"].get("adapter") or {}).get("qformer_text"):
         from .qformer import attach_bundle_tokenizer       # InstructBLIP: the Q-Former's own tokenizer too
         attach_bundle_tokenizer(tok, bundle, m, lambda f: (bundle_path(bundle, f),

@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path, device="cpu"):
     model.load_state_dict(state, assign=True)
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.tok_embeddings.weight
-    tok = Tokenizer.load(path / "tokenizer.json")
+    tok = Tokenizer.load(path / "tokenizer.json", tokens=cfg.tokens)
     if cfg.adapter.qformer_text:                  # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer)
         from .qformer import attach_checkpoint_tokenizer
         attach_checkpoint_tokenizer(tok, path, cfg)

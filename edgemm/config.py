@@ -168,11 +168,23 @@ class DecoderConfig:
 
 
 @dataclass
+class TokenConfig:
+    """The special tokens of an imported model's tokenizer, read from its source files by the importer
+    (edgemm.importers.tokenizer). Empty (no eos) for edgemm's own models: edgemm.tokenizer.Tokenizer then looks up
+    <s>, </s> and <pad> by name."""
+    bos: int | None = None          # the template's bos_token; None: the tokenizer has none (Qwen)
+    add_bos: bool = False           # every prompt starts with bos (the tokenizer prepends it: LLaMA, Gemma, Mistral)
+    eos: list = field(default_factory=list)   # generation stops on any; the first closes a turn
+    pad: int | None = None          # None: padding takes the first eos (padded rows are masked)
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     vision: VisionConfig = field(default_factory=VisionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
 
     @property
     def n_image_rows(self) -> int:
@@ -289,7 +301,8 @@ class ModelConfig:
                     vis[k] = tuple(vis[k])
             return cls(name=d.get("name", "custom"), vision=VisionConfig(**vis),
                        adapter=AdapterConfig(**d.get("adapter", {})),
-                       decoder=DecoderConfig(**d.get("decoder", {}))).validate()
+                       decoder=DecoderConfig(**d.get("decoder", {})),
+                       tokens=TokenConfig(**d.get("tokens", {}))).validate()
         except TypeError as e:
             raise EdgemmError(f"invalid model config: {e}") from None
 

@@ -107,7 +107,7 @@ class AnswerStream:
 
     def push(self, logits) -> tuple[str, bool]:
         t = self.sampler(logits)
-        if t == self.tok.eos_id and not self.gen.ignore_eos:
+        if self.tok.is_eos(t) and not self.gen.ignore_eos:
             self.finish_reason = "stop"
             return self._flush(), True
         self.ids.append(t)
@@ -196,7 +196,7 @@ class ChatSession:
 
     # ---- prompt pieces ---------------------------------------------------------
     def _prefix_segments(self):
-        segs = [("text", [self.tok.bos_id])]
+        segs = [("text", self.tok.prefix_ids())]
         if self.rows is not None:
             segs.append(("image", self.rows))
         return segs

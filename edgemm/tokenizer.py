@@ -42,27 +42,56 @@ def train_tokenizer(lines: list[str], vocab_size: int):
 
 
 class Tokenizer:
+    """A tokenizer.json and its special tokens. `tokens` (ModelConfig.tokens, or its dict in a manifest) names
+    them for an imported model: bos (None: none, as Qwen), whether prompts start with it, the eos ids (generation
+    stops on any; the first closes a turn) and pad (None: padding takes eos). Without it (edgemm's own models,
+    checkpoints imported before it was recorded) they are the literal <s>, </s> and <pad>."""
     qformer = None      # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer.QFormerTokenizer)
 
-    def __init__(self, tok):
+    def __init__(self, tok, tokens=None):
         self.tok = tok
-        self.bos_id = tok.token_to_id(BOS)
-        self.eos_id = tok.token_to_id(EOS)
-        self.pad_id = tok.token_to_id(PAD)
-        if None in (self.bos_id, self.eos_id, self.pad_id):
-            raise EdgemmError("tokenizer.json lacks the special tokens <s>, </s>, <pad>")
+        get = (tokens.get if isinstance(tokens, dict) else lambda k, d=None: getattr(tokens, k, d))
+        if tokens is not None and get("eos"):
+            self.bos_id, self.add_bos = get("bos"), bool(get("add_bos", False)) and get("bos") is not None
+            self.eos_ids, pad = [int(i) for i in get("eos")], get("pad")
+        else:
+            self.bos_id, self.add_bos = tok.token_to_id(BOS), True
+            self.eos_ids, pad = [i for i in [tok.token_to_id(EOS)] if i is not None], tok.token_to_id(PAD)
+            if self.bos_id is None or not self.eos_ids:
+                raise EdgemmError("tokenizer.json lacks the special tokens <s> and </s>, and no special tokens are "
+                                  "recorded for it (config.json's tokens: re-import the model with `edgemm import`)")
+        self.eos_id = self.eos_ids[0]
+        self.has_pad = pad is not None
+        self.pad_id = pad if pad is not None else self.eos_id      # padded rows are masked: any id serves
+        self._eos = frozenset(self.eos_ids)
         self._cache: dict[str, list[int]] = {}
 
+    def prefix_ids(self) -> list[int]:
+        """What every prompt starts with: [bos], or [] where the tokenizer prepends nothing (Qwen)."""
+        return [self.bos_id] if self.add_bos else []
+
+    def is_eos(self, t: int) -> bool:
+        return t in self._eos
+
+    @property
+    def bos_token(self) -> str:
+        """bos as text, for chat templates ("" where there is none)."""
+        return self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self.tok.id_to_token(self.eos_id)
+
     @classmethod
-    def load(cls, path: str | Path, data: bytes | None = None) -> "Tokenizer":
-        """From a tokenizer.json path, or from its bytes (`data`, already read and checked; path names it)."""
+    def load(cls, path: str | Path, data: bytes | None = None, tokens=None) -> "Tokenizer":
+        """From a tokenizer.json path, or from its bytes (`data`, already read and checked; path names it);
+        tokens: the model's special tokens (ModelConfig.tokens or its dict), see the class."""
         from tokenizers import Tokenizer as HFTokenizer
         try:
-            if data is not None:
-                return cls(HFTokenizer.from_str(data.decode("utf-8")))
-            return cls(HFTokenizer.from_file(str(path)))
+            tok = HFTokenizer.from_str(data.decode("utf-8")) if data is not None else HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise EdgemmError(f"cannot read tokenizer {path}: {str(e)[:200]}") from None
+        return cls(tok, tokens)
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))

@@ -173,7 +173,7 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     if calib_items:                     # a real prompt: its image and question, greedy steps up to </s>
         ins, hw, q = real_prompt(calib_items, seed, cfg, b.tokenizer, gen)
         ref = TorchReference(model, 1 + len(q) + cfg.n_image_rows + decode_steps + 2)
-        segments, stop = [("text", [b.tokenizer.bos_id]), ("image", None), ("text", q)], b.tokenizer.eos_id
+        segments, stop = [("text", b.tokenizer.prefix_ids()), ("image", None), ("text", q)], b.tokenizer.eos_id
     else:                               # random ids around image rows near the reference's
         ins, tiles = validation_inputs(cfg, gen)
         ref = TorchReference(model, 2 * 6 + cfg.n_image_rows + decode_steps + 2)

@@ -80,6 +80,8 @@ def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int
 
     r = None
     for kind, data in segments:
+        if kind == "text" and not len(data):
+            continue                        # no bos (a tokenizer that prepends nothing, as Qwen)
         data = ref_rows if kind == "image" and data is None else data
         r, g = both(kind, data)
         res["decoder_" + kind if "decoder_" + kind in res else "decoder_text"].append(compare(r, g))
@@ -130,7 +132,7 @@ def calibration_items(model, tok, calib=None, n: int = 32):
     items = []
     for x in resolve_calib(calib, n).samples:
         ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])
-        items.append((preprocess_image(x.image, model.cfg.vision), [("text", [tok.bos_id]), ("image", None), ("text", ids)]))
+        items.append((preprocess_image(x.image, model.cfg.vision), [("text", tok.prefix_ids()), ("image", None), ("text", ids)]))
     return items
 
 
