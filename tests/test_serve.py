@@ -35,12 +35,15 @@ def _free_port() -> int:
 class Server:
     """`edgemm serve` in its own process group on 127.0.0.1; stopped by its pid's group at the end."""
 
-    def __init__(self, *args, key=None):
+    def __init__(self, *args, key=None, code=None):
+        """args: `edgemm serve`'s options; or code: Python that serves on {port} (settings the CLI does not take)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         cmd = [sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--port", str(self.port),
                "--threads", "2", *args] + (["--api-key", key] if key else [])
+        if code is not None:
+            cmd = [sys.executable, "-c", code.format(port=self.port)]
         import tempfile
         self.logf = tempfile.NamedTemporaryFile(prefix="edgemm-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -311,6 +314,77 @@ def test_chat_template_sandbox():
     segs, urls = build_segments(tok, tmpl, [_msg("hi", "data:x")])
     assert [k for k, _ in segs] == ["text", "image", "text"] and urls == ["data:x"]
     assert tok.decode(segs[0][1]) == "user: " and tok.decode(segs[2][1]) == "hi\nassistant:"
+
+
+
+def _timed_chat(port) -> tuple[int, float]:
+    """One normal chat request (an image, 8 tokens) from 127.0.0.2, another client than the slow ones."""
+    import http.client
+    body = json.dumps(_body([_msg("What color is the circle?", _img_url())])).encode()
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=("127.0.0.2", 0))
+    try:
+        c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        status = c.getresponse().status
+    finally:
+        c.close()
+    return status, time.perf_counter() - t0
+
+
+def test_slow_clients_are_capped_and_timed_out_while_others_are_answered():
+    """50 connections from one client (127.0.0.1) that send a request head and then a body byte every 0.5 s (5 of
+    them trickle the head itself): the connections over the per-client cap (10) get 429 at once, the others are
+    closed when the deadline (3 s) passes (408 for the bodies), and a normal request from another client answers
+    meanwhile within its usual time."""
+    limits = "Limits(body_seconds=3, client_connections=10)"
+    s = Server(code="from edgemm.serve import serve; from edgemm.serve.api import Limits; "
+                    f"serve(port={{port}}, threads=2, limits={limits}, log=print)")
+    socks = []
+    try:
+        usual = max(_timed_chat(s.port)[1] for _ in range(3))
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for i in range(50):
+            sk = socket.create_connection(("127.0.0.1", s.port), timeout=10, source_address=("127.0.0.1", 0))
+            sk.sendall(head if i < 5 else head + b"Content-Length: 100\r\n\r\n{")
+            socks.append(sk)
+        t_open, stop = time.monotonic(), threading.Event()
+
+        def trickle():                                  # one byte per connection every 0.5 s, for at most 10 s
+            while not stop.wait(0.5) and time.monotonic() - t_open < 10:
+                for sk in socks:
+                    try:
+                        sk.send(b"X-a: b\r\n" if socks.index(sk) < 5 else b" ")
+                    except OSError:
+                        pass
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        status, took = _timed_chat(s.port)
+        assert status == 200 and took <= 2 * usual + 1.0, (took, usual)
+        got = []
+        for sk in socks:                                # every one closed by the server within the deadline
+            data, closed = b"", True
+            sk.settimeout(max(0.1, t_open + 3 + 3 - time.monotonic()))
+            try:
+                while chunk := sk.recv(65536):
+                    data += chunk
+            except TimeoutError:
+                closed = False
+            except OSError:                             # reset: the server closed it while bytes came in
+                pass
+            got.append((data.split(b"\r\n", 1)[0], closed, time.monotonic() - t_open))
+        stop.set()
+        t.join(5)
+        assert all(g[1] for g in got), [g for g in got if not g[1]]     # every one closed by the server
+        codes = [g[0] for g in got]
+        assert codes[:5] == [b""] * 5, codes[:5]                          # a head that never ends: closed
+        assert codes[5:10] == [b"HTTP/1.1 408 Request Timeout"] * 5, codes[5:10]
+        assert codes[10:] == [b"HTTP/1.1 429 Too Many Requests"] * 40, set(codes[10:])
+        assert max(g[2] for g in got) < 3 + 2.5, got
+        assert _timed_chat(s.port)[0] == 200                              # and it keeps answering
+    finally:
+        for sk in socks:
+            sk.close()
+        s.stop()
 
 
 @pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")

@@ -53,15 +53,19 @@ def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, ho
           parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print) -> None:
     """Run the server until interrupted (models load in the background; /health says 503 until ready)."""
     import uvicorn
+    from .api import Limits
     from .app import create_app
+    from .clients import capped_protocol
     if not is_loopback(host) and not api_key:
         raise EdgemmError(f"binding {host} exposes the server beyond this machine: give --api-key or "
                           "--api-key-file (or bind 127.0.0.1)")
     if parallel < 1 or max_queue < 0:
         raise EdgemmError("--parallel must be at least 1 and --max-queue at least 0")
+    limits = limits or Limits()
     app = create_app({}, limits=limits, api_key=api_key, metrics=metrics,
                      loader=lambda: load_models(models, bundles, backend, device, threads, parallel, max_queue, log))
     if log:
         log(f"edgemm serve on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'}); "
             f"GET /health says when the models are loaded")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, access_log=False,
+                http=capped_protocol(limits))

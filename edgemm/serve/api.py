@@ -21,6 +21,8 @@ class Limits:
     remote_hosts: tuple = ()                # --allow-remote-images: hosts image URLs may come from
     remote_bytes: int = 20 * 2**20
     remote_seconds: float = 10.0
+    body_seconds: float = 30.0              # a request's head, then its body, arrive within this (serve.clients)
+    client_connections: int = 64            # open connections per client address (plain `edgemm serve`)
 
 
 @dataclass

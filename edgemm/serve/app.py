@@ -3,7 +3,7 @@
 Routes: POST /v1/chat/completions (streamed as server-sent events or not; edgemm.serve.routes_chat), GET /v1/models,
 GET /health (no key), POST /tokenize, GET /metrics (Prometheus text, when enabled) (edgemm.serve.routes_info).
 Errors use OpenAI's shape {"error": {"message", "type", "code"}} with the matching status (edgemm.serve.api,
-edgemm.serve.guard); images of a request: edgemm.serve.images.
+edgemm.serve.guard); images of a request: edgemm.serve.images; slow clients: edgemm.serve.clients.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     """models: {id: Model}, or filled later by `loader()` (-> {id: Model}) in a thread: /health says 503 until
     it returns."""
     from fastapi import FastAPI
+    from .clients import BodyDeadline
     from .engine import Metrics
     from .guard import install_error_handlers, install_guard
     from .routes_chat import install_chat_route
@@ -46,6 +47,8 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
         start_loading(state, loader, state.metrics)
     install_error_handlers(app)
     install_guard(app, state.limits, api_key)
+    app.add_middleware(BodyDeadline, seconds=state.limits.body_seconds, max_bytes=state.limits.body_bytes,
+                       count=state.metrics.request)
     install_info_routes(app, metrics)
     install_chat_route(app)
     return app
