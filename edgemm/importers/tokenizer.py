@@ -5,8 +5,8 @@ The special tokens are read from the source, as transformers reads them: tokeniz
 eos_token / pad_token (a name or an AddedToken dict) and add_bos_token, generation_config.json's eos_token_id (an id
 or a list) and pad_token_id, and the chat template's own end of an assistant turn (Qwen's <|im_end|>, Llama 3's
 <|eot_id|>, Gemma's <end_of_turn>). Nothing is added to the tokenizer: a token past the model's embedding rows would
-have no row (the gguf export then refused the tokenizer). A source without tokenizer_config.json falls back to the
-literal <s>, </s>, <pad> (edgemm's own format)."""
+have no row (the gguf export then refused the tokenizer). A token that no tokenizer_config.json names (or a source
+without one) falls back to the literal <s>, </s>, <pad> (edgemm's own format)."""
 from __future__ import annotations
 
 import json
@@ -86,13 +86,10 @@ def special_tokens(tok, tcfg: dict | None, gcfg: dict | None, template: str | No
         i = tok.token_to_id(name) if name else None
         return i if i is not None and i < n else None
 
-    if tcfg is not None:
-        bos, eos_name, pad = (tid(_name(tcfg.get(k))) for k in ("bos_token", "eos_token", "pad_token"))
-    else:                                               # no tokenizer_config: edgemm's literal names
-        bos, eos_name, pad = tid(BOS), tid(EOS), tid(PAD)
-    if bos is None:
-        bos = next((i for i in _ids(gcfg.get("bos_token_id")) if i < n), None) if tcfg is None else None
-    if tcfg is not None and isinstance(tcfg.get("add_bos_token"), bool):
+    tcfg = tcfg or {}               # a token it does not name: edgemm's literal name
+    bos, eos_name, pad = (tid(_name(tcfg[k]) if k in tcfg else lit)
+                          for k, lit in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)))
+    if isinstance(tcfg.get("add_bos_token"), bool):
         add_bos = tcfg["add_bos_token"]
     elif tok.post_processor is not None:                # what the tokenizer itself adds (Llama 3's template)
         add_bos = tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
