@@ -15,7 +15,7 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     `stages` is the exporter's manifest `stages` dict (updated: precision, weights, quantization record).
     Returns the manifest's `calibration` entry (or {} when nothing needed statistics).
     """
-    from edgemm.export.onnx import group              # a stage's --precision group
+    from edgemm.calib.recipes import group            # a stage's --precision group
     from .quantize import quantize_stage
     from .recipes import get_recipe
     from .stats import Stats, collect_stats

@@ -93,3 +93,8 @@ def get_recipe(name_or_recipe) -> Recipe:
     if name not in RECIPES:
         raise EdgemmError(f"unknown quantization recipe {name_or_recipe!r}; recipes: {', '.join(RECIPES)}")
     return RECIPES[name].check()
+
+
+def group(stage: str) -> str:
+    """The --precision group of a stage: `decoder` for the decoder stages, `vision` for the input stage."""
+    return "decoder" if stage.startswith("decoder") or stage == "cross_kv" else "vision"

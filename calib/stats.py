@@ -227,8 +227,8 @@ def _load(model_spec_or_model, tokenizer=None, model_digest=None):
         if tokenizer is None:
             raise EdgemmError("collect_stats(model, ...) needs tokenizer= with an in-memory model")
         model_spec_or_model = (model_spec_or_model, tokenizer)
-    from edgemm.export.onnx import _load_source
-    m, tok, source = _load_source(model_spec_or_model)
+    from edgemm.checkpoint import load_source
+    m, tok, source = load_source(model_spec_or_model)
     return m.float().cpu().eval(), tok, source["digest"]
 
 

@@ -189,3 +189,36 @@ def checkpoint_digest(path: str | Path) -> str:
             raise EdgemmError(f"{path / f} is missing (listed by {index.name})")
         h.update(f"\n{f} {file_sha256(path / f)}".encode())
     return "sha256-shards:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------- source model (export, calibration)
+def state_digest(model) -> str:
+    """sha256 over a model's state dict (names and bytes): the digest of an in-memory or preset model."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_source(model):
+    """--model spec, or a (model, tokenizer) pair -> (model, tokenizer, source dict) as manifests record it."""
+    if isinstance(model, tuple):
+        m, tok = model
+        return m.eval(), tok, {"model": getattr(m.cfg, "name", "in-memory"), "kind": "in-memory",
+                               "digest": "sha256-state:" + state_digest(m)}
+    kind, path = resolve_model(model)
+    m, tok = load_model(model)
+    if kind == "dir":
+        return m, tok, {"model": str(Path(path).resolve()), "kind": "checkpoint",
+                        "digest": checkpoint_digest(path)}
+    return m, tok, {"model": model, "kind": "preset", "seed": 0, "digest": "sha256-state:" + state_digest(m)}
+
+
+def model_config(spec: str | None) -> tuple[ModelConfig, str, Path | None]:
+    """-> (config, where it came from, the checkpoint folder or None for a preset), without loading weights."""
+    kind, path = resolve_model(spec)
+    if kind == "dir":
+        return ModelConfig.load(path / "config.json"), str(path), path
+    return (get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b"
+            else "preset cogvlm-17b (shapes only)", None)

@@ -462,14 +462,24 @@ def parse_recipes(spec: str, prec: dict) -> dict:
     return out
 
 
-from .importers import FAMILIES as IMPORT_FAMILIES  # noqa: E402  (light: no torch)
+from .families import names as family_names  # noqa: E402  (light: no torch)
+
+
+@main.command("families")
+@click.option("--json", "as_json", is_flag=True, help="Print the families and the support matrix as JSON.")
+@handle_errors
+def families_cmd(as_json):
+    """The model families edgemm imports, the blocks each composes and the targets that export it, then the
+    support matrix (feature x target) those targets are derived from."""
+    from .families import describe
+    click.echo(describe(as_json))
 
 
 @main.command("import")
 @click.argument("src", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="The edgemm checkpoint directory to write.")
 @click.option("--from", "family", default="auto", show_default=True,
-              type=click.Choice(["auto", *IMPORT_FAMILIES]),
+              type=click.Choice(["auto", *family_names()]),
               help="The source family; auto reads it from config.json.")
 @click.option("--tokenizer", default=None, type=click.Path(),
               help="A directory with tokenizer.json, for checkpoints that ship none (cogvlm-chat-hf).")

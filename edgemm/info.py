@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .blocks import support
 from .blocks.params import PARTS, param_part
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
@@ -87,16 +88,6 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def model_config(spec: str | None) -> tuple[ModelConfig, str, Path | None]:
-    """-> (config, where it came from, the checkpoint folder or None for a preset)."""
-    from .checkpoint import resolve_model
-    kind, path = resolve_model(spec)
-    if kind == "dir":
-        return ModelConfig.load(path / "config.json"), str(path), path
-    return (get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b"
-            else "preset cogvlm-17b (shapes only)", None)
-
-
 def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict | None = None) -> list[str]:
     """counts: parameters per part (checkpoint_param_counts); None: from the config (param_counts)."""
     pc = counts or param_counts(cfg)
@@ -112,6 +103,7 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
              f"{f' ({d.kv_heads} kv)' if d.kv_heads != d.n_heads else ''}, ffn {d.ffn_dim}, vocab {d.vocab_size}, "
              f"context {d.max_seq_len}",
              f"variants: {', '.join(cfg.variants()) or 'none (llama.cpp cogvlm-compatible)'}",
+             f"targets: {support.export_targets(cfg)}",
              "parameters:"]
     if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
         from .qformer import describe_rows
@@ -147,6 +139,7 @@ def describe(model: str | None = None, bundle: str | None = None, contexts=None)
         raise EdgemmError("give either --model or --bundle, not both")
     if bundle:
         return "\n".join(describe_bundle(bundle, contexts))
+    from .checkpoint import model_config
     cfg, source, path = model_config(model)
     counts = checkpoint_param_counts(path) if path is not None else None   # a folder: its weights' own shapes
     return "\n".join(describe_config(cfg, source, contexts, counts))

@@ -740,7 +740,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     log = log or (lambda s: None)
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
     from edgemm.checkpoint import load_model
-    from edgemm.info import model_config
+    from edgemm.checkpoint import model_config
     if out is None:
         raise EdgemmError("-o OUT is required: the bundle directory to write")
     if isinstance(precision, str) or precision is None:

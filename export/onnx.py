@@ -14,50 +14,26 @@ renamed into place; a failure leaves no bundle.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 
 from edgemm.blocks import support
+from edgemm.checkpoint import load_source as _load_source
 from edgemm.errors import EdgemmError, UnsupportedVariant
 
-from edgemm.export.graph import (GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, decode_batch_supported,
-                                 decoder_graph, io_spec, save_stage, vision_graph)
+from edgemm.export.decoder_graph import decode_batch_supported, decoder_graph
+from edgemm.export.graph import GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, io_spec, save_stage, vision_graph
 from edgemm.export.validate import (TorchReference, calibration_items, format_validation, random_ids,
                                     real_prompt, run_prompt, summarize, validation_inputs)
 
-from edgemm.calib.recipes import QUANTIZED
+from edgemm.calib.recipes import QUANTIZED, group
 from edgemm.export import TARGET_PRECISIONS
 
 PRECISIONS = TARGET_PRECISIONS["onnx"]          # the quantized ones: edgemm.calib
 FP32_TOL = 1e-4                     # max abs error per stage
 FP16_COS = 0.999                    # fp16: cosine similarity per compared vector, and
 FP16_REL = 2e-2                     #       max abs error <= FP16_REL * max(1, max |reference|)
-
-
-# --------------------------------------------------------------------------- source model
-def _state_digest(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _load_source(model):
-    """--model spec, or a (model, tokenizer) pair -> (model, tokenizer, source dict)."""
-    from edgemm.checkpoint import checkpoint_digest, load_model, resolve_model
-    if isinstance(model, tuple):
-        m, tok = model
-        return m.eval(), tok, {"model": getattr(m.cfg, "name", "in-memory"), "kind": "in-memory",
-                               "digest": "sha256-state:" + _state_digest(m)}
-    kind, path = resolve_model(model)
-    m, tok = load_model(model)
-    if kind == "dir":
-        return m, tok, {"model": str(Path(path).resolve()), "kind": "checkpoint",
-                        "digest": checkpoint_digest(path)}
-    return m, tok, {"model": model, "kind": "preset", "seed": 0, "digest": "sha256-state:" + _state_digest(m)}
 
 
 # What the onnx and trt graphs compute is the support matrix's (edgemm.blocks.support): the input stage is traced
@@ -148,11 +124,6 @@ def _precisions(precision, allowed=PRECISIONS, default: str = "fp32", target: st
 
 
 # --------------------------------------------------------------------------- validation
-def group(stage: str) -> str:
-    """The --precision group of a stage: `decoder` for the decoder stages, `vision` for the input stage."""
-    return "decoder" if stage.startswith("decoder") or stage == "cross_kv" else "vision"
-
-
 def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = None, threads: int | None = None,
                     decode_steps: int = 8, calib_items=None) -> dict:
     """Run each stage of `bundle` in ONNX Runtime (CPU) against the reference on fresh random inputs.
@@ -290,7 +261,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         vm, vbytes = vision_graph(m, prec["vision"] == "fp16", half=vision_half)
         graphs = {cfg.input_stage: (vm, vbytes, GRAPH_STANDARD, prec["vision"], None)}
         if "cross_kv" in cfg.stages:                    # gated cross-attention: K/V of an image, once per image
-            from edgemm.export.graph import cross_kv_graph
+            from edgemm.export.decoder_graph import cross_kv_graph
             graphs["cross_kv"] = (*cross_kv_graph(m, prec["decoder"] == "fp16", half), GRAPH_STANDARD, prec["decoder"],
                                   None)
         batch = decode_batch_supported(cfg, moe_form)        # decoder_text steps several KV caches at once

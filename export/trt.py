@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError
-from edgemm.export.graph import GRAPH_KV, GRAPH_STANDARD, OPSET, decoder_graph, io_spec, vision_graph
+from edgemm.export.decoder_graph import decoder_graph
+from edgemm.export.graph import GRAPH_KV, GRAPH_STANDARD, OPSET, io_spec, vision_graph
 from edgemm.export.onnx import group
 from edgemm.export.trt_engines import build_engines
 from edgemm.export.trt_profiles import (DEVICE_CLASSES, FP8_MIN_CC, TRT_PRECISIONS as PRECISIONS,
@@ -114,7 +115,8 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     import onnx
     import torch
     from edgemm.bundle import bundle_writer, check_out, tool_versions, write_manifest
-    from edgemm.export.onnx import _load_source, check_variants, stage_notes
+    from edgemm.checkpoint import load_source
+    from edgemm.export.onnx import check_variants, stage_notes
     from edgemm.runtimes.trt_backend import gpu_identity
     log = log or (lambda s: None)
     if not out:
@@ -126,7 +128,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     build_here = here is not None and not no_build
     if build_here:
         check_precision_supported(prec, here["compute_capability"], here["gpu"])   # fail before the work
-    m, tok, source = _load_source(model)
+    m, tok, source = load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
     from edgemm.anyres import manifest_fields, set_max_tiles
@@ -141,7 +143,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
         try:
             graphs = {cfg.input_stage: vision_graph(m)[0], "decoder_text": decoder_graph(m, "text", GRAPH_KV)[0]}
             if "cross_kv" in cfg.stages:            # gated cross-attention: the image's K/V stage, no image branch
-                from edgemm.export.graph import cross_kv_graph
+                from edgemm.export.decoder_graph import cross_kv_graph
                 graphs["cross_kv"] = cross_kv_graph(m)[0]
             else:
                 graphs["decoder_image"] = decoder_graph(m, "vision", GRAPH_KV)[0]

@@ -203,6 +203,11 @@ def test_a_redirect_to_a_host_not_allowed_is_refused(site, net):
     assert [p for p, _ in site.hits] == ["/to"]
 
 
+@pytest.mark.parametrize("path", ["/caf\u00e9.png", "/a b"])
+def test_a_url_http_cannot_send_is_refused_in_shape(site, net, path):
+    _refused(f"http://img.test:{site.port}{path}", _limits())
+
+
 def test_redirects_are_followed_up_to_the_hop_limit(site, net):
     assert fetch_image(f"http://img.test:{site.port}/hop/{fetch.MAX_REDIRECTS}", _limits()) == PNG
     site.hits.clear()

@@ -148,7 +148,8 @@ def _old_bundle(m, bundle, dst):
     """The bundle as exports before the batch dimension wrote it: decoder_text batch 1, no `batch` field."""
     import onnx
     from edgemm.bundle import write_manifest
-    from edgemm.export.graph import decoder_graph, io_spec
+    from edgemm.export.decoder_graph import decoder_graph
+    from edgemm.export.graph import io_spec
     shutil.copytree(bundle, dst)
     g, _ = decoder_graph(m, "text")
     onnx.save(g, dst / "decoder_text.onnx")

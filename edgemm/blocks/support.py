@@ -102,6 +102,14 @@ def is_llava_graph(cfg) -> bool:
     return all(v in cfg.variants() for v in LLAVA_GRAPH)
 
 
+def export_targets(cfg) -> str:
+    """The targets that export this config, from the matrix ('onnx, trt (fp32, fp16), ...'), or NO_TARGET."""
+    q = bool(unquantized_only(cfg))
+    out = [t + ({"onnx": " (fp32, fp16)", "trt": " (fp16)"}.get(t, "") if q else "")
+           for t in TARGETS[1:] if refusal(cfg, t) is None]
+    return ", ".join(out) or NO_TARGET
+
+
 def unquantized_only(cfg) -> list[str]:
     """Reasons why cfg's onnx/trt graphs can be exported unquantized only (empty: any precision)."""
     return [f.unquantized for f in FEATURES if f.unquantized and f.applies(cfg)]
@@ -111,14 +119,16 @@ def target_summary(core: list[str], optional: list[str] = (), hints: dict | None
     """'onnx, trt, gguf (not X)' for a family whose configs always use `core` and may use `optional`: the
     targets computing every core feature, each with the optional ones it lacks; unquantized-only noted."""
     hints = hints or {}
+    llava = all(n in core for n in LLAVA_GRAPH)
     out = []
     for t in TARGETS[1:]:
+        def ok(name):
+            f = BY_NAME[name]
+            return (llava and f.gguf is not None) if t == "gguf" else f.computed_by(t)
         feats = [BY_NAME[n] for n in core]
-        if t == "gguf" and feats and not all(n in core for n in LLAVA_GRAPH):
-            continue                                            # not a LLaVA composition: the cogvlm graph
-        if not all(f.computed_by(t) for f in feats):
+        if not all(ok(n) for n in core):
             continue
-        lacks = [n for n in optional if not BY_NAME[n].computed_by(t)]
+        lacks = [n for n in optional if not ok(n)]
         notes = []
         if t in ("onnx", "trt") and any(f.unquantized for f in feats):
             notes.append("fp32, fp16" if t == "onnx" else "fp16")

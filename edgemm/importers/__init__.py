@@ -4,8 +4,9 @@ Idefics) -> edgemm checkpoints.
 A source is a directory with config.json, the weights (safetensors shards + model.safetensors.index.json, a single
 model.safetensors, or pytorch_model*.bin read with torch.load(weights_only=True)) and tokenizer files.
 
-1. The family comes from config.json (model_type / architectures / auto_map) unless given.
-2. A family mapper turns the config into an edgemm ModelConfig and a plan: every edgemm tensor with the source
+1. The family comes from config.json (model_type / architectures / auto_map) unless given: the registered families
+   of edgemm.families, one module each.
+2. The family's `plan` turns the config into an edgemm ModelConfig and a plan: every edgemm tensor with the source
    tensors it is made of (renames, fused QKV concatenations, a reordered position table) and the source tensors
    that are deliberately not imported, each with its reason. Everything is checked before a byte is written:
    unexpected or missing tensors, missing shards, shapes (the recipes run on meta tensors).
@@ -25,77 +26,9 @@ from ..bundle import check_out
 from ..checkpoint import atomic_dir
 from ..errors import EdgemmError
 
-from .blip2 import map_blip2
-from .cogvlm import map_cogvlm
-from .idefics import map_idefics
-from .libra import map_libra
-from .llava import map_llava, map_llava_next
+from .. import families
 from .shards import DEFAULT_SHARD_BYTES, Source, check_plan, stream_convert
-
-FAMILIES = ("cogvlm", "llava", "libra", "llava_next", "blip2", "instructblip", "idefics")
-MAPPERS = {"cogvlm": map_cogvlm, "llava": map_llava, "libra": map_libra, "llava_next": map_llava_next,
-           "blip2": map_blip2, "instructblip": map_blip2, "idefics": map_idefics}
-
-
-# --------------------------------------------------------------------------- families
-def detect_family(hf: dict, where: str = "config.json") -> str:
-    mt = str(hf.get("model_type", "")).lower()
-    arch = " ".join(hf.get("architectures") or []).lower()
-    auto = json.dumps(hf.get("auto_map") or {}).lower()
-    if mt == "llava_next" or "llavanextforconditionalgeneration" in arch:
-        return "llava_next"
-    if mt == "llava" or "llavaforconditionalgeneration" in arch:
-        return "llava"
-    if mt == "blip-2" or "blip2forconditionalgeneration" in arch:
-        return "blip2"
-    if mt == "instructblip" or "instructblipforconditionalgeneration" in arch:
-        return "instructblip"
-    if mt == "idefics" or "ideficsforvisiontext2text" in arch:
-        return "idefics"
-    if mt == "libra" or "libraforcausallm" in arch:
-        return "libra"
-    if mt == "cogvlm" or "cogvlm" in arch or "cogvlm" in auto:
-        return "cogvlm"
-    raise EdgemmError(f"cannot tell the model family from {where} (model_type={mt or None!r}, "
-                      f"architectures={hf.get('architectures')}); edgemm imports {', '.join(FAMILIES)}: "
-                      "pass --from if it is one of them")
-
-
-# --------------------------------------------------------------------------- tokenizer
-def _install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log) -> None:
-    from tokenizers import Tokenizer as HFTokenizer
-    from ..tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
-    d = tok_dir or src
-    f = d / "tokenizer.json"
-    if not f.is_file():
-        if tok_dir is None:
-            raise EdgemmError(f"{src} ships no tokenizer.json; pass --tokenizer DIR (a directory with the model's "
-                              "tokenizer.json, e.g. the Vicuna/LLaMA tokenizer for cogvlm-chat-hf)")
-        raise EdgemmError(f"--tokenizer {tok_dir}: no tokenizer.json there")
-    try:
-        tok = HFTokenizer.from_file(str(f))
-    except Exception as e:
-        raise EdgemmError(f"cannot read tokenizer {f}: {e}") from None
-    missing = [t for t in (BOS, EOS) if tok.token_to_id(t) is None]
-    if missing:
-        raise EdgemmError(f"{f} lacks {' and '.join(missing)}, which edgemm's prompt format needs")
-    if tok.token_to_id(PAD) is None:
-        tok.add_special_tokens([PAD])
-        log(f"note: the tokenizer has no {PAD}; added it as id {tok.token_to_id(PAD)} (used for padding only)")
-    Tokenizer(tok).save(out / "tokenizer.json")
-    template = None
-    for cand in (d / "chat_template.jinja", src / "chat_template.jinja"):
-        if cand.is_file():
-            template = cand.read_text()
-            break
-    if template is None:
-        for cand in (d / "tokenizer_config.json", src / "tokenizer_config.json"):
-            if cand.is_file():
-                t = json.loads(cand.read_text()).get("chat_template")
-                if isinstance(t, str):
-                    template = t
-                    break
-    (out / "chat_template.jinja").write_text(template or CHAT_TEMPLATE)
+from .tokenizer import install_tokenizer
 
 
 # --------------------------------------------------------------------------- entry point
@@ -114,11 +47,10 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
         hf = json.loads((src / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise EdgemmError(f"{src / 'config.json'} is not valid JSON ({e})") from None
-    fam = detect_family(hf, str(src / "config.json")) if family == "auto" else family
-    if fam not in MAPPERS:
-        raise EdgemmError(f"unknown family {family!r}; edgemm imports {', '.join(FAMILIES)}")
+    fam = families.detect(hf, str(src / "config.json")) if family == "auto" else family
+    mapper = families.get(fam)                        # an unknown name: the error lists the registered families
     source = Source(src, allow_bin=allow_bin)
-    plan = MAPPERS[fam](hf, source, rules)
+    plan = mapper.plan(hf, source, rules)
     plan.cfg.validate()
     shapes = check_plan(plan, source)
     tok_dir = Path(tokenizer) if tokenizer else None
@@ -137,7 +69,7 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
     for why, n in reasons.items():
         log(f"not imported: {n} tensor(s): {why}")
     with atomic_dir(out) as tmp:
-        _install_tokenizer(src, tok_dir, tmp, log)
+        install_tokenizer(src, tok_dir, tmp, log)
         if qformer_tok is not None:
             qformer_tok.save(tmp / QFORMER_TOKENIZER)
         files = stream_convert(plan, source, shapes, tmp, shard_bytes, log)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import EdgemmError
 
-from .base import Plan
+from ..families.base import Plan
 
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 # A memory-mapped shard's pages count as resident once touched: the mapping is dropped and re-opened after this

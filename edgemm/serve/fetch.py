@@ -178,7 +178,7 @@ def get_once(url: str, limits: Limits, deadline: Deadline) -> tuple[int, str | N
         if deadline.passed:
             raise deadline.error()
         return r.status, None, data
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException, ValueError) as e:     # ValueError: a URL http.client refuses
         if deadline.passed or isinstance(e, TimeoutError):
             raise deadline.error() from None
         raise _bad_url(f"cannot fetch the image: {' '.join(str(e).split()) or type(e).__name__}") from None

@@ -12,8 +12,9 @@ import json
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig, cross_image_ids
 from ..errors import EdgemmError
 
+from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _clip_vision, _llama_layer, _req, _rope_theta
-from .shards import Source
+from ..importers.shards import Source
 
 
 def _token(src: Source, name: str, required: bool = True) -> int | None:
@@ -124,3 +125,17 @@ def map_idefics(hf: dict, src: Source, rules: str = "original") -> Plan:
                       f"tokens {cross_image_ids(cfg.decoder)}" + (f", {extra} additional vocab rows appended" if extra
                                                                  else ""))
     return plan
+
+
+@register
+class Idefics(Family):
+    name = "idefics"
+    model_types = ("idefics",)
+    architectures = ("ideficsforvisiontext2text",)
+    source = "`IdeficsForVisionText2Text` (resampler on)"
+    computes = "gated cross-attention: images never enter the context"
+    blocks = ("vision:clip", "connector:perceiver", "layer:single", "layer:gated-cross-attention")
+    core = ("single branch (llava)", "clip vision tower", "gated cross-attention")
+
+    def plan(self, hf, src, rules="original"):
+        return map_idefics(hf, src, rules)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
+from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _clip_vision, _llama_layer, _lm_ends, _req, _rope_theta
-from .shards import Source
+from ..importers.shards import Source
 
 
 def _moe_fields(tc: dict, tmt: str, wt: str) -> dict:
@@ -177,3 +178,32 @@ def map_llava_next(hf: dict, src: Source, rules: str = "original") -> Plan:
     plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are replaced "
                       f"by the image's rows (any-resolution tiling: up to {plan.cfg.n_image_rows} for one image)")
     return plan
+
+
+@register
+class Llava(Family):
+    name = "llava"
+    model_types = ("llava",)
+    architectures = ("llavaforconditionalgeneration",)
+    source = "`LlavaForConditionalGeneration` (Llama, Mistral, Qwen2, Mixtral / Qwen3-MoE language models)"
+    computes = "one branch; MoE FFNs; Qwen3's per-head q/k norm and `head_dim` of its own"
+    blocks = ("vision:clip", "connector:mlp", "layer:single", "layer:moe")
+    core = ("single branch (llava)", "clip vision tower", "mlp projector")
+    optional = ("grouped-query attention", "qkv bias", "mixture of experts", "per-head q/k norm", "head_dim of its own")
+
+    def plan(self, hf, src, rules="original"):
+        return map_llava(hf, src, rules)
+
+
+@register
+class LlavaNext(Llava):
+    name = "llava_next"
+    model_types = ("llava_next",)
+    architectures = ("llavanextforconditionalgeneration",)
+    source = "`LlavaNextForConditionalGeneration`"
+    computes = "any-resolution tiling (`--max-tiles N`)"
+    blocks = ("vision:clip", "vision:anyres", "connector:mlp", "layer:single")
+    core = Llava.core + ("any-resolution tiling",)
+
+    def plan(self, hf, src, rules="original"):
+        return map_llava_next(hf, src, rules)

@@ -1,12 +1,15 @@
 """CogVLM (THUDM/cogvlm-chat-hf layout) -> edgemm."""
 from __future__ import annotations
 
+import json
+
 
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
+from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _lm_ends, _req, _rope_theta, _zeros
-from .shards import Source
+from ..importers.shards import Source
 
 
 def map_cogvlm(hf: dict, src: Source, rules: str = "original") -> Plan:
@@ -93,3 +96,19 @@ def map_cogvlm(hf: dict, src: Source, rules: str = "original") -> Plan:
     return plan
 
 
+@register
+class CogVLM(Family):
+    name = "cogvlm"
+    model_types = ("cogvlm",)
+    source = "CogVLM (`THUDM/cogvlm-chat-hf` layout)"
+    computes = "routed visual experts"
+    blocks = ("vision:eva", "connector:glu", "layer:routed")
+    optional = ("qkv bias", "collapsed image positions (cogvlm position rule)", "eoi through the text branch")
+    hints = {"gguf": "`--rules llamacpp`"}
+
+    def detect(self, hf: dict) -> bool:       # remote-code checkpoints name it in architectures / auto_map only
+        return super().detect(hf) or "cogvlm" in " ".join(hf.get("architectures") or []).lower() \
+            or "cogvlm" in json.dumps(hf.get("auto_map") or {}).lower()
+
+    def plan(self, hf, src, rules="original"):
+        return map_cogvlm(hf, src, rules)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError, UnsupportedVariant
 
+from . import Family, register
 from .base import Plan, _llama_layer, _lm_ends, _req, _rope_theta
-from .shards import Source
+from ..importers.shards import Source
 
 
 def map_libra(hf: dict, src: Source, rules: str = "original") -> Plan:
@@ -83,3 +84,16 @@ def map_libra(hf: dict, src: Source, rules: str = "original") -> Plan:
     return plan
 
 
+@register
+class Libra(Family):
+    name = "libra"
+    model_types = ("libra",)
+    architectures = ("libraforcausallm",)
+    source = "Libra"
+    computes = "low-rank vision branches, cross-modal K/V bridge"
+    blocks = ("connector:libra", "layer:low-rank", "layer:bridge")
+    core = ("libra image tokens", "low-rank vision branches", "per-modality norms")
+    optional = ("cross-modal K/V bridge", "grouped-query attention")
+
+    def plan(self, hf, src, rules="original"):
+        return map_libra(hf, src, rules)

@@ -14,8 +14,9 @@ import json
 from ..config import AdapterConfig, DecoderConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 
+from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _llama_layer, _lm_ends, _req, _rope_theta, _zeros
-from .shards import Source
+from ..importers.shards import Source
 
 TEXT_MODELS = ("llama",)
 
@@ -178,3 +179,28 @@ def map_blip2(hf: dict, src: Source, rules: str = "original") -> Plan:
                           "tokenizer (qformer_tokenizer/, imported as qformer_tokenizer.json); the runtimes encode "
                           "the image once the question it comes with is known")
     return plan
+
+
+@register
+class Blip2(Family):
+    name = "blip2"
+    model_types = ("blip-2",)
+    architectures = ("blip2forconditionalgeneration",)
+    source = "`Blip2ForConditionalGeneration` (Llama LM)"
+    computes = "Q-Former: `num_query_tokens` rows per image (32 in BLIP-2)"
+    blocks = ("vision:blip", "connector:qformer", "layer:single")
+    core = ("single branch (llava)", "blip vision tower", "q-former adapter")
+    optional = ("grouped-query attention", "head_dim of its own")
+
+    def plan(self, hf, src, rules="original"):
+        return map_blip2(hf, src, rules)
+
+
+@register
+class InstructBlip(Blip2):
+    name = "instructblip"
+    model_types = ("instructblip",)
+    architectures = ("instructblipforconditionalgeneration",)
+    source = "`InstructBlipForConditionalGeneration` (Llama LM)"
+    computes = "Q-Former reading the instruction too"
+    core = Blip2.core + ("q-former instruction input (instructblip)",)

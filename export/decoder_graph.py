@@ -1,0 +1,329 @@
+"""The decoder stages (`decoder_text`, `decoder_image`) of the onnx and trt exporters, written op by op with
+edgemm.export.graph's primitives from the reference model's layers.
+
+Both decoder flavours are emitted from one layer description (`decoder_layers`) and differ only in attention:
+
+- `ort-contrib-gqa` (onnx bundles, the `ort` backend): com.microsoft GroupQueryAttention with past and present
+  sharing one preallocated buffer per layer ([1, K, cache_len, E], BNSH): the runtime binds the same OrtValue as
+  `past_key.i` and `present_key.i`, the op writes the new rows in place at `seqlens_k + 1 - T` and attends over
+  the first `total_sequence_length` rows, so a decode step never copies the cache. The text graph has a dynamic
+  batch dimension (`batch=True`, where decode_batch_supported): the runtime binds rows of one [slots, K,
+  cache_len, E] buffer and each row's seqlens_k is its own, so one run decodes a token for several slots.
+- `onnx-standard-kv-window` (trt bundles, TensorRT and the CPU emulation): standard ops only. Per layer the
+  cache is an input `cache_key.i` / `cache_value.i` [1, W, K, E] (BSNH: the first W rows of the runtime's buffer),
+  the T new rows are written at `past_len` with ScatterElements, attention is a masked softmax (row i sees cache
+  rows <= past_len + i), and the new rows come out as `new_key.i` / `new_value.i` [1, T, K, E] for the runtime
+  to store.
+
+RoPE (NEOX form) is computed from an explicit `positions` input in both, so the cogvlm position rule works.
+Imported-model variants: low-rank vision branches (two MatMuls per projection, the weights stay low-rank),
+per-modality norms (the vision graph holds the vision norms, incl. the final one), Libra's cross-modal K/V bridge
+(a cache of 2 * kv_heads heads: each segment writes both versions of its rows and attends over its own half),
+CogVLM's eoi-through-text rule (decoder_text then takes `input_rows` too). The input stage is traced from the
+reference (`vision`: pixels -> image rows; Libra's `image_tokens`: codes, signal -> rows).
+
+Qwen3's per-head Q/K RMSNorm runs on the [1, T, heads, E] view before RoPE.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgemm.export.graph import (GRAPH_GQA, GRAPH_KV, MOE_DEFAULT, NEG, Graph, add_rms, linear, mlp, np32, rms, rope,
+                                 rope_tables)
+
+
+def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list, str]:
+    """-> (graph inputs, rows [B, T, D]): token ids (text) or image rows (vision); B is 1, or "batch" for a
+    batch-capable decoder_text (decode_batch_supported). The text graph of a model that
+    routes the image segment's eoi row through the text branch (CogVLM's original rule) also takes `input_rows`
+    [1, rows, D], appended after the ids' embeddings: the runtime feeds the ids and no rows for text, no ids
+    and the eoi row for the end of an image segment."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    D = model.cfg.decoder.d_model
+    if branch != "text":
+        return [vi("image_rows", TensorProto.FLOAT, [1, "seq", D])], g.act("image_rows")
+    emb = g.weight("tok_embeddings.weight", np32(model.decoder.tok_embeddings.weight))
+    x = g.op("Gather", [emb, "input_ids"], axis=0)                                        # [1, T, D]
+    if model.cfg.decoder.eoi_branch != "text":
+        return [vi("input_ids", TensorProto.INT64, [B, "seq"])], x
+    ins = [vi("input_ids", TensorProto.INT64, [B, "ids"]), vi("input_rows", TensorProto.FLOAT, [B, "rows", D])]
+    return ins, g.op("Concat", [x, g.act("input_rows")], axis=1)
+
+
+def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
+    """The layers of one decoder branch: dense or low-rank (Libra) projections, per-modality norms, Libra's
+    cross-modal K/V bridge.
+
+    attend(i, q, k, v, read) -> [1, T, H*E]: q [1, T, H*E] and k, v [1, T, cache_heads*E] before RoPE; with the
+    bridge k, v hold both versions of the rows (heads [0, K) as text queries read them, [K, 2K) as vision
+    queries do: this branch's own rows plain, the other modality's with its rank-r bridge added) and
+    `read` says which half this branch's queries attend over (None without the bridge)."""
+    from edgemm.xattn import cross_layer_at
+    c = model.cfg.decoder
+    own = branch == "vision" and c.per_modality_norms
+    pend = None                                         # the last MLP's output, not yet added to x (see add_rms)
+    packed = getattr(attend, "packed", False) and not c.qk_norm and not c.cross_modal_bridge
+    for i, layer in enumerate(model.decoder.layers):
+        if c.cross_attn_every and cross_layer_at(c, i) is not None:
+            if pend is not None:
+                x, pend = g.op("Add", [x, pend]), None
+            x = cross_attn_block(g, model, i, x)
+        br, p = getattr(layer, branch), f"layers.{i}"
+        nrm = (layer.vision_attn_norm, layer.vision_ffn_norm) if own else (layer.attn_norm, layer.ffn_norm)
+        pre = "vision_" if own else ""
+        w = g.weight(f"{p}.{pre}attn_norm.weight", np32(nrm[0].weight))
+        if pend is None:
+            h = rms(g, x, w, c.rms_eps)
+        else:
+            x, h = add_rms(g, x, pend, w, c.rms_eps)
+        if packed and hasattr(br.qkv, "weight"):      # GroupQueryAttention takes the fused QKV as it is
+            a = attend(i, linear(g, h, br.qkv, f"{p}.{branch}.qkv"), None, None, None)
+        else:
+            a = attend(i, *_qkv(g, c, br, h, p, branch))
+        x, h = add_rms(g, x, linear(g, a, br.o, f"{p}.{branch}.o"),
+                       g.weight(f"{p}.{pre}ffn_norm.weight", np32(nrm[1].weight)), c.rms_eps)
+        pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
+    return g.op("Add", [x, pend])
+
+
+def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
+    """-> (q, k, v, read) of one layer for attend: dense or low-rank projections, Qwen3's per-head q/k norm, Libra's
+    bridge (k, v then hold both versions of the rows and `read` names the half this branch attends over)."""
+    H, K, E = c.n_heads, c.kv_heads, c.head_dim
+    if hasattr(br.qkv, "weight"):
+        q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
+                       n_out=3, axis=-1)
+    else:
+        q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
+    if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K, before RoPE
+        def head_norm(t, n, nm):
+            w = g.weight(f"{p}.{branch}.{nm}.weight", np32(getattr(br, nm).weight))
+            t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
+            return g.op("Reshape", [t, g.i64([0, 0, n * E])])
+        q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
+    read = None
+    if c.cross_modal_bridge:
+        read = int(branch == "vision")
+        ko, vo = (g.op("Add", [t, linear(g, h, getattr(br, f"{n}_bridge"), f"{p}.{branch}.{n}_bridge")])
+                  for t, n in ((k, "k"), (v, "v")))                  # as the other modality's queries read them
+        k, v = (g.op("Concat", [t, o] if read == 0 else [o, t], axis=-1) for t, o in ((k, ko), (v, vo)))
+    return q, k, v, read
+
+
+def cross_attn_block(g: Graph, model, i: int, x: str) -> str:
+    """The gated cross-attention layer before decoder layer i, if any (edgemm.xattn.GatedCrossAttnLayer): reads
+    the graph inputs cross_key.j / cross_value.j [1, H, n, E] (the image's, from the cross_kv stage) and
+    cross_gate [1, T, 1] (1 where the row reads the image)."""
+    from edgemm.xattn import cross_layer_at
+    c = model.cfg.decoder
+    j = cross_layer_at(c, i)
+    if j is None:
+        return x
+    xl, p, H, E = model.decoder.cross_layers[j], f"cross_layers.{j}", c.n_heads, c.head_dim
+    h = rms(g, x, g.weight(f"{p}.attn_norm.weight", np32(xl.attn_norm.weight)), c.rms_eps)
+    q = g.op("Reshape", [linear(g, h, xl.q, f"{p}.q"), g.i64([1, -1, H, E])])              # [1, T, H, E]
+    if c.cross_attn_qk_norms:
+        q = rms(g, q, g.weight(f"{p}.q_norm.weight", np32(xl.q_norm.weight)), c.rms_eps)
+    kt = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])                           # [1, H, E, n]
+    s = g.op("Mul", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1, 3]), kt]), g.scalar(1.0 / math.sqrt(E))])
+    a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), f"cross_value.{j}"])                 # [1, H, T, E]
+    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, c.d_model])])
+    a = g.op("Mul", [linear(g, a, xl.o, f"{p}.o"), g.act("cross_gate")])
+    x = g.op("Add", [x, g.op("Mul", [a, g.weight(f"{p}.tanh_alpha_attn", np.tanh(np32(xl.alpha_attn)))])])
+    h = rms(g, x, g.weight(f"{p}.ffn_norm.weight", np32(xl.ffn_norm.weight)), c.rms_eps)
+    d = g.op("Mul", [mlp(g, h, xl, p, c.ffn_dim), g.weight(f"{p}.tanh_alpha_dense", np.tanh(np32(xl.alpha_dense)))])
+    return g.op("Add", [x, d])
+
+
+def cross_inputs(model, kv_type=None) -> list:
+    """The decoder graph inputs of the gated cross-attention layers (none without them); cross K/V in kv_type
+    (the cross_kv stage's output type: fp16 with half)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    from edgemm.xattn import n_cross_layers
+    c = model.cfg.decoder
+    if not c.cross_attn_every:
+        return []
+    return [vi("cross_gate", TensorProto.FLOAT, [1, "seq", 1])] + [
+        vi(f"cross_{kv}.{j}", kv_type or TensorProto.FLOAT, [1, c.n_heads, "cross_len", c.head_dim])
+        for j in range(n_cross_layers(c)) for kv in ("key", "value")]
+
+
+def cross_kv_graph(model, fp16: bool = False, half: bool = False):
+    """Stage `cross_kv`: an image's resampled rows image_rows [1, n, W] -> cross_key.j / cross_value.j
+    [1, H, n, E] for every cross-attention layer j (k normed per head with qk norms), once per image; half: in
+    fp16 compute, K/V out in fp16 (the fp16 decoder's cross inputs)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    c = model.cfg.decoder
+    H, E, W = c.n_heads, c.head_dim, c.cross_attn_kv_dim or c.d_model
+    g, outs = Graph(fp16, half=half), []
+    rows = g.act("image_rows")
+    for j, xl in enumerate(model.decoder.cross_layers):
+        for kv in ("key", "value"):
+            t = g.op("Reshape", [linear(g, rows, getattr(xl, kv[0]), f"cross_layers.{j}.{kv[0]}"),
+                                 g.i64([1, -1, H, E])])
+            if kv == "key" and c.cross_attn_qk_norms:
+                t = rms(g, t, g.weight(f"cross_layers.{j}.k_norm.weight", np32(xl.k_norm.weight)), c.rms_eps)
+            g.op("Transpose", [t], perm=[0, 2, 1, 3], out=f"cross_{kv}.{j}")
+            outs.append(vi(f"cross_{kv}.{j}", g.ftype, [1, H, "rows", E]))
+    ins = [vi("image_rows", TensorProto.FLOAT, [1, "rows", W])]
+    return g.model("edgemm_cross_kv", ins, outs), g.weight_bytes
+
+
+def final_norm(model, branch: str):
+    dec = model.decoder
+    return dec.vision_norm if branch == "vision" and model.cfg.decoder.per_modality_norms else dec.norm
+
+
+# --------------------------------------------------------------------------- attention, per flavour
+def gqa_rotary(c) -> bool:
+    """GroupQueryAttention rotates Q and K itself (do_rotary, NEOX form, cos/sin caches) when every row's RoPE
+    position is its cache row, i.e. the sequential position rule; CogVLM's collapsed image positions keep the
+    external RoPE from the `positions` input, as do head sizes ONNX Runtime's rotary kernel refuses (not a
+    multiple of 16)."""
+    return c.position_rule == "sequential" and c.head_dim % 16 == 0
+
+
+def rotary_caches(g: Graph, c) -> tuple[str, str]:
+    """cos, sin caches [max_seq_len, E/2] for GroupQueryAttention's do_rotary (edgemm.model.rope_cos_sin)."""
+    import torch
+    from edgemm.model import rope_cos_sin
+    cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, c.rope_theta)
+    E2, dt = c.head_dim // 2, np.float16 if g.half else np.float32      # the op takes them in the queries' type
+    n = g.weight_bytes
+    out = (g.const("rotary.cos_cache", cos[:, :E2].numpy().astype(dt)),
+           g.const("rotary.sin_cache", sin[:, :E2].numpy().astype(dt)))
+    g.weight_bytes = n                  # tables (fp32, or fp16 with half), not weights: a step reads T rows
+    return out
+
+
+def _gqa_attention(g: Graph, c, cos, sin):
+    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa). cos, sin: the external
+    RoPE tables, or None when the op rotates (gqa_rotary)."""
+    H, E, NK = c.n_heads, c.head_dim, c.cache_heads
+    caches = rotary_caches(g, c) if cos is None else None
+
+    def attend(i, q, k, v, read):
+        # with the bridge, the queries are duplicated (2H heads over the 2K cache heads: the first H read
+        # [0, K), the others [K, 2K)), so one GroupQueryAttention writes both versions of the new rows into
+        # the shared buffer; the half of the output this branch does not read is dropped
+        n = 1 if read is None else 2
+        ins, rot = [], {}
+        if k is None:                                   # packed QKV (attend.packed): the op splits and rotates
+            k = v = ""
+        if caches is None:
+            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E), g.i64([0, 0, H * E])])
+            k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E), g.i64([0, 0, NK * E])])
+        else:
+            ins, rot = list(caches), {"do_rotary": 1, "rotary_interleaved": 0}
+        a, pk, pv = g.op("GroupQueryAttention", [g.op("Concat", [q] * n, axis=-1) if n > 1 else q, k, v,
+                                                 f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                                 "total_sequence_length", *ins], n_out=3, domain="com.microsoft",
+                         num_heads=n * H, kv_num_heads=NK, scale=1.0 / math.sqrt(E), **rot)
+        g.op("Identity", [pk], out=f"present_key.{i}", name=f"present_key_id.{i}")
+        g.op("Identity", [pv], out=f"present_value.{i}", name=f"present_value_id.{i}")
+        return a if n == 1 else g.op("Split", [a, g.i64([H * E, H * E])], n_out=2, axis=-1)[read]
+    attend.packed = caches is not None                  # with do_rotary the op can take the fused QKV unsplit
+    return attend
+
+
+def _window_attention(g: Graph, c, cos, sin):
+    """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window)."""
+    H, K, E, NK = c.n_heads, c.kv_heads, c.head_dim, c.cache_heads
+    zero, one = g.i64(0), g.i64(1)
+    T = g.op("Squeeze", [g.op("Shape", ["positions"]), g.i64([0])])
+    W = g.op("Gather", [g.op("Shape", ["cache_key.0"]), one], axis=0)
+    rows = g.op("Add", [g.op("Range", [zero, T, one]), "past_len"], name="write_rows")         # [T]
+    cols = g.op("Range", [zero, W, one])                                                      # [W]
+    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.i64([0])]),
+                                   g.op("Unsqueeze", [rows, g.i64([1])])], name="causal_mask")  # [T, W]
+    scatter_shape = g.op("Concat", [g.i64([1]), g.op("Unsqueeze", [T, g.i64([0])]), g.i64([NK, E])], axis=0)
+    scatter_idx = g.op("Expand", [g.op("Reshape", [rows, g.i64([1, -1, 1, 1])]), scatter_shape])  # [1, T, NK, E]
+    scale = g.f32(1.0 / math.sqrt(E))
+
+    def attend(i, q, k, v, read):
+        q4 = rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E)                # [1, T, H, E]
+        k4 = rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E)               # [1, T, NK, E]
+        v4 = g.op("Reshape", [v, g.i64([1, -1, NK, E])])
+        g.op("Identity", [k4], out=f"new_key.{i}")
+        g.op("Identity", [v4], out=f"new_value.{i}")
+        kf = g.op("ScatterElements", [f"cache_key.{i}", scatter_idx, k4], axis=1)             # [1, W, NK, E]
+        vf = g.op("ScatterElements", [f"cache_value.{i}", scatter_idx, v4], axis=1)
+        if read is not None:            # the bridge: this branch's queries read one half of the heads
+            kf, vf = (g.op("Slice", [t, g.i64([read * K]), g.i64([(read + 1) * K]), g.i64([2])]) for t in (kf, vf))
+        qh = g.op("Transpose", [q4], perm=[0, 2, 1, 3])                                       # [1, H, T, E]
+        kh = g.op("Transpose", [kf], perm=[0, 2, 3, 1])                                       # [1, K, E, W]
+        vh = g.op("Transpose", [vf], perm=[0, 2, 1, 3])                                       # [1, K, W, E]
+        if K != H:                                                                            # grouped-query
+            rep = g.i64([1, 1, H // K, 1, 1])
+            kh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [kh, g.i64([2])]), rep]), g.i64([1, H, E, -1])])
+            vh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vh, g.i64([2])]), rep]), g.i64([1, H, -1, E])])
+        s = g.op("Mul", [g.op("MatMul", [qh, kh]), scale])                                    # [1, H, T, W]
+        s = g.op("Where", [allowed, s, g.f32(NEG)])
+        a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                               # [1, H, T, E]
+        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, H * E])])
+    return attend
+
+
+def decode_batch_supported(cfg, moe_form: str | None = None) -> bool:
+    """Whether decoder_text can take a batch dimension (several KV caches stepped in one run): not with gated
+    cross-attention (each row would need its own image's cross K/V) nor the dense MoE form (its expert MatMuls
+    broadcast over the batch axis)."""
+    c = cfg.decoder
+    return not c.cross_attn_every and not (c.n_experts and (moe_form or MOE_DEFAULT[GRAPH_GQA]) == "dense")
+
+
+def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = False, moe_form: str | None = None,
+                  batch: bool = False, half: bool = False):
+    """One decoder branch ('text' or 'vision') as an ONNX model of the given flavour -> (model, weight bytes);
+    MoE layers in `moe_form` (default MOE_DEFAULT[flavour]; the trt flavour takes standard ops only).
+    batch (ort-contrib-gqa text branch only): a dynamic batch dimension on input_ids [batch, seq], positions
+    [batch, seq], seqlens_k [batch], the KV buffers [batch, K, cache_len, E] and logits [batch, V], so one run
+    steps several KV caches (rows of one buffer per layer; GroupQueryAttention reads each row's own seqlens_k);
+    B = 1 is the single-state path. half (ort-contrib-gqa): fp16 compute
+    for the CUDA provider, past/present in fp16 (see the module docstring)."""
+    from onnx import TensorProto
+    from onnx.helper import make_tensor_value_info as vi
+    c, dec = model.cfg.decoder, model.decoder
+    E, L, NK, V = c.head_dim, c.n_layers, c.cache_heads, c.vocab_size
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    gqa = flavour == GRAPH_GQA                          # ONNX Runtime's contrib ops are this flavour's anyway
+    if half and not gqa:
+        raise ValueError("fp16 compute is for the ort-contrib-gqa graphs")
+    g = Graph(fp16, fused_norms=gqa, moe_form=moe_form or MOE_DEFAULT.get(flavour, "dense"), half=half)
+    kvt = g.ftype
+    if batch and not (gqa and branch == "text" and decode_batch_supported(model.cfg, g.moe_form)):
+        raise ValueError("a batch dimension is for the ort-contrib-gqa text graph of models that support it")
+    B = "batch" if batch else 1
+    inputs, x = decoder_input(g, model, branch, B)
+    inputs.append(vi("positions", i64, [B, "seq"] if batch else ["seq"]))
+    if gqa:
+        inputs += [vi("seqlens_k", i32, [B]), vi("total_sequence_length", i32, [])]
+        inputs += [vi(f"past_{kv}.{i}", kvt, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+    elif flavour == GRAPH_KV:
+        inputs.append(vi("past_len", i64, [1]))
+        inputs += [vi(f"cache_{kv}.{i}", f32, [1, "cache_len", NK, E]) for i in range(L) for kv in ("key", "value")]
+    else:
+        raise ValueError(f"unknown decoder graph flavour {flavour!r}")
+    inputs += cross_inputs(model, g.ftype)
+    cos, sin = (None, None) if gqa and gqa_rotary(c) else rope_tables(g, c, batch)
+    attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
+    x = decoder_layers(g, model, branch, x, attend)
+    last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]
+    hn = rms(g, last, g.weight("norm.weight", np32(final_norm(model, branch).weight)), c.rms_eps)
+    lm = g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)
+    if half:
+        g.op("Cast", [g.op("MatMul", [hn, lm], name="lm_head")], out="logits", to=f32)
+    else:
+        g.op("MatMul", [hn, lm], out="logits", name="lm_head")
+    outputs = [vi("logits", f32, [B, V])]
+    if gqa:
+        outputs += [vi(f"present_{kv}.{i}", kvt, [B, NK, "cache_len", E]) for i in range(L) for kv in ("key", "value")]
+    else:
+        outputs += [vi(f"new_{kv}.{i}", f32, [1, "seq", NK, E]) for kv in ("key", "value") for i in range(L)]
+    name = f"edgemm_decoder_{branch}" if gqa else f"edgemm_trt_decoder_{branch}"
+    return g.model(name, inputs, outputs), g.weight_bytes
