@@ -249,6 +249,10 @@ def doctor(bundle, device, json_path):
               help="Largest decoded image (width x height) a request may send.")
 @click.option("--allow-remote-images", "remote_hosts", multiple=True, help="Allow http(s) image URLs from this "
               "host (repeatable); private, loopback and link-local addresses stay refused.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=float, help="Seconds a client has to send a "
+              "request's head, then its body (slow clients get 408 and are closed; 0: no limit).")
+@click.option("--max-client-connections", default=64, show_default=True, type=int, help="Open connections per "
+              "client address (more get 429; plain serve, not --ray).")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve (the local Ray, or the cluster in "
               "RAY_ADDRESS): replicas, autoscaling, backpressure.")
 @click.option("--replicas", default=None, type=int, help="--ray: how many replicas (default 1).")
@@ -257,7 +261,8 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @handle_errors
 def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
-          metrics, max_tokens, max_image_pixels, remote_hosts, use_ray, replicas, autoscale, ray_config):
+          metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, use_ray, replicas,
+          autoscale, ray_config):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -277,7 +282,10 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         api_key = Path(api_key_file).read_text().strip()
         if not api_key:
             raise EdgemmError(f"--api-key-file {api_key_file} is empty")
-    limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts))
+    if body_timeout < 0 or max_client_connections < 1:
+        raise EdgemmError("--body-timeout must be >= 0 and --max-client-connections >= 1")
+    limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts),
+                    body_seconds=body_timeout, client_connections=max_client_connections)
     if use_ray or ray_config:
         from .serve import is_loopback
         from .serve import ray_app

@@ -207,3 +207,9 @@ def test_shipped_model_answers_without_torch_after_the_first_run(tmp_path):
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert again.stdout.startswith(ref) and "TORCH False" in again.stdout, (again.stdout, again.stderr[-500:])
     assert "backend: ort" in again.stderr
+
+
+@pytest.mark.parametrize("args", [["--body-timeout", "-1"], ["--max-client-connections", "0"]])
+def test_serve_slow_client_limits_are_checked(args):
+    r = CliRunner().invoke(main, ["serve", *args])
+    assert r.exit_code == 2 and "--body-timeout must be >= 0 and --max-client-connections >= 1" in r.output
