@@ -1,0 +1,261 @@
+"""GGUF tensor layout: the decoder file (llama.cpp's cogvlm arch: text branch under the ordinary names
+blk.N.attn_qkv ..., vision branch under blk.N.vis_*; LLaVA as llama / qwen2 with separate attn_q/k/v, MoE-LLaVA
+with ffn_gate_inp + ffn_{gate,up,down}_exps as Mixtral), the mmproj file (clip arch, projector cogvlm or mlp), and
+reading a file's tensor table back (which part of the model each tensor belongs to).
+
+Tensor names and metadata keys follow llama.cpp (src/models/cogvlm.cpp, tools/mtmd/models/cogvlm.cpp,
+tools/mtmd/models/llava.cpp, tools/mtmd/clip.cpp, gguf-py's constants)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.export.gguf_quant import add_vision_tensor, mmproj_file_type
+from edgemm.export.gguf_tokenizer import add_tokenizer, tokenizer_fields
+
+
+# --------------------------------------------------------------------------- writers
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().contiguous().numpy()
+
+
+def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: str | None = None,
+                  tok_fields: dict | None = None) -> None:
+    """The decoder in f32 as llama.cpp's `arch`: cogvlm (text + vision branches, shared norms, embeddings, LM head),
+    or for LLaVA llama / qwen2 (one branch). chat_template: what tokenizer.chat_template holds (None: edgemm's
+    format); tok_fields: tokenizer_fields already converted (None: converted here)."""
+    import gguf
+    d = model.cfg.decoder
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name(name)
+    w.add_description("edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)"
+                      if arch == "cogvlm" else f"edgemm LLaVA decoder ({arch})")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(d.max_seq_len)
+    w.add_embedding_length(d.d_model)
+    w.add_block_count(d.n_layers)
+    w.add_feed_forward_length(d.moe_ffn_dim if d.n_experts else d.ffn_dim)    # MoE: the experts' width (n_ff)
+    if d.n_experts:                     # Mixtral layout: ffn_gate_inp + ffn_{gate,up,down}_exps in every layer
+        w.add_expert_count(d.n_experts)
+        w.add_expert_used_count(d.experts_top_k)
+    w.add_head_count(d.n_heads)
+    w.add_head_count_kv(d.kv_heads)
+    w.add_layer_norm_rms_eps(d.rms_eps)
+    w.add_rope_freq_base(d.rope_theta)
+    w.add_rope_dimension_count(d.head_dim)
+    w.add_vocab_size(d.vocab_size)
+    tf = tok_fields or tokenizer_fields(tok, d.vocab_size)
+    add_tokenizer(w, tok, tf, chat_template)
+
+    dec = model.decoder
+    w.add_tensor("token_embd.weight", _np(dec.tok_embeddings.weight))
+    w.add_tensor("output_norm.weight", _np(dec.norm.weight))
+    if not d.tie_embeddings:
+        w.add_tensor("output.weight", _np(dec.lm_head.weight))
+    for i, layer in enumerate(dec.layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", _np(layer.attn_norm.weight))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", _np(layer.ffn_norm.weight))
+        if arch != "cogvlm":
+            _write_attention(w, i, layer.text, d, permute=arch == "llama")
+            _write_ffn(w, i, layer.text)
+            continue
+        for prefix, br in (("", layer.text), ("vis_", layer.vision)):
+            w.add_tensor(f"blk.{i}.{prefix}attn_qkv.weight", _np(br.qkv.weight))
+            w.add_tensor(f"blk.{i}.{'vis_attn_output' if prefix else 'attn_output'}.weight", _np(br.o.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'gate' if prefix else 'ffn_gate'}.weight", _np(br.gate.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'up' if prefix else 'ffn_up'}.weight", _np(br.up.weight))
+            w.add_tensor(f"blk.{i}.{prefix}{'down' if prefix else 'ffn_down'}.weight", _np(br.down.weight))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def rope_permute(wt: np.ndarray, heads: int) -> np.ndarray:
+    """Q or K rows (HF order: each head's rotary halves, NEOX rope) -> llama.cpp's llama order (pairs interleaved,
+    its normal rope), as convert_hf_to_gguf.py's LlamaModel.permute does."""
+    return wt.reshape(heads, 2, wt.shape[0] // heads // 2, *wt.shape[1:]).swapaxes(1, 2).reshape(wt.shape)
+
+
+def _write_attention(w, i: int, br, d, permute: bool) -> None:
+    """Separate attn_q / attn_k / attn_v (+ biases: qwen2) and attn_output of a single-branch layer."""
+    H, K, E = d.n_heads, d.kv_heads, d.head_dim
+    qkv = _np(br.qkv.weight)
+    bias = None if br.qkv.bias is None else _np(br.qkv.bias)
+    for n, lo, hi, heads in (("q", 0, H * E, H), ("k", H * E, (H + K) * E, K), ("v", (H + K) * E, (H + 2 * K) * E, 0)):
+        wt = qkv[lo:hi]
+        w.add_tensor(f"blk.{i}.attn_{n}.weight", rope_permute(wt, heads) if permute and heads else wt)
+        if bias is not None:            # qwen2: NEOX rope, never permuted
+            w.add_tensor(f"blk.{i}.attn_{n}.bias", bias[lo:hi])
+    w.add_tensor(f"blk.{i}.attn_output.weight", _np(br.o.weight))
+
+
+def _write_ffn(w, i: int, br) -> None:
+    """The feed-forward tensors of one single-branch layer: the dense SwiGLU MLP, or an MoE layer's router
+    (ffn_gate_inp [n_expert, n_embd]) and stacked experts (ffn_{gate,up}_exps [n_expert, n_ff, n_embd],
+    ffn_down_exps [n_expert, n_embd, n_ff]; ggml's ne reversed), as llama.cpp's llama arch loads them."""
+    if "moe" in br._modules:
+        moe = br.moe
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", _np(moe.router.weight))
+        for n in ("gate", "up", "down"):
+            w.add_tensor(f"blk.{i}.ffn_{n}_exps.weight", _np(getattr(moe, n)))
+        return
+    w.add_tensor(f"blk.{i}.ffn_gate.weight", _np(br.gate.weight))
+    w.add_tensor(f"blk.{i}.ffn_up.weight", _np(br.up.weight))
+    w.add_tensor(f"blk.{i}.ffn_down.weight", _np(br.down.weight))
+
+
+def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
+    """ViT + adapter + boi/eoi as llama.cpp's clip/mmproj file, projector cogvlm. -> {tensor: type}."""
+    import gguf
+    cfg, v = model.cfg, model.cfg.vision
+    D = cfg.decoder.d_model
+    w = gguf.GGUFWriter(str(path), arch="clip")
+    w.add_name(f"{name} vision")
+    w.add_description("edgemm vision stage: EVA-style ViT + GLU adapter + boi/eoi (llama.cpp projector cogvlm)")
+    w.add_file_type(mmproj_file_type(qtype))
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "cogvlm")
+    w.add_bool("clip.use_gelu", True)                     # FFN_GELU: ggml_gelu, the tanh form
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.width)
+    w.add_uint32("clip.vision.feed_forward_length", v.mlp_dim)
+    w.add_uint32("clip.vision.block_count", v.layers)
+    w.add_uint32("clip.vision.projection_dim", D)
+    w.add_uint32("clip.vision.attention.head_count", v.heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.eps)
+    w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
+    w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
+
+    types = {}
+    vt, ad = model.vision, model.adapter
+
+    def put(n, t):
+        types[n] = add_vision_tensor(w, n, _np(t) if not isinstance(t, np.ndarray) else t, qtype)
+
+    # the patch conv stays f32 (im2col + matmul on its kernel), as do norms, biases and embeddings
+    w.add_tensor("v.patch_embd.weight", _np(vt.patch_embed.weight))
+    types["v.patch_embd.weight"] = "f32"
+    put("v.patch_embd.bias", vt.patch_embed.bias)
+    put("v.class_embd", _np(vt.cls).reshape(1, v.width))
+    put("v.position_embd.weight", _np(vt.pos).reshape(v.n_patches + 1, v.width))
+    for i, blk in enumerate(vt.blocks):
+        for ours, theirs in (("qkv", "attn_qkv"), ("proj", "attn_out"), ("ln1", "ln1"), ("fc1", "ffn_up"),
+                             ("fc2", "ffn_down"), ("ln2", "ln2")):
+            mod = getattr(blk, ours)
+            put(f"v.blk.{i}.{theirs}.weight", mod.weight)
+            put(f"v.blk.{i}.{theirs}.bias", mod.bias)
+    put("mm.model.fc.weight", ad.linear_proj.weight)
+    put("mm.post_fc_norm.weight", ad.norm.weight)
+    put("mm.post_fc_norm.bias", ad.norm.bias)
+    put("mm.gate.weight", ad.gate.weight)
+    put("mm.up.weight", ad.up.weight)
+    put("mm.down.weight", ad.down.weight)
+    put("v.boi", _np(ad.boi).reshape(1, D))
+    put("v.eoi", _np(ad.eoi).reshape(1, D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
+
+
+def write_llava_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
+    """CLIP tower + LLaVA's MLP projector as llama.cpp's clip/mmproj file, projector mlp. -> {tensor: type}.
+
+    As tools/mtmd/models/llava.cpp reads it: separate attn_q/k/v per block, pre_ln, CLS + one position table
+    (HF order: CLS first), mm.0 -> ggml_gelu -> mm.2. The blocks written are the ones LLaVA uses
+    (vision_feature_layer); clip.vision.feature_layer names the last, so llama.cpp runs all of them (without it
+    llava.cpp runs block_count - 1)."""
+    import gguf
+    cfg, v = model.cfg, model.cfg.vision
+    D = cfg.decoder.d_model
+    vt, pj = model.vision, model.adapter
+    n_blocks = len(vt.blocks)
+    w = gguf.GGUFWriter(str(path), arch="clip")
+    w.add_name(f"{name} vision")
+    w.add_description("edgemm vision stage: CLIP ViT + LLaVA MLP projector (llama.cpp projector mlp)")
+    w.add_file_type(mmproj_file_type(qtype))
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_bool("clip.use_gelu", v.gelu != "quick")        # else FFN_GELU_QUICK, CLIP's quick_gelu
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.width)
+    w.add_uint32("clip.vision.feed_forward_length", v.mlp_dim)
+    w.add_uint32("clip.vision.block_count", n_blocks)
+    w.add_uint32("clip.vision.projection_dim", D)
+    w.add_uint32("clip.vision.attention.head_count", v.heads)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.eps)
+    w.add_array("clip.vision.feature_layer", [n_blocks])
+    w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
+    w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
+    if v.grid_pinpoints:            # LLaVA-NeXT, as llama.cpp's converters write it (the [h, w] pairs flattened)
+        w.add_array("clip.vision.image_grid_pinpoints", [int(x) for p in v.grid_pinpoints for x in p])
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+
+    types = {}
+
+    def put(n, t):
+        types[n] = add_vision_tensor(w, n, _np(t) if not isinstance(t, np.ndarray) else t, qtype)
+
+    if cfg.adapter.image_newline:
+        put("model.image_newline", pj.image_newline)
+    w.add_tensor("v.patch_embd.weight", _np(vt.patch_embed.weight))
+    types["v.patch_embd.weight"] = "f32"
+    put("v.class_embd", _np(vt.cls).reshape(v.width))
+    put("v.position_embd.weight", _np(vt.pos).reshape(v.n_patches + 1, v.width))
+    put("v.pre_ln.weight", vt.pre_norm.weight)
+    put("v.pre_ln.bias", vt.pre_norm.bias)
+    # clip.cpp swaps ffn_up/ffn_down of mlp-projector files whose ffn_down has n_embd inputs (legacy converters
+    # named them the other way round); with mlp_dim == width that test cannot tell, so write the legacy order
+    up, down = ("ffn_down", "ffn_up") if v.mlp_dim == v.width else ("ffn_up", "ffn_down")
+    for i, blk in enumerate(vt.blocks):
+        Wd = v.width
+        for kind in ("weight", "bias"):
+            qkv = _np(getattr(blk.qkv, kind))
+            for j, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                put(f"v.blk.{i}.{n}.{kind}", qkv[j * Wd:(j + 1) * Wd])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
+                put(f"v.blk.{i}.{theirs}.{kind}", getattr(getattr(blk, ours), kind))
+    for ours, theirs in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
+        lin = getattr(pj, ours)
+        put(f"{theirs}.weight", lin.weight)
+        # llava.cpp adds mm.0 / mm.2 biases unconditionally: a bias-free projector gets zeros
+        put(f"{theirs}.bias", lin.bias if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
+
+
+# --------------------------------------------------------------------------- inspection
+def gguf_tensor_table(path: str | Path) -> list[dict]:
+    """[{name, type, shape, bytes}] of a GGUF file (used by `edgemm info` and the manifest)."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    return [{"name": t.name, "type": t.tensor_type.name.lower(), "shape": [int(s) for s in t.shape],
+             "bytes": int(t.n_bytes)} for t in r.tensors]
+
+
+def branch_of(name: str) -> str:
+    """Which part of the model a GGUF tensor belongs to."""
+    if name.startswith(("v.", "mm.")):
+        return "vision stage"
+    if ".vis_" in name:
+        return "vision branch"
+    if name.startswith("blk.") and not name.endswith(("attn_norm.weight", "ffn_norm.weight")):
+        return "text branch"
+    return "shared"
+
+
+def type_summary(table: list[dict]) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for t in table:
+        b = out.setdefault(branch_of(t["name"]), {})
+        b[t["type"]] = b.get(t["type"], 0) + 1
+    return out
