@@ -23,7 +23,9 @@ VISION_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0",
 
 def mmproj_file_type(qtype: str) -> int:
     """general.file_type of an mmproj written at qtype (one of VISION_TYPES' values)."""
-    return {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[qtype]
+    if qtype not in VISION_TYPES.values():
+        raise KeyError(qtype)
+    return FTYPES[qtype]
 
 
 def add_vision_tensor(w, name: str, arr: np.ndarray, qtype: str) -> str:
