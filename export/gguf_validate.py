@@ -60,19 +60,21 @@ def fidelity(model, tok, run, rows_ref) -> dict:
     import torch
     from edgemm.model import KVCache
     cfg = model.cfg
-    kls, agree = [], []
+    kls, agree, pre = [], [], tok.prefix_ids()       # pre: [bos], or [] (a tokenizer that prepends nothing)
     for q in FIDELITY_QUESTIONS:
         q_ids = tok.user_turn(q, first=True)
         cache, pos = KVCache.empty(cfg.decoder, 1), 0
         with torch.inference_mode():
-            for kind, data in (("text", torch.tensor([[tok.bos_id]])), ("image", rows_ref),
+            for kind, data in (("text", torch.tensor([pre])), ("image", rows_ref),
                                ("text", torch.tensor([q_ids]))):
-                r, pos = model.forward_segment(kind, data, cache, pos)
+                if len(data[0]):
+                    r, pos = model.forward_segment(kind, data, cache, pos)
         run.clear()
-        run.decode_tokens([tok.bos_id], 0)
-        run.decode_embd(rows_ref[0].numpy(), 1)
-        g = run.decode_tokens(q_ids, 1 + rows_ref.shape[1])
-        n = 1 + rows_ref.shape[1] + len(q_ids)
+        if pre:
+            run.decode_tokens(pre, 0)
+        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        g = run.decode_tokens(q_ids, len(pre) + rows_ref.shape[1])
+        n = len(pre) + rows_ref.shape[1] + len(q_ids)
         for step in range(FIDELITY_STEPS + 1):
             rl = r[0, -1].float().numpy()
             lp, lq = _log_softmax(rl), _log_softmax(g)
@@ -156,10 +158,11 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
             for kind, data in segs:
                 logits, pos = model.forward_segment(kind, data, cache, pos)
             return logits[0, -1].float().numpy()
-        text_ids = torch.tensor([[tok.bos_id] + q_ids])
+        pre = tok.prefix_ids()                  # [bos], or [] (a tokenizer that prepends nothing: Qwen)
+        text_ids = torch.tensor([pre + q_ids])
         ref_text = ref([("text", text_ids)])
-        ref_img = ref([("text", torch.tensor([[tok.bos_id]])), ("image", rows_ref),
-                       ("text", torch.tensor([q_ids]))])
+        ref_img = ref(([("text", torch.tensor([pre]))] if pre else []) + [("image", rows_ref),
+                                                                         ("text", torch.tensor([q_ids]))])
 
     f32_kv = dprec == "f32"
     run = LlamaRunner(decoder, cfg.decoder.max_seq_len, threads, n_batch=max(512, n_rows), f32_kv=f32_kv)
@@ -169,13 +172,14 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         prompts = [f"Q: {VALIDATION_QUESTION}\nA:", " red</s>", "\nQ: how many shapes are there?\nA:",
                    " bottom left", "Q: Is there a  Purple cross?!\nA:"]
         out["tokenization_equal"] = all(run.tokenize(p, parse_special=True) == tok.encode(p) for p in prompts)
-        lt = run.decode_tokens([tok.bos_id] + q_ids, 0)
+        lt = run.decode_tokens(pre + q_ids, 0)
         out["text_max_abs"] = float(np.max(np.abs(lt - ref_text)))
         out["text_top1_equal"] = bool(lt.argmax() == ref_text.argmax())
         run.clear()
-        run.decode_tokens([tok.bos_id], 0)
-        run.decode_embd(rows_ref[0].numpy(), 1)
-        li = run.decode_tokens(q_ids, 1 + n_rows)
+        if pre:
+            run.decode_tokens(pre, 0)
+        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        li = run.decode_tokens(q_ids, len(pre) + n_rows)
         out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
         out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
         # the mmproj through llama.cpp's mtmd
@@ -190,9 +194,9 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         else:
             out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
         if rows_mt is not None:
-            run.rewind(1)
-            run.decode_embd(rows_mt, 1)
-            le = run.decode_tokens(q_ids, 1 + n_rows)
+            run.rewind(len(pre))
+            run.decode_embd(rows_mt, len(pre))
+            le = run.decode_tokens(q_ids, len(pre) + n_rows)
             out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
             out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())
         else:                       # not compared (any-resolution: mtmd tiles by its own rules)

@@ -23,8 +23,12 @@ def _tiny_llava(kv_heads=2, seed=0):
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():                 # weights well away from init, so the comparison means something
+    return away_from_init(LlavaForConditionalGeneration(cfg).eval(), seed)
+
+
+def away_from_init(model, seed=0):
+    """Weights well away from init, so a comparison with transformers means something."""
+    with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
