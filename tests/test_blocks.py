@@ -137,9 +137,8 @@ def test_every_config_kind_has_a_registered_block():
             if accepted:
                 assert kind in registry.kinds(role), f"config accepts {part}.{field} {kind!r}: no {role} block"
     for name, cfg in cfgs.items():
-        if name == "cogvlm-17b":
-            continue
-        m = EdgeMM(cfg)
+        with torch.device("meta"):
+            m = EdgeMM(cfg)
         assert type(m.vision) is registry.get("vision", cfg.vision.arch), name
         assert type(m.adapter) is registry.get("connector", cfg.adapter.kind), name
         assert m.vision.kind == cfg.vision.arch and m.adapter.kind == cfg.adapter.kind
