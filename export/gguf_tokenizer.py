@@ -107,6 +107,9 @@ def _spm_fields(data: dict, tokens: list, types: list, merges: list, vocab_size:
     llama_norm = [st.get("type") for st in steps] == ["Prepend", "Replace"] and steps[0].get("prepend") == "▁" \
         and space(steps[1]) and not pre
     gemma_norm = len(steps) == 1 and space(steps[0]) and no_pre
+    # Metaspace "first" (transformers' legacy=False) prepends "▁" only at the text's start; llama.cpp's
+    # add_space_prefix also after each special token: a prompt holding control tokens ([INST] ...) tokenizes with
+    # an extra "▁" after them in stock llama.cpp (edgemm's llamacpp backend tokenizes with tokenizer.json: exact)
     metaspace = not steps and pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" \
         and pre.get("prepend_scheme", "always") in ("always", "first") and not pre.get("split", False)
     if not (llama_norm or metaspace or gemma_norm) or data["model"].get("ignore_merges"):
