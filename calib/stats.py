@@ -1,4 +1,4 @@
-"""Activation statistics per stage, per layer and per modality branch (DESIGN.md section 3).
+"""Activation statistics per stage, per layer and per modality branch (docs/architecture.md, section 5).
 
 `collect_stats` runs the PyTorch reference over a calibration set the way the exported stages see it:
 the vision stage on the pixels, then the prompt as modality segments (text [bos], image rows, text question +

@@ -1,4 +1,4 @@
-"""`edgemm bench`: what each bundle x backend costs and what it loses (DESIGN.md section 5).
+"""`edgemm bench`: what each bundle x backend costs and what it loses (docs/architecture.md, section 9).
 
 For each bundle and backend, in a fresh child process (so peak memory is its own): size on disk, peak
 resident memory, vision-stage latency, time to first token (vision + prefill of bos, image, question), decode
@@ -123,7 +123,7 @@ def decode_weight_bytes(bundle, cpu: bool = False) -> int | None:
             import gguf
         except ImportError:
             return None
-        from .export.gguf import branch_of
+        from .export.gguf_tensors import branch_of
         for s in man.get("stages", {}).values():
             f = bundle_path(bundle, s["file"])
             r = gguf.GGUFReader(str(f))

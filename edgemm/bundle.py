@@ -31,7 +31,7 @@ def tool_versions(*extra: str) -> dict:
 
 
 def check_out(out: str | Path, force: bool) -> Path:
-    """-o OUT: refused when it exists, unless --force (DESIGN.md Conventions); checked before any work."""
+    """-o OUT: refused when it exists, unless --force (docs/architecture.md, Conventions); checked before any work."""
     out = Path(out)
     if out.exists() and not force:
         raise EdgemmError(f"{out} already exists; choose another -o or pass --force to replace it")

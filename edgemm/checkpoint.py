@@ -126,7 +126,7 @@ def load_checkpoint(path: str | Path, device="cpu"):
 
 
 def load_model(spec: str | None = None, device="cpu", seed: int = 0):
-    """--model semantics of DESIGN.md: checkpoint dir, 'tiny-shapes' (shipped), or a random-weight preset."""
+    """--model semantics (docs/architecture.md, Conventions): checkpoint dir, 'tiny-shapes' (shipped), or a random-weight preset."""
     kind, path = resolve_model(spec)
     if kind == "dir":
         return load_checkpoint(path, device)

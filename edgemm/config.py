@@ -92,7 +92,7 @@ class DecoderConfig:
     rms_eps: float = 1e-5
     max_seq_len: int = 512
     tie_embeddings: bool = False
-    # Variants that real checkpoints use (see DESIGN.md section 1).
+    # Variants that real checkpoints use (edgemm.blocks.support names each).
     qkv_bias: bool = False                  # QKV bias per branch (CogVLM vision expert)
     position_rule: str = "sequential"       # "sequential" | "cogvlm" (all patches share one position)
     eoi_branch: str = "vision"              # "vision" | "text" (CogVLM's original routing)

@@ -168,7 +168,7 @@ def describe_bundle(bundle: str, contexts=None) -> list[str]:
 def describe_gguf_tensors(bundle: str, m: dict) -> list[str]:
     """GGUF bundles: tensors per branch (shared, text branch, vision branch, vision stage) with quant types and sizes."""
     from .bundle import bundle_path
-    from .export.gguf import branch_of, gguf_tensor_table
+    from .export.gguf_tensors import branch_of, gguf_tensor_table
     lines = ["", "GGUF tensors by branch:"]
     for stage in ("decoder", "vision"):
         st = m["stages"].get(stage)

@@ -11,7 +11,7 @@ EXPORTERS: dict[str, str] = {
 }
 
 
-# The one table of precisions per target (`--precision`), and the defaults (DESIGN.md Conventions).
+# The one table of precisions per target (`--precision`), and the defaults (docs/architecture.md, Conventions).
 TARGET_PRECISIONS: dict[str, tuple] = {"onnx": ("fp32", "fp16", "int8", "int8-wo", "int4", "fp8"),
                                        "trt": ("fp16", "int8", "fp8"),
                                        "gguf": ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")}

@@ -1,4 +1,4 @@
-"""ONNX export, stage by stage: `vision`, `decoder_text`, `decoder_image` (DESIGN.md section 2).
+"""ONNX export, stage by stage: `vision`, `decoder_text`, `decoder_image` (docs/architecture.md, section 5).
 
 - `vision` is traced from the reference with torch.onnx.export (standard ops, dynamic batch).
 - The two decoder stages are written op by op by edgemm.export.graph (flavour `ort-contrib-gqa`: ONNX Runtime's

@@ -1,6 +1,6 @@
 """edgemm.runtimes: one small protocol over backends (torch, ort, trt, llamacpp).
 
-A backend runs the three stages of DESIGN.md section 2 and owns its KV cache:
+A backend runs the three stages of docs/architecture.md section 5 and owns its KV cache:
 
     b = load_backend("torch", model="tiny-shapes")       # or bundle="out/fp32"
     rows = b.vision(pixels)                              # float32 [1, 3, S, S] -> [1, P+2, D]

@@ -260,7 +260,7 @@ def pixels_to_rgb(pixels: np.ndarray, vision_cfg) -> np.ndarray | None:
 
 
 def _llava_vision_from_tensors(t: dict, cfg):
-    """edgemm's ClipVisionTower + MlpProjector from the tensors of an mlp-projector mmproj (export/gguf.py's
+    """edgemm's ClipVisionTower + MlpProjector from the tensors of an mlp-projector mmproj (export/gguf_tensors.py's
     write_llava_mmproj_gguf)."""
     import torch
     from edgemm.model import ClipVisionTower, MlpProjector

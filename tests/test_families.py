@@ -95,12 +95,19 @@ def test_registration_checks_its_features():
 
 def test_matrix_is_consistent():
     assert len({f.name for f in support.FEATURES}) == len(support.FEATURES)
+    import edgemm.model  # noqa: F401  (registers every block)
+    from edgemm.blocks import registry
     for f in support.FEATURES:
         role, _, kind = f.block.partition(":")
-        assert role in ("vision", "connector", "layer") and kind, f.block
+        assert role in ("vision", "connector", "layer", "option") and kind, f.block
+        if role != "option":
+            assert kind in registry.kinds(role), f"{f.name}: {f.block} is not a registered block"
         assert "torch" in f.targets, f"{f.name}: the reference computes every feature"
     for fam in families.families().values():
         assert set(fam.core).isdisjoint(fam.optional), fam.name
+        for b in fam.blocks:
+            role, _, kind = b.partition(":")
+            assert kind in registry.kinds(role), f"{fam.name}: {b} is not a registered block"
 
 
 def test_refusals_come_from_the_matrix():

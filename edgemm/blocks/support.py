@@ -22,7 +22,9 @@ LLAVA_GRAPH = ("single branch (llava)", "clip vision tower", "mlp projector")   
 @dataclass(frozen=True)
 class Feature:
     name: str                           # as ModelConfig.variants() names it (manifests record these names)
-    block: str                          # "role:kind" of the block that computes it
+    block: str                          # "role:kind" of the registered block that computes it (edgemm.blocks.registry),
+                                        # or "option:..." for an option every block of its role has (attention
+                                        # shapes: GQA, QKV bias, Q/K norm, head_dim; any-res tiling of the input)
     applies: Callable                   # cfg -> bool
     targets: tuple = ("torch", "onnx", "trt")
     gguf: str | None = None             # "llava": llama.cpp computes it in its llava graph (see above)
@@ -37,9 +39,9 @@ def _d(cfg):
 
 
 FEATURES: tuple[Feature, ...] = (
-    Feature("grouped-query attention", "layer:attention",
+    Feature("grouped-query attention", "option:attention",
             lambda c: bool(_d(c).n_kv_heads and _d(c).n_kv_heads != _d(c).n_heads), gguf="llava"),
-    Feature("qkv bias", "layer:attention", lambda c: bool(_d(c).qkv_bias), gguf="llava"),
+    Feature("qkv bias", "option:attention", lambda c: bool(_d(c).qkv_bias), gguf="llava"),
     Feature("collapsed image positions (cogvlm position rule)", "layer:routed",
             lambda c: _d(c).position_rule != "sequential"),
     Feature("eoi through the text branch", "layer:routed", lambda c: _d(c).eoi_branch != "vision"),
@@ -53,8 +55,8 @@ FEATURES: tuple[Feature, ...] = (
             unquantized="quantized precisions are not available for gated cross-attention models yet (their "
                         "calibration has no cross_kv statistics)"),
     Feature("mixture of experts", "layer:moe", lambda c: bool(_d(c).n_experts), gguf="llava"),
-    Feature("per-head q/k norm", "layer:attention", lambda c: bool(_d(c).qk_norm)),
-    Feature("head_dim of its own", "layer:attention",
+    Feature("per-head q/k norm", "option:attention", lambda c: bool(_d(c).qk_norm)),
+    Feature("head_dim of its own", "option:attention",
             lambda c: bool(_d(c).attn_head_dim and _d(c).attn_head_dim * _d(c).n_heads != _d(c).d_model)),
     Feature("clip vision tower", "vision:clip", lambda c: c.vision.arch == "clip", gguf="llava"),
     Feature("mlp projector", "connector:mlp", lambda c: c.adapter.kind == "mlp", gguf="llava"),
@@ -62,7 +64,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer"),
     Feature("q-former instruction input (instructblip)", "connector:qformer",
             lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text)),
-    Feature("any-resolution tiling", "vision:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
+    Feature("any-resolution tiling", "option:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" or c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "
                         "not have (its VQ image tokenizer is not imported)"),

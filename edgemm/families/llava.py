@@ -202,7 +202,7 @@ class LlavaNext(Llava):
     architectures = ("llavanextforconditionalgeneration",)
     source = "`LlavaNextForConditionalGeneration`"
     computes = "any-resolution tiling (`--max-tiles N`)"
-    blocks = ("vision:clip", "vision:anyres", "connector:mlp", "layer:single")
+    blocks = ("vision:clip", "connector:mlp", "layer:single")
     core = Llava.core + ("any-resolution tiling",)
 
     def plan(self, hf, src, rules="original"):
