@@ -34,13 +34,13 @@ def test_readme_table_is_the_registry():
     generated = [[f"`{r['family']}`", r["source"], r["computes"], r["targets"]] for r in families.table()]
     assert readme == generated, "README's family table differs from `edgemm families`: regenerate it from " \
                                 "edgemm.families.readme_table()"
-    assert len(readme) == 7
+    assert len(readme) == 8
 
 
 def test_cli_prints_the_families_and_the_matrix():
     r = CliRunner().invoke(main, ["families"])
     assert r.exit_code == 0, r.output
-    for name in ("cogvlm", "libra", "llava", "llava_next", "blip2", "instructblip", "idefics"):
+    for name in ("cogvlm", "libra", "llava", "llava_next", "blip2", "instructblip", "idefics", "llava_next_video"):
         assert re.search(rf"^{name}\s", r.output, re.M), name
     for f in support.FEATURES:
         assert f.name in r.output
@@ -70,6 +70,7 @@ def test_targets_follow_the_matrix():
     ({"model_type": "instructblip"}, "instructblip"),
     ({"architectures": ["IdeficsForVisionText2Text"]}, "idefics"),
     ({"model_type": "libra"}, "libra"),
+    ({"architectures": ["LlavaNextVideoForConditionalGeneration"]}, "llava_next_video"),
     ({"architectures": ["CogVLMForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM"}},
      "cogvlm"),
 ])
@@ -78,7 +79,7 @@ def test_detection(hf, want):
 
 
 def test_unknown_family_lists_the_registered():
-    with pytest.raises(EdgemmError, match="edgemm imports cogvlm, libra, llava, llava_next, blip2, instructblip, idefics"):
+    with pytest.raises(EdgemmError, match="edgemm imports cogvlm, libra, llava, llava_next, blip2, instructblip, idefics, llava_next_video"):
         families.detect({"model_type": "qwen2_vl"})
     with pytest.raises(EdgemmError, match="unknown family 'qwen2_vl'; edgemm imports cogvlm"):
         families.get("qwen2_vl")
