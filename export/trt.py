@@ -70,7 +70,7 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     import torch
     from edgemm.runtimes.trt_backend import OnnxQdqBackend
     cfg = model.cfg
-    seed = int(time.time_ns() % 2**31) if seed is None else seed
+    seed = 0 if seed is None else seed              # reproducible: the same export checks the same inputs
     gen = torch.Generator().manual_seed(seed)
     b = OnnxQdqBackend.open(bundle=str(bundle_dir), verify=False, threads=threads)
     hw = None
