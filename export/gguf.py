@@ -36,7 +36,8 @@ from edgemm.export.gguf_validate import (FIDELITY_KL, FIDELITY_MARGIN, FIDELITY_
 # LLaVA (transformers' LlavaForConditionalGeneration imports): what llama.cpp's llama / qwen2 decoders and the `mlp`
 # mmproj projector (tools/mtmd/models/llava.cpp) compute
 def is_llava(cfg) -> bool:
-    return cfg.decoder.single_branch and cfg.vision.arch == "clip" and cfg.adapter.kind == "mlp"
+    from edgemm.blocks.support import is_llava_graph
+    return is_llava_graph(cfg.variants())
 
 
 def decoder_arch(cfg) -> str:

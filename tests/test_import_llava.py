@@ -117,7 +117,7 @@ def test_chat_template_prompt_ids_equal_the_llava_processor(tmp_path):
     assert template == LLAVA_TEMPLATE                       # the importer kept the source's template
     from edgemm.export.onnx import export_onnx
     from edgemm.runtimes import load_backend
-    from edgemm.serve import chat_template_of
+    from edgemm.chat_template import chat_template_of
     export_onnx(str(out), tmp_path / "bundle", precision="fp32", log=None)
     assert chat_template_of(load_backend("ort", bundle=str(tmp_path / "bundle"), device="cpu")) == LLAVA_TEMPLATE
     m, _ = load_checkpoint(out)

@@ -70,9 +70,6 @@ FEATURES: tuple[Feature, ...] = (
                         "not have (its VQ image tokenizer is not imported)"),
 )
 BY_NAME = {f.name: f for f in FEATURES}
-# The base composition every config starts from (edgemm's own family): computed by every target, llama.cpp's
-# cogvlm architecture included.
-BASE_BLOCKS = ("vision:eva", "connector:glu", "layer:routed")
 
 
 def variants(cfg) -> list[str]:
@@ -93,15 +90,16 @@ def refusal(cfg, target: str) -> str | None:
     names = cfg.variants()
     if target != "gguf":
         return next((v for v in names if v not in BY_NAME or not BY_NAME[v].computed_by(target)), None)
-    llava = all(v in names for v in LLAVA_GRAPH)
+    llava = is_llava_graph(names)
     for v in sorted(names, key=lambda v: v in BY_NAME and BY_NAME[v].gguf is not None):
         if not (llava and v in BY_NAME and BY_NAME[v].gguf):
             return v
     return None
 
 
-def is_llava_graph(cfg) -> bool:
-    return all(v in cfg.variants() for v in LLAVA_GRAPH)
+def is_llava_graph(names) -> bool:
+    """Whether a composition (its feature names) is a LLaVA one, which llama.cpp computes in its llava graph."""
+    return all(v in names for v in LLAVA_GRAPH)
 
 
 def export_targets(cfg) -> str:
@@ -121,7 +119,7 @@ def target_summary(core: list[str], optional: list[str] = (), hints: dict | None
     """'onnx, trt, gguf (not X)' for a family whose configs always use `core` and may use `optional`: the
     targets computing every core feature, each with the optional ones it lacks; unquantized-only noted."""
     hints = hints or {}
-    llava = all(n in core for n in LLAVA_GRAPH)
+    llava = is_llava_graph(core)
     out = []
     for t in TARGETS[1:]:
         def ok(name):

@@ -6,7 +6,6 @@ per architecture). A family holds what is its own and nothing else:
   which also carries the processor settings (image size, mean, std) into the config;
 - the blocks it composes and the features its checkpoints use (`core`: always, `optional`: some), from which the
   targets that export it are derived (edgemm.blocks.support): `edgemm families`, the README's family table (tested);
-- its default chat template where the checkpoint ships none (None: the checkpoint's own, else edgemm's).
 
 Adding a family is one new module here plus its line in _MODULES (docs/architecture.md walks through one).
 """
@@ -34,7 +33,6 @@ class Family:
     core: tuple = ()                    # features (edgemm.blocks.support) every import uses
     optional: tuple = ()                # features some imports use
     hints: dict = {}                    # target -> a note for the table (e.g. an import option it needs)
-    chat_template: str | None = None
 
     def detect(self, hf: dict) -> bool:
         mt = str(hf.get("model_type", "")).lower()
@@ -50,11 +48,11 @@ class Family:
 
 def register(cls):
     """Class decorator: registers one instance of a Family subclass under its name."""
-    if not cls.name or cls.name in REGISTRY:
-        raise ValueError(f"family {cls.name!r}: no name, or registered twice")
     unknown = [f for f in (*cls.core, *cls.optional) if f not in support.BY_NAME]
     if unknown:
         raise ValueError(f"family {cls.name!r} names features the support matrix lacks: {unknown}")
+    if not cls.name or cls.name in REGISTRY or cls.plan is Family.plan:
+        raise ValueError(f"family {cls.name!r}: no name, registered twice, or no plan")
     REGISTRY[cls.name] = cls()
     return cls
 

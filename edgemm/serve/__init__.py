@@ -14,7 +14,7 @@ from pathlib import Path
 from ..chat_template import chat_template_of
 from ..errors import EdgemmError
 
-__all__ = ["chat_template_of", "is_loopback", "load_models", "serve"]
+__all__ = ["is_loopback", "load_models", "serve"]
 
 
 def is_loopback(host: str) -> bool:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from .api import APIError, Limits, Model, error_body  # noqa: F401 (the app's vocabulary, imported from here)
-from .images import decode_image, fetch_image  # noqa: F401
+from .api import Limits, Model  # noqa: F401 (imported from here by the CLI, Ray Serve and the tests)
 
 
 def start_loading(state, loader, metrics) -> None:
