@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import threads_or_default
 from .errors import EdgemmError
 
 FIDELITY_PROMPTS = 32
@@ -344,7 +345,7 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
     log = log or (lambda s: None)
     if not bundles:
         raise EdgemmError("bench needs at least one bundle directory")
-    threads = int(threads or os.cpu_count() or 1)
+    threads = threads_or_default(threads)
     mans = {str(b): read_manifest(b) for b in bundles}
     machine = machine_info(threads)
     log(f"measuring memory bandwidth ({threads} threads) ...")

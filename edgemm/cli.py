@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 
 import click
 
+from .cpu import threads_or_default
 from .errors import EdgemmError
 
 
@@ -34,6 +34,10 @@ def handle_errors(fn):
     return wrapper
 
 
+THREADS_HELP = ("CPU threads (default: the CPUs this process may use: its CPU affinity and cgroup CPU quota, else all "
+                "cores; `edgemm doctor` prints the number).")
+
+
 def model_options(fn):
     """--model/--bundle/--backend/--device/--threads, shared by every command that runs a model."""
     opts = [
@@ -45,7 +49,7 @@ def model_options(fn):
                      help="auto: torch for model directories, the fastest supported backend for bundles."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]),
                      help="auto uses a CUDA GPU when present and falls back to the CPU."),
-        click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)."),
+        click.option("--threads", default=None, type=int, help=THREADS_HELP),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -59,7 +63,7 @@ def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles
     if threads is not None and threads < 1:
         raise EdgemmError("--threads must be at least 1")
     b = load_backend(backend, model=model, bundle=bundle, device=device,
-                     threads=threads or os.cpu_count(), log=None if quiet else _err)
+                     threads=threads_or_default(threads), log=None if quiet else _err)
     if max_tiles is not None:               # any-resolution models: override the bundle's tile budget
         from .anyres import set_max_tiles
         set_max_tiles(b.cfg, max_tiles, getattr(b, "manifest", None))
@@ -233,7 +237,7 @@ def doctor(bundle, device, json_path):
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "ort", "trt", "llamacpp"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback "
               "needs --api-key.")
 @click.option("--port", default=8080, show_default=True, type=int)
@@ -317,12 +321,12 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
 @click.option("--steps", default=5000, show_default=True, type=int)
 @click.option("--batch", default=48, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=None, type=int)
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @handle_errors
 def train_demo_cmd(out, steps, batch, seed, threads):
     """Train the demo model tiny-shapes from scratch (about 37 minutes on 2 CPU cores)."""
     from .train import train_demo
-    res = train_demo(out, steps=steps, batch=batch, seed=seed, threads=threads or os.cpu_count())
+    res = train_demo(out, steps=steps, batch=batch, seed=seed, threads=threads_or_default(threads))
     click.echo(json.dumps(res["history"][-1]))
 
 
@@ -363,7 +367,7 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--calib", default=None, help="Calibration set: a folder with images and prompts.jsonl "
               "(default: the bundled shapes calibration split).")
 @click.option("--no-build", is_flag=True, help="trt: do not build engines here even if TensorRT and a GPU exist.")
-@click.option("--threads", default=None, type=int)
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--list-recipes", is_flag=True, help="List the quantization recipes and exit.")
 @click.option("--keep-sensitive", type=float, default=None, help="Keep layers whose relative quantization error "
               "on the calibration inputs exceeds this (e.g. 0.05) at their original precision.")
@@ -436,7 +440,7 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch
-    torch.set_num_threads(threads or os.cpu_count())
+    torch.set_num_threads(threads_or_default(threads))
     run_export(target, model=model, out=out, precision=prec, force=force, calib=calib, no_build=no_build,
                log=_err, threads=threads, **extra)
 
@@ -512,7 +516,7 @@ def import_cmd(src, out, family, tokenizer, rules, shard_size, allow_bin, force)
 @click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
               help="Optimization profiles to build (default: orin on a Jetson, else workstation).")
 @click.option("--force", is_flag=True, help="Rebuild engines that already exist for this GPU.")
-@click.option("--threads", default=None, type=int)
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @handle_errors
 def build_engines_cmd(bundle, device_class, force, threads):
     """Build the TensorRT engines of a trt BUNDLE on this machine (engines are tied to the GPU and the
@@ -531,14 +535,14 @@ def build_engines_cmd(bundle, device_class, force, threads):
 @click.option("--cache", default=None, type=click.Path(), help="Statistics cache folder (default ~/.cache/edgemm/calib).")
 @click.option("--refresh", is_flag=True, help="Recompute even if cached statistics exist.")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the per-layer summary here.")
-@click.option("--threads", default=None, type=int)
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @handle_errors
 def calibrate(model, calib, samples, method, cache, refresh, json_path, threads):
     """Record activation statistics per stage, layer and modality branch over a calibration set (cached by the
     digests of the set and the model; every quantizing exporter reuses them)."""
     import torch
     from .calib.stats import collect_stats
-    torch.set_num_threads(threads or os.cpu_count())
+    torch.set_num_threads(threads_or_default(threads))
     st = collect_stats(model, calib, n=samples, cache=cache, refresh=refresh, log=_err)
     rows = st.summary()
     click.echo(f"{'layer':<52} {'branch':<12} {'rows':>6} {'max':>9} {method:>10}")
@@ -564,7 +568,7 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads)
 @click.option("--warmup", default=2, show_default=True, type=int)
 @click.option("--decode-steps", default=32, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("-o", "--out", default="bench-out", show_default=True, type=click.Path(),
               help="Folder for bench.json, bench.csv and bench.png.")
 @click.option("--max-tiles", default=None, help="Any-resolution (LLaVA-NeXT) bundles: tile budgets to compare, "

@@ -2,7 +2,8 @@
 has enabled: an AMX or AVX-512 unit the kernel does not enable is absent there, whatever CPUID says).
 
 Used by the llama.cpp loader (pick a CPU variant this machine runs), the ort backend (int8 kernels that are exact
-here) and `edgemm doctor`.
+here) and `edgemm doctor`. Also how many CPUs this process may use (affinity, cgroup CPU quota): the default
+`--threads` of every command and backend (default_threads).
 """
 from __future__ import annotations
 
@@ -77,3 +78,85 @@ def x86_summary(flags=None) -> str:
         return " ".join(sorted(flags)) or "none reported"
     have = [f for f in X86_FLAGS if f in flags]
     return " ".join(have) if have else "none of " + " ".join(X86_FLAGS[:6])
+
+
+# ----------------------------------------------------------------------------------- the CPUs this process may use
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_dirs(root: Path, rel: str) -> list:
+    """The cgroup directory of this process under `root` and every parent up to `root` itself (a limit on any of
+    them binds; in a container `root` is usually the container's own cgroup)."""
+    rel = rel.strip("/")
+    parts = [p for p in rel.split("/") if p and p != ".."] if rel and ".." not in rel.split("/") else []
+    return [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """CPUs the cgroup CPU quota allows this process (2.0 for `cpu.max` "200000 100000"), or None without one.
+
+    cgroup v2: `cpu.max` ("max 100000" is no limit); v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none) in
+    the cpu controller's directory. The smallest quota on the way from this process's cgroup up to the root."""
+    own = {}                                        # controller -> this process's cgroup path
+    for line in (_read(proc_cgroup) or "").splitlines():
+        _, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        for c in (ctrls.split(",") if ctrls else [""]):
+            own[c] = path
+    quotas = []
+    for d in _cgroup_dirs(root, own.get("", "")):                                   # v2
+        fields = (_read(d / "cpu.max") or "").split()
+        if len(fields) == 2 and fields[0] != "max":
+            try:
+                quota, period = float(fields[0]), float(fields[1])
+            except ValueError:
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(quota / period)
+    for name in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):                                # v1
+        base = root / name
+        for d in _cgroup_dirs(base, own.get("cpu", "")) if base.is_dir() else ():
+            try:
+                quota, period = int(_read(d / "cpu.cfs_quota_us") or ""), int(_read(d / "cpu.cfs_period_us") or "")
+            except ValueError:
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def _affinity() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):                # not Linux
+        return None
+
+
+def default_threads(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, affinity=_affinity,
+                    cpu_count=os.cpu_count) -> tuple[int, str]:
+    """-> (n, source): the default `--threads`, the CPUs this process may use: the fewest of its CPU affinity
+    (`taskset`, cpusets), the cgroup CPU quota (a container's `--cpus`, rounded up) and the machine's cores, at
+    least 1. source: "affinity", "cgroup quota" or "cpu_count" (all cores), whichever set it."""
+    import math
+    cores = cpu_count() or 1
+    n, source = cores, "cpu_count"
+    aff = affinity()
+    if aff and aff < n:
+        n, source = aff, "affinity"
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    if quota is not None and math.ceil(quota) < n:
+        n, source = math.ceil(quota), "cgroup quota"
+    return max(1, n), source
+
+
+def threads_or_default(threads: int | None) -> int:
+    """`threads` when given, else default_threads()."""
+    return int(threads) if threads else default_threads()[0]

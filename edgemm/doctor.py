@@ -102,9 +102,11 @@ def _gpu() -> dict:
 def facts(bundle: str | None = None, device: str = "auto", llama: bool = True) -> dict:
     """Everything `doctor` prints, as a dict (bench JSON records it)."""
     flags = cpu.cpu_flags()
+    threads, threads_from = cpu.default_threads()
     f = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
          "cpu": {"model": cpu.cpu_model(), "cores": os.cpu_count(), "flags": cpu.x86_summary(flags),
-                 "vnni": cpu.has_vnni(flags) if cpu.is_x86() else None},
+                 "vnni": cpu.has_vnni(flags) if cpu.is_x86() else None,
+                 "default_threads": threads, "threads_from": threads_from},
          "onnxruntime": _onnxruntime(), "gpu": _gpu(),
          "extras": {e: all(_version(d) for d in ds) for e, ds in EXTRAS.items()},
          "versions": {d: v for d in ("edgemm", "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "gguf",
@@ -122,10 +124,15 @@ def facts(bundle: str | None = None, device: str = "auto", llama: bool = True) -
     return f
 
 
+THREADS_FROM = {"affinity": "the CPUs this process may run on", "cgroup quota": "the cgroup CPU quota, rounded up",
+                "cpu_count": "all cores: no affinity or cgroup limit"}
+
+
 def report(f: dict) -> str:
     c, o, g, ll = f["cpu"], f["onnxruntime"], f["gpu"], f.get("llama_cpp")
     lines = [f"machine:      {f['platform']} ({f['machine']}), Python {f['python']}",
              f"cpu:          {c['model']}, {c['cores']} cores",
+             f"threads:      {c['default_threads']} by default ({THREADS_FROM[c['threads_from']]}; --threads overrides)",
              f"instructions: {c['flags']}  (as the kernel enables them)"]
     if ll is not None:
         if ll.get("ok"):

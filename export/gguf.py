@@ -18,9 +18,9 @@ reference model.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError, UnsupportedVariant
 from edgemm.export import gguf_validate
 from edgemm.export.gguf_llava_cls import llava_rows_cls_last, mtmd_cls_order_defect  # noqa: F401
@@ -135,7 +135,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     check_supported(cfg, log)
     from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()      # the quantizer and the validation need llama.cpp (with a CPU variant this machine runs)
-    threads = threads or os.cpu_count() or 1
+    threads = threads_or_default(threads)
     src = _source(model)
     m, tok = load_model(model)
     tok_fields = tokenizer_fields(tok, cfg.decoder.vocab_size)   # one llama.cpp cannot read is refused up front

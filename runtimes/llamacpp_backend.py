@@ -16,11 +16,11 @@ The helpers LlamaRunner / MtmdVision are shared with the GGUF exporter's validat
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 
+from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError
 from .base import Backend, State
 
@@ -44,7 +44,7 @@ class LlamaRunner:
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_embd = ll.llama_model_n_embd(self.model)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads_or_default(threads)
         self.n_batch = n_batch
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq            # not unified: each sequence gets n_ctx cells of its own
@@ -333,7 +333,7 @@ class LlamaCppBackend(Backend):
         # the GGUF files hashed through the descriptors llama.cpp then reads (open() verified the rest)
         self._pinned = [PinnedFile(bundle, st[s]["file"], manifest) for s in ("decoder", "vision")]
         self.decoder_path, self.mmproj_path = (f.path for f in self._pinned)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads_or_default(threads)
         # an f32 bundle gets an f32 KV cache (exact); quantized ones the usual f16 cache
         if f32_kv is None:
             f32_kv = st["decoder"].get("precision") == "f32"

@@ -10,11 +10,9 @@ them in one run, the weights read once for all rows; older bundles (batch 1) ste
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from edgemm.cpu import s8s8_int8_exact
+from edgemm.cpu import s8s8_int8_exact, threads_or_default
 from edgemm.errors import EdgemmError
 from .base import SegmentRunner, State
 
@@ -170,7 +168,7 @@ class OrtBackend(SegmentRunner):
     @staticmethod
     def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False):
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.intra_op_num_threads = threads_or_default(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError
 from .base import Backend, State
 
@@ -38,8 +39,7 @@ class TorchBackend(Backend):
         if bundle is not None:
             raise EdgemmError("the torch backend runs model directories, not bundles: pass --model "
                               "(a bundle's source model is recorded in its edgemm.json), or use --backend ort")
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads_or_default(threads))   # torch's own default ignores a cgroup quota
         dev = pick_torch_device(device, log)
         m, tok = load_model(model, device=dev)
         return cls(m, tok, dev, source=str(model or "tiny-shapes"))

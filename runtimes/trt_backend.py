@@ -15,10 +15,9 @@ Two classes share that cache logic:
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError
 from .base import SegmentRunner, State
 
@@ -124,7 +123,7 @@ class OnnxQdqBackend(_KVWindow):
             raise EdgemmError(f"running a trt bundle's graphs on the CPU needs onnxruntime ({e}); "
                               "pip install 'edgemm[cpu]'") from None
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.intra_op_num_threads = threads_or_default(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
