@@ -29,11 +29,25 @@ class VisionConfig:
     arch: str = "eva"
     feature_layer: int | None = None        # clip: blocks run before the features are taken (None: all)
     keep_cls: bool = False                  # clip: LLaVA's "full" feature strategy keeps the CLS row
+    # "siglip" (SigLIP: patch bias, no CLS, no pre-LayerNorm; edgemm.blocks.vision.SiglipVisionTower): post_norm
+    # applies its post_layernorm (the last_hidden_state; only when every block runs)
+    post_norm: bool = False
     # Any-resolution tiling (LLaVA-NeXT, edgemm.anyres): [h, w] pairs (multiples of image_size) the image may be
     # tiled to; empty: one fixed-size image. max_tiles: the most grid tiles (the overview is always added; None:
     # any pinpoint), a budget knob that departs from the source model when it excludes pinpoints.
     grid_pinpoints: list = field(default_factory=list)
     max_tiles: int | None = None
+    # InternViT (arch "internvit", InternVL; edgemm.blocks.internvit): pre-norm blocks with LayerScale, LayerNorm or
+    # RMSNorm (norm "layer" | "rms"), q/k/v biases (qkv_bias), an RMSNorm over all of q and of k (qk_norm), a
+    # LayerNorm after the last block (final_norm: transformers' use_mean_pooling false at vision_feature_layer -1).
+    norm: str = "layer"
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    final_norm: bool = False
+    # Dynamic tiles (InternVL, edgemm.internvl_tiles): tiling "internvl": the image resized to the grid of
+    # image_size tiles (min_tiles..max_tiles of them) closest to its aspect ratio, + a thumbnail when more than one.
+    tiling: str = ""
+    min_tiles: int = 1
 
     @property
     def n_patches(self) -> int:
@@ -77,6 +91,7 @@ class AdapterConfig:
     qformer_vocab: int = 0
     qformer_positions: int = 0
     image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
+    downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
 
 
 @dataclass
@@ -195,6 +210,9 @@ class ModelConfig:
             return max_rows(self.vision)
         if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
             return self.adapter.query_tokens
+        if self.adapter.kind == "pixel_shuffle":            # InternVL: shuffled rows of the most tiles one image takes
+            from .internvl_tiles import max_rows as shuffled_rows
+            return shuffled_rows(self)
         if self.adapter.kind == "mlp":
             return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
         if self.decoder.cross_attn_every:                   # gated cross-attention: the image's own tokens
@@ -203,6 +221,9 @@ class ModelConfig:
 
     def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
         """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
+        if self.vision.tiling:                              # InternVL's dynamic tiles (edgemm.internvl_tiles)
+            from .internvl_tiles import image_rows
+            return image_rows(self, width, height)
         if not self.vision.grid_pinpoints:
             return self.n_image_rows
         from .anyres import row_index
@@ -245,9 +266,12 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
-        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver"):
+        if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
+            raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
+                              "or the tower's layers)")
+        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver", "pixel_shuffle"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         if self.adapter.kind == "qformer":
             a = self.adapter
@@ -273,6 +297,9 @@ class ModelConfig:
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):
             raise EdgemmError("mixture of experts needs single_branch (MoE-LLaVA; routed-expert + MoE models are not "
                               "supported) and 1 <= experts_top_k <= n_experts, moe_every >= 1")
+        if v.arch == "internvit" or self.adapter.kind == "pixel_shuffle" or v.tiling:
+            from .internvl_tiles import check_config as check_internvl
+            check_internvl(self)
         if v.grid_pinpoints or self.adapter.image_newline:
             from .anyres import check_config
             check_config(self)

@@ -18,6 +18,7 @@ from . import xattn
 from .blocks import registry
 from .blocks.connectors import Adapter, LibraImageInput, MlpProjector
 from .blocks.decoder import Decoder, DecoderLayer, KVCache
+from .blocks.internvit import InternVitTower  # noqa: F401 (registers vision:internvit)
 from .blocks.layers import Branch, KVBranch, LowRankBranch, LowRankLinear
 from .blocks.ops import RMSNorm, apply_rope, gelu, rope_cos_sin, routed
 from .blocks.params import PARTS, param_part

@@ -2,7 +2,8 @@
 
 Roles and the modules that register them (importing a module registers its blocks):
 
-- `vision`: the vision towers, under the config's `vision.arch` (edgemm.blocks.vision);
+- `vision`: the vision towers, under the config's `vision.arch` (edgemm.blocks.vision,
+  edgemm.blocks.internvit);
 - `connector`: projectors, adapters and resamplers, under `adapter.kind` (edgemm.blocks.connectors,
   edgemm.blocks.qformer);
 - `layer`: the decoder layer kinds: the vision branch of a routed layer (edgemm.blocks.layers), the MoE FFN

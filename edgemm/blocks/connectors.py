@@ -156,3 +156,31 @@ class PerceiverResampler(nn.Module):
         for blk in self.blocks:
             lat = blk(feats, lat)
         return self.norm(lat)
+
+
+# --------------------------------------------------------------------------- InternVL's pixel shuffle + MLP
+@register("connector", "pixel_shuffle")
+class PixelShuffleProjector(nn.Module):
+    """InternVL's connector: each tile's feature map (side x side rows of width W) pixel-shuffled to (side * ratio)^2
+    rows of width W / ratio^2 exactly as transformers' InternVLModel.pixel_shuffle reshapes and permutes it, then
+    its multi_modal_projector (layer_norm -> linear_1 -> GELU -> linear_2). The tiles are one image's (the vision
+    stage's batch, edgemm.internvl_tiles): their rows follow each other. feats [N, P, W] -> [1, N * P * ratio^2, D]."""
+
+    def __init__(self, c: AdapterConfig, width: int, side: int, d_model: int):
+        super().__init__()
+        self.gelu, self.side, self.r = c.gelu, side, round(1 / c.downsample_ratio)
+        n = width * self.r * self.r
+        self.layer_norm = nn.LayerNorm(n, eps=c.eps)
+        self.linear_1 = nn.Linear(n, d_model)
+        self.linear_2 = nn.Linear(d_model, d_model)
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        return cls(cfg.adapter, cfg.vision.width, cfg.vision.image_size // cfg.vision.patch_size, cfg.decoder.d_model)
+
+    def forward(self, feats):                               # [N, P, W] -> [1, N * P / r^2, D]
+        s, r, W = self.side, self.r, feats.shape[-1]
+        x = feats.reshape(-1, s, s // r, W * r)             # [N, w, h / r, W r]
+        x = x.permute(0, 2, 1, 3).reshape(-1, s // r, s // r, W * r * r)
+        x = x.permute(0, 2, 1, 3).reshape(1, -1, W * r * r)
+        return self.linear_2(gelu(self.linear_1(self.layer_norm(x)), self.gelu))
