@@ -21,6 +21,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     if v.arch == "clip":        # LLaVA's CLIP: no patch bias, a pre-LayerNorm, only the blocks before the feature layer
         vision = (3 * v.patch_size ** 2 * W + W + (v.n_patches + 1) * W + 2 * W
                   + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
+    elif v.arch == "siglip":    # SigLIP: patch bias, no CLS, no pre-LayerNorm; post_layernorm only when it is taken
+        vision = (3 * v.patch_size ** 2 * W + W + v.n_patches * W + (2 * W if v.post_norm else 0)
+                  + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
     elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
         vision = 0
     else:                       # EVA (and BLIP's, + its post_layernorm below): patch bias, CLS, positions, blocks

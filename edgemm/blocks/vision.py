@@ -135,6 +135,30 @@ class BlipVisionTower(ClipVisionTower):
     BLIP form (built from a config whose arch is "blip"): pixels [B, 3, S, S] -> every row [B, 1 + P, W]."""
 
 
+@register("vision", "siglip")
+class SiglipVisionTower(Tower):
+    """SigLIP ViT (transformers' SiglipVisionModel: LLaVA-OneVision; SmolVLM / Idefics3 and Gemma 3 take the same
+    tower): patch conv with bias, one learned position row per patch, no CLS, no pre-LayerNorm, pre-norm ClipBlocks
+    (the same layer: LayerNorm, attention with biases, fc1/fc2; gelu tanh), the first `feature_layer` of them, then
+    post_layernorm when `post_norm` (the last_hidden_state SmolVLM and Gemma 3 take; LLaVA-OneVision takes
+    hidden_states[-1], the last block's output before it). pixels [B, 3, S, S] -> [B, P, W]."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, c.n_patches, c.width))
+        n = c.layers if c.feature_layer is None else c.feature_layer
+        self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(n))
+        if c.post_norm:
+            self.post_norm = nn.LayerNorm(c.width, eps=c.eps)
+
+    def forward(self, pixels):                              # pixels: [B, 3, S, S]
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos                # [B, P, W]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.post_norm(x) if hasattr(self, "post_norm") else x
+
+
 @register("vision", "none")
 class NoPixelTower(Tower):
     """Libra: pixels become image tokens in Libra's own VQ image tokenizer (+ a CLIP continuous signal),

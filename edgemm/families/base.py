@@ -100,6 +100,34 @@ def _clip_vision(plan: Plan, vt: str, n_blocks: int, post_norm_why: str) -> None
     for n in ("weight", "bias"):
         plan.add(f"vision.pre_norm.{n}", vt + f"pre_layrnorm.{n}")
         plan.ignore(vt + f"post_layernorm.{n}", post_norm_why)
+    _vit_layers(plan, vt, n_blocks)
+
+
+def _siglip_vision(plan: Plan, vt: str, n_blocks: int, post_norm: bool, names) -> None:
+    """A SigLIP ViT in transformers' layout under `vt` (SiglipVisionModel's vision_model) -> edgemm's "siglip"
+    tower: patch conv with bias, the position table, the first n_blocks encoder layers (fused QKV), post_layernorm
+    when the family takes the last_hidden_state (post_norm); the pooling head (vision_use_head) is not imported.
+    `names`: the source's tensor names (the layers after n_blocks and the head are listed as ignored)."""
+    em = vt + "embeddings."
+    for n in ("weight", "bias"):
+        plan.add(f"vision.patch_embed.{n}", em + f"patch_embedding.{n}")
+        if post_norm:
+            plan.add(f"vision.post_norm.{n}", vt + f"post_layernorm.{n}")
+        else:
+            plan.ignore(vt + f"post_layernorm.{n}", "the family takes the hidden states before SigLIP's post_layernorm")
+    plan.add("vision.pos", em + "position_embedding.weight", fn=lambda t: t[0].unsqueeze(0))
+    plan.ignore(em + "position_ids", "position index buffer")
+    _vit_layers(plan, vt, n_blocks)
+    layers = vt + "encoder.layers."
+    for k in names:
+        if k.startswith(vt + "head."):
+            plan.ignore(k, "SigLIP's attention-pooling head: not used by the family")
+        elif k.startswith(layers) and int(k[len(layers):].split(".")[0]) >= n_blocks:
+            plan.ignore(k, f"SigLIP layer after the feature layer (the first {n_blocks} are used)")
+
+
+def _vit_layers(plan: Plan, vt: str, n_blocks: int) -> None:
+    """The first n_blocks pre-norm encoder layers of a CLIP / SigLIP ViT under `vt` -> vision.blocks.i (ClipBlock)."""
     for i in range(n_blocks):
         s, e = f"{vt}encoder.layers.{i}.", f"vision.blocks.{i}."
         a = s + "self_attn."
