@@ -32,9 +32,6 @@ class VisionConfig:
     # "siglip" (SigLIP: patch bias, no CLS, no pre-LayerNorm; edgemm.blocks.vision.SiglipVisionTower): post_norm
     # applies its post_layernorm (the last_hidden_state; only when every block runs)
     post_norm: bool = False
-    # "siglip" (SigLIP: patch bias, no CLS, no pre-LayerNorm; edgemm.blocks.vision.SiglipVisionTower): post_norm
-    # applies its post_layernorm (the last_hidden_state; only when every block runs)
-    post_norm: bool = False
     # Any-resolution tiling (LLaVA-NeXT, edgemm.anyres): [h, w] pairs (multiples of image_size) the image may be
     # tiled to; empty: one fixed-size image. max_tiles: the most grid tiles (the overview is always added; None:
     # any pinpoint), a budget knob that departs from the source model when it excludes pinpoints.
@@ -269,11 +266,8 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "siglip", "internvit"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
-        if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
-            raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
-                              "or the tower's layers)")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")

@@ -62,7 +62,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("mlp projector", "connector:mlp", lambda c: c.adapter.kind == "mlp", gguf="llava"),
     Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip"),
     Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
-    Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
     Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer"),
     Feature("q-former instruction input (instructblip)", "connector:qformer",
             lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text)),
