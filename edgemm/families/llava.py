@@ -51,16 +51,16 @@ def _moe_block(plan: Plan, lm: str, i: int, n: int, names: set) -> None:
         plan.add(e + ours, *(f"{b}experts.{j}.{theirs}.weight" for j in range(n)), fn=lambda t: torch.stack(list(t)))
 
 
-def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
-    """transformers' LlavaForConditionalGeneration (4.x and 5.x layouts): CLIP tower + MLP projector + LLaMA."""
-    w = "config.json"
-    tc, vc = _req(hf, "text_config", w), _req(hf, "vision_config", w)
-    wt, wv = "config.json text_config", "config.json vision_config"
-    tmt, vmt = tc.get("model_type", "llama"), vc.get("model_type", "clip_vision_model")
-    if tmt not in ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe"):
-        raise EdgemmError(f"{wt}: language model {tmt!r} is not supported (llama, mistral, qwen2, mixtral, qwen3_moe)")
-    if vmt != "clip_vision_model":
-        raise EdgemmError(f"{wv}: vision tower {vmt!r} is not supported (clip_vision_model)")
+LANGUAGE_MODELS = ("llama", "mistral", "qwen2", "mixtral", "qwen3_moe")
+
+
+def decoder_config(hf: dict, tc: dict, wt: str) -> DecoderConfig:
+    """A LLaVA-style checkpoint's text_config (Llama, Mistral, Qwen2, Mixtral, Qwen3-MoE) -> edgemm's single-branch
+    DecoderConfig; what edgemm does not compute (MLP bias, sliding windows, o_proj bias, RoPE scaling) is refused.
+    `hf`: the whole config.json (tie_word_embeddings may sit at its top level)."""
+    tmt = tc.get("model_type", "llama")
+    if tmt not in LANGUAGE_MODELS:
+        raise EdgemmError(f"{wt}: language model {tmt!r} is not supported ({', '.join(LANGUAGE_MODELS)})")
     if tc.get("mlp_bias"):
         raise EdgemmError(f"{wt}: mlp_bias is not supported")
     if tmt == "qwen3_moe" and tc.get("use_sliding_window"):
@@ -70,9 +70,53 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     if tmt in ("mistral", "mixtral") and tc.get("sliding_window") not in (None, 0) and \
             tc["sliding_window"] < tc.get("max_position_embeddings", 0):
         raise EdgemmError(f"{wt}: sliding-window attention is not supported")
+    if tc.get("hidden_act", "silu") != "silu":
+        raise EdgemmError(f"{wt}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
     D, H, L = _req(tc, "hidden_size", wt), _req(tc, "num_attention_heads", wt), _req(tc, "num_hidden_layers", wt)
     E = tc.get("head_dim") or D // H            # Qwen3 (and newer Llamas) may set the heads' width of their own
     kv = tc.get("num_key_value_heads") or H
+    return DecoderConfig(vocab_size=_req(tc, "vocab_size", wt), d_model=D, n_layers=L, n_heads=H,
+                         n_kv_heads=kv if kv != H else None, ffn_dim=_req(tc, "intermediate_size", wt),
+                         rope_theta=_rope_theta(tc, wt), rms_eps=tc.get("rms_norm_eps", 1e-6),
+                         max_seq_len=tc.get("max_position_embeddings", 4096),
+                         tie_embeddings=bool(hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
+                         qkv_bias=tmt == "qwen2", single_branch=True, attn_head_dim=E if E * H != D else 0,
+                         **_moe_fields(tc, tmt, wt))
+
+
+def pick(names: set, cands: tuple, suffix: str) -> str:
+    """The first prefix of cands under which the source has `suffix` (the layouts of transformers' versions)."""
+    return next((c for c in cands if c + suffix in names), cands[0])
+
+
+def decoder_plan(plan: Plan, src: Source) -> None:
+    """The language model's tensors (transformers 4.x before 4.52, 4.52+ and 5.x layouts) for plan.cfg.decoder:
+    embedding, final norm, LM head (or tied), the layers, MoE blocks, Qwen3's q/k norms."""
+    d, names = plan.cfg.decoder, set(src.where)
+    lm = pick(names, ("model.language_model.", "language_model.model."), "embed_tokens.weight")
+    head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
+    _lm_ends(plan, lm, head, d.tie_embeddings)
+    for i in range(d.n_layers):
+        _llama_layer(plan, lm, i, d.qkv_bias, mlp=not d.is_moe_layer(i))
+        if d.is_moe_layer(i):
+            _moe_block(plan, lm, i, d.n_experts, names)
+        if d.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                plan.add(f"decoder.layers.{i}.text.{n}.weight", f"{lm}layers.{i}.self_attn.{n}.weight")
+    if d.n_experts:
+        plan.notes.append(f"mixture of experts: {d.n_experts} experts, top-{d.experts_top_k}, "
+                          f"in {sum(map(d.is_moe_layer, range(d.n_layers)))} of {d.n_layers} layers")
+
+
+def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
+    """transformers' LlavaForConditionalGeneration (4.x and 5.x layouts): CLIP tower + MLP projector + LLaMA."""
+    w = "config.json"
+    tc, vc = _req(hf, "text_config", w), _req(hf, "vision_config", w)
+    wt, wv = "config.json text_config", "config.json vision_config"
+    vmt = vc.get("model_type", "clip_vision_model")
+    decoder = decoder_config(hf, tc, wt)
+    if vmt != "clip_vision_model":
+        raise EdgemmError(f"{wv}: vision tower {vmt!r} is not supported (clip_vision_model)")
     fl = hf.get("vision_feature_layer", -2)
     if not isinstance(fl, int):
         raise EdgemmError(f"{w}: vision_feature_layer {fl!r} (several layers) is not supported")
@@ -83,8 +127,6 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     strategy = hf.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise EdgemmError(f"{w}: vision_feature_select_strategy {strategy!r} is not supported")
-    tie = bool(hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
-    qkv_bias = tmt == "qwen2"
     cfg = ModelConfig(
         name=src.path.name,
         vision=VisionConfig(image_size=_req(vc, "image_size", wv), patch_size=_req(vc, "patch_size", wv),
@@ -94,33 +136,13 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
                             image_std=CLIP_STD, arch="clip", feature_layer=used, keep_cls=strategy == "full"),
         adapter=AdapterConfig(kind="mlp", gelu=_act(hf.get("projector_hidden_act", "gelu"), w),
                               bias=bool(hf.get("multimodal_projector_bias", True))),
-        decoder=DecoderConfig(vocab_size=_req(tc, "vocab_size", wt), d_model=D, n_layers=L, n_heads=H,
-                              n_kv_heads=kv if kv != H else None, ffn_dim=_req(tc, "intermediate_size", wt),
-                              rope_theta=_rope_theta(tc, wt), rms_eps=tc.get("rms_norm_eps", 1e-6),
-                              max_seq_len=tc.get("max_position_embeddings", 4096), tie_embeddings=tie,
-                              qkv_bias=qkv_bias, single_branch=True, attn_head_dim=E if E * H != D else 0,
-                              **_moe_fields(tc, tmt, wt)))
-    if tc.get("hidden_act", "silu") != "silu":
-        raise EdgemmError(f"{wt}: hidden_act {tc['hidden_act']!r} is not supported (silu)")
-    # transformers 4.x before 4.52, 4.52+, and 5.x's save format (vision tower without `vision_model.`)
+        decoder=decoder)
     names = set(src.where)
-
-    def pick(cands, suffix):
-        return next((c for c in cands if c + suffix in names), cands[0])
-    lm = pick(("model.language_model.", "language_model.model."), "embed_tokens.weight")
-    vt = pick(("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
-               "vision_tower."), "embeddings.patch_embedding.weight")
-    pj = pick(("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight")
-    head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
+    vt = pick(names, ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.",
+                      "vision_tower."), "embeddings.patch_embedding.weight")
+    pj = pick(names, ("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight")
     plan = Plan(cfg)
-    _lm_ends(plan, lm, head, tie)
-    for i in range(L):
-        _llama_layer(plan, lm, i, qkv_bias, mlp=not cfg.decoder.is_moe_layer(i))
-        if cfg.decoder.is_moe_layer(i):
-            _moe_block(plan, lm, i, cfg.decoder.n_experts, names)
-        if cfg.decoder.qk_norm:
-            for n in ("q_norm", "k_norm"):
-                plan.add(f"decoder.layers.{i}.text.{n}.weight", f"{lm}layers.{i}.self_attn.{n}.weight")
+    decoder_plan(plan, src)
     _clip_vision(plan, vt, used, "CLIP's pooled-output norm: LLaVA takes hidden states before it")
     for i in range(used, vl):
         s = f"{vt}encoder.layers.{i}."
@@ -131,9 +153,6 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
         plan.add(f"adapter.{n}.weight", pj + f"{n}.weight")
         if cfg.adapter.bias:
             plan.add(f"adapter.{n}.bias", pj + f"{n}.bias")
-    if cfg.decoder.n_experts:
-        plan.notes.append(f"mixture of experts: {cfg.decoder.n_experts} experts, top-{cfg.decoder.experts_top_k}, "
-                          f"in {sum(map(cfg.decoder.is_moe_layer, range(L)))} of {L} layers")
     plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are "
                       f"replaced by the {cfg.n_image_rows} image rows of the vision stage")
     return plan
