@@ -37,6 +37,9 @@ class VisionConfig:
     # any pinpoint), a budget knob that departs from the source model when it excludes pinpoints.
     grid_pinpoints: list = field(default_factory=list)
     max_tiles: int | None = None
+    # LLaVA-OneVision's vision_aspect_ratio "anyres_max_N": the unpadded feature map is downscaled (bilinear) when it
+    # exceeds N tiles' worth (edgemm.anyres); None: never (LLaVA-NeXT)
+    anyres_max: int | None = None
     # InternViT (arch "internvit", InternVL; edgemm.blocks.internvit): pre-norm blocks with LayerScale, LayerNorm or
     # RMSNorm (norm "layer" | "rms"), q/k/v biases (qkv_bias), an RMSNorm over all of q and of k (qk_norm), a
     # LayerNorm after the last block (final_norm: transformers' use_mean_pooling false at vision_feature_layer -1).

@@ -50,3 +50,42 @@ def test_siglip_tower_matches_transformers(feature_layer, post_norm):
     assert (got - want).abs().max().item() <= 1e-5
     if feature_layer == -1:              # LLaVA-OneVision's layer is the last block's output, before the post-norm
         assert (out.hidden_states[-1] - out.last_hidden_state).abs().max().item() > 1e-2
+
+
+S, PATCH = 16, 4                            # the tiny tower: 16 px tiles of 4 x 4 rows
+PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48], [32, 48], [48, 32]]
+SIZES = [(40, 20), (20, 44), (50, 47), (64, 14), (47, 60), (9, 30)]       # (width, height)
+
+
+def _vision(anyres_max=2, max_tiles=None):
+    from edgemm.config import VisionConfig
+    return VisionConfig(image_size=S, patch_size=PATCH, width=24, arch="siglip", grid_pinpoints=PINPOINTS,
+                        anyres_max=anyres_max, max_tiles=max_tiles)
+
+
+@pytest.mark.parametrize("anyres_max", [1, 2, 9])
+def test_anyres_max_packs_as_transformers(anyres_max):
+    """edgemm.anyres's packing (unpad, anyres_max's bilinear downscale, newline rows) equals transformers'
+    LlavaOnevisionModel.pack_image_features on random tile rows, for images of several aspect ratios."""
+    from types import SimpleNamespace
+    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+    from edgemm.anyres import Mix, max_rows, n_tiles, pack, row_index
+    v = _vision(anyres_max)
+    cfg = LlavaOnevisionConfig(vision_config={"model_type": "siglip_vision_model", "image_size": S,
+                                              "patch_size": PATCH}, image_grid_pinpoints=PINPOINTS)
+    g = torch.Generator().manual_seed(0)
+    downscaled = 0
+    for w, h in SIZES + [(16, 16), (48, 48), (200, 100)]:
+        tiles = torch.randn(n_tiles(v, h, w), (S // PATCH) ** 2, 8, generator=g)
+        newline = torch.randn(8, generator=g)
+        want = LlavaOnevisionModel.pack_image_features(
+            SimpleNamespace(config=cfg), [tiles], torch.tensor([[h, w]]), image_newline=newline,
+            vision_aspect_ratio=f"anyres_max_{anyres_max}")[0][0]
+        index = row_index(v, h, w)
+        downscaled += isinstance(index, Mix)
+        got = pack(tiles, newline, index)[0]
+        assert got.shape == want.shape and len(index) <= max_rows(v), (w, h)
+        assert (got - want).abs().max().item() <= 1e-5, (w, h)
+        assert abs(pack(tiles.numpy(), newline.numpy(), index)[0] - want.numpy()).max() <= 1e-5
+    assert downscaled >= (2 if anyres_max < 9 else 0)
