@@ -257,6 +257,9 @@ def doctor(bundle, device, json_path):
               "request's head, then its body (slow clients get 408 and are closed; 0: no limit).")
 @click.option("--max-client-connections", default=64, show_default=True, type=int, help="Open connections per "
               "client address (more get 429; plain serve, not --ray).")
+@click.option("--grace-period", default=25.0, show_default=True, type=float, help="On SIGTERM or SIGINT: seconds "
+              "the running requests have to finish (new ones get 503) before the server exits 0; a second signal "
+              "stops at once. The default fits Kubernetes' 30 s before SIGKILL.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve (the local Ray, or the cluster in "
               "RAY_ADDRESS): replicas, autoscaling, backpressure.")
 @click.option("--replicas", default=None, type=int, help="--ray: how many replicas (default 1).")
@@ -265,8 +268,8 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @handle_errors
 def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
-          metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, use_ray, replicas,
-          autoscale, ray_config):
+          metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, grace_period,
+          use_ray, replicas, autoscale, ray_config):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -288,6 +291,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
             raise EdgemmError(f"--api-key-file {api_key_file} is empty")
     if body_timeout < 0 or max_client_connections < 1:
         raise EdgemmError("--body-timeout must be >= 0 and --max-client-connections >= 1")
+    if not 0 <= grace_period < float("inf"):
+        raise EdgemmError(f"--grace-period must be a number of seconds >= 0, not {grace_period}")
     limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts),
                     body_seconds=body_timeout, client_connections=max_client_connections)
     if use_ray or ray_config:
@@ -302,6 +307,7 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
                                 metrics, limits, replicas or 1, ray_app.parse_autoscale(autoscale), device == "cuda")
         if api_key and not api_key_file:
             args["api_key"] = api_key
+        args["grace_period"] = grace_period
         if ray_config:
             ray_app.write_config(ray_config, args, host, port)
             _err(f"wrote {ray_config}: deploy it with `serve deploy {ray_config}` on a running Ray cluster")
@@ -313,7 +319,7 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err)
+               limits, log=_err, grace=grace_period)
 
 
 @main.command("train-demo")

@@ -50,12 +50,13 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
 
 
 def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, host="127.0.0.1", port=8080,
-          parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print) -> None:
-    """Run the server until interrupted (models load in the background; /health says 503 until ready)."""
-    import uvicorn
+          parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print, grace=None) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain for at most `grace` seconds (edgemm.serve.drain) and
+    return (models load in the background; /health says 503 until ready)."""
     from .api import Limits
     from .app import create_app
     from .clients import capped_protocol
+    from .drain import DEFAULT_GRACE, serve_draining
     if not is_loopback(host) and not api_key:
         raise EdgemmError(f"binding {host} exposes the server beyond this machine: give --api-key or "
                           "--api-key-file (or bind 127.0.0.1)")
@@ -67,5 +68,5 @@ def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, ho
     if log:
         log(f"edgemm serve on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'}); "
             f"GET /health says when the models are loaded")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, access_log=False,
-                http=capped_protocol(limits))
+    serve_draining(app, DEFAULT_GRACE if grace is None else grace, log, host=host, port=port, log_level="warning",
+                   timeout_keep_alive=5, access_log=False, http=capped_protocol(limits))

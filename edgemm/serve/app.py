@@ -32,6 +32,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     it returns."""
     from fastapi import FastAPI
     from .clients import BodyDeadline
+    from .drain import install_drain
     from .engine import Metrics
     from .guard import install_error_handlers, install_guard
     from .routes_chat import install_chat_route
@@ -48,6 +49,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     install_guard(app, state.limits, api_key)
     app.add_middleware(BodyDeadline, seconds=state.limits.body_seconds, max_bytes=state.limits.body_bytes,
                        count=state.metrics.request)
+    install_drain(app)                                # outermost: SIGTERM's 503s and the in-flight count
     install_info_routes(app, metrics)
     install_chat_route(app)
     return app

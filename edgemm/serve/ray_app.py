@@ -12,7 +12,8 @@ in the JSON body; a router deployment in front would add a hop per request. For 
 int8 and int4 variants of one model, one replica holding each is the bounded, simple choice; its memory is the
 sum of the bundles, which `edgemm info --bundle` estimates.)
 
-Responses carry `x-edgemm-replica`, the Ray replica that answered.
+Responses carry `x-edgemm-replica`, the Ray replica that answered. SIGTERM or SIGINT to the driver drains the
+replicas, then shuts Serve and Ray down (edgemm.serve.drain).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def build_app(args: dict):
     """Ray Serve application builder (also the `import_path` of the config `--ray-config` writes)."""
     from ray import serve
     from .app import Limits, create_app
+    from .drain import follow_board
     s = _settings(args)
     limits = Limits(**s["limits"]) if isinstance(s["limits"], dict) else (s["limits"] or Limits())
 
@@ -50,13 +52,14 @@ def build_app(args: dict):
         ctx = serve.get_replica_context()
         rid = getattr(ctx, "replica_id", None)
         app.state.replica = getattr(rid, "unique_id", None) or getattr(ctx, "replica_tag", None) or str(rid)
+        follow_board(app.state, str(app.state.replica))       # drain when the driver says (edgemm.serve.drain)
         return app
 
     opts = {"name": DEPLOYMENT, "max_ongoing_requests": s["parallel"],
             "max_queued_requests": max(1, s["max_queue"]),
             "ray_actor_options": {"num_cpus": float(args.get("num_cpus") or 1),
                                   "num_gpus": float(args.get("num_gpus") or 0)},
-            "health_check_period_s": 5, "graceful_shutdown_timeout_s": 10}
+            "health_check_period_s": 5, "graceful_shutdown_timeout_s": _grace(args)}
     auto = args.get("autoscale")
     if auto:
         lo, hi = auto
@@ -65,6 +68,14 @@ def build_app(args: dict):
     else:
         opts["num_replicas"] = int(args.get("replicas") or 1)
     return serve.deployment(**opts)(serve.ingress(build_asgi)()).bind()
+
+
+def _grace(args: dict) -> float:
+    """Ray's own wait for a stopping replica's requests (serve shutdown, serve deploy, scaling down): the grace
+    period."""
+    from .drain import DEFAULT_GRACE
+    g = args.get("grace_period")
+    return float(DEFAULT_GRACE if g is None else g)
 
 
 def parse_autoscale(spec: str | None):
@@ -98,7 +109,8 @@ def write_config(path, args: dict, host: str, port: int) -> None:
     import yaml
     dep = {"name": DEPLOYMENT, "max_ongoing_requests": args["parallel"],
            "max_queued_requests": max(1, args["max_queue"]),
-           "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])}}
+           "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])},
+           "graceful_shutdown_timeout_s": _grace(args)}
     if args.get("autoscale"):
         lo, hi = args["autoscale"]
         dep["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": lo}
@@ -112,21 +124,27 @@ def write_config(path, args: dict, host: str, port: int) -> None:
 
 
 def run(args: dict, host: str, port: int, log=print, block: bool = True):
-    """Start the app on the local Ray (or the cluster `ray start --head` made: RAY_ADDRESS / auto)."""
-    import time
+    """Start the app on the local Ray (or the cluster `ray start --head` made: RAY_ADDRESS / auto); with
+    `block`, serve until SIGTERM or SIGINT, drain (edgemm.serve.drain), shut Serve and Ray down and return."""
     import ray
     from ray import serve
+    from .drain import catch_signals, create_board, wait_ray_drained
+    cluster = os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address=cluster, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    drain = catch_signals(_grace(args), log) if block else None
+    board = create_board()                                   # before the replicas start: they look it up
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     if log:
         log(f"edgemm on Ray Serve at http://{host}:{port}/v1 ({args.get('replicas') or args.get('autoscale')} "
-            "replica(s)); Ctrl-C stops it")
+            "replica(s)); SIGTERM or Ctrl-C drains and stops it")
     if block:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
+        wait_ray_drained(board, drain, log)
+        if cluster:                                          # a shared cluster: only this application goes
+            serve.delete(APP_NAME)
+        else:
             serve.shutdown()
+        ray.shutdown()
+        if log:
+            log("stopped")
