@@ -5,7 +5,8 @@ bundle with seeds 0..N-1 and prints the failures.
     python benchmarks/validation_seeds.py out/int8 --seeds 20          # a bundle of the shipped model
     python benchmarks/validation_seeds.py out/int8 --model DIR --seeds 20
 
-Quantized bundles are checked as `edgemm export` checks them (a calibration item's prompt, edgemm.export.onnx).
+Quantized bundles are checked as `edgemm export` checks them (a held-out prompt of the calibration set,
+edgemm.export.validate.check_items).
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from edgemm.calib.recipes import QUANTIZED
     from edgemm.checkpoint import load_model
-    from edgemm.export.onnx import VALIDATION_ITEMS, group, validate_bundle
-    from edgemm.export.validate import calibration_items
+    from edgemm.export.onnx import group, validate_bundle
+    from edgemm.export.validate import check_items
     man = json.loads((Path(a.bundle) / "edgemm.json").read_text())
     prec = {"vision": "fp32", "decoder": "fp32"}
     for s, st in man["stages"].items():
         prec[group(s)] = st.get("precision", "fp32")
     m, tok = load_model(a.model)
-    items = calibration_items(m, tok, a.calib, VALIDATION_ITEMS) if set(prec.values()) & set(QUANTIZED) else None
+    items = check_items(m, tok, a.calib) if set(prec.values()) & set(QUANTIZED) else None
     bad = []
     for seed in range(a.seeds):
         out = validate_bundle(m, Path(a.bundle), prec, seed=seed, threads=a.threads, calib_items=items)

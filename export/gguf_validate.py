@@ -10,17 +10,20 @@ import numpy as np
 
 from edgemm.errors import EdgemmError
 from edgemm.export.gguf_llava_cls import CLS_ORDER_WARNING, mtmd_cls_order_defect
+from edgemm.export.thresholds import TABLE, bound, bounds
 
 VALIDATION_QUESTION = "what color is the circle?"
-# validation tolerances on next-token logits (max abs) by decoder precision; None: report only
-LOGIT_TOL = {"f32": 1e-3, "f16": 5e-2}
-ROWS_TOL = {"f32": 1e-3}
+# The bounds below are read from edgemm.export.thresholds (target "gguf"), the one table of every export check.
+GGUF = [p for t, p in TABLE if t == "gguf"]
+# validation tolerances on next-token logits (max abs) by decoder precision; absent: report only
+LOGIT_TOL = {p: v for p in GGUF if (v := bound("gguf", p, "logits", "max_abs")) is not None}
+ROWS_TOL = {p: v for p in GGUF if (v := bound("gguf", p, "vision", "max_abs")) is not None}
 # The mmproj run through mtmd: ggml's CPU GELU reads an fp16 table (GGML_GELU_FP16), so image rows from llama.cpp
 # differ from the reference at ~1e-3 relative on trained weights (measured 6.6e-3 max abs on tiny-shapes rows,
 # 2.2e-3 on the logits that follow). Checked relative to the rows' scale, and the logits at MTMD_LOGIT_TOL;
 # the decoder itself (reference rows in an embd batch) keeps the strict LOGIT_TOL.
-MTMD_ROWS_RTOL = 5e-3
-MTMD_LOGIT_TOL = 1e-2
+MTMD_ROWS_RTOL = bound("gguf", "f32", "mtmd_rows", "max_abs_rel")
+MTMD_LOGIT_TOL = bound("gguf", "f32", "mtmd_logits", "max_abs")
 # Fidelity of every decoder type on a fixed prompt set (FIDELITY_QUESTIONS about the validation image, reference
 # image rows, FIDELITY_STEPS greedy steps teacher-forced with the reference's tokens): mean KL(reference ||
 # llama.cpp) of the next-token distributions and top-1 agreement. Bounds: a working quantization is far inside
@@ -28,16 +31,11 @@ MTMD_LOGIT_TOL = 1e-2
 FIDELITY_QUESTIONS = ("what color is the circle?", "how many shapes are there?", "where is the red square?",
                       "what shape is at the top left?", "what color is the triangle?", "is there a blue cross?")
 FIDELITY_STEPS = 4
-FIDELITY_KL = {"f32": 1e-4, "f16": 1e-3, "q8_0": 5e-3, "q6_k": 2e-2, "q5_k_m": 5e-2, "q4_k_m": 0.1, "q4_0": 0.15}
+FIDELITY_KL = {p: bound("gguf", p, "fidelity", "mean_kl") for p in GGUF}
 # top-1 agreement is gated where the reference is sure (top-1 probability ahead of the second by FIDELITY_MARGIN):
 # a flip between near-tied tokens (random-weight models have flat logits) is reported, not a failure
-FIDELITY_TOP1 = {"f32": 0.99, "f16": 0.95, "q8_0": 0.9, "q6_k": 0.85, "q5_k_m": 0.85, "q4_k_m": 0.85, "q4_0": 0.8}
+FIDELITY_TOP1 = {p: bound("gguf", p, "fidelity", "top1_confident") for p in GGUF}
 FIDELITY_MARGIN = 0.2
-# A quantized mmproj (no max-abs bound: q8_0 / q4_0 vision) is held to the cosine of its mtmd rows with the
-# reference rows (mean removed: edgemm.export.validate.compare), a sanity bound under what a working one gives
-# (tiny-shapes q8_0: 0.9999) and far above a broken one (the projector's down weight sign-flipped: -1; before
-# this bound such an mmproj passed, its rows judged only at f32). To move into edgemm.export.thresholds.
-MMPROJ_COS = 0.99
 
 
 def validation_image(cfg) -> np.ndarray:
@@ -97,19 +95,6 @@ def fidelity(model, tok, run, rows_ref) -> dict:
     return {"prompts": len(FIDELITY_QUESTIONS), "positions": len(kls), "mean_kl": float(np.mean(kls)),
             "max_kl": float(np.max(kls)), "top1": float(np.mean([a for a, _ in agree])),
             "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None}
-
-
-def gguf_failure(bad: list, decoder: str, mmproj: str) -> str:
-    """One line naming the stage of each failed figure ("decoder: ..." / "vision: ..."); the logits after mtmd's
-    rows run the decoder too, so a vision figure is named only where the decoder's own figures pass."""
-    by: dict[str, list] = {}
-    for b in bad:
-        stage, _, what = b.partition(": ")
-        by.setdefault(stage, []).append(what)
-    if "decoder" in by and "vision" in by and all(w.startswith("image_mtmd") for w in by["vision"]):
-        del by["vision"]
-    files = {"decoder": decoder, "vision": mmproj}
-    return "GGUF validation failed for " + ", ".join(f"{s} ({files[s]}: {'; '.join(w)})" for s, w in by.items())
 
 
 def _fmt(x) -> str:
@@ -211,9 +196,6 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
             rows_mt = _llava_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, rows_mt, out, log)
         else:
             out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
-        if rows_mt is not None and not out.get("mtmd_cls_order_defect"):
-            from edgemm.export.validate import compare
-            out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
             run.rewind(len(pre))
             run.decode_embd(rows_mt, len(pre))
@@ -239,34 +221,36 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         f"tokenization equal {out['tokenization_equal']}")
     bad = []
     if not out["tokenization_equal"]:
-        bad.append("decoder: llama.cpp tokenizes the test prompts differently from edgemm")
+        bad.append("llama.cpp tokenizes the test prompts differently from edgemm")
     for k in ("text_max_abs", "image_max_abs", "image_mtmd_max_abs", "vision_rows_max_abs"):
         if out[k] is not None and not np.isfinite(out[k]):              # None: not compared (any-resolution)
-            bad.append(f"{'vision' if k.startswith('vision') else 'decoder'}: {k} is not finite")
+            bad.append(f"{k} is not finite")
     if not fid["mean_kl"] <= FIDELITY_KL[dprec]:
-        bad.append(f"decoder: mean KL {fid['mean_kl']:.3g} > {FIDELITY_KL[dprec]:g} on the fidelity prompts")
+        bad.append(f"mean KL {fid['mean_kl']:.3g} > {FIDELITY_KL[dprec]:g} on the fidelity prompts")
     if conf is not None and not conf >= FIDELITY_TOP1[dprec]:
-        bad.append(f"decoder: top-1 agreement {conf:.3f} < {FIDELITY_TOP1[dprec]:g} where the reference is sure")
+        bad.append(f"top-1 agreement {conf:.3f} < {FIDELITY_TOP1[dprec]:g} where the reference is sure")
     tol = LOGIT_TOL.get(dprec)
     if tol is not None:
         for k in ("text_max_abs", "image_max_abs"):
             if out[k] > tol:
-                bad.append(f"decoder: {k} {out[k]:.2e} > {tol:g}")
+                bad.append(f"{k} {out[k]:.2e} > {tol:g}")
         if vprec in ROWS_TOL and dprec == "f32" and "mtmd_rows" not in out \
                 and not out.get("mtmd_cls_order_defect") and out["image_mtmd_max_abs"] > MTMD_LOGIT_TOL:
-            bad.append(f"vision: image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {MTMD_LOGIT_TOL:g}")
+            bad.append(f"image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {MTMD_LOGIT_TOL:g}")
     if vprec in ROWS_TOL and out.get("vision_rows_reference_code_max_abs", 0.0) > ROWS_TOL[vprec]:
-        bad.append(f"vision: vision_rows_reference_code_max_abs {out['vision_rows_reference_code_max_abs']:.2e} > "
+        bad.append(f"vision_rows_reference_code_max_abs {out['vision_rows_reference_code_max_abs']:.2e} > "
                    f"{ROWS_TOL[vprec]:g}")
     if vprec in ROWS_TOL and not out.get("mtmd_cls_order_defect") and "mtmd_rows" not in out:
         rtol = MTMD_ROWS_RTOL * max(1.0, out.get("vision_rows_scale", 1.0))
         if out["vision_rows_max_abs"] > rtol:
-            bad.append(f"vision: vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
-    if vprec not in ROWS_TOL and out.get("vision_rows_cosine") is not None \
-            and not out["vision_rows_cosine"] >= MMPROJ_COS:
-        bad.append(f"vision: mtmd image rows cosine {out['vision_rows_cosine']:.4f} < {MMPROJ_COS:g}")
+            bad.append(f"vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
     out["tolerance"] = tol
+    out["inputs"] = (f"validation image (validation_image), the question {VALIDATION_QUESTION!r} text-only and with "
+                     f"the image; fidelity: {len(FIDELITY_QUESTIONS)} fixed questions x {FIDELITY_STEPS + 1} positions")
+    used = {k: bounds("gguf", vprec if k in ("vision", "mtmd_rows") else dprec, k)
+            for k in ("logits", "fidelity", "vision", "mtmd_rows", "mtmd_logits")}
+    out["thresholds"] = {k: ", ".join(b.text() for b in bs) for k, bs in used.items() if bs}      # the table's rows
     out["passed"] = not bad
     if bad:
-        raise EdgemmError(gguf_failure(bad, decoder.name, mmproj.name))
+        raise EdgemmError("GGUF validation failed: " + "; ".join(bad))
     return out

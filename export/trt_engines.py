@@ -17,7 +17,7 @@ from edgemm.errors import EdgemmError
 from edgemm.export.trt_profiles import build_plan, default_device_class
 from edgemm.export.validate import format_validation, run_prompt, summarize
 
-ENGINE_COS = 0.99               # engine vs its Q/DQ graph (build-engines)
+# engine vs its Q/DQ graph (build-engines): edgemm.export.thresholds, target "trt-engine"
 
 
 NO_GPU_MESSAGE = ("building TensorRT engines needs TensorRT and a CUDA GPU, and this machine has {what}: "
@@ -99,6 +99,7 @@ def validate_engines(bundle, engines: dict | None = None, decode_steps: int = 8,
     """Engines (trt backend; `engines` = a record not yet in the manifest) against their Q/DQ graphs
     (onnxruntime CPU) on the same random prompt."""
     import torch
+    from edgemm.export.thresholds import judge
     from edgemm.export.validate import validation_inputs
     from edgemm.runtimes.trt_backend import OnnxQdqBackend, TrtBackend
     ref = OnnxQdqBackend.open(bundle=str(bundle), verify=False, threads=threads)
@@ -109,7 +110,7 @@ def validate_engines(bundle, engines: dict | None = None, decode_steps: int = 8,
     res = run_prompt(ref, eng, cfg, ins, [("text", ids), ("image", None), ("text", ids)], decode_steps,
                      image_hw=hw)
     return summarize(res, lambda s: ref.manifest["stages"][s].get("precision"),
-                     lambda s, p, err, cos, scale: (f"engine vs Q/DQ graph: cosine >= {ENGINE_COS}", cos >= ENGINE_COS))
+                     lambda *a: judge("trt-engine", *a))
 
 
 def build_engines(bundle, device_class: str | None = None, force: bool = False, log=print, threads=None) -> dict:

@@ -19,10 +19,35 @@ def test_calib_dir_ok(tmp_path):
     from edgemm.calib.sets import load_calib_dir
     _png(tmp_path / "a.png")
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "What color?"}) + "\n\n"
-                                            + json.dumps({"image": "a.png", "question": "Shape?", "answer": "x"}))
+                                            + json.dumps({"image": "a.png", "question": "Shape?", "answer": "x"})
+                                            + "\n" + json.dumps({"image": "a.png", "prompt": "Where?"}))
     s = load_calib_dir(tmp_path)
-    assert len(s) == 2 and s.samples[1].answer == "x"
+    assert len(s) == 2 and len(s.held_out) == 1                     # one of three held out for the export check
+    both = {x.prompt: x for x in s.samples + s.held_out}
+    assert set(both) == {"What color?", "Shape?", "Where?"} and both["Shape?"].answer == "x"
+    assert both["Shape?"].id == "prompts.jsonl:3 (a.png)"
     assert len(s.digest()) == 64 and s.digest() == load_calib_dir(tmp_path).digest()
+
+
+def test_calib_dir_held_out_part_is_disjoint_and_chosen_by_content(tmp_path):
+    """The held-out part of a folder: chosen by content (the same items whatever the file's order), max(1, N // 8)
+    of them (at most 16), never equal to a calibration item (a duplicated line falls on one side), and left out of
+    the calibration part (its digest, what statistics are fitted on); a folder of one distinct item is refused."""
+    from edgemm.calib.sets import load_calib_dir
+    _png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "prompt": f"q{i}"} for i in range(40)] + [{"image": "a.png", "prompt": "q3"}] * 2
+    (tmp_path / "prompts.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    s = load_calib_dir(tmp_path)
+    held, calib = [x.prompt for x in s.held_out], [x.prompt for x in s.samples]
+    assert len(set(held)) == 5 and len(calib) + len(held) == 42 and not set(held) & set(calib)
+    assert not {x.key() for x in s.held_out} & {x.key() for x in s.samples}
+    (tmp_path / "prompts.jsonl").write_text("\n".join(map(json.dumps, rows[::-1])))
+    r = load_calib_dir(tmp_path)
+    assert sorted(x.prompt for x in r.held_out) == sorted(held) and r.digest() != s.digest()
+    assert [x.prompt for x in load_calib_dir(tmp_path, limit=3).samples] == [x.prompt for x in r.samples[:3]]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]))
+    with pytest.raises(EdgemmError, match="holds 2 sample.*1 distinct.*at least two different"):
+        load_calib_dir(tmp_path)
 
 
 def test_calib_dir_missing_image(tmp_path):
@@ -63,6 +88,20 @@ def test_bundled_set_is_the_calib_split_disjoint_from_test():
     assert s.name.startswith("shapes-calib") and len(s) == 8
     test = {shapes.scene_at("test", i).signature() for i in range(200)}
     assert not any(shapes.scene_at("calib", i).signature() in test for i in range(8))
+
+
+def test_bundled_set_holds_out_items_no_calibration_set_reaches():
+    """The bundled set's held-out part (the export checks' prompts): the calib split from HOLDOUT_START on, the
+    same items whatever the calibration size, no one equal to a calibration item, every question type."""
+    from edgemm.calib.sets import HOLDOUT_BUNDLED, HOLDOUT_START, bundled_set
+    s, big = bundled_set(8), bundled_set(64)
+    assert [x.id for x in s.held_out] == [x.id for x in big.held_out] == \
+        [f"shapes-calib#{HOLDOUT_START + i}" for i in range(HOLDOUT_BUNDLED)]
+    assert [x.id for x in big.samples] == [f"shapes-calib#{i}" for i in range(64)]
+    assert not {x.key() for x in big.held_out} & {x.key() for x in big.samples}
+    assert len({x.prompt.split()[0] + x.prompt.split()[1] for x in big.held_out}) >= 4
+    with pytest.raises(EdgemmError, match="reaches the held-out items"):
+        bundled_set(HOLDOUT_START)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -124,8 +124,8 @@ def test_decoder_text_holds_no_vision_weight(fp32_bundle, ckpt):
 
 
 def test_validation_failure_leaves_no_bundle(ckpt, tmp_path, monkeypatch):
-    import edgemm.export.onnx as eo
-    monkeypatch.setattr(eo, "FP32_TOL", 0.0)
+    from edgemm.export import thresholds
+    monkeypatch.setitem(thresholds.TABLE, ("onnx", "fp32"), {"*": (thresholds.Bound("max_abs", 0.0),)})
     out = tmp_path / "bad"
     with pytest.raises(EdgemmError, match="validation failed"):
         _export(ckpt, out)

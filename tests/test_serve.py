@@ -140,7 +140,7 @@ def test_cli_run_answer_matches(reference):
     assert r.returncode == 0 and r.stdout.strip() == reference["circle"]
 
 
-def test_answers_streamed_and_not_equal_edgemm_run(server, reference):
+def test_served_answer_equals_edgemm_run_streamed_and_not(server, reference):
     c = server.client()
     msgs = [_msg("What color is the circle?", _img_url())]
     r = c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16)
