@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import EdgemmError
 from .tokenizer import IMAGE
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def chat_template_of(backend) -> str | None:
@@ -58,8 +58,29 @@ def _content_parts(i: int, c) -> tuple[list[str], list[str]]:
     return texts, images
 
 
+def _tool_calls(i: int, calls) -> list[dict]:
+    """An assistant message's tool_calls as HF templates read them (arguments as an object, not JSON text)."""
+    import json
+    if not isinstance(calls, list):
+        raise EdgemmError(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise EdgemmError(f"messages[{i}].tool_calls[{j}]: a call needs function.name")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise EdgemmError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": f["name"], "arguments": args}})
+    return out
+
+
 def normalize_messages(messages) -> list[dict]:
-    """OpenAI messages -> [{"role", "text", "images": [image_url strings]}]; a clear error for a bad one."""
+    """OpenAI messages -> [{"role", "text", "images": [image_url strings]}] (+ "tool_calls" of an assistant
+    message that made calls, "tool_call_id" of a tool result); a clear error for a bad one."""
     if not isinstance(messages, list) or not messages:
         raise EdgemmError("'messages' must be a non-empty list")
     out = []
@@ -70,13 +91,19 @@ def normalize_messages(messages) -> list[dict]:
         if m["role"] != "user" and images:
             raise EdgemmError(f"messages[{i}]: only user messages carry images")
         out.append({"role": m["role"], "text": " ".join(t.strip() for t in texts if t.strip()), "images": images})
-    if out[-1]["role"] != "user":
-        raise EdgemmError("the last message must be the user's")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            out[-1]["tool_calls"] = _tool_calls(i, m["tool_calls"])
+        if m["role"] == "tool":
+            out[-1]["tool_call_id"] = m.get("tool_call_id")
+    if out[-1]["role"] not in ("user", "tool"):
+        raise EdgemmError("the last message must be the user's (or a tool's result)")
     return out
 
 
-def render_template(template: str, msgs: list[dict], bos: str, eos: str) -> str:
-    """The template in a sandbox, HF conventions: messages with content parts, add_generation_prompt."""
+def render_template(template: str, msgs: list[dict], bos: str, eos: str, tools: list | None = None) -> str:
+    """The template in a sandbox, HF conventions: messages with content parts (a tool result's content a
+    string), assistant tool_calls, `tools` (OpenAI function tools) where the request has them,
+    add_generation_prompt."""
     from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -87,19 +114,24 @@ def render_template(template: str, msgs: list[dict], bos: str, eos: str) -> str:
     hf_msgs = []
     for m in msgs:
         parts = [{"type": "image"} for _ in m["images"]] + ([{"type": "text", "text": m["text"]}] if m["text"] else [])
-        hf_msgs.append({"role": m["role"], "content": parts})
+        hf_msgs.append({"role": m["role"], "content": m["text"] if m["role"] == "tool" else parts})
+        for k in ("tool_calls", "tool_call_id"):
+            if k in m:
+                hf_msgs[-1][k] = m[k]
     try:
         return env.from_string(template).render(messages=hf_msgs, add_generation_prompt=True, bos_token=bos,
-                                                eos_token=eos)
+                                                eos_token=eos, tools=tools)
     except SecurityError as e:
         raise EdgemmError(f"the chat template tried something the sandbox forbids ({e}); refusing it") from None
     except TemplateError as e:
         raise EdgemmError(f"the chat template failed: {e}") from None
 
 
-def segments_template(tok, template: str, msgs: list[dict], image_token: str = IMAGE) -> list[tuple]:
-    """Any other chat template: rendered, split at `image_token`, the text pieces tokenized."""
-    text = render_template(template, msgs, tok.bos_token, tok.eos_token)
+def segments_template(tok, template: str, msgs: list[dict], image_token: str = IMAGE,
+                      tools: list | None = None) -> list[tuple]:
+    """Any other chat template: rendered (with the request's `tools`), split at `image_token`, the text pieces
+    tokenized."""
+    text = render_template(template, msgs, tok.bos_token, tok.eos_token, tools)
     pieces = text.split(image_token)
     n_img = sum(len(m["images"]) for m in msgs)
     if len(pieces) - 1 != n_img:

@@ -18,6 +18,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple = ()                # stop strings (not included in the answer)
     ignore_eos: bool = False        # keep going past </s> until max_new_tokens (benchmarks, load tests)
+    grammar: object = None          # edgemm.grammar.Grammar: only the tokens it allows are sampled
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -95,6 +96,7 @@ class AnswerStream:
         self.ids: list[int] = []
         self.unfed: list[int] = []
         self.finish_reason: str | None = None
+        self.constraint = gen.grammar.start() if gen.grammar is not None else None
 
     @property
     def text(self) -> str:
@@ -106,15 +108,21 @@ class AnswerStream:
         return piece
 
     def push(self, logits) -> tuple[str, bool]:
-        t = self.sampler(logits)
-        if self.tok.is_eos(t) and not self.gen.ignore_eos:
+        c = self.constraint                  # a grammar: the tokens it forbids are never sampled
+        t = self.sampler(logits if c is None else c.mask(logits))
+        if self.tok.is_eos(t) and (c is not None or not self.gen.ignore_eos):
             self.finish_reason = "stop"
             return self._flush(), True
         self.ids.append(t)
         self.stream.add(t)
+        if c is not None:
+            c.accept(t)
         hits = [self.stream.text.find(x) for x in self.stops if x in self.stream.text]
         if hits:
             self.stream.text = self.stream.text[:min(hits)]
+            self.unfed, self.finish_reason = [t], "stop"
+            return self._flush(), True
+        if c is not None and c.done:         # only end-of-sequence can follow: the answer is complete
             self.unfed, self.finish_reason = [t], "stop"
             return self._flush(), True
         if len(self.ids) >= self.gen.max_new_tokens:

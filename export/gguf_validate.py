@@ -36,6 +36,11 @@ FIDELITY_KL = {p: bound("gguf", p, "fidelity", "mean_kl") for p in GGUF}
 # a flip between near-tied tokens (random-weight models have flat logits) is reported, not a failure
 FIDELITY_TOP1 = {p: bound("gguf", p, "fidelity", "top1_confident") for p in GGUF}
 FIDELITY_MARGIN = 0.2
+# A quantized mmproj (no max-abs bound: q8_0 / q4_0 vision) is held to the cosine of its mtmd rows with the
+# reference rows (mean removed: edgemm.export.validate.compare), a sanity bound under what a working one gives
+# (tiny-shapes q8_0: 0.9999) and far above a broken one (the projector's down weight sign-flipped: -1; before
+# this bound such an mmproj passed, its rows judged only at f32). To move into edgemm.export.thresholds.
+MMPROJ_COS = 0.99
 
 
 def validation_image(cfg) -> np.ndarray:
@@ -95,6 +100,19 @@ def fidelity(model, tok, run, rows_ref) -> dict:
     return {"prompts": len(FIDELITY_QUESTIONS), "positions": len(kls), "mean_kl": float(np.mean(kls)),
             "max_kl": float(np.max(kls)), "top1": float(np.mean([a for a, _ in agree])),
             "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None}
+
+
+def gguf_failure(bad: list, decoder: str, mmproj: str) -> str:
+    """One line naming the stage of each failed figure ("decoder: ..." / "vision: ..."); the logits after mtmd's
+    rows run the decoder too, so a vision figure is named only where the decoder's own figures pass."""
+    by: dict[str, list] = {}
+    for b in bad:
+        stage, _, what = b.partition(": ")
+        by.setdefault(stage, []).append(what)
+    if "decoder" in by and "vision" in by and all(w.startswith("image_mtmd") for w in by["vision"]):
+        del by["vision"]
+    files = {"decoder": decoder, "vision": mmproj}
+    return "GGUF validation failed for " + ", ".join(f"{s} ({files[s]}: {'; '.join(w)})" for s, w in by.items())
 
 
 def _fmt(x) -> str:
@@ -196,6 +214,9 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
             rows_mt = _llava_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, rows_mt, out, log)
         else:
             out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
+        if rows_mt is not None and not out.get("mtmd_cls_order_defect"):
+            from edgemm.export.validate import compare
+            out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
             run.rewind(len(pre))
             run.decode_embd(rows_mt, len(pre))
@@ -221,29 +242,32 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         f"tokenization equal {out['tokenization_equal']}")
     bad = []
     if not out["tokenization_equal"]:
-        bad.append("llama.cpp tokenizes the test prompts differently from edgemm")
+        bad.append("decoder: llama.cpp tokenizes the test prompts differently from edgemm")
     for k in ("text_max_abs", "image_max_abs", "image_mtmd_max_abs", "vision_rows_max_abs"):
         if out[k] is not None and not np.isfinite(out[k]):              # None: not compared (any-resolution)
-            bad.append(f"{k} is not finite")
+            bad.append(f"{'vision' if k.startswith('vision') else 'decoder'}: {k} is not finite")
     if not fid["mean_kl"] <= FIDELITY_KL[dprec]:
-        bad.append(f"mean KL {fid['mean_kl']:.3g} > {FIDELITY_KL[dprec]:g} on the fidelity prompts")
+        bad.append(f"decoder: mean KL {fid['mean_kl']:.3g} > {FIDELITY_KL[dprec]:g} on the fidelity prompts")
     if conf is not None and not conf >= FIDELITY_TOP1[dprec]:
-        bad.append(f"top-1 agreement {conf:.3f} < {FIDELITY_TOP1[dprec]:g} where the reference is sure")
+        bad.append(f"decoder: top-1 agreement {conf:.3f} < {FIDELITY_TOP1[dprec]:g} where the reference is sure")
     tol = LOGIT_TOL.get(dprec)
     if tol is not None:
         for k in ("text_max_abs", "image_max_abs"):
             if out[k] > tol:
-                bad.append(f"{k} {out[k]:.2e} > {tol:g}")
+                bad.append(f"decoder: {k} {out[k]:.2e} > {tol:g}")
         if vprec in ROWS_TOL and dprec == "f32" and "mtmd_rows" not in out \
                 and not out.get("mtmd_cls_order_defect") and out["image_mtmd_max_abs"] > MTMD_LOGIT_TOL:
-            bad.append(f"image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {MTMD_LOGIT_TOL:g}")
+            bad.append(f"vision: image_mtmd_max_abs {out['image_mtmd_max_abs']:.2e} > {MTMD_LOGIT_TOL:g}")
     if vprec in ROWS_TOL and out.get("vision_rows_reference_code_max_abs", 0.0) > ROWS_TOL[vprec]:
-        bad.append(f"vision_rows_reference_code_max_abs {out['vision_rows_reference_code_max_abs']:.2e} > "
+        bad.append(f"vision: vision_rows_reference_code_max_abs {out['vision_rows_reference_code_max_abs']:.2e} > "
                    f"{ROWS_TOL[vprec]:g}")
     if vprec in ROWS_TOL and not out.get("mtmd_cls_order_defect") and "mtmd_rows" not in out:
         rtol = MTMD_ROWS_RTOL * max(1.0, out.get("vision_rows_scale", 1.0))
         if out["vision_rows_max_abs"] > rtol:
-            bad.append(f"vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
+            bad.append(f"vision: vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
+    if vprec not in ROWS_TOL and out.get("vision_rows_cosine") is not None \
+            and not out["vision_rows_cosine"] >= MMPROJ_COS:
+        bad.append(f"vision: mtmd image rows cosine {out['vision_rows_cosine']:.4f} < {MMPROJ_COS:g}")
     out["tolerance"] = tol
     out["inputs"] = (f"validation image (validation_image), the question {VALIDATION_QUESTION!r} text-only and with "
                      f"the image; fidelity: {len(FIDELITY_QUESTIONS)} fixed questions x {FIDELITY_STEPS + 1} positions")
@@ -252,5 +276,5 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     out["thresholds"] = {k: ", ".join(b.text() for b in bs) for k, bs in used.items() if bs}      # the table's rows
     out["passed"] = not bad
     if bad:
-        raise EdgemmError("GGUF validation failed: " + "; ".join(bad))
+        raise EdgemmError(gguf_failure(bad, decoder.name, mmproj.name))
     return out

@@ -315,9 +315,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         items = check_items(m, tok, calib) if set(prec.values()) & set(QUANTIZED) else None
         figures = validate_bundle(m, tmp, prec, seed=seed, threads=threads, calib_items=items)
         log(format_validation(figures))
-        bad = [s for s, f in figures.items() if not s.startswith("_") and not f["ok"]]
-        if bad:
-            raise EdgemmError(f"validation failed for {', '.join(bad)} (see the table above); no bundle written")
+        from edgemm.export.validate import raise_failure
+        raise_failure(figures)              # one line naming the stage to blame
         from edgemm.export.thresholds import used
         seed = figures.pop("_seed")
         manifest["validation"] = {"reference": f"edgemm.model (PyTorch {torch.__version__}, fp32, CPU)",

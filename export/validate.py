@@ -10,10 +10,14 @@ import numpy as np
 
 
 def compare(ref, got) -> tuple[float, float, float, int]:
-    """-> (max abs error, cosine, max |ref|, top-1 agreement) of two vectors."""
+    """-> (max abs error, cosine, max |ref|, top-1 agreement) of two vectors. The cosine is of the vectors less
+    their means: logits mean the same up to a constant (softmax ignores it), and a trained model's logits sit far
+    from 0 (tiny-shapes: mean -9, std 2), which held the plain cosine of a wrong answer's logits at 0.995 (one
+    int8 projection's sign flipped: the held-out prompt's answer wrong, accuracy 0.96 -> 0.15; centred 0.93)."""
     ref, got = np.asarray(ref, np.float64).ravel(), np.asarray(got, np.float64).ravel()
     err = float(np.abs(ref - got).max())
-    cos = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
+    rc, gc = ref - ref.mean(), got - got.mean()
+    cos = float(rc @ gc / max(np.linalg.norm(rc) * np.linalg.norm(gc), 1e-30))
     return err, cos, float(np.abs(ref).max()), int(ref.argmax() == got.argmax())
 
 
@@ -68,16 +72,7 @@ def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int
     if "cross_kv" in res:                   # gated cross-attention: the image's cross K/V, once per image
         res["cross_kv"].append(compare(ref.cross_kv(ref_rows), b.cross_kv(ref_rows)))
     need = sum(len(d) if k == "text" else cfg.n_image_rows for k, d in segments) + decode_steps + 2
-    st = b.new_state(max_len=need)
-    rst = None if isinstance(ref, TorchReference) else ref.new_state(max_len=need)
-
-    def both(kind, data):
-        if rst is None:
-            r = ref.segment(kind, data)
-        else:
-            r = ref.text(rst, data) if kind == "text" else ref.image(rst, data)
-        return r, (b.text(st, data) if kind == "text" else b.image(st, data))
-
+    both = _stepper(ref, b, need)
     r = None
     for kind, data in segments:
         if kind == "text" and not len(data):
@@ -91,20 +86,93 @@ def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int
             break           # a real prompt's answer is complete: rows past </s> are never computed by a runtime
         r, g = both("text", [t])
         res["decoder_text"].append(compare(r, g))
+    if "decoder_image" in res and any(k == "image" for k, _ in segments):
+        res["_text_alone"] = lambda: _text_alone(ref, b, segments, decode_steps, stop_id)    # run if needed
     return res
+
+
+def _stepper(ref, b, need: int):
+    """-> both(kind, data): one segment through the reference and the backend, each on a fresh state of its own
+    (a TorchReference keeps the input stage it ran; a new one holds the KV cache)."""
+    st = b.new_state(max_len=need)
+    rst = ref.new_state(max_len=need) if not isinstance(ref, TorchReference) else None
+    tref = TorchReference(ref.m, need) if rst is None and ref.pos else ref
+
+    def both(kind, data):
+        r = tref.segment(kind, data) if rst is None else ref.text(rst, data) if kind == "text" else ref.image(rst, data)
+        return r, (b.text(st, data) if kind == "text" else b.image(st, data))
+    return both
+
+
+def _text_alone(ref, b, segments, decode_steps: int, stop_id) -> list:
+    """The prompt's text segments without its image, then greedy steps: decoder_text's rows on its own."""
+    texts = [d for k, d in segments if k == "text" and len(d)]
+    both, rows, r = _stepper(ref, b, sum(len(d) for d in texts) + decode_steps + 2), [], None
+    for data in texts + [None] * decode_steps:
+        if data is None:
+            data = [int(np.argmax(r))]
+            if stop_id is not None and data[0] == stop_id:
+                break
+        r, g = both("text", data)
+        rows.append(compare(r, g))
+    return rows
+
+
+def _attribute(out: dict, res: dict, precision_of, judge) -> None:
+    """decoder_text's rows after the image read the rows decoder_image wrote into the KV cache, and decoder_image's
+    read decoder_text's: where either fails, decoder_text runs the prompt's text alone. Right alone, its failure
+    is decoder_image's (`follows`, and decoder_image fails); wrong alone, decoder_image's failure is not judged."""
+    dt, di = out.get("decoder_text"), out.get("decoder_image")
+    if "_text_alone" not in res or dt is None or di is None or (dt["ok"] and di["ok"]):
+        return
+    alone = summarize({"decoder_text": res["_text_alone"]()}, precision_of, judge)["decoder_text"]
+    dt["text_alone"] = {k: alone[k] for k in ("max_abs_err", "cosine", "compared", "ok")}
+    if alone["ok"] and not dt["ok"]:
+        dt["follows"] = "decoder_image"
+        if di["ok"]:
+            di["ok"], di["tolerance"] = False, di["tolerance"] + ", and the text rows after the image"
+    elif not alone["ok"]:
+        dt["ok"] = False
+        if not di["ok"]:
+            di["follows"] = "decoder_text"
+
+
+def failure(figures: dict) -> str | None:
+    """One line naming the stages a failed check blames (a stage off only after another one's rows in its KV cache
+    is named as following it), or None."""
+    bad = [s for s, f in figures.items() if not s.startswith("_") and not f["ok"] and not f.get("follows")]
+    if not bad:
+        return None
+    msg = "validation failed for " + ", ".join(
+        f"{s} (cosine {figures[s]['cosine']:.4g}, max abs err {figures[s]['max_abs_err']:.3g}, "
+        f"needs {figures[s]['tolerance']})" for s in bad)
+    after = [f"{s} is off only after {f['follows']}'s rows in the KV cache" for s, f in figures.items()
+             if not s.startswith("_") and f.get("follows")]
+    return msg + "".join("; " + a for a in after)
+
+
+def raise_failure(figures: dict) -> None:
+    """An export's check: EdgemmError with failure()'s line where a stage failed."""
+    msg = failure(figures)
+    if msg:
+        from edgemm.errors import EdgemmError
+        raise EdgemmError(f"{msg} (see the table above); no bundle written")
 
 
 def summarize(res: dict, precision_of, judge) -> dict:
     """Per stage: worst error and cosine over its compared vectors, judged by judge(stage, p, err, cos, scale)
-    -> (tolerance text, ok)."""
+    -> (tolerance text, ok); decoder failures attributed (_attribute)."""
     out = {}
     for stage, rows in res.items():
+        if stage.startswith("_"):
+            continue
         err, cos, scale = max(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows)
         p = precision_of(stage)
         tol, ok = judge(stage, p, err, cos, scale)
         out[stage] = {"max_abs_err": err, "cosine": cos, "ref_max_abs": scale, "compared": len(rows),
                       "top1_agree": sum(r[3] for r in rows) / len(rows), "precision": p, "tolerance": tol,
                       "ok": bool(ok)}
+    _attribute(out, res, precision_of, judge)
     return out
 
 
@@ -118,9 +186,9 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
         top1 = f"{f['top1_agree']:>6.2f}" if "top1_agree" in f else f"{'-':>6}"
         err = f"{f['max_abs_err']:>12.3e}" if f.get("max_abs_err") is not None else f"{'-':>12}"
         cos = f"{f['cosine']:>10.7f}" if f.get("cosine") is not None else f"{'-':>10}"
+        verdict = "ok" if f["ok"] else f"after {f['follows']}" if f.get("follows") else "FAIL"
         lines.append(f"{stage:<14} {f['precision']:<9} {err} {cos} "
-                     f"{f.get('ref_max_abs') or float('nan'):>10.3g} {top1}  {'ok' if f['ok'] else 'FAIL'} "
-                     f"({f['tolerance']})")
+                     f"{f.get('ref_max_abs') or float('nan'):>10.3g} {top1}  {verdict} ({f['tolerance']})")
     return "\n".join(lines)
 
 

@@ -314,4 +314,7 @@ class Engine:
             self.metrics.tokens += len(live)
         for s, logits in zip(live, outs):
             s.fed.append(s.ans.ids[-1])
-            self._advance(s, logits)
+            try:
+                self._advance(s, logits)
+            except EdgemmError as e:            # (a grammar that allows no token): this request only
+                self._finish(s, error=str(e))

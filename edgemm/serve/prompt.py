@@ -20,6 +20,8 @@ def segments_edgemm(tok, msgs: list[dict], max_images: int = 1) -> list[tuple]:
         raise EdgemmError(f"this model takes at most {max_images} image(s) per conversation; the request has {n_img}")
     if any(m["role"] == "system" for m in msgs):
         raise EdgemmError("this model's chat format has no system messages (it was trained on Q:/A: turns)")
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+        raise EdgemmError("this model's chat format has no tool calls (it was trained on Q:/A: turns)")
     segs: list[tuple] = [("text", tok.prefix_ids())] if tok.add_bos else []
     if n_img:
         segs.append(("image", 0))
@@ -37,12 +39,13 @@ def segments_edgemm(tok, msgs: list[dict], max_images: int = 1) -> list[tuple]:
     return segs
 
 
-def build_segments(tok, template: str | None, messages, max_images: int = 1) -> tuple[list[tuple], list[str]]:
-    """-> (segments, image urls in order)."""
+def build_segments(tok, template: str | None, messages, max_images: int = 1,
+                   tools: list | None = None) -> tuple[list[tuple], list[str]]:
+    """-> (segments, image urls in order); `tools` (OpenAI function tools) rendered by the template."""
     msgs = normalize_messages(messages)
     urls = [u for m in msgs for u in m["images"]]
     if template is None or template.strip() == CHAT_TEMPLATE.strip():
         return segments_edgemm(tok, msgs, max_images), urls
     if len(urls) > max_images:
         raise EdgemmError(f"at most {max_images} image(s) per request; the request has {len(urls)}")
-    return segments_template(tok, template, msgs), urls
+    return segments_template(tok, template, msgs, tools=tools), urls

@@ -56,11 +56,11 @@ def gen_config(body: dict, limits: Limits) -> GenerationConfig:
         raise APIError(400, str(e).replace("--", "")) from None
 
 
-def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits) -> tuple[list, list, int]:
+def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits, tools=None) -> tuple[list, list, int]:
     """-> (segments, image urls, prompt rows), the context checked before any image is decoded or encoded."""
     b = m.backend
     try:
-        segs, urls = build_segments(b.tokenizer, m.template, body.get("messages"), limits.images_per_request)
+        segs, urls = build_segments(b.tokenizer, m.template, body.get("messages"), limits.images_per_request, tools)
     except EdgemmError as e:
         raise APIError(400, str(e)) from None
     rows = sum(len(d) if k == "text" else b.cfg.n_image_rows for k, d in segs)
@@ -103,6 +103,7 @@ class Answer:
     q: asyncio.Queue
     id: str
     created: int
+    fmt: str | None = None           # the tool-call form the answer is parsed in (edgemm.tools)
 
     def chunk(self, delta, finish=None, usage=None) -> str:
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -115,9 +116,12 @@ class Answer:
 async def submit(m, body: dict, limits: Limits) -> Answer:
     """The request checked, its images prepared, its job queued on the model's engine (503 when full)."""
     from .engine import Job, QueueFull
+    from .structured import structured_of
     gen = gen_config(body, limits)
     b = m.backend
-    segs, urls, rows = prompt_of(m, body, gen, limits)
+    st = await asyncio.to_thread(structured_of, body, b.tokenizer, m.template)    # response_format, tools
+    gen.grammar = st.grammar
+    segs, urls, rows = prompt_of(m, body, gen, limits, st.tools)
     pixels = await pixels_of(urls, b.cfg, limits)
     if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
         rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
@@ -130,27 +134,39 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     except QueueFull:
         raise APIError(503, "the server is busy (all slots and the queue are full); retry shortly",
                        "server_error", "queue_full", headers={"Retry-After": "1"}) from None
-    return Answer(m.id, job, q, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    return Answer(m.id, job, q, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), st.fmt)
 
 
 async def events(a: Answer, include_usage: bool):
     """The answer as server-sent events; a client that disconnects frees its slot."""
+    from ..tools import ToolStream
+    from .structured import call_deltas
     lead = True                      # the answer's leading space (" red"), stripped as when whole
+    tools, calls = (ToolStream(a.fmt) if a.fmt else None), 0   # tool calls: each sent once it is whole
     try:
         yield a.chunk({"role": "assistant", "content": ""})
         while True:
             kind, data = await a.q.get()
-            if kind == "text":
+            if kind in ("text", "done") and tools is not None:
+                evs = tools.feed(data) if kind == "text" else tools.finish()
+            else:
+                evs = [("content", data)] if kind == "text" else []
+            for k, d in evs:
+                if k == "call":
+                    for delta in call_deltas(calls, d):
+                        yield a.chunk(delta)
+                    calls += 1
+                    continue
                 if lead:
-                    data = data.lstrip()
-                    lead = not data
-                if data:
-                    yield a.chunk({"content": data})
-            elif kind == "error":
+                    d = d.lstrip()
+                    lead = not d
+                if d:
+                    yield a.chunk({"content": d})
+            if kind == "error":
                 yield f"data: {json.dumps(error_body(data, 'server_error', None))}\n\n"
                 break
-            else:
-                yield a.chunk({}, data["finish_reason"])
+            if kind == "done":
+                yield a.chunk({}, "tool_calls" if calls and data["finish_reason"] == "stop" else data["finish_reason"])
                 if include_usage:
                     yield a.chunk({}, usage=usage_of(data))
                 break
@@ -178,9 +194,15 @@ async def whole(a: Answer, request) -> dict | None:
                 break
     finally:
         a.job.cancel()
+    msg, finish = {"role": "assistant", "content": "".join(parts).strip()}, data["finish_reason"]
+    if a.fmt:                                   # tool calls, parsed in the model's form (edgemm.tools)
+        from ..tools import openai_call, parse_calls
+        content, calls = parse_calls(a.fmt, msg["content"])
+        if calls:
+            msg = {"role": "assistant", "content": content or None, "tool_calls": [openai_call(c) for c in calls]}
+            finish = "tool_calls" if finish == "stop" else finish
     return {"id": a.id, "object": "chat.completion", "created": a.created, "model": a.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts).strip()},
-                         "finish_reason": data["finish_reason"]}],
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
             "usage": usage_of(data)}
 
 
