@@ -34,13 +34,14 @@ def test_readme_table_is_the_registry():
     generated = [[f"`{r['family']}`", r["source"], r["computes"], r["targets"]] for r in families.table()]
     assert readme == generated, "README's family table differs from `edgemm families`: regenerate it from " \
                                 "edgemm.families.readme_table()"
-    assert len(readme) == 8
+    assert len(readme) >= 9 and "`internvl`" in [r[0] for r in readme]      # every module registered
 
 
 def test_cli_prints_the_families_and_the_matrix():
     r = CliRunner().invoke(main, ["families"])
     assert r.exit_code == 0, r.output
-    for name in ("cogvlm", "libra", "llava", "llava_next", "blip2", "instructblip", "idefics", "llava_next_video"):
+    for name in ("cogvlm", "libra", "llava", "llava_next", "blip2", "instructblip", "idefics", "llava_next_video",
+                 "internvl"):
         assert re.search(rf"^{name}\s", r.output, re.M), name
     for f in support.FEATURES:
         assert f.name in r.output

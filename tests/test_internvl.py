@@ -89,3 +89,206 @@ def test_tower_and_connector_match_transformers(qk_norm, norm, bias, mean_poolin
         got = conn(tower(px))                                                       # [1, 12, D]
     assert want.shape == (3, ROWS_PER_TILE, 32) and got.shape == (1, 3 * ROWS_PER_TILE, 32)
     assert (got[0] - want.reshape(-1, 32)).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------- the family: import, processor, export
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+MAX_TILES = 6
+SIZES = [(16, 16), (40, 20)]        # (width, height): one tile; a 2 x 1 grid + the thumbnail
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>"}
+# InternVL3-hf's chat template (transformers' convert_internvl_weights_to_hf.py)
+TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+            "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
+            "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
+QUESTION = "what color is the circle?"
+
+
+def _image(w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _hf_processor(src):
+    """transformers' InternVLProcessor over the saved tokenizer and a GotOcr2 image processor (PIL backend)."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
+
+    class Processor(InternVLProcessor):         # no torchvision here: no video processor, whose class check fails
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+    ip = GotOcr2ImageProcessorPil(size={"height": S, "width": S}, min_patches=1, max_patches=MAX_TILES,
+                                  image_mean=MEAN, image_std=STD)
+    return Processor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(src), video_processor=None,
+                     image_seq_length=ROWS_PER_TILE, chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny InternVL (Qwen2 LM, q/k norm, q/k/v bias) saved as transformers saves it, with a Qwen-style tokenizer
+    carrying InternVL's image tokens, its processor settings and chat template; imported by `edgemm import`."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from .test_tokenizers import QWEN2_SPLIT, _byte_level
+    d = tmp_path_factory.mktemp("internvl")
+    tok = _byte_level(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                                    "<video>"], 300, True, False, None)
+    hf = _tiny(vocab=tok.get_vocab_size(with_added_tokens=True), image_token=tok.token_to_id("<IMG_CONTEXT>"),
+               qk_norm=True)
+    src = d / "src"
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": IMAGE_TOKENS}))
+    ids = tok.token_to_id
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+                                                            "pad_token_id": ids("<|endoftext|>")}))
+    proc = _hf_processor(src)
+    proc.image_processor.save_pretrained(src)
+    (src / "processor_config.json").write_text(json.dumps({"image_seq_length": ROWS_PER_TILE,
+                                                           "processor_class": "InternVLProcessor"}))
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(d / "ck")])
+    assert r.exit_code == 0, r.output
+    return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
+
+
+def test_import_reads_the_family(imported):
+    from edgemm.config import ModelConfig
+    cfg = ModelConfig.load(imported["ck"] / "config.json")
+    v = cfg.vision
+    assert "as internvl" in imported["import_log"]
+    assert (v.arch, v.tiling, v.min_tiles, v.max_tiles, v.qk_norm, v.qkv_bias) == ("internvit", "internvl", 1,
+                                                                                      MAX_TILES, True, True)
+    assert list(v.image_mean) == MEAN and list(v.image_std) == STD and cfg.adapter.kind == "pixel_shuffle"
+    assert {"internvit vision tower", "pixel-shuffle projector", "dynamic tiles (internvl)", "qkv bias",
+            "grouped-query attention"} <= set(cfg.variants())
+    assert cfg.n_image_rows == (MAX_TILES + 1) * ROWS_PER_TILE
+    assert "<img><image></img>" in (imported["ck"] / "chat_template.jinja").read_text()
+
+
+def test_processor_matches_transformers(imported):
+    """Tiles (pixels and count) equal the GotOcr2 image processor's for several aspect ratios, and the prompt ids
+    equal InternVLProcessor's on the rendered chat template, <img> + <IMG_CONTEXT> x rows + </img>."""
+    from PIL import Image
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.processor import preprocess
+    m, tok = load_checkpoint(imported["ck"])
+    proc, template = imported["proc"], (imported["ck"] / "chat_template.jinja").read_text()
+    ctx = tok.tok.token_to_id("<IMG_CONTEXT>")
+    for i, (w, h) in enumerate(SIZES + [(20, 44), (64, 14), (30, 31)]):
+        img = _image(w, h, i)
+        want = proc.image_processor(images=[Image.fromarray(img)], crop_to_patches=True, return_tensors="pt")
+        px = preprocess(img, m.cfg.vision)
+        assert px.shape[0] == want["num_patches"][0] == proc.image_processor.get_number_of_image_patches(h, w, {
+            "crop_to_patches": True}) == m.cfg.image_rows_for(w, h) // ROWS_PER_TILE
+        assert np.abs(px - want["pixel_values"].numpy()).max() <= 1e-5
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        ids = proc(text=proc.apply_chat_template(msgs, add_generation_prompt=True), images=[Image.fromarray(img)],
+                   return_tensors="pt")["input_ids"][0].tolist()
+        openai = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                               {"type": "text", "text": QUESTION}]}]
+        segs = segments_template(tok, template, normalize_messages(openai))
+        got = [t for k, x in segs for t in (x if k == "text" else [ctx] * m.cfg.image_rows_for(w, h))]
+        assert got == ids and ids.count(ctx) == px.shape[0] * ROWS_PER_TILE
+
+
+def _prompt(tok, template, rows):
+    """The chat prompt around one image: segments with the image's rows."""
+    from edgemm.chat_template import normalize_messages, segments_template
+    openai = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                           {"type": "text", "text": QUESTION}]}]
+    return [(k, torch.tensor([x]) if k == "text" else rows) for k, x in
+            segments_template(tok, template, normalize_messages(openai))]
+
+
+def test_import_matches_transformers(imported):
+    """Image rows, the prompt's logits (one tile; a 2 x 1 grid + thumbnail) and cached greedy decode steps equal
+    transformers' InternVLForConditionalGeneration within 1e-4."""
+    from PIL import Image
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.model import KVCache
+    from edgemm.processor import preprocess
+    hf, proc = imported["hf"], imported["proc"]
+    m, tok = load_checkpoint(imported["ck"])
+    template = (imported["ck"] / "chat_template.jinja").read_text()
+    ctx = tok.tok.token_to_id("<IMG_CONTEXT>")
+    for i, (w, h) in enumerate(SIZES):
+        img = _image(w, h, i)
+        hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True),
+            images=[Image.fromarray(img)], return_tensors="pt")
+        with torch.no_grad():
+            want_rows = hf.model.get_image_features(pixel_values=hf_in["pixel_values"]).pooler_output.reshape(1, -1, 32)
+            rows = m.encode_image(torch.from_numpy(preprocess(img, m.cfg.vision)))
+        assert rows.shape == want_rows.shape == (1, m.cfg.image_rows_for(w, h), 32)
+        assert (rows - want_rows).abs().max().item() <= 1e-4
+        segs = _prompt(tok, template, rows)
+        ids = [t for k, x in segs for t in (x[0].tolist() if k == "text" else [ctx] * x.shape[1])]
+        assert ids == hf_in["input_ids"][0].tolist()
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0]
+            full = m.forward_full(segs)[0]
+            assert full.shape == ref.shape and (full - ref).abs().max().item() <= 1e-4
+            cache, pos = KVCache.empty(m.cfg.decoder, 1, len(ids) + 4), 0
+            for k, x in segs:
+                logits, pos = m.forward_segment(k, x, cache, pos)
+            for _ in range(3):                          # cached greedy steps against transformers' full forward
+                t = int(logits[0, -1].argmax())
+                ids.append(t)
+                ref = hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0, -1]
+                logits, pos = m.forward_segment("text", torch.tensor([[t]]), cache, pos)
+                assert (logits[0, -1] - ref).abs().max().item() <= 1e-4
+
+
+def test_onnx_export_validates_and_answers(imported, monkeypatch):
+    """`edgemm export --target onnx` (fp32 and int8) validates against the reference; `edgemm run --image` on the fp32
+    bundle answers, the answer's ids being transformers' greedy ones; gguf is refused, naming the targets that can."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession
+    d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
+    for prec in ("fp32", "int8"):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "onnx", "--precision", prec,
+                                      "-o", str(d / prec)])
+        assert r.exit_code == 0, r.output
+        man = json.loads((d / prec / "edgemm.json").read_text())
+        assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
+    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
+    assert r.exit_code == 2 and "internvit vision tower" in r.output and "onnx" in r.output, r.output
+    w, h = SIZES[1]
+    Image.fromarray(_image(w, h, 7)).save(d / "img.png")
+    hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True),
+        images=[Image.open(d / "img.png")], return_tensors="pt")
+    eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
+    ids, want = hf_in["input_ids"][0].tolist(), []
+    with torch.no_grad():
+        for _ in range(4):
+            t = int(hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0, -1].argmax())
+            if t in eos:
+                break
+            want.append(t)
+            ids.append(t)
+    got, real = [], ChatSession._generate
+
+    def recording(self, *a, **k):                   # the answer's ids (its text may end mid-character)
+        ans = real(self, *a, **k)
+        got.append(ans.ids)
+        return ans
+    monkeypatch.setattr(ChatSession, "_generate", recording)
+    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "fp32"), "--backend", "ort", "--device", "cpu",
+                                  "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+    assert r.exit_code == 0, r.output
+    assert got == [want], (got, want)

@@ -18,7 +18,7 @@ from ..blocks import support
 from ..errors import EdgemmError
 
 # The family modules, imported on first use; the registration order is the detection order.
-_MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video")
+_MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "internvl")
 REGISTRY: dict[str, "Family"] = {}
 
 
@@ -41,6 +41,11 @@ class Family:
 
     def plan(self, hf: dict, src, rules: str = "original"):
         raise NotImplementedError
+
+    def adapt_template(self, template: str, src) -> str:
+        """The chat template as the import stores it (src: the source, edgemm.importers.shards.Source): a family
+        whose template renders an image as something other than edgemm's <image> placeholder rewrites it."""
+        return template
 
     def targets(self) -> str:
         return support.target_summary(list(self.core), list(self.optional), self.hints)

@@ -84,6 +84,19 @@ def decoder_config(hf: dict, tc: dict, wt: str) -> DecoderConfig:
                          **_moe_fields(tc, tmt, wt))
 
 
+def feature_layer(hf: dict, vc: dict, default: int) -> tuple[int, int, int]:
+    """config.json's vision_feature_layer (`default` when absent: -2 for LLaVA, -1 for InternVL) -> (it, the
+    tower's layers, the layers run before the features are taken: hidden_states[i] follows i layers)."""
+    fl = hf.get("vision_feature_layer", default)
+    if not isinstance(fl, int):
+        raise EdgemmError(f"config.json: vision_feature_layer {fl!r} (several layers) is not supported")
+    vl = _req(vc, "num_hidden_layers", "config.json vision_config")
+    used = vl + 1 + fl if fl < 0 else fl
+    if not 0 <= used <= vl:
+        raise EdgemmError(f"config.json: vision_feature_layer {fl} is out of range for {vl} layers")
+    return fl, vl, used
+
+
 def pick(names: set, cands: tuple, suffix: str) -> str:
     """The first prefix of cands under which the source has `suffix` (the layouts of transformers' versions)."""
     return next((c for c in cands if c + suffix in names), cands[0])
@@ -117,13 +130,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     decoder = decoder_config(hf, tc, wt)
     if vmt != "clip_vision_model":
         raise EdgemmError(f"{wv}: vision tower {vmt!r} is not supported (clip_vision_model)")
-    fl = hf.get("vision_feature_layer", -2)
-    if not isinstance(fl, int):
-        raise EdgemmError(f"{w}: vision_feature_layer {fl!r} (several layers) is not supported")
-    vl = _req(vc, "num_hidden_layers", wv)
-    used = vl + 1 + fl if fl < 0 else fl
-    if not 0 <= used <= vl:
-        raise EdgemmError(f"{w}: vision_feature_layer {fl} is out of range for {vl} layers")
+    fl, vl, used = feature_layer(hf, vc, -2)
     strategy = hf.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise EdgemmError(f"{w}: vision_feature_select_strategy {strategy!r} is not supported")

@@ -45,6 +45,10 @@ def find_template(src: Path, d: Path) -> str | None:
     for cand in (d / "chat_template.jinja", src / "chat_template.jinja"):
         if cand.is_file():
             return cand.read_text()
+    for cand in (d / "chat_template.json", src / "chat_template.json"):     # a processor's (LLaVA-OneVision's)
+        t = (_read_json(cand) or {}).get("chat_template")
+        if isinstance(t, str):
+            return t
     for cand in (d / "tokenizer_config.json", src / "tokenizer_config.json"):
         if cand.is_file():
             t = (_read_json(cand) or {}).get("chat_template")
@@ -117,8 +121,10 @@ def special_tokens(tok, tcfg: dict | None, gcfg: dict | None, template: str | No
     return {"bos": bos, "add_bos": bool(add_bos and bos is not None), "eos": eos, "pad": pad}
 
 
-def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_size: int | None = None):
-    """Copy the tokenizer and chat template into `out`. -> the special tokens (a ModelConfig.tokens)."""
+def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_size: int | None = None,
+                      adapt_template=None):
+    """Copy the tokenizer and chat template into `out`. -> the special tokens (a ModelConfig.tokens).
+    adapt_template: the family's rewrite of its template (edgemm.families.Family.adapt_template), or None."""
     from tokenizers import Tokenizer as HFTokenizer
     from ..config import TokenConfig
     from ..tokenizer import CHAT_TEMPLATE, Tokenizer
@@ -134,6 +140,8 @@ def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_siz
     except Exception as e:
         raise EdgemmError(f"cannot read tokenizer {f}: {e}") from None
     template = find_template(src, d)
+    if template and adapt_template is not None:
+        template = adapt_template(template)
     tokens = special_tokens(tok, _read_json(d / "tokenizer_config.json", src / "tokenizer_config.json"),
                             _read_json(src / "generation_config.json", d / "generation_config.json"),
                             template, vocab_size, str(d), log)
