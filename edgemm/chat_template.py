@@ -100,13 +100,27 @@ def normalize_messages(messages) -> list[dict]:
     return out
 
 
+def _generation_tag():
+    """transformers' {% generation %}...{% endgeneration %} (it marks the assistant's text for training masks;
+    LLaVA-OneVision's template has it): the body rendered as it is."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return Generation
+
+
 def render_template(template: str, msgs: list[dict], bos: str, eos: str, tools: list | None = None) -> str:
     """The template in a sandbox, HF conventions: messages with content parts (a tool result's content a
     string), assistant tool_calls, `tools` (OpenAI function tools) where the request has them,
     add_generation_prompt."""
     from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag()])
 
     def raise_exception(msg):
         raise TemplateError(msg)

@@ -89,3 +89,228 @@ def test_anyres_max_packs_as_transformers(anyres_max):
         assert (got - want).abs().max().item() <= 1e-5, (w, h)
         assert abs(pack(tiles.numpy(), newline.numpy(), index)[0] - want.numpy()).max() <= 1e-5
     assert downscaled >= (2 if anyres_max < 9 else 0)
+
+
+# ------------------------------------------------------------------ the family, against transformers' own classes
+ANYRES_MAX = 2                              # anyres_max_2: maps past 2 tiles' worth (32 rows) are downscaled
+MAX_NEW = 3
+# LLaVA-OneVision's chat template (llava-hf's chat_template.json, with transformers' {% generation %} tag)
+OV_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QUESTION = "what color is the circle?"
+
+
+def _tokenizer():
+    """A Qwen2-style byte-level BPE (tests/test_tokenizers.py's) with LLaVA-OneVision's <image> and <video>."""
+    from .test_tokenizers import QWEN2_SPLIT, _byte_level
+    return _byte_level(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], 300,
+                       True, False, None)
+
+
+def _tiny(tok, seed=0):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+    text = Qwen2Config(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=S, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=tok.token_to_id("<image>"),
+                               video_token_index=tok.token_to_id("<video>"), vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                               image_grid_pinpoints=PINPOINTS, vision_aspect_ratio=f"anyres_max_{ANYRES_MAX}",
+                               tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():                 # every weight (the newline row, norm gains, biases) away from its init
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _image(w, h, seed):
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny LLaVA-OneVision saved by transformers as llava-hf's checkpoints are laid out (Qwen2 tokenizer files,
+    tokenizer_config / generation_config as Qwen2-Instruct's, the processor's preprocessor_config.json,
+    processor_config.json and chat_template.json), then imported; and transformers' processor for it."""
+    import json
+    from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+    from edgemm.importers import import_checkpoint
+    d = tmp_path_factory.mktemp("llava-onevision")
+    src = d / "hf"
+    tok = _tokenizer()
+    model = _tiny(tok)
+    model.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    ids = tok.token_to_id
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_prefix_space": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}))
+    (src / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>")}))
+    ip = LlavaOnevisionImageProcessorPil(size={"height": S, "width": S}, image_grid_pinpoints=PINPOINTS,
+                                         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    ip.save_pretrained(src)
+    (src / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (S // PATCH) ** 2,
+        "vision_aspect_ratio": f"anyres_max_{ANYRES_MAX}", "vision_feature_select_strategy": "full"}))
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": OV_TEMPLATE}))
+    summary = import_checkpoint(src, d / "ck", log=None)
+    class Processor(LlavaOnevisionProcessor):      # (its video processor needs torchvision: images only here)
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
+                name, arg)
+    proc = Processor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(str(src)),
+                                   num_image_tokens=(S // PATCH) ** 2, vision_feature_select_strategy="full",
+                                   vision_aspect_ratio=f"anyres_max_{ANYRES_MAX}", chat_template=OV_TEMPLATE)
+    return {"hf": model, "summary": summary, "ck": d / "ck", "src": src, "proc": proc, "tok": tok, "dir": d}
+
+
+def _hf_inputs(proc, img, question=QUESTION):
+    from PIL import Image
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+    return proc(images=[Image.fromarray(img)], text=prompt, return_tensors="pt")
+
+
+def test_import_reads_the_family_and_its_tokens(imported):
+    """Detected from config.json; SigLIP + anyres_max + Qwen2 in the config; Qwen2's tokens and the processor's chat
+    template (chat_template.json) read from the checkpoint; the template's end of turn stops generation."""
+    import json
+    s, ck, tok = imported["summary"], imported["ck"], imported["tok"]
+    assert s["family"] == "llava_onevision"
+    assert {"siglip vision tower", "any-resolution tiling", "qkv bias", "grouped-query attention"} <= \
+        set(s["variants"])
+    assert any("video input is not imported" in n for n in s["notes"])
+    cfg = json.loads((ck / "config.json").read_text())
+    v = cfg["vision"]
+    assert (v["arch"], v["feature_layer"], v["post_norm"], v["anyres_max"]) == ("siglip", 2, False, ANYRES_MAX)
+    assert v["grid_pinpoints"] == PINPOINTS and tuple(v["image_mean"]) == (0.5, 0.5, 0.5)
+    assert cfg["tokens"] == {"bos": None, "add_bos": False, "eos": [tok.token_to_id("<|im_end|>")],
+                             "pad": tok.token_to_id("<|endoftext|>")}
+    assert (ck / "chat_template.jinja").read_text() == OV_TEMPLATE
+    from edgemm.info import checkpoint_param_counts, param_counts
+    from edgemm.checkpoint import load_checkpoint
+    m, _ = load_checkpoint(ck)
+    assert checkpoint_param_counts(ck) == m.param_counts() == param_counts(m.cfg)
+
+
+def test_processor_matches_transformers(imported):
+    """For images of several aspect ratios (some downscaled by anyres_max): the tiles (count and pixel values),
+    the image size, and the prompt ids (the chat template rendered, <image> expanded to the image's rows) equal
+    transformers' LlavaOnevisionProcessor's."""
+    import numpy as np
+    from edgemm.anyres import Mix, n_tiles, preprocess_tiles, row_index
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.checkpoint import load_checkpoint
+    m, tok = load_checkpoint(imported["ck"])
+    image_id = tok.tok.token_to_id("<image>")
+    template = (imported["ck"] / "chat_template.jinja").read_text()
+    openai = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                           {"type": "text", "text": QUESTION}]}]
+    downscaled = 0
+    for i, (w, h) in enumerate(SIZES):
+        img = _image(w, h, i)
+        hf = _hf_inputs(imported["proc"], img)
+        px, (hh, ww) = preprocess_tiles(img, m.cfg.vision)
+        assert (hh, ww) == (h, w) and hf["image_sizes"][0].tolist() == [h, w]
+        assert px.shape[0] == hf["pixel_values"].shape[1] == n_tiles(m.cfg.vision, h, w)
+        assert np.abs(px - hf["pixel_values"][0].numpy()).max() <= 1e-5
+        rows = m.cfg.image_rows_for(w, h)
+        downscaled += isinstance(row_index(m.cfg.vision, h, w), Mix)
+        segs = segments_template(tok, template, normalize_messages(openai))
+        ids = [t for k, x in segs for t in (x if k == "text" else [image_id] * rows)]
+        assert ids == hf["input_ids"][0].tolist(), (w, h)
+    assert downscaled >= 2
+
+
+@pytest.mark.parametrize("size", [(64, 14), (50, 47)], ids=["wide", "downscaled"])
+def test_image_rows_logits_and_cached_decode_match_transformers(imported, size):
+    """Image rows (tower, projector, unpad, anyres_max downscale, newline rows), the logits of a chat prompt with
+    the image, and MAX_NEW greedy decode steps through edgemm's KV cache, against transformers'
+    LlavaOnevisionForConditionalGeneration (generate with its cache): within 1e-4."""
+    from edgemm.anyres import Mix, preprocess_tiles, row_index
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.model import KVCache
+    hf_model, proc = imported["hf"], imported["proc"]
+    m, tok = load_checkpoint(imported["ck"])
+    w, h = size
+    assert isinstance(row_index(m.cfg.vision, h, w), Mix) == (size == (50, 47))     # one of each
+    img = _image(w, h, 7)
+    inputs = _hf_inputs(proc, img)
+    px, _ = preprocess_tiles(img, m.cfg.vision)
+    with torch.no_grad():
+        want = hf_model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                 image_sizes=inputs["image_sizes"]).pooler_output[0]
+        got = m.encode_image_tiled(torch.from_numpy(px), h, w)[0]
+    assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-4
+    ids = inputs["input_ids"][0]
+    image_id = tok.tok.token_to_id("<image>")
+    at = (ids == image_id).nonzero()[:, 0]
+    assert len(at) == got.shape[0] and at[-1] - at[0] + 1 == len(at)
+    segs = [("text", ids[None, : at[0]]), ("image", got[None]), ("text", ids[None, at[-1] + 1:])]
+    with torch.no_grad():
+        ref = hf_model(**inputs).logits[0]
+        lg = m.forward_full(segs)[0]
+        assert lg.shape == ref.shape and (lg - ref).abs().max().item() <= 1e-4
+        gen = hf_model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=tok.pad_id)
+        cache, pos = KVCache.empty(m.cfg.decoder, max_len=len(ids) + MAX_NEW + 1), 0
+        for kind, data in segs:
+            step, pos = m.forward_segment(kind, data, cache, pos)
+        for i, want_logits in enumerate(gen.logits):
+            assert (step[0, -1] - want_logits[0]).abs().max().item() <= 1e-4, i
+            t = int(gen.sequences[0, len(ids) + i])
+            assert t == int(step[0, -1].argmax())
+            step, pos = m.forward_segment("text", torch.tensor([[t]]), cache, pos)
+
+
+def test_cli_import_export_onnx_and_run(imported, tmp_path):
+    """`edgemm import`, `edgemm export --target onnx` (fp32 and int8, each validated against the reference by the
+    exporter) and `edgemm run --image` on the bundle: the ort backend answers as the torch reference does (greedy,
+    the checkpoint's chat template and Qwen2 stop tokens)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from click.testing import CliRunner
+    from PIL import Image
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.runtimes import load_backend
+    run = CliRunner()
+    ck = tmp_path / "ck"
+    r = run.invoke(main, ["import", str(imported["src"]), "-o", str(ck)])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(main, ["export", "--target", "gguf", "--model", str(ck), "-o", str(tmp_path / "gguf")])
+    assert r.exit_code == 2 and "siglip vision tower" in r.output          # llama.cpp's llava graph: CLIP only
+    r = run.invoke(main, ["info", "--model", str(ck)])
+    assert r.exit_code == 0 and "anyres_max 2" in r.output, r.output
+    Image.fromarray(_image(50, 47, 1)).save(tmp_path / "img.png")          # downscaled by anyres_max
+    answers = {}
+    for prec in ("fp32", "int8"):
+        out = tmp_path / prec
+        r = run.invoke(main, ["export", "--target", "onnx", "--model", str(ck), "--precision", prec, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        r = run.invoke(main, ["run", "--bundle", str(out), "--backend", "ort", "--device", "cpu", "--image",
+                              str(tmp_path / "img.png"), "--max-new-tokens", str(MAX_NEW), QUESTION])
+        assert r.exit_code == 0, r.output
+        answers[prec] = r.output
+    ref = ChatSession(load_backend("torch", model=str(ck), device="cpu"), GenerationConfig(max_new_tokens=MAX_NEW))
+    ort = ChatSession(load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu"),
+                      GenerationConfig(max_new_tokens=MAX_NEW))
+    for s in (ref, ort):
+        assert s.template == OV_TEMPLATE
+        s.set_image(tmp_path / "img.png")
+    want = ref.ask(QUESTION)
+    assert ort.ask(QUESTION) == want and want.strip() in answers["fp32"]

@@ -156,10 +156,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
         for k in src.where:
             if k.startswith(s):
                 plan.ignore(k, f"CLIP layer after vision_feature_layer {fl}: LLaVA does not use it")
-    for n in ("linear_1", "linear_2"):
-        plan.add(f"adapter.{n}.weight", pj + f"{n}.weight")
-        if cfg.adapter.bias:
-            plan.add(f"adapter.{n}.bias", pj + f"{n}.bias")
+    projector_plan(plan, pj)
     plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are "
                       f"replaced by the {cfg.n_image_rows} image rows of the vision stage")
     return plan
@@ -167,16 +164,29 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
 
 
 
+def projector_plan(plan: Plan, pj: str) -> None:
+    """LLaVA's MLP projector under `pj` (linear_1, linear_2, biases where the config has them)."""
+    for n in ("linear_1", "linear_2"):
+        plan.add(f"adapter.{n}.weight", pj + f"{n}.weight")
+        if plan.cfg.adapter.bias:
+            plan.add(f"adapter.{n}.bias", pj + f"{n}.bias")
+
+
 def map_llava_next(hf: dict, src: Source, rules: str = "original") -> Plan:
-    """transformers' LlavaNextForConditionalGeneration: LLaVA's plan + any-resolution tiling (edgemm.anyres):
-    image_grid_pinpoints, the newline row, and the processor's settings from preprocessor_config.json if present."""
-    import json
+    """transformers' LlavaNextForConditionalGeneration: LLaVA's plan + any-resolution tiling (edgemm.anyres)."""
     plan = map_llava(hf, src, rules)
-    v = plan.cfg.vision
-    pins = hf.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     if hf.get("vision_feature_select_strategy", "default") != "default":
         raise EdgemmError("config.json: LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported "
                           "(its tiles would carry a CLS row)")
+    return anyres_plan(plan, hf, src, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
+
+def anyres_plan(plan: Plan, hf: dict, src: Source, default_pins: list) -> Plan:
+    """Any-resolution tiling on a LLaVA plan (LLaVA-NeXT, LLaVA-OneVision): config.json's image_grid_pinpoints (or
+    the family's default), the newline row, and the processor's settings from preprocessor_config.json if present."""
+    import json
+    v = plan.cfg.vision
+    pins = hf.get("image_grid_pinpoints") or default_pins
     pp = src.path / "preprocessor_config.json"
     if pp.is_file():
         w = "preprocessor_config.json"
