@@ -107,3 +107,16 @@ def preprocess(src, v) -> np.ndarray:
     """An image (path, PIL image or uint8 array) -> float32 pixels [N, 3, S, S]: its tiles, normalised."""
     from .processor import load_image, normalize
     return np.concatenate([normalize(t, v) for t in tile_image(load_image(src), v)])
+
+
+def describe_rows(cfg) -> str:
+    """`edgemm info`'s vision line: image rows per image for a few typical sizes and the most one image takes."""
+    from .anyres import TYPICAL_SIZES
+    v = cfg.vision
+    sizes = ((v.image_size, v.image_size),) + TYPICAL_SIZES
+    per = ", ".join(f"{w}x{h}: {image_rows(cfg, w, h)} rows ({n_tiles(v, h, w)} tiles)" for w, h in sizes)
+    tiles = (f"dynamic tiles ({v.min_tiles}..{v.max_tiles} of {v.image_size} px, + a thumbnail when more than one)"
+             if v.tiling else "one tile")
+    return (f"vision: InternViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, {tiles}, pixel "
+            f"shuffle to {rows_per_tile(cfg)} rows a tile -> image rows per image: {per}; at most {max_rows(cfg)} "
+            f"rows ({max_tile_batch(v)} tiles)")

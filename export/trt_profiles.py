@@ -45,9 +45,10 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         return {"min": [1, *shape], "opt": [1, *shape], "max": [batch, *shape]}
     a, eoi = cfg.adapter, int(c.eoi_branch == "text")     # eoi through text: no ids and one row (input_rows)
     inp = {"pixels": batched(3, S, S)} if cfg.input_stage == "vision" else {"codes": batched(n_img, a.codebooks)}
-    if cfg.vision.grid_pinpoints:       # any-resolution tiling: one image's tiles (overview + grid) per call
-        from edgemm.anyres import max_tile_batch
-        n = max_tile_batch(cfg.vision)
+    if cfg.vision.grid_pinpoints or cfg.vision.tiling:     # one image's tiles per call: any-resolution tiling's
+        from edgemm.anyres import max_tile_batch           # overview + grid, InternVL's grid + thumbnail
+        from edgemm.internvl_tiles import max_tile_batch as internvl_tile_batch
+        n = internvl_tile_batch(cfg.vision) if cfg.vision.tiling else max_tile_batch(cfg.vision)
         inp["pixels"] = {"min": [1, 3, S, S], "opt": [max(1, (n + 1) // 2), 3, S, S], "max": [max(n, batch), 3, S, S]}
     if cfg.input_stage == "image_tokens" and a.signal_size:
         inp["signal"] = batched(n_img, a.signal_size)

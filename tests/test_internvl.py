@@ -173,6 +173,10 @@ def test_import_reads_the_family(imported):
             "grouped-query attention"} <= set(cfg.variants())
     assert cfg.n_image_rows == (MAX_TILES + 1) * ROWS_PER_TILE
     assert "<img><image></img>" in (imported["ck"] / "chat_template.jinja").read_text()
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["info", "--model", str(imported["ck"])])
+    assert r.exit_code == 0 and "vision: InternViT 16px/4" in r.output and "at most 28 rows (7 tiles)" in r.output, r.output
 
 
 def test_processor_matches_transformers(imported):
@@ -250,23 +254,25 @@ def test_import_matches_transformers(imported):
                 assert (logits[0, -1] - ref).abs().max().item() <= 1e-4
 
 
-def test_onnx_export_validates_and_answers(imported, monkeypatch):
-    """`edgemm export --target onnx` (fp32 and int8) validates against the reference; `edgemm run --image` on the fp32
-    bundle answers, the answer's ids being transformers' greedy ones; gguf is refused, naming the targets that can."""
+def test_exports_validate_and_answer(imported, monkeypatch):
+    """`edgemm export --target onnx` (fp32 and int8) and `--target trt --no-build` (fp16 Q/DQ graphs) validate against
+    the reference; `edgemm run --image` on the onnx fp32 bundle and the trt one (its graphs on the CPU) answers, the
+    answer's ids being transformers' greedy ones (a 2 x 1 grid + thumbnail: three tiles through the vision stage);
+    gguf is refused, naming the targets that can."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from PIL import Image
     from click.testing import CliRunner
     from edgemm.cli import main
     from edgemm.generation import ChatSession
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    for prec in ("fp32", "int8"):
-        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "onnx", "--precision", prec,
-                                      "-o", str(d / prec)])
+    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("trt", "fp16")):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", target, "--precision", prec,
+                                      "-o", str(d / f"{target}-{prec}")] + (["--no-build"] if target == "trt" else []))
         assert r.exit_code == 0, r.output
-        man = json.loads((d / prec / "edgemm.json").read_text())
+        man = json.loads((d / f"{target}-{prec}" / "edgemm.json").read_text())
         assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
     r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
-    assert r.exit_code == 2 and "internvit vision tower" in r.output and "onnx" in r.output, r.output
+    assert r.exit_code == 2 and "internvit vision tower" in r.output and "onnx, trt" in r.output, r.output
     w, h = SIZES[1]
     Image.fromarray(_image(w, h, 7)).save(d / "img.png")
     hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
@@ -288,7 +294,8 @@ def test_onnx_export_validates_and_answers(imported, monkeypatch):
         got.append(ans.ids)
         return ans
     monkeypatch.setattr(ChatSession, "_generate", recording)
-    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "fp32"), "--backend", "ort", "--device", "cpu",
-                                  "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
-    assert r.exit_code == 0, r.output
-    assert got == [want], (got, want)
+    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
+        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
+                                      "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+        assert r.exit_code == 0, r.output
+    assert got == [want, want], (got, want)
