@@ -132,7 +132,8 @@ def report(f: dict) -> str:
     c, o, g, ll = f["cpu"], f["onnxruntime"], f["gpu"], f.get("llama_cpp")
     lines = [f"machine:      {f['platform']} ({f['machine']}), Python {f['python']}",
              f"cpu:          {c['model']}, {c['cores']} cores",
-             f"threads:      {c['default_threads']} by default ({THREADS_FROM[c['threads_from']]}; --threads overrides)",
+             f"threads:      {c['default_threads']} by default ({THREADS_FROM[c['threads_from']]}; "
+             "--threads overrides)",
              f"instructions: {c['flags']}  (as the kernel enables them)"]
     if ll is not None:
         if ll.get("ok"):

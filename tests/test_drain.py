@@ -17,15 +17,16 @@ import pytest
 from tests.conftest import requires_demo
 from tests.test_serve import Server
 
-pytestmark = [pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("openai") is None,
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("fastapi") is None
+                                 or importlib.util.find_spec("openai") is None,
                                  reason="needs the serve and test extras (fastapi, uvicorn, openai)"), requires_demo]
 
 
 class Stream:
     """One streamed chat request (ignore_eos: exactly max_tokens tokens) in a thread; what came back."""
 
-    def __init__(self, port: int, max_tokens: int, started: threading.Event):
-        self.port, self.max_tokens, self.started = port, max_tokens, started
+    def __init__(self, port: int, max_tokens: int):
+        self.port, self.max_tokens, self.started = port, max_tokens, threading.Event()
         self.status = self.usage = self.finish = self.error = self.t_end = None
         self.done = False
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -86,9 +87,10 @@ def _refused(port: int) -> bool:
 
 
 def _streams(port: int, n: int, max_tokens: int) -> list[Stream]:
-    started = threading.Event()
-    out = [Stream(port, max_tokens, started) for _ in range(n)]
-    assert started.wait(60), "no stream started"
+    """n streams, each answering (its first chunk in: accepted, running or queued) before this returns."""
+    out = [Stream(port, max_tokens) for _ in range(n)]
+    end = time.monotonic() + 60
+    assert all(st.started.wait(max(0.0, end - time.monotonic())) for st in out), "a stream did not start"
     return out
 
 
@@ -116,7 +118,8 @@ def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0():
         rc = s.proc.wait(timeout=grace)
         took = time.monotonic() - t_sig
         assert rc == 0 and took < grace, (rc, took)
-        assert all(st.complete() for st in streams), [(st.status, st.usage, st.finish, st.error) for st in streams]
+        assert all(st.complete() for st in streams), [(st.status, st.done, st.usage, st.finish, st.error)
+                                                      for st in streams]
         assert max(st.t_end for st in streams) > t_probed     # the refusals came while requests still ran
         assert _refused(s.port)
         log = s.log()
@@ -206,16 +209,18 @@ def test_ray_sigterm_drains_then_shuts_serve_and_ray_down(slow_model):
         _draining_refusal(s.port, "POST", "/v1/chat/completions",
                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         _join([stream], grace)
-        assert stream.complete(), (stream.status, stream.usage, stream.finish, stream.error)
+        assert stream.complete(), (stream.status, stream.done, stream.usage, stream.finish, stream.error)
         rc = s.proc.wait(timeout=grace)
         took = time.monotonic() - t_sig
         log = s.log()
         assert rc == 0 and took < grace, (rc, took, log[-3000:])
         assert "SIGTERM received" not in log and "Aborted" not in log and "stopped" in log, log[-3000:]
         gone_by = time.monotonic() + 30
-        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.monotonic() < gone_by:
+        def alive():
+            return [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        while alive() and time.monotonic() < gone_by:
             time.sleep(0.5)
-        left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = alive()
         assert not left, f"processes the driver started still run: {left}"
         assert _refused(s.port)
         print(f"ray: drained and shut down, exit 0 {took:.1f} s after SIGTERM")
@@ -226,3 +231,19 @@ def test_ray_sigterm_drains_then_shuts_serve_and_ray_down(slow_model):
                 p.kill()
             except psutil.Error:
                 pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("yaml") is None, reason="needs PyYAML (the ray extra)")
+def test_ray_config_carries_the_grace_period(tmp_path):
+    """`serve deploy` of a written config: Ray's own graceful shutdown waits the grace period; a bad one is refused
+    in one line."""
+    import yaml
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    out = tmp_path / "serve.yaml"
+    r = CliRunner().invoke(main, ["serve", "--ray-config", str(out), "--grace-period", "7"])
+    assert r.exit_code == 0, r.output
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    assert app["deployments"][0]["graceful_shutdown_timeout_s"] == 7.0 and app["args"]["grace_period"] == 7.0
+    r = CliRunner().invoke(main, ["serve", "--grace-period", "-1"])
+    assert r.exit_code == 2 and r.output.strip() == "error: --grace-period must be a number of seconds >= 0, not -1.0"

@@ -120,7 +120,8 @@ def test_threads_help_says_the_default():
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_under_taskset_one_cpu_the_default_is_1():
-    code = "from edgemm.cpu import default_threads, threads_or_default; print(*default_threads(), threads_or_default(None))"
+    code = ("from edgemm.cpu import default_threads, threads_or_default; "
+            "print(*default_threads(), threads_or_default(None))")
     r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr

@@ -31,6 +31,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BOARD, BOARD_NAMESPACE = "edgemm-drain", "edgemm"
 REPORT_EVERY = 0.2          # seconds between a replica's reports to the board
 STALE_AFTER = 5.0           # a replica silent this long is gone (killed, scaled down): not waited for
+SETTLE = 1.0                # seconds between the replicas' last request ending and Serve's shutdown (below)
 
 
 class DrainGate:
@@ -73,15 +74,20 @@ class Drain:
         now = time.monotonic()
         if self.deadline is not None:
             self.deadline = now
-            if self.log:
-                self.log(f"{_name(sig)} again: stopping now")
+            self.say(f"{_name(sig)} again: stopping now")
             return
         self.deadline = now + self.grace
         if self.on_start is not None:
             self.on_start()
-        if self.log:
-            self.log(f"{_name(sig)}: draining (new requests get 503; running ones have up to {self.grace:g} s)")
+        self.say(f"{_name(sig)}: draining (new requests get 503; running ones have up to {self.grace:g} s)")
         self.started.set()
+
+    def say(self, msg: str) -> None:
+        if self.log:
+            try:
+                self.log(msg)
+            except RuntimeError:        # the signal came in the middle of a write to the same stream
+                pass
 
     def over(self, busy: int) -> bool:
         """Whether to stop now: nothing running, or the grace period is over."""
@@ -116,8 +122,8 @@ def serve_draining(app, grace: float = DEFAULT_GRACE, log=None, **uvicorn_config
 
         async def on_tick(self, counter) -> bool:
             if drain.over(state.inflight):
-                if not self.should_exit and log and state.inflight:
-                    log(f"grace period over: cutting {state.inflight} running request(s)")
+                if not self.should_exit and state.inflight:
+                    drain.say(f"grace period over: cutting {state.inflight} running request(s)")
                 self.should_exit = True
             return await super().on_tick(counter)
 
@@ -195,7 +201,7 @@ def catch_signals(grace: float = DEFAULT_GRACE, log=None) -> Drain:
     return drain
 
 
-def wait_ray_drained(board, drain: Drain, log=None) -> None:
+def wait_ray_drained(board, drain: Drain) -> None:
     """In the driver: block until the signal, then drain every replica through `board` (until `drain`'s grace
     period ends; a second signal stops at once). The caller then shuts Serve down."""
     import ray
@@ -205,5 +211,9 @@ def wait_ray_drained(board, drain: Drain, log=None) -> None:
     while not drain.over(ray.get(board.busy.remote(), timeout=30)):
         time.sleep(REPORT_EVERY)
     left = ray.get(board.busy.remote(), timeout=30)
-    if log and left:
-        log(f"grace period over: cutting {left} running request(s)")
+    if left:
+        drain.say(f"grace period over: cutting {left} running request(s)")
+    else:
+        # requests that waited in Ray's queue (all slots busy) reach a replica as the last ones end, and are
+        # answered 503 there: a moment for that before Serve's shutdown drops whatever its proxy still holds
+        time.sleep(max(0.0, min(SETTLE, drain.deadline - time.monotonic())))

@@ -140,7 +140,7 @@ def run(args: dict, host: str, port: int, log=print, block: bool = True):
         log(f"edgemm on Ray Serve at http://{host}:{port}/v1 ({args.get('replicas') or args.get('autoscale')} "
             "replica(s)); SIGTERM or Ctrl-C drains and stops it")
     if block:
-        wait_ray_drained(board, drain, log)
+        wait_ray_drained(board, drain)
         if cluster:                                          # a shared cluster: only this application goes
             serve.delete(APP_NAME)
         else:
