@@ -132,7 +132,7 @@ def _hf_processor(src):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """A tiny InternVL (Qwen2 LM, q/k norm, q/k/v bias) saved as transformers saves it, with a Qwen-style tokenizer
+    """A tiny InternVL (Qwen2 LM with tied embeddings, q/k norm, q/k/v bias) saved as transformers saves it, with a Qwen-style tokenizer
     carrying InternVL's image tokens, its processor settings and chat template; imported by `edgemm import`."""
     from click.testing import CliRunner
     from edgemm.cli import main
@@ -141,7 +141,7 @@ def imported(tmp_path_factory):
     tok = _byte_level(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                                     "<video>"], 300, True, False, None)
     hf = _tiny(vocab=tok.get_vocab_size(with_added_tokens=True), image_token=tok.token_to_id("<IMG_CONTEXT>"),
-               qk_norm=True)
+               qk_norm=True, tie=True)                 # tied as InternVLConfig's default (and InternVL3-1B's LM)
     src = d / "src"
     hf.save_pretrained(src, safe_serialization=True)
     tok.save(str(src / "tokenizer.json"))
