@@ -314,3 +314,13 @@ def test_cli_import_export_onnx_and_run(imported, tmp_path):
         s.set_image(tmp_path / "img.png")
     want = ref.ask(QUESTION)
     assert ort.ask(QUESTION) == want and want.strip() in answers["fp32"]
+
+
+def test_trt_qdq_graphs_validate(imported, tmp_path):
+    """`--target trt` (int8 Q/DQ graphs in standard ops, engines not built here): the exporter's checks against the
+    reference pass for every stage; the manifest carries anyres_max for the host's packing."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.export.trt import export_trt
+    man = export_trt(str(imported["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
+    assert all(s["ok"] for s in man["validation"]["stages"].values())
+    assert man["anyres"]["anyres_max"] == ANYRES_MAX and man["model"]["vision"]["arch"] == "siglip"
