@@ -276,6 +276,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
     Example: edgemm serve --bundle out/q4km --parallel 4, then point an OpenAI client at
     http://127.0.0.1:8080/v1 with model "q4km".
     """
+    from .serve.drain import exit_on_signal
+    exit_on_signal()                        # SIGTERM before the server is up: exit 0 (then it drains)
     try:
         from .serve import serve as run_server
         from .serve.app import Limits

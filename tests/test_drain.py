@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import requires_demo
-from tests.test_serve import Server
+from tests.test_serve import Server, _free_port
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("fastapi") is None
                                  or importlib.util.find_spec("openai") is None,
@@ -155,6 +155,29 @@ def test_the_drain_is_bounded(case):
         print(f"{case}: exit 0 {took:.1f} s after the signal; {finished}/24 answers finished, the rest cut")
     finally:
         s.stop()
+
+
+def test_sigterm_while_the_models_load_exits_0(tmp_path):
+    """A signal before anything runs (the server starting, its models loading): exit 0 at once."""
+    import subprocess
+    import sys
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", "from edgemm.cli import main; main()", "serve", "--port",
+                                 str(port), "--threads", "1"], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        while "edgemm serve on" not in log.read_text() and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------------------------ Ray Serve

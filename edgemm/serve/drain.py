@@ -34,6 +34,15 @@ STALE_AFTER = 5.0           # a replica silent this long is gone (killed, scaled
 SETTLE = 1.0                # seconds between the replicas' last request ending and Serve's shutdown (below)
 
 
+def exit_on_signal() -> None:
+    """Until the server is up there is nothing to drain: SIGTERM/SIGINT exit 0 at once (instead of dying by the
+    signal). serve_draining and catch_signals take the signals over once it is."""
+    def leave(sig, frame):
+        raise SystemExit(0)
+    for sig in SIGNALS:
+        signal.signal(sig, leave)
+
+
 class DrainGate:
     """ASGI middleware: counts the HTTP requests inside the app in `state.inflight` (until their last byte is
     sent); while `state.draining` new ones get 503 in OpenAI's shape and their connection closes."""
