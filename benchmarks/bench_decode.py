@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decode speed of the torch and ort backends on the CPU at several context lengths (not a test).
 
-    python benchmarks/bench_decode.py                       # bench-0.5b, contexts 64 512 2048, all cores
+    python benchmarks/bench_decode.py                       # bench-0.5b, contexts 64 512 2048, every CPU it may use
     python benchmarks/bench_decode.py --threads 2 --contexts 64,512 --steps 16
     python benchmarks/bench_decode.py --preset tiny-shapes --bundle /tmp/b   # reuse/keep an exported bundle
 
@@ -75,7 +75,9 @@ def time_decode_capacity(backend, context: int, capacity: int, steps: int, warmu
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="bench-0.5b")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     ap.add_argument("--contexts", default="64,512,2048", help="comma-separated context lengths")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per context")
     ap.add_argument("--warmup", type=int, default=4)

@@ -191,7 +191,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default="bench-0.5b")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     ap.add_argument("--precisions", default="int4,int8", help="comma-separated: int4, int8")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)

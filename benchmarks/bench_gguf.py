@@ -146,7 +146,9 @@ def main(argv=None) -> int:
                     "file (no edgemm code in the loop), interleaved with the backend, and print the ratio.")
     ap.add_argument("--model", default="bench-0.5b")
     ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--workdir", default=None, help="Keep (and reuse) the exported bundles here.")

@@ -11,7 +11,6 @@ from the fake-quant reference, so a saturating kernel shows here as well (s8s8 o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -39,7 +38,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50, help="session runs per timing")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     a = ap.parse_args()
     import onnxruntime as ort
     from edgemm import cpu

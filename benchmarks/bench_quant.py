@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -112,7 +111,9 @@ def main(argv=None):
     ap.add_argument("what", choices=["tiny", "kl", "speed"])
     ap.add_argument("--model", default="tiny-shapes")
     ap.add_argument("--out", default="runs/quant")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     ap.add_argument("--limit", type=int, default=None, help="test questions (default all 1,000)")
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--fidelity-n", type=int, default=64)

@@ -85,7 +85,9 @@ def decode(b, st, tok: int, steps: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    from edgemm.cpu import default_threads
+    ap.add_argument("--threads", type=int, default=default_threads()[0],
+                    help="default: the CPUs this process may use (affinity, cgroup quota)")
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--every", type=int, default=4, help="cross_attn_every (Idefics-9B: 4)")
