@@ -114,12 +114,12 @@ def _tokenizer():
                        True, False, None)
 
 
-def _tiny(tok, seed=0):
+def _tiny(tok, seed=0, tie=False):
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                               SiglipVisionConfig)
     text = Qwen2Config(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
+                       max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     vision = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=S, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=tok.token_to_id("<image>"),
@@ -324,3 +324,27 @@ def test_trt_qdq_graphs_validate(imported, tmp_path):
     man = export_trt(str(imported["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values())
     assert man["anyres"]["anyres_max"] == ANYRES_MAX and man["model"]["vision"]["arch"] == "siglip"
+
+
+def test_text_config_tie_is_honoured(tmp_path):
+    """A Qwen2 text_config that ties its embeddings under a top-level tie_word_embeddings false (a 4.x save; Qwen2-0.5B
+    ties): transformers ties them (LlavaOnevisionConfig.__post_init__), and so does the import: no lm_head is asked
+    for, and the logits of a text prompt equal transformers'."""
+    import json
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.importers import import_checkpoint
+    tok = _tokenizer()
+    hf = _tiny(tok, seed=3, tie=True)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    c = json.loads((src / "config.json").read_text())
+    c["tie_word_embeddings"] = False
+    (src / "config.json").write_text(json.dumps(c))
+    import_checkpoint(src, tmp_path / "ck", log=None)
+    m, _ = load_checkpoint(tmp_path / "ck")
+    assert m.cfg.decoder.tie_embeddings
+    ids = torch.randint(5, 290, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (m.forward_full([("text", ids)])[0] - hf(input_ids=ids).logits[0]).abs().max().item() <= 1e-4

@@ -36,7 +36,10 @@ def map_llava_onevision(hf: dict, src, rules: str = "original") -> Plan:
     w = "config.json"
     tc, vc = _req(hf, "text_config", w), _req(hf, "vision_config", w)
     wt, wv = "config.json text_config", "config.json vision_config"
-    decoder = decoder_config(hf, tc, wt)
+    # tied when config.json or its text_config says so (LlavaOnevisionConfig.__post_init__: 4.x saves may carry a
+    # top-level false over a Qwen2 text_config that ties, as Qwen2-0.5B does)
+    tie = bool(hf.get("tie_word_embeddings")) or bool(tc.get("tie_word_embeddings"))
+    decoder = decoder_config({**hf, "tie_word_embeddings": tie}, tc, wt)
     vmt = vc.get("model_type", "siglip_vision_model")
     if vmt != "siglip_vision_model":
         raise EdgemmError(f"{wv}: vision tower {vmt!r} is not supported (siglip_vision_model)")
