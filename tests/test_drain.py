@@ -102,12 +102,12 @@ def _join(streams, seconds: float) -> None:
 
 
 def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0():
-    """6 streams of 400 tokens on one slot (one decoding, five queued); SIGTERM after the first token: /health and a
-    new chat get 503 "draining", all 6 finish with every token, the process exits 0 and the port closes."""
+    """4 streams of 300 tokens on one slot (one decoding, three queued); SIGTERM once all are accepted: /health and
+    a new chat get 503 "draining", all 4 finish with every token, the process exits 0 and the port closes."""
     grace = 30
     s = Server("--parallel", "1", "--max-queue", "8", "--grace-period", str(grace))
     try:
-        streams = _streams(s.port, 6, 400)
+        streams = _streams(s.port, 4, 300)
         t_sig = time.monotonic()
         os.kill(s.proc.pid, signal.SIGTERM)
         _draining_refusal(s.port, "GET", "/health")
@@ -124,7 +124,7 @@ def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0():
         assert _refused(s.port)
         log = s.log()
         assert "SIGTERM: draining" in log and "Traceback" not in log, log[-2000:]
-        print(f"drained 6 x 400 tokens in {took:.1f} s; refusals answered {t_probed - t_sig:.2f} s after SIGTERM")
+        print(f"drained 4 x 300 tokens in {took:.1f} s; refusals answered {t_probed - t_sig:.2f} s after SIGTERM")
     finally:
         s.stop()
 
