@@ -4,10 +4,17 @@ of compiling a request's JSON schema) on a tokenizer.json, llguidance against xg
     python benchmarks/bench_grammar.py                       # the shipped tiny-shapes tokenizer
     python benchmarks/bench_grammar.py --tokenizer path/to/tokenizer.json --repeat 20
 
+    python benchmarks/bench_grammar.py --decode torch,ort,llamacpp --rounds 3   # + decode tok/s with and without
+
 Each engine compiles the same schema (nested object, enum, array), then walks a valid document token by token:
 compute the mask of allowed next tokens, consume the token. Reported: compile ms, mask us/token (median over the
 document's tokens and the repeats). xgrammar is measured only where it imports (it needs torch, transformers and
 triton; `pip install --no-deps --target DIR xgrammar apache-tvm-ffi` and PYTHONPATH=DIR is enough here).
+
+--decode: what the mask costs where edgemm pays it, decoding the shipped model on each backend named (in process,
+through generation.AnswerStream as the server's slots run it): tokens/s of answers under the schema (edgemm.grammar,
+--tokens of them) against free answers of the same lengths (ignore_eos: the same KV lengths, the same work but the
+mask), one after the other, --rounds times; printed per backend: the medians and the schema's cost in percent.
 """
 from __future__ import annotations
 
@@ -86,11 +93,78 @@ def bench_xgrammar(tok_json: str, ids: list[int], eos: int, repeat: int) -> dict
             "compile_s": compile_s, "mask_s": mask_s}
 
 
+def decode_rates(b, grammar, n_tokens: int, seed: int) -> tuple[float, float]:
+    """Tokens/s of decoding (backend step + mask + sampling) -> (free, under grammar): answers under `grammar`
+    until n_tokens, each followed by a free answer of the same length (ignore_eos: the same KV lengths, the same
+    work but the mask), so a busy machine slows both alike."""
+    from edgemm.generation import AnswerStream, GenerationConfig
+    tok = b.tokenizer
+    prompt = tok.prefix_ids() + tok.user_turn("Describe a shape as JSON.", first=True)
+    st = b.new_state(max_len=min(b.context_length, 512))
+    spent, n, i = {True: 0.0, False: 0.0}, 0, 0
+
+    def one(g, length):
+        st.length = st.pos = 0
+        logits = b.text(st, prompt)
+        ans = AnswerStream(tok, GenerationConfig(max_new_tokens=length, temperature=1.0, seed=seed + i, grammar=g,
+                                                 ignore_eos=True))
+        t0 = time.perf_counter()
+        while not ans.push(logits)[1]:
+            logits = b.text(st, [ans.ids[-1]])
+        spent[g is not None] += time.perf_counter() - t0
+        return len(ans.ids)
+    while n < n_tokens:
+        k = one(grammar, 200)
+        one(None, k)
+        n, i = n + k, i + 1
+    return n / spent[False], n / spent[True]
+
+
+def open_backend(name: str, threads: int, tmp: str):
+    from edgemm.runtimes import load_backend
+    if name == "llamacpp":
+        from edgemm.export.gguf import export_gguf
+        export_gguf(model="tiny-shapes", out=Path(tmp) / "tiny-f32", precision={"vision": "f32", "decoder": "f32"},
+                    log=None)
+        return load_backend("llamacpp", bundle=str(Path(tmp) / "tiny-f32"), threads=threads)
+    if name == "ort":                   # the shipped model's cached fp32 ONNX bundle (what `auto` runs)
+        return load_backend("auto", model="tiny-shapes", threads=threads)
+    return load_backend(name, model="tiny-shapes", device="cpu", threads=threads)
+
+
+def bench_decode(names: list[str], n_tokens: int, rounds: int, threads: int) -> list[dict]:
+    import tempfile
+    from edgemm.grammar import json_grammar
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            b = open_backend(name, threads, tmp)
+            g = json_grammar(b.tokenizer, SCHEMA)
+            decode_rates(b, g, 20, 0)                            # warm-up
+            free, schema = [], []
+            for r in range(rounds):
+                f, s = decode_rates(b, g, n_tokens, 100 * r)
+                free.append(f)
+                schema.append(s)
+            f, s = statistics.median(free), statistics.median(schema)
+            rows.append({"backend": b.describe(), "free_tok_s": f, "schema_tok_s": s, "cost_pct": 100 * (f - s) / f})
+            print(f"{b.describe()}: decode {f:.1f} tok/s free, {s:.1f} tok/s under the schema "
+                  f"({rows[-1]['cost_pct']:+.1f}% cost; {rounds} interleaved rounds of {n_tokens} tokens)")
+            if hasattr(b, "close"):
+                b.close()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", help="a tokenizer.json (default: the shipped tiny-shapes one)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--decode", help="also decode tok/s with and without the schema on these backends "
+                                     "(comma-separated: torch,ort,llamacpp)")
+    ap.add_argument("--tokens", type=int, default=300, help="--decode: answer tokens per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="--decode: interleaved rounds")
+    ap.add_argument("--threads", type=int, default=1, help="--decode: backend threads")
     a = ap.parse_args(argv)
     from edgemm.checkpoint import DEMO_DIR
     from tokenizers import Tokenizer
@@ -115,9 +189,12 @@ def main(argv=None):
         print(f"{r['engine']:>20}: tokenizer {1e3 * r['tokenizer_s']:7.1f} ms (once per model), "
               f"compile {r['compile_ms']:7.2f} ms/request, mask {r['mask_us_median']:7.1f} us/token median "
               f"({r['mask_us_mean']:.1f} mean)")
+    out = {"mask": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]}
+    if a.decode:
+        out["decode"] = bench_decode(a.decode.split(","), a.tokens, a.rounds, a.threads)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows], f, indent=1)
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

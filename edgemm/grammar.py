@@ -79,14 +79,13 @@ class Constraint:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """The logits with every token the grammar forbids at -inf (a copy)."""
         bits = np.frombuffer(self.m.compute_bitmask(), np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little").view(bool)
-        n = min(allowed.size, logits.shape[-1])
-        out = np.full(logits.shape, -np.inf, np.float32)
-        keep = allowed[:n]
-        out[:n][keep] = logits[:n][keep]
-        if not keep.any():
+        v = logits.shape[-1]                 # (the model's rows past the tokenizer's vocabulary stay forbidden)
+        allowed = np.unpackbits(bits, count=min(8 * bits.size, v), bitorder="little").view(bool)
+        if not allowed.any():
             raise EdgemmError(f"the grammar allows no token here ({self.m.get_error() or 'no token of this model fits'})")
-        return out
+        if allowed.size < v:
+            allowed = np.concatenate([allowed, np.zeros(v - allowed.size, bool)])
+        return np.where(allowed, logits, np.float32(-np.inf))
 
     def accept(self, token: int) -> None:
         if not self.m.consume_token(int(token)):
