@@ -228,8 +228,12 @@ class Tiles(np.ndarray):
 
 
 def preprocess_image(src, v):
-    """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles."""
+    """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles; InternVL's
+    dynamic tiles -> float32 [N, 3, S, S], one image's tiles (edgemm.internvl_tiles), which its vision stage takes."""
     from .processor import preprocess
+    if v.tiling:
+        from .internvl_tiles import preprocess as preprocess_internvl
+        return preprocess_internvl(src, v)
     if not v.grid_pinpoints:
         return preprocess(src, v)
     px, hw = preprocess_tiles(src, v)

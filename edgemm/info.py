@@ -113,7 +113,8 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
         lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
     if cfg.adapter.kind == "pixel_shuffle":                 # InternVL: its dynamic tiles' rows
         from .internvl_tiles import describe_rows as internvl_rows
-        lines = [internvl_rows(cfg) if s.startswith("vision:") else s for s in lines]
+        from .anyres import TYPICAL_SIZES
+        lines = [internvl_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
     if v.grid_pinpoints:                                    # any-resolution tiling: rows depend on the image
         from .anyres import describe_rows as tiled_rows
         lines = [tiled_rows(cfg) if s.startswith("vision:") else s for s in lines]

@@ -109,11 +109,11 @@ def preprocess(src, v) -> np.ndarray:
     return np.concatenate([normalize(t, v) for t in tile_image(load_image(src), v)])
 
 
-def describe_rows(cfg) -> str:
-    """`edgemm info`'s vision line: image rows per image for a few typical sizes and the most one image takes."""
-    from .anyres import TYPICAL_SIZES
+def describe_rows(cfg, typical: tuple) -> str:
+    """`edgemm info`'s vision line: image rows per image for the tile size and `typical` (width, height) sizes, and
+    the most one image takes."""
     v = cfg.vision
-    sizes = ((v.image_size, v.image_size),) + TYPICAL_SIZES
+    sizes = ((v.image_size, v.image_size),) + tuple(typical)
     per = ", ".join(f"{w}x{h}: {image_rows(cfg, w, h)} rows ({n_tiles(v, h, w)} tiles)" for w, h in sizes)
     tiles = (f"dynamic tiles ({v.min_tiles}..{v.max_tiles} of {v.image_size} px, + a thumbnail when more than one)"
              if v.tiling else "one tile")

@@ -71,11 +71,8 @@ def to_rgb(img) -> "Image.Image":
 
 def preprocess(src, vision_cfg) -> np.ndarray:
     """-> float32 pixels [1, 3, S, S], resized (stretched) to the tower's size, normalised. (Any-resolution
-    models tile the image instead: edgemm.anyres.preprocess_tiles / image_rows.) InternVL's dynamic tiles: the
-    image's tiles [N, 3, S, S] (edgemm.internvl_tiles), which its vision stage takes as one image."""
-    if vision_cfg.tiling:
-        from .internvl_tiles import preprocess as preprocess_internvl
-        return preprocess_internvl(src, vision_cfg)
+    models tile the image instead: edgemm.anyres.preprocess_tiles / image_rows; InternVL's dynamic tiles:
+    edgemm.internvl_tiles.preprocess.)"""
     from PIL import Image
     img = load_image(src)
     s = vision_cfg.image_size

@@ -132,8 +132,9 @@ def _hf_processor(src):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """A tiny InternVL (Qwen2 LM with tied embeddings, q/k norm, q/k/v bias) saved as transformers saves it, with a Qwen-style tokenizer
-    carrying InternVL's image tokens, its processor settings and chat template; imported by `edgemm import`."""
+    """A tiny InternVL (Qwen2 LM with tied embeddings, q/k norm, q/k/v bias) saved as transformers saves it, with a
+    Qwen-style tokenizer carrying InternVL's image tokens, its processor settings and chat template; imported by
+    `edgemm import`."""
     from click.testing import CliRunner
     from edgemm.cli import main
     from .test_tokenizers import QWEN2_SPLIT, _byte_level
@@ -176,7 +177,8 @@ def test_import_reads_the_family(imported):
     from click.testing import CliRunner
     from edgemm.cli import main
     r = CliRunner().invoke(main, ["info", "--model", str(imported["ck"])])
-    assert r.exit_code == 0 and "vision: InternViT 16px/4" in r.output and "at most 28 rows (7 tiles)" in r.output, r.output
+    assert r.exit_code == 0 and "vision: InternViT 16px/4" in r.output, r.output
+    assert "at most 28 rows (7 tiles)" in r.output, r.output
 
 
 def test_processor_matches_transformers(imported):
@@ -185,14 +187,14 @@ def test_processor_matches_transformers(imported):
     from PIL import Image
     from edgemm.chat_template import normalize_messages, segments_template
     from edgemm.checkpoint import load_checkpoint
-    from edgemm.processor import preprocess
+    from edgemm.anyres import preprocess_image
     m, tok = load_checkpoint(imported["ck"])
     proc, template = imported["proc"], (imported["ck"] / "chat_template.jinja").read_text()
     ctx = tok.tok.token_to_id("<IMG_CONTEXT>")
     for i, (w, h) in enumerate(SIZES + [(20, 44), (64, 14), (30, 31)]):
         img = _image(w, h, i)
         want = proc.image_processor(images=[Image.fromarray(img)], crop_to_patches=True, return_tensors="pt")
-        px = preprocess(img, m.cfg.vision)
+        px = preprocess_image(img, m.cfg.vision)             # the host's image path
         assert px.shape[0] == want["num_patches"][0] == proc.image_processor.get_number_of_image_patches(h, w, {
             "crop_to_patches": True}) == m.cfg.image_rows_for(w, h) // ROWS_PER_TILE
         assert np.abs(px - want["pixel_values"].numpy()).max() <= 1e-5
@@ -221,7 +223,7 @@ def test_import_matches_transformers(imported):
     from PIL import Image
     from edgemm.checkpoint import load_checkpoint
     from edgemm.model import KVCache
-    from edgemm.processor import preprocess
+    from edgemm.anyres import preprocess_image
     hf, proc = imported["hf"], imported["proc"]
     m, tok = load_checkpoint(imported["ck"])
     template = (imported["ck"] / "chat_template.jinja").read_text()
@@ -233,7 +235,7 @@ def test_import_matches_transformers(imported):
             images=[Image.fromarray(img)], return_tensors="pt")
         with torch.no_grad():
             want_rows = hf.model.get_image_features(pixel_values=hf_in["pixel_values"]).pooler_output.reshape(1, -1, 32)
-            rows = m.encode_image(torch.from_numpy(preprocess(img, m.cfg.vision)))
+            rows = m.encode_image(torch.from_numpy(preprocess_image(img, m.cfg.vision)))
         assert rows.shape == want_rows.shape == (1, m.cfg.image_rows_for(w, h), 32)
         assert (rows - want_rows).abs().max().item() <= 1e-4
         segs = _prompt(tok, template, rows)
