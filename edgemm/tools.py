@@ -57,9 +57,10 @@ def call_grammar(tok, tools: list, fmt: str, parallel: bool = True):
         lark = f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: {body}\n'
     elif fmt == "llama3":
         lark = f"start: body\nbody: {body}\n"
-    else:
+    else:                               # [TOOL_CALLS] is a special token where the vocabulary has it
         more = ' (", " body){0,3}' if parallel else ""
-        lark = f'start: "[" body{more} "]"\nbody: {body}\n'
+        tid = tok.tok.token_to_id("[TOOL_CALLS]")
+        lark = f'start: {"" if tid is None else f"<[{tid}]> "}"[" body{more} "]"\nbody: {body}\n'
     return lark_grammar(tok, lark)
 
 

@@ -299,3 +299,31 @@ def test_parse_calls_in_each_form_whole_and_streamed(fmt, text, content, calls):
     assert streamed[0] == content and [(c["name"], json.loads(c["arguments"])) for c in streamed[1]] == calls
     if fmt == "hermes" and len(calls) == 2:  # a closed call is sent before the answer ends
         assert [k for k, _ in evs if k == "call"] == ["call", "call"]
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
+def test_call_grammar_forces_a_valid_call_in_each_form(fmt):
+    """Sampling noise under call_grammar (tool_choice required) gives, in each form, calls that parse and whose
+    arguments validate; Mistral's call opens with its [TOOL_CALLS] token where the vocabulary has one."""
+    import jsonschema
+    import numpy as np
+    from tokenizers import AddedToken
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.generation import AnswerStream, GenerationConfig
+    from edgemm.tokenizer import Tokenizer
+    from edgemm.tools import call_grammar, parse_calls
+    tok = Tokenizer.load(DEMO_DIR / "tokenizer.json")
+    tok.tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    v = tok.vocab_size
+    g = call_grammar(tok, [WEATHER, TIME], fmt, parallel=False)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        ans = AnswerStream(tok, GenerationConfig(max_new_tokens=300, temperature=1.0, seed=seed, grammar=g))
+        while not ans.push(rng.normal(size=v).astype(np.float32))[1]:
+            pass
+        assert ans.finish_reason == "stop", tok.decode(ans.ids)
+        assert (ans.ids[0] == tok.tok.token_to_id("[TOOL_CALLS]")) == (fmt == "mistral")
+        content, calls = parse_calls(fmt, ans.text)
+        assert content == "" and len(calls) == 1, ans.text
+        jsonschema.validate(json.loads(calls[0]["arguments"]), params[calls[0]["name"]])
