@@ -198,9 +198,12 @@ def test_models_health_tokenize_metrics(server):
     from edgemm.checkpoint import DEMO_DIR
     from edgemm.tokenizer import Tokenizer
     assert code == 200 and json.loads(body)["tokens"] == Tokenizer.load(DEMO_DIR / "tokenizer.json").encode("Q: hi")
-    code, body, _ = server.get("/metrics")
+    c.chat.completions.create(model="tiny-shapes", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    code, body, _ = server.get("/metrics")          # a chat answered above: the TTFT summary has a count
     text = body.decode()
-    assert code == 200 and "edgemm_requests_total" in text and "edgemm_queue_depth" in text and "edgemm_ttft" in text
+    assert code == 200 and "edgemm_requests_total" in text and "edgemm_queue_depth" in text
+    count = [ln for ln in text.splitlines() if ln.startswith("edgemm_ttft_seconds_count ")]
+    assert count and int(count[0].split()[1]) >= 1
 
 
 def _tiny_png(w=8, h=8) -> bytes:
