@@ -47,16 +47,16 @@ def _lltokenizer(tok):
 class Grammar:
     """A compiled grammar for one request (immutable; `start()` gives each answer its own matcher)."""
 
-    def __init__(self, tok, grammar: str):
+    def __init__(self, tok, grammar: str, what: str = "the grammar"):
+        """what: the request's part the grammar comes from, named in the error (EdgemmError) if it fails."""
         llg = _llguidance()
         self.lt = _lltokenizer(tok)
         self.grammar = grammar
         err = llg.LLMatcher.validate_grammar(grammar, self.lt)
-        if err:
-            raise EdgemmError(f"the grammar does not compile: {err}")
-        self._first = llg.LLMatcher(self.lt, grammar, log_level=0)
-        if self._first.is_error():
-            raise EdgemmError(f"the grammar does not compile: {self._first.get_error()}")
+        self._first = None if err else llg.LLMatcher(self.lt, grammar, log_level=0)
+        if err or self._first.is_error():
+            why = (err or self._first.get_error()).strip().splitlines()[0][:500]    # (then the grammar's source)
+            raise EdgemmError(f"{what} cannot be enforced: {why}")
 
     def start(self) -> "Constraint":
         m, self._first = (self._first, None) if self._first is not None else (None, None)
@@ -125,16 +125,12 @@ def schema_grammar(schema, strict: bool = True) -> str:
 
 def json_grammar(tok, schema=None, strict: bool = True) -> Grammar:
     """JSON output: any JSON object (schema None, response_format json_object) or JSON valid under `schema`."""
-    g = schema_grammar({"type": "object"} if schema is None else schema, strict)
-    try:
-        return Grammar(tok, g)
-    except EdgemmError as e:
-        raise EdgemmError(str(e).replace("the grammar does not compile", "the JSON schema cannot be enforced")) from None
+    return Grammar(tok, schema_grammar({"type": "object"} if schema is None else schema, strict), "the JSON schema")
 
 
-def lark_grammar(tok, lark: str) -> Grammar:
+def lark_grammar(tok, lark: str, what: str = "the grammar") -> Grammar:
     """A Lark grammar (llguidance's dialect: `%json {schema}` embeds a JSON schema as a rule)."""
-    return Grammar(tok, _llguidance().LLMatcher.grammar_from_lark(lark))
+    return Grammar(tok, _llguidance().LLMatcher.grammar_from_lark(lark), what)
 
 
 def lark_json(schema, strict: bool = True) -> str:

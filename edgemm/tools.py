@@ -61,7 +61,7 @@ def call_grammar(tok, tools: list, fmt: str, parallel: bool = True):
         more = ' (", " body){0,3}' if parallel else ""
         tid = tok.tok.token_to_id("[TOOL_CALLS]")
         lark = f'start: {"" if tid is None else f"<[{tid}]> "}"[" body{more} "]"\nbody: {body}\n'
-    return lark_grammar(tok, lark)
+    return lark_grammar(tok, lark, "the tools' parameters")
 
 
 def _call(obj, fmt: str) -> dict | None:

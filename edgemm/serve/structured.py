@@ -27,8 +27,8 @@ def _response_format(tok, rf):
         return json_grammar(tok)
     if kind == "json_schema":
         js = rf.get("json_schema")
-        if not isinstance(js, dict) or not isinstance(js.get("name"), str) or "schema" not in js:
-            raise EdgemmError("response_format.json_schema needs a name and a schema")
+        if not isinstance(js, dict) or not isinstance(js.get("name"), str) or not isinstance(js.get("schema"), dict):
+            raise EdgemmError("response_format.json_schema needs a name and a schema (a JSON Schema object)")
         strict = js.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise EdgemmError("response_format.json_schema.strict must be a boolean")
