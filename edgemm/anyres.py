@@ -260,9 +260,12 @@ def set_max_tiles(cfg, n, manifest: dict | None = None) -> None:
     bound the tile batch, so a run-time value may not need more tiles than its export allowed."""
     if n is None:
         return
+    if cfg.vision.tiling:                   # InternVL's dynamic tiles: its max_patches
+        from .internvl_tiles import set_max_tiles as set_internvl_tiles
+        return set_internvl_tiles(cfg, n, manifest)
     if not cfg.vision.grid_pinpoints:
-        raise EdgemmError("--max-tiles applies to any-resolution (LLaVA-NeXT) models; this one takes one fixed-size "
-                          "image")
+        raise EdgemmError("--max-tiles applies to tiled models (LLaVA-NeXT's any-resolution tiling, InternVL's "
+                          "dynamic tiles); this one takes one fixed-size image")
     cfg.vision.max_tiles = n
     check_config(cfg)
     ar = (manifest or {}).get("anyres") or {}

@@ -70,8 +70,10 @@ def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles
     return b
 
 
-MAX_TILES_HELP = ("Any-resolution (LLaVA-NeXT) models: the most grid tiles per image (the overview is always added; "
-                  "fewer tiles, fewer image rows). Default: the bundle's (export --max-tiles), else every pinpoint.")
+MAX_TILES_HELP = ("Tiled models: the most grid tiles per image (fewer tiles, fewer image rows). LLaVA-NeXT: the "
+                  "overview is always added; default: the bundle's (export --max-tiles), else every pinpoint. "
+                  "InternVL: its max_patches (a thumbnail is added to several tiles); default: the bundle's, else "
+                  "the checkpoint's.")
 
 
 def _streamer():
@@ -385,7 +387,7 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
               "profiles accept (default: the device class's, capped at the model's max_seq_len).")
 @click.option("--profile", "device_class", type=click.Choice(["orin", "workstation"]), default=None,
               help="trt: the device class whose profiles engines built at export use (default: by the GPU here).")
-@click.option("--max-tiles", type=int, default=None, help="onnx/trt, any-resolution (LLaVA-NeXT) models: the "
+@click.option("--max-tiles", type=int, default=None, help="onnx/trt, tiled (LLaVA-NeXT, InternVL) models: the "
               "bundle's default tile budget (most grid tiles per image; run/chat/bench can override it).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="onnx: the ONNX Runtime provider "
               "the bundle is for (default cpu). cuda, with --precision fp16: stages that compute in fp16 (activations, "

@@ -120,3 +120,17 @@ def describe_rows(cfg, typical: tuple) -> str:
     return (f"vision: InternViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, {tiles}, pixel "
             f"shuffle to {rows_per_tile(cfg)} rows a tile -> image rows per image: {per}; at most {max_rows(cfg)} "
             f"rows ({max_tile_batch(v)} tiles)")
+
+
+def set_max_tiles(cfg, n: int, manifest: dict | None = None) -> None:
+    """--max-tiles N (edgemm.anyres.set_max_tiles for InternVL): the processor's max_patches, at export (the bundle's
+    default) or at run time; a trt bundle's vision profiles bound the tile batch (N grid tiles + the thumbnail)."""
+    cfg.vision.max_tiles = n
+    check_config(cfg)
+    if (manifest or {}).get("target") != "trt":
+        return
+    have = min((p.get("vision", {}).get("pixels", {}).get("max", [1 << 30])[0]
+                for p in (manifest.get("trt") or {}).get("profiles", {}).values()), default=1 << 30)
+    if max_tile_batch(cfg.vision) > have:
+        raise EdgemmError(f"--max-tiles {n} needs a vision batch of {max_tile_batch(cfg.vision)} tiles; this trt "
+                          f"bundle's profiles stop at {have} (re-export with --max-tiles {n})")

@@ -109,6 +109,7 @@ TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '
             "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
             "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
 QUESTION = "what color is the circle?"
+ASK = "describe the image"          # (where the tiny model's greedy answers differ with the tiles it sees)
 
 
 def _image(w, h, seed):
@@ -276,19 +277,23 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
     assert r.exit_code == 2 and "internvit vision tower" in r.output and "onnx, trt" in r.output, r.output
     w, h = SIZES[1]
-    Image.fromarray(_image(w, h, 7)).save(d / "img.png")
+    Image.fromarray(_image(w, h, 1)).save(d / "img.png")
     hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True),
+        {"type": "image"}, {"type": "text", "text": ASK}]}], add_generation_prompt=True),
         images=[Image.open(d / "img.png")], return_tensors="pt")
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
-    ids, want = hf_in["input_ids"][0].tolist(), []
-    with torch.no_grad():
-        for _ in range(4):
-            t = int(hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0, -1].argmax())
-            if t in eos:
-                break
-            want.append(t)
-            ids.append(t)
+
+    def greedy(hf_in):
+        ids, out = hf_in["input_ids"][0].tolist(), []
+        with torch.no_grad():
+            for _ in range(4):
+                t = int(hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0, -1].argmax())
+                if t in eos:
+                    break
+                out.append(t)
+                ids.append(t)
+        return out
+    want = greedy(hf_in)
     got, real = [], ChatSession._generate
 
     def recording(self, *a, **k):                   # the answer's ids (its text may end mid-character)
@@ -296,8 +301,18 @@ def test_exports_validate_and_answer(imported, monkeypatch):
         got.append(ans.ids)
         return ans
     monkeypatch.setattr(ChatSession, "_generate", recording)
+    run = ["run", "--image", str(d / "img.png"), "--max-new-tokens", "4", "--device", "cpu"]
     for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
-        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
-                                      "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+        r = CliRunner().invoke(main, run + ["--bundle", str(d / bundle), "--backend", backend, ASK])
         assert r.exit_code == 0, r.output
     assert got == [want, want], (got, want)
+    # --max-tiles 1: one tile, as the processor with max_patches 1; a trt bundle refuses more tiles than its profiles
+    r = CliRunner().invoke(main, run + ["--bundle", str(d / "onnx-fp32"), "--max-tiles", "1", ASK])
+    assert r.exit_code == 0, r.output
+    one = proc(text=proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": ASK}]}], add_generation_prompt=True),
+        images=[Image.open(d / "img.png")], max_patches=1, return_tensors="pt")
+    assert one["pixel_values"].shape[0] == 1 and got[-1] == greedy(one) != want, (got[-1], greedy(one), want)
+    r = CliRunner().invoke(main, run + ["--bundle", str(d / "trt-fp16"), "--backend", "trt", "--max-tiles",
+                                        str(MAX_TILES + 1), ASK])
+    assert r.exit_code == 2 and f"profiles stop at {MAX_TILES + 1}" in r.output, r.output
