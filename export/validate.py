@@ -2,7 +2,9 @@
 the same prompt, compared stage by stage, and the table the exporters print.
 
 The prompt: the input stage on `ins`, then text, image and text segments into one KV cache, then greedy decode
-steps (the reference's argmax fed to both), comparing the logits after every segment and step.
+steps (the reference's argmax fed to both), comparing the logits after every segment and step. Where a decoder
+stage fails, each segment runs again on the reference's cache rows (_isolated), so the check blames the stage
+that computes wrong and names the ones that only read its rows as following it; failure() says so in one line.
 """
 from __future__ import annotations
 
@@ -73,73 +75,122 @@ def run_prompt(ref, b, cfg, ins: dict, segments, decode_steps: int, stop_id: int
         res["cross_kv"].append(compare(ref.cross_kv(ref_rows), b.cross_kv(ref_rows)))
     need = sum(len(d) if k == "text" else cfg.n_image_rows for k, d in segments) + decode_steps + 2
     both = _stepper(ref, b, need)
-    r = None
+    r, fed = None, []
     for kind, data in segments:
         if kind == "text" and not len(data):
             continue                        # no bos (a tokenizer that prepends nothing, as Qwen)
         data = ref_rows if kind == "image" and data is None else data
         r, g = both(kind, data)
-        res["decoder_" + kind if "decoder_" + kind in res else "decoder_text"].append(compare(r, g))
+        stage = "decoder_" + kind if "decoder_" + kind in res else "decoder_text"
+        res[stage].append(compare(r, g))
+        fed.append((stage, kind, data))
     for _ in range(decode_steps):
         t = int(np.argmax(r))
         if stop_id is not None and t == stop_id:
             break           # a real prompt's answer is complete: rows past </s> are never computed by a runtime
         r, g = both("text", [t])
         res["decoder_text"].append(compare(r, g))
-    if "decoder_image" in res and any(k == "image" for k, _ in segments):
-        res["_text_alone"] = lambda: _text_alone(ref, b, segments, decode_steps, stop_id)    # run if needed
+        fed.append(("decoder_text", "text", [t]))
+    if "decoder_image" in res:                  # run only where a decoder stage fails (_attribute)
+        res["_isolated"] = lambda: _isolated(ref, b, fed, need)
     return res
 
 
-def _stepper(ref, b, need: int):
-    """-> both(kind, data): one segment through the reference and the backend, each on a fresh state of its own
-    (a TorchReference keeps the input stage it ran; a new one holds the KV cache)."""
+def _isolated(ref, b, fed, need: int) -> dict | None:
+    """The prompt again with every segment isolated: before each, the backend's K/V cache is overwritten with the
+    reference's rows, so a segment is judged on right inputs alone. -> {stage: compare rows of its logits and of
+    the K/V rows it wrote (the worst layer)}, or None where the backend's cache cannot be written here (_kv)."""
+    both = _stepper(ref, b, need, isolate=True)
+    out: dict[str, list] = {}
+    for stage, kind, data in fed:
+        r, g = both(kind, data)
+        kv = both.kv_rows()
+        if kv is None:
+            return None
+        out.setdefault(stage, []).extend([compare(r, g), kv])
+    return out
+
+
+def _stepper(ref, b, need: int, isolate: bool = False):
+    """-> both(kind, data): one segment through the reference and the backend, each on a state of its own
+    (isolate: the backend's cache rows overwritten with the reference's before it runs);
+    both.kv_rows(): the K/V rows the last segment wrote against the reference's, the worst layer's compare()
+    figures (a layer zeroed is off even where the others hide it), None where a backend's cache is not host
+    memory in a known layout (_kv)."""
     st = b.new_state(max_len=need)
+    if isinstance(ref, TorchReference) and ref.pos:
+        ref = TorchReference(ref.m, need)       # a second run: a cache of its own
     rst = ref.new_state(max_len=need) if not isinstance(ref, TorchReference) else None
-    tref = TorchReference(ref.m, need) if rst is None and ref.pos else ref
+    span = [0, 0]
 
     def both(kind, data):
-        r = tref.segment(kind, data) if rst is None else ref.text(rst, data) if kind == "text" else ref.image(rst, data)
-        return r, (b.text(st, data) if kind == "text" else b.image(st, data))
+        r = ref.segment(kind, data) if rst is None else ref.text(rst, data) if kind == "text" else ref.image(rst, data)
+        if isolate:
+            _kv(st, _kv(ref if rst is None else rst), span[1])
+        g = b.text(st, data) if kind == "text" else b.image(st, data)
+        span[:] = span[1], ref.pos if rst is None else rst.length
+        return r, g
+
+    def kv_rows():
+        want, got = _kv(ref if rst is None else rst), _kv(st)
+        if want is None or got is None or want.shape[:3] + want.shape[4:] != got.shape[:3] + got.shape[4:]:
+            return None
+        lo, hi = span
+        rows = [compare(want[:, i, :, lo:hi], got[:, i, :, lo:hi]) for i in range(want.shape[1])]
+        return max(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows), min(r[3] for r in rows)
+    both.kv_rows = kv_rows
     return both
 
 
-def _text_alone(ref, b, segments, decode_steps: int, stop_id) -> list:
-    """The prompt's text segments without its image, then greedy steps: decoder_text's rows on its own."""
-    texts = [d for k, d in segments if k == "text" and len(d)]
-    both, rows, r = _stepper(ref, b, sum(len(d) for d in texts) + decode_steps + 2), [], None
-    for data in texts + [None] * decode_steps:
-        if data is None:
-            data = [int(np.argmax(r))]
-            if stop_id is not None and data[0] == stop_id:
-                break
-        r, g = both("text", data)
-        rows.append(compare(r, g))
-    return rows
+def _kv(x, write=None, rows: int = 0):
+    """K and V of a reference or a state as one array [2, layers, heads, rows, head_dim], or None: a
+    TorchReference's KVCache, an ort CPU state's BNSH arrays, an OnnxQdq state's BSNH numpy buffers.
+    write (a state's): its first `rows` rows overwritten with write's."""
+    c = getattr(x, "cache", None)
+    if isinstance(x, TorchReference):
+        return np.stack([c.k[:, 0].numpy(), c.v[:, 0].numpy()])
+    if not isinstance(c, dict):
+        return None
+    if c.get("arrays") is not None:
+        if write is not None:
+            for i, a in enumerate(c["arrays"]):                         # k0, v0, k1, v1 ... [1, heads, rows, E]
+                a[0, :, :rows] = write[i % 2, i // 2, :, :rows]
+        a = np.stack([np.asarray(t)[0] for t in c["arrays"]])
+        return np.stack([a[0::2], a[1::2]])
+    if c.get("k") and all(isinstance(t, np.ndarray) for t in c["k"] + c["v"]):
+        if write is not None:
+            for j, n in enumerate(("k", "v")):                          # [1, rows, heads, E]
+                for i, t in enumerate(c[n]):
+                    t[0, :rows] = write[j, i, :, :rows].transpose(1, 0, 2)
+        return np.stack([np.stack([t[0] for t in c[n]]) for n in ("k", "v")]).transpose(0, 1, 3, 2, 4)
+    return None
 
 
 def _attribute(out: dict, res: dict, precision_of, judge) -> None:
-    """decoder_text's rows after the image read the rows decoder_image wrote into the KV cache, and decoder_image's
-    read decoder_text's: where either fails, decoder_text runs the prompt's text alone. Right alone, its failure
-    is decoder_image's (`follows`, and decoder_image fails); wrong alone, decoder_image's failure is not judged."""
-    dt, di = out.get("decoder_text"), out.get("decoder_image")
-    if "_text_alone" not in res or dt is None or di is None or (dt["ok"] and di["ok"]):
+    """Where a decoder stage fails, the prompt runs again with every segment isolated (_isolated: the cache rows
+    it reads are the reference's): a stage that fails there is to blame (its logits, or the K/V rows it writes,
+    which the text after it reads: it fails even where its own logits passed); one that fails only in the full
+    prompt fails through another's rows in the cache (`follows`: not judged)."""
+    kv = [s for s in ("decoder_text", "decoder_image") if s in out]
+    if "_isolated" not in res or all(out[s]["ok"] for s in kv):
         return
-    alone = summarize({"decoder_text": res["_text_alone"]()}, precision_of, judge)["decoder_text"]
-    dt["text_alone"] = {k: alone[k] for k in ("max_abs_err", "cosine", "compared", "ok")}
-    if alone["ok"] and not dt["ok"]:
-        dt["follows"] = "decoder_image"
-        if di["ok"]:
-            di["ok"], di["tolerance"] = False, di["tolerance"] + ", and the text rows after the image"
-    elif not alone["ok"]:
-        dt["ok"] = False
-        if not di["ok"]:
-            di["follows"] = "decoder_text"
+    alone = res["_isolated"]()
+    if alone is None:
+        return
+    to_blame = [s for s in alone if not judge(s, precision_of(s), max(r[0] for r in alone[s]),
+                                              min(r[1] for r in alone[s]), max(r[2] for r in alone[s]))[1]]
+    if not to_blame:
+        return
+    for s in kv:
+        if s in to_blame and out[s]["ok"]:
+            out[s]["ok"], out[s]["tolerance"] = False, out[s]["tolerance"] + ", and the K/V rows it writes"
+        elif s not in to_blame and not out[s]["ok"]:
+            out[s]["follows"] = to_blame[0]
 
 
 def failure(figures: dict) -> str | None:
     """One line naming the stages a failed check blames (a stage off only after another one's rows in its KV cache
-    is named as following it), or None."""
+    is named as following it: edgemm.export.validate._attribute), or None."""
     bad = [s for s, f in figures.items() if not s.startswith("_") and not f["ok"] and not f.get("follows")]
     if not bad:
         return None
@@ -190,16 +241,6 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
         lines.append(f"{stage:<14} {f['precision']:<9} {err} {cos} "
                      f"{f.get('ref_max_abs') or float('nan'):>10.3g} {top1}  {verdict} ({f['tolerance']})")
     return "\n".join(lines)
-
-
-def _items(model, tok, samples):
-    from edgemm.anyres import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
-    items = []
-    for x in samples:
-        ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])
-        items.append((preprocess_image(x.image, model.cfg.vision), [("text", tok.prefix_ids()), ("image", None),
-                                                                     ("text", ids)]))
-    return items
 
 
 def calibration_items(model, tok, calib=None, n: int = 32):
