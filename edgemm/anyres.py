@@ -231,7 +231,7 @@ def preprocess_image(src, v):
     """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles; InternVL's
     dynamic tiles -> float32 [N, 3, S, S], one image's tiles (edgemm.internvl_tiles), which its vision stage takes."""
     from .processor import preprocess
-    if v.tiling:
+    if v.tiling == "internvl":
         from .internvl_tiles import preprocess as preprocess_internvl
         return preprocess_internvl(src, v)
     if not v.grid_pinpoints:
@@ -260,7 +260,7 @@ def set_max_tiles(cfg, n, manifest: dict | None = None) -> None:
     bound the tile batch, so a run-time value may not need more tiles than its export allowed."""
     if n is None:
         return
-    if cfg.vision.tiling:                   # InternVL's dynamic tiles: its max_patches
+    if cfg.vision.tiling == "internvl":     # InternVL's dynamic tiles: its max_patches
         from .internvl_tiles import set_max_tiles as set_internvl_tiles
         return set_internvl_tiles(cfg, n, manifest)
     if not cfg.vision.grid_pinpoints:

@@ -224,7 +224,7 @@ class ModelConfig:
 
     def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
         """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
-        if self.vision.tiling:                              # InternVL's dynamic tiles (edgemm.internvl_tiles)
+        if self.vision.tiling == "internvl":                # InternVL's dynamic tiles (edgemm.internvl_tiles)
             from .internvl_tiles import image_rows
             return image_rows(self, width, height)
         if not self.vision.grid_pinpoints:
