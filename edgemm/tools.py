@@ -85,12 +85,43 @@ def parse_calls(fmt: str, text: str) -> tuple[str, list[dict]]:
     return ts.close(ts.feed(text))
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:')
+
+
+def _value_span(text: str) -> tuple[int, int | None, bool]:
+    """Where the JSON object (or array) at the start of `text` lies -> (start, end so far, complete); end None:
+    the value is not an object."""
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        return start, start, False
+    if text[start] not in "{[":
+        return start, None, False
+    depth, in_str, esc = 0, False, False
+    for j in range(start, len(text)):
+        ch = text[j]
+        if in_str:
+            esc, in_str = (ch == "\\" and not esc), not (ch == '"' and not esc)
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return start, j + 1, True
+    return start, len(text), False
+
+
 class ToolStream:
-    """An answer's text as it arrives -> events ("content", text) and ("call", {"name", "arguments"}).
+    """An answer's text as it arrives -> events ("content", text), ("call", {"name", "arguments"}) for a whole
+    call, and, as OpenAI streams a call, ("call_name", name) then ("call_args", piece)... for one whose arguments
+    arrive as they are generated (hermes, `{"name": ..., "arguments": {...` in that order: what the grammar of
+    tool_choice required writes).
 
     Text that may be the start of a call is held until it is known: for hermes, the stretch from <tool_call>
-    to its </tool_call>; for llama3 and mistral (whose calls are the whole answer), an answer that opens with
-    `{` or `[`, to the end. What does not parse as a call is content after all."""
+    (to its </tool_call>, or while the arguments stream, the text around them); for llama3 and mistral (whose
+    calls are the whole answer), an answer that opens with `{` or `[`, to the end. What does not parse as a call
+    is content after all."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -98,6 +129,21 @@ class ToolStream:
         if fmt not in FORMATS:
             raise EdgemmError(f"unknown tool-call form {fmt!r}")
         self.fmt, self.buf, self.whole = fmt, "", None
+        self.args_at, self.sent = None, 0       # hermes: where the streaming call's arguments start, chars sent
+
+    def _stream_args(self, end: int, out: list, last: bool = False) -> None:
+        """The streaming call's arguments in buf[args_at:end] not sent yet; `last`: the call ends at `end`."""
+        text = self.buf[self.args_at:end]
+        start, stop, _ = _value_span(text)
+        if stop is None:                     # not an object: sent whole at the end
+            if not last:
+                return
+            v = _json(text.strip().removesuffix("}").strip())
+            stop, text = len(text), (text if v is None else json.dumps(v))
+        piece = text[start + self.sent:stop]
+        if piece:
+            out.append(("call_args", piece))
+            self.sent += len(piece)
 
     def feed(self, text: str) -> list[tuple]:
         self.buf += text
@@ -122,14 +168,30 @@ class ToolStream:
                 out.append(("content", self.buf[:i]))
                 self.buf = self.buf[i:]
             j = self.buf.find(self.CLOSE)
+            if self.args_at is None:
+                m = _HEAD.match(self.buf, len(self.OPEN))
+                if m:                                    # name known: the call opens, its arguments stream
+                    out.append(("call_name", m.group(1)))
+                    self.args_at, self.sent = m.end(), 0
             if j < 0:
+                if self.args_at is not None:
+                    self._stream_args(len(self.buf), out)
                 return out
-            call = _call(_json(self.buf[len(self.OPEN):j].strip()), self.fmt)
-            out.append(("call", call) if call else ("content", self.buf[:j + len(self.CLOSE)]))
+            if self.args_at is not None:
+                self._stream_args(j, out, last=True)
+                self.args_at, call = None, True
+            else:
+                call = _call(_json(self.buf[len(self.OPEN):j].strip()), self.fmt)
+                out.append(("call", call) if call else ("content", self.buf[:j + len(self.CLOSE)]))
             self.buf = self.buf[j + len(self.CLOSE):].lstrip("\n") if call else self.buf[j + len(self.CLOSE):]
 
     def finish(self) -> list[tuple]:
         """What is still held, at the end of the answer."""
+        if self.args_at is not None:                    # a streaming call the answer ended in
+            out: list = []
+            self._stream_args(len(self.buf), out, last=True)
+            self.args_at, self.buf = None, ""
+            return out
         rest, self.buf = self.buf, ""
         if not rest:
             return []
@@ -151,9 +213,17 @@ class ToolStream:
 
     def close(self, events: list) -> tuple[str, list[dict]]:
         """events (and what finish() adds) -> (content, calls)."""
-        events = events + self.finish()
-        content = "".join(d for k, d in events if k == "content").strip()
-        return content, [d for k, d in events if k == "call"]
+        content, calls = [], []
+        for k, d in events + self.finish():
+            if k == "content":
+                content.append(d)
+            elif k == "call":
+                calls.append(d)
+            elif k == "call_name":
+                calls.append({"name": d, "arguments": ""})
+            else:
+                calls[-1]["arguments"] += d
+        return "".join(content).strip(), calls
 
 
 def openai_call(call: dict) -> dict:

@@ -142,7 +142,7 @@ async def events(a: Answer, include_usage: bool):
     from ..tools import ToolStream
     from .structured import call_deltas
     lead = True                      # the answer's leading space (" red"), stripped as when whole
-    tools, calls = (ToolStream(a.fmt) if a.fmt else None), 0   # tool calls: each sent once it is whole
+    tools, calls = (ToolStream(a.fmt) if a.fmt else None), 0   # tool calls, streamed as OpenAI does (calls: opened)
     try:
         yield a.chunk({"role": "assistant", "content": ""})
         while True:
@@ -152,10 +152,10 @@ async def events(a: Answer, include_usage: bool):
             else:
                 evs = [("content", data)] if kind == "text" else []
             for k, d in evs:
-                if k == "call":
-                    for delta in call_deltas(calls, d):
+                if k in ("call", "call_name", "call_args"):
+                    for delta in call_deltas(calls, k, d):
                         yield a.chunk(delta)
-                    calls += 1
+                    calls += k != "call_args"
                     continue
                 if lead:
                     d = d.lstrip()

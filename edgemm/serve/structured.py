@@ -80,10 +80,13 @@ def structured_of(body: dict, tok, template: str | None) -> Structured:
         raise APIError(400, str(e), code="invalid_request") from None
 
 
-def call_deltas(index: int, call: dict) -> list[dict]:
-    """One parsed call as stream deltas, as OpenAI sends them: its id, type and name (arguments ""), then its
-    arguments."""
+def call_deltas(count: int, kind: str, data) -> list[dict]:
+    """A tool-call event of edgemm.tools.ToolStream as stream deltas, as OpenAI sends them: a call's id, type and
+    name (arguments "") when it opens, then its arguments in pieces. count: the calls opened before this event."""
     from ..tools import openai_call
-    c = openai_call(call)
-    head = {"index": index, "id": c["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}
-    return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]}]
+    if kind == "call_args":
+        return [{"tool_calls": [{"index": count - 1, "function": {"arguments": data}}]}]
+    c = openai_call({"name": data["name"] if kind == "call" else data, "arguments": ""})
+    head = {"index": count, **c}
+    return [{"tool_calls": [head]}] + ([{"tool_calls": [{"index": count, "function": {"arguments": data["arguments"]}}]}]
+                                       if kind == "call" else [])
