@@ -65,6 +65,8 @@ def _processor(src: Source, v: VisionConfig, rows: int) -> None:
     v.image_std = tuple(p.get("image_std", CLIP_STD))
     if p.get("do_resize") is False or p.get("do_normalize") is False or p.get("do_rescale") is False:
         raise EdgemmError(f"{w}: do_resize, do_rescale and do_normalize off are not supported")
+    if p.get("resample", 3) != 3:
+        raise EdgemmError(f"{w}: resample {p['resample']} is not supported (3: bicubic, what edgemm resizes with)")
     v.min_tiles, v.max_tiles = int(p.get("min_patches", 1)), int(p.get("max_patches", 12))
     seq = _json(src, "processor_config.json").get("image_seq_length")
     if seq not in (None, rows):
