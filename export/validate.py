@@ -243,6 +243,16 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
     return "\n".join(lines)
 
 
+def _items(model, tok, samples):
+    from edgemm.anyres import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
+    items = []
+    for x in samples:
+        ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])
+        items.append((preprocess_image(x.image, model.cfg.vision), [("text", tok.prefix_ids()), ("image", None),
+                                                                     ("text", ids)]))
+    return items
+
+
 def calibration_items(model, tok, calib=None, n: int = 32):
     """(pixels, segments) of the calibration part of the calibration set (edgemm.calib.sets: the bundled shapes
     calibration split, or a folder with images and prompts.jsonl). Segments: bos, the image, the user turn and
