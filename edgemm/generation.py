@@ -40,7 +40,9 @@ class Sampler:
         c = self.cfg
         if c.temperature == 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / c.temperature
+        z = logits.astype(np.float64)
+        with np.errstate(over="ignore"):        # shifted first: a tiny temperature makes -inf, never inf - inf
+            z = (z - z.max()) / c.temperature
         if c.top_k:
             kth = np.partition(z, -c.top_k)[-c.top_k] if c.top_k < z.size else -np.inf
             z = np.where(z < kth, -np.inf, z)

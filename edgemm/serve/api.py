@@ -70,7 +70,18 @@ async def read_json(request, limits: Limits) -> dict:
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if b"\\u" in body and has_lone_surrogate(data):     # "\ud800" escapes make strings no tokenizer takes
+        raise APIError(400, "the request body has a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
+                            "its pair)")
     return data
+
+
+def has_lone_surrogate(data) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def ensure_ready(state) -> None:
@@ -87,6 +98,8 @@ def pick_model(state, name) -> Model:
     ms = state.models
     if name is None and len(ms) == 1:
         return next(iter(ms.values()))
+    if name is not None and not isinstance(name, str):
+        raise APIError(400, "model must be a string: a served model's id (GET /v1/models)")
     if name not in ms:
         raise APIError(404, f"model {name!r} is not served here; models: {', '.join(ms)}", code="model_not_found")
     return ms[name]

@@ -37,6 +37,7 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     from .guard import install_error_handlers, install_guard
     from .routes_chat import install_chat_route
     from .routes_info import install_info_routes
+    from .schema import install_openapi
     app = FastAPI(title="edgemm", docs_url=None, redoc_url=None)
     state = app.state
     state.models, state.ready, state.load_error = dict(models), loader is None, None
@@ -52,4 +53,5 @@ def create_app(models: dict, limits: Limits | None = None, api_key: str | None =
     install_drain(app)                                # outermost: SIGTERM's 503s and the in-flight count
     install_info_routes(app, metrics)
     install_chat_route(app)
+    install_openapi(app, state.limits.max_tokens)          # what /openapi.json says of the bodies
     return app

@@ -29,6 +29,10 @@ def install_error_handlers(app) -> None:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return error_response(app.state, APIError(e.status_code, str(e.detail), kind))
 
+    @app.exception_handler(Exception)
+    async def _bug(request, e):            # a bug still answers in OpenAI's shape (and is logged with its traceback)
+        return error_response(app.state, APIError(500, f"internal error: {type(e).__name__}", "server_error"))
+
 
 def refusal(request, limits, api_key: str | None) -> APIError | None:
     """Why a request is refused before it runs (None: it may run)."""

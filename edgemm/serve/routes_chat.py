@@ -3,6 +3,7 @@ its answer streamed as server-sent events or returned whole, in OpenAI's shapes.
 # (no `from __future__ import annotations`: FastAPI reads the routes' `Request` annotations as objects)
 import asyncio
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from .prompt import build_segments, normalize_messages
 
 
 def _number(name: str, v) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise APIError(400, f"{name} must be a number")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise APIError(400, f"{name} must be a number")         # (NaN and Infinity, which JSON readers take, too)
     return float(v)
 
 
@@ -45,8 +46,8 @@ def gen_config(body: dict, limits: Limits) -> GenerationConfig:
     mt, stop = _max_tokens(body, limits), _stop(body)
     t, p = _number("temperature", body.get("temperature", 1.0)), _number("top_p", body.get("top_p", 1.0))
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, "seed must be an integer")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise APIError(400, "seed must be a non-negative integer")
     if body.get("n", 1) != 1:
         raise APIError(400, "n must be 1")
     try:
@@ -88,6 +89,14 @@ def instructions_of(b, messages) -> list | None:
         return None
     from ..qformer import instruction
     return [instruction(b.tokenizer, b.cfg, m["text"]) for m in normalize_messages(messages) for _ in m["images"]]
+
+
+def include_usage(body: dict) -> bool:
+    """stream_options.include_usage (checked before the job is queued)."""
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise APIError(400, "stream_options must be an object")
+    return bool((so or {}).get("include_usage"))
 
 
 def usage_of(d: dict) -> dict:
@@ -214,11 +223,11 @@ def install_chat_route(app) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_json(request, state.limits)
+        usage = include_usage(body)
         a = await submit(pick_model(state, body.get("model")), body, state.limits)
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             state.metrics.request(200)
-            return StreamingResponse(events(a, include_usage), media_type="text/event-stream",
+            return StreamingResponse(events(a, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         out = await whole(a, request)
         if out is None:
