@@ -9,7 +9,7 @@ reference's greedy answer teacher-forced). Decode speed is also compared with th
 measured now (a 512 MB torch sum on all threads) / bytes of weights one decode step reads.
 
 Writes bench.json (figures + machine, threads, library versions), bench.csv and bench.png (latency against
-accuracy, Pareto front marked).
+accuracy, Pareto front marked; latency alone, a bar per bundle, when accuracy was not measured: --limit 0).
 """
 from __future__ import annotations
 
@@ -473,31 +473,59 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(idx, key=lambda i: points[i][0])
 
 
-def plot(results: list, path) -> None:
+def _accuracy(r: dict) -> float | None:
+    a = r.get("accuracy")
+    return a if isinstance(a, (int, float)) and a == a else None
+
+
+LATENCIES = (("decode_ms_per_token", "decode latency (ms / token)"), ("ttft_ms", "time to first token (ms)"))
+
+
+def figure(results: list):
+    """The bench plot as a matplotlib Figure: latency against accuracy (Pareto front marked) for the bundles whose
+    accuracy was measured; latency alone (a bar per bundle) when none was (`--limit 0`). Every bundle is named
+    in a legend or on an axis, never by labels that may overlap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in results if "error" not in r and r.get("decode_ms_per_token")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "decode_ms_per_token", "decode latency (ms / token)"),
-                           (axes[1], "ttft_ms", "time to first token (ms)")):
-        pts = [(r[key], r.get("accuracy", float("nan"))) for r in ok]
-        for r, (x, y) in zip(ok, pts):
-            ax.scatter([x], [y if y == y else 0], s=40)
-            ax.annotate(f"{r['name']} ({r.get('backend', '?')})", (x, y if y == y else 0), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-        valid = [(i, p) for i, p in enumerate(pts) if p[1] == p[1]]
-        if valid:
-            front = pareto([p for _, p in valid])
-            fx = [valid[i][1][0] for i in front]
-            fy = [valid[i][1][1] for i in front]
-            ax.step(fx, fy, where="post", color="crimson", lw=1.2, label="Pareto front")
-            ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="crimson")
-            ax.legend(loc="lower right", fontsize=8)
+    names = [f"{r['name']} ({r.get('backend', '?')})" for r in ok]
+    measured = [i for i, r in enumerate(ok) if _accuracy(r) is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8 if measured else 1.6 + 0.45 * max(1, len(ok))))
+    if not measured:                # accuracy skipped: nothing to put on a y axis but the bundles themselves
+        for ax, (key, label) in zip(axes, LATENCIES):
+            ax.barh(range(len(ok)), [r.get(key) or 0 for r in ok], color="steelblue")
+            ax.set_yticks(range(len(ok)), names if ax is axes[0] else [""] * len(ok))
+            ax.invert_yaxis()
+            ax.set_xlabel(label)
+            ax.grid(axis="x", alpha=0.3)
+        fig.suptitle("edgemm bench: latency (accuracy not measured)")
+        fig.tight_layout()
+        return fig
+    colors = plt.get_cmap("tab10" if len(measured) <= 10 else "tab20")
+    for ax, (key, label) in zip(axes, LATENCIES):
+        pts = [(ok[i][key], _accuracy(ok[i])) for i in measured]
+        for n, (i, (x, y)) in enumerate(zip(measured, pts)):
+            ax.scatter([x], [y], s=40, color=colors(n % colors.N), label=names[i])
+        front = pareto(pts)
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="crimson", lw=1.2,
+                label="Pareto front")
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=140, facecolors="none",
+                   edgecolors="crimson")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (shapes test split)")
         ax.grid(alpha=0.3)
-    fig.suptitle("edgemm bench: latency vs accuracy")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    skipped = [names[i] for i in range(len(ok)) if i not in measured]
+    fig.suptitle("edgemm bench: latency vs accuracy" + (f" (not plotted, accuracy not measured: {', '.join(skipped)})"
+                                                        if skipped else ""), fontsize=10 if skipped else 12)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
+    return fig
+
+
+def plot(results: list, path) -> None:
+    fig = figure(results)
+    import matplotlib.pyplot as plt
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -588,7 +588,7 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads)
 def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out,
           max_tiles):
     """Latency, memory, size, accuracy and fidelity of each BUNDLE on each backend: a table, JSON, CSV and a
-    latency-vs-accuracy plot with the Pareto front."""
+    latency-vs-accuracy plot with the Pareto front (latency alone when --limit 0 skips accuracy)."""
     from .bench import bench as run_bench, format_table
     if not bundles:
         raise EdgemmError("give one or more bundle directories: edgemm bench out/fp32 out/int8 ...")

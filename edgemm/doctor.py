@@ -88,6 +88,8 @@ def _gpu() -> dict:
         if torch.cuda.is_available():
             out.update(cuda=True, name=torch.cuda.get_device_name(0),
                        compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))))
+    except ImportError:     # no torch: "none", with torch "not installed"
+        pass
     except Exception as e:  # a broken CUDA install is a fact to report, not a crash
         out["error"] = str(e).splitlines()[0][:160]
     if importlib.util.find_spec("tensorrt") is not None:
@@ -152,6 +154,8 @@ def report(f: dict) -> str:
         lines.append(f"gpu:          {g['name']} (compute capability {g['compute_capability']}), torch CUDA "
                      f"{g.get('torch_cuda')}" + ("; fp8 engines possible" if float(g["compute_capability"]) >= 8.9
                                                  else "; fp8 needs compute capability 8.9+: use int8"))
+    elif g.get("error"):                      # CUDA there but broken: said, not shown as "no GPU"
+        lines.append(f"gpu:          CUDA present but unusable ({g['error']}): running on the CPU")
     else:
         lines.append(f"gpu:          none (torch {g.get('torch', 'not installed')}"
                      + (f", built for CUDA {g['torch_cuda']}" if g.get("torch_cuda") else ", CPU build") + ")")

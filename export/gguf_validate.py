@@ -45,15 +45,21 @@ MMPROJ_COS = 0.99
 
 def validation_image(cfg) -> np.ndarray:
     """A fixed test image at the tower's size (mtmd and edgemm then see the same pixels): a shapes scene when the
-    tower is the shapes size, else seeded noise."""
+    tower is the shapes size, else seeded noise (validation_image_source says which, and why)."""
+    return validation_image_source(cfg)[0]
+
+
+def validation_image_source(cfg) -> tuple[np.ndarray, str]:
+    """-> (validation_image, what it is: "a shapes test scene", or "seeded noise (why)")."""
     s = cfg.vision.image_size
     try:
         from edgemm import shapes
         if s == shapes.IMAGE_SIZE:
-            return shapes.render(shapes.scene_at("test", 0))
-    except Exception:
-        pass
-    return np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+            return shapes.render(shapes.scene_at("test", 0)), "a shapes test scene"
+        why = f"the vision tower takes {s} px, the shapes scenes are {shapes.IMAGE_SIZE} px"
+    except Exception as e:
+        why = f"the shapes scene did not render: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8), f"seeded noise ({why})"
 
 
 def _log_softmax(z):
@@ -161,7 +167,10 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     cfg = model.cfg
     dprec, vprec = precision["decoder"], precision["vision"]
     q_ids = tok.user_turn(VALIDATION_QUESTION, first=True)
-    img = validation_image(cfg)
+    img, img_what = validation_image_source(cfg)
+    if img_what.startswith("seeded noise"):
+        log(f"note: the GGUF validation image is {img_what}: llama.cpp is checked against the reference on noise, "
+            "not on a scene")
     anyres = bool(cfg.vision.grid_pinpoints)
     if anyres:                      # LLaVA-NeXT: the tiles of the image, packed by the host (edgemm.anyres)
         from edgemm.anyres import preprocess_tiles
@@ -188,7 +197,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     f32_kv = dprec == "f32"
     run = LlamaRunner(decoder, cfg.decoder.max_seq_len, threads, n_batch=max(512, n_rows), f32_kv=f32_kv)
     try:
-        out = {"kv_cache": run.kv_type, "flash_attention": False}
+        out = {"kv_cache": run.kv_type, "flash_attention": False, "validation_image": img_what}
         # tokenization: llama.cpp's gpt2 BPE vs edgemm's
         prompts = [f"Q: {VALIDATION_QUESTION}\nA:", " red</s>", "\nQ: how many shapes are there?\nA:",
                    " bottom left", "Q: Is there a  Purple cross?!\nA:"]

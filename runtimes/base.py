@@ -67,6 +67,11 @@ class Backend:
         can batch sequences (llamacpp) do it in one call; the default runs them one after another."""
         return [self.text(st, [t]) for st, t in zip(states, tokens)]
 
+    def unbatched_why(self) -> str | None:
+        """Why decode_batch steps the states one after another (None: one call steps them all); `edgemm serve
+        --parallel N` says it at start-up."""
+        return f"the {self.name} backend decodes one state at a time"
+
     def release(self, state: State) -> None:
         """Return a state's resources early (a finished server request); by default nothing to do."""
 

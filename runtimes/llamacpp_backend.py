@@ -419,6 +419,9 @@ class LlamaCppBackend(Backend):
         state.pos += len(ids)
         return logits
 
+    def unbatched_why(self) -> str | None:
+        return None                 # decode_batch: every sequence in one llama_decode
+
     def decode_batch(self, states, tokens) -> list[np.ndarray]:
         """One token per state, all in one llama_decode (the weights are read once for every sequence)."""
         items = [(self._sync(st), t, st.pos) for st, t in zip(states, tokens)]

@@ -338,6 +338,10 @@ class OrtBackend(SegmentRunner):
         return logits[0].copy()
 
     # ---- parallel slots (runtimes/kv_pool.py) ---------------------------------------------------
+    def unbatched_why(self) -> str | None:
+        return None if self.batched else ("the bundle's decoder_text has no batch dimension (exported without one: "
+                                           "gated cross-attention, or the dense MoE form)")
+
     def pooled(self, state: State) -> bool:
         """Whether a state is a row of the slots' KV pool (so decode_batch steps it with the others)."""
         return self._pool is not None and state.cache.get("pool") is self._pool and state.cache.get("row") is not None

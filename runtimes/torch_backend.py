@@ -1,6 +1,8 @@
 """The reference backend: the PyTorch model itself, on CUDA when present, else the CPU."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from edgemm.cpu import threads_or_default
@@ -16,9 +18,9 @@ def pick_torch_device(device: str, log=None) -> str:
         try:
             torch.zeros(1, device="cuda")
             return "cuda"
-        except Exception as e:  # a broken driver: fall back, say so
-            if device == "cuda" and log:
-                log(f"note: CUDA failed to initialise ({e}); falling back to the CPU")
+        except Exception as e:  # a broken driver: fall back, say so (asked for or not: CUDA is there)
+            (log or (lambda s: print(s, file=sys.stderr)))(
+                f"note: CUDA present but unusable ({str(e).splitlines()[0][:160]}): running on the CPU")
             return "cpu"
     if device == "cuda" and log:
         log("note: no CUDA GPU found; falling back to the CPU")

@@ -15,6 +15,8 @@ Two classes share that cache logic:
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from edgemm.cpu import threads_or_default
@@ -179,8 +181,16 @@ def gpu_identity() -> dict | None:
         major, minor = torch.cuda.get_device_capability(0)
         return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
                 "compute_capability": f"{major}.{minor}"}
-    except Exception:           # a broken driver counts as no GPU
+    except Exception as e:      # a broken driver counts as no GPU, and says so (once a process)
+        line = (f"edgemm: CUDA present but unusable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}): "
+                "TensorRT engines are neither built nor run; running on the CPU")
+        if line not in _SAID:
+            _SAID.add(line)
+            print(line, file=sys.stderr)
         return None
+
+
+_SAID: set = set()                  # the lines gpu_identity has printed
 
 
 def engine_mismatch(engines: dict, here: dict | None) -> str | None:

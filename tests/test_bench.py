@@ -93,3 +93,50 @@ def test_fp16_bundles_count_the_fp32_bytes_onnx_runtime_reads(random_ckpt, tmp_p
         export_onnx(model=str(random_ckpt), out=tmp_path / p, precision=p, threads=1, log=None)
     assert decode_weight_bytes(tmp_path / "fp16") == decode_weight_bytes(tmp_path / "fp32")
     assert dir_size(tmp_path / "fp16") < 0.6 * dir_size(tmp_path / "fp32")
+
+
+def _results(accuracy: bool) -> list:
+    rs = [{"name": n, "backend": "ort", "decode_ms_per_token": d, "ttft_ms": t}
+          for n, d, t in (("fp32", 20.0, 90.0), ("int8", 12.0, 60.0), ("int4", 9.0, 50.0), ("q4_k_m", 9.1, 49.0))]
+    rs.append({"name": "broken", "backend": "ort", "error": "did not open"})
+    if accuracy:
+        for r, a in zip(rs, (0.95, 0.94, 0.80, 0.93)):
+            r["accuracy"] = a
+    return rs
+
+
+def test_bench_plot_without_accuracy_draws_latency_alone():
+    """--limit 0: no accuracy axis, no point at accuracy 0.0; a latency bar per bundle, each named on the axis."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PathCollection
+    from matplotlib.container import BarContainer
+    from edgemm.bench import figure
+    fig = figure(_results(accuracy=False))
+    assert "accuracy not measured" in fig._suptitle.get_text()
+    names = ["fp32 (ort)", "int8 (ort)", "int4 (ort)", "q4_k_m (ort)"]
+    for ax, key in zip(fig.axes, ("decode_ms_per_token", "ttft_ms")):
+        assert "accuracy" not in ax.get_ylabel() and not [c for c in ax.collections if isinstance(c, PathCollection)]
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(bars) == 1
+        assert [round(p.get_width(), 3) for p in bars[0].patches] == [r[key] for r in _results(False)[:4]]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == names      # one tick label per bar: no overlap
+    assert not fig.axes[0].texts                                                 # no free-floating annotations
+
+
+def test_bench_plot_with_accuracy_draws_each_bundle_once_named_in_a_legend():
+    pytest.importorskip("matplotlib")
+    from edgemm.bench import figure
+    rs = _results(accuracy=True)
+    fig = figure(rs)
+    assert fig._suptitle.get_text() == "edgemm bench: latency vs accuracy"
+    for ax, key in zip(fig.axes, ("decode_ms_per_token", "ttft_ms")):
+        assert ax.get_ylabel() == "accuracy (shapes test split)" and not ax.texts
+        pts = [tuple(c.get_offsets()[0]) for c in ax.collections if c.get_label() in {f"{r['name']} (ort)" for r in rs}]
+        assert pts == [(r[key], r["accuracy"]) for r in rs[:4]]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["fp32 (ort)", "int8 (ort)", "int4 (ort)", "q4_k_m (ort)", "Pareto front"]
+    # one bundle without its accuracy (its evaluation failed): left out of the plot, and named as such
+    del rs[2]["accuracy"]
+    fig = figure(rs)
+    assert "not plotted, accuracy not measured: int4 (ort)" in fig._suptitle.get_text()
+    assert "int4 (ort)" not in [t.get_text() for t in fig.legends[0].get_texts()]

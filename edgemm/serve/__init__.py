@@ -46,6 +46,10 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
                          template=chat_template_of(b))
         if log:
             log(f"serving {mid}: {b.describe()}, {parallel} slot(s)")
+            why = b.unbatched_why() if parallel > 1 else None
+            if why:
+                log(f"note: {mid}: the {parallel} slots decode one after another, not in one batched step ({why}): "
+                    "they answer concurrently, not faster in total")
     return out
 
 
