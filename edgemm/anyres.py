@@ -231,6 +231,9 @@ def preprocess_image(src, v):
     """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles; InternVL's
     dynamic tiles -> float32 [N, 3, S, S], one image's tiles (edgemm.internvl_tiles), which its vision stage takes."""
     from .processor import preprocess
+    if v.tiling == "smolvlm":                   # SmolVLM's tile grid: the tiles (edgemm.smolvlm_tiles.GridTiles)
+        from .smolvlm_tiles import preprocess as preprocess_grid
+        return preprocess_grid(src, v)
     if v.tiling == "internvl":
         from .internvl_tiles import preprocess as preprocess_internvl
         return preprocess_internvl(src, v)
@@ -244,6 +247,8 @@ def preprocess_image(src, v):
 
 def encode_pixels(backend, pixels) -> np.ndarray:
     """preprocess_image's output -> image rows [1, rows, D] through the backend's vision stage (+ the packing)."""
+    if hasattr(pixels, "pack_rows"):            # SmolVLM: its rows gathered from the stage's table (smolvlm_tiles)
+        return pixels.pack_rows(backend.vision(np.asarray(pixels)), backend.cfg)
     if not isinstance(pixels, Tiles):
         return backend.vision(pixels)
     (h, w), mt = pixels.hw, pixels.max_tiles

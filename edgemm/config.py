@@ -51,6 +51,13 @@ class VisionConfig:
     # image_size tiles (min_tiles..max_tiles of them) closest to its aspect ratio, + a thumbnail when more than one.
     tiling: str = ""
     min_tiles: int = 1
+    # Tile grid (Idefics3 / SmolVLM, edgemm.smolvlm_tiles): tiling "smolvlm": the image resized to longest_edge, then
+    # to multiples of image_size, cut into image_size tiles + the whole image at image_size (image_splitting; else
+    # the whole image alone); tile_text: the token ids of the processor's text between the tiles' <image> runs
+    # ("tile": per grid cell row-major over tile_text["grid"]^2, "global_split", "global", "end").
+    longest_edge: int = 0
+    image_splitting: bool = True
+    tile_text: dict = field(default_factory=dict)
 
     @property
     def n_patches(self) -> int:
@@ -95,6 +102,8 @@ class AdapterConfig:
     qformer_positions: int = 0
     image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
     downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
+    # pixel_shuffle_linear (Idefics3 / SmolVLM): the token ids whose embedding rows the connector holds (`markers`)
+    marker_ids: list = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +222,9 @@ class ModelConfig:
             return max_rows(self.vision)
         if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
             return self.adapter.query_tokens
+        if self.vision.tiling == "smolvlm":                 # SmolVLM: its largest grid's rows and marker rows
+            from .smolvlm_tiles import max_rows as grid_rows
+            return grid_rows(self)
         if self.adapter.kind == "pixel_shuffle":            # InternVL: shuffled rows of the most tiles one image takes
             from .internvl_tiles import max_rows as shuffled_rows
             return shuffled_rows(self)
@@ -224,6 +236,9 @@ class ModelConfig:
 
     def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
         """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
+        if self.vision.tiling == "smolvlm":                 # SmolVLM's tile grid (edgemm.smolvlm_tiles)
+            from .smolvlm_tiles import image_rows as grid_rows
+            return grid_rows(self, width, height)
         if self.vision.tiling == "internvl":                # InternVL's dynamic tiles (edgemm.internvl_tiles)
             from .internvl_tiles import image_rows
             return image_rows(self, width, height)
@@ -274,7 +289,8 @@ class ModelConfig:
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
-        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver", "pixel_shuffle"):
+        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver", "pixel_shuffle",
+                                     "pixel_shuffle_linear"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         if self.adapter.kind == "qformer":
             a = self.adapter
@@ -300,7 +316,10 @@ class ModelConfig:
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):
             raise EdgemmError("mixture of experts needs single_branch (MoE-LLaVA; routed-expert + MoE models are not "
                               "supported) and 1 <= experts_top_k <= n_experts, moe_every >= 1")
-        if v.arch == "internvit" or self.adapter.kind == "pixel_shuffle" or v.tiling:
+        if self.adapter.kind == "pixel_shuffle_linear" or v.tiling == "smolvlm":
+            from .smolvlm_tiles import check_config as check_smolvlm
+            check_smolvlm(self)
+        elif v.arch == "internvit" or self.adapter.kind == "pixel_shuffle" or v.tiling:
             from .internvl_tiles import check_config as check_internvl
             check_internvl(self)
         if v.grid_pinpoints or self.adapter.image_newline:

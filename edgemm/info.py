@@ -115,6 +115,10 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
         from .internvl_tiles import describe_rows as internvl_rows
         from .anyres import TYPICAL_SIZES
         lines = [internvl_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
+    if v.tiling == "smolvlm":                               # SmolVLM: its tile grid's rows, markers included
+        from .smolvlm_tiles import describe_rows as grid_rows
+        from .anyres import TYPICAL_SIZES
+        lines = [grid_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
     if v.grid_pinpoints:                                    # any-resolution tiling: rows depend on the image
         from .anyres import describe_rows as tiled_rows
         lines = [tiled_rows(cfg) if s.startswith("vision:") else s for s in lines]

@@ -112,14 +112,23 @@ def preprocess(src, v) -> np.ndarray:
 def describe_rows(cfg, typical: tuple) -> str:
     """`edgemm info`'s vision line: image rows per image for the tile size and `typical` (width, height) sizes, and
     the most one image takes."""
+    import sys
     v = cfg.vision
-    sizes = ((v.image_size, v.image_size),) + tuple(typical)
-    per = ", ".join(f"{w}x{h}: {image_rows(cfg, w, h)} rows ({n_tiles(v, h, w)} tiles)" for w, h in sizes)
     tiles = (f"dynamic tiles ({v.min_tiles}..{v.max_tiles} of {v.image_size} px, + a thumbnail when more than one)"
              if v.tiling else "one tile")
-    return (f"vision: InternViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, {tiles}, pixel "
-            f"shuffle to {rows_per_tile(cfg)} rows a tile -> image rows per image: {per}; at most {max_rows(cfg)} "
-            f"rows ({max_tile_batch(v)} tiles)")
+    return vision_line(cfg, typical, "InternViT", tiles, sys.modules[__name__])
+
+
+def vision_line(cfg, typical: tuple, tower: str, tiles: str, tiling) -> str:
+    """The vision line of a tower over one image's tiles, by its tiling module (this one, edgemm.smolvlm_tiles):
+    image_rows(cfg, width, height) and n_tiles(vision, height, width) for the tile size and the `typical` (width,
+    height) sizes, rows_per_tile, max_rows, max_tile_batch."""
+    v = cfg.vision
+    sizes = ((v.image_size, v.image_size),) + tuple(typical)
+    per = ", ".join(f"{w}x{h}: {tiling.image_rows(cfg, w, h)} rows ({tiling.n_tiles(v, h, w)} tiles)" for w, h in sizes)
+    return (f"vision: {tower} {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, {tiles}, pixel "
+            f"shuffle to {tiling.rows_per_tile(cfg)} rows a tile -> image rows per image: {per}; at most "
+            f"{tiling.max_rows(cfg)} rows ({tiling.max_tile_batch(v)} tiles)")
 
 
 def set_max_tiles(cfg, n: int, manifest: dict | None = None) -> None:

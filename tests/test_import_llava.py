@@ -35,6 +35,49 @@ def away_from_init(model, seed=0):
     return model
 
 
+def logits_and_cached_steps_match(m, segs, ids, hf_logits, steps=3, tol=1e-4):
+    """edgemm's full forward over the prompt's segments, then `steps` cached greedy steps, equal transformers' full
+    forward within tol (hf_logits(ids) -> logits [T, vocab] on the prompt ids, the image's pixels bound)."""
+    from edgemm.model import KVCache
+    ids = list(ids)
+    with torch.no_grad():
+        ref, full = hf_logits(ids), m.forward_full(segs)[0]
+        assert full.shape == ref.shape and (full - ref).abs().max().item() <= tol
+        cache, pos = KVCache.empty(m.cfg.decoder, 1, len(ids) + steps + 1), 0
+        for k, x in segs:
+            logits, pos = m.forward_segment(k, x, cache, pos)
+        for _ in range(steps):                          # cached greedy steps against transformers' full forward
+            ids.append(int(logits[0, -1].argmax()))
+            logits, pos = m.forward_segment("text", torch.tensor([ids[-1:]]), cache, pos)
+            assert (logits[0, -1] - hf_logits(ids)[-1]).abs().max().item() <= tol
+
+
+def greedy_ids(hf_logits, ids, eos, n=4) -> list:
+    """transformers' greedy answer ids (up to n, stopping before an eos id) after the prompt ids."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(hf_logits(ids)[-1].argmax())
+            if t in eos:
+                break
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def record_answers(monkeypatch) -> list:
+    """The ids of every answer ChatSession generates from now on (an answer's text may end mid-character)."""
+    from edgemm.generation import ChatSession
+    got, real = [], ChatSession._generate
+
+    def recording(self, *a, **k):
+        ans = real(self, *a, **k)
+        got.append(ans.ids)
+        return ans
+    monkeypatch.setattr(ChatSession, "_generate", recording)
+    return got
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_llava_import_matches_transformers(kv_heads, tmp_path):
     model = _tiny_llava(kv_heads)

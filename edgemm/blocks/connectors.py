@@ -179,8 +179,39 @@ class PixelShuffleProjector(nn.Module):
         return cls(cfg.adapter, cfg.vision.width, cfg.vision.image_size // cfg.vision.patch_size, cfg.decoder.d_model)
 
     def forward(self, feats):                               # [N, P, W] -> [1, N * P / r^2, D]
-        s, r, W = self.side, self.r, feats.shape[-1]
-        x = feats.reshape(-1, s, s // r, W * r)             # [N, w, h / r, W r]
-        x = x.permute(0, 2, 1, 3).reshape(-1, s // r, s // r, W * r * r)
-        x = x.permute(0, 2, 1, 3).reshape(1, -1, W * r * r)
+        x = pixel_shuffle(feats, self.side, self.r).reshape(1, -1, feats.shape[-1] * self.r * self.r)
         return self.linear_2(gelu(self.linear_1(self.layer_norm(x)), self.gelu))
+
+
+def pixel_shuffle(feats, side: int, r: int):
+    """Each tile's side x side feature map [N, side^2, W] -> [N, (side / r)^2, W r^2], reshaped and permuted as
+    transformers' InternVLModel.pixel_shuffle and Idefics3Connector.pixel_shuffle both do (the same steps)."""
+    W = feats.shape[-1]
+    x = feats.reshape(-1, side, side // r, W * r)           # [N, h, w / r, W r]
+    x = x.permute(0, 2, 1, 3).reshape(-1, side // r, side // r, W * r * r)
+    return x.permute(0, 2, 1, 3).reshape(feats.shape[0], -1, W * r * r)
+
+
+# --------------------------------------------------------------------------- Idefics3 / SmolVLM's connector
+@register("connector", "pixel_shuffle_linear")
+class PixelShuffleLinear(nn.Module):
+    """Idefics3's / SmolVLM's connector: each tile's feature map pixel-shuffled by `scale_factor` (round(1 /
+    downsample_ratio); pixel_shuffle above), then modality_projection.proj, a Linear without bias. The tiles are one
+    image's (edgemm.smolvlm_tiles): their rows, then `markers` [K, D], the token embedding rows of the text the
+    processor puts between them (<fake_token_around_image>, <row_i_col_j>, <global-img>, newlines; ids
+    adapter.marker_ids), as one table the host gathers the image's rows from (smolvlm_tiles.row_index).
+    feats [N, P, W] -> [1, N * P / r^2 + K, D]."""
+
+    def __init__(self, c: AdapterConfig, width: int, side: int, d_model: int):
+        super().__init__()
+        self.side, self.r = side, round(1 / c.downsample_ratio)
+        self.proj = nn.Linear(width * self.r * self.r, d_model, bias=False)
+        self.markers = nn.Parameter(torch.zeros(len(c.marker_ids), d_model))
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        return cls(cfg.adapter, cfg.vision.width, cfg.vision.image_size // cfg.vision.patch_size, cfg.decoder.d_model)
+
+    def forward(self, feats):                               # [N, P, W] -> [1, N * P / r^2 + K, D]
+        x = self.proj(pixel_shuffle(feats, self.side, self.r))
+        return torch.cat([x.reshape(1, -1, x.shape[-1]), self.markers[None].to(x)], 1)

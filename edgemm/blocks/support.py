@@ -68,7 +68,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("any-resolution tiling", "option:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
     Feature("internvit vision tower", "vision:internvit", lambda c: c.vision.arch == "internvit"),
     Feature("pixel-shuffle projector", "connector:pixel_shuffle", lambda c: c.adapter.kind == "pixel_shuffle"),
-    Feature("dynamic tiles (internvl)", "option:tiles", lambda c: bool(c.vision.tiling)),
+    Feature("dynamic tiles (internvl)", "option:tiles", lambda c: c.vision.tiling == "internvl"),
+    Feature("pixel-shuffle linear projector", "connector:pixel_shuffle_linear",
+            lambda c: c.adapter.kind == "pixel_shuffle_linear"),
+    Feature("tile grid (smolvlm)", "option:tiles", lambda c: c.vision.tiling == "smolvlm"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" or c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "
                         "not have (its VQ image tokenizer is not imported)"),

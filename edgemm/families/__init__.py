@@ -18,7 +18,8 @@ from ..blocks import support
 from ..errors import EdgemmError
 
 # The family modules, imported on first use; the registration order is the detection order.
-_MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "llava_onevision", "internvl")
+_MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "llava_onevision", "internvl",
+            "smolvlm")
 REGISTRY: dict[str, "Family"] = {}
 
 

@@ -40,13 +40,14 @@ def _json(src: Source, name: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def image_tokens(src: Source) -> dict:
+def image_tokens(src: Source, defaults: dict = IMAGE_TOKENS) -> dict:
     """The image tokens InternVLProcessor uses: tokenizer_config.json's start/end/context image tokens (top level or
-    in extra_special_tokens), else InternVL's <img>, </img>, <IMG_CONTEXT>."""
+    in extra_special_tokens), else InternVL's <img>, </img>, <IMG_CONTEXT> (`defaults`: another family's names and
+    values, SmolVLM's)."""
     tc = _json(src, "tokenizer_config.json")
     extra = tc.get("extra_special_tokens") if isinstance(tc.get("extra_special_tokens"), dict) else {}
     out = {}
-    for k, default in IMAGE_TOKENS.items():
+    for k, default in defaults.items():
         v = extra.get(k, tc.get(k, default))
         out[k] = v.get("content") if isinstance(v, dict) else v
         if not isinstance(out[k], str) or not out[k]:

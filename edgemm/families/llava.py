@@ -106,7 +106,7 @@ def decoder_plan(plan: Plan, src: Source) -> None:
     """The language model's tensors (transformers 4.x before 4.52, 4.52+ and 5.x layouts) for plan.cfg.decoder:
     embedding, final norm, LM head (or tied), the layers, MoE blocks, Qwen3's q/k norms."""
     d, names = plan.cfg.decoder, set(src.where)
-    lm = pick(names, ("model.language_model.", "language_model.model."), "embed_tokens.weight")
+    lm = pick(names, ("model.language_model.", "language_model.model.", "model.text_model."), "embed_tokens.weight")
     head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
     _lm_ends(plan, lm, head, d.tie_embeddings)
     for i in range(d.n_layers):

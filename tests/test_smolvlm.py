@@ -1,0 +1,299 @@
+"""SmolVLM / Idefics3 (transformers' SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration, Llama
+language model): the connector's pixel shuffle against transformers' own, the tile grid and prompt expansion against
+its Idefics3 image processor and SmolVLMProcessor, and the imported family against the whole model (image rows with
+the tile markers, logits, cached decode steps), exported to onnx and run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .test_import_llava import away_from_init, greedy_ids, logits_and_cached_steps_match, record_answers
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
+
+S, PATCH, SCALE = 16, 4, 2      # tiles of 16 px, 4 x 4 patches, 2 x 2 rows per tile after the pixel shuffle
+ROWS_PER_TILE = 4
+LONGEST = 32                    # the first resize's longest edge: grids up to 2 x 2 tiles
+MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+GRID = 2
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>",
+            "<image>"] + [f"<row_{i}_col_{j}>" for i in range(1, GRID + 1) for j in range(1, GRID + 1)]
+# SmolVLM-256M-Instruct's chat template (SmolVLMProcessor's, without its video branch)
+TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is "
+            "string %}{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}"
+            "{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+            "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+            "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+QUESTION = "what color is the circle?"
+SIZES = [(40, 20), (30, 30)]    # (width, height): a 1 x 2 grid + the whole image; 2 x 2 + the whole image
+
+
+def _tiny(vocab=300, image_token=3, seed=0, tie=False, idefics3=False):
+    from transformers import LlamaConfig
+    if idefics3:
+        from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
+        from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig as VisionConfig
+    else:
+        from transformers import SmolVLMConfig as Config, SmolVLMForConditionalGeneration as Model
+        from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig as VisionConfig
+    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       tie_word_embeddings=tie)
+    vision = VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=S, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    cfg = Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=SCALE,
+                 image_token_id=image_token, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return away_from_init(Model(cfg).eval(), seed)     # every weight away from its init (norms, positions)
+
+
+def test_pixel_shuffle_matches_transformers():
+    """The shared pixel shuffle equals Idefics3Connector.pixel_shuffle (and so InternVL's steps, the same ones)."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+    from edgemm.blocks.connectors import pixel_shuffle
+    x = torch.randn(3, 36, 8, generator=torch.Generator().manual_seed(0))
+    for r in (2, 3):
+        want = Idefics3Connector.pixel_shuffle(None, x, r)
+        assert torch.equal(pixel_shuffle(x, 6, r), want)
+
+
+def test_tower_positions_match_transformers():
+    """The SigLIP tower with the import's gathered position rows equals SmolVLMVisionTransformer's last_hidden_state
+    on full tiles where the bucketed position ids are not the identity (19 patches a side: 37 rows move)."""
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+    import edgemm.model  # noqa: F401 (registers the blocks)
+    from edgemm.blocks import registry
+    from edgemm.config import VisionConfig
+    from edgemm.families.smolvlm import _positions
+
+    class Cfg:
+        vision = VisionConfig(image_size=38, patch_size=2, width=24, layers=1, heads=2, mlp_dim=48, eps=1e-6,
+                              arch="siglip", feature_layer=1, post_norm=True)
+    torch.manual_seed(0)
+    hf = away_from_init(SmolVLMVisionTransformer(SmolVLMVisionConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=38,
+        patch_size=2, layer_norm_eps=1e-6)).eval())
+    sd = hf.state_dict()
+    tower = registry.get("vision", "siglip").from_config(Cfg).eval()
+    mine = {"pos": _positions([sd["embeddings.position_embedding.weight"]]),
+            "post_norm.weight": sd["post_layernorm.weight"], "post_norm.bias": sd["post_layernorm.bias"]}
+    for n in ("weight", "bias"):
+        mine[f"patch_embed.{n}"] = sd[f"embeddings.patch_embedding.{n}"]
+        s = "encoder.layers.0."
+        mine[f"blocks.0.qkv.{n}"] = torch.cat([sd[s + f"self_attn.{x}_proj.{n}"] for x in "qkv"])
+        for ours, theirs in (("proj", "self_attn.out_proj"), ("ln1", "layer_norm1"), ("ln2", "layer_norm2"),
+                             ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+            mine[f"blocks.0.{ours}.{n}"] = sd[s + f"{theirs}.{n}"]
+    tower.load_state_dict(mine, strict=True)
+    px = torch.randn(2, 3, 38, 38, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(pixel_values=px).last_hidden_state, tower(px)
+    assert (got - want).abs().max().item() <= 1e-5
+    pos = _positions([torch.arange(19 * 19.0)[:, None]])[0, :, 0]
+    assert (pos != torch.arange(19 * 19.0)).sum() == 37       # (the plain table would not do)
+
+
+# --------------------------------------------------------------------------- the family: import, processor, export
+def _image(w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+class _NoVideo:                 # SmolVLMProcessor reads its video processor's defaults even for images
+    num_frames, fps = None, None
+
+
+def _hf_processor(src, idefics3=False, splitting=True):
+    """transformers' SmolVLMProcessor (or Idefics3Processor) over the saved tokenizer and the PIL image processor."""
+    from transformers import AutoTokenizer
+    ip_kw = dict(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": S}, image_mean=MEAN, image_std=STD,
+                 do_image_splitting=splitting)
+    tok = AutoTokenizer.from_pretrained(src)
+    if idefics3:
+        from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+        return Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**ip_kw), tokenizer=tok,
+                                 image_seq_len=ROWS_PER_TILE, chat_template=TEMPLATE)
+    import transformers.models.smolvlm.processing_smolvlm as psm
+    from transformers import SmolVLMImageProcessorPil, SmolVLMProcessor
+    psm.num2words = psm.num2words or str                # (videos only; not installed here)
+
+    class Processor(SmolVLMProcessor):          # no torchvision here: no video processor, whose class check fails
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+    return Processor(image_processor=SmolVLMImageProcessorPil(**ip_kw), tokenizer=tok, video_processor=_NoVideo(),
+                     image_seq_len=ROWS_PER_TILE, chat_template=TEMPLATE)
+
+
+def _save(d, idefics3=False, splitting=True, tie=False):
+    """A tiny SmolVLM (or Idefics3) saved as transformers saves it, with a byte-level tokenizer carrying its special
+    tokens, its processor settings and chat template; imported by `edgemm import`."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from .test_tokenizers import QWEN2_SPLIT, _byte_level
+    tok = _byte_level(QWEN2_SPLIT, SPECIALS, 300, False, False, None)
+    hf = _tiny(vocab=tok.get_vocab_size(with_added_tokens=True), image_token=tok.token_to_id("<image>"), tie=tie,
+               idefics3=idefics3)
+    src = d / "src"
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {
+            "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+            "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"}}))
+    ids = tok.token_to_id
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids("<end_of_utterance>")],
+                                                            "pad_token_id": ids("<|endoftext|>")}))
+    proc = _hf_processor(src, idefics3, splitting)
+    proc.image_processor.save_pretrained(src)
+    (src / "processor_config.json").write_text(json.dumps({"image_seq_len": ROWS_PER_TILE}))
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(d / "ck")])
+    assert r.exit_code == 0, r.output
+    return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("smolvlm"))
+
+
+def _messages(openai=False):
+    img = {"type": "image_url", "image_url": {"url": "x"}} if openai else {"type": "image"}
+    return [{"role": "user", "content": [img, {"type": "text", "text": QUESTION}]}]
+
+
+def _segments(tok, template, rows):
+    """The chat prompt around one image (edgemm's path): segments with the image's rows."""
+    from edgemm.chat_template import normalize_messages, segments_template
+    return [(k, torch.tensor([x]) if k == "text" else rows) for k, x in
+            segments_template(tok, template, normalize_messages(_messages(True)))]
+
+
+def test_import_reads_the_family(imported):
+    from edgemm.config import ModelConfig
+    cfg = ModelConfig.load(imported["ck"] / "config.json")
+    v = cfg.vision
+    assert "as smolvlm" in imported["import_log"]
+    assert (v.arch, v.tiling, v.post_norm, v.longest_edge, v.image_splitting) == ("siglip", "smolvlm", True, LONGEST,
+                                                                                  True)
+    assert list(v.image_mean) == MEAN and cfg.adapter.kind == "pixel_shuffle_linear"
+    assert {"siglip vision tower", "pixel-shuffle linear projector", "tile grid (smolvlm)",
+            "grouped-query attention"} <= set(cfg.variants())
+    t = cfg.vision.tile_text            # the largest grid: 2 x 2 tiles, each after its markers, then the whole image
+    assert cfg.n_image_rows == sum(map(len, t["tile"])) + 4 * 4 + len(t["global_split"]) + 4 + len(t["end"])
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["info", "--model", str(imported["ck"])])
+    assert r.exit_code == 0 and "vision: SigLIP 16px/4" in r.output, r.output
+
+
+def test_processor_matches_transformers(imported):
+    """Tiles (pixels, count and grid) equal the Idefics3 image processor's for several aspect ratios, and the prompt
+    ids equal SmolVLMProcessor's on the rendered chat template (the tile markers around each tile's <image> run)."""
+    from PIL import Image
+    from edgemm.anyres import preprocess_image
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.smolvlm_tiles import row_index
+    m, tok = load_checkpoint(imported["ck"])
+    proc, template = imported["proc"], (imported["ck"] / "chat_template.jinja").read_text()
+    for i, (w, h) in enumerate(SIZES + [(20, 44), (64, 14), (31, 30), (12, 9)]):
+        img = Image.fromarray(_image(w, h, i))
+        want = proc.image_processor(images=[img], return_row_col_info=True, return_tensors="pt")
+        px = preprocess_image(img, m.cfg.vision)             # the host's image path
+        assert (want["rows"][0][0], want["cols"][0][0]) == px.grid
+        assert px.shape == want["pixel_values"].shape[1:] and np.abs(px - want["pixel_values"][0].numpy()).max() <= 1e-5
+        assert bool(want["pixel_attention_mask"].all())
+        ids = proc(text=proc.apply_chat_template(_messages(), add_generation_prompt=True), images=[img],
+                   return_tensors="pt")["input_ids"][0].tolist()
+        N, R = px.shape[0], ROWS_PER_TILE
+        image_id = tok.tok.token_to_id("<image>")
+        rows = [image_id if j < N * R else m.cfg.adapter.marker_ids[j - N * R] for j in row_index(m.cfg, *px.grid)]
+        segs = _segments(tok, template, None)
+        got = [t for k, x in segs for t in (x[0].tolist() if k == "text" else rows)]
+        assert got == ids and ids.count(image_id) == N * R and len(rows) == m.cfg.image_rows_for(w, h)
+
+
+def _reference(hf, proc, img):
+    """transformers' prompt ids, pixel values and the rows its language model reads at the image's span."""
+    hf_in = proc(text=proc.apply_chat_template(_messages(), add_generation_prompt=True), images=[img],
+                 return_tensors="pt")
+    ids = hf_in["input_ids"]
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=hf_in["pixel_values"]).pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        emb = hf.model.get_input_embeddings()(ids)
+        emb[ids == hf.config.image_token_id] = feats
+    return hf_in, emb
+
+
+def _logits(hf, hf_in):
+    """ids -> transformers' logits [T, vocab] with the image's pixels."""
+    return lambda ids: hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"]).logits[0]
+
+
+def _check_family(imported, sizes):
+    """Image rows (tile rows and the markers between them), the prompt's logits and cached greedy decode steps equal
+    transformers' within 1e-4."""
+    from PIL import Image
+    from edgemm.anyres import image_rows
+    from edgemm.checkpoint import load_checkpoint
+    from runtimes.torch_backend import TorchBackend
+    hf, proc = imported["hf"], imported["proc"]
+    m, tok = load_checkpoint(imported["ck"])
+    b = TorchBackend.open(model=str(imported["ck"]), device="cpu")
+    template = (imported["ck"] / "chat_template.jinja").read_text()
+    for i, (w, h) in enumerate(sizes):
+        img = Image.fromarray(_image(w, h, i))
+        hf_in, emb = _reference(hf, proc, img)
+        with torch.no_grad():
+            rows = torch.from_numpy(np.asarray(image_rows(b, img), np.float32))      # the host's image path
+        segs = _segments(tok, template, rows)
+        ids, k0 = hf_in["input_ids"][0].tolist(), len(segs[0][1][0])
+        assert segs[0][0] == "text" and segs[1][0] == "image" and rows.shape[1] == m.cfg.image_rows_for(w, h)
+        assert (rows[0] - emb[0, k0:k0 + rows.shape[1]]).abs().max().item() <= 1e-4
+        assert [t for k, x in segs if k == "text" for t in x[0].tolist()] == ids[:k0] + ids[k0 + rows.shape[1]:]
+        logits_and_cached_steps_match(m, segs, ids, _logits(hf, hf_in))
+
+
+def test_import_matches_transformers(imported):
+    """SmolVLMForConditionalGeneration: a 1 x 2 grid and a 2 x 2 grid (+ the whole image each)."""
+    _check_family(imported, SIZES)
+
+
+def test_idefics3_import_matches_transformers(tmp_path):
+    """Idefics3ForConditionalGeneration with tied embeddings and do_image_splitting off: the whole image alone."""
+    d = _save(tmp_path, idefics3=True, splitting=False, tie=True)
+    assert "as smolvlm" in d["import_log"]
+    _check_family(d, [(40, 20)])
+
+
+def test_exports_validate_and_answer(imported, monkeypatch):
+    """`edgemm export --target onnx` (fp32 and int8) validates against the reference; `edgemm run --image` on the
+    fp32 bundle answers transformers' greedy ids (a 1 x 2 grid + the whole image); gguf is refused."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
+    for prec in ("fp32", "int8"):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "onnx", "--precision", prec,
+                                      "-o", str(d / f"onnx-{prec}")])
+        assert r.exit_code == 0, r.output
+        man = json.loads((d / f"onnx-{prec}" / "edgemm.json").read_text())
+        assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
+    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
+    assert r.exit_code == 2 and "onnx, trt" in r.output, r.output
+    w, h = SIZES[0]
+    Image.fromarray(_image(w, h, 7)).save(d / "img.png")
+    hf_in, _ = _reference(hf, proc, Image.open(d / "img.png"))
+    eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
+    want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
+    got = record_answers(monkeypatch)
+    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "onnx-fp32"), "--backend", "ort", "--device", "cpu",
+                                  "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+    assert r.exit_code == 0, r.output
+    assert got == [want], (got, want)
