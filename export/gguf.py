@@ -53,6 +53,10 @@ def check_supported(cfg, log=print) -> None:
     llava = is_llava(cfg)
     where = (f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + mlp mmproj)" if llava
              else "the gguf exporter (llama.cpp's cogvlm architecture)")
+    if cfg.vision.tiling == "smolvlm":          # SmolVLM / Idefics3: llama.cpp has the graph, edgemm no writer yet
+        raise UnsupportedVariant("tile grid (smolvlm)", "the gguf exporter (llama.cpp's mtmd has an idefics3 "
+                                 "projector, but edgemm does not write its mmproj and tile markers yet)",
+                                 support.targets_that_can("tile grid (smolvlm)", exclude="gguf"))
     # the variants no llama.cpp graph here computes are named first (a BLIP-2 import is refused for its Q-Former)
     v = support.refusal(cfg, "gguf")            # the support matrix: llama.cpp's cogvlm graph, or its llava graph
     if v is not None:

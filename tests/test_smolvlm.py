@@ -272,28 +272,31 @@ def test_idefics3_import_matches_transformers(tmp_path):
 
 
 def test_exports_validate_and_answer(imported, monkeypatch):
-    """`edgemm export --target onnx` (fp32 and int8) validates against the reference; `edgemm run --image` on the
-    fp32 bundle answers transformers' greedy ids (a 1 x 2 grid + the whole image); gguf is refused."""
+    """`edgemm export --target onnx` (fp32 and int8) and `--target trt --no-build` (fp16 Q/DQ graphs) validate
+    against the reference; `edgemm run --image` on the onnx fp32 bundle and the trt one (its graphs on the CPU)
+    answers transformers' greedy ids (a 1 x 2 grid + the whole image: three tiles, their markers between them);
+    gguf is refused, saying why."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from PIL import Image
     from click.testing import CliRunner
     from edgemm.cli import main
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    for prec in ("fp32", "int8"):
-        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "onnx", "--precision", prec,
-                                      "-o", str(d / f"onnx-{prec}")])
+    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("trt", "fp16")):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", target, "--precision", prec,
+                                      "-o", str(d / f"{target}-{prec}")] + (["--no-build"] if target == "trt" else []))
         assert r.exit_code == 0, r.output
-        man = json.loads((d / f"onnx-{prec}" / "edgemm.json").read_text())
+        man = json.loads((d / f"{target}-{prec}" / "edgemm.json").read_text())
         assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
     r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
-    assert r.exit_code == 2 and "onnx, trt" in r.output, r.output
+    assert r.exit_code == 2 and "idefics3 projector" in r.output and "onnx, trt" in r.output, r.output
     w, h = SIZES[0]
     Image.fromarray(_image(w, h, 7)).save(d / "img.png")
     hf_in, _ = _reference(hf, proc, Image.open(d / "img.png"))
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
     want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
     got = record_answers(monkeypatch)
-    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "onnx-fp32"), "--backend", "ort", "--device", "cpu",
-                                  "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
-    assert r.exit_code == 0, r.output
-    assert got == [want], (got, want)
+    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
+        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
+                                      "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+        assert r.exit_code == 0, r.output
+    assert got == [want, want], (got, want)
