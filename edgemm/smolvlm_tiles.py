@@ -173,9 +173,12 @@ class GridTiles(np.ndarray):
     host queues for the vision stage; pack_rows gathers the image's rows from the stage's table."""
     grid: tuple = (0, 0)
 
+    def index(self, cfg) -> np.ndarray:
+        return row_index(cfg, *self.grid)
+
     def pack_rows(self, table, cfg):
         """The vision stage's table [1, N * R + K, D] (torch or numpy) -> the image's rows [1, rows, D]."""
-        return table[:, row_index(cfg, *self.grid)]
+        return table[:, self.index(cfg)]
 
 
 def preprocess(src, v) -> GridTiles:

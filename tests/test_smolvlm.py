@@ -300,3 +300,23 @@ def test_exports_validate_and_answer(imported, monkeypatch):
                                       "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
         assert r.exit_code == 0, r.output
     assert got == [want, want], (got, want)
+    _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
+                   json.loads((ck / "config.json").read_text())["tokens"])
+
+
+def _served_answer(bundle, image, prompt_tokens, want, tokens):
+    """`edgemm serve` of the bundle answers the image question with transformers' greedy tokens, counting the
+    prompt's tokens as transformers' processor does (the tile markers included)."""
+    import base64
+    from edgemm.tokenizer import Tokenizer
+    from .test_serve import Server
+    s = Server("--bundle", str(bundle), "--max-tokens", "4")
+    try:
+        url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        r = s.client().chat.completions.create(model=bundle.name, temperature=0, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}])
+    finally:
+        s.stop()
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == len(want)
+    assert r.choices[0].message.content.strip() == Tokenizer.load(bundle / "tokenizer.json", tokens=tokens).decode(want).strip()

@@ -43,8 +43,8 @@ def _json(src: Source, name: str) -> dict:
 def image_tokens(src: Source) -> dict:
     """The tokens the processor writes: tokenizer_config.json's fake/image/global image tokens (top level or in
     extra_special_tokens, as SmolVLMProcessor reads them off its tokenizer), else the processor's defaults."""
-    out = named_tokens(src, TOKENS)
-    missing = [t for t in out.values() if _token(src, t, required=False) is None]
+    out = named_tokens(src, TOKENS)         # (<global-img> may be plain text: tile_text tokenizes it as it comes)
+    missing = [out[k] for k in ("fake_image_token", "image_token") if _token(src, out[k], required=False) is None]
     if missing:
         raise EdgemmError(f"{src.path / 'tokenizer.json'} lacks the token(s) {', '.join(missing)} that the "
                           "processor's prompts use")

@@ -134,6 +134,8 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     pixels = await pixels_of(urls, b.cfg, limits)
     if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
         rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
+    if b.cfg.vision.tiling == "smolvlm":    # SmolVLM's tile grid: each image's own rows (its markers included)
+        rows += sum(len(p.index(b.cfg)) - b.cfg.n_image_rows for p in pixels)
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
               instructions=instructions_of(b, body.get("messages")),
