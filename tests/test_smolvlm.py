@@ -191,6 +191,23 @@ def test_import_reads_the_family(imported):
     assert r.exit_code == 0 and "vision: SigLIP 16px/4" in r.output, r.output
 
 
+@pytest.mark.parametrize("name,change,says", [
+    ("preprocessor_config.json", {"resample": 3}, "resample"),
+    ("preprocessor_config.json", {"max_image_size": {"longest_edge": 2 * S}}, "max_image_size"),
+    ("processor_config.json", {"image_seq_len": 9}, "image_seq_len 9")])
+def test_import_refuses_other_processing(imported, tmp_path, name, change, says):
+    """A processor setting edgemm does not compute (another resample filter, tiles of another size than the tower's,
+    an image_seq_len that is not the tile's rows) is refused at import, naming it."""
+    import shutil
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    src = tmp_path / "src"
+    shutil.copytree(imported["src"], src)
+    (src / name).write_text(json.dumps({**json.loads((src / name).read_text()), **change}))
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(tmp_path / "ck")])
+    assert r.exit_code == 2 and says in r.output, r.output
+
+
 def test_processor_matches_transformers(imported):
     """Tiles (pixels, count and grid) equal the Idefics3 image processor's for several aspect ratios, and the prompt
     ids equal SmolVLMProcessor's on the rendered chat template (the tile markers around each tile's <image> run)."""

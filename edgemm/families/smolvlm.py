@@ -58,7 +58,7 @@ def _processor(src: Source, v: VisionConfig, rows: int) -> None:
     if tile != v.image_size:
         raise EdgemmError(f"{w}: max_image_size {tile} differs from the tower's image_size {v.image_size}")
     if p.get("do_resize") is False or p.get("do_normalize") is False or p.get("do_rescale") is False or \
-            p.get("rescale_factor", 1 / 255) != 1 / 255 or p.get("resample", LANCZOS) != LANCZOS:
+            abs(p.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12 or p.get("resample", LANCZOS) != LANCZOS:
         raise EdgemmError(f"{w}: do_resize, do_rescale and do_normalize off, another rescale_factor or resample "
                           "are not supported")
     v.longest_edge = int((p.get("size") or {}).get("longest_edge", 4 * v.image_size))
