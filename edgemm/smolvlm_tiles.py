@@ -128,13 +128,14 @@ def max_tile_batch(v) -> int:
 def row_index(cfg, rows: int, cols: int) -> np.ndarray:
     """int64 [image rows]: an image's rows (grid rows x cols) as indices into the vision stage's table [the tiles'
     rows (N * R); the marker rows (adapter.marker_ids)]."""
-    t, R, n = cfg.vision.tile_text, rows_per_tile(cfg), max(cols, 1)
+    t, R = cfg.vision.tile_text, rows_per_tile(cfg)
     N = rows * cols + 1 if rows else 1
     where = {tid: N * R + k for k, tid in enumerate(cfg.adapter.marker_ids)}
     out = []
     for i in range(rows):
-        for j in range(cols):
-            out += [where[x] for x in t["tile"][i * t["grid"] + j]] + list(range((i * n + j) * R, (i * n + j + 1) * R))
+        for j in range(cols):                           # tile k's markers, then its rows
+            k = i * cols + j
+            out += [where[x] for x in t["tile"][i * t["grid"] + j]] + list(range(k * R, (k + 1) * R))
     out += [where[x] for x in t["global_split" if rows else "global"]] + list(range((N - 1) * R, N * R))
     return np.asarray(out + [where[x] for x in t["end"]], np.int64)
 
