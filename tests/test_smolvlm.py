@@ -234,6 +234,23 @@ def test_processor_matches_transformers(imported):
         assert got == ids and ids.count(image_id) == N * R and len(rows) == m.cfg.image_rows_for(w, h)
 
 
+def test_tiles_at_smolvlm_256m_settings():
+    """At SmolVLM-256M's processor settings (longest edge 2048, 512 px tiles, LANCZOS) the tiles and grids equal the
+    image processor's: a 3 x 4 grid and a 4 x 1 one."""
+    from PIL import Image
+    from transformers import SmolVLMImageProcessorPil
+    from edgemm.config import VisionConfig
+    from edgemm.smolvlm_tiles import preprocess
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1)
+    v = VisionConfig(image_size=512, patch_size=16, arch="siglip", tiling="smolvlm", longest_edge=2048)
+    for i, (w, h, grid) in enumerate([(1000, 700, (3, 4)), (300, 1600, (4, 1))]):
+        img = Image.fromarray(_image(w, h, i))
+        want = ip(images=[img], return_row_col_info=True, return_tensors="np")
+        px = preprocess(img, v)
+        assert px.grid == (want["rows"][0][0], want["cols"][0][0]) == grid
+        assert px.shape == want["pixel_values"].shape[1:] and np.abs(px - want["pixel_values"][0]).max() <= 1e-5
+
+
 def _reference(hf, proc, img):
     """transformers' prompt ids, pixel values and the rows its language model reads at the image's span."""
     hf_in = proc(text=proc.apply_chat_template(_messages(), add_generation_prompt=True), images=[img],
