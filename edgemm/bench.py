@@ -276,7 +276,7 @@ def _bench_one(job: dict) -> dict:
     notes = []
     try:
         b = load_backend(job["backend"], bundle=job["bundle"], device=job["device"], threads=threads,
-                         log=notes.append)
+                         log=notes.append, kv_cache=job.get("kv_cache"))
     except EdgemmError as e:
         res["error"] = str(e)
         return res
@@ -334,11 +334,12 @@ def _run_child(job: dict) -> dict:
 def bench(bundles, backends=("auto",), reference: str | None = None, limit: int | None = None,
           repeats: int = 5, warmup: int = 2, decode_steps: int = 32, threads: int | None = None,
           device: str = "auto", out: str | Path | None = None, fidelity_n: int = FIDELITY_PROMPTS,
-          progress: bool = True, log=print, isolate: bool = True, max_tiles=None) -> dict:
+          progress: bool = True, log=print, isolate: bool = True, max_tiles=None, kv_caches=(None,)) -> dict:
     """Measure every bundle x backend; -> {"machine", "bandwidth_gb_s", "results": [...]}; writes
     bench.json / bench.csv / bench.png into `out` when given. limit: questions of the test split
     (None: all 1,000; 0: skip accuracy). reference: the fp32 reference model (default: each manifest's
-    source model); fidelity_n=0 skips fidelity."""
+    source model); fidelity_n=0 skips fidelity. kv_caches: llama.cpp KV types (--kv-cache), one row each (None:
+    the backend's default)."""
     import tempfile
     from tqdm import tqdm
     from .bundle import read_manifest
@@ -372,19 +373,20 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                      **{f"l{i}": r["logits"] for i, r in enumerate(ref)})
             refs[src] = str(f)
         mans[b]["_ref"] = src
-    jobs = [(b, be) for b in mans for be in backends]
+    jobs = [(b, be, kv) for b in mans for be in backends for kv in kv_caches]
     results = []
-    for b, be in tqdm(jobs, desc="bench", unit="run", disable=not progress):
+    for b, be, kv in tqdm(jobs, desc="bench", unit="run", disable=not progress):
         man = mans[b]
         job = {"bundle": b, "backend": be, "device": device, "threads": threads, "repeats": repeats,
                "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
-               "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles}
+               "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles,
+               "kv_cache": kv}
         got = _run_child(job) if isolate else _bench_one(job)
         first = got[0] if isinstance(got, list) else got
         wb = decode_weight_bytes(b, cpu=first.get("on_device") == "cpu")
         for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
             res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
-                                            if isinstance(got, list) else "")
+                                            if isinstance(got, list) else "") + (f" kv {kv}" if kv else "")
             res["target"] = man.get("target")
             res["precision"] = man.get("precision")
             res["size_mb"] = dir_size(b) / 1e6
@@ -401,7 +403,8 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                 log(f"{res['name']} / {be}: {res['error']}")
     report = {"machine": machine, "bandwidth_gb_s": bw / 1e9, "settings": {
         "repeats": repeats, "warmup": warmup, "decode_steps": decode_steps, "limit": limit,
-        "fidelity_prompts": fidelity_n, "threads": threads, "device": device, "max_tiles": max_tiles},
+        "fidelity_prompts": fidelity_n, "threads": threads, "device": device, "max_tiles": max_tiles,
+        "kv_caches": list(kv_caches)},
         "results": results}
     if out:
         out = Path(out)

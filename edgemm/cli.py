@@ -9,6 +9,7 @@ import click
 
 from .cpu import threads_or_default
 from .errors import EdgemmError
+from .llamacpp import KV_CHOICES
 
 
 def _err(msg: str) -> None:
@@ -56,14 +57,28 @@ def model_options(fn):
     return fn
 
 
-def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles=None):
+KV_HELP = ("llamacpp backend: the KV cache type (default: f32 for an f32 decoder, else f16); q8_0 / q4_0 turn on "
+           "flash attention, which llama.cpp's quantized V cache needs. Other backends refuse it.")
+MMPROJ_HELP = ("llamacpp backend on a GPU: keep the projector (mmproj) on the CPU, as llama-server's "
+               "--no-mmproj-offload (frees GPU memory for layers and KV).")
+
+
+def llama_options(fn):
+    """--kv-cache / --no-mmproj-offload: llama.cpp's options, passed to the backend by load_backend."""
+    fn = click.option("--no-mmproj-offload", "mmproj_offload", is_flag=True, flag_value=False, default=True,
+                      help=MMPROJ_HELP)(fn)
+    return click.option("--kv-cache", default=None, type=click.Choice(KV_CHOICES), help=KV_HELP)(fn)
+
+
+def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles=None, kv_cache=None,
+                 mmproj_offload=True):
     from .runtimes import load_backend
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
     if threads is not None and threads < 1:
         raise EdgemmError("--threads must be at least 1")
-    b = load_backend(backend, model=model, bundle=bundle, device=device,
-                     threads=threads_or_default(threads), log=None if quiet else _err)
+    b = load_backend(backend, model=model, bundle=bundle, device=device, threads=threads_or_default(threads),
+                     log=None if quiet else _err, kv_cache=kv_cache, mmproj_offload=mmproj_offload)
     if max_tiles is not None:               # any-resolution models: override the bundle's tile budget
         from .anyres import set_max_tiles
         set_max_tiles(b.cfg, max_tiles, getattr(b, "manifest", None))
@@ -123,9 +138,10 @@ def main():
 @click.option("--image", type=click.Path(), default=None, help="Image to ask about (any size, most formats).")
 @click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
+@llama_options
 @gen_options
 @handle_errors
-def run(question, image, max_tiles, model, bundle, backend, device, threads, **gen):
+def run(question, image, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
     """Answer one QUESTION about an image, streaming the answer.
 
     Example: edgemm run --image examples/shapes.png "What color is the circle?"
@@ -134,7 +150,8 @@ def run(question, image, max_tiles, model, bundle, backend, device, threads, **g
     if not question.strip():
         raise EdgemmError("the question is empty: pass a question about the image")
     cfg = _gen_config(**gen)
-    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles)
+    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
+                     mmproj_offload=mmproj_offload)
     answer(b, image, question, cfg, on_text=_streamer())
     click.echo()
 
@@ -143,15 +160,17 @@ def run(question, image, max_tiles, model, bundle, backend, device, threads, **g
 @click.option("--image", type=click.Path(), default=None, help="Image to start the chat with.")
 @click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
+@llama_options
 @gen_options
 @handle_errors
-def chat(image, max_tiles, model, bundle, backend, device, threads, **gen):
+def chat(image, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
     """Interactive multi-turn chat; the KV cache is kept across turns.
 
     Commands: /image PATH (new image, new conversation), /reset, /quit.
     """
     from .generation import ChatSession
-    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles)
+    b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
+                     mmproj_offload=mmproj_offload)
     sess = ChatSession(b, _gen_config(**gen), log=_err)
     if image:
         sess.set_image(image)
@@ -187,15 +206,16 @@ def chat(image, max_tiles, model, bundle, backend, device, threads, **gen):
 
 @main.command("eval")
 @model_options
+@llama_options
 @click.option("--data", type=click.Path(), default=None, help="JSONL of {image, question, answer[, type]} rows "
               "(image paths relative to the file). Default: the shapes test split (1,000 questions, fixed seed).")
 @click.option("--limit", type=int, default=None, help="Only the first N questions.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the figures to this file.")
 @handle_errors
-def eval_cmd(model, bundle, backend, device, threads, data, limit, json_path):
+def eval_cmd(model, bundle, backend, device, threads, kv_cache, mmproj_offload, data, limit, json_path):
     """Accuracy (exact match after lower-casing and stripping), per question type."""
     from .evaluate import evaluate, format_report
-    b = open_backend(model, bundle, backend, device, threads)
+    b = open_backend(model, bundle, backend, device, threads, kv_cache=kv_cache, mmproj_offload=mmproj_offload)
     res = evaluate(b, data=data, limit=limit)
     click.echo(format_report(res))
     if json_path:
@@ -208,11 +228,13 @@ def eval_cmd(model, bundle, backend, device, threads, data, limit, json_path):
 @click.option("--model", default=None, help="Checkpoint directory or preset (tiny-shapes, bench-0.5b, cogvlm-17b).")
 @click.option("--bundle", default=None, type=click.Path(), help="An exported bundle directory.")
 @click.option("--context", "contexts", multiple=True, type=int, help="Context lengths for the KV cache estimate.")
+@click.option("--kv-cache", default=None, type=click.Choice(KV_CHOICES), help="Also the KV cache bytes at this "
+              "llama.cpp type (gguf bundles; --kv-cache of run, chat, serve).")
 @handle_errors
-def info(model, bundle, contexts):
+def info(model, bundle, contexts, kv_cache):
     """What a model or bundle is: config, parameters per branch, size, memory at each precision."""
     from .info import describe
-    click.echo(describe(model=model, bundle=bundle, contexts=contexts or None))
+    click.echo(describe(model=model, bundle=bundle, contexts=contexts or None, kv_cache=kv_cache))
 
 
 @main.command()
@@ -268,10 +290,11 @@ def doctor(bundle, device, json_path):
 @click.option("--autoscale", default=None, help="--ray: MIN:MAX replicas, scaled by ongoing requests.")
 @click.option("--ray-config", default=None, type=click.Path(), help="Write the Ray Serve config file for "
               "`serve deploy` on a cluster, and exit.")
+@llama_options
 @handle_errors
 def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
           metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, grace_period,
-          use_ray, replicas, autoscale, ray_config):
+          use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -300,6 +323,9 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
     limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts),
                     body_seconds=body_timeout, client_connections=max_client_connections)
     if use_ray or ray_config:
+        if kv_cache or not mmproj_offload:
+            raise EdgemmError("--kv-cache and --no-mmproj-offload are not passed to Ray Serve replicas yet: serve "
+                              "without --ray / --ray-config")
         from .serve import is_loopback
         from .serve import ray_app
         if (replicas is not None) and autoscale:
@@ -323,7 +349,7 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err, grace=grace_period)
+               limits, log=_err, grace=grace_period, kv_cache=kv_cache, mmproj_offload=mmproj_offload)
 
 
 @main.command("train-demo")
@@ -584,9 +610,11 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads)
 @click.option("--max-tiles", default=None, help="Any-resolution (LLaVA-NeXT) bundles: tile budgets to compare, "
               "comma-separated, 'default' = the bundle's own (e.g. 1,default): one row each, timed in interleaved "
               "rounds.")
+@click.option("--kv-cache", "kv_caches", multiple=True, type=click.Choice(KV_CHOICES), help="llamacpp backend: "
+              "KV cache types to compare (repeatable: one row each, accuracy included; default: the backend's).")
 @handle_errors
 def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out,
-          max_tiles):
+          max_tiles, kv_caches):
     """Latency, memory, size, accuracy and fidelity of each BUNDLE on each backend: a table, JSON, CSV and a
     latency-vs-accuracy plot with the Pareto front (latency alone when --limit 0 skips accuracy)."""
     from .bench import bench as run_bench, format_table
@@ -600,7 +628,7 @@ def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup
             raise EdgemmError(f"--max-tiles {max_tiles!r}: give numbers or 'default', comma-separated") from None
     rep = run_bench(list(bundles), backends=backends, reference=reference, limit=limit, repeats=repeats,
                     warmup=warmup, decode_steps=decode_steps, threads=threads, device=device, out=out,
-                    fidelity_n=fidelity_prompts, log=_err, max_tiles=tiles)
+                    fidelity_n=fidelity_prompts, log=_err, max_tiles=tiles, kv_caches=kv_caches or (None,))
     click.echo(format_table(rep))
     for f in rep.get("files", []):
         _err(f"wrote {f}")

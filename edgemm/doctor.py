@@ -23,10 +23,11 @@ EXTRAS = {"cpu": ("onnxruntime",), "gpu": ("onnxruntime-gpu", "tensorrt"), "gguf
 _PROBE = """
 import json, sys
 import numpy as np
-from edgemm.llamacpp import GGML_CPU, load_llama_cpp
+from edgemm.llamacpp import GGML_CPU, ggml_devices, gpu_offload, load_llama_cpp
 from edgemm.runtimes.llamacpp_backend import LlamaRunner
 ll = load_llama_cpp()
-out = dict(GGML_CPU, system_info=ll.llama_print_system_info().decode("utf-8", "replace"))
+out = dict(GGML_CPU, system_info=ll.llama_print_system_info().decode("utf-8", "replace"),
+           devices=ggml_devices(ll), gpu_offload=gpu_offload(ll))
 if len(sys.argv) > 1:                       # a GGUF decoder: decode a few tokens with the variant that loaded
     r = LlamaRunner(sys.argv[1], n_ctx=32, threads=1, n_batch=8)
     logits = r.decode_tokens([1, 2, 3], 0)
@@ -130,6 +131,19 @@ THREADS_FROM = {"affinity": "the CPUs this process may run on", "cgroup quota": 
                 "cpu_count": "all cores: no affinity or cgroup limit"}
 
 
+GPU_PREFIX = "              GPU backends: "
+
+
+def llama_gpu_line(ll: dict) -> str:
+    """The GPU backends llama.cpp registered (its GPU / integrated-GPU devices), or that it has none."""
+    gpus = [d for d in ll.get("devices", []) if d["type"] in ("gpu", "igpu")]
+    if gpus:
+        return (GPU_PREFIX + ", ".join(f"{d['backend']} {d['name']} ({d['description']})" for d in gpus)
+                + "; the llamacpp backend offloads to it (--device auto / cuda)")
+    return (GPU_PREFIX + "none (this llama.cpp build has no GPU backend: the llamacpp backend runs on the CPU; "
+            "the README's CUDA build adds one)")
+
+
 def report(f: dict) -> str:
     c, o, g, ll = f["cpu"], f["onnxruntime"], f["gpu"], f.get("llama_cpp")
     lines = [f"machine:      {f['platform']} ({f['machine']}), Python {f['python']}",
@@ -142,6 +156,7 @@ def report(f: dict) -> str:
             lines.append(f"llama.cpp:    CPU variant {ll.get('variant')} ({ll.get('why')})")
             if ll.get("features"):
                 lines.append(f"              compiled features: {' '.join(ll['features'])}")
+            lines.append(llama_gpu_line(ll))
         else:
             lines.append(f"llama.cpp:    not usable: {ll.get('error')}")
     if o.get("installed"):

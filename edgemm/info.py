@@ -145,15 +145,35 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
     return lines
 
 
-def describe(model: str | None = None, bundle: str | None = None, contexts=None) -> str:
+def describe(model: str | None = None, bundle: str | None = None, contexts=None, kv_cache: str | None = None) -> str:
+    """kv_cache: also the KV cache at llama.cpp's type (f16, q8_0, q4_0) per context, beside f16."""
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
     if bundle:
-        return "\n".join(describe_bundle(bundle, contexts))
+        lines = describe_bundle(bundle, contexts)
+        if kv_cache:
+            from .bundle import read_manifest
+            m = read_manifest(bundle)
+            if m.get("target") != "gguf":
+                raise EdgemmError(f"--kv-cache is llama.cpp's (gguf bundles); {bundle} is a {m.get('target')} bundle, "
+                                  "whose KV cache is the model's float type")
+            lines += kv_cache_lines(ModelConfig.from_dict(m["model"]), kv_cache, contexts)
+        return "\n".join(lines)
     from .checkpoint import model_config
     cfg, source, path = model_config(model)
     counts = checkpoint_param_counts(path) if path is not None else None   # a folder: its weights' own shapes
-    return "\n".join(describe_config(cfg, source, contexts, counts))
+    return "\n".join(describe_config(cfg, source, contexts, counts) + (kv_cache_lines(cfg, kv_cache, contexts)
+                                                                       if kv_cache else []))
+
+
+def kv_cache_lines(cfg: ModelConfig, kv_cache: str, contexts=None) -> list[str]:
+    """The KV cache at a llama.cpp type per context, beside f16 (q8_0: 34 bytes per 32 values, q4_0: 18)."""
+    from .llamacpp import KV_TYPES
+    per = KV_TYPES[kv_cache][1]
+    contexts = list(contexts or dict.fromkeys((512, cfg.decoder.max_seq_len)))
+    return [f"KV cache at {kv_cache} (llama.cpp, {per:g} bytes per value; f16: 2):"] + [
+        f"  ctx {c:>6}  {_fmt(kv_cache_bytes(cfg, c, per)):>10}  (f16 {_fmt(kv_cache_bytes(cfg, c)):>10}, "
+        f"{per / 2:.2f}x)" for c in contexts]
 
 
 def describe_bundle(bundle: str, contexts=None) -> list[str]:

@@ -204,6 +204,48 @@ def load_llama_cpp(verbose: bool = False):
     return llama_cpp
 
 
+# --kv-cache: llama.cpp's KV types -> (GGML_TYPE_* of llama_cpp.py, bytes per stored value: q8_0 blocks hold 32
+# values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18 (an f16 scale + 32 nibbles))
+KV_TYPES = {"f32": (0, 4.0), "f16": (1, 2.0), "q8_0": (8, 34 / 32), "q4_0": (2, 18 / 32)}
+KV_CHOICES = ("f16", "q8_0", "q4_0")
+KV_BLOCK = 32                 # values per q8_0 / q4_0 block: a row (one head's K or V) must be a multiple
+# llama_context's check (src/llama-context.cpp): a quantized V cache is refused without flash attention
+QUANTIZED_V_NEEDS_FA = "llama.cpp's quantized V cache needs flash attention"
+NO_GPU = ("this llama.cpp build has no GPU backend (llama_supports_gpu_offload() is false; `edgemm doctor` lists "
+          "the backends): rebuild llama-cpp-python with CUDA as the README's Jetson / CUDA section shows "
+          "(CMAKE_ARGS adds -DGGML_CUDA=ON), or run with --device cpu")
+
+# ggml's enum ggml_backend_dev_type (ggml-backend.h): CPU, GPU, IGPU (integrated, host memory), ACCEL (BLAS, AMX)
+_DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def gpu_offload(ll) -> bool:
+    """Whether the loaded llama.cpp can put layers on a GPU (a GPU / iGPU device, or RPC, is registered)."""
+    return bool(ll.llama_supports_gpu_offload())
+
+
+def ggml_devices(ll) -> list[dict]:
+    """The devices in ggml's backend registry (after load_llama_cpp registered the modules): [{"backend",
+    "name", "description", "type"}], type one of cpu / gpu / igpu / accel."""
+    g = _libggml(ll)
+    vp = ctypes.c_void_p
+    for fn, res, args in (("ggml_backend_dev_count", ctypes.c_size_t, []),
+                          ("ggml_backend_dev_get", vp, [ctypes.c_size_t]),
+                          ("ggml_backend_dev_type", ctypes.c_int, [vp]),
+                          ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+                          ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+                          ("ggml_backend_dev_backend_reg", vp, [vp]), ("ggml_backend_reg_name", ctypes.c_char_p, [vp])):
+        getattr(g, fn).restype, getattr(g, fn).argtypes = res, args
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        d = g.ggml_backend_dev_get(i)
+        out.append({"backend": (g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(d)) or b"").decode(),
+                    "name": (g.ggml_backend_dev_name(d) or b"").decode(),
+                    "description": (g.ggml_backend_dev_description(d) or b"").decode(),
+                    "type": _DEV_TYPES.get(g.ggml_backend_dev_type(d), "unknown")})
+    return out
+
+
 def import_llama_cpp():
     """-> the llama_cpp module, or an EdgemmError saying how to install it."""
     try:

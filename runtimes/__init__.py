@@ -36,11 +36,14 @@ def backend_class(name: str):
 
 
 def load_backend(name: str = "auto", model: str | None = None, bundle: str | None = None,
-                 device: str = "auto", threads: int | None = None, log=None, slots: int = 1) -> Backend:
+                 device: str = "auto", threads: int | None = None, log=None, slots: int = 1,
+                 kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None) -> Backend:
     """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why).
 
     slots: how many states will be live at once (a server's parallel slots); backends whose states share one
-    native context (llamacpp) size it for them, the others hold any number of states anyway."""
+    native context (llamacpp) size it for them, the others hold any number of states anyway. kv_cache (f16, q8_0,
+    q4_0) and mmproj_offload=False are llama.cpp's (--kv-cache, --no-mmproj-offload); a backend without them
+    refuses them in one line (kv_cache_refusal)."""
     from edgemm.errors import EdgemmError
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
@@ -58,8 +61,42 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
         raise EdgemmError(f"the {name} backend runs bundles: export one with `edgemm export` and pass --bundle")
     cls = backend_class(name)
     import inspect
-    kw = {"slots": slots} if "slots" in inspect.signature(cls.open).parameters else {}
-    return cls.open(model=model, bundle=bundle, device=device, threads=threads, log=log, **kw)
+    params = inspect.signature(cls.open).parameters
+    kw = {"slots": slots} if "slots" in params else {}
+    for key, val, default in (("kv_cache", kv_cache, None), ("mmproj_offload", mmproj_offload, True)):
+        if val != default:
+            if key not in params:
+                raise EdgemmError(kv_cache_refusal(name, val) if key == "kv_cache" else
+                                  f"--no-mmproj-offload applies to the llamacpp backend (its mmproj on the GPU); "
+                                  f"the {name} backend places its vision stage with --device")
+            kw[key] = val
+    if context is not None and "context" in params:        # sized at opening (llama.cpp's n_ctx)
+        kw["context"] = context
+    b = cls.open(model=model, bundle=bundle, device=device, threads=threads, log=log, **kw)
+    if context is not None:                     # the others: the caches new states get (Backend.context_limit)
+        b.context_limit = min(int(context), b.context_length)
+    return b
+
+
+def kv_cache_refusal(name: str, kv_cache: str) -> str:
+    """Why --kv-cache is refused on a backend other than llamacpp, with the evidence for ONNX Runtime: whether the
+    installed version's GroupQueryAttention (the ort bundles' attention op) has a quantized-cache form at all."""
+    head = f"--kv-cache {kv_cache} applies to the llamacpp backend (gguf bundles); "
+    if name != "ort":
+        return head + f"the {name} backend keeps its KV cache in the model's float type"
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+        gqa = next((x for x in get_all_operator_schema() if x.name == "GroupQueryAttention"), None)
+        quant = gqa is not None and any(i.name == "k_scale" for i in gqa.inputs)
+        what = (f"ONNX Runtime {ort.__version__}'s GroupQueryAttention does take an int8 cache (k_scale / v_scale "
+                "inputs, k_quant_type), but edgemm's ort bundles are written with a float KV cache and no scales, "
+                "so there is no int8-KV graph to run yet" if quant else
+                f"ONNX Runtime {ort.__version__}'s GroupQueryAttention has no quantized KV cache (no k_scale / "
+                "v_scale inputs in its schema)")
+    except ImportError:
+        what = "ONNX Runtime is not installed"
+    return head + what
 
 
 TRT_CPU_FALLBACK = "falling back to the CPU: the bundle's Q/DQ graphs on ONNX Runtime"

@@ -24,7 +24,8 @@ from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError
 from .base import Backend, State
 
-from edgemm.llamacpp import GGML_CPU, import_llama_cpp, load_llama_cpp  # noqa: F401  (GGML_CPU: doctor)
+from edgemm.llamacpp import (GGML_CPU, KV_BLOCK, KV_TYPES, NO_GPU, QUANTIZED_V_NEEDS_FA, gpu_offload,  # noqa: F401
+                             import_llama_cpp, load_llama_cpp)                                  # (GGML_CPU: doctor)
 
 
 class LlamaRunner:
@@ -32,12 +33,18 @@ class LlamaRunner:
     `n_ctx` rows each, llama.cpp's seq ids 0..n_seq-1); every call names its sequence (default 0)."""
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
-                 f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1):
+                 f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1,
+                 kv_type: str | None = None, n_gpu_layers: int = 0):
+        """kv_type: f32 / f16 / q8_0 / q4_0 for both K and V (default f32, or f16 with f32_kv False); a quantized V
+        needs flash_attn (llama.cpp refuses the context otherwise: said in one line). n_gpu_layers: decoder layers
+        on the GPU (-1: all; 0, the default, keeps everything on the CPU where an offloading build would
+        otherwise take all layers)."""
         from edgemm.safety import check_gguf
         check_gguf(path)                       # bounded header checks before llama.cpp's loader sees the file
         self.ll = ll = load_llama_cpp(verbose)
         self.path = str(path)
         mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
         self.model = ll.llama_model_load_from_file(self.path.encode(), mp)
         if not self.model:
             raise EdgemmError(f"llama.cpp could not load {path}; is it a GGUF decoder of this llama.cpp version?")
@@ -53,17 +60,24 @@ class LlamaRunner:
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if f32_kv:
-            cp.type_k = cp.type_v = ll.GGML_TYPE_F32
+        kv_type = kv_type or ("f32" if f32_kv else "f16")
+        if kv_type not in KV_TYPES:
+            raise EdgemmError(f"KV cache type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
+        cp.type_k = cp.type_v = KV_TYPES[kv_type][0]
         cp.no_perf = True
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             ll.llama_model_free(self.model)
-            raise EdgemmError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx})")
+            self.model = None
+            if kv_type.startswith("q") and not flash_attn:
+                raise EdgemmError(f"KV cache {kv_type}: {QUANTIZED_V_NEEDS_FA} (llama_init_from_model refused "
+                                  "the context); enable flash attention or use an f16 KV cache")
+            raise EdgemmError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx}, KV cache {kv_type}, "
+                              f"flash attention {'on' if flash_attn else 'off'})")
         self.n_ctx = ll.llama_n_ctx(self.ctx) // n_seq
         self.n_seq = n_seq
         self.mem = ll.llama_get_memory(self.ctx)
-        self.kv_type = "f32" if f32_kv else "f16"
+        self.kv_type = kv_type
         self.flash_attn = flash_attn
         self._tok_batch = ll.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = ll.llama_batch_init(n_batch, self.n_embd, 1)
@@ -183,14 +197,14 @@ class LlamaRunner:
 class MtmdVision:
     """The mmproj through llama.cpp's mtmd: an RGB image at the tower's size -> image rows [P + 2, D]."""
 
-    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None):
+    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False):
         from llama_cpp import mtmd_cpp
         from edgemm.safety import check_gguf
         check_gguf(mmproj)
         self.m = mtmd_cpp
         self.runner = runner          # mtmd keeps a pointer to the text model: keep it alive
         p = mtmd_cpp.mtmd_context_params_default()
-        p.use_gpu = False
+        p.use_gpu = use_gpu             # the projector on the GPU (llama-server: on unless --no-mmproj-offload)
         p.print_timings = False
         p.n_threads = threads or runner.threads
         p.flash_attn_type = runner.ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -320,10 +334,32 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
     return tower.eval(), adapter.eval()
 
 
+_SAID_CPU = []          # auto on a CPU-only llama.cpp: said once per process
+
+
+def use_gpu(ll, device: str, log=None) -> bool:
+    """--device for the llamacpp backend -> whether to offload: cuda needs a GPU backend in the loaded llama.cpp
+    (refused in one line without one), auto takes one where there is one, else runs on the CPU and says so once."""
+    if gpu_offload(ll):
+        return device != "cpu"
+    if device == "cuda":
+        raise EdgemmError(f"--device cuda: {NO_GPU}")
+    if device == "auto" and log and not _SAID_CPU:
+        _SAID_CPU.append(True)
+        log("note: this llama.cpp build has no GPU backend: the llamacpp backend runs on the CPU")
+    return False
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
-    def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1):
+    def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1,
+                 kv_cache: str | None = None, gpu: bool = False, mmproj_offload: bool = True,
+                 context: int | None = None):
+        """context: rows per sequence (default the model's max_seq_len; edgemm serve --context).
+        kv_cache: f16 / q8_0 / q4_0 (None: f32 for an f32 decoder, else f16); a quantized cache turns flash
+        attention on (llama.cpp's quantized V needs it). gpu: all decoder layers on the GPU, and the projector
+        too unless mmproj_offload is False (LlamaCppBackend.open decides it from --device)."""
         from edgemm.bundle import PinnedFile, load_tokenizer
         from edgemm.config import ModelConfig
         self.bundle, self.manifest, self.log = str(bundle), manifest, log
@@ -337,11 +373,19 @@ class LlamaCppBackend(Backend):
         # an f32 bundle gets an f32 KV cache (exact); quantized ones the usual f16 cache
         if f32_kv is None:
             f32_kv = st["decoder"].get("precision") == "f32"
-        self.runner = LlamaRunner(self.decoder_path, self.cfg.decoder.max_seq_len, self.threads,
+        if kv_cache not in (None, "f32", "f16"):
+            head = self.cfg.decoder.head_dim
+            if head % KV_BLOCK:
+                raise EdgemmError(f"--kv-cache {kv_cache}: llama.cpp stores it in blocks of {KV_BLOCK} values and "
+                                  f"this model's attention heads are {head} wide; use --kv-cache f16")
+            flash_attn = True                   # llama.cpp refuses a quantized V cache without flash attention
+        n_ctx = min(context or 1 << 62, self.cfg.decoder.max_seq_len)
+        self.runner = LlamaRunner(self.decoder_path, n_ctx, self.threads,
                                   n_batch=max(512, self.cfg.n_image_rows), f32_kv=f32_kv, flash_attn=flash_attn,
-                                  n_seq=n_seq)
+                                  n_seq=n_seq, kv_type=kv_cache, n_gpu_layers=-1 if gpu else 0)
         self.source = self.bundle
-        self.device = "cpu"
+        self.device = "cuda" if gpu else "cpu"
+        self.mmproj_offload = gpu and mmproj_offload
         self._mtmd = None
         self._ref_vision = None
         self._why_reference = None
@@ -350,20 +394,22 @@ class LlamaCppBackend(Backend):
         self._next_id = 0
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, slots: int = 1):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, slots: int = 1,
+             kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None):
         """slots: how many states may be live at once (llama.cpp sequences in one context; `edgemm serve
-        --parallel N`); a new_state beyond them takes over the sequence of the oldest."""
+        --parallel N`); a new_state beyond them takes over the sequence of the oldest. device: cuda / auto offload
+        every layer (and the projector unless mmproj_offload is False) where the loaded llama.cpp has a GPU
+        backend; cuda without one is refused, auto then runs on the CPU and says so once."""
         from edgemm.bundle import verify_bundle
         if bundle is None:
             raise EdgemmError("the llamacpp backend runs GGUF bundles: export one with "
                               "`edgemm export --target gguf` and pass --bundle")
-        load_llama_cpp()
+        gpu = use_gpu(load_llama_cpp(), device, log)
         m = verify_bundle(bundle, defer_parsed=True)       # the parsed files are hashed as they are read
         if m.get("target") != "gguf":
             raise EdgemmError(f"{bundle} is a {m.get('target')} bundle; the llamacpp backend runs gguf bundles")
-        if device == "cuda" and log:
-            log("note: the llamacpp backend runs on the CPU in this build")
-        return cls(bundle, m, threads=threads, log=log, n_seq=max(1, int(slots)))
+        return cls(bundle, m, threads=threads, log=log, n_seq=max(1, int(slots)), kv_cache=kv_cache, gpu=gpu,
+                   mmproj_offload=mmproj_offload, context=context)
 
     @classmethod
     def available(cls, manifest, device):
@@ -380,7 +426,10 @@ class LlamaCppBackend(Backend):
         return min(self.runner.n_ctx, self.cfg.decoder.max_seq_len)
 
     def describe(self) -> str:
-        return (f"llamacpp on cpu ({self.threads} threads, KV cache {self.runner.kv_type}, "
+        gpu = (f"all layers offloaded, projector on the {'GPU' if self.mmproj_offload else 'CPU (--no-mmproj-offload)'}"
+               ", " if self.device == "cuda" else "")
+        return (f"llamacpp on {self.device} ({gpu}{self.threads} threads, KV cache {self.runner.kv_type}"
+                f"{', flash attention' if self.runner.flash_attn else ''}, "
                 f"decoder {self.manifest['stages']['decoder'].get('precision')}, "
                 f"vision rows from {self.vision_source or 'mtmd (mmproj)'})")
 
@@ -452,7 +501,7 @@ class LlamaCppBackend(Backend):
             self._why_reference = "any-resolution tiles are packed on the host"
         if rgb is not None:
             if self._mtmd is None:
-                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads)
+                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload)
             self.vision_source = "mtmd (mmproj)"
             return self._mtmd.encode_rgb(rgb)[None]
         import torch
