@@ -8,8 +8,9 @@ provider), re-runs the export's check with seeds 0..N-1 (a quantized bundle's se
     python benchmarks/check_thresholds.py --models shipped --seeds 4 --json out/thresholds.json
 
 Models: `shipped` (the trained tiny-shapes), `random` (tests/conftest.py's random_ckpt: tiny-shapes config, random
-weights, init seed 1), `random3` (tests/test_trt.py's ckpt: init seed 3), `moe` (tests/test_moe.py's MoE layer
-pattern, int4 only).
+weights, init seed 1), `random-c2` (the same, calibrated on 2 samples as tests/test_calib_export.py, and int8-sq as
+tests/test_cli.py), `random3` (tests/test_trt.py's ckpt: init seed 3, trt calibrated on 8 samples), `moe`
+(tests/test_moe.py's MoE layer pattern, int4 only).
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ def _models(names):
     for name in names:
         if name == "shipped":
             yield name, load_model(None), ONNX, TRT
-        elif name in ("random", "random3"):
+        elif name in ("random", "random-c2", "random3"):
             sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
             from tests.conftest import make_tokenizer
             torch.manual_seed(0)
-            yield name, (EdgeMM(get_preset("tiny-shapes")).init_weights(1 if name == "random" else 3).eval(),
-                         make_tokenizer()), ONNX, TRT
+            yield name, (EdgeMM(get_preset("tiny-shapes")).init_weights(3 if name == "random3" else 1).eval(),
+                         make_tokenizer()), *((("int8", "fp8", "int4", "int8-sq"), ()) if name == "random-c2" else (ONNX, TRT))
         elif name == "moe":
             from edgemm.config import DecoderConfig, ModelConfig, VisionConfig
             cfg = ModelConfig(vision=VisionConfig(width=32, layers=1, heads=2, mlp_dim=64),
@@ -50,7 +51,17 @@ def _models(names):
             raise SystemExit(f"unknown model {name!r}")
 
 
-def measure(model, target: str, precision: str, seeds: int, threads: int, tmp: Path) -> dict:
+def _export_args(name: str, target: str, model) -> dict:
+    """The suite's calibration of each model: random-c2 2 samples (onnx), random3 8 (trt)."""
+    if name == "random-c2" and target == "onnx":
+        from edgemm.calib.sets import bundled_set
+        from edgemm.calib.stats import collect_stats
+        return {"stats": collect_stats(model[0], bundled_set(2), tokenizer=model[1], cache=False, progress=False,
+                                       log=None)}
+    return {"calib_size": 8} if name == "random3" and target == "trt" else {}
+
+
+def measure(model, target: str, precision: str, seeds: int, threads: int, tmp: Path, **kw) -> dict:
     """{stage: {metric: worst value over the seeds}} of one export's check."""
     from edgemm.calib.recipes import QUANTIZED
     from edgemm.export.onnx import export_onnx, validate_bundle
@@ -58,10 +69,13 @@ def measure(model, target: str, precision: str, seeds: int, threads: int, tmp: P
     from edgemm.export.validate import check_items
     m, tok = model
     out = tmp / f"{target}-{precision}"
+    recipe = None
+    if precision == "int8-sq":                  # a recipe of --precision int8 (tests/test_cli.py: the decoder's)
+        precision, recipe = "int8", {"decoder": "int8-sq"}
     if target == "onnx":
-        export_onnx(model, out, precision=precision, threads=threads, log=None)
+        export_onnx(model, out, precision=precision, threads=threads, log=None, recipes=recipe, **kw)
     else:
-        export_trt(model, out, precision=precision, threads=threads, no_build=True, log=None)
+        export_trt(model, out, precision=precision, threads=threads, no_build=True, log=None, **kw)
     prec = {"vision": precision, "decoder": precision}
     items = check_items(m, tok) if precision in QUANTIZED else None
     worst: dict = {}
@@ -80,7 +94,7 @@ def measure(model, target: str, precision: str, seeds: int, threads: int, tmp: P
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="shipped,random,random3,moe")
+    ap.add_argument("--models", default="shipped,random,random-c2,random3,moe")
     ap.add_argument("--targets", default="onnx,trt")
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -94,7 +108,8 @@ def main(argv=None) -> int:
                     continue
                 for p in precs:
                     try:
-                        worst = measure(model, target, p, a.seeds, a.threads, Path(d) / name)
+                        worst = measure(model, target, p, a.seeds, a.threads, Path(d) / name,
+                                        **_export_args(name, target, model))
                     except Exception as e:                      # a failing export check is a figure too
                         print(f"{name:<8} {target:<5} {p:<8} export failed: {e}", flush=True)
                         rows.append({"model": name, "target": target, "precision": p, "error": str(e)})

@@ -39,8 +39,8 @@ FIDELITY_MARGIN = 0.2
 # A quantized mmproj (no max-abs bound: q8_0 / q4_0 vision) is held to the cosine of its mtmd rows with the
 # reference rows (mean removed: edgemm.export.validate.compare), a sanity bound under what a working one gives
 # (tiny-shapes q8_0: 0.9999) and far above a broken one (the projector's down weight sign-flipped: -1; before
-# this bound such an mmproj passed, its rows judged only at f32). To move into edgemm.export.thresholds.
-MMPROJ_COS = 0.99
+# this bound such an mmproj passed, its rows judged only at f32). By vision type, from edgemm.export.thresholds.
+MMPROJ_COS = {p: v for p in GGUF if (v := bound("gguf", p, "mtmd_rows", "cosine")) is not None}
 
 
 def validation_image(cfg) -> np.ndarray:
@@ -274,9 +274,9 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         rtol = MTMD_ROWS_RTOL * max(1.0, out.get("vision_rows_scale", 1.0))
         if out["vision_rows_max_abs"] > rtol:
             bad.append(f"vision: vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
-    if vprec not in ROWS_TOL and out.get("vision_rows_cosine") is not None \
-            and not out["vision_rows_cosine"] >= MMPROJ_COS:
-        bad.append(f"vision: mtmd image rows cosine {out['vision_rows_cosine']:.4f} < {MMPROJ_COS:g}")
+    if vprec in MMPROJ_COS and out.get("vision_rows_cosine") is not None \
+            and not out["vision_rows_cosine"] >= MMPROJ_COS[vprec]:
+        bad.append(f"vision: mtmd image rows cosine {out['vision_rows_cosine']:.4f} < {MMPROJ_COS[vprec]:g}")
     out["tolerance"] = tol
     out["inputs"] = (f"validation image (validation_image), the question {VALIDATION_QUESTION!r} text-only and with "
                      f"the image; fidelity: {len(FIDELITY_QUESTIONS)} fixed questions x {FIDELITY_STEPS + 1} positions")

@@ -58,34 +58,53 @@ _FP32 = (Bound("max_abs", 1e-4),)
 # decoder_image (the logits at the image segment's last row, never sampled: a text segment always follows),
 # decoder_batch (onnx: decode_batch over several KV caches against one-at-a-time steps; quantized bundles against
 # their own steps, so it measures batching, not quantization).
+# Measured (benchmarks/check_thresholds.py, 16 held-out prompts each, the worst stage figure over the suite's tiny
+# models: shipped, random, random-c2, random3, moe; cosines of mean-removed vectors) beside each bound; a bound sits
+# where its error (1 - cosine) is several times the worst measured one (2.5-10x), never looser than before.
 TABLE: dict[tuple[str, str], dict[str, tuple[Bound, ...]]] = {
     ("onnx", "fp32"): {"*": _FP32},
-    ("onnx", "fp16"): {"*": (Bound("max_abs_rel", 2e-2), Bound("cosine", 0.999))},
-    ("onnx", "int8"): {"*": _cos(0.95), "decoder_batch": _cos(0.999)},
-    ("onnx", "fp8"): {"*": _cos(0.95), "decoder_batch": _cos(0.999)},
-    ("onnx", "int8-wo"): {"*": _cos(0.98), "decoder_batch": _cos(0.999)},
+    # fp16: worst max abs / max(1, |ref|) 8.7e-4 (random), 9.0e-4 with fp16 compute (--device cuda, shipped
+    # decoder_image), cosine > 0.99999
+    ("onnx", "fp16"): {"*": (Bound("max_abs_rel", 5e-3), Bound("cosine", 0.9999))},
+    # int8: worst 0.99883 (shipped decoder_image), int8-sq decoder_text 0.99607 (random, 2 calibration samples);
+    # decoder_batch 1.0 (the bundle's own steps, exact)
+    ("onnx", "int8"): {"*": _cos(0.99), "decoder_batch": _cos(0.999)},
+    # fp8: worst 0.99561 (shipped decoder_image), 0.99579 (random decoder_text, 2 calibration samples)
+    ("onnx", "fp8"): {"*": _cos(0.98), "decoder_batch": _cos(0.999)},
+    # int8 weight-only: worst 0.99968 (shipped decoder_image); bench-0.5b 0.99901 (decoder_text, first prompt)
+    ("onnx", "int8-wo"): {"*": _cos(0.995), "decoder_batch": _cos(0.999)},
+    # int4 (block 128): worst decoder_image 0.93811 (shipped), decoder_text 0.95032 (random; moe 0.984), vision
+    # 0.99019; but bench-0.5b (random weights, 16 layers, the preset benchmarks/bench_genai.py and bench_quant.py
+    # export at int4) measures decoder_text 0.884, decoder_image 0.905, vision 0.941 on its first held-out prompt:
+    # the bound stays at 0.8. decoder_batch 0.99990 (MatMulNBits' batched path against its own single steps;
+    # bench-0.5b 0.99980)
     ("onnx", "int4"): {"*": _cos(0.8), "decoder_batch": _cos(0.999)},
     # trt: the Q/DQ graphs on ONNX Runtime's CPU provider (fp16: fp32 graphs, TensorRT applies fp16 at build)
     ("trt", "fp16"): {"*": _FP32},
-    ("trt", "int8"): {"*": _cos(0.99), "decoder_image": _cos(0.98), "decoder_text": _cos(0.95)},
-    ("trt", "fp8"): {"*": _cos(0.98), "decoder_image": _cos(0.95), "decoder_text": _cos(0.95)},
+    # int8: worst vision 0.99962, decoder_text 0.99890, decoder_image 0.99876 (InstructBLIP's random tiny LM:
+    # decoder_text 0.943 on an AVX2 EPYC, so tests/test_qformer.py quantizes its vision stage only)
+    ("trt", "int8"): {"*": _cos(0.99)},
+    # fp8: worst vision 0.99916, decoder_text 0.99618, decoder_image 0.99571 (shipped)
+    ("trt", "fp8"): {"*": _cos(0.98)},
     # build-engines: each engine against its own Q/DQ graph, the same inputs
     ("trt-engine", "*"): {"*": _cos(0.99)},
     # gguf, by the decoder's type: logits = next-token logits of the text-only and the image prompt (decoder in
-    # llama.cpp, reference image rows); fidelity = the fixed question set (export/gguf_validate.py); f32 vision:
-    # vision = the mmproj's rows through the reference code, mtmd_rows = llama.cpp's mtmd rows (relative: ggml's
-    # GELU table), mtmd_logits = the logits after mtmd's rows
+    # llama.cpp, reference image rows); fidelity = the fixed question set (export/gguf_validate.py). By the mmproj's
+    # type: vision = the f32 mmproj's rows through the reference code, mtmd_rows = llama.cpp's mtmd rows (f32:
+    # relative max abs, ggml's GELU table; f16 / q8_0 / q4_0: cosine, tiny-shapes q8_0 measured 0.9999, a
+    # sign-flipped projector -1), mtmd_logits = the logits after the f32 mmproj's mtmd rows
     ("gguf", "f32"): {"logits": (Bound("max_abs", 1e-3),), "fidelity": (Bound("mean_kl", 1e-4),
                                                                         Bound("top1_confident", 0.99)),
                       "vision": (Bound("max_abs", 1e-3),), "mtmd_rows": (Bound("max_abs_rel", 5e-3),),
                       "mtmd_logits": (Bound("max_abs", 1e-2),)},
     ("gguf", "f16"): {"logits": (Bound("max_abs", 5e-2),), "fidelity": (Bound("mean_kl", 1e-3),
-                                                                        Bound("top1_confident", 0.95))},
-    ("gguf", "q8_0"): {"fidelity": (Bound("mean_kl", 5e-3), Bound("top1_confident", 0.9))},
+                                                                        Bound("top1_confident", 0.95)),
+                      "mtmd_rows": _cos(0.99)},
+    ("gguf", "q8_0"): {"fidelity": (Bound("mean_kl", 5e-3), Bound("top1_confident", 0.9)), "mtmd_rows": _cos(0.99)},
     ("gguf", "q6_k"): {"fidelity": (Bound("mean_kl", 2e-2), Bound("top1_confident", 0.85))},
     ("gguf", "q5_k_m"): {"fidelity": (Bound("mean_kl", 5e-2), Bound("top1_confident", 0.85))},
     ("gguf", "q4_k_m"): {"fidelity": (Bound("mean_kl", 0.1), Bound("top1_confident", 0.85))},
-    ("gguf", "q4_0"): {"fidelity": (Bound("mean_kl", 0.15), Bound("top1_confident", 0.8))},
+    ("gguf", "q4_0"): {"fidelity": (Bound("mean_kl", 0.15), Bound("top1_confident", 0.8)), "mtmd_rows": _cos(0.99)},
 }
 
 

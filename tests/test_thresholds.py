@@ -29,14 +29,15 @@ def test_readme_threshold_table_is_the_code_table():
 
 
 def test_judge_reads_the_table(monkeypatch):
-    assert TH.judge("trt", "decoder_text", "int8", 1.0, 0.951, 1.0) == ("cosine >= 0.95", True)
-    assert not TH.judge("trt", "decoder_text", "int8", 1.0, 0.949, 1.0)[1]
-    assert not TH.judge("trt", "vision", "int8", 1.0, 0.985, 1.0)[1]          # stricter where not named
-    assert TH.judge("onnx", "vision", "fp16", 0.05, 0.9999, 4.0)[1]           # relative: 2e-2 x |ref| 4
-    assert not TH.judge("onnx", "vision", "fp16", 0.05, 0.9999, 1.0)[1]
-    assert not TH.judge("onnx", "vision", "fp16", 0.0, 0.998, 1.0)[1]
-    monkeypatch.setitem(TH.TABLE, ("trt", "int8"), {"*": (TH.Bound("cosine", 0.96),)})
-    assert not TH.judge("trt", "decoder_text", "int8", 1.0, 0.951, 1.0)[1]   # the data decides, not the code
+    assert TH.judge("trt", "decoder_text", "int8", 1.0, 0.991, 1.0) == ("cosine >= 0.99", True)
+    assert not TH.judge("trt", "decoder_text", "int8", 1.0, 0.989, 1.0)[1]
+    assert TH.judge("onnx", "decoder_text", "int4", 1.0, 0.81, 1.0)[1]
+    assert not TH.judge("onnx", "decoder_batch", "int4", 1.0, 0.99, 1.0)[1]   # stricter where named
+    assert TH.judge("onnx", "vision", "fp16", 0.015, 0.99995, 4.0)[1]         # relative: 5e-3 x |ref| 4
+    assert not TH.judge("onnx", "vision", "fp16", 0.015, 0.99995, 1.0)[1]
+    assert not TH.judge("onnx", "vision", "fp16", 0.0, 0.9998, 1.0)[1]
+    monkeypatch.setitem(TH.TABLE, ("trt", "int8"), {"*": (TH.Bound("cosine", 0.995),)})
+    assert not TH.judge("trt", "decoder_text", "int8", 1.0, 0.991, 1.0)[1]   # the data decides, not the code
     with pytest.raises(KeyError):
         TH.judge("onnx", "vision", "q4_0", 0.0, 1.0, 1.0)
 
@@ -80,7 +81,7 @@ def test_quantized_export_checks_held_out_prompts(random_ckpt, tmp_path):
     prec = man["precision"]
     assert set(v["stages"]) <= set(v["thresholds"])
     assert v["thresholds"] == TH.used("onnx", lambda s: prec[group(s)], v["thresholds"])
-    assert v["thresholds"]["decoder_text"] == "cosine >= 0.95"
+    assert v["thresholds"]["decoder_text"] == f"cosine >= {TH.bound('onnx', 'int8', 'decoder_text', 'cosine'):g}"
     for s, f in v["stages"].items():
         assert f["tolerance"] == v["thresholds"][s]
 
