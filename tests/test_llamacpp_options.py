@@ -148,6 +148,30 @@ def test_info_shows_kv_bytes_at_the_type(bundle):
     assert "0.53x" in _cli("info", "--bundle", bundle, "--kv-cache", "q8_0").output
 
 
+def test_bench_compares_kv_cache_types(bundle):
+    """`edgemm bench B --kv-cache f16 --kv-cache q8_0`: one row per type, each measured on that cache (accuracy
+    on the test split's first questions included)."""
+    from edgemm.bench import bench
+    rep = bench([bundle], backends=("llamacpp",), kv_caches=("f16", "q8_0"), limit=16, repeats=1, warmup=0,
+                decode_steps=2, threads=1, fidelity_n=0, isolate=False, progress=False, log=None)
+    rows = rep["results"]
+    assert [r["name"].rsplit(" ", 2)[1:] for r in rows] == [["kv", "f16"], ["kv", "q8_0"]]
+    assert "KV cache f16," in rows[0]["describe"] and "KV cache q8_0, flash attention" in rows[1]["describe"]
+    assert rows[0]["total"] == rows[1]["total"] == 16 and rows[1]["accuracy"] == rows[0]["accuracy"] >= 0.8
+    assert rep["settings"]["kv_caches"] == ["f16", "q8_0"]
+
+
+def test_info_kv_cache_refused_for_an_onnx_bundle(bundle, monkeypatch):
+    """--kv-cache in info is llama.cpp's: another target's bundle is refused, naming it."""
+    from edgemm import bundle as bundle_mod, info
+    man = bundle_mod.read_manifest(bundle)
+    monkeypatch.setattr(bundle_mod, "read_manifest", lambda b: dict(man, target="onnx"))   # an onnx manifest
+    monkeypatch.setattr(info, "describe_bundle", lambda b, contexts=None: ["(described)"])
+    with pytest.raises(EdgemmError, match="--kv-cache is llama.cpp's .* is a onnx bundle"):
+        info.describe(bundle=bundle, kv_cache="q8_0")
+    assert info.describe(bundle=bundle) == "(described)"
+
+
 # --------------------------------------------------------------------------- --device
 def _cpu_only():
     from edgemm.llamacpp import gpu_offload, load_llama_cpp
