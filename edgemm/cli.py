@@ -230,11 +230,21 @@ def eval_cmd(model, bundle, backend, device, threads, kv_cache, mmproj_offload, 
 @click.option("--context", "contexts", multiple=True, type=int, help="Context lengths for the KV cache estimate.")
 @click.option("--kv-cache", default=None, type=click.Choice(KV_CHOICES), help="Also the KV cache bytes at this "
               "llama.cpp type (gguf bundles; --kv-cache of run, chat, serve).")
+@click.option("--parallel", default=None, type=int, help="Plan memory as `edgemm serve --parallel P` holds it: "
+              "weights + vision + KV of P slots at each --context + working buffers, per the bundle's backend.")
+@click.option("--memory", default=None, help="Also the most slots (and context) that fit this budget (6GiB, 6G, "
+              "512MiB, 6e9), as `edgemm serve --memory` picks them.")
 @handle_errors
-def info(model, bundle, contexts, kv_cache):
+def info(model, bundle, contexts, kv_cache, parallel, memory):
     """What a model or bundle is: config, parameters per branch, size, memory at each precision."""
     from .info import describe
+    plan = []
+    if parallel is not None or memory is not None:      # checked before the description is printed
+        from .memory import describe_plan
+        plan = describe_plan(model, bundle, contexts, parallel, memory, kv_cache)
     click.echo(describe(model=model, bundle=bundle, contexts=contexts or None, kv_cache=kv_cache))
+    if plan:
+        click.echo("\n".join(plan))
 
 
 @main.command()
@@ -265,12 +275,14 @@ def doctor(bundle, device, json_path):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback "
               "needs --api-key.")
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--parallel", default=1, show_default=True, type=int, help="Conversations decoding at once per "
-              "model (slots, each with its own KV cache).")
+@click.option("--parallel", default=None, type=int, help="Conversations decoding at once per model (slots, each "
+              "with its own KV cache; default 1, or with --memory the most that fit).")
+@click.option("--context", default=None, type=int, help="Tokens per slot's KV cache (default the model's context, "
+              "or with --memory the longest that fits).")
+@click.option("--memory", default=None, help="Memory budget (6GiB, 6G, 512MiB, 6e9): weights + vision + KV cache + "
+              "working buffers are planned to fit it (edgemm.memory); a configuration that cannot is refused.")
 @click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond the slots; "
               "more get 503 with Retry-After.")
-@click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
-              "runs between two decode steps of the running streams (default 64; 0: the whole prompt at once).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
@@ -294,9 +306,9 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @llama_options
 @handle_errors
-def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, api_key,
-          api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
-          grace_period, use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload):
+def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
+          metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, grace_period,
+          use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -324,6 +336,14 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         raise EdgemmError(f"--grace-period must be a number of seconds >= 0, not {grace_period}")
     limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts),
                     body_seconds=body_timeout, client_connections=max_client_connections)
+    if memory is not None or context is not None:
+        from .memory import parse_size, served, serve_plan
+        if use_ray or ray_config:
+            raise EdgemmError("--memory and --context are not passed to Ray Serve replicas yet: serve without --ray")
+        budget = parse_size(memory) if memory is not None else None
+        plan = [] if budget is None else served(models, bundles, backend, device, kv_cache, log=_err)
+        context, parallel = serve_plan(budget, plan, context, parallel, log=_err)
+    parallel = 1 if parallel is None else parallel
     if use_ray or ray_config:
         if kv_cache or not mmproj_offload:
             raise EdgemmError("--kv-cache and --no-mmproj-offload are not passed to Ray Serve replicas yet: serve "
@@ -351,8 +371,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
-               mmproj_offload=mmproj_offload)
+               limits, log=_err, grace=grace_period, kv_cache=kv_cache, mmproj_offload=mmproj_offload,
+               **({"context": context} if context else {}))
 
 
 @main.command("train-demo")

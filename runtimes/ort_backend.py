@@ -262,7 +262,7 @@ class OrtBackend(SegmentRunner):
 
     @property
     def context_length(self) -> int:
-        return self.cfg.decoder.max_seq_len
+        return min(self.cfg.decoder.max_seq_len, self.context_limit or 1 << 62)
 
     # ---- stages -------------------------------------------------------------------------
     def _encode(self, stage, feeds):

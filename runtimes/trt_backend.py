@@ -40,7 +40,8 @@ class _KVWindow(SegmentRunner):
 
     @property
     def context_length(self) -> int:
-        return int(self.manifest.get("trt", {}).get("max_context") or self.cfg.decoder.max_seq_len)
+        n = int(self.manifest.get("trt", {}).get("max_context") or self.cfg.decoder.max_seq_len)
+        return min(n, self.context_limit or n)
 
     def _alloc(self, shape):                     # -> one zeroed cache buffer
         raise NotImplementedError
