@@ -15,6 +15,14 @@ compares their medians, so a machine shared with other work loads every level al
 sent back as the history), against two servers started here: one reusing its prompt cache token by token (the
 default) and one reusing whole segments only (EDGEMM_PROMPT_REUSE=segments), conversations alternating between
 them --rounds times. Printed: the TTFT of each turn on both and the prompt tokens it carries.
+
+--arrivals S: prefill that does not stall decoding (issue 31). 3 streams decode --max-tokens tokens each while a new
+image request (4 tokens; each a different image, so none is served from the prompt cache) arrives every S seconds, against two servers started here, one prefilling a newcomer's
+whole prompt before the next decode step (--prefill-chunk 0) and one in pieces of --prefill-chunk rows between
+the streams' steps; each round measures both servers without arrivals, then with them (servers alternating).
+Printed: the median gap between the streams' tokens without arrivals, their p50 / p95 / max gap with arrivals,
+and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
+their first token until the first finishes; the newcomers still running then are closed (cancelled).
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(args, env: dict | None = None, extra=()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,6 +54,7 @@ def start_server(args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
         cmd += ["--backend", args.backend]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += list(extra)
     p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
@@ -58,6 +67,12 @@ def start_server(args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     os.killpg(p.pid, signal.SIGTERM)
     raise SystemExit("the server did not become healthy")
+
+
+def stop_servers(servers: dict) -> None:
+    for p, _ in servers.values():
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -174,9 +189,106 @@ def turns_only(a) -> int:
             print(f"{t + 1:>4} {runs['tokens'][0][t][1]:>13} {tok * 1e3:>10.0f}ms {seg * 1e3:>12.0f}ms "
                   f"{seg / tok:>5.2f}x")
     finally:
-        for p, _ in servers.values():
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=30)
+        stop_servers(servers)
+    return 0
+
+
+def image_variant(n: int) -> str:
+    """The example image with pixel (0, 0) set from n: a data URL whose rows no server has cached (a newcomer's
+    image is encoded and prefilled, not taken from the prompt cache)."""
+    import io
+    from PIL import Image
+    img = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
+    img.putpixel((0, 0), (n % 256, n // 256 % 256, 7))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+ARRIVALS = iter(range(1 << 30))         # the newcomers' image variants, never the same twice in a run
+
+
+def gaps_with_arrivals(url, model, every, max_tokens) -> list[float]:
+    """3 streams (text, greedy, ignore_eos) and, once all have their first token, a new image request (an image
+    not seen before) every `every` seconds (0: none) until the first stream ends -> the streams' gaps between
+    tokens in that window (s)."""
+    c = client_for(url)
+    first, stop, lock = threading.Barrier(4), threading.Event(), threading.Lock()
+    gaps, opened = [], []
+
+    def stream(k):
+        last, started = None, False
+        s = c.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True},
+                                      messages=[{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}])
+        for ch in s:
+            if not (ch.choices and ch.choices[0].delta.content):
+                continue
+            now = time.perf_counter()
+            if not started:
+                started = True
+                first.wait()
+            elif last is not None and not stop.is_set():
+                with lock:
+                    gaps.append(now - last)
+            last = now
+        stop.set()
+
+    def newcomer(image_url):
+        try:
+            s = c.chat.completions.create(model=model, max_tokens=4, temperature=0, stream=True, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": "What color is the circle?"}]}])
+            with lock:
+                opened.append(s)
+            for _ in s:
+                if stop.is_set():
+                    break
+        except Exception:       # closed from the main thread at the end
+            pass
+
+    ts = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    first.wait()
+    extra = []
+    while every and not stop.wait(every):
+        extra.append(threading.Thread(target=newcomer, args=(image_variant(next(ARRIVALS)),), daemon=True))
+        extra[-1].start()
+    for t in ts:
+        t.join()
+    with lock:
+        for s in opened:
+            try:
+                s.response.close()
+            except Exception:
+                pass
+    return gaps
+
+
+def arrivals_only(a) -> int:
+    """--arrivals: the running streams' token gaps with newcomers arriving, unchunked vs chunked prefill."""
+    names = {"unchunked": 0, f"chunk {a.prefill_chunk}": a.prefill_chunk}
+    servers = {m: start_server(a, extra=["--prefill-chunk", str(n)]) for m, n in names.items()}
+    try:
+        model = a.model or client_for(servers["unchunked"][1]).models.list().data[0].id
+        calm, busy = {m: [] for m in servers}, {m: [] for m in servers}
+        for r in range(a.rounds):
+            for m in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                calm[m] += gaps_with_arrivals(servers[m][1], model, 0, a.max_tokens)
+                busy[m] += gaps_with_arrivals(servers[m][1], model, a.arrivals, a.max_tokens)
+        print(f"{model}: 3 streams of {a.max_tokens} tokens, a new image request every {a.arrivals:g} s; gaps "
+              f"between the streams' tokens over {a.rounds} round(s), servers alternating (load average "
+              f"{os.getloadavg()[0]:.1f})")
+        print(f"{'prefill':>10} {'calm p50':>9} {'busy p50':>9} {'busy p95':>9} {'busy max':>9} {'p95/calm':>9} "
+              f"{'gaps':>5}")
+        for m in servers:
+            med = float(np.median(calm[m]))
+            p50, p95, mx = (float(np.quantile(busy[m], q)) for q in (0.5, 0.95, 1.0))
+            print(f"{m:>10} {med * 1e3:>7.0f}ms {p50 * 1e3:>7.0f}ms {p95 * 1e3:>7.0f}ms {mx * 1e3:>7.0f}ms "
+                  f"{p95 / med:>8.2f}x {len(busy[m]):>5}")
+    finally:
+        stop_servers(servers)
     return 0
 
 
@@ -228,7 +340,13 @@ def main(argv=None) -> int:
                     "and 4 sequences (no HTTP): the ceiling slots can reach on this machine.")
     ap.add_argument("--turns", type=int, default=None, help="Multi-turn conversations of this many turns: TTFT per "
                     "turn with token-level against whole-segment prompt reuse (two servers started here).")
+    ap.add_argument("--arrivals", type=float, default=None, help="3 streams decoding while a new image request "
+                    "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
+    ap.add_argument("--prefill-chunk", type=int, default=64, help="--arrivals: the chunked server's "
+                    "--prefill-chunk.")
     a = ap.parse_args(argv)
+    if a.arrivals:
+        return arrivals_only(a)
     if a.decode_batch:
         return decode_batch_only(a)
     if a.turns:

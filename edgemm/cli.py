@@ -283,6 +283,8 @@ def doctor(bundle, device, json_path):
               "working buffers are planned to fit it (edgemm.memory); a configuration that cannot is refused.")
 @click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond the slots; "
               "more get 503 with Retry-After.")
+@click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
+              "runs between two decode steps of the running streams (default 64; 0: the whole prompt at once).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
@@ -306,9 +308,9 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @llama_options
 @handle_errors
-def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, api_key_file,
-          metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections, grace_period,
-          use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
+def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, api_key,
+          api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
+          grace_period, use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
 
@@ -341,7 +343,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         if use_ray or ray_config:
             raise EdgemmError("--memory and --context are not passed to Ray Serve replicas yet: serve without --ray")
         budget = parse_size(memory) if memory is not None else None
-        plan = [] if budget is None else served(models, bundles, backend, device, kv_cache, log=_err)
+        plan = [] if budget is None else served(models, bundles, backend, device, kv_cache,
+                                                 prefill_chunk=prefill_chunk, log=_err)
         context, parallel = serve_plan(budget, plan, context, parallel, log=_err)
     parallel = 1 if parallel is None else parallel
     if use_ray or ray_config:
@@ -371,8 +374,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err, grace=grace_period, kv_cache=kv_cache, mmproj_offload=mmproj_offload,
-               **({"context": context} if context else {}))
+               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+               mmproj_offload=mmproj_offload, **({"context": context} if context else {}))
 
 
 @main.command("train-demo")

@@ -64,6 +64,29 @@ class Backend:
         """Append an image segment (vision branch); -> float32 logits [vocab] of its last row."""
         raise NotImplementedError
 
+    def prefill(self, state: State, kind: str, data, chunk: int | None = None):
+        """Append a segment ("text" ids or "image" rows) in pieces of at most `chunk` rows (None: one piece), so a
+        server can step other streams between them (edgemm serve --prefill-chunk): a generator that runs one piece
+        per next() and yields None after each but the last, which yields the segment's last-row logits. The
+        KV cache after the last piece is the one text() / image() leave. Text splits anywhere; an image where
+        the backend can append its rows at their own positions (chunked_image_why)."""
+        if kind != "text":
+            yield from self._image_pieces(state, data, chunk)
+            return
+        ids = list(data)
+        yield from _pieces(lambda a, b: self.text(state, ids[a:b]), len(ids), chunk)
+
+    def _image_pieces(self, state: State, rows, chunk: int | None):
+        yield self.image(state, rows)            # one piece unless a backend splits its rows
+
+    def chunked_image_why(self) -> str | None:
+        """Why prefill() appends an image in one piece whatever the chunk (None: its rows split too)."""
+        if self.cfg.decoder.cross_attn_every:
+            return "gated cross-attention: an image is its K/V and a few tokens, not decoder rows"
+        if type(self)._image_pieces is Backend._image_pieces:
+            return f"the {self.name} backend appends an image's rows in one piece"
+        return None
+
     def decode_batch(self, states: list, tokens: list[int]) -> list[np.ndarray]:
         """One decode step for several states (token i appended to state i) -> logits per state. Backends that
         can batch sequences (llamacpp) do it in one call; the default runs them one after another."""
@@ -79,6 +102,24 @@ class Backend:
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
+
+
+def _pieces(run, n: int, chunk: int | None):
+    """run(a, b) over [0, n) in steps of `chunk` (None or 0: one step), yielding None after each but the last,
+    which yields its result (prefill's protocol). n == 0 still runs once (the backend's error for an empty
+    segment)."""
+    step = chunk or n or 1
+    for a in range(0, max(n, 1), step):
+        out = run(a, min(a + step, n))
+        yield out if a + step >= n else None
+
+
+def last(pieces):
+    """Run a prefill generator to its end -> its logits."""
+    out = None
+    for out in pieces:
+        pass
+    return out
 
 
 class SegmentRunner(Backend):
@@ -170,6 +211,9 @@ class SegmentRunner(Backend):
         return np.arange(start, start + n)
 
     def image(self, state: State, rows) -> np.ndarray:
+        return last(self._image_pieces(state, rows, None))
+
+    def _image_pieces(self, state: State, rows, chunk: int | None):
         from edgemm.errors import EdgemmError
         if self.cfg.decoder.cross_attn_every:       # the image's K/V once, then its tokens (fake, <image>, fake)
             from edgemm.config import cross_image_ids
@@ -177,19 +221,27 @@ class SegmentRunner(Backend):
             if len(ids) > 1:                        # the leading fake token still reads the previous image
                 self.text(state, ids[:1])
             state.extra["cross"], state.extra["cross_on"] = kv, True
-            return self.text(state, ids[-2:] if len(ids) > 1 else ids)
+            yield self.text(state, ids[-2:] if len(ids) > 1 else ids)
+            return
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
             raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
         positions = self.image_positions(state.pos, max(rows.shape[1], self.cfg.n_image_rows))[: rows.shape[1]]
-        if self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows:
-            self._run("decoder_image", state, {"image_rows": rows[:, :-1]}, positions[:-1])
-            logits = self._run("decoder_text", state, self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]),
-                               positions[-1:])
-        else:
-            logits = self._run("decoder_image", state, {"image_rows": rows}, positions)
+        eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
+        m = rows.shape[1] - eoi
+        # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
+        step = chunk or max(m, 1)
+        pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)])},
+                   positions[a:min(a + step, m)]) for a in range(0, m, step)]
+        if eoi:
+            pieces.append(("decoder_text", self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]),
+                           positions[-1:]))
+        for i, (stage, feeds, pos) in enumerate(pieces):
+            logits = self._run(stage, state, feeds, pos)
+            if i + 1 < len(pieces):
+                yield None
         state.pos = int(positions[-1]) + 1
-        return logits
+        yield logits
 
     def vision(self, pixels, *instruction) -> np.ndarray:
         from edgemm.errors import EdgemmError

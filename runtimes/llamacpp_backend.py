@@ -489,6 +489,12 @@ class LlamaCppBackend(Backend):
         state.pos += rows.shape[0]
         return logits
 
+    def _image_pieces(self, state: State, rows, chunk):
+        """Image rows sit at sequential positions here: an image appends in pieces as text does (prefill)."""
+        from .base import _pieces
+        rows = np.asarray(rows, np.float32).reshape(1, -1, np.shape(rows)[-1])
+        yield from _pieces(lambda a, b: self.image(state, rows[:, a:b]), rows.shape[1], chunk)
+
     def vision(self, pixels) -> np.ndarray:
         rgb = pixels_to_rgb(pixels, self.cfg.vision)
         # a LLaVA bundle exported where llama.cpp's llava graph had the CLS-order defect (ggml-org/llama.cpp#25814)

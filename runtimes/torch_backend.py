@@ -81,3 +81,26 @@ class TorchBackend(Backend):
     def image(self, state, rows):
         import torch
         return self._segment(state, "image", torch.from_numpy(np.asarray(rows, np.float32)).to(self.device))
+
+    def _image_pieces(self, state, rows, chunk):
+        """The rows in pieces at the positions forward_segment gives them (the eoi row of CogVLM's rule last,
+        through the text branch)."""
+        import torch
+        if not chunk or self.cfg.decoder.cross_attn_every:
+            yield self.image(state, rows)
+            return
+        m = self.model
+        x = torch.from_numpy(np.asarray(rows, np.float32)).to(self.device)
+        positions = m.image_positions(state.pos, x.shape[1]).to(self.device)
+        k = x.shape[1] - (self.cfg.decoder.eoi_branch == "text")
+        pieces = [(a, min(a + chunk, k), "vision") for a in range(0, k, chunk)]
+        pieces += [(k, x.shape[1], "text")] if k < x.shape[1] else []
+        for i, (a, b, route) in enumerate(pieces):
+            state.cache.length = state.length
+            with torch.inference_mode():
+                logits = m.decoder(x[:, a:b], route, positions[a:b], state.cache, True)
+            state.length = state.cache.length
+            if i + 1 < len(pieces):
+                yield None
+        state.pos = m.next_position(positions)
+        yield logits[0, -1].float().cpu().numpy()

@@ -27,12 +27,12 @@ def is_loopback(host: str) -> bool:
 
 
 def load_models(models=(), bundles=(), backend="auto", device="auto", threads=None, parallel=1, max_queue=16,
-                log=None, **backend_options) -> dict:
+                log=None, prefill_chunk=None, **backend_options) -> dict:
     """-> {model id: edgemm.serve.app.Model}: each opened with `slots=parallel` and its own engine; backend_options
     (kv_cache, mmproj_offload: llama.cpp's) go to load_backend."""
     from ..runtimes import load_backend
     from .app import Model
-    from .engine import Engine
+    from .engine import PREFILL_CHUNK, Engine
     specs = [("model", m) for m in models] + [("bundle", b) for b in bundles]
     if not specs:
         specs = [("model", "tiny-shapes")]
@@ -44,7 +44,9 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
                               "distinct names")
         b = load_backend(backend, **{kind: spec}, device=device, threads=threads, log=log, slots=parallel,
                          **backend_options)
-        out[mid] = Model(id=mid, backend=b, engine=Engine(b, parallel, max_queue, log=log),
+        out[mid] = Model(id=mid, backend=b, engine=Engine(b, parallel, max_queue, log=log,
+                                                             prefill_chunk=PREFILL_CHUNK if prefill_chunk is None
+                                                             else prefill_chunk),
                          template=chat_template_of(b))
         if log:
             log(f"serving {mid}: {b.describe()}, {parallel} slot(s)")
@@ -57,7 +59,7 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
 
 def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, host="127.0.0.1", port=8080,
           parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print, grace=None,
-          **backend_options) -> None:
+          prefill_chunk=None, **backend_options) -> None:
     """Run the server until SIGTERM or SIGINT, then drain for at most `grace` seconds (edgemm.serve.drain) and
     return (models load in the background; /health says 503 until ready)."""
     from .api import Limits
@@ -72,7 +74,7 @@ def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, ho
     limits = limits or Limits()
     app = create_app({}, limits=limits, api_key=api_key, metrics=metrics,
                      loader=lambda: load_models(models, bundles, backend, device, threads, parallel, max_queue, log,
-                                                **backend_options))
+                                                prefill_chunk, **backend_options))
     if log:
         log(f"edgemm serve on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'}); "
             f"GET /health says when the models are loaded")

@@ -1,12 +1,15 @@
 """Slots: N conversations decoding at once over one backend, scheduled token by token.
 
 One worker thread owns the backend (backends are not thread-safe). Each loop it admits waiting requests into
-free slots (encode the images, prefill the prompt, sample the first token), then advances every active slot by
-one token in one `decode_batch` call (llama.cpp: one llama_decode over all the slots' sequences; ort with a
-batch-capable decoder_text: one run over the slots' rows of one KV buffer per layer; either way the weights are
-read once for all of them; the other backends step the slots one after another). A long answer therefore never
-blocks the others, a cancelled request (client gone) frees its slot before the next step, and at most
-`max_queue` requests wait beyond the slots (more are refused: the server answers 503 with Retry-After).
+free slots, runs one piece of the oldest newcomer's prefill (an image's encode, or at most `prefill_chunk` prompt
+rows: Backend.prefill; after its last piece the first token is sampled), then advances every slot past its
+prefill by one token in one `decode_batch` call (llama.cpp: one llama_decode over all the slots' sequences; ort
+with a batch-capable decoder_text: one run over the slots' rows of one KV buffer per layer; either way the weights
+are read once for all of them; the other backends step the slots one after another). A long answer therefore
+never blocks the others, nor does a newcomer's prompt (the running streams wait for one piece, not the whole
+prompt; prefill_chunk 0: the whole prompt at admission), a cancelled request (client gone) frees its slot before
+the next step, and at most `max_queue` requests wait beyond the slots (more are refused: the server answers 503
+with Retry-After).
 
 Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
 pixels; the tokens its last answer fed back). A new request goes to the free slot whose cache shares the longest
@@ -61,6 +64,7 @@ class Slot:
     ans: AnswerStream | None = None
     held: list = field(default_factory=list)     # [(segment key, length after, pos after)] in the KV cache
     fed: list = field(default_factory=list)      # the answer's tokens fed to the cache so far (decode steps)
+    pieces: object = None                        # its prompt's prefill still to run (a generator: Engine._prefill)
 
 
 def segment_keys(job: Job) -> list:
@@ -153,14 +157,22 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+PREFILL_CHUNK = 64      # rows a prefill piece takes at most (serve --prefill-chunk; see benchmarks/bench_serve.py)
+
+
 class Engine:
     """The slots of one model (see the module docstring)."""
 
-    def __init__(self, backend, parallel: int = 1, max_queue: int = 16, metrics: Metrics | None = None, log=None):
+    def __init__(self, backend, parallel: int = 1, max_queue: int = 16, metrics: Metrics | None = None, log=None,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
         self.b = backend
         self.parallel, self.max_queue = int(parallel), int(max_queue)
+        self.prefill_chunk = int(prefill_chunk or 0)      # 0: a newcomer's whole prompt before the next step
         self.metrics = metrics or Metrics()
         self.log = log or (lambda s: None)
+        why = backend.chunked_image_why() if self.prefill_chunk else None
+        if why:
+            self.log(f"note: --prefill-chunk splits text only: {why}")
         self.slots = [Slot(state=None) for _ in range(self.parallel)]
         self.waiting: deque[Job] = deque()
         self.rows_cache: OrderedDict = OrderedDict()      # image digest -> rows, the last ROWS_CACHE images
@@ -194,7 +206,7 @@ class Engine:
     # ---- the worker ----------------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str | None = None, error: str | None = None) -> None:
         job = slot.job
-        slot.job, slot.ans = None, None
+        slot.job, slot.ans, slot.pieces = None, None, None
         if error is None and slot.fed and slot.state is not None:        # the answer is in the cache too
             slot.held.append((("gen", tuple(slot.fed)), slot.state.length, slot.state.pos))
         slot.fed = []
@@ -220,16 +232,26 @@ class Engine:
         return rows
 
     def _start(self, slot: Slot, job: Job) -> None:
+        """Rewind the slot's cache to the lead it shares with the prompt and set up the rest's prefill: run now
+        whole (no prefill_chunk), else piece by piece between the others' decode steps (_once)."""
         b = self.b
         if slot.state is None:
             slot.state = b.new_state(max_len=b.context_length)
         st = slot.state
-        keys = segment_keys(job)
         # reuse the cached lead (whole segments, then tokens), but always run a row of the last segment
-        k, j, st.length, st.pos = reuse_point(slot.held, keys, self.token_reuse)    # rewind to the shared part
+        k, j, st.length, st.pos = reuse_point(slot.held, segment_keys(job), self.token_reuse)   # rewind there
         slot.held, slot.fed = slot.held[:k], []
         self.prefill_rows_saved += st.length
-        logits = None
+        slot.pieces = self._prefill(slot, job, k, j)
+        if not self.prefill_chunk:
+            for _ in slot.pieces:
+                pass
+
+    def _prefill(self, slot: Slot, job: Job, k: int, j: int):
+        """The prompt from segment k (its first j ids held) -> a generator of pieces: an image's encode, then at
+        most prefill_chunk rows each (Backend.prefill); after the last it samples the first token."""
+        b, st, logits = self.b, slot.state, None
+        keys = segment_keys(job)
         for n, ((kind, data), key) in enumerate(zip(job.segments[k:], keys[k:])):
             if n == 0 and j:
                 data = data[j:]                  # the held first j ids of this text segment
@@ -237,14 +259,39 @@ class Engine:
                     slot.held.append((key, st.length, st.pos))
                     continue
             if job.cancelled.is_set():
-                slot.held = []
-                self._finish(slot, "cancelled")
-                return
-            ins = job.instructions[data] if kind == "image" and job.instructions else ()   # InstructBLIP
-            logits = b.text(st, data) if kind == "text" else b.image(st, self._rows(key[1], job.pixels[data], ins))
+                break
+            if kind == "image":                  # the encode is one piece (bounded by --max-image-pixels)
+                ins = job.instructions[data] if job.instructions else ()   # InstructBLIP
+                data = self._rows(key[1], job.pixels[data], ins)
+                yield
+            for out in b.prefill(st, kind, data, self.prefill_chunk or None):
+                logits = out
+                yield
             slot.held.append((key, st.length, st.pos))
+        slot.pieces = None
+        if job.cancelled.is_set():
+            slot.held = []
+            self._finish(slot, "cancelled")
+            return
         slot.ans = AnswerStream(b.tokenizer, job.gen)
         self._advance(slot, logits)
+
+    def _prefill_step(self) -> None:
+        """One piece of the oldest prefill (the newcomers' prompts interleave with the decode steps)."""
+        slots = [s for s in self.slots if s.job is not None and s.pieces is not None]
+        if not slots:
+            return
+        slot = min(slots, key=lambda s: s.job.t_submit)
+        try:
+            next(slot.pieces, None)
+        except Exception as e:
+            self._fail(slot, e)
+
+    def _fail(self, slot: Slot, e: Exception) -> None:
+        if isinstance(e, EdgemmError):
+            self._finish(slot, error=str(e))
+        else:                                   # a backend failure ends this request, not the server
+            self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
 
     def _advance(self, slot: Slot, logits) -> None:
         job, ans = slot.job, slot.ans
@@ -292,12 +339,13 @@ class Engine:
                 continue
             try:
                 self._start(slot, job)
-            except EdgemmError as e:
-                self._finish(slot, error=str(e))
-            except Exception as e:  # a backend failure ends this request, not the server
-                self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
+            except Exception as e:
+                self._fail(slot, e)
+        self._prefill_step()
         for slot in self.slots:                     # clients that went away free their slots now
             if slot.job is not None and slot.job.cancelled.is_set():
+                if slot.pieces is not None:         # mid-prefill: what its cache holds is not known
+                    slot.held = []
                 self._finish(slot, "cancelled")
         live = [s for s in self.slots if s.job is not None and s.ans is not None]
         if not live:
