@@ -6,7 +6,8 @@ An estimate is the sum of what the backend really holds (runtimes/):
 - weights: ort opens each stage's ONNX file from its bytes (runtimes/ort_backend.py: the bytes that were hashed);
   ONNX Runtime parses them and prepacks the MatMul weights, so the process holds about ORT_LOAD_FACTOR x the stage
   files (measured with VmHWM on bench-shaped fp32 bundles of 31 and 118 MiB: 2.53 x files + 16 MiB). llama.cpp maps
-  the decoder GGUF (every page read once loaded) and mtmd reads the mmproj. torch holds its fp32 parameters.
+  the decoder GGUF (every page read once loaded) and mtmd reads the mmproj. torch holds its fp32 parameters (and
+  about 96 MiB of its own allocator and kernel scratch once it has run: measured on 30 and 116 MiB checkpoints).
 - KV cache at its type: ort preallocates [slots, K, context + 1, E] per layer for key and value
   (runtimes/kv_pool.py; [1, K, context, E] per state with one slot), fp32 or, for fp16-compute bundles, fp16;
   llama.cpp holds context x slots cells (not unified) x layers x kv_heads x head_dim x 2 at its KV type (f32 for
@@ -36,8 +37,8 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2,
 KV_TYPE_BYTES = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
                  "int8": 1.0, "fp8": 1.0}
 ORT_LOAD_FACTOR = 2.53          # resident bytes per byte of stage file, sessions opened from the bytes (measured)
-RUNTIME = {"ort": 16 * MiB, "trt": 16 * MiB, "llamacpp": 32 * MiB, "torch": 16 * MiB}
-LIBRARIES = {"ort": 56 * MiB, "trt": 56 * MiB, "llamacpp": 44 * MiB, "torch": 330 * MiB}   # measured imports
+RUNTIME = {"ort": 16 * MiB, "trt": 16 * MiB, "llamacpp": 32 * MiB, "torch": 96 * MiB}    # measured (VmHWM)
+LIBRARIES = {"ort": 56 * MiB, "trt": 56 * MiB, "llamacpp": 44 * MiB, "torch": 220 * MiB}   # measured imports
 
 
 def parse_size(text) -> int:

@@ -1,6 +1,7 @@
 """The memory planner (edgemm/memory.py, issue 31 item 4): size parsing, the KV layouts the backends really
 allocate, the auto-fit choice, the one-line refusal of `edgemm serve --memory`, `edgemm info --parallel`, and the
-estimate against the peak RSS of a process that loaded a bundle and filled every slot's cache (within 15%)."""
+estimate against the peak RSS of a process that loaded a bundle (or, on torch, the checkpoint) and filled every
+slot's cache (within 15%)."""
 from __future__ import annotations
 
 import json
@@ -156,13 +157,16 @@ import PIL.Image, edgemm.anyres, edgemm.bundle, edgemm.tokenizer, edgemm.runtime
 importlib.import_module(f"edgemm.runtimes.{backend}_backend")
 if backend == "ort":
     import onnxruntime
+elif backend == "torch":
+    import torch, edgemm.model, edgemm.checkpoint
 else:
     from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 if mode == "run":
-    b = edgemm.runtimes.load_backend(backend, bundle=bundle, slots=slots, threads=1, context=ctx)
+    where = {"model" if backend == "torch" else "bundle": bundle}
+    b = edgemm.runtimes.load_backend(backend, **where, slots=slots, threads=1, context=ctx)
     assert b.context_length == ctx
     rng = np.random.default_rng(0)
     S, V = b.cfg.vision.image_size, b.cfg.decoder.vocab_size
@@ -187,12 +191,13 @@ def _peak(*args) -> int:
     return json.loads(r.stdout.strip().splitlines()[-1])["hwm"]
 
 
-@pytest.mark.parametrize("backend,slots", [("ort", 3), ("llamacpp", 4)])
+@pytest.mark.parametrize("backend,slots", [("ort", 3), ("llamacpp", 4), ("torch", 3)])
 def test_estimate_within_15_percent_of_peak_rss(backend, slots, request):
-    bundle = request.getfixturevalue("onnx_bundle" if backend == "ort" else "gguf_bundle")
+    bundle = request.getfixturevalue({"ort": "onnx_bundle", "llamacpp": "gguf_bundle", "torch": "ckpt"}[backend])
     base = _peak(backend, bundle, CTX, slots, "base", CHUNK or CTX)
     measured = _peak(backend, bundle, CTX, slots, "run", CHUNK or CTX) - base
-    e = memory_of(bundle=str(bundle), backend=backend, chunk=CHUNK).estimate(CTX, slots)
+    e = (memory_of(model=str(bundle), chunk=CHUNK) if backend == "torch" else
+         memory_of(bundle=str(bundle), backend=backend, chunk=CHUNK)).estimate(CTX, slots)
     assert e.kv > 0.25 * e.model                # the caches are a large share of what is measured
     print(f"{backend}: {slots} slots x {CTX}: estimate {e.model / MiB:.1f} MiB (weights {e.weights / MiB:.1f}, "
           f"KV {e.kv / MiB:.1f}, buffers {(e.vision + e.buffers) / MiB:.1f}, runtime {e.runtime / MiB:.1f}); "
