@@ -252,14 +252,26 @@ def _save_processor(src):
 
 
 def _recording(monkeypatch, cls):
-    """Record the image rows each image segment of `cls` (a backend class) is fed."""
-    fed = []
-    orig = cls.image
+    """Record the image rows each image segment of `cls` (a backend class) is fed, whole (image()) or through the
+    chunked prefill the server runs (prefill(kind="image"), whose pieces must not be recorded again)."""
+    fed, inside = [], []
+    orig, orig_prefill = cls.image, cls.prefill
 
     def image(self, state, rows):
-        fed.append(np.array(rows))
+        if not inside:
+            fed.append(np.array(rows))
         return orig(self, state, rows)
+
+    def prefill(self, state, kind, data, chunk=None):
+        if kind == "image":
+            fed.append(np.array(data))
+        inside.append(1)
+        try:
+            yield from orig_prefill(self, state, kind, data, chunk)
+        finally:
+            inside.pop()
     monkeypatch.setattr(cls, "image", image)
+    monkeypatch.setattr(cls, "prefill", prefill)
     return fed
 
 
