@@ -342,7 +342,7 @@ def main(argv=None) -> int:
                     "turn with token-level against whole-segment prompt reuse (two servers started here).")
     ap.add_argument("--arrivals", type=float, default=None, help="3 streams decoding while a new image request "
                     "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
-    ap.add_argument("--prefill-chunk", type=int, default=64, help="--arrivals: the chunked server's "
+    ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "
                     "--prefill-chunk.")
     a = ap.parse_args(argv)
     if a.arrivals:

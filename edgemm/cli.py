@@ -284,7 +284,7 @@ def doctor(bundle, device, json_path):
 @click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond the slots; "
               "more get 503 with Retry-After.")
 @click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
-              "runs between two decode steps of the running streams (default 64; 0: the whole prompt at once).")
+              "runs between two decode steps of the running streams (default 16; 0: the whole prompt at once).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
