@@ -65,6 +65,22 @@ def greedy_ids(hf_logits, ids, eos, n=4) -> list:
     return out
 
 
+def exports_validate(ck, d, gguf_says: str) -> None:
+    """`edgemm export --model ck` to onnx fp32 / int8 and trt fp16 (--no-build) under d: each exits 0 and every stage
+    of its manifest's validation is ok; `--target gguf` exits 2 saying `gguf_says` and naming onnx and trt."""
+    import json
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("trt", "fp16")):
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", target, "--precision", prec,
+                                      "-o", str(d / f"{target}-{prec}")] + (["--no-build"] if target == "trt" else []))
+        assert r.exit_code == 0, r.output
+        man = json.loads((d / f"{target}-{prec}" / "edgemm.json").read_text())
+        assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
+    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
+    assert r.exit_code == 2 and gguf_says in r.output and "onnx, trt" in r.output, r.output
+
+
 def record_answers(monkeypatch) -> list:
     """The ids of every answer ChatSession generates from now on (an answer's text may end mid-character)."""
     from edgemm.generation import ChatSession

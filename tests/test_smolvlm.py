@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from .test_import_llava import away_from_init, greedy_ids, logits_and_cached_steps_match, record_answers
+from .test_import_llava import away_from_init, greedy_ids, logits_and_cached_steps_match, record_answers, exports_validate
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
 
@@ -315,14 +315,7 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     from click.testing import CliRunner
     from edgemm.cli import main
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("trt", "fp16")):
-        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", target, "--precision", prec,
-                                      "-o", str(d / f"{target}-{prec}")] + (["--no-build"] if target == "trt" else []))
-        assert r.exit_code == 0, r.output
-        man = json.loads((d / f"{target}-{prec}" / "edgemm.json").read_text())
-        assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
-    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
-    assert r.exit_code == 2 and "idefics3 projector" in r.output and "onnx, trt" in r.output, r.output
+    exports_validate(ck, d, "idefics3 projector")
     w, h = SIZES[0]
     Image.fromarray(_image(w, h, 7)).save(d / "img.png")
     hf_in, _ = _reference(hf, proc, Image.open(d / "img.png"))
