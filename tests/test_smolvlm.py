@@ -127,6 +127,20 @@ def _hf_processor(src, idefics3=False, splitting=True):
                      image_seq_len=ROWS_PER_TILE, chat_template=TEMPLATE)
 
 
+def save_tokenizer(tok, src):
+    """The tokenizer as SmolVLM ships it: tokenizer.json, tokenizer_config.json with its special tokens, and
+    generation_config.json's eos / pad (benchmarks/bench_family_shapes.py writes its checkpoint with this too)."""
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {
+            "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+            "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"}}))
+    ids = tok.token_to_id
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids("<end_of_utterance>")],
+                                                            "pad_token_id": ids("<|endoftext|>")}))
+
+
 def _save(d, idefics3=False, splitting=True, tie=False):
     """A tiny SmolVLM (or Idefics3) saved as transformers saves it, with a byte-level tokenizer carrying its special
     tokens, its processor settings and chat template; imported by `edgemm import`."""
@@ -138,15 +152,7 @@ def _save(d, idefics3=False, splitting=True, tie=False):
                idefics3=idefics3)
     src = d / "src"
     hf.save_pretrained(src, safe_serialization=True)
-    tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>",
-        "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {
-            "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-            "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"}}))
-    ids = tok.token_to_id
-    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids("<end_of_utterance>")],
-                                                            "pad_token_id": ids("<|endoftext|>")}))
+    save_tokenizer(tok, src)
     proc = _hf_processor(src, idefics3, splitting)
     proc.image_processor.save_pretrained(src)
     (src / "processor_config.json").write_text(json.dumps({"image_seq_len": ROWS_PER_TILE}))
