@@ -22,7 +22,8 @@ whole prompt before the next decode step (--prefill-chunk 0) and one in pieces o
 the streams' steps; each round measures both servers without arrivals, then with them (servers alternating).
 Printed: the median gap between the streams' tokens without arrivals, their p50 / p95 / max gap with arrivals,
 and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
-their first token until the first finishes; the newcomers still running then are closed (cancelled).
+their first token until the first finishes; the newcomers still running then are closed (cancelled). Gaps are per
+token: a chunk covering m tokens (text held back until a UTF-8 character completes) is m gaps of its gap / m.
 """
 from __future__ import annotations
 
@@ -211,26 +212,33 @@ ARRIVALS = iter(range(1 << 30))         # the newcomers' image variants, never t
 def gaps_with_arrivals(url, model, every, max_tokens) -> list[float]:
     """3 streams (text, greedy, ignore_eos) and, once all have their first token, a new image request (an image
     not seen before) every `every` seconds (0: none) until the first stream ends -> the streams' gaps between
-    tokens in that window (s)."""
+    tokens in that window (s). A chunk covering m tokens (those whose bytes end inside a UTF-8 character add no text:
+    bench-0.5b's byte tokens often do, and the server sends their text with a later token's) counts as m gaps of
+    its gap / m (the server's stream_options.continuous_usage_stats says m), so text held back is not read as a
+    stall; the first chunk read after the wait for the other streams' first tokens starts the count."""
     c = client_for(url)
     first, stop, lock = threading.Barrier(4), threading.Event(), threading.Lock()
     gaps, opened = [], []
 
     def stream(k):
-        last, started = None, False
+        last, started, n = None, False, 0
         s = c.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
                                       extra_body={"ignore_eos": True},
+                                      stream_options={"continuous_usage_stats": True},
                                       messages=[{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}])
         for ch in s:
             if not (ch.choices and ch.choices[0].delta.content):
                 continue
             now = time.perf_counter()
+            m = ch.usage.completion_tokens - n if ch.usage else 1      # the tokens this chunk covers
+            n += m
             if not started:
                 started = True
                 first.wait()
-            elif last is not None and not stop.is_set():
+                continue            # (last stays None: the wait for the others is no gap)
+            if last is not None and not stop.is_set():
                 with lock:
-                    gaps.append(now - last)
+                    gaps.extend([(now - last) / max(m, 1)] * max(m, 1))
             last = now
         stop.set()
 

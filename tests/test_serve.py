@@ -160,6 +160,16 @@ def test_served_answer_equals_edgemm_run_streamed_and_not(server, reference):
     no_usage = [ch for ch in c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0,
                                                        max_tokens=16, stream=True) if ch.usage]
     assert no_usage == []                                     # the usage chunk only when asked for
+    # vLLM's continuous_usage_stats: every content chunk says how many tokens the answer has so far (what
+    # bench_serve --arrivals divides a chunk's gap by); the same text
+    pieces, counts = [], []
+    for ch in c.chat.completions.create(model="tiny-shapes", messages=msgs, temperature=0, max_tokens=16,
+                                        stream=True, stream_options={"continuous_usage_stats": True}):
+        if ch.choices and ch.choices[0].delta.content:
+            pieces.append(ch.choices[0].delta.content)
+            counts.append(ch.usage.completion_tokens)
+    assert "".join(pieces) == reference["circle"]
+    assert counts == sorted(counts) and 1 <= counts[0] and counts[-1] <= reference["completion_tokens"]
 
 
 def test_multi_turn_matches_a_chat_session(server, reference):

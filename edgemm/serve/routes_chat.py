@@ -99,6 +99,13 @@ def include_usage(body: dict) -> bool:
     return bool((so or {}).get("include_usage"))
 
 
+def continuous_usage(body: dict) -> bool:
+    """stream_options.continuous_usage_stats (vLLM's extension): the usage so far on every content chunk, so a
+    client can tell how many tokens a chunk covers (a token whose bytes end inside a UTF-8 character adds no text:
+    its text comes with a later chunk; benchmarks/bench_serve.py --arrivals counts gaps per token with it)."""
+    return bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+
+
 def usage_of(d: dict) -> dict:
     return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
             "total_tokens": d["prompt_tokens"] + d["completion_tokens"]}
@@ -115,8 +122,9 @@ class Answer:
     fmt: str | None = None           # the tool-call form the answer is parsed in (edgemm.tools)
 
     def chunk(self, delta, finish=None, usage=None) -> str:
+        """delta None: a usage-only chunk (no choices)."""
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-             "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if usage:
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
@@ -139,7 +147,7 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
               instructions=instructions_of(b, body.get("messages")),
-              on_event=lambda kind, data: loop.call_soon_threadsafe(q.put_nowait, (kind, data)))
+              on_event=lambda kind, data: loop.call_soon_threadsafe(q.put_nowait, (kind, data, job.n_out)))
     try:
         m.engine.submit(job)
     except QueueFull:
@@ -148,7 +156,7 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     return Answer(m.id, job, q, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), st.fmt)
 
 
-async def events(a: Answer, include_usage: bool):
+async def events(a: Answer, include_usage: bool, continuous: bool = False):
     """The answer as server-sent events; a client that disconnects frees its slot."""
     from ..tools import ToolStream
     from .structured import call_deltas
@@ -157,7 +165,7 @@ async def events(a: Answer, include_usage: bool):
     try:
         yield a.chunk({"role": "assistant", "content": ""})
         while True:
-            kind, data = await a.q.get()
+            kind, data, n_out = await a.q.get()   # (n_out: the answer's tokens when the event was sent)
             if kind in ("text", "done") and tools is not None:
                 evs = tools.feed(data) if kind == "text" else tools.finish()
             else:
@@ -172,14 +180,15 @@ async def events(a: Answer, include_usage: bool):
                     d = d.lstrip()
                     lead = not d
                 if d:
-                    yield a.chunk({"content": d})
+                    yield a.chunk({"content": d}, usage=usage_of({"prompt_tokens": a.job.prompt_rows,
+                                                                  "completion_tokens": n_out}) if continuous else None)
             if kind == "error":
                 yield f"data: {json.dumps(error_body(data, 'server_error', None))}\n\n"
                 break
             if kind == "done":
                 yield a.chunk({}, "tool_calls" if calls and data["finish_reason"] == "stop" else data["finish_reason"])
                 if include_usage:
-                    yield a.chunk({}, usage=usage_of(data))
+                    yield a.chunk(None, usage=usage_of(data))
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -192,7 +201,7 @@ async def whole(a: Answer, request) -> dict | None:
     try:
         while True:
             try:
-                kind, data = await asyncio.wait_for(a.q.get(), timeout=0.5)
+                kind, data, _ = await asyncio.wait_for(a.q.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return None
@@ -229,7 +238,7 @@ def install_chat_route(app) -> None:
         a = await submit(pick_model(state, body.get("model")), body, state.limits)
         if body.get("stream"):
             state.metrics.request(200)
-            return StreamingResponse(events(a, usage), media_type="text/event-stream",
+            return StreamingResponse(events(a, usage, continuous_usage(body)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         out = await whole(a, request)
         if out is None:

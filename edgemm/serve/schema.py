@@ -43,6 +43,7 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: Optional[bool] = None
+    continuous_usage_stats: Optional[bool] = None      # vLLM's: the usage so far on every content chunk
 
 
 class JSONSchemaFormat(BaseModel):
