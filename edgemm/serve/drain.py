@@ -20,7 +20,9 @@ Requests still running at its end are cut (their connections close) and the proc
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -38,7 +40,14 @@ def exit_on_signal() -> None:
     """Until the server is up there is nothing to drain: SIGTERM/SIGINT exit 0 at once (instead of dying by the
     signal). serve_draining and catch_signals take the signals over once it is."""
     def leave(sig, frame):
-        raise SystemExit(0)
+        # not SystemExit: raised where the handler happens to run (inside an import lock's callback, say) it can
+        # be swallowed ("Exception ignored in ..."), and the server then started and never stopped
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(0)
     for sig in SIGNALS:
         signal.signal(sig, leave)
 
