@@ -230,13 +230,11 @@ class Tiles(np.ndarray):
 def preprocess_image(src, v):
     """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles; InternVL's
     dynamic tiles -> float32 [N, 3, S, S], one image's tiles (edgemm.internvl_tiles), which its vision stage takes."""
+    from . import tilings
     from .processor import preprocess
-    if v.tiling == "smolvlm":                   # SmolVLM's tile grid: the tiles (edgemm.smolvlm_tiles.GridTiles)
-        from .smolvlm_tiles import preprocess as preprocess_grid
-        return preprocess_grid(src, v)
-    if v.tiling == "internvl":
-        from .internvl_tiles import preprocess as preprocess_internvl
-        return preprocess_internvl(src, v)
+    tiles = tilings.of(v)                       # SmolVLM's tile grid (GridTiles), InternVL's dynamic tiles
+    if tiles is not None:
+        return tiles.preprocess(src, v)
     if not v.grid_pinpoints:
         return preprocess(src, v)
     px, hw = preprocess_tiles(src, v)

@@ -236,12 +236,10 @@ class ModelConfig:
 
     def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
         """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
-        if self.vision.tiling == "smolvlm":                 # SmolVLM's tile grid (edgemm.smolvlm_tiles)
-            from .smolvlm_tiles import image_rows as grid_rows
-            return grid_rows(self, width, height)
-        if self.vision.tiling == "internvl":                # InternVL's dynamic tiles (edgemm.internvl_tiles)
-            from .internvl_tiles import image_rows
-            return image_rows(self, width, height)
+        from . import tilings
+        tiles = tilings.of(self.vision)                     # SmolVLM's tile grid, InternVL's dynamic tiles
+        if tiles is not None:
+            return tiles.image_rows(self, width, height)
         if not self.vision.grid_pinpoints:
             return self.n_image_rows
         from .anyres import row_index

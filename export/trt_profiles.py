@@ -46,11 +46,10 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
     a, eoi = cfg.adapter, int(c.eoi_branch == "text")     # eoi through text: no ids and one row (input_rows)
     inp = {"pixels": batched(3, S, S)} if cfg.input_stage == "vision" else {"codes": batched(n_img, a.codebooks)}
     if cfg.vision.grid_pinpoints or cfg.vision.tiling:     # one image's tiles per call: any-resolution tiling's
-        from edgemm.anyres import max_tile_batch           # overview + grid, InternVL's grid + thumbnail
-        from edgemm.internvl_tiles import max_tile_batch as internvl_tile_batch
-        from edgemm.smolvlm_tiles import max_tile_batch as grid_tile_batch       # SmolVLM's grid + whole image
-        n = ({"smolvlm": grid_tile_batch, "internvl": internvl_tile_batch}.get(cfg.vision.tiling, max_tile_batch)
-             (cfg.vision))
+        from edgemm import tilings                         # overview + grid, InternVL's grid + thumbnail,
+        from edgemm.anyres import max_tile_batch           # SmolVLM's grid + whole image
+        tiles = tilings.of(cfg.vision)
+        n = (tiles.max_tile_batch if tiles is not None else max_tile_batch)(cfg.vision)
         inp["pixels"] = {"min": [1, 3, S, S], "opt": [max(1, (n + 1) // 2), 3, S, S], "max": [max(n, batch), 3, S, S]}
     if cfg.input_stage == "image_tokens" and a.signal_size:
         inp["signal"] = batched(n_img, a.signal_size)
