@@ -245,7 +245,8 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
     import torch
     from tqdm import tqdm
     from edgemm.model import EdgeMM, KVCache
-    from edgemm.anyres import Tiles, preprocess_image
+    from edgemm.anyres import Tiles
+    from edgemm.tilings import preprocess_image
     from edgemm.qformer import instruction
     from .sets import resolve_calib
     log = log or (lambda s: None)

@@ -227,48 +227,15 @@ class Tiles(np.ndarray):
     max_tiles = None
 
 
-def preprocess_image(src, v):
-    """The host's image preprocessing for any model: fixed size -> float32 [1, 3, S, S]; tiled -> Tiles; InternVL's
-    dynamic tiles -> float32 [N, 3, S, S], one image's tiles (edgemm.internvl_tiles), which its vision stage takes."""
-    from . import tilings
-    from .processor import preprocess
-    tiles = tilings.of(v)                       # SmolVLM's tile grid (GridTiles), InternVL's dynamic tiles
-    if tiles is not None:
-        return tiles.preprocess(src, v)
-    if not v.grid_pinpoints:
-        return preprocess(src, v)
+def _preprocess(src, v) -> Tiles:
     px, hw = preprocess_tiles(src, v)
     t = px.view(Tiles)
     t.hw, t.max_tiles = hw, v.max_tiles
     return t
 
 
-def encode_pixels(backend, pixels) -> np.ndarray:
-    """preprocess_image's output -> image rows [1, rows, D] through the backend's vision stage (+ the packing)."""
-    if hasattr(pixels, "pack_rows"):            # SmolVLM: its rows gathered from the stage's table (smolvlm_tiles)
-        return pixels.pack_rows(backend.vision(np.asarray(pixels)), backend.cfg)
-    if not isinstance(pixels, Tiles):
-        return backend.vision(pixels)
-    (h, w), mt = pixels.hw, pixels.max_tiles
-    return pack(backend.vision(np.asarray(pixels)), backend.image_newline(), row_index(backend.cfg.vision, h, w, mt))
-
-
-def image_rows(backend, src) -> np.ndarray:
-    """The host's image path for any backend: image -> rows [1, rows, D] (fixed size: the vision stage's rows)."""
-    return encode_pixels(backend, preprocess_image(src, backend.cfg.vision))
-
-
-def set_max_tiles(cfg, n, manifest: dict | None = None) -> None:
-    """--max-tiles N: at export (the bundle's default) or at run time (overriding it); a trt bundle's profiles
-    bound the tile batch, so a run-time value may not need more tiles than its export allowed."""
-    if n is None:
-        return
-    if cfg.vision.tiling == "internvl":     # InternVL's dynamic tiles: its max_patches
-        from .internvl_tiles import set_max_tiles as set_internvl_tiles
-        return set_internvl_tiles(cfg, n, manifest)
-    if not cfg.vision.grid_pinpoints:
-        raise EdgemmError("--max-tiles applies to tiled models (LLaVA-NeXT's any-resolution tiling, InternVL's "
-                          "dynamic tiles); this one takes one fixed-size image")
+def _set_max_tiles(cfg, n, manifest: dict | None = None) -> None:
+    """--max-tiles N for any-resolution tiling (edgemm.tilings.set_max_tiles)."""
     cfg.vision.max_tiles = n
     check_config(cfg)
     ar = (manifest or {}).get("anyres") or {}
@@ -302,3 +269,30 @@ def describe_rows(cfg) -> str:
     return (f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers, any-resolution "
             f"tiling over {len(v.grid_pinpoints)} pinpoints (max tiles {mt}; overview + grid, unpadded{down}, newline "
             f"rows) -> image rows per image: {per}; at most {max_rows(v)} rows ({max_tile_batch(v)} tiles)")
+
+
+class HOOKS:
+    """LLaVA-NeXT's any-resolution tiling under edgemm.tilings' hooks (the tiling modules' names and signatures)."""
+    check_config = staticmethod(check_config)
+    preprocess = staticmethod(_preprocess)
+    set_max_tiles = staticmethod(_set_max_tiles)
+
+    @staticmethod
+    def image_rows(cfg, width: int, height: int, max_tiles=CONFIG) -> int:
+        return len(row_index(cfg.vision, height, width, max_tiles))
+
+    @staticmethod
+    def max_rows(cfg) -> int:
+        return max_rows(cfg.vision)
+
+    @staticmethod
+    def max_tile_batch(v) -> int:
+        return max_tile_batch(v)
+
+    @staticmethod
+    def describe_rows(cfg, typical) -> str:
+        return describe_rows(cfg)
+
+    @staticmethod
+    def pixel_rows(cfg, pixels) -> int:
+        return len(row_index(cfg.vision, *pixels.hw, pixels.max_tiles))

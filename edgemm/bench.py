@@ -153,7 +153,7 @@ def fidelity_prompts(n: int = FIDELITY_PROMPTS):
 
 def _prompt(backend, img, question):
     """bos, image, question -> (state, logits). Shared by every backend."""
-    from .anyres import image_rows
+    from .tilings import image_rows
     tok = backend.tokenizer
     rows = image_rows(backend, img)          # (tiled and packed for any-resolution models)
     st = backend.new_state(max_len=1 + rows.shape[1] + 64 + FIDELITY_STEPS)
@@ -222,7 +222,7 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(No
                         "max_tiles": own if s is None else s})
         return res
     from . import shapes
-    from .anyres import image_rows
+    from .tilings import image_rows
     img, q = shapes.make_split("val", 1)[0]
     tok = backend.tokenizer
     ids = tok.user_turn(q.question, first=True)
@@ -254,7 +254,7 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(No
 
 def _use_tiles(backend, setting, own) -> None:
     """Apply one --max-tiles setting (None: the bundle's own, `own`) to the backend's config."""
-    from .anyres import set_max_tiles
+    from .tilings import set_max_tiles
     if setting is None:
         backend.cfg.vision.max_tiles = own
     else:

@@ -80,7 +80,7 @@ def open_backend(model, bundle, backend, device, threads, quiet=False, max_tiles
     b = load_backend(backend, model=model, bundle=bundle, device=device, threads=threads_or_default(threads),
                      log=None if quiet else _err, kv_cache=kv_cache, mmproj_offload=mmproj_offload)
     if max_tiles is not None:               # any-resolution models: override the bundle's tile budget
-        from .anyres import set_max_tiles
+        from .tilings import set_max_tiles
         set_max_tiles(b.cfg, max_tiles, getattr(b, "manifest", None))
     return b
 

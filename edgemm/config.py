@@ -217,15 +217,13 @@ class ModelConfig:
     def n_image_rows(self) -> int:
         """Rows the vision stage emits: boi + patches + eoi (LLaVA: the patches, + CLS when kept). With
         any-resolution tiling the count depends on the image (image_rows_for); this is the most one image takes."""
-        if self.vision.grid_pinpoints:
-            from .anyres import max_rows
-            return max_rows(self.vision)
+        from . import tilings
+        tiles = tilings.of(self.vision)                     # tiled: the most rows one image takes (markers included)
+        if tiles is not None:
+            return tiles.max_rows(self)
         if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
             return self.adapter.query_tokens
-        if self.vision.tiling == "smolvlm":                 # SmolVLM: its largest grid's rows and marker rows
-            from .smolvlm_tiles import max_rows as grid_rows
-            return grid_rows(self)
-        if self.adapter.kind == "pixel_shuffle":            # InternVL: shuffled rows of the most tiles one image takes
+        if self.adapter.kind == "pixel_shuffle":            # InternVL without dynamic tiles: one tile's shuffled rows
             from .internvl_tiles import max_rows as shuffled_rows
             return shuffled_rows(self)
         if self.adapter.kind == "mlp":
@@ -237,13 +235,10 @@ class ModelConfig:
     def image_rows_for(self, width: int, height: int, max_tiles="config") -> int:
         """Image rows for an image of width x height pixels (max_tiles: the config's unless given)."""
         from . import tilings
-        tiles = tilings.of(self.vision)                     # SmolVLM's tile grid, InternVL's dynamic tiles
-        if tiles is not None:
-            return tiles.image_rows(self, width, height)
-        if not self.vision.grid_pinpoints:
+        tiles = tilings.of(self.vision)
+        if tiles is None:
             return self.n_image_rows
-        from .anyres import row_index
-        return len(row_index(self.vision, height, width, max_tiles))
+        return tiles.image_rows(self, width, height, *(() if max_tiles == "config" else (max_tiles,)))
 
     @property
     def reads_question(self) -> bool:

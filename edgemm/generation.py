@@ -174,7 +174,7 @@ class ChatSession:
     # ---- conversation control -------------------------------------------------
     def set_image(self, src) -> None:
         """Load an image (path, PIL image or uint8 array) and start a new conversation about it."""
-        from .anyres import image_rows, preprocess_image
+        from .tilings import image_rows, preprocess_image
         if self.b.cfg.reads_question:                # InstructBLIP: the vision stage reads the question too
             self.pixels, self.rows = preprocess_image(src, self.b.cfg.vision), None
         else:

@@ -111,17 +111,11 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
     if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
         from .qformer import describe_rows
         lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
-    if cfg.adapter.kind == "pixel_shuffle":                 # InternVL: its dynamic tiles' rows
-        from .internvl_tiles import describe_rows as internvl_rows
+    from . import tilings
+    tiles = tilings.of(v)
+    if tiles is not None:                                   # tiled: rows depend on the image (a few typical sizes)
         from .anyres import TYPICAL_SIZES
-        lines = [internvl_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
-    if v.tiling == "smolvlm":                               # SmolVLM: its tile grid's rows, markers included
-        from .smolvlm_tiles import describe_rows as grid_rows
-        from .anyres import TYPICAL_SIZES
-        lines = [grid_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
-    if v.grid_pinpoints:                                    # any-resolution tiling: rows depend on the image
-        from .anyres import describe_rows as tiled_rows
-        lines = [tiled_rows(cfg) if s.startswith("vision:") else s for s in lines]
+        lines = [tiles.describe_rows(cfg, TYPICAL_SIZES) if s.startswith("vision:") else s for s in lines]
     for k, n in pc.items():
         lines.append(f"  {k:<15} {_count(n):>9}  ({100 * n / total:.1f}%)")
     lines.append(f"  {'total':<15} {_count(total):>9}")

@@ -79,6 +79,11 @@ def image_rows(cfg, width: int, height: int) -> int:
     return n_tiles(cfg.vision, height, width) * rows_per_tile(cfg)
 
 
+def pixel_rows(cfg, pixels) -> int:
+    """The rows of one preprocessed image (its tiles [N, 3, S, S])."""
+    return len(pixels) * rows_per_tile(cfg)
+
+
 def max_tile_batch(v) -> int:
     """The most tiles one image takes (max_tiles, + the thumbnail)."""
     if not v.tiling or v.max_tiles <= 1:
@@ -132,7 +137,7 @@ def vision_line(cfg, typical: tuple, tower: str, tiles: str, tiling) -> str:
 
 
 def set_max_tiles(cfg, n: int, manifest: dict | None = None) -> None:
-    """--max-tiles N (edgemm.anyres.set_max_tiles for InternVL): the processor's max_patches, at export (the bundle's
+    """--max-tiles N (edgemm.tilings.set_max_tiles for InternVL): the processor's max_patches, at export (the bundle's
     default) or at run time; a trt bundle's vision profiles bound the tile batch (N grid tiles + the thumbnail)."""
     cfg.vision.max_tiles = n
     check_config(cfg)

@@ -144,6 +144,11 @@ def image_rows(cfg, width: int, height: int) -> int:
     return len(row_index(cfg, *grid(cfg.vision, height, width)))
 
 
+def pixel_rows(cfg, pixels) -> int:
+    """The rows of one preprocessed image (GridTiles), its markers included."""
+    return len(pixels.index(cfg))
+
+
 def max_rows(cfg) -> int:
     """The most image rows one image takes (its largest grid's)."""
     n = max_grid(cfg.vision)

@@ -233,7 +233,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
     m, tok, source = _load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
-    from edgemm.anyres import set_max_tiles
+    from edgemm.tilings import set_max_tiles
     set_max_tiles(cfg, max_tiles)               # --max-tiles: the bundle's default (any-resolution models)
     check_variants(cfg, "the onnx exporter", prec)
     half = _half_for(device, prec)

@@ -118,7 +118,8 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     m, tok, source = load_source(model)
     m = m.float().cpu().eval()
     cfg = m.cfg
-    from edgemm.anyres import manifest_fields, set_max_tiles
+    from edgemm.anyres import manifest_fields
+    from edgemm.tilings import set_max_tiles
     set_max_tiles(cfg, max_tiles)
     check_variants(cfg, "the trt exporter", prec, target="trt")
     profiles = {dc: make_profiles(cfg, dc, max_context, max_batch) for dc in DEVICE_CLASSES}

@@ -244,7 +244,7 @@ def format_validation(figures: dict, title: str = "onnxruntime CPU vs the refere
 
 
 def _items(model, tok, samples):
-    from edgemm.anyres import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
+    from edgemm.tilings import preprocess_image          # any-resolution models: the image's tiles (anyres.Tiles)
     items = []
     for x in samples:
         ids = tok.user_turn(x.prompt, first=True) + (tok.answer(x.answer) if x.answer else [])

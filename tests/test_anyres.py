@@ -151,7 +151,8 @@ def test_onnx_and_trt_bundles_validate_and_run(imported, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from click.testing import CliRunner
     from PIL import Image
-    from edgemm.anyres import image_rows, set_max_tiles
+    from edgemm.tilings import image_rows
+    from edgemm.tilings import set_max_tiles
     from edgemm.cli import main
     from edgemm.export.onnx import export_onnx
     from edgemm.export.trt import export_trt
@@ -203,7 +204,7 @@ def test_info_and_bench_report_image_rows_per_image(imported):
 
 
 def test_refusals_are_one_line_errors():
-    from edgemm.anyres import set_max_tiles
+    from edgemm.tilings import set_max_tiles
     from edgemm.config import ModelConfig, get_preset
     from edgemm.errors import EdgemmError
     with pytest.raises(EdgemmError, match="fixed-size"):

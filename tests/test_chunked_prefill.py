@@ -124,7 +124,7 @@ class Recorder:
 def _serve(b, jobs_in, chunk, late=()):
     """Questions about the example image through the engine with 3 slots; `late` ones are submitted once the
     others have answered 3 tokens -> (texts, recorder calls)."""
-    from edgemm.anyres import preprocess_image
+    from edgemm.tilings import preprocess_image
     from edgemm.serve.engine import Engine, Job
     rec = Recorder(b)
     eng = Engine(rec, parallel=3, prefill_chunk=chunk)

@@ -274,7 +274,7 @@ def test_llava_next_bundle(tmp_path, tokenizer):
     the decoder on the tiled rows of the reference; the backend tiles and packs on the host and matches the torch
     reference on a wide image (rows and logits); stock llama-cpp-python loads the files and answers."""
     from gguf import GGUFReader
-    from edgemm.anyres import image_rows
+    from edgemm.tilings import image_rows
     from edgemm.export.gguf import export_gguf
     from edgemm.importers import import_checkpoint
     from edgemm.runtimes import load_backend

@@ -188,7 +188,7 @@ def test_processor_matches_transformers(imported):
     from PIL import Image
     from edgemm.chat_template import normalize_messages, segments_template
     from edgemm.checkpoint import load_checkpoint
-    from edgemm.anyres import preprocess_image
+    from edgemm.tilings import preprocess_image
     m, tok = load_checkpoint(imported["ck"])
     proc, template = imported["proc"], (imported["ck"] / "chat_template.jinja").read_text()
     ctx = tok.tok.token_to_id("<IMG_CONTEXT>")
@@ -224,7 +224,7 @@ def test_import_matches_transformers(imported):
     from PIL import Image
     from edgemm.checkpoint import load_checkpoint
     from edgemm.model import KVCache
-    from edgemm.anyres import preprocess_image
+    from edgemm.tilings import preprocess_image
     hf, proc = imported["hf"], imported["proc"]
     m, tok = load_checkpoint(imported["ck"])
     template = (imported["ck"] / "chat_template.jinja").read_text()

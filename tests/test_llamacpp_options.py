@@ -240,7 +240,7 @@ def offload_args(monkeypatch):
 @pytest.mark.parametrize("device,offload,layers,use_gpu", [("auto", True, -1, True), ("cuda", True, -1, True),
                                                            ("cuda", False, -1, False), ("cpu", True, 0, False)])
 def test_gpu_build_offloads_layers_and_projector(bundle, offload_args, device, offload, layers, use_gpu):
-    from edgemm.anyres import image_rows
+    from edgemm.tilings import image_rows
     b = _open(bundle, device=device, mmproj_offload=offload)
     try:
         assert b.device == ("cpu" if device == "cpu" else "cuda")

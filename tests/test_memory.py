@@ -153,7 +153,7 @@ import sys, json, importlib
 import numpy as np
 backend, bundle, ctx, slots, mode, chunk = sys.argv[1:7]
 ctx, slots, chunk = int(ctx), int(slots), int(chunk)
-import PIL.Image, edgemm.anyres, edgemm.bundle, edgemm.tokenizer, edgemm.runtimes
+import PIL.Image, edgemm.tilings, edgemm.bundle, edgemm.tokenizer, edgemm.runtimes
 importlib.import_module(f"edgemm.runtimes.{backend}_backend")
 if backend == "ort":
     import onnxruntime
@@ -171,7 +171,7 @@ if mode == "run":
     rng = np.random.default_rng(0)
     S, V = b.cfg.vision.image_size, b.cfg.decoder.vocab_size
     img = PIL.Image.fromarray(rng.integers(0, 255, (S, S, 3), dtype=np.uint8))
-    rows = edgemm.anyres.encode_pixels(b, edgemm.anyres.preprocess_image(img, b.cfg.vision))
+    rows = edgemm.tilings.encode_pixels(b, edgemm.tilings.preprocess_image(img, b.cfg.vision))
     states = [b.new_state(max_len=ctx) for _ in range(slots)]
     for st in states:
         b.text(st, [1, 2, 3])

@@ -496,7 +496,7 @@ def test_reuse_point_whole_segments_then_tokens():
 def test_engine_multi_turn_prefills_only_the_new_message():
     """A second turn (the first turn's question, image and answer sent back, then a new question) reuses the
     cache through the previous answer, and answers as an engine with nothing cached."""
-    from edgemm.anyres import preprocess_image
+    from edgemm.tilings import preprocess_image
     from edgemm.generation import GenerationConfig
     from edgemm.processor import load_image
     from edgemm.runtimes import load_backend

@@ -218,7 +218,7 @@ def test_processor_matches_transformers(imported):
     """Tiles (pixels, count and grid) equal the Idefics3 image processor's for several aspect ratios, and the prompt
     ids equal SmolVLMProcessor's on the rendered chat template (the tile markers around each tile's <image> run)."""
     from PIL import Image
-    from edgemm.anyres import preprocess_image
+    from edgemm.tilings import preprocess_image
     from edgemm.checkpoint import load_checkpoint
     from edgemm.smolvlm_tiles import row_index
     m, tok = load_checkpoint(imported["ck"])
@@ -279,7 +279,7 @@ def _check_family(imported, sizes):
     """Image rows (tile rows and the markers between them), the prompt's logits and cached greedy decode steps equal
     transformers' within 1e-4."""
     from PIL import Image
-    from edgemm.anyres import image_rows
+    from edgemm.tilings import image_rows
     from edgemm.checkpoint import load_checkpoint
     from runtimes.torch_backend import TorchBackend
     hf, proc = imported["hf"], imported["proc"]

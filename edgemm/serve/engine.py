@@ -226,7 +226,7 @@ class Engine:
         if key in self.rows_cache:
             self.rows_cache.move_to_end(key)
             return self.rows_cache[key]
-        from ..anyres import encode_pixels
+        from ..tilings import encode_pixels
         # (tiled and packed for any-resolution models; InstructBLIP: with its question's Q-Former ids)
         rows = self.b.vision(pixels, *instruction) if instruction else encode_pixels(self.b, pixels)
         self.rows_cache[key] = rows

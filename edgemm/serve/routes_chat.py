@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from .. import tilings
 from ..errors import EdgemmError
 from ..generation import GenerationConfig
 from .api import APIError, Limits, error_body, pick_model, read_json
@@ -74,7 +75,7 @@ def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits, tools=None) 
 
 async def pixels_of(urls: list, cfg, limits: Limits) -> list:
     """Each image fetched, decoded and preprocessed for the model (off the event loop)."""
-    from ..anyres import preprocess_image
+    from ..tilings import preprocess_image
     pixels = []
     for u in urls:
         data = await asyncio.to_thread(fetch_image, u, limits)
@@ -140,10 +141,9 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     gen.grammar = st.grammar
     segs, urls, rows = prompt_of(m, body, gen, limits, st.tools)
     pixels = await pixels_of(urls, b.cfg, limits)
-    if b.cfg.vision.grid_pinpoints:     # any-resolution tiling: each image's own row count
-        rows += sum(b.cfg.image_rows_for(p.hw[1], p.hw[0]) - b.cfg.n_image_rows for p in pixels)
-    if b.cfg.vision.tiling == "smolvlm":    # SmolVLM's tile grid: each image's own rows (its markers included)
-        rows += sum(len(p.index(b.cfg)) - b.cfg.n_image_rows for p in pixels)
+    tiles = tilings.of(b.cfg.vision)
+    if tiles is not None:               # tiled: each image's own row count (prompt_of counted the most one takes)
+        rows += sum(tiles.pixel_rows(b.cfg, p) - b.cfg.n_image_rows for p in pixels)
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
               instructions=instructions_of(b, body.get("messages")),
