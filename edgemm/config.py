@@ -58,6 +58,12 @@ class VisionConfig:
     longest_edge: int = 0
     image_splitting: bool = True
     tile_text: dict = field(default_factory=dict)
+    # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
+    # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
+    # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
+    # Expand2Square, LLaVA-1.5's image_aspect_ratio "pad")
+    tokenizer: dict = field(default_factory=dict)
+    pad_square: bool = False
 
     @property
     def n_patches(self) -> int:
@@ -249,7 +255,7 @@ class ModelConfig:
     @property
     def input_stage(self) -> str:
         """The bundle stage that makes image rows: `vision` (pixels) or, for Libra, `image_tokens`."""
-        return "image_tokens" if self.adapter.kind == "libra" else "vision"
+        return "image_tokens" if self.adapter.kind == "libra" and self.vision.arch == "none" else "vision"
 
     @property
     def stages(self) -> tuple[str, str, str]:
@@ -277,7 +283,7 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "libra_vq"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
@@ -295,8 +301,9 @@ class ModelConfig:
                 raise EdgemmError("qformer_text (InstructBLIP) needs qformer_vocab and qformer_positions >= 1")
         elif v.arch == "blip":
             raise EdgemmError("vision arch 'blip' (all tower rows, CLS included) goes with adapter kind 'qformer'")
-        if (v.arch == "none") != (self.adapter.kind == "libra"):
-            raise EdgemmError("vision arch 'none' goes with adapter kind 'libra' (and only with it)")
+        if (v.arch in ("none", "libra_vq")) != (self.adapter.kind == "libra"):
+            raise EdgemmError("vision arch 'none' (image tokens) or 'libra_vq' (Libra's image tokenizer) goes with "
+                              "adapter kind 'libra' (and only they do)")
         if d.single_branch and (d.vision_rank or d.vision_down_ratio or d.per_modality_norms
                                 or d.cross_modal_bridge or d.eoi_branch != "vision"):
             raise EdgemmError("single_branch excludes the per-modality variants")
@@ -304,6 +311,16 @@ class ModelConfig:
                                   or d.cross_modal_bridge or d.single_branch):
             raise EdgemmError("per_modality_kv (mPLUG-Owl2's modality-adaptive module) goes with per_modality_norms "
                               "and excludes low-rank branches, the bridge and single_branch")
+        if v.arch == "libra_vq":              # Libra's image tokenizer (edgemm.blocks.libra_vq)
+            t, a, n = v.tokenizer, self.adapter, v.layers
+            fl = t.get("feature_layers")
+            if not (a.kind == "libra" and isinstance(fl, list) and fl and all(
+                    isinstance(i, int) and -n - 1 <= i <= n for i in fl) and isinstance(t.get("embed_dim"), int)
+                    and t["embed_dim"] >= 1 and a.codebooks >= 1 and a.vision_vocab > 3
+                    and (a.vision_vocab - 2) & (a.vision_vocab - 3) == 0 and a.signal_size == v.width * len(fl)):
+                raise EdgemmError("the libra_vq tower goes with the libra adapter, tokenizer feature_layers (CLIP "
+                                  "hidden-state indices) and embed_dim, a codebook of 2^b codes (vision_vocab 2^b + 2) "
+                                  "and signal_size = width x the number of feature layers")
         if d.qk_norm and not d.single_branch:
             raise EdgemmError("qk_norm (Qwen3's per-head Q/K RMSNorm) goes with single_branch")
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):

@@ -20,6 +20,7 @@ from .blocks.connectors import Adapter, LibraImageInput, MlpProjector
 from .blocks.decoder import Decoder, DecoderLayer, KVCache
 from .blocks.internvit import InternVitTower  # noqa: F401 (registers vision:internvit)
 from .blocks.layers import Branch, KVBranch, LowRankBranch, LowRankLinear
+from .blocks.libra_vq import LibraImageTokenizer  # noqa: F401 (registers vision:libra_vq)
 from .blocks.ops import RMSNorm, apply_rope, gelu, rope_cos_sin, routed
 from .blocks.params import PARTS, param_part
 from .blocks.qformer import QFormerAdapter
@@ -83,8 +84,10 @@ class EdgeMM(nn.Module):
     # ---- stages ------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor, *instruction) -> torch.Tensor:
         """Stage `vision`: pixels [B, 3, S, S] -> image rows [B, P + 2, D] (boi, patches, eoi). InstructBLIP's
-        Q-Former also takes the instruction: ids [B, T] (its own tokenizer) and optionally a mask [B, T]."""
-        return self.adapter(self.vision(pixels), *instruction)
+        Q-Former also takes the instruction: ids [B, T] (its own tokenizer) and optionally a mask [B, T]. A tower
+        that gives its connector several inputs returns them as a tuple (Libra's tokenizer: codes and signal)."""
+        feats = self.vision(pixels)
+        return self.adapter(*feats) if isinstance(feats, tuple) else self.adapter(feats, *instruction)
 
     def encode_image_tiled(self, pixels: torch.Tensor, height: int, width: int, max_tiles="config"):
         """Any-resolution tiling (edgemm.anyres): the tiles of one height x width image [N, 3, S, S] (overview

@@ -75,6 +75,11 @@ def preprocess(src, vision_cfg) -> np.ndarray:
     edgemm.internvl_tiles.preprocess.)"""
     from PIL import Image
     img = load_image(src)
+    if vision_cfg.pad_square and img.size[0] != img.size[1]:       # Libra / LLaVA-1.5 "pad"
+        side = max(img.size)
+        bg = Image.new("RGB", (side, side), tuple(int(m * 255) for m in vision_cfg.image_mean))
+        bg.paste(img, ((side - img.size[0]) // 2, (side - img.size[1]) // 2))
+        img = bg
     s = vision_cfg.image_size
     if img.size != (s, s):
         img = img.resize((s, s), Image.BICUBIC, reducing_gap=None)

@@ -72,7 +72,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("pixel-shuffle linear projector", "connector:pixel_shuffle_linear",
             lambda c: c.adapter.kind == "pixel_shuffle_linear"),
     Feature("tile grid (smolvlm)", "option:tiles", lambda c: c.vision.tiling == "smolvlm"),
-    Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" or c.adapter.kind == "libra",
+    Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
+    Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "
                         "not have (its VQ image tokenizer is not imported)"),
 )

@@ -89,18 +89,18 @@ def _llama_layer(plan: Plan, pre: str, i: int, qkv_bias: bool, synth_qkv_bias=No
     plan.ignore(a + "rotary_emb.inv_freq", "RoPE frequencies (recomputed from the config's rope_theta)")
 
 
-def _clip_vision(plan: Plan, vt: str, n_blocks: int, post_norm_why: str) -> None:
-    """A CLIP ViT in transformers' layout under `vt` -> edgemm's "clip" tower: embeddings, pre-LayerNorm and the
-    first n_blocks encoder layers (fused QKV); post_layernorm (the pooled output's) is not imported."""
+def _clip_vision(plan: Plan, vt: str, n_blocks: int, post_norm_why: str, dst: str = "vision.") -> None:
+    """A CLIP ViT in transformers' layout under `vt` -> edgemm's "clip" tower under `dst`: embeddings, pre-LayerNorm
+    and the first n_blocks encoder layers (fused QKV); post_layernorm (the pooled output's) is not imported."""
     em = vt + "embeddings."
-    plan.add("vision.patch_embed.weight", em + "patch_embedding.weight")
-    plan.add("vision.cls", em + "class_embedding", fn=lambda t: t[0].reshape(1, 1, -1))
-    plan.add("vision.pos", em + "position_embedding.weight", fn=lambda t: t[0].unsqueeze(0))
+    plan.add(dst + "patch_embed.weight", em + "patch_embedding.weight")
+    plan.add(dst + "cls", em + "class_embedding", fn=lambda t: t[0].reshape(1, 1, -1))
+    plan.add(dst + "pos", em + "position_embedding.weight", fn=lambda t: t[0].unsqueeze(0))
     plan.ignore(em + "position_ids", "position index buffer")
     for n in ("weight", "bias"):
-        plan.add(f"vision.pre_norm.{n}", vt + f"pre_layrnorm.{n}")
+        plan.add(dst + f"pre_norm.{n}", vt + f"pre_layrnorm.{n}")
         plan.ignore(vt + f"post_layernorm.{n}", post_norm_why)
-    _vit_layers(plan, vt, n_blocks)
+    _vit_layers(plan, vt, n_blocks, dst)
 
 
 def _siglip_vision(plan: Plan, vt: str, n_blocks: int, post_norm: bool, names) -> None:
@@ -126,10 +126,10 @@ def _siglip_vision(plan: Plan, vt: str, n_blocks: int, post_norm: bool, names) -
             plan.ignore(k, f"SigLIP layer after the feature layer (the first {n_blocks} are used)")
 
 
-def _vit_layers(plan: Plan, vt: str, n_blocks: int) -> None:
-    """The first n_blocks pre-norm encoder layers of a CLIP / SigLIP ViT under `vt` -> vision.blocks.i (ClipBlock)."""
+def _vit_layers(plan: Plan, vt: str, n_blocks: int, dst: str = "vision.") -> None:
+    """The first n_blocks pre-norm encoder layers of a CLIP / SigLIP ViT under `vt` -> {dst}blocks.i (ClipBlock)."""
     for i in range(n_blocks):
-        s, e = f"{vt}encoder.layers.{i}.", f"vision.blocks.{i}."
+        s, e = f"{vt}encoder.layers.{i}.", f"{dst}blocks.{i}."
         a = s + "self_attn."
         for n in ("weight", "bias"):
             plan.add(e + f"qkv.{n}", a + f"q_proj.{n}", a + f"k_proj.{n}", a + f"v_proj.{n}", fn=_cat)
