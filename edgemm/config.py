@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class AdapterConfig:
     qformer_text: bool = False
     qformer_vocab: int = 0
     qformer_positions: int = 0
+    resampler_heads: int = 0                # "resampler" (Qwen-VL, edgemm.blocks.resampler): query_tokens queries, one
+                                            # cross-attention of resampler_heads heads (the release: output_dim // 128)
     image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
     downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
     # pixel_shuffle_linear (Idefics3 / SmolVLM): the token ids whose embedding rows the connector holds (`markers`)
@@ -135,7 +138,6 @@ class DecoderConfig:
     per_modality_kv: bool = False           # mPLUG-Owl2: only K/V are per modality
     vision_down_ratio: int | None = None    # Libra: low-rank vision branches of rank out_features // ratio
     single_branch: bool = False             # LLaVA: one set of weights; image rows use the text branch
-    vision_delta_rank: int | None = None    # XComposer2's Partial-LoRA: image rows see W0 + B A (rank r), text W0
     # Gated cross-attention (Flamingo / Idefics, edgemm.xattn): a tanh-gated cross-attention layer before decoder
     # layer i when i % cross_attn_every == 0 reads the current image's resampled rows (width cross_attn_kv_dim);
     # an image segment is its cross_attn_image_token (wrapped in cross_attn_image_wrap tokens, Idefics'
@@ -228,7 +230,7 @@ class ModelConfig:
         tiles = tilings.of(self.vision)                     # tiled: the most rows one image takes (markers included)
         if tiles is not None:
             return tiles.max_rows(self)
-        if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
+        if self.adapter.kind in ("qformer", "resampler"):   # BLIP-2, Qwen-VL: the learned queries
             return self.adapter.query_tokens
         if self.adapter.kind == "pixel_shuffle":            # InternVL without dynamic tiles: one tile's shuffled rows
             from .internvl_tiles import max_rows as shuffled_rows
@@ -284,14 +286,19 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "libra_vq"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "qwen", "libra_vq"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver", "pixel_shuffle",
-                                     "pixel_shuffle_linear"):
+                                     "pixel_shuffle_linear", "resampler"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
+        a = self.adapter
+        if a.kind == "resampler" and not (a.resampler_heads >= 1 and d.d_model % a.resampler_heads == 0
+                                          and a.query_tokens >= 1 and math.isqrt(a.query_tokens) ** 2 == a.query_tokens):
+            raise EdgemmError("a resampler adapter needs query_tokens a square (a query grid) and resampler_heads >= 1 "
+                              "dividing d_model")
         if self.adapter.kind == "qformer":
             a = self.adapter
             if min(a.query_tokens, a.qformer_width, a.qformer_layers, a.qformer_heads, a.qformer_ffn,
@@ -322,10 +329,6 @@ class ModelConfig:
                 raise EdgemmError("the libra_vq tower goes with the libra adapter, tokenizer feature_layers (CLIP "
                                   "hidden-state indices) and embed_dim, a codebook of 2^b codes (vision_vocab 2^b + 2) "
                                   "and signal_size = width x the number of feature layers")
-        if d.vision_delta_rank and (d.vision_delta_rank < 1 or d.single_branch or d.vision_rank or d.vision_down_ratio
-                                    or d.per_modality_kv or d.cross_modal_bridge):
-            raise EdgemmError("vision_delta_rank (XComposer2's Partial-LoRA) is a rank >= 1 and excludes single_branch, "
-                              "low-rank branches, per-modality K/V and the bridge")
         if d.qk_norm and not d.single_branch:
             raise EdgemmError("qk_norm (Qwen3's per-head Q/K RMSNorm) goes with single_branch")
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):

@@ -24,6 +24,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     elif v.arch == "siglip":    # SigLIP: patch bias, no CLS, no pre-LayerNorm; post_layernorm only when it is taken
         vision = (3 * v.patch_size ** 2 * W + W + v.n_patches * W + (2 * W if v.post_norm else 0)
                   + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
+    elif v.arch == "qwen":      # Qwen-VL: no patch bias, no CLS, ln_pre
+        vision = 3 * v.patch_size ** 2 * W + v.n_patches * W + 2 * W + v.layers * vit_block
     elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
         vision = 0
     else:                       # EVA (and BLIP's, + its post_layernorm below): patch bias, CLS, positions, blocks
@@ -33,6 +35,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         adapter = W * D + D * D + (2 * D if a.bias else 0) + (D if a.image_newline else 0)
     else:
         adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
+    if a.kind == "resampler":       # Qwen-VL: query, pos_embed, key_pos, kv_proj, ln_q/ln_kv, attention, ln_post, proj
+        adapter = (2 * a.query_tokens + v.n_patches) * D + (W * D if W != D else 0) + 4 * D + 4 * D * D + 4 * D \
+            + 2 * D + D * D
     if a.kind == "qformer":                                 # BLIP-2 / InstructBLIP
         from .qformer import qformer_param_count
         adapter = qformer_param_count(a, W, D)

@@ -24,6 +24,7 @@ from .blocks.libra_vq import LibraImageTokenizer  # noqa: F401 (registers vision
 from .blocks.ops import RMSNorm, apply_rope, gelu, rope_cos_sin, routed
 from .blocks.params import PARTS, param_part
 from .blocks.qformer import QFormerAdapter
+from .blocks.resampler import QwenResampler  # noqa: F401 (registers vision:qwen, connector:resampler)
 from .blocks.vision import BlipVisionTower, ClipBlock, ClipVisionTower, NoPixelTower, VisionTower, VitBlock
 from .config import ModelConfig, check_reference_supports
 
