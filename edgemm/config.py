@@ -138,6 +138,7 @@ class DecoderConfig:
     per_modality_kv: bool = False           # mPLUG-Owl2: only K/V are per modality
     vision_down_ratio: int | None = None    # Libra: low-rank vision branches of rank out_features // ratio
     single_branch: bool = False             # LLaVA: one set of weights; image rows use the text branch
+    vision_delta_rank: int | None = None    # XComposer2's Partial-LoRA: image rows see W0 + B A (rank r), text W0
     # Gated cross-attention (Flamingo / Idefics, edgemm.xattn): a tanh-gated cross-attention layer before decoder
     # layer i when i % cross_attn_every == 0 reads the current image's resampled rows (width cross_attn_kv_dim);
     # an image segment is its cross_attn_image_token (wrapped in cross_attn_image_wrap tokens, Idefics'
@@ -329,6 +330,10 @@ class ModelConfig:
                 raise EdgemmError("the libra_vq tower goes with the libra adapter, tokenizer feature_layers (CLIP "
                                   "hidden-state indices) and embed_dim, a codebook of 2^b codes (vision_vocab 2^b + 2) "
                                   "and signal_size = width x the number of feature layers")
+        if d.vision_delta_rank and (d.vision_delta_rank < 1 or d.single_branch or d.vision_rank or d.vision_down_ratio
+                                    or d.per_modality_kv or d.cross_modal_bridge):
+            raise EdgemmError("vision_delta_rank (XComposer2's Partial-LoRA) is a rank >= 1 and excludes single_branch, "
+                              "low-rank branches, per-modality K/V and the bridge")
         if d.qk_norm and not d.single_branch:
             raise EdgemmError("qk_norm (Qwen3's per-head Q/K RMSNorm) goes with single_branch")
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):

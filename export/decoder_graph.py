@@ -79,7 +79,7 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
             h = rms(g, x, w, c.rms_eps)
         else:
             x, h = add_rms(g, x, pend, w, c.rms_eps)
-        if packed and hasattr(br.qkv, "weight"):      # GroupQueryAttention takes the fused QKV as it is
+        if packed and _fused_qkv(br):                 # GroupQueryAttention takes the fused QKV as it is
             a = attend(i, linear(g, h, br.qkv, f"{p}.{branch}.qkv"), None, None, None)
         else:
             a = attend(i, *_qkv(g, c, br, h, p, branch))
@@ -89,11 +89,16 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
     return g.op("Add", [x, pend])
 
 
+def _fused_qkv(br) -> bool:
+    """Whether a branch has one fused QKV projection (dense, or XComposer2's W0 + low-rank delta), not q, k, v."""
+    return hasattr(br.qkv, "weight") or hasattr(br.qkv, "base")
+
+
 def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
     """-> (q, k, v, read) of one layer for attend: dense or low-rank projections, Qwen3's per-head q/k norm, Libra's
     bridge (k, v then hold both versions of the rows and `read` names the half this branch attends over)."""
     H, K, E = c.n_heads, c.kv_heads, c.head_dim
-    if hasattr(br.qkv, "weight"):
+    if _fused_qkv(br):
         q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
                        n_out=3, axis=-1)
     else:

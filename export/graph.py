@@ -158,10 +158,13 @@ def rope(g: Graph, x4: str, cos: str, sin: str, E: int) -> str:
 
 
 def linear(g: Graph, x: str, mod, name: str) -> str:
-    """x @ W^T (+ b) for an nn.Linear; Libra's LowRankLinear as two MatMuls (x @ A^T @ B^T: stays low-rank)."""
+    """x @ W^T (+ b) for an nn.Linear; Libra's LowRankLinear as two MatMuls (x @ A^T @ B^T: stays low-rank);
+    XComposer2's LowRankDelta adds its base Linear (W0 x + b + B A x)."""
     if hasattr(mod, "weight_A"):
         h = g.op("MatMul", [x, g.weight(f"{name}.weight_A.T", np32(mod.weight_A).T)], name=f"{name}.A")
-        return g.op("MatMul", [h, g.weight(f"{name}.weight_B.T", np32(mod.weight_B).T)], name=f"{name}.B")
+        y = g.op("MatMul", [h, g.weight(f"{name}.weight_B.T", np32(mod.weight_B).T)], name=f"{name}.B")
+        base = getattr(mod, "base", None)
+        return y if base is None else g.op("Add", [linear(g, x, base, f"{name}.base"), y])
     y = g.op("MatMul", [x, g.weight(f"{name}.weight.T", np32(mod.weight).T)], name=name)
     return y if mod.bias is None else g.op("Add", [y, g.weight(f"{name}.bias", np32(mod.bias))])
 

@@ -5,6 +5,7 @@ SwiGLU MLP or the MoE FFN, edgemm.blocks.moe) and a vision branch of one of thes
 
 - "routed": its own dense Branch (edgemm's own family, CogVLM);
 - "low-rank": every routed projection low-rank (Libra's vision branch, LowRankBranch);
+- "low-rank-delta": the text branch's projections plus a rank-r delta (XComposer2's Partial-LoRA, DeltaBranch);
 - "per-modality-kv": its own K and V only, the rest shared with the text branch (mPLUG-Owl2, KVBranch);
 - "single": none, image rows go through the text branch (LLaVA, BLIP-2, Idefics, MoE-LLaVA).
 
@@ -147,6 +148,39 @@ class LowRankBranch(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class LowRankDelta(LowRankLinear):
+    """XComposer2's PLoRA as a vision row sees it: base(x) + B (A x), `base` the text branch's Linear (W0, its bias),
+    shared, not a parameter here; the released lora_scaling is folded into B at import. merged(): W0 + B A."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__(base.in_features, base.out_features, rank)
+        self.__dict__["base"] = base                        # a plain reference: the text branch owns W0
+
+    def forward(self, x):
+        return self.base(x) + super().forward(x)
+
+    def merged(self) -> torch.Tensor:
+        return self.base.weight + self.weight_B @ self.weight_A
+
+
+@register("layer", "low-rank-delta")
+class DeltaBranch(nn.Module):
+    """XComposer2's Partial-LoRA vision branch: every projection of the text branch (fused qkv, o, gate, up, down)
+    plus a rank-r delta (LowRankDelta): image rows see W0 + B A, text rows W0."""
+
+    def __init__(self, c: DecoderConfig, text: Branch):
+        super().__init__()
+        for n, mod in text.named_children():
+            if isinstance(mod, nn.Linear):
+                setattr(self, n, LowRankDelta(mod, c.vision_delta_rank))
+
+    @classmethod
+    def vision_branch(cls, c: DecoderConfig, text: Branch) -> nn.Module:
+        return cls(c, text)
+
+    mlp = Branch.mlp
+
+
 @register("layer", "bridge")
 class CrossModalBridge:
     """Libra's cross-modal K/V bridge of one modality: rank-r K and V ([D -> K E], LowRankLinear) added to this
@@ -161,6 +195,7 @@ class CrossModalBridge:
 # The vision branch of a routed layer: the first kind whose rule holds, else "routed" (a dense branch of its own).
 VISION_BRANCH_RULES = (
     ("per-modality-kv", lambda c: bool(c.per_modality_kv)),
+    ("low-rank-delta", lambda c: bool(c.vision_delta_rank)),
     ("low-rank", lambda c: bool(c.vision_rank or c.vision_down_ratio)),
     ("single", lambda c: bool(c.single_branch)),
 )

@@ -47,6 +47,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("eoi through the text branch", "layer:routed", lambda c: _d(c).eoi_branch != "vision"),
     Feature("low-rank vision branches", "layer:low-rank",
             lambda c: bool(_d(c).vision_rank or _d(c).vision_down_ratio)),
+    Feature("low-rank delta vision branches (partial-lora)", "layer:low-rank-delta",
+            lambda c: bool(_d(c).vision_delta_rank)),
     Feature("per-modality norms", "layer:routed", lambda c: bool(_d(c).per_modality_norms)),
     Feature("cross-modal K/V bridge", "layer:bridge", lambda c: bool(_d(c).cross_modal_bridge)),
     Feature("per-modality K/V", "layer:per-modality-kv", lambda c: bool(_d(c).per_modality_kv)),

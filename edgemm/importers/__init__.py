@@ -70,7 +70,7 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
         log(f"not imported: {n} tensor(s): {why}")
     with atomic_dir(out) as tmp:
         plan.cfg.tokens = install_tokenizer(src, tok_dir, tmp, log, plan.cfg.decoder.vocab_size,
-                                            lambda t: mapper.adapt_template(t, source))
+                                            lambda t: mapper.adapt_template(t, source), mapper.chat_template)
         if qformer_tok is not None:
             qformer_tok.save(tmp / QFORMER_TOKENIZER)
         files = stream_convert(plan, source, shapes, tmp, shard_bytes, log)

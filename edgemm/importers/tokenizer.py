@@ -122,9 +122,10 @@ def special_tokens(tok, tcfg: dict | None, gcfg: dict | None, template: str | No
 
 
 def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_size: int | None = None,
-                      adapt_template=None):
+                      adapt_template=None, default_template: str | None = None):
     """Copy the tokenizer and chat template into `out`. -> the special tokens (a ModelConfig.tokens).
-    adapt_template: the family's rewrite of its template (edgemm.families.Family.adapt_template), or None."""
+    adapt_template: the family's rewrite of its template (edgemm.families.Family.adapt_template), or None;
+    default_template: the family's template where the source ships none (Family.chat_template)."""
     from tokenizers import Tokenizer as HFTokenizer
     from ..config import TokenConfig
     from ..tokenizer import CHAT_TEMPLATE, Tokenizer
@@ -142,6 +143,7 @@ def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_siz
     template = find_template(src, d)
     if template and adapt_template is not None:
         template = adapt_template(template)
+    template = template or default_template
     tokens = special_tokens(tok, _read_json(d / "tokenizer_config.json", src / "tokenizer_config.json"),
                             _read_json(src / "generation_config.json", d / "generation_config.json"),
                             template, vocab_size, str(d), log)
