@@ -307,7 +307,8 @@ def test_exports_validate_and_answer(imported, monkeypatch):
 
 
 def test_refusals(tmp_path):
-    """Layouts edgemm does not import are refused in one line: 4KHD's newline rows, mixed Partial-LoRA ranks."""
+    """Layouts edgemm does not import are refused in one line: 4KHD's newline rows, mixed Partial-LoRA ranks, an
+    img_size the position table does not fit, RoPE scaling other than InternLM2's dynamic NTK."""
     from edgemm.errors import EdgemmError
     from edgemm.importers import import_checkpoint
     t = _tensors()
@@ -319,3 +320,11 @@ def test_refusals(tmp_path):
     write_release(tmp_path / "mixed", t2)
     with pytest.raises(EdgemmError, match="ranks"):
         import_checkpoint(tmp_path / "mixed", tmp_path / "o2", log=None)
+    for key, bad, says in (("img_size", 20, "img_size"), ("img_size", "16", "img_size"),
+                           ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
+                           ("rope_scaling", "dynamic", "rope_scaling")):
+        cfg = json.loads((tmp_path / "hd" / "config.json").read_text())
+        write_release(tmp_path / key, t)
+        (tmp_path / key / "config.json").write_text(json.dumps({**cfg, key: bad}))
+        with pytest.raises(EdgemmError, match=says):
+            import_checkpoint(tmp_path / key, tmp_path / "o3", log=None)

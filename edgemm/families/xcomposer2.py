@@ -67,9 +67,9 @@ def _vision(hf: dict, src: Source, w: str) -> VisionConfig:
         raise EdgemmError(f"{src.path} lacks {pe}: not XComposer2's released layout (vit.vision_tower)")
     width, _, patch, _ = sh[pe]
     layers = len({m.group(1) for k in sh for m in [re.match(re.escape(VIT) + r"encoder\.layers\.(\d+)\.", k)] if m})
-    S = int(_req(hf, "img_size", w))
+    S = _req(hf, "img_size", w)
     pos = sh.get(VIT + "embeddings.position_embedding.weight", (0,))[0]
-    if S % patch or pos != (S // patch) ** 2 + 1:
+    if not isinstance(S, int) or S < patch or S % patch or pos != (S // patch) ** 2 + 1:
         raise EdgemmError(f"{w}: img_size {S} does not fit the tower's position table ({pos} rows for patch {patch}: "
                           f"(img_size / {patch})^2 + 1 expected)")
     if width % CLIP_HEAD_DIM:
@@ -99,7 +99,7 @@ def map_xcomposer2(hf: dict, src: Source, rules: str = "original") -> Plan:
     if hf.get("hidden_act", "silu") != "silu":
         raise EdgemmError(f"{w}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
     scaling = hf.get("rope_scaling")
-    if scaling and (scaling.get("type") or scaling.get("rope_type")) != "dynamic":
+    if scaling and (not isinstance(scaling, dict) or (scaling.get("type") or scaling.get("rope_type")) != "dynamic"):
         raise EdgemmError(f"{w}: rope_scaling {scaling} is not supported (InternLM2's dynamic NTK, or none)")
     D, H, L = _req(hf, "hidden_size", w), _req(hf, "num_attention_heads", w), _req(hf, "num_hidden_layers", w)
     K = hf.get("num_key_value_heads") or H
