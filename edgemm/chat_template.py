@@ -13,6 +13,8 @@ from pathlib import Path
 from .errors import EdgemmError
 from .tokenizer import IMAGE
 
+VIDEO = "<video>"           # where a chat template puts a video (LLaVA-NeXT-Video's, LLaVA-OneVision's)
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -35,9 +37,9 @@ def chat_template_of(backend) -> str | None:
     return p.read_text() if p is not None and p.is_file() else None
 
 
-def _content_parts(i: int, c) -> tuple[list[str], list[str]]:
-    """One message's content -> (texts, image urls)."""
-    texts, images = [], []
+def _content_parts(i: int, c) -> tuple[list[str], list[str], list[str]]:
+    """One message's content -> (texts, image urls, video urls)."""
+    texts, images, videos = [], [], []
     if isinstance(c, str):
         texts.append(c)
     elif isinstance(c, list):
@@ -51,11 +53,17 @@ def _content_parts(i: int, c) -> tuple[list[str], list[str]]:
                 if not isinstance(url, str):
                     raise EdgemmError(f"messages[{i}].content[{j}]: image_url needs a url")
                 images.append(url)
+            elif kind == "video_url":          # vLLM's OpenAI-compatible servers' video part
+                u = part.get("video_url")
+                url = u.get("url") if isinstance(u, dict) else u
+                if not isinstance(url, str):
+                    raise EdgemmError(f"messages[{i}].content[{j}]: video_url needs a url")
+                videos.append(url)
             else:
-                raise EdgemmError(f"messages[{i}].content[{j}]: parts are text or image_url")
+                raise EdgemmError(f"messages[{i}].content[{j}]: parts are text, image_url or video_url")
     elif c is not None:
         raise EdgemmError(f"messages[{i}]: content must be a string or a list of parts")
-    return texts, images
+    return texts, images, videos
 
 
 def _tool_calls(i: int, calls) -> list[dict]:
@@ -87,10 +95,11 @@ def normalize_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise EdgemmError(f"messages[{i}]: each message needs a role of {', '.join(ROLES)}")
-        texts, images = _content_parts(i, m.get("content"))
-        if m["role"] != "user" and images:
-            raise EdgemmError(f"messages[{i}]: only user messages carry images")
-        out.append({"role": m["role"], "text": " ".join(t.strip() for t in texts if t.strip()), "images": images})
+        texts, images, videos = _content_parts(i, m.get("content"))
+        if m["role"] != "user" and (images or videos):
+            raise EdgemmError(f"messages[{i}]: only user messages carry images and videos")
+        out.append({"role": m["role"], "text": " ".join(t.strip() for t in texts if t.strip()), "images": images,
+                    "videos": videos})
         if m["role"] == "assistant" and m.get("tool_calls"):
             out[-1]["tool_calls"] = _tool_calls(i, m["tool_calls"])
         if m["role"] == "tool":
@@ -127,7 +136,8 @@ def render_template(template: str, msgs: list[dict], bos: str, eos: str, tools: 
     env.globals["raise_exception"] = raise_exception
     hf_msgs = []
     for m in msgs:
-        parts = [{"type": "image"} for _ in m["images"]] + ([{"type": "text", "text": m["text"]}] if m["text"] else [])
+        parts = [{"type": "image"} for _ in m["images"]] + [{"type": "video"} for _ in m.get("videos", ())] \
+            + ([{"type": "text", "text": m["text"]}] if m["text"] else [])
         hf_msgs.append({"role": m["role"], "content": m["text"] if m["role"] == "tool" else parts})
         for k in ("tool_calls", "tool_call_id"):
             if k in m:
@@ -143,19 +153,25 @@ def render_template(template: str, msgs: list[dict], bos: str, eos: str, tools: 
 
 def segments_template(tok, template: str, msgs: list[dict], image_token: str = IMAGE,
                       tools: list | None = None) -> list[tuple]:
-    """Any other chat template: rendered (with the request's `tools`), split at `image_token`, the text pieces
-    tokenized."""
+    """Any other chat template: rendered (with the request's `tools`), split at `image_token` and VIDEO, the text
+    pieces tokenized. -> [("text", ids) | ("image", i)]: i indexes the images, then the videos (n_images + j)."""
+    import re
     text = render_template(template, msgs, tok.bos_token, tok.eos_token, tools)
-    pieces = text.split(image_token)
-    n_img = sum(len(m["images"]) for m in msgs)
-    if len(pieces) - 1 != n_img:
-        raise EdgemmError(f"the chat template rendered {len(pieces) - 1} image placeholder(s) for {n_img} image(s)")
+    pieces = re.split(f"({re.escape(image_token)}|{re.escape(VIDEO)})", text)
+    n_img, n_vid = sum(len(m["images"]) for m in msgs), sum(len(m.get("videos", ())) for m in msgs)
+    marks = pieces[1::2]
+    for what, mark, n in (("image", image_token, n_img), ("video", VIDEO, n_vid)):
+        if marks.count(mark) != n:
+            raise EdgemmError(f"the chat template rendered {marks.count(mark)} {what} placeholder(s) for {n} "
+                              f"{what}(s)")
     segs: list[tuple] = []
+    seen = {image_token: 0, VIDEO: n_img}
     for i, p in enumerate(pieces):
-        if p:
+        if i % 2:
+            segs.append(("image", seen[p]))
+            seen[p] += 1
+        elif p:
             segs.append(("text", tok.tok.encode(p, add_special_tokens=False).ids))
-        if i < n_img:
-            segs.append(("image", i))
     pre = tok.prefix_ids()          # the bos the tokenizer prepends (transformers processors tokenize with it)
     if pre and not (segs and segs[0][0] == "text" and segs[0][1][:len(pre)] == pre):
         segs[:1] = [("text", pre + segs[0][1])] if segs and segs[0][0] == "text" else [("text", pre)] + segs[:1]

@@ -123,6 +123,10 @@ def _gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop):
     return GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
 
 
+VIDEO_HELP = ("Video clip (mp4/mov, webm/mkv) to ask about: frames sampled as the model's processor does "
+              "(LLaVA-NeXT-Video, with --model on the torch backend); bounded in bytes, frames and pixels.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgemm")
 def main():
@@ -136,12 +140,14 @@ def main():
 @main.command()
 @click.argument("question")
 @click.option("--image", type=click.Path(), default=None, help="Image to ask about (any size, most formats).")
+@click.option("--video", type=click.Path(), default=None, help=VIDEO_HELP)
 @click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
 @llama_options
 @gen_options
 @handle_errors
-def run(question, image, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
+def run(question, image, video, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload,
+        **gen):
     """Answer one QUESTION about an image, streaming the answer.
 
     Example: edgemm run --image examples/shapes.png "What color is the circle?"
@@ -152,18 +158,35 @@ def run(question, image, max_tiles, model, bundle, backend, device, threads, kv_
     cfg = _gen_config(**gen)
     b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
                      mmproj_offload=mmproj_offload)
-    answer(b, image, question, cfg, on_text=_streamer())
+    if video is not None:
+        _video_session(b, cfg, image, video).ask(question, on_text=_streamer())
+    else:
+        answer(b, image, question, cfg, on_text=_streamer())
     click.echo()
+
+
+
+def _video_session(b, gen, image, video):
+    """A chat about a clip (edgemm.video): its frames' rows where the model's template puts the video."""
+    from .generation import ChatSession
+    from .video import clip_rows, takes_video
+    if image is not None:
+        raise EdgemmError("pass --image or --video, not both")
+    takes_video(b.cfg)
+    sess = ChatSession(b, gen, log=_err)
+    sess.set_image_rows(clip_rows(b, video), video=True)
+    return sess
 
 
 @main.command()
 @click.option("--image", type=click.Path(), default=None, help="Image to start the chat with.")
+@click.option("--video", type=click.Path(), default=None, help=VIDEO_HELP)
 @click.option("--max-tiles", type=int, default=None, help=MAX_TILES_HELP)
 @model_options
 @llama_options
 @gen_options
 @handle_errors
-def chat(image, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
+def chat(image, video, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
     """Interactive multi-turn chat; the KV cache is kept across turns.
 
     Commands: /image PATH (new image, new conversation), /reset, /quit.
@@ -171,8 +194,9 @@ def chat(image, max_tiles, model, bundle, backend, device, threads, kv_cache, mm
     from .generation import ChatSession
     b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
                      mmproj_offload=mmproj_offload)
-    sess = ChatSession(b, _gen_config(**gen), log=_err)
-    if image:
+    sess = ChatSession(b, _gen_config(**gen), log=_err) if video is None else \
+        _video_session(b, _gen_config(**gen), image, video)
+    if image and video is None:
         sess.set_image(image)
     _err(f"edgemm chat: {b.describe()}. /image PATH, /reset, /quit")
     while True:

@@ -41,6 +41,9 @@ class VisionConfig:
     # LLaVA-OneVision's vision_aspect_ratio "anyres_max_N": the unpadded feature map is downscaled (bilinear) when it
     # exceeds N tiles' worth (edgemm.anyres); None: never (LLaVA-NeXT)
     anyres_max: int | None = None
+    # Video input (edgemm.video): {"frames": clips are sampled to this many frames uniformly, "pool": stride of
+    # LLaVA-NeXT-Video's spatial pooling of each frame's patch grid, "pool_mode": average | max}; empty: no video
+    video: dict = field(default_factory=dict)
     # InternViT (arch "internvit", InternVL; edgemm.blocks.internvit): pre-norm blocks with LayerScale, LayerNorm or
     # RMSNorm (norm "layer" | "rms"), q/k/v biases (qkv_bias), an RMSNorm over all of q and of k (qk_norm), a
     # LayerNorm after the last block (final_norm: transformers' use_mean_pooling false at vision_feature_layer -1).

@@ -165,6 +165,7 @@ class ChatSession:
         self.fed_at: list = []        # the (length, pos) after each
         self.rows = None              # image rows [1, P+2, D] from the vision stage
         self.pixels = None            # InstructBLIP: the image, encoded with the conversation's first question
+        self.video = False            # the rows are a clip's (edgemm.video)
         self.turns: list[tuple[str, list[int]]] = []   # (question, answer ids incl. </s>)
         self.state = None
         self.capacity = 0             # rows the state's KV cache holds
@@ -179,10 +180,12 @@ class ChatSession:
             self.pixels, self.rows = preprocess_image(src, self.b.cfg.vision), None
         else:
             self.pixels, self.rows = None, image_rows(self.b, src)   # (tiled and packed for any-resolution models)
+        self.video = False
         self.reset()
 
-    def set_image_rows(self, rows) -> None:
-        self.pixels, self.rows = None, rows
+    def set_image_rows(self, rows, video: bool = False) -> None:
+        """Rows of an image (or, video=True, of a clip: edgemm.video; the template puts them at its video place)."""
+        self.pixels, self.rows, self.video = None, rows, video
         self.reset()
 
     def _encode_with(self, question: str) -> None:
@@ -262,7 +265,8 @@ class ChatSession:
         from .chat_template import normalize_messages, segments_template
         msgs, img = [], self.rows is not None
         for i, (q, a) in enumerate([*turns, (question, None)]):
-            parts = ([{"type": "image_url", "image_url": {"url": "data:,"}}] if img and i == 0 else [])
+            kind = "video_url" if self.video else "image_url"
+            parts = ([{"type": kind, kind: {"url": "data:,"}}] if img and i == 0 else [])
             msgs.append({"role": "user", "content": parts + [{"type": "text", "text": q}]})
             if a is not None:
                 msgs.append({"role": "assistant", "content": a})

@@ -1,12 +1,15 @@
-"""LLaVA-NeXT-Video (transformers' LlavaNextVideoForConditionalGeneration) -> edgemm, for image input.
+"""LLaVA-NeXT-Video (transformers' LlavaNextVideoForConditionalGeneration) -> edgemm, images and video.
 
 Its image path is LLaVA-NeXT's (CLIP tower, any-resolution tiles, MLP projector, newline row) and its checkpoint
-layout is the same, so the tensor plan is LLaVA-NeXT's. Video input (frames through the tower, then the
-vision_resampler's spatial average pooling, `video_token_index` rows) is not computed yet: the video settings are
-read and reported, and an image prompt answers as transformers' model does.
+layout is the same, so the tensor plan is LLaVA-NeXT's. Video (edgemm.video): frames sampled uniformly (the video
+processor's num_frames, else 8), each through the tower, the vision_resampler's spatial pooling
+(`spatial_pool_mode` average or max, `spatial_pool_stride`), the projector; the rows stand where the template puts
+`<video>` (transformers' `video_token_index` rows). The torch backend computes it; bundles take images.
 """
 from __future__ import annotations
 
+from ..errors import EdgemmError
+from ..video import DEFAULT_FRAMES
 from . import register
 from .llava import LlavaNext
 
@@ -17,11 +20,26 @@ class LlavaNextVideo(LlavaNext):
     model_types = ("llava_next_video",)
     architectures = ("llavanextvideoforconditionalgeneration",)
     source = "`LlavaNextVideoForConditionalGeneration`"
-    computes = "LLaVA-NeXT's image path (video frames not yet)"
+    computes = "LLaVA-NeXT's image path; video frames pooled (torch)"
 
     def plan(self, hf, src, rules="original"):
+        import json
         plan = super().plan(hf, src, rules)
         stride, mode = hf.get("spatial_pool_stride", 2), hf.get("spatial_pool_mode", "average")
-        plan.notes.append(f"video input is not imported (frames pooled {mode} by {stride}, video token "
-                          f"{hf.get('video_token_index')}): images only")
+        v, frames = plan.cfg.vision, DEFAULT_FRAMES
+        vp = src.path / "video_preprocessor_config.json"
+        if vp.is_file():
+            try:
+                frames = json.loads(vp.read_text()).get("num_frames") or frames
+            except (json.JSONDecodeError, AttributeError):
+                raise EdgemmError(f"{vp} is not a valid JSON object") from None
+        grid = v.image_size // v.patch_size
+        if mode not in ("average", "max") or v.keep_cls or not isinstance(stride, int) or stride < 1 \
+                or grid % stride or not isinstance(frames, int) or frames < 1:
+            plan.notes.append(f"video input is not imported (pool {mode} by {stride}, {frames} frames, "
+                              f"{'CLS kept' if v.keep_cls else 'no CLS'}): images only")
+            return plan
+        v.video = {"frames": frames, "pool": stride, "pool_mode": mode}
+        plan.notes.append(f"video: {frames} frames, each {(grid // stride) ** 2} rows (patch grid pooled {mode} by "
+                          f"{stride}) where the template puts <video> (token {hf.get('video_token_index')})")
         return plan

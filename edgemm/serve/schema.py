@@ -3,7 +3,7 @@
 The routes read their JSON themselves (edgemm.serve.api.read_json) and check it field by field, so that every
 refusal is one OpenAI-shaped error with edgemm's own message; the pydantic models here only *describe* those
 bodies (nothing validates against them at run time), as the routes accept them: OpenAI's chat request with the
-fields edgemm reads (content parts with image_url, max_tokens, temperature, stream, ...), any other field
+fields edgemm reads (content parts with image_url or video_url, max_tokens, temperature, stream, ...), any other field
 ignored. Clients and the HTTP fuzz suite (tests/test_fuzz_api.py, which generates its requests from this schema)
 read it; the max_tokens bound is the server's own cap.
 """
@@ -34,9 +34,19 @@ class ImagePart(BaseModel):
     image_url: Union[ImageURL, str]
 
 
+class VideoURL(BaseModel):
+    url: str = Field(description="data:video/<mp4|webm|...>;base64,... (an mp4/mov or webm/mkv clip; frames "
+                                 "sampled as the model's processor does; bounded in bytes, frames and pixels)")
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: Union[VideoURL, str]
+
+
 class Message(BaseModel):
     role: Literal[ROLES]
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+    content: Union[str, list[Union[TextPart, ImagePart, VideoPart]], None] = None
     tool_calls: Optional[list[dict]] = Field(None, description="an assistant turn's calls, sent back")
     tool_call_id: Optional[str] = Field(None, description="a tool turn: the call it answers")
 

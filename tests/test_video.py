@@ -1,0 +1,300 @@
+"""Video input (edgemm.video): clips generated here with PyAV, frames sampled as transformers samples them, the
+limits (bytes, frames, pixels, seconds) refused in one line with nothing decoded past them, damaged files, and
+LLaVA-NeXT-Video's video path against transformers' LlavaNextVideoForConditionalGeneration (video rows, logits,
+a greedy answer) through the API, `edgemm run --video` and the server's video_url parts."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+
+from edgemm.errors import EdgemmError
+
+av = pytest.importorskip("av", reason="video input needs PyAV (pip install edgemm[serve] or av)")
+
+COLORS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250),
+          (130, 130, 130), (250, 250, 250), (10, 10, 10), (200, 120, 40)]
+TEMPLATE = ("{% for message in messages %}{{ 'w10 ' if message['role'] == 'user' else 'w11 ' }}"
+            "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
+            "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}<video>{% endfor %}"
+            "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + c['text'] }}"
+            "{% endfor %}{{ ' </s> ' if message['role'] == 'assistant' }}{% endfor %}"
+            "{% if add_generation_prompt %} w11{% endif %}")
+
+
+def make_clip(n=10, w=32, h=24, fmt="mp4", codec="mpeg4", rate=4, pattern=False) -> bytes:
+    """n frames: frame i a solid COLORS[i % 10] (or, pattern, a gradient shifted by i)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        y, x = np.mgrid[0:h, 0:w]
+        for i in range(n):
+            if pattern:
+                a = np.stack([(x * 7 + i * 20) % 256, (y * 9 + i * 30) % 256, (x + y + i * 40) % 256], -1)
+            else:
+                a = np.broadcast_to(np.array(COLORS[i % len(COLORS)]), (h, w, 3))
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def _one_line(e):
+    assert "\n" not in str(e.value) and str(e.value)
+
+
+# --------------------------------------------------------------------------- sampling, decoding
+@pytest.mark.parametrize("total,n", [(10, 4), (10, 8), (7, 3), (300, 8), (5, 5), (33, 32)])
+def test_sample_indices_match_transformers(total, n):
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+    from edgemm.video import sample_indices
+    want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=4.0), num_frames=n)
+    assert sample_indices(total, n) == [int(i) for i in want]
+    want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=4.0), fps=2)
+    assert sample_indices(total, None, fps=2, video_fps=4.0) == [int(i) for i in want]
+    assert sample_indices(3, 8) == [0, 1, 2]                 # shorter than asked: every frame (transformers errs)
+
+
+@pytest.mark.parametrize("fmt,codec", [("mp4", "mpeg4"), ("mp4", "h264"), ("webm", "libvpx-vp9")])
+def test_read_video_samples_the_right_frames(fmt, codec):
+    from edgemm.video import read_video
+    stats = {}
+    frames = read_video(make_clip(10, fmt=fmt, codec=codec), 4, stats=stats)
+    assert stats["indices"] == [0, 2, 5, 7] and stats["total"] == 10
+    assert stats["decoded"] == 8                             # decoding stops at the last sampled frame
+    for f, i in zip(frames, stats["indices"]):
+        assert f.shape == (24, 32, 3) and f.dtype == np.uint8
+        assert np.abs(f.astype(int).mean((0, 1)) - COLORS[i]).max() < 12, (i, f.mean((0, 1)))
+
+
+def test_read_video_from_a_path(tmp_path):
+    from edgemm.video import read_video
+    p = tmp_path / "c.mp4"
+    p.write_bytes(make_clip(5))
+    assert len(read_video(p, 8)) == 5
+    with pytest.raises(EdgemmError, match="not found") as e:
+        read_video(tmp_path / "missing.mp4")
+    _one_line(e)
+
+
+# --------------------------------------------------------------------------- limits: nothing decoded past them
+@pytest.mark.parametrize("fmt,codec", [("mp4", "mpeg4"), ("webm", "libvpx-vp9")])
+def test_over_the_frame_limit_is_refused_before_decoding(fmt, codec):
+    from edgemm.video import VideoLimits, read_video
+    stats = {}
+    with pytest.raises(EdgemmError, match="over the limit of 6 frames") as e:
+        read_video(make_clip(10, fmt=fmt, codec=codec), 4, VideoLimits(frames=6), stats=stats)
+    _one_line(e)
+    assert stats["decoded"] == 0
+
+
+def test_over_the_pixel_byte_and_duration_limits_is_refused(tmp_path):
+    from edgemm.video import VideoLimits, read_video
+    clip = make_clip(10, w=64, h=48)
+    for limits, what in ((VideoLimits(pixels=64 * 48 - 1), "64x48 pixels a frame, over the limit"),
+                         (VideoLimits(bytes=len(clip) - 1), f"{len(clip)} bytes, over the limit"),
+                         (VideoLimits(seconds=2.0), "lasts 2 s, over the limit of 2 s")):
+        stats = {}
+        with pytest.raises(EdgemmError, match=what) as e:
+            read_video(clip, 4, limits, stats=stats)
+        _one_line(e)
+        assert stats["decoded"] == 0
+    p = tmp_path / "big.mp4"                                 # a file: refused from its size, before it is read
+    p.write_bytes(clip)
+    with pytest.raises(EdgemmError, match="over the video limit"):
+        read_video(p, 4, VideoLimits(bytes=100))
+
+
+def test_damaged_and_hostile_files_give_one_line():
+    from edgemm.video import read_video
+    clip = make_clip(10)
+    rng = np.random.default_rng(0)
+    bad = [b"", b"\x00" * 64, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), clip[:len(clip) // 2],
+           clip[:48] + rng.integers(0, 256, len(clip) - 48, dtype=np.uint8).tobytes(),
+           b"\x1a\x45\xdf\xa3" + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(),
+           b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n",   # a playlist: never demuxed
+           make_clip(10, w=32, h=24)[:300]]
+    for data in bad:
+        with pytest.raises(EdgemmError) as e:
+            read_video(data, 4)
+        _one_line(e)
+
+
+# --------------------------------------------------------------------------- LLaVA-NeXT-Video's video path
+@pytest.fixture(scope="module")
+def lnv(tmp_path_factory):
+    """A tiny LlavaNextVideoForConditionalGeneration imported with a video-aware chat template."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
+    import torch
+    from edgemm.importers import import_checkpoint
+    from .test_anyres import _processor
+    from .test_import import write_tokenizer
+    from .test_llava_next_video import _tiny
+    d = tmp_path_factory.mktemp("lnv-video")
+    model = _tiny(3)
+    with torch.no_grad():            # answers in the test tokenizer's words w4..w63 (its vocabulary is 64 of 512)
+        model.lm_head.weight[:4] = 0
+        model.lm_head.weight[64:] = 0
+    model.save_pretrained(d / "hf", safe_serialization=True)
+    _processor().save_pretrained(d / "hf")
+    write_tokenizer(d / "hf")
+    (d / "hf" / "chat_template.jinja").write_text(TEMPLATE)
+    summary = import_checkpoint(d / "hf", d / "ck", log=None)
+    return model, summary, d / "ck"
+
+
+def _backend(ck):
+    from edgemm.runtimes import load_backend
+    return load_backend("torch", model=str(ck), device="cpu")
+
+
+def test_frame_pixels_match_the_processor():
+    """Each frame as LLaVA-NeXT-Video's video processor takes it (shortest edge, centre crop, CLIP mean/std):
+    transformers' CLIP image processor with the same settings (its video processor needs torchvision)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+    from edgemm.config import VisionConfig
+    from edgemm.video import frame_pixels
+    from .test_anyres import S
+    v = VisionConfig(image_size=S, patch_size=4, image_mean=(0.48145466, 0.4578275, 0.40821073),
+                     image_std=(0.26862954, 0.26130258, 0.27577711))
+    p = CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    rng = np.random.default_rng(0)
+    for h, w in ((16, 16), (24, 32), (40, 20), (17, 33)):
+        fr = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+        want = p(images=[Image.fromarray(f) for f in fr], return_tensors="np")["pixel_values"]
+        assert np.abs(frame_pixels(list(fr), v) - want).max() <= 1e-6
+
+
+def test_video_rows_and_logits_match_transformers(lnv):
+    import torch
+    from edgemm.video import frame_pixels, read_video, video_rows
+    from .test_llava_next_video import VIDEO_TOKEN
+    model, summary, ck = lnv
+    b = _backend(ck)
+    assert b.cfg.vision.video == {"frames": 8, "pool": 2, "pool_mode": "average"}
+    assert any(n.startswith("video: 8 frames, each 4 rows") for n in summary["notes"])
+    for n in (3, 8):
+        px = frame_pixels(read_video(make_clip(12, pattern=True), n), b.cfg.vision)
+        got = video_rows(b, px)
+        with torch.no_grad():
+            want = model.model.get_video_features(pixel_values_videos=torch.from_numpy(px)[None],
+                                                  vision_feature_layer=-2,
+                                                  vision_feature_select_strategy="default").pooler_output
+        assert got.shape == tuple(want.shape) == (1, n * 4, 32)
+        assert np.abs(got - want.numpy()).max() <= 1e-4
+        g = torch.Generator().manual_seed(n)
+        pre, post = torch.randint(5, 500, (1, 4), generator=g), torch.randint(5, 500, (1, 5), generator=g)
+        ids = torch.cat([pre, torch.full((1, got.shape[1]), VIDEO_TOKEN), post], 1)
+        with torch.no_grad():
+            ref = model(input_ids=ids, pixel_values_videos=torch.from_numpy(px)[None]).logits[0]
+            lg = b.model.forward_full([("text", pre), ("image", torch.from_numpy(got)), ("text", post)])[0]
+        assert lg.shape == ref.shape and (lg - ref).abs().max().item() <= 1e-4
+
+
+def _hf_answer(model, ck, clip, question, n_new=5):
+    """transformers' greedy answer: the template rendered, tokenized by transformers' tokenizer, <video> expanded
+    to the clip's video tokens (4 a frame here)."""
+    import torch
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers import PreTrainedTokenizerFast
+    from edgemm.config import ModelConfig
+    from edgemm.video import frame_pixels, read_video
+    from .test_llava_next_video import VIDEO_TOKEN
+    cfg = ModelConfig.load(ck / "config.json")
+    px = torch.from_numpy(frame_pixels(read_video(clip, 8), cfg.vision))[None]
+    text = ImmutableSandboxedEnvironment().from_string(TEMPLATE).render(
+        messages=[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(ck / "tokenizer.json"))
+    a, z = text.split("<video>")
+    bos = [tok.convert_tokens_to_ids("<s>")] if cfg.tokens.add_bos else []     # (a LLaMA tokenizer prepends it)
+    ids = bos + tok(a, add_special_tokens=False)["input_ids"] + [VIDEO_TOKEN] * (px.shape[1] * 4) \
+        + tok(z, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=px, max_new_tokens=n_new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return tok.decode(out[0, len(ids):].tolist())
+
+
+def test_answer_and_edgemm_run_video_match_transformers(lnv, tmp_path):
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.video import clip_rows
+    model, _, ck = lnv
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_clip(10, pattern=True))
+    want = _hf_answer(model, ck, clip.read_bytes(), "w20 w21")
+    b = _backend(ck)
+    s = ChatSession(b, GenerationConfig(max_new_tokens=5, ignore_eos=True))
+    s.set_image_rows(clip_rows(b, clip), video=True)
+    got = s.ask("w20 w21")
+    assert got.split() == want.split() and len(got.split()) == 5
+    r = CliRunner().invoke(main, ["run", "--model", str(ck), "--backend", "torch", "--video", str(clip),
+                                  "--max-new-tokens", "5", "w20 w21"])
+    assert r.exit_code == 0, r.output
+    words = r.output.strip().splitlines()[-1].split()       # (it stops at </s>, which the session above ignores)
+    assert words and words == want.split()[:len(words)], r.output
+
+
+def test_run_video_refusals_are_one_line(lnv, tmp_path):
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    _, _, ck = lnv
+    clip = tmp_path / "c.mp4"
+    clip.write_bytes(make_clip(4))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500)
+    for args, what in ((["--model", "tiny-shapes", "--video", str(clip)], "takes no video input"),
+                       (["--model", str(ck), "--video", str(bad)], "does not decode"),
+                       (["--model", str(ck), "--video", str(clip), "--image", str(clip)], "not both")):
+        r = CliRunner().invoke(main, ["run", "--backend", "torch", *args, "w20"])
+        assert r.exit_code == 2 and what in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+# --------------------------------------------------------------------------- the server's video_url parts
+def test_serve_refuses_video_for_a_model_without_it():
+    from edgemm.config import get_preset
+    from edgemm.serve.api import APIError
+    from edgemm.serve.videos import video_urls
+    msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA"}},
+                                        {"type": "text", "text": "what happens?"}]}]
+    with pytest.raises(APIError, match="takes no video input") as e:
+        video_urls(get_preset("tiny-shapes"), msg)
+    assert e.value.status == 400
+    assert video_urls(get_preset("tiny-shapes"), [{"role": "user", "content": "hi"}]) == []
+
+
+def test_serve_video_url(lnv):
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
+    from .test_serve import Server
+    model, _, ck = lnv
+    clip = make_clip(10, pattern=True)
+    want = _hf_answer(model, ck, clip, "w20 w21")
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    s = Server("--model", str(ck), "--backend", "torch", "--max-tokens", "16", "--max-image-pixels", "2000")
+    try:
+        c = s.client()
+        msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                            {"type": "text", "text": "w20 w21"}]}]
+        r = c.chat.completions.create(model="ck", messages=msg, max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content.split() == want.split()
+        assert r.usage.prompt_tokens == 1 + 1 + 8 * 4 + 3            # <s> w10, 8 frames x 4 rows, w20 w21 w11
+        big = "data:video/mp4;base64," + base64.b64encode(make_clip(3, w=64, h=48)).decode()
+        for u, what in ((big, "over the limit of 2000 pixels"), ("data:video/mp4;base64,AAAA", "empty or truncated"),
+                        ("data:video/mp4;base64," + base64.b64encode(b"\x00" * 99).decode(), "not an mp4/mov"),
+                        ("https://example.com/a.mp4", "data URIs"), ("data:video/mp4;base64,@@", "base64")):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model="ck", max_tokens=4, messages=[{"role": "user", "content": [
+                    {"type": "video_url", "video_url": {"url": u}}, {"type": "text", "text": "w20"}]}])
+            assert what in e.value.body["message"] and "\n" not in e.value.body["message"], e.value.body
+    finally:
+        print(s.log()[-2000:])
+        s.stop()
