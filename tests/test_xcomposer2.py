@@ -263,8 +263,8 @@ def test_whole_model_logits_match_the_released_equations(imported):
 def test_exports_validate_and_answer(imported, monkeypatch):
     """onnx fp32 and int8 (per-modality calibration: the image graph's W0 MatMuls get their activation scale from
     image rows) and trt fp16 (--no-build) validate against the reference; gguf is refused naming the Partial-LoRA
-    branch and the targets that can; `edgemm run --image` on the onnx bundle answers with the greedy ids of the
-    released equations."""
+    branch and the targets that can; `edgemm run --image` on the onnx bundle and the trt one (its graphs on the CPU)
+    answers with the greedy ids of the released equations."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     import onnx
     from onnx import numpy_helper
@@ -300,10 +300,11 @@ def test_exports_validate_and_answer(imported, monkeypatch):
             want.append(nxt)
             ids.append(nxt)
     got = record_answers(monkeypatch)
-    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "onnx-fp32"), "--image", str(d / "img.png"),
-                                  "--max-new-tokens", "4", "--device", "cpu", ASK])
-    assert r.exit_code == 0, r.output
-    assert got == [want], (got, want)
+    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):       # trt: its Q/DQ graphs on the CPU
+        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--image",
+                                      str(d / "img.png"), "--max-new-tokens", "4", "--device", "cpu", ASK])
+        assert r.exit_code == 0, r.output
+    assert got == [want, want], (got, want)
 
 
 def test_refusals(tmp_path):
