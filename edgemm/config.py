@@ -80,7 +80,8 @@ class AdapterConfig:
     ffn_dim: int = 512
     eps: float = 1e-5
     gelu: str = "tanh"
-    # "glu" (above; boi/eoi rows), "mlp" (LLaVA: linear_1 -> GELU -> linear_2, no boi/eoi) or
+    # "glu" (above; boi/eoi rows), "mlp" (LLaVA: linear_1 -> GELU -> linear_2, no boi/eoi; "linear": LLaVA v1's one
+    # Linear; "mlp_norm": Yi-VL's linear_1 -> LayerNorm -> GELU -> linear_2 -> LayerNorm, LayerNorm eps `eps`) or
     # "libra" (Libra's image-token input: per-codebook embeddings + the continuous signal, boi/eoi are tokens)
     kind: str = "glu"
     bias: bool = True                       # mlp: biases of linear_1/linear_2
@@ -239,7 +240,7 @@ class ModelConfig:
         if self.adapter.kind == "pixel_shuffle":            # InternVL without dynamic tiles: one tile's shuffled rows
             from .internvl_tiles import max_rows as shuffled_rows
             return shuffled_rows(self)
-        if self.adapter.kind == "mlp":
+        if self.adapter.kind in ("mlp", "linear", "mlp_norm"):        # LLaVA's projectors: one row per tower row
             return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
         if self.decoder.cross_attn_every:                   # gated cross-attention: the image's own tokens
             return len(cross_image_ids(self.decoder))
@@ -295,7 +296,7 @@ class ModelConfig:
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
-        if self.adapter.kind not in ("glu", "mlp", "libra", "qformer", "perceiver", "pixel_shuffle",
+        if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
                                      "pixel_shuffle_linear", "resampler"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         a = self.adapter

@@ -33,6 +33,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     D = d.d_model
     if a.kind == "mlp":                                     # LLaVA's projector (+ LLaVA-NeXT's image_newline)
         adapter = W * D + D * D + (2 * D if a.bias else 0) + (D if a.image_newline else 0)
+    elif a.kind == "linear":                                # LLaVA v1's single Linear
+        adapter = W * D + (D if a.bias else 0)
+    elif a.kind == "mlp_norm":                              # Yi-VL's Linear-LN-GELU-Linear-LN
+        adapter = W * D + D * D + 6 * D
     else:
         adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
     if a.kind == "resampler":       # Qwen-VL: query, pos_embed, key_pos, kv_proj, ln_q/ln_kv, attention, ln_post, proj

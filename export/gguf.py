@@ -71,7 +71,10 @@ def check_supported(cfg, log=print) -> None:
         if cfg.vision.gelu == "erf":
             log("warning: this CLIP tower uses the erf GELU; llama.cpp's clip graph computes the tanh form "
                 "(use_gelu), so the vision stage is approximated")
-        if cfg.adapter.gelu != "tanh":
+        if cfg.adapter.kind == "mlp_norm" and abs(cfg.adapter.eps - cfg.vision.eps) > 1e-12:
+            log(f"warning: the projector's LayerNorm eps is {cfg.adapter.eps}; llama.cpp's mlp_norm projector uses "
+                f"the tower's ({cfg.vision.eps})")
+        if cfg.adapter.gelu != "tanh" and cfg.adapter.kind != "linear":
             log(f"warning: the projector's GELU is the {cfg.adapter.gelu} form; llama.cpp's mlp projector computes "
                 "ggml_gelu (the tanh form), so the image rows are approximated")
         return

@@ -221,16 +221,50 @@ def write_llava_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
                 put(f"v.blk.{i}.{n}.{kind}", qkv[j * Wd:(j + 1) * Wd])
             for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
                 put(f"v.blk.{i}.{theirs}.{kind}", getattr(getattr(blk, ours), kind))
-    for ours, theirs in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
-        lin = getattr(pj, ours)
-        put(f"{theirs}.weight", lin.weight)
-        # llava.cpp adds mm.0 / mm.2 biases unconditionally: a bias-free projector gets zeros
-        put(f"{theirs}.bias", lin.bias if lin.bias is not None else np.zeros(lin.weight.shape[0], np.float32))
+    for n, t in llava_projector_tensors(cfg.adapter.kind, pj):
+        put(n, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+# the mmproj tensor of each projector module (edgemm.blocks.connectors' names), as tools/mtmd/clip.cpp loads them
+LLAVA_PROJECTOR_TENSORS = {"mlp": (("mm.0", "linear_1"), ("mm.2", "linear_2")),
+                           "mlp_norm": (("mm.0", "linear_1"), ("mm.1", "norm_1"), ("mm.3", "linear_2"),
+                                        ("mm.4", "norm_2"))}
+
+
+def llava_projector_tensors(kind: str, pj) -> list:
+    """A LLaVA projector (edgemm.blocks.connectors) -> [(mmproj tensor, array)] as llama.cpp's llava graph
+    (tools/mtmd/models/llava.cpp) reads them under projector type `mlp`:
+    - mlp: mm.0 -> ggml_gelu -> mm.2, biases added unconditionally (a bias-free projector gets zeros);
+    - mlp_norm (Yi-VL; clip.cpp takes `mlp` with an mm.3 tensor as it): mm.0 -> LayerNorm mm.1 -> ggml_gelu -> mm.3 ->
+      LayerNorm mm.4, both norms at the vision eps;
+    - linear (LLaVA v1): the graph has no plain Linear (`mlp` without mm.2 still applies GELU, and the mmproj's width
+      is read from mm.2), so the Linear h = Wx + b goes in as mm.0 = [W; -W], [b; -b] and mm.2 = [I, -I], zero bias:
+      GELU(h) - GELU(-h) = h for GELU's erf and tanh forms alike (x Phi(x) + x (1 - Phi(x)); tanh is odd)."""
+    def wb(lin):
+        w = _np(lin.weight)
+        return w, _np(lin.bias) if lin.bias is not None else np.zeros(w.shape[0], np.float32)
+    if kind == "linear":
+        w, b = wb(pj.linear)
+        eye = np.eye(w.shape[0], dtype=np.float32)
+        return [("mm.0.weight", np.concatenate([w, -w])), ("mm.0.bias", np.concatenate([b, -b])),
+                ("mm.2.weight", np.concatenate([eye, -eye], 1)), ("mm.2.bias", np.zeros(w.shape[0], np.float32))]
+    mods = LLAVA_PROJECTOR_TENSORS[kind]
+    return [(f"{n}.{k}", a) for n, m in mods for k, a in zip(("weight", "bias"), wb(getattr(pj, m)))]
+
+
+def llava_projector_state(kind: str, t: dict, bias: bool = True) -> dict:
+    """The projector's state dict back from an mmproj's tensors (name -> torch tensor; llava_projector_tensors'
+    inverse: the linear form's W and b are mm.0's first half)."""
+    if kind == "linear":
+        d = t["mm.2.weight"].shape[0]
+        return {"linear.weight": t["mm.0.weight"][:d], **({"linear.bias": t["mm.0.bias"][:d]} if bias else {})}
+    mods = LLAVA_PROJECTOR_TENSORS[kind]
+    return {f"{m}.{k}": t[f"{n}.{k}"] for n, m in mods for k in ("weight", "bias") if k == "weight" or bias}
 
 
 # --------------------------------------------------------------------------- inspection

@@ -274,12 +274,13 @@ def pixels_to_rgb(pixels: np.ndarray, vision_cfg) -> np.ndarray | None:
 
 
 def _llava_vision_from_tensors(t: dict, cfg):
-    """edgemm's ClipVisionTower + MlpProjector from the tensors of an mlp-projector mmproj (export/gguf_tensors.py's
+    """edgemm's ClipVisionTower + LLaVA projector from the tensors of an mlp-projector mmproj (export/gguf_tensors.py's
     write_llava_mmproj_gguf)."""
     import torch
-    from edgemm.model import ClipVisionTower, MlpProjector
-    v, d = cfg.vision, cfg.decoder
-    tower, proj = ClipVisionTower(v), MlpProjector(cfg.adapter, v.width, d.d_model)
+    from edgemm.blocks import registry
+    from edgemm.model import ClipVisionTower
+    v = cfg.vision
+    tower, proj = ClipVisionTower(v), registry.get("connector", cfg.adapter.kind).from_config(cfg)
     sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
           "cls": t["v.class_embd"].reshape(1, 1, v.width),
           "pos": t["v.position_embd.weight"].reshape(1, v.n_patches + 1, v.width),
@@ -292,9 +293,8 @@ def _llava_vision_from_tensors(t: dict, cfg):
             for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
                 sd[f"blocks.{i}.{ours}.{kind}"] = t[f"{b}{theirs}.{kind}"]
     tower.load_state_dict(sd)
-    psd = {"linear_1.weight": t["mm.0.weight"], "linear_2.weight": t["mm.2.weight"]}
-    if cfg.adapter.bias:
-        psd.update({"linear_1.bias": t["mm.0.bias"], "linear_2.bias": t["mm.2.bias"]})
+    from edgemm.export.gguf_tensors import llava_projector_state
+    psd = llava_projector_state(cfg.adapter.kind, t, cfg.adapter.bias)
     if cfg.adapter.image_newline:
         psd["image_newline"] = t["model.image_newline"]
     proj.load_state_dict(psd)
@@ -313,7 +313,7 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
     for ten in r.tensors:
         a = dequantize(ten.data, ten.tensor_type).astype(np.float32)
         t[ten.name] = torch.from_numpy(np.ascontiguousarray(a.reshape([int(s) for s in reversed(ten.shape)])))
-    if cfg.adapter.kind == "mlp":
+    if cfg.adapter.kind in ("mlp", "linear", "mlp_norm"):     # LLaVA's projectors (gguf_tensors.py)
         return _llava_vision_from_tensors(t, cfg)
     tower, adapter = VisionTower(v), Adapter(cfg.adapter, v.width, d.d_model)
     sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),

@@ -62,6 +62,44 @@ class MlpProjector(nn.Module):
         return self.linear_2(gelu(self.linear_1(feats), self.gelu))
 
 
+@register("connector", "linear")
+class LinearProjector(nn.Module):
+    """LLaVA v1's mm_projector ('linear' in haotian-liu/LLaVA's multimodal_projector/builder.py): one Linear from
+    the tower width to d_model. feats [B, P, W] -> [B, P, D]."""
+
+    def __init__(self, c: AdapterConfig, width: int, d_model: int):
+        super().__init__()
+        self.linear = nn.Linear(width, d_model, bias=c.bias)
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        return cls(cfg.adapter, cfg.vision.width, cfg.decoder.d_model)
+
+    def forward(self, feats):                               # [B, P, W] -> [B, P, D]
+        return self.linear(feats)
+
+
+@register("connector", "mlp_norm")
+class MlpNormProjector(nn.Module):
+    """Yi-VL's mm_projector ('mlp2x_gelu_Norm' in 01-ai/Yi's VL/llava/model/multimodal_projector/builder.py):
+    linear_1 -> LayerNorm -> GELU -> linear_2 -> LayerNorm (LayerNorm eps `eps`). feats [B, P, W] -> [B, P, D]."""
+
+    def __init__(self, c: AdapterConfig, width: int, d_model: int):
+        super().__init__()
+        self.gelu = c.gelu
+        self.linear_1 = nn.Linear(width, d_model)
+        self.norm_1 = nn.LayerNorm(d_model, eps=c.eps)
+        self.linear_2 = nn.Linear(d_model, d_model)
+        self.norm_2 = nn.LayerNorm(d_model, eps=c.eps)
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        return cls(cfg.adapter, cfg.vision.width, cfg.decoder.d_model)
+
+    def forward(self, feats):                               # [B, P, W] -> [B, P, D]
+        return self.norm_2(self.linear_2(gelu(self.norm_1(self.linear_1(feats)), self.gelu)))
+
+
 @register("connector", "libra")
 class LibraImageInput(nn.Module):
     """Libra's input rows for image tokens: concat of per-codebook embeddings (+ position embedding), then

@@ -17,6 +17,9 @@ from typing import Callable
 TARGETS = ("torch", "onnx", "trt", "gguf")
 NO_TARGET = "none yet (the torch reference backend runs it)"
 LLAVA_GRAPH = ("single branch (llava)", "clip vision tower", "mlp projector")     # what makes the llava gguf graph
+# the projectors of llama.cpp's llava graph: `mlp`, `mlp_norm` (Yi-VL), and LLaVA v1's single Linear written as an
+# `mlp` (export/gguf_tensors.py); any one of them with LLAVA_GRAPH's first two makes a LLaVA composition
+LLAVA_PROJECTORS = {"mlp projector": "mlp", "linear projector": "linear", "mlp-norm projector": "mlp_norm"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ FEATURES: tuple[Feature, ...] = (
             lambda c: bool(_d(c).attn_head_dim and _d(c).attn_head_dim * _d(c).n_heads != _d(c).d_model)),
     Feature("clip vision tower", "vision:clip", lambda c: c.vision.arch == "clip", gguf="llava"),
     Feature("mlp projector", "connector:mlp", lambda c: c.adapter.kind == "mlp", gguf="llava"),
+    Feature("linear projector", "connector:linear", lambda c: c.adapter.kind == "linear", gguf="llava"),
+    Feature("mlp-norm projector", "connector:mlp_norm", lambda c: c.adapter.kind == "mlp_norm", gguf="llava"),
     Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip"),
     Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
     Feature("qwen-vl vision tower", "vision:qwen", lambda c: c.vision.arch == "qwen"),
@@ -111,7 +116,7 @@ def refusal(cfg, target: str) -> str | None:
 
 def is_llava_graph(names) -> bool:
     """Whether a composition (its feature names) is a LLaVA one, which llama.cpp computes in its llava graph."""
-    return all(v in names for v in LLAVA_GRAPH)
+    return all(v in names for v in LLAVA_GRAPH[:2]) and any(p in names for p in LLAVA_PROJECTORS)
 
 
 def export_targets(cfg) -> str:

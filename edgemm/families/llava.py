@@ -97,6 +97,16 @@ def feature_layer(hf: dict, vc: dict, default: int) -> tuple[int, int, int]:
     return fl, vl, used
 
 
+def clip_vision_config(vc: dict, wv: str, vl: int, used: int, keep_cls: bool) -> VisionConfig:
+    """A CLIPVisionConfig (dict; `wv` names it in errors) -> edgemm's "clip" tower taking the hidden states after
+    `used` of its `vl` layers (CLS row kept: keep_cls)."""
+    return VisionConfig(image_size=_req(vc, "image_size", wv), patch_size=_req(vc, "patch_size", wv),
+                        width=_req(vc, "hidden_size", wv), layers=vl, heads=_req(vc, "num_attention_heads", wv),
+                        mlp_dim=_req(vc, "intermediate_size", wv), eps=vc.get("layer_norm_eps", 1e-5),
+                        gelu=_act(vc.get("hidden_act", "quick_gelu"), wv), image_mean=CLIP_MEAN,
+                        image_std=CLIP_STD, arch="clip", feature_layer=used, keep_cls=keep_cls)
+
+
 def pick(names: set, cands: tuple, suffix: str) -> str:
     """The first prefix of cands under which the source has `suffix` (the layouts of transformers' versions)."""
     return next((c for c in cands if c + suffix in names), cands[0])
@@ -106,7 +116,8 @@ def decoder_plan(plan: Plan, src: Source) -> None:
     """The language model's tensors (transformers 4.x before 4.52, 4.52+ and 5.x layouts) for plan.cfg.decoder:
     embedding, final norm, LM head (or tied), the layers, MoE blocks, Qwen3's q/k norms."""
     d, names = plan.cfg.decoder, set(src.where)
-    lm = pick(names, ("model.language_model.", "language_model.model.", "model.text_model."), "embed_tokens.weight")
+    lm = pick(names, ("model.language_model.", "language_model.model.", "model.text_model.", "model."),
+              "embed_tokens.weight")                    # (model.: LLaVA's original layout, edgemm.families.llava_original)
     head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in names else "lm_head.weight"
     _lm_ends(plan, lm, head, d.tie_embeddings)
     for i in range(d.n_layers):
@@ -136,11 +147,7 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
         raise EdgemmError(f"{w}: vision_feature_select_strategy {strategy!r} is not supported")
     cfg = ModelConfig(
         name=src.path.name,
-        vision=VisionConfig(image_size=_req(vc, "image_size", wv), patch_size=_req(vc, "patch_size", wv),
-                            width=_req(vc, "hidden_size", wv), layers=vl, heads=_req(vc, "num_attention_heads", wv),
-                            mlp_dim=_req(vc, "intermediate_size", wv), eps=vc.get("layer_norm_eps", 1e-5),
-                            gelu=_act(vc.get("hidden_act", "quick_gelu"), wv), image_mean=CLIP_MEAN,
-                            image_std=CLIP_STD, arch="clip", feature_layer=used, keep_cls=strategy == "full"),
+        vision=clip_vision_config(vc, wv, vl, used, strategy == "full"),
         adapter=AdapterConfig(kind="mlp", gelu=_act(hf.get("projector_hidden_act", "gelu"), w),
                               bias=bool(hf.get("multimodal_projector_bias", True))),
         decoder=decoder)
@@ -150,18 +157,24 @@ def map_llava(hf: dict, src: Source, rules: str = "original") -> Plan:
     pj = pick(names, ("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight")
     plan = Plan(cfg)
     decoder_plan(plan, src)
-    _clip_vision(plan, vt, used, "CLIP's pooled-output norm: LLaVA takes hidden states before it")
-    for i in range(used, vl):
-        s = f"{vt}encoder.layers.{i}."
-        for k in src.where:
-            if k.startswith(s):
-                plan.ignore(k, f"CLIP layer after vision_feature_layer {fl}: LLaVA does not use it")
+    clip_tower_plan(plan, src, vt, used, vl, fl)
     projector_plan(plan, pj)
     plan.notes.append(f"image token id {hf.get('image_token_index', hf.get('image_token_id'))}: its rows are "
                       f"replaced by the {cfg.n_image_rows} image rows of the vision stage")
     return plan
 
 
+
+
+def clip_tower_plan(plan: Plan, src: Source, vt: str, used: int, vl: int, fl: int) -> None:
+    """LLaVA's CLIP tower under `vt`: its first `used` layers; the later ones (after vision_feature_layer `fl` of
+    `vl`) and the pooled-output norm are listed as not imported."""
+    _clip_vision(plan, vt, used, "CLIP's pooled-output norm: LLaVA takes hidden states before it")
+    for i in range(used, vl):
+        s = f"{vt}encoder.layers.{i}."
+        for k in src.where:
+            if k.startswith(s):
+                plan.ignore(k, f"CLIP layer after vision_feature_layer {fl}: LLaVA does not use it")
 
 
 def projector_plan(plan: Plan, pj: str) -> None:
@@ -226,6 +239,9 @@ class Llava(Family):
     blocks = ("vision:clip", "connector:mlp", "layer:single", "layer:moe")
     core = ("single branch (llava)", "clip vision tower", "mlp projector")
     optional = ("grouped-query attention", "qkv bias", "mixture of experts", "per-head q/k norm", "head_dim of its own")
+
+    def detect(self, hf: dict) -> bool:         # model_type "llava" with mm_vision_tower: the original layout's
+        return "mm_vision_tower" not in hf and super().detect(hf)
 
     def plan(self, hf, src, rules="original"):
         return map_llava(hf, src, rules)
