@@ -52,7 +52,8 @@ def _tensors(seed=0) -> dict:
     t = {VIT + k: v.detach().clone() for k, v in _clip().state_dict().items()}
     t.update({"vision_proj.0.weight": w(D, VW), "vision_proj.0.bias": w(D) * 0.3,
               "vision_proj.2.weight": w(D, D), "vision_proj.2.bias": w(D) * 0.3,
-              "model.tok_embeddings.weight": w(V, D) * 4, "model.norm.weight": 1 + 0.2 * w(D), "output.weight": w(V, D)})
+              "model.tok_embeddings.weight": w(V, D) * 4, "model.norm.weight": 1 + 0.2 * w(D),
+              "output.weight": w(V, D)})
     for i in range(L):
         s = f"model.layers.{i}."
         t[s + "attention_norm.weight"], t[s + "ffn_norm.weight"] = 1 + 0.2 * w(D), 1 + 0.2 * w(D)
@@ -79,7 +80,7 @@ def _tokenizer(d):
 
 def write_release(d, tensors):
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlmxcomposer2",
+    cfg = {"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",      # as released
            "auto_map": {"AutoModel": "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"},
            "hidden_size": D, "num_attention_heads": H, "num_key_value_heads": K, "num_hidden_layers": L,
            "intermediate_size": FF, "vocab_size": V, "hidden_act": "silu", "rms_norm_eps": EPS, "rope_theta": THETA,
@@ -145,7 +146,8 @@ def chat_parts(tok, query_after_image: str):
     as tokenizer(part) does (<s> prepended) -> (ids before the image, ids after)."""
     from edgemm.families.xcomposer2 import META
     prompt = (f"[UNUSED_TOKEN_146]system\n{META}[UNUSED_TOKEN_145]\n"
-              f"[UNUSED_TOKEN_146]user\n<ImageHere>{query_after_image}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
+              f"[UNUSED_TOKEN_146]user\n<ImageHere>{query_after_image}[UNUSED_TOKEN_145]\n"
+              "[UNUSED_TOKEN_146]assistant\n")
     before, after = prompt.split("<ImageHere>")
     return tok.encode(before).ids, tok.encode(after).ids
 
@@ -179,8 +181,9 @@ def test_import_reads_the_released_layout(imported):
     from edgemm.tokenizer import Tokenizer
     ck, tok = imported["ck"], imported["tok"]
     assert imported["summary"]["family"] == "xcomposer2"
-    assert imported["summary"]["variants"] == ["grouped-query attention", "low-rank delta vision branches (partial-lora)",
-                                               "clip vision tower", "mlp projector"]
+    assert imported["summary"]["variants"] == [
+        "grouped-query attention", "low-rank delta vision branches (partial-lora)", "clip vision tower",
+        "mlp projector"]
     m, _ = load_checkpoint(ck)
     c = m.cfg
     assert (c.decoder.vision_delta_rank, c.decoder.kv_heads, c.n_image_rows, c.vision.layers) == (R, K, 16, 2)

@@ -80,7 +80,8 @@ def _vision(hf: dict, src: Source, w: str) -> VisionConfig:
 
 
 def _rank(src: Source, L: int) -> int:
-    ranks = {src.shapes.get(f"model.layers.{i}.{p}.Plora_A.weight", (None,))[0] for i in range(L) for p in PROJ.values()}
+    ranks = {src.shapes.get(f"model.layers.{i}.{p}.Plora_A.weight", (None,))[0]
+             for i in range(L) for p in PROJ.values()}
     if None in ranks:
         raise EdgemmError(f"{src.path}: a decoder projection lacks its Plora_A/Plora_B (Partial-LoRA) weights")
     if len(ranks) != 1 or next(iter(ranks)) not in PLORA_SCALING:
@@ -149,7 +150,7 @@ def map_xcomposer2(hf: dict, src: Source, rules: str = "original") -> Plan:
 @register
 class XComposer2(Family):
     name = "xcomposer2"
-    model_types = ("internlmxcomposer2",)
+    model_types = ("internlmxcomposer2",)         # its config class's default; the released config.json says internlm2
     architectures = ("internlmxcomposer2forcausallm",)
     source = "InternLM-XComposer2 (`InternLMXComposer2ForCausalLM`, remote code)"
     computes = "CLIP tower, MLP projector, Partial-LoRA vision branch (W0 + B A on image rows)"
