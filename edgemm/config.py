@@ -69,9 +69,21 @@ class VisionConfig:
     tokenizer: dict = field(default_factory=dict)
     pad_square: bool = False
 
+    # Monkey (arch "qwen", edgemm.blocks.resampler): the image cut into window x window px tiles, each through the
+    # tower with its own LoRA (ranks window_lora: [qkv and out proj, MLP-side residual]), + the whole image resized
+    # to one window (the base tower); 0: one image of image_size
+    window: int = 0
+    window_lora: list = field(default_factory=list)
+
     @property
     def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """The tower's rows for one image (for one window with `window`)."""
+        return ((self.window or self.image_size) // self.patch_size) ** 2
+
+    @property
+    def tower_passes(self) -> int:
+        """Tiles one image sends through the tower: Monkey's windows + its global view, else 1."""
+        return (self.image_size // self.window) ** 2 + 1 if self.window else 1
 
 
 @dataclass
@@ -235,8 +247,10 @@ class ModelConfig:
         tiles = tilings.of(self.vision)                     # tiled: the most rows one image takes (markers included)
         if tiles is not None:
             return tiles.max_rows(self)
-        if self.adapter.kind in ("qformer", "resampler"):   # BLIP-2, Qwen-VL: the learned queries
+        if self.adapter.kind == "qformer":                  # BLIP-2: the learned queries
             return self.adapter.query_tokens
+        if self.adapter.kind == "resampler":                # Qwen-VL: the learned queries (Monkey: per tile)
+            return self.adapter.query_tokens * self.vision.tower_passes
         if self.adapter.kind == "pixel_shuffle":            # InternVL without dynamic tiles: one tile's shuffled rows
             from .internvl_tiles import max_rows as shuffled_rows
             return shuffled_rows(self)
@@ -286,6 +300,10 @@ class ModelConfig:
             raise EdgemmError(f"n_heads {d.n_heads} is not a multiple of n_kv_heads {d.kv_heads}")
         if v.image_size % v.patch_size:
             raise EdgemmError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.window and (v.arch != "qwen" or v.image_size % v.window or v.window % v.patch_size
+                         or len(v.window_lora) != 2):
+            raise EdgemmError("vision window (Monkey) goes with the qwen tower, image_size a multiple of window, window "
+                              "a multiple of patch_size and window_lora [attention rank, MLP rank]")
         if v.width % v.heads:
             raise EdgemmError(f"vision width {v.width} is not divisible by heads {v.heads}")
         for g in (v.gelu, self.adapter.gelu):

@@ -26,6 +26,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
                   + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
     elif v.arch == "qwen":      # Qwen-VL: no patch bias, no CLS, ln_pre
         vision = 3 * v.patch_size ** 2 * W + v.n_patches * W + 2 * W + v.layers * vit_block
+        if v.window:            # Monkey: per window, LoRA on QKV (r x W, 3W x r), out_proj and beside the MLP
+            (r, rm), k = v.window_lora, v.tower_passes - 1
+            vision += v.layers * k * (r * W + 3 * W * r + 2 * r * W + 2 * rm * W)
     elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
         vision = 0
     else:                       # EVA (and BLIP's, + its post_layernorm below): patch bias, CLS, positions, blocks

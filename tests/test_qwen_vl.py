@@ -13,11 +13,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgemm.families.qwen_vl import PAT_STR, SPECIALS
+from edgemm import families
+
+families.families()         # registered in _MODULES order (the README table's) before a family module is imported here
+from edgemm.families.qwen_vl import PAT_STR, SPECIALS  # noqa: E402
 
 VIS = dict(image_size=28, patch_size=7, width=48, layers=2, heads=4, mlp_ratio=2.5, output_dim=256,
            image_start_id=0)                    # (image_start_id set from the tokenizer below)
 D, LAYERS, HEADS, FFN2 = 256, 2, 4, 192          # output_dim = hidden_size; resampler heads output_dim // 128 = 2
+# Monkey: 896 px images, its 448 px windows (hard-coded in its encode); 28 px patches keep the tiny tower at 16 x 16
+MONKEY_VIS = dict(VIS, image_size=896, patch_size=28, lora_repeat_num=4)
 QUESTION = "what color is the circle?"
 
 
@@ -59,65 +64,95 @@ class Resampler(nn.Module):
         return out.permute(1, 0, 2)
 
 
-class VisualAttention(nn.Module):
-    """Megatron's layout: in_proj's output viewed [.., heads, 3 * head_dim] and split into q, k, v per head."""
+class Lora_Adapter(nn.Module):
+    """Monkey's visual.py: lora_b(lora_a(x)) * lora_scale (dropout off at inference)."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, d, out, r):
+        super().__init__()
+        self.lora_scale = nn.Parameter(torch.ones(1))
+        self.lora_a, self.lora_b = nn.Linear(d, r, bias=False), nn.Linear(r, out, bias=False)
+
+    def forward(self, x):
+        return self.lora_b(self.lora_a(x)) * self.lora_scale
+
+
+class VisualAttention(nn.Module):
+    """Megatron's layout: in_proj's output viewed [.., heads, 3 * head_dim] and split into q, k, v per head; Monkey:
+    + the window's LoRA on in_proj and out_proj."""
+
+    def __init__(self, dim, heads, lora=0):
         super().__init__()
         self.h, self.e = heads, dim // heads
         self.in_proj, self.out_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if lora:
+            self.in_proj_lora = nn.ModuleList(Lora_Adapter(dim, 3 * dim, 16) for _ in range(lora))
+            self.out_proj_lora = nn.ModuleList(Lora_Adapter(dim, dim, 16) for _ in range(lora))
 
-    def forward(self, x):                                   # [L, B, dim]
+    def forward(self, x, idx=None):                         # [L, B, dim]
         L, B, _ = x.shape
-        q, k, v = self.in_proj(x).view(L, B, self.h, 3 * self.e).split(self.e, dim=-1)
+        mixed = self.in_proj(x) + (0 if idx is None else self.in_proj_lora[idx](x))
+        q, k, v = mixed.view(L, B, self.h, 3 * self.e).split(self.e, dim=-1)
         q, k, v = (t.reshape(L, B * self.h, self.e).transpose(0, 1) for t in (q, k, v))
         p = torch.bmm(q / math.sqrt(self.e), k.transpose(-2, -1)).softmax(-1)
         c = torch.bmm(p, v).view(B, self.h, L, self.e).permute(2, 0, 1, 3).reshape(L, B, -1)
-        return self.out_proj(c)
+        return self.out_proj(c) + (0 if idx is None else self.out_proj_lora[idx](c))
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, lora=0):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = VisualAttention(dim, heads)
+        self.attn = VisualAttention(dim, heads, lora)
         w = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(dim, w)), ("gelu", nn.GELU()),
                                               ("c_proj", nn.Linear(w, dim))]))
+        if lora:
+            self.mlp_lora = nn.ModuleList(Lora_Adapter(dim, dim, 32) for _ in range(lora))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, idx=None):
+        x = x + self.attn(self.ln_1(x), idx)
+        return x + self.mlp(self.ln_2(x)) + (0 if idx is None else self.mlp_lora[idx](x))
 
 
 class Blocks(nn.Module):
-    def __init__(self, dim, layers, heads, mlp_ratio):
+    def __init__(self, dim, layers, heads, mlp_ratio, lora=0):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResBlock(dim, heads, mlp_ratio) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResBlock(dim, heads, mlp_ratio, lora) for _ in range(layers))
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, n_queries=256, output_dim=512,
-                 **kw):
+                 lora_repeat_num=0, **kw):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
         self.positional_embedding = nn.Parameter(torch.randn(256, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width, eps=1e-6)
-        self.transformer = Blocks(width, layers, heads, mlp_ratio)
+        self.transformer = Blocks(width, layers, heads, mlp_ratio, lora_repeat_num)
+        self.lora = lora_repeat_num
         self.attn_pool = Resampler(int(math.sqrt(n_queries)), output_dim, output_dim // 128, width)
         self.ln_post = nn.LayerNorm(output_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.randn(output_dim, output_dim) * output_dim ** -0.5)
 
-    def tower(self, x):
+    def tower(self, x, idx=None):
         x = self.conv1(x)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         x = self.ln_pre(x + get_abs_pos(self.positional_embedding, x.size(1))).permute(1, 0, 2)
         for r in self.transformer.resblocks:
-            x = r(x)
+            x = r(x, idx)
         return x.permute(1, 0, 2)
 
+    def one(self, x, idx=None):
+        return self.ln_post(self.attn_pool(self.tower(x, idx))) @ self.proj
+
     def forward(self, x):
-        return self.ln_post(self.attn_pool(self.tower(x))) @ self.proj
+        """Qwen-VL: the image; Monkey (MonkeyModel.forward): its 448 px windows row-major, each with its LoRA, then
+        the image interpolated bicubically to 448 without LoRA, their rows concatenated."""
+        if not self.lora:
+            return self.one(x)
+        n = x.shape[-1] // 448
+        wins = [self.one(x[:, :, i * 448:(i + 1) * 448, j * 448:(j + 1) * 448], i * n + j)
+                for i in range(n) for j in range(n)]
+        return torch.cat(wins + [self.one(F.interpolate(x, size=(448, 448), mode="bicubic"))], 1)
 
 
 # ------------------------------------------------------------------ modeling_qwen.py's equations
@@ -299,28 +334,26 @@ def test_resampler_matches_release(grid, kv_dim):
 
 
 # ------------------------------------------------------------------ the family: import, logits, export, run
-@pytest.fixture(scope="module")
-def released(tmp_path_factory):
-    """A tiny Qwen-VL in the release's layout: config.json (model_type qwen, visual), model.safetensors under the
-    release's names, qwen.tiktoken; its tokenizer converted; imported."""
+def _release(d, monkey=False):
+    """A tiny Qwen-VL (Monkey) in the release's layout: config.json (model_type qwen / monkey, visual),
+    model.safetensors under the release's names, qwen.tiktoken; its tokenizer converted; imported."""
     from safetensors.torch import save_file
     from edgemm.families.qwen_vl import convert_tokenizer
     from edgemm.importers import import_checkpoint
-    d = tmp_path_factory.mktemp("qwen-vl")
     src = d / "hf"
     src.mkdir()
     ranks = _ranks()
     (src / "qwen.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     vocab = len(ranks) + len(SPECIALS) + 3               # padded past the specials, as the release's 151936
-    visual = {**VIS, "image_start_id": len(ranks) + SPECIALS.index("<img>")}
+    visual = {**(MONKEY_VIS if monkey else VIS), "image_start_id": len(ranks) + SPECIALS.index("<img>")}
     torch.manual_seed(0)
     ref = _randomize(QWenLMHeadModel(vocab, visual), 5).eval()
     with torch.no_grad():                                # the special tokens' logits 0: greedy answers are text
         ref.lm_head.weight[len(ranks):] = 0
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(src / "model.safetensors"))
+    arch, mt = ("MonkeyLMHeadModel", "monkey") if monkey else ("QWenLMHeadModel", "qwen")
     (src / "config.json").write_text(json.dumps({
-        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "auto_map": {
-            "AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "architectures": [arch], "model_type": mt, "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig"},
         "hidden_size": D, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "intermediate_size": 2 * FFN2,
         "kv_channels": D // HEADS, "layer_norm_epsilon": 1e-6, "max_position_embeddings": 8192, "no_bias": True,
         "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 2048, "use_dynamic_ntk": True,
@@ -334,10 +367,19 @@ def released(tmp_path_factory):
     return {"ref": ref, "src": src, "tok": tokdir, "ck": d / "ck", "summary": summary, "n": len(ranks)}
 
 
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return _release(tmp_path_factory.mktemp("qwen-vl"))
+
+
+@pytest.fixture(scope="module")
+def monkey(tmp_path_factory):
+    return _release(tmp_path_factory.mktemp("monkey"), monkey=True)
+
+
 def test_import_reads_the_layout(released):
     """Detected as qwen_vl (and plain Qwen, without `visual`, is not); the config's blocks and tokens; every source
     tensor imported; the chat template renders the image as Picture 1: <img><image></img>."""
-    from edgemm import families
     from edgemm.checkpoint import load_checkpoint
     s, n = released["summary"], released["n"]
     assert s["family"] == "qwen_vl" and not s["not_imported"]
@@ -441,3 +483,62 @@ def test_trt_qdq_graphs_validate(released, tmp_path):
     man = export_trt(str(released["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values())
     assert man["model"]["vision"]["arch"] == "qwen" and man["model"]["adapter"]["kind"] == "resampler"
+
+
+def test_monkey_rows_and_logits_match_release(monkey):
+    """Monkey: the four 448 px windows each through the tower with its own LoRA (in_proj, out_proj, beside the MLP;
+    merged scale, Megatron rows reordered), the global view resized bicubically in the stage, 1280 resampled rows and
+    the logits of its demo prompt (<img>...</img> question Answer: ) against the release's equations, within 1e-4."""
+    from tokenizers import Tokenizer
+    from edgemm.checkpoint import load_checkpoint
+    ref, s = monkey["ref"], monkey["summary"]
+    assert s["family"] == "monkey" and not s["not_imported"] and "per-window LoRA (monkey)" in s["variants"]
+    m, _ = load_checkpoint(monkey["ck"])
+    from edgemm.info import checkpoint_param_counts, param_counts
+    assert checkpoint_param_counts(monkey["ck"]) == m.param_counts() == param_counts(m.cfg)
+    assert (m.cfg.vision.window, m.cfg.vision.window_lora, m.cfg.n_image_rows) == (448, [16, 32], 1280)
+    assert m.cfg.tokens.eos[0] == monkey["n"]                          # <|endoftext|>: the demo's eos
+    px = torch.randn(1, 3, 896, 896, generator=torch.Generator().manual_seed(7))
+    tok = Tokenizer.from_file(str(monkey["tok"] / "tokenizer.json"))
+    pre = tok.encode("<img>", add_special_tokens=False).ids
+    post = tok.encode(f"</img> {QUESTION} Answer: ", add_special_tokens=False).ids
+    img = list(b"x.png") + [tok.token_to_id("<imgpad>")] * (1280 - 5)
+    with torch.no_grad():
+        rows = m.encode_image(px)
+        want_rows = ref.transformer.visual(px)
+        assert rows.shape == want_rows.shape == (1, 1280, D)
+        assert (rows - want_rows).abs().max().item() <= 1e-4
+        no_lora = ref.transformer.visual.one(px[:, :, :448, :448])            # the LoRA changes the window's rows
+        assert (no_lora - want_rows[:, :256]).abs().max().item() > 1e-2
+        want = ref(torch.tensor([pre + img + post]), px)[0]
+        got = m.forward_full([("text", torch.tensor([pre])), ("image", rows), ("text", torch.tensor([post]))])[0]
+    assert (got - want).abs().max().item() <= 1e-4
+    from edgemm.chat_template import normalize_messages, segments_template
+    _, etok = load_checkpoint(monkey["ck"])
+    msgs = normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                                            {"type": "text", "text": QUESTION}]}])
+    segs = segments_template(etok, (monkey["ck"] / "chat_template.jinja").read_text(), msgs)
+    assert [k for k, _ in segs] == ["text", "image", "text"] and segs[0][1] == pre and segs[2][1] == post
+
+
+def test_monkey_onnx_export_and_run(monkey, tmp_path):
+    """Monkey's bundle: the traced vision stage (windows, their LoRA, the bicubic global view, the resampler per tile)
+    validated against the reference by the onnx exporter; `edgemm run --image` answers as the torch backend."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from click.testing import CliRunner
+    from PIL import Image
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.runtimes import load_backend
+    run = CliRunner()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    out = tmp_path / "onnx"
+    r = run.invoke(main, ["export", "--target", "onnx", "--model", str(monkey["ck"]), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    answers = []
+    for b in (load_backend("torch", model=str(monkey["ck"]), device="cpu"),
+              load_backend("ort", bundle=str(out), device="cpu")):
+        s = ChatSession(b, GenerationConfig(max_new_tokens=3))
+        s.set_image(tmp_path / "i.png")
+        answers.append(s.ask(QUESTION))
+    assert answers[0].strip() and answers[1] == answers[0]

@@ -14,6 +14,9 @@ resampler's width: Qwen-VL's output_dim is the LM's hidden size), h resampler he
   pos_embed [Q, D] is the 2-D sin-cos table over the query grid; key_pos [P, D] the same table interpolated
   bicubically to the tower's grid (get_abs_pos in the release; a constant of the weights at a fixed image size,
   computed at import). Output [B, Q, D]: the rows between <img> and </img>, read by the decoder's single branch.
+- Monkey (Yuliang-Liu/Monkey, vision `window`): the image's windows, each through the tower with its own LoRA
+  (QwenWindowBlock), and the whole image resized to one window (the base tower) -> the resampler per tile -> the
+  tiles' rows one after the other [B, T Q, D] (its 1280 rows between <img> and </img>: 4 windows + the global view).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import gelu
 from .registry import register
 from .vision import ClipBlock, Tower
 
@@ -52,18 +56,69 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([one(w), one(h)], 1).float()
 
 
+def window_tiles(pixels, w: int):
+    """Monkey's tiles: each image [B, 3, S, S] cut into (S / w)^2 windows of w px (row-major, as its sliding_window
+    with stride w), then the whole image resized bicubically to w (F.interpolate, align_corners False, on the
+    normalised pixels) -> [B * ((S / w)^2 + 1), 3, w, w]."""
+    B, C, S = pixels.shape[0], pixels.shape[1], pixels.shape[-1]
+    n = S // w
+    win = pixels.reshape(B, C, n, w, n, w).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C, w, w)
+    whole = F.interpolate(pixels, size=(w, w), mode="bicubic", align_corners=False)[:, None]
+    return torch.cat([win, whole], 1).reshape(-1, C, w, w)
+
+
+class WindowLoRA(nn.Module):
+    """Monkey's per-window LoRA on one projection: K stacked pairs (lora_scale folded into b at import) applied to
+    the first K tiles of each image's K + 1 (the last, the global view, has none). x [N, L, I] -> [N, L, O]."""
+
+    def __init__(self, k: int, rank: int, n_in: int, n_out: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(k, rank, n_in))
+        self.b = nn.Parameter(torch.zeros(k, n_out, rank))
+
+    def forward(self, x):
+        k, L = self.a.shape[0], x.shape[1]
+        t = x.reshape(-1, k + 1, L, x.shape[-1])[:, :k]                                   # [B, K, L, I]
+        d = (t @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)                         # [B, K, L, O]
+        return torch.cat([d, d[:, :1] * 0], 1).reshape(x.shape[0], L, -1)
+
+
+class QwenWindowBlock(ClipBlock):
+    """ClipBlock + Monkey's per-window LoRA: on the fused QKV and out_proj (W + s B A), and a low-rank term of the
+    attention output added beside the MLP (its mlp_lora: x + mlp(ln_2(x)) + s B A x). [N, L, W] -> [N, L, W]."""
+
+    def __init__(self, c, k: int):
+        super().__init__(c)
+        (r, r_mlp), W = c.window_lora, c.width
+        self.lora_qkv, self.lora_proj = WindowLoRA(k, r, W, 3 * W), WindowLoRA(k, r, W, W)
+        self.lora_mlp = WindowLoRA(k, r_mlp, W, W)
+
+    def forward(self, x):                                   # x: [N, L, W]
+        N, L, W = x.shape
+        h = self.ln1(x)
+        q, k, v = (self.qkv(h) + self.lora_qkv(h)).view(N, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, W)
+        x = x + self.proj(a) + self.lora_proj(a)
+        return x + self.fc2(gelu(self.fc1(self.ln2(x)), self.gelu)) + self.lora_mlp(x)
+
+
 @register("vision", "qwen")
 class QwenVisionTower(Tower):
-    """Qwen-VL's ViT (see the module docstring). pixels [B, 3, S, S] -> [B, P, W]."""
+    """Qwen-VL's ViT (see the module docstring). pixels [B, 3, S, S] -> [B, P, W]. Monkey (`window`): the image's
+    windows (with their LoRA) and its global view, each a tile of P rows -> [B * tower_passes, P, W]."""
 
     def __init__(self, c):
         super().__init__()
+        self.window = c.window
         self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size, bias=False)
         self.pos = nn.Parameter(torch.zeros(1, c.n_patches, c.width))
         self.pre_norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(c.layers))
+        k = c.tower_passes - 1
+        self.blocks = nn.ModuleList(QwenWindowBlock(c, k) if k else ClipBlock(c) for _ in range(c.layers))
 
     def forward(self, pixels):                              # pixels: [B, 3, S, S]
+        if self.window:
+            pixels = window_tiles(pixels, self.window)
         x = self.pre_norm(self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos)   # [B, P, W]
         for blk in self.blocks:
             x = blk(x)
@@ -84,8 +139,9 @@ class _MhaParams(nn.Module):
 class QwenResampler(nn.Module):
     """Qwen-VL's attn_pool + ln_post + proj (see the module docstring). feats [B, P, W] -> [B, Q, D]."""
 
-    def __init__(self, a, width: int, n_patches: int, d_model: int):
+    def __init__(self, a, width: int, n_patches: int, d_model: int, passes: int = 1):
         super().__init__()
+        self.passes = passes                                # Monkey: an image's tiles, whose rows follow each other
         Q, self.heads = a.query_tokens, a.resampler_heads
         self.query = nn.Parameter(torch.zeros(Q, d_model))
         self.pos_embed = nn.Parameter(sincos_2d(d_model, int(math.isqrt(Q))))
@@ -100,9 +156,9 @@ class QwenResampler(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> nn.Module:
-        return cls(cfg.adapter, cfg.vision.width, cfg.vision.n_patches, cfg.decoder.d_model)
+        return cls(cfg.adapter, cfg.vision.width, cfg.vision.n_patches, cfg.decoder.d_model, cfg.vision.tower_passes)
 
-    def forward(self, feats):                               # feats [B, P, W] -> [B, Q, D]
+    def forward(self, feats):                               # feats [B, P, W] -> [B, Q, D] (Monkey: [B / T, T Q, D])
         B, P = feats.shape[:2]
         kv = self.ln_kv(self.kv_proj(feats) if "kv_proj" in self._modules else feats)          # [B, P, D]
         q = (self.ln_q(self.query) + self.pos_embed).expand(B, -1, -1)                          # [B, Q, D]
@@ -115,4 +171,5 @@ class QwenResampler(nn.Module):
         a = F.scaled_dot_product_attention(heads(F.linear(q, wq, bq)), heads(F.linear(kv + self.key_pos, wk, bk)),
                                            heads(F.linear(kv, wv, bv)))                        # [B, h, Q, D/h]
         out = self.attn.out_proj(a.transpose(1, 2).reshape(B, -1, D))
-        return self.proj(self.ln_post(out))
+        out = self.proj(self.ln_post(out))
+        return out.reshape(-1, self.passes * out.shape[1], D) if self.passes > 1 else out

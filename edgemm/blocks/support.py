@@ -71,6 +71,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
     Feature("qwen-vl vision tower", "vision:qwen", lambda c: c.vision.arch == "qwen"),
     Feature("cross-attention resampler (qwen-vl)", "connector:resampler", lambda c: c.adapter.kind == "resampler"),
+    Feature("per-window LoRA (monkey)", "vision:qwen", lambda c: bool(c.vision.window)),
     Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer"),
     Feature("q-former instruction input (instructblip)", "connector:qformer",
             lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text)),

@@ -43,6 +43,13 @@ PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\
 SPECIALS = (("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
             + ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"))
 # Qwen-VL-Chat's make_context (ChatML, a default system turn) and from_list_format's "Picture N: <img>...</img>\n"
+MONKEY_WINDOW = 448                 # Monkey's encode: sliding_window(window_size=(448, 448), stride=448)
+# Monkey's demo: '<img>{path}</img> {question} Answer: ', one turn, ends with <|endoftext|> (eod)
+MONKEY_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<img><image></img>' }}{% else %}{{ ' ' + c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ ' Answer: ' }}{% else %}{{ m['content'] }}{{ '<|endoftext|>' }}{% endif %}"
+    "{% endfor %}")
 TEMPLATE = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
@@ -59,13 +66,18 @@ def _in_proj(ts, heads: int):
     return t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+def _stack(ts):
+    import torch
+    return torch.stack(list(ts), 0)
+
+
 def _table(ts, n: int, batch: bool):
     from ..blocks.resampler import abs_pos
     t = abs_pos(ts[0], n)
     return t[None] if batch else t
 
 
-def map_qwen_vl(hf: dict, src, rules: str = "original") -> Plan:
+def map_qwen_vl(hf: dict, src, rules: str = "original", monkey: bool = False) -> Plan:
     w, vc = "config.json", _req(hf, "visual", "config.json")
     wv = "config.json visual"
     D, H = _req(hf, "hidden_size", w), _req(hf, "num_attention_heads", w)
@@ -83,11 +95,23 @@ def map_qwen_vl(hf: dict, src, rules: str = "original") -> Plan:
         raise EdgemmError(f"{wv}: output_dim {out_dim} != the LM's hidden_size {D}")
     heads, layers = _req(vc, "heads", wv), _req(vc, "layers", wv)
     seq = hf.get("seq_length", 2048)
+    window, k, ranks = 0, 0, []
+    if monkey:                      # Monkey's encode: 448 px windows (sliding_window, stride 448) + the global view
+        window, k = MONKEY_WINDOW, vc.get("lora_repeat_num", 4)
+        if size % window or (size // window) ** 2 != k:
+            raise EdgemmError(f"{wv}: image_size {size} gives {(size // window) ** 2} windows of {window} px, but "
+                              f"lora_repeat_num is {k} (one LoRA per window)")
+        b0 = "transformer.visual.transformer.resblocks.0."
+        lora = [b0 + "attn.in_proj_lora.0.lora_a.weight", b0 + "mlp_lora.0.lora_a.weight"]
+        if any(n not in src.shapes for n in lora):
+            raise EdgemmError(f"the checkpoint lacks Monkey's window LoRA ({lora[0]})")
+        ranks = [int(src.shapes[n][0]) for n in lora]
     cfg = ModelConfig(
         name=src.path.name,
         vision=VisionConfig(image_size=size, patch_size=patch, width=width, layers=layers, heads=heads,
                             mlp_dim=int(width * _req(vc, "mlp_ratio", wv)), eps=1e-6, gelu="erf",
-                            image_mean=CLIP_MEAN, image_std=CLIP_STD, arch="qwen"),
+                            image_mean=CLIP_MEAN, image_std=CLIP_STD, arch="qwen", window=window,
+                            window_lora=ranks),
         adapter=AdapterConfig(kind="resampler", eps=1e-6, query_tokens=n_q, resampler_heads=out_dim // 128),
         decoder=DecoderConfig(vocab_size=_req(hf, "vocab_size", w), d_model=D, n_layers=_req(hf, "num_hidden_layers", w),
                               n_heads=H, ffn_dim=_req(hf, "intermediate_size", w) // 2,
@@ -122,6 +146,14 @@ def map_qwen_vl(hf: dict, src, rules: str = "original") -> Plan:
             for ours, theirs in (("proj", "attn.out_proj"), ("ln1", "ln_1"), ("ln2", "ln_2"), ("fc1", "mlp.c_fc"),
                                  ("fc2", "mlp.c_proj")):
                 plan.add(e + f"{ours}.{n}", s + f"{theirs}.{n}")
+    for i in range(layers if k else 0):                     # Monkey: each window's LoRA, stacked, scale folded in
+        e, s = f"vision.blocks.{i}.", f"{v}transformer.resblocks.{i}."
+        for ours, theirs, fix in (("lora_qkv", "attn.in_proj_lora", heads), ("lora_proj", "attn.out_proj_lora", 0),
+                                  ("lora_mlp", "mlp_lora", 0)):
+            lo = [f"{s}{theirs}.{j}." for j in range(k)]
+            plan.add(e + f"{ours}.a", *[x + "lora_a.weight" for x in lo], fn=_stack)
+            plan.add(e + f"{ours}.b", *[x + y for x in lo for y in ("lora_b.weight", "lora_scale")],
+                     fn=lambda ts, h=fix: _stack([(_in_proj([b], h) if h else b) * sc for b, sc in zip(ts[::2], ts[1::2])]))
     # the resampler, ln_post and proj
     a = v + "attn_pool."
     plan.add("adapter.query", a + "query")
@@ -138,8 +170,8 @@ def map_qwen_vl(hf: dict, src, rules: str = "original") -> Plan:
             plan.add(f"adapter.{ln}.{n}", a + f"{ln}.{n}")
         plan.add(f"adapter.ln_post.{n}", v + f"ln_post.{n}")
     img = vc.get("image_start_id")
-    plan.notes.append(f"an image is <img> ({img}), its {n_q} resampled rows, </img>: the chat template renders "
-                      "'Picture N: <img><image></img>'")
+    plan.notes.append(f"an image is <img> ({img}), its {cfg.n_image_rows} resampled rows, </img>: the chat template "
+                      "renders " + ("'<img><image></img> question Answer: '" if monkey else "'Picture N: <img><image></img>'"))
     if hf.get("use_dynamic_ntk") or hf.get("use_logn_attn"):
         plan.notes.append(f"dynamic NTK RoPE / log-n attention are not computed: they change nothing up to "
                           f"seq_length {seq} tokens, the context the import keeps")
@@ -161,6 +193,22 @@ class QwenVL(Family):
 
     def plan(self, hf, src, rules="original"):
         return map_qwen_vl(hf, src, rules)
+
+
+@register
+class Monkey(QwenVL):
+    name = "monkey"
+    model_types = ("monkey",)
+    architectures = ("monkeylmheadmodel",)
+    source = "Yuliang-Liu/Monkey release (`MonkeyLMHeadModel`)"
+    computes = "Qwen-VL's resampler over 448 px windows (a LoRA each) + the global view: 1280 rows per image"
+    core = QwenVL.core + ("per-window LoRA (monkey)",)
+
+    def detect(self, hf):
+        return Family.detect(self, hf) and isinstance(hf.get("visual"), dict)
+
+    def plan(self, hf, src, rules="original"):
+        return map_qwen_vl(hf, src, rules, monkey=True)
 
 
 # --------------------------------------------------------------------------- the tokenizer: qwen.tiktoken -> tokenizer.json
@@ -216,8 +264,13 @@ def _byte_chars() -> dict[int, str]:
 
 def convert_tokenizer(src, out) -> Path:
     """SRC/qwen.tiktoken -> OUT/tokenizer.json, tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>, the chat
-    template), for `edgemm import SRC --tokenizer OUT`."""
+    template; Monkey, by SRC/config.json's model_type: its demo's prompt, eos <|endoftext|>), for
+    `edgemm import SRC --tokenizer OUT`."""
     src, out = Path(src), Path(out)
+    try:
+        monkey = json.loads((src / "config.json").read_text()).get("model_type") == "monkey"
+    except (OSError, ValueError, AttributeError):
+        monkey = False
     f = src / "qwen.tiktoken"
     if not f.is_file():
         raise EdgemmError(f"{src} has no qwen.tiktoken (Qwen-VL's tokenizer ranks)")
@@ -225,8 +278,9 @@ def convert_tokenizer(src, out) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
-        "chat_template": TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+        "bos_token": None, "eos_token": "<|endoftext|>" if monkey else "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": MONKEY_TEMPLATE if monkey else TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
     return out
 
 
