@@ -6,6 +6,8 @@ clip_encoder.py CLIPVisionTower.feature_select, lookup_free_quantization.py LFQ.
 CLIPVisionModel; the decoder side is tests/test_import.py's libra_reference (LibraForCausalLM's forward)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,7 @@ def pixel_model(clip, conv, proj):
     from edgemm.model import EdgeMM
 
     class Src:                                   # the decoder checkpoint's names only (map_libra reads none)
-        path = type("P", (), {"name": "libra-pixels"})()
+        path = Path("/nonexistent/libra-pixels")          # no tokenizer config: the decoder's plan only
         where = {}
     plan = map_libra(CFG, Src())
     cfg = plan.cfg
@@ -161,3 +163,95 @@ def test_config_refusals_are_one_line():
             d[k].update(v)
         with pytest.raises(EdgemmError, match="libra_vq"):
             ModelConfig.from_dict(d).validate()
+
+
+# --------------------------------------------------------------------------- the released layout
+def write_release(d, clip, conv, proj, encoder_in_ckpt=True, encoder_name="openai-clip-tiny"):
+    """A tiny Libra checkpoint as the release lays it out: the decoder's HF files, vision_tokenizer_config.yaml,
+    the VQModel's Lightning checkpoint vqgan.ckpt and the CLIP folder."""
+    import json
+    import yaml
+    from tests.test_import import write_hf
+    write_hf(d, CFG, libra_tensors(CFG))
+    clip.save_pretrained(d / "openai-clip-tiny")
+    (d / "openai-clip-tiny" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+         "crop_size": {"height": S, "width": S}, "size": {"shortest_edge": S}}))
+    g = torch.Generator().manual_seed(4)
+    sd = {"quant_conv.weight": conv.weight.detach(), "quant_conv.bias": conv.bias.detach(),
+          "quantize.project_in.weight": proj.weight.detach(), "quantize.project_in.bias": proj.bias.detach(),
+          "quantize.project_out.weight": torch.randn(EMBED, CB * BITS, generator=g),
+          "quantize.project_out.bias": torch.zeros(EMBED), "post_quant_conv.weight": torch.randn(4, EMBED, 1, 1),
+          "decoder.conv_in.weight": torch.randn(8, 4, 3, 3, generator=g)}
+    if encoder_in_ckpt:     # the frozen CLIP inside the VQModel (transformers 4's CLIPVisionModel names)
+        sd.update({"encoder.vision_tower.vision_model." + k: v for k, v in clip.state_dict().items()})
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 1000, "hyper_parameters": {"lr": 1e-4}},
+               d / "vqgan.ckpt")
+    (d / "vision_tokenizer_config.yaml").write_text(yaml.safe_dump({
+        "max_vision_token_length": CFG["max_vision_token_length"], "freeze": True,
+        "params": {"embed_dim": EMBED, "codebook_size": 2 ** BITS, "num_codebook": CB, "ckpt_path": "vqgan.ckpt",
+                   "ddconfig": {"encoder_name": encoder_name, "select_layer": SEL, "z_channels": 4}}}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def imported(parts, tmp_path_factory):
+    from edgemm.importers import import_checkpoint
+    clip, conv, proj, _, _ = parts
+    d = tmp_path_factory.mktemp("libra-pixels")
+    src = write_release(d / "libra-tiny", clip, conv, proj)
+    summary = import_checkpoint(src, d / "ck", allow_bin=True, log=None)
+    return {"dir": d, "src": src, "ck": d / "ck", "summary": summary}
+
+
+@pytest.mark.parametrize("encoder_in_ckpt", [True, False])
+def test_release_layout_imports_the_tokenizer(parts, imported, tmp_path, encoder_in_ckpt):
+    """Both places the release may keep the CLIP weights (inside vqgan.ckpt, or only in the CLIP folder) give the
+    released encode's codes exactly."""
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.importers import import_checkpoint
+    clip, conv, proj, _, _ = parts
+    ck = imported["ck"]
+    if not encoder_in_ckpt:
+        src = write_release(tmp_path / "libra-tiny", clip, conv, proj, encoder_in_ckpt=False)
+        ck = tmp_path / "ck"
+        import_checkpoint(src, ck, allow_bin=True, log=None)
+    m, _ = load_checkpoint(ck)
+    assert m.cfg.vision.arch == "libra_vq" and m.cfg.vision.pad_square and m.cfg.input_stage == "vision"
+    px = images(2, seed=11)
+    with torch.no_grad():
+        want, _ = reference_tokens(clip, conv, proj, px)
+        got, _ = m.vision(px)
+    assert torch.equal(got, want)
+    assert "libra image tokenizer (pixels)" in imported["summary"]["variants"]
+
+
+def test_release_layout_refusals(parts, tmp_path):
+    """The pickled tokenizer needs --allow-bin; a convolutional VQGAN encoder is refused by name; nothing is
+    written either way."""
+    from edgemm.errors import UnsupportedVariant
+    from edgemm.importers import import_checkpoint
+    clip, conv, proj, _, _ = parts
+    src = write_release(tmp_path / "a", clip, conv, proj)
+    with pytest.raises(EdgemmError, match="--allow-bin"):
+        import_checkpoint(src, tmp_path / "out", log=None)
+    src = write_release(tmp_path / "b", clip, conv, proj, encoder_name="vqgan_f16")
+    with pytest.raises(UnsupportedVariant, match="convolutional VQGAN"):
+        import_checkpoint(src, tmp_path / "out", allow_bin=True, log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exports_validate_and_run_answers_from_an_image(imported):
+    """onnx fp32, onnx int8 (per-modality calibration: the vision stage calibrates on images through the
+    tokenizer) and trt fp16 (Q/DQ graphs, --no-build) bundles pass their export check, gguf is refused naming a
+    routed variant; `edgemm run --image` answers on the onnx bundle."""
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from tests.test_import_llava import exports_validate
+    d, ck = imported["dir"], imported["ck"]
+    exports_validate(ck, d, "low-rank vision branches")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8)).save(d / "img.png")
+    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "onnx-fp32"), "--image", str(d / "img.png"),
+                                  "--max-new-tokens", "3", "describe"])
+    assert r.exit_code == 0 and r.output.strip(), r.output

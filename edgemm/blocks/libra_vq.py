@@ -51,7 +51,6 @@ class LibraImageTokenizer(Tower):
         self.quant_conv = nn.Linear(v.width * len(self.layers), t["embed_dim"])
         if t["embed_dim"] != self.codebooks * self.bits:
             self.project_in = nn.Linear(t["embed_dim"], self.codebooks * self.bits)
-        self.register_buffer("weights", 2 ** torch.arange(self.bits - 1, -1, -1), persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> "LibraImageTokenizer":
@@ -71,7 +70,7 @@ class LibraImageTokenizer(Tower):
         if hasattr(self, "project_in"):
             h = self.project_in(h)
         bits = (h.unflatten(-1, (self.codebooks, self.bits)) > 0).long()
-        return (bits * self.weights).sum(-1)
+        return (bits * 2 ** torch.arange(self.bits - 1, -1, -1, device=h.device)).sum(-1)   # first bit: the MSB
 
     def forward(self, pixels):
         feats = self.features(pixels)

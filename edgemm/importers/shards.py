@@ -83,7 +83,8 @@ class Source:
         return wm
 
     def open(self, shard: str) -> "_Shard":
-        return _Shard(self.path / shard, self.kinds.get(shard, self.kind))
+        kind = self.kinds.get(shard, self.kind)
+        return kind if isinstance(kind, _Memory) else _Shard(self.path / shard, kind)
 
     def merge(self, other: "Source") -> None:
         """Another folder's tensors under their own names, its shards by their path from this one's (a checkpoint
@@ -99,10 +100,87 @@ class Source:
             self.shards.append(str(rel / shard))
             self.kinds[str(rel / shard)] = other.kind
 
+    def add_tensors(self, name: str, tensors: dict) -> None:
+        """Tensors already in memory (read from a pickle: Libra's vqgan.ckpt) as one pseudo-shard `name`."""
+        clash = sorted(set(tensors) & set(self.where))
+        if clash:
+            raise EdgemmError(f"tensor {clash[0]} is both in {self.path} and in {name}")
+        self.shards.append(name)
+        self.kinds[name] = _Memory(tensors)
+        for k, t in tensors.items():
+            self.where[k], self.shapes[k], self.dtypes[k] = name, tuple(t.shape), str(t.dtype).replace("torch.", "")
+
     def read(self, name: str):
         """One tensor (small reads while planning, e.g. checking that a bias is all zeros)."""
         with self.open(self.where[name]) as f:
             return f.get(name)
+
+
+class _Memory:
+    """An in-memory pseudo-shard (Source.add_tensors) behind _Shard's interface."""
+
+    def __init__(self, tensors: dict):
+        self.d, self.kind = tensors, "memory"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def keys(self):
+        return list(self.d)
+
+    def shape(self, k):
+        return tuple(self.d[k].shape)
+
+    def dtype(self, k):
+        return str(self.d[k].dtype).replace("torch.", "")
+
+    def get(self, k):
+        return self.d[k]
+
+
+def load_pickle(path: Path) -> dict:
+    """A torch.save'd module or dict -> {dotted name: tensor, dotted name of a number: the number} (a module's
+    parameters and buffers by their state-dict names, its int / float attributes such as num_heads and eps; a
+    Lightning checkpoint's tensors as state_dict.<name>). torch.load(weights_only=True) with every global the
+    pickle names mapped to an inert class, so nothing in the file runs."""
+    import torch
+
+    class Inert:
+        def __init__(self, *a, **k):
+            pass
+
+        def __setstate__(self, state):
+            if isinstance(state, dict):
+                self.__dict__.update(state)
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        with torch.serialization.safe_globals([(Inert, n) for n in names]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EdgemmError(f"{path} cannot be read as a torch.save file ({str(e).splitlines()[0][:160]})") from None
+    out: dict = {}
+
+    def walk(o, pre, depth=0):
+        if depth > 32:
+            raise EdgemmError(f"{path}: nested too deeply")
+        if isinstance(o, torch.Tensor):
+            out[pre[:-1]] = o.detach()
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            out[pre[:-1]] = o
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{pre}{k}.", depth + 1)
+        elif isinstance(o, Inert):
+            d = o.__dict__
+            for part in ("_parameters", "_buffers", "_modules"):
+                walk({k: v for k, v in (d.get(part) or {}).items() if v is not None}, pre, depth + 1)
+            walk({k: v for k, v in d.items() if not k.startswith("_") and isinstance(v, (int, float))}, pre, depth + 1)
+    walk(obj, "")
+    return out
 
 
 class _Shard:
