@@ -542,3 +542,12 @@ def test_monkey_onnx_export_and_run(monkey, tmp_path):
         s.set_image(tmp_path / "i.png")
         answers.append(s.ask(QUESTION))
     assert answers[0].strip() and answers[1] == answers[0]
+
+
+def test_monkey_trt_qdq_graphs_validate(monkey, tmp_path):
+    """Monkey's `--target trt` int8 Q/DQ graphs (engines not built here): every stage passes the exporter's checks,
+    the vision stage with its windows, LoRA and bicubic global view among them."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.export.trt import export_trt
+    man = export_trt(str(monkey["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
+    assert all(s["ok"] for s in man["validation"]["stages"].values())
