@@ -192,6 +192,26 @@ def test_import_matches_transformers(imported):
     logits_and_cached_steps_match(m, segs, ids, hf_logits)
 
 
+def test_pad_preprocessing_equals_the_released(imported):
+    """image_aspect_ratio 'pad': edgemm's pixels for a wide and a tall image equal the released process_images path
+    (expand2square with the processor's mean colour, then CLIPImageProcessor), re-computed here."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    from edgemm.config import ModelConfig
+    from edgemm.processor import preprocess
+    v = ModelConfig.load(imported["ck"] / "config.json").vision
+    assert v.pad_square
+    proc = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                              image_mean=list(v.image_mean), image_std=list(v.image_std))
+    for h, w in ((12, 20), (30, 9)):
+        img = Image.fromarray(_image(6, h, w))
+        side = max(img.size)                            # llava/mm_utils.py's expand2square
+        sq = Image.new("RGB", (side, side), tuple(int(x * 255) for x in proc.image_mean))
+        sq.paste(img, ((side - img.size[0]) // 2, (side - img.size[1]) // 2))
+        want = proc(sq, return_tensors="np")["pixel_values"]
+        assert np.abs(preprocess(img, v) - want).max() < 1e-5
+
+
 def test_template_and_tokens(tmp_path):
     """mm_use_im_start_end: the template's <image> is wrapped in <im_start> / <im_end> (run_llava.py's prompt); Yi's
     special tokens: <|startoftext|> begins, <|endoftext|> and the template's <|im_end|> end a turn."""
@@ -224,6 +244,26 @@ def test_refusals(tmp_path):
             import_checkpoint(src, tmp_path / "out", log=None)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_tower_folder_of_pickled_weights(tmp_path):
+    """Yi-VL's vit/ folder as a pytorch_model.bin: refused in one line without --allow-bin, read with
+    torch.load(weights_only=True) with it, the same model as from safetensors."""
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.importers import import_checkpoint
+    hf = _tiny_hf("yi")
+    src = write_original(hf, "yi", tmp_path / "src", yi_tokenizer=True)
+    vit = src / LAYOUTS["yi"][2][2:]
+    from safetensors.torch import load_file
+    torch.save(load_file(str(vit / "model.safetensors")), vit / "pytorch_model.bin")
+    (vit / "model.safetensors").unlink()
+    with pytest.raises(EdgemmError, match="pytorch_model.bin.*--allow-bin"):
+        import_checkpoint(src, tmp_path / "ck", log=None)
+    import_checkpoint(src, tmp_path / "ck", log=None, allow_bin=True)
+    m, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(m.vision.blocks[0].qkv.weight[:24], hf.model.vision_tower.state_dict()[
+            "encoder.layers.0.self_attn.q_proj.weight"])
 
 
 # --------------------------------------------------------------------------- gguf
@@ -311,20 +351,22 @@ def test_stock_llama_cpp_python_agrees_with_transformers(imported, gguf_bundle):
     ids = list(llm.input_ids[:n])
     assert ids[:len(pre)] == pre and ids[len(pre) + 16:] == post
     hf, px = imported["hf"], _pixels(img)
+    ids = torch.tensor([pre + [IMAGE_TOKEN] * 16 + post])
     with torch.no_grad():
-        emb = hf.get_input_embeddings()(torch.tensor([pre + [IMAGE_TOKEN] * 16 + post]))
-        defect = man["validation"]["mtmd_cls_order_defect"]
-        emb[0, len(pre):len(pre) + 16] = (llava_rows_cls_last(m.vision, m.adapter, px) if defect else
-                                          hf.get_image_features(pixel_values=px)[0].reshape(1, 16, -1))[0]
-        want = hf(inputs_embeds=emb).logits[0, -1].numpy()
+        want = hf(input_ids=ids, pixel_values=px).logits[0, -1].numpy()
+        if man["validation"]["mtmd_cls_order_defect"]:      # transformers' decoder on the defect's rows
+            emb = hf.get_input_embeddings()(ids)
+            emb[0, len(pre):len(pre) + 16] = llava_rows_cls_last(m.vision, m.adapter, px)[0]
+            want = hf(inputs_embeds=emb).logits[0, -1].numpy()
     assert stock.argmax() == want.argmax()
     assert np.abs(stock - want).max() < 1e-3
 
 
 # --------------------------------------------------------------------------- onnx + edgemm run
 def test_onnx_bundle_and_edgemm_run(imported):
-    """The import exports to onnx (every stage validated against the reference) and `edgemm run --image` answers
-    from the bundle as the torch reference does (greedy)."""
+    """The import exports to onnx fp32 / int8 and trt int8 Q/DQ (every stage validated against the reference; trt
+    without building engines) and `edgemm run --image` answers from the onnx bundle as the torch reference does
+    (greedy)."""
     from click.testing import CliRunner
     from PIL import Image
     from edgemm.cli import main
@@ -334,6 +376,10 @@ def test_onnx_bundle_and_edgemm_run(imported):
     d = imported["dir"]
     man = export_onnx(str(imported["ck"]), d / "onnx", precision="fp32", log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values())
+    from edgemm.export.trt import export_trt                # the quantized graphs calibrate Yi's LayerNorms too
+    for out, m8 in () if imported["layout"] != "yi" else ((d / "onnx-int8", export_onnx(str(imported["ck"]), d / "onnx-int8", precision="int8", log=None)),
+                    (d / "trt", export_trt(str(imported["ck"]), d / "trt", precision="int8", no_build=True, log=None))):
+        assert all(s["ok"] for s in m8["validation"]["stages"].values()), (out, m8["validation"])
     Image.fromarray(_image(4)).save(d / "img.png")
     got = []
     for opts in (["--bundle", str(d / "onnx"), "--backend", "ort", "--device", "cpu"],
