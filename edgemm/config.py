@@ -343,7 +343,8 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2", "qwen", "libra_vq", "patch_linear"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2", "qwen",
+                          "libra_vq", "patch_linear"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
