@@ -198,21 +198,6 @@ class DecoderConfig:
     rope_dims: int = 0
     mlp: str = "swiglu"
     linear_bias: bool = False
-    # Gemma 3 (edgemm.families.gemma3; its (1 + w) RMSNorm weights are stored with the 1 added): embeddings times
-    # embed_scale (0: none), post-attention / post-FFN norms (sandwich_norms), a GELU-tanh gated MLP (mlp "geglu"),
-    # scores times query_scale^-1/2 (0: head_dim's), sliding-window attention of sliding_window rows on the layers in
-    # sliding_layers (RoPE base rope_local_theta there; the others' positions divided by rope_linear_factor), image
-    # rows seeing each other both ways (image_bidirectional: an image segment's rows between its boi and eoi rows),
-    # logits soft-capped (final_softcap: cap * tanh(logits / cap); 0: none)
-    embed_scale: float = 0.0
-    sandwich_norms: bool = False
-    query_scale: float = 0.0
-    sliding_window: int = 0
-    sliding_layers: list = field(default_factory=list)
-    rope_local_theta: float = 10000.0
-    rope_linear_factor: float = 1.0
-    image_bidirectional: bool = False
-    final_softcap: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -422,7 +407,7 @@ class ModelConfig:
             raise EdgemmError("gated cross-attention goes with the perceiver adapter (and only with it), "
                               "single_branch, multi-head attention, an image token, cross_attn_every <= n_layers "
                               "and float or vector gates")
-        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2", "geglu") or d.rope_dims % 2 \
+        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2") or d.rope_dims % 2 \
                 or d.rope_dims > d.head_dim or ("layer" == d.norm or d.mlp == "relu2" or d.linear_bias) and (
                     d.n_experts or d.cross_attn_every or not d.single_branch):
             raise EdgemmError("decoder norm is 'rms' or 'layer', mlp 'swiglu' or 'relu2', rope_dims even and at most "

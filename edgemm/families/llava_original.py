@@ -113,9 +113,7 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
             plan.add(f"adapter.{ours}.{n}", f"{pj}{idx}{n}")
     plan.notes.append(f"projector {pt!r} (edgemm adapter {kind!r}); the image's {cfg.n_image_rows} rows replace "
                       "the prompt's <image>")
-    if hf.get("image_aspect_ratio", "square") == "pad":
-        plan.notes.append("image_aspect_ratio 'pad': the released code pads the image to a square with the mean "
-                          "colour first; edgemm resizes it to the tower's size")
+    cfg.vision.pad_square = hf.get("image_aspect_ratio") == "pad"     # the released expand2square, mean colour
     return plan
 
 
