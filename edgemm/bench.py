@@ -126,6 +126,8 @@ def decode_weight_bytes(bundle, cpu: bool = False) -> int | None:
             return None
         from .export.gguf_tensors import branch_of
         for s in man.get("stages", {}).values():
+            if not str(s.get("file", "")).endswith(".gguf"):
+                continue                                         # an ONNX vision stage (vision.onnx)
             f = bundle_path(bundle, s["file"])
             r = gguf.GGUFReader(str(f))
             names = [t.name for t in r.tensors]

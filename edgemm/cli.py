@@ -174,9 +174,7 @@ def _video_session(b, gen, image, video):
         raise EdgemmError("pass --image or --video, not both")
     takes_video(b.cfg)
     sess = ChatSession(b, gen, log=_err)
-    if sess.template is None:
-        raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
-    sess.set_image_rows(*clip_rows(b, video))
+    sess.set_image_rows(clip_rows(b, video), video=True)
     return sess
 
 
@@ -473,9 +471,13 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
 @click.option("--moe-form", type=click.Choice(["ort-moe", "ort-qmoe4", "dense"]), default=None,
               help="onnx, mixture-of-experts models: how MoE layers are written: com.microsoft MoE (default), QMoE "
               "with int4 experts (the default with an int4 decoder), or dense standard ops (every expert computed).")
+@click.option("--gguf-vision", type=click.Choice(["auto", "mmproj", "onnx"]), default=None,
+              help="gguf: the vision stage as llama.cpp's mmproj (clip/mtmd) or as an ONNX graph run by ONNX Runtime "
+              "beside llama.cpp's decoder (default auto: the mmproj where llama.cpp computes the tower and projector, "
+              "else ONNX).")
 @handle_errors
 def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
-           max_context, device_class, max_tiles, device, moe_form):
+           max_context, device_class, max_tiles, device, moe_form, gguf_vision):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -525,6 +527,11 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
             raise EdgemmError(f"--device applies to --target onnx; {target} bundles are for "
                               f"{'TensorRT on a GPU' if target == 'trt' else 'llama.cpp'} by their target")
         extra["device"] = device
+    if gguf_vision is not None:
+        if target != "gguf":
+            raise EdgemmError(f"--gguf-vision applies to --target gguf; {target} bundles' vision stage is an "
+                              f"{'ONNX graph' if target == 'onnx' else 'engine'} by their target")
+        extra["vision"] = gguf_vision
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch

@@ -62,17 +62,6 @@ class VisionConfig:
     longest_edge: int = 0
     image_splitting: bool = True
     tile_text: dict = field(default_factory=dict)
-    # DINOv2 (arch "dinov2", edgemm.blocks.dinov2): register tokens after CLS (Dinov2WithRegisters; 0: none); final_norm
-    # above is its layernorm. OmniFusion's merged encoders (arch "clip+dinov2"): this config is the CLIP tower and
-    # `second` the DINOv2 tower's VisionConfig fields (same image_size / patch_size; its own image_mean / image_std)
-    registers: int = 0
-    second: dict = field(default_factory=dict)
-    # Fuyu (arch "patch_linear", tiling "fuyu", edgemm.fuyu_patches): no tower, raw patch_size x patch_size patches
-    # through one Linear; any image size (downscaled, aspect kept, to fit canvas [height, width], then padded to
-    # whole patches with pad_value, the processor's padding_value before rescaling)
-    canvas: list = field(default_factory=list)
-    pad_value: float = 1.0
-
     # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
     # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
     # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
@@ -136,7 +125,6 @@ class AdapterConfig:
     qformer_positions: int = 0
     resampler_heads: int = 0                # "resampler" (Qwen-VL, edgemm.blocks.resampler): query_tokens queries, one
                                             # cross-attention of resampler_heads heads (the release: output_dim // 128)
-    attn_heads: int = 4                     # omni_transformer (OmniFusion, edgemm.blocks.omnifusion): its heads
     image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
     downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
     # pixel_shuffle_linear (Idefics3 / SmolVLM): the token ids whose embedding rows the connector holds (`markers`)
@@ -191,13 +179,6 @@ class DecoderConfig:
     norm_topk_prob: bool = True
     qk_norm: bool = False                   # Qwen3: RMSNorm over each head's Q and K (before RoPE); single branch
     attn_head_dim: int = 0                  # 0: d_model // n_heads; else the heads' own width (Qwen3: 128 at 2048)
-    # Persimmon (Fuyu's language model): LayerNorm with bias for every norm (norm "layer": attn/ffn, final and, with
-    # qk_norm, the per-head Q/K norms), RoPE on the first rope_dims of each head (0: all; partial_rotary_factor),
-    # a squared-ReLU MLP up -> relu(x)^2 -> down (mlp "relu2"), biases on the attention output and the MLP
-    norm: str = "rms"
-    rope_dims: int = 0
-    mlp: str = "swiglu"
-    linear_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -328,23 +309,14 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2", "qwen",
-                          "libra_vq", "patch_linear"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "qwen", "libra_vq"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
-                                     "pixel_shuffle_linear", "resampler", "newline_rows", "omni_mlp",
-                                     "omni_transformer"):
+                                     "pixel_shuffle_linear", "resampler"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
-        if (v.arch == "clip+dinov2") != bool(v.second) or (v.arch == "clip+dinov2" and (
-                self.adapter.kind != "omni_mlp" or not {"width", "layers", "heads", "mlp_dim"} <= set(v.second))):
-            raise EdgemmError("vision arch 'clip+dinov2' (OmniFusion's merged encoders) goes with vision.second (the "
-                              "DINOv2 tower: width, layers, heads, mlp_dim) and the omni_mlp adapter")
-        a_heads = self.adapter.attn_heads
-        if self.adapter.kind == "omni_transformer" and (a_heads < 1 or v.width % a_heads):
-            raise EdgemmError("the omni_transformer adapter needs attn_heads >= 1 dividing the vision width")
         a = self.adapter
         if a.kind == "resampler" and not (a.resampler_heads >= 1 and d.d_model % a.resampler_heads == 0
                                           and a.query_tokens >= 1 and math.isqrt(a.query_tokens) ** 2 == a.query_tokens):
@@ -392,9 +364,6 @@ class ModelConfig:
         if self.adapter.kind == "pixel_shuffle_linear" or v.tiling == "smolvlm":
             from .smolvlm_tiles import check_config as check_smolvlm
             check_smolvlm(self)
-        elif v.arch == "patch_linear" or self.adapter.kind == "newline_rows" or v.tiling == "fuyu":
-            from .fuyu_patches import check_config as check_fuyu
-            check_fuyu(self)
         elif v.arch == "internvit" or self.adapter.kind == "pixel_shuffle" or v.tiling:
             from .internvl_tiles import check_config as check_internvl
             check_internvl(self)
@@ -407,12 +376,6 @@ class ModelConfig:
             raise EdgemmError("gated cross-attention goes with the perceiver adapter (and only with it), "
                               "single_branch, multi-head attention, an image token, cross_attn_every <= n_layers "
                               "and float or vector gates")
-        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2") or d.rope_dims % 2 \
-                or d.rope_dims > d.head_dim or ("layer" == d.norm or d.mlp == "relu2" or d.linear_bias) and (
-                    d.n_experts or d.cross_attn_every or not d.single_branch):
-            raise EdgemmError("decoder norm is 'rms' or 'layer', mlp 'swiglu' or 'relu2', rope_dims even and at most "
-                              "head_dim; LayerNorm, relu2 and linear biases (Persimmon) go with a single branch "
-                              "without experts or cross-attention")
         if d.position_rule not in ("sequential", "cogvlm"):
             raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
         if d.eoi_branch not in ("vision", "text"):

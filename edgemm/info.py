@@ -123,12 +123,6 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
     if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
         from .qformer import describe_rows
         lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
-    if cfg.adapter.kind == "resampler":                     # Qwen-VL / Monkey: the resampler's queries reach it
-        per = f"{v.tower_passes} tiles ({v.tower_passes - 1} {v.window}px windows + the whole image) x " \
-            if v.window else ""
-        lines = [f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> {per}"
-                 f"{v.n_patches} tower rows, resampled to {cfg.adapter.query_tokens} queries: {cfg.n_image_rows} image "
-                 "rows" if s.startswith("vision:") else s for s in lines]
     from . import tilings
     tiles = tilings.of(v)
     if tiles is not None:                                   # tiled: rows depend on the image (a few typical sizes)
@@ -215,7 +209,7 @@ def describe_gguf_tensors(bundle: str, m: dict) -> list[str]:
     lines = ["", "GGUF tensors by branch:"]
     for stage in ("decoder", "vision"):
         st = m["stages"].get(stage)
-        if not st:
+        if not st or not str(st.get("file", "")).endswith(".gguf"):      # (an ONNX vision stage: vision.onnx)
             continue
         groups: dict[str, dict[str, list[int]]] = {}
         for t in gguf_tensor_table(bundle_path(bundle, st["file"])):

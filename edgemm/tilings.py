@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import EdgemmError
 
-MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches"}
+MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles"}
 
 
 def of(v):

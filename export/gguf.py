@@ -3,6 +3,12 @@ projector `cogvlm`), the tokenizer inside, and the manifest. Imported LLaVA mode
 projector) go to llama.cpp's `llama` architecture (`qwen2` with QKV bias) and an mmproj with projector `mlp`;
 MoE-LLaVA (Mixtral experts in every layer) as `llama` with ffn_gate_inp + ffn_{gate,up,down}_exps (Mixtral layout).
 
+Where llama.cpp computes the decoder but not the vision side (a single-branch decoder with a BLIP-2 / InstructBLIP
+Q-Former, the features edgemm.blocks.support marks gguf="onnx"), or where asked (vision="onnx": LLaVA while
+llama.cpp's llava graph misorders CLIP's CLS row), the vision stage is the ONNX graph the onnx exporter traces
+(export/graph.py vision_graph), `vision.onnx` beside the decoder GGUF: one manifest (stages.vision.format "onnx"),
+run by ONNX Runtime's CPU provider inside edgemm's llamacpp backend, its rows fed to llama.cpp as embeddings.
+
 This module is the entry point (export_gguf) and says which models llama.cpp can compute (check_supported); the
 jobs it runs are modules of their own, and their public names are importable from here as well:
   gguf_tokenizer  the tokenizer fields and chat template inside the decoder file
@@ -41,36 +47,53 @@ def is_llava(cfg) -> bool:
 
 
 def decoder_arch(cfg) -> str:
-    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), llama, or qwen2 (LLaMA + QKV bias)."""
-    if not is_llava(cfg):
+    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), llama, or qwen2 (LLaMA + QKV bias) for
+    single-branch decoders (LLaVA, and those beside an ONNX vision stage)."""
+    if not cfg.decoder.single_branch:
         return "cogvlm"
     return "qwen2" if cfg.decoder.qkv_bias else "llama"
 
 
-PERSIMMON = "persimmon decoder (layernorm, partial rope, relu2 mlp, biases)"
+VISION_STAGES = ("auto", "mmproj", "onnx")
+ONNX_VISION_PRECISION = {"f32": "fp32", "f16": "fp16"}      # other gguf types: int8 weight-only (no calibration)
 
 
-def check_supported(cfg, log=print) -> None:
+def vision_stage(cfg, requested: str | None = None) -> str:
+    """The bundle's vision stage: "mmproj" (llama.cpp's clip/mtmd computes it) or "onnx" (vision.onnx in ONNX
+    Runtime beside llama.cpp's decoder). auto: the support matrix's (edgemm.blocks.support.gguf_vision)."""
+    from edgemm.blocks.support import gguf_vision
+    requested = requested or "auto"
+    if requested not in VISION_STAGES:
+        raise EdgemmError(f"--gguf-vision {requested!r}: choose one of {', '.join(VISION_STAGES)}")
+    route = gguf_vision(cfg.variants())
+    if requested == "mmproj" and route == "onnx":
+        raise EdgemmError("--gguf-vision mmproj: llama.cpp's clip/mtmd has no graph for this vision stage "
+                          f"({cfg.vision.arch} tower, {cfg.adapter.kind} adapter); use auto or onnx")
+    return route if requested == "auto" else requested
+
+
+def check_supported(cfg, log=print, vision: str | None = None) -> None:
     """Refuse every config llama.cpp's graphs cannot compute; warn where it approximates."""
     from edgemm.blocks import support
-    llava = is_llava(cfg)
+    llava = is_llava(cfg) and vision_stage(cfg, vision) == "mmproj"        # (an ONNX vision stage is exact)
     where = (f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + mlp mmproj)" if llava
-             else "the gguf exporter (llama.cpp's cogvlm architecture)")
+             else f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + an ONNX vision stage)"
+             if cfg.decoder.single_branch else "the gguf exporter (llama.cpp's cogvlm architecture)")
     if cfg.vision.tiling == "smolvlm":          # SmolVLM / Idefics3: llama.cpp has the graph, edgemm no writer yet
         raise UnsupportedVariant("tile grid (smolvlm)", "the gguf exporter (llama.cpp's mtmd has an idefics3 "
                                  "projector, but edgemm does not write its mmproj and tile markers yet)",
                                  support.targets_that_can("tile grid (smolvlm)", exclude="gguf"))
-    if cfg.vision.arch == "patch_linear":       # Fuyu: no persimmon / fuyu in libllama's or libmtmd's names
-        raise UnsupportedVariant(PERSIMMON, "the gguf exporter (llama.cpp has no Fuyu graph: no Persimmon decoder "
-                                 "architecture, no raw-patch projector)", support.targets_that_can(PERSIMMON, "gguf"))
     # the variants no llama.cpp graph here computes are named first (a BLIP-2 import is refused for its Q-Former)
     v = support.refusal(cfg, "gguf")            # the support matrix: llama.cpp's cogvlm graph, or its llava graph
     if v is not None:
         raise UnsupportedVariant(v, where, support.targets_that_can(v, exclude="gguf"))
     if cfg.vision.width % cfg.vision.heads:
         raise EdgemmError("vision width must be divisible by the vision heads")
-    if llava:
+    if cfg.decoder.single_branch:
         _check_moe(cfg.decoder, where)
+    if vision_stage(cfg, vision) == "onnx":
+        return
+    if llava:
         if cfg.vision.keep_cls:         # llava.cpp gathers the patch rows only (its `patches` input skips CLS)
             raise UnsupportedVariant("CLS row kept (vision_feature_select_strategy 'full')", where,
                                      support.targets_that_can("clip vision tower", exclude="gguf"))
@@ -128,8 +151,10 @@ def _source(spec) -> dict:
 
 
 def export_gguf(model=None, out=None, precision=None, force=False, calib=None, no_build=False, log=print,
-                threads: int | None = None) -> dict:
-    """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest."""
+                threads: int | None = None, vision: str | None = None) -> dict:
+    """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest.
+    vision: auto (the support matrix decides), mmproj (llama.cpp's clip/mtmd) or onnx (vision.onnx, ONNX Runtime
+    beside llama.cpp's decoder: vision_stage)."""
     log = log or (lambda s: None)
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
     from edgemm.checkpoint import load_model
@@ -145,7 +170,8 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     if calib:
         log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
     cfg, _, _ = model_config(model)
-    check_supported(cfg, log)
+    check_supported(cfg, log, vision)
+    vision = vision_stage(cfg, vision)
     from edgemm.llamacpp import load_llama_cpp
     load_llama_cpp()      # the quantizer and the validation need llama.cpp (with a CPU variant this machine runs)
     threads = threads_or_default(threads)
@@ -158,20 +184,18 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     from edgemm.checkpoint import chat_template_for
     template = chat_template_for(model)
     dprec, vprec = precision["decoder"], precision["vision"]
-    vtype = VISION_TYPES[vprec]
+    vtype = VISION_TYPES[vprec] if vision == "mmproj" else ONNX_VISION_PRECISION.get(vprec, "int8-wo")
+    if vision == "onnx":
+        return _export_onnx_vision(m, tok, cfg, out, force, src, template, tok_fields, dprec, vprec, vtype,
+                                   threads, log)
     if vtype != vprec:
         log(f"note: llama.cpp's mmproj files take f32/f16/q8_0/q4_0 here; the vision stage is written as {vtype} "
             f"for --precision vision={vprec}")
     with bundle_writer(out, force=force) as tmp:
         dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
-        f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
-        log(f"writing the decoder ({arch}, f32) ...")
         # an imported model's own chat template goes into the file; edgemm's format as the GGUF form of it
-        write_decoder_gguf(m, tok, f32_path, name, template if llava else None, tok_fields)
-        if dprec != "f32":
-            log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")
-            quantize_decoder(f32_path, tmp / dec_file, dprec, threads)
-            f32_path.unlink()
+        _write_decoder_file(m, tok, tmp, dec_file, name, template if llava else None, tok_fields, dprec, threads,
+                            log)
         log(f"writing the mmproj (clip, projector {projector}, {vtype}) ...")
         vis_types = (write_llava_mmproj_gguf if llava else write_mmproj_gguf)(m, tmp / mm_file, name, vtype)
         tok.save(tmp / "tokenizer.json")
@@ -219,4 +243,81 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
             manifest["anyres"] = manifest_fields(m)
         manifest = write_manifest(tmp, manifest)
     log(f"wrote {out}: {dec_file} + {mm_file}")
+    return manifest
+
+
+def _write_decoder_file(m, tok, tmp: Path, dec_file: str, name: str, template, tok_fields, dprec: str, threads: int,
+                        log) -> None:
+    """The decoder GGUF at `dprec`: written in f32, then quantized by llama.cpp's own quantizer."""
+    f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
+    log(f"writing the decoder ({decoder_arch(m.cfg)}, f32) ...")
+    write_decoder_gguf(m, tok, f32_path, name, template, tok_fields)
+    if dprec != "f32":
+        log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")
+        quantize_decoder(f32_path, tmp / dec_file, dprec, threads)
+        f32_path.unlink()
+
+
+def _export_onnx_vision(m, tok, cfg, out, force, src: dict, template: str, tok_fields, dprec: str, vprec: str,
+                        vtype: str, threads: int, log) -> dict:
+    """The decoder GGUF (llama.cpp's llama / qwen2, or cogvlm) + the vision stage as the onnx exporter's traced
+    graph (vision.onnx, ONNX Runtime; fp32, fp16 matrices, or int8 weight-only for the quantized gguf types), one
+    manifest; validated as the mmproj bundles are (gguf_validate: the ONNX rows in ONNX Runtime against the
+    reference, then through llama.cpp's decoder)."""
+    import onnx
+    import torch
+    from edgemm.bundle import bundle_writer, tool_versions, write_manifest
+    from edgemm.calib.apply import quantize_bundle_stages
+    from edgemm.export.graph import io_spec, save_stage, vision_graph
+    from edgemm.qformer import bundle_fields
+    arch = decoder_arch(cfg)
+    if vtype == "int8-wo":
+        log(f"note: the ONNX vision stage is written {vtype} for --precision vision={vprec} (gguf types are "
+            "llama.cpp's; int8 weight-only needs no calibration)")
+    m = m.float().cpu().eval()
+    with bundle_writer(out, force=force) as tmp:
+        dec_file = f"decoder-{dprec}.gguf"
+        _write_decoder_file(m, tok, tmp, dec_file, cfg.name, template if cfg.decoder.single_branch else None,
+                            tok_fields, dprec, threads, log)
+        log(f"writing the vision stage (ONNX, {vtype}) ...")
+        with torch.inference_mode():
+            g, nbytes = vision_graph(m, vtype == "fp16")
+        extra = save_stage(g, tmp / "vision.onnx", nbytes)
+        onnx.checker.check_model(str(tmp / "vision.onnx"))
+        ins, outs = io_spec(g)
+        del g
+        stages = {"vision": {"file": "vision.onnx", "format": "onnx", "precision": vtype, "inputs": ins,
+                             "outputs": outs, "runs_with": "onnxruntime (CPU provider, in the llamacpp backend)",
+                             "weights": "fp16 matrices, cast to fp32 in the graph; fp32 compute" if vtype == "fp16"
+                             else "fp32"}}
+        if extra:
+            stages["vision"]["extra_files"] = extra
+        quantize_bundle_stages(tmp, stages, {"vision": vtype}, m, tok, log=log)    # int8-wo: MatMulNBits, no stats
+        tok.save(tmp / "tokenizer.json")
+        qformer = bundle_fields(tok, tmp, cfg)                  # InstructBLIP: its Q-Former tokenizer
+        (tmp / "chat_template.jinja").write_text(template)
+        log("validating in llama.cpp and ONNX Runtime ...")
+        figures = validate(m, tok, tmp / dec_file, tmp / "vision.onnx", {"decoder": dprec, "vision": vtype}, threads,
+                           log)
+        stages["decoder"] = {"file": dec_file, "format": f"gguf (arch {arch})", "precision": dprec,
+                             "quantizer": "llama_model_quantize" if dprec != "f32" else None,
+                             "branches": {"decoder_text": "token batches", "decoder_image": "embedding batches"},
+                             "tensor_types": type_summary(gguf_tensor_table(tmp / dec_file))}
+        manifest = {
+            "target": "gguf", "model": cfg.to_dict(), "source": src, "variants": cfg.variants(),
+            "reference": {"model": src["model"], "digest": src["digest"], "backend": "torch (edgemm.model)"},
+            "precision": {"decoder": dprec, "vision": vtype, "requested": {"decoder": dprec, "vision": vprec}},
+            "tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja", "stages": stages,
+            "runtime": {"backend": "llamacpp", "image_rows": "vision.onnx in ONNX Runtime (CPU provider, intra-op "
+                        "threads bounded, spinning off), fed to llama.cpp as an embedding batch",
+                        "kv_cache": "f32 for f32 bundles, else f16", "flash_attention": False},
+            "validation": figures,
+            "tools": tool_versions("gguf", "llama_cpp_python", "tokenizers", "onnx", "onnxruntime"),
+            **qformer,
+        }
+        if cfg.vision.grid_pinpoints:
+            from edgemm.anyres import manifest_fields
+            manifest["anyres"] = manifest_fields(m)
+        manifest = write_manifest(tmp, manifest)
+    log(f"wrote {out}: {dec_file} + vision.onnx")
     return manifest

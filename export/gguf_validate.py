@@ -156,14 +156,50 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
     return rows_mt
 
 
+def _mtmd_rows(model, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
+    """The mmproj through llama.cpp's mtmd -> its image rows (LLaVA's diagnosed: _llava_rows_check)."""
+    from edgemm.runtimes.llamacpp_backend import MtmdVision
+    mt = MtmdVision(mmproj, run, threads)
+    try:
+        rows_mt = mt.encode_rgb(img)
+    finally:
+        mt.close()
+    if llava:
+        return _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out, log)
+    out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
+    return rows_mt
+
+
+def _onnx_rows_check(model, path: Path, pixels, hw, rows_ref, vprec: str, threads: int, out: dict):
+    """An ONNX vision stage's rows, run as edgemm's llamacpp backend runs it (OnnxVision), against the reference
+    (judged by the onnx rows of edgemm.export.thresholds at its precision). -> its rows [rows, D]."""
+    from edgemm.export.thresholds import judge
+    from edgemm.export.validate import compare
+    from edgemm.runtimes.llamacpp_backend import OnnxVision
+    rows = OnnxVision(str(path), model.cfg, threads).rows(pixels)
+    if hw is not None:                  # any-resolution tiles: packed on the host, as the backend's host does
+        import torch
+        from edgemm.anyres import pack, row_index
+        rows = pack(torch.from_numpy(rows), model.adapter.image_newline.detach(),
+                    row_index(model.cfg.vision, *hw)).numpy()
+    ref = rows_ref[0].numpy()
+    err, cos = compare(ref, rows[0])[:2]
+    text, ok = judge("onnx", "vision", vprec, err, cos, out["vision_rows_scale"])
+    out["vision_rows_max_abs"], out["vision_rows_cosine"] = err, cos
+    out["vision_onnx"] = {"figures": f"max abs {err:.2e}, cosine {cos:.6f}", "bound": text, "ok": bool(ok),
+                          "runs_with": "onnxruntime CPU provider (OnnxVision)"}
+    return rows[0]
+
+
 def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: int, llava: bool, log=print) -> dict:
     """Run the files in llama.cpp and compare with the reference. llava: the files are llama.cpp's llama / qwen2
-    decoder + an mlp mmproj (their image rows are diagnosed: _llava_rows_check). -> figures (raises when f32/f16
+    decoder + an mlp mmproj (their image rows are diagnosed: _llava_rows_check). mmproj may be an ONNX vision stage
+    (`.onnx`: run in ONNX Runtime, _onnx_rows_check; vision precision an onnx one). -> figures (raises when f32/f16
     are off)."""
     import torch
     from edgemm.model import KVCache
     from edgemm.processor import preprocess
-    from edgemm.runtimes.llamacpp_backend import LlamaRunner, MtmdVision
+    from edgemm.runtimes.llamacpp_backend import LlamaRunner
     cfg = model.cfg
     dprec, vprec = precision["decoder"], precision["vision"]
     q_ids = tok.user_turn(VALIDATION_QUESTION, first=True)
@@ -212,18 +248,13 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         li = run.decode_tokens(q_ids, len(pre) + n_rows)
         out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
         out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
-        # the mmproj through llama.cpp's mtmd
-        mt = MtmdVision(mmproj, run, threads)
-        try:
-            rows_mt = mt.encode_rgb(img)
-        finally:
-            mt.close()
         out["vision_rows_scale"] = float(np.max(np.abs(rows_ref[0].numpy())))
-        if llava:
-            rows_mt = _llava_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, rows_mt, out, log)
-        else:
-            out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
-        if rows_mt is not None and not out.get("mtmd_cls_order_defect"):
+        if mmproj.suffix == ".onnx":            # an ONNX vision stage: ONNX Runtime beside llama.cpp
+            rows_mt = _onnx_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, vprec, threads, out)
+        else:                                   # the mmproj through llama.cpp's mtmd
+            rows_mt = _mtmd_rows(model, mmproj, run, threads, img, pixels, hw if anyres else None, rows_ref, llava,
+                                 out, log)
+        if rows_mt is not None and not out.get("mtmd_cls_order_defect") and "vision_rows_cosine" not in out:
             from edgemm.export.validate import compare
             out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
@@ -274,6 +305,9 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         rtol = MTMD_ROWS_RTOL * max(1.0, out.get("vision_rows_scale", 1.0))
         if out["vision_rows_max_abs"] > rtol:
             bad.append(f"vision: vision_rows_max_abs {out['vision_rows_max_abs']:.2e} > {rtol:.2e}")
+    if "vision_onnx" in out and not out["vision_onnx"]["ok"]:
+        bad.append(f"vision: the ONNX vision stage's rows ({out['vision_onnx']['figures']}) are off "
+                   f"{out['vision_onnx']['bound']}")
     if vprec in MMPROJ_COS and out.get("vision_rows_cosine") is not None \
             and not out["vision_rows_cosine"] >= MMPROJ_COS[vprec]:
         bad.append(f"vision: mtmd image rows cosine {out['vision_rows_cosine']:.4f} < {MMPROJ_COS[vprec]:g}")

@@ -122,6 +122,21 @@ def last(pieces):
     return out
 
 
+def vision_feeds(cfg, pixels, instruction=()) -> dict:
+    """The exported vision stage's inputs (Backend.vision's arguments): pixels, and InstructBLIP's Q-Former ids and
+    mask (none: an empty instruction)."""
+    from edgemm.errors import EdgemmError
+    feeds = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
+    if cfg.reads_question:             # InstructBLIP: the question's Q-Former ids (none: an empty one)
+        B = feeds["pixels"].shape[0]
+        ids = np.zeros((B, 0), np.int64) if not instruction else np.asarray(instruction[0], np.int64)
+        mask = np.ones_like(ids) if len(instruction) < 2 else np.asarray(instruction[1], np.int64)
+        feeds.update(qformer_input_ids=np.ascontiguousarray(ids), qformer_attention_mask=np.ascontiguousarray(mask))
+    elif instruction:
+        raise EdgemmError("only InstructBLIP's vision stage takes an instruction")
+    return feeds
+
+
 class SegmentRunner(Backend):
     """Segments over exported decoder graphs (the ort and trt backends): subclasses implement
     `_run(stage, state, feeds, positions) -> logits` and `_encode(stage, feeds) -> image rows`.
@@ -248,15 +263,7 @@ class SegmentRunner(Backend):
         if self.cfg.input_stage != "vision":
             raise EdgemmError("this bundle (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
                               "signal encoder are not imported; use image_tokens(codes, signal)")
-        feeds = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
-        if self.cfg.reads_question:             # InstructBLIP: the question's Q-Former ids (none: an empty one)
-            B = feeds["pixels"].shape[0]
-            ids = np.zeros((B, 0), np.int64) if not instruction else np.asarray(instruction[0], np.int64)
-            mask = np.ones_like(ids) if len(instruction) < 2 else np.asarray(instruction[1], np.int64)
-            feeds.update(qformer_input_ids=np.ascontiguousarray(ids), qformer_attention_mask=np.ascontiguousarray(mask))
-        elif instruction:
-            raise EdgemmError("only InstructBLIP's vision stage takes an instruction")
-        return self._encode("vision", feeds)
+        return self._encode("vision", vision_feeds(self.cfg, pixels, instruction))
 
     def image_tokens(self, codes, signal=None) -> np.ndarray:
         """Libra: image tokens [1, rows, codebooks] (+ continuous signal [1, rows, signal_size]) -> image rows."""

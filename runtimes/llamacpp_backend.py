@@ -11,7 +11,11 @@ batch kinds; where the export found llama.cpp's llava graph misordering CLIP's C
 the image rows come from the mmproj's weights through the reference code, as do LLaVA-NeXT's tiles (the host
 packs them: edgemm.anyres, with the manifest's newline row).
 
-The helpers LlamaRunner / MtmdVision are shared with the GGUF exporter's validation.
+A bundle whose vision stage is an ONNX graph (stages.vision.format "onnx": a vision side llama.cpp has no graph for,
+edgemm.blocks.support.gguf_vision, or one exported with vision="onnx") runs it in ONNX Runtime's CPU provider in
+this process (OnnxVision: bounded threads, no spinning) and feeds its rows to llama.cpp as an embedding batch.
+
+The helpers LlamaRunner / MtmdVision / OnnxVision are shared with the GGUF exporter's validation.
 """
 from __future__ import annotations
 
@@ -257,6 +261,38 @@ class MtmdVision:
             pass
 
 
+class OnnxVision:
+    """A gguf bundle's ONNX vision stage on ONNX Runtime's CPU provider, beside llama.cpp in one process: intra-op
+    threads bounded to the backend's, one inter-op thread, and spinning off (session.intra_op.allow_spinning 0):
+    after an image ONNX Runtime's workers sleep instead of spinning on the cores llama.cpp's threads decode on."""
+
+    def __init__(self, source, cfg, threads: int, name: str = "vision.onnx", spec: dict | None = None):
+        """source: the graph's bytes (hashed as read: edgemm.bundle.stage_sources) or path."""
+        import onnxruntime as ort
+        self.cfg = cfg
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, int(threads))
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        self.options = so
+        try:
+            self.sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        except Exception as e:               # a graph ONNX Runtime cannot parse or run: one line, no traceback
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EdgemmError(f"ONNX Runtime could not load the vision stage {name} ({why}); re-export the bundle") \
+                from None
+        if spec is not None:
+            from .ort_backend import OrtBackend
+            OrtBackend._check_io(name, "vision", spec, self.sess)
+
+    def rows(self, pixels, *instruction) -> np.ndarray:
+        from .base import vision_feeds
+        return self.sess.run(["image_rows"], vision_feeds(self.cfg, pixels, instruction))[0]
+
+
 def pixels_to_rgb(pixels: np.ndarray, vision_cfg) -> np.ndarray | None:
     """Invert edgemm's normalisation: pixels [1, 3, S, S] -> uint8 [S, S, 3], or None when the pixels are not
     exactly an 8-bit image (then mtmd, which takes 8-bit images, cannot reproduce them)."""
@@ -366,10 +402,18 @@ class LlamaCppBackend(Backend):
         self.cfg = ModelConfig.from_dict(manifest["model"])
         self.tokenizer = load_tokenizer(bundle, manifest, verified=True)
         st = manifest["stages"]
-        # the GGUF files hashed through the descriptors llama.cpp then reads (open() verified the rest)
-        self._pinned = [PinnedFile(bundle, st[s]["file"], manifest) for s in ("decoder", "vision")]
-        self.decoder_path, self.mmproj_path = (f.path for f in self._pinned)
         self.threads = threads_or_default(threads)
+        self._onnx_vision = None
+        onnx_vision = st["vision"].get("format") == "onnx"
+        if onnx_vision:         # the ONNX vision stage parsed from the bytes that were hashed (edgemm.bundle)
+            from edgemm.bundle import stage_sources
+            self._onnx_vision = OnnxVision(stage_sources(bundle, manifest, ["vision"], True)["vision"], self.cfg,
+                                           self.threads, st["vision"]["file"], st["vision"])
+        # the GGUF files hashed through the descriptors llama.cpp then reads (open() verified the rest)
+        self._pinned = [PinnedFile(bundle, st[s]["file"], manifest)
+                        for s in ("decoder",) + (() if onnx_vision else ("vision",))]
+        self.decoder_path = self._pinned[0].path
+        self.mmproj_path = None if onnx_vision else self._pinned[1].path
         # an f32 bundle gets an f32 KV cache (exact); quantized ones the usual f16 cache
         if f32_kv is None:
             f32_kv = st["decoder"].get("precision") == "f32"
@@ -431,7 +475,7 @@ class LlamaCppBackend(Backend):
         return (f"llamacpp on {self.device} ({gpu}{self.threads} threads, KV cache {self.runner.kv_type}"
                 f"{', flash attention' if self.runner.flash_attn else ''}, "
                 f"decoder {self.manifest['stages']['decoder'].get('precision')}, "
-                f"vision rows from {self.vision_source or 'mtmd (mmproj)'})")
+                f"vision rows from {self.vision_source or ('onnx' if self._onnx_vision else 'mtmd (mmproj)')})")
 
     # ---- protocol ------------------------------------------------------------------------------
     def new_state(self, max_len: int | None = None) -> State:
@@ -495,7 +539,12 @@ class LlamaCppBackend(Backend):
         rows = np.asarray(rows, np.float32).reshape(1, -1, np.shape(rows)[-1])
         yield from _pieces(lambda a, b: self.image(state, rows[:, a:b]), rows.shape[1], chunk)
 
-    def vision(self, pixels) -> np.ndarray:
+    def vision(self, pixels, *instruction) -> np.ndarray:
+        if self._onnx_vision is not None:            # the bundle's ONNX vision stage (OnnxVision)
+            self.vision_source = f"onnx ({self.manifest['stages']['vision']['file']})"
+            return self._onnx_vision.rows(pixels, *instruction)
+        if instruction:
+            raise EdgemmError("only InstructBLIP's vision stage takes an instruction")
         rgb = pixels_to_rgb(pixels, self.cfg.vision)
         # a LLaVA bundle exported where llama.cpp's llava graph had the CLS-order defect (ggml-org/llama.cpp#25814)
         # gets its rows from the mmproj's weights through the reference code instead of mtmd
@@ -531,4 +580,5 @@ class LlamaCppBackend(Backend):
         if self._mtmd is not None:
             self._mtmd.close()
             self._mtmd = None
+        self._onnx_vision = None
         self.runner.close()

@@ -104,11 +104,9 @@ def test_refusals_name_the_targets_that_can(llava, tmp_path):
     libra.adapter.codebooks, libra.adapter.vision_vocab = 2, 16
     cls_kept = ModelConfig.from_dict(cfg.to_dict())
     cls_kept.vision.keep_cls = True
-    blip2_like = ModelConfig.from_dict(cfg.to_dict())       # LLaVA's decoder and tower with a Q-Former adapter
-    a = blip2_like.adapter
-    a.kind, a.query_tokens, a.qformer_width, a.qformer_layers, a.qformer_heads, a.qformer_ffn = \
-        "qformer", 4, 16, 1, 2, 32
-    for c, name in ((libra, "libra image tokens"), (cls_kept, "CLS row kept"), (blip2_like, "q-former adapter")):
+    siglip_like = ModelConfig.from_dict(cfg.to_dict())      # LLaVA's decoder with a SigLIP tower (neither llama.cpp's
+    siglip_like.vision.arch = "siglip"                      # graph nor an ONNX stage beside it: support.py)
+    for c, name in ((libra, "libra image tokens"), (cls_kept, "CLS row kept"), (siglip_like, "siglip vision tower")):
         d = tmp_path / name.split()[0]
         d.mkdir()
         c.save(d / "config.json")

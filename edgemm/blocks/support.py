@@ -6,6 +6,8 @@ Targets: `torch` (the reference model), `onnx` and `trt` (edgemm's graphs: they 
 `gguf` (llama.cpp). llama.cpp computes edgemm's own family through its `cogvlm` architecture, which has none of the
 features below; a feature marked `gguf="llava"` is computed by its `llama`/`qwen2` decoders with the `mlp` mmproj
 projector, so a model reaches that graph only as a LLaVA composition (single branch + CLIP tower + MLP projector).
+A vision-side feature marked `gguf="onnx"` has no llama.cpp graph: a gguf bundle carries its vision stage as the
+ONNX graph the onnx exporter traces, run by ONNX Runtime beside llama.cpp's llama decoder (`gguf_vision`).
 
 This module is core: it imports nothing of edgemm, and a config is read by duck typing (`cfg.decoder`, ...).
 """
@@ -30,7 +32,8 @@ class Feature:
                                         # shapes: GQA, QKV bias, Q/K norm, head_dim; any-res tiling of the input)
     applies: Callable                   # cfg -> bool
     targets: tuple = ("torch", "onnx", "trt")
-    gguf: str | None = None             # "llava": llama.cpp computes it in its llava graph (see above)
+    gguf: str | None = None             # "llava": llama.cpp computes it in its llava graph; "onnx": the gguf
+                                        # bundle's ONNX vision stage beside llama.cpp's decoder (see above)
     unquantized: str | None = None      # onnx/trt compute it unquantized only: the reason
 
     def computed_by(self, target: str) -> bool:
@@ -67,14 +70,14 @@ FEATURES: tuple[Feature, ...] = (
     Feature("mlp projector", "connector:mlp", lambda c: c.adapter.kind == "mlp", gguf="llava"),
     Feature("linear projector", "connector:linear", lambda c: c.adapter.kind == "linear", gguf="llava"),
     Feature("mlp-norm projector", "connector:mlp_norm", lambda c: c.adapter.kind == "mlp_norm", gguf="llava"),
-    Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip"),
+    Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip", gguf="onnx"),
     Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
     Feature("qwen-vl vision tower", "vision:qwen", lambda c: c.vision.arch == "qwen"),
     Feature("cross-attention resampler (qwen-vl)", "connector:resampler", lambda c: c.adapter.kind == "resampler"),
     Feature("per-window LoRA (monkey)", "vision:qwen", lambda c: bool(c.vision.window)),
-    Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer"),
+    Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer", gguf="onnx"),
     Feature("q-former instruction input (instructblip)", "connector:qformer",
-            lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text)),
+            lambda c: c.adapter.kind == "qformer" and bool(c.adapter.qformer_text), gguf="onnx"),
     Feature("any-resolution tiling", "option:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
     Feature("internvit vision tower", "vision:internvit", lambda c: c.vision.arch == "internvit"),
     Feature("pixel-shuffle projector", "connector:pixel_shuffle", lambda c: c.adapter.kind == "pixel_shuffle"),
@@ -82,15 +85,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("pixel-shuffle linear projector", "connector:pixel_shuffle_linear",
             lambda c: c.adapter.kind == "pixel_shuffle_linear"),
     Feature("tile grid (smolvlm)", "option:tiles", lambda c: c.vision.tiling == "smolvlm"),
-    Feature("dinov2 vision tower", "vision:dinov2", lambda c: c.vision.arch == "dinov2"),
-    Feature("merged clip + dinov2 towers (omnifusion)", "vision:clip+dinov2", lambda c: c.vision.arch == "clip+dinov2"),
-    Feature("begin/end-of-image rows (omnifusion)", "option:omni-rows", lambda c: c.adapter.kind.startswith("omni_")),
-    Feature("omnifusion mlp adapter", "connector:omni_mlp", lambda c: c.adapter.kind == "omni_mlp"),
-    Feature("omnifusion transformer adapter", "connector:omni_transformer",
-            lambda c: c.adapter.kind == "omni_transformer"),
-    Feature("linear patch embedding (fuyu)", "vision:patch_linear", lambda c: c.vision.arch == "patch_linear"),
-    Feature("persimmon decoder (layernorm, partial rope, relu2 mlp, biases)", "option:decoder",
-            lambda c: _d(c).norm == "layer" or bool(_d(c).rope_dims) or _d(c).mlp == "relu2" or _d(c).linear_bias),
     Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "
@@ -113,15 +107,22 @@ def targets_that_can(name: str, exclude: str | None = None) -> str:
 
 def refusal(cfg, target: str) -> str | None:
     """The first feature of cfg that `target` cannot compute, or None. gguf: features outside its llava graph are
-    named before the llava ones, and a llava feature outside a LLaVA composition is refused."""
+    named before the llava / onnx ones, which need llama.cpp's llama decoder (a single-branch composition)."""
     names = cfg.variants()
     if target != "gguf":
         return next((v for v in names if v not in BY_NAME or not BY_NAME[v].computed_by(target)), None)
-    llava = is_llava_graph(names)
+    llama = LLAVA_GRAPH[0] in names
     for v in sorted(names, key=lambda v: v in BY_NAME and BY_NAME[v].gguf is not None):
-        if not (llava and v in BY_NAME and BY_NAME[v].gguf):
+        if not (llama and v in BY_NAME and BY_NAME[v].gguf):
             return v
     return None
+
+
+def gguf_vision(names) -> str:
+    """Where a gguf bundle's vision stage runs: "mmproj" (llama.cpp's clip/mtmd computes the tower and projector:
+    edgemm's own family, a LLaVA composition) or "onnx" (an ONNX graph run by ONNX Runtime beside llama.cpp's
+    decoder: a vision side llama.cpp has no graph for)."""
+    return "mmproj" if LLAVA_GRAPH[0] not in names or is_llava_graph(names) else "onnx"
 
 
 def is_llava_graph(names) -> bool:
@@ -146,12 +147,12 @@ def target_summary(core: list[str], optional: list[str] = (), hints: dict | None
     """'onnx, trt, gguf (not X)' for a family whose configs always use `core` and may use `optional`: the
     targets computing every core feature, each with the optional ones it lacks; unquantized-only noted."""
     hints = hints or {}
-    llava = is_llava_graph(core)
+    llama = LLAVA_GRAPH[0] in core
     out = []
     for t in TARGETS[1:]:
         def ok(name):
             f = BY_NAME[name]
-            return (llava and f.gguf is not None) if t == "gguf" else f.computed_by(t)
+            return (llama and f.gguf is not None) if t == "gguf" else f.computed_by(t)
         feats = [BY_NAME[n] for n in core]
         if not all(ok(n) for n in core):
             continue
@@ -161,6 +162,8 @@ def target_summary(core: list[str], optional: list[str] = (), hints: dict | None
             notes.append("fp32, fp16" if t == "onnx" else "fp16")
         if lacks:
             notes.append("not " + ", ".join(lacks))
+        if t == "gguf" and gguf_vision(core) == "onnx":
+            notes.append("vision stage in ONNX")
         if t in hints:
             notes.append(hints[t])
         out.append(t + (f" ({'; '.join(notes)})" if notes else ""))

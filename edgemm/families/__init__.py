@@ -19,7 +19,7 @@ from ..errors import EdgemmError
 
 # The family modules, imported on first use; the registration order is the detection order.
 _MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "llava_onevision", "internvl",
-            "smolvlm", "xcomposer2", "qwen_vl", "fuyu", "llava_original", "omnifusion")
+            "smolvlm", "xcomposer2", "qwen_vl", "llava_original")
 REGISTRY: dict[str, "Family"] = {}
 
 
@@ -34,7 +34,6 @@ class Family:
     core: tuple = ()                    # features (edgemm.blocks.support) every import uses
     optional: tuple = ()                # features some imports use
     hints: dict = {}                    # target -> a note for the table (e.g. an import option it needs)
-    add_bos: bool | None = None         # whether prompts start with bos (None: as the tokenizer does; Fuyu: no)
     chat_template: str | None = None    # the chat format of a release whose tokenizer files ship none (its code has it)
 
     def detect(self, hf: dict) -> bool:
@@ -123,6 +122,8 @@ def matrix_lines() -> list[str]:
         out.append(f"{f.name:<{w}}  {f.block:<28}" + "".join(f"{c:>8}" for c in cells))
     out += ["", "gguf: llava = computed by llama.cpp's llava graph (single branch + CLIP tower + MLP projector); "
                 "edgemm's own family runs as llama.cpp's cogvlm, which has none of these features.",
+            "gguf: onnx = the gguf bundle carries this vision stage as an ONNX graph (ONNX Runtime) beside llama.cpp's "
+            "llama decoder; families marked 'vision stage in ONNX' get a gguf decoder this way.",
             "fp = unquantized precisions only (onnx fp32/fp16, trt fp16)."]
     return out
 

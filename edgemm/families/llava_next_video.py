@@ -8,7 +8,8 @@ processor's num_frames, else 8), each through the tower, the vision_resampler's 
 """
 from __future__ import annotations
 
-from ..video import DEFAULT_FRAMES, processor_settings
+from ..errors import EdgemmError
+from ..video import DEFAULT_FRAMES
 from . import register
 from .llava import LlavaNext
 
@@ -22,11 +23,19 @@ class LlavaNextVideo(LlavaNext):
     computes = "LLaVA-NeXT's image path; video frames pooled (torch)"
 
     def plan(self, hf, src, rules="original"):
+        import json
         plan = super().plan(hf, src, rules)
         stride, mode = hf.get("spatial_pool_stride", 2), hf.get("spatial_pool_mode", "average")
-        v, frames = plan.cfg.vision, processor_settings(src.path).get("num_frames") or DEFAULT_FRAMES
+        v, frames = plan.cfg.vision, DEFAULT_FRAMES
+        vp = src.path / "video_preprocessor_config.json"
+        if vp.is_file():
+            try:
+                frames = json.loads(vp.read_text()).get("num_frames") or frames
+            except (json.JSONDecodeError, AttributeError):
+                raise EdgemmError(f"{vp} is not a valid JSON object") from None
         grid = v.image_size // v.patch_size
-        if mode not in ("average", "max") or v.keep_cls or not isinstance(stride, int) or stride < 1 or grid % stride:
+        if mode not in ("average", "max") or v.keep_cls or not isinstance(stride, int) or stride < 1 \
+                or grid % stride or not isinstance(frames, int) or frames < 1:
             plan.notes.append(f"video input is not imported (pool {mode} by {stride}, {frames} frames, "
                               f"{'CLS kept' if v.keep_cls else 'no CLS'}): images only")
             return plan
