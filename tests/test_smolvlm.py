@@ -337,9 +337,9 @@ def test_exports_validate_and_answer(imported, monkeypatch):
                    json.loads((ck / "config.json").read_text())["tokens"])
 
 
-def _served_answer(bundle, image, prompt_tokens, want, tokens):
+def _served_answer(bundle, image, prompt_tokens, want, tokens, question=QUESTION):
     """`edgemm serve` of the bundle answers the image question with transformers' greedy tokens, counting the
-    prompt's tokens as transformers' processor does (the tile markers included)."""
+    prompt's tokens as transformers' processor does (the tile markers included; test_fuyu's: its newline rows)."""
     import base64
     from edgemm.tokenizer import Tokenizer
     from .test_serve import Server
@@ -348,7 +348,7 @@ def _served_answer(bundle, image, prompt_tokens, want, tokens):
         url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
         r = s.client().chat.completions.create(model=bundle.name, temperature=0, max_tokens=4, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": QUESTION}]}])
+                                         {"type": "text", "text": question}]}])
     finally:
         s.stop()
     assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == len(want)
