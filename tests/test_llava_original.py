@@ -192,6 +192,76 @@ def test_import_matches_transformers(imported):
     logits_and_cached_steps_match(m, segs, ids, hf_logits)
 
 
+def test_pad_preprocessing_equals_the_released(imported):
+    """image_aspect_ratio 'pad': edgemm's pixels for a wide and a tall image equal the released process_images path
+    (expand2square with the processor's mean colour, then CLIPImageProcessor), re-computed here."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    from edgemm.config import ModelConfig
+    from edgemm.processor import preprocess
+    v = ModelConfig.load(imported["ck"] / "config.json").vision
+    assert v.pad_square
+    proc = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                              image_mean=list(v.image_mean), image_std=list(v.image_std))
+    for h, w in ((12, 20), (30, 9)):
+        img = Image.fromarray(_image(6, h, w))
+        side = max(img.size)                            # llava/mm_utils.py's expand2square
+        sq = Image.new("RGB", (side, side), tuple(int(x * 255) for x in proc.image_mean))
+        sq.paste(img, ((side - img.size[0]) // 2, (side - img.size[1]) // 2))
+        want = proc(sq, return_tensors="np")["pixel_values"]
+        assert np.abs(preprocess(img, v) - want).max() < 1e-5
+
+
+def _released_prompt(style: str, system: str, turns: list) -> str:
+    """Conversation.get_prompt of the released code, re-computed: haotian-liu/LLaVA's SeparatorStyle.TWO (sep " ",
+    sep2 "</s>", roles USER / ASSISTANT) and Yi's SINGLE (system + "\\n\\n### ", role + ": " + message + "\\n### ");
+    turns: (role, message or None), the image as "<image>\\n" before the first question."""
+    if style == "two":
+        ret, seps = system + " ", [" ", "</s>"]
+        for i, (role, msg) in enumerate(turns):
+            ret += f"{role}: {msg}{seps[i % 2]}" if msg else f"{role}:"
+        return ret
+    ret = system + "\n\n### "
+    for role, msg in turns:
+        ret += f"{role}: {msg}\n### " if msg else f"{role}:"
+    return ret
+
+
+def test_released_chat_formats(tmp_path):
+    """The checkpoints ship no chat template: the import installs the released format (LLaVA's conv_llava_v1, Yi's
+    mm_default), which renders what the released get_prompt builds for a two-turn chat with an image; a system
+    message replaces the default system text; mm_use_im_start_end wraps the image."""
+    from edgemm.chat_template import render_template
+    from edgemm.families.llava_original import LLAVA_V1_TEMPLATE, YI_VL_TEMPLATE
+    from edgemm.importers import import_checkpoint
+    msgs = [{"role": "user", "text": "what color?", "images": [0]}, {"role": "assistant", "text": "red", "images": []},
+            {"role": "user", "text": "how many?", "images": []}]
+    llava_system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the human's questions.")           # conv_llava_v1
+    yi_system = ("This is a chat between an inquisitive human and an AI assistant. Assume the role of the AI "
+                 "assistant. Read all the images carefully, and respond to the human's questions with informative, "
+                 "helpful, detailed and polite answers. 这是一个好奇的人类和一个人工智能助手之间的对话。假设你扮演这个AI助手的角色。"
+                 "仔细阅读所有的图像，并对人类的问题做出信息丰富、有帮助、详细的和礼貌的回答。")          # mm_default_conv
+    for template, style, roles, bos, system in (
+            (LLAVA_V1_TEMPLATE, "two", ("USER", "ASSISTANT"), "<s>", llava_system),
+            (YI_VL_TEMPLATE, "single", ("Human", "Assistant"), "", yi_system)):
+        want = _released_prompt(style, system, [(roles[0], "<image>\nwhat color?"), (roles[1], "red"),
+                                                (roles[0], "how many?"), (roles[1], None)])
+        assert render_template(template, msgs, bos, "</s>") == bos + want
+        one = [(roles[0], "<image>\nwhat color?"), (roles[1], None)]
+        assert render_template(template, [{"role": "system", "text": "Be brief.", "images": []}] + msgs[:1], bos,
+                               "</s>") == bos + _released_prompt(style, "Be brief.", one)
+    for layout, start_end, want in (("yi", False, YI_VL_TEMPLATE), ("v1", True, None)):
+        src = write_original(_tiny_hf(layout), layout, tmp_path / layout, yi_tokenizer=layout == "yi",
+                             start_end=start_end)
+        tc = json.loads((src / "tokenizer_config.json").read_text())
+        del tc["chat_template"]
+        (src / "tokenizer_config.json").write_text(json.dumps(tc))
+        import_checkpoint(src, tmp_path / f"ck-{layout}", log=None)
+        got = (tmp_path / f"ck-{layout}" / "chat_template.jinja").read_text()
+        assert got == (want or LLAVA_V1_TEMPLATE.replace("<image>", "<im_start><image><im_end>"))
+
+
 def test_template_and_tokens(tmp_path):
     """mm_use_im_start_end: the template's <image> is wrapped in <im_start> / <im_end> (run_llava.py's prompt); Yi's
     special tokens: <|startoftext|> begins, <|endoftext|> and the template's <|im_end|> end a turn."""
@@ -203,7 +273,8 @@ def test_template_and_tokens(tmp_path):
                       log=None)
     from edgemm.config import ModelConfig
     from edgemm.tokenizer import Tokenizer
-    tok, t = Tokenizer.load(tmp_path / "cb" / "tokenizer.json"), ModelConfig.load(tmp_path / "cb" / "config.json").tokens
+    tok = Tokenizer.load(tmp_path / "cb" / "tokenizer.json")
+    t = ModelConfig.load(tmp_path / "cb" / "config.json").tokens
     names = {tok.tok.id_to_token(i) for i in t.eos}
     assert tok.tok.id_to_token(t.bos) == "<|startoftext|>" and names == {"<|endoftext|>", "<|im_end|>"}
 
@@ -226,6 +297,26 @@ def test_refusals(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_tower_folder_of_pickled_weights(tmp_path):
+    """Yi-VL's vit/ folder as a pytorch_model.bin: refused in one line without --allow-bin, read with
+    torch.load(weights_only=True) with it, the same model as from safetensors."""
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.importers import import_checkpoint
+    hf = _tiny_hf("yi")
+    src = write_original(hf, "yi", tmp_path / "src", yi_tokenizer=True)
+    vit = src / LAYOUTS["yi"][2][2:]
+    from safetensors.torch import load_file
+    torch.save(load_file(str(vit / "model.safetensors")), vit / "pytorch_model.bin")
+    (vit / "model.safetensors").unlink()
+    with pytest.raises(EdgemmError, match="pytorch_model.bin.*--allow-bin"):
+        import_checkpoint(src, tmp_path / "ck", log=None)
+    import_checkpoint(src, tmp_path / "ck", log=None, allow_bin=True)
+    m, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(m.vision.blocks[0].qkv.weight[:24], hf.model.vision_tower.state_dict()[
+            "encoder.layers.0.self_attn.q_proj.weight"])
+
+
 # --------------------------------------------------------------------------- gguf
 def test_mmproj_projector_tensors_round_trip(imported, tmp_path):
     """The mmproj's projector tensors (llama.cpp's names: mm.0 / mm.2, Yi's mm.0 / mm.1 / mm.3 / mm.4) read back
@@ -240,7 +331,7 @@ def test_mmproj_projector_tensors_round_trip(imported, tmp_path):
     names = {t.name for t in GGUFReader(str(tmp_path / "v.gguf")).tensors}
     want = {"v1": {"mm.0.weight", "mm.2.weight"}, "v15": {"mm.0.weight", "mm.2.weight"},
             "yi": {"mm.0.weight", "mm.1.weight", "mm.3.weight", "mm.4.bias"}}[imported["layout"]]
-    assert want <= {n for n in names if n.startswith("mm.")} and ("mm.3.weight" in names) == (imported["layout"] == "yi")
+    assert want <= names and ("mm.3.weight" in names) == (imported["layout"] == "yi")
     tower, proj = reference_vision_from_mmproj(tmp_path / "v.gguf", m.cfg)
     px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -311,20 +402,47 @@ def test_stock_llama_cpp_python_agrees_with_transformers(imported, gguf_bundle):
     ids = list(llm.input_ids[:n])
     assert ids[:len(pre)] == pre and ids[len(pre) + 16:] == post
     hf, px = imported["hf"], _pixels(img)
+    ids = torch.tensor([pre + [IMAGE_TOKEN] * 16 + post])
     with torch.no_grad():
-        emb = hf.get_input_embeddings()(torch.tensor([pre + [IMAGE_TOKEN] * 16 + post]))
-        defect = man["validation"]["mtmd_cls_order_defect"]
-        emb[0, len(pre):len(pre) + 16] = (llava_rows_cls_last(m.vision, m.adapter, px) if defect else
-                                          hf.get_image_features(pixel_values=px)[0].reshape(1, 16, -1))[0]
-        want = hf(inputs_embeds=emb).logits[0, -1].numpy()
+        want = hf(input_ids=ids, pixel_values=px).logits[0, -1].numpy()
+        if man["validation"]["mtmd_cls_order_defect"]:      # transformers' decoder on the defect's rows
+            emb = hf.get_input_embeddings()(ids)
+            emb[0, len(pre):len(pre) + 16] = llava_rows_cls_last(m.vision, m.adapter, px)[0]
+            want = hf(inputs_embeds=emb).logits[0, -1].numpy()
     assert stock.argmax() == want.argmax()
     assert np.abs(stock - want).max() < 1e-3
 
 
+@needs_llama
+def test_gguf_bundle_answers_as_torch(imported, gguf_bundle):
+    """edgemm's llamacpp backend on the gguf bundle: image rows (mtmd, or the mmproj's weights through the reference
+    code while llama.cpp's CLS-order defect stands: the projector read back from mm.*) and greedy answers as the
+    torch reference; `edgemm run --image` on the bundle exits 0."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from edgemm.cli import main
+    from edgemm.generation import GenerationConfig, answer
+    from edgemm.processor import preprocess
+    from edgemm.runtimes import load_backend
+    out, _, _ = gguf_bundle
+    ref = load_backend("torch", model=str(imported["ck"]))
+    b = load_backend("llamacpp", bundle=str(out), threads=2)
+    px = preprocess(_image(5), ref.cfg.vision)
+    assert np.abs(b.vision(px) - ref.vision(px)).max() < 1e-3
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    assert answer(b, _image(5), QUESTION, gen) == answer(ref, _image(5), QUESTION, gen)
+    b.close()
+    Image.fromarray(_image(5)).save(imported["dir"] / "q.png")
+    r = CliRunner().invoke(main, ["run", "--bundle", str(out), "--image", str(imported["dir"] / "q.png"),
+                                  "--max-new-tokens", "2", QUESTION])
+    assert r.exit_code == 0, r.output
+
+
 # --------------------------------------------------------------------------- onnx + edgemm run
 def test_onnx_bundle_and_edgemm_run(imported):
-    """The import exports to onnx (every stage validated against the reference) and `edgemm run --image` answers
-    from the bundle as the torch reference does (greedy)."""
+    """The import exports to onnx fp32 / int8 and trt int8 Q/DQ (every stage validated against the reference; trt
+    without building engines) and `edgemm run --image` answers from the onnx bundle as the torch reference does
+    (greedy)."""
     from click.testing import CliRunner
     from PIL import Image
     from edgemm.cli import main
@@ -334,6 +452,11 @@ def test_onnx_bundle_and_edgemm_run(imported):
     d = imported["dir"]
     man = export_onnx(str(imported["ck"]), d / "onnx", precision="fp32", log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values())
+    from edgemm.export.trt import export_trt                # the quantized graphs calibrate Yi's LayerNorms too
+    for m8 in () if imported["layout"] != "yi" else (
+            export_onnx(str(imported["ck"]), d / "onnx-int8", precision="int8", log=None),
+            export_trt(str(imported["ck"]), d / "trt", precision="int8", no_build=True, log=None)):
+        assert all(s["ok"] for s in m8["validation"]["stages"].values()), m8["validation"]
     Image.fromarray(_image(4)).save(d / "img.png")
     got = []
     for opts in (["--bundle", str(d / "onnx"), "--backend", "ort", "--device", "cpu"],
@@ -346,5 +469,6 @@ def test_onnx_bundle_and_edgemm_run(imported):
     from edgemm.generation import GenerationConfig, answer
     from edgemm.runtimes import load_backend
     gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)           # four tokens whatever the random weights say
-    ort, ref = load_backend("ort", bundle=str(d / "onnx"), device="cpu"), load_backend("torch", model=str(imported["ck"]))
+    ort = load_backend("ort", bundle=str(d / "onnx"), device="cpu")
+    ref = load_backend("torch", model=str(imported["ck"]))
     assert answer(ort, _image(4), QUESTION, gen) == answer(ref, _image(4), QUESTION, gen)
