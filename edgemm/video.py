@@ -7,7 +7,12 @@ the file's first bytes, so a playlist or a demuxer that opens other files or URL
 
 How a model takes the frames (`VisionConfig.video`): LLaVA-NeXT-Video (`pool`): each frame resized and centre
 cropped to the tower's size, through the tower, its patch grid pooled by the stride, then the projector; the rows of
-all frames are the video's rows. A model without `video` takes no video.
+all frames are the video's rows, where the template puts `<video>`. LLaVA-OneVision: stretched (`resize`), the
+projector first (`project_first`), pooled bilinear to the sides / stride rounded up, then one newline row
+(`newline`). Frames as images (`frame`: InternVL): each frame
+stretched to the tower's size, one image (the vision stage's rows) where `<image>` stands in the processor's text
+for it (`frame`, `{n}` its number from 1, joined by `sep`), which replaces the template's `<video>`; `shift`: the
+processor samples from the middle of each stretch (InternVL's initial_shift). A model without `video` takes none.
 """
 from __future__ import annotations
 
@@ -22,6 +27,33 @@ from .errors import EdgemmError
 DEFAULT_FRAMES = 8            # LLaVA-NeXT-Video's model card samples 8 frames uniformly (its processor samples none)
 
 
+def processor_settings(src_dir) -> dict:
+    """A checkpoint's video_preprocessor_config.json (num_frames, initial_shift, ...) or {}; EdgemmError if damaged."""
+    import json
+    p = Path(src_dir) / "video_preprocessor_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        d = None
+    if not isinstance(d, dict) or not (d.get("num_frames") is None or isinstance(d["num_frames"], int)
+                                       and not isinstance(d["num_frames"], bool) and d["num_frames"] >= 1):
+        raise EdgemmError(f"{p} is not a JSON object with a positive num_frames (or none)")
+    return d
+
+
+def video_settings(src_dir, how: dict) -> dict:
+    """VisionConfig.video for a family: `how` (its processor's way) + the frames and, where the checkpoint's video
+    processor says them, its mean and std."""
+    vp = processor_settings(src_dir)
+    out = {"frames": vp.get("num_frames") or DEFAULT_FRAMES, **how}
+    for k in ("image_mean", "image_std"):
+        if isinstance(vp.get(k), list) and len(vp[k]) == 3 and all(isinstance(x, (int, float)) for x in vp[k]):
+            out[k] = [float(x) for x in vp[k]]
+    return out
+
+
 @dataclass
 class VideoLimits:
     bytes: int = 64 << 20           # the clip's size
@@ -31,15 +63,19 @@ class VideoLimits:
 
 
 def sample_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                   video_fps: float | None = None) -> list[int]:
-    """transformers' default_sample_indices_fn (uniform: i * total // n), except that a clip with fewer frames than
-    asked gives all of them instead of an error; fps: n from the clip's length at that rate."""
+                   video_fps: float | None = None, shift: bool = False) -> list[int]:
+    """transformers' default_sample_indices_fn (uniform: i * total // n), or with shift InternVL's video processor's
+    (arange(total / n / 2, total, total / n), in float32 as torch's), except that a clip with fewer frames than asked
+    gives all of them instead of an error; fps: n from the clip's length at that rate."""
     if num_frames is None and fps:
         if not video_fps:
             raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
         num_frames = max(1, int(total / video_fps * fps))
     if num_frames is None or num_frames >= total:
         return list(range(total))
+    if shift:
+        step = total / num_frames
+        return [int(x) for x in np.arange(step / 2, total, step).astype(np.float32)]
     return [int(i) for i in np.arange(num_frames, dtype=np.int64) * total // num_frames]
 
 
@@ -76,7 +112,7 @@ def _open(data: bytes, fmt: str):
 
 
 def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits | None = None,
-               fps: float | None = None, stats: dict | None = None) -> list[np.ndarray]:
+               fps: float | None = None, stats: dict | None = None, shift: bool = False) -> list[np.ndarray]:
     """A clip (path or bytes) -> its sampled frames, uint8 [H, W, 3] RGB each, within `limits`; EdgemmError in
     one line otherwise. stats (optional dict): "total" frames, "indices" sampled, "decoded" frames decoded."""
     limits = limits or VideoLimits()
@@ -89,7 +125,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
     except ImportError:
         raise EdgemmError("video input needs PyAV: pip install av") from None
     try:
-        return _decode(data, fmt, num_frames, fps, limits, stats)
+        return _decode(data, fmt, num_frames, fps, limits, stats, shift)
     except EdgemmError:
         raise
     except MemoryError:
@@ -99,7 +135,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
         raise EdgemmError(f"the video does not decode (damaged, or not an mp4/webm clip: {msg})") from None
 
 
-def _decode(data, fmt, num_frames, fps, limits, stats) -> list[np.ndarray]:
+def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray]:
     with _open(data, fmt) as c:
         if not c.streams.video:
             raise EdgemmError("the file has no video stream")
@@ -122,7 +158,7 @@ def _decode(data, fmt, num_frames, fps, limits, stats) -> list[np.ndarray]:
                           f"{limits.frames} frames")
     if total < 1:
         raise EdgemmError("the video has no frames")
-    idx = sample_indices(total, num_frames, fps, rate)
+    idx = sample_indices(total, num_frames, fps, rate, shift)
     stats.update(total=total, indices=idx)
     want, last, out = set(idx), idx[-1], {}
     with _open(data, fmt) as c:
@@ -152,12 +188,18 @@ def takes_video(cfg) -> dict:
     return v
 
 
-def frame_pixels(frames, vision_cfg) -> np.ndarray:
-    """Frames uint8 [H, W, 3] -> float32 [F, 3, S, S]: shortest edge resized to S (bicubic), centre crop S x S,
-    normalised (LLaVA-NeXT-Video's video processor)."""
+def frame_pixels(frames, cfg) -> np.ndarray:
+    """Frames uint8 [H, W, 3] -> float32 [F, 3, S, S] as the model's video processor gives them: LLaVA-NeXT-Video's
+    shortest edge resized to S (bicubic) and centre crop; frames as images: stretched to S x S (bicubic)."""
+    import dataclasses
     from PIL import Image
-    from .processor import normalize
-    S, out = vision_cfg.image_size, []
+    from .processor import normalize, preprocess
+    vv = takes_video(cfg)
+    v = dataclasses.replace(cfg.vision, image_mean=tuple(vv.get("image_mean", cfg.vision.image_mean)),
+                            image_std=tuple(vv.get("image_std", cfg.vision.image_std)))
+    if "frame" in vv or vv.get("resize") == "stretch":
+        return np.concatenate([preprocess(f, v) for f in frames])
+    S, out = v.image_size, []
     for f in frames:
         img = Image.fromarray(f, "RGB")
         w, h = img.size
@@ -167,13 +209,42 @@ def frame_pixels(frames, vision_cfg) -> np.ndarray:
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
             x, y = (nw - S) // 2, (nh - S) // 2
             img = img.crop((x, y, x + S, y + S))
-        out.append(normalize(img, vision_cfg))
+        out.append(normalize(img, v))
     return np.concatenate(out)
 
 
+def load_clip(src, cfg, limits: VideoLimits | None = None) -> np.ndarray:
+    """A clip (path or bytes) -> its sampled frames' pixels [F, 3, S, S] for the model."""
+    v = takes_video(cfg)
+    return frame_pixels(read_video(src, v.get("frames", DEFAULT_FRAMES), limits, shift=bool(v.get("shift"))), cfg)
+
+
+def video_text(cfg, n_frames: int) -> str | None:
+    """Frames as images: the text that stands for a clip of n frames (chat_template.FRAME where each frame's rows
+    go); None when the clip's rows stand as one block (LLaVA-NeXT-Video)."""
+    from .chat_template import FRAME
+    from .tokenizer import IMAGE
+    v = takes_video(cfg)
+    if "frame" not in v:
+        return None
+    return v.get("sep", "\n").join(v["frame"].replace("{n}", str(i + 1)).replace(IMAGE, FRAME)
+                                   for i in range(n_frames))
+
+
+def frame_rows(cfg, n_frames: int) -> list[int]:
+    """Rows each block of a clip of n frames takes (the context check before it is encoded)."""
+    v = takes_video(cfg)
+    if "frame" in v:
+        return [cfg.image_rows_for(cfg.vision.image_size, cfg.vision.image_size)] * n_frames
+    g, k = cfg.vision.image_size // cfg.vision.patch_size, int(v.get("pool", 1))
+    side = -(-g // k) if v.get("pool_mode") == "bilinear" else g // k
+    return [n_frames * side * side + bool(v.get("newline"))]
+
+
 def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
-    """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R, D]: each frame through the tower, its patch grid
-    pooled (LLaVA-NeXT-Video's vision_resampler), the projector."""
+    """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R (+ 1), D]: LLaVA-NeXT-Video: each frame through the
+    tower, its patch grid pooled (the vision_resampler), the projector; LLaVA-OneVision: the tower, the projector,
+    the map downscaled bilinear, then the newline row."""
     v = takes_video(backend.cfg)
     if getattr(backend, "name", "") != "torch":
         raise EdgemmError(f"video rows are computed by the torch backend (--model DIR); the {backend.name} backend's "
@@ -184,24 +255,43 @@ def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(backend.device)
         f = m.vision(x)                                             # [F, P, W] (CLS dropped)
+        if v.get("project_first"):
+            f = m.adapter(f)                                        # [F, P, D]
         n, p, w = f.shape
         g = int(round(p ** 0.5))
         f = f.reshape(n, g, g, w).permute(0, 3, 1, 2)
-        pool = F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d
-        f = pool(f, stride, stride).flatten(2).transpose(1, 2)       # [F, P / stride^2, W]
-        rows = m.adapter(f)
-        return rows.reshape(1, -1, rows.shape[-1]).float().cpu().numpy()
+        if v.get("pool_mode") == "bilinear":
+            f = F.interpolate(f, size=[-(-g // stride)] * 2, mode="bilinear")
+        else:
+            f = (F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d)(f, stride, stride)
+        f = f.flatten(2).transpose(1, 2)                            # [F, pooled rows, W or D]
+        rows = f if v.get("project_first") else m.adapter(f)
+        rows = rows.reshape(1, -1, rows.shape[-1])
+        if v.get("newline"):
+            rows = torch.cat([rows, m.adapter.image_newline[None, None].to(rows)], 1)
+        return rows.float().cpu().numpy()
 
 
-def rows_per_frame(cfg) -> int:
-    """Rows one frame gives (the context check before a clip is decoded)."""
-    v = takes_video(cfg)
-    g = cfg.vision.image_size // cfg.vision.patch_size
-    return (g // int(v.get("pool", 1))) ** 2
+def clip_blocks(cfg, pixels: np.ndarray) -> list[np.ndarray]:
+    """A clip's pixels -> what the host encodes, one entry per block of rows: the whole clip (LLaVA-NeXT-Video), or
+    each frame [1, 3, S, S] as an image (frames as images)."""
+    if "frame" in takes_video(cfg):
+        return [pixels[i:i + 1] for i in range(len(pixels))]
+    return [pixels]
 
 
-def clip_rows(backend, src, limits: VideoLimits | None = None, num_frames: int | None = None) -> np.ndarray:
-    """A clip -> its rows for the backend's model (the host's video path for `edgemm run --video`)."""
-    v = takes_video(backend.cfg)
-    frames = read_video(src, num_frames or v.get("frames", DEFAULT_FRAMES), limits)
-    return video_rows(backend, frame_pixels(frames, backend.cfg.vision))
+def encode_block(backend, block: np.ndarray) -> np.ndarray:
+    """One block of a clip -> its rows [1, R, D] (a frame through the vision stage, as an image)."""
+    if "frame" in takes_video(backend.cfg):
+        from .tilings import encode_pixels
+        return encode_pixels(backend, block)
+    return video_rows(backend, block)
+
+
+def clip_rows(backend, src, limits: VideoLimits | None = None):
+    """A clip -> (its rows for the backend's model: one array, or a list of one per frame; its text for the
+    template, None for one array): `edgemm run --video`'s host path (ChatSession.set_image_rows)."""
+    px = load_clip(src, backend.cfg, limits)
+    blocks = [encode_block(backend, b) for b in clip_blocks(backend.cfg, px)]
+    text = video_text(backend.cfg, len(px))
+    return (blocks if text is not None else blocks[0]), (text if text is not None else True)

@@ -143,13 +143,17 @@ def _image(w, h, seed):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    return build_imported(tmp_path_factory.mktemp("llava-onevision"))
+
+
+def build_imported(d):
     """A tiny LLaVA-OneVision saved by transformers as llava-hf's checkpoints are laid out (Qwen2 tokenizer files,
     tokenizer_config / generation_config as Qwen2-Instruct's, the processor's preprocessor_config.json,
-    processor_config.json and chat_template.json), then imported; and transformers' processor for it."""
+    processor_config.json and chat_template.json), then imported; and transformers' processor for it
+    (tests/test_video.py builds one too)."""
     import json
     from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
     from edgemm.importers import import_checkpoint
-    d = tmp_path_factory.mktemp("llava-onevision")
     src = d / "hf"
     tok = _tokenizer()
     model = _tiny(tok)
@@ -194,7 +198,7 @@ def test_import_reads_the_family_and_its_tokens(imported):
     assert s["family"] == "llava_onevision"
     assert {"siglip vision tower", "any-resolution tiling", "qkv bias", "grouped-query attention"} <= \
         set(s["variants"])
-    assert any("video input is not imported" in n for n in s["notes"])
+    assert any(n.startswith("video: 8 frames") for n in s["notes"])          # (tests/test_video.py checks it)
     cfg = json.loads((ck / "config.json").read_text())
     v = cfg["vision"]
     assert (v["arch"], v["feature_layer"], v["post_norm"], v["anyres_max"]) == ("siglip", 2, False, ANYRES_MAX)

@@ -57,6 +57,9 @@ def test_sample_indices_match_transformers(total, n):
     want = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=4.0), fps=2)
     assert sample_indices(total, None, fps=2, video_fps=4.0) == [int(i) for i in want]
     assert sample_indices(3, 8) == [0, 1, 2]                 # shorter than asked: every frame (transformers errs)
+    import torch                                             # InternVL's video processor's initial_shift (torch)
+    want = torch.arange(total / n / 2, total, total / n).int().tolist() if n < total else list(range(total))
+    assert sample_indices(total, n, shift=True) == want
 
 
 @pytest.mark.parametrize("fmt,codec", [("mp4", "mpeg4"), ("mp4", "h264"), ("webm", "libvpx-vp9")])
@@ -157,17 +160,17 @@ def test_frame_pixels_match_the_processor():
     transformers' CLIP image processor with the same settings (its video processor needs torchvision)."""
     from PIL import Image
     from transformers import CLIPImageProcessorPil
-    from edgemm.config import VisionConfig
+    from edgemm.config import ModelConfig, VisionConfig
     from edgemm.video import frame_pixels
     from .test_anyres import S
-    v = VisionConfig(image_size=S, patch_size=4, image_mean=(0.48145466, 0.4578275, 0.40821073),
-                     image_std=(0.26862954, 0.26130258, 0.27577711))
+    cfg = ModelConfig(vision=VisionConfig(image_size=S, patch_size=4, image_mean=(0.48145466, 0.4578275, 0.40821073),
+                                          image_std=(0.26862954, 0.26130258, 0.27577711), video={"pool": 2}))
     p = CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
     rng = np.random.default_rng(0)
     for h, w in ((16, 16), (24, 32), (40, 20), (17, 33)):
         fr = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
         want = p(images=[Image.fromarray(f) for f in fr], return_tensors="np")["pixel_values"]
-        assert np.abs(frame_pixels(list(fr), v) - want).max() <= 1e-6
+        assert np.abs(frame_pixels(list(fr), cfg) - want).max() <= 1e-6
 
 
 def test_video_rows_and_logits_match_transformers(lnv):
@@ -179,7 +182,7 @@ def test_video_rows_and_logits_match_transformers(lnv):
     assert b.cfg.vision.video == {"frames": 8, "pool": 2, "pool_mode": "average"}
     assert any(n.startswith("video: 8 frames, each 4 rows") for n in summary["notes"])
     for n in (3, 8):
-        px = frame_pixels(read_video(make_clip(12, pattern=True), n), b.cfg.vision)
+        px = frame_pixels(read_video(make_clip(12, pattern=True), n), b.cfg)
         got = video_rows(b, px)
         with torch.no_grad():
             want = model.model.get_video_features(pixel_values_videos=torch.from_numpy(px)[None],
@@ -206,7 +209,7 @@ def _hf_answer(model, ck, clip, question, n_new=5):
     from edgemm.video import frame_pixels, read_video
     from .test_llava_next_video import VIDEO_TOKEN
     cfg = ModelConfig.load(ck / "config.json")
-    px = torch.from_numpy(frame_pixels(read_video(clip, 8), cfg.vision))[None]
+    px = torch.from_numpy(frame_pixels(read_video(clip, 8), cfg))[None]
     text = ImmutableSandboxedEnvironment().from_string(TEMPLATE).render(
         messages=[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True)
@@ -232,7 +235,7 @@ def test_answer_and_edgemm_run_video_match_transformers(lnv, tmp_path):
     want = _hf_answer(model, ck, clip.read_bytes(), "w20 w21")
     b = _backend(ck)
     s = ChatSession(b, GenerationConfig(max_new_tokens=5, ignore_eos=True))
-    s.set_image_rows(clip_rows(b, clip), video=True)
+    s.set_image_rows(*clip_rows(b, clip))
     got = s.ask("w20 w21")
     assert got.split() == want.split() and len(got.split()) == 5
     r = CliRunner().invoke(main, ["run", "--model", str(ck), "--backend", "torch", "--video", str(clip),
@@ -298,3 +301,164 @@ def test_serve_video_url(lnv):
     finally:
         print(s.log()[-2000:])
         s.stop()
+
+
+# --------------------------------------------------------------------------- InternVL: frames as images
+@pytest.fixture(scope="module")
+def ivl(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
+    from .test_internvl import build_imported
+    return build_imported(tmp_path_factory.mktemp("internvl-video"))
+
+
+def _ivl_reference(ivl, clip, question):
+    """transformers' InternVL on the clip: the frames edgemm.video samples, each a single tile from transformers'
+    GotOcr2 image processor, the prompt from the checkpoint's template with <video> replaced as InternVLProcessor
+    does (its replace_video_token) -> (input_ids, pixel_values)."""
+    import torch
+    from PIL import Image
+    from transformers import GotOcr2ImageProcessorPil
+    from edgemm.video import read_video
+    from .test_internvl import MEAN, STD, S
+    frames = read_video(clip, 8, shift=True)
+    ip = GotOcr2ImageProcessorPil(size={"height": S, "width": S}, crop_to_patches=False, image_mean=MEAN,
+                                  image_std=STD)
+    px = ip(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+    proc = ivl["proc"]
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                                                                      "text": question}]}],
+                                    add_generation_prompt=True)
+    text = text.replace("<video>", proc.replace_video_token({"pixel_values_videos": [np.zeros((len(frames), 1))]}, 0))
+    return torch.tensor([proc.tokenizer(text)["input_ids"]]), px
+
+
+def test_internvl_frames_as_images_match_transformers(ivl, tmp_path):
+    """InternVL takes a clip's frames as images (one tile each, "FrameN: <img>...</img>" lines where its template
+    puts <video>): the prompt ids, the logits and a greedy answer (`edgemm run --video`) equal transformers'."""
+    import torch
+    from click.testing import CliRunner
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.video import clip_rows
+    from .test_internvl import QUESTION
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_clip(12, pattern=True))
+    ids, px = _ivl_reference(ivl, clip.read_bytes(), QUESTION)
+    b = _backend(ivl["ck"])
+    assert b.cfg.vision.video["frame"] == "Frame{n}: <img><image></img>" and b.cfg.vision.video["shift"]
+    rows, text = clip_rows(b, clip)
+    assert len(rows) == px.shape[0] == 8 and all(r.shape == (1, 4, 32) for r in rows)
+    msgs = normalize_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}},
+                                                            {"type": "text", "text": QUESTION}]}])
+    segs = segments_template(b.tokenizer, (ivl["ck"] / "chat_template.jinja").read_text(), msgs, video_text=[text])
+    ctx = b.tokenizer.tok.token_to_id("<IMG_CONTEXT>")
+    assert [t for k, x in segs for t in (x if k == "text" else [ctx] * rows[x].shape[1])] == ids[0].tolist()
+    hf = ivl["hf"]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits[0]
+        got = b.model.forward_full([(k, torch.tensor([x]) if k == "text" else torch.from_numpy(rows[x]))
+                                    for k, x in segs])[0]
+        assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-4
+        out = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    s = ChatSession(b, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    s.set_image_rows(rows, video=text)
+    s.ask(QUESTION)
+    assert s.fed[-5:] == out[0, -6:-1].tolist()      # the answer's tokens fed back (the 6th is never fed)
+    r = CliRunner().invoke(main, ["run", "--model", str(ivl["ck"]), "--backend", "torch", "--video", str(clip),
+                                  QUESTION])
+    assert r.exit_code == 0 and "Frame" not in r.output, r.output
+
+
+def test_serve_video_url_frames_as_images(ivl):
+    """The server's video_url for InternVL: the frames as images, the prompt as transformers builds it."""
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    pytest.importorskip("openai", reason="needs the test extra (openai)")
+    from .test_internvl import QUESTION
+    from .test_serve import Server
+    clip = make_clip(12, pattern=True)
+    ids, _ = _ivl_reference(ivl, clip, QUESTION)
+    s = Server("--model", str(ivl["ck"]), "--backend", "torch", "--max-tokens", "8")
+    try:
+        url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+        r = s.client().chat.completions.create(model="ck", max_tokens=3, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}])
+        assert r.usage.prompt_tokens == ids.shape[1] and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        print(s.log()[-2000:])
+        s.stop()
+
+
+def test_internvl_video_on_an_onnx_bundle(ivl, tmp_path):
+    """Frames as images go through the bundle's vision stage: the ort backend answers a clip as the torch one."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.export.onnx import export_onnx
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.runtimes import load_backend
+    from edgemm.video import clip_rows
+    from .test_internvl import QUESTION
+    export_onnx(str(ivl["ck"]), tmp_path / "b", precision="fp32", log=None)
+    clip = make_clip(12, pattern=True)
+    fed = []
+    for b in (_backend(ivl["ck"]), load_backend("ort", bundle=str(tmp_path / "b"), device="cpu")):
+        s = ChatSession(b, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+        s.set_image_rows(*clip_rows(b, clip))
+        s.ask(QUESTION)
+        fed.append(s.fed)
+    assert fed[0] == fed[1] and len(fed[0]) > 8 * 4
+
+
+# --------------------------------------------------------------------------- LLaVA-OneVision's video path
+@pytest.fixture(scope="module")
+def ov(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
+    from .test_llava_onevision import build_imported
+    return build_imported(tmp_path_factory.mktemp("onevision-video"))
+
+
+def test_llava_onevision_video_matches_transformers(ov, tmp_path):
+    """LLaVA-OneVision's video rows (tower, projector, 2x bilinear downscale, one newline row), the logits with
+    them where <video> stands, and greedy tokens through `edgemm run --video`'s session equal
+    LlavaOnevisionForConditionalGeneration's."""
+    import torch
+    from click.testing import CliRunner
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.cli import main
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.video import clip_rows, frame_pixels, read_video, video_rows
+    from .test_llava_onevision import OV_TEMPLATE, QUESTION
+    hf, ck, tok = ov["hf"], ov["ck"], ov["tok"]
+    b = _backend(ck)
+    assert b.cfg.vision.video["pool_mode"] == "bilinear" and b.cfg.vision.video["newline"]
+    clip = make_clip(12, pattern=True)
+    px = frame_pixels(read_video(clip, 8), b.cfg)
+    rows = video_rows(b, px)
+    with torch.no_grad():
+        want = hf.model.get_video_features(pixel_values_videos=torch.from_numpy(px)[None], vision_feature_layer=-1,
+                                           vision_feature_select_strategy="full").pooler_output
+    assert rows.shape == tuple(want.shape) == (1, 8 * 4 + 1, 32) and np.abs(rows - want.numpy()).max() <= 1e-4
+    text = ov["proc"].apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                        {"type": "text", "text": QUESTION}]}],
+                                          add_generation_prompt=True)
+    a, z = text.split("<video>")
+    ids = tok.encode(a).ids + [tok.token_to_id("<video>")] * rows.shape[1] + tok.encode(z).ids
+    msgs = normalize_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}},
+                                                            {"type": "text", "text": QUESTION}]}])
+    segs = segments_template(b.tokenizer, OV_TEMPLATE, msgs)
+    assert [t for k, x in segs for t in (x if k == "text" else [tok.token_to_id("<video>")] * rows.shape[1])] == ids
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids]), pixel_values_videos=torch.from_numpy(px)[None]).logits[0]
+        got = b.model.forward_full([(k, torch.tensor([x]) if k == "text" else torch.from_numpy(rows))
+                                    for k, x in segs])[0]
+        assert (got - ref).abs().max().item() <= 1e-4
+        out = hf.generate(input_ids=torch.tensor([ids]), pixel_values_videos=torch.from_numpy(px)[None],
+                          max_new_tokens=6, do_sample=False, eos_token_id=None)
+    s = ChatSession(b, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    s.set_image_rows(*clip_rows(b, clip))
+    s.ask(QUESTION)
+    assert s.fed[-5:] == out[0, -6:-1].tolist()
+    p = tmp_path / "c.webm"
+    p.write_bytes(make_clip(6, fmt="webm", codec="libvpx-vp9"))
+    r = CliRunner().invoke(main, ["run", "--model", str(ck), "--backend", "torch", "--video", str(p), QUESTION])
+    assert r.exit_code == 0, r.output

@@ -21,6 +21,7 @@ from ..config import AdapterConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 from ..importers.shards import Source
 from ..tokenizer import IMAGE
+from ..video import processor_settings, video_settings
 from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _cat, _req
 from .idefics import _token
@@ -177,13 +178,21 @@ class InternVL(Family):
     model_types = ("internvl",)
     architectures = ("internvlforconditionalgeneration",)
     source = "`InternVLForConditionalGeneration` (InternVL3: Qwen2 and Llama-style language models)"
-    computes = "InternViT tower, pixel shuffle + MLP connector, dynamic tiles + thumbnail; one branch"
+    computes = ("InternViT tower, pixel shuffle + MLP connector, dynamic tiles + thumbnail; one branch; video frames "
+                "as images")
     blocks = ("vision:internvit", "connector:pixel_shuffle", "layer:single")
     core = ("single branch (llava)", "internvit vision tower", "pixel-shuffle projector", "dynamic tiles (internvl)")
     optional = ("grouped-query attention", "qkv bias", "mixture of experts", "per-head q/k norm", "head_dim of its own")
 
     def plan(self, hf, src, rules="original"):
-        return map_internvl(hf, src, rules)
+        plan = map_internvl(hf, src, rules)
+        t, vp = image_tokens(src), processor_settings(src.path)      # video: frames as images (edgemm.video)
+        frame = "Frame{n}: " + t["start_image_token"] + IMAGE + t["end_image_token"]
+        plan.cfg.vision.video = video_settings(src.path, {"frame": frame, "sep": "\n",
+                                                          "shift": vp.get("initial_shift", True) is True})
+        plan.notes.append(f"video: {plan.cfg.vision.video['frames']} frames, each one tile as an image, "
+                          f"'{frame.replace(IMAGE, '...')}' lines where the template puts <video>")
+        return plan
 
     def adapt_template(self, template: str, src) -> str:
         """The checkpoint's template renders an image as <IMG_CONTEXT>: stored as <img><image></img> (the processor's

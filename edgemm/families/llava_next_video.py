@@ -8,8 +8,7 @@ processor's num_frames, else 8), each through the tower, the vision_resampler's 
 """
 from __future__ import annotations
 
-from ..errors import EdgemmError
-from ..video import DEFAULT_FRAMES
+from ..video import video_settings
 from . import register
 from .llava import LlavaNext
 
@@ -23,23 +22,16 @@ class LlavaNextVideo(LlavaNext):
     computes = "LLaVA-NeXT's image path; video frames pooled (torch)"
 
     def plan(self, hf, src, rules="original"):
-        import json
         plan = super().plan(hf, src, rules)
         stride, mode = hf.get("spatial_pool_stride", 2), hf.get("spatial_pool_mode", "average")
-        v, frames = plan.cfg.vision, DEFAULT_FRAMES
-        vp = src.path / "video_preprocessor_config.json"
-        if vp.is_file():
-            try:
-                frames = json.loads(vp.read_text()).get("num_frames") or frames
-            except (json.JSONDecodeError, AttributeError):
-                raise EdgemmError(f"{vp} is not a valid JSON object") from None
+        v, video = plan.cfg.vision, video_settings(src.path, {"pool": stride, "pool_mode": mode})
+        frames = video["frames"]
         grid = v.image_size // v.patch_size
-        if mode not in ("average", "max") or v.keep_cls or not isinstance(stride, int) or stride < 1 \
-                or grid % stride or not isinstance(frames, int) or frames < 1:
+        if mode not in ("average", "max") or v.keep_cls or not isinstance(stride, int) or stride < 1 or grid % stride:
             plan.notes.append(f"video input is not imported (pool {mode} by {stride}, {frames} frames, "
                               f"{'CLS kept' if v.keep_cls else 'no CLS'}): images only")
             return plan
-        v.video = {"frames": frames, "pool": stride, "pool_mode": mode}
+        v.video = video
         plan.notes.append(f"video: {frames} frames, each {(grid // stride) ** 2} rows (patch grid pooled {mode} by "
                           f"{stride}) where the template puts <video> (token {hf.get('video_token_index')})")
         return plan

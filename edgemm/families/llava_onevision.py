@@ -5,8 +5,9 @@ post_layernorm, every row: strategy "full"), LLaVA's MLP projector, a Qwen2 lang
 decoder_plan), and LLaVA-NeXT's any-resolution tiling with anyres_max (edgemm.anyres: the unpadded feature map is
 downscaled, bilinear, past `vision_aspect_ratio` "anyres_max_N" tiles' worth) and the newline row.
 
-Not computed: video input (frames through the tower, 2x2 bilinear pooling, `video_token_index`), and transformers'
-several-images-in-one-prompt mode (each image then its overview alone, padded to a square: edgemm tiles every image
+Video (edgemm.video): each frame stretched to the tower's size, through the tower and the projector, its feature map
+downscaled 2x (bilinear, sides rounded up), the frames' rows then one newline row where the template puts `<video>`.
+Not computed: transformers' several-images-in-one-prompt mode (each image then its overview alone, padded to a square: edgemm tiles every image
 as a one-image prompt does).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from ..config import AdapterConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 from ..importers.tokenizer import _read_json
+from ..video import video_settings
 from . import register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _req, _siglip_vision
 from .llava import Llava, anyres_plan, decoder_config, decoder_plan, pick, projector_plan
@@ -77,9 +79,12 @@ def map_llava_onevision(hf: dict, src, rules: str = "original") -> Plan:
         raise EdgemmError(f"processor_config.json: vision_aspect_ratio {p['vision_aspect_ratio']!r} differs from "
                           f"config.json's anyres_max_{n_max}")
     plan.notes.append(f"anyres_max_{n_max}: an image's tile features are downscaled past {n_max} tiles' worth")
-    plan.notes.append(f"video input is not imported (video token {hf.get('video_token_index')}), and several images "
-                      "in one prompt are tiled each as a one-image prompt (transformers encodes each as its "
-                      "overview alone)")
+    plan.cfg.vision.video = video_settings(src.path, {"pool": 2, "pool_mode": "bilinear", "project_first": True,
+                                                      "newline": True, "resize": "stretch"})
+    plan.notes.append(f"video: {plan.cfg.vision.video['frames']} frames through the tower and projector, each map "
+                      f"downscaled 2x (bilinear), + one newline row, where the template puts <video> (token "
+                      f"{hf.get('video_token_index')}); several images in one prompt are tiled each as a one-image "
+                      "prompt (transformers encodes each as its overview alone)")
     return plan
 
 
@@ -89,7 +94,7 @@ class LlavaOnevision(Llava):
     model_types = ("llava_onevision",)
     architectures = ("llavaonevisionforconditionalgeneration",)
     source = "`LlavaOnevisionForConditionalGeneration` (Qwen2 language model)"
-    computes = "SigLIP tower, any-resolution tiling with anyres_max downscaling (images; video not yet)"
+    computes = "SigLIP tower, any-resolution tiling with anyres_max downscaling; video frames pooled (torch)"
     blocks = ("vision:siglip", "connector:mlp", "layer:single")
     core = ("single branch (llava)", "siglip vision tower", "mlp projector", "any-resolution tiling")
 
