@@ -30,6 +30,26 @@ PROJECTORS = {"linear": ("linear", {"linear": ""}),
               "mlp2x_gelu": ("mlp", {"linear_1": "0.", "linear_2": "2."}),
               "mlp2x_gelu_Norm": ("mlp_norm", {"linear_1": "0.", "norm_1": "1.", "linear_2": "3.", "norm_2": "4."})}
 IN_CHECKPOINT = "model.vision_tower.vision_tower.vision_model."
+# the released chat formats (the checkpoints ship none), a system message replacing the default system text:
+# haotian-liu/LLaVA's conv_llava_v1 (llava/conversation.py, SeparatorStyle.TWO: "USER: ... ASSISTANT: ...</s>"),
+# what run_llava.py picks for "v1" model names; 01-ai/Yi's mm_default (VL/llava/conversation.py, "### Human: ...").
+_SYSTEM = ("{% set ns = namespace(system=%s) %}{% for m in messages if m['role'] == 'system' %}"
+           "{% set ns.system = m['content'] | map(attribute='text') | join('') %}{% endfor %}")
+_PARTS = ("{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
+          "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}")
+LLAVA_V1_TEMPLATE = (_SYSTEM.replace("%s", repr(
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions.")) + "{{ bos_token }}{{ ns.system }} "
+    "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}USER: " + _PARTS + " {% else %}"
+    "ASSISTANT: " + _PARTS + "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+YI_VL_TEMPLATE = (_SYSTEM.replace("%s", repr(
+    "This is a chat between an inquisitive human and an AI assistant. Assume the role of the AI assistant. Read all "
+    "the images carefully, and respond to the human's questions with informative, helpful, detailed and polite "
+    "answers. 这是一个好奇的人类和一个人工智能助手之间的对话。假设你扮演这个AI助手的角色。仔细阅读所有的图像，并对人类的问题做出信息丰富、"
+    "有帮助、详细的和礼貌的回答。")) + "{{ ns.system }}\n\n### {% for m in messages if m['role'] != 'system' %}"
+    "{% if m['role'] == 'user' %}Human: {% else %}Assistant: {% endif %}" + _PARTS + "{{ '\\n### ' }}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
 def tower_folder(hf: dict, src: Path) -> Path:
@@ -113,16 +133,16 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
             plan.add(f"adapter.{ours}.{n}", f"{pj}{idx}{n}")
     plan.notes.append(f"projector {pt!r} (edgemm adapter {kind!r}); the image's {cfg.n_image_rows} rows replace "
                       "the prompt's <image>")
-    if hf.get("image_aspect_ratio", "square") == "pad":
-        plan.notes.append("image_aspect_ratio 'pad': the released code pads the image to a square with the mean "
-                          "colour first; edgemm resizes it to the tower's size")
+    cfg.vision.pad_square = hf.get("image_aspect_ratio") == "pad"     # the released expand2square, mean colour
     return plan
 
 
 class _Original(Family):
     """The shared part of the original-layout families: detection by mm_vision_tower + the projector type, the plan,
-    and the template's image (mm_use_im_start_end: <im_start><image><im_end>, as the released run_llava.py writes)."""
+    the released chat format, and the template's image (mm_use_im_start_end: <im_start><image><im_end>, as the
+    released run_llava.py writes)."""
     projector_type = ""
+    chat_template = LLAVA_V1_TEMPLATE
     blocks = ("vision:clip", "layer:single")
     optional = ("grouped-query attention",)
 
@@ -146,6 +166,7 @@ class _Original(Family):
 class YiVl(_Original):
     name = "yi_vl"
     projector_type = "mlp2x_gelu_Norm"
+    chat_template = YI_VL_TEMPLATE          # its answers end at "###" (the released stop string): --stop '###'
     source = "01-ai/Yi's VL layout (`LlavaLlamaForCausalLM`, `mlp2x_gelu_Norm`, tower in `vit/`)"
     computes = "Linear-LayerNorm-GELU-Linear-LayerNorm projector"
     blocks = ("vision:clip", "connector:mlp_norm", "layer:single")

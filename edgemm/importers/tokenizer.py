@@ -125,7 +125,7 @@ def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_siz
                       adapt_template=None, default_template: str | None = None):
     """Copy the tokenizer and chat template into `out`. -> the special tokens (a ModelConfig.tokens).
     adapt_template: the family's rewrite of its template (edgemm.families.Family.adapt_template), or None;
-    default_template: the family's template where the source ships none (Family.chat_template)."""
+    default_template: the family's template where the source ships none (Family.chat_template; adapted too)."""
     from tokenizers import Tokenizer as HFTokenizer
     from ..config import TokenConfig
     from ..tokenizer import CHAT_TEMPLATE, Tokenizer
@@ -140,10 +140,9 @@ def install_tokenizer(src: Path, tok_dir: Path | None, out: Path, log, vocab_siz
         tok = HFTokenizer.from_file(str(f))
     except Exception as e:
         raise EdgemmError(f"cannot read tokenizer {f}: {e}") from None
-    template = find_template(src, d)
+    template = find_template(src, d) or default_template
     if template and adapt_template is not None:
         template = adapt_template(template)
-    template = template or default_template
     tokens = special_tokens(tok, _read_json(d / "tokenizer_config.json", src / "tokenizer_config.json"),
                             _read_json(src / "generation_config.json", d / "generation_config.json"),
                             template, vocab_size, str(d), log)
