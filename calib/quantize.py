@@ -14,6 +14,10 @@ Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention
   SmoothQuant (recipe option) divides the activation by s_j = max|X_j|^a / max|W_j|^(1-a) per input channel
   (a Mul before the Q) and multiplies the weight rows by s_j before quantizing them.
 - int8-wo / int4: com.microsoft MatMulNBits, block-wise symmetric along the input dimension.
+  AWQ (recipe option, int4-awq): activation-aware scaling (Lin et al. 2023): the weight rows are multiplied by
+  s_j = m_j^a per input channel (normalised) before the block-wise rounding (m_j: the calibration inputs' max |x_j|
+  of the layer's own modality branch), a from a grid minimising the output error on the layer's sampled inputs, and
+  the activation is divided by s_j (a Mul before MatMulNBits: the RMSNorm in front is shared by both branches).
 
 The layer behind each ONNX weight is found by content (the statistics keep each layer's first two weight
 rows), so any graph made from the same model works, whatever its initializer names. With keep_sensitive=t,
@@ -79,6 +83,23 @@ def quant_blockwise(W: np.ndarray, bits: int, block: int):
     if bits == 4:
         u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(u), s.reshape(-1), deq
+
+
+def awq_scales(W: np.ndarray, X: np.ndarray, chan_absmax, bits: int, block: int, grid: int = 20):
+    """AWQ's per-input-channel scales for W [in, out] from the activation magnitudes (chan_absmax [in]) and sampled
+    inputs X [n, in]: s = m^a (normalised), a in 0, 1/grid .. 1 minimising ||X W - X diag(1/s) Q(diag(s) W)||.
+    -> scales [in] (float32). a = 0 is plain round-to-nearest."""
+    m = np.maximum(np.asarray(chan_absmax, np.float64), 1e-8)
+    ref = X @ W
+    best = None
+    for a in np.linspace(0, 1, grid + 1):
+        sc = m ** a
+        sc = (sc / np.sqrt(sc.max() * sc.min())).astype(np.float32)
+        deq = quant_blockwise(W * sc[:, None], bits, block)[2] / sc[:, None]
+        err = rel_err(ref, X @ deq)
+        if best is None or err < best[0]:
+            best = (err, sc)
+    return best[1]
 
 
 def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
@@ -270,6 +291,8 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
                                                      keep_sensitive=keep_sensitive)
     if stats is not None and not isinstance(stats, Stats):
         stats = Stats.load(stats)
+    if r.shared_scale and stats is not None:
+        stats = stats.shared()              # both branches' inputs behind one scale per layer
     if r.needs_stats and stats is None:
         raise EdgemmError(f"the {r.name} recipe quantizes activations and needs calibration statistics: "
                           "run `edgemm calibrate` or pass stats= (edgemm.calib.collect_stats)")
@@ -332,7 +355,13 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             rec["act_amax"] = amax
         else:
             bits = 8 if wkind == "int8" else 4
-            packed, s, deq = quant_blockwise(Wio, bits, r.block_size)
+            if r.awq and layer is not None:
+                smooth = awq_scales(Wio, X, layer.chan_absmax, bits, r.block_size)
+                packed, s, deq = quant_blockwise(Wio * smooth[:, None], bits, r.block_size)
+                deq = deq / smooth[:, None]
+                rec["awq"] = True
+            else:
+                packed, s, deq = quant_blockwise(Wio, bits, r.block_size)
             got = X @ deq
         err = rel_err(ref, got)
         rec["rel_err"] = err
@@ -342,15 +371,16 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             continue
         # ---- rewrite the graph ------------------------------------------------------------------------
         base = (node.name or node.output[0]).replace("/", "_")
+        x_in = node.input[0]
+        new = []
+        if smooth is not None:                       # SmoothQuant / AWQ: the activation divided per channel
+            inv = sur.add_init((1.0 / smooth).astype(np.float32), sur.uniq(base + ".smooth_inv"))
+            xs = sur.uniq(base + ".smoothed")
+            new.append(helper.make_node("Mul", [x_in, inv], [xs], name=sur.uniq(base + ".smooth")))
+            x_in = xs
         if akind is not None:
             qmax = 127.0 if akind == "int8" else FP8_MAX
-            x_in = node.input[0]
-            new = []
             if smooth is not None:
-                inv = sur.add_init((1.0 / smooth).astype(np.float32), sur.uniq(base + ".smooth_inv"))
-                xs = sur.uniq(base + ".smoothed")
-                new.append(helper.make_node("Mul", [x_in, inv], [xs], name=sur.uniq(base + ".smooth")))
-                x_in = xs
                 rec["smoothquant"] = r.smoothquant
             a_s = sur.add_init(np.array(max(amax, 1e-12) / qmax, np.float32), sur.uniq(base + ".act_scale"))
             u8 = int8_storage == "u8u8"
@@ -385,7 +415,7 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             s_name = sur.add_init(s, sur.uniq(base + ".weight_scales"))
             out = node.output[0]
             mm_out = out if node.op_type == "MatMul" or len(node.input) < 3 else sur.uniq(base + ".mm")
-            nodes = [helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], [mm_out], domain="com.microsoft",
+            nodes = new + [helper.make_node("MatMulNBits", [x_in, b_name, s_name], [mm_out], domain="com.microsoft",
                                       name=sur.uniq(base + ".MatMulNBits"), K=int(K), N=int(N),
                                       bits=8 if wkind == "int8" else 4, block_size=int(r.block_size),
                                       accuracy_level=int(r.accuracy_level))]

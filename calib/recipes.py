@@ -3,8 +3,11 @@
     int8      W8A8 static Q/DQ: int8 weights per output channel, int8 activations per tensor from calibration
               (symmetric, zero point 0: the explicit-quantization form TensorRT consumes); SmoothQuant optional
     int8-sq   int8 with SmoothQuant migration (alpha 0.5)
+    int8-shared  int8 with ONE activation scale per layer for text and image rows (the two branches' statistics
+              merged: what a modality-unaware calibration computes); for comparison (benchmarks/bench_outliers.py)
     int8-wo   int8 weight-only, block-wise (MatMulNBits bits=8); activations stay float in the graph
     int4      4-bit weight-only, block-wise (MatMulNBits bits=4), a scale per 128 weights (AWQ/GPTQ's group size)
+    int4-awq  int4 with AWQ's activation-aware scaling per input channel, from each branch's own calibration rows
     int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 5 bits a weight
     fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
 
@@ -31,10 +34,12 @@ class Recipe:
     smoothquant: float | None = None     # SmoothQuant migration strength alpha (W8A8 only)
     accuracy_level: int = 4              # MatMulNBits compute: 0 fp32, 4 int8
     keep_sensitive: float | None = None  # keep layers whose relative output error exceeds this at fp32
+    shared_scale: bool = False           # one activation scale for text and image rows (Stats.shared())
+    awq: bool = False                    # weight-only: AWQ activation-aware per-input-channel scaling
 
     @property
     def needs_stats(self) -> bool:
-        return self.activations is not None or self.smoothquant is not None
+        return self.activations is not None or self.smoothquant is not None or self.awq
 
     def with_options(self, **kw) -> "Recipe":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -63,16 +68,19 @@ class Recipe:
              + (f" {self.percentile}" if self.method == "percentile" else "") + ")") if self.activations \
             else "; activations float (weight-only)"
         sq = f"; SmoothQuant alpha {self.smoothquant}" if self.smoothquant is not None else ""
-        return w + a + sq
+        return (w + a + sq + ("; one activation scale shared by text and image rows" if self.shared_scale else "")
+                + ("; AWQ activation-aware scaling" if self.awq else ""))
 
 
 RECIPES: dict[str, Recipe] = {
     "int8": Recipe("int8", "int8", "int8", method="percentile"),
     "int8-sq": Recipe("int8-sq", "int8", "int8", method="percentile", smoothquant=0.5),
+    "int8-shared": Recipe("int8-shared", "int8", "int8", method="percentile", shared_scale=True),
     "int8-wo": Recipe("int8-wo", "int8", None, "block", block_size=128),
     # block 128: bench-0.5b decodes 1.19-1.27x as fast as ONNX Runtime GenAI's block-32 int4, level with it at 32
     # (benchmarks/bench_genai.py), and the shipped model keeps its test-split accuracy (0.969, `edgemm bench`)
     "int4": Recipe("int4", "int4", None, "block", block_size=128),
+    "int4-awq": Recipe("int4-awq", "int4", None, "block", block_size=128, awq=True),
     "int4-b32": Recipe("int4-b32", "int4", None, "block", block_size=32),
     "fp8": Recipe("fp8", "fp8", "fp8", method="max"),
 }
