@@ -14,6 +14,7 @@ from .errors import EdgemmError
 from .tokenizer import IMAGE
 
 VIDEO = "<video>"           # where a chat template puts a video (LLaVA-NeXT-Video's, LLaVA-OneVision's)
+FRAME = "\ue000frame\ue000"  # where a frame goes in a video's text (edgemm.video.video_text: frames as images)
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -152,20 +153,27 @@ def render_template(template: str, msgs: list[dict], bos: str, eos: str, tools: 
 
 
 def segments_template(tok, template: str, msgs: list[dict], image_token: str = IMAGE,
-                      tools: list | None = None) -> list[tuple]:
+                      tools: list | None = None, video_text: list[str] | None = None) -> list[tuple]:
     """Any other chat template: rendered (with the request's `tools`), split at `image_token` and VIDEO, the text
-    pieces tokenized. -> [("text", ids) | ("image", i)]: i indexes the images, then the videos (n_images + j)."""
+    pieces tokenized. -> [("text", ids) | ("image", i)]: i indexes the images, then the videos (n_images + j).
+    video_text (frames as images): the text each video's placeholder becomes, FRAME where each frame goes; i then
+    indexes the images, then the frames of all videos in order."""
     import re
     text = render_template(template, msgs, tok.bos_token, tok.eos_token, tools)
-    pieces = re.split(f"({re.escape(image_token)}|{re.escape(VIDEO)})", text)
     n_img, n_vid = sum(len(m["images"]) for m in msgs), sum(len(m.get("videos", ())) for m in msgs)
-    marks = pieces[1::2]
+    marks = re.findall(f"({re.escape(image_token)}|{re.escape(VIDEO)})", text)
     for what, mark, n in (("image", image_token, n_img), ("video", VIDEO, n_vid)):
         if marks.count(mark) != n:
             raise EdgemmError(f"the chat template rendered {marks.count(mark)} {what} placeholder(s) for {n} "
                               f"{what}(s)")
+    if FRAME in text:
+        raise EdgemmError("the conversation holds edgemm's reserved frame marker; refusing it")
+    if video_text is not None:
+        it = iter(video_text)
+        text = re.sub(re.escape(VIDEO), lambda _: next(it), text)
+    pieces = re.split(f"({re.escape(image_token)}|{re.escape(VIDEO)}|{FRAME})", text)
     segs: list[tuple] = []
-    seen = {image_token: 0, VIDEO: n_img}
+    seen = {image_token: 0, VIDEO: n_img, FRAME: n_img}
     for i, p in enumerate(pieces):
         if i % 2:
             segs.append(("image", seen[p]))

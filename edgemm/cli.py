@@ -174,7 +174,9 @@ def _video_session(b, gen, image, video):
         raise EdgemmError("pass --image or --video, not both")
     takes_video(b.cfg)
     sess = ChatSession(b, gen, log=_err)
-    sess.set_image_rows(clip_rows(b, video), video=True)
+    if sess.template is None:
+        raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
+    sess.set_image_rows(*clip_rows(b, video))
     return sess
 
 

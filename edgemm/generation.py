@@ -165,7 +165,7 @@ class ChatSession:
         self.fed_at: list = []        # the (length, pos) after each
         self.rows = None              # image rows [1, P+2, D] from the vision stage
         self.pixels = None            # InstructBLIP: the image, encoded with the conversation's first question
-        self.video = False            # the rows are a clip's (edgemm.video)
+        self.video = False            # the rows are a clip's (edgemm.video; a str: its text, frames as images)
         self.turns: list[tuple[str, list[int]]] = []   # (question, answer ids incl. </s>)
         self.state = None
         self.capacity = 0             # rows the state's KV cache holds
@@ -183,8 +183,9 @@ class ChatSession:
         self.video = False
         self.reset()
 
-    def set_image_rows(self, rows, video: bool = False) -> None:
-        """Rows of an image (or, video=True, of a clip: edgemm.video; the template puts them at its video place)."""
+    def set_image_rows(self, rows, video: bool | str = False) -> None:
+        """Rows of an image, or (video) of a clip (edgemm.video.clip_rows), which the template puts at its video
+        place: video=True, one array; video=its text (edgemm.video.video_text), a list of one array per frame."""
         self.pixels, self.rows, self.video = None, rows, video
         self.reset()
 
@@ -270,15 +271,17 @@ class ChatSession:
             msgs.append({"role": "user", "content": parts + [{"type": "text", "text": q}]})
             if a is not None:
                 msgs.append({"role": "assistant", "content": a})
-        segs = segments_template(self.tok, self.template, normalize_messages(msgs))
+        segs = segments_template(self.tok, self.template, normalize_messages(msgs),
+                                 video_text=[self.video] if isinstance(self.video, str) else None)
         return [t for k, d in segs for t in (d if k == "text" else ["image"])]
 
     def _ask_template(self, question: str, on_text) -> str:
         """The conversation rendered by the model's chat template; the cache keeps the longest prefix of the
         rendered items it already holds, only the rest is fed."""
         ctx, gen = self.b.context_length, self.gen
-        n_img = self.rows.shape[1] if self.rows is not None else 0
-        size = lambda items: sum(n_img if t == "image" else 1 for t in items)   # noqa: E731
+        vis = self.rows if isinstance(self.rows, list) else [self.rows]        # (a list: a clip's frames)
+        size = lambda items: sum(vis[k].shape[1] for k in range(items.count("image"))) \
+            + sum(t != "image" for t in items)                                   # noqa: E731
         turns = list(self.turns)
         items = self._template_items(turns, question)
         while size(items) + gen.max_new_tokens + 1 > ctx:
@@ -303,7 +306,7 @@ class ChatSession:
         i, logits = p, None
         while i < len(items):
             if items[i] == "image":
-                logits = self.b.image(st, self.rows)
+                logits = self.b.image(st, vis[items[:i].count("image")])
                 self.fed.append("image")
                 self.fed_at.append((st.length, st.pos))
                 i += 1

@@ -133,13 +133,16 @@ def _hf_processor(src):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    return build_imported(tmp_path_factory.mktemp("internvl"))
+
+
+def build_imported(d):
     """A tiny InternVL (Qwen2 LM with tied embeddings, q/k norm, q/k/v bias) saved as transformers saves it, with a
     Qwen-style tokenizer carrying InternVL's image tokens, its processor settings and chat template; imported by
-    `edgemm import`."""
+    `edgemm import` (tests/test_video.py builds one too)."""
     from click.testing import CliRunner
     from edgemm.cli import main
     from .test_tokenizers import QWEN2_SPLIT, _byte_level
-    d = tmp_path_factory.mktemp("internvl")
     tok = _byte_level(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                                     "<video>"], 300, True, False, None)
     hf = _tiny(vocab=tok.get_vocab_size(with_added_tokens=True), image_token=tok.token_to_id("<IMG_CONTEXT>"),

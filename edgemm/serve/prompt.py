@@ -40,12 +40,13 @@ def segments_edgemm(tok, msgs: list[dict], max_images: int = 1) -> list[tuple]:
 
 
 def build_segments(tok, template: str | None, messages, max_images: int = 1,
-                   tools: list | None = None) -> tuple[list[tuple], list[str]]:
-    """-> (segments, image urls in order); `tools` (OpenAI function tools) rendered by the template."""
+                   tools: list | None = None, video_text: list[str] | None = None) -> tuple[list[tuple], list[str]]:
+    """-> (segments, image urls in order); `tools` (OpenAI function tools) rendered by the template; video_text:
+    each video's text where its frames go as images (chat_template.segments_template)."""
     msgs = normalize_messages(messages)
     urls = [u for m in msgs for u in m["images"]]
     if template is None or template.strip() == CHAT_TEMPLATE.strip():
         return segments_edgemm(tok, msgs, max_images), urls
     if len(urls) > max_images:
         raise EdgemmError(f"at most {max_images} image(s) per request; the request has {len(urls)}")
-    return segments_template(tok, template, msgs, tools=tools), urls
+    return segments_template(tok, template, msgs, tools=tools, video_text=video_text), urls

@@ -14,7 +14,7 @@ from ..generation import GenerationConfig
 from .api import APIError, Limits, error_body, pick_model, read_json
 from .images import decode_image, fetch_image
 from .prompt import build_segments, normalize_messages
-from .videos import rows_bound, video_urls, videos_of
+from .videos import Clips, videos_of
 
 
 def _number(name: str, v) -> float:
@@ -59,16 +59,18 @@ def gen_config(body: dict, limits: Limits) -> GenerationConfig:
         raise APIError(400, str(e).replace("--", "")) from None
 
 
-def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits, tools=None) -> tuple[list, list, int]:
+def prompt_of(m, body: dict, gen: GenerationConfig, limits: Limits, tools=None,
+              clips: Clips | None = None) -> tuple[list, list, int]:
     """-> (segments, image urls, prompt rows), the context checked before any image is decoded or encoded."""
     b = m.backend
-    video_urls(b.cfg, body.get("messages"))           # a model without video refuses a clip here
+    clips = clips or Clips()
     try:
-        segs, urls = build_segments(b.tokenizer, m.template, body.get("messages"), limits.images_per_request, tools)
+        segs, urls = build_segments(b.tokenizer, m.template, body.get("messages"), limits.images_per_request, tools,
+                                    clips.texts)
     except EdgemmError as e:
         raise APIError(400, str(e)) from None
-    rows = sum(len(d) if k == "text" else b.cfg.n_image_rows if d < len(urls) else rows_bound(b.cfg)  # (a clip)
-               for k, d in segs)
+    rows = sum(len(d) if k == "text" else b.cfg.n_image_rows if d < len(urls) else clips.rows[d - len(urls)]
+               for k, d in segs)                                # (clips: indexed after the images)
     if rows + gen.max_new_tokens > b.context_length:
         raise APIError(400, f"the prompt needs {rows} tokens (image rows included) plus max_tokens "
                             f"{gen.max_new_tokens}, over the model's context of {b.context_length}; shorten "
@@ -142,13 +144,13 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     b = m.backend
     st = await asyncio.to_thread(structured_of, body, b.tokenizer, m.template)    # response_format, tools
     gen.grammar = st.grammar
-    segs, urls, rows = prompt_of(m, body, gen, limits, st.tools)
+    clips = await videos_of(b.cfg, body.get("messages"), limits)      # a clip's frame count sets its prompt
+    segs, urls, rows = prompt_of(m, body, gen, limits, st.tools, clips)
     pixels = await pixels_of(urls, b.cfg, limits)
     tiles = tilings.of(b.cfg.vision)
     if tiles is not None:               # tiled: each image's own row count (prompt_of counted the most one takes)
         rows += sum(tiles.pixel_rows(b.cfg, p) - b.cfg.n_image_rows for p in pixels)
-    clips, more = await videos_of(b.cfg, body.get("messages"), limits)   # indexed after the images
-    pixels, rows = pixels + clips, rows + more
+    pixels += clips.blocks                   # (indexed after the images)
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
               instructions=instructions_of(b, body.get("messages")),

@@ -5,6 +5,7 @@ Every refusal is an APIError 400 with a one-line message."""
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,15 +17,25 @@ MAX_VIDEOS = 1                 # videos per request
 
 
 class VideoPixels(np.ndarray):
-    """One clip's frames [F, 3, S, S], queued like an image's pixels; the engine asks it for its rows."""
+    """A clip's frames [F, 3, S, S] whose rows are one block (LLaVA-NeXT-Video), queued like an image's pixels; the
+    engine asks it for its rows. (Frames as images are queued as images [1, 3, S, S].)"""
 
     def video_rows(self, backend) -> np.ndarray:
-        from ..video import video_rows
-        return video_rows(backend, np.asarray(self))
+        from ..video import encode_block
+        return encode_block(backend, np.asarray(self))
+
+
+@dataclass
+class Clips:
+    """The request's clips as the prompt and the engine take them: blocks indexed after the images (one per clip,
+    or one per frame), the rows each block takes, each clip's text (frames as images) or None."""
+    blocks: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    texts: list | None = None
 
 
 def video_urls(cfg, messages) -> list[str]:
-    """The request's video urls (after the images in the segments' indexing); 400 for a model without video."""
+    """The request's video urls; 400 for a model without video, or too many."""
     try:
         urls = [u for m in normalize_messages(messages) for u in m["videos"]]
     except EdgemmError as e:
@@ -37,15 +48,9 @@ def video_urls(cfg, messages) -> list[str]:
     return urls
 
 
-def rows_bound(cfg) -> int:
-    """The most rows one clip takes (its sampled frames' rows), for the context check before decoding."""
-    from ..video import DEFAULT_FRAMES, rows_per_frame
-    return cfg.vision.video.get("frames", DEFAULT_FRAMES) * rows_per_frame(cfg)
-
-
-def decode_video(url: str, cfg, limits: Limits) -> VideoPixels:
-    """A data: URI -> the sampled frames' pixels for the model; APIError 400 otherwise."""
-    from ..video import DEFAULT_FRAMES, VideoLimits, frame_pixels, read_video
+def decode_video(url: str, cfg, limits: Limits) -> np.ndarray:
+    """A data: URI -> the sampled frames' pixels [F, 3, S, S] for the model; APIError 400 otherwise."""
+    from ..video import VideoLimits, load_clip
     head, _, payload = url.partition(",")
     if not head.startswith("data:video/") or not head.endswith(";base64"):
         raise APIError(400, "video_url takes data URIs: data:video/<mp4|webm>;base64,...", code="invalid_video_url")
@@ -54,21 +59,22 @@ def decode_video(url: str, cfg, limits: Limits) -> VideoPixels:
     except ValueError:
         raise APIError(400, "the video's base64 data does not decode", code="invalid_video") from None
     try:
-        frames = read_video(data, cfg.vision.video.get("frames", DEFAULT_FRAMES),
-                            VideoLimits(bytes=limits.body_bytes, pixels=limits.image_pixels))
+        return load_clip(data, cfg, VideoLimits(bytes=limits.body_bytes, pixels=limits.image_pixels))
     except EdgemmError as e:
         raise APIError(400, str(e), code="invalid_video") from None
-    return frame_pixels(frames, cfg.vision).view(VideoPixels)
 
 
-async def videos_of(cfg, messages, limits: Limits) -> tuple[list, int]:
-    """-> (each clip's VideoPixels, in the order the segments index them after the images; the rows they take
-    less the bound the context check counted), decoded off the event loop."""
+async def videos_of(cfg, messages, limits: Limits) -> Clips:
+    """The request's clips, decoded off the event loop (before the prompt is built: a clip's frame count sets it)."""
     import asyncio
-    from ..video import rows_per_frame
-    out, delta = [], 0
+    from ..video import clip_blocks, frame_rows, video_text
+    out = Clips()
     for u in video_urls(cfg, messages):
-        v = await asyncio.to_thread(decode_video, u, cfg, limits)
-        delta += len(v) * rows_per_frame(cfg) - rows_bound(cfg)
-        out.append(v)
-    return out, delta
+        px = await asyncio.to_thread(decode_video, u, cfg, limits)
+        blocks = clip_blocks(cfg, px)
+        out.blocks += blocks if "frame" in cfg.vision.video else [px.view(VideoPixels)]
+        out.rows += frame_rows(cfg, len(px))
+        text = video_text(cfg, len(px))
+        if text is not None:
+            out.texts = (out.texts or []) + [text]
+    return out
