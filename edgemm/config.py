@@ -62,6 +62,11 @@ class VisionConfig:
     longest_edge: int = 0
     image_splitting: bool = True
     tile_text: dict = field(default_factory=dict)
+    # DINOv2 (arch "dinov2", edgemm.blocks.dinov2): register tokens after CLS (Dinov2WithRegisters; 0: none); final_norm
+    # above is its layernorm. OmniFusion's merged encoders (arch "clip+dinov2"): this config is the CLIP tower and
+    # `second` the DINOv2 tower's VisionConfig fields (same image_size / patch_size; its own image_mean / image_std)
+    registers: int = 0
+    second: dict = field(default_factory=dict)
     # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
     # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
     # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
@@ -125,6 +130,7 @@ class AdapterConfig:
     qformer_positions: int = 0
     resampler_heads: int = 0                # "resampler" (Qwen-VL, edgemm.blocks.resampler): query_tokens queries, one
                                             # cross-attention of resampler_heads heads (the release: output_dim // 128)
+    attn_heads: int = 4                     # omni_transformer (OmniFusion, edgemm.blocks.omnifusion): its heads
     image_newline: bool = False             # mlp: LLaVA-NeXT's newline row `adapter.image_newline` [d_model]
     downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
     # pixel_shuffle_linear (Idefics3 / SmolVLM): the token ids whose embedding rows the connector holds (`markers`)
@@ -309,14 +315,23 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "qwen", "libra_vq"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2",
+                          "qwen", "libra_vq"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
-                                     "pixel_shuffle_linear", "resampler"):
+                                     "pixel_shuffle_linear", "resampler", "omni_mlp",
+                                     "omni_transformer"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
+        if (v.arch == "clip+dinov2") != bool(v.second) or (v.arch == "clip+dinov2" and (
+                self.adapter.kind != "omni_mlp" or not {"width", "layers", "heads", "mlp_dim"} <= set(v.second))):
+            raise EdgemmError("vision arch 'clip+dinov2' (OmniFusion's merged encoders) goes with vision.second (the "
+                              "DINOv2 tower: width, layers, heads, mlp_dim) and the omni_mlp adapter")
+        a_heads = self.adapter.attn_heads
+        if self.adapter.kind == "omni_transformer" and (a_heads < 1 or v.width % a_heads):
+            raise EdgemmError("the omni_transformer adapter needs attn_heads >= 1 dividing the vision width")
         a = self.adapter
         if a.kind == "resampler" and not (a.resampler_heads >= 1 and d.d_model % a.resampler_heads == 0
                                           and a.query_tokens >= 1 and math.isqrt(a.query_tokens) ** 2 == a.query_tokens):

@@ -3,9 +3,9 @@
 Roles and the modules that register them (importing a module registers its blocks):
 
 - `vision`: the vision towers, under the config's `vision.arch` (edgemm.blocks.vision,
-  edgemm.blocks.internvit, edgemm.blocks.resampler: Qwen-VL's);
+  edgemm.blocks.internvit, edgemm.blocks.resampler: Qwen-VL's, edgemm.blocks.dinov2: DINOv2, OmniFusion's two);
 - `connector`: projectors, adapters and resamplers, under `adapter.kind` (edgemm.blocks.connectors,
-  edgemm.blocks.qformer, edgemm.blocks.resampler: Qwen-VL's);
+  edgemm.blocks.qformer, edgemm.blocks.resampler: Qwen-VL's, edgemm.blocks.omnifusion: OmniFusion's);
 - `layer`: the decoder layer kinds: the vision branch of a routed layer (edgemm.blocks.layers), the MoE FFN
   (edgemm.blocks.moe) and the gated cross-attention layer (edgemm.blocks.cross); edgemm.blocks.decoder composes
   them into DecoderLayer / Decoder.

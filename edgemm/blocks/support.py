@@ -85,6 +85,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("pixel-shuffle linear projector", "connector:pixel_shuffle_linear",
             lambda c: c.adapter.kind == "pixel_shuffle_linear"),
     Feature("tile grid (smolvlm)", "option:tiles", lambda c: c.vision.tiling == "smolvlm"),
+    Feature("dinov2 vision tower", "vision:dinov2", lambda c: c.vision.arch == "dinov2"),
+    Feature("merged clip + dinov2 towers (omnifusion)", "vision:clip+dinov2", lambda c: c.vision.arch == "clip+dinov2"),
+    Feature("begin/end-of-image rows (omnifusion)", "option:omni-rows", lambda c: c.adapter.kind.startswith("omni_")),
+    Feature("omnifusion mlp adapter", "connector:omni_mlp", lambda c: c.adapter.kind == "omni_mlp"),
+    Feature("omnifusion transformer adapter", "connector:omni_transformer",
+            lambda c: c.adapter.kind == "omni_transformer"),
     Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "

@@ -40,20 +40,26 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise EdgemmError(f"{src} is not a directory")
-    if not (src / "config.json").is_file():
+    from ..families.omnifusion import RELEASE_FILES, open_release
+    release = not (src / "config.json").is_file() and all((src / f).is_file() for f in RELEASE_FILES)
+    if not (src / "config.json").is_file() and not release:
         raise EdgemmError(f"{src} is not a Hugging Face checkpoint: config.json is missing")
     check_out(out, force)
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise EdgemmError(f"{src / 'config.json'} is not valid JSON ({e})") from None
-    fam = families.detect(hf, str(src / "config.json")) if family == "auto" else family
+    tok_dir = Path(tokenizer) if tokenizer else None
+    if release:             # OmniFusion's release: its parts and pickles, no config.json (edgemm.families.omnifusion)
+        hf, source, release_tok = open_release(src, allow_bin)
+        fam, tok_dir = "omnifusion" if family == "auto" else family, tok_dir or release_tok
+    else:
+        try:
+            hf = json.loads((src / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise EdgemmError(f"{src / 'config.json'} is not valid JSON ({e})") from None
+        fam = families.detect(hf, str(src / "config.json")) if family == "auto" else family
+        source = Source(src, allow_bin=allow_bin)
     mapper = families.get(fam)                        # an unknown name: the error lists the registered families
-    source = Source(src, allow_bin=allow_bin)
     plan = mapper.plan(hf, source, rules)
     plan.cfg.validate()
     shapes = check_plan(plan, source)
-    tok_dir = Path(tokenizer) if tokenizer else None
     qformer_tok = None
     if plan.cfg.adapter.qformer_text:                 # InstructBLIP: the Q-Former's own tokenizer (edgemm.qformer)
         from ..qformer import QFORMER_TOKENIZER, import_tokenizer
