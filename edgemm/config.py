@@ -67,6 +67,12 @@ class VisionConfig:
     # `second` the DINOv2 tower's VisionConfig fields (same image_size / patch_size; its own image_mean / image_std)
     registers: int = 0
     second: dict = field(default_factory=dict)
+    # Fuyu (arch "patch_linear", tiling "fuyu", edgemm.fuyu_patches): no tower, raw patch_size x patch_size patches
+    # through one Linear; any image size (downscaled, aspect kept, to fit canvas [height, width], then padded to
+    # whole patches with pad_value, the processor's padding_value before rescaling)
+    canvas: list = field(default_factory=list)
+    pad_value: float = 1.0
+
     # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
     # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
     # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
@@ -185,6 +191,13 @@ class DecoderConfig:
     norm_topk_prob: bool = True
     qk_norm: bool = False                   # Qwen3: RMSNorm over each head's Q and K (before RoPE); single branch
     attn_head_dim: int = 0                  # 0: d_model // n_heads; else the heads' own width (Qwen3: 128 at 2048)
+    # Persimmon (Fuyu's language model): LayerNorm with bias for every norm (norm "layer": attn/ffn, final and, with
+    # qk_norm, the per-head Q/K norms), RoPE on the first rope_dims of each head (0: all; partial_rotary_factor),
+    # a squared-ReLU MLP up -> relu(x)^2 -> down (mlp "relu2"), biases on the attention output and the MLP
+    norm: str = "rms"
+    rope_dims: int = 0
+    mlp: str = "swiglu"
+    linear_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -315,14 +328,14 @@ class ModelConfig:
         for g in (v.gelu, self.adapter.gelu):
             if g not in ("tanh", "erf", "quick"):
                 raise EdgemmError(f"gelu must be 'tanh', 'erf' or 'quick', not {g!r}")
-        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2",
-                          "qwen", "libra_vq"):
+        if v.arch not in ("eva", "clip", "none", "blip", "siglip", "internvit", "dinov2", "clip+dinov2", "qwen",
+                          "libra_vq", "patch_linear"):
             raise EdgemmError(f"unknown vision arch {v.arch!r}")
         if v.post_norm and (v.arch != "siglip" or v.feature_layer not in (None, v.layers)):
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
-                                     "pixel_shuffle_linear", "resampler", "omni_mlp",
+                                     "pixel_shuffle_linear", "resampler", "newline_rows", "omni_mlp",
                                      "omni_transformer"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         if (v.arch == "clip+dinov2") != bool(v.second) or (v.arch == "clip+dinov2" and (
@@ -379,6 +392,9 @@ class ModelConfig:
         if self.adapter.kind == "pixel_shuffle_linear" or v.tiling == "smolvlm":
             from .smolvlm_tiles import check_config as check_smolvlm
             check_smolvlm(self)
+        elif v.arch == "patch_linear" or self.adapter.kind == "newline_rows" or v.tiling == "fuyu":
+            from .fuyu_patches import check_config as check_fuyu
+            check_fuyu(self)
         elif v.arch == "internvit" or self.adapter.kind == "pixel_shuffle" or v.tiling:
             from .internvl_tiles import check_config as check_internvl
             check_internvl(self)
@@ -391,6 +407,12 @@ class ModelConfig:
             raise EdgemmError("gated cross-attention goes with the perceiver adapter (and only with it), "
                               "single_branch, multi-head attention, an image token, cross_attn_every <= n_layers "
                               "and float or vector gates")
+        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2") or d.rope_dims % 2 \
+                or d.rope_dims > d.head_dim or ("layer" == d.norm or d.mlp == "relu2" or d.linear_bias) and (
+                    d.n_experts or d.cross_attn_every or not d.single_branch):
+            raise EdgemmError("decoder norm is 'rms' or 'layer', mlp 'swiglu' or 'relu2', rope_dims even and at most "
+                              "head_dim; LayerNorm, relu2 and linear biases (Persimmon) go with a single branch "
+                              "without experts or cross-attention")
         if d.position_rule not in ("sequential", "cogvlm"):
             raise EdgemmError(f"unknown position_rule {d.position_rule!r}")
         if d.eoi_branch not in ("vision", "text"):

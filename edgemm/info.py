@@ -123,6 +123,12 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
     if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
         from .qformer import describe_rows
         lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
+    if cfg.adapter.kind == "resampler":                     # Qwen-VL / Monkey: the resampler's queries reach it
+        per = f"{v.tower_passes} tiles ({v.tower_passes - 1} {v.window}px windows + the whole image) x " \
+            if v.window else ""
+        lines = [f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> {per}"
+                 f"{v.n_patches} tower rows, resampled to {cfg.adapter.query_tokens} queries: {cfg.n_image_rows} image "
+                 "rows" if s.startswith("vision:") else s for s in lines]
     from . import tilings
     tiles = tilings.of(v)
     if tiles is not None:                                   # tiled: rows depend on the image (a few typical sizes)

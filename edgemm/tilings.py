@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import EdgemmError
 
-MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles"}
+MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches"}
 
 
 def of(v):

@@ -30,8 +30,8 @@ import math
 
 import numpy as np
 
-from edgemm.export.graph import (GRAPH_GQA, GRAPH_KV, MOE_DEFAULT, NEG, Graph, add_rms, linear, mlp, np32, rms, rope,
-                                 rope_tables)
+from edgemm.export.graph import (GRAPH_GQA, GRAPH_KV, MOE_DEFAULT, NEG, Graph, add_rms, linear, mlp, norm_weights, np32,
+                                 rms, rope, rope_tables)
 
 
 def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list, str]:
@@ -74,7 +74,7 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
         br, p = getattr(layer, branch), f"layers.{i}"
         nrm = (layer.vision_attn_norm, layer.vision_ffn_norm) if own else (layer.attn_norm, layer.ffn_norm)
         pre = "vision_" if own else ""
-        w = g.weight(f"{p}.{pre}attn_norm.weight", np32(nrm[0].weight))
+        w = norm_weights(g, nrm[0], f"{p}.{pre}attn_norm")
         if pend is None:
             h = rms(g, x, w, c.rms_eps)
         else:
@@ -84,7 +84,7 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
         else:
             a = attend(i, *_qkv(g, c, br, h, p, branch))
         x, h = add_rms(g, x, linear(g, a, br.o, f"{p}.{branch}.o"),
-                       g.weight(f"{p}.{pre}ffn_norm.weight", np32(nrm[1].weight)), c.rms_eps)
+                       norm_weights(g, nrm[1], f"{p}.{pre}ffn_norm"), c.rms_eps)
         pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
     return g.op("Add", [x, pend])
 
@@ -103,9 +103,9 @@ def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
                        n_out=3, axis=-1)
     else:
         q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
-    if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K, before RoPE
+    if c.qk_norm:                           # Qwen3 (RMSNorm), Persimmon (LayerNorm) over each head's Q and K, before RoPE
         def head_norm(t, n, nm):
-            w = g.weight(f"{p}.{branch}.{nm}.weight", np32(getattr(br, nm).weight))
+            w = norm_weights(g, getattr(br, nm), f"{p}.{branch}.{nm}")
             t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
             return g.op("Reshape", [t, g.i64([0, 0, n * E])])
         q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
@@ -189,8 +189,8 @@ def gqa_rotary(c) -> bool:
     """GroupQueryAttention rotates Q and K itself (do_rotary, NEOX form, cos/sin caches) when every row's RoPE
     position is its cache row, i.e. the sequential position rule; CogVLM's collapsed image positions keep the
     external RoPE from the `positions` input, as do head sizes ONNX Runtime's rotary kernel refuses (not a
-    multiple of 16)."""
-    return c.position_rule == "sequential" and c.head_dim % 16 == 0
+    multiple of 16) and partial rotary (Persimmon: the op rotates whole heads)."""
+    return c.position_rule == "sequential" and c.head_dim % 16 == 0 and c.rope_dims in (0, c.head_dim)
 
 
 def rotary_caches(g: Graph, c) -> tuple[str, str]:
@@ -209,7 +209,7 @@ def rotary_caches(g: Graph, c) -> tuple[str, str]:
 def _gqa_attention(g: Graph, c, cos, sin):
     """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa). cos, sin: the external
     RoPE tables, or None when the op rotates (gqa_rotary)."""
-    H, E, NK = c.n_heads, c.head_dim, c.cache_heads
+    H, E, NK, R = c.n_heads, c.head_dim, c.cache_heads, c.rope_dims
     caches = rotary_caches(g, c) if cos is None else None
 
     def attend(i, q, k, v, read):
@@ -221,8 +221,9 @@ def _gqa_attention(g: Graph, c, cos, sin):
         if k is None:                                   # packed QKV (attend.packed): the op splits and rotates
             k = v = ""
         if caches is None:
-            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E), g.i64([0, 0, H * E])])
-            k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E), g.i64([0, 0, NK * E])])
+            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E, R), g.i64([0, 0, H * E])])
+            k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E, R),
+                                 g.i64([0, 0, NK * E])])
         else:
             ins, rot = list(caches), {"do_rotary": 1, "rotary_interleaved": 0}
         a, pk, pv = g.op("GroupQueryAttention", [g.op("Concat", [q] * n, axis=-1) if n > 1 else q, k, v,
@@ -238,7 +239,7 @@ def _gqa_attention(g: Graph, c, cos, sin):
 
 def _window_attention(g: Graph, c, cos, sin):
     """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window)."""
-    H, K, E, NK = c.n_heads, c.kv_heads, c.head_dim, c.cache_heads
+    H, K, E, NK, R = c.n_heads, c.kv_heads, c.head_dim, c.cache_heads, c.rope_dims
     zero, one = g.i64(0), g.i64(1)
     T = g.op("Squeeze", [g.op("Shape", ["positions"]), g.i64([0])])
     W = g.op("Gather", [g.op("Shape", ["cache_key.0"]), one], axis=0)
@@ -251,8 +252,8 @@ def _window_attention(g: Graph, c, cos, sin):
     scale = g.f32(1.0 / math.sqrt(E))
 
     def attend(i, q, k, v, read):
-        q4 = rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E)                # [1, T, H, E]
-        k4 = rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E)               # [1, T, NK, E]
+        q4 = rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E, R)             # [1, T, H, E]
+        k4 = rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E, R)            # [1, T, NK, E]
         v4 = g.op("Reshape", [v, g.i64([1, -1, NK, E])])
         g.op("Identity", [k4], out=f"new_key.{i}")
         g.op("Identity", [v4], out=f"new_value.{i}")
@@ -319,7 +320,7 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
     x = decoder_layers(g, model, branch, x, attend)
     last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]
-    hn = rms(g, last, g.weight("norm.weight", np32(final_norm(model, branch).weight)), c.rms_eps)
+    hn = rms(g, last, norm_weights(g, final_norm(model, branch), "norm"), c.rms_eps)
     lm = g.weight("lm_head.weight.T", np32(dec.lm_head.weight).T)
     if half:
         g.op("Cast", [g.op("MatMul", [hn, lm], name="lm_head")], out="logits", to=f32)

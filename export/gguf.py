@@ -54,6 +54,9 @@ def decoder_arch(cfg) -> str:
     return "qwen2" if cfg.decoder.qkv_bias else "llama"
 
 
+PERSIMMON = "persimmon decoder (layernorm, partial rope, relu2 mlp, biases)"
+
+
 VISION_STAGES = ("auto", "mmproj", "onnx")
 ONNX_VISION_PRECISION = {"f32": "fp32", "f16": "fp16"}      # other gguf types: int8 weight-only (no calibration)
 
@@ -83,6 +86,9 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
         raise UnsupportedVariant("tile grid (smolvlm)", "the gguf exporter (llama.cpp's mtmd has an idefics3 "
                                  "projector, but edgemm does not write its mmproj and tile markers yet)",
                                  support.targets_that_can("tile grid (smolvlm)", exclude="gguf"))
+    if cfg.vision.arch == "patch_linear":       # Fuyu: no persimmon / fuyu in libllama's or libmtmd's names
+        raise UnsupportedVariant(PERSIMMON, "the gguf exporter (llama.cpp has no Fuyu graph: no Persimmon decoder "
+                                 "architecture, no raw-patch projector)", support.targets_that_can(PERSIMMON, "gguf"))
     # the variants no llama.cpp graph here computes are named first (a BLIP-2 import is refused for its Q-Former)
     v = support.refusal(cfg, "gguf")            # the support matrix: llama.cpp's cogvlm graph, or its llava graph
     if v is not None:

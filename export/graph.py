@@ -111,10 +111,19 @@ def np32(t) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- layers
-def rms(g: Graph, x: str, w: str, eps: float) -> str:
+def norm_weights(g: Graph, mod, name: str):
+    """A decoder norm's weights: RMSNorm's weight, or LayerNorm's (weight, bias) (Persimmon), for rms / add_rms."""
+    w = g.weight(f"{name}.weight", np32(mod.weight))
+    return (w, g.weight(f"{name}.bias", np32(mod.bias))) if getattr(mod, "bias", None) is not None else w
+
+
+def rms(g: Graph, x: str, w, eps: float) -> str:
     """x / sqrt(mean(x^2) + eps) * w, as edgemm.model.RMSNorm, in the pattern ONNX Runtime fuses (fp16 compute:
-    the statistics in fp32, as the fused kernels keep them: x^2 overflows fp16 from |x| = 256)."""
+    the statistics in fp32, as the fused kernels keep them: x^2 overflows fp16 from |x| = 256). w a (weight, bias)
+    pair (norm_weights of a LayerNorm): LayerNormalization over the last axis."""
     from onnx import TensorProto
+    if isinstance(w, tuple):
+        return g.op("LayerNormalization", [x, *w], axis=-1, epsilon=eps)
     if g.half:
         x = g.op("Cast", [x], to=TensorProto.FLOAT)
     ms = g.op("ReduceMean", [g.op("Pow", [x, g.f32(2.0)]), g.i64([-1])], keepdims=1)
@@ -125,8 +134,9 @@ def rms(g: Graph, x: str, w: str, eps: float) -> str:
 def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
     """(x + d, rms(x + d) * w). Graphs that may use ONNX Runtime's contrib ops (g.fused_norms) get one
     com.microsoft SkipSimplifiedLayerNormalization, whose 4th output is the residual sum: ONNX Runtime does not fuse
-    Add + SimplifiedLayerNormalization itself when the sum also feeds the next residual, as it does here."""
-    if not g.fused_norms:
+    Add + SimplifiedLayerNormalization itself when the sum also feeds the next residual, as it does here. A
+    LayerNorm's (weight, bias): Add, then LayerNormalization."""
+    if not g.fused_norms or isinstance(w, tuple):
         s = g.op("Add", [x, d])
         return s, rms(g, s, w, eps)
     h, s = g._name("skip_norm"), g._name("residual")
@@ -137,11 +147,12 @@ def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
 
 
 def rope_tables(g: Graph, c, batched: bool = False) -> tuple[str, str]:
-    """cos, sin [1, T, 1, E] from the `positions` input [T] ([B, T, 1, E] from [B, T] when batched), as
-    edgemm.model.rope_cos_sin computes them."""
+    """cos, sin [1, T, 1, R] from the `positions` input [T] ([B, T, 1, R] from [B, T] when batched), as
+    edgemm.model.rope_cos_sin computes them; R the rotated dims of a head (all, or Persimmon's partial rotary)."""
     import torch
     from onnx import TensorProto
-    E = c.head_dim
+    from edgemm.blocks.ops import rope_dims
+    E = rope_dims(c)
     inv = (1.0 / c.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E)).numpy()
     f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([-1])]),
                      g.const("rope.inv_freq", inv)])                               # [(B,) T, E/2]
@@ -150,8 +161,12 @@ def rope_tables(g: Graph, c, batched: bool = False) -> tuple[str, str]:
     return g.act(g.op("Unsqueeze", [g.op("Cos", [f]), ax])), g.act(g.op("Unsqueeze", [g.op("Sin", [f]), ax]))
 
 
-def rope(g: Graph, x4: str, cos: str, sin: str, E: int) -> str:
-    """NEOX RoPE on x4 [1, T, n, E]: x * cos + cat(-x2, x1) * sin."""
+def rope(g: Graph, x4: str, cos: str, sin: str, E: int, R: int | None = None) -> str:
+    """NEOX RoPE on x4 [1, T, n, E]: x * cos + cat(-x2, x1) * sin; partial rotary (R < E, cos / sin [.., R]): on
+    the first R dims of each head, the others as they are."""
+    if R and R < E:
+        a, b = g.op("Split", [x4, g.i64([R, E - R])], n_out=2, axis=3)
+        return g.op("Concat", [rope(g, a, cos, sin, R), b], axis=3)
     x1, x2 = g.op("Split", [x4, g.i64([E // 2, E // 2])], n_out=2, axis=3)
     rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
     return g.op("Add", [g.op("Mul", [x4, cos]), g.op("Mul", [rot, sin])])
@@ -227,6 +242,9 @@ def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
     """SwiGLU (a dense branch's gate and up: one MatMul in the TensorRT flavour); an MoE layer's experts: moe_mlp."""
     if "moe" in getattr(br, "_modules", {}):
         return moe_mlp(g, x, br.moe, name, g.moe_form)
+    if getattr(br, "gate", None) is None:              # Persimmon: down(relu(up(x))^2), with biases
+        u = g.op("Relu", [linear(g, x, br.up, f"{name}.up")])
+        return linear(g, g.op("Mul", [u, u]), br.down, f"{name}.down")
     # ONNX Runtime graphs (g.fused_norms): gate and up as two MatMuls, no Split, as ORT GenAI's builder writes them
     # (measured 1-2% faster a decode step on bench-0.5b int4 than one [D, 2F] MatMul + Split); TensorRT: one MatMul
     if hasattr(br.gate, "weight_A") or g.fused_norms:
@@ -250,6 +268,8 @@ def input_examples(cfg, gen) -> dict:
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen),
                 "qformer_input_ids": torch.randint(0, a.qformer_vocab, (1, T), generator=gen),
                 "qformer_attention_mask": (torch.arange(T) < max(1, T - 1)).long()[None]}
+    if v.arch == "patch_linear":                        # Fuyu: any size in whole patches (dynamic height, width)
+        return {"pixels": torch.randn(1, 3, 2 * v.patch_size, 3 * v.patch_size, generator=gen)}
     if cfg.input_stage == "vision":
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen)}
     out = {"codes": torch.randint(0, a.vision_vocab, (1, cfg.n_image_rows, a.codebooks), generator=gen)}
@@ -283,13 +303,16 @@ def vision_graph(model, fp16: bool = False, half: bool = False):
             return y.float() if half else y
 
     ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
+    any_size = model.cfg.vision.arch == "patch_linear"      # Fuyu: pixels of any height and width
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Vision(copy.deepcopy(model).half() if half else model).eval(), tuple(ins.values()), buf,
                           input_names=list(ins),
                           output_names=["image_rows"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {})}
+                          dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {}),
+                                            **({1: "rows"} if n == "image_rows" and any_size else {}),
+                                            **({2: "height", 3: "width"} if n == "pixels" and any_size else {})}
                                         for n in [*ins, "image_rows"]})
     m = onnx.load_from_string(buf.getvalue())
     m.ir_version = IR_VERSION

@@ -458,6 +458,8 @@ def test_cli_import_export_onnx_and_run(released, tmp_path):
     assert r.exit_code == 0, r.output
     r = run.invoke(main, ["export", "--target", "gguf", "--model", str(ck), "-o", str(tmp_path / "gguf")])
     assert r.exit_code == 2 and "qwen-vl" in r.output, r.output
+    r = run.invoke(main, ["info", "--model", str(ck)])
+    assert r.exit_code == 0 and "16 tower rows, resampled to 256 queries: 256 image rows" in r.output, r.output
     img = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "img.png")
     out = tmp_path / "onnx"
@@ -532,6 +534,8 @@ def test_monkey_onnx_export_and_run(monkey, tmp_path):
     from edgemm.runtimes import load_backend
     run = CliRunner()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    r = run.invoke(main, ["info", "--model", str(monkey["ck"])])
+    assert "5 tiles (4 448px windows + the whole image) x 256 tower rows" in r.output, r.output
     out = tmp_path / "onnx"
     r = run.invoke(main, ["export", "--target", "onnx", "--model", str(monkey["ck"]), "-o", str(out)])
     assert r.exit_code == 0, r.output
@@ -542,3 +546,12 @@ def test_monkey_onnx_export_and_run(monkey, tmp_path):
         s.set_image(tmp_path / "i.png")
         answers.append(s.ask(QUESTION))
     assert answers[0].strip() and answers[1] == answers[0]
+
+
+def test_monkey_trt_qdq_graphs_validate(monkey, tmp_path):
+    """Monkey's `--target trt` int8 Q/DQ graphs (engines not built here): every stage passes the exporter's checks,
+    the vision stage with its windows, LoRA and bicubic global view among them."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.export.trt import export_trt
+    man = export_trt(str(monkey["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
+    assert all(s["ok"] for s in man["validation"]["stages"].values())

@@ -253,3 +253,22 @@ class PixelShuffleLinear(nn.Module):
     def forward(self, feats):                               # [N, P, W] -> [1, N * P / r^2 + K, D]
         x = self.proj(pixel_shuffle(feats, self.side, self.r))
         return torch.cat([x.reshape(1, -1, x.shape[-1]), self.markers[None].to(x)], 1)
+
+
+@register("connector", "newline_rows")
+class NewlineRows(nn.Module):
+    """Fuyu: the patch grid [B, h, w, D] (edgemm.blocks.vision.PatchLinear) -> image rows [B, h (w + 1), D], the
+    |NEWLINE| token's embedding row (image_newline [D], copied from the token embedding at import) after each row
+    of patches, as FuyuProcessor writes the prompt (|SPEAKER| x w, |NEWLINE|, per row)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.image_newline = nn.Parameter(torch.zeros(d_model))
+
+    @classmethod
+    def from_config(cls, cfg) -> "NewlineRows":
+        return cls(cfg.decoder.d_model)
+
+    def forward(self, x):                                   # x: [B, h, w, D]
+        nl = torch.zeros_like(x[:, :, :1]) + self.image_newline             # [B, h, 1, D] (traced shapes stay dynamic)
+        return torch.cat([x, nl], 2).flatten(1, 2)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import DecoderConfig
 from .cross import GatedCrossAttnLayer, cross_layer_at, n_cross_layers
 from .layers import Branch, CrossModalBridge, vision_branch
-from .ops import RMSNorm, apply_rope, rope_cos_sin, routed
+from .ops import RMSNorm, apply_rope, norm, rope_cos_sin, rope_dims, routed
 
 
 @dataclass
@@ -46,8 +46,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: DecoderConfig, index: int = 0):
         super().__init__()
         self.c = c
-        self.attn_norm = RMSNorm(c.d_model, c.rms_eps)
-        self.ffn_norm = RMSNorm(c.d_model, c.rms_eps)
+        self.attn_norm = norm(c, c.d_model)                # RMSNorm, or Persimmon's LayerNorm (norm "layer")
+        self.ffn_norm = norm(c, c.d_model)
         self.text = Branch(c, moe=c.is_moe_layer(index))
         vision = vision_branch(c, self.text)                # the registered kind (edgemm.blocks.layers)
         if vision is not None:
@@ -132,7 +132,7 @@ class Decoder(nn.Module):
         self.c = c
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, c.rms_eps)
+        self.norm = norm(c, c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -148,7 +148,7 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {x.shape[1]} rows > capacity {cache.capacity}")
-        cos, sin = rope_cos_sin(positions, self.c.head_dim, self.c.rope_theta)
+        cos, sin = rope_cos_sin(positions, rope_dims(self.c), self.c.rope_theta)     # (partial rotary: [T, R])
         for i, layer in enumerate(self.layers):
             if cross is not None:
                 j = self.cross_at[i]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import DecoderConfig
 from .moe import MoE
-from .ops import RMSNorm
+from .ops import norm
 from .registry import get, register
 
 
@@ -28,20 +28,22 @@ from .registry import get, register
 class Branch(nn.Module):
     """The routed sub-modules of one modality in one layer: fused QKV, attention output, SwiGLU MLP (or, in an
     MoE layer, `moe`: router + stacked experts, edgemm.blocks.moe). qkv [D -> (H + 2K) E], o [H E -> D],
-    gate/up [D -> F], down [F -> D]; Qwen3's q_norm / k_norm [E]."""
+    gate/up [D -> F], down [F -> D]; Qwen3's q_norm / k_norm [E]. Persimmon (mlp "relu2", linear_bias): no gate,
+    down(relu(up(x))^2), biases on o, up and down, q_norm / k_norm LayerNorms."""
 
     def __init__(self, c: DecoderConfig, moe: bool = False):
         super().__init__()
         self.qkv = nn.Linear(c.d_model, (c.n_heads + 2 * c.kv_heads) * c.head_dim, bias=c.qkv_bias)
-        self.o = nn.Linear(c.attn_width, c.d_model, bias=False)
-        if c.qk_norm:                                       # Qwen3: RMSNorm over each head's Q and K
-            self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_eps), RMSNorm(c.head_dim, c.rms_eps)
+        self.o = nn.Linear(c.attn_width, c.d_model, bias=c.linear_bias)
+        if c.qk_norm:                                       # Qwen3 (RMSNorm), Persimmon (LayerNorm): per head
+            self.q_norm, self.k_norm = norm(c, c.head_dim), norm(c, c.head_dim)
         if moe:
             self.moe = MoE(c)
             return
-        self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
-        self.up = nn.Linear(c.d_model, c.ffn_dim, bias=False)
-        self.down = nn.Linear(c.ffn_dim, c.d_model, bias=False)
+        if c.mlp == "swiglu":
+            self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+        self.up = nn.Linear(c.d_model, c.ffn_dim, bias=c.linear_bias)
+        self.down = nn.Linear(c.ffn_dim, c.d_model, bias=c.linear_bias)
 
     @classmethod
     def vision_branch(cls, c: DecoderConfig, text: "Branch") -> nn.Module:
@@ -50,6 +52,8 @@ class Branch(nn.Module):
     def mlp(self, x):
         if "moe" in self._modules:
             return self.moe(x)
+        if "gate" not in self._modules:                     # Persimmon: squared ReLU, not gated
+            return self.down(F.relu(self.up(x)).square())
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 

@@ -53,7 +53,20 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     return f.cos(), f.sin()
 
 
-def apply_rope(x, cos, sin):                                # x: [B, H, T, E]
+def norm(c, dim: int) -> nn.Module:
+    """The decoder's norm of width dim: RMSNorm, or LayerNorm with bias (norm "layer": Persimmon)."""
+    return nn.LayerNorm(dim, eps=c.rms_eps) if c.norm == "layer" else RMSNorm(dim, c.rms_eps)
+
+
+def rope_dims(c) -> int:
+    """The rotated dims of each head: all, or the first rope_dims (Persimmon's partial_rotary_factor)."""
+    return c.rope_dims or c.head_dim
+
+
+def apply_rope(x, cos, sin):                                # x: [B, H, T, E]; cos, sin [T, R], R <= E
+    if cos.shape[-1] < x.shape[-1]:                         # partial rotary: the first R dims, the rest as they are
+        r = cos.shape[-1]
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], -1)
     h = x.shape[-1] // 2
     rot = torch.cat([-x[..., h:], x[..., :h]], -1)
     return x * cos + rot * sin

@@ -91,6 +91,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("omnifusion mlp adapter", "connector:omni_mlp", lambda c: c.adapter.kind == "omni_mlp"),
     Feature("omnifusion transformer adapter", "connector:omni_transformer",
             lambda c: c.adapter.kind == "omni_transformer"),
+    Feature("linear patch embedding (fuyu)", "vision:patch_linear", lambda c: c.vision.arch == "patch_linear"),
+    Feature("persimmon decoder (layernorm, partial rope, relu2 mlp, biases)", "option:decoder",
+            lambda c: _d(c).norm == "layer" or bool(_d(c).rope_dims) or _d(c).mlp == "relu2" or _d(c).linear_bias),
     Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "

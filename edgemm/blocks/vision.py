@@ -172,3 +172,25 @@ class NoPixelTower(Tower):
         from ..errors import EdgemmError
         raise EdgemmError("this model (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
                           "signal encoder are not imported; use EdgeMM.encode_image_tokens(codes, signal)")
+
+
+@register("vision", "patch_linear")
+class PatchLinear(Tower):
+    """Fuyu: no tower. An image of any size in whole patches is cut into patch_size x patch_size patches,
+    row-major, each flattened (row, column, channel) as FuyuImageProcessor.patchify_image does, and each goes
+    through one Linear with bias (vision_embed_tokens) to d_model. pixels [B, 3, H, W] -> [B, H / p, W / p, D]
+    (the grid kept: the newline_rows connector appends a row after each row of patches)."""
+
+    def __init__(self, c: VisionConfig, d_model: int):
+        super().__init__()
+        self.p = c.patch_size
+        self.patch_embed = nn.Linear(3 * c.patch_size ** 2, d_model)
+
+    @classmethod
+    def from_config(cls, cfg) -> "PatchLinear":
+        return cls(cfg.vision, cfg.decoder.d_model)
+
+    def forward(self, pixels):                              # pixels: [B, 3, H, W]
+        B, C, H, W = pixels.shape                           # (traced as sizes: any height and width)
+        x = pixels.reshape(B, C, H // self.p, self.p, W // self.p, self.p)   # [B, 3, h, p, w, p]
+        return self.patch_embed(x.permute(0, 2, 4, 3, 5, 1).flatten(3))     # [B, h, w, D]

@@ -19,7 +19,7 @@ from ..errors import EdgemmError
 
 # The family modules, imported on first use; the registration order is the detection order.
 _MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "llava_onevision", "internvl",
-            "smolvlm", "xcomposer2", "qwen_vl", "llava_original", "omnifusion")
+            "smolvlm", "xcomposer2", "qwen_vl", "fuyu", "llava_original", "omnifusion")
 REGISTRY: dict[str, "Family"] = {}
 
 
@@ -34,6 +34,7 @@ class Family:
     core: tuple = ()                    # features (edgemm.blocks.support) every import uses
     optional: tuple = ()                # features some imports use
     hints: dict = {}                    # target -> a note for the table (e.g. an import option it needs)
+    add_bos: bool | None = None         # whether prompts start with bos (None: as the tokenizer does; Fuyu: no)
     chat_template: str | None = None    # the chat format of a release whose tokenizer files ship none (its code has it)
 
     def detect(self, hf: dict) -> bool:

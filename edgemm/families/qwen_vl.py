@@ -287,8 +287,11 @@ def convert_tokenizer(src, out) -> Path:
 if __name__ == "__main__":
     import sys
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m edgemm.families.qwen_vl SRC OUT   (SRC/qwen.tiktoken -> OUT/tokenizer.json)")
+        print("usage: python -m edgemm.families.qwen_vl SRC OUT   (SRC/qwen.tiktoken -> OUT/tokenizer.json)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         print(convert_tokenizer(sys.argv[1], sys.argv[2]))
-    except EdgemmError as e:
-        sys.exit(f"error: {e}")
+    except EdgemmError as e:                # a user's mistake: one line, exit 2 (as the CLI)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
