@@ -159,25 +159,24 @@ def run(question, image, video, max_tiles, model, bundle, backend, device, threa
     b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
                      mmproj_offload=mmproj_offload)
     if video is not None:
-        _video_session(b, cfg, image, video).ask(question, on_text=_streamer())
+        from .generation import ChatSession
+        if image is not None:
+            raise EdgemmError("pass --image or --video, not both")
+        sess = ChatSession(b, cfg, log=_err)
+        _set_video(sess, video)
+        sess.ask(question, on_text=_streamer())
     else:
         answer(b, image, question, cfg, on_text=_streamer())
     click.echo()
 
 
-
-def _video_session(b, gen, image, video):
-    """A chat about a clip (edgemm.video): its frames' rows where the model's template puts the video."""
-    from .generation import ChatSession
+def _set_video(sess, video) -> None:
+    """A conversation about a clip (edgemm.video): its frames' rows where the model's template puts the video."""
     from .video import clip_rows, takes_video
-    if image is not None:
-        raise EdgemmError("pass --image or --video, not both")
-    takes_video(b.cfg)
-    sess = ChatSession(b, gen, log=_err)
+    takes_video(sess.b.cfg)
     if sess.template is None:
         raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
-    sess.set_image_rows(*clip_rows(b, video))
-    return sess
+    sess.set_image_rows(*clip_rows(sess.b, video))
 
 
 @main.command()
@@ -191,16 +190,19 @@ def _video_session(b, gen, image, video):
 def chat(image, video, max_tiles, model, bundle, backend, device, threads, kv_cache, mmproj_offload, **gen):
     """Interactive multi-turn chat; the KV cache is kept across turns.
 
-    Commands: /image PATH (new image, new conversation), /reset, /quit.
+    Commands: /image PATH, /video PATH (a new conversation about it), /reset, /quit.
     """
     from .generation import ChatSession
+    if image and video:
+        raise EdgemmError("pass --image or --video, not both")
     b = open_backend(model, bundle, backend, device, threads, max_tiles=max_tiles, kv_cache=kv_cache,
                      mmproj_offload=mmproj_offload)
-    sess = ChatSession(b, _gen_config(**gen), log=_err) if video is None else \
-        _video_session(b, _gen_config(**gen), image, video)
-    if image and video is None:
+    sess = ChatSession(b, _gen_config(**gen), log=_err)
+    if image:
         sess.set_image(image)
-    _err(f"edgemm chat: {b.describe()}. /image PATH, /reset, /quit")
+    if video:
+        _set_video(sess, video)
+    _err(f"edgemm chat: {b.describe()}. /image PATH, /video PATH, /reset, /quit")
     while True:
         try:
             line = input("> ")
@@ -215,14 +217,15 @@ def chat(image, video, max_tiles, model, bundle, backend, device, threads, kv_ca
             if line == "/reset":
                 sess.reset()
                 _err("(conversation reset)")
-            elif line.startswith("/image"):
-                path = line[len("/image"):].strip()
-                if not path:
-                    raise EdgemmError("usage: /image PATH")
-                sess.set_image(path)
-                _err(f"(image {path} loaded; new conversation)")
+            elif line.split()[0] in ("/image", "/video"):
+                cmd, _, path = line.partition(" ")
+                if not path.strip():
+                    raise EdgemmError(f"usage: {cmd} PATH")
+                sess.set_image(path.strip()) if cmd == "/image" else _set_video(sess, path.strip())
+                _err(f"({cmd[1:]} {path.strip()} loaded; new conversation)")
             elif line.startswith("/"):
-                raise EdgemmError(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit")
+                raise EdgemmError(f"unknown command {line.split()[0]}; commands: /image PATH, /video PATH, /reset, "
+                                  "/quit")
             else:
                 sess.ask(line, on_text=_streamer())
                 click.echo()

@@ -243,6 +243,10 @@ def test_answer_and_edgemm_run_video_match_transformers(lnv, tmp_path):
     assert r.exit_code == 0, r.output
     words = r.output.strip().splitlines()[-1].split()       # (it stops at </s>, which the session above ignores)
     assert words and words == want.split()[:len(words)], r.output
+    r = CliRunner().invoke(main, ["chat", "--model", str(ck), "--backend", "torch", "--max-new-tokens", "5"],
+                           input=f"/video {clip}\nw20 w21\n/video {clip}.missing\n/quit\n")
+    assert r.exit_code == 0 and f"(video {clip} loaded; new conversation)" in r.output, r.output
+    assert " ".join(words) in r.output and "error: video not found" in r.output, r.output
 
 
 def test_run_video_refusals_are_one_line(lnv, tmp_path):
