@@ -317,6 +317,32 @@ def test_tower_folder_of_pickled_weights(tmp_path):
             "encoder.layers.0.self_attn.q_proj.weight"])
 
 
+def test_tower_folder_of_a_whole_clip_model(tmp_path):
+    """The hub's openai/clip-vit-* folders hold a whole CLIPModel (config.json's vision_config, text_model.*,
+    projections, logit_scale): the vision model is imported, the text side listed as not imported, and the model
+    is the one the tower's own folder gives."""
+    from transformers import CLIPConfig, CLIPModel
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.importers import import_checkpoint
+    hf = _tiny_hf("v15")
+    src = write_original(hf, "v15", tmp_path / "src")
+    folder = src / LAYOUTS["v15"][2]
+    clip = CLIPModel(CLIPConfig(vision_config=hf.config.vision_config.to_dict(), projection_dim=16,
+                                text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "vocab_size": 64}))
+    clip.vision_model.load_state_dict(hf.model.vision_tower.state_dict())
+    clip.save_pretrained(folder, safe_serialization=True)
+    summary = import_checkpoint(src, tmp_path / "ck", log=None)
+    skipped = summary["not_imported"]
+    assert any(k.startswith("text_model.") for k in skipped) and "logit_scale" in skipped
+    m, _ = load_checkpoint(tmp_path / "ck")
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = hf.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        want = hf.model.multi_modal_projector(feats)
+        assert (m.encode_image(px) - want).abs().max() <= 1e-5
+
+
 # --------------------------------------------------------------------------- gguf
 def test_mmproj_projector_tensors_round_trip(imported, tmp_path):
     """The mmproj's projector tensors (llama.cpp's names: mm.0 / mm.2, Yi's mm.0 / mm.1 / mm.3 / mm.4) read back
