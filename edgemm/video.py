@@ -60,6 +60,7 @@ class VideoLimits:
     frames: int = 10_000            # frames a clip may have (all decoded up to the last sampled one)
     seconds: float = 3600.0         # the clip's duration
     pixels: int = 16_000_000        # width x height of a frame (serve: --max-image-pixels)
+    work: int = 4_000_000_000       # pixels decoded in all (the frames up to the last sampled one): bounds CPU time
 
 
 def sample_indices(total: int, num_frames: int | None = None, fps: float | None = None,
@@ -160,15 +161,19 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray
         raise EdgemmError("the video has no frames")
     idx = sample_indices(total, num_frames, fps, rate, shift)
     stats.update(total=total, indices=idx)
-    want, last, out = set(idx), idx[-1], {}
+    want, last, out, work = set(idx), idx[-1], {}, 0
+    if (last + 1) * w * h > limits.work:
+        raise EdgemmError(f"sampling the video decodes {last + 1} frames of {w}x{h} pixels, over the limit of "
+                          f"{limits.work} pixels decoded")
     with _open(data, fmt) as c:
         s = c.streams.video[0]
         for frame in c.decode(s):
             n = stats["decoded"]
             stats["decoded"] = n + 1
-            if frame.width * frame.height > limits.pixels:
+            work += frame.width * frame.height
+            if frame.width * frame.height > limits.pixels or work > limits.work:
                 raise EdgemmError(f"frame {n} of the video is {frame.width}x{frame.height} pixels, over the limit "
-                                  f"of {limits.pixels} pixels")
+                                  f"of {limits.pixels} pixels a frame or {limits.work} decoded")
             if n in want:
                 out[n] = frame.to_ndarray(format="rgb24")
             if n >= last:

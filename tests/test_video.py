@@ -100,7 +100,8 @@ def test_over_the_pixel_byte_and_duration_limits_is_refused(tmp_path):
     clip = make_clip(10, w=64, h=48)
     for limits, what in ((VideoLimits(pixels=64 * 48 - 1), "64x48 pixels a frame, over the limit"),
                          (VideoLimits(bytes=len(clip) - 1), f"{len(clip)} bytes, over the limit"),
-                         (VideoLimits(seconds=2.0), "lasts 2 s, over the limit of 2 s")):
+                         (VideoLimits(seconds=2.0), "lasts 2 s, over the limit of 2 s"),
+                         (VideoLimits(work=64 * 48 * 8 - 1), "decodes 8 frames of 64x48 pixels, over the limit")):
         stats = {}
         with pytest.raises(EdgemmError, match=what) as e:
             read_video(clip, 4, limits, stats=stats)
