@@ -295,6 +295,10 @@ def test_refusals(tmp_path):
             import_checkpoint(src, tmp_path / "out", log=None)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "out").exists()
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / LAYOUTS["v15"][2] / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5}))
+    with pytest.raises(EdgemmError, match="image_mean must be three numbers"):
+        import_checkpoint(src, tmp_path / "out", log=None)
 
 
 def test_tower_folder_of_pickled_weights(tmp_path):

@@ -112,8 +112,11 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
             p = json.loads(pp.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EdgemmError(f"{pp} is not valid JSON ({e})") from None
-        cfg.vision.image_mean = tuple(p.get("image_mean", cfg.vision.image_mean))
-        cfg.vision.image_std = tuple(p.get("image_std", cfg.vision.image_std))
+        for k in ("image_mean", "image_std"):
+            x = p.get(k, getattr(cfg.vision, k)) if isinstance(p, dict) else None
+            if not (isinstance(x, (list, tuple)) and len(x) == 3 and all(isinstance(v, (int, float)) for v in x)):
+                raise EdgemmError(f"{pp}: {k} must be three numbers, not {x!r}")
+            setattr(cfg.vision, k, tuple(float(v) for v in x))
     names = set(src.where)
     if IN_CHECKPOINT + "embeddings.patch_embedding.weight" in names:
         vt = IN_CHECKPOINT                              # the tower trained with the model (its weights here)
