@@ -7,8 +7,8 @@ downscaled, bilinear, past `vision_aspect_ratio` "anyres_max_N" tiles' worth) an
 
 Video (edgemm.video): each frame stretched to the tower's size, through the tower and the projector, its feature map
 downscaled 2x (bilinear, sides rounded up), the frames' rows then one newline row where the template puts `<video>`.
-Not computed: transformers' several-images-in-one-prompt mode (each image then its overview alone, padded to a square: edgemm tiles every image
-as a one-image prompt does).
+Not computed: transformers' several-images-in-one-prompt mode (each image then its overview alone, padded to a
+square: edgemm tiles every image as a one-image prompt does).
 """
 from __future__ import annotations
 
