@@ -444,8 +444,7 @@ def test_edgemm_prompt_is_the_release(released):
 
 def test_cli_import_export_onnx_and_run(released, tmp_path):
     """`edgemm import --tokenizer` (the converted tokenizer), `edgemm export --target onnx` (validated against the
-    reference by the exporter) and `edgemm run --image` on the bundle answer as the torch reference does; gguf is
-    refused naming the resampler."""
+    reference by the exporter) and `edgemm run --image` on the bundle answer as the torch reference does."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from click.testing import CliRunner
     from PIL import Image
@@ -456,8 +455,6 @@ def test_cli_import_export_onnx_and_run(released, tmp_path):
     ck = tmp_path / "ck"
     r = run.invoke(main, ["import", str(released["src"]), "--tokenizer", str(released["tok"]), "-o", str(ck)])
     assert r.exit_code == 0, r.output
-    r = run.invoke(main, ["export", "--target", "gguf", "--model", str(ck), "-o", str(tmp_path / "gguf")])
-    assert r.exit_code == 2 and "qwen-vl" in r.output, r.output
     r = run.invoke(main, ["info", "--model", str(ck)])
     assert r.exit_code == 0 and "16 tower rows, resampled to 256 queries: 256 image rows" in r.output, r.output
     img = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
@@ -555,3 +552,29 @@ def test_monkey_trt_qdq_graphs_validate(monkey, tmp_path):
     from edgemm.export.trt import export_trt
     man = export_trt(str(monkey["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values())
+
+
+@pytest.mark.parametrize("name", ["released", "monkey"])
+def test_gguf_decoder_beside_onnx_vision(name, request, tmp_path):
+    """`--target gguf`: llama.cpp's MiniCPM-V resampler is not Qwen-VL's (no query positions; key positions at grid
+    points), so the vision stage (tower, resampler; Monkey's windows) is the traced ONNX graph beside the decoder GGUF
+    (llama.cpp's qwen2: QKV bias, NEOX RoPE) and the converted tokenizer; the export's checks in stock llama.cpp pass
+    and edgemm's llamacpp backend answers as the torch reference does (greedy)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install edgemm[gguf])")
+    from edgemm.export.gguf import export_gguf
+    from edgemm.generation import ChatSession, GenerationConfig
+    from edgemm.runtimes import load_backend
+    r = request.getfixturevalue(name)
+    man = export_gguf(model=str(r["ck"]), out=tmp_path / "b", precision="f32", log=None, threads=2)
+    st, v = man["stages"], man["validation"]
+    assert st["vision"]["format"] == "onnx" and st["decoder"]["format"] == "gguf (arch qwen2)"
+    assert v["passed"] and v["vision_rows_max_abs"] < 1e-4 and v["image_max_abs"] < 1e-3
+    img = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    answers = []
+    for b in (load_backend("torch", model=str(r["ck"]), device="cpu"),
+              load_backend("llamacpp", bundle=str(tmp_path / "b"), threads=2)):
+        s = ChatSession(b, GenerationConfig(max_new_tokens=3))
+        s.set_image(img)
+        answers.append(s.ask(QUESTION))
+    assert answers[0].strip() and answers[1] == answers[0]

@@ -229,11 +229,12 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 def tokenizer_from_ranks(ranks: dict[bytes, int]):
-    """A tokenizers byte-level BPE that encodes as tiktoken does with these ranks. tiktoken takes a split piece that
-    is a token whole, else merges the adjacent pair whose concatenation has the lowest rank first: as BPE, every
-    split of a token into two tokens is a merge whose priority is the rank it makes (ignore_merges: a piece in the
-    vocabulary is one token). Qwen's split pattern, no prefix space, NFC (tokenization_qwen normalises); the special
-    tokens after the ranks, in tokenization_qwen's order."""
+    """A tokenizers byte-level BPE that encodes as tiktoken does with these ranks. tiktoken merges the adjacent pair
+    whose concatenation has the lowest rank first: as BPE, every split of a token into two tokens is a merge whose
+    priority is the rank it makes. (tiktoken also takes a split piece that is a token whole; a BPE vocabulary's merges
+    rebuild such a piece, and Qwen2's tokenizer.json, the same ranks, does not ignore merges either, which llama.cpp's
+    qwen2 pre-tokenizer needs.) Qwen's split pattern, no prefix space, NFC (tokenization_qwen normalises); the
+    special tokens after the ranks, in tokenization_qwen's order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     table = _byte_chars()
 
@@ -242,7 +243,7 @@ def tokenizer_from_ranks(ranks: dict[bytes, int]):
     merges = sorted((r, ranks[tok[:i]], ranks[tok[i:]], i, tok) for tok, r in ranks.items()
                     for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks)
     bpe = models.BPE({s(t): r for t, r in ranks.items()}, [(s(t[:i]), s(t[i:])) for *_, i, t in merges],
-                     fuse_unk=False, ignore_merges=True)
+                     fuse_unk=False)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
