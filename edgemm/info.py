@@ -113,7 +113,8 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
              + (f"{cfg.adapter.perceiver_latents} resampled rows per image, read by gated cross-attention every "
               f"{d.cross_attn_every} layers ({cfg.n_image_rows} context rows: the image's tokens)"
               if d.cross_attn_every else
-              f"{cfg.n_image_rows} image rows (boi + {v.n_patches} patches + eoi)"),
+              f"{cfg.n_image_rows} image rows"
+              + (f" (boi + {v.n_patches} patches + eoi)" if cfg.n_image_rows == v.n_patches + 2 else "")),
              f"decoder: d_model {d.d_model}, {d.n_layers} layers, {d.n_heads} heads"
              f"{f' ({d.kv_heads} kv)' if d.kv_heads != d.n_heads else ''}, ffn {d.ffn_dim}, vocab {d.vocab_size}, "
              f"context {d.max_seq_len}",

@@ -240,3 +240,17 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     from .test_smolvlm import _served_answer
     _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
                    json.loads((ck / "config.json").read_text())["tokens"], QUESTION)
+
+
+def test_trt_qdq_graphs_validate(imported, tmp_path):
+    """`--target trt` int8 (Q/DQ graphs in standard ops, engines not built here: no GPU / TensorRT): every stage
+    passes the exporter's checks against the reference (the any-size vision stage, LayerNormalization, partial RoPE
+    and the squared-ReLU MLP quantized), and the vision profile spans one patch to the whole canvas."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.export.trt import export_trt
+    man = export_trt(str(imported["ck"]), tmp_path / "trt", precision="int8", no_build=True, log=None)
+    assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
+    from edgemm.config import ModelConfig
+    from edgemm.export.trt_profiles import make_profiles
+    px = make_profiles(ModelConfig.from_dict(man["model"]), "workstation")["vision"]["pixels"]
+    assert px["min"] == [1, 3, P, P] and px["max"] == [1, 3, CANVAS["height"], CANVAS["width"]]

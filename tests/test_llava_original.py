@@ -178,6 +178,10 @@ def test_import_matches_transformers(imported):
         assert "vision_model.post_layernorm.weight" in imported["summary"]["not_imported"]      # the folder's
     from edgemm.info import checkpoint_param_counts
     assert checkpoint_param_counts(imported["ck"]) == m.param_counts()
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["info", "--model", str(imported["ck"])])
+    assert r.exit_code == 0 and "-> 16 image rows\n" in r.output and "targets: onnx, trt, gguf\n" in r.output, r.output
     g = torch.Generator().manual_seed(5)
     px = torch.randn(1, 3, 16, 16, generator=g)
     pre, post = [1] + torch.randint(10, 500, (4,), generator=g).tolist(), torch.randint(10, 500, (5,), generator=g)
