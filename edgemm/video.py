@@ -249,8 +249,10 @@ def frame_rows(cfg, n_frames: int) -> list[int]:
 def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
     """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R (+ 1), D]: LLaVA-NeXT-Video: each frame through the
     tower, its patch grid pooled (the vision_resampler), the projector; LLaVA-OneVision: the tower, the projector,
-    the map downscaled bilinear, then the newline row."""
+    the map downscaled bilinear, then the newline row (any backend: the vision stage is the tower + projector)."""
     v = takes_video(backend.cfg)
+    if v.get("project_first") and v.get("pool_mode") == "bilinear":
+        return _pooled_stage_rows(backend, pixels, v)
     if getattr(backend, "name", "") != "torch":
         raise EdgemmError(f"video rows are computed by the torch backend (--model DIR); the {backend.name} backend's "
                           "vision stage has no frame pooling")
@@ -260,21 +262,29 @@ def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(backend.device)
         f = m.vision(x)                                             # [F, P, W] (CLS dropped)
-        if v.get("project_first"):
-            f = m.adapter(f)                                        # [F, P, D]
         n, p, w = f.shape
         g = int(round(p ** 0.5))
         f = f.reshape(n, g, g, w).permute(0, 3, 1, 2)
-        if v.get("pool_mode") == "bilinear":
-            f = F.interpolate(f, size=[-(-g // stride)] * 2, mode="bilinear")
-        else:
-            f = (F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d)(f, stride, stride)
-        f = f.flatten(2).transpose(1, 2)                            # [F, pooled rows, W or D]
-        rows = f if v.get("project_first") else m.adapter(f)
-        rows = rows.reshape(1, -1, rows.shape[-1])
-        if v.get("newline"):
-            rows = torch.cat([rows, m.adapter.image_newline[None, None].to(rows)], 1)
-        return rows.float().cpu().numpy()
+        pool = F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d
+        f = pool(f, stride, stride).flatten(2).transpose(1, 2)       # [F, P / stride^2, W]
+        rows = m.adapter(f)
+        return rows.reshape(1, -1, rows.shape[-1]).float().cpu().numpy()
+
+
+def _pooled_stage_rows(backend, pixels: np.ndarray, v: dict) -> np.ndarray:
+    """LLaVA-OneVision on any backend: the vision stage (tower + projector) on the frames, then each frame's map
+    downscaled bilinear on the host (torch's taps, edgemm.anyres) and the newline row."""
+    from .anyres import _bilinear
+    f = np.asarray(backend.vision(np.ascontiguousarray(pixels, dtype=np.float32)), np.float32)     # [F, P, D]
+    n, p, d = f.shape
+    g = int(round(p ** 0.5))
+    side = -(-g // int(v.get("pool", 1)))
+    idx, w = _bilinear(np.arange(p).reshape(g, g), (side, side))
+    f = np.einsum("fskd,sk->fsd", f[:, idx.reshape(-1, 4)], w.reshape(-1, 4))
+    rows = f.reshape(1, -1, d)
+    if v.get("newline"):
+        rows = np.concatenate([rows, np.asarray(backend.image_newline(), np.float32)[None, None]], 1)
+    return rows.astype(np.float32)
 
 
 def clip_blocks(cfg, pixels: np.ndarray) -> list[np.ndarray]:

@@ -395,23 +395,28 @@ def test_serve_video_url_frames_as_images(ivl):
         s.stop()
 
 
-def test_internvl_video_on_an_onnx_bundle(ivl, tmp_path):
-    """Frames as images go through the bundle's vision stage: the ort backend answers a clip as the torch one."""
+def _onnx_bundle_answers_as_torch(ck, tmp_path, question):
+    """The ort backend on the checkpoint's onnx fp32 bundle answers a clip with the torch backend's tokens."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from edgemm.export.onnx import export_onnx
     from edgemm.generation import ChatSession, GenerationConfig
     from edgemm.runtimes import load_backend
     from edgemm.video import clip_rows
-    from .test_internvl import QUESTION
-    export_onnx(str(ivl["ck"]), tmp_path / "b", precision="fp32", log=None)
+    export_onnx(str(ck), tmp_path / "b", precision="fp32", log=None)
     clip = make_clip(12, pattern=True)
     fed = []
-    for b in (_backend(ivl["ck"]), load_backend("ort", bundle=str(tmp_path / "b"), device="cpu")):
+    for b in (_backend(ck), load_backend("ort", bundle=str(tmp_path / "b"), device="cpu")):
         s = ChatSession(b, GenerationConfig(max_new_tokens=6, ignore_eos=True))
         s.set_image_rows(*clip_rows(b, clip))
-        s.ask(QUESTION)
+        s.ask(question)
         fed.append(s.fed)
     assert fed[0] == fed[1] and len(fed[0]) > 8 * 4
+
+
+def test_internvl_video_on_an_onnx_bundle(ivl, tmp_path):
+    """Frames as images go through the bundle's vision stage."""
+    from .test_internvl import QUESTION
+    _onnx_bundle_answers_as_torch(ivl["ck"], tmp_path, QUESTION)
 
 
 # --------------------------------------------------------------------------- LLaVA-OneVision's video path
@@ -467,3 +472,10 @@ def test_llava_onevision_video_matches_transformers(ov, tmp_path):
     p.write_bytes(make_clip(6, fmt="webm", codec="libvpx-vp9"))
     r = CliRunner().invoke(main, ["run", "--model", str(ck), "--backend", "torch", "--video", str(p), QUESTION])
     assert r.exit_code == 0, r.output
+
+
+def test_llava_onevision_video_on_an_onnx_bundle(ov, tmp_path):
+    """The bundle's vision stage (tower + projector) on the frames, the bilinear downscale and the newline row on
+    the host."""
+    from .test_llava_onevision import QUESTION
+    _onnx_bundle_answers_as_torch(ov["ck"], tmp_path, QUESTION)

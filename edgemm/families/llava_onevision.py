@@ -6,7 +6,8 @@ decoder_plan), and LLaVA-NeXT's any-resolution tiling with anyres_max (edgemm.an
 downscaled, bilinear, past `vision_aspect_ratio` "anyres_max_N" tiles' worth) and the newline row.
 
 Video (edgemm.video): each frame stretched to the tower's size, through the tower and the projector, its feature map
-downscaled 2x (bilinear, sides rounded up), the frames' rows then one newline row where the template puts `<video>`.
+downscaled 2x (bilinear, sides rounded up, on the host), the frames' rows then one newline row where the template
+puts `<video>`.
 Not computed: transformers' several-images-in-one-prompt mode (each image then its overview alone, padded to a
 square: edgemm tiles every image as a one-image prompt does).
 """
@@ -94,7 +95,7 @@ class LlavaOnevision(Llava):
     model_types = ("llava_onevision",)
     architectures = ("llavaonevisionforconditionalgeneration",)
     source = "`LlavaOnevisionForConditionalGeneration` (Qwen2 language model)"
-    computes = "SigLIP tower, any-resolution tiling with anyres_max downscaling; video frames pooled (torch)"
+    computes = "SigLIP tower, any-resolution tiling with anyres_max downscaling; video frames pooled"
     blocks = ("vision:siglip", "connector:mlp", "layer:single")
     core = ("single branch (llava)", "siglip vision tower", "mlp projector", "any-resolution tiling")
 
