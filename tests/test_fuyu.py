@@ -254,3 +254,26 @@ def test_trt_qdq_graphs_validate(imported, tmp_path):
     from edgemm.export.trt_profiles import make_profiles
     px = make_profiles(ModelConfig.from_dict(man["model"]), "workstation")["vision"]["pixels"]
     assert px["min"] == [1, 3, P, P] and px["max"] == [1, 3, CANVAS["height"], CANVAS["width"]]
+
+
+def test_release_flat_config(imported, tmp_path):
+    """adept/fuyu-8b's config.json is flat (the Persimmon keys at its top level, as FuyuConfig pops them): the same
+    edgemm config and weights as transformers 5's nested text_config."""
+    import shutil
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    src = tmp_path / "src"
+    shutil.copytree(imported["src"], src)
+    hf = json.loads((src / "config.json").read_text())
+    tc = hf.pop("text_config")
+    rp = tc.pop("rope_parameters")
+    hf.update({k: v for k, v in tc.items() if k not in ("model_type", "dtype")}, rope_theta=rp["rope_theta"],
+              partial_rotary_factor=rp["partial_rotary_factor"])
+    (src / "config.json").write_text(json.dumps(hf))
+    from transformers import FuyuConfig
+    t = FuyuConfig.from_pretrained(src).text_config             # (transformers reads the flat form the same way)
+    assert (t.hidden_size, t.num_hidden_layers, t.rope_parameters["partial_rotary_factor"]) == (32, 2, 0.5)
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(tmp_path / "ck")])
+    assert r.exit_code == 0, r.output
+    want, got = (json.loads((d / "config.json").read_text()) for d in (imported["ck"], tmp_path / "ck"))
+    assert {**got, "name": want["name"]} == want
