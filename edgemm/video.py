@@ -167,6 +167,7 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray
                           f"{limits.work} pixels decoded")
     with _open(data, fmt) as c:
         s = c.streams.video[0]
+        s.codec_context.options = {"max_pixels": str(limits.pixels)}    # FFmpeg's own check, before each frame
         for frame in c.decode(s):
             n = stats["decoded"]
             stats["decoded"] = n + 1
