@@ -103,7 +103,7 @@ def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
                        n_out=3, axis=-1)
     else:
         q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
-    if c.qk_norm:                           # Qwen3 (RMSNorm), Persimmon (LayerNorm) over each head's Q and K, before RoPE
+    if c.qk_norm:                       # Qwen3 (RMSNorm), Persimmon (LayerNorm) over each head's Q and K, before RoPE
         def head_norm(t, n, nm):
             w = norm_weights(g, getattr(br, nm), f"{p}.{branch}.{nm}")
             t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
@@ -221,7 +221,8 @@ def _gqa_attention(g: Graph, c, cos, sin):
         if k is None:                                   # packed QKV (attend.packed): the op splits and rotates
             k = v = ""
         if caches is None:
-            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E, R), g.i64([0, 0, H * E])])
+            q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E, R),
+                                 g.i64([0, 0, H * E])])
             k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E, R),
                                  g.i64([0, 0, NK * E])])
         else:
