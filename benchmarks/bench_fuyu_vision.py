@@ -6,8 +6,8 @@ ONNX Runtime at several image sizes, each preprocessed as FuyuImageProcessor doe
 
     python benchmarks/bench_fuyu_vision.py --threads 2 --repeats 5
 
-Measured (2026-12-03, the command above, 2-core AMD EPYC shared with other jobs (load average ~10), onnxruntime 1.32, fp32;
-median of 5): the cost is the one [rows, 2700] x [2700, 4096] MatMul, about 2.2 GFLOP per 100 patches.
+Measured (2026-12-03, the command above, 2-core AMD EPYC shared with other jobs (load average ~10), onnxruntime
+1.32, fp32; median of 5): the cost is the one [rows, 2700] x [2700, 4096] MatMul, about 2.2 GFLOP per 100 patches.
 
     image (w x h)   image rows   vision ms
     300 x 300            110        81.6

@@ -221,7 +221,8 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     exports_validate(ck, d, "llama.cpp has no Fuyu graph")
     from edgemm.tilings import image_rows
     from runtimes import load_backend
-    ort_b, torch_b = load_backend("ort", bundle=str(d / "onnx-fp32"), device="cpu"), load_backend("torch", model=str(ck))
+    ort_b = load_backend("ort", bundle=str(d / "onnx-fp32"), device="cpu")
+    torch_b = load_backend("torch", model=str(ck))
     for i, (w, h) in enumerate(SIZES):                  # the vision graph at every image size: ONNX Runtime's rows
         got, ref = (np.asarray(image_rows(b, _image(w, h, i))) for b in (ort_b, torch_b))
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5
