@@ -28,12 +28,13 @@ def check_config(cfg) -> None:
 
 
 def fitted(v, height: int, width: int) -> tuple[int, int]:
-    """(height, width) after the processor's resize: unchanged when the image fits the canvas."""
+    """(height, width) after the processor's resize: unchanged when the image fits the canvas; at least 1 (where the
+    processor's int() gives 0 for a sliver, an empty image it cannot patchify)."""
     ch, cw = v.canvas
     if height <= ch and width <= cw:
         return height, width
     s = min(ch / height, cw / width)
-    return int(height * s), int(width * s)
+    return max(int(height * s), 1), max(int(width * s), 1)         # (a sliver keeps one pixel: one patch)
 
 
 def grid(v, height: int, width: int) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def preprocess(src, v) -> np.ndarray:
     w0, h0 = img.size
     h, w = fitted(v, h0, w0)
     if (h, w) != (h0, w0):
-        img = img.resize((max(w, 1), max(h, 1)), Image.BILINEAR)
+        img = img.resize((w, h), Image.BILINEAR)
     rows, cols = grid(v, h0, w0)
     p = v.patch_size
     a = np.full((rows * p, cols * p, 3), v.pad_value, np.float32)

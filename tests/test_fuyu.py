@@ -278,3 +278,15 @@ def test_release_flat_config(imported, tmp_path):
     assert r.exit_code == 0, r.output
     want, got = (json.loads((d / "config.json").read_text()) for d in (imported["ck"], tmp_path / "ck"))
     assert {**got, "name": want["name"]} == want
+
+
+def test_a_sliver_of_an_image_is_one_patch_wide(imported):
+    """A 1 x 400 px image downscaled to the canvas is 0 px wide by the processor's int(): edgemm keeps one pixel,
+    one patch per row (rows of 1 patch + the newline row), and the vision stage encodes it."""
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.fuyu_patches import preprocess
+    m, _ = load_checkpoint(imported["ck"])
+    px = preprocess(_image(1, 400, 0), m.cfg.vision)
+    assert px.shape == (1, 3, CANVAS["height"], P) and m.cfg.image_rows_for(1, 400) == CANVAS["height"] // P * 2
+    with torch.no_grad():
+        assert m.encode_image(torch.from_numpy(px)).shape == (1, CANVAS["height"] // P * 2, 32)
