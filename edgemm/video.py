@@ -167,7 +167,9 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray
                           f"{limits.work} pixels decoded")
     with _open(data, fmt) as c:
         s = c.streams.video[0]
-        s.codec_context.options = {"max_pixels": str(limits.pixels)}    # FFmpeg's own check, before each frame
+        # FFmpeg's own bound before it allocates a frame (its check counts the decoder's padded buffers: a margin;
+        # the exact limit is checked on each decoded frame below)
+        s.codec_context.options = {"max_pixels": str(2 * limits.pixels + (1 << 20))}
         for frame in c.decode(s):
             n = stats["decoded"]
             stats["decoded"] = n + 1
