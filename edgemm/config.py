@@ -248,6 +248,7 @@ class TokenConfig:
     add_bos: bool = False           # every prompt starts with bos (the tokenizer prepends it: LLaMA, Gemma, Mistral)
     eos: list = field(default_factory=list)   # generation stops on any; the first closes a turn
     pad: int | None = None          # None: padding takes the first eos (padded rows are masked)
+    stop: list = field(default_factory=list)    # stop strings of the release's chat format (Yi-VL's "###")
 
 
 @dataclass

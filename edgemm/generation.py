@@ -92,7 +92,7 @@ class AnswerStream:
         self.tok, self.gen = tok, gen
         self.sampler = Sampler(gen)
         self.stream = TextStream(tok)
-        self.stops = [x for x in gen.stop if x]
+        self.stops = [x for x in (*gen.stop, *getattr(tok, "stops", ())) if x]     # the request's + the model's
         self.hold = max((len(x) for x in self.stops), default=1) - 1
         self.emitted = 0
         self.ids: list[int] = []

@@ -64,6 +64,8 @@ class Tokenizer:
         self.has_pad = pad is not None
         self.pad_id = pad if pad is not None else self.eos_id      # padded rows are masked: any id serves
         self._eos = frozenset(self.eos_ids)
+        stop = get("stop") if tokens is not None else None      # the model's own stop strings (TokenConfig.stop)
+        self.stops = tuple(s for s in stop if isinstance(s, str) and s) if isinstance(stop, list) else ()
         self._cache: dict[str, list[int]] = {}
 
     def prefix_ids(self) -> list[int]:

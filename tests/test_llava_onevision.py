@@ -204,7 +204,7 @@ def test_import_reads_the_family_and_its_tokens(imported):
     assert (v["arch"], v["feature_layer"], v["post_norm"], v["anyres_max"]) == ("siglip", 2, False, ANYRES_MAX)
     assert v["grid_pinpoints"] == PINPOINTS and tuple(v["image_mean"]) == (0.5, 0.5, 0.5)
     assert cfg["tokens"] == {"bos": None, "add_bos": False, "eos": [tok.token_to_id("<|im_end|>")],
-                             "pad": tok.token_to_id("<|endoftext|>")}
+                             "pad": tok.token_to_id("<|endoftext|>"), "stop": []}
     assert (ck / "chat_template.jinja").read_text() == OV_TEMPLATE
     from edgemm.info import checkpoint_param_counts, param_counts
     from edgemm.checkpoint import load_checkpoint

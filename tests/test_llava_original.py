@@ -281,6 +281,19 @@ def test_template_and_tokens(tmp_path):
     t = ModelConfig.load(tmp_path / "cb" / "config.json").tokens
     names = {tok.tok.id_to_token(i) for i in t.eos}
     assert tok.tok.id_to_token(t.bos) == "<|startoftext|>" and names == {"<|endoftext|>", "<|im_end|>"}
+    # Yi-VL's released stop string: recorded in the tokens; an answer that spells it ends before it
+    assert t.stop == ["###"] and ModelConfig.load(tmp_path / "ca" / "config.json").tokens.stop == []
+    from edgemm.generation import AnswerStream, GenerationConfig
+    tok = Tokenizer.load(tmp_path / "cb" / "tokenizer.json", tokens=t)
+    ids = tok.tok.encode("red\n### Human:", add_special_tokens=False).ids
+    ans, done = AnswerStream(tok, GenerationConfig(max_new_tokens=len(ids) + 1)), False
+    for i in ids:
+        logits = np.full(512, -1e9, np.float32)
+        logits[i] = 0.0
+        _, done = ans.push(logits)
+        if done:
+            break
+    assert done and ans.finish_reason == "stop" and ans.text == "red\n"
 
 
 def test_refusals(tmp_path):

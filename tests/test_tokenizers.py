@@ -208,7 +208,7 @@ def test_special_tokens_read_from_the_source(style):
     tok, want = style["tok"], style["want"]
     cfg = json.loads((style["ck"] / "config.json").read_text())
     assert cfg["tokens"] == {"bos": _ids_of(tok, want["bos"]), "add_bos": want["add_bos"],
-                             "eos": _ids_of(tok, want["eos"]), "pad": _ids_of(tok, want["pad"])}
+                             "eos": _ids_of(tok, want["eos"]), "pad": _ids_of(tok, want["pad"]), "stop": []}
     ours = Tokenizer.load(style["ck"] / "tokenizer.json", tokens=cfg["tokens"])
     assert ours.vocab_size == style["n_tokens"] and ours.tok.token_to_id("<pad>") == tok.token_to_id("<pad>")
     assert ours.prefix_ids() == ([tok.token_to_id(want["bos"])] if want["add_bos"] else [])

@@ -34,6 +34,7 @@ class Family:
     core: tuple = ()                    # features (edgemm.blocks.support) every import uses
     optional: tuple = ()                # features some imports use
     hints: dict = {}                    # target -> a note for the table (e.g. an import option it needs)
+    stop: tuple = ()                    # stop strings of the release's chat format (Yi-VL: "###"): ModelConfig.tokens
     add_bos: bool | None = None         # whether prompts start with bos (None: as the tokenizer does; Fuyu: no)
     chat_template: str | None = None    # the chat format of a release whose tokenizer files ship none (its code has it)
 

@@ -169,7 +169,8 @@ class _Original(Family):
 class YiVl(_Original):
     name = "yi_vl"
     projector_type = "mlp2x_gelu_Norm"
-    chat_template = YI_VL_TEMPLATE          # its answers end at "###" (the released stop string): --stop '###'
+    chat_template = YI_VL_TEMPLATE
+    stop = ("###",)                         # the released code cuts its answers there (conv.sep as stop_str)
     source = "01-ai/Yi's VL layout (`LlavaLlamaForCausalLM`, `mlp2x_gelu_Norm`, tower in `vit/`)"
     computes = "Linear-LayerNorm-GELU-Linear-LayerNorm projector"
     blocks = ("vision:clip", "connector:mlp_norm", "layer:single")

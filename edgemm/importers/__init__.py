@@ -79,6 +79,7 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
                                             lambda t: mapper.adapt_template(t, source), mapper.chat_template)
         if mapper.add_bos is not None:              # the family's processor decides (Fuyu: <s> after the image)
             plan.cfg.tokens.add_bos = mapper.add_bos
+        plan.cfg.tokens.stop = list(mapper.stop)
         if qformer_tok is not None:
             qformer_tok.save(tmp / QFORMER_TOKENIZER)
         files = stream_convert(plan, source, shapes, tmp, shard_bytes, log)
