@@ -132,6 +132,9 @@ def load_model(spec: str | None = None, device="cpu", seed: int = 0):
         return load_checkpoint(path, device)
     from .model import EdgeMM
     from .tokenizer import Tokenizer
+    if spec == "tiny-shapes-outliers":                 # the shipped weights, reparametrised (edgemm.outliers)
+        from .outliers import load_outlier_model
+        return load_outlier_model(device)
     cfg = get_preset(spec)
     if spec == "cogvlm-17b":
         raise EdgemmError("cogvlm-17b is a shapes-only preset (about 17.6e9 parameters, 70 GB in fp32): "
@@ -220,5 +223,6 @@ def model_config(spec: str | None) -> tuple[ModelConfig, str, Path | None]:
     kind, path = resolve_model(spec)
     if kind == "dir":
         return ModelConfig.load(path / "config.json"), str(path), path
-    return (get_preset(spec), f"preset {spec} (random weights)" if spec != "cogvlm-17b"
-            else "preset cogvlm-17b (shapes only)", None)
+    return (get_preset(spec), {"cogvlm-17b": "preset cogvlm-17b (shapes only)", "tiny-shapes-outliers":
+                               "preset tiny-shapes-outliers (the shipped weights with activation outliers)"}.get(
+                                   spec, f"preset {spec} (random weights)"), None)

@@ -636,14 +636,19 @@ def build_engines_cmd(bundle, device_class, force, threads):
 @click.option("--refresh", is_flag=True, help="Recompute even if cached statistics exist.")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the per-layer summary here.")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
+@click.option("--outliers", is_flag=True, help="Print instead, per decoder linear input, the largest per-channel "
+              "|x| over the median one for text rows and for image rows (edgemm.outliers).")
 @handle_errors
-def calibrate(model, calib, samples, method, cache, refresh, json_path, threads):
+def calibrate(model, calib, samples, method, cache, refresh, json_path, threads, outliers):
     """Record activation statistics per stage, layer and modality branch over a calibration set (cached by the
     digests of the set and the model; every quantizing exporter reuses them)."""
     import torch
     from .calib.stats import collect_stats
     torch.set_num_threads(threads_or_default(threads))
     st = collect_stats(model, calib, n=samples, cache=cache, refresh=refresh, log=_err)
+    if outliers:
+        from .outliers import format_outliers
+        return click.echo(format_outliers(st))
     rows = st.summary()
     click.echo(f"{'layer':<52} {'branch':<12} {'rows':>6} {'max':>9} {method:>10}")
     for r in rows:

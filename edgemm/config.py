@@ -500,3 +500,5 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise EdgemmError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return ModelConfig.from_dict(PRESETS[name].to_dict())
+    # tiny-shapes' weights with activation outliers put in at load time by an exact reparametrisation (edgemm.outliers)
+    "tiny-shapes-outliers": ModelConfig(name="tiny-shapes-outliers", vision=VisionConfig(width=256, mlp_dim=512)),

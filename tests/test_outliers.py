@@ -1,0 +1,181 @@
+"""tiny-shapes-outliers (edgemm.outliers) and the int8-shared recipe (issue 33)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import requires_demo
+
+torch = pytest.importorskip("torch")
+
+
+def _logits(m, tok, items):
+    """Per item (image, question): logits of every image row and every question row, the reference's segments."""
+    from edgemm.model import KVCache
+    from edgemm.tilings import preprocess_image
+    out = []
+    with torch.inference_mode():
+        for img, q in items:
+            rows = m.encode_image(torch.from_numpy(np.asarray(preprocess_image(img, m.cfg.vision))))
+            c = KVCache.empty(m.cfg.decoder, 1, 128)
+            _, pos = m.forward_segment("text", torch.tensor([tok.prefix_ids()]), c, 0, last_only=False)
+            li, pos = m.forward_segment("image", rows, c, pos, last_only=False)
+            lt, _ = m.forward_segment("text", torch.tensor([tok.user_turn(q.question, first=True)]), c, pos,
+                                      last_only=False)
+            out.append(torch.cat([li, lt], 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    from edgemm.checkpoint import load_model
+    return load_model("tiny-shapes"), load_model("tiny-shapes-outliers")
+
+
+# factors that are not powers of two: the products are rounded, the function must still hold to 1e-4
+ODD = {"norm": (4, 13.0), "attn": (2, 7.0), "ffn": {"text": (4, 11.0), "vision": (4, 70.0)}}
+
+
+@requires_demo
+@pytest.mark.parametrize("spec", [None, ODD], ids=["preset", "odd-factors"])
+def test_transform_keeps_the_logits(models, spec):
+    from edgemm import shapes
+    from edgemm.outliers import add_outliers
+    (m0, tok), (m1, _) = models
+    if spec is not None:
+        from edgemm.checkpoint import load_model
+        m1, _ = load_model("tiny-shapes")
+        add_outliers(m1, spec)
+    assert m1.cfg.name == "tiny-shapes-outliers" or spec is not None
+    assert (m1.decoder.layers[0].attn_norm.weight / m0.decoder.layers[0].attn_norm.weight).max() > 10  # not a no-op
+    items = [(img, q) for img, q in shapes.make_split("val", 4)]
+    for a, b in zip(_logits(m0, tok, items), _logits(m1, tok, items)):
+        assert a.abs().max() > 1
+        assert (a - b).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def stats(models):
+    from edgemm.calib.stats import collect_stats
+    (m0, tok), (m1, _) = models
+    kw = dict(n=8, cache=False, progress=False, log=None)
+    return (collect_stats((m0, tok), None, model_digest="base", **kw),
+            collect_stats((m1, tok), None, model_digest="outliers", **kw))
+
+
+@requires_demo
+def test_outlier_statistics_per_modality(models, stats):
+    """The calibration statistics show the designed channels and factors, per modality: the per-channel |x| max of
+    each decoder linear's input is the plain model's times the site's factor on its channels, unchanged elsewhere."""
+    from edgemm.outliers import SPEC, add_outliers, format_outliers
+    from edgemm.checkpoint import load_model
+    s0, s1 = stats
+    chosen = add_outliers(load_model("tiny-shapes")[0])
+    site_of = {"qkv": "norm:qkv", "gate": "norm:gate", "up": "norm:gate", "o": "attn"}
+    seen = set()
+    for key, v in s1.layers.items():
+        if v.branch not in ("text", "vision"):
+            continue
+        layer, kind = int(v.module.split(".")[2]), v.module.split(".")[-1]
+        site = site_of.get(kind, f"ffn:{v.branch}")
+        factor = SPEC[site.split(":")[0]] if site != f"ffn:{v.branch}" else SPEC["ffn"][v.branch]
+        want = np.ones(v.in_features)
+        want[chosen[layer][site]] = factor[1]
+        np.testing.assert_allclose(v.chan_absmax / s0.layers[key].chan_absmax, want, rtol=1e-4)
+        seen.add((kind, v.branch))
+    assert len(seen) == 10
+    # image rows' FFN outliers are larger than text rows' and on other channels
+    for i in range(len(chosen)):
+        assert not set(chosen[i]["ffn:text"]) & set(chosen[i]["ffn:vision"])
+        t = s1.layers[f"decoder_text/decoder.layers.{i}.text.down"]
+        v = s1.layers[f"decoder_image/decoder.layers.{i}.vision.down"]
+        assert set(np.argsort(-v.chan_absmax)[:4]) <= set(chosen[i]["ffn:vision"]) or i == len(chosen) - 1
+        assert v.absmax > 10 * t.absmax or i == len(chosen) - 1    # (the last layer's image FFN feeds nothing)
+    table = format_outliers(s1)
+    assert "0.down" in table and "image max/median" in table
+
+
+def _act_scales(onnx_path) -> dict:
+    """{MatMul node name: the scale of the DequantizeLinear that feeds its activation input}, from the graph."""
+    import onnx
+    from onnx import numpy_helper
+    g = onnx.load(str(onnx_path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    return {n.name: float(inits[dq[n.input[0]].input[1]]) for n in g.node
+            if n.op_type in ("MatMul", "Gemm") and n.input[0] in dq}
+
+
+@requires_demo
+def test_shared_recipe_uses_one_scale_for_both_branches(models, stats, tmp_path):
+    """int8-shared: every routed layer's activation scale is the same in the text and the image stage (read from the
+    exported Q/DQ graphs); the default int8 has two. On the outlier model the shared scale costs fidelity."""
+    from edgemm.bundle import read_manifest
+    from edgemm.bench import fidelity, reference_logits
+    from edgemm.export.onnx import export_onnx
+    from edgemm.runtimes import load_backend
+    _, (m1, tok) = models
+    kl, pairs, ref_logits = {}, {}, reference_logits("tiny-shapes-outliers", 8, progress=False)
+    for recipe in ("int8", "int8-shared"):
+        out = tmp_path / recipe
+        export_onnx(model=(m1, tok), out=out, precision={"vision": "fp32", "decoder": "int8"}, stats=stats[1],
+                    recipes={"decoder": recipe}, log=None)
+        man = read_manifest(out)
+        scales, ref = {}, stats[1].shared() if recipe == "int8-shared" else stats[1]
+        for stage in ("decoder_text", "decoder_image"):
+            st = man["stages"][stage]
+            assert st["quantization"]["recipe"]["name"] == recipe
+            by_node = _act_scales(out / st["file"])
+            for rec in st["quantization"]["layers"]:
+                if rec.get("layer") and rec["node"] in by_node:
+                    mod = rec["layer"].split("/")[1].replace(".text.", ".X.").replace(".vision.", ".X.")
+                    scales.setdefault(mod, {})[stage] = by_node[rec["node"]]
+                    # the scale is the layer's own branch's threshold (int8), both branches' pooled (int8-shared)
+                    want = ref.layers[rec["layer"]].amax("percentile") / 127
+                    assert by_node[rec["node"]] == pytest.approx(want, rel=1e-5)
+        pairs[recipe] = {k: v for k, v in scales.items() if len(v) == 2}
+        assert len(pairs[recipe]) == 16                    # 3 layers x 5 linears + the lm_head
+        b = load_backend("ort", bundle=out, device="cpu", threads=1)
+        kl[recipe] = fidelity(b, ref_logits)["mean_kl"]
+    assert all(v["decoder_text"] == v["decoder_image"] for v in pairs["int8-shared"].values())
+    # (layer 0's o input peaks alike in both: every row's attention reads the bos row's V, its outlier channels)
+    assert sum(v["decoder_text"] != v["decoder_image"] for v in pairs["int8"].values()) >= 14
+    assert kl["int8-shared"] > 5 * kl["int8"], kl         # mean KL to the fp32 reference
+
+
+def test_awq_in_onnxruntime_matmulnbits(tmp_path):
+    """int4-awq: ONNX Runtime's own MatMulNBits behind the Mul by 1/s computes (x / s) @ Q(diag(s) W) (numpy
+    re-computation), the recipe is recorded, and on inputs with outlier channels AWQ's error is below RTN's."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+    from edgemm.calib.quantize import quant_blockwise, quantize_stage
+    from edgemm.calib.recipes import get_recipe
+    from edgemm.calib.stats import LayerStats, Stats
+    from tests.test_calib import _mm_model, _run
+    rng = np.random.default_rng(0)
+    K, N = 256, 64
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((1, 32, K)).astype(np.float32)
+    W[:6] /= 30                                       # outlier channels (the product unchanged)
+    x[..., :6] *= 30
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(),
+                    weight_absmax=np.abs(W).max(1))
+    ls.add(x, rng)
+    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    err = {}
+    for recipe in ("int4", "int4-awq"):
+        rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats,
+                             log=None, recipe=get_recipe(recipe).with_options(accuracy_level=0))   # fp32 compute
+        m = onnx.load(tmp_path / "q.onnx")
+        got = _run(m, {"x": x})
+        inv = [numpy_helper.to_array(t) for t in m.graph.initializer if "smooth_inv" in t.name]
+        assert rec["recipe"]["awq"] == (recipe == "int4-awq") and len(inv) == (recipe == "int4-awq")
+        s = 1 / inv[0] if inv else np.ones(K, np.float32)
+        if inv:
+            assert s.max() / s.min() > 2                  # the outlier channels are scaled
+        want = (x / s) @ quant_blockwise(W * s[:, None], 4, 128)[2]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        err[recipe] = np.linalg.norm(got - x @ W) / np.linalg.norm(x @ W)
+    assert err["int4-awq"] < 0.8 * err["int4"], err
