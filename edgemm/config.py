@@ -72,6 +72,7 @@ class VisionConfig:
     # whole patches with pad_value, the processor's padding_value before rescaling)
     canvas: list = field(default_factory=list)
     pad_value: float = 1.0
+    resample: int = 3                       # PIL's filter of the one resize to image_size (3 bicubic; Gemma 3: 2)
 
     # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
     # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
@@ -141,6 +142,7 @@ class AdapterConfig:
     downsample_ratio: float = 0.5           # pixel_shuffle (InternVL): each side of a tile's feature map scaled by it
     # pixel_shuffle_linear (Idefics3 / SmolVLM): the token ids whose embedding rows the connector holds (`markers`)
     marker_ids: list = field(default_factory=list)
+    pool_tokens: int = 0                    # gemma3: the rows the patch grid is average-pooled to (mm_tokens_per_image)
 
 
 @dataclass
@@ -198,6 +200,19 @@ class DecoderConfig:
     rope_dims: int = 0
     mlp: str = "swiglu"
     linear_bias: bool = False
+    # Gemma 3 (edgemm.families.gemma3; its (1 + w) RMSNorm weights are stored with the 1 added): embeddings times
+    # embed_scale (0: none), post-attention / post-FFN norms (sandwich_norms), a GELU-tanh gated MLP (mlp "geglu"),
+    # scores times query_scale^-1/2 (0: head_dim's), sliding-window attention of sliding_window rows on the layers in
+    # sliding_layers (RoPE base rope_local_theta there; the others' positions divided by rope_linear_factor), image
+    # rows seeing each other both ways (image_bidirectional: an image segment's rows between its boi and eoi rows)
+    embed_scale: float = 0.0
+    sandwich_norms: bool = False
+    query_scale: float = 0.0
+    sliding_window: int = 0
+    sliding_layers: list = field(default_factory=list)
+    rope_local_theta: float = 10000.0
+    rope_linear_factor: float = 1.0
+    image_bidirectional: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -276,6 +291,8 @@ class ModelConfig:
             return shuffled_rows(self)
         if self.adapter.kind in ("mlp", "linear", "mlp_norm"):        # LLaVA's projectors: one row per tower row
             return self.vision.n_patches + (1 if self.vision.keep_cls else 0)
+        if self.adapter.kind == "gemma3":                   # Gemma 3: boi, the pooled rows, eoi
+            return self.adapter.pool_tokens + 2
         if self.decoder.cross_attn_every:                   # gated cross-attention: the image's own tokens
             return len(cross_image_ids(self.decoder))
         return self.vision.n_patches + 2
@@ -337,7 +354,7 @@ class ModelConfig:
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
                                      "pixel_shuffle_linear", "resampler", "newline_rows", "omni_mlp",
-                                     "omni_transformer"):
+                                     "omni_transformer", "gemma3"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         if (v.arch == "clip+dinov2") != bool(v.second) or (v.arch == "clip+dinov2" and (
                 self.adapter.kind != "omni_mlp" or not {"width", "layers", "heads", "mlp_dim"} <= set(v.second))):
@@ -408,7 +425,15 @@ class ModelConfig:
             raise EdgemmError("gated cross-attention goes with the perceiver adapter (and only with it), "
                               "single_branch, multi-head attention, an image token, cross_attn_every <= n_layers "
                               "and float or vector gates")
-        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2") or d.rope_dims % 2 \
+        side = v.image_size // v.patch_size
+        if a.kind == "gemma3" and not (a.pool_tokens >= 1 and math.isqrt(a.pool_tokens) ** 2 == a.pool_tokens
+                                       and side % math.isqrt(a.pool_tokens) == 0):
+            raise EdgemmError("the gemma3 projector needs pool_tokens a square whose side divides the patch grid's")
+        if (d.sliding_window < 0 or any(not isinstance(i, int) or not 0 <= i < d.n_layers for i in d.sliding_layers)
+                or (d.sliding_layers and not d.sliding_window) or d.rope_linear_factor <= 0):
+            raise EdgemmError("sliding_layers are layer indices and need a sliding_window >= 1; rope_linear_factor "
+                              "> 0")
+        if d.norm not in ("rms", "layer") or d.mlp not in ("swiglu", "relu2", "geglu") or d.rope_dims % 2 \
                 or d.rope_dims > d.head_dim or ("layer" == d.norm or d.mlp == "relu2" or d.linear_bias) and (
                     d.n_experts or d.cross_attn_every or not d.single_branch):
             raise EdgemmError("decoder norm is 'rms' or 'layer', mlp 'swiglu' or 'relu2', rope_dims even and at most "

@@ -105,7 +105,8 @@ class EdgeMM(nn.Module):
         return self.adapter(codes, signal)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.tok_embeddings(ids)
+        e, scale = self.decoder.tok_embeddings(ids), self.cfg.decoder.embed_scale    # (Gemma: times sqrt(D))
+        return e * scale if scale else e
 
     def image_positions(self, start_pos: int, n: int | None = None) -> torch.Tensor:
         """RoPE positions of the n image rows (default n_image_rows) starting at start_pos; returns [n]."""

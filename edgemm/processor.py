@@ -82,7 +82,7 @@ def preprocess(src, vision_cfg) -> np.ndarray:
         img = bg
     s = vision_cfg.image_size
     if img.size != (s, s):
-        img = img.resize((s, s), Image.BICUBIC, reducing_gap=None)
+        img = img.resize((s, s), vision_cfg.resample, reducing_gap=None)       # (bicubic unless the family says)
     return normalize(img, vision_cfg)
 
 

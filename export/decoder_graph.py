@@ -47,6 +47,8 @@ def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list,
         return [vi("image_rows", TensorProto.FLOAT, [1, "seq", D])], g.act("image_rows")
     emb = g.weight("tok_embeddings.weight", np32(model.decoder.tok_embeddings.weight))
     x = g.op("Gather", [emb, "input_ids"], axis=0)                                        # [1, T, D]
+    if model.cfg.decoder.embed_scale:                                                     # Gemma: times sqrt(D)
+        x = g.op("Mul", [x, g.scalar(model.cfg.decoder.embed_scale)])
     if model.cfg.decoder.eoi_branch != "text":
         return [vi("input_ids", TensorProto.INT64, [B, "seq"])], x
     ins = [vi("input_ids", TensorProto.INT64, [B, "ids"]), vi("input_rows", TensorProto.FLOAT, [B, "rows", D])]
@@ -83,9 +85,13 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
             a = attend(i, linear(g, h, br.qkv, f"{p}.{branch}.qkv"), None, None, None)
         else:
             a = attend(i, *_qkv(g, c, br, h, p, branch))
-        x, h = add_rms(g, x, linear(g, a, br.o, f"{p}.{branch}.o"),
-                       norm_weights(g, nrm[1], f"{p}.{pre}ffn_norm"), c.rms_eps)
+        o = linear(g, a, br.o, f"{p}.{branch}.o")
+        if c.sandwich_norms:                                # Gemma: the attention output normed before the residual
+            o = rms(g, o, norm_weights(g, layer.post_attn_norm, f"{p}.post_attn_norm"), c.rms_eps)
+        x, h = add_rms(g, x, o, norm_weights(g, nrm[1], f"{p}.{pre}ffn_norm"), c.rms_eps)
         pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
+        if c.sandwich_norms:                                # (and the MLP's)
+            pend = rms(g, pend, norm_weights(g, layer.post_ffn_norm, f"{p}.post_ffn_norm"), c.rms_eps)
     return g.op("Add", [x, pend])
 
 
@@ -193,24 +199,79 @@ def gqa_rotary(c) -> bool:
     return c.position_rule == "sequential" and c.head_dim % 16 == 0 and c.rope_dims in (0, c.head_dim)
 
 
-def rotary_caches(g: Graph, c) -> tuple[str, str]:
-    """cos, sin caches [max_seq_len, E/2] for GroupQueryAttention's do_rotary (edgemm.model.rope_cos_sin)."""
+def rotary_caches(g: Graph, c, local: bool = False) -> tuple[str, str]:
+    """cos, sin caches [max_seq_len, E/2] for GroupQueryAttention's do_rotary (edgemm.model.rope_cos_sin); local:
+    Gemma 3's sliding layers' base, else rope_theta with its linear scaling."""
     import torch
     from edgemm.model import rope_cos_sin
-    cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, c.rope_theta)
+    theta, factor = (c.rope_local_theta, 1.0) if local else (c.rope_theta, c.rope_linear_factor)
+    cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.head_dim, theta, factor)
     E2, dt = c.head_dim // 2, np.float16 if g.half else np.float32      # the op takes them in the queries' type
-    n = g.weight_bytes
-    out = (g.const("rotary.cos_cache", cos[:, :E2].numpy().astype(dt)),
-           g.const("rotary.sin_cache", sin[:, :E2].numpy().astype(dt)))
+    n, tag = g.weight_bytes, "rotary_local" if local else "rotary"
+    out = (g.const(f"{tag}.cos_cache", cos[:, :E2].numpy().astype(dt)),
+           g.const(f"{tag}.sin_cache", sin[:, :E2].numpy().astype(dt)))
     g.weight_bytes = n                  # tables (fp32, or fp16 with half), not weights: a step reads T rows
     return out
 
 
-def _gqa_attention(g: Graph, c, cos, sin):
-    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa). cos, sin: the external
-    RoPE tables, or None when the op rotates (gqa_rotary)."""
+def layer_window(c, i: int) -> int:
+    """The attention window of layer i: Gemma 3's sliding_window on its sliding layers, else 0 (all rows)."""
+    return c.sliding_window if i in c.sliding_layers else 0
+
+
+def rope_by_window(g: Graph, c, batch: bool) -> dict:
+    """{layer window: (cos, sin)} external RoPE tables: the full layers' and, with sliding layers, their own base."""
+    return {w: rope_tables(g, c, batch, bool(w)) for w in rope_windows(c)}
+
+
+def rope_windows(c) -> list:
+    return [0] + ([c.sliding_window] if c.sliding_layers else [])
+
+
+def attn_scale(c) -> float:
+    return c.query_scale ** -0.5 if c.query_scale else 1.0 / math.sqrt(c.head_dim)
+
+
+def allowed_rows(g: Graph, rows: str, cols: str, T: str, past: str, window: int, bidir: bool) -> str:
+    """[T, S] bool: new row r (cache row rows[r]) reads cache column j: j <= rows[r] (causal); bidir (Gemma 3's image
+    segment): also the new rows between its first and last row among themselves; window: only j > rows[r] - window."""
+    r2, c2 = g.op("Unsqueeze", [rows, g.i64([1])]), g.op("Unsqueeze", [cols, g.i64([0])])
+    allowed = g.op("LessOrEqual", [c2, r2])
+    if bidir:
+        def inner(t):                                   # 0 < t < T - 1
+            return g.op("And", [g.op("Greater", [t, g.i64(0)]), g.op("Less", [t, g.op("Sub", [T, g.i64(1)])])])
+        own = g.op("Range", [g.i64(0), T, g.i64(1)])
+        block = g.op("And", [g.op("Unsqueeze", [inner(own), g.i64([1])]),
+                             g.op("Unsqueeze", [inner(g.op("Sub", [cols, past])), g.i64([0])])])
+        allowed = g.op("Or", [allowed, block])
+    if window:
+        allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [r2, c2]), g.i64(window)])])
+    return allowed
+
+
+def masked_attention(g: Graph, c, q4: str, kh: str, vh: str, allowed: str) -> str:
+    """softmax(q k^T * scale, masked) v: q4 [1, T, H, E], kh [1, K, E, S], vh [1, K, S, E] -> [1, T, H*E]."""
+    H, K, E = c.n_heads, c.kv_heads, c.head_dim
+    qh = g.op("Transpose", [q4], perm=[0, 2, 1, 3])                                           # [1, H, T, E]
+    if K != H:                                                                                # grouped-query
+        rep = g.i64([1, 1, H // K, 1, 1])
+        kh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [kh, g.i64([2])]), rep]), g.i64([1, H, E, -1])])
+        vh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vh, g.i64([2])]), rep]), g.i64([1, H, -1, E])])
+    s = g.op("Mul", [g.op("MatMul", [qh, kh]), g.scalar(attn_scale(c))])                      # [1, H, T, S]
+    s = g.op("Where", [allowed, s, g.scalar(NEG)])
+    a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                                   # [1, H, T, E]
+    return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, H * E])])
+
+
+def _gqa_attention(g: Graph, c, tables, bidir: bool = False):
+    """GroupQueryAttention over the shared past/present buffer (flavour ort-contrib-gqa). tables: the external
+    RoPE tables by layer window (rope_by_window), or None when the op rotates (gqa_rotary); a sliding layer's
+    window is the op's local_window_size. bidir (Gemma 3's image segment): the op writes the new rows and its causal
+    output is replaced by masked_attention over the written cache, the image's rows reading each other both ways."""
+    from onnx import TensorProto
     H, E, NK, R = c.n_heads, c.head_dim, c.cache_heads, c.rope_dims
-    caches = rotary_caches(g, c) if cos is None else None
+    caches = {w: rotary_caches(g, c, bool(w)) for w in rope_windows(c)} if tables is None else None
+    masks = {}
 
     def attend(i, q, k, v, read):
         # with the bridge, the queries are duplicated (2H heads over the 2K cache heads: the first H read
@@ -220,39 +281,54 @@ def _gqa_attention(g: Graph, c, cos, sin):
         ins, rot = [], {}
         if k is None:                                   # packed QKV (attend.packed): the op splits and rotates
             k = v = ""
+        w = layer_window(c, i)
         if caches is None:
+            cos, sin = tables[w]
             q = g.op("Reshape", [rope(g, g.op("Reshape", [q, g.i64([0, 0, H, E])]), cos, sin, E, R),
                                  g.i64([0, 0, H * E])])
             k = g.op("Reshape", [rope(g, g.op("Reshape", [k, g.i64([0, 0, NK, E])]), cos, sin, E, R),
                                  g.i64([0, 0, NK * E])])
         else:
-            ins, rot = list(caches), {"do_rotary": 1, "rotary_interleaved": 0}
+            ins, rot = list(caches[w]), {"do_rotary": 1, "rotary_interleaved": 0}
         a, pk, pv = g.op("GroupQueryAttention", [g.op("Concat", [q] * n, axis=-1) if n > 1 else q, k, v,
                                                  f"past_key.{i}", f"past_value.{i}", "seqlens_k",
                                                  "total_sequence_length", *ins], n_out=3, domain="com.microsoft",
-                         num_heads=n * H, kv_num_heads=NK, scale=1.0 / math.sqrt(E), **rot)
+                         num_heads=n * H, kv_num_heads=NK, scale=attn_scale(c), **rot,
+                         **({"local_window_size": w} if w else {}))
         g.op("Identity", [pk], out=f"present_key.{i}", name=f"present_key_id.{i}")
         g.op("Identity", [pv], out=f"present_value.{i}", name=f"present_value_id.{i}")
+        if bidir:
+            S = g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64)
+            T = g.op("Gather", [g.op("Shape", [q]), g.i64(1)], axis=0)
+            if w not in masks:
+                past = g.op("Sub", [S, T])
+                masks[w] = allowed_rows(g, g.op("Range", [past, S, g.i64(1)]), g.op("Range", [g.i64(0), S, g.i64(1)]),
+                                        T, past, w, True)
+            kf, vf = (g.op("Slice", [t, g.i64([0]), g.op("Unsqueeze", [S, g.i64([0])]), g.i64([2])]) for t in (pk, pv))
+            return masked_attention(g, c, g.op("Reshape", [q, g.i64([1, -1, H, E])]),
+                                    g.op("Transpose", [kf], perm=[0, 1, 3, 2]), vf, masks[w])
         return a if n == 1 else g.op("Split", [a, g.i64([H * E, H * E])], n_out=2, axis=-1)[read]
     attend.packed = caches is not None                  # with do_rotary the op can take the fused QKV unsplit
     return attend
 
 
-def _window_attention(g: Graph, c, cos, sin):
-    """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window)."""
+def _window_attention(g: Graph, c, tables, bidir: bool = False):
+    """Masked softmax over a fixed cache window written with ScatterElements (flavour onnx-standard-kv-window);
+    tables: RoPE by layer window (rope_by_window); the mask per layer window (allowed_rows: Gemma 3's sliding
+    layers, its image rows both ways with bidir)."""
     H, K, E, NK, R = c.n_heads, c.kv_heads, c.head_dim, c.cache_heads, c.rope_dims
     zero, one = g.i64(0), g.i64(1)
     T = g.op("Squeeze", [g.op("Shape", ["positions"]), g.i64([0])])
     W = g.op("Gather", [g.op("Shape", ["cache_key.0"]), one], axis=0)
     rows = g.op("Add", [g.op("Range", [zero, T, one]), "past_len"], name="write_rows")         # [T]
     cols = g.op("Range", [zero, W, one])                                                      # [W]
-    allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.i64([0])]),
-                                   g.op("Unsqueeze", [rows, g.i64([1])])], name="causal_mask")  # [T, W]
+    masks = {w: allowed_rows(g, rows, cols, T, "past_len", w, bidir) for w in rope_windows(c)}   # [T, W]
     scatter_shape = g.op("Concat", [g.i64([1]), g.op("Unsqueeze", [T, g.i64([0])]), g.i64([NK, E])], axis=0)
     scatter_idx = g.op("Expand", [g.op("Reshape", [rows, g.i64([1, -1, 1, 1])]), scatter_shape])  # [1, T, NK, E]
-    scale = g.f32(1.0 / math.sqrt(E))
 
     def attend(i, q, k, v, read):
+        w = layer_window(c, i)
+        cos, sin = tables[w]
         q4 = rope(g, g.op("Reshape", [q, g.i64([1, -1, H, E])]), cos, sin, E, R)             # [1, T, H, E]
         k4 = rope(g, g.op("Reshape", [k, g.i64([1, -1, NK, E])]), cos, sin, E, R)            # [1, T, NK, E]
         v4 = g.op("Reshape", [v, g.i64([1, -1, NK, E])])
@@ -262,17 +338,8 @@ def _window_attention(g: Graph, c, cos, sin):
         vf = g.op("ScatterElements", [f"cache_value.{i}", scatter_idx, v4], axis=1)
         if read is not None:            # the bridge: this branch's queries read one half of the heads
             kf, vf = (g.op("Slice", [t, g.i64([read * K]), g.i64([(read + 1) * K]), g.i64([2])]) for t in (kf, vf))
-        qh = g.op("Transpose", [q4], perm=[0, 2, 1, 3])                                       # [1, H, T, E]
-        kh = g.op("Transpose", [kf], perm=[0, 2, 3, 1])                                       # [1, K, E, W]
-        vh = g.op("Transpose", [vf], perm=[0, 2, 1, 3])                                       # [1, K, W, E]
-        if K != H:                                                                            # grouped-query
-            rep = g.i64([1, 1, H // K, 1, 1])
-            kh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [kh, g.i64([2])]), rep]), g.i64([1, H, E, -1])])
-            vh = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vh, g.i64([2])]), rep]), g.i64([1, H, -1, E])])
-        s = g.op("Mul", [g.op("MatMul", [qh, kh]), scale])                                    # [1, H, T, W]
-        s = g.op("Where", [allowed, s, g.f32(NEG)])
-        a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), vh])                               # [1, H, T, E]
-        return g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, H * E])])
+        return masked_attention(g, c, q4, g.op("Transpose", [kf], perm=[0, 2, 3, 1]),      # k [1, K, E, W]
+                                g.op("Transpose", [vf], perm=[0, 2, 1, 3]), masks[layer_window(c, i)])
     return attend
 
 
@@ -317,8 +384,9 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
     else:
         raise ValueError(f"unknown decoder graph flavour {flavour!r}")
     inputs += cross_inputs(model, g.ftype)
-    cos, sin = (None, None) if gqa and gqa_rotary(c) else rope_tables(g, c, batch)
-    attend = (_gqa_attention if gqa else _window_attention)(g, c, cos, sin)
+    bidir = branch == "vision" and c.image_bidirectional    # (GroupQueryAttention's own rotary hides the rotated q)
+    tables = None if gqa and gqa_rotary(c) and not bidir else rope_by_window(g, c, batch)
+    attend = (_gqa_attention if gqa else _window_attention)(g, c, tables, bidir)
     x = decoder_layers(g, model, branch, x, attend)
     last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]
     hn = rms(g, last, norm_weights(g, final_norm(model, branch), "norm"), c.rms_eps)

@@ -16,6 +16,7 @@ for int4 bundles), a standard-op dense form in the trt graphs (measured: benchma
 """
 from __future__ import annotations
 
+import math
 
 import numpy as np
 
@@ -146,16 +147,19 @@ def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
     return s, h
 
 
-def rope_tables(g: Graph, c, batched: bool = False) -> tuple[str, str]:
+def rope_tables(g: Graph, c, batched: bool = False, local: bool = False) -> tuple[str, str]:
     """cos, sin [1, T, 1, R] from the `positions` input [T] ([B, T, 1, R] from [B, T] when batched), as
-    edgemm.model.rope_cos_sin computes them; R the rotated dims of a head (all, or Persimmon's partial rotary)."""
+    edgemm.model.rope_cos_sin computes them; R the rotated dims of a head (all, or Persimmon's partial rotary);
+    local: Gemma 3's sliding layers' base (rope_local_theta), else rope_theta with its linear scaling."""
     import torch
     from onnx import TensorProto
     from edgemm.blocks.ops import rope_dims
     E = rope_dims(c)
-    inv = (1.0 / c.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E)).numpy()
+    theta, factor = (c.rope_local_theta, 1.0) if local else (c.rope_theta, c.rope_linear_factor)
+    inv = (1.0 / theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E))
+    inv = (inv / factor if factor != 1.0 else inv).numpy()
     f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([-1])]),
-                     g.const("rope.inv_freq", inv)])                               # [(B,) T, E/2]
+                     g.const("rope_local.inv_freq" if local else "rope.inv_freq", inv)])   # [(B,) T, E/2]
     f = g.op("Concat", [f, f], axis=-1)                                           # [(B,) T, E]
     ax = g.i64([2] if batched else [0, 2])
     return g.act(g.op("Unsqueeze", [g.op("Cos", [f]), ax])), g.act(g.op("Unsqueeze", [g.op("Sin", [f]), ax]))
@@ -253,7 +257,16 @@ def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
         gu = np.concatenate([np32(br.gate.weight).T, np32(br.up.weight).T], 1)   # [D, 2F]: one MatMul
         gate, up = g.op("Split", [g.op("MatMul", [x, g.weight(f"{name}.gate_up.weight.T", gu)], name=f"{name}.gate_up"),
                                   g.i64([ffn, ffn])], n_out=2, axis=-1)
-    return linear(g, g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]), br.down, f"{name}.down")
+    act = gelu_tanh(g, gate) if getattr(br, "geglu", False) else g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    return linear(g, g.op("Mul", [act, up]), br.down, f"{name}.down")
+
+
+def gelu_tanh(g: Graph, x: str) -> str:
+    """GELU's tanh form (Gemma's gate): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    x3 = g.op("Mul", [g.op("Mul", [x, x]), x])
+    t = g.op("Tanh", [g.op("Mul", [g.op("Add", [x, g.op("Mul", [x3, g.scalar(0.044715)])]),
+                                   g.scalar(math.sqrt(2 / math.pi))])])
+    return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [t, g.scalar(1.0)])])
 
 
 # --------------------------------------------------------------------------- the input stage

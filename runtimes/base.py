@@ -83,6 +83,8 @@ class Backend:
         """Why prefill() appends an image in one piece whatever the chunk (None: its rows split too)."""
         if self.cfg.decoder.cross_attn_every:
             return "gated cross-attention: an image is its K/V and a few tokens, not decoder rows"
+        if self.cfg.decoder.image_bidirectional:
+            return "an image's rows attend to each other both ways (Gemma 3): one piece"
         if type(self)._image_pieces is Backend._image_pieces:
             return f"the {self.name} backend appends an image's rows in one piece"
         return None
@@ -245,7 +247,7 @@ class SegmentRunner(Backend):
         eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
         m = rows.shape[1] - eoi
         # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
-        step = chunk or max(m, 1)
+        step = (not self.cfg.decoder.image_bidirectional and chunk) or max(m, 1)     # (Gemma 3: one block)
         pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)])},
                    positions[a:min(a + step, m)]) for a in range(0, m, step)]
         if eoi:

@@ -272,3 +272,33 @@ class NewlineRows(nn.Module):
     def forward(self, x):                                   # x: [B, h, w, D]
         nl = torch.zeros_like(x[:, :, :1]) + self.image_newline             # [B, h, 1, D] (traced shapes stay dynamic)
         return torch.cat([x, nl], 2).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------- Gemma 3's multi-modal projector
+@register("connector", "gemma3")
+class Gemma3Projector(nn.Module):
+    """Gemma 3's Gemma3MultiModalProjector: the tower's patch grid average-pooled (kernel = stride = side /
+    sqrt(pool_tokens)) to pool_tokens rows, mm_soft_emb_norm (Gemma's RMSNorm; its (1 + w) is folded into `norm`'s
+    weight at import), then the matmul by mm_input_projection_weight [W, D] (stored as proj, a Linear [D, W]);
+    wrapped in boi / eoi, the <start_of_image> / <end_of_image> embedding rows (times the decoder's embed_scale,
+    as the language model reads them). feats [B, P, W] -> [B, pool_tokens + 2, D]."""
+
+    def __init__(self, c: AdapterConfig, width: int, side: int, d_model: int, eps: float):
+        super().__init__()
+        self.side, self.k = side, side // round(c.pool_tokens ** 0.5)
+        self.norm = RMSNorm(width, eps)
+        self.proj = nn.Linear(width, d_model, bias=False)
+        self.boi = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, d_model))
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        v = cfg.vision
+        return cls(cfg.adapter, v.width, v.image_size // v.patch_size, cfg.decoder.d_model, v.eps)
+
+    def forward(self, feats):                               # [B, P, W] -> [B, pool_tokens + 2, D]
+        B, _, W = feats.shape
+        x = feats.transpose(1, 2).reshape(B, W, self.side, self.side)
+        x = F.avg_pool2d(x, self.k, self.k).flatten(2).transpose(1, 2)              # [B, pool_tokens, W]
+        h = self.proj(self.norm(x))
+        return torch.cat([self.boi.expand(B, -1, -1), h, self.eoi.expand(B, -1, -1)], 1)

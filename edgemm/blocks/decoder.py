@@ -48,6 +48,9 @@ class DecoderLayer(nn.Module):
         self.c = c
         self.attn_norm = norm(c, c.d_model)                # RMSNorm, or Persimmon's LayerNorm (norm "layer")
         self.ffn_norm = norm(c, c.d_model)
+        if c.sandwich_norms:                                # Gemma: norms of the attention and MLP outputs too
+            self.post_attn_norm, self.post_ffn_norm = norm(c, c.d_model), norm(c, c.d_model)
+        self.window = c.sliding_window if index in c.sliding_layers else 0      # Gemma 3's local layers
         self.text = Branch(c, moe=c.is_moe_layer(index))
         vision = vision_branch(c, self.text)                # the registered kind (edgemm.blocks.layers)
         if vision is not None:
@@ -104,13 +107,13 @@ class DecoderLayer(nn.Module):
             ks = [cache.k[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
             vs = [cache.v[layer, :B, j * K:(j + 1) * K, : start + T] for j in range(n)]
         S = ks[0].shape[2]
-        # causal over all rows: new row i sees cached rows and new rows <= i
-        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T) if T > 1 else None
+        mask = attn_mask(c, T, S, route, self.window, x.device)
+        scale = c.query_scale ** -0.5 if c.query_scale else None
 
         def attend(kk, vv):
             if K != H:
                 kk, vv = kk.repeat_interleave(H // K, 1), vv.repeat_interleave(H // K, 1)
-            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)      # [B, H, T, E]
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)      # [B, H, T, E]
         if len(ks) == 1:
             a = attend(ks[0], vs[0])
         elif isinstance(route, str):
@@ -119,8 +122,38 @@ class DecoderLayer(nn.Module):
         else:
             a = torch.where(vis[None, None, :, None], attend(ks[1], vs[1]), attend(ks[0], vs[0]))
         a = a.transpose(1, 2).reshape(B, T, H * E)
-        x = x + routed(a, route, self.text.o, self.vision.o)
-        return x + routed(self._norm(x, route, "ffn"), route, self.text.mlp, self.vision.mlp)
+        a = routed(a, route, self.text.o, self.vision.o)
+        x = x + (self.post_attn_norm(a) if self.c.sandwich_norms else a)
+        h = routed(self._norm(x, route, "ffn"), route, self.text.mlp, self.vision.mlp)
+        return x + (self.post_ffn_norm(h) if self.c.sandwich_norms else h)
+
+
+def image_blocks(route, T: int, device):
+    """Gemma 3's image blocks among T new rows: [T] ids (-1: none), the rows of an image segment between its boi and
+    eoi rows (route "vision": the segment; a mask: each run of vision rows), or None (no image rows)."""
+    if isinstance(route, str):
+        if route != "vision" or T < 3:
+            return None
+        ids = torch.zeros(T, dtype=torch.long, device=device)
+        ids[0] = ids[-1] = -1
+        return ids
+    r = route.to(device)
+    first = r & ~torch.cat([r.new_zeros(1), r[:-1]])
+    last = r & ~torch.cat([r[1:], r.new_zeros(1)])
+    return torch.where(r & ~first & ~last, first.long().cumsum(0) - 1, -1)
+
+
+def attn_mask(c: DecoderConfig, T: int, S: int, route, window: int, device):
+    """[T, S] bool (None: all): new row i sees the cached rows and new rows <= i; Gemma 3: also the rows of its own
+    image block (image_bidirectional, image_blocks), and on a sliding layer only keys less than `window` rows back."""
+    if T == 1 and not window:
+        return None
+    q, k = torch.arange(S - T, S, device=device)[:, None], torch.arange(S, device=device)[None]
+    mask = k <= q
+    b = image_blocks(route, T, device) if c.image_bidirectional else None
+    if b is not None:
+        mask[:, S - T:] |= (b[:, None] == b[None]) & (b[:, None] >= 0)
+    return mask & (q - k < window) if window else mask
 
 
 class Decoder(nn.Module):
@@ -148,14 +181,17 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {x.shape[1]} rows > capacity {cache.capacity}")
-        cos, sin = rope_cos_sin(positions, rope_dims(self.c), self.c.rope_theta)     # (partial rotary: [T, R])
+        c = self.c
+        rope = {0: rope_cos_sin(positions, rope_dims(c), c.rope_theta, c.rope_linear_factor)}   # (partial: [T, R])
+        if c.sliding_layers:                                                         # Gemma 3's local RoPE base
+            rope[c.sliding_window] = rope_cos_sin(positions, rope_dims(c), c.rope_local_theta)
         for i, layer in enumerate(self.layers):
             if cross is not None:
                 j = self.cross_at[i]
                 if j is not None:
                     k, v, gate = cross
                     x = self.cross_layers[j](x, None if k is None else k[j], None if v is None else v[j], gate)
-            x = layer(x, route, cos, sin, cache, i, start)
+            x = layer(x, route, *rope[layer.window], cache, i, start)
         if cache is not None:
             cache.length = start + x.shape[1]
         if last_only:

@@ -35,12 +35,13 @@ class Branch(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(c.d_model, (c.n_heads + 2 * c.kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.o = nn.Linear(c.attn_width, c.d_model, bias=c.linear_bias)
+        self.geglu = c.mlp == "geglu"
         if c.qk_norm:                                       # Qwen3 (RMSNorm), Persimmon (LayerNorm): per head
             self.q_norm, self.k_norm = norm(c, c.head_dim), norm(c, c.head_dim)
         if moe:
             self.moe = MoE(c)
             return
-        if c.mlp == "swiglu":
+        if c.mlp != "relu2":                                # gated: SwiGLU, or Gemma's GELU-tanh (geglu)
             self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
         self.up = nn.Linear(c.d_model, c.ffn_dim, bias=c.linear_bias)
         self.down = nn.Linear(c.ffn_dim, c.d_model, bias=c.linear_bias)
@@ -54,6 +55,8 @@ class Branch(nn.Module):
             return self.moe(x)
         if "gate" not in self._modules:                     # Persimmon: squared ReLU, not gated
             return self.down(F.relu(self.up(x)).square())
+        if getattr(self, "geglu", False):                   # Gemma: GELU (tanh form) gate
+            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 

@@ -45,10 +45,10 @@ def routed(x: torch.Tensor, route, fn_text, fn_vision) -> torch.Tensor:
     return out
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """NEOX-style RoPE tables for positions [T] -> cos, sin [T, E]."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, factor: float = 1.0):
+    """NEOX-style RoPE tables for positions [T] -> cos, sin [T, E] (factor: linear scaling, frequencies / factor)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    f = positions.float()[:, None] * inv[None]
+    f = positions.float()[:, None] * (inv / factor if factor != 1.0 else inv)[None]
     f = torch.cat([f, f], -1)
     return f.cos(), f.sin()
 

@@ -94,6 +94,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("linear patch embedding (fuyu)", "vision:patch_linear", lambda c: c.vision.arch == "patch_linear"),
     Feature("persimmon decoder (layernorm, partial rope, relu2 mlp, biases)", "option:decoder",
             lambda c: _d(c).norm == "layer" or bool(_d(c).rope_dims) or _d(c).mlp == "relu2" or _d(c).linear_bias),
+    Feature("gemma3 projector (avg pool, rmsnorm, linear)", "connector:gemma3", lambda c: c.adapter.kind == "gemma3"),
+    Feature("gemma decoder (scaled embeddings, sandwich norms, geglu, query scale, local rope base)", "option:decoder",
+            lambda c: bool(_d(c).embed_scale or _d(c).sandwich_norms or _d(c).mlp == "geglu" or _d(c).query_scale)),
+    Feature("sliding-window attention", "option:attention", lambda c: bool(_d(c).sliding_layers)),
+    Feature("bidirectional attention among an image's rows", "option:attention",
+            lambda c: bool(_d(c).image_bidirectional)),
     Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "

@@ -1,0 +1,184 @@
+"""Gemma 3 (transformers' Gemma3ForConditionalGeneration): a tiny random instance with Gemma's special tokens,
+imported by `edgemm import`, against transformers: the projector's rows, the processor's pixels and prompt ids,
+logits over a prompt with an image and cached decode steps (sliding-window and full layers with their own RoPE bases,
+linear RoPE scaling, the image's rows attending both ways; final_logit_softcapping set, which the class does not
+apply), the onnx / trt exports validated and `edgemm run --image` on them."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .test_import_llava import (away_from_init, exports_validate, greedy_ids, logits_and_cached_steps_match,
+                                record_answers)
+from .test_tokenizers import GEMMA_TEMPLATE, _sentencepiece
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
+
+S, PATCH, TOKENS = 16, 4, 4         # 16 px images, a 4 x 4 patch grid pooled 2 x 2 to 4 rows
+MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+            "<end_of_image>", "<image_soft_token>"]
+TEMPLATE = GEMMA_TEMPLATE.replace("'<image>'", "'<start_of_image>'")       # Gemma 3's: <start_of_image> per image
+QUESTION = "what color is the circle?"
+
+
+def _tiny(tok, seed=0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    ids = tok.token_to_id
+    text = Gemma3TextConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+        final_logit_softcapping=3.0, max_position_embeddings=512, rms_norm_eps=1e-6,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vision = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=S, patch_size=PATCH, layer_norm_eps=1e-6)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=TOKENS,
+                       boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                       image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return away_from_init(Gemma3ForConditionalGeneration(cfg).eval(), seed)   # norms (zeros in Gemma's form) too
+
+
+def _image(w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _hf_processor(src):
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+    ip = Gemma3ImageProcessorPil(size={"height": S, "width": S}, image_mean=MEAN, image_std=STD, resample=2)
+    return Gemma3Processor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(src),
+                           image_seq_length=TOKENS, chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny Gemma 3 saved as transformers saves it, with a Gemma-style tokenizer carrying its image tokens, the
+    image processor's settings and chat template; imported by `edgemm import`."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    d = tmp_path_factory.mktemp("gemma3")
+    tok = _sentencepiece(SPECIALS, 512, False, "<unk>", "<bos>")
+    hf, src = _tiny(tok), d / "src"
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True,
+        "add_eos_token": False, "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}}))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 5],
+                                                            "pad_token_id": 0}))
+    proc = _hf_processor(src)
+    proc.image_processor.save_pretrained(src)
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(d / "ck")])
+    assert r.exit_code == 0, r.output
+    return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
+
+
+def _messages(openai=False):
+    img = {"type": "image_url", "image_url": {"url": "x"}} if openai else {"type": "image"}
+    return [{"role": "user", "content": [img, {"type": "text", "text": QUESTION}]}]
+
+
+def _reference(hf, proc, img):
+    """transformers' prompt inputs (ids, pixels, token_type_ids) for the chat prompt around one image."""
+    text = proc.apply_chat_template(_messages(), add_generation_prompt=True)
+    return proc(text=text, images=[img], add_special_tokens=False, return_tensors="pt")
+
+
+def _logits(hf, hf_in):
+    """ids -> transformers' logits [T, vocab] with the image's pixels and its token types (generated ids: text)."""
+    def run(ids):
+        tt = torch.zeros(1, len(ids), dtype=torch.long)
+        n = hf_in["token_type_ids"].shape[1]
+        tt[0, :n] = hf_in["token_type_ids"][0]
+        return hf(input_ids=torch.tensor([ids]), pixel_values=hf_in["pixel_values"], token_type_ids=tt).logits[0]
+    return run
+
+
+def test_import_reads_the_family(imported):
+    from edgemm.config import ModelConfig
+    cfg = ModelConfig.load(imported["ck"] / "config.json")
+    d = cfg.decoder
+    assert "as gemma3" in imported["import_log"]
+    assert (cfg.vision.arch, cfg.adapter.kind, cfg.adapter.pool_tokens, cfg.n_image_rows) == ("siglip", "gemma3", 4, 6)
+    assert (d.sliding_layers, d.sliding_window, d.rope_linear_factor, d.rope_local_theta, d.query_scale,
+            d.embed_scale) == ([0, 2], 5, 2.0, 500.0, 24.0, 32 ** 0.5)
+    assert {"sliding-window attention", "bidirectional attention among an image's rows",
+            "gemma3 projector (avg pool, rmsnorm, linear)"} <= set(cfg.variants())
+
+
+def test_processor_and_prompt_match_transformers(imported):
+    """Pixels equal Gemma3ImageProcessor's (bilinear resize to the tower's size) for several aspect ratios; the
+    prompt ids edgemm writes (text segments around the image's boi, rows, eoi) equal Gemma3Processor's."""
+    from PIL import Image
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.tilings import preprocess_image
+    m, tok = load_checkpoint(imported["ck"])
+    proc, template = imported["proc"], (imported["ck"] / "chat_template.jinja").read_text()
+    ids_of = proc.tokenizer.convert_tokens_to_ids
+    for i, (w, h) in enumerate([(40, 20), (16, 16), (9, 31)]):
+        img = Image.fromarray(_image(w, h, i))
+        want = _reference(imported["hf"], proc, img)
+        px = preprocess_image(img, m.cfg.vision)
+        assert np.abs(px - want["pixel_values"].numpy()).max() <= 1e-5
+        segs = segments_template(tok, template, normalize_messages(_messages(True)))
+        image = [ids_of("<start_of_image>")] + [ids_of("<image_soft_token>")] * TOKENS + [ids_of("<end_of_image>")]
+        got = [t for k, x in segs for t in (x if k == "text" else image)]
+        assert got == want["input_ids"][0].tolist()
+
+
+def test_import_matches_transformers(imported):
+    """The image rows (boi, the pooled rows, eoi) equal the embeddings transformers' language model reads there; the
+    prompt's logits and 3 cached greedy steps equal Gemma3ForConditionalGeneration's within 1e-4."""
+    from PIL import Image
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.tilings import image_rows
+    from runtimes.torch_backend import TorchBackend
+    hf, proc = imported["hf"], imported["proc"]
+    m, tok = load_checkpoint(imported["ck"])
+    b = TorchBackend.open(model=str(imported["ck"]), device="cpu")
+    template = (imported["ck"] / "chat_template.jinja").read_text()
+    img = Image.fromarray(_image(40, 20, 3))
+    hf_in = _reference(hf, proc, img)
+    ids = hf_in["input_ids"][0].tolist()
+    rows = torch.from_numpy(np.asarray(image_rows(b, img), np.float32))
+    with torch.no_grad():
+        emb = hf.model.get_input_embeddings()(hf_in["input_ids"])
+        feats = hf.model.get_image_features(pixel_values=hf_in["pixel_values"]).pooler_output
+        emb[hf_in["input_ids"] == hf.config.image_token_id] = feats.reshape(-1, feats.shape[-1])
+    k0 = ids.index(hf.config.boi_token_id)
+    assert (rows[0] - emb[0, k0:k0 + TOKENS + 2]).abs().max().item() <= 1e-4
+    segs = [(k, torch.tensor([x]) if k == "text" else rows)
+            for k, x in segments_template(tok, template, normalize_messages(_messages(True)))]
+    logits_and_cached_steps_match(m, segs, ids, _logits(hf, hf_in))
+
+
+def test_exports_validate_and_answer(imported, monkeypatch):
+    """`edgemm export --target onnx` (fp32, int8) and `--target trt --no-build` (fp16) validate against the reference
+    (sliding layers, the image's rows both ways in decoder_image); gguf is refused in one line; `edgemm run --image`
+    on the onnx fp32 bundle, the trt one (its graphs on the CPU) and the torch reference answers transformers'
+    greedy ids."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
+    exports_validate(ck, d, "per-head q/k norm")
+    Image.fromarray(_image(40, 20, 7)).save(d / "img.png")
+    hf_in = _reference(hf, proc, Image.open(d / "img.png"))
+    eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
+    want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
+    got = record_answers(monkeypatch)
+    for where, backend in ((["--bundle", str(d / "onnx-fp32")], "ort"), (["--bundle", str(d / "trt-fp16")], "trt"),
+                           (["--model", str(ck)], "torch")):
+        r = CliRunner().invoke(main, ["run", *where, "--backend", backend, "--device", "cpu", "--image",
+                                      str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
+        assert r.exit_code == 0, r.output
+    assert got == [want] * 3, (got, want)
