@@ -79,15 +79,20 @@ def imported(tmp_path_factory):
     return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
 
 
-def _messages(openai=False):
+def _messages(openai=False, two=False):
+    """One user turn with an image, or (two) a multi-turn chat with an image in each user turn."""
     img = {"type": "image_url", "image_url": {"url": "x"}} if openai else {"type": "image"}
-    return [{"role": "user", "content": [img, {"type": "text", "text": QUESTION}]}]
+    out = [{"role": "user", "content": [img, {"type": "text", "text": QUESTION}]}]
+    if two:
+        out += [{"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+                {"role": "user", "content": [img, {"type": "text", "text": "and this one?"}]}]
+    return out
 
 
-def _reference(hf, proc, img):
-    """transformers' prompt inputs (ids, pixels, token_type_ids) for the chat prompt around one image."""
-    text = proc.apply_chat_template(_messages(), add_generation_prompt=True)
-    return proc(text=text, images=[img], add_special_tokens=False, return_tensors="pt")
+def _reference(hf, proc, *imgs):
+    """transformers' prompt inputs (ids, pixels, token_type_ids) for the chat prompt around the image(s)."""
+    text = proc.apply_chat_template(_messages(two=len(imgs) > 1), add_generation_prompt=True)
+    return proc(text=text, images=list(imgs), add_special_tokens=False, return_tensors="pt")
 
 
 def _logits(hf, hf_in):
@@ -158,6 +163,26 @@ def test_import_matches_transformers(imported):
     segs = [(k, torch.tensor([x]) if k == "text" else rows)
             for k, x in segments_template(tok, template, normalize_messages(_messages(True)))]
     logits_and_cached_steps_match(m, segs, ids, _logits(hf, hf_in))
+
+
+def test_two_images_multi_turn_match_transformers(imported):
+    """A multi-turn prompt with two images (each its own block of rows attending both ways): logits and 3 cached
+    greedy steps equal transformers' within 1e-4."""
+    from PIL import Image
+    from edgemm.chat_template import normalize_messages, segments_template
+    from edgemm.checkpoint import load_checkpoint
+    from edgemm.tilings import image_rows
+    from runtimes.torch_backend import TorchBackend
+    hf, proc = imported["hf"], imported["proc"]
+    m, tok = load_checkpoint(imported["ck"])
+    b = TorchBackend.open(model=str(imported["ck"]), device="cpu")
+    imgs = [Image.fromarray(_image(40, 20, 4)), Image.fromarray(_image(12, 30, 5))]
+    hf_in = _reference(hf, proc, *imgs)
+    rows = iter([torch.from_numpy(np.asarray(image_rows(b, im), np.float32)) for im in imgs])
+    segs = [(k, torch.tensor([x]) if k == "text" else next(rows)) for k, x in segments_template(
+        tok, (imported["ck"] / "chat_template.jinja").read_text(), normalize_messages(_messages(True, two=True)))]
+    assert [k for k, _ in segs].count("image") == 2
+    logits_and_cached_steps_match(m, segs, hf_in["input_ids"][0].tolist(), _logits(hf, hf_in))
 
 
 def test_exports_validate_and_answer(imported, monkeypatch):
