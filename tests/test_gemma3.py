@@ -207,3 +207,27 @@ def test_exports_validate_and_answer(imported, monkeypatch):
                                       str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
         assert r.exit_code == 0, r.output
     assert got == [want] * 3, (got, want)
+
+
+def test_released_config_form():
+    """gemma-3-4b-it's config.json form (transformers 4.50: rope_scaling, rope_local_base_freq,
+    sliding_window_pattern, no layer_types) reads as transformers 5.24 reads it: every 6th layer full, linear
+    scaling 8 on those, base 10000 on the sliding ones; attention logit soft-capping is refused in one line."""
+    from transformers import Gemma3TextConfig
+    from edgemm.errors import EdgemmError
+    from edgemm.families.gemma3 import gemma3_decoder
+    tc = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+          "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208, "query_pre_attn_scalar": 256,
+          "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0,
+          "rope_local_base_freq": 10000.0, "sliding_window": 1024, "sliding_window_pattern": 6,
+          "final_logit_softcapping": None, "attn_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh"}
+    hf = Gemma3TextConfig(**tc)
+    d = gemma3_decoder({}, tc, "text_config")
+    assert d.sliding_layers == [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
+    assert len(d.sliding_layers) == 34 - 5 and 5 not in d.sliding_layers and d.sliding_window == 1024
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert (d.rope_theta, d.rope_linear_factor, d.rope_local_theta) == (full["rope_theta"], full["factor"],
+                                                                         local["rope_theta"])
+    assert (d.attn_head_dim, d.kv_heads, d.query_scale, d.tie_embeddings) == (256, 4, 256.0, True)
+    with pytest.raises(EdgemmError, match="attn_logit_softcapping"):
+        gemma3_decoder({}, {**tc, "attn_logit_softcapping": 50.0}, "text_config")
