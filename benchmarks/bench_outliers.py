@@ -8,7 +8,8 @@
 Prints the per-branch activation outliers from the calibration statistics (edgemm.outliers.format_outliers), then
 exports --model as ONNX bundles with the recipes fp32, int8 (W8A8, an activation scale per branch: text rows and
 image rows calibrated apart), int8-shared (W8A8, one scale per layer for both), int4 (round-to-nearest, block 128),
-int4-awq (AWQ's activation-aware scaling from each branch's calibration rows) and runs `edgemm bench` over them: accuracy on the shapes test split, top-1 agreement and mean KL against the fp32
+int4-awq (AWQ's activation-aware scaling from each branch's calibration rows) and runs `edgemm bench` over them:
+accuracy on the shapes test split, top-1 agreement and mean KL against the fp32
 reference, decode tok/s, bundle MB. Checks the issue's acceptance: the naive recipes (int4, int8-shared) fall
 clearly below fp32 (by more than --margin) and per-branch int8 keeps >= 99% of fp32's accuracy.
 """

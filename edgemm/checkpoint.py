@@ -133,8 +133,11 @@ def load_model(spec: str | None = None, device="cpu", seed: int = 0):
     from .model import EdgeMM
     from .tokenizer import Tokenizer
     if spec == "tiny-shapes-outliers":                 # the shipped weights, reparametrised (edgemm.outliers)
-        from .outliers import load_outlier_model
-        return load_outlier_model(device)
+        from .outliers import add_outliers
+        m, tok = load_checkpoint(DEMO_DIR)
+        add_outliers(m)
+        m.cfg.name = spec
+        return m.to(device).eval(), tok
     cfg = get_preset(spec)
     if spec == "cogvlm-17b":
         raise EdgemmError("cogvlm-17b is a shapes-only preset (about 17.6e9 parameters, 70 GB in fp32): "

@@ -19,12 +19,11 @@ unlike between image and text rows, by an exact reparametrisation of the shipped
 
 Channels are chosen deterministically from the weights: the k most important (gain x column norm of the readers),
 so that rounding their now-small weight columns away costs what it costs in a real model. fp32 logits stay within
-1e-4 of tiny-shapes (tests/test_outliers.py); `edgemm info --model tiny-shapes-outliers --outliers` prints the
+1e-4 of tiny-shapes (tests/test_outliers.py); `edgemm calibrate --model tiny-shapes-outliers --outliers` prints the
 per-branch channel ratios from calibration statistics.
 """
 from __future__ import annotations
 
-NAME = "tiny-shapes-outliers"
 # k channels and factor per site; ffn per branch. Tuned so that RTN int4 and a shared text/image activation scale
 # lose accuracy while per-branch W8A8 keeps it (README, benchmarks/bench_outliers.py).
 # (More is refused by the export's own check: image FFN channels at 128x fail int8 validation, cosine 0.987.)
@@ -81,15 +80,6 @@ def add_outliers(model, spec: dict | None = None) -> dict:
     return chosen
 
 
-def load_outlier_model(device="cpu"):
-    """-> (model, tokenizer): the shipped tiny-shapes weights with add_outliers applied, named tiny-shapes-outliers."""
-    from .checkpoint import DEMO_DIR, load_checkpoint
-    m, tok = load_checkpoint(DEMO_DIR, "cpu")
-    add_outliers(m)
-    m.cfg.name = NAME
-    return m.to(device).eval(), tok
-
-
 def outlier_rows(stats) -> list[dict]:
     """Per decoder linear and branch, from calibration statistics (edgemm.calib.stats.Stats): the largest and the
     median per-channel |x| max and their ratio (the outliers' size), and the top channels."""
@@ -114,6 +104,7 @@ def format_outliers(stats) -> str:
     lines = [f"{'decoder input':<14} {'text max/median':>16} {'image max/median':>17}  top channels text | image"]
     for layer, b in by.items():
         t, v = b.get("text"), b.get("vision")
-        lines.append(f"{layer:<14} {t['ratio'] if t else float('nan'):>16.1f} {v['ratio'] if v else float('nan'):>17.1f}"
-                     f"  {t['top'] if t else '-'} | {v['top'] if v else '-'}")
+        nan = {"ratio": float("nan"), "top": "-"}
+        t, v = t or nan, v or nan
+        lines.append(f"{layer:<14} {t['ratio']:>16.1f} {v['ratio']:>17.1f}  {t['top']} | {v['top']}")
     return "\n".join(lines)
