@@ -5,6 +5,10 @@
     python benchmarks/bench_gguf.py --threads 2 --steps 32 --workdir /tmp/gguf-bench   # keep the bundles
     python benchmarks/bench_gguf.py --compare-build /tmp/old-site --rounds 5           # two llama.cpp builds
 
+`--stock --onnx-vision` also times the backend on a bundle of the same decoder whose vision stage is vision.onnx
+(export_gguf vision="onnx"), after one image has run through ONNX Runtime, so the process holds a warm ONNX vision
+session while it decodes (its workers should sleep, not spin: runtimes/llamacpp_backend.py OnnxVision).
+
 `--compare-build DIR` times the same bundles with another llama-cpp-python build as well (DIR: a directory it was
 installed into with `pip install --target DIR --no-deps WHEEL`), each measurement in its own child process, the
 two builds alternating round by round; the table then shows the median of each.
@@ -62,6 +66,8 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
     b = LlamaCppBackend.open(bundle=str(bundle), threads=threads)
     tok, cfg = b.tokenizer, b.cfg
     rng = np.random.default_rng(0)
+    if b._onnx_vision is not None:      # an ONNX vision stage: one image through it first (its session warm)
+        b.vision(rng.standard_normal((1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32))
     rows = (rng.standard_normal((1, cfg.n_image_rows, cfg.decoder.d_model)) * 0.02).astype(np.float32)
     st = b.new_state()
     t0 = time.perf_counter()
@@ -144,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="Interleaved rounds with --compare-build / --stock.")
     ap.add_argument("--stock", action="store_true", help="Also time llama.cpp's own low-level loop on the same "
                     "file (no edgemm code in the loop), interleaved with the backend, and print the ratio.")
+    ap.add_argument("--onnx-vision", action="store_true", help="With --stock: also time the same decoder in a "
+                    "bundle whose vision stage is ONNX (the process holding a warm ONNX Runtime session).")
     ap.add_argument("--model", default="bench-0.5b")
     ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
     from edgemm.cpu import default_threads
@@ -169,6 +177,10 @@ def main(argv=None) -> int:
             export_gguf(model=a.model, out=bundle, precision={"vision": "f16", "decoder": prec}, force=True,
                         log=lambda s: print("  " + s, file=sys.stderr), threads=a.threads)
             print(f"  exported {bundle} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        onnx_bundle = work / f"{Path(a.model).name}-{prec}-onnx-vision"
+        if a.onnx_vision and not (onnx_bundle / "edgemm.json").exists():
+            export_gguf(model=a.model, out=onnx_bundle, precision={"vision": "f16", "decoder": prec}, force=True,
+                        log=lambda s: print("  " + s, file=sys.stderr), threads=a.threads, vision="onnx")
         man = json.loads((bundle / "edgemm.json").read_text())
         dec = bundle / man["stages"]["decoder"]["file"]
         step_bytes, dec_bytes = decode_bytes_per_step(dec, man["model"]["decoder"]["d_model"])
@@ -186,9 +198,11 @@ def main(argv=None) -> int:
                                     "variant": runs["other"][0]["variant"],
                                     "rounds": {n: [x["tokens_per_s"] for x in v] for n, v in runs.items()}})
         elif a.stock:
-            ours, stock = [], []
+            ours, stock, with_ort = [], [], []
             for _ in range(a.rounds):
                 ours.append(bench_bundle(bundle, a.threads, a.steps, a.warmup))
+                if a.onnx_vision:
+                    with_ort.append(bench_bundle(onnx_bundle, a.threads, a.steps, a.warmup)["tokens_per_s"])
                 stock.append(stock_loop(dec, a.threads, a.steps, a.warmup, ours[-1]["n_ctx"], ours[-1]["prefill_rows"]))
             med_o = float(np.median([x["tokens_per_s"] for x in ours]))
             med_s = float(np.median(stock))
@@ -196,6 +210,11 @@ def main(argv=None) -> int:
                   f"(medians of {a.rounds} interleaved rounds; ratio {med_o / med_s:.3f})")
             r = dict(ours[0], tokens_per_s=med_o, ms_per_token=1e3 / med_o,
                      stock={"tokens_per_s": med_s, "rounds": stock, "ours": [x["tokens_per_s"] for x in ours]})
+            if a.onnx_vision:
+                med_v = float(np.median(with_ort))
+                print(f"  {prec}: with a warm ONNX vision session in the process {med_v:.2f} tok/s (ratio to the "
+                      f"low-level loop {med_v / med_s:.3f}, to the backend without it {med_v / med_o:.3f})")
+                r["onnx_vision"] = {"tokens_per_s": med_v, "rounds": with_ort}
         else:
             r = bench_bundle(bundle, a.threads, a.steps, a.warmup)
         r.update(precision=prec, decoder_file_bytes=dec.stat().st_size, weight_bytes_per_step=step_bytes,

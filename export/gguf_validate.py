@@ -270,14 +270,15 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         run.close()
     fid = out["fidelity"]
     conf = fid["top1_confident"]
+    via = "ONNX Runtime" if "vision_onnx" in out else "mtmd"        # (image_mtmd_*: the vision stage's rows)
     log(f"validate: fidelity on {fid['prompts']} prompts x {fid['positions'] // fid['prompts']} positions: mean KL "
         f"{fid['mean_kl']:.2e} (bound {FIDELITY_KL[dprec]:g}), top-1 agreement {fid['top1']:.3f}, where the "
         f"reference is sure ({fid['confident_positions']} positions) "
         + (f"{conf:.3f}" if conf is not None else "n/a") + f" (bound {FIDELITY_TOP1[dprec]:g})")
     log(f"validate: llama.cpp vs reference ({dprec} decoder, {vprec} vision, KV cache {out['kv_cache']}, "
         f"flash attention off): next-token logits max abs  text-only {out['text_max_abs']:.2e}  "
-        f"image {out['image_max_abs']:.2e}  image via mtmd {_fmt(out['image_mtmd_max_abs'])}; "
-        f"mtmd image rows max abs {_fmt(out['vision_rows_max_abs'])}; top-1 equal "
+        f"image {out['image_max_abs']:.2e}  image via {via} {_fmt(out['image_mtmd_max_abs'])}; "
+        f"{via} image rows max abs {_fmt(out['vision_rows_max_abs'])}; top-1 equal "
         f"{out['text_top1_equal'] and out['image_top1_equal'] and out['image_mtmd_top1_equal'] is not False}; "
         f"tokenization equal {out['tokenization_equal']}")
     bad = []
