@@ -57,5 +57,6 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
         return {}
     return {"set": stats.meta.get("set"), "set_digest": stats.meta.get("set_digest"),
             "samples": stats.meta.get("samples"), "stats_digest": stats.meta.get("digest"),
-            "mode": stats.meta.get("mode", "per-modality"),
+            "mode": "shared" if any(get_recipe(recipes.get(s, p)).shared_scale for s, p in todo.items())
+            else stats.meta.get("mode", "per-modality"),                   # (int8-shared: one scale for both)
             "stats_file": str(stats.path) if stats.path else None}

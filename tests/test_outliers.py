@@ -121,6 +121,7 @@ def test_shared_recipe_uses_one_scale_for_both_branches(models, stats, tmp_path)
         export_onnx(model=(m1, tok), out=out, precision={"vision": "fp32", "decoder": "int8"}, stats=stats[1],
                     recipes={"decoder": recipe}, log=None)
         man = read_manifest(out)
+        assert man["calibration"]["mode"] == ("shared" if recipe == "int8-shared" else "per-modality")
         scales, ref = {}, stats[1].shared() if recipe == "int8-shared" else stats[1]
         for stage in ("decoder_text", "decoder_image"):
             st = man["stages"][stage]
