@@ -62,6 +62,12 @@ class VisionConfig:
     longest_edge: int = 0
     image_splitting: bool = True
     tile_text: dict = field(default_factory=dict)
+    # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
+    # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
+    # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
+    # Expand2Square, LLaVA-1.5's image_aspect_ratio "pad")
+    tokenizer: dict = field(default_factory=dict)
+    pad_square: bool = False
     # DINOv2 (arch "dinov2", edgemm.blocks.dinov2): register tokens after CLS (Dinov2WithRegisters; 0: none); final_norm
     # above is its layernorm. OmniFusion's merged encoders (arch "clip+dinov2"): this config is the CLIP tower and
     # `second` the DINOv2 tower's VisionConfig fields (same image_size / patch_size; its own image_mean / image_std)
@@ -73,13 +79,6 @@ class VisionConfig:
     canvas: list = field(default_factory=list)
     pad_value: float = 1.0
     resample: int = 3                       # PIL's filter of the one resize to image_size (3 bicubic; Gemma 3: 2)
-
-    # Libra's image tokenizer (arch "libra_vq", edgemm.blocks.libra_vq): the clip fields above are its CLIP tower;
-    # {"feature_layers": CLIP hidden-state indices whose rows are concatenated (its select_layer), "embed_dim":
-    # quant_conv's width}; pad_square: the image padded to a square with the mean colour before resizing (Libra's
-    # Expand2Square, LLaVA-1.5's image_aspect_ratio "pad")
-    tokenizer: dict = field(default_factory=dict)
-    pad_square: bool = False
 
     # Monkey (arch "qwen", edgemm.blocks.resampler): the image cut into window x window px tiles, each through the
     # tower with its own LoRA (ranks window_lora: [qkv and out proj, MLP-side residual]), + the whole image resized
@@ -353,7 +352,7 @@ class ModelConfig:
             raise EdgemmError("vision post_norm goes with the siglip tower taking every layer (feature_layer None "
                               "or the tower's layers)")
         if self.adapter.kind not in ("glu", "mlp", "linear", "mlp_norm", "libra", "qformer", "perceiver", "pixel_shuffle",
-                                     "pixel_shuffle_linear", "resampler", "newline_rows", "omni_mlp",
+                                     "pixel_shuffle_linear", "newline_rows", "resampler", "omni_mlp",
                                      "omni_transformer", "gemma3"):
             raise EdgemmError(f"unknown adapter kind {self.adapter.kind!r}")
         if (v.arch == "clip+dinov2") != bool(v.second) or (v.arch == "clip+dinov2" and (
@@ -388,6 +387,10 @@ class ModelConfig:
                                   or d.cross_modal_bridge or d.single_branch):
             raise EdgemmError("per_modality_kv (mPLUG-Owl2's modality-adaptive module) goes with per_modality_norms "
                               "and excludes low-rank branches, the bridge and single_branch")
+        if d.vision_delta_rank and (d.vision_delta_rank < 1 or d.single_branch or d.vision_rank or d.vision_down_ratio
+                                    or d.per_modality_kv or d.cross_modal_bridge):
+            raise EdgemmError("vision_delta_rank (XComposer2's Partial-LoRA) is a rank >= 1 and excludes single_branch, "
+                              "low-rank branches, per-modality K/V and the bridge")
         if v.arch == "libra_vq":              # Libra's image tokenizer (edgemm.blocks.libra_vq)
             t, a, n = v.tokenizer, self.adapter, v.layers
             fl = t.get("feature_layers")
@@ -398,10 +401,6 @@ class ModelConfig:
                 raise EdgemmError("the libra_vq tower goes with the libra adapter, tokenizer feature_layers (CLIP "
                                   "hidden-state indices) and embed_dim, a codebook of 2^b codes (vision_vocab 2^b + 2) "
                                   "and signal_size = width x the number of feature layers")
-        if d.vision_delta_rank and (d.vision_delta_rank < 1 or d.single_branch or d.vision_rank or d.vision_down_ratio
-                                    or d.per_modality_kv or d.cross_modal_bridge):
-            raise EdgemmError("vision_delta_rank (XComposer2's Partial-LoRA) is a rank >= 1 and excludes single_branch, "
-                              "low-rank branches, per-modality K/V and the bridge")
         if d.qk_norm and not d.single_branch:
             raise EdgemmError("qk_norm (Qwen3's per-head Q/K RMSNorm) goes with single_branch")
         if d.n_experts and not (d.single_branch and 1 <= d.experts_top_k <= d.n_experts and d.moe_every >= 1):
@@ -502,6 +501,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Its ViT is wider than the dataclass default (256 vs 128): the tower sees 10 rows per image, so width costs
     # little, and the wider tower binds colour, shape and cell in each row (measured in the issue-2 note).
     "tiny-shapes": ModelConfig(name="tiny-shapes", vision=VisionConfig(width=256, mlp_dim=512)),
+    # tiny-shapes' weights with activation outliers put in at load time by an exact reparametrisation (edgemm.outliers)
+    "tiny-shapes-outliers": ModelConfig(name="tiny-shapes-outliers", vision=VisionConfig(width=256, mlp_dim=512)),
     # ~0.5B random-weight model for speed work (text branch ~0.25B read per decode step).
     "bench-0.5b": ModelConfig(
         name="bench-0.5b",
@@ -525,5 +526,3 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise EdgemmError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return ModelConfig.from_dict(PRESETS[name].to_dict())
-    # tiny-shapes' weights with activation outliers put in at load time by an exact reparametrisation (edgemm.outliers)
-    "tiny-shapes-outliers": ModelConfig(name="tiny-shapes-outliers", vision=VisionConfig(width=256, mlp_dim=512)),

@@ -54,9 +54,6 @@ def decoder_arch(cfg) -> str:
     return "qwen2" if cfg.decoder.qkv_bias else "llama"
 
 
-PERSIMMON = "persimmon decoder (layernorm, partial rope, relu2 mlp, biases)"
-
-
 VISION_STAGES = ("auto", "mmproj", "onnx")
 ONNX_VISION_PRECISION = {"f32": "fp32", "f16": "fp16"}      # other gguf types: int8 weight-only (no calibration)
 
@@ -73,6 +70,9 @@ def vision_stage(cfg, requested: str | None = None) -> str:
         raise EdgemmError("--gguf-vision mmproj: llama.cpp's clip/mtmd has no graph for this vision stage "
                           f"({cfg.vision.arch} tower, {cfg.adapter.kind} adapter); use auto or onnx")
     return route if requested == "auto" else requested
+
+
+PERSIMMON = "persimmon decoder (layernorm, partial rope, relu2 mlp, biases)"
 
 
 def check_supported(cfg, log=print, vision: str | None = None) -> None:
