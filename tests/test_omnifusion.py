@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from .test_import_llava import away_from_init, exports_validate
+from .test_import_llava import away_from_init
 from .test_tokenizers import _style
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
@@ -258,10 +258,10 @@ def _export(ck, out, target, prec):
     return r.output
 
 
-def _run(bundle, image):
+def _run(bundle, image, backend="ort"):
     from click.testing import CliRunner
     from edgemm.cli import main
-    r = CliRunner().invoke(main, ["run", "--bundle", str(bundle), "--backend", "ort", "--image", str(image),
+    r = CliRunner().invoke(main, ["run", "--bundle", str(bundle), "--backend", backend, "--image", str(image),
                                   "--max-new-tokens", "3", "what is it?"])
     assert r.exit_code == 0, r.output
     return r.output
@@ -273,27 +273,37 @@ def _red(d):
     return d / "red.png"
 
 
+def _gguf(ck, out):
+    """`edgemm export --target gguf`: llama.cpp's decoder GGUF beside the vision stage as ONNX (OmniFusion's towers
+    and adapter have no llama.cpp graph), its ONNX rows and its decoder validated."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "--precision", "f32", "-o",
+                                  str(out)])
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "edgemm.json").read_text())
+    assert man["stages"]["vision"]["format"] == "onnx" and man["validation"]["vision_onnx"]["ok"], man
+    assert man["validation"]["passed"], man["validation"]
+
+
 def test_two_tower_exports_validate_and_run(two_tower, tmp_path):
-    """The merged encoders export to onnx fp32 / int8 and trt fp16 / int8 (--no-build; int8 calibrated per stage and
-    modality), each validated against the reference; gguf is refused naming the merged towers; `edgemm run --image`
-    answers from the int8 onnx bundle."""
-    exports_validate(two_tower["ck"], tmp_path, "merged clip + dinov2 towers")
-    _export(two_tower["ck"], tmp_path / "trt-int8", "trt", "int8")
+    """The merged encoders export to onnx fp32 / int8, trt fp16 / int8 (--no-build; int8 calibrated per stage and
+    modality) and gguf (the vision stage in ONNX beside the decoder GGUF), each validated against the reference;
+    `edgemm run --image` answers from the int8 onnx bundle and from the gguf one in the llamacpp backend."""
+    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("trt", "fp16"), ("trt", "int8")):
+        _export(two_tower["ck"], tmp_path / f"{target}-{prec}", target, prec)
+    _gguf(two_tower["ck"], tmp_path / "gguf")
     _run(tmp_path / "onnx-int8", _red(tmp_path))
+    _run(tmp_path / "gguf", _red(tmp_path), backend="llamacpp")
 
 
 def test_release_exports_and_runs(release, tmp_path):
-    """The release's import exports to onnx (validated) and runs an image; gguf is refused naming OmniFusion's
-    begin/end-of-image rows and the targets that compute them."""
-    from click.testing import CliRunner
-    from edgemm.cli import main
+    """The release's import (the transformer adapter) exports to onnx and gguf (vision stage in ONNX), both
+    validated, and each runs an image."""
     _export(release["ck"], tmp_path / "onnx", "onnx", "fp32")
     _run(tmp_path / "onnx", _red(tmp_path))
-    r = CliRunner().invoke(main, ["export", "--model", str(release["ck"]), "--target", "gguf", "-o",
-                                  str(tmp_path / "gguf")])
-    assert r.exit_code == 2 and "begin/end-of-image rows (omnifusion)" in r.output and "onnx, trt" in r.output, \
-        r.output
-    assert not (tmp_path / "gguf").exists()
+    _gguf(release["ck"], tmp_path / "gguf")
+    _run(tmp_path / "gguf", _red(tmp_path), backend="llamacpp")
 
 
 def test_broken_release_is_refused_in_one_line(release, tmp_path):
