@@ -39,6 +39,13 @@ class Family:
     add_bos: bool | None = None         # whether prompts start with bos (None: as the tokenizer does; Fuyu: no)
     chat_template: str | None = None    # the chat format of a release whose tokenizer files ship none (its code has it)
 
+    release_files: tuple = ()           # a release without config.json: the files that mark its folder (open_release)
+
+    def open_release(self, src, allow_bin: bool = False):
+        """A release folder without config.json (it holds every file of release_files) -> (the config dict plan()
+        reads, its Source, the tokenizer folder or None)."""
+        raise NotImplementedError
+
     def detect(self, hf: dict) -> bool:
         mt = str(hf.get("model_type", "")).lower()
         archs = {str(a).lower() for a in hf.get("architectures") or []}
@@ -82,6 +89,14 @@ def get(name: str) -> Family:
     if name not in fams:
         raise EdgemmError(f"unknown family {name!r}; edgemm imports {', '.join(fams)}")
     return fams[name]
+
+
+def release_family(src) -> "Family | None":
+    """The family whose release layout (no config.json; Family.release_files) a folder holds, if any."""
+    for fam in families().values():
+        if fam.release_files and all((src / f).is_file() for f in fam.release_files):
+            return fam
+    return None
 
 
 def detect(hf: dict, where: str = "config.json") -> str:

@@ -36,54 +36,6 @@ DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)      # BitIma
 
 
 # --------------------------------------------------------------------------- the release's parts
-class _Parts:
-    """Several checkpoints as one source (edgemm.importers.shards.Source's interface), each under its prefix: a
-    Source (its shards) or a dict of tensors (one pseudo-shard)."""
-
-    def __init__(self, path: Path, parts: list):
-        self.path, self.kind = path, "parts"
-        self.where, self.shapes, self.dtypes, self.shards, self._parts = {}, {}, {}, [], {}
-        for prefix, part in parts:
-            for shard in ([prefix] if isinstance(part, dict) else [prefix + s for s in part.shards]):
-                self.shards.append(shard)
-                self._parts[shard] = (prefix, part)
-            items = part.items() if isinstance(part, dict) else part.where.items()
-            for k, v in items:
-                if isinstance(part, dict):
-                    if hasattr(v, "shape"):
-                        self.where[prefix + k], self.shapes[prefix + k] = prefix, tuple(v.shape)
-                        self.dtypes[prefix + k] = str(v.dtype).replace("torch.", "")
-                else:
-                    self.where[prefix + k] = prefix + v
-                    self.shapes[prefix + k], self.dtypes[prefix + k] = part.shapes[k], part.dtypes[k]
-
-    def open(self, shard: str):
-        prefix, part = self._parts[shard]
-        return _PartShard(prefix, part, None if isinstance(part, dict) else shard[len(prefix):])
-
-    def read(self, name: str):
-        with self.open(self.where[name]) as f:
-            return f.get(name)
-
-
-class _PartShard:
-    def __init__(self, prefix, part, shard):
-        self.prefix, self.part, self.shard, self.f = prefix, part, shard, None
-
-    def __enter__(self):
-        if self.shard is not None:
-            self.f = self.part.open(self.shard).__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.f is not None:
-            self.f.__exit__(*exc)
-
-    def get(self, name):
-        k = name[len(self.prefix):]
-        return self.part[k] if self.f is None else self.f.get(k)
-
-
 def _config(d: Path, what: str) -> dict:
     f = d / "config.json"
     if not f.is_file():
@@ -119,7 +71,7 @@ def open_release(src: Path, allow_bin: bool = False):
              ("projection.", {k: v for k, v in proj.items() if hasattr(v, "shape")}),
              ("special_embeddings.", special)]
     tok = src / "tokenizer" if (src / "tokenizer" / "tokenizer.json").is_file() else None
-    return hf, _Parts(src, parts), tok
+    return hf, Source.of_parts(src, parts, allow_bin), tok
 
 
 # --------------------------------------------------------------------------- the plan
@@ -245,6 +197,7 @@ class OmniFusion(Family):
                 "begin/end-of-image rows; Mistral, one branch; whole image")
     blocks = ("vision:clip", "vision:clip+dinov2", "connector:omni_transformer", "connector:omni_mlp", "layer:single")
     core = ("single branch (llava)", "begin/end-of-image rows (omnifusion)")
+    release_files = RELEASE_FILES
     # The release's prompt (its README's gen_answer): the system line, then each turn's image and question, the answer
     # after it (the USER / BOT rows around the question are not imported, see above).
     chat_template = ("This is a dialog with AI assistant.\n{% for m in messages %}{% for p in m['content'] %}"
@@ -253,6 +206,9 @@ class OmniFusion(Family):
                      "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
     optional = ("grouped-query attention", "clip vision tower", "merged clip + dinov2 towers (omnifusion)",
                 "omnifusion transformer adapter", "omnifusion mlp adapter")
+
+    def open_release(self, src, allow_bin=False):
+        return open_release(src, allow_bin)
 
     def plan(self, hf, src, rules="original"):
         return map_omnifusion(hf, src, rules)

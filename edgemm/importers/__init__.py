@@ -40,15 +40,14 @@ def import_checkpoint(src, out, family: str = "auto", tokenizer=None, force: boo
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise EdgemmError(f"{src} is not a directory")
-    from ..families.omnifusion import RELEASE_FILES, open_release
-    release = not (src / "config.json").is_file() and all((src / f).is_file() for f in RELEASE_FILES)
-    if not (src / "config.json").is_file() and not release:
+    release = None if (src / "config.json").is_file() else families.release_family(src)
+    if not (src / "config.json").is_file() and release is None:
         raise EdgemmError(f"{src} is not a Hugging Face checkpoint: config.json is missing")
     check_out(out, force)
     tok_dir = Path(tokenizer) if tokenizer else None
-    if release:             # OmniFusion's release: its parts and pickles, no config.json (edgemm.families.omnifusion)
-        hf, source, release_tok = open_release(src, allow_bin)
-        fam, tok_dir = "omnifusion" if family == "auto" else family, tok_dir or release_tok
+    if release is not None:     # a release without config.json (OmniFusion's parts and pickles): its family reads it
+        hf, source, release_tok = release.open_release(src, allow_bin)
+        fam, tok_dir = release.name if family == "auto" else family, tok_dir or release_tok
     else:
         try:
             hf = json.loads((src / "config.json").read_text())

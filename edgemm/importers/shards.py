@@ -32,6 +32,7 @@ class Source:
         self.dtypes: dict[str, str] = {}
         self.kind = "safetensors"
         self.allow_bin, self.kinds = allow_bin, {}          # kinds: merged shards' own (Source.merge)
+        self.prefixes: dict[str, str] = {}                  # merged shards' name prefixes (Source.merge)
         p = path
         if (p / "model.safetensors.index.json").is_file():
             wm = self._index(p / "model.safetensors.index.json")
@@ -82,23 +83,39 @@ class Source:
             bare_file_name(v, str(path))
         return wm
 
+    @classmethod
+    def of_parts(cls, path: Path, parts: list, allow_bin: bool = False) -> "Source":
+        """A checkpoint made of parts inside `path` (a release without one weights file: OmniFusion's), each
+        (prefix, part): a Source (merged, its names prefixed) or a dict of in-memory tensors (read from a pickle)."""
+        self = cls.__new__(cls)
+        self.path, self.where, self.shapes, self.dtypes, self.shards = path, {}, {}, {}, []
+        self.kind, self.allow_bin, self.kinds, self.prefixes = "parts", allow_bin, {}, {}
+        for prefix, part in parts:
+            if isinstance(part, Source):
+                self.merge(part, prefix)
+            else:
+                self.add_tensors(prefix, {prefix + k: t for k, t in part.items() if hasattr(t, "shape")})
+        return self
+
     def open(self, shard: str) -> "_Shard":
         kind = self.kinds.get(shard, self.kind)
-        return kind if isinstance(kind, _Memory) else _Shard(self.path / shard, kind)
+        return kind if isinstance(kind, _Memory) else _Shard(self.path / shard, kind, self.prefixes.get(shard, ""))
 
-    def merge(self, other: "Source") -> None:
-        """Another folder's tensors under their own names, its shards by their path from this one's (a checkpoint
-        whose vision tower is a CLIP checkpoint of its own: LLaVA's original layout, Yi-VL's vit/ folder)."""
-        clash = sorted(set(other.where) & set(self.where))
+    def merge(self, other: "Source", prefix: str = "") -> None:
+        """Another folder's tensors (names prefixed with `prefix`), its shards by their path from this one's (a
+        checkpoint whose vision tower is a CLIP checkpoint of its own: LLaVA's original layout, Yi-VL's vit/ folder,
+        Libra's tokenizer CLIP; a release of parts: Source.of_parts)."""
+        clash = sorted({prefix + k for k in other.where} & set(self.where))
         if clash:
             raise EdgemmError(f"tensor {clash[0]} is both in {self.path} and in {other.path}")
         rel = other.path.resolve().relative_to(self.path.resolve())
         for k, shard in other.where.items():
-            self.where[k] = str(rel / shard)
-            self.shapes[k], self.dtypes[k] = other.shapes[k], other.dtypes[k]
+            self.where[prefix + k] = str(rel / shard)
+            self.shapes[prefix + k], self.dtypes[prefix + k] = other.shapes[k], other.dtypes[k]
         for shard in other.shards:
             self.shards.append(str(rel / shard))
-            self.kinds[str(rel / shard)] = other.kind
+            self.kinds[str(rel / shard)] = other.kinds.get(shard, other.kind)
+            self.prefixes[str(rel / shard)] = prefix + other.prefixes.get(shard, "")
 
     def add_tensors(self, name: str, tensors: dict) -> None:
         """Tensors already in memory (read from a pickle: Libra's vqgan.ckpt) as one pseudo-shard `name`."""
@@ -186,8 +203,8 @@ def load_pickle(path: Path) -> dict:
 class _Shard:
     """A context manager over one shard: safe_open (memory-mapped) or a weights-only mmapped torch.load."""
 
-    def __init__(self, path: Path, kind: str):
-        self.path, self.kind = path, kind
+    def __init__(self, path: Path, kind: str, prefix: str = ""):
+        self.path, self.kind, self.prefix = path, kind, prefix     # prefix: a merged part's names (Source.merge)
         self.touched = 0
 
     def __enter__(self):
@@ -221,7 +238,8 @@ class _Shard:
             return _ST_DTYPES.get(self.f.get_slice(k).get_dtype(), self.f.get_slice(k).get_dtype())
         return str(self.d[k].dtype).replace("torch.", "")
 
-    def get(self, k):
+    def get(self, k):                           # k: the source's name (a merged part's: with its prefix)
+        k = k[len(self.prefix):]
         if self.kind != "safetensors":
             return self.d[k]
         t = self.f.get_tensor(k)
