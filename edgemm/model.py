@@ -18,17 +18,14 @@ from . import xattn
 from .blocks import registry
 from .blocks.connectors import Adapter, LibraImageInput, MlpProjector
 from .blocks.decoder import Decoder, DecoderLayer, KVCache
-from .blocks.dinov2 import Dinov2Tower  # noqa: F401 (registers vision:dinov2, vision:clip+dinov2)
-from .blocks.internvit import InternVitTower  # noqa: F401 (registers vision:internvit)
 from .blocks.layers import Branch, KVBranch, LowRankBranch, LowRankLinear
-from .blocks.libra_vq import LibraImageTokenizer  # noqa: F401 (registers vision:libra_vq)
-from .blocks.omnifusion import OmniFusionMlp  # noqa: F401 (registers connector:omni_mlp, omni_transformer)
 from .blocks.ops import RMSNorm, apply_rope, gelu, rope_cos_sin, routed
 from .blocks.params import PARTS, param_part
 from .blocks.qformer import QFormerAdapter
-from .blocks.resampler import QwenResampler  # noqa: F401 (registers vision:qwen, connector:resampler)
 from .blocks.vision import BlipVisionTower, ClipBlock, ClipVisionTower, NoPixelTower, VisionTower, VitBlock
 from .config import ModelConfig, check_reference_supports
+
+registry.load_all()                          # every block module: their blocks registered
 
 __all__ = ["EdgeMM", "Adapter", "LibraImageInput", "MlpProjector", "QFormerAdapter", "Decoder", "DecoderLayer",
            "KVCache", "Branch", "KVBranch", "LowRankBranch", "LowRankLinear", "RMSNorm", "apply_rope", "gelu",

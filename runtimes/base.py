@@ -70,8 +70,8 @@ class Backend:
         per next() and yields None after each but the last, which yields the segment's last-row logits. The
         KV cache after the last piece is the one text() / image() leave. Text splits anywhere; an image where
         the backend can append its rows at their own positions (chunked_image_why)."""
-        if kind != "text":
-            yield from self._image_pieces(state, data, chunk)
+        if kind != "text":                      # (chunked_image_why: the rows must go in one piece)
+            yield from self._image_pieces(state, data, None if self.chunked_image_why() else chunk)
             return
         ids = list(data)
         yield from _pieces(lambda a, b: self.text(state, ids[a:b]), len(ids), chunk)
@@ -247,7 +247,7 @@ class SegmentRunner(Backend):
         eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
         m = rows.shape[1] - eoi
         # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
-        step = (not self.cfg.decoder.image_bidirectional and chunk) or max(m, 1)     # (Gemma 3: one block)
+        step = chunk or max(m, 1)
         pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)])},
                    positions[a:min(a + step, m)]) for a in range(0, m, step)]
         if eoi:

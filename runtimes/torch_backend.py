@@ -86,7 +86,7 @@ class TorchBackend(Backend):
         """The rows in pieces at the positions forward_segment gives them (the eoi row of CogVLM's rule last,
         through the text branch)."""
         import torch
-        if not chunk or self.cfg.decoder.cross_attn_every or self.cfg.decoder.image_bidirectional:   # (one block)
+        if not chunk:                           # (one block: prefill passes none where chunked_image_why says)
             yield self.image(state, rows)
             return
         m = self.model

@@ -7,7 +7,8 @@
 
 A block class gets `kind` set by the decorator (a class attribute). Towers and connectors have
 `from_config(cfg: ModelConfig)`; layer kinds say how a decoder layer builds them (edgemm.blocks.decoder).
-Registration happens when a block module is imported (EdgeMM imports them all). No torch here.
+Registration happens when a block module is imported: load_all() imports those MODULES names (EdgeMM calls it).
+No torch here.
 """
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from ..errors import EdgemmError
 
 ROLES = ("vision", "connector", "layer")
 _BLOCKS: dict[str, dict[str, type]] = {r: {} for r in ROLES}
+# The block modules (edgemm.blocks.<name>): a new block module adds its name here, nothing else imports it
+MODULES = ("vision", "connectors", "layers", "moe", "cross", "qformer", "internvit", "dinov2", "omnifusion",
+           "resampler", "libra_vq")
+
+
+def load_all() -> None:
+    """Import every block module, registering its blocks (EdgeMM does once; torch is imported here)."""
+    import importlib
+    for m in MODULES:
+        importlib.import_module(f"edgemm.blocks.{m}")
 
 
 def register(role: str, kind: str):

@@ -43,8 +43,8 @@ class Family:
 
     def open_release(self, src, allow_bin: bool = False):
         """A release folder without config.json (it holds every file of release_files) -> (the config dict plan()
-        reads, its Source, the tokenizer folder or None)."""
-        raise NotImplementedError
+        reads, its Source, the tokenizer folder or None); a family without one says so."""
+        raise EdgemmError(f"the {self.name} family has no release layout without config.json")
 
     def detect(self, hf: dict) -> bool:
         mt = str(hf.get("model_type", "")).lower()
