@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from .test_import_llava import away_from_init, exports_validate, greedy_ids, logits_and_cached_steps_match, \
-    record_answers
+    bundles_answer
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
 
@@ -215,8 +215,6 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     on the onnx fp32 and trt bundles and `edgemm serve` of the onnx one answer transformers' greedy ids (the served
     prompt counted as the processor's ids); gguf is refused (llama.cpp has no Fuyu graph), naming onnx and trt."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
-    from click.testing import CliRunner
-    from edgemm.cli import main
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
     exports_validate(ck, d, "llama.cpp has no Fuyu graph")
     from edgemm.tilings import image_rows
@@ -232,12 +230,7 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     hf_in = _reference(proc, Image.open(d / "img.png"))
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
     want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
-    got = record_answers(monkeypatch)
-    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
-        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
-                                      "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
-        assert r.exit_code == 0, r.output
-    assert got == [want, want], (got, want)
+    bundles_answer(monkeypatch, d, d / "img.png", QUESTION, want)
     from .test_smolvlm import _served_answer
     _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
                    json.loads((ck / "config.json").read_text())["tokens"], QUESTION)

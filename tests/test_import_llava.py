@@ -94,6 +94,19 @@ def record_answers(monkeypatch) -> list:
     return got
 
 
+def bundles_answer(monkeypatch, d, image, question, want, bundles=(("onnx-fp32", "ort"), ("trt-fp16", "trt"))):
+    """`edgemm run --image` on each (bundle under d, backend) (trt: its Q/DQ graphs on the CPU) answers `want`'s
+    ids, 4 new tokens at most."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    got = record_answers(monkeypatch)
+    for bundle, backend in bundles:
+        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
+                                      "--image", str(image), "--max-new-tokens", "4", question])
+        assert r.exit_code == 0, r.output
+    assert got == [want] * len(bundles), (got, want)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_llava_import_matches_transformers(kv_heads, tmp_path):
     model = _tiny_llava(kv_heads)

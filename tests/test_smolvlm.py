@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from .test_import_llava import away_from_init, greedy_ids, logits_and_cached_steps_match, record_answers, exports_validate
+from .test_import_llava import away_from_init, greedy_ids, logits_and_cached_steps_match, bundles_answer, exports_validate
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
 
@@ -318,8 +318,6 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     gguf is refused, saying why."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from PIL import Image
-    from click.testing import CliRunner
-    from edgemm.cli import main
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
     exports_validate(ck, d, "idefics3 projector")
     w, h = SIZES[0]
@@ -327,12 +325,7 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     hf_in, _ = _reference(hf, proc, Image.open(d / "img.png"))
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
     want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
-    got = record_answers(monkeypatch)
-    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
-        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--device", "cpu",
-                                      "--image", str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
-        assert r.exit_code == 0, r.output
-    assert got == [want, want], (got, want)
+    bundles_answer(monkeypatch, d, d / "img.png", QUESTION, want)
     _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
                    json.loads((ck / "config.json").read_text())["tokens"])
 

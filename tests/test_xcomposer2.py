@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .test_import_llava import away_from_init, exports_validate, record_answers
+from .test_import_llava import away_from_init, bundles_answer, exports_validate
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
 
@@ -272,8 +272,6 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     import onnx
     from onnx import numpy_helper
     from PIL import Image
-    from click.testing import CliRunner
-    from edgemm.cli import main
     d, ck, t, tok = imported["dir"], imported["ck"], imported["t"], imported["tok"]
     exports_validate(ck, d, "low-rank delta vision branches (partial-lora)")
 
@@ -302,12 +300,7 @@ def test_exports_validate_and_answer(imported, monkeypatch):
                 break
             want.append(nxt)
             ids.append(nxt)
-    got = record_answers(monkeypatch)
-    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):       # trt: its Q/DQ graphs on the CPU
-        r = CliRunner().invoke(main, ["run", "--bundle", str(d / bundle), "--backend", backend, "--image",
-                                      str(d / "img.png"), "--max-new-tokens", "4", "--device", "cpu", ASK])
-        assert r.exit_code == 0, r.output
-    assert got == [want, want], (got, want)
+    bundles_answer(monkeypatch, d, d / "img.png", ASK, want)
 
 
 def test_refusals(tmp_path):
