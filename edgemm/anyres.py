@@ -28,6 +28,12 @@ import numpy as np
 from .errors import EdgemmError
 
 CONFIG = "config"           # max_tiles argument: take the config's
+# The vision config fields this tiling adds (edgemm.tilings.fields): [h, w] pairs (multiples of image_size) the image
+# may be tiled to (empty: one fixed-size image); max_tiles: the most grid tiles (the overview is always added; None:
+# any pinpoint), a budget knob that departs from the source model when it excludes pinpoints; anyres_max:
+# LLaVA-OneVision's vision_aspect_ratio "anyres_max_N" (the unpadded feature map is downscaled, bilinear, past N
+# tiles' worth; None: never, LLaVA-NeXT)
+FIELDS = {"grid_pinpoints": [], "max_tiles": None, "anyres_max": None}
 
 
 def check_config(cfg) -> None:

@@ -17,6 +17,10 @@ import numpy as np
 
 from .errors import EdgemmError
 
+# The vision config fields this tiling adds (edgemm.tilings.fields): any image size, downscaled (aspect kept) to fit
+# canvas [height, width], then padded to whole patches with pad_value (the processor's padding_value before rescaling)
+FIELDS = {"canvas": [], "pad_value": 1.0}
+
 
 def check_config(cfg) -> None:
     v, a = cfg.vision, cfg.adapter

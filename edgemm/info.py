@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .blocks import support
+from .blocks import spec, support
+from .blocks.kinds import connectors, vision as towers
 from .blocks.params import PARTS, param_part
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
@@ -16,49 +17,17 @@ BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters per part, from the config alone (no weights; works for cogvlm-17b)."""
     v, a, d = cfg.vision, cfg.adapter, cfg.decoder
-    W = v.width
-    vit_block = (W * 3 * W + 3 * W) + (W * W + W) + 2 * (2 * W) + (W * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * W + W)
-    if v.arch == "clip":        # LLaVA's CLIP: no patch bias, a pre-LayerNorm, only the blocks before the feature layer
-        vision = (3 * v.patch_size ** 2 * W + W + (v.n_patches + 1) * W + 2 * W
-                  + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
-    elif v.arch == "siglip":    # SigLIP: patch bias, no CLS, no pre-LayerNorm; post_layernorm only when it is taken
-        vision = (3 * v.patch_size ** 2 * W + W + v.n_patches * W + (2 * W if v.post_norm else 0)
-                  + (v.layers if v.feature_layer is None else v.feature_layer) * vit_block)
-    elif v.arch == "qwen":      # Qwen-VL: no patch bias, no CLS, ln_pre
-        vision = 3 * v.patch_size ** 2 * W + v.n_patches * W + 2 * W + v.layers * vit_block
-        if v.window:            # Monkey: per window, LoRA on QKV (r x W, 3W x r), out_proj and beside the MLP
-            (r, rm), k = v.window_lora, v.tower_passes - 1
-            vision += v.layers * k * (r * W + 3 * W * r + 2 * r * W + 2 * rm * W)
-    elif v.arch == "none":      # Libra: no pixel tower in the checkpoint
-        vision = 0
-    else:                       # EVA (and BLIP's, + its post_layernorm below): patch bias, CLS, positions, blocks
-        vision = 3 * v.patch_size ** 2 * W + W + W + (v.n_patches + 1) * W + v.layers * vit_block
+    tower, connector = spec.get("vision", v.arch), spec.get("connector", a.kind)
+    vision = (tower.params or towers.eva_params)(cfg)        # a kind without its own count: the EVA arithmetic
+    adapter = (connector.params or connectors.glu_params)(cfg)
     D = d.d_model
-    if a.kind == "mlp":                                     # LLaVA's projector (+ LLaVA-NeXT's image_newline)
-        adapter = W * D + D * D + (2 * D if a.bias else 0) + (D if a.image_newline else 0)
-    elif a.kind == "linear":                                # LLaVA v1's single Linear
-        adapter = W * D + (D if a.bias else 0)
-    elif a.kind == "mlp_norm":                              # Yi-VL's Linear-LN-GELU-Linear-LN
-        adapter = W * D + D * D + 6 * D
-    else:
-        adapter = W * D + 2 * D + 3 * D * a.ffn_dim + 2 * D
-    if a.kind == "resampler":       # Qwen-VL: query, pos_embed, key_pos, kv_proj, ln_q/ln_kv, attention, ln_post, proj
-        adapter = (2 * a.query_tokens + v.n_patches) * D + (W * D if W != D else 0) + 4 * D + 4 * D * D + 4 * D \
-            + 2 * D + D * D
-    if a.kind == "qformer":                                 # BLIP-2 / InstructBLIP
-        from .qformer import qformer_param_count
-        adapter = qformer_param_count(a, W, D)
-        vision += 2 * W if v.arch == "blip" else 0          # the BLIP tower's post_layernorm
     qkv_out = (d.n_heads + 2 * d.kv_heads) * d.head_dim
     branch_layer = (D * qkv_out + (qkv_out if d.qkv_bias else 0) + d.attn_width * D + 3 * D * d.ffn_dim
                     + (2 * d.head_dim if d.qk_norm else 0))            # Qwen3: per-head Q and K RMSNorm weights
     shared = d.vocab_size * D * (1 if d.tie_embeddings else 2) + d.n_layers * 2 * D + D
     text = d.n_layers * (branch_layer - 3 * D * d.ffn_dim) + d.ffn_params()[0]        # MoE: every expert
-    if d.cross_attn_every:              # gated cross-attention (edgemm.xattn): the resampler is the adapter; the
-        nx, Wk = d.n_layers // d.cross_attn_every, d.cross_attn_kv_dim or D   # K/V projections run once per image
-        n, hd = a.perceiver_heads * a.perceiver_head_dim, a.perceiver_ffn or 4 * W
-        adapter = (a.perceiver_latents * W + 2 * W + a.perceiver_depth * (6 * W + 4 * W * n + 2 * W * hd)
-                   + nx * 2 * Wk * D)
+    if d.cross_attn_every:              # gated cross-attention (edgemm.xattn): the layers the text branch gains
+        nx = d.n_layers // d.cross_attn_every
         text += nx * (2 * D * D + 3 * D * d.ffn_dim + 2 * D + 2 * (D if d.cross_attn_alpha == "vector" else 1))
     return {"vision_tower": vision, "adapter": adapter, "decoder_shared": shared,
             "text_branch": text, "vision_branch": 0 if d.single_branch else d.n_layers * branch_layer}
@@ -121,15 +90,9 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
              f"variants: {', '.join(cfg.variants()) or 'none (llama.cpp cogvlm-compatible)'}",
              f"targets: {support.export_targets(cfg)}",
              "parameters:"]
-    if cfg.adapter.kind == "qformer":                       # the queries, not the tower rows, reach the decoder
-        from .qformer import describe_rows
-        lines = [describe_rows(cfg) if s.startswith("vision:") else s for s in lines]
-    if cfg.adapter.kind == "resampler":                     # Qwen-VL / Monkey: the resampler's queries reach it
-        per = f"{v.tower_passes} tiles ({v.tower_passes - 1} {v.window}px windows + the whole image) x " \
-            if v.window else ""
-        lines = [f"vision: ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> {per}"
-                 f"{v.n_patches} tower rows, resampled to {cfg.adapter.query_tokens} queries: {cfg.n_image_rows} image "
-                 "rows" if s.startswith("vision:") else s for s in lines]
+    describe = spec.get("connector", cfg.adapter.kind).describe   # Q-Former, resampler: what reaches the decoder
+    if describe is not None:
+        lines = [describe(cfg) if s.startswith("vision:") else s for s in lines]
     from . import tilings
     tiles = tilings.of(v)
     if tiles is not None:                                   # tiled: rows depend on the image (a few typical sizes)

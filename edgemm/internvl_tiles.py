@@ -19,6 +19,9 @@ import numpy as np
 
 from .errors import EdgemmError
 
+# The vision config fields this tiling adds (edgemm.tilings.fields): the grids of min_tiles..max_tiles tiles
+FIELDS = {"min_tiles": 1, "max_tiles": None}
+
 
 def check_config(cfg) -> None:
     v, a = cfg.vision, cfg.adapter

@@ -1,36 +1,9 @@
-"""BLIP-2 / InstructBLIP above the core: the Q-Former's own tokenizer (InstructBLIP's instruction input), its
-parameter count and `edgemm info`'s line for it. The torch blocks (the BLIP tower, the Q-Former connector) are in
-edgemm.blocks.vision and edgemm.blocks.qformer; this module imports no torch and nothing of bundle or checkpoint
+"""BLIP-2 / InstructBLIP above the core: the Q-Former's own tokenizer (InstructBLIP's instruction input). Its config
+fields, parameter count and `edgemm info`'s line are its spec's (edgemm/blocks/kinds/qformer.py). The torch blocks
+(the BLIP tower, the Q-Former connector) are in edgemm.blocks.vision and edgemm.blocks.qformer; this module imports no torch and nothing of bundle or checkpoint
 (they call it: the tokenizer's file in a checkpoint or bundle is theirs to read).
 """
 from __future__ import annotations
-
-from .config import AdapterConfig
-
-
-def qformer_param_count(c: AdapterConfig, kv_width: int, d_model: int) -> int:
-    """Parameters of a QFormerAdapter, from the config alone (edgemm info)."""
-    W, F_ = c.qformer_width, c.qformer_ffn
-    attn = 2 * (W * W + W) + 2 * W
-    ffn = W * F_ + F_ + F_ * W + W + 2 * W
-    n_cross = len(range(0, c.qformer_layers, c.cross_attention_frequency))
-    n = c.query_tokens * W + 2 * W + (W * d_model + (d_model if c.bias else 0))
-    n += c.qformer_layers * (attn + 2 * (W * W + W) + ffn * (2 if c.qformer_text else 1))
-    n += n_cross * (attn + 2 * (kv_width * W + W))
-    if c.qformer_text:
-        n += (c.qformer_vocab + c.qformer_positions) * W
-    return n
-
-
-def describe_rows(cfg) -> str:
-    """`edgemm info`'s vision line for a Q-Former model: tower rows in, query rows per image out."""
-    v, a = cfg.vision, cfg.adapter
-    n = v.n_patches + 1
-    return (f"vision: {v.arch.upper()} ViT {v.image_size}px/{v.patch_size} width {v.width} x {v.layers} layers -> "
-            f"{n} tower rows (CLS + {v.n_patches} patches) -> Q-Former ({a.qformer_layers} layers, width "
-            f"{a.qformer_width}, cross-attention every {a.cross_attention_frequency}"
-            f"{', + instruction tokens' if a.qformer_text else ''}) -> {cfg.n_image_rows} image rows per image "
-            f"(learned queries: {n / cfg.n_image_rows:.1f}x fewer prefill and KV-cache rows than the tower rows)")
 
 
 # --------------------------------------------------------------------------- InstructBLIP's instruction input

@@ -25,6 +25,12 @@ import numpy as np
 
 from .errors import EdgemmError
 
+# The vision config fields this tiling adds (edgemm.tilings.fields): the image resized to longest_edge, then to
+# multiples of image_size, cut into image_size tiles + the whole image (image_splitting; else the whole image alone);
+# tile_text: the token ids of the processor's text between the tiles' <image> runs ("tile": per grid cell row-major
+# over tile_text["grid"]^2, "global_split", "global", "end")
+FIELDS = {"longest_edge": 0, "image_splitting": True, "tile_text": {}}
+
 MAX_IMAGE_SIZE = 4096           # transformers' Idefics3 MAX_IMAGE_SIZE: no edge above it
 PIECES = ("tile", "global_split", "global", "end")
 

@@ -15,6 +15,17 @@ from .errors import EdgemmError
 MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches"}
 
 
+def fields() -> dict:
+    """The vision config fields every tiling adds (each module's FIELDS; a field two share has one default)."""
+    from .anyres import FIELDS
+    out = dict(FIELDS)
+    for name in MODULES.values():
+        for k, d in importlib.import_module(name).FIELDS.items():
+            if out.setdefault(k, d) != d:
+                raise ValueError(f"vision.{k} declared by two tilings with two defaults")
+    return out
+
+
 def of(v):
     """The tiling of a VisionConfig (None: one fixed-size image)."""
     if getattr(v, "grid_pinpoints", None):
