@@ -188,6 +188,13 @@ class ModelConfig:
         return "image_tokens" if self.adapter.kind == "libra" and self.vision.arch == "none" else "vision"
 
     @property
+    def video_stage(self) -> bool:
+        """LLaVA-NeXT-Video: a bundle's `video` stage (frames [F, 3, S, S] -> rows [1, F * R, D], the patch grid
+        pooled between the tower and the connector, edgemm.model.encode_video), beside the stages below."""
+        v = self.vision.video
+        return bool(v.get("pool")) and not v.get("project_first") and "frame" not in v
+
+    @property
     def stages(self) -> tuple[str, str, str]:
         if self.decoder.cross_attn_every:     # image rows -> per-layer cross K/V, once per image (edgemm.xattn)
             return self.input_stage, "cross_kv", "decoder_text"

@@ -89,6 +89,21 @@ class EdgeMM(nn.Module):
         feats = self.vision(pixels)
         return self.adapter(*feats) if isinstance(feats, tuple) else self.adapter(feats, *instruction)
 
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Stage `video` (LLaVA-NeXT-Video's frames, `vision.video` "pool"): frames [F, 3, S, S] -> rows [1, F * R, D]:
+        each frame through the tower, its patch grid pooled (the vision_resampler: average or max, by the stride),
+        then the connector."""
+        import torch.nn.functional as F
+        v = self.cfg.vision.video
+        stride = int(v.get("pool", 1))
+        f = self.vision(frames)                                         # [F, P, W] (CLS dropped)
+        g = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        f = f.reshape(-1, g, g, f.shape[-1]).permute(0, 3, 1, 2)
+        pool = F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d
+        f = pool(f, stride, stride).flatten(2).transpose(1, 2)           # [F, P / stride^2, W]
+        rows = self.adapter(f)
+        return rows.reshape(1, -1, rows.shape[-1])
+
     def encode_image_tiled(self, pixels: torch.Tensor, height: int, width: int, max_tiles="config"):
         """Any-resolution tiling (edgemm.anyres): the tiles of one height x width image [N, 3, S, S] (overview
         first) -> packed image rows [1, rows, D] (overview, unpadded tile rows each ended by the newline row)."""

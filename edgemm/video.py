@@ -250,28 +250,14 @@ def frame_rows(cfg, n_frames: int) -> list[int]:
 
 
 def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
-    """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R (+ 1), D]: LLaVA-NeXT-Video: each frame through the
-    tower, its patch grid pooled (the vision_resampler), the projector; LLaVA-OneVision: the tower, the projector,
-    the map downscaled bilinear, then the newline row (any backend: the vision stage is the tower + projector)."""
+    """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R (+ 1), D]: LLaVA-NeXT-Video: the backend's video
+    stage (each frame through the tower, its patch grid pooled, the projector: edgemm.model.encode_video; torch and
+    onnx bundles); LLaVA-OneVision: the tower, the projector, the map downscaled bilinear, then the newline row (any
+    backend: the vision stage is the tower + projector)."""
     v = takes_video(backend.cfg)
     if v.get("project_first") and v.get("pool_mode") == "bilinear":
         return _pooled_stage_rows(backend, pixels, v)
-    if getattr(backend, "name", "") != "torch":
-        raise EdgemmError(f"video rows are computed by the torch backend (--model DIR); the {backend.name} backend's "
-                          "vision stage has no frame pooling")
-    import torch
-    import torch.nn.functional as F
-    m, stride = backend.model, int(v.get("pool", 1))
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(backend.device)
-        f = m.vision(x)                                             # [F, P, W] (CLS dropped)
-        n, p, w = f.shape
-        g = int(round(p ** 0.5))
-        f = f.reshape(n, g, g, w).permute(0, 3, 1, 2)
-        pool = F.max_pool2d if v.get("pool_mode") == "max" else F.avg_pool2d
-        f = pool(f, stride, stride).flatten(2).transpose(1, 2)       # [F, P / stride^2, W]
-        rows = m.adapter(f)
-        return rows.reshape(1, -1, rows.shape[-1]).float().cpu().numpy()
+    return np.asarray(backend.video(np.ascontiguousarray(pixels, dtype=np.float32)), np.float32)
 
 
 def _pooled_stage_rows(backend, pixels: np.ndarray, v: dict) -> np.ndarray:

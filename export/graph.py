@@ -291,9 +291,10 @@ def input_examples(cfg, gen) -> dict:
     return out
 
 
-def vision_graph(model, fp16: bool = False, half: bool = False):
+def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = False):
     """The input stage traced from the reference (standard ops, dynamic batch) -> (model, weight bytes):
-    `vision` (pixels -> image rows) or, for Libra, `image_tokens` ((codes, signal) -> image rows); fp16 stores
+    `vision` (pixels -> image rows) or, for Libra, `image_tokens` ((codes, signal) -> image rows); video:
+    LLaVA-NeXT-Video's `video` stage (frames [F, 3, S, S] -> pooled rows [1, rows, D]); fp16 stores
     matrices in fp16 behind a Cast, as the decoder graphs do. half (fp16 compute for the CUDA provider): traced from
     an fp16 copy of the reference, fp32 inputs and image rows cast at the graph's edges."""
     import copy
@@ -312,10 +313,13 @@ def vision_graph(model, fp16: bool = False, half: bool = False):
         def forward(self, *x):
             if half:
                 x = [t.half() if t.is_floating_point() else t for t in x]
-            y = self.m.encode_image(*x) if self.m.cfg.input_stage == "vision" else self.m.encode_image_tokens(*x)
+            y = self.m.encode_video(*x) if video else self.m.encode_image(*x) \
+                if self.m.cfg.input_stage == "vision" else self.m.encode_image_tokens(*x)
             return y.float() if half else y
 
     ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
+    if video:                                               # two frames (the frame count is a dynamic axis)
+        ins = {"pixels": torch.cat([ins["pixels"]] * 2)}
     any_size = model.cfg.vision.arch == "patch_linear"      # Fuyu: pixels of any height and width
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -324,7 +328,7 @@ def vision_graph(model, fp16: bool = False, half: bool = False):
                           input_names=list(ins),
                           output_names=["image_rows"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {}),
-                                            **({1: "rows"} if n == "image_rows" and any_size else {}),
+                                            **({1: "rows"} if n == "image_rows" and (any_size or video) else {}),
                                             **({2: "height", 3: "width"} if n == "pixels" and any_size else {})}
                                         for n in [*ins, "image_rows"]})
     m = onnx.load_from_string(buf.getvalue())

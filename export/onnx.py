@@ -24,7 +24,7 @@ from edgemm.errors import EdgemmError, UnsupportedVariant
 
 from edgemm.export.decoder_graph import decode_batch_supported, decoder_graph
 from edgemm.export.graph import GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, io_spec, save_stage, vision_graph
-from edgemm.export.validate import (INPUTS, TorchReference, check_items, format_validation,  # noqa: F401
+from edgemm.export.validate import (INPUTS, TorchReference, check_items, compare, format_validation,  # noqa: F401
                                     random_ids, random_record, real_prompt, run_prompt, summarize, validation_inputs)
 
 from edgemm.calib.recipes import QUANTIZED, group
@@ -95,6 +95,26 @@ def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     return out
 
 
+def video_stage(m, out: Path) -> dict:
+    """LLaVA-NeXT-Video's `video` stage (edgemm.model.encode_video: the frames' patch grids pooled between the
+    tower and the connector) traced into out/video.onnx -> its manifest entry. fp32 whatever the vision stage's
+    precision: its calibration would need pooled-frame statistics of its own."""
+    import onnx
+    g, nbytes = vision_graph(m, video=True)
+    st = {"file": "video.onnx", "graph": GRAPH_STANDARD, "precision": "fp32", "compute": "fp32",
+          "weights": "fp32 (not quantized)", "note": "frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch "
+          "grid pooled between the tower and the connector (LLaVA-NeXT-Video's vision_resampler)"}
+    extra = save_stage(g, out / "video.onnx", nbytes)
+    onnx.checker.check_model(str(out / "video.onnx"))
+    st["inputs"], st["outputs"] = io_spec(g)
+    return {**st, **({"extra_files": extra} if extra else {})}
+
+
+def stage_precision(precision: dict, stage: str) -> str:
+    """The precision a stage was exported at: its --precision group's, the video stage always fp32."""
+    return "fp32" if stage == "video" else precision[group(stage)]
+
+
 def check_variants(cfg, where: str, precision: dict, target: str = "onnx") -> None:
     """Refuse what the onnx / trt graphs cannot compute, naming the variant (and who can): the support matrix."""
     v = support.refusal(cfg, target)
@@ -156,7 +176,13 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     res = run_prompt(ref, b, cfg, ins, segments, decode_steps, stop_id=stop, image_hw=hw)
     if b.batched:
         res["decoder_batch"] = validate_batch(model, b, gen, against_backend=bool(calib_items))
-    out = summarize(res, lambda s: precision[group(s)], lambda *a: judge("onnx", *a))
+    if cfg.video_stage:                 # LLaVA-NeXT-Video: three random frames through the video stage
+        S = cfg.vision.image_size
+        frames = torch.randn(3, 3, S, S, generator=gen)
+        with torch.inference_mode():
+            want = model.encode_video(frames).numpy()
+        res["video"] = [compare(want, b.video(frames.numpy()))]
+    out = summarize(res, lambda s: stage_precision(precision, s), lambda *a: judge("onnx", *a))
     out["_seed"] = seed
     return out
 
@@ -292,6 +318,8 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         calibration = quantize_bundle_stages(tmp, stages, prec, m, tok, calib=calib, stats=stats, log=log,
                                              keep_sensitive=keep_sensitive, model_digest=source["digest"],
                                              recipes=recipes)
+        if cfg.video_stage:                 # LLaVA-NeXT-Video's pooled frames: fp32, beside the quantized stages
+            stages["video"] = video_stage(m, tmp)
         tok.save(tmp / "tokenizer.json")
         from edgemm.qformer import bundle_fields
         qformer = bundle_fields(tok, tmp, cfg)                  # InstructBLIP: its Q-Former tokenizer
@@ -322,7 +350,7 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
         manifest["validation"] = {"reference": f"edgemm.model (PyTorch {torch.__version__}, fp32, CPU)",
                                   "source_digest": source["digest"],
                                   **(items.record(seed) if items else random_record(seed, cfg.input_stage)),
-                                  "seed": seed, "thresholds": used("onnx", lambda s: prec[group(s)], figures),
+                                  "seed": seed, "thresholds": used("onnx", lambda s: stage_precision(prec, s), figures),
                                   "stages": figures}
         if "decoder_batch" in figures:          # not a stage: decoder_text's batched step (validate_batch)
             manifest["validation"]["decode_batch"] = {**figures.pop("decoder_batch"), "states": BATCH_CHECK}

@@ -56,6 +56,13 @@ class Backend:
         """Any-resolution tiling (edgemm.anyres): the float32 newline row [D] the host packs between tile rows."""
         raise NotImplementedError
 
+    def video(self, frames: np.ndarray) -> np.ndarray:
+        """LLaVA-NeXT-Video (ModelConfig.video_stage): frames float32 [F, 3, S, S] -> rows [1, F * R, D], each
+        frame's patch grid pooled between the tower and the connector."""
+        from edgemm.errors import EdgemmError
+        raise EdgemmError(f"the {self.name} backend has no video stage for this model; run it with --model DIR (torch) "
+                          "or an onnx bundle")
+
     def text(self, state: State, ids: list[int]) -> np.ndarray:
         """Append a text segment (text branch); -> float32 logits [vocab] of its last row."""
         raise NotImplementedError
@@ -266,6 +273,14 @@ class SegmentRunner(Backend):
             raise EdgemmError("this bundle (Libra) takes image tokens, not pixels: its VQ image tokenizer and CLIP "
                               "signal encoder are not imported; use image_tokens(codes, signal)")
         return self._encode("vision", vision_feeds(self.cfg, pixels, instruction))
+
+    def video(self, frames) -> np.ndarray:
+        from edgemm.errors import EdgemmError
+        if "video" not in getattr(self, "manifest", {}).get("stages", {}):
+            raise EdgemmError(f"bundle {self.source} has no video stage (LLaVA-NeXT-Video's pooled frames: onnx "
+                              "bundles exported by this edgemm have it); re-export it with --target onnx, or run "
+                              "--model DIR")
+        return self._encode("video", {"pixels": np.ascontiguousarray(frames, dtype=np.float32)})
 
     def image_tokens(self, codes, signal=None) -> np.ndarray:
         """Libra: image tokens [1, rows, codebooks] (+ continuous signal [1, rows, signal_size]) -> image rows."""

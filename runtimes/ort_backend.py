@@ -111,6 +111,7 @@ class OrtBackend(SegmentRunner):
             raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it")
         cfg = ModelConfig.from_dict(mc)
         stages, names = man.get("stages", {}), cfg.stages
+        names += ("video",) if cfg.video_stage and "video" in stages else ()     # LLaVA-NeXT-Video's pooled frames
         missing = [s for s in names if s not in stages]
         if missing:
             raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")

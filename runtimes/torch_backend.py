@@ -66,6 +66,12 @@ class TorchBackend(Backend):
     def image_newline(self):
         return self.model.adapter.image_newline.detach().float().cpu().numpy()
 
+    def video(self, frames):
+        import torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(self.device)
+            return self.model.encode_video(x).float().cpu().numpy()
+
     def _segment(self, state, kind, data):
         import torch
         state.cache.length = state.length        # a state may have been rewound

@@ -250,6 +250,35 @@ def test_answer_and_edgemm_run_video_match_transformers(lnv, tmp_path):
     assert " ".join(words) in r.output and "error: video not found" in r.output, r.output
 
 
+def test_onnx_bundle_takes_video(lnv, tmp_path):
+    """An onnx bundle of LLaVA-NeXT-Video carries its `video` stage (frames pooled between the tower and the
+    projector, fp32 beside the int8 stages): the exporter checks it against the reference, and `edgemm run
+    --bundle --video` on the fp32 bundle answers with transformers' greedy words (the int8 decoder of this random
+    tiny model greedily says other words)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from edgemm.export.onnx import export_onnx
+    from edgemm.runtimes import load_backend
+    from edgemm.video import frame_pixels, read_video, video_rows
+    model, _, ck = lnv
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_clip(10, pattern=True))
+    want = _hf_answer(model, ck, clip.read_bytes(), "w20 w21")
+    for prec in ("fp32", "int8"):
+        man = export_onnx(str(ck), tmp_path / prec, precision=prec, log=None)
+        v = man["validation"]["stages"]["video"]
+        assert man["stages"]["video"]["precision"] == "fp32" and v["ok"] and v["cosine"] > 0.99999, v
+    b, ref = load_backend("ort", bundle=str(tmp_path / "fp32"), device="cpu"), _backend(ck)
+    px = frame_pixels(read_video(clip.read_bytes(), 5), ref.cfg)
+    assert np.abs(video_rows(b, px) - video_rows(ref, px)).max() <= 1e-4          # 5 frames: the axis is dynamic
+    r = CliRunner().invoke(main, ["run", "--bundle", str(tmp_path / "fp32"), "--backend", "ort", "--video",
+                                  str(clip), "--max-new-tokens", "5", "w20 w21"])
+    assert r.exit_code == 0, r.output
+    words = r.output.strip().splitlines()[-1].split()
+    assert words and words == want.split()[:len(words)], (r.output, want)
+
+
 def test_run_video_refusals_are_one_line(lnv, tmp_path):
     from click.testing import CliRunner
     from edgemm.cli import main

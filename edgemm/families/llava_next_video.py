@@ -4,7 +4,8 @@ Its image path is LLaVA-NeXT's (CLIP tower, any-resolution tiles, MLP projector,
 layout is the same, so the tensor plan is LLaVA-NeXT's. Video (edgemm.video): frames sampled uniformly (the video
 processor's num_frames, else 8), each through the tower, the vision_resampler's spatial pooling
 (`spatial_pool_mode` average or max, `spatial_pool_stride`), the projector; the rows stand where the template puts
-`<video>` (transformers' `video_token_index` rows). The torch backend computes it; bundles take images.
+`<video>` (transformers' `video_token_index` rows). The torch backend computes it, and an onnx bundle's `video`
+stage (edgemm.model.encode_video traced; fp32); trt and gguf bundles take images.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class LlavaNextVideo(LlavaNext):
     model_types = ("llava_next_video",)
     architectures = ("llavanextvideoforconditionalgeneration",)
     source = "`LlavaNextVideoForConditionalGeneration`"
-    computes = "LLaVA-NeXT's image path; video frames pooled (torch)"
+    computes = "LLaVA-NeXT's image path; video frames pooled (torch, onnx)"
 
     def plan(self, hf, src, rules="original"):
         plan = super().plan(hf, src, rules)
