@@ -64,8 +64,9 @@ def _best_resize(w: float, h: float, S: int, p: int, upscale: bool) -> tuple[int
 
 
 def keep_ratio(w: int, h: int, m: int) -> tuple[int, int]:
-    """resize_image_keep_ratio's size: the longer side m (the width when wider, else the height)."""
-    return (m, int(m / w * h)) if w > h else (int(m / h * w), m)
+    """resize_image_keep_ratio's size: the longer side m (the width when wider, else the height); at least 1 px (the
+    release would resize a 3000 x 1 image to 0 px)."""
+    return (m, max(1, int(m / w * h))) if w > h else (max(1, int(m / h * w)), m)
 
 
 def layout(v, width: int, height: int) -> tuple:

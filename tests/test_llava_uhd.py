@@ -263,6 +263,13 @@ def test_slices_equal_the_release():
             assert np.array_equal(np.asarray(px), np.concatenate([normalize(t, v) for t in patches]))
             assert layout(v, w, h)[2] == patches[0].size and px.shape[2:] == patches[0].size[::-1]
     assert release_slices(_image(2000, 500), 7, 336, 14)[2] == [4, 1]        # wide: one row of slices
+    from PIL import Image
+    from edgemm.uhd_slices import pixel_rows
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(vision=v, adapter=SimpleNamespace(query_tokens=Q))
+    for w, h in ((3000, 1), (1, 3000)):                     # (the release resizes these to 0 px and fails)
+        px = preprocess(Image.new("RGB", (w, h), (200, 10, 10)), v)
+        assert px.shape[0] >= 1 and min(px.shape[2:]) >= P and pixel_rows(cfg, px) >= Q
 
 
 @pytest.mark.parametrize("hw", [(7, 7), (5, 9), (9, 4), (3, 12), (12, 5), (6, 6)])
