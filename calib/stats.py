@@ -296,7 +296,8 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
                 current["stage"] = "vision"
                 ins = [torch.from_numpy(x) for x in instruction(tok, cfg, s.prompt)]   # InstructBLIP: Q-Former ids
                 rows = (m.encode_image_tiled(t, *px.hw, px.max_tiles) if isinstance(px, Tiles)
-                        else m.encode_image(t, *ins))
+                        else px.encode_with(lambda *a: m.encode_image(*map(torch.from_numpy, a)), cfg)
+                        if hasattr(px, "encode_with") else m.encode_image(t, *ins))    # (LLaVA-UHD: per size)
                 if hasattr(px, "pack_rows"):                     # SmolVLM: its tiles' rows between their markers
                     rows = px.pack_rows(rows, cfg)
                 ids = tok.user_turn(s.prompt, first=True) + (tok.answer(s.answer) if s.answer else [])

@@ -1,6 +1,6 @@
 """The tiled models' host sides, looked up by the vision config (one table instead of a string test per family at
 every call site): LLaVA-NeXT's any-resolution tiling (grid_pinpoints, edgemm.anyres.HOOKS), InternVL's dynamic tiles
-and SmolVLM / Idefics3's tile grid (vision.tiling, a module each). Every tiling has the same hooks:
+SmolVLM / Idefics3's tile grid, Fuyu's patches and LLaVA-UHD's slices (vision.tiling, a module each). Every tiling has the same hooks:
 preprocess(src, v), image_rows(cfg, width, height), max_rows(cfg), max_tile_batch(v), describe_rows(cfg, typical),
 check_config(cfg), pixel_rows(cfg, pixels) (the rows of one preprocessed image) and, where a tile count is
 settable, set_max_tiles(cfg, n, manifest). A new tiling is a module with these hooks and a line in MODULES."""
@@ -12,7 +12,8 @@ import numpy as np
 
 from .errors import EdgemmError
 
-MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches"}
+MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches",
+           "uhd": "edgemm.uhd_slices"}
 
 
 def fields() -> dict:
@@ -59,6 +60,8 @@ def preprocess_image(src, v):
 def encode_pixels(backend, pixels) -> np.ndarray:
     """preprocess_image's output -> image rows [1, rows, D] through the backend's vision stage (+ the packing)."""
     from .anyres import Tiles, pack, row_index
+    if hasattr(pixels, "encode_with"):          # LLaVA-UHD: a vision call per size (slices, source image; uhd_slices)
+        return pixels.encode_with(backend.vision, backend.cfg)
     if hasattr(pixels, "pack_rows"):            # SmolVLM: its rows gathered from the stage's table (smolvlm_tiles)
         return pixels.pack_rows(backend.vision(np.asarray(pixels)), backend.cfg)
     if not isinstance(pixels, Tiles):

@@ -281,6 +281,11 @@ def input_examples(cfg, gen) -> dict:
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen),
                 "qformer_input_ids": torch.randint(0, a.qformer_vocab, (1, T), generator=gen),
                 "qformer_attention_mask": (torch.arange(T) < max(1, T - 1)).long()[None]}
+    if v.tiling == "uhd":                               # LLaVA-UHD: two slices of 2 x 3 patches + their regions
+        from edgemm.uhd_slices import pool_matrices
+        pr, pc = pool_matrices(2, 3, math.isqrt(a.query_tokens))
+        return {"pixels": torch.randn(2, 3, 2 * v.patch_size, 3 * v.patch_size, generator=gen),
+                "pool_rows": torch.from_numpy(pr), "pool_cols": torch.from_numpy(pc)}
     if v.arch == "patch_linear":                        # Fuyu: any size in whole patches (dynamic height, width)
         return {"pixels": torch.randn(1, 3, 2 * v.patch_size, 3 * v.patch_size, generator=gen)}
     if cfg.input_stage == "vision":
@@ -320,7 +325,8 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
     ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
     if video:                                               # two frames (the frame count is a dynamic axis)
         ins = {"pixels": torch.cat([ins["pixels"]] * 2)}
-    any_size = model.cfg.vision.arch == "patch_linear"      # Fuyu: pixels of any height and width
+    any_size = model.cfg.vision.arch == "patch_linear" or model.cfg.vision.tiling == "uhd"   # Fuyu, LLaVA-UHD:
+    # pixels of any height and width (LLaVA-UHD: + the regions' RoIAlign weights, sized by the patch grid)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -329,7 +335,8 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
                           output_names=["image_rows"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={n: {0: "batch", **({1: "instruction_len"} if n.startswith("qformer_") else {}),
                                             **({1: "rows"} if n == "image_rows" and (any_size or video) else {}),
-                                            **({2: "height", 3: "width"} if n == "pixels" and any_size else {})}
+                                            **({2: "height", 3: "width"} if n == "pixels" and any_size else {}),
+                                            **({0: n + "_out", 1: n + "_in"} if n.startswith("pool_") else {})}
                                         for n in [*ins, "image_rows"]})
     m = onnx.load_from_string(buf.getvalue())
     m.ir_version = IR_VERSION

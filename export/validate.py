@@ -306,6 +306,10 @@ def real_prompt(calib_items, seed: int, cfg, tokenizer, gen):
     from edgemm.tokenizer import USER_FMT
     px, segs = calib_items[seed % len(calib_items)][:2]
     ins, hw = {"pixels": torch.from_numpy(np.asarray(px))}, getattr(px, "hw", None)
+    if hasattr(px, "groups"):           # LLaVA-UHD: the first vision call (its slices or the image) and its regions
+        from edgemm.runtimes.base import UHD_INPUTS
+        first = px.groups(cfg)[0]
+        ins = {"pixels": torch.from_numpy(first[0]), **{k: torch.from_numpy(x) for k, x in zip(UHD_INPUTS, first[1:])}}
     ins.update({k: v for k, v in validation_inputs(cfg, gen)[0].items() if k.startswith("qformer_")})
     ids = segs[2][1]
     cue = tokenizer.encode(USER_FMT.split("}")[-1])                    # "\nA:"

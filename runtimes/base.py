@@ -141,9 +141,16 @@ def vision_feeds(cfg, pixels, instruction=()) -> dict:
         ids = np.zeros((B, 0), np.int64) if not instruction else np.asarray(instruction[0], np.int64)
         mask = np.ones_like(ids) if len(instruction) < 2 else np.asarray(instruction[1], np.int64)
         feeds.update(qformer_input_ids=np.ascontiguousarray(ids), qformer_attention_mask=np.ascontiguousarray(mask))
+    elif cfg.adapter.kind == "uhd_resampler":     # LLaVA-UHD: the RoIAlign weights of the regions (uhd_slices)
+        if len(instruction) != 2:
+            raise EdgemmError("LLaVA-UHD's vision stage takes pixels, pool_rows and pool_cols (edgemm.uhd_slices)")
+        feeds.update({k: np.ascontiguousarray(x, dtype=np.float32) for k, x in zip(UHD_INPUTS, instruction)})
     elif instruction:
         raise EdgemmError("only InstructBLIP's vision stage takes an instruction")
     return feeds
+
+
+UHD_INPUTS = ("pool_rows", "pool_cols")
 
 
 class SegmentRunner(Backend):

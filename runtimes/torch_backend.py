@@ -58,7 +58,8 @@ class TorchBackend(Backend):
         import torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-            ins = [torch.from_numpy(np.asarray(t, np.int64)).to(self.device) for t in instruction]
+            ins = [torch.from_numpy(np.asarray(t, np.float32 if np.asarray(t).dtype.kind == "f" else np.int64))
+                   .to(self.device) for t in instruction]                # (LLaVA-UHD: its float RoIAlign weights)
             if not ins and self.cfg.adapter.qformer_text:           # InstructBLIP: none is an empty instruction
                 ins = [torch.zeros(x.shape[0], 0, dtype=torch.long, device=self.device)]
             return self.model.encode_image(x, *ins).float().cpu().numpy()

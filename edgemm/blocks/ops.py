@@ -1,8 +1,11 @@
-"""Functional pieces several blocks share: GELU forms, RMSNorm, per-row routing, NEOX RoPE.
+"""Functional pieces several blocks share: GELU forms, RMSNorm, per-row routing, NEOX RoPE, position-table
+interpolation.
 
 Shapes: B batch, T rows, H heads, E head dim.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -70,3 +73,12 @@ def apply_rope(x, cos, sin):                                # x: [B, H, T, E]; c
     h = x.shape[-1] // 2
     rot = torch.cat([-x[..., h:], x[..., :h]], -1)
     return x * cos + rot * sin
+
+
+def grid_pos(table: torch.Tensor, h, w) -> torch.Tensor:
+    """A square position table [L, C] interpolated bicubically (align_corners False, in fp32) to an h x w grid ->
+    [h * w, C] (h, w may be traced sizes: the ONNX graph's Resize takes them from the input's shape)."""
+    src = int(math.sqrt(table.shape[0]))
+    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(-1, table.shape[-1]).to(table.dtype)

@@ -14,6 +14,11 @@ resampler's width: Qwen-VL's output_dim is the LM's hidden size), h resampler he
   pos_embed [Q, D] is the 2-D sin-cos table over the query grid; key_pos [P, D] the same table interpolated
   bicubically to the tower's grid (get_abs_pos in the release; a constant of the weights at a fixed image size,
   computed at import). Output [B, Q, D]: the rows between <img> and </img>, read by the decoder's single branch.
+- LLaVA-UHD (thunlp/LLaVA-UHD, adapt_spatial_resampler.py: connector "uhd_resampler", UhdResampler) is this resampler
+  with three differences: key_pos is pos_embed interpolated to each slice's own h x w patch grid at run time (the
+  slices vary in size); each query reads only its region of the feature map: the g x g regions (g^2 = Q) RoIAligned
+  to oh x ow points (torchvision's roi_align, aligned False), so one query attends to oh * ow keys; and the output
+  is one table, the slices' rows then the separator rows (edgemm.uhd_slices packs them).
 - Monkey (Yuliang-Liu/Monkey, vision `window`): the image's windows, each through the tower with its own LoRA
   (QwenWindowBlock), and the whole image resized to one window (the base tower) -> the resampler per tile -> the
   tiles' rows one after the other [B, T Q, D] (its 1280 rows between <img> and </img>: 4 windows + the global view).
@@ -26,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import gelu
+from .ops import gelu, grid_pos
 from .registry import register
 from .vision import ClipBlock, Tower
 
@@ -35,11 +40,7 @@ def abs_pos(table: torch.Tensor, n: int) -> torch.Tensor:
     """The release's get_abs_pos: a square position table [L, C] -> [n, C], interpolated bicubically (align_corners
     False, in fp32) to a sqrt(n) x sqrt(n) grid when the sides differ."""
     src, tgt = int(math.sqrt(table.shape[0])), int(math.sqrt(n))
-    if src == tgt:
-        return table
-    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
+    return table if src == tgt else grid_pos(table, tgt, tgt)
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -173,3 +174,43 @@ class QwenResampler(nn.Module):
         out = self.attn.out_proj(a.transpose(1, 2).reshape(B, -1, D))
         out = self.proj(self.ln_post(out))
         return out.reshape(-1, self.passes * out.shape[1], D) if self.passes > 1 else out
+
+
+@register("connector", "uhd_resampler")
+class UhdResampler(QwenResampler):
+    """LLaVA-UHD's spatially constrained resampler (see the module docstring): Qwen-VL's parameters (no key_pos: it
+    depends on the slice) + `separators` [K, D], the token embedding rows of the slice separators (adapter.marker_ids:
+    ',' and '\n'). feats [B, h * w, W] of B same-size slices, pool_rows [g * oh, h], pool_cols [g * ow, w] (the
+    RoIAlign weights, edgemm.uhd_slices.pool_matrices) -> [1, B * Q + K, D]."""
+
+    def __init__(self, a, width: int, d_model: int):
+        super().__init__(a, width, a.query_tokens, d_model)
+        del self.key_pos
+        self.side = math.isqrt(a.query_tokens)
+        self.separators = nn.Parameter(torch.zeros(len(a.marker_ids), d_model))
+
+    @classmethod
+    def from_config(cls, cfg) -> nn.Module:
+        return cls(cfg.adapter, cfg.vision.width, cfg.decoder.d_model)
+
+    def forward(self, feats, pool_rows, pool_cols):         # feats [B, h w, W] -> [1, B Q + K, D]
+        B, g, D = feats.shape[0], self.side, self.query.shape[1]
+        h, w = pool_rows.shape[1], pool_cols.shape[1]
+        kv = self.ln_kv(self.kv_proj(feats) if "kv_proj" in self._modules else feats)           # [B, h w, D]
+        key = kv + grid_pos(self.pos_embed, h, w)
+
+        def regions(t):             # [B, h w, D] -> RoIAlign of the g x g regions -> [B g g, oh ow, D]
+            t = pool_rows @ t.transpose(1, 2).reshape(B, D, h, w) @ pool_cols.t()              # [B, D, g oh, g ow]
+            t = t.reshape(B, D, g, pool_rows.shape[0] // g, g, pool_cols.shape[0] // g)
+            return t.permute(0, 2, 4, 3, 5, 1).reshape(B * g * g, -1, D)
+        q = (self.ln_q(self.query) + self.pos_embed).repeat(B, 1)[:, None]                       # [B Q, 1, D]
+        wq, wk, wv = self.attn.in_proj_weight.chunk(3)
+        bq, bk, bv = self.attn.in_proj_bias.chunk(3)
+        h_ = self.heads
+
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], h_, D // h_).transpose(1, 2)
+        a = F.scaled_dot_product_attention(heads(F.linear(q, wq, bq)), heads(F.linear(regions(key), wk, bk)),
+                                           heads(F.linear(regions(kv), wv, bv)))                 # [B Q, h, 1, D/h]
+        out = self.proj(self.ln_post(self.attn.out_proj(a.reshape(-1, D))))                       # [B Q, D]
+        return torch.cat([out, self.separators.to(out)], 0)[None]

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import VisionConfig
-from .ops import gelu
+from .ops import gelu, grid_pos
 from .registry import register
 
 
@@ -100,6 +100,8 @@ class ClipBlock(nn.Module):
 class ClipVisionTower(Tower):
     """CLIP ViT as LLaVA uses it: CLS first, one position table, pre-LayerNorm, the first `feature_layer`
     blocks (LLaVA's vision_feature_layer), CLS dropped unless keep_cls. Output [B, P (+1), W].
+    LLaVA-UHD's slices (tiling "uhd", its AdaptCLIPVisionEmbeddings): pixels [B, 3, H, W] of any size in whole
+    patches, the patch rows of the position table interpolated bicubically to the H / p x W / p grid.
     BLIP's tower (arch "blip", BLIP-2 / InstructBLIP, transformers' Blip2VisionModel) is the same with a patch conv
     bias, no pre-LayerNorm, a post_layernorm after every block and every row kept (BlipVisionTower)."""
 
@@ -116,10 +118,15 @@ class ClipVisionTower(Tower):
         n = c.layers if c.feature_layer is None else c.feature_layer
         self.blocks = nn.ModuleList(ClipBlock(c) for _ in range(n))
         self.keep_cls = c.keep_cls or blip
+        self.any_size = c.tiling == "uhd"
 
-    def forward(self, pixels):                              # pixels: [B, 3, S, S]
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+    def forward(self, pixels):                              # pixels: [B, 3, S, S] (any_size: [B, 3, H, W])
+        x = self.patch_embed(pixels)                        # [B, W, h, w]
+        pos = self.pos
+        if self.any_size:                                   # (traced as sizes: any height and width)
+            pos = torch.cat([pos[:, :1], grid_pos(pos[0, 1:], x.shape[2], x.shape[3])[None]], 1)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + pos
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
         for blk in self.blocks:

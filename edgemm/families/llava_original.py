@@ -83,10 +83,12 @@ def _tower_config(folder: Path) -> dict:
     return vc
 
 
-def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
+def map_llava_original(hf: dict, src: Source, rules: str = "original", adapter=None, projector=None) -> Plan:
+    """The plan of the layout; a projector outside PROJECTORS (LLaVA-UHD's resampler) gives its adapter config and
+    projector(plan, cfg) that adds its tensors."""
     w = "config.json"
     pt = hf.get("mm_projector_type", "linear")          # the released builder's default
-    if pt not in PROJECTORS:
+    if pt not in PROJECTORS and adapter is None:
         raise EdgemmError(f"{w}: mm_projector_type {pt!r} is not supported ({', '.join(PROJECTORS)})")
     merge = hf.get("mm_patch_merge_type", "flat")
     if merge != "flat" or hf.get("image_aspect_ratio") == "anyres":
@@ -102,9 +104,9 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
     if hf.get("mm_hidden_size", vc.get("hidden_size")) != vc.get("hidden_size"):
         raise EdgemmError(f"{w}: mm_hidden_size {hf['mm_hidden_size']} differs from the tower's hidden_size "
                           f"{vc.get('hidden_size')} ({wv})")
-    kind, modules = PROJECTORS[pt]
+    kind, modules = PROJECTORS.get(pt, (None, {}))
     cfg = ModelConfig(name=src.path.name, vision=clip_vision_config(vc, wv, vl, used, select == "cls_patch"),
-                      adapter=AdapterConfig(kind=kind, gelu="erf", bias=True),      # nn.GELU(), nn.Linear's bias
+                      adapter=adapter or AdapterConfig(kind=kind, gelu="erf", bias=True),   # nn.GELU(), Linear's bias
                       decoder=decoder_config(hf, {**hf, "model_type": "llama"}, w))
     pp = folder / "preprocessor_config.json"            # the tower's CLIPImageProcessor: its mean and std
     if pp.is_file():
@@ -134,8 +136,11 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original") -> Plan:
     for ours, idx in modules.items():
         for n in ("weight", "bias"):
             plan.add(f"adapter.{ours}.{n}", f"{pj}{idx}{n}")
-    plan.notes.append(f"projector {pt!r} (edgemm adapter {kind!r}); the image's {cfg.n_image_rows} rows replace "
-                      "the prompt's <image>")
+    if projector is not None:
+        projector(plan, cfg)
+    else:
+        plan.notes.append(f"projector {pt!r} (edgemm adapter {kind!r}); the image's {cfg.n_image_rows} rows replace "
+                          "the prompt's <image>")
     cfg.vision.pad_square = hf.get("image_aspect_ratio") == "pad"     # the released expand2square, mean colour
     return plan
 
@@ -197,4 +202,5 @@ class LlavaOriginal(_Original):
     core = Llava.core
 
     def detect(self, hf: dict) -> bool:         # and any other projector type: the plan names the supported ones
-        return "mm_vision_tower" in hf and hf.get("mm_projector_type", "linear") not in ("linear", "mlp2x_gelu_Norm")
+        return "mm_vision_tower" in hf and hf.get("mm_projector_type", "linear") not in (
+            "linear", "mlp2x_gelu_Norm", "adapt_spatial_resampler")

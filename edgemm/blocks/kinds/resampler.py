@@ -1,7 +1,8 @@
 """Specs of edgemm.blocks.resampler: Qwen-VL's tower (Monkey: the image cut into window x window px tiles, each
 through the tower with its own LoRA of ranks window_lora [qkv and out proj, MLP-side residual], + the whole image
 resized to one window; window 0: one image of image_size) and its resampler (query_tokens queries, one
-cross-attention of resampler_heads heads; the release: output_dim // 128)."""
+cross-attention of resampler_heads heads; the release: output_dim // 128); LLaVA-UHD's region-local resampler
+(uhd_resampler: the same fields + marker_ids, its separator tokens; with the uhd slices, edgemm.uhd_slices)."""
 from __future__ import annotations
 
 import math
@@ -53,3 +54,19 @@ def describe(cfg) -> str:
 declare("vision", "qwen", fields={"window": 0, "window_lora": []}, check=check_tower, params=tower_params)
 declare("connector", "resampler", fields={"query_tokens": 0, "resampler_heads": 0}, check=check,
         rows=lambda cfg: cfg.adapter.query_tokens * cfg.vision.tower_passes, params=params, describe=describe)
+
+
+def uhd_params(cfg) -> int:
+    """Qwen-VL's resampler without key_pos (interpolated per slice), + the separator rows."""
+    a, D = cfg.adapter, cfg.decoder.d_model
+    return params(cfg) - cfg.vision.n_patches * D + len(a.marker_ids) * D
+
+
+def check_uhd(cfg) -> None:
+    check(cfg)
+    from ...uhd_slices import check_config
+    check_config(cfg)
+
+
+declare("connector", "uhd_resampler", fields={"query_tokens": 0, "resampler_heads": 0, "marker_ids": []},
+        check=check_uhd, params=uhd_params)
