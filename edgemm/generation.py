@@ -78,6 +78,16 @@ class TextStream:
             return new
         return ""
 
+    def finish(self) -> None:
+        """The answer ended: what was held back for an unfinished UTF-8 character joins the text as the tokenizer
+        decodes it (U+FFFD for bytes that end early), so the text is the decode of every id, as transformers'
+        decode and TextStreamer's end give it."""
+        head = self.tok.decode(self.ids[self.prefix:self.read])
+        tail = self.tok.decode(self.ids[self.prefix:])
+        if len(tail) > len(head):
+            self.text += tail[len(head):]
+        self.prefix = self.read = len(self.ids)
+
 
 class AnswerStream:
     """One answer being generated: sampling, incremental text, stop strings and the length limit, fed one
@@ -114,6 +124,7 @@ class AnswerStream:
         t = self.sampler(logits if c is None else c.mask(logits))
         if self.tok.is_eos(t) and (c is not None or not self.gen.ignore_eos):
             self.finish_reason = "stop"
+            self.stream.finish()
             return self._flush(), True
         self.ids.append(t)
         self.stream.add(t)
@@ -126,9 +137,11 @@ class AnswerStream:
             return self._flush(), True
         if c is not None and c.done:         # only end-of-sequence can follow: the answer is complete
             self.unfed, self.finish_reason = [t], "stop"
+            self.stream.finish()
             return self._flush(), True
         if len(self.ids) >= self.gen.max_new_tokens:
             self.unfed, self.finish_reason = [t], "length"     # nothing reads this token's logits
+            self.stream.finish()
             return self._flush(), True
         piece = ""
         if len(self.stream.text) - self.hold > self.emitted:

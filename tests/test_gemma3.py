@@ -207,6 +207,9 @@ def test_exports_validate_and_answer(imported, monkeypatch):
                                       str(d / "img.png"), "--max-new-tokens", "4", QUESTION])
         assert r.exit_code == 0, r.output
     assert got == [want] * 3 and want, (got, want)
+    from .test_smolvlm import _served_answer                # `edgemm serve` of the onnx bundle: the same answer
+    _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
+                   json.loads((ck / "config.json").read_text())["tokens"], question=QUESTION)
 
 
 def test_released_config_form():

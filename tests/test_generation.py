@@ -131,6 +131,26 @@ def test_incremental_detokenization_matches_a_full_decode(backend):
     assert "".join(st.add(t) for t in ids) == tok.decode(ids) == text
 
 
+def test_an_answer_cut_inside_a_character_ends_as_the_tokenizer_decodes_it(backend):
+    """An answer whose last tokens end inside a UTF-8 character (a length limit, or a small model's byte tokens):
+    the held-back bytes join the text when it ends, U+FFFD where they end early, so the answer's text is the
+    decode of its ids (what transformers' decode and the tests' references give), not the text before them."""
+    import numpy as np
+    from edgemm.generation import AnswerStream, GenerationConfig
+    tok = backend.tokenizer
+    ids = tok.encode("ok é")
+    cut = next(n for n in range(1, len(ids) + 1) if tok.decode(ids[:n]).endswith("\ufffd"))   # inside "é"
+    ans = AnswerStream(tok, GenerationConfig(max_new_tokens=cut))
+    pieces, done = [], False
+    for t in ids[:cut]:
+        logits = np.full(tok.vocab_size, -1e9, np.float32)
+        logits[t] = 0.0
+        piece, done = ans.push(logits)
+        pieces.append(piece)
+    assert done and ans.finish_reason == "length" and ans.ids == ids[:cut]
+    assert "".join(pieces) == ans.text == tok.decode(ids[:cut]) and ans.text.endswith("\ufffd"), (pieces, ans.text)
+
+
 def test_empty_and_too_long_prompts(backend):
     sess = ChatSession(backend)
     sess.set_image(_image())

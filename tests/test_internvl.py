@@ -302,6 +302,9 @@ def test_exports_validate_and_answer(imported, monkeypatch):
         r = CliRunner().invoke(main, run + ["--bundle", str(d / bundle), "--backend", backend, ASK])
         assert r.exit_code == 0, r.output
     assert got == [want, want], (got, want)
+    from .test_smolvlm import _served_answer                # `edgemm serve` of the onnx bundle: the same answer
+    _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
+                   json.loads((ck / "config.json").read_text())["tokens"], question=ASK)
     # --max-tiles 1: one tile, as the processor with max_patches 1; a trt bundle refuses more tiles than its profiles
     r = CliRunner().invoke(main, run + ["--bundle", str(d / "onnx-fp32"), "--max-tiles", "1", ASK])
     assert r.exit_code == 0, r.output

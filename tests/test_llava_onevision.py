@@ -318,6 +318,9 @@ def test_cli_import_export_onnx_and_run(imported, tmp_path):
         s.set_image(tmp_path / "img.png")
     want = ref.ask(QUESTION)
     assert ort.ask(QUESTION) == want and want.strip() in answers["fp32"]
+    from .test_serve import served_reply                    # `edgemm serve` of the bundle: the same answer
+    r = served_reply(tmp_path / "fp32", tmp_path / "img.png", QUESTION, MAX_NEW)
+    assert r.choices[0].message.content == want, (r.choices[0].message.content, want)
 
 
 def test_trt_qdq_graphs_validate(imported, tmp_path):

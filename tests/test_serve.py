@@ -100,6 +100,19 @@ class Server:
         Path(self.logf.name).unlink(missing_ok=True)
 
 
+def served_reply(bundle, image, question, max_tokens):
+    """`edgemm serve --bundle B` asked one image question by the official openai client (greedy): the response."""
+    s = Server("--bundle", str(bundle), "--max-tokens", str(max_tokens))
+    try:
+        url = "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
+        return s.client().chat.completions.create(model=Path(bundle).name, temperature=0, max_tokens=max_tokens,
+                                                  messages=[{"role": "user", "content": [
+                                                      {"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": question}]}])
+    finally:
+        s.stop()
+
+
 def _img_url(path=EXAMPLE) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
