@@ -176,7 +176,11 @@ def _set_video(sess, video) -> None:
     takes_video(sess.b.cfg)
     if sess.template is None:
         raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
-    sess.set_image_rows(*clip_rows(sess.b, video))
+    if sess.b.cfg.vision.video.get("question"):            # LLaMA-VID: the frames are encoded with the question
+        from .video import load_clip
+        sess.set_clip(load_clip(video, sess.b.cfg))
+    else:
+        sess.set_image_rows(*clip_rows(sess.b, video))
 
 
 @main.command()

@@ -178,9 +178,9 @@ class ModelConfig:
 
     @property
     def reads_question(self) -> bool:
-        """InstructBLIP: the vision stage reads the question too (its Q-Former tokenizer's ids). A plain config
-        check, so the runtime path of other models never imports edgemm.qformer (and torch)."""
-        return self.adapter.kind == "qformer" and bool(self.adapter.qformer_text)
+        """InstructBLIP, LLaMA-VID: the vision stage reads the question too (its Q-Former tokenizer's ids). A plain
+        config check, so the runtime path of other models never imports edgemm.qformer (and torch)."""
+        return self.adapter.kind in ("qformer", "llamavid") and bool(self.adapter.qformer_text)
 
     @property
     def input_stage(self) -> str:

@@ -202,11 +202,27 @@ class ChatSession:
         self.pixels, self.rows, self.video = None, rows, video
         self.reset()
 
+    def set_clip(self, pixels) -> None:
+        """LLaMA-VID: a clip's frames [F, 3, S, S], encoded with the conversation's first question (the template's
+        video place); a clip whose rows do not fit the context is refused before any frame is encoded."""
+        from .video import frame_rows
+        n = frame_rows(self.b.cfg, len(pixels))[0]
+        if n >= self.b.context_length:
+            raise EdgemmError(f"the clip's {len(pixels)} frames take {n} rows, but the context holds "
+                              f"{self.b.context_length}: use a shorter clip")
+        self.pixels, self.rows, self.video = pixels, None, True
+        self.reset()
+
     def _encode_with(self, question: str) -> None:
-        """InstructBLIP: the image's rows from its pixels and the conversation's first question (the Q-Former's
-        instruction, tokenized as InstructBlipProcessor does); later turns keep them (and the KV cache)."""
+        """InstructBLIP, LLaMA-VID: the image's (clip's) rows from its pixels and the conversation's first question
+        (the Q-Former's instruction, tokenized as their processors do); later turns keep them (and the KV cache)."""
         from .qformer import instruction
-        self.rows = self.b.vision(self.pixels, *instruction(self.tok, self.b.cfg, question))
+        ins = instruction(self.tok, self.b.cfg, question)
+        if self.video:
+            from .video import question_rows
+            self.rows = question_rows(self.b, self.pixels, ins)
+        else:
+            self.rows = self.b.vision(self.pixels, *ins)
         if self.state is not None and self.template is None:       # the prefix now holds the image
             self.state.length = self.state.pos = 0
             self.state = self._fill(self.state, [])

@@ -11,25 +11,34 @@ QFORMER_TOKENIZER = "qformer_tokenizer.json"       # in edgemm checkpoints and b
 SOURCE_DIR = "qformer_tokenizer"                   # InstructBlipProcessor.save_pretrained's subfolder
 
 
-class QFormerTokenizer:
-    """The Q-Former's own tokenizer (InstructBLIP: BERT WordPiece), as InstructBlipProcessor calls it: the text
-    with its special tokens ([CLS] ... [SEP]), unpadded. Longer than the Q-Former's position table (where
-    transformers' model would fail), it is truncated to `max_length` ids, special tokens kept."""
+def limits(cfg) -> tuple[int, str]:
+    """(the most ids, the side cut) of the question: InstructBLIP's processor keeps the first qformer_positions
+    (where transformers' model would fail past them); LLaMA-VID's vlm_attention tokenizes with truncation_side
+    'left' and max_length 256 (its BertTokenizer from init_bert), so a long question keeps its end."""
+    if cfg.adapter.kind == "llamavid":
+        return min(256, cfg.adapter.qformer_positions), "left"
+    return cfg.adapter.qformer_positions, "right"
 
-    def __init__(self, tok, max_length: int):
+
+class QFormerTokenizer:
+    """The Q-Former's own tokenizer (InstructBLIP, LLaMA-VID: BERT WordPiece), as their processors call it: the
+    text with its special tokens ([CLS] ... [SEP]), unpadded, truncated to `max_length` ids on `side` (special
+    tokens kept; edgemm.qformer.limits)."""
+
+    def __init__(self, tok, max_length: int, side: str = "right"):
         self.tok, self.max_length = tok, int(max_length)
         tok.no_padding()
-        tok.enable_truncation(self.max_length)
+        tok.enable_truncation(self.max_length, direction=side)
 
     @classmethod
-    def load(cls, path, max_length: int, data: bytes | None = None) -> "QFormerTokenizer":
+    def load(cls, path, lim: tuple[int, str], data: bytes | None = None) -> "QFormerTokenizer":
         from tokenizers import Tokenizer as HFTokenizer
         from .errors import EdgemmError
         try:
             tok = HFTokenizer.from_str(data.decode("utf-8")) if data is not None else HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise EdgemmError(f"cannot read the Q-Former tokenizer {path}: {str(e)[:200]}") from None
-        return cls(tok, max_length)
+        return cls(tok, *lim)
 
     def save(self, path) -> None:
         self.tok.save(str(path))
@@ -62,10 +71,11 @@ def import_tokenizer(src, tok_dir, cfg) -> QFormerTokenizer:
     cands = [Path(d) / SOURCE_DIR / "tokenizer.json" for d in ([tok_dir] if tok_dir else []) + [src]]
     f = next((c for c in cands if c.is_file()), None)
     if f is None:
-        raise EdgemmError(f"InstructBLIP: {src} has no {SOURCE_DIR}/tokenizer.json, the Q-Former's own tokenizer "
-                          f"(InstructBlipProcessor.save_pretrained writes it); save the model's processor into {src}, "
-                          f"or pass --tokenizer DIR with a {SOURCE_DIR}/tokenizer.json in DIR")
-    q = QFormerTokenizer.load(f, cfg.adapter.qformer_positions)
+        why = ("bert-base-uncased's tokenizer.json: LLaMA-VID's code loads it from the hub" if cfg.adapter.kind ==
+               "llamavid" else "InstructBlipProcessor.save_pretrained writes it; save the model's processor there")
+        raise EdgemmError(f"{src} has no {SOURCE_DIR}/tokenizer.json, the Q-Former's own tokenizer ({why}); put it "
+                          f"in {src / SOURCE_DIR}, or pass --tokenizer DIR with a {SOURCE_DIR}/tokenizer.json in DIR")
+    q = QFormerTokenizer.load(f, limits(cfg))
     n = q.tok.get_vocab_size()
     if n > cfg.adapter.qformer_vocab:
         raise EdgemmError(f"{f}: {n} tokens, more than the Q-Former's {cfg.adapter.qformer_vocab} word embeddings; "
@@ -81,7 +91,7 @@ def attach_checkpoint_tokenizer(tok, path, cfg) -> None:
     if not f.is_file():
         raise EdgemmError(f"{path} is an InstructBLIP checkpoint without {QFORMER_TOKENIZER} (the Q-Former's "
                           "tokenizer); re-import it with `edgemm import` from a source with qformer_tokenizer/")
-    tok.qformer = QFormerTokenizer.load(f, cfg.adapter.qformer_positions)
+    tok.qformer = QFormerTokenizer.load(f, limits(cfg))
 
 
 def bundle_fields(tok, out, cfg) -> dict:
@@ -98,7 +108,7 @@ def bundle_fields(tok, out, cfg) -> dict:
             "instruction": {"inputs": "qformer_input_ids, qformer_attention_mask [batch, instruction_len] int64",
                             "text": "the question of the turn the image comes with, tokenized by the Q-Former "
                                     "tokenizer with its special tokens (InstructBlipProcessor)",
-                            "max_length": cfg.adapter.qformer_positions}}
+                            "max_length": limits(cfg)[0], "truncation_side": limits(cfg)[1]}}
 
 
 def attach_bundle_tokenizer(tok, bundle, m: dict, read) -> None:
@@ -114,4 +124,4 @@ def attach_bundle_tokenizer(tok, bundle, m: dict, read) -> None:
         raise EdgemmError(f"bundle {bundle}: an InstructBLIP bundle without the Q-Former tokenizer in its "
                           "manifest; re-export it with this edgemm")
     p, data = read(rel)
-    tok.qformer = QFormerTokenizer.load(p, cfg.adapter.qformer_positions, data)
+    tok.qformer = QFormerTokenizer.load(p, limits(cfg), data)

@@ -9,7 +9,9 @@ How a model takes the frames (`VisionConfig.video`): LLaVA-NeXT-Video (`pool`): 
 cropped to the tower's size, through the tower, its patch grid pooled by the stride, then the projector; the rows of
 all frames are the video's rows, where the template puts `<video>`. LLaVA-OneVision: stretched (`resize`), the
 projector first (`project_first`), pooled bilinear to the sides / stride rounded up, then one newline row
-(`newline`). Frames as images (`frame`: InternVL): each frame
+(`newline`). LLaMA-VID (`question`): every frame through the vision stage with the question's Q-Former ids (each
+frame's context and content rows), the frames' rows in order as one block; `fps`: one frame every round(clip fps /
+fps) frames from the first (the release's load_video). Frames as images (`frame`: InternVL): each frame
 stretched to the tower's size, one image (the vision stage's rows) where `<image>` stands in the processor's text
 for it (`frame`, `{n}` its number from 1, joined by `sep`), which replaces the template's `<video>`; `shift`: the
 processor samples from the middle of each stretch (InternVL's initial_shift). A model without `video` takes none.
@@ -64,13 +66,16 @@ class VideoLimits:
 
 
 def sample_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                   video_fps: float | None = None, shift: bool = False) -> list[int]:
+                   video_fps: float | None = None, shift: bool = False, step: bool = False) -> list[int]:
     """transformers' default_sample_indices_fn (uniform: i * total // n), or with shift InternVL's video processor's
     (arange(total / n / 2, total, total / n), in float32 as torch's), except that a clip with fewer frames than asked
-    gives all of them instead of an error; fps: n from the clip's length at that rate."""
+    gives all of them instead of an error; fps: n from the clip's length at that rate; fps with step: every
+    round(video_fps / fps)-th frame from the first (LLaMA-VID's load_video)."""
     if num_frames is None and fps:
         if not video_fps:
             raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
+        if step:
+            return list(range(0, total, max(1, round(video_fps / fps))))
         num_frames = max(1, int(total / video_fps * fps))
     if num_frames is None or num_frames >= total:
         return list(range(total))
@@ -113,7 +118,8 @@ def _open(data: bytes, fmt: str):
 
 
 def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits | None = None,
-               fps: float | None = None, stats: dict | None = None, shift: bool = False) -> list[np.ndarray]:
+               fps: float | None = None, stats: dict | None = None, shift: bool = False,
+               step: bool = False) -> list[np.ndarray]:
     """A clip (path or bytes) -> its sampled frames, uint8 [H, W, 3] RGB each, within `limits`; EdgemmError in
     one line otherwise. stats (optional dict): "total" frames, "indices" sampled, "decoded" frames decoded."""
     limits = limits or VideoLimits()
@@ -126,7 +132,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
     except ImportError:
         raise EdgemmError("video input needs PyAV: pip install av") from None
     try:
-        return _decode(data, fmt, num_frames, fps, limits, stats, shift)
+        return _decode(data, fmt, num_frames, fps, limits, stats, shift, step)
     except EdgemmError:
         raise
     except MemoryError:
@@ -136,7 +142,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
         raise EdgemmError(f"the video does not decode (damaged, or not an mp4/webm clip: {msg})") from None
 
 
-def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray]:
+def _decode(data, fmt, num_frames, fps, limits, stats, shift, step) -> list[np.ndarray]:
     with _open(data, fmt) as c:
         if not c.streams.video:
             raise EdgemmError("the file has no video stream")
@@ -159,7 +165,7 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift) -> list[np.ndarray
                           f"{limits.frames} frames")
     if total < 1:
         raise EdgemmError("the video has no frames")
-    idx = sample_indices(total, num_frames, fps, rate, shift)
+    idx = sample_indices(total, num_frames, fps, rate, shift, step)
     stats.update(total=total, indices=idx)
     want, last, out, work = set(idx), idx[-1], {}, 0
     if (last + 1) * w * h > limits.work:
@@ -224,6 +230,8 @@ def frame_pixels(frames, cfg) -> np.ndarray:
 def load_clip(src, cfg, limits: VideoLimits | None = None) -> np.ndarray:
     """A clip (path or bytes) -> its sampled frames' pixels [F, 3, S, S] for the model."""
     v = takes_video(cfg)
+    if v.get("fps"):                    # LLaMA-VID: one frame a second
+        return frame_pixels(read_video(src, None, limits, fps=v["fps"], step=True), cfg)
     return frame_pixels(read_video(src, v.get("frames", DEFAULT_FRAMES), limits, shift=bool(v.get("shift"))), cfg)
 
 
@@ -244,6 +252,8 @@ def frame_rows(cfg, n_frames: int) -> list[int]:
     v = takes_video(cfg)
     if "frame" in v:
         return [cfg.image_rows_for(cfg.vision.image_size, cfg.vision.image_size)] * n_frames
+    if v.get("question"):
+        return [n_frames * cfg.n_image_rows]
     g, k = cfg.vision.image_size // cfg.vision.patch_size, int(v.get("pool", 1))
     side = -(-g // k) if v.get("pool_mode") == "bilinear" else g // k
     return [n_frames * side * side + bool(v.get("newline"))]
@@ -255,6 +265,9 @@ def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
     onnx bundles); LLaVA-OneVision: the tower, the projector, the map downscaled bilinear, then the newline row (any
     backend: the vision stage is the tower + projector)."""
     v = takes_video(backend.cfg)
+    if v.get("question"):
+        raise EdgemmError("this model's video rows read the question (LLaMA-VID): encode the clip with it "
+                          "(edgemm.video.question_rows)")
     if v.get("project_first") and v.get("pool_mode") == "bilinear":
         return _pooled_stage_rows(backend, pixels, v)
     return np.asarray(backend.video(np.ascontiguousarray(pixels, dtype=np.float32)), np.float32)
@@ -274,6 +287,22 @@ def _pooled_stage_rows(backend, pixels: np.ndarray, v: dict) -> np.ndarray:
     if v.get("newline"):
         rows = np.concatenate([rows, np.asarray(backend.image_newline(), np.float32)[None, None]], 1)
     return rows.astype(np.float32)
+
+
+QUESTION_BATCH = 8           # frames a vision-stage call takes (LLaMA-VID): bounds its activations on long clips
+
+
+def question_rows(backend, pixels: np.ndarray, instruction) -> np.ndarray:
+    """LLaMA-VID: a clip's frames [F, 3, S, S] through the vision stage with the question's Q-Former (ids, mask)
+    [1, T], QUESTION_BATCH frames a call -> the clip's rows [1, F * R, D], frame after frame (the release's
+    vlm_attention with image_counts: each frame's context token, then its content rows)."""
+    out = []
+    for a in range(0, len(pixels), QUESTION_BATCH):
+        px = np.ascontiguousarray(pixels[a:a + QUESTION_BATCH], dtype=np.float32)
+        ins = [np.repeat(np.asarray(t, np.int64), len(px), 0) for t in instruction]
+        out.append(np.asarray(backend.vision(px, *ins), np.float32))
+    rows = np.concatenate(out)
+    return rows.reshape(1, -1, rows.shape[-1])
 
 
 def clip_blocks(cfg, pixels: np.ndarray) -> list[np.ndarray]:

@@ -275,7 +275,7 @@ def input_examples(cfg, gen) -> dict:
     (+ "signal": [1, N, signal_size])}, N = the image rows (boi, patches, eoi)."""
     import torch
     v, a = cfg.vision, cfg.adapter
-    if cfg.input_stage == "vision" and a.kind == "qformer" and a.qformer_text:
+    if cfg.input_stage == "vision" and cfg.reads_question:
         # InstructBLIP: + the question's Q-Former ids and mask [1, T] (T dynamic; the last id padded)
         T = min(6, a.qformer_positions)
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen),

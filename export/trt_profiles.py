@@ -55,10 +55,15 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
             inp["pixels"] = tiles.pixel_profile(cfg.vision)
     if cfg.input_stage == "image_tokens" and a.signal_size:
         inp["signal"] = batched(n_img, a.signal_size)
-    if a.kind == "qformer" and a.qformer_text:      # InstructBLIP: the question's Q-Former ids (0 ids: none)
-        T = a.qformer_positions
-        inp.update({n: {"min": [1, 0], "opt": [1, min(32, T)], "max": [batch, T]}
+    if cfg.reads_question:      # InstructBLIP, LLaMA-VID: the question's Q-Former ids (0 ids: none)
+        T, fb = a.qformer_positions, batch
+        if cfg.vision.video.get("question"):            # LLaMA-VID: a clip's frames, edgemm.video.QUESTION_BATCH a call
+            from edgemm.video import QUESTION_BATCH
+            fb = max(batch, QUESTION_BATCH)
+            inp["pixels"] = {"min": [1, 3, S, S], "opt": [1, 3, S, S], "max": [fb, 3, S, S]}
+        inp.update({n: {"min": [1, 0], "opt": [1, min(32, T)], "max": [fb, T]}
                     for n in ("qformer_input_ids", "qformer_attention_mask")})
+    img_max = ctx - 8 if cfg.vision.video.get("question") else n_img        # (a clip's rows: one image segment)
     rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
     out = {
         cfg.input_stage: inp,
@@ -66,8 +71,8 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
                          "positions": {"min": [1], "opt": [1], "max": [ctx]},
                          "past_len": {"min": [1], "opt": [1], "max": [1]},
                          **cache(kv(1, opt_ctx, ctx))},
-        "decoder_image": {"image_rows": {"min": [1, 1, D], "opt": [1, n_img, D], "max": [1, n_img, D]},
-                          "positions": {"min": [1], "opt": [n_img], "max": [n_img]},
+        "decoder_image": {"image_rows": {"min": [1, 1, D], "opt": [1, n_img, D], "max": [1, img_max, D]},
+                          "positions": {"min": [1], "opt": [n_img], "max": [img_max]},
                           "past_len": {"min": [1], "opt": [1], "max": [1]},
                           **cache(kv(1, min(opt_ctx, ctx), ctx))},
         "_meta": {"device_class": device_class, "max_context": ctx, "max_batch": batch,

@@ -145,6 +145,12 @@ def map_llava_original(hf: dict, src: Source, rules: str = "original", adapter=N
     return plan
 
 
+def _original(hf: dict) -> bool:
+    """LLaVA's original layout: mm_vision_tower in a flat config, not LLaMA-VID's class (edgemm.families.llamavid,
+    the same keys)."""
+    return "mm_vision_tower" in hf and "LlavaLlamaAttForCausalLM" not in (hf.get("architectures") or [])
+
+
 class _Original(Family):
     """The shared part of the original-layout families: detection by mm_vision_tower + the projector type, the plan,
     the released chat format, and the template's image (mm_use_im_start_end: <im_start><image><im_end>, as the
@@ -155,7 +161,7 @@ class _Original(Family):
     optional = ("grouped-query attention",)
 
     def detect(self, hf: dict) -> bool:
-        return "mm_vision_tower" in hf and hf.get("mm_projector_type", "linear") == self.projector_type
+        return _original(hf) and hf.get("mm_projector_type", "linear") == self.projector_type
 
     def plan(self, hf, src, rules="original"):
         return map_llava_original(hf, src, rules)
@@ -202,5 +208,5 @@ class LlavaOriginal(_Original):
     core = Llava.core
 
     def detect(self, hf: dict) -> bool:         # and any other projector type: the plan names the supported ones
-        return "mm_vision_tower" in hf and hf.get("mm_projector_type", "linear") not in (
+        return _original(hf) and hf.get("mm_projector_type", "linear") not in (
             "linear", "mlp2x_gelu_Norm", "adapt_spatial_resampler")

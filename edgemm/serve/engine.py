@@ -228,8 +228,8 @@ class Engine:
             return self.rows_cache[key]
         from ..tilings import encode_pixels
         # (tiled and packed for any-resolution models; InstructBLIP: with its question's Q-Former ids)
-        rows = self.b.vision(pixels, *instruction) if instruction else pixels.video_rows(self.b) \
-            if hasattr(pixels, "video_rows") else encode_pixels(self.b, pixels)      # (a clip: serve.videos)
+        rows = pixels.video_rows(self.b, instruction) if hasattr(pixels, "video_rows") \
+            else self.b.vision(pixels, *instruction) if instruction else encode_pixels(self.b, pixels)  # (a clip: serve.videos)
         self.rows_cache[key] = rows
         while len(self.rows_cache) > self.ROWS_CACHE:
             self.rows_cache.popitem(last=False)

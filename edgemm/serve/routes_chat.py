@@ -90,11 +90,14 @@ async def pixels_of(urls: list, cfg, limits: Limits) -> list:
 
 
 def instructions_of(b, messages) -> list | None:
-    """InstructBLIP: each image with the text of the message it comes in (None for other models)."""
+    """InstructBLIP, LLaMA-VID: each image, then each clip, with the text of the message it comes in (None for other
+    models); indexed as the job's pixels are (the images, then the clips' blocks)."""
     if not b.cfg.reads_question:
         return None
     from ..qformer import instruction
-    return [instruction(b.tokenizer, b.cfg, m["text"]) for m in normalize_messages(messages) for _ in m["images"]]
+    msgs = normalize_messages(messages)
+    return [instruction(b.tokenizer, b.cfg, m["text"]) for what in ("images", "videos") for m in msgs
+            for _ in m.get(what, ())]
 
 
 def include_usage(body: dict) -> bool:

@@ -20,8 +20,11 @@ class VideoPixels(np.ndarray):
     """A clip's frames [F, 3, S, S] whose rows are one block (LLaVA-NeXT-Video), queued like an image's pixels; the
     engine asks it for its rows. (Frames as images are queued as images [1, 3, S, S].)"""
 
-    def video_rows(self, backend) -> np.ndarray:
-        from ..video import encode_block
+    def video_rows(self, backend, instruction=()) -> np.ndarray:
+        """Its rows; LLaMA-VID: with its message's question (edgemm.video.question_rows)."""
+        from ..video import encode_block, question_rows
+        if instruction:
+            return question_rows(backend, np.asarray(self), instruction)
         return encode_block(backend, np.asarray(self))
 
 

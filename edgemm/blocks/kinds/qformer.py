@@ -44,7 +44,6 @@ def check(cfg) -> None:
         raise EdgemmError("qformer_text (InstructBLIP) needs qformer_vocab and qformer_positions >= 1")
 
 
-declare("connector", "qformer", fields={"query_tokens": 0, "qformer_width": 0, "qformer_layers": 0,
-                                        "qformer_heads": 0, "qformer_ffn": 0, "cross_attention_frequency": 1,
-                                        "qformer_text": False, "qformer_vocab": 0, "qformer_positions": 0},
-        check=check, rows=lambda cfg: cfg.adapter.query_tokens, params=params, describe=describe)
+FIELDS = {"query_tokens": 0, "qformer_width": 0, "qformer_layers": 0, "qformer_heads": 0, "qformer_ffn": 0,
+          "cross_attention_frequency": 1, "qformer_text": False, "qformer_vocab": 0, "qformer_positions": 0}
+declare("connector", "qformer", fields=FIELDS, check=check, rows=lambda cfg: cfg.adapter.query_tokens, params=params, describe=describe)
