@@ -193,6 +193,13 @@ class GridTiles(np.ndarray):
         return table[:, self.index(cfg)]
 
 
+def whole_image(pixels) -> GridTiles:
+    """One S x S image [1, 3, S, S] as the processor's image without a grid (a SmolVLM video frame)."""
+    px = np.ascontiguousarray(pixels, dtype=np.float32).view(GridTiles)
+    px.grid = (0, 0)
+    return px
+
+
 def preprocess(src, v) -> GridTiles:
     """An image (path, PIL image or uint8 array) -> float32 pixels [N, 3, S, S] (GridTiles), normalised."""
     from .processor import load_image, normalize

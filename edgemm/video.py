@@ -66,16 +66,29 @@ class VideoLimits:
 
 
 def sample_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                   video_fps: float | None = None, shift: bool = False, step: bool = False) -> list[int]:
+                   video_fps: float | None = None, shift: bool = False, sampling: str = "uniform") -> list[int]:
     """transformers' default_sample_indices_fn (uniform: i * total // n), or with shift InternVL's video processor's
     (arange(total / n / 2, total, total / n), in float32 as torch's), except that a clip with fewer frames than asked
-    gives all of them instead of an error; fps: n from the clip's length at that rate; fps with step: every
-    round(video_fps / fps)-th frame from the first (LLaMA-VID's load_video)."""
+    gives all of them instead of an error; fps: n from the clip's length at that rate. sampling "step": every
+    round(video_fps / fps)-th frame from the first (LLaMA-VID's load_video); "smolvlm": SmolVLMVideoProcessor's
+    sample_frames (at most num_frames at fps, 1 s skipped at each end of a long clip, linspace)."""
+    if sampling != "uniform" and not video_fps:
+        raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
+    if sampling == "step":
+        return list(range(0, total, max(1, round(video_fps / fps))))
+    if sampling == "smolvlm":
+        duration, skip = total / video_fps, 1
+        want = max(1, min(int(round(fps * duration)), num_frames))
+        a, z = 0, total - 1
+        if duration - 2 * skip > num_frames * fps:
+            a, z = int(skip * video_fps), int(total - skip * video_fps)
+        a, z = max(0, a), min(z, total - 1)
+        if a >= z:
+            a, z = 0, total - 1
+        return [int(i) for i in np.unique(np.linspace(a, z, want, dtype=int))]
     if num_frames is None and fps:
         if not video_fps:
             raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
-        if step:
-            return list(range(0, total, max(1, round(video_fps / fps))))
         num_frames = max(1, int(total / video_fps * fps))
     if num_frames is None or num_frames >= total:
         return list(range(total))
@@ -119,9 +132,10 @@ def _open(data: bytes, fmt: str):
 
 def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits | None = None,
                fps: float | None = None, stats: dict | None = None, shift: bool = False,
-               step: bool = False) -> list[np.ndarray]:
+               sampling: str = "uniform") -> list[np.ndarray]:
     """A clip (path or bytes) -> its sampled frames, uint8 [H, W, 3] RGB each, within `limits`; EdgemmError in
-    one line otherwise. stats (optional dict): "total" frames, "indices" sampled, "decoded" frames decoded."""
+    one line otherwise. stats (optional dict): "total" frames, "indices" sampled, "decoded" frames decoded, "fps"
+    the clip's rate (None where it says none)."""
     limits = limits or VideoLimits()
     stats = {} if stats is None else stats
     stats["decoded"] = 0
@@ -132,7 +146,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
     except ImportError:
         raise EdgemmError("video input needs PyAV: pip install av") from None
     try:
-        return _decode(data, fmt, num_frames, fps, limits, stats, shift, step)
+        return _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling)
     except EdgemmError:
         raise
     except MemoryError:
@@ -142,7 +156,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
         raise EdgemmError(f"the video does not decode (damaged, or not an mp4/webm clip: {msg})") from None
 
 
-def _decode(data, fmt, num_frames, fps, limits, stats, shift, step) -> list[np.ndarray]:
+def _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling) -> list[np.ndarray]:
     with _open(data, fmt) as c:
         if not c.streams.video:
             raise EdgemmError("the file has no video stream")
@@ -165,8 +179,8 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift, step) -> list[np.n
                           f"{limits.frames} frames")
     if total < 1:
         raise EdgemmError("the video has no frames")
-    idx = sample_indices(total, num_frames, fps, rate, shift, step)
-    stats.update(total=total, indices=idx)
+    idx = sample_indices(total, num_frames, fps, rate, shift, sampling)
+    stats.update(total=total, indices=idx, fps=rate)
     want, last, out, work = set(idx), idx[-1], {}, 0
     if (last + 1) * w * h > limits.work:
         raise EdgemmError(f"sampling the video decodes {last + 1} frames of {w}x{h} pixels, over the limit of "
@@ -211,6 +225,10 @@ def frame_pixels(frames, cfg) -> np.ndarray:
     vv = takes_video(cfg)
     v = dataclasses.replace(cfg.vision, image_mean=tuple(vv.get("image_mean", cfg.vision.image_mean)),
                             image_std=tuple(vv.get("image_std", cfg.vision.image_std)))
+    if vv.get("longest_edge"):          # SmolVLM: its video processor's two LANCZOS resizes (edgemm.smolvlm_tiles)
+        from .smolvlm_tiles import tile_image
+        w = dataclasses.replace(v, longest_edge=int(vv["longest_edge"]), image_splitting=False)
+        return np.concatenate([normalize(tile_image(Image.fromarray(f, "RGB"), w)[0][0], v) for f in frames])
     if "frame" in vv or vv.get("resize") == "stretch":
         return np.concatenate([preprocess(f, v) for f in frames])
     S, out = v.image_size, []
@@ -227,29 +245,58 @@ def frame_pixels(frames, cfg) -> np.ndarray:
     return np.concatenate(out)
 
 
+class ClipPixels(np.ndarray):
+    """A clip's frames [F, 3, S, S] that remember when they were taken: `times` (seconds, each frame's index / the
+    clip's fps) and `duration` (frames / fps), which SmolVLM's prompt states."""
+    times: list = []
+    duration: float = 0.0
+
+
 def load_clip(src, cfg, limits: VideoLimits | None = None) -> np.ndarray:
-    """A clip (path or bytes) -> its sampled frames' pixels [F, 3, S, S] for the model."""
-    v = takes_video(cfg)
-    if v.get("fps"):                    # LLaMA-VID: one frame a second
-        return frame_pixels(read_video(src, None, limits, fps=v["fps"], step=True), cfg)
-    return frame_pixels(read_video(src, v.get("frames", DEFAULT_FRAMES), limits, shift=bool(v.get("shift"))), cfg)
+    """A clip (path or bytes) -> its sampled frames' pixels [F, 3, S, S] for the model (ClipPixels)."""
+    v, stats = takes_video(cfg), {}
+    sampling = v.get("sample", "uniform")           # "step": LLaMA-VID's 1 fps; "smolvlm": its sample_frames
+    frames = read_video(src, None if sampling == "step" else v.get("frames", DEFAULT_FRAMES), limits,
+                        fps=v.get("fps"), stats=stats, shift=bool(v.get("shift")), sampling=sampling)
+    px = frame_pixels(frames, cfg).view(ClipPixels)
+    fps = stats["fps"] or 24                        # (SmolVLMProcessor's default when a clip says no rate)
+    px.times, px.duration = [i / fps for i in stats["indices"]], stats["total"] / fps
+    return px
 
 
-def video_text(cfg, n_frames: int) -> str | None:
+def video_text(cfg, n_frames: int, clip=None) -> str | None:
     """Frames as images: the text that stands for a clip of n frames (chat_template.FRAME where each frame's rows
-    go); None when the clip's rows stand as one block (LLaVA-NeXT-Video)."""
+    go; `{n}` its number from 1; SmolVLM: `{t}` its time MM:SS, after an intro stating the frame count in words and
+    the clip's duration H:MM:SS, from `clip`'s ClipPixels times); None when the clip's rows stand as one block."""
     from .chat_template import FRAME
     from .tokenizer import IMAGE
     v = takes_video(cfg)
     if "frame" not in v:
         return None
-    return v.get("sep", "\n").join(v["frame"].replace("{n}", str(i + 1)).replace(IMAGE, FRAME)
-                                   for i in range(n_frames))
+    times = getattr(clip, "times", None) or [0.0] * n_frames
+    body = v.get("sep", "\n").join(v["frame"].replace("{n}", str(i + 1)).replace("{t}", _mmss(t)).replace(IMAGE, FRAME)
+                                   for i, t in zip(range(n_frames), times))
+    if "intro" not in v:
+        return body
+    import datetime
+    try:
+        from num2words import num2words
+    except ImportError:
+        raise EdgemmError("this model's video prompt spells the frame count out: pip install num2words") from None
+    dur = str(datetime.timedelta(seconds=int(getattr(clip, "duration", 0.0))))
+    return v["intro"].replace("{count}", num2words(n_frames)).replace("{duration}", dur) + body + v.get("outro", "")
+
+
+def _mmss(t: float) -> str:
+    return f"{int(t // 60):02d}:{int(t % 60):02d}"
 
 
 def frame_rows(cfg, n_frames: int) -> list[int]:
     """Rows each block of a clip of n frames takes (the context check before it is encoded)."""
     v = takes_video(cfg)
+    if v.get("longest_edge"):           # SmolVLM: a frame is a whole image alone, its markers around its rows
+        from .smolvlm_tiles import row_index
+        return [len(row_index(cfg, 0, 0))] * n_frames
     if "frame" in v:
         return [cfg.image_rows_for(cfg.vision.image_size, cfg.vision.image_size)] * n_frames
     if v.get("question"):
@@ -307,9 +354,13 @@ def question_rows(backend, pixels: np.ndarray, instruction) -> np.ndarray:
 
 def clip_blocks(cfg, pixels: np.ndarray) -> list[np.ndarray]:
     """A clip's pixels -> what the host encodes, one entry per block of rows: the whole clip (LLaVA-NeXT-Video), or
-    each frame [1, 3, S, S] as an image (frames as images)."""
-    if "frame" in takes_video(cfg):
-        return [pixels[i:i + 1] for i in range(len(pixels))]
+    each frame [1, 3, S, S] as an image (frames as images; SmolVLM: a whole image alone, smolvlm_tiles.GridTiles)."""
+    v = takes_video(cfg)
+    if v.get("longest_edge"):
+        from .smolvlm_tiles import whole_image
+        return [whole_image(np.asarray(pixels[i:i + 1])) for i in range(len(pixels))]
+    if "frame" in v:
+        return [np.asarray(pixels[i:i + 1]) for i in range(len(pixels))]
     return [pixels]
 
 
@@ -326,5 +377,5 @@ def clip_rows(backend, src, limits: VideoLimits | None = None):
     template, None for one array): `edgemm run --video`'s host path (ChatSession.set_image_rows)."""
     px = load_clip(src, backend.cfg, limits)
     blocks = [encode_block(backend, b) for b in clip_blocks(backend.cfg, px)]
-    text = video_text(backend.cfg, len(px))
+    text = video_text(backend.cfg, len(px), px)
     return (blocks if text is not None else blocks[0]), (text if text is not None else True)

@@ -201,7 +201,7 @@ def test_import_and_logits_of_a_clip_match(vid):
     from edgemm.checkpoint import load_checkpoint
     from .test_import_llava import logits_and_cached_steps_match
     m, tok = load_checkpoint(vid["ck"])
-    assert vid["summary"]["family"] == "llamavid" and m.cfg.vision.video == {"fps": 1, "question": True}
+    assert vid["summary"]["family"] == "llamavid" and m.cfg.vision.video == {"fps": 1, "sample": "step", "question": True}
     assert m.cfg.reads_question and m.cfg.vision.image_mean == (0.48145466, 0.4578275, 0.40821073)
     long_q = " ".join(["red"] * 300 + ["blue"])
     ids, _ = tok.qformer(long_q)
@@ -232,9 +232,9 @@ def test_one_frame_a_second():
     from edgemm.video import read_video, sample_indices
     from .test_video import make_clip
     stats = {}
-    read_video(make_clip(10, rate=4), None, fps=1, step=True, stats=stats)
+    read_video(make_clip(10, rate=4), None, fps=1, sampling="step", stats=stats)
     assert stats["indices"] == [0, 4, 8] and stats["decoded"] == 9
-    assert sample_indices(100, None, 1, 29.97, step=True) == list(range(0, 100, 30))
+    assert sample_indices(100, None, 1, 29.97, sampling="step") == list(range(0, 100, 30))
 
 
 def _reference_answer(vid, clip, question: str, n: int = 4) -> list:
@@ -245,7 +245,7 @@ def _reference_answer(vid, clip, question: str, n: int = 4) -> list:
     from edgemm.config import ModelConfig
     from edgemm.video import frame_pixels, read_video
     cfg = ModelConfig.load(vid["ck"] / "config.json")
-    px = torch.from_numpy(frame_pixels(read_video(clip, None, fps=1, step=True), cfg))
+    px = torch.from_numpy(frame_pixels(read_video(clip, None, fps=1, sampling="step"), cfg))
     rows = reference_tokens(vid["ref"], px, qformer_ids(vid["src"], question))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(vid["src"] / "tokenizer.json"))
     system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "

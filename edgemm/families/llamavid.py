@@ -137,7 +137,7 @@ def map_llamavid(hf: dict, src: Source, rules: str = "original") -> Plan:
         vision=VisionConfig(image_size=size, patch_size=patch, width=W, layers=_count(names, vt + "blocks."),
                             heads=W // 88, mlp_dim=src.shapes[vt + "blocks.0.mlp.fc1.weight"][0], eps=1e-6,
                             gelu="erf", image_mean=mean, image_std=std, arch="eva_lavis",
-                            video={"fps": 1, "question": True}),
+                            video={"fps": 1, "sample": "step", "question": True}),
         adapter=AdapterConfig(kind="llamavid", eps=1e-12, gelu="erf", bias=True,
                               query_tokens=src.shapes["model.vlm_att_query"][1], qformer_width=QW, qformer_layers=QL,
                               qformer_heads=QW // 64, qformer_ffn=src.shapes[QF + "encoder.layer.0.intermediate.dense.weight"][0],

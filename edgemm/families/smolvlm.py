@@ -131,8 +131,43 @@ def map_smolvlm(hf: dict, src: Source, rules: str = "original") -> Plan:
                       + (f"grids up to {max_grid(v)} x {max_grid(v)} tiles of {v.image_size} px after a resize to "
                          f"{v.longest_edge} px, + the whole image" if v.image_splitting else "the whole image alone")
                       + f": up to {cfg.n_image_rows} rows")
-    plan.notes.append("video input is not imported (frames as images with timestamps)")
+    _video(src, cfg.vision)
+    if v.video:
+        plan.notes.append(f"video: up to {v.video['frames']} frames at {v.video['fps']} a second, each the whole "
+                          f"image alone after a resize to {v.video['longest_edge']} px, after a 'Frame from MM:SS:' "
+                          "line, where the template puts <video>")
+    else:
+        plan.notes.append("video input is not imported (no video_preprocessor_config.json with video_sampling)")
     return plan
+
+
+# SmolVLMProcessor's text around a clip's frames (processing_smolvlm.py: DEFAULT_VIDEO_INTRO, FRAME_TIMESTAMP_MESSAGE,
+# DEFAULT_MEDIA_OUTTRO), each frame's <image> expanded as a whole image alone (edgemm.video.video_text)
+VIDEO_TEXT = {"intro": "You are provided the following series of {count} frames from a {duration} [H:MM:SS] video.\n",
+              "frame": "\nFrame from {t}:" + IMAGE, "sep": "", "outro": "\n\n"}
+
+
+def _video(src: Source, v: VisionConfig) -> None:
+    """video_preprocessor_config.json (SmolVLMVideoProcessor) -> VisionConfig.video: its sample_frames (video_sampling
+    max_frames at fps), its two resizes (video_size's longest edge, then max_image_size square), its mean and std."""
+    from ..video import processor_settings
+    vp, w = processor_settings(src.path), "video_preprocessor_config.json"
+    vs = vp.get("video_sampling") or {}
+    if not vs:
+        return
+    frames, fps = vs.get("max_frames"), vs.get("fps")
+    edge = (vs.get("video_size") or vp.get("size") or {}).get("longest_edge")
+    tile = (vp.get("max_image_size") or {}).get("longest_edge", v.image_size)
+    ok = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0       # noqa: E731
+    if not (ok(frames) and int(frames) == frames and ok(fps) and ok(edge) and tile == v.image_size):
+        raise EdgemmError(f"{w}: video_sampling max_frames {frames!r}, fps {fps!r}, video_size {edge!r} (positive) and "
+                          f"max_image_size {tile!r} (the tower's {v.image_size}) are what edgemm reads")
+    if vp.get("resample", LANCZOS) != LANCZOS:
+        raise EdgemmError(f"{w}: resample {vp['resample']!r} is not supported (LANCZOS)")
+    v.video = {"frames": int(frames), "fps": fps, "sample": "smolvlm", "longest_edge": int(edge), **VIDEO_TEXT}
+    for k in ("image_mean", "image_std"):
+        if isinstance(vp.get(k), list) and len(vp[k]) == 3:
+            v.video[k] = [float(x) for x in vp[k]]
 
 
 @register
@@ -142,7 +177,7 @@ class SmolVLM(Family):
     architectures = ("smolvlmforconditionalgeneration", "idefics3forconditionalgeneration")
     source = "`SmolVLMForConditionalGeneration`, `Idefics3ForConditionalGeneration` (Llama language models)"
     computes = "SigLIP tower, pixel shuffle + Linear connector, tile grid with `<row_i_col_j>` / `<global-img>` " \
-               "markers; one branch (images; video not yet)"
+               "markers; one branch; video frames as whole images with their times"
     blocks = ("vision:siglip", "connector:pixel_shuffle_linear", "layer:single")
     core = ("single branch (llava)", "siglip vision tower", "pixel-shuffle linear projector", "tile grid (smolvlm)")
     optional = ("grouped-query attention",)

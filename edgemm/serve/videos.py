@@ -77,7 +77,7 @@ async def videos_of(cfg, messages, limits: Limits) -> Clips:
         blocks = clip_blocks(cfg, px)
         out.blocks += blocks if "frame" in cfg.vision.video else [px.view(VideoPixels)]
         out.rows += frame_rows(cfg, len(px))
-        text = video_text(cfg, len(px))
+        text = video_text(cfg, len(px), px)
         if text is not None:
             out.texts = (out.texts or []) + [text]
     return out
