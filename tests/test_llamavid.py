@@ -200,8 +200,10 @@ def test_import_and_logits_of_a_clip_match(vid):
     tokenizer cutting a long question on the left)."""
     from edgemm.checkpoint import load_checkpoint
     from .test_import_llava import logits_and_cached_steps_match
+    from edgemm.info import checkpoint_param_counts, param_counts
     m, tok = load_checkpoint(vid["ck"])
     assert vid["summary"]["family"] == "llamavid" and m.cfg.vision.video == {"fps": 1, "sample": "step", "question": True}
+    assert param_counts(m.cfg) == checkpoint_param_counts(vid["ck"]) == m.param_counts()      # the specs' count
     assert m.cfg.reads_question and m.cfg.vision.image_mean == (0.48145466, 0.4578275, 0.40821073)
     long_q = " ".join(["red"] * 300 + ["blue"])
     ids, _ = tok.qformer(long_q)
