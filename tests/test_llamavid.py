@@ -6,11 +6,11 @@ Q-Former, run per frame as InstructBlipVideoModel.get_video_features batches a c
 repeated), LLaMA-VID's own steps (vlm_att_ln, the key projector, the queries' averaged attention, the value
 projector, the pooled content, mm_projector) re-computed here from llamavid_arch.py's token_generation, and
 transformers' LlamaForCausalLM for the decoder; then `edgemm run --video` on a clip made here, on the torch backend,
-an onnx bundle and a trt bundle's Q/DQ graphs (on the CPU)."""
+an onnx bundle, a trt bundle's Q/DQ graphs (on the CPU) and a gguf bundle (llama.cpp, the vision stage in ONNX)."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 
 import numpy as np
 import pytest
@@ -289,9 +289,14 @@ def test_edgemm_run_video_on_torch_and_an_onnx_bundle(vid, monkeypatch):
     man = export_trt(str(vid["ck"]), d / "trt", precision="fp16", no_build=True, log=None)
     assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
     assert man["trt"]["profiles"]["orin"]["vision"]["pixels"]["max"][0] >= 8      # a call's frames
-    got = record_answers(monkeypatch)
     runs = (["--model", str(vid["ck"]), "--backend", "torch"], ["--bundle", str(d / "onnx")],
             ["--bundle", str(d / "trt"), "--backend", "trt", "--device", "cpu"])       # (trt: its Q/DQ graphs)
+    if importlib.util.find_spec("llama_cpp") is not None:      # llama.cpp's decoder, the vision stage in ONNX beside it
+        from edgemm.export.gguf import export_gguf
+        man = export_gguf(model=str(vid["ck"]), out=d / "gguf", precision="f32", log=None, threads=2)
+        assert man["stages"]["vision"]["format"] == "onnx" and man["qformer_tokenizer"] in man["files"]
+        runs += (["--bundle", str(d / "gguf"), "--threads", "2"],)
+    got = record_answers(monkeypatch)
     for args in runs:
         r = CliRunner().invoke(main, ["run", *args, "--video", str(clip), "--max-new-tokens", "4", q])
         assert r.exit_code == 0, r.output
