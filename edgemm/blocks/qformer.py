@@ -117,8 +117,9 @@ class QFormerAdapter(nn.Module):
         x, mask = self.query.expand(B, -1, -1), None
         if instruction is None and hasattr(self, "word_embed"):
             import warnings
-            warnings.warn("InstructBLIP without an instruction: the Q-Former reads the image with its queries alone "
-                          "(EdgeMM.encode_image(pixels, ids[, mask]) takes the question's Q-Former ids)")
+            warnings.warn("a Q-Former that reads the question (InstructBLIP, LLaMA-VID) without an instruction: its "
+                          "queries read the image alone (EdgeMM.encode_image(pixels, ids[, mask]) takes the "
+                          "question's Q-Former ids)")
         if instruction is not None and instruction.shape[1]:
             if not hasattr(self, "word_embed"):
                 from ..errors import EdgemmError
