@@ -85,10 +85,12 @@ def max_tile_batch(v) -> int:
     return 1
 
 
-def pixel_profile(v) -> dict:
-    """The trt vision stage's pixels profile: one image, from one patch to the whole canvas."""
+def input_profiles(cfg) -> dict:
+    """The trt vision stage's input profiles: pixels of one image, from one patch to the whole canvas."""
+    v = cfg.vision
     p, (ch, cw) = v.patch_size, v.canvas
-    return {"min": [1, 3, p, p], "opt": [1, 3, ch // p // 2 * p or p, cw // p // 2 * p or p], "max": [1, 3, ch, cw]}
+    return {"pixels": {"min": [1, 3, p, p], "opt": [1, 3, ch // p // 2 * p or p, cw // p // 2 * p or p],
+                       "max": [1, 3, ch, cw]}}
 
 
 def describe_rows(cfg, typical=((640, 480), (1024, 768), (1920, 1080))) -> str:

@@ -115,6 +115,19 @@ def max_rows(cfg) -> int:
     return (n + 1) * cfg.adapter.query_tokens + n
 
 
+def input_profiles(cfg) -> dict:
+    """The trt vision stage's input profiles: a call's slices (up to max_tiles, or the source image alone) of any
+    size in whole patches up to the longest edge, and their RoIAlign weights (edgemm.export.trt_profiles)."""
+    v = cfg.vision
+    S, p, g = v.image_size, v.patch_size, math.isqrt(cfg.adapter.query_tokens)
+    side = -(-v.longest_edge // p)                       # patches along the longest side an image can have
+    bins = max(max(wh) for wh in POOL_SIZES)
+    pool = {"min": [g, 1], "opt": [g * 3, S // p], "max": [g * bins, side]}
+    return {"pixels": {"min": [1, 3, p, p], "opt": [max(1, v.max_tiles // 2), 3, S, S],
+                       "max": [max(1, v.max_tiles), 3, side * p, side * p]},
+            "pool_rows": pool, "pool_cols": pool}
+
+
 def pixel_rows(cfg, pixels) -> int:
     return len(pixels.index(cfg)) + cfg.adapter.query_tokens * (pixels.grid is not None)
 

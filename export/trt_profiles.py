@@ -51,8 +51,8 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         tiles = tilings.of(cfg.vision)
         n = (tiles.max_tile_batch if tiles is not None else max_tile_batch)(cfg.vision)
         inp["pixels"] = {"min": [1, 3, S, S], "opt": [max(1, (n + 1) // 2), 3, S, S], "max": [max(n, batch), 3, S, S]}
-        if hasattr(tiles, "pixel_profile"):             # Fuyu: one image of any height and width
-            inp["pixels"] = tiles.pixel_profile(cfg.vision)
+        if hasattr(tiles, "input_profiles"):            # Fuyu: one image of any height and width; LLaVA-UHD:
+            inp.update(tiles.input_profiles(cfg))       # slices of any size + their RoIAlign weights
     if cfg.input_stage == "image_tokens" and a.signal_size:
         inp["signal"] = batched(n_img, a.signal_size)
     if cfg.reads_question:      # InstructBLIP, LLaMA-VID: the question's Q-Former ids (0 ids: none)
