@@ -86,7 +86,7 @@ def fidelity(model, tok, run, rows_ref) -> dict:
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
         g = run.decode_tokens(q_ids, len(pre) + rows_ref.shape[1])
         n = len(pre) + rows_ref.shape[1] + len(q_ids)
         for step in range(FIDELITY_STEPS + 1):
@@ -156,10 +156,10 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
     return rows_mt
 
 
-def _mtmd_rows(model, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
+def _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
     """The mmproj through llama.cpp's mtmd -> its image rows (LLaVA's diagnosed: _llava_rows_check)."""
-    from edgemm.runtimes.llamacpp_backend import MtmdVision
-    mt = MtmdVision(mmproj, run, threads)
+    from edgemm.runtimes.llamacpp_backend import MtmdVision, image_bounds
+    mt = MtmdVision(mmproj, run, threads, around=image_bounds(model.cfg, tok, run))
     try:
         rows_mt = mt.encode_rgb(img)
     finally:
@@ -244,7 +244,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
         li = run.decode_tokens(q_ids, len(pre) + n_rows)
         out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
         out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
@@ -252,14 +252,14 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         if mmproj.suffix == ".onnx":            # an ONNX vision stage: ONNX Runtime beside llama.cpp
             rows_mt = _onnx_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, vprec, threads, out)
         else:                                   # the mmproj through llama.cpp's mtmd
-            rows_mt = _mtmd_rows(model, mmproj, run, threads, img, pixels, hw if anyres else None, rows_ref, llava,
+            rows_mt = _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw if anyres else None, rows_ref, llava,
                                  out, log)
         if rows_mt is not None and not out.get("mtmd_cls_order_defect") and "vision_rows_cosine" not in out:
             from edgemm.export.validate import compare
             out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
             run.rewind(len(pre))
-            run.decode_embd(rows_mt, len(pre))
+            run.decode_embd(rows_mt, len(pre), bidirectional=cfg.decoder.image_bidirectional)
             le = run.decode_tokens(q_ids, len(pre) + n_rows)
             out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
             out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())

@@ -9,7 +9,9 @@ arrays run the same mmproj weights through the reference modules (`vision_source
 LLaVA bundles (llama.cpp's llama / qwen2 decoder, an `mlp` mmproj) run the same way, one set of weights for both
 batch kinds; where the export found llama.cpp's llava graph misordering CLIP's CLS row (ggml-org/llama.cpp#25814)
 the image rows come from the mmproj's weights through the reference code, as do LLaVA-NeXT's tiles (the host
-packs them: edgemm.anyres, with the manifest's newline row).
+packs them: edgemm.anyres, with the manifest's newline row). Gemma 3 bundles (llama.cpp's gemma3 decoder, projector
+gemma3) take mtmd's pooled rows between the <start_of_image> / <end_of_image> token rows (image_bounds), the rows
+between them decoded in one non-causal batch as mtmd's own helper does.
 
 A bundle whose vision stage is an ONNX graph (stages.vision.format "onnx": a vision side llama.cpp has no graph for,
 edgemm.blocks.support.gguf_vision, or one exported with vision="onnx") runs it in ONNX Runtime's CPU provider in
@@ -140,9 +142,23 @@ class LlamaRunner:
             self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids), seq)
         return self._logits()
 
-    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0) -> np.ndarray:
+    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0, bidirectional: bool = False) -> np.ndarray:
+        """An embedding batch. bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the first and
+        the last attend to each other both ways, in one non-causal batch as mtmd's helper decodes an image
+        (mtmd_decode_use_non_causal), boi and eoi causally as the tokens llama.cpp puts around it."""
         rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
         n = rows.shape[0]
+        if bidirectional and n > 2:
+            if n - 2 > self.n_batch:
+                raise EdgemmError(f"an image of {n - 2} rows attending both ways needs one batch; n_batch is "
+                                  f"{self.n_batch}")
+            self.decode_embd(rows[:1], pos0, seq)
+            self.ll.llama_set_causal_attn(self.ctx, False)
+            try:
+                self.decode_embd(rows[1:-1], pos0 + 1, seq)
+            finally:
+                self.ll.llama_set_causal_attn(self.ctx, True)
+            return self.decode_embd(rows[-1:], pos0 + n - 1, seq)
         self._check_room(n, seq)
         b = self._emb_batch
         for s in range(0, n, self.n_batch):
@@ -165,6 +181,14 @@ class LlamaRunner:
         for seq, _, _ in items:
             self.lengths[seq] += 1
         return [self._logits(i) for i in range(len(items))]
+
+    def token_rows(self, ids) -> np.ndarray:
+        """The decoder file's token_embd rows of `ids` (dequantized as llama.cpp's get_rows reads them) -> [n, D]."""
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+        t = next(t for t in GGUFReader(self.path).tensors if t.name == "token_embd.weight")
+        return np.stack([dequantize(np.asarray(t.data[int(i)]), t.tensor_type).reshape(-1) for i in ids]).astype(
+            np.float32)
 
     # ---- tokenizer -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
@@ -201,8 +225,11 @@ class LlamaRunner:
 class MtmdVision:
     """The mmproj through llama.cpp's mtmd: an RGB image at the tower's size -> image rows [P + 2, D]."""
 
-    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False):
+    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False,
+                 around: tuple | None = None):
+        """around: (first, last) rows put around mtmd's (Gemma 3's boi / eoi: image_bounds), or None."""
         from llama_cpp import mtmd_cpp
+        self.around = around
         from edgemm.safety import check_gguf
         check_gguf(mmproj)
         self.m = mtmd_cpp
@@ -242,8 +269,10 @@ class MtmdVision:
                     if rc != 0:
                         raise EdgemmError(f"mtmd_encode_chunk failed (code {rc})")
                     ptr = m.mtmd_get_output_embd(self.ctx)
-                    return np.ctypeslib.as_array(ptr, shape=(n * self.runner.n_embd,)).reshape(
+                    rows = np.ctypeslib.as_array(ptr, shape=(n * self.runner.n_embd,)).reshape(
                         n, self.runner.n_embd).astype(np.float32, copy=True)
+                    return rows if self.around is None else np.concatenate(
+                        [self.around[0][None], rows, self.around[1][None]])
             raise EdgemmError("mtmd produced no image chunk")
         finally:
             m.mtmd_input_chunks_free(chunks)
@@ -259,6 +288,20 @@ class MtmdVision:
             self.close()
         except Exception:
             pass
+
+
+def image_bounds(cfg, tok, runner: LlamaRunner) -> tuple | None:
+    """Gemma 3 (adapter gemma3): the boi / eoi rows of its image segment, the <start_of_image> / <end_of_image>
+    token rows of the decoder file times embed_scale (llama.cpp's gemma3 graph scales token batches by
+    sqrt(n_embd), not embedding batches). None for other models (their mtmd rows are the whole segment)."""
+    if cfg.adapter.kind != "gemma3":
+        return None
+    from edgemm.families.gemma3 import BOI, EOI
+    ids = [tok.tok.token_to_id(t) for t in (BOI, EOI)]
+    if None in ids:
+        raise EdgemmError(f"the tokenizer has no {BOI} / {EOI} token")
+    boi, eoi = runner.token_rows(ids) * np.float32(cfg.decoder.embed_scale)
+    return boi, eoi
 
 
 class OnnxVision:
@@ -343,6 +386,10 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from edgemm.model import Adapter, VisionTower
+    from edgemm.blocks.support import mtmd_graph
+    if mtmd_graph(cfg.variants()):
+        raise EdgemmError(f"this bundle's vision stage runs in llama.cpp's mtmd only (projector "
+                          f"{mtmd_graph(cfg.variants())}), which takes 8-bit RGB images; these pixels are not one")
     v, d = cfg.vision, cfg.decoder
     r = GGUFReader(str(mmproj))
     t = {}
@@ -528,7 +575,7 @@ class LlamaCppBackend(Backend):
         seq = self._sync(state)
         rows = np.asarray(rows, np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        logits = self.runner.decode_embd(rows, state.pos, seq)
+        logits = self.runner.decode_embd(rows, state.pos, seq, self.cfg.decoder.image_bidirectional)
         state.length += rows.shape[0]
         state.pos += rows.shape[0]
         return logits
@@ -556,7 +603,8 @@ class LlamaCppBackend(Backend):
             self._why_reference = "any-resolution tiles are packed on the host"
         if rgb is not None:
             if self._mtmd is None:
-                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload)
+                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload,
+                                        around=image_bounds(self.cfg, self.tokenizer, self.runner))
             self.vision_source = "mtmd (mmproj)"
             return self._mtmd.encode_rgb(rgb)[None]
         import torch
