@@ -70,8 +70,9 @@ def projector(cfg) -> str:
 
 def mmproj_writer(cfg):
     """The function writing this model's mmproj (model, path, name, qtype) -> {tensor: type}."""
-    from edgemm.export.gguf_mtmd import write_gemma3_mmproj
-    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj}.get(projector(cfg), write_mmproj_gguf)
+    from edgemm.export.gguf_mtmd import write_gemma3_mmproj, write_idefics3_mmproj
+    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj,
+            "idefics3": write_idefics3_mmproj}.get(projector(cfg), write_mmproj_gguf)
 
 
 def gguf_chat_template(cfg, template: str) -> str | None:
@@ -113,10 +114,6 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
              if llava or mtmd_graph(cfg)
              else f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + an ONNX vision stage)"
              if cfg.decoder.single_branch else "the gguf exporter (llama.cpp's cogvlm architecture)")
-    if cfg.vision.tiling == "smolvlm":          # SmolVLM / Idefics3: llama.cpp has the graph, edgemm no writer yet
-        raise UnsupportedVariant("tile grid (smolvlm)", "the gguf exporter (llama.cpp's mtmd has an idefics3 "
-                                 "projector, but edgemm does not write its mmproj and tile markers yet)",
-                                 support.targets_that_can("tile grid (smolvlm)", exclude="gguf"))
     if cfg.vision.arch == "patch_linear":       # Fuyu: no persimmon / fuyu in libllama's or libmtmd's names
         raise UnsupportedVariant(PERSIMMON, "the gguf exporter (llama.cpp has no Fuyu graph: no Persimmon decoder "
                                  "architecture, no raw-patch projector)", support.targets_that_can(PERSIMMON, "gguf"))

@@ -7,7 +7,12 @@ MmprojModel.set_gguf_parameters) and read by its tools/mtmd/clip.cpp:
   mm.soft_emb_norm (RMSNorm at the tower's eps; the (1 + w) already folded in) and mm.input_projection
   ([W, D] as transformers stores it). The image segment's boi / eoi are not in the mmproj: llama.cpp puts the
   <start_of_image> / <end_of_image> tokens around the rows (mtmd.cpp), and edgemm's llamacpp backend reads their
-  rows from the decoder's token_embd (LlamaRunner.token_rows)."""
+  rows from the decoder's token_embd (LlamaRunner.token_rows);
+- idefics3 (SmolVLM / Idefics3, conversion/smolvlm.py SmolVLMModel): the SigLIP tower, each tile's patch grid
+  pixel-shuffled by clip.vision.projector.scale_factor (1 / downsample_ratio), mm.model.fc (no bias);
+  clip.vision.preproc_image_size is the processor's longest_edge. The tile markers are text tokens to llama.cpp
+  (mtmd.cpp's idefics3 slice template); edgemm's llamacpp backend runs mtmd tile by tile and takes the marker rows
+  from the decoder's token_embd."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,5 +99,20 @@ def write_gemma3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     ad = model.adapter
     put("mm.soft_emb_norm.weight", ad.norm.weight)
     put("mm.input_projection.weight", _np(ad.proj.weight).T.copy(), "f16")        # [W, D], transformers' layout
+    _close(w)
+    return types
+
+
+def write_idefics3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
+    """SmolVLM's / Idefics3's SigLIP tower + pixel-shuffle Linear as llama.cpp's clip/mmproj file, projector idefics3.
+    -> {tensor: type}. The connector's marker rows are token embeddings: not in the mmproj."""
+    w, put, types = _writer(path, qtype)
+    _clip_header(w, model, name, qtype, "idefics3", "edgemm vision stage: SigLIP ViT + Idefics3 pixel-shuffle "
+                 "connector (llama.cpp projector idefics3)")
+    v, a = model.cfg.vision, model.cfg.adapter
+    w.add_uint32("clip.vision.projector.scale_factor", round(1 / a.downsample_ratio))
+    w.add_uint32("clip.vision.preproc_image_size", v.longest_edge or v.image_size)
+    _siglip_tensors(put, model.vision, v)
+    put("mm.model.fc.weight", model.adapter.proj.weight)
     _close(w)
     return types

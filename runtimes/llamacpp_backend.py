@@ -290,6 +290,11 @@ class MtmdVision:
             pass
 
 
+def markers(cfg, runner: LlamaRunner):
+    """SmolVLM's connector marker rows (adapter.marker_ids) from the decoder's token_embd, or None."""
+    return runner.token_rows(cfg.adapter.marker_ids) if cfg.adapter.kind == "pixel_shuffle_linear" else None
+
+
 def image_bounds(cfg, tok, runner: LlamaRunner) -> tuple | None:
     """Gemma 3 (adapter gemma3): the boi / eoi rows of its image segment, the <start_of_image> / <end_of_image>
     token rows of the decoder file times embed_scale (llama.cpp's gemma3 graph scales token batches by
@@ -380,16 +385,41 @@ def _llava_vision_from_tensors(t: dict, cfg):
     return tower.eval(), proj.eval()
 
 
-def reference_vision_from_mmproj(mmproj: str | Path, cfg):
-    """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized)."""
+def _idefics3_vision_from_tensors(t: dict, cfg, markers):
+    """edgemm's SigLIP tower + pixel_shuffle_linear connector from an idefics3 mmproj (export/gguf_mtmd.py), the
+    connector's marker rows from the decoder's token_embd."""
+    import torch
+    from edgemm.blocks import registry
+    v = cfg.vision
+    tower = registry.get("vision", "siglip").from_config(cfg)
+    proj = registry.get("connector", "pixel_shuffle_linear").from_config(cfg)
+    sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
+          "patch_embed.bias": t["v.patch_embd.bias"], "pos": t["v.position_embd.weight"].reshape(1, v.n_patches, -1),
+          "post_norm.weight": t["v.post_ln.weight"], "post_norm.bias": t["v.post_ln.bias"]}
+    for i in range(len(tower.blocks)):
+        b = f"v.blk.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"blocks.{i}.qkv.{kind}"] = torch.cat([t[f"{b}attn_{n}.{kind}"] for n in "qkv"])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", "ffn_up"),
+                                 ("fc2", "ffn_down")):
+                sd[f"blocks.{i}.{ours}.{kind}"] = t[f"{b}{theirs}.{kind}"]
+    tower.load_state_dict(sd)
+    proj.load_state_dict({"proj.weight": t["mm.model.fc.weight"], "markers": torch.from_numpy(np.asarray(markers))})
+    return tower.eval(), proj.eval()
+
+
+def reference_vision_from_mmproj(mmproj: str | Path, cfg, markers=None):
+    """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized). markers: the
+    decoder's token rows of adapter.marker_ids (SmolVLM's connector table; LlamaRunner.token_rows)."""
     import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from edgemm.model import Adapter, VisionTower
     from edgemm.blocks.support import mtmd_graph
-    if mtmd_graph(cfg.variants()):
-        raise EdgemmError(f"this bundle's vision stage runs in llama.cpp's mtmd only (projector "
-                          f"{mtmd_graph(cfg.variants())}), which takes 8-bit RGB images; these pixels are not one")
+    graph = mtmd_graph(cfg.variants())
+    if graph not in (None, "idefics3"):
+        raise EdgemmError(f"this bundle's vision stage runs in llama.cpp's mtmd only (projector {graph}), which "
+                          "takes 8-bit RGB images; these pixels are not one")
     v, d = cfg.vision, cfg.decoder
     r = GGUFReader(str(mmproj))
     t = {}
@@ -398,6 +428,8 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
         t[ten.name] = torch.from_numpy(np.ascontiguousarray(a.reshape([int(s) for s in reversed(ten.shape)])))
     if cfg.adapter.kind in ("mlp", "linear", "mlp_norm"):     # LLaVA's projectors (gguf_tensors.py)
         return _llava_vision_from_tensors(t, cfg)
+    if graph == "idefics3":
+        return _idefics3_vision_from_tensors(t, cfg, markers)
     tower, adapter = VisionTower(v), Adapter(cfg.adapter, v.width, d.d_model)
     sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
           "patch_embed.bias": t["v.patch_embd.bias"],
@@ -601,6 +633,9 @@ class LlamaCppBackend(Backend):
         elif self.cfg.vision.grid_pinpoints:        # tiles: the host tiles and packs (edgemm.anyres), not mtmd
             rgb = None
             self._why_reference = "any-resolution tiles are packed on the host"
+        elif self.cfg.vision.tiling == "smolvlm":   # mtmd takes whole images and tiles them itself
+            rgb = None
+            self._why_reference = "SmolVLM's tiles are cut on the host (mtmd tiles a whole image by its own rules)"
         if rgb is not None:
             if self._mtmd is None:
                 self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload,
@@ -609,7 +644,8 @@ class LlamaCppBackend(Backend):
             return self._mtmd.encode_rgb(rgb)[None]
         import torch
         if self._ref_vision is None:
-            self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg)
+            self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg,
+                                                            markers(self.cfg, self.runner))
             if self.log:
                 why = self._why_reference or "these pixels are not an 8-bit image, which mtmd needs"
                 self.log(f"note: {why}; computing the image rows from the mmproj's weights with the reference "

@@ -249,17 +249,8 @@ def _png_url(img) -> str:
 @pytest.fixture(scope="module")
 def gguf_bundles(imported):
     """`edgemm export --target gguf` at f32 and q8_0."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
-    from click.testing import CliRunner
-    from edgemm.cli import main
-    out = {}
-    for prec in ("f32", "q8_0"):
-        d = imported["dir"] / f"gguf-{prec}"
-        r = CliRunner().invoke(main, ["export", "--model", str(imported["ck"]), "--target", "gguf", "--precision",
-                                      prec, "-o", str(d)])
-        assert r.exit_code == 0, r.output
-        out[prec] = (d, json.loads((d / "edgemm.json").read_text()), r.output)
-    return out
+    from .test_import_llava import gguf_exports
+    return gguf_exports(imported["ck"], imported["dir"])
 
 
 def test_gguf_files_are_llama_cpps_gemma3(imported, gguf_bundles):
@@ -363,16 +354,10 @@ def test_gguf_run_image_answers_as_transformers(imported, gguf_bundles, monkeypa
     by edgemm as Gemma3ImageProcessor does, mtmd then taking the tower-sized image as it is); the q8_0 bundle
     answers too."""
     from PIL import Image
-    from click.testing import CliRunner
-    from edgemm.cli import main
+    from .test_import_llava import gguf_bundles_answer
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
     Image.fromarray(_image(40, 20, 7)).save(d / "img-gguf.png")
     hf_in = _reference(hf, proc, Image.open(d / "img-gguf.png"))
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
     want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
-    got = record_answers(monkeypatch)
-    for prec in ("f32", "q8_0"):
-        r = CliRunner().invoke(main, ["run", "--bundle", str(gguf_bundles[prec][0]), "--backend", "llamacpp",
-                                      "--image", str(d / "img-gguf.png"), "--max-new-tokens", "4", QUESTION])
-        assert r.exit_code == 0, r.output
-    assert got[0] == want and want and len(got) == 2, (got, want)
+    gguf_bundles_answer(monkeypatch, gguf_bundles, d / "img-gguf.png", QUESTION, want)

@@ -84,6 +84,23 @@ def exports_validate(ck, d, gguf_says: str | None) -> None:
     assert r.exit_code == 2 and gguf_says in r.output and "onnx, trt" in r.output, r.output
 
 
+def gguf_exports(ck, d, precisions=("f32", "q8_0")) -> dict:
+    """`edgemm export --target gguf` of ck at each precision under d/gguf-PREC: each exits 0. -> {precision: (bundle
+    dir, manifest, output)}."""
+    import json
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
+    out = {}
+    for prec in precisions:
+        b = d / f"gguf-{prec}"
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "--precision", prec, "-o",
+                                      str(b)])
+        assert r.exit_code == 0, r.output
+        out[prec] = (b, json.loads((b / "edgemm.json").read_text()), r.output)
+    return out
+
+
 def record_answers(monkeypatch) -> list:
     """The ids of every answer ChatSession generates from now on (an answer's text may end mid-character)."""
     from edgemm.generation import ChatSession
@@ -95,6 +112,19 @@ def record_answers(monkeypatch) -> list:
         return ans
     monkeypatch.setattr(ChatSession, "_generate", recording)
     return got
+
+
+def gguf_bundles_answer(monkeypatch, bundles: dict, image, question, want) -> None:
+    """`edgemm run --image` on the f32 and q8_0 gguf bundles (gguf_exports) with edgemm's llamacpp backend: both
+    answer, the f32 one `want`'s ids (4 new tokens at most)."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    got = record_answers(monkeypatch)
+    for prec in ("f32", "q8_0"):
+        r = CliRunner().invoke(main, ["run", "--bundle", str(bundles[prec][0]), "--backend", "llamacpp", "--image",
+                                      str(image), "--max-new-tokens", "4", question])
+        assert r.exit_code == 0, r.output
+    assert got[0] == want and want and len(got) == 2, (got, want)
 
 
 def bundles_answer(monkeypatch, d, image, question, want, bundles=(("onnx-fp32", "ort"), ("trt-fp16", "trt"))):

@@ -8,8 +8,9 @@ features below; a feature marked `gguf="llava"` is computed by its `llama`/`qwen
 projector, so a model reaches that graph only as a LLaVA composition (single branch + CLIP tower + MLP projector).
 A vision-side feature marked `gguf="onnx"` has no llama.cpp graph: a gguf bundle carries its vision stage as the
 ONNX graph the onnx exporter traces, run by ONNX Runtime beside llama.cpp's llama decoder (`gguf_vision`).
-A family llama.cpp has a decoder architecture and an mtmd projector of its own for (Gemma 3: `gemma3` + projector
-`gemma3`) is a composition in MTMD_GRAPHS: its features are computed by gguf only together.
+A family llama.cpp has an mtmd projector (and a decoder architecture) of its own for (Gemma 3: `gemma3` + projector
+`gemma3`; SmolVLM / Idefics3: `llama` + projector `idefics3`) is a composition in MTMD_GRAPHS: its features are
+computed by gguf only together.
 
 This module is core: it imports nothing of edgemm, and a config is read by duck typing (`cfg.decoder`, ...).
 """
@@ -34,6 +35,8 @@ MTMD_GRAPHS = {
     "gemma3": (("single branch (llava)", "siglip vision tower", GEMMA3[0], GEMMA3[1]),
                ("per-head q/k norm", "grouped-query attention", "head_dim of its own", "sliding-window attention",
                 "bidirectional attention among an image's rows")),
+    "idefics3": (("single branch (llava)", "siglip vision tower", "pixel-shuffle linear projector",
+                  "tile grid (smolvlm)"), ("grouped-query attention",)),
 }
 
 
