@@ -46,12 +46,43 @@ def is_llava(cfg) -> bool:
     return is_llava_graph(cfg.variants())
 
 
+def mtmd_graph(cfg) -> str | None:
+    """The mtmd projector of a composition llama.cpp computes with a graph of its own (support.MTMD_GRAPHS:
+    gemma3), or None."""
+    from edgemm.blocks.support import mtmd_graph as graph
+    return graph(cfg.variants())
+
+
 def decoder_arch(cfg) -> str:
-    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), llama, or qwen2 (LLaMA + QKV bias) for
-    single-branch decoders (LLaVA, and those beside an ONNX vision stage)."""
+    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), gemma3 (Gemma 3), llama, or qwen2
+    (LLaMA + QKV bias) for the other single-branch decoders (LLaVA, and those beside an ONNX vision stage)."""
     if not cfg.decoder.single_branch:
         return "cogvlm"
+    if mtmd_graph(cfg) == "gemma3":
+        return "gemma3"
     return "qwen2" if cfg.decoder.qkv_bias else "llama"
+
+
+def projector(cfg) -> str:
+    """The mmproj's clip.projector_type: mlp (LLaVA), the composition's own (mtmd_graph), else cogvlm."""
+    return "mlp" if is_llava(cfg) else mtmd_graph(cfg) or "cogvlm"
+
+
+def mmproj_writer(cfg):
+    """The function writing this model's mmproj (model, path, name, qtype) -> {tensor: type}."""
+    from edgemm.export.gguf_mtmd import write_gemma3_mmproj, write_idefics3_mmproj
+    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj,
+            "idefics3": write_idefics3_mmproj}.get(projector(cfg), write_mmproj_gguf)
+
+
+def gguf_chat_template(cfg, template: str) -> str | None:
+    """What tokenizer.chat_template holds: an imported model's own template (LLaVA's; Gemma 3's as its release has
+    it, <start_of_image> for an image: llama.cpp's mtmd puts the image between <start_of_image> / <end_of_image>
+    itself), or None (edgemm's format) for edgemm's own family."""
+    if mtmd_graph(cfg) == "gemma3":
+        from edgemm.families.gemma3 import release_template
+        return release_template(template)
+    return template if cfg.decoder.single_branch else None
 
 
 VISION_STAGES = ("auto", "mmproj", "onnx")
@@ -79,13 +110,10 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
     """Refuse every config llama.cpp's graphs cannot compute; warn where it approximates."""
     from edgemm.blocks import support
     llava = is_llava(cfg) and vision_stage(cfg, vision) == "mmproj"        # (an ONNX vision stage is exact)
-    where = (f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + mlp mmproj)" if llava
+    where = (f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + {projector(cfg)} mmproj)"
+             if llava or mtmd_graph(cfg)
              else f"the gguf exporter (llama.cpp's {decoder_arch(cfg)} architecture + an ONNX vision stage)"
              if cfg.decoder.single_branch else "the gguf exporter (llama.cpp's cogvlm architecture)")
-    if cfg.vision.tiling == "smolvlm":          # SmolVLM / Idefics3: llama.cpp has the graph, edgemm no writer yet
-        raise UnsupportedVariant("tile grid (smolvlm)", "the gguf exporter (llama.cpp's mtmd has an idefics3 "
-                                 "projector, but edgemm does not write its mmproj and tile markers yet)",
-                                 support.targets_that_can("tile grid (smolvlm)", exclude="gguf"))
     if cfg.vision.arch == "patch_linear":       # Fuyu: no persimmon / fuyu in libllama's or libmtmd's names
         raise UnsupportedVariant(PERSIMMON, "the gguf exporter (llama.cpp has no Fuyu graph: no Persimmon decoder "
                                  "architecture, no raw-patch projector)", support.targets_that_can(PERSIMMON, "gguf"))
@@ -97,7 +125,10 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
         raise EdgemmError("vision width must be divisible by the vision heads")
     if cfg.decoder.single_branch:
         _check_moe(cfg.decoder, where)
-    if vision_stage(cfg, vision) == "onnx":
+    if mtmd_graph(cfg) and cfg.vision.gelu != "tanh":
+        log(f"warning: this vision tower uses the {cfg.vision.gelu} GELU; llama.cpp's {mtmd_graph(cfg)} mmproj "
+            "computes the tanh form (clip.use_gelu), so the vision stage is approximated")
+    if vision_stage(cfg, vision) == "onnx" or mtmd_graph(cfg):
         return
     if llava:
         if cfg.vision.keep_cls:         # llava.cpp gathers the patch rows only (its `patches` input skips CLS)
@@ -185,8 +216,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     m, tok = load_model(model)
     tok_fields = tokenizer_fields(tok, cfg.decoder.vocab_size)   # one llama.cpp cannot read is refused up front
     name = cfg.name
-    arch, llava = decoder_arch(cfg), is_llava(cfg)
-    projector = "mlp" if llava else "cogvlm"
+    arch, llava, proj = decoder_arch(cfg), is_llava(cfg), projector(cfg)
     from edgemm.checkpoint import chat_template_for
     template = chat_template_for(model)
     dprec, vprec = precision["decoder"], precision["vision"]
@@ -200,10 +230,10 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     with bundle_writer(out, force=force) as tmp:
         dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
         # an imported model's own chat template goes into the file; edgemm's format as the GGUF form of it
-        _write_decoder_file(m, tok, tmp, dec_file, name, template if llava else None, tok_fields, dprec, threads,
-                            log)
-        log(f"writing the mmproj (clip, projector {projector}, {vtype}) ...")
-        vis_types = (write_llava_mmproj_gguf if llava else write_mmproj_gguf)(m, tmp / mm_file, name, vtype)
+        _write_decoder_file(m, tok, tmp, dec_file, name, gguf_chat_template(cfg, template), tok_fields, dprec,
+                            threads, log)
+        log(f"writing the mmproj (clip, projector {proj}, {vtype}) ...")
+        vis_types = mmproj_writer(cfg)(m, tmp / mm_file, name, vtype)
         tok.save(tmp / "tokenizer.json")
         (tmp / "chat_template.jinja").write_text(template)
         log("validating in llama.cpp ...")
@@ -218,7 +248,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
             "tokenizer": "tokenizer.json",
             "chat_template": "chat_template.jinja",
             "stages": {
-                "vision": {"file": mm_file, "format": f"gguf mmproj (clip arch, projector {projector})",
+                "vision": {"file": mm_file, "format": f"gguf mmproj (clip arch, projector {proj})",
                            "precision": vtype,
                            "runs_with": "reference code with the mmproj weights"
                            if figures.get("mtmd_cls_order_defect") or cfg.vision.grid_pinpoints else "llama.cpp mtmd",

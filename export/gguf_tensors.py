@@ -30,7 +30,7 @@ def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: s
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_name(name)
     w.add_description("edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)"
-                      if arch == "cogvlm" else f"edgemm LLaVA decoder ({arch})")
+                      if arch == "cogvlm" else f"edgemm single-branch decoder ({arch})")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_context_length(d.max_seq_len)
     w.add_embedding_length(d.d_model)
@@ -45,6 +45,8 @@ def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: s
     w.add_rope_freq_base(d.rope_theta)
     w.add_rope_dimension_count(d.head_dim)
     w.add_vocab_size(d.vocab_size)
+    if arch == "gemma3":
+        _gemma3_keys(w, d)
     tf = tok_fields or tokenizer_fields(tok, d.vocab_size)
     add_tokenizer(w, tok, tf, chat_template)
 
@@ -56,8 +58,10 @@ def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: s
     for i, layer in enumerate(dec.layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", _np(layer.attn_norm.weight))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", _np(layer.ffn_norm.weight))
+        if arch == "gemma3":
+            _gemma3_layer(w, i, layer, d)
         if arch != "cogvlm":
-            _write_attention(w, i, layer.text, d, permute=arch == "llama")
+            _write_attention(w, i, layer.text, d, permute=arch == "llama")     # (gemma3, qwen2: NEOX rope)
             _write_ffn(w, i, layer.text)
             continue
         for prefix, br in (("", layer.text), ("vis_", layer.vision)):
@@ -70,6 +74,40 @@ def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: s
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def gemma3_attention_scale(d) -> float:
+    """The query scale llama.cpp's gemma3 graph applies (src/models/gemma3.cpp): 1 / sqrt(head_dim), or for the
+    62-layer (27B) model 1 / sqrt(n_embd / n_head)."""
+    return (d.d_model / d.n_heads if d.n_layers == 62 else d.head_dim) ** -0.5
+
+
+def _gemma3_keys(w, d) -> None:
+    """Gemma 3's keys as convert_hf_to_gguf.py's Gemma3Model writes them: head_dim as key/value length, the sliding
+    window with its per-layer pattern (a bool a layer: llama.cpp's default is every 6th layer full), the sliding
+    layers' RoPE base, linear RoPE scaling on the full ones. No final_logit_softcapping: transformers'
+    Gemma3ForConditionalGeneration (and edgemm) does not apply it, llama.cpp would."""
+    import gguf
+    w.add_key_length(d.head_dim)
+    w.add_value_length(d.head_dim)
+    if d.sliding_window and d.sliding_layers:
+        w.add_sliding_window(d.sliding_window)
+        w.add_sliding_window_pattern([i in d.sliding_layers for i in range(d.n_layers)])
+        w.add_rope_freq_base_swa(d.rope_local_theta)
+    if d.rope_linear_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(d.rope_linear_factor)
+
+
+def _gemma3_layer(w, i: int, layer, d) -> None:
+    """Gemma 3's per-layer norms (stored as (1 + w), llama.cpp's form): post-attention, post-FFN, per-head q / k.
+    llama.cpp scales queries by gemma3_attention_scale after q_norm and RoPE (both linear in the q_norm weight);
+    a model whose query_pre_attn_scalar differs has the ratio folded into attn_q_norm, exactly."""
+    q_fix = d.query_scale ** -0.5 / gemma3_attention_scale(d) if d.query_scale else 1.0
+    w.add_tensor(f"blk.{i}.post_attention_norm.weight", _np(layer.post_attn_norm.weight))
+    w.add_tensor(f"blk.{i}.post_ffw_norm.weight", _np(layer.post_ffn_norm.weight))
+    w.add_tensor(f"blk.{i}.attn_q_norm.weight", _np(layer.text.q_norm.weight) * np.float32(q_fix))
+    w.add_tensor(f"blk.{i}.attn_k_norm.weight", _np(layer.text.k_norm.weight))
 
 
 def rope_permute(wt: np.ndarray, heads: int) -> np.ndarray:
@@ -213,14 +251,7 @@ def write_llava_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
     # clip.cpp swaps ffn_up/ffn_down of mlp-projector files whose ffn_down has n_embd inputs (legacy converters
     # named them the other way round); with mlp_dim == width that test cannot tell, so write the legacy order
     up, down = ("ffn_down", "ffn_up") if v.mlp_dim == v.width else ("ffn_up", "ffn_down")
-    for i, blk in enumerate(vt.blocks):
-        Wd = v.width
-        for kind in ("weight", "bias"):
-            qkv = _np(getattr(blk.qkv, kind))
-            for j, n in enumerate(("attn_q", "attn_k", "attn_v")):
-                put(f"v.blk.{i}.{n}.{kind}", qkv[j * Wd:(j + 1) * Wd])
-            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
-                put(f"v.blk.{i}.{theirs}.{kind}", getattr(getattr(blk, ours), kind))
+    clip_block_tensors(put, vt.blocks, v.width, up, down)
     for n, t in llava_projector_tensors(cfg.adapter.kind, pj):
         put(n, t)
     w.write_header_to_file()
@@ -228,6 +259,18 @@ def write_llava_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+def clip_block_tensors(put, blocks, width: int, up: str = "ffn_up", down: str = "ffn_down") -> None:
+    """edgemm's ClipBlocks (fused qkv, proj, ln1, ln2, fc1, fc2; weights and biases) under clip.cpp's names: separate
+    v.blk.N.attn_q / attn_k / attn_v, attn_out, ln1, ln2, fc1 as `up`, fc2 as `down`."""
+    for i, blk in enumerate(blocks):
+        for kind in ("weight", "bias"):
+            qkv = _np(getattr(blk.qkv, kind))
+            for j, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                put(f"v.blk.{i}.{n}.{kind}", qkv[j * width:(j + 1) * width])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", up), ("fc2", down)):
+                put(f"v.blk.{i}.{theirs}.{kind}", getattr(getattr(blk, ours), kind))
 
 
 # the mmproj tensor of each projector module (edgemm.blocks.connectors' names), as tools/mtmd/clip.cpp loads them

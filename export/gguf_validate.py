@@ -86,7 +86,7 @@ def fidelity(model, tok, run, rows_ref) -> dict:
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
         g = run.decode_tokens(q_ids, len(pre) + rows_ref.shape[1])
         n = len(pre) + rows_ref.shape[1] + len(q_ids)
         for step in range(FIDELITY_STEPS + 1):
@@ -125,28 +125,31 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2e}"
 
 
-def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, log):
-    """A LLaVA mmproj's image rows: the mmproj's weights through the reference code (what the backend falls back
-    to) against the reference, and mtmd's rows, diagnosed. -> mtmd's rows, or None where not comparable."""
+def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, log, run=None):
+    """A LLaVA (or SmolVLM) mmproj's image rows: the mmproj's weights through the reference code (what the backend
+    falls back to; SmolVLM's marker rows from the decoder `run`) against the reference, and mtmd's rows, diagnosed.
+    -> mtmd's rows, or None where not comparable."""
     import torch
-    from edgemm.runtimes.llamacpp_backend import reference_vision_from_mmproj
-    tower, proj = reference_vision_from_mmproj(mmproj, model.cfg)
-    px = torch.from_numpy(pixels)
+    from edgemm.runtimes.llamacpp_backend import markers, reference_vision_from_mmproj
+    tower, proj = reference_vision_from_mmproj(mmproj, model.cfg, markers(model.cfg, run) if run else None)
+    px = torch.from_numpy(np.asarray(pixels))
     with torch.inference_mode():
         rows_rc = proj(tower(px))
-        if hw is not None:
+        if hasattr(pixels, "pack_rows"):            # SmolVLM: the image's rows gathered from the table
+            rows_rc, hw = pixels.pack_rows(rows_rc, model.cfg), pixels.grid
+        elif hw is not None:
             from edgemm.anyres import pack, row_index
             rows_rc = pack(rows_rc, proj.image_newline, row_index(model.cfg.vision, *hw))
     ref = rows_ref[0].numpy()
     out["vision_rows_reference_code_max_abs"] = float(np.max(np.abs(rows_rc[0].numpy() - ref)))
     if hw is not None:
-        # mtmd tiles and packs LLaVA-NeXT images itself (its own resize and pad colour): its rows are reported,
-        # not compared, and the backend packs the reference code's tile rows on the host
+        # mtmd tiles and packs LLaVA-NeXT / SmolVLM images itself (its own resize and grid rules): its rows are
+        # reported, not compared, and the backend packs the reference code's tile rows on the host
         out["mtmd_rows"], out["reference_rows"] = int(rows_mt.shape[0]), int(ref.shape[0])
         out["vision_rows_max_abs"] = None
         out["mtmd_cls_order_defect"] = None
         log(f"note: mtmd tiled the validation image into {rows_mt.shape[0]} rows (edgemm/transformers: "
-            f"{ref.shape[0]}); any-resolution bundles run mtmd-free in edgemm's llamacpp backend")
+            f"{ref.shape[0]}); tiled bundles run mtmd-free in edgemm's llamacpp backend")
         return None
     out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - ref)))
     out["mtmd_cls_order_defect"] = mtmd_cls_order_defect(model, pixels, rows_mt, out["vision_rows_max_abs"],
@@ -156,16 +159,16 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
     return rows_mt
 
 
-def _mtmd_rows(model, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
+def _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
     """The mmproj through llama.cpp's mtmd -> its image rows (LLaVA's diagnosed: _llava_rows_check)."""
-    from edgemm.runtimes.llamacpp_backend import MtmdVision
-    mt = MtmdVision(mmproj, run, threads)
+    from edgemm.runtimes.llamacpp_backend import MtmdVision, image_bounds
+    mt = MtmdVision(mmproj, run, threads, around=image_bounds(model.cfg, tok, run))
     try:
         rows_mt = mt.encode_rgb(img)
     finally:
         mt.close()
-    if llava:
-        return _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out, log)
+    if llava or hasattr(pixels, "pack_rows"):
+        return _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out, log, run)
     out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
     return rows_mt
 
@@ -198,7 +201,6 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     are off)."""
     import torch
     from edgemm.model import KVCache
-    from edgemm.processor import preprocess
     from edgemm.runtimes.llamacpp_backend import LlamaRunner
     cfg = model.cfg
     dprec, vprec = precision["decoder"], precision["vision"]
@@ -211,12 +213,14 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     if anyres:                      # LLaVA-NeXT: the tiles of the image, packed by the host (edgemm.anyres)
         from edgemm.anyres import preprocess_tiles
         pixels, hw = preprocess_tiles(img, cfg.vision)
-    else:
-        pixels = preprocess(img, cfg.vision)
+    else:                           # (SmolVLM's GridTiles: the host's tiles, gathered by pack_rows)
+        from edgemm.tilings import preprocess_image
+        pixels = preprocess_image(img, cfg.vision)
 
     with torch.inference_mode():
         rows_ref = (model.encode_image_tiled(torch.from_numpy(pixels), *hw) if anyres
-                    else model.encode_image(torch.from_numpy(pixels)))                # [1, rows, D]
+                    else pixels.pack_rows(model.encode_image(torch.from_numpy(np.asarray(pixels))), cfg)
+                    if hasattr(pixels, "pack_rows") else model.encode_image(torch.from_numpy(pixels)))  # [1, rows, D]
         n_rows = rows_ref.shape[1]
 
         def ref(segs):
@@ -244,7 +248,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre))
+        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
         li = run.decode_tokens(q_ids, len(pre) + n_rows)
         out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
         out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
@@ -252,14 +256,14 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         if mmproj.suffix == ".onnx":            # an ONNX vision stage: ONNX Runtime beside llama.cpp
             rows_mt = _onnx_rows_check(model, mmproj, pixels, hw if anyres else None, rows_ref, vprec, threads, out)
         else:                                   # the mmproj through llama.cpp's mtmd
-            rows_mt = _mtmd_rows(model, mmproj, run, threads, img, pixels, hw if anyres else None, rows_ref, llava,
+            rows_mt = _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw if anyres else None, rows_ref, llava,
                                  out, log)
         if rows_mt is not None and not out.get("mtmd_cls_order_defect") and "vision_rows_cosine" not in out:
             from edgemm.export.validate import compare
             out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
             run.rewind(len(pre))
-            run.decode_embd(rows_mt, len(pre))
+            run.decode_embd(rows_mt, len(pre), bidirectional=cfg.decoder.image_bidirectional)
             le = run.decode_tokens(q_ids, len(pre) + n_rows)
             out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
             out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())

@@ -9,7 +9,9 @@ arrays run the same mmproj weights through the reference modules (`vision_source
 LLaVA bundles (llama.cpp's llama / qwen2 decoder, an `mlp` mmproj) run the same way, one set of weights for both
 batch kinds; where the export found llama.cpp's llava graph misordering CLIP's CLS row (ggml-org/llama.cpp#25814)
 the image rows come from the mmproj's weights through the reference code, as do LLaVA-NeXT's tiles (the host
-packs them: edgemm.anyres, with the manifest's newline row).
+packs them: edgemm.anyres, with the manifest's newline row). Gemma 3 bundles (llama.cpp's gemma3 decoder, projector
+gemma3) take mtmd's pooled rows between the <start_of_image> / <end_of_image> token rows (image_bounds), the rows
+between them decoded in one non-causal batch as mtmd's own helper does.
 
 A bundle whose vision stage is an ONNX graph (stages.vision.format "onnx": a vision side llama.cpp has no graph for,
 edgemm.blocks.support.gguf_vision, or one exported with vision="onnx") runs it in ONNX Runtime's CPU provider in
@@ -140,9 +142,23 @@ class LlamaRunner:
             self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids), seq)
         return self._logits()
 
-    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0) -> np.ndarray:
+    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0, bidirectional: bool = False) -> np.ndarray:
+        """An embedding batch. bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the first and
+        the last attend to each other both ways, in one non-causal batch as mtmd's helper decodes an image
+        (mtmd_decode_use_non_causal), boi and eoi causally as the tokens llama.cpp puts around it."""
         rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
         n = rows.shape[0]
+        if bidirectional and n > 2:
+            if n - 2 > self.n_batch:
+                raise EdgemmError(f"an image of {n - 2} rows attending both ways needs one batch; n_batch is "
+                                  f"{self.n_batch}")
+            self.decode_embd(rows[:1], pos0, seq)
+            self.ll.llama_set_causal_attn(self.ctx, False)
+            try:
+                self.decode_embd(rows[1:-1], pos0 + 1, seq)
+            finally:
+                self.ll.llama_set_causal_attn(self.ctx, True)
+            return self.decode_embd(rows[-1:], pos0 + n - 1, seq)
         self._check_room(n, seq)
         b = self._emb_batch
         for s in range(0, n, self.n_batch):
@@ -165,6 +181,14 @@ class LlamaRunner:
         for seq, _, _ in items:
             self.lengths[seq] += 1
         return [self._logits(i) for i in range(len(items))]
+
+    def token_rows(self, ids) -> np.ndarray:
+        """The decoder file's token_embd rows of `ids` (dequantized as llama.cpp's get_rows reads them) -> [n, D]."""
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+        t = next(t for t in GGUFReader(self.path).tensors if t.name == "token_embd.weight")
+        return np.stack([dequantize(np.asarray(t.data[int(i)]), t.tensor_type).reshape(-1) for i in ids]).astype(
+            np.float32)
 
     # ---- tokenizer -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
@@ -201,8 +225,11 @@ class LlamaRunner:
 class MtmdVision:
     """The mmproj through llama.cpp's mtmd: an RGB image at the tower's size -> image rows [P + 2, D]."""
 
-    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False):
+    def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False,
+                 around: tuple | None = None):
+        """around: (first, last) rows put around mtmd's (Gemma 3's boi / eoi: image_bounds), or None."""
         from llama_cpp import mtmd_cpp
+        self.around = around
         from edgemm.safety import check_gguf
         check_gguf(mmproj)
         self.m = mtmd_cpp
@@ -242,8 +269,10 @@ class MtmdVision:
                     if rc != 0:
                         raise EdgemmError(f"mtmd_encode_chunk failed (code {rc})")
                     ptr = m.mtmd_get_output_embd(self.ctx)
-                    return np.ctypeslib.as_array(ptr, shape=(n * self.runner.n_embd,)).reshape(
+                    rows = np.ctypeslib.as_array(ptr, shape=(n * self.runner.n_embd,)).reshape(
                         n, self.runner.n_embd).astype(np.float32, copy=True)
+                    return rows if self.around is None else np.concatenate(
+                        [self.around[0][None], rows, self.around[1][None]])
             raise EdgemmError("mtmd produced no image chunk")
         finally:
             m.mtmd_input_chunks_free(chunks)
@@ -259,6 +288,25 @@ class MtmdVision:
             self.close()
         except Exception:
             pass
+
+
+def markers(cfg, runner: LlamaRunner):
+    """SmolVLM's connector marker rows (adapter.marker_ids) from the decoder's token_embd, or None."""
+    return runner.token_rows(cfg.adapter.marker_ids) if cfg.adapter.kind == "pixel_shuffle_linear" else None
+
+
+def image_bounds(cfg, tok, runner: LlamaRunner) -> tuple | None:
+    """Gemma 3 (adapter gemma3): the boi / eoi rows of its image segment, the <start_of_image> / <end_of_image>
+    token rows of the decoder file times embed_scale (llama.cpp's gemma3 graph scales token batches by
+    sqrt(n_embd), not embedding batches). None for other models (their mtmd rows are the whole segment)."""
+    if cfg.adapter.kind != "gemma3":
+        return None
+    from edgemm.families.gemma3 import BOI, EOI
+    ids = [tok.tok.token_to_id(t) for t in (BOI, EOI)]
+    if None in ids:
+        raise EdgemmError(f"the tokenizer has no {BOI} / {EOI} token")
+    boi, eoi = runner.token_rows(ids) * np.float32(cfg.decoder.embed_scale)
+    return boi, eoi
 
 
 class OnnxVision:
@@ -337,12 +385,41 @@ def _llava_vision_from_tensors(t: dict, cfg):
     return tower.eval(), proj.eval()
 
 
-def reference_vision_from_mmproj(mmproj: str | Path, cfg):
-    """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized)."""
+def _idefics3_vision_from_tensors(t: dict, cfg, markers):
+    """edgemm's SigLIP tower + pixel_shuffle_linear connector from an idefics3 mmproj (export/gguf_mtmd.py), the
+    connector's marker rows from the decoder's token_embd."""
+    import torch
+    from edgemm.blocks import registry
+    v = cfg.vision
+    tower = registry.get("vision", "siglip").from_config(cfg)
+    proj = registry.get("connector", "pixel_shuffle_linear").from_config(cfg)
+    sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
+          "patch_embed.bias": t["v.patch_embd.bias"], "pos": t["v.position_embd.weight"].reshape(1, v.n_patches, -1),
+          "post_norm.weight": t["v.post_ln.weight"], "post_norm.bias": t["v.post_ln.bias"]}
+    for i in range(len(tower.blocks)):
+        b = f"v.blk.{i}."
+        for kind in ("weight", "bias"):
+            sd[f"blocks.{i}.qkv.{kind}"] = torch.cat([t[f"{b}attn_{n}.{kind}"] for n in "qkv"])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", "ffn_up"),
+                                 ("fc2", "ffn_down")):
+                sd[f"blocks.{i}.{ours}.{kind}"] = t[f"{b}{theirs}.{kind}"]
+    tower.load_state_dict(sd)
+    proj.load_state_dict({"proj.weight": t["mm.model.fc.weight"], "markers": torch.from_numpy(np.asarray(markers))})
+    return tower.eval(), proj.eval()
+
+
+def reference_vision_from_mmproj(mmproj: str | Path, cfg, markers=None):
+    """The reference ViT + adapter (edgemm.model) loaded with the mmproj's own weights (dequantized). markers: the
+    decoder's token rows of adapter.marker_ids (SmolVLM's connector table; LlamaRunner.token_rows)."""
     import torch
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from edgemm.model import Adapter, VisionTower
+    from edgemm.blocks.support import mtmd_graph
+    graph = mtmd_graph(cfg.variants())
+    if graph not in (None, "idefics3"):
+        raise EdgemmError(f"this bundle's vision stage runs in llama.cpp's mtmd only (projector {graph}), which "
+                          "takes 8-bit RGB images; these pixels are not one")
     v, d = cfg.vision, cfg.decoder
     r = GGUFReader(str(mmproj))
     t = {}
@@ -351,6 +428,8 @@ def reference_vision_from_mmproj(mmproj: str | Path, cfg):
         t[ten.name] = torch.from_numpy(np.ascontiguousarray(a.reshape([int(s) for s in reversed(ten.shape)])))
     if cfg.adapter.kind in ("mlp", "linear", "mlp_norm"):     # LLaVA's projectors (gguf_tensors.py)
         return _llava_vision_from_tensors(t, cfg)
+    if graph == "idefics3":
+        return _idefics3_vision_from_tensors(t, cfg, markers)
     tower, adapter = VisionTower(v), Adapter(cfg.adapter, v.width, d.d_model)
     sd = {"patch_embed.weight": t["v.patch_embd.weight"].reshape(v.width, 3, v.patch_size, v.patch_size),
           "patch_embed.bias": t["v.patch_embd.bias"],
@@ -528,7 +607,7 @@ class LlamaCppBackend(Backend):
         seq = self._sync(state)
         rows = np.asarray(rows, np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        logits = self.runner.decode_embd(rows, state.pos, seq)
+        logits = self.runner.decode_embd(rows, state.pos, seq, self.cfg.decoder.image_bidirectional)
         state.length += rows.shape[0]
         state.pos += rows.shape[0]
         return logits
@@ -554,14 +633,19 @@ class LlamaCppBackend(Backend):
         elif self.cfg.vision.grid_pinpoints:        # tiles: the host tiles and packs (edgemm.anyres), not mtmd
             rgb = None
             self._why_reference = "any-resolution tiles are packed on the host"
+        elif self.cfg.vision.tiling == "smolvlm":   # mtmd takes whole images and tiles them itself
+            rgb = None
+            self._why_reference = "SmolVLM's tiles are cut on the host (mtmd tiles a whole image by its own rules)"
         if rgb is not None:
             if self._mtmd is None:
-                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload)
+                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload,
+                                        around=image_bounds(self.cfg, self.tokenizer, self.runner))
             self.vision_source = "mtmd (mmproj)"
             return self._mtmd.encode_rgb(rgb)[None]
         import torch
         if self._ref_vision is None:
-            self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg)
+            self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg,
+                                                            markers(self.cfg, self.runner))
             if self.log:
                 why = self._why_reference or "these pixels are not an 8-bit image, which mtmd needs"
                 self.log(f"note: {why}; computing the image rows from the mmproj's weights with the reference "

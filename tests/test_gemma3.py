@@ -187,7 +187,7 @@ def test_two_images_multi_turn_match_transformers(imported):
 
 def test_exports_validate_and_answer(imported, monkeypatch):
     """`edgemm export --target onnx` (fp32, int8) and `--target trt --no-build` (fp16) validate against the reference
-    (sliding layers, the image's rows both ways in decoder_image); gguf is refused in one line; `edgemm run --image`
+    (sliding layers, the image's rows both ways in decoder_image); `edgemm run --image`
     on the onnx fp32 bundle, the trt one (its graphs on the CPU) and the torch reference answers transformers'
     greedy ids."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
@@ -195,7 +195,7 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     from click.testing import CliRunner
     from edgemm.cli import main
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    exports_validate(ck, d, "per-head q/k norm")
+    exports_validate(ck, d, None)
     Image.fromarray(_image(40, 20, 7)).save(d / "img.png")
     hf_in = _reference(hf, proc, Image.open(d / "img.png"))
     eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
@@ -234,3 +234,130 @@ def test_released_config_form():
     assert (d.attn_head_dim, d.kv_heads, d.query_scale, d.tie_embeddings) == (256, 4, 256.0, True)
     with pytest.raises(EdgemmError, match="attn_logit_softcapping"):
         gemma3_decoder({}, {**tc, "attn_logit_softcapping": 50.0}, "text_config")
+
+
+# --------------------------------------------------------------------------- gguf (llama.cpp's gemma3 + mtmd)
+def _png_url(img) -> str:
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def gguf_bundles(imported):
+    """`edgemm export --target gguf` at f32 and q8_0."""
+    from .test_import_llava import gguf_exports
+    return gguf_exports(imported["ck"], imported["dir"])
+
+
+def test_gguf_files_are_llama_cpps_gemma3(imported, gguf_bundles):
+    """The decoder as llama.cpp's gemma3 (the sliding pattern per layer, the local RoPE base, linear scaling, head_dim
+    as key length, no soft-capping key; (1 + w) norms; query_pre_attn_scalar 24 folded into attn_q_norm against
+    llama.cpp's 1/sqrt(head_dim)); the mmproj as the converter's Gemma3VisionModel writes it (projector gemma3,
+    scale factor 2, mm.input_projection [W, D]); the f32 export validates within 1e-4 on the decoder and the q8_0
+    one within its bounds."""
+    from gguf import GGUFReader
+    hf = imported["hf"]
+    d, man, _ = gguf_bundles["f32"]
+    r = GGUFReader(str(d / man["stages"]["decoder"]["file"]))
+    f = r.fields
+    val = lambda k: f[k].contents()                                      # noqa: E731
+    assert val("general.architecture") == "gemma3" and val("gemma3.attention.sliding_window") == 5
+    assert val("gemma3.attention.sliding_window_pattern") == [True, False, True]
+    assert (val("gemma3.rope.freq_base_swa"), val("gemma3.rope.freq_base"), val("gemma3.rope.scaling.factor"),
+            val("gemma3.attention.key_length")) == (500.0, 10000.0, 2.0, 16)
+    assert "gemma3.final_logit_softcapping" not in f
+    assert "<start_of_image>" in val("tokenizer.chat_template")
+    t = {x.name: np.asarray(x.data).reshape([int(s) for s in reversed(x.shape)]) for x in r.tensors}
+    lm = hf.model.language_model.layers[1]
+    qn = (lm.self_attn.q_norm.weight.detach().numpy() + 1) * np.sqrt(16 / 24)
+    assert np.abs(t["blk.1.attn_q_norm.weight"] - qn).max() < 1e-6
+    assert np.abs(t["blk.1.post_ffw_norm.weight"] - lm.post_feedforward_layernorm.weight.detach().numpy() - 1).max() \
+        < 1e-6
+    v = GGUFReader(str(d / man["stages"]["vision"]["file"]))
+    assert v.fields["clip.projector_type"].contents() == "gemma3"
+    assert v.fields["clip.vision.projector.scale_factor"].contents() == 2
+    tv = {x.name: np.asarray(x.data).reshape([int(s) for s in reversed(x.shape)]) for x in v.tensors}
+    assert np.array_equal(tv["mm.input_projection.weight"],
+                          hf.model.multi_modal_projector.mm_input_projection_weight.detach().numpy())
+    assert {"v.post_ln.weight", "v.blk.1.attn_q.bias", "mm.soft_emb_norm.weight"} <= set(tv)
+    val_f32 = man["validation"]                 # (ggml's fp16-table GELU: 1e-3, test_gguf_stock_llama_cpp_...)
+    assert val_f32["passed"] and val_f32["tokenization_equal"] and val_f32["vision_rows_cosine"] > 0.9999
+    assert val_f32["text_max_abs"] < 1e-3 and val_f32["image_max_abs"] < 1e-3, val_f32
+    assert gguf_bundles["q8_0"][1]["validation"]["passed"]
+
+
+def test_gguf_stock_llama_cpp_agrees_with_transformers(imported, gguf_bundles):
+    """The f32 files in stock llama-cpp-python (Llama + its MTMDChatHandler with the file's chat template; no edgemm
+    code on that side) against Gemma3ForConditionalGeneration on an image prompt: the text around the image
+    tokenizes as transformers' tokenizer does, transformers fed the stock prompt ids (the image's soft tokens where
+    mtmd put its rows, token types marking them) gives logits within 1e-3 of llama.cpp's and the same greedy
+    tokens (ggml's CPU GELU reads an fp16 table: the logits are not closer).
+
+    Where the vendored llama.cpp differs from transformers' processing (so the comparison uses a 16 x 16 image, the
+    tower's size): mtmd resizes an image of another size keeping its aspect ratio and pads it with black (clip.cpp:
+    Gemma 3's image_resize_pad PAD_CEIL) where Gemma3ImageProcessor stretches it to the square, and mtmd's prompt has
+    no "\\n\\n" around <start_of_image> ... <end_of_image> where Gemma3Processor puts them (edgemm's template
+    does, as transformers)."""
+    from transformers import AutoTokenizer
+    from edgemm.llamacpp import load_llama_cpp
+    load_llama_cpp()
+    import llama_cpp
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+    hf, proc = imported["hf"], imported["proc"]
+    d, man, _ = gguf_bundles["f32"]
+    img = _image(S, S, 11)
+    llm = Llama(model_path=str(d / man["stages"]["decoder"]["file"]), n_ctx=256, n_threads=2, logits_all=True,
+                type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False,
+                chat_handler=MTMDChatHandler(clip_model_path=str(d / man["stages"]["vision"]["file"]),
+                                             verbose=False, use_gpu=False))
+    r = llm.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_url(img)}}, {"type": "text", "text": QUESTION}]}],
+        max_tokens=4, temperature=0.0, repeat_penalty=1.0)
+    n = r["usage"]["prompt_tokens"]
+    stock = np.asarray(llm.scores[n - 1], np.float32)
+    ids = [int(t) for t in llm.input_ids[:n]]
+    c = r["usage"]["completion_tokens"]         # (the last sampled token is not evaluated: its id from the scores)
+    answer = [int(t) for t in llm.input_ids[n:n + c - 1]] + [int(np.argmax(llm.scores[n + c - 2]))]
+    hf_tok = AutoTokenizer.from_pretrained(imported["src"])
+    boi, eoi, soft = (hf_tok.convert_tokens_to_ids(t) for t in ("<start_of_image>", "<end_of_image>",
+                                                                  "<image_soft_token>"))
+    k = ids.index(boi) + 1
+    assert ids[k + TOKENS] == eoi
+    ids[k:k + TOKENS] = [soft] * TOKENS
+    text = proc.apply_chat_template(_messages(), add_generation_prompt=True)
+    before, after = text.split("<start_of_image>")
+    assert ids[:k] == [hf_tok.bos_token_id] * (k - 1 - len(hf_tok(before, add_special_tokens=False)["input_ids"])) \
+        + hf_tok(before, add_special_tokens=False)["input_ids"] + [boi]
+    assert ids[k + TOKENS:] == hf_tok("<end_of_image>" + after, add_special_tokens=False)["input_ids"]
+    px = proc.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    tt = (torch.tensor([ids]) == soft).long()
+
+    def hf_logits(seq):
+        t = torch.cat([tt, torch.zeros(1, len(seq) - len(ids), dtype=torch.long)], 1)
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([seq]), pixel_values=px, token_type_ids=t).logits[0]
+    want = hf_logits(ids)[-1].numpy()
+    assert stock.argmax() == want.argmax() and np.abs(stock - want).max() < 1e-3
+    eos = set(json.loads((imported["ck"] / "config.json").read_text())["tokens"]["eos"])
+    assert answer == greedy_ids(hf_logits, ids, eos, len(answer)) and answer
+    llm.close()
+
+
+def test_gguf_run_image_answers_as_transformers(imported, gguf_bundles, monkeypatch):
+    """`edgemm run --image` on the f32 gguf bundle (edgemm's llamacpp backend: its processing, the rows from mtmd
+    between the boi / eoi token rows, decoded both ways) answers transformers' greedy ids on a wide image (resized
+    by edgemm as Gemma3ImageProcessor does, mtmd then taking the tower-sized image as it is); the q8_0 bundle
+    answers too."""
+    from PIL import Image
+    from .test_import_llava import gguf_bundles_answer
+    d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
+    Image.fromarray(_image(40, 20, 7)).save(d / "img-gguf.png")
+    hf_in = _reference(hf, proc, Image.open(d / "img-gguf.png"))
+    eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
+    want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
+    gguf_bundles_answer(monkeypatch, gguf_bundles, d / "img-gguf.png", QUESTION, want)

@@ -65,9 +65,10 @@ def greedy_ids(hf_logits, ids, eos, n=4) -> list:
     return out
 
 
-def exports_validate(ck, d, gguf_says: str) -> None:
+def exports_validate(ck, d, gguf_says: str | None) -> None:
     """`edgemm export --model ck` to onnx fp32 / int8 and trt fp16 (--no-build) under d: each exits 0 and every stage
-    of its manifest's validation is ok; `--target gguf` exits 2 saying `gguf_says` and naming onnx and trt."""
+    of its manifest's validation is ok; `--target gguf` exits 2 saying `gguf_says` and naming onnx and trt (None: a
+    family gguf exports, tested on its own)."""
     import json
     from click.testing import CliRunner
     from edgemm.cli import main
@@ -77,8 +78,27 @@ def exports_validate(ck, d, gguf_says: str) -> None:
         assert r.exit_code == 0, r.output
         man = json.loads((d / f"{target}-{prec}" / "edgemm.json").read_text())
         assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
+    if gguf_says is None:
+        return
     r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
     assert r.exit_code == 2 and gguf_says in r.output and "onnx, trt" in r.output, r.output
+
+
+def gguf_exports(ck, d, precisions=("f32", "q8_0")) -> dict:
+    """`edgemm export --target gguf` of ck at each precision under d/gguf-PREC: each exits 0. -> {precision: (bundle
+    dir, manifest, output)}."""
+    import json
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
+    out = {}
+    for prec in precisions:
+        b = d / f"gguf-{prec}"
+        r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "--precision", prec, "-o",
+                                      str(b)])
+        assert r.exit_code == 0, r.output
+        out[prec] = (b, json.loads((b / "edgemm.json").read_text()), r.output)
+    return out
 
 
 def record_answers(monkeypatch) -> list:
@@ -92,6 +112,19 @@ def record_answers(monkeypatch) -> list:
         return ans
     monkeypatch.setattr(ChatSession, "_generate", recording)
     return got
+
+
+def gguf_bundles_answer(monkeypatch, bundles: dict, image, question, want) -> None:
+    """`edgemm run --image` on the f32 and q8_0 gguf bundles (gguf_exports) with edgemm's llamacpp backend: both
+    answer, the f32 one `want`'s ids (4 new tokens at most)."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    got = record_answers(monkeypatch)
+    for prec in ("f32", "q8_0"):
+        r = CliRunner().invoke(main, ["run", "--bundle", str(bundles[prec][0]), "--backend", "llamacpp", "--image",
+                                      str(image), "--max-new-tokens", "4", question])
+        assert r.exit_code == 0, r.output
+    assert got[0] == want and want and len(got) == 2, (got, want)
 
 
 def bundles_answer(monkeypatch, d, image, question, want, bundles=(("onnx-fp32", "ort"), ("trt-fp16", "trt"))):

@@ -141,13 +141,27 @@ def save_tokenizer(tok, src):
                                                             "pad_token_id": ids("<|endoftext|>")}))
 
 
-def _save(d, idefics3=False, splitting=True, tie=False):
+def _double_newline(tok):
+    """The tokenizer with "\\n\\n" as one token (Ċ Ċ, in the last merge's place), as SmolVLM's (GPT-2's) has it:
+    llama.cpp's mtmd looks that token up for the idefics3 prompt and has no other way to write it."""
+    from tokenizers import Tokenizer
+    d = json.loads(tok.to_str())
+    vocab, merges = d["model"]["vocab"], d["model"]["merges"]
+    last = "".join(merges.pop())                # the last merge's token gives its id to "ĊĊ"
+    vocab["ĊĊ"] = vocab.pop(last)
+    merges.append(["Ċ", "Ċ"])
+    return Tokenizer.from_str(json.dumps(d))
+
+
+def _save(d, idefics3=False, splitting=True, tie=False, newlines=False):
     """A tiny SmolVLM (or Idefics3) saved as transformers saves it, with a byte-level tokenizer carrying its special
-    tokens, its processor settings and chat template; imported by `edgemm import`."""
+    tokens (newlines: and "\\n\\n", _double_newline), its processor settings and chat template; imported by
+    `edgemm import`."""
     from click.testing import CliRunner
     from edgemm.cli import main
     from .test_tokenizers import QWEN2_SPLIT, _byte_level
     tok = _byte_level(QWEN2_SPLIT, SPECIALS, 300, False, False, None)
+    tok = _double_newline(tok) if newlines else tok
     hf = _tiny(vocab=tok.get_vocab_size(with_added_tokens=True), image_token=tok.token_to_id("<image>"), tie=tie,
                idefics3=idefics3)
     src = d / "src"
@@ -315,11 +329,11 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     """`edgemm export --target onnx` (fp32 and int8) and `--target trt --no-build` (fp16 Q/DQ graphs) validate
     against the reference; `edgemm run --image` on the onnx fp32 bundle and the trt one (its graphs on the CPU)
     answers transformers' greedy ids (a 1 x 2 grid + the whole image: three tiles, their markers between them);
-    gguf is refused, saying why."""
+    gguf: the test_gguf_* tests."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from PIL import Image
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    exports_validate(ck, d, "idefics3 projector")
+    exports_validate(ck, d, None)
     w, h = SIZES[0]
     Image.fromarray(_image(w, h, 7)).save(d / "img.png")
     hf_in, _ = _reference(hf, proc, Image.open(d / "img.png"))
@@ -343,3 +357,134 @@ def _served_answer(bundle, image, prompt_tokens, want, tokens, question=QUESTION
         text.add(t)                 # decode of all ids at once can differ from the pieces a stream sent)
     text.finish()
     assert r.choices[0].message.content.strip() == text.text.strip()
+
+
+# --------------------------------------------------------------------------- gguf (llama.cpp's llama + idefics3)
+@pytest.fixture(scope="module")
+def gguf_bundles(imported):
+    """`edgemm export --target gguf` at f32 and q8_0."""
+    from .test_import_llava import gguf_exports
+    return gguf_exports(imported["ck"], imported["dir"])
+
+
+def test_gguf_files_are_llama_cpps_idefics3(imported, gguf_bundles):
+    """The decoder as llama.cpp's llama, the mmproj as the converter's SmolVLMModel writes it (projector idefics3,
+    scale factor 2, preproc_image_size = longest_edge, mm.model.fc); the f32 export validates (the decoder on the
+    reference's rows within 1e-4; the mmproj's weights through the reference code, as the backend runs the host's
+    tiles, within 1e-5) and so does q8_0."""
+    from gguf import GGUFReader
+    hf = imported["hf"]
+    d, man, _ = gguf_bundles["f32"]
+    assert man["stages"]["decoder"]["format"] == "gguf (arch llama)"
+    v = GGUFReader(str(d / man["stages"]["vision"]["file"]))
+    f = v.fields
+    assert (f["clip.projector_type"].contents(), f["clip.vision.projector.scale_factor"].contents(),
+            f["clip.vision.preproc_image_size"].contents()) == ("idefics3", SCALE, LONGEST)
+    tv = {x.name: np.asarray(x.data).reshape([int(s) for s in reversed(x.shape)]) for x in v.tensors}
+    assert np.array_equal(tv["mm.model.fc.weight"], hf.model.connector.modality_projection.proj.weight.detach().numpy())
+    val = man["validation"]
+    assert val["passed"] and val["tokenization_equal"], val
+    assert val["text_max_abs"] < 1e-4 and val["image_max_abs"] < 1e-4, val
+    assert val["vision_rows_reference_code_max_abs"] < 1e-5, val
+    assert gguf_bundles["q8_0"][1]["validation"]["passed"]
+
+
+def test_gguf_run_image_answers_as_transformers(imported, gguf_bundles, monkeypatch):
+    """`edgemm run --image` on the f32 and q8_0 gguf bundles (edgemm's llamacpp backend: the host's tiles through
+    the mmproj's weights, the marker rows from the decoder's token_embd) answers transformers' greedy ids on a
+    wide image (a 1 x 2 grid + the whole image) at f32."""
+    from PIL import Image
+    from .test_import_llava import gguf_bundles_answer
+    d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
+    Image.fromarray(_image(40, 20, 7)).save(d / "img-gguf.png")
+    hf_in, _ = _reference(hf, proc, Image.open(d / "img-gguf.png"))
+    eos = set(json.loads((ck / "config.json").read_text())["tokens"]["eos"])
+    want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
+    gguf_bundles_answer(monkeypatch, gguf_bundles, d / "img-gguf.png", QUESTION, want)
+
+
+def _stock_mtmd(decoder, mmproj, text: str, png: bytes, steps: int):
+    """Stock llama-cpp-python's low-level API (no edgemm code): the prompt `text` (its image as mtmd's media marker)
+    tokenized by mtmd_tokenize with the image, evaluated by mtmd_helper_eval_chunks (f32 KV cache, flash attention
+    off), then `steps` greedy tokens. -> (prompt ids, the image's rows as None each, last prompt logits, tokens)."""
+    import ctypes
+    import llama_cpp
+    from llama_cpp import Llama, mtmd_cpp as m
+    llm = Llama(model_path=str(decoder), n_ctx=256, n_threads=2, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False)
+    p = m.mtmd_context_params_default()
+    p.use_gpu, p.print_timings, p.n_threads, p.warmup = False, False, 2, False
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = m.mtmd_init_from_file(str(mmproj).encode(), llm.model, p)
+    buf = (ctypes.c_uint8 * len(png)).from_buffer(bytearray(png))
+    bmp = m.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(png), False)
+    chunks = m.mtmd_input_chunks_init()
+    try:
+        marker = m.mtmd_default_marker().decode()
+        raw = text.replace("<image>", marker).encode()
+        t = m.mtmd_input_text()
+        t.text, t.text_len, t.add_special, t.parse_special = raw, len(raw), False, True
+        assert m.mtmd_tokenize(ctx, chunks, ctypes.byref(t), (m.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
+        ids = []
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            ch = m.mtmd_input_chunks_get(chunks, i)
+            if m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                tp = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                ids += [int(tp[j]) for j in range(n.value)]
+            else:
+                ids += [None] * m.mtmd_input_chunk_get_n_tokens(ch)
+        n_past = llama_cpp.llama_pos(0)
+        assert m.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 256, True, ctypes.byref(n_past)) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                       shape=(llm.n_vocab(),)).astype(np.float32)
+        llm.n_tokens, out, z = n_past.value, [], logits
+        for _ in range(steps):
+            out.append(int(z.argmax()))
+            llm.eval([out[-1]])
+            z = np.asarray(llm.scores[llm.n_tokens - 1], np.float32)
+        return ids, logits, out
+    finally:
+        m.mtmd_input_chunks_free(chunks)
+        m.mtmd_bitmap_free(bmp)
+        m.mtmd_free(ctx)
+        llm.close()
+
+
+def test_gguf_stock_llama_cpp_agrees_with_transformers(tmp_path):
+    """The f32 files in stock llama-cpp-python's low-level mtmd API (mtmd tiles the image itself: 1 x 2 tiles + the
+    overview here, with its idefics3 markers) on transformers' own chat prompt against
+    SmolVLMForConditionalGeneration: the same prompt ids (the image's rows where transformers puts <image>), logits
+    within 1e-3 (ggml's fp16-table GELU) and the same greedy tokens. Its tokenizer has "\\n\\n" as one token
+    (_double_newline): mtmd writes the overview's "\\n\\n" as that token, and a vocabulary without it gets a
+    null token there (llama_decode fails). (llama-cpp-python's MTMDChatHandler renders an image part as a text part,
+    so SmolVLM's template then writes "User: " where transformers writes "User:" before the image.)"""
+    import io
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from edgemm.llamacpp import load_llama_cpp
+    imported = _save(tmp_path, newlines=True)
+    hf, proc, d = imported["hf"], imported["proc"], tmp_path / "gguf"
+    r = CliRunner().invoke(main, ["export", "--model", str(imported["ck"]), "--target", "gguf", "--precision", "f32",
+                                  "-o", str(d)])
+    assert r.exit_code == 0, r.output
+    man = json.loads((d / "edgemm.json").read_text())
+    img = _image(40, 20, 7)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    load_llama_cpp()
+    hf_in, _ = _reference(hf, proc, Image.fromarray(img))
+    want_ids = hf_in["input_ids"][0].tolist()
+    ids, stock, answer = _stock_mtmd(d / man["stages"]["decoder"]["file"], d / man["stages"]["vision"]["file"],
+                                     proc.apply_chat_template(_messages(), add_generation_prompt=True),
+                                     buf.getvalue(), 3)
+    image = hf.config.image_token_id
+    assert [image if t is None else t for t in ids] == want_ids
+    logits = _logits(hf, hf_in)
+    eos = set(json.loads((imported["ck"] / "config.json").read_text())["tokens"]["eos"])
+    with torch.no_grad():
+        want = logits(want_ids)[-1].numpy()
+        assert stock.argmax() == want.argmax() and np.abs(stock - want).max() < 1e-3
+        greedy = greedy_ids(logits, want_ids, eos, 3)
+    assert answer[:len(greedy)] == greedy and greedy

@@ -8,6 +8,9 @@ features below; a feature marked `gguf="llava"` is computed by its `llama`/`qwen
 projector, so a model reaches that graph only as a LLaVA composition (single branch + CLIP tower + MLP projector).
 A vision-side feature marked `gguf="onnx"` has no llama.cpp graph: a gguf bundle carries its vision stage as the
 ONNX graph the onnx exporter traces, run by ONNX Runtime beside llama.cpp's llama decoder (`gguf_vision`).
+A family llama.cpp has an mtmd projector (and a decoder architecture) of its own for (Gemma 3: `gemma3` + projector
+`gemma3`; SmolVLM / Idefics3: `llama` + projector `idefics3`) is a composition in MTMD_GRAPHS: its features are
+computed by gguf only together.
 
 This module is core: it imports nothing of edgemm, and a config is read by duck typing (`cfg.decoder`, ...).
 """
@@ -22,6 +25,19 @@ LLAVA_GRAPH = ("single branch (llava)", "clip vision tower", "mlp projector")   
 # the projectors of llama.cpp's llava graph: `mlp`, `mlp_norm` (Yi-VL), and LLaVA v1's single Linear written as an
 # `mlp` (export/gguf_tensors.py); any one of them with LLAVA_GRAPH's first two makes a LLaVA composition
 LLAVA_PROJECTORS = {"mlp projector": "mlp", "linear projector": "linear", "mlp-norm projector": "mlp_norm"}
+GEMMA3 = ("gemma3 projector (avg pool, rmsnorm, linear)",
+          "gemma decoder (scaled embeddings, sandwich norms, geglu, query scale, local rope base)")
+# Compositions llama.cpp computes with a decoder architecture and an mtmd projector of their own (not the llava graph):
+# projector -> (the features that make it, the further features that graph computes). A feature listed here is
+# computed by gguf only inside its composition (export/gguf.py writes the decoder and mmproj as llama.cpp's
+# converter does: convert_hf_to_gguf.py's Gemma3Model / Gemma3VisionModel)
+MTMD_GRAPHS = {
+    "gemma3": (("single branch (llava)", "siglip vision tower", GEMMA3[0], GEMMA3[1]),
+               ("per-head q/k norm", "grouped-query attention", "head_dim of its own", "sliding-window attention",
+                "bidirectional attention among an image's rows")),
+    "idefics3": (("single branch (llava)", "siglip vision tower", "pixel-shuffle linear projector",
+                  "tile grid (smolvlm)"), ("grouped-query attention",)),
+}
 
 
 @dataclass(frozen=True)
@@ -102,8 +118,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("omnifusion mlp adapter", "connector:omni_mlp", lambda c: c.adapter.kind == "omni_mlp", gguf="onnx"),
     Feature("omnifusion transformer adapter", "connector:omni_transformer",
             lambda c: c.adapter.kind == "omni_transformer", gguf="onnx"),
-    Feature("gemma3 projector (avg pool, rmsnorm, linear)", "connector:gemma3", lambda c: c.adapter.kind == "gemma3"),
-    Feature("gemma decoder (scaled embeddings, sandwich norms, geglu, query scale, local rope base)", "option:decoder",
+    Feature(GEMMA3[0], "connector:gemma3", lambda c: c.adapter.kind == "gemma3"),
+    Feature(GEMMA3[1], "option:decoder",
             lambda c: bool(_d(c).embed_scale or _d(c).sandwich_norms or _d(c).mlp == "geglu" or _d(c).query_scale)),
     Feature("sliding-window attention", "option:attention", lambda c: bool(_d(c).sliding_layers)),
     Feature("bidirectional attention among an image's rows", "option:attention",
@@ -134,18 +150,29 @@ def refusal(cfg, target: str) -> str | None:
     names = cfg.variants()
     if target != "gguf":
         return next((v for v in names if v not in BY_NAME or not BY_NAME[v].computed_by(target)), None)
-    llama = LLAVA_GRAPH[0] in names
-    for v in sorted(names, key=lambda v: v in BY_NAME and BY_NAME[v].gguf is not None):
-        if not (llama and v in BY_NAME and BY_NAME[v].gguf):
+    llama, graph = LLAVA_GRAPH[0] in names, mtmd_features(names)
+    for v in sorted(names, key=lambda v: v in BY_NAME and (BY_NAME[v].gguf is not None or v in graph)):
+        if not (v in graph or llama and v in BY_NAME and BY_NAME[v].gguf):
             return v
     return None
+
+
+def mtmd_graph(names) -> str | None:
+    """The mtmd projector (MTMD_GRAPHS) whose composition these features make, or None."""
+    return next((p for p, (core, _) in MTMD_GRAPHS.items() if all(v in names for v in core)), None)
+
+
+def mtmd_features(names) -> tuple:
+    """Every feature llama.cpp computes in the composition's own graph (MTMD_GRAPHS; () when it makes none)."""
+    g = mtmd_graph(names)
+    return MTMD_GRAPHS[g][0] + MTMD_GRAPHS[g][1] if g else ()
 
 
 def gguf_vision(names) -> str:
     """Where a gguf bundle's vision stage runs: "mmproj" (llama.cpp's clip/mtmd computes the tower and projector:
     edgemm's own family, a LLaVA composition) or "onnx" (an ONNX graph run by ONNX Runtime beside llama.cpp's
     decoder: a vision side llama.cpp has no graph for)."""
-    return "mmproj" if LLAVA_GRAPH[0] not in names or is_llava_graph(names) else "onnx"
+    return "mmproj" if LLAVA_GRAPH[0] not in names or is_llava_graph(names) or mtmd_graph(names) else "onnx"
 
 
 def is_llava_graph(names) -> bool:
@@ -170,12 +197,12 @@ def target_summary(core: list[str], optional: list[str] = (), hints: dict | None
     """'onnx, trt, gguf (not X)' for a family whose configs always use `core` and may use `optional`: the
     targets computing every core feature, each with the optional ones it lacks; unquantized-only noted."""
     hints = hints or {}
-    llama = LLAVA_GRAPH[0] in core
+    llama, graph = LLAVA_GRAPH[0] in core, mtmd_features(core)
     out = []
     for t in TARGETS[1:]:
         def ok(name):
             f = BY_NAME[name]
-            return (llama and f.gguf is not None) if t == "gguf" else f.computed_by(t)
+            return (name in graph or llama and f.gguf is not None) if t == "gguf" else f.computed_by(t)
         feats = [BY_NAME[n] for n in core]
         if not all(ok(n) for n in core):
             continue

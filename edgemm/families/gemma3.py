@@ -139,6 +139,12 @@ def map_gemma3(hf: dict, src: Source, rules: str = "original") -> Plan:
     return plan
 
 
+def release_template(template: str) -> str:
+    """adapt_template's inverse: the stored template with <start_of_image> for an image again, as the release has
+    it (what a GGUF's tokenizer.chat_template holds: llama.cpp's mtmd expands the image itself)."""
+    return template.replace(f"'\\n\\n{IMAGE}\\n\\n'", f"'{BOI}'").replace(f"\n\n{IMAGE}\n\n", BOI)
+
+
 @register
 class Gemma3(Family):
     name = "gemma3"
