@@ -1,9 +1,11 @@
 """The tiled models' host sides, looked up by the vision config (one table instead of a string test per family at
-every call site): LLaVA-NeXT's any-resolution tiling (grid_pinpoints, edgemm.anyres.HOOKS), InternVL's dynamic tiles
-SmolVLM / Idefics3's tile grid, Fuyu's patches and LLaVA-UHD's slices (vision.tiling, a module each). Every tiling has the same hooks:
-preprocess(src, v), image_rows(cfg, width, height), max_rows(cfg), max_tile_batch(v), describe_rows(cfg, typical),
-check_config(cfg), pixel_rows(cfg, pixels) (the rows of one preprocessed image) and, where a tile count is
-settable, set_max_tiles(cfg, n, manifest). A new tiling is a module with these hooks and a line in MODULES."""
+every call site): LLaVA-NeXT's any-resolution tiling (grid_pinpoints, edgemm.anyres.HOOKS), InternVL's dynamic tiles,
+SmolVLM / Idefics3's tile grid, Fuyu's patches and LLaVA-UHD's slices (vision.tiling, a module each). Every tiling
+has the same hooks: preprocess(src, v), image_rows(cfg, width, height), max_rows(cfg), max_tile_batch(v),
+describe_rows(cfg, typical), check_config(cfg), pixel_rows(cfg, pixels) (the rows of one preprocessed image), its
+vision config fields (FIELDS, composed into VisionConfig by edgemm.config), where a tile count is settable
+set_max_tiles(cfg, n, manifest), and where the vision stage's trt inputs are not fixed-size tiles
+input_profiles(cfg). A new tiling is a module with these hooks and a line in MODULES."""
 from __future__ import annotations
 
 import importlib
