@@ -8,7 +8,8 @@
 Prints the per-branch activation outliers from the calibration statistics (edgemm.outliers.format_outliers), then
 exports --model as ONNX bundles with the recipes fp32, int8 (W8A8, an activation scale per branch: text rows and
 image rows calibrated apart), int8-shared (W8A8, one scale per layer for both), int4 (round-to-nearest, block 128),
-int4-awq (AWQ's activation-aware scaling from each branch's calibration rows) and runs `edgemm bench` over them:
+int4-awq (AWQ's activation-aware scaling from each branch's calibration rows), int4-gptq (GPTQ with each
+branch's Hessian) and runs `edgemm bench` over them:
 accuracy on the shapes test split, top-1 agreement and mean KL against the fp32
 reference, decode tok/s, bundle MB. Checks the issue's acceptance: the naive recipes (int4, int8-shared) fall
 clearly below fp32 (by more than --margin), per-branch int8 keeps >= 99% of fp32's accuracy, int4-awq >= 97%.
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quant import export_all  # noqa: E402
 
 RECIPES = {"fp32": ("fp32", None), "int8": ("int8", None), "int8-shared": ("int8", "int8-shared"),
-           "int4": ("int4", None), "int4-awq": ("int4", "int4-awq")}          # name -> (--precision, --recipe)
+           "int4": ("int4", None), "int4-awq": ("int4", "int4-awq"),
+           "int4-gptq": ("int4", "int4-gptq")}                                # name -> (--precision, --recipe)
 
 
 def main(argv=None):
@@ -47,7 +49,7 @@ def main(argv=None):
     torch.set_num_threads(threads)
     out = Path(a.out)
     err = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    stats = collect_stats(a.model, None, log=err)
+    stats = collect_stats(a.model, None, log=err, hessian=True)          # (GPTQ: each layer's X^T X)
     print(f"activation outliers of {a.model} (calibration statistics: max / median of the per-channel |x| max)")
     print(format_outliers(stats))
     paths = []
@@ -70,7 +72,8 @@ def main(argv=None):
     checks = {f"int4 (RTN) below fp32 by > {a.margin:g}": fp32 - acc["int4"] > a.margin,
               f"int8-shared below fp32 by > {a.margin:g}": fp32 - acc["int8-shared"] > a.margin,
               "int8 (per-branch) >= 99% of fp32": acc["int8"] >= 0.99 * fp32,
-              "int4-awq >= 97% of fp32": acc["int4-awq"] >= 0.97 * fp32}
+              "int4-awq >= 97% of fp32": acc["int4-awq"] >= 0.97 * fp32,
+              "int4-gptq >= 97% of fp32": acc["int4-gptq"] >= 0.97 * fp32}
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     (out / "outliers.json").write_text(json.dumps({"model": a.model, "limit": a.limit, "accuracy": acc,

@@ -28,8 +28,9 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     if not todo:
         return {}
     need = any(get_recipe(recipes.get(s, p)).needs_stats for s, p in todo.items())
+    hessian = any(get_recipe(recipes.get(s, p)).gptq for s, p in todo.items())
     if need and stats is None:
-        stats = collect_stats((model, tokenizer), calib, model_digest=model_digest, log=log)
+        stats = collect_stats((model, tokenizer), calib, model_digest=model_digest, log=log, hessian=hessian)
     elif stats is not None and not isinstance(stats, Stats):
         stats = Stats.load(stats)
     for stage, p in todo.items():

@@ -180,3 +180,65 @@ def test_awq_in_onnxruntime_matmulnbits(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         err[recipe] = np.linalg.norm(got - x @ W) / np.linalg.norm(x @ W)
     assert err["int4-awq"] < 0.8 * err["int4"], err
+
+
+def _gptq_recurrence(W, H, bits, block, percdamp=0.01):
+    """GPTQ from the paper's equations, unbatched (Frantar et al. 2022, eq. 2-3, the OBQ update in a fixed order):
+    round row i, spread its error over the rows after it with H^-1's row i, remove i from H^-1 by Gaussian
+    elimination. A block's scales are taken when its first row is reached."""
+    K, N = W.shape
+    W, Hi = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    Hi[np.diag_indices(K)] += percdamp * np.mean(np.diag(Hi))
+    Hi = np.linalg.inv(Hi)
+    out = np.zeros_like(W)
+    for i in range(K):
+        if i % block == 0:
+            s = np.abs(W[i:i + block]).max(0) / (2 ** (bits - 1) - 1)
+            s = np.where(s > 0, s, 1.0).astype(np.float32).astype(np.float64)
+        out[i] = np.clip(np.round(W[i] / s), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * s
+        err = (W[i] - out[i]) / Hi[i, i]
+        W[i + 1:] -= np.outer(Hi[i + 1:, i], err)
+        Hi -= np.outer(Hi[:, i], Hi[i]) / Hi[i, i]
+    return out
+
+
+def test_gptq_in_onnxruntime_matmulnbits(tmp_path):
+    """int4-gptq: gptq_blockwise equals the paper's unbatched recurrence; ONNX Runtime's own MatMulNBits with the
+    packed codes computes x @ (the dequantized weights); the recipe is recorded; on the layer's calibration rows
+    (correlated inputs with outlier channels) GPTQ's output error is below round-to-nearest's."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from edgemm.calib.quantize import gptq_blockwise, quant_blockwise, quantize_stage
+    from edgemm.calib.recipes import get_recipe
+    from edgemm.calib.stats import LayerStats, Stats
+    from tests.test_calib import _mm_model, _run
+    rng = np.random.default_rng(1)
+    K, N = 256, 48
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    mix = np.eye(K) + 0.5 * rng.standard_normal((K, K)) / np.sqrt(K)          # correlated input channels
+    x = (rng.standard_normal((1, 96, K)) @ mix).astype(np.float32)
+    x[..., :6] *= 20
+    H = 2 / 96 * x[0].astype(np.float64).T @ x[0]
+    got = gptq_blockwise(W, H, 4, 128)[2]
+    np.testing.assert_allclose(got, _gptq_recurrence(W, H, 4, 128), atol=1e-5)
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(), weight_absmax=np.abs(W).max(1))
+    ls.xtx = np.zeros((K, K))
+    ls.add(x, rng)
+    np.testing.assert_allclose(ls.hessian, H, rtol=1e-5)
+    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    err = {}
+    for recipe in ("int4", "int4-gptq"):
+        rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats,
+                             log=None, recipe=get_recipe(recipe).with_options(accuracy_level=0))   # fp32 compute
+        y = _run(onnx.load(tmp_path / "q.onnx"), {"x": x})
+        deq = got if recipe == "int4-gptq" else quant_blockwise(W, 4, 128)[2]
+        np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-4)
+        assert rec["recipe"]["gptq"] == (recipe == "int4-gptq")
+        assert rec["layers"][0].get("gptq", False) == (recipe == "int4-gptq")
+        err[recipe] = np.linalg.norm(y - x @ W) / np.linalg.norm(x @ W)
+    assert err["int4-gptq"] < 0.7 * err["int4"], err
+    with pytest.raises(Exception, match="Hessian"):                        # statistics without hessian=True
+        ls.xtx = None
+        quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats, log=None,
+                       recipe="int4-gptq")
