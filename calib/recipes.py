@@ -8,8 +8,9 @@
     int8-wo   int8 weight-only, block-wise (MatMulNBits bits=8); activations stay float in the graph
     int4      4-bit weight-only, block-wise (MatMulNBits bits=4), a scale per 128 weights (AWQ/GPTQ's group size)
     int4-awq  int4 with AWQ's activation-aware scaling per input channel, from each branch's own calibration rows
-    int4-gptq int4 rounded by GPTQ (error feedback through the inverse Hessian of each branch's own calibration
-              inputs: text rows for decoder_text, image rows for decoder_image)
+    int4-gptq int4 rounded by GPTQ (act-order; error feedback through the inverse Hessian of each branch's own
+              calibration inputs: text rows for decoder_text, image rows for decoder_image)
+    int4-awq-gptq  AWQ's per-input-channel scaling, then GPTQ's rounding of the scaled weights
     int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 5 bits a weight
     fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
 
@@ -73,7 +74,7 @@ class Recipe:
         sq = f"; SmoothQuant alpha {self.smoothquant}" if self.smoothquant is not None else ""
         return (w + a + sq + ("; one activation scale shared by text and image rows" if self.shared_scale else "")
                 + ("; AWQ activation-aware scaling" if self.awq else "")
-                + ("; GPTQ rounding (per-branch Hessians)" if self.gptq else ""))
+                + ("; GPTQ rounding, act-order (per-branch Hessians)" if self.gptq else ""))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -86,12 +87,17 @@ RECIPES: dict[str, Recipe] = {
     "int4": Recipe("int4", "int4", None, "block", block_size=128),
     "int4-awq": Recipe("int4-awq", "int4", None, "block", block_size=128, awq=True),
     "int4-gptq": Recipe("int4-gptq", "int4", None, "block", block_size=128, gptq=True),
+    "int4-awq-gptq": Recipe("int4-awq-gptq", "int4", None, "block", block_size=128, awq=True, gptq=True),
     "int4-b32": Recipe("int4-b32", "int4", None, "block", block_size=32),
     "fp8": Recipe("fp8", "fp8", "fp8", method="max"),
 }
 
 # --precision value -> recipe name; these are the quantized precisions of every ONNX-graph target
 PRECISION_RECIPE = {"int8": "int8", "int8-wo": "int8-wo", "int4": "int4", "fp8": "fp8"}
+# --precision value -> its recipe when a calibration set is given (--calib, or statistics passed in): the best
+# measured on the outlier model (benchmarks/bench_outliers.py, README); int8 is already per-branch calibrated, and
+# int4 without a calibration set stays round-to-nearest (it needs no calibration pass)
+CALIBRATED_RECIPE = {"int4": "int4-awq-gptq"}
 QUANTIZED = tuple(PRECISION_RECIPE)
 QDQ = ("int8", "fp8")                    # W8A8 Q/DQ (calibrated activations): the trt target's quantized ones
 # export checks' thresholds: edgemm.export.thresholds (one table for every target)

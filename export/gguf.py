@@ -19,9 +19,9 @@ jobs it runs are modules of their own, and their public names are importable fro
   gguf_llava_cls  the llama.cpp llava CLS-row defect (ggml-org/llama.cpp#25814): simulated and detected
 
 The decoder is written in f32 with the `gguf` package and quantized by llama.cpp's own quantizer
-(llama_model_quantize; k-quants with an importance matrix when a calibration set is given); the mmproj is written at f32 / f16 / q8_0 / q4_0, K-quant requests for the vision stage fall
-back to q8_0, and it says so. Before it reports success the export runs its files in llama.cpp and compares with the
-reference model.
+(llama_model_quantize; k-quants with an importance matrix when a calibration set is given); the mmproj is written
+at f32 / f16 / q8_0 / q4_0, K-quant requests for the vision stage fall back to q8_0, and it says so. Before it
+reports success the export runs its files in llama.cpp and compares with the reference model.
 """
 from __future__ import annotations
 
