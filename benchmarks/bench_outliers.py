@@ -5,6 +5,7 @@
     python benchmarks/bench_outliers.py --out runs/outliers --limit 200     # bounded
     python benchmarks/bench_outliers.py --model tiny-shapes --out runs/outliers-base   # the same on the plain model
     python benchmarks/bench_outliers.py --layer-errors-only                 # per-layer 4-bit errors, no bundles
+    python benchmarks/bench_outliers.py --out runs/outliers --report-only   # the table and checks of the last run
 
 Prints the per-branch activation outliers from the calibration statistics (edgemm.outliers.format_outliers), then
 exports --model as ONNX bundles with the recipes fp32, int8 (W8A8, an activation scale per branch: text rows and
@@ -68,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="re-export bundles that exist")
     ap.add_argument("--layer-errors-only", action="store_true", help="print the per-layer 4-bit errors and stop")
+    ap.add_argument("--report-only", action="store_true", help="print the table and checks of OUT/bench/bench.json")
     a = ap.parse_args(argv)
     import torch
     from edgemm.bench import bench
@@ -78,6 +80,8 @@ def main(argv=None):
     torch.set_num_threads(threads)
     out = Path(a.out)
     err = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if a.report_only:
+        return report(a, json.loads((out / "bench" / "bench.json").read_text()))
     stats = collect_stats(a.model, None, log=err, hessian=True)          # (GPTQ: each layer's X^T X)
     print(f"activation outliers of {a.model} (calibration statistics: max / median of the per-channel |x| max)")
     print(format_outliers(stats))
@@ -98,7 +102,14 @@ def main(argv=None):
         paths.append(str(dst))
     rep = bench(paths, limit=a.limit, fidelity_n=a.fidelity_n, threads=threads, out=out / "bench",
                 repeats=a.repeats, log=err)
-    rows = {Path(r["bundle"]).parent.name.replace("_", "-"): r for r in rep["results"]}
+    report(a, rep)
+
+
+def report(a, rep: dict) -> None:
+    """The per-recipe table and the issue's acceptance checks from a bench report (rows named by their folder)."""
+    names = {n.replace("-", "_"): n for n in [*RECIPES, *GGUF]}
+    rows = {names[Path(r["bundle"]).parent.name]: r for r in rep["results"]}
+    out = Path(a.out)
     fp32 = rows["fp32"].get("accuracy")
     print(f"\n{a.model}, {rows['fp32'].get('total')} test questions, fidelity over {a.fidelity_n} prompts")
     print(f"{'recipe':<15} {'accuracy':>8} {'of fp32':>8} {'top-1':>6} {'mean KL':>9} {'tok/s':>7} {'MB':>6}  "
@@ -116,7 +127,9 @@ def main(argv=None):
               "best 4-bit onnx recipe >= 97% of fp32":
                   max(acc["int4-awq"], acc["int4-gptq"], acc["int4-awq-gptq"]) >= 0.97 * fp32,
               "q4_k_m with the importance matrix >= 97% of fp32": acc["q4_k_m-imatrix"] >= 0.97 * fp32,
-              "q4_k_m with the importance matrix above q4_k_m without": acc["q4_k_m-imatrix"] > acc["q4_k_m"]}
+              "q4_k_m with the importance matrix above q4_k_m without": acc["q4_k_m-imatrix"] > acc["q4_k_m"],
+              "q4_k_m with the importance matrix: mean KL to fp32 below q4_k_m's":
+                  rows["q4_k_m-imatrix"].get("mean_kl", 1) < rows["q4_k_m"].get("mean_kl", 0)}
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     (out / "outliers.json").write_text(json.dumps({"model": a.model, "limit": a.limit, "accuracy": acc,

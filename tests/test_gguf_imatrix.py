@@ -82,3 +82,23 @@ def test_imatrix_refuses_other_files(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(EdgemmError, match="not a GGUF imatrix"):
         read_imatrix(tmp_path / "x.gguf")
+
+
+def test_imatrix_flag_is_for_gguf():
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    r = CliRunner().invoke(main, ["export", "--target", "onnx", "--imatrix", "-o", "/nonexistent/x"])
+    assert r.exit_code == 2 and "--imatrix applies to --target gguf" in r.output
+
+
+def test_imatrix_default_only_for_kquants_with_a_calibration_set():
+    from edgemm.errors import EdgemmError
+    from edgemm.export.gguf import _wants_imatrix
+    said = []
+    assert _wants_imatrix("q4_k_m", None, "calib-dir", None, said.append)
+    assert not _wants_imatrix("q4_k_m", None, None, None, said.append)
+    assert not _wants_imatrix("q8_0", None, "calib-dir", None, said.append) and "--imatrix to use it" in said[-1]
+    assert _wants_imatrix("q8_0", True, None, None, said.append)
+    assert not _wants_imatrix("q4_k_m", False, "calib-dir", None, said.append)
+    with pytest.raises(EdgemmError, match="unquantized"):
+        _wants_imatrix("f16", True, None, None, said.append)
