@@ -17,21 +17,32 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     """
     from edgemm.calib.recipes import group            # a stage's --precision group
     from .quantize import quantize_stage
-    from .recipes import get_recipe
+    from .recipes import CALIBRATED_RECIPE, get_recipe
     from .stats import Stats, collect_stats
+    log = log or (lambda s: None)
     bundle_dir = Path(bundle_dir)
     recipes = dict(recipes or {})          # stage or group ("vision" / "decoder") -> recipe name or Recipe
     for s in list(stages):
         if s not in recipes and group(s) in recipes:
             recipes[s] = recipes[group(s)]
     todo = {s: precision[group(s)] for s in stages if precision.get(group(s)) in QUANTIZED}
+    if stats is not None and not isinstance(stats, Stats):
+        stats = Stats.load(stats)
+    if calib is not None or stats is not None:      # a calibration set given: the calibrated recipe by default
+        for s, p in todo.items():
+            if s not in recipes and p in CALIBRATED_RECIPE:
+                r = get_recipe(CALIBRATED_RECIPE[p])
+                if r.gptq and stats is not None and not any(v.xtx is not None for v in stats.stage(s).values()):
+                    log(f"note: the statistics given have no Hessians (collect_stats(hessian=True)): {s} gets "
+                        f"int4-awq instead of {r.name}")
+                    r = get_recipe("int4-awq")
+                recipes[s] = r.name
     if not todo:
         return {}
     need = any(get_recipe(recipes.get(s, p)).needs_stats for s, p in todo.items())
+    hessian = any(get_recipe(recipes.get(s, p)).gptq for s, p in todo.items())
     if need and stats is None:
-        stats = collect_stats((model, tokenizer), calib, model_digest=model_digest, log=log)
-    elif stats is not None and not isinstance(stats, Stats):
-        stats = Stats.load(stats)
+        stats = collect_stats((model, tokenizer), calib, model_digest=model_digest, log=log, hessian=hessian)
     for stage, p in todo.items():
         st = stages[stage]
         f = bundle_dir / st["file"]

@@ -18,6 +18,9 @@ Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention
   s_j = m_j^a per input channel (normalised) before the block-wise rounding (m_j: the calibration inputs' max |x_j|
   of the layer's own modality branch), a from a grid minimising the output error on the layer's sampled inputs, and
   the activation is divided by s_j (a Mul before MatMulNBits: the RMSNorm in front is shared by both branches).
+  GPTQ (recipe option, int4-gptq; Frantar et al. 2022): the rounding of each input row's weights corrects the
+  error of the rows before it through the inverse Hessian of the layer's own branch's calibration inputs
+  (gptq_blockwise; the statistics must be collected with hessian=True).
 
 The layer behind each ONNX weight is found by content (the statistics keep each layer's first two weight
 rows), so any graph made from the same model works, whatever its initializer names. With keep_sensitive=t,
@@ -74,15 +77,76 @@ def quant_blockwise(W: np.ndarray, bits: int, block: int):
     Wt = np.zeros((N, nb * block), np.float32)
     Wt[:, :K] = W.T
     blocks = Wt.reshape(N, nb, block)
-    qmax = 2 ** (bits - 1) - 1
-    s = np.abs(blocks).max(-1) / qmax
-    s = np.where(s > 0, s, 1.0).astype(np.float32)
-    q = np.clip(np.round(blocks / s[..., None]), -qmax - 1, qmax)
+    s = block_scale(np.abs(blocks).max(-1), bits)
+    q = np.clip(np.round(blocks / s[..., None]), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return pack_blockwise(q, s, bits, K)
+
+
+def block_scale(amax: np.ndarray, bits: int, full_range: bool = False) -> np.ndarray:
+    """A block's scale from its max |w|: amax / (2^(b-1) - 1) (RTN's: +-amax on the grid), or with full_range
+    2 amax / (2^b - 1) (ONNX Runtime GPTQ's symmetric grid, levels -2^(b-1) .. 2^(b-1) - 1 spanning amax)."""
+    s = amax * 2 / (2 ** bits - 1) if full_range else amax / (2 ** (bits - 1) - 1)
+    return np.where(s > 0, s, 1.0).astype(np.float32)
+
+
+def pack_blockwise(q: np.ndarray, s: np.ndarray, bits: int, K: int):
+    """Integer codes q [N, n_blocks, block] (in -2^(b-1) .. 2^(b-1)-1) and scales s [N, n_blocks] -> MatMulNBits'
+    (packed uint8 [N, n_blocks, block*bits/8], scales [N*n_blocks], dequantized W [K, N]); zero point 2^(b-1)."""
+    N, nb, block = q.shape
     deq = (q * s[..., None]).reshape(N, nb * block)[:, :K].T.astype(np.float32)
     u = (q + 2 ** (bits - 1)).astype(np.uint8)                       # default zero point 2^(bits-1)
     if bits == 4:
         u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(u), s.reshape(-1), deq
+    return np.ascontiguousarray(u), np.asarray(s, np.float32).reshape(-1), deq
+
+
+def gptq_blockwise(W: np.ndarray, H: np.ndarray, bits: int, block: int, percdamp: float = 0.01,
+                   full_range: bool = False, act_order: bool = False):
+    """GPTQ (Frantar et al. 2022, Algorithm 1) for W [K in, N out] with the layer's Hessian H = 2/n X^T X [K, K]:
+    input rows are rounded one at a time on the block-wise grid (a scale per `block` inputs per output), each
+    rounding error fed into the rows not yet rounded through the Cholesky factor of H^-1 (lazy batch updates per
+    `block` rows). In input order, a block's scales are taken at its start from the weights as updated so far;
+    with act_order the rows go in order of decreasing H_jj (the largest activations first, GPTQ's "act-order") and
+    the scales are fixed up front from the original weights (the MatMulNBits blocks stay in input order: "static
+    groups"). H gets percdamp x its mean diagonal added; inputs never active (H_jj = 0) get weight 0.
+    Written here rather than taken from ONNX Runtime: onnxruntime 1.32's GPTQ (quantization.neural_compressor.
+    weight_only.gptq, behind GPTQWeightOnlyQuantConfig) feeds the errors through the lower triangle of its upper
+    Cholesky factor (Hinv1[i:, i], Hinv[i2:, i1:i2]: zeros), so its result is round-to-nearest's (same error, to
+    ties); its pipeline also needs the whole graph run per calibration item. tests/test_outliers.py checks this one
+    against the paper's unbatched recurrence. -> quant_blockwise's (packed, scales, dequantized W)."""
+    K, N = W.shape
+    W = np.array(W, np.float64)
+    H = np.array(H, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[dead] = 0
+    nb = -(-K // block)
+    s = np.zeros((N, nb), np.float32)
+    if act_order:
+        for b in range(nb):
+            s[:, b] = block_scale(np.abs(W[b * block:(b + 1) * block]).max(0), bits, full_range)
+        perm = np.argsort(-np.diag(H), kind="stable")
+    else:
+        perm = np.arange(K)
+    W, H = W[perm], H[perm][:, perm]
+    H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T                       # upper Cholesky factor of H^-1
+    q = np.zeros((K, N))                                             # integer codes, in processing order
+    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    for i1 in range(0, K, block):
+        i2 = min(K, i1 + block)
+        W1, E = W[i1:i2].copy(), np.zeros((i2 - i1, N))
+        if not act_order:
+            s[:, i1 // block] = block_scale(np.abs(W1).max(0), bits, full_range)
+        for i in range(i2 - i1):
+            sc = s[:, perm[i1 + i] // block].astype(np.float64)
+            q[i1 + i] = np.clip(np.round(W1[i] / sc), lo, hi)
+            E[i] = (W1[i] - q[i1 + i] * sc) / U[i1 + i, i1 + i]
+            W1[i:] -= np.outer(U[i1 + i, i1 + i:i2], E[i])
+        W[i2:] -= U[i1:i2, i2:].T @ E
+    codes = np.zeros((N, nb * block))
+    codes[:, perm] = q.T
+    return pack_blockwise(codes.reshape(N, nb, block), s, bits, K)
 
 
 def awq_scales(W: np.ndarray, X: np.ndarray, chan_absmax, bits: int, block: int, grid: int = 20):
@@ -355,7 +419,20 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             rec["act_amax"] = amax
         else:
             bits = 8 if wkind == "int8" else 4
-            if r.awq and layer is not None:
+            if r.gptq:
+                H = layer.hessian if layer is not None else None
+                if H is None:
+                    raise EdgemmError(f"the {r.name} recipe needs each layer's Hessian: calibration statistics "
+                                      "collected with hessian=True (layer "
+                                      f"{layer.key if layer else rec['node']} has none)")
+                sc = awq_scales(Wio, X, layer.chan_absmax, bits, r.block_size) if r.awq else np.ones(len(Wio))
+                # AWQ first (W' = diag(s) W sees inputs x / s: H' = diag(1/s) H diag(1/s)), then GPTQ's rounding
+                packed, s, deq = gptq_blockwise(Wio * sc[:, None], H / np.outer(sc, sc), bits, r.block_size,
+                                                act_order=True)
+                deq = deq / sc[:, None]
+                smooth = sc.astype(np.float32) if r.awq else None
+                rec.update(gptq="act-order", awq=bool(r.awq))
+            elif r.awq and layer is not None:
                 smooth = awq_scales(Wio, X, layer.chan_absmax, bits, r.block_size)
                 packed, s, deq = quant_blockwise(Wio * smooth[:, None], bits, r.block_size)
                 deq = deq / smooth[:, None]

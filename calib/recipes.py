@@ -8,6 +8,9 @@
     int8-wo   int8 weight-only, block-wise (MatMulNBits bits=8); activations stay float in the graph
     int4      4-bit weight-only, block-wise (MatMulNBits bits=4), a scale per 128 weights (AWQ/GPTQ's group size)
     int4-awq  int4 with AWQ's activation-aware scaling per input channel, from each branch's own calibration rows
+    int4-gptq int4 rounded by GPTQ (act-order; error feedback through the inverse Hessian of each branch's own
+              calibration inputs: text rows for decoder_text, image rows for decoder_image)
+    int4-awq-gptq  AWQ's per-input-channel scaling, then GPTQ's rounding of the scaled weights
     int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 5 bits a weight
     fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
 
@@ -36,10 +39,11 @@ class Recipe:
     keep_sensitive: float | None = None  # keep layers whose relative output error exceeds this at fp32
     shared_scale: bool = False           # one activation scale for text and image rows (Stats.shared())
     awq: bool = False                    # weight-only: AWQ activation-aware per-input-channel scaling
+    gptq: bool = False                   # weight-only: GPTQ rounding with each branch's Hessian
 
     @property
     def needs_stats(self) -> bool:
-        return self.activations is not None or self.smoothquant is not None or self.awq
+        return self.activations is not None or self.smoothquant is not None or self.awq or self.gptq
 
     def with_options(self, **kw) -> "Recipe":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -69,7 +73,8 @@ class Recipe:
             else "; activations float (weight-only)"
         sq = f"; SmoothQuant alpha {self.smoothquant}" if self.smoothquant is not None else ""
         return (w + a + sq + ("; one activation scale shared by text and image rows" if self.shared_scale else "")
-                + ("; AWQ activation-aware scaling" if self.awq else ""))
+                + ("; AWQ activation-aware scaling" if self.awq else "")
+                + ("; GPTQ rounding, act-order (per-branch Hessians)" if self.gptq else ""))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -81,12 +86,18 @@ RECIPES: dict[str, Recipe] = {
     # (benchmarks/bench_genai.py), and the shipped model keeps its test-split accuracy (0.969, `edgemm bench`)
     "int4": Recipe("int4", "int4", None, "block", block_size=128),
     "int4-awq": Recipe("int4-awq", "int4", None, "block", block_size=128, awq=True),
+    "int4-gptq": Recipe("int4-gptq", "int4", None, "block", block_size=128, gptq=True),
+    "int4-awq-gptq": Recipe("int4-awq-gptq", "int4", None, "block", block_size=128, awq=True, gptq=True),
     "int4-b32": Recipe("int4-b32", "int4", None, "block", block_size=32),
     "fp8": Recipe("fp8", "fp8", "fp8", method="max"),
 }
 
 # --precision value -> recipe name; these are the quantized precisions of every ONNX-graph target
 PRECISION_RECIPE = {"int8": "int8", "int8-wo": "int8-wo", "int4": "int4", "fp8": "fp8"}
+# --precision value -> its recipe when a calibration set is given (--calib, or statistics passed in): the best
+# measured on the outlier model (benchmarks/bench_outliers.py, README); int8 is already per-branch calibrated, and
+# int4 without a calibration set stays round-to-nearest (it needs no calibration pass)
+CALIBRATED_RECIPE = {"int4": "int4-awq-gptq"}
 QUANTIZED = tuple(PRECISION_RECIPE)
 QDQ = ("int8", "fp8")                    # W8A8 Q/DQ (calibrated activations): the trt target's quantized ones
 # export checks' thresholds: edgemm.export.thresholds (one table for every target)

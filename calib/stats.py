@@ -10,7 +10,9 @@ head appears once per decoder stage.
 Per layer: the absolute max, the max per input channel (SmoothQuant), a histogram of |x| (2048 bins over a
 range that doubles as needed, merging bin pairs, so it stays exact), a few sampled input rows (to measure each
 layer's quantization error for --keep-sensitive), and a signature of the weight (its first two input rows),
-which lets a quantizer find the layer behind any ONNX MatMul/Gemm whatever the graph names it.
+which lets a quantizer find the layer behind any ONNX MatMul/Gemm whatever the graph names it. Also the sum of
+squares per input channel over every row (`sum2`: llama.cpp's importance matrix, edgemm.export.gguf_imatrix) and,
+with collect_stats(hessian=True), the second moment X^T X of layers up to XTX_MAX_IN inputs (GPTQ's Hessian).
 
 The clipping threshold (amax) of a layer's activations comes from one of three methods: `max`, `percentile`
 (of |x|, default 99.99) and `entropy` (TensorRT's KL-divergence search over the histogram, 128 levels).
@@ -31,8 +33,9 @@ from edgemm.errors import EdgemmError
 
 NBINS = 2048
 KEEP_ROWS = 32
+XTX_MAX_IN = 4096                 # hessian=True: X^T X kept for layers with at most this many inputs
 METHODS = ("max", "percentile", "entropy")
-STATS_VERSION = 1
+STATS_VERSION = 2                 # 2: sum2 (and xtx); version-1 files load without them
 DEFAULT_PERCENTILE = 99.99
 
 
@@ -56,6 +59,13 @@ class LayerStats:
     rows: np.ndarray = None          # [<= KEEP_ROWS, in] float16 sample of inputs
     wsig: np.ndarray = None          # [2, out]: W.T[:2] (first two input rows of the weight, [in, out] layout)
     weight_absmax: np.ndarray = None # [in]: max |W| per input channel (SmoothQuant)
+    sum2: np.ndarray = None          # [in] float64: sum of x_j^2 over every row (llama.cpp's imatrix in_sum2)
+    xtx: np.ndarray = None           # [in, in] float64: sum of x x^T over every row (GPTQ's Hessian), if asked
+
+    @property
+    def hessian(self) -> np.ndarray | None:
+        """GPTQ's H = 2/n X^T X over every calibration row (None without hessian=True statistics)."""
+        return None if self.xtx is None or not self.count else (2.0 / self.count) * np.asarray(self.xtx, np.float64)
 
     # ---- accumulation ---------------------------------------------------------------
     def add(self, x: np.ndarray, rng: np.random.Generator) -> None:
@@ -72,6 +82,10 @@ class LayerStats:
             self.hist_range *= 2
         self.hist += np.histogram(a, bins=NBINS, range=(0, self.hist_range))[0]
         self.absmax = max(self.absmax, m)
+        x64 = x.astype(np.float64)
+        self.sum2 = (0 if self.sum2 is None else self.sum2) + (x64 * x64).sum(0)
+        if self.xtx is not None:
+            self.xtx += x64.T @ x64
         # reservoir-ish sample of rows
         take = x if len(x) <= KEEP_ROWS else x[rng.choice(len(x), KEEP_ROWS, replace=False)]
         self.rows = take.astype(np.float16) if self.rows is None else np.concatenate([self.rows, take.astype(np.float16)])
@@ -91,6 +105,10 @@ class LayerStats:
                          max(self.absmax, other.absmax), np.maximum(self.chan_absmax, other.chan_absmax),
                          a.hist + hb, a.hist_range, self.count + other.count,
                          np.concatenate([self.rows, other.rows]), self.wsig, self.weight_absmax)
+        if self.sum2 is not None and other.sum2 is not None:
+            out.sum2 = self.sum2 + other.sum2
+        if self.xtx is not None and other.xtx is not None:
+            out.xtx = self.xtx + other.xtx
         return out
 
     # ---- thresholds -------------------------------------------------------------------
@@ -176,8 +194,9 @@ class Stats:
             index.append({"key": k, "stage": v.stage, "module": v.module, "branch": v.branch,
                           "in_features": v.in_features, "absmax": v.absmax, "hist_range": v.hist_range,
                           "count": v.count})
-            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax"):
-                arrays[f"{i}.{name}"] = getattr(v, name)
+            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "xtx"):
+                if getattr(v, name) is not None:
+                    arrays[f"{i}.{name}"] = getattr(v, name)
         meta = json.dumps({"meta": self.meta, "index": index, "version": STATS_VERSION})
         tmp = path.with_name(path.name + ".partial.npz")
         np.savez_compressed(tmp, __meta__=np.frombuffer(meta.encode(), np.uint8), **arrays)
@@ -194,14 +213,15 @@ class Stats:
         except Exception as e:
             raise EdgemmError(f"calibration statistics {path} are unreadable ({e}); delete the file and "
                               "run `edgemm calibrate` again") from None
-        if info.get("version") != STATS_VERSION:
+        if info.get("version") not in (1, STATS_VERSION):
             raise EdgemmError(f"{path} has statistics version {info.get('version')}, expected {STATS_VERSION}")
         layers = {}
         for i, row in enumerate(info["index"]):
             v = LayerStats(row["key"], row["stage"], row["module"], row["branch"], row["in_features"],
                            row["absmax"], hist_range=row["hist_range"], count=row["count"])
-            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax"):
-                setattr(v, name, z[f"{i}.{name}"])
+            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "xtx"):
+                if f"{i}.{name}" in z:
+                    setattr(v, name, z[f"{i}.{name}"])
             layers[row["key"]] = v
         return cls(layers, info["meta"], path)
 
@@ -232,16 +252,18 @@ def _load(model_spec_or_model, tokenizer=None, model_digest=None):
     return m.float().cpu().eval(), tok, source["digest"]
 
 
-def stats_digest(model_digest: str, set_digest: str) -> str:
-    return hashlib.sha256(f"edgemm-stats-v{STATS_VERSION}\0{model_digest}\0{set_digest}".encode()).hexdigest()
+def stats_digest(model_digest: str, set_digest: str, hessian: bool = False) -> str:
+    return hashlib.sha256(f"edgemm-stats-v{STATS_VERSION}{'h' if hessian else ''}\0{model_digest}\0{set_digest}"
+                          .encode()).hexdigest()
 
 
 def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache: str | Path | None = None,
                   refresh: bool = False, n: int | None = None, progress: bool = True, log=print,
-                  seed: int = 0, model_digest: str | None = None) -> Stats:
+                  seed: int = 0, model_digest: str | None = None, hessian: bool = False) -> Stats:
     """Run the reference over `calib_set` (None: the bundled shapes calib split; a folder; a CalibSet) and
     record input statistics of every Linear layer per stage and modality branch. Cached: a second call with
-    the same model and set loads `<cache>/<digest>.npz` (cache=False: no cache)."""
+    the same model and set loads `<cache>/<digest>.npz` (cache=False: no cache). hessian=True also keeps each
+    layer's X^T X (GPTQ; layers up to XTX_MAX_IN inputs)."""
     import torch
     from tqdm import tqdm
     from edgemm.model import EdgeMM, KVCache
@@ -255,7 +277,7 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
         model_spec_or_model = (model_spec_or_model, tokenizer)
     m, tok, mdigest = _load(model_spec_or_model, tokenizer, model_digest)
     sdigest = cset.digest()
-    key = stats_digest(mdigest, sdigest)
+    key = stats_digest(mdigest, sdigest, hessian)
     path = None
     if cache is not False:
         path = Path(cache or cache_dir()) / f"{key[:32]}.npz"
@@ -283,6 +305,8 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
                 st = layers[k] = LayerStats(k, stage, name, _branch_of(name, stage), mod.in_features,
                                             wsig=w[:, :2].T.numpy().copy(),
                                             weight_absmax=w.abs().amax(0).numpy().copy())
+                if hessian and mod.in_features <= XTX_MAX_IN:
+                    st.xtx = np.zeros((mod.in_features, mod.in_features), np.float64)
             st.add(inputs[0].detach().float().numpy(), rng)
         return hook
 
@@ -314,7 +338,7 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
         for h in handles:
             h.remove()
     meta = {"model_digest": mdigest, "set": cset.name, "set_digest": sdigest, "samples": len(cset),
-            "model": cfg.name, "mode": "per-modality", "digest": key}
+            "model": cfg.name, "mode": "per-modality", "digest": key, "hessian": bool(hessian)}
     st = Stats(layers, meta)
     if path is not None:
         st.save(path)

@@ -391,6 +391,7 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                                             if isinstance(got, list) else "") + (f" kv {kv}" if kv else "")
             res["target"] = man.get("target")
             res["precision"] = man.get("precision")
+            res["recipe"] = bundle_recipe(man)
             res["size_mb"] = dir_size(b) / 1e6
             if b in ref_notes:
                 res["fidelity_note"] = ref_notes[b]
@@ -422,6 +423,23 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
     return report
 
 
+def bundle_recipe(man: dict) -> str:
+    """What a bundle's weights got, from its manifest, one short string: the decoder stages' quantization recipe
+    (onnx / trt: e.g. int4-gptq; "vision X" added when the vision stage differs), or the gguf decoder type with
+    "+imatrix" when llama.cpp's quantizer had an importance matrix."""
+    stages = man.get("stages") or {}
+    def rec(st):
+        q = (st or {}).get("quantization") or {}
+        return (q.get("recipe") or {}).get("name") or (st or {}).get("precision") or "?"
+    if man.get("target") == "gguf":
+        d = stages.get("decoder") or {}
+        return f"{d.get('precision', '?')}{'+imatrix' if d.get('imatrix') else ''}"
+    dec = sorted({rec(v) for k, v in stages.items() if k.startswith("decoder")}) or ["?"]
+    vis = rec(stages.get("vision")) if "vision" in stages else None
+    out = "/".join(dec)
+    return out if vis in (None, out) else f"{out} (vision {vis})"
+
+
 def _jsonable(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -432,7 +450,8 @@ def _jsonable(o):
     return str(o)
 
 
-COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("size_mb", "size MB", "{:.1f}"),
+COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("recipe", "recipe", "{}"),
+           ("size_mb", "size MB", "{:.1f}"),
            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("image_rows", "image rows", "{}"),
            ("vision_ms", "vision ms", "{:.2f}"),
            ("ttft_ms", "TTFT ms", "{:.2f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
@@ -444,12 +463,12 @@ def format_table(report: dict) -> str:
     rows = [[h for _, h, _ in COLUMNS]]
     for r in report["results"]:
         if "error" in r:
-            rows.append([r.get("name", "?"), r.get("backend_requested", "?"), "error: " + r["error"][:60]]
-                        + [""] * (len(COLUMNS) - 3))
+            rows.append([r.get("name", "?"), r.get("backend_requested", "?"), r.get("recipe") or "-",
+                         "error: " + r["error"][:60]] + [""] * (len(COLUMNS) - 4))
             continue
         rows.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS])
     w = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines = ["  ".join(c.rjust(w[i]) if i > 2 else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     m = report["machine"]
     lines.append(f"machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads); bandwidth "
@@ -458,7 +477,7 @@ def format_table(report: dict) -> str:
 
 
 def write_csv(results: list, path) -> None:
-    keys = ["name", "bundle", "target", "backend", "precision", "size_mb", "peak_rss_mb", "image_rows", "image_size",
+    keys = ["name", "bundle", "target", "backend", "precision", "recipe", "size_mb", "peak_rss_mb", "image_rows", "image_size",
             "max_tiles", "vision_ms", "ttft_ms",
             "decode_tok_s", "decode_ms_per_token", "weight_bytes_per_step", "roofline_tok_s", "roofline_fraction",
             "accuracy", "correct", "total", "top1_agreement", "mean_kl", "error"]
@@ -484,6 +503,7 @@ def _accuracy(r: dict) -> float | None:
 
 
 LATENCIES = (("decode_ms_per_token", "decode latency (ms / token)"), ("ttft_ms", "time to first token (ms)"))
+COSTS = LATENCIES + (("size_mb", "bundle size (MB)"),)     # the x axes against accuracy, each with its Pareto front
 
 
 def figure(results: list):
@@ -494,9 +514,11 @@ def figure(results: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in results if "error" not in r and r.get("decode_ms_per_token")]
-    names = [f"{r['name']} ({r.get('backend', '?')})" for r in ok]
+    names = [f"{r['name']} ({r.get('backend', '?')}{', ' + r['recipe'] if r.get('recipe') else ''})" for r in ok]
     measured = [i for i, r in enumerate(ok) if _accuracy(r) is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8 if measured else 1.6 + 0.45 * max(1, len(ok))))
+    costs = COSTS if measured and all(ok[i].get("size_mb") for i in measured) else LATENCIES
+    fig, axes = plt.subplots(1, len(costs) if measured else 2, figsize=(5.7 * len(costs) if measured else 12,
+                                                                        4.8 if measured else 1.6 + 0.45 * max(1, len(ok))))
     if not measured:                # accuracy skipped: nothing to put on a y axis but the bundles themselves
         for ax, (key, label) in zip(axes, LATENCIES):
             ax.barh(range(len(ok)), [r.get(key) or 0 for r in ok], color="steelblue")
@@ -508,7 +530,7 @@ def figure(results: list):
         fig.tight_layout()
         return fig
     colors = plt.get_cmap("tab10" if len(measured) <= 10 else "tab20")
-    for ax, (key, label) in zip(axes, LATENCIES):
+    for ax, (key, label) in zip(axes, costs):
         pts = [(ok[i][key], _accuracy(ok[i])) for i in measured]
         for n, (i, (x, y)) in enumerate(zip(measured, pts)):
             ax.scatter([x], [y], s=40, color=colors(n % colors.N), label=names[i])
@@ -523,7 +545,7 @@ def figure(results: list):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     skipped = [names[i] for i in range(len(ok)) if i not in measured]
-    fig.suptitle("edgemm bench: latency vs accuracy" + (f" (not plotted, accuracy not measured: {', '.join(skipped)})"
+    fig.suptitle(f"edgemm bench: latency{' and size' if costs is COSTS else ''} vs accuracy" + (f" (not plotted, accuracy not measured: {', '.join(skipped)})"
                                                         if skipped else ""), fontsize=10 if skipped else 12)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
     return fig

@@ -484,9 +484,12 @@ def parse_precision(target: str, spec: str | None) -> dict[str, str]:
               help="gguf: the vision stage as llama.cpp's mmproj (clip/mtmd) or as an ONNX graph run by ONNX Runtime "
               "beside llama.cpp's decoder (default auto: the mmproj where llama.cpp computes the tower and projector, "
               "else ONNX).")
+@click.option("--imatrix/--no-imatrix", default=None, help="gguf: quantize the decoder with llama.cpp's importance "
+              "matrix from the calibration set's text and image rows (default: for k-quants when --calib is given; "
+              "--imatrix without --calib: the bundled set).")
 @handle_errors
 def export(target, model, precision, out, force, calib, no_build, threads, list_recipes, keep_sensitive, recipe,
-           max_context, device_class, max_tiles, device, moe_form, gguf_vision):
+           max_context, device_class, max_tiles, device, moe_form, gguf_vision, imatrix):
     """Export a model to a bundle, stage by stage, validated against the reference before it reports success."""
     from .export import EXPORTERS, export as run_export
     if list_recipes:
@@ -541,6 +544,11 @@ def export(target, model, precision, out, force, calib, no_build, threads, list_
             raise EdgemmError(f"--gguf-vision applies to --target gguf; {target} bundles' vision stage is an "
                               f"{'ONNX graph' if target == 'onnx' else 'engine'} by their target")
         extra["vision"] = gguf_vision
+    if imatrix is not None:
+        if target != "gguf":
+            raise EdgemmError(f"--imatrix applies to --target gguf (llama.cpp's quantizer); {target} bundles take "
+                              "their calibration from --calib and --recipe")
+        extra["imatrix"] = imatrix
     if target not in EXPORTERS:
         raise EdgemmError(f"the {target} exporter is not available in this version of edgemm")
     import torch

@@ -14,13 +14,14 @@ jobs it runs are modules of their own, and their public names are importable fro
   gguf_tokenizer  the tokenizer fields and chat template inside the decoder file
   gguf_tensors    the decoder and mmproj tensor layouts (names, metadata) and reading a file's tensor table
   gguf_quant      the precisions, what the mmproj gets per precision and tensor, llama.cpp's quantizer
+  gguf_imatrix    llama.cpp importance matrices (imatrix.gguf) from the calibration set's text and image rows
   gguf_validate   the files run in llama.cpp against the reference (logits, image rows, fidelity)
   gguf_llava_cls  the llama.cpp llava CLS-row defect (ggml-org/llama.cpp#25814): simulated and detected
 
 The decoder is written in f32 with the `gguf` package and quantized by llama.cpp's own quantizer
-(llama_model_quantize); the mmproj is written at f32 / f16 / q8_0 / q4_0, K-quant requests for the vision stage fall
-back to q8_0, and it says so. Before it reports success the export runs its files in llama.cpp and compares with the
-reference model.
+(llama_model_quantize; k-quants with an importance matrix when a calibration set is given); the mmproj is written
+at f32 / f16 / q8_0 / q4_0, K-quant requests for the vision stage fall back to q8_0, and it says so. Before it
+reports success the export runs its files in llama.cpp and compares with the reference model.
 """
 from __future__ import annotations
 
@@ -188,10 +189,13 @@ def _source(spec) -> dict:
 
 
 def export_gguf(model=None, out=None, precision=None, force=False, calib=None, no_build=False, log=print,
-                threads: int | None = None, vision: str | None = None) -> dict:
+                threads: int | None = None, vision: str | None = None, imatrix: bool | None = None,
+                stats=None) -> dict:
     """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest.
     vision: auto (the support matrix decides), mmproj (llama.cpp's clip/mtmd) or onnx (vision.onnx, ONNX Runtime
-    beside llama.cpp's decoder: vision_stage)."""
+    beside llama.cpp's decoder: vision_stage). imatrix: quantize the decoder with an importance matrix from the
+    calibration set's text and image rows (gguf_imatrix); default: for the k-quants when `calib` or `stats`
+    (calibration statistics: edgemm.calib.stats.Stats or a file) is given."""
     log = log or (lambda s: None)
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
     from edgemm.checkpoint import load_model
@@ -204,8 +208,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     for stage, p in precision.items():
         if p not in PRECISIONS:
             raise EdgemmError(f"--precision {p!r} is not a gguf type; choose one of {', '.join(PRECISIONS)}")
-    if calib:
-        log("note: GGUF quantization is weight-only (llama.cpp types); --calib is not used by --target gguf")
+    use_imatrix = _wants_imatrix(precision["decoder"], imatrix, calib, stats, log)
     cfg, _, _ = model_config(model)
     check_supported(cfg, log, vision)
     vision = vision_stage(cfg, vision)
@@ -221,17 +224,22 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     template = chat_template_for(model)
     dprec, vprec = precision["decoder"], precision["vision"]
     vtype = VISION_TYPES[vprec] if vision == "mmproj" else ONNX_VISION_PRECISION.get(vprec, "int8-wo")
+    imx = None
+    if use_imatrix:
+        from edgemm.calib.stats import collect_stats, resolve_stats
+        imx = resolve_stats(stats) or collect_stats(model if src["digest"] is None else (m, tok), calib,
+                                                    model_digest=src["digest"], log=log)
     if vision == "onnx":
         return _export_onnx_vision(m, tok, cfg, out, force, src, template, tok_fields, dprec, vprec, vtype,
-                                   threads, log)
+                                   threads, log, imx)
     if vtype != vprec:
         log(f"note: llama.cpp's mmproj files take f32/f16/q8_0/q4_0 here; the vision stage is written as {vtype} "
             f"for --precision vision={vprec}")
     with bundle_writer(out, force=force) as tmp:
         dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
         # an imported model's own chat template goes into the file; edgemm's format as the GGUF form of it
-        _write_decoder_file(m, tok, tmp, dec_file, name, gguf_chat_template(cfg, template), tok_fields, dprec,
-                            threads, log)
+        imx_rec = _write_decoder_file(m, tok, tmp, dec_file, name, gguf_chat_template(cfg, template), tok_fields,
+                                      dprec, threads, log, imx)
         log(f"writing the mmproj (clip, projector {proj}, {vtype}) ...")
         vis_types = mmproj_writer(cfg)(m, tmp / mm_file, name, vtype)
         tok.save(tmp / "tokenizer.json")
@@ -258,6 +266,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
                            "tensor_types": type_summary([{"name": k, "type": t} for k, t in vis_types.items()])},
                 "decoder": {"file": dec_file, "format": f"gguf (arch {arch})", "precision": dprec,
                             "quantizer": "llama_model_quantize" if dprec != "f32" else None,
+                            "imatrix": imx_rec,
                             "branches": {"decoder_text": "token batches -> blk.N.{attn_qkv,attn_output,ffn_*}",
                                          "decoder_image": "embedding batches -> blk.N.vis_*"} if not llava else
                             {"decoder_text": "token batches", "decoder_image": "embedding batches (same weights)"},
@@ -282,20 +291,53 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     return manifest
 
 
+def _wants_imatrix(dprec: str, imatrix, calib, stats, log) -> bool:
+    """Whether the decoder is quantized with an importance matrix (see export_gguf)."""
+    from edgemm.export.gguf_imatrix import KQUANTS
+    if dprec in ("f32", "f16"):
+        if imatrix:
+            raise EdgemmError(f"--imatrix: the decoder is exported at {dprec}, unquantized; an importance matrix "
+                              "weights quantization errors")
+        if calib:
+            log("note: an f32/f16 decoder is not quantized; --calib is not used")
+        return False
+    if imatrix is None:
+        imatrix = dprec in KQUANTS and bool(calib or stats)
+        if (calib or stats) and not imatrix:
+            log(f"note: {dprec} is quantized without an importance matrix by default (k-quants take one; "
+                "--imatrix to use it)")
+    return bool(imatrix)
+
+
 def _write_decoder_file(m, tok, tmp: Path, dec_file: str, name: str, template, tok_fields, dprec: str, threads: int,
-                        log) -> None:
-    """The decoder GGUF at `dprec`: written in f32, then quantized by llama.cpp's own quantizer."""
+                        log, imatrix_stats=None) -> dict | None:
+    """The decoder GGUF at `dprec`: written in f32, then quantized by llama.cpp's own quantizer, with the importance
+    matrix of `imatrix_stats` (calibration statistics) when given, written beside it as imatrix.gguf and read back
+    by the quantizer. -> the manifest's imatrix record (None without)."""
     f32_path = tmp / ("decoder-f32.gguf" if dprec == "f32" else ".decoder-f32.tmp.gguf")
     log(f"writing the decoder ({decoder_arch(m.cfg)}, f32) ...")
     write_decoder_gguf(m, tok, f32_path, name, template, tok_fields)
+    rec = None
     if dprec != "f32":
-        log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize) ...")
-        quantize_decoder(f32_path, tmp / dec_file, dprec, threads)
+        imx_path = None
+        if imatrix_stats is not None:
+            from edgemm.export.gguf_imatrix import IMATRIX_FILE, imatrix_entries, write_imatrix
+            entries = imatrix_entries(imatrix_stats, decoder_arch(m.cfg))
+            meta = imatrix_stats.meta
+            imx_path = write_imatrix(tmp / IMATRIX_FILE, entries, [str(meta.get("set"))], meta.get("samples") or 1)
+            rec = {"file": IMATRIX_FILE, "format": "llama.cpp GGUF imatrix (in_sum2 / counts per tensor)",
+                   "entries": len(entries), "set": meta.get("set"), "set_digest": meta.get("set_digest"),
+                   "samples": meta.get("samples"), "stats_digest": meta.get("digest"),
+                   "rows": "text-branch tensors: text rows; blk.N.vis_*: image rows; shared tensors: both"}
+        log(f"quantizing the decoder to {dprec} with llama.cpp (llama_model_quantize"
+            + (f", importance matrix of {rec['entries']} tensors from {rec['set']}" if rec else "") + ") ...")
+        quantize_decoder(f32_path, tmp / dec_file, dprec, threads, imatrix=imx_path)
         f32_path.unlink()
+    return rec
 
 
 def _export_onnx_vision(m, tok, cfg, out, force, src: dict, template: str, tok_fields, dprec: str, vprec: str,
-                        vtype: str, threads: int, log) -> dict:
+                        vtype: str, threads: int, log, imatrix_stats=None) -> dict:
     """The decoder GGUF (llama.cpp's llama / qwen2, or cogvlm) + the vision stage as the onnx exporter's traced
     graph (vision.onnx, ONNX Runtime; fp32, fp16 matrices, or int8 weight-only for the quantized gguf types), one
     manifest; validated as the mmproj bundles are (gguf_validate: the ONNX rows in ONNX Runtime against the
@@ -313,8 +355,9 @@ def _export_onnx_vision(m, tok, cfg, out, force, src: dict, template: str, tok_f
     m = m.float().cpu().eval()
     with bundle_writer(out, force=force) as tmp:
         dec_file = f"decoder-{dprec}.gguf"
-        _write_decoder_file(m, tok, tmp, dec_file, cfg.name, template if cfg.decoder.single_branch else None,
-                            tok_fields, dprec, threads, log)
+        imx_rec = _write_decoder_file(m, tok, tmp, dec_file, cfg.name,
+                                      template if cfg.decoder.single_branch else None, tok_fields, dprec, threads,
+                                      log, imatrix_stats)
         log(f"writing the vision stage (ONNX, {vtype}) ...")
         with torch.inference_mode():
             g, nbytes = vision_graph(m, vtype == "fp16")
@@ -337,6 +380,7 @@ def _export_onnx_vision(m, tok, cfg, out, force, src: dict, template: str, tok_f
                            log)
         stages["decoder"] = {"file": dec_file, "format": f"gguf (arch {arch})", "precision": dprec,
                              "quantizer": "llama_model_quantize" if dprec != "f32" else None,
+                             "imatrix": imx_rec,
                              "branches": {"decoder_text": "token batches", "decoder_image": "embedding batches"},
                              "tensor_types": type_summary(gguf_tensor_table(tmp / dec_file))}
         manifest = {

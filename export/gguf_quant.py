@@ -49,14 +49,23 @@ def add_vision_tensor(w, name: str, arr: np.ndarray, qtype: str) -> str:
     return qtype
 
 
-def quantize_decoder(src: Path, dst: Path, precision: str, threads: int) -> None:
-    """llama.cpp's own quantizer (llama_model_quantize) from the f32 file."""
+def quantize_decoder(src: Path, dst: Path, precision: str, threads: int, imatrix: Path | None = None) -> dict | None:
+    """llama.cpp's own quantizer (llama_model_quantize) from the f32 file; with `imatrix` (a GGUF imatrix file,
+    gguf_imatrix) the importance matrix read back from it. -> the imatrix's metadata (None without)."""
     import ctypes
     from edgemm.llamacpp import load_llama_cpp
     ll = load_llama_cpp()
     p = ll.llama_model_quantize_default_params()
     p.nthread = threads
     p.ftype = FTYPES[precision]
+    meta = None
+    if imatrix is not None:
+        from edgemm.export.gguf_imatrix import imatrix_params, read_imatrix
+        values, meta = read_imatrix(imatrix)
+        arr, kvs, _keep = imatrix_params(values, meta, Path(imatrix).name)
+        p.imatrix = ctypes.cast(arr, type(p.imatrix))
+        p.kv_overrides = ctypes.cast(kvs, type(p.kv_overrides))
     rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     if rc != 0 or not dst.is_file():
         raise EdgemmError(f"llama_model_quantize to {precision} failed (code {rc})")
+    return meta

@@ -48,7 +48,21 @@ def test_bench_end_to_end(bundles, tmp_path):
     assert doc["cpu"]["flags"] and "llama_cpp" in doc and doc["onnxruntime"]["installed"]
     assert j["bandwidth_gb_s"] > 0
     t = format_table(rep)
-    assert "int4" in t and "decode tok/s" in t
+    assert "int4" in t and "decode tok/s" in t and "recipe" in t
+    assert rows["int4"]["recipe"] == "int4" and rows["fp32"]["recipe"] == "fp32"
+
+
+def test_bundle_recipe_from_the_manifest():
+    from edgemm.bench import bundle_recipe
+    q = lambda name: {"precision": "int4", "quantization": {"recipe": {"name": name}}}  # noqa: E731
+    assert bundle_recipe({"target": "onnx", "stages": {"vision": q("int4"), "decoder_text": q("int4-gptq"),
+                                                       "decoder_image": q("int4-gptq")}}) == "int4-gptq (vision int4)"
+    assert bundle_recipe({"target": "onnx", "stages": {"vision": {"precision": "fp32"},
+                                                       "decoder_text": {"precision": "fp32"}}}) == "fp32"
+    gg = {"target": "gguf", "stages": {"decoder": {"precision": "q4_k_m", "imatrix": {"file": "imatrix.gguf"}}}}
+    assert bundle_recipe(gg) == "q4_k_m+imatrix"
+    gg["stages"]["decoder"]["imatrix"] = None
+    assert bundle_recipe(gg) == "q4_k_m"
 
 
 def test_bench_cli_needs_bundles():
@@ -128,8 +142,12 @@ def test_bench_plot_with_accuracy_draws_each_bundle_once_named_in_a_legend():
     from edgemm.bench import figure
     rs = _results(accuracy=True)
     fig = figure(rs)
-    assert fig._suptitle.get_text() == "edgemm bench: latency vs accuracy"
-    for ax, key in zip(fig.axes, ("decode_ms_per_token", "ttft_ms")):
+    assert fig._suptitle.get_text() == "edgemm bench: latency vs accuracy" and len(fig.axes) == 2
+    for r, mb in zip(rs, (20.0, 6.0, 3.5, 3.4)):        # with the bundles' sizes: a third panel, size vs accuracy
+        r["size_mb"] = mb
+    fig = figure(rs)
+    assert fig._suptitle.get_text() == "edgemm bench: latency and size vs accuracy" and len(fig.axes) == 3
+    for ax, key in zip(fig.axes, ("decode_ms_per_token", "ttft_ms", "size_mb")):
         assert ax.get_ylabel() == "accuracy (shapes test split)" and not ax.texts
         pts = [tuple(c.get_offsets()[0]) for c in ax.collections if c.get_label() in {f"{r['name']} (ort)" for r in rs}]
         assert pts == [(r[key], r["accuracy"]) for r in rs[:4]]

@@ -180,3 +180,109 @@ def test_awq_in_onnxruntime_matmulnbits(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         err[recipe] = np.linalg.norm(got - x @ W) / np.linalg.norm(x @ W)
     assert err["int4-awq"] < 0.8 * err["int4"], err
+
+
+def _gptq_recurrence(W, H, bits, block, act_order=False, percdamp=0.01):
+    """GPTQ from the paper's equations, unbatched (Frantar et al. 2022, eq. 2-3, the OBQ update in a fixed order):
+    round row i, spread its error over the rows not yet rounded with H^-1's row i, remove i from H^-1 by Gaussian
+    elimination. In input order a block's scales are taken when its first row is reached; act_order: rows by
+    decreasing H_jj, scales from the original weights."""
+    K, N = W.shape
+    W, Hi = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    Hi[np.diag_indices(K)] += percdamp * np.mean(np.diag(Hi))
+    Hi = np.linalg.inv(Hi)
+    scale = lambda w: np.where(w.max(0) > 0, np.abs(w).max(0) / (2 ** (bits - 1) - 1), 1.0)  # noqa: E731
+    scales = {b: scale(np.abs(W[b:b + block])).astype(np.float32).astype(np.float64) for b in range(0, K, block)}
+    order = np.argsort(-np.diag(H), kind="stable") if act_order else range(K)
+    out, left = np.zeros_like(W), np.ones(K, bool)
+    for i in order:
+        if not act_order and i % block == 0:
+            scales[i] = scale(np.abs(W[i:i + block])).astype(np.float32).astype(np.float64)
+        s = scales[i // block * block]
+        out[i] = np.clip(np.round(W[i] / s), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * s
+        left[i] = False
+        err = (W[i] - out[i]) / Hi[i, i]
+        W[left] -= np.outer(Hi[left, i], err)
+        Hi -= np.outer(Hi[:, i], Hi[i]) / Hi[i, i]
+    return out
+
+
+def test_gptq_in_onnxruntime_matmulnbits(tmp_path):
+    """int4-gptq / int4-awq-gptq: gptq_blockwise equals the paper's unbatched recurrence (in input order and
+    act-order); ONNX Runtime's own MatMulNBits with the packed codes computes (x / s) @ (the dequantized weights);
+    the recipe is recorded; on the layer's calibration rows (correlated inputs with outlier channels) their output
+    error is below round-to-nearest's."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+    from edgemm.calib.quantize import gptq_blockwise, quant_blockwise, quantize_stage
+    from edgemm.calib.recipes import get_recipe
+    from edgemm.calib.stats import LayerStats, Stats
+    from tests.test_calib import _mm_model, _run
+    rng = np.random.default_rng(1)
+    K, N = 256, 48
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    mix = np.eye(K) + 0.5 * rng.standard_normal((K, K)) / np.sqrt(K)          # correlated input channels
+    x = (rng.standard_normal((1, 96, K)) @ mix).astype(np.float32)
+    x[..., :6] *= 20
+    H = 2 / 96 * x[0].astype(np.float64).T @ x[0]
+    np.testing.assert_allclose(gptq_blockwise(W, H, 4, 128)[2], _gptq_recurrence(W, H, 4, 128), atol=1e-5)
+    got = gptq_blockwise(W, H, 4, 128, act_order=True)[2]              # the recipe's: act-order, static blocks
+    np.testing.assert_allclose(got, _gptq_recurrence(W, H, 4, 128, act_order=True), atol=1e-5)
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(), weight_absmax=np.abs(W).max(1))
+    ls.xtx = np.zeros((K, K))
+    ls.add(x, rng)
+    np.testing.assert_allclose(ls.hessian, H, rtol=1e-5)
+    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    err = {}
+    for recipe in ("int4", "int4-gptq", "int4-awq-gptq"):
+        rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats,
+                             log=None, recipe=get_recipe(recipe).with_options(accuracy_level=0))   # fp32 compute
+        mq = onnx.load(tmp_path / "q.onnx")
+        y = _run(mq, {"x": x})
+        inv = [numpy_helper.to_array(t) for t in mq.graph.initializer if "smooth_inv" in t.name]
+        assert len(inv) == (recipe == "int4-awq-gptq")
+        s = 1 / inv[0] if inv else np.ones(K, np.float32)                  # AWQ's scales (the Mul by 1/s)
+        deq = {"int4": quant_blockwise(W, 4, 128)[2], "int4-gptq": got,
+               "int4-awq-gptq": gptq_blockwise(W * s[:, None], H / np.outer(s, s), 4, 128, act_order=True)[2]}[recipe]
+        np.testing.assert_allclose(y, (x / s) @ deq, rtol=1e-4, atol=1e-4)
+        assert rec["recipe"]["gptq"] == (recipe != "int4")
+        assert rec["layers"][0].get("gptq", False) == ("act-order" if recipe != "int4" else False)
+        err[recipe] = np.linalg.norm(y - x @ W) / np.linalg.norm(x @ W)
+    assert err["int4-gptq"] < 0.7 * err["int4"] and err["int4-awq-gptq"] < 0.7 * err["int4"], err
+    with pytest.raises(Exception, match="Hessian"):                        # statistics without hessian=True
+        ls.xtx = None
+        quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats, log=None,
+                       recipe="int4-gptq")
+
+
+def test_calibrated_default_recipe(tmp_path):
+    """--precision int4 with calibration statistics (or --calib) gets CALIBRATED_RECIPE's recipe, recorded in the
+    stage's manifest entry; without a calibration set it stays round-to-nearest; an explicit recipe wins."""
+    onnx = pytest.importorskip("onnx")
+    from edgemm.calib.apply import quantize_bundle_stages
+    from edgemm.calib.recipes import CALIBRATED_RECIPE, RECIPES
+    from edgemm.calib.stats import LayerStats, Stats
+    from tests.test_calib import _mm_model
+    rng = np.random.default_rng(2)
+    K, N = 128, 32
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(), weight_absmax=np.abs(W).max(1))
+    ls.xtx = np.zeros((K, K))
+    ls.add(rng.standard_normal((64, K)).astype(np.float32), rng)
+    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    assert CALIBRATED_RECIPE["int4"] in RECIPES and RECIPES[CALIBRATED_RECIPE["int4"]].weights == "int4"
+    for st, recipes, want in ((stats, None, CALIBRATED_RECIPE["int4"]), (None, None, "int4"),
+                              (stats, {"decoder": "int4"}, "int4")):
+        onnx.save(_mm_model(W), tmp_path / "decoder_text.onnx")
+        stages = {"decoder_text": {"file": "decoder_text.onnx"}}
+        quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=st, recipes=recipes, log=None)
+        assert stages["decoder_text"]["quantization"]["recipe"]["name"] == want
+    if RECIPES[CALIBRATED_RECIPE["int4"]].gptq:           # statistics without Hessians: AWQ instead, said
+        ls.xtx, said = None, []
+        onnx.save(_mm_model(W), tmp_path / "decoder_text.onnx")
+        stages = {"decoder_text": {"file": "decoder_text.onnx"}}
+        quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=stats, log=said.append)
+        assert stages["decoder_text"]["quantization"]["recipe"]["name"] == "int4-awq"
+        assert any("no Hessians" in x for x in said)
