@@ -18,6 +18,12 @@ Two source layouts:
 
 The release's USER and BOT rows (its prompt is text, SOI, image, EOI, USER, question, BOT) are not imported: edgemm's
 prompts are token ids and image segments, and the chat template marks the turns.
+
+Whole image only. The paper's abstract names "whole image or tiles encoding", but no source readable here says how
+the tiles are cut (grid, tile size, a global view, their order, markers): every file at every commit of
+AIRI-Institute/OmniFusion (80 commits, main the only branch: models.py, utils.py, test.py, train_src/*, README,
+docs/index.html, the architecture figures) encodes one image per SOI/EOI pair, and the model card, the Habr post and
+the paper's stored copies give no more than the abstract's phrase. No tiling is invented for it.
 """
 from __future__ import annotations
 
