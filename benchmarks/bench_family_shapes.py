@@ -56,6 +56,69 @@ SHAPES = {
         "scale_factor": 2, "image_seq_len": 4, "image_splitting": False, "longest_edge": 16,
         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
     },
+    # OpenGVLab/InternVL3-1B-hf: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B (tied), 448 px tiles of 256 rows (pixel
+    # shuffle 0.5), up to 12 tiles + a thumbnail; bench's 48 x 48 image is one tile (no thumbnail for one)
+    "internvl": {
+        "text": dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, tie_word_embeddings=True),
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=448, patch_size=14, use_qk_norm=False, norm_type="layer_norm", attention_bias=True,
+                       use_mean_pooling=True, hidden_act="gelu", layer_norm_eps=1e-6, layer_scale_init_value=0.1),
+        "image_seq_len": 256, "max_tiles": 12, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    },
+    "internvl-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        "vision": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4, hidden_act="gelu", layer_norm_eps=1e-6),
+        "image_seq_len": 4, "max_tiles": 6, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    },
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP-so400m-patch14-384 (26 layers kept: feature layer -1 of the
+    # trimmed tower) + Qwen2-0.5B, anyres_max_9 over 1x1 .. 6x6 grids of 384 px tiles (729 rows each); bench's 48 x 48
+    # image: the base image + one tile, with newline rows
+    "llava_onevision": {
+        "text": dict(vocab_size=151647, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, tie_word_embeddings=True),
+        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                       image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                       vision_use_head=False),
+        "anyres_max": 9, "pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    },
+    "llava_onevision-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        "vision": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4, hidden_act="gelu_pytorch_tanh", vision_use_head=False),
+        "anyres_max": 2, "pinpoints": [[16, 16], [16, 32], [32, 16], [32, 32]],
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    },
+    # google/gemma-3-4b-it: its real SigLIP tower (896 px, 4096 patches pooled 4 x 4 to 256 rows) and a REDUCED decoder:
+    # the 4B's layer shapes, vocabulary and RoPE / sliding-window settings, but 6 of its 34 layers (one period: 5
+    # sliding + 1 full). The whole 4B does not fit this 2-core 24 GiB machine at fp32 (16 GB of weights, an export
+    # holding several copies): decode tok/s and TTFT here are NOT the 4B's; the vision figure is.
+    "gemma3": {
+        "text": dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=1024, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                     max_position_embeddings=131072, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh"),
+        "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=896, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False),
+        "image_seq_len": 256, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    },
+    "gemma3-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                     rms_norm_eps=1e-6),
+        "vision": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4, layer_norm_eps=1e-6, vision_use_head=False),
+        "image_seq_len": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    },
 }
 
 SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
@@ -95,7 +158,126 @@ def build_smolvlm(preset: dict, src: Path, seed: int = 0):
     return sum(p.numel() for p in hf.parameters())
 
 
-BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm}
+def _write(src: Path, files: dict):
+    """The tokenizer / processor side files a builder writes beside the checkpoint (name -> text or JSON)."""
+    for name, obj in files.items():
+        (src / name).write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _tests():
+    sys.path.insert(0, str(ROOT))
+
+
+def build_internvl(preset: dict, src: Path, seed: int = 0):
+    """A random InternVLForConditionalGeneration (InternViT + Qwen2) saved as transformers saves it, with the tests'
+    Qwen-style tokenizer carrying InternVL's image tokens, a GotOcr2 processor (448 px tiles) and the chat template."""
+    import torch
+    from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLVisionConfig, Qwen2Config)
+    _tests()
+    from tests.test_internvl import IMAGE_TOKENS, TEMPLATE
+    from tests.test_tokenizers import QWEN2_SPLIT, _byte_level
+    tok = _byte_level(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                                    "<video>"], 300, True, False, None)
+    assert tok.get_vocab_size(with_added_tokens=True) <= preset["text"]["vocab_size"]
+    cfg = InternVLConfig(vision_config=InternVLVisionConfig(**preset["vision"]), text_config=Qwen2Config(**preset["text"]),
+                         image_token_id=tok.token_to_id("<IMG_CONTEXT>"), downsample_ratio=0.5,
+                         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = InternVLForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    ids = tok.token_to_id
+    s = preset["vision"]["image_size"]
+    GotOcr2ImageProcessorPil(size={"height": s, "width": s}, min_patches=1, max_patches=preset["max_tiles"],
+                             image_mean=preset["mean"], image_std=preset["std"]).save_pretrained(src)
+    _write(src, {"tokenizer_config.json": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                           "tokenizer_class": "PreTrainedTokenizerFast",
+                                           "extra_special_tokens": IMAGE_TOKENS},
+                 "generation_config.json": {"eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+                                            "pad_token_id": ids("<|endoftext|>")},
+                 "processor_config.json": {"image_seq_length": preset["image_seq_len"],
+                                           "processor_class": "InternVLProcessor"},
+                 "chat_template.jinja": TEMPLATE})
+    return sum(p.numel() for p in hf.parameters())
+
+
+def build_llava_onevision(preset: dict, src: Path, seed: int = 0):
+    """A random LlavaOnevisionForConditionalGeneration (SigLIP + Qwen2) laid out as llava-hf's checkpoints, with the
+    tests' Qwen-style tokenizer (<image>, <video>), the anyres_max processor settings and the chat template."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig)
+    _tests()
+    from tests.test_llava_onevision import OV_TEMPLATE, _tokenizer
+    tok = _tokenizer()
+    assert tok.get_vocab_size(with_added_tokens=True) <= preset["text"]["vocab_size"]
+    ids = tok.token_to_id
+    aspect = f"anyres_max_{preset['anyres_max']}"
+    cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**preset["vision"]),
+                               text_config=Qwen2Config(**preset["text"]), image_token_index=ids("<image>"),
+                               video_token_index=ids("<video>"), vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                               image_grid_pinpoints=preset["pinpoints"], vision_aspect_ratio=aspect,
+                               tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    s = preset["vision"]["image_size"]
+    LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=preset["pinpoints"],
+                                    image_mean=preset["mean"], image_std=preset["std"]).save_pretrained(src)
+    _write(src, {"tokenizer_config.json": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                           "add_prefix_space": False, "tokenizer_class": "PreTrainedTokenizerFast",
+                                           "model_max_length": preset["text"]["max_position_embeddings"]},
+                 "generation_config.json": {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+                                            "pad_token_id": ids("<|endoftext|>")},
+                 "processor_config.json": {"processor_class": "LlavaOnevisionProcessor",
+                                           "num_image_tokens": (s // preset["vision"]["patch_size"]) ** 2,
+                                           "vision_aspect_ratio": aspect, "vision_feature_select_strategy": "full"},
+                 "chat_template.json": {"chat_template": OV_TEMPLATE}})
+    return sum(p.numel() for p in hf.parameters())
+
+
+def build_gemma3(preset: dict, src: Path, seed: int = 0):
+    """A random Gemma3ForConditionalGeneration (SigLIP 896 px + Gemma 3 decoder) saved as transformers saves it, with
+    the tests' Gemma-style tokenizer carrying its image tokens, the image processor's settings and chat template."""
+    import torch
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3TextConfig, SiglipVisionConfig)
+    _tests()
+    from tests.test_gemma3 import SPECIALS, TEMPLATE
+    from tests.test_tokenizers import _sentencepiece
+    tok = _sentencepiece(SPECIALS, 512, False, "<unk>", "<bos>")
+    ids = tok.token_to_id
+    assert tok.get_vocab_size(with_added_tokens=True) <= preset["text"]["vocab_size"]
+    text = Gemma3TextConfig(**preset["text"], pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"),
+                            bos_token_id=ids("<bos>"))
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=SiglipVisionConfig(**preset["vision"]).to_dict(),
+                       mm_tokens_per_image=preset["image_seq_len"], boi_token_index=ids("<start_of_image>"),
+                       eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+                       tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    s = preset["vision"]["image_size"]
+    Gemma3ImageProcessorPil(size={"height": s, "width": s}, image_mean=preset["mean"], image_std=preset["std"],
+                            resample=2).save_pretrained(src)
+    _write(src, {"tokenizer_config.json": {
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True,
+        "add_eos_token": False, "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}},
+        "generation_config.json": {"bos_token_id": ids("<bos>"), "eos_token_id": [ids("<eos>"), ids("<end_of_turn>")],
+                                   "pad_token_id": ids("<pad>")},
+        "chat_template.jinja": TEMPLATE})
+    return sum(p.numel() for p in hf.parameters())
+
+
+BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl": build_internvl,
+            "internvl-tiny": build_internvl, "llava_onevision": build_llava_onevision,
+            "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3}
 
 
 def sh(args, log):
