@@ -7,10 +7,10 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
 
 
-def _siglip(layers=3, seed=0):
+def _siglip(layers=3, seed=0, size=16):
     from transformers import SiglipVisionConfig, SiglipVisionModel
     cfg = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=2,
-                             image_size=16, patch_size=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                             image_size=size, patch_size=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                              vision_use_head=True)
     torch.manual_seed(seed)
     model = SiglipVisionModel(cfg).eval()
@@ -21,27 +21,29 @@ def _siglip(layers=3, seed=0):
     return model
 
 
-@pytest.mark.parametrize("feature_layer, post_norm", [(-1, False), (-2, False), (None, True)])
-def test_siglip_tower_matches_transformers(feature_layer, post_norm):
+@pytest.mark.parametrize("feature_layer, post_norm, size", [(-1, False, 16), (-2, False, 16), (None, True, 16),
+                                                             (-1, False, 19)])
+def test_siglip_tower_matches_transformers(feature_layer, post_norm, size):
     """The "siglip" tower, its weights mapped by the families' SigLIP plan, gives SiglipVisionModel's
     hidden_states[feature_layer] (before post_layernorm: LLaVA-OneVision's -1) or its last_hidden_state (after it:
-    SmolVLM's and Gemma 3's)."""
+    SmolVLM's and Gemma 3's); an image size that is not a multiple of the patch (19 px, 4 px patches: the last 3 px
+    dropped, as SigLIP-so400m-patch14-384's 384 px give 27 x 27 patches of 14) validates and matches too."""
     from edgemm.blocks.vision import SiglipVisionTower
     from edgemm.config import ModelConfig, VisionConfig
     from edgemm.families.base import Plan, _siglip_vision
-    hf = _siglip()
+    hf = _siglip(size=size)
     L = hf.config.num_hidden_layers
     used = L if feature_layer is None else L + 1 + feature_layer
-    v = VisionConfig(image_size=16, patch_size=4, width=24, layers=L, heads=2, mlp_dim=48, gelu="tanh", eps=1e-6,
+    v = VisionConfig(image_size=size, patch_size=4, width=24, layers=L, heads=2, mlp_dim=48, gelu="tanh", eps=1e-6,
                      arch="siglip", feature_layer=used, post_norm=post_norm)
-    plan = Plan(ModelConfig(vision=v))
+    plan = Plan(ModelConfig(vision=v).validate())
     sd = hf.state_dict()
     _siglip_vision(plan, "", used, post_norm, sd)             # (transformers 5 keeps no vision_model.)
     placed = set(plan.ignored) | {s for e in plan.entries for s in e.sources}
     assert placed - {"embeddings.position_ids"} == set(sd)                    # every tensor placed (a buffer aside)
     tower = SiglipVisionTower(v)
     tower.load_state_dict({e.name[len("vision."):]: e.build([sd[s] for s in e.sources]) for e in plan.entries})
-    px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    px = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = hf(pixel_values=px, output_hidden_states=True)
         want = out.last_hidden_state if feature_layer is None else out.hidden_states[feature_layer]
