@@ -66,6 +66,7 @@ SHAPES = {
                        image_size=448, patch_size=14, use_qk_norm=False, norm_type="layer_norm", attention_bias=True,
                        use_mean_pooling=True, hidden_act="gelu", layer_norm_eps=1e-6, layer_scale_init_value=0.1),
         "image_seq_len": 256, "max_tiles": 12, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "export_max_tiles": 1,
     },
     "internvl-tiny": {
         "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -85,7 +86,7 @@ SHAPES = {
                        image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                        vision_use_head=False),
         "anyres_max": 9, "pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
-        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "export_max_tiles": 1,
     },
     "llava_onevision-tiny": {
         "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -281,6 +282,22 @@ BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl":
             "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3}
 
 
+def small_calib(d: Path, n: int) -> Path:
+    """A calibration folder (images + prompts.jsonl) of the first n items of the shapes calibration split: the
+    bundled set's 64 items take most of an int8 export's time at these sizes on 2 cores (random weights: the scales
+    change no figure measured here)."""
+    from PIL import Image
+    sys.path.insert(0, str(ROOT))
+    from edgemm import shapes
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (img, q) in enumerate(shapes.make_split("calib", n)):
+        Image.fromarray(img).save(d / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": q.question, "answer": q.answer}))
+    (d / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
 def sh(args, log):
     t = time.time()
     print("$ " + " ".join(map(str, args)), file=sys.stderr, flush=True)
@@ -301,6 +318,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="bench's CPU threads")
     ap.add_argument("--export-threads", type=int, default=None, help="export's CPU threads (default: export's own)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--calib-items", type=int, default=None,
+                    help="calibrate on the first N shapes items (default: export's bundled 64)")
     ap.add_argument("--force", action="store_true", help="rebuild the checkpoint and re-export existing bundles")
     ap.add_argument("--build-only", action="store_true", help="build and import the checkpoint, then stop")
     a = ap.parse_args(argv)
@@ -323,6 +342,10 @@ def main(argv=None):
         dst = out / p
         if a.force or not (dst / "edgemm.json").exists():
             th = ["--threads", a.export_threads] if a.export_threads else []
+            if preset.get("export_max_tiles"):       # (the export's check runs the largest image the budget allows)
+                th += ["--max-tiles", preset["export_max_tiles"]]
+            if a.calib_items and p != "fp32":
+                th += ["--calib", small_calib(out / "calib", a.calib_items)]
             timings[f"export_{p}_s"] = sh(edgemm + ["export", "--target", "onnx", "--model", ck, "--precision", p,
                                                     "-o", dst, "--force"] + th, log)
         bundles.append(dst)
