@@ -283,19 +283,11 @@ BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl":
 
 
 def small_calib(d: Path, n: int) -> Path:
-    """A calibration folder (images + prompts.jsonl) of the first n items of the shapes calibration split: the
-    bundled set's 64 items take most of an int8 export's time at these sizes on 2 cores (random weights: the scales
-    change no figure measured here)."""
-    from PIL import Image
+    """A calibration folder of the first n items of the shapes calibration split: the bundled set's 64 items take
+    most of an int8 export's time at these sizes on 2 cores (random weights: the scales change no figure here)."""
     sys.path.insert(0, str(ROOT))
-    from edgemm import shapes
-    d.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (img, q) in enumerate(shapes.make_split("calib", n)):
-        Image.fromarray(img).save(d / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": q.question, "answer": q.answer}))
-    (d / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    return d
+    from edgemm.calib.sets import write_calib_dir
+    return write_calib_dir(d, n)
 
 
 def sh(args, log):

@@ -113,6 +113,20 @@ def split_held_out(samples: list) -> tuple[tuple, tuple]:
 MAX_LINE = 64 * 1024
 
 
+def write_calib_dir(d: str | Path, n: int, split: str = "calib") -> Path:
+    """A calibration folder load_calib_dir reads: the first n items of a shapes split as PNGs + prompts.jsonl."""
+    from PIL import Image
+    from edgemm import shapes
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (img, q) in enumerate(shapes.make_split(split, n)):
+        Image.fromarray(img).save(d / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "prompt": q.question, "answer": q.answer}))
+    (d / PROMPTS_FILE).write_text("\n".join(rows) + "\n")
+    return d
+
+
 def load_calib_dir(path: str | Path, limit: int | None = None) -> CalibSet:
     """A folder with images and prompts.jsonl -> CalibSet; every problem is an EdgemmError naming the line."""
     d = Path(path)

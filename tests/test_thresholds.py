@@ -3,7 +3,6 @@ and quantized bundles checked on held-out prompts that share no item with the ca
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from pathlib import Path
 
@@ -51,15 +50,8 @@ def test_gguf_bounds_come_from_the_table():
 
 
 def _calib_folder(d: Path, n: int) -> Path:
-    from PIL import Image
-    from edgemm import shapes
-    d.mkdir()
-    rows = []
-    for i, (img, q) in enumerate(shapes.make_split("val", n)):
-        Image.fromarray(img).save(d / f"{i}.png")
-        rows.append(json.dumps({"image": f"{i}.png", "prompt": q.question, "answer": q.answer}))
-    (d / "prompts.jsonl").write_text("\n".join(rows) + "\n")
-    return d
+    from edgemm.calib.sets import write_calib_dir
+    return write_calib_dir(d, n, "val")
 
 
 def test_quantized_export_checks_held_out_prompts(random_ckpt, tmp_path):
