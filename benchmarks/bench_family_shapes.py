@@ -20,6 +20,19 @@ the tile's 64 + its markers; int8 runs as u8u8 here):
     fp32           3019.8     3536.7          20.0          3794     1568
     int8           1104.5     1259.2         108.2          1750      488
     int4           2743.0     3421.6          65.1          1257      329
+
+LLaVA-OneVision-0.5B's shapes (2026-12-03, `--family llava_onevision --precisions fp32,int4 --repeats 3`, same
+machine, HEAVILY LOADED by other agents' jobs: load average 5-10 on the 2 cores, so every figure is inflated and the
+int4 / fp32 ratio is not trustworthy; 1485 image rows: the base image's 729 + one 384 px tile's 27 x 28 with
+newline rows; export with --max-tiles 1):
+
+    precision   vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32          22940.4    40593.4           3.8          7848     6108
+    int4          52389.6   113152.9           3.4          3588     1305
+
+Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
+sample under that load), InternVL3-1B (its fp32 export was OOM-killed beside other jobs; rerun with --calib-items 9)
+and Gemma 3 (preset ready).
 """
 from __future__ import annotations
 
