@@ -57,8 +57,9 @@ class QwenPixels(np.ndarray):
     """One image's normalised pixels [1, 3, h, w]; pack_rows gives the vision stage's rows their grid."""
 
     def pack_rows(self, rows, cfg):
+        """The vision stage's rows (numpy, or the reference's torch tensor) -> the same, carrying their grid."""
         m = factor(cfg.vision)
-        out = np.asarray(rows, np.float32).view(GridRows)
+        out = rows if hasattr(rows, "detach") else np.asarray(rows, np.float32).view(GridRows)
         out.grid = (1, self.shape[2] // m, self.shape[3] // m)
         return out
 
@@ -137,12 +138,13 @@ def max_tile_batch(v) -> int:
     return 1
 
 
-def pixel_profile(v) -> dict:
-    """The trt vision stage's pixels profile: one image, from one merge block to max_pixels' square."""
+def input_profiles(cfg) -> dict:
+    """The trt vision stage's input profiles: pixels of one image, from one merged cell to max_pixels' square."""
+    v = cfg.vision
     f = factor(v)
     side = max(f, math.isqrt(v.max_pixels) // f * f)
-    return {"min": [1, 3, f, f], "opt": [1, 3, side // 2 // f * f or f, side // 2 // f * f or f],
-            "max": [1, 3, side, side]}
+    return {"pixels": {"min": [1, 3, f, f], "opt": [1, 3, side // 2 // f * f or f, side // 2 // f * f or f],
+                       "max": [1, 3, side, side]}}
 
 
 def describe_rows(cfg, typical=((640, 480), (1024, 768), (1920, 1080))) -> str:
