@@ -207,3 +207,26 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     want = greedy_ids(_logits(hf, hf_in), hf_in["input_ids"][0].tolist(), eos)
     assert want
     bundles_answer(monkeypatch, d, d / "img.png", QUESTION, want)
+    from .test_smolvlm import _served_answer
+    _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
+                   json.loads((ck / "config.json").read_text())["tokens"], QUESTION)
+    from runtimes import load_backend
+    for b in (load_backend("torch", model=str(ck), device="cpu"),
+              load_backend("ort", bundle=str(d / "onnx-fp32"), device="cpu")):
+        _chunked_image_matches(b)
+
+
+def _chunked_image_matches(b):
+    """An image appended in pieces of 4 rows (serve --prefill-chunk) leaves the logits, the next text position and
+    the step after it that one piece does: each piece reads its rows' own 3-D positions."""
+    from edgemm.tilings import image_rows
+    from runtimes.base import last
+    rows = image_rows(b, _image(40, 20, 3))                 # 2 x 5 cells: 10 rows, pieces of 4, 4, 2
+    out = []
+    for chunk in (None, 4):
+        st = b.new_state(max_len=64)
+        b.text(st, [1, 2, 3])
+        got = last(b.prefill(st, "image", rows, chunk))
+        out.append((got, st.pos, st.length, b.text(st, [4])))
+    (a, pa, la, sa), (c, pc, lc, sc) = out
+    assert (pa, la) == (pc, lc) == (3 + 5, 3 + 10) and np.abs(a - c).max() <= 1e-4 and np.abs(sa - sc).max() <= 1e-4
