@@ -230,3 +230,33 @@ def _chunked_image_matches(b):
         out.append((got, st.pos, st.length, b.text(st, [4])))
     (a, pa, la, sa), (c, pc, lc, sc) = out
     assert (pa, la) == (pc, lc) == (3 + 5, 3 + 10) and np.abs(a - c).max() <= 1e-4 and np.abs(sa - sc).max() <= 1e-4
+
+
+def test_released_config_form(imported, tmp_path):
+    """The releases' config.json form (Qwen2-VL-2B-Instruct's: the text settings at the top, rope_scaling {"type":
+    "mrope"}, rope_theta; a vision_config without rope_parameters) imports to the same checkpoint as transformers
+    5.x's form (whose save_pretrained writes the releases' tensor names: model., visual., lm_head);
+    a RoPE scaling edgemm does not compute is refused naming it."""
+    import shutil
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+    from edgemm.cli import main
+    src = tmp_path / "src"
+    shutil.copytree(imported["src"], src)
+    hf = json.loads((src / "config.json").read_text())
+    tc = hf.pop("text_config")
+    rp = tc.pop("rope_parameters")
+    hf.update({k: v for k, v in tc.items() if k not in ("model_type", "layer_types")},
+              rope_theta=rp["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rp["mrope_section"]})
+    hf["vision_config"].pop("rope_parameters", None)
+    (src / "config.json").write_text(json.dumps(hf))
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(tmp_path / "ck")])
+    assert r.exit_code == 0 and "as qwen2vl" in r.output, r.output
+    want, got = (json.loads((d / "config.json").read_text()) for d in (imported["ck"], tmp_path / "ck"))
+    assert {k: got[k] for k in ("vision", "adapter", "decoder")} == {k: want[k] for k in ("vision", "adapter", "decoder")}
+    a, b = (load_file(str(next(d.glob("*.safetensors")))) for d in (imported["ck"], tmp_path / "ck"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    hf["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    (src / "config.json").write_text(json.dumps(hf))
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(tmp_path / "ck2")])
+    assert r.exit_code == 2 and "RoPE 'yarn'" in r.output, r.output
