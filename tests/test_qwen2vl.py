@@ -81,13 +81,19 @@ def _save(d, v25: bool):
     hf = _tiny(v25, tok)
     src = d / "src"
     hf.save_pretrained(src, safe_serialization=True)
+    save_tokenizer(tok, src)
+    return import_with_processor(d, src, hf, _hf_processor(src), TEMPLATE)
+
+
+def save_tokenizer(tok, src):
+    """The tokenizer as Qwen2-VL ships it: tokenizer.json, tokenizer_config.json (no bos; eos <|im_end|>) and
+    generation_config.json's eos ids (benchmarks/bench_family_shapes.py writes its checkpoint with this too)."""
     tok.save(str(src / "tokenizer.json"))
     (src / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
         "tokenizer_class": "Qwen2TokenizerFast"}))
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|im_end|>"),
                                                                              tok.token_to_id("<|endoftext|>")]}))
-    return import_with_processor(d, src, hf, _hf_processor(src), TEMPLATE)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["qwen2-vl", "qwen2.5-vl"])
