@@ -9,7 +9,9 @@ with `edgemm import`, exports onnx at each precision (default calibration) and r
 --fidelity-prompts 0` (random weights: no accuracy, no fidelity) over the bundles. Prints one table (vision ms, TTFT
 ms, decode tok/s, peak RSS MiB per precision) and writes OUT/family_shapes.json (plus bench's own OUT/bench/).
 
-Presets (SHAPES) hold the real configs' fields; add a family with its config builder (BUILDERS). SmolVLM runs with
+Presets (SHAPES) hold the real configs' fields; add a family with its config builder (BUILDERS). `--family qwen2vl`
+(Qwen2-VL-2B's shapes, 2.2 B parameters: about 9 GB in fp32 before export) was not run on the shared 23 GB machine
+here; `--family qwen2vl-tiny --precisions fp32,int8 --repeats 2` checks the builder (the bench's image: 4 rows). SmolVLM runs with
 do_image_splitting off and the first resize's longest edge at the tile size (512): every image is one 512 x 512 tile,
 64 image rows (the released processor splits into up to 4 x 4 tiles + the whole image).
 
@@ -133,6 +135,25 @@ SHAPES = {
         "vision": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
                        patch_size=4, layer_norm_eps=1e-6, vision_use_head=False),
         "image_seq_len": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    },
+    # Qwen/Qwen2-VL-2B-Instruct's config.json and preprocessor settings (as recalled, not read from the hub)
+    "qwen2vl": {
+        "text": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                     tie_word_embeddings=True),
+        "vision": dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
+        "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
+    },
+    "qwen2vl-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 1, 1]},
+                     tie_word_embeddings=True),
+        "vision": dict(depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
+        "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64,
     },
 }
 
@@ -290,9 +311,38 @@ def build_gemma3(preset: dict, src: Path, seed: int = 0):
     return sum(p.numel() for p in hf.parameters())
 
 
+def build_qwen2vl(preset: dict, src: Path, seed: int = 0):
+    """A random Qwen2VLForConditionalGeneration saved as transformers saves it, with the tests' byte-level tokenizer
+    (Qwen's special tokens), the image processor's settings and Qwen2-VL's chat template."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    sys.path.insert(0, str(ROOT))
+    from tests.test_qwen2vl import SPECIALS, TEMPLATE, save_tokenizer
+    from tests.test_tokenizers import QWEN2_SPLIT, _byte_level
+    tok = _byte_level(QWEN2_SPLIT, SPECIALS, 300, False, False, None)
+    ids = tok.token_to_id
+    assert tok.get_vocab_size(with_added_tokens=True) <= preset["text"]["vocab_size"]
+    cfg = Qwen2VLConfig(text_config=preset["text"], vision_config=preset["vision"],
+                        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                        tie_word_embeddings=preset["text"]["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    hf = Qwen2VLForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    save_tokenizer(tok, src)
+    v = preset["vision"]
+    Qwen2VLImageProcessorPil(min_pixels=preset["min_pixels"], max_pixels=preset["max_pixels"],
+                             patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                             temporal_patch_size=v["temporal_patch_size"]).save_pretrained(src)
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    return sum(p.numel() for p in hf.parameters())
+
+
+
 BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl": build_internvl,
             "internvl-tiny": build_internvl, "llava_onevision": build_llava_onevision,
-            "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3}
+            "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3,
+            "qwen2vl": build_qwen2vl, "qwen2vl-tiny": build_qwen2vl}
 
 
 def small_calib(d: Path, n: int) -> Path:

@@ -120,8 +120,12 @@ class EdgeMM(nn.Module):
         e, scale = self.decoder.tok_embeddings(ids), self.cfg.decoder.embed_scale    # (Gemma: times sqrt(D))
         return e * scale if scale else e
 
-    def image_positions(self, start_pos: int, n: int | None = None) -> torch.Tensor:
-        """RoPE positions of the n image rows (default n_image_rows) starting at start_pos; returns [n]."""
+    def image_positions(self, start_pos: int, n: int | None = None, rows=None) -> torch.Tensor:
+        """RoPE positions of the n image rows (default n_image_rows) starting at start_pos; returns [n] (M-RoPE:
+        [3, n] from the rows' grid, edgemm.qwen2vl_pixels)."""
+        if self.cfg.decoder.mrope_section:
+            from .qwen2vl_pixels import image_positions
+            return torch.from_numpy(image_positions(start_pos, rows))
         n = self.cfg.n_image_rows if n is None else n
         if self.cfg.decoder.position_rule == "cogvlm":       # boi p, every patch p+1, eoi p+2
             pos = torch.full((n,), start_pos + 1)
@@ -130,7 +134,7 @@ class EdgeMM(nn.Module):
         return torch.arange(start_pos, start_pos + n)
 
     def next_position(self, positions: torch.Tensor) -> int:
-        return int(positions[-1]) + 1
+        return int(positions.max()) + 1
 
     def forward_segment(self, kind: str, data: torch.Tensor, cache: KVCache, pos: int, last_only=True):
         """One modality segment through its branch. kind 'text': data = ids [B, T]; 'image': rows [B, P+2, D].
@@ -143,7 +147,7 @@ class EdgeMM(nn.Module):
             positions = torch.arange(pos, pos + data.shape[1])
             logits = self.decoder(self.embed_tokens(data), "text", positions.to(data.device), cache, last_only)
             return logits, pos + data.shape[1]
-        positions = self.image_positions(pos, data.shape[1]).to(data.device)
+        positions = self.image_positions(pos, data.shape[1], data).to(data.device)
         if self.cfg.decoder.eoi_branch == "text":
             self.decoder(data[:, :-1], "vision", positions[:-1], cache, True)
             logits = self.decoder(data[:, -1:], "text", positions[-1:], cache, last_only)
@@ -162,6 +166,7 @@ class EdgeMM(nn.Module):
                 xs.append(self.embed_tokens(data))
                 masks.append(torch.zeros(data.shape[1], dtype=torch.bool))
                 p = torch.arange(pos, pos + data.shape[1])
+                p = p.expand(3, -1) if self.cfg.decoder.mrope_section else p
                 pos += data.shape[1]
             else:
                 xs.append(data)
@@ -169,12 +174,12 @@ class EdgeMM(nn.Module):
                 if self.cfg.decoder.eoi_branch == "text":
                     m[-1] = False
                 masks.append(m)
-                p = self.image_positions(pos, data.shape[1])
+                p = self.image_positions(pos, data.shape[1], data)
                 pos = self.next_position(p)
             poss.append(p)
         x = torch.cat(xs, 1)
         mask = torch.cat(masks).to(x.device)
-        return self.decoder(x, mask, torch.cat(poss).to(x.device))
+        return self.decoder(x, mask, torch.cat(poss, -1).to(x.device))
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per part: vision tower, adapter, shared decoder, text branch, vision branch."""

@@ -15,7 +15,8 @@ import numpy as np
 from .errors import EdgemmError
 
 MODULES = {"internvl": "edgemm.internvl_tiles", "smolvlm": "edgemm.smolvlm_tiles", "fuyu": "edgemm.fuyu_patches",
-           "uhd": "edgemm.uhd_slices"}
+           "uhd": "edgemm.uhd_slices",
+           "qwen2vl": "edgemm.qwen2vl_pixels"}
 
 
 def fields() -> dict:

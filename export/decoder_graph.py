@@ -16,6 +16,9 @@ Both decoder flavours are emitted from one layer description (`decoder_layers`) 
   to store.
 
 RoPE (NEOX form) is computed from an explicit `positions` input in both, so the cogvlm position rule works.
+M-RoPE (Qwen2-VL): GroupQueryAttention's rotary is 1-D, so decoder_image takes the image rows' `mrope_positions`
+[3, T] and rotates q and k outside the op (do_rotary 0), each frequency from its section's row; decoder_text keeps
+the op's rotary (a text row's three positions are equal: M-RoPE is plain RoPE there), so decoding costs nothing.
 Imported-model variants: low-rank vision branches (two MatMuls per projection, the weights stay low-rank),
 per-modality norms (the vision graph holds the vision norms, incl. the final one), Libra's cross-modal K/V bridge
 (a cache of 2 * kv_heads heads: each segment writes both versions of its rows and attends over its own half),
@@ -219,9 +222,10 @@ def layer_window(c, i: int) -> int:
     return c.sliding_window if i in c.sliding_layers else 0
 
 
-def rope_by_window(g: Graph, c, batch: bool) -> dict:
-    """{layer window: (cos, sin)} external RoPE tables: the full layers' and, with sliding layers, their own base."""
-    return {w: rope_tables(g, c, batch, bool(w)) for w in rope_windows(c)}
+def rope_by_window(g: Graph, c, batch: bool, mrope: bool = False) -> dict:
+    """{layer window: (cos, sin)} external RoPE tables: the full layers' and, with sliding layers, their own base;
+    mrope: from the image rows' 3-D positions (Qwen2-VL)."""
+    return {w: rope_tables(g, c, batch, bool(w), mrope) for w in rope_windows(c)}
 
 
 def rope_windows(c) -> list:
@@ -385,7 +389,10 @@ def decoder_graph(model, branch: str, flavour: str = GRAPH_GQA, fp16: bool = Fal
         raise ValueError(f"unknown decoder graph flavour {flavour!r}")
     inputs += cross_inputs(model, g.ftype)
     bidir = branch == "vision" and c.image_bidirectional    # (GroupQueryAttention's own rotary hides the rotated q)
-    tables = None if gqa and gqa_rotary(c) and not bidir else rope_by_window(g, c, batch)
+    mrope = branch == "vision" and bool(c.mrope_section)    # Qwen2-VL's image rows: 3-D positions [3, T] (text
+    if mrope:                                               # rows have three equal ones: the op's 1-D rotary)
+        inputs.append(vi("mrope_positions", i64, [3, "seq"]))
+    tables = None if gqa and gqa_rotary(c) and not bidir and not mrope else rope_by_window(g, c, batch, mrope)
     attend = (_gqa_attention if gqa else _window_attention)(g, c, tables, bidir)
     x = decoder_layers(g, model, branch, x, attend)
     last = g.op("Gather", [x, g.i64(-1)], axis=1)                                         # [B, D]

@@ -147,10 +147,12 @@ def add_rms(g: Graph, x: str, d: str, w: str, eps: float) -> tuple[str, str]:
     return s, h
 
 
-def rope_tables(g: Graph, c, batched: bool = False, local: bool = False) -> tuple[str, str]:
+def rope_tables(g: Graph, c, batched: bool = False, local: bool = False, mrope: bool = False) -> tuple[str, str]:
     """cos, sin [1, T, 1, R] from the `positions` input [T] ([B, T, 1, R] from [B, T] when batched), as
     edgemm.model.rope_cos_sin computes them; R the rotated dims of a head (all, or Persimmon's partial rotary);
-    local: Gemma 3's sliding layers' base (rope_local_theta), else rope_theta with its linear scaling."""
+    local: Gemma 3's sliding layers' base (rope_local_theta), else rope_theta with its linear scaling. mrope
+    (Qwen2-VL's image rows): from the `mrope_positions` input [3, T], each frequency taking its mrope_section's row
+    (the three rows' angles times a one-hot [3, 1, E/2], summed over the rows)."""
     import torch
     from onnx import TensorProto
     from edgemm.blocks.ops import rope_dims
@@ -158,8 +160,13 @@ def rope_tables(g: Graph, c, batched: bool = False, local: bool = False) -> tupl
     theta, factor = (c.rope_local_theta, 1.0) if local else (c.rope_theta, c.rope_linear_factor)
     inv = (1.0 / theta ** (torch.arange(0, E, 2, dtype=torch.float32) / E))
     inv = (inv / factor if factor != 1.0 else inv).numpy()
-    f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TensorProto.FLOAT), g.i64([-1])]),
-                     g.const("rope_local.inv_freq" if local else "rope.inv_freq", inv)])   # [(B,) T, E/2]
+    pos = "mrope_positions" if mrope else "positions"
+    f = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos], to=TensorProto.FLOAT), g.i64([-1])]),
+                     g.const("rope_local.inv_freq" if local else "rope.inv_freq", inv)])   # [(B,) T, E/2] / [3, T, E/2]
+    if mrope:
+        row = np.repeat(np.arange(3), c.mrope_section)
+        onehot = (row[None, None, :] == np.arange(3)[:, None, None]).astype(np.float32)   # [3, 1, E/2]
+        f = g.op("ReduceSum", [g.op("Mul", [f, g.const("rope.mrope_sections", onehot)]), g.i64([0])], keepdims=0)
     f = g.op("Concat", [f, f], axis=-1)                                           # [(B,) T, E]
     ax = g.i64([2] if batched else [0, 2])
     return g.act(g.op("Unsqueeze", [g.op("Cos", [f]), ax])), g.act(g.op("Unsqueeze", [g.op("Sin", [f]), ax]))
@@ -288,6 +295,9 @@ def input_examples(cfg, gen) -> dict:
                 "pool_rows": torch.from_numpy(pr), "pool_cols": torch.from_numpy(pc)}
     if v.arch == "patch_linear":                        # Fuyu: any size in whole patches (dynamic height, width)
         return {"pixels": torch.randn(1, 3, 2 * v.patch_size, 3 * v.patch_size, generator=gen)}
+    if v.arch == "qwen2vl":                             # Qwen2-VL: any size in whole merged cells
+        f = v.patch_size * v.merge_size
+        return {"pixels": torch.randn(1, 3, 3 * f, 5 * f, generator=gen)}
     if cfg.input_stage == "vision":
         return {"pixels": torch.randn(1, 3, v.image_size, v.image_size, generator=gen)}
     out = {"codes": torch.randint(0, a.vision_vocab, (1, cfg.n_image_rows, a.codebooks), generator=gen)}
@@ -325,8 +335,9 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
     ins = input_examples(model.cfg, torch.Generator().manual_seed(0))
     if video:                                               # two frames (the frame count is a dynamic axis)
         ins = {"pixels": torch.cat([ins["pixels"]] * 2)}
-    any_size = model.cfg.vision.arch == "patch_linear" or model.cfg.vision.tiling == "uhd"   # Fuyu, LLaVA-UHD:
-    # pixels of any height and width (LLaVA-UHD: + the regions' RoIAlign weights, sized by the patch grid)
+    any_size = model.cfg.vision.arch in ("patch_linear", "qwen2vl") or model.cfg.vision.tiling == "uhd"   # Fuyu,
+    # Qwen2-VL, LLaVA-UHD: pixels of any height and width (LLaVA-UHD: + the regions' RoIAlign weights, sized by the
+    # patch grid)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -73,6 +73,8 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
                          **cache(kv(1, opt_ctx, ctx))},
         "decoder_image": {"image_rows": {"min": [1, 1, D], "opt": [1, n_img, D], "max": [1, img_max, D]},
                           "positions": {"min": [1], "opt": [n_img], "max": [img_max]},
+                          **({"mrope_positions": {"min": [3, 1], "opt": [3, n_img], "max": [3, img_max]}}
+                             if c.mrope_section else {}),
                           "past_len": {"min": [1], "opt": [1], "max": [1]},
                           **cache(kv(1, min(opt_ctx, ctx), ctx))},
         "_meta": {"device_class": device_class, "max_context": ctx, "max_batch": batch,

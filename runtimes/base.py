@@ -254,15 +254,20 @@ class SegmentRunner(Backend):
             state.extra["cross"], state.extra["cross_on"] = kv, True
             yield self.text(state, ids[-2:] if len(ids) > 1 else ids)
             return
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        src, rows = rows, np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 3 or rows.shape[0] != 1 or rows.shape[2] != self.cfg.decoder.d_model:
             raise EdgemmError(f"image rows must be [1, n, {self.cfg.decoder.d_model}], got {list(rows.shape)}")
+        mrope = None
+        if self.cfg.decoder.mrope_section:        # M-RoPE: the rows' 3-D positions, an input of decoder_image
+            from edgemm.qwen2vl_pixels import image_positions
+            mrope = image_positions(state.pos, src)                        # [3, n] (from the rows' grid)
         positions = self.image_positions(state.pos, max(rows.shape[1], self.cfg.n_image_rows))[: rows.shape[1]]
         eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
         m = rows.shape[1] - eoi
         # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
         step = chunk or max(m, 1)
-        pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)])},
+        pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)]), **(
+                   {} if mrope is None else {"mrope_positions": np.ascontiguousarray(mrope[:, a:min(a + step, m)])})},
                    positions[a:min(a + step, m)]) for a in range(0, m, step)]
         if eoi:
             pieces.append(("decoder_text", self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]),
@@ -271,7 +276,7 @@ class SegmentRunner(Backend):
             logits = self._run(stage, state, feeds, pos)
             if i + 1 < len(pieces):
                 yield None
-        state.pos = int(positions[-1]) + 1
+        state.pos = int(positions[-1] if mrope is None else mrope.max()) + 1
         yield logits
 
     def vision(self, pixels, *instruction) -> np.ndarray:

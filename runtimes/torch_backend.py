@@ -85,9 +85,14 @@ class TorchBackend(Backend):
         import torch
         return self._segment(state, "text", torch.tensor([list(ids)], device=self.device))
 
-    def image(self, state, rows):
+    def _rows(self, rows):
         import torch
-        return self._segment(state, "image", torch.from_numpy(np.asarray(rows, np.float32)).to(self.device))
+        x = torch.from_numpy(np.asarray(rows, np.float32)).to(self.device)
+        x.grid = getattr(rows, "grid", None)        # (M-RoPE: the image's grid, edgemm.qwen2vl_pixels)
+        return x
+
+    def image(self, state, rows):
+        return self._segment(state, "image", self._rows(rows))
 
     def _image_pieces(self, state, rows, chunk):
         """The rows in pieces at the positions forward_segment gives them (the eoi row of CogVLM's rule last,
@@ -97,15 +102,15 @@ class TorchBackend(Backend):
             yield self.image(state, rows)
             return
         m = self.model
-        x = torch.from_numpy(np.asarray(rows, np.float32)).to(self.device)
-        positions = m.image_positions(state.pos, x.shape[1]).to(self.device)
+        x = self._rows(rows)
+        positions = m.image_positions(state.pos, x.shape[1], x).to(self.device)
         k = x.shape[1] - (self.cfg.decoder.eoi_branch == "text")
         pieces = [(a, min(a + chunk, k), "vision") for a in range(0, k, chunk)]
         pieces += [(k, x.shape[1], "text")] if k < x.shape[1] else []
         for i, (a, b, route) in enumerate(pieces):
             state.cache.length = state.length
             with torch.inference_mode():
-                logits = m.decoder(x[:, a:b], route, positions[a:b], state.cache, True)
+                logits = m.decoder(x[:, a:b], route, positions[..., a:b], state.cache, True)
             state.length = state.cache.length
             if i + 1 < len(pieces):
                 yield None

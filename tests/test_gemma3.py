@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from .test_import_llava import (away_from_init, exports_validate, greedy_ids, logits_and_cached_steps_match,
-                                record_answers)
+from .test_import_llava import (away_from_init, exports_validate, greedy_ids, import_with_processor,
+                                logits_and_cached_steps_match, record_answers)
 from .test_tokenizers import GEMMA_TEMPLATE, _sentencepiece
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install edgemm[test])")
@@ -58,8 +58,6 @@ def _hf_processor(src):
 def imported(tmp_path_factory):
     """A tiny Gemma 3 saved as transformers saves it, with a Gemma-style tokenizer carrying its image tokens, the
     image processor's settings and chat template; imported by `edgemm import`."""
-    from click.testing import CliRunner
-    from edgemm.cli import main
     d = tmp_path_factory.mktemp("gemma3")
     tok = _sentencepiece(SPECIALS, 512, False, "<unk>", "<bos>")
     hf, src = _tiny(tok), d / "src"
@@ -71,12 +69,7 @@ def imported(tmp_path_factory):
             "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}}))
     (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 5],
                                                             "pad_token_id": 0}))
-    proc = _hf_processor(src)
-    proc.image_processor.save_pretrained(src)
-    (src / "chat_template.jinja").write_text(TEMPLATE)
-    r = CliRunner().invoke(main, ["import", str(src), "-o", str(d / "ck")])
-    assert r.exit_code == 0, r.output
-    return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
+    return import_with_processor(d, src, hf, _hf_processor(src), TEMPLATE)
 
 
 def _messages(openai=False, two=False):

@@ -101,6 +101,18 @@ def gguf_exports(ck, d, precisions=("f32", "q8_0")) -> dict:
     return out
 
 
+def import_with_processor(d, src, hf, proc, template: str) -> dict:
+    """Save the processor's image processor and the chat template beside a saved tiny model in src, `edgemm import`
+    it to d / "ck" -> the dict the family tests share (hf, proc, src, ck, dir, import_log)."""
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    proc.image_processor.save_pretrained(src)
+    (src / "chat_template.jinja").write_text(template)
+    r = CliRunner().invoke(main, ["import", str(src), "-o", str(d / "ck")])
+    assert r.exit_code == 0, r.output
+    return {"hf": hf, "proc": proc, "src": src, "ck": d / "ck", "dir": d, "import_log": r.output}
+
+
 def record_answers(monkeypatch) -> list:
     """The ids of every answer ChatSession generates from now on (an answer's text may end mid-character)."""
     from edgemm.generation import ChatSession

@@ -176,13 +176,14 @@ class Decoder(nn.Module):
         self.cross_at = [cross_layer_at(c, i) if c.cross_attn_every else None for i in range(c.n_layers)]
 
     def forward(self, x, route, positions, cache: KVCache | None = None, last_only: bool = False, cross=None):
-        """x: [B, T, D] input rows; positions: [T] RoPE positions; appends to cache at cache.length.
+        """x: [B, T, D] input rows; positions: [T] RoPE positions ([3, T] with M-RoPE); appends to cache at cache.length.
         cross: (K, V [Lx, B, H, n, E] or None, gate [B, T, 1]) for the gated cross-attention layers."""
         start = cache.length if cache is not None else 0
         if cache is not None and start + x.shape[1] > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {x.shape[1]} rows > capacity {cache.capacity}")
         c = self.c
-        rope = {0: rope_cos_sin(positions, rope_dims(c), c.rope_theta, c.rope_linear_factor)}   # (partial: [T, R])
+        rope = {0: rope_cos_sin(positions, rope_dims(c), c.rope_theta, c.rope_linear_factor,  # (partial: [T, R])
+                                c.mrope_section)}                  # (M-RoPE: positions [3, T])
         if c.sliding_layers:                                                         # Gemma 3's local RoPE base
             rope[c.sliding_window] = rope_cos_sin(positions, rope_dims(c), c.rope_local_theta)
         for i, layer in enumerate(self.layers):

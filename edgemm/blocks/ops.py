@@ -48,10 +48,18 @@ def routed(x: torch.Tensor, route, fn_text, fn_vision) -> torch.Tensor:
     return out
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, factor: float = 1.0):
-    """NEOX-style RoPE tables for positions [T] -> cos, sin [T, E] (factor: linear scaling, frequencies / factor)."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, factor: float = 1.0, sections=()):
+    """NEOX-style RoPE tables for positions [T] -> cos, sin [T, E] (factor: linear scaling, frequencies / factor).
+    M-RoPE (Qwen2-VL): positions [3, T] (temporal, height, width) and `sections` splitting the E/2 frequencies
+    between them, in that order ([T] positions: the three rows equal, plain RoPE)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    f = positions.float()[:, None] * (inv / factor if factor != 1.0 else inv)[None]
+    inv = inv / factor if factor != 1.0 else inv
+    if positions.dim() == 2:                                # [3, T]: each frequency from its section's row
+        row = torch.repeat_interleave(torch.arange(3, device=positions.device), torch.tensor(list(sections)).to(
+            positions.device))
+        f = positions.float()[row].t() * inv[None]          # [T, E/2]
+        return torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+    f = positions.float()[:, None] * inv[None]
     f = torch.cat([f, f], -1)
     return f.cos(), f.sin()
 

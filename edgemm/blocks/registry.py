@@ -18,7 +18,7 @@ ROLES = ("vision", "connector", "layer")
 _BLOCKS: dict[str, dict[str, type]] = {r: {} for r in ROLES}
 # The block modules (edgemm.blocks.<name>): a new block module adds its name here, nothing else imports it
 MODULES = ("vision", "connectors", "layers", "moe", "cross", "qformer", "internvit", "dinov2", "omnifusion",
-           "resampler", "libra_vq", "llamavid")
+           "resampler", "libra_vq", "llamavid", "qwen2vl")
 
 
 def load_all() -> None:

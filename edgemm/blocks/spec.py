@@ -26,7 +26,7 @@ from typing import Callable
 SECTIONS = {"vision": "vision", "connector": "adapter", "decoder": "decoder"}
 # The spec modules (edgemm.blocks.kinds.<name>): a new block module's specs add a name here, nothing else
 MODULES = ("vision", "connectors", "layers", "moe", "cross", "qformer", "internvit", "dinov2", "omnifusion",
-           "resampler", "libra_vq", "decoder", "llamavid")
+           "resampler", "libra_vq", "decoder", "llamavid", "qwen2vl")
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("sliding-window attention", "option:attention", lambda c: bool(_d(c).sliding_layers)),
     Feature("bidirectional attention among an image's rows", "option:attention",
             lambda c: bool(_d(c).image_bidirectional)),
+    Feature("m-rope (3-d image positions)", "option:decoder", lambda c: bool(getattr(_d(c), "mrope_section", ()))),
+    Feature("qwen2-vl vision tower (2-d rope, any size)", "vision:qwen2vl", lambda c: c.vision.arch == "qwen2vl"),
+    Feature("window attention (qwen2.5-vl)", "vision:qwen2vl", lambda c: bool(getattr(c.vision, "window_px", 0))),
+    Feature("qwen2-vl patch merger", "connector:qwen2vl_merger", lambda c: c.adapter.kind == "qwen2vl_merger"),
     Feature("libra image tokenizer (pixels)", "vision:libra_vq", lambda c: c.vision.arch == "libra_vq"),
     Feature("libra image tokens", "connector:libra", lambda c: c.vision.arch == "none" and c.adapter.kind == "libra",
             unquantized="quantized precisions calibrate on images through the pixel path, which a Libra import does "

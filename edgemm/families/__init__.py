@@ -20,7 +20,7 @@ from ..errors import EdgemmError
 # The family modules, imported on first use; the registration order is the detection order.
 _MODULES = ("cogvlm", "libra", "llava", "blip2", "idefics", "llava_next_video", "llava_onevision", "internvl",
             "smolvlm", "xcomposer2", "qwen_vl", "fuyu", "llava_uhd", "llamavid", "llava_original", "omnifusion",
-            "gemma3")
+            "gemma3", "qwen2vl")
 REGISTRY: dict[str, "Family"] = {}
 
 
