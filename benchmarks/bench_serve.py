@@ -24,6 +24,14 @@ Printed: the median gap between the streams' tokens without arrivals, their p50 
 and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
 their first token until the first finishes; the newcomers still running then are closed (cancelled). Gaps are per
 token: a chunk covering m tokens (text held back until a UTF-8 character completes) is m gaps of its gap / m.
+
+--vs-raw: one client's decode speed through the server against the backend's own decode loop on the same bundle
+(issue 34: a server that costs nothing per token). Rounds alternate: --requests streamed text requests
+(--max-tokens tokens, greedy, ignore_eos) to the server, whose rate is (completion tokens - 1) / (last chunk - first
+chunk) per request; then a fresh process opens the backend with the same --threads and runs the same prompt and
+--max-tokens greedy steps --requests times (tokens after the first / their time). Printed: the medians and
+server / raw. EDGEMM_SERVE_ENV_A / _B (space-separated NAME=VALUE) start two servers that alternate too (A/B of a
+setting).
 """
 from __future__ import annotations
 
@@ -328,6 +336,77 @@ def decode_batch_only(a) -> int:
     return 0
 
 
+RAW_LOOP = """
+import json, sys, time
+import numpy as np
+from edgemm.runtimes import load_backend
+bundle, backend, threads, steps, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+b = load_backend(backend, bundle=bundle, threads=threads)
+ids = b.tokenizer.user_turn(sys.argv[6], first=True)
+rates, st = [], b.new_state(max_len=b.context_length)       # as a server slot holds it
+for _ in range(n + 1):                                # the first one warms up
+    st.length = st.pos = 0
+    t = int(np.argmax(b.text(st, b.tokenizer.prefix_ids() + ids)))
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        t = int(np.argmax(b.text(st, [t])))
+    rates.append((steps - 1) / (time.perf_counter() - t0))
+print(json.dumps(rates[1:]))
+"""
+
+
+def server_rates(url, model, n, max_tokens) -> list[float]:
+    """n streamed text requests one after another -> decode tok/s of each (tokens after the first chunk)."""
+    c = client_for(url)
+    out = []
+    for _ in range(n):
+        first = last = None
+        usage = None
+        for ch in c.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                            messages=[{"role": "user", "content": QUESTIONS[1]}]):
+            now = time.perf_counter()
+            if ch.choices and ch.choices[0].delta.content:
+                first = first or now
+                last = now
+            usage = ch.usage or usage
+        if first is not None and last > first and usage:
+            out.append((usage.completion_tokens - 1) / (last - first))
+    return out
+
+
+def vs_raw_only(a) -> int:
+    """--vs-raw: one client through the server(s) against the backend's own loop in a fresh process, alternating."""
+    import json
+    import subprocess
+    envs = {k: dict(x.split("=", 1) for x in os.environ.get(f"EDGEMM_SERVE_ENV_{k}", "").split())
+            for k in ("A", "B") if f"EDGEMM_SERVE_ENV_{k}" in os.environ} or {"server": {}}
+    servers = {k: start_server(a, env) for k, env in envs.items()}
+    try:
+        model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id
+        backend = a.backend or "auto"
+        runs = {**{k: [] for k in servers}, "raw": []}
+        for r in range(a.rounds):
+            for k in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                runs[k] += server_rates(servers[k][1], model, a.requests, a.max_tokens)
+            out = subprocess.run([sys.executable, "-c", RAW_LOOP, a.bundle, backend, str(a.threads or 0),
+                                  str(a.max_tokens), str(a.requests), QUESTIONS[1]], capture_output=True, text=True,
+                                 check=True)
+            runs["raw"] += json.loads(out.stdout.strip().splitlines()[-1])
+        raw = float(np.median(runs["raw"]))
+        print(f"{model} ({a.bundle}, backend {backend}, {a.threads} threads): one client, {a.max_tokens} tokens a request (greedy, "
+              f"ignore_eos), {a.requests} requests a round, {a.rounds} rounds alternating (load average "
+              f"{os.getloadavg()[0]:.1f})")
+        print(f"  raw backend loop (fresh process): {raw:7.1f} tok/s (median of {len(runs['raw'])})")
+        for k, env in envs.items():
+            v = float(np.median(runs[k]))
+            print(f"  through the server{' ' + k + ' ' + str(env) if env else ''}: {v:7.1f} tok/s "
+                  f"(median of {len(runs[k])}), {v / raw:.3f}x raw")
+    finally:
+        stop_servers(servers)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="A running server (else one is started with --bundle/--model).")
@@ -352,7 +431,12 @@ def main(argv=None) -> int:
                     "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "
                     "--prefill-chunk.")
+    ap.add_argument("--vs-raw", action="store_true", help="One client through the server against the backend's "
+                    "own decode loop (a fresh process), alternating rounds.")
+    ap.add_argument("--requests", type=int, default=4, help="--vs-raw: requests (and raw runs) a round.")
     a = ap.parse_args(argv)
+    if a.vs_raw:
+        return vs_raw_only(a)
     if a.arrivals:
         return arrivals_only(a)
     if a.decode_batch:

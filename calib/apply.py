@@ -17,7 +17,7 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
     """
     from edgemm.calib.recipes import group            # a stage's --precision group
     from .quantize import quantize_stage
-    from .recipes import CALIBRATED_RECIPE, get_recipe
+    from .recipes import CALIBRATED_RECIPE, PREFILL_RECIPE, PREFILL_STAGES, get_recipe
     from .stats import Stats, collect_stats
     log = log or (lambda s: None)
     bundle_dir = Path(bundle_dir)
@@ -26,6 +26,9 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
         if s not in recipes and group(s) in recipes:
             recipes[s] = recipes[group(s)]
     todo = {s: precision[group(s)] for s in stages if precision.get(group(s)) in QUANTIZED}
+    for s, p in todo.items():        # the many-row stages' own form of the precision (recipes.PREFILL_RECIPE)
+        if s not in recipes and s in PREFILL_STAGES and p in PREFILL_RECIPE:
+            recipes[s] = PREFILL_RECIPE[p]
     if stats is not None and not isinstance(stats, Stats):
         stats = Stats.load(stats)
     if calib is not None or stats is not None:      # a calibration set given: the calibrated recipe by default

@@ -13,6 +13,8 @@ Cast or a Transpose) is a candidate; activation-by-activation MatMuls (attention
   ~0.5 on a 64-wide MatMul). Bundles store s8s8; `to_u8u8` converts a graph at load where the CPU needs it. fp8 raises the graph to opset 19 (Reduce* axes become inputs).
   SmoothQuant (recipe option) divides the activation by s_j = max|X_j|^a / max|W_j|^(1-a) per input channel
   (a Mul before the Q) and multiplies the weight rows by s_j before quantizing them.
+- int8-dyn: com.microsoft DynamicQuantizeMatMul: int8 weights per output channel (7 bits), the activations
+  quantized per tensor (uint8, asymmetric) at run time; no calibration (recipes.PREFILL_RECIPE).
 - int8-wo / int4: com.microsoft MatMulNBits, block-wise symmetric along the input dimension.
   AWQ (recipe option, int4-awq): activation-aware scaling (Lin et al. 2023): the weight rows are multiplied by
   s_j = m_j^a per input channel (normalised) before the block-wise rounding (m_j: the calibration inputs' max |x_j|
@@ -50,17 +52,31 @@ def fp8_e4m3_round(x: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(x, np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
-def quant_weight_per_channel(W: np.ndarray, kind: str, axis: int = 1):
-    """W [in, out] (axis=1: one scale per column) -> (q values as float32, scales [out], dequantized W)."""
+def quant_weight_per_channel(W: np.ndarray, kind: str, axis: int = 1, qmax: float | None = None):
+    """W [in, out] (axis=1: one scale per column) -> (q values as float32, scales [out], dequantized W).
+    qmax: the largest int8 level (default 127; 63: the dynamic form's 7 bits)."""
     red = tuple(i for i in range(W.ndim) if i != axis)
     amax = np.abs(W).max(axis=red)
-    qmax = 127.0 if kind == "int8" else FP8_MAX
+    qmax = qmax or (127.0 if kind == "int8" else FP8_MAX)
     s = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     shape = [1] * W.ndim
     shape[axis] = -1
     v = W / s.reshape(shape)
-    q = np.clip(np.round(v), -127, 127) if kind == "int8" else fp8_e4m3_round(v)
+    q = np.clip(np.round(v), -qmax, qmax) if kind == "int8" else fp8_e4m3_round(v)
     return q.astype(np.float32), s, (q * s.reshape(shape)).astype(np.float32)
+
+
+# the dynamic form's weights: 7 bits, so ONNX Runtime's u8 x s8 kernels (u8 activations) cannot saturate their
+# 16-bit pair sums (255 * 63 * 2 < 32767) on x86 CPUs without VNNI
+DYNAMIC_QMAX = 63.0
+
+
+def dynamic_fake_quant(x: np.ndarray) -> np.ndarray:
+    """DynamicQuantizeMatMul's activation rounding: per tensor, asymmetric uint8 over [min(x, 0), max(x, 0)]."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = (hi - lo) / 255 or 1.0
+    zp = np.clip(np.round(-lo / s), 0, 255)
+    return ((np.clip(np.round(x / s) + zp, 0, 255) - zp) * s).astype(np.float32)
 
 
 def fake_quant_act(x: np.ndarray, amax: float, kind: str) -> np.ndarray:
@@ -371,7 +387,7 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
     records = []
     if wkind == "fp8":
         _upgrade_opset(model, 19)
-    if r.granularity == "block":
+    if r.granularity in ("block", "dynamic"):
         _ensure_ms_domain(model)
     rng = np.random.default_rng(0)
     replace: dict[int, list] = {}       # id(node) -> replacement nodes (MatMulNBits)
@@ -417,6 +433,9 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             q, s, deq = quant_weight_per_channel(Wq_in, wkind, axis=1)
             got = fake_quant_act(Xs, amax, akind) @ deq
             rec["act_amax"] = amax
+        elif r.granularity == "dynamic":             # int8 weights (7 bits), activations quantized at run time
+            q, s, deq = quant_weight_per_channel(Wio, wkind, axis=1, qmax=DYNAMIC_QMAX)
+            got = dynamic_fake_quant(X) @ deq
         else:
             bits = 8 if wkind == "int8" else 4
             if r.gptq:
@@ -486,6 +505,14 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             node.input[1] = wdq
             rec["got"] = (f"{wkind} weights per channel, {akind} activations per tensor"
                           + (f" ({int8_storage})" if akind == "int8" else ""))
+        elif r.granularity == "dynamic":
+            w_name = sur.add_init(q.astype(np.int8), sur.uniq(base + ".weight_q"))
+            w_s = sur.add_init(s, sur.uniq(base + ".weight_scale"))
+            bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
+            replace[id(node)] = new + [helper.make_node(
+                "DynamicQuantizeMatMul", [x_in, w_name, w_s, ""] + bias if bias else [x_in, w_name, w_s],
+                [node.output[0]], domain="com.microsoft", name=sur.uniq(base + ".DynamicQuantizeMatMul"))]
+            rec["got"] = "int8 weights per channel (7 bits), int8 activations per tensor at run time"
         else:
             K, N = Wio.shape
             b_name = sur.add_init(packed, sur.uniq(base + ".weight_nbits"))

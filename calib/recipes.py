@@ -13,6 +13,12 @@
     int4-awq-gptq  AWQ's per-input-channel scaling, then GPTQ's rounding of the scaled weights
     int4-b32  int4 with a scale per 32 weights (ONNX Runtime GenAI's builder default): finer, 5 bits a weight
     fp8       E4M3FN Q/DQ for weights (per output channel) and activations (per tensor); opset 19
+    int8-dyn  int8 weights per output channel (7 bits: [-63, 63]), activations quantized per tensor at run time
+              (com.microsoft DynamicQuantizeMatMul: MLAS's u8 x s8 QGEMM); no calibration. The form of the int4
+              precision's many-row stages (vision, decoder_image: PREFILL_RECIPE), whose MatMuls run hundreds of
+              rows: MatMulNBits' int8 path is a per-row kernel there, QGEMM a tiled one (benchmarks/
+              bench_matmul_kernels.py). 7 bits so that the u8 x s8 kernels' 16-bit pair sums never saturate on x86
+              CPUs without VNNI (ONNX Runtime's own `reduce_range` advice)
 
 MatMulNBits' accuracy_level 4 (the default here) computes with int8 dot products, the activations quantized
 per block on the fly inside the kernel: ONNX Runtime's fast CPU path. accuracy_level 0 keeps fp32 compute.
@@ -30,7 +36,8 @@ class Recipe:
     name: str
     weights: str                         # "int8" | "int4" | "fp8"
     activations: str | None = None       # "int8" | "fp8" | None (weight-only)
-    granularity: str = "per-channel"     # weights: "per-channel" (Q/DQ) | "block" (MatMulNBits)
+    granularity: str = "per-channel"     # weights: "per-channel" (Q/DQ) | "block" (MatMulNBits) | "dynamic"
+    #                                      (per channel, activations quantized at run time: DynamicQuantizeMatMul)
     block_size: int = 0                  # block-wise: weights per scale along the input dimension
     method: str = "max"                  # activation amax: max | percentile | entropy
     percentile: float = 99.99
@@ -65,6 +72,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
+        if self.granularity == "dynamic":
+            return (f"{self.weights} weights per output channel (7 bits); activations {self.weights} per tensor at "
+                    "run time (DynamicQuantizeMatMul)")
         w = f"{self.weights} weights " + (f"block-wise (block {self.block_size}, MatMulNBits, accuracy_level "
                                           f"{self.accuracy_level})" if self.granularity == "block"
                                           else "per output channel (Q/DQ)")
@@ -90,7 +100,16 @@ RECIPES: dict[str, Recipe] = {
     "int4-awq-gptq": Recipe("int4-awq-gptq", "int4", None, "block", block_size=128, awq=True, gptq=True),
     "int4-b32": Recipe("int4-b32", "int4", None, "block", block_size=32),
     "fp8": Recipe("fp8", "fp8", "fp8", method="max"),
+    "int8-dyn": Recipe("int8-dyn", "int8", None, "dynamic"),
 }
+
+# --precision -> the recipe of its stages that only ever run many rows at once (the vision stage; decoder_image,
+# which appends an image's rows): int4 keeps its decode graph (decoder_text) at int4, these compute with int8 dot
+# products. bench-0.5b, 2 threads, AVX2 without VNNI (a loaded machine): kernel time of the vision stage 1.5x and of
+# the image rows' prefill 1.3x less than MatMulNBits int4 at accuracy_level 4 (benchmarks/profile_ort.py), and the
+# stages' cosine to the reference 0.998 / 0.996 where int4 had 0.941 / 0.905; the bundle is larger (254 -> 376 MB)
+PREFILL_RECIPE = {"int4": "int8-dyn"}
+PREFILL_STAGES = ("vision", "decoder_image")
 
 # --precision value -> recipe name; these are the quantized precisions of every ONNX-graph target
 PRECISION_RECIPE = {"int8": "int8", "int8-wo": "int8-wo", "int4": "int4", "fp8": "fp8"}

@@ -249,3 +249,45 @@ def test_list_recipes_cli():
     from edgemm.cli import main
     r = CliRunner().invoke(main, ["export", "--list-recipes"])
     assert r.exit_code == 0 and "int4" in r.output and "MatMulNBits" in r.output
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm-bias"])
+def test_int8_dyn_in_onnxruntime_matches_its_equations(tmp_path, gemm):
+    """int8-dyn (the int4 precision's many-row stages): ONNX Runtime's DynamicQuantizeMatMul computes
+    (u8(x) - zp) * sx @ (q * s) with x quantized per tensor at run time (ONNX's DynamicQuantizeLinear: over
+    [min(x, 0), max(x, 0)], zero point rounded half to even) and 7-bit weights per column, re-computed here in numpy;
+    exact on every x86 CPU (the 7 bits keep the u8 x s8 kernels' 16-bit pair sums from saturating without VNNI),
+    on inputs that are large and mostly positive (the saturating case)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    from edgemm.calib.quantize import quantize_stage
+    rng = np.random.default_rng(1)
+    K, N = 256, 48
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x = (np.abs(rng.standard_normal((1, 40, K))) * 4 - 0.2).astype(np.float32)
+    if gemm:                                                  # Gemm transB with a bias, 2-D input
+        g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="mm", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(W.T.copy(), "w"), numpy_helper.from_array(bias, "b")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        x = x[0]
+    else:
+        m = _mm_model(W)
+    onnx.save(m, tmp_path / "in.onnx")
+    rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "vision", "int4", log=None, recipe="int8-dyn")
+    q = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in q.graph.node] == ["DynamicQuantizeMatMul"] and rec["quantized"] == 1
+    wq = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == TensorProto.INT8)
+    assert wq.shape == (K, N) and np.abs(wq).max() == 63
+    got = _run(q, {"x": x})
+    s = np.abs(W).max(0) / 63                                  # the equations, independently of edgemm's code
+    Wd = np.clip(np.round(W / s), -63, 63) * s
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    sx = np.float32((hi - lo) / 255)
+    zp = np.clip(np.round(-lo / sx), 0, 255)
+    xd = (np.clip(np.round(x / sx) + zp, 0, 255) - zp) * sx
+    want = xd.astype(np.float64) @ Wd + (bias if gemm else 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

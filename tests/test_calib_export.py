@@ -35,6 +35,10 @@ def test_quantized_export(random_ckpt, stats, tmp_path, precision):
         q = st[s]["quantization"]
         assert q["quantized"] == len(q["layers"]) > 0 and q["kept"] == 0
         assert all(r["layer"] for r in q["layers"])           # every weight found its calibration layer
+    if prec["decoder"] == "int4":      # the decode graph int4; the image rows' prefill with int8 dot products
+        assert st["decoder_text"]["quantization"]["recipe"]["name"] == "int4"
+        assert st["decoder_image"]["quantization"]["recipe"]["name"] == "int8-dyn"
+        assert st["vision"]["precision"] == "fp16" and "quantization" not in st["vision"]
     if prec["decoder"] in ("int8", "fp8"):
         assert man["calibration"]["set_digest"] == stats.meta["set_digest"]
         assert all(r["layer"].startswith("decoder_image/") and ".vision." in r["layer"] or "lm_head" in r["layer"]

@@ -548,3 +548,57 @@ def test_engine_multi_turn_prefills_only_the_new_message():
     finally:
         e.close()
         fresh.close()
+
+
+def test_streamed_events_coalesce_into_one_write_with_the_same_text():
+    """Events the engine sends while the event loop is busy go out as one SSE write, consecutive texts merged into
+    one chunk (issue 34: a server that costs nothing per token); the client reads the same text, usage last."""
+    import asyncio
+    from edgemm.serve.routes_chat import Answer, Events, events
+
+    class FakeJob:
+        prompt_rows = 3
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def run(delay_between: bool):
+        q, job = Events(asyncio.get_running_loop()), FakeJob()
+        a = Answer("m", job, q, "id", 0)
+        pieces = [" re", "d", " squ", "are"]
+
+        def worker():                                       # the engine thread
+            for i, p in enumerate(pieces):
+                q.put("text", p, i + 1)
+                while delay_between and q.items:            # the loop took it before the next token
+                    time.sleep(0.001)
+            q.put("done", {"finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 4}, 4)
+        t = threading.Thread(target=worker)
+        writes = []
+        if not delay_between:                               # everything queued before the loop reads
+            t.start()
+            t.join()
+            async for w in events(a, True, True):
+                writes.append(w)
+        else:
+            t.start()
+            async for w in events(a, True, True):
+                writes.append(w)
+            t.join()
+        assert job.cancelled
+        return writes
+
+    def parse(writes):
+        chunks = [json.loads(x[len("data: "):]) for w in writes for x in w.split("\n\n") if x.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        return chunks, text
+    batched = asyncio.run(run(False))
+    spread = asyncio.run(run(True))
+    (cb, tb), (cs, ts) = parse(batched), parse(spread)
+    assert tb == ts == "red square"
+    assert len(batched) == 3 and batched[-1] == "data: [DONE]\n\n"          # role chunk, one batch, [DONE]
+    content = [c for c in cb if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content) == 1 and content[0]["usage"]["completion_tokens"] == 4
+    assert cb[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert cb[-2]["choices"][0]["finish_reason"] == "length"
+    assert len([c for c in cs if c["choices"] and c["choices"][0]["delta"].get("content")]) == 4   # one a token

@@ -4,6 +4,7 @@ its answer streamed as server-sent events or returned whole, in OpenAI's shapes.
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -120,12 +121,57 @@ def usage_of(d: dict) -> dict:
             "total_tokens": d["prompt_tokens"] + d["completion_tokens"]}
 
 
+class Events:
+    """A request's events from the engine's worker thread to the event loop, handed over in batches: put() appends
+    (kind, data, n_out) and wakes the loop only when nothing is waiting already (one call_soon_threadsafe, so one
+    self-pipe write, per batch, not per token); take() returns all that came since the last take. When the loop
+    falls behind the engine, the tokens that piled up go out as one chunk, in one write."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.lock, self.woken = loop, [], threading.Lock(), False
+        self.ready = asyncio.Event()
+
+    def put(self, kind, data, n_out) -> None:             # the worker thread
+        with self.lock:
+            self.items.append((kind, data, n_out))
+            if self.woken:
+                return
+            self.woken = True
+        self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def take(self, timeout: float | None = None) -> list:
+        """All events since the last take (waits for one; [] after `timeout` seconds without any)."""
+        if timeout is None:
+            await self.ready.wait()
+        else:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        with self.lock:
+            self.ready.clear()
+            self.woken = False
+            out, self.items = self.items, []
+        return out
+
+
+def merged(events: list) -> list:
+    """Consecutive text events as one (their texts joined, the last one's token count)."""
+    out = []
+    for kind, data, n in events:
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + data, n)
+        else:
+            out.append((kind, data, n))
+    return out
+
+
 @dataclass
 class Answer:
-    """One request's answer as it comes from the engine: events on `q`, the job to cancel."""
+    """One request's answer as it comes from the engine: events on `q` (Events), the job to cancel."""
     model: str
     job: object
-    q: asyncio.Queue
+    q: Events
     id: str
     created: int
     fmt: str | None = None           # the tool-call form the answer is parsed in (edgemm.tools)
@@ -154,10 +200,10 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     if tiles is not None:               # tiled: each image's own row count (prompt_of counted the most one takes)
         rows += sum(tiles.pixel_rows(b.cfg, p) - b.cfg.n_image_rows for p in pixels)
     pixels += clips.blocks                   # (indexed after the images)
-    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    q = Events(asyncio.get_running_loop())
     job = Job(segments=segs, pixels=pixels, gen=gen, prompt_rows=rows,
               instructions=instructions_of(b, body.get("messages")),
-              on_event=lambda kind, data: loop.call_soon_threadsafe(q.put_nowait, (kind, data, job.n_out)))
+              on_event=lambda kind, data: q.put(kind, data, job.n_out))
     try:
         m.engine.submit(job)
     except QueueFull:
@@ -174,32 +220,38 @@ async def events(a: Answer, include_usage: bool, continuous: bool = False):
     tools, calls = (ToolStream(a.fmt) if a.fmt else None), 0   # tool calls, streamed as OpenAI does (calls: opened)
     try:
         yield a.chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, data, n_out = await a.q.get()   # (n_out: the answer's tokens when the event was sent)
-            if kind in ("text", "done") and tools is not None:
-                evs = tools.feed(data) if kind == "text" else tools.finish()
-            else:
-                evs = [("content", data)] if kind == "text" else []
-            for k, d in evs:
-                if k in ("call", "call_name", "call_args"):
-                    for delta in call_deltas(calls, k, d):
-                        yield a.chunk(delta)
-                    calls += k != "call_args"
-                    continue
-                if lead:
-                    d = d.lstrip()
-                    lead = not d
-                if d:
-                    yield a.chunk({"content": d}, usage=usage_of({"prompt_tokens": a.job.prompt_rows,
-                                                                  "completion_tokens": n_out}) if continuous else None)
-            if kind == "error":
-                yield f"data: {json.dumps(error_body(data, 'server_error', None))}\n\n"
-                break
-            if kind == "done":
-                yield a.chunk({}, "tool_calls" if calls and data["finish_reason"] == "stop" else data["finish_reason"])
-                if include_usage:
-                    yield a.chunk(None, usage=usage_of(data))
-                break
+        end = False
+        while not end:
+            out = []                              # the chunks of one batch of events: one write
+            for kind, data, n_out in merged(await a.q.take()):   # (n_out: the answer's tokens at that event)
+                if kind in ("text", "done") and tools is not None:
+                    evs = tools.feed(data) if kind == "text" else tools.finish()
+                else:
+                    evs = [("content", data)] if kind == "text" else []
+                for k, d in evs:
+                    if k in ("call", "call_name", "call_args"):
+                        out += [a.chunk(delta) for delta in call_deltas(calls, k, d)]
+                        calls += k != "call_args"
+                        continue
+                    if lead:
+                        d = d.lstrip()
+                        lead = not d
+                    if d:
+                        out.append(a.chunk({"content": d}, usage=usage_of({
+                            "prompt_tokens": a.job.prompt_rows, "completion_tokens": n_out}) if continuous else None))
+                if kind == "error":
+                    out.append(f"data: {json.dumps(error_body(data, 'server_error', None))}\n\n")
+                    end = True
+                    break
+                if kind == "done":
+                    out.append(a.chunk({}, "tool_calls" if calls and data["finish_reason"] == "stop"
+                                       else data["finish_reason"]))
+                    if include_usage:
+                        out.append(a.chunk(None, usage=usage_of(data)))
+                    end = True
+                    break
+            if out:
+                yield "".join(out)
         yield "data: [DONE]\n\n"
     finally:
         a.job.cancel()
@@ -209,19 +261,18 @@ async def whole(a: Answer, request) -> dict | None:
     """The answer in one response (None when the client went away first)."""
     parts = []
     try:
-        while True:
-            try:
-                kind, data, _ = await asyncio.wait_for(a.q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
-            if kind == "text":
-                parts.append(data)
-            elif kind == "error":
-                raise APIError(500, data, "server_error")
-            else:
-                break
+        kind = None
+        while kind not in ("done", "error"):
+            evs = await a.q.take(timeout=0.5)
+            if not evs and await request.is_disconnected():
+                return None
+            for kind, data, _ in evs:
+                if kind == "text":
+                    parts.append(data)
+                elif kind == "error":
+                    raise APIError(500, data, "server_error")
+                else:
+                    break
     finally:
         a.job.cancel()
     msg, finish = {"role": "assistant", "content": "".join(parts).strip()}, data["finish_reason"]
