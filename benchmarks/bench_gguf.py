@@ -9,6 +9,10 @@
 (export_gguf vision="onnx"), after one image has run through ONNX Runtime, so the process holds a warm ONNX vision
 session while it decodes (its workers should sleep, not spin: runtimes/llamacpp_backend.py OnnxVision).
 
+`--stock --fresh` runs every engine in a fresh process per round, the order rotating: the backend (also after an
+image through its mtmd context, and with --onnx-vision on the ONNX-vision bundle), llama.cpp's plain loop at the
+backend's n_ctx, at n_ctx 512 and with an mtmd context made first; printed with the threads each process holds.
+
 `--compare-build DIR` times the same bundles with another llama-cpp-python build as well (DIR: a directory it was
 installed into with `pip install --target DIR --no-deps WHEEL`), each measurement in its own child process, the
 two builds alternating round by round; the table then shows the median of each.
@@ -61,13 +65,17 @@ def decode_bytes_per_step(decoder_gguf: Path, d_model: int) -> tuple[int, int]:
     return step, total
 
 
-def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
+def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int, mtmd: bool = False) -> dict:
     from edgemm.runtimes.llamacpp_backend import LlamaCppBackend
     b = LlamaCppBackend.open(bundle=str(bundle), threads=threads)
     tok, cfg = b.tokenizer, b.cfg
     rng = np.random.default_rng(0)
-    if b._onnx_vision is not None:      # an ONNX vision stage: one image through it first (its session warm)
-        b.vision(rng.standard_normal((1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32))
+    # an ONNX vision stage: one image through it first (its session warm); mtmd: one image through the mmproj first
+    # (the backend holds its mtmd context from then on, as in `edgemm run/serve` after an image)
+    if b._onnx_vision is not None or mtmd:
+        from edgemm import shapes
+        from edgemm.tilings import preprocess_image
+        b.vision(preprocess_image(shapes.make_split("val", 1)[0][0], cfg.vision))     # an 8-bit image (mtmd's)
     rows = (rng.standard_normal((1, cfg.n_image_rows, cfg.decoder.d_model)) * 0.02).astype(np.float32)
     st = b.new_state()
     t0 = time.perf_counter()
@@ -88,14 +96,22 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int) -> dict:
     return out
 
 
-def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int, prompt_len: int = 300) -> float:
+def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int, prompt_len: int = 300,
+               mmproj: Path | None = None) -> float:
     """llama.cpp's own low-level loop on the same file and context settings (f16 KV cache, flash attention off,
     as the backend for quantized bundles): a prompt of `prompt_len` tokens, then greedy single-token
-    llama_decode steps reading the logits in place. -> tokens/s. No edgemm code inside the timed loop."""
-    import ctypes
+    llama_decode steps reading the logits in place. -> tokens/s. No edgemm code inside the timed loop. mmproj: an
+    mtmd context made on it first (as the backend holds one once it has encoded an image), with one image encoded."""
     from edgemm.llamacpp import load_llama_cpp
     ll = load_llama_cpp()
     model = ll.llama_model_load_from_file(str(decoder).encode(), ll.llama_model_default_params())
+    mtmd = None
+    if mmproj is not None:
+        from llama_cpp import mtmd_cpp
+        p = mtmd_cpp.mtmd_context_params_default()
+        p.use_gpu, p.print_timings, p.n_threads, p.warmup = False, False, threads, False
+        p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, p)
     cp = ll.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, 1
     cp.n_threads = cp.n_threads_batch = threads
@@ -125,7 +141,61 @@ def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int,
     finally:
         ll.llama_batch_free(batch)
         ll.llama_free(ctx)
+        if mtmd is not None:
+            from llama_cpp import mtmd_cpp
+            mtmd_cpp.mtmd_free(mtmd)
         ll.llama_model_free(model)
+
+
+def process_facts() -> dict:
+    """What else the process holds while it decodes: threads (all of them, /proc), torch / onnxruntime loaded."""
+    threads = None
+    try:
+        threads = int(next(x for x in Path("/proc/self/status").read_text().splitlines()
+                           if x.startswith("Threads:")).split()[1])
+    except (OSError, StopIteration):
+        pass
+    return {"process_threads": threads, "torch": "torch" in sys.modules, "onnxruntime": "onnxruntime" in sys.modules}
+
+
+def variant(name: str, bundle: str, threads: int, steps: int, warmup: int, n_ctx: int, prompt_len: int) -> dict:
+    """One engine of the --stock comparison (run in a fresh process: _variant_child) -> {tokens_per_s, ...}."""
+    if name in ("backend", "backend-onnx-vision", "backend-mtmd"):
+        r = bench_bundle(Path(bundle), threads, steps, warmup, mtmd=name == "backend-mtmd")
+    else:
+        man = json.loads((Path(bundle) / "edgemm.json").read_text())
+        dec = Path(bundle) / man["stages"]["decoder"]["file"]
+        mmproj = Path(bundle) / man["stages"]["vision"]["file"] if name == "plain-mtmd" else None
+        ctx = 512 if name == "plain-ctx512" else n_ctx
+        r = {"tokens_per_s": stock_loop(dec, threads, steps, warmup, ctx, prompt_len, mmproj), "n_ctx": ctx}
+    return {**r, **process_facts()}
+
+
+def _variant_child(name: str, bundle: Path, threads: int, steps: int, warmup: int, n_ctx: int,
+                   prompt_len: int) -> dict:
+    import subprocess
+    code = ("import json, sys; sys.path.insert(0, %r); from bench_gguf import variant; "
+            "print(json.dumps(variant(%r, %r, %d, %d, %d, %d, %d)))") % (
+        str(Path(__file__).parent), name, str(bundle), threads, steps, warmup, n_ctx, prompt_len)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed ({out.returncode}): {out.stderr[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fresh_rounds(bundle: Path, onnx_bundle: Path | None, a) -> dict:
+    """--stock: every engine in a fresh process per round, the order rotating round by round -> {name: [runs]}."""
+    first = _variant_child("backend", bundle, a.threads, a.steps, a.warmup, 0, 0)
+    n_ctx, rows = first["n_ctx"], first["prefill_rows"]
+    names = ["backend", "backend-mtmd", "plain", "plain-ctx512", "plain-mtmd"]
+    if onnx_bundle is not None:
+        names.append("backend-onnx-vision")
+    runs: dict = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            runs[n].append(_variant_child(n, onnx_bundle if n == "backend-onnx-vision" else bundle, a.threads,
+                                          a.steps, a.warmup, n_ctx, rows))
+    return runs
 
 
 def _child_run(bundle: Path, threads: int, steps: int, warmup: int, site: str | None) -> dict:
@@ -152,6 +222,10 @@ def main(argv=None) -> int:
                     "file (no edgemm code in the loop), interleaved with the backend, and print the ratio.")
     ap.add_argument("--onnx-vision", action="store_true", help="With --stock: also time the same decoder in a "
                     "bundle whose vision stage is ONNX (the process holding a warm ONNX Runtime session).")
+    ap.add_argument("--fresh", action="store_true", help="With --stock: every engine in a fresh process per round "
+                    "(the backend, with an mtmd context, with --onnx-vision an ONNX vision session; llama.cpp's loop "
+                    "at the backend's n_ctx, at n_ctx 512, with an mtmd context), the order rotating each round.")
+    ap.add_argument("--bundle", default=None, help="Time this GGUF bundle (no export; --precisions ignored).")
     ap.add_argument("--model", default="bench-0.5b")
     ap.add_argument("--precisions", default="f16,q8_0,q4_k_m")
     from edgemm.cpu import default_threads
@@ -170,8 +244,8 @@ def main(argv=None) -> int:
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, threads {a.threads}; "
           f"measured bandwidth {bw / 1e9:.1f} GB/s (512 MB float32 torch sum)")
     rows = []
-    for prec in a.precisions.split(","):
-        bundle = work / f"{Path(a.model).name}-{prec}"
+    for prec in a.precisions.split(",") if not a.bundle else ["bundle"]:
+        bundle = Path(a.bundle) if a.bundle else work / f"{Path(a.model).name}-{prec}"
         if not (bundle / "edgemm.json").exists():
             t = time.perf_counter()
             export_gguf(model=a.model, out=bundle, precision={"vision": "f16", "decoder": prec}, force=True,
@@ -197,6 +271,19 @@ def main(argv=None) -> int:
                      compare_build={"dir": a.compare_build, "tokens_per_s": med["other"],
                                     "variant": runs["other"][0]["variant"],
                                     "rounds": {n: [x["tokens_per_s"] for x in v] for n, v in runs.items()}})
+        elif a.stock and a.fresh:
+            runs = fresh_rounds(bundle, onnx_bundle if a.onnx_vision else None, a)
+            med = {n: float(np.median([x["tokens_per_s"] for x in v])) for n, v in runs.items()}
+            print(f"  {prec}: each engine in a fresh process per round, {a.rounds} rounds (order rotating), medians "
+                  f"(load average {os.getloadavg()[0]:.1f}):")
+            for n, v in runs.items():
+                f = v[0]
+                print(f"    {n:<20} {med[n]:8.2f} tok/s  {med[n] / med['plain']:.3f}x plain  (n_ctx {f.get('n_ctx')}, "
+                      f"{f.get('process_threads')} threads in the process, torch {f.get('torch')}, onnxruntime "
+                      f"{f.get('onnxruntime')})")
+            r = dict(runs["backend"][0], tokens_per_s=med["backend"], ms_per_token=1e3 / med["backend"],
+                     fresh={n: {"tokens_per_s": med[n], "rounds": [x["tokens_per_s"] for x in v]}
+                            for n, v in runs.items()})
         elif a.stock:
             ours, stock, with_ort = [], [], []
             for _ in range(a.rounds):
