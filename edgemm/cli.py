@@ -318,6 +318,9 @@ def doctor(bundle, device, json_path):
               "more get 503 with Retry-After.")
 @click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
               "runs between two decode steps of the running streams (default 16; 0: the whole prompt at once).")
+@click.option("--stream-interval", default=20.0, show_default=True, type=click.FloatRange(min=0), help="Milliseconds: "
+              "a streamed answer's text is sent at most this often, the tokens decoded meanwhile in one chunk (the "
+              "first token at once; 0: a chunk per token).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
@@ -341,8 +344,8 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @llama_options
 @handle_errors
-def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, api_key,
-          api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
+def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, stream_interval,
+          api_key, api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
           grace_period, use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
@@ -370,7 +373,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
     if not 0 <= grace_period < float("inf"):
         raise EdgemmError(f"--grace-period must be a number of seconds >= 0, not {grace_period}")
     limits = Limits(max_tokens=max_tokens, image_pixels=max_image_pixels, remote_hosts=tuple(remote_hosts),
-                    body_seconds=body_timeout, client_connections=max_client_connections)
+                    body_seconds=body_timeout, client_connections=max_client_connections,
+                    stream_interval=stream_interval / 1e3)
     if memory is not None or context is not None:
         from .memory import parse_size, served, serve_plan
         if use_ray or ray_config:

@@ -602,3 +602,40 @@ def test_streamed_events_coalesce_into_one_write_with_the_same_text():
     assert cb[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     assert cb[-2]["choices"][0]["finish_reason"] == "length"
     assert len([c for c in cs if c["choices"] and c["choices"][0]["delta"].get("content")]) == 4   # one a token
+
+
+def test_stream_interval_sends_the_tokens_of_an_interval_as_one_chunk():
+    """serve --stream-interval: tokens decoded within an interval of the last write go out together, the first at
+    once and the end without waiting out the interval; the text is the same."""
+    import asyncio
+    from edgemm.serve.routes_chat import Answer, Events, events
+
+    class FakeJob:
+        prompt_rows = 1
+
+        def cancel(self):
+            pass
+
+    async def run(interval):
+        q = Events(asyncio.get_running_loop())
+        a = Answer("m", FakeJob(), q, "id", 0)
+
+        def worker():
+            q.put("text", " t0", 1)
+            while q.items:                                   # the first token was taken (and written at once)
+                time.sleep(0.001)
+            for i in range(1, 40):
+                q.put("text", f" t{i}", i + 1)
+                time.sleep(0.001)
+            q.put("done", {"finish_reason": "length", "prompt_tokens": 1, "completion_tokens": 40}, 40)
+        t = threading.Thread(target=worker)
+        t.start()
+        chunks, t0 = [], time.perf_counter()
+        async for w in events(a, False, False, interval):
+            chunks += [json.loads(x[6:]) for x in w.split("\n\n") if x.startswith("data: {")]
+        t.join()
+        return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and
+                c["choices"][0]["delta"].get("content")], time.perf_counter() - t0
+    texts, took = asyncio.run(run(30.0))
+    assert texts == ["t0", "".join(f" t{i}" for i in range(1, 40))]     # the first at once, the rest with the end
+    assert took < 25                                                      # (the end did not wait out the interval)

@@ -148,6 +148,10 @@ class Events:
                 await asyncio.wait_for(self.ready.wait(), timeout)
             except asyncio.TimeoutError:
                 return []
+        return self.drain()
+
+    def drain(self) -> list:
+        """All events since the last take, without waiting."""
         with self.lock:
             self.ready.clear()
             self.woken = False
@@ -212,18 +216,26 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     return Answer(m.id, job, q, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), st.fmt)
 
 
-async def events(a: Answer, include_usage: bool, continuous: bool = False):
-    """The answer as server-sent events; a client that disconnects frees its slot."""
+async def events(a: Answer, include_usage: bool, continuous: bool = False, interval: float = 0.0):
+    """The answer as server-sent events; a client that disconnects frees its slot. interval (Limits.stream_interval):
+    after a write, the next waits until `interval` seconds have passed (the answer's end at once), so the tokens
+    decoded meanwhile go out as one chunk: fewer writes, and fewer chunks for the client to parse, per token."""
     from ..tools import ToolStream
     from .structured import call_deltas
     lead = True                      # the answer's leading space (" red"), stripped as when whole
     tools, calls = (ToolStream(a.fmt) if a.fmt else None), 0   # tool calls, streamed as OpenAI does (calls: opened)
     try:
         yield a.chunk({"role": "assistant", "content": ""})
-        end = False
+        end, loop, sent = False, asyncio.get_running_loop(), float("-inf")
         while not end:
+            evs = await a.q.take()
+            wait = sent + interval - loop.time()
+            while wait > 0 and not any(k != "text" for k, _, _ in evs):  # (the first text, and the end, at once)
+                if (more := await a.q.take(timeout=wait)):
+                    evs += more
+                wait = sent + interval - loop.time()
             out = []                              # the chunks of one batch of events: one write
-            for kind, data, n_out in merged(await a.q.take()):   # (n_out: the answer's tokens at that event)
+            for kind, data, n_out in merged(evs):   # (n_out: the answer's tokens at that event)
                 if kind in ("text", "done") and tools is not None:
                     evs = tools.feed(data) if kind == "text" else tools.finish()
                 else:
@@ -252,6 +264,7 @@ async def events(a: Answer, include_usage: bool, continuous: bool = False):
                     break
             if out:
                 yield "".join(out)
+                sent = loop.time()
         yield "data: [DONE]\n\n"
     finally:
         a.job.cancel()
@@ -299,7 +312,8 @@ def install_chat_route(app) -> None:
         a = await submit(pick_model(state, body.get("model")), body, state.limits)
         if body.get("stream"):
             state.metrics.request(200)
-            return StreamingResponse(events(a, usage, continuous_usage(body)), media_type="text/event-stream",
+            return StreamingResponse(events(a, usage, continuous_usage(body), state.limits.stream_interval),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         out = await whole(a, request)
         if out is None:
