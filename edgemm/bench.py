@@ -249,9 +249,27 @@ def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(No
             vis.append(t1 - t0)
             ttft.append((t1 - t0) + (t2 - t1b))
             tps.append(decode_steps / (t4 - t3))
+    ctx = (1 if tok.add_bos else 0) + rows.shape[1] + len(ids) + decode_steps / 2     # the decode steps' mean context
     return {"vision_ms": 1e3 * float(np.median(vis)), "ttft_ms": 1e3 * float(np.median(ttft)),
             "decode_tok_s": float(np.median(tps)), "decode_ms_per_token": 1e3 / float(np.median(tps)),
-            "image_rows": int(rows.shape[1]), "image_size": f"{img.shape[1]}x{img.shape[0]}"}
+            "image_rows": int(rows.shape[1]), "image_size": f"{img.shape[1]}x{img.shape[0]}",
+            "decode_context": ctx, "kv_bytes_per_step": kv_bytes_per_step(backend, ctx)}
+
+
+def kv_bytes_per_step(backend, context: float) -> int | None:
+    """Bytes of KV cache one decode step reads at `context` rows: K and V of every layer, at the backend's KV type
+    (ort / trt: the graphs' KV dtype; llamacpp: its cache type; torch: fp32). The roofline counts weights only;
+    `roofline_kv_*` adds these (at bench-0.5b's ~290 rows an fp32 cache is about a third of the weights' bytes)."""
+    c = backend.cfg.decoder
+    runner = getattr(backend, "runner", None)
+    if runner is not None and getattr(runner, "kv_type", None):
+        from .llamacpp import KV_TYPES
+        per = KV_TYPES[runner.kv_type][1]
+    else:
+        per = np.dtype(getattr(backend, "kv_dtype", np.float32)).itemsize
+    if c.cross_attn_every:
+        return None                         # (the image's cross K/V are read too: not counted here)
+    return int(2 * c.n_layers * c.cache_heads * c.head_dim * context * per)
 
 
 def _use_tiles(backend, setting, own) -> None:
@@ -401,6 +419,9 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
                 res["roofline_tok_s"] = bw / wb
                 if "decode_tok_s" in res:
                     res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
+                if res.get("kv_bytes_per_step") and "decode_tok_s" in res:     # weights + the KV cache read
+                    res["roofline_kv_tok_s"] = bw / (wb + res["kv_bytes_per_step"])
+                    res["roofline_kv_fraction"] = res["decode_tok_s"] / res["roofline_kv_tok_s"]
             results.append(res)
             if "error" in res:
                 log(f"{res['name']} / {be}: {res['error']}")
@@ -455,7 +476,8 @@ COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("recipe", "r
            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("image_rows", "image rows", "{}"),
            ("vision_ms", "vision ms", "{:.2f}"),
            ("ttft_ms", "TTFT ms", "{:.2f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
-           ("roofline_fraction", "of roofline", "{:.0%}"), ("accuracy", "accuracy", "{:.3f}"),
+           ("roofline_fraction", "of roofline", "{:.0%}"), ("roofline_kv_fraction", "+KV", "{:.0%}"),
+           ("accuracy", "accuracy", "{:.3f}"),
            ("top1_agreement", "top-1 agree", "{:.3f}"), ("mean_kl", "mean KL", "{:.2e}")]
 
 
@@ -472,7 +494,8 @@ def format_table(report: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     m = report["machine"]
     lines.append(f"machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads); bandwidth "
-                 f"{report['bandwidth_gb_s']:.1f} GB/s; roofline = bandwidth / weight bytes per decode step")
+                 f"{report['bandwidth_gb_s']:.1f} GB/s; roofline = bandwidth / weight bytes per decode step "
+                 "(+KV: weights + the KV cache a step reads at the decode's mean context)")
     return "\n".join(lines)
 
 
@@ -480,6 +503,7 @@ def write_csv(results: list, path) -> None:
     keys = ["name", "bundle", "target", "backend", "precision", "recipe", "size_mb", "peak_rss_mb", "image_rows", "image_size",
             "max_tiles", "vision_ms", "ttft_ms",
             "decode_tok_s", "decode_ms_per_token", "weight_bytes_per_step", "roofline_tok_s", "roofline_fraction",
+            "kv_bytes_per_step", "roofline_kv_fraction",
             "accuracy", "correct", "total", "top1_agreement", "mean_kl", "error"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")

@@ -38,6 +38,21 @@ def test_bench_end_to_end(bundles, tmp_path):
                   "mean_kl", "roofline_tok_s", "roofline_fraction", "weight_bytes_per_step"):
             assert r[k] is not None, k
     assert rows["fp32"]["mean_kl"] < 1e-6 and rows["fp32"]["top1_agreement"] == 1.0
+    # the KV cache a decode step reads (fp32, K and V of every layer) at the decode's mean context: bos, the image
+    # rows, the question, then half of the 2 timed steps
+    from edgemm import shapes
+    from edgemm.bundle import load_tokenizer, read_manifest
+    from edgemm.config import ModelConfig
+    man = read_manifest(bundles[0])
+    c = ModelConfig.from_dict(man["model"])
+    q = shapes.make_split("val", 1)[0][1].question
+    n_q = len(load_tokenizer(bundles[0], man, True).user_turn(q, first=True))
+    ctx = 1 + c.n_image_rows + n_q + 1
+    d = c.decoder
+    for r in rows.values():
+        assert r["kv_bytes_per_step"] == 2 * d.n_layers * (d.n_kv_heads or d.n_heads) * (d.d_model // d.n_heads) \
+            * ctx * 4
+        assert r["roofline_kv_fraction"] > r["roofline_fraction"]
     assert rows["int4"]["weight_bytes_per_step"] < rows["fp32"]["weight_bytes_per_step"] / 3
     assert rows["int4"]["size_mb"] < rows["fp32"]["size_mb"]
     for f in ("bench.json", "bench.csv", "bench.png"):
