@@ -28,10 +28,9 @@ token: a chunk covering m tokens (text held back until a UTF-8 character complet
 --vs-raw: one client's decode speed through the server against the backend's own decode loop on the same bundle
 (issue 34: a server that costs nothing per token). Rounds alternate: --requests streamed text requests
 (--max-tokens tokens, greedy, ignore_eos) to the server, whose rate is (completion tokens - 1) / (last chunk - first
-chunk) per request; then a fresh process opens the backend with the same --threads and runs the same prompt and
---max-tokens greedy steps --requests times (tokens after the first / their time). Printed: the medians and
-server / raw. EDGEMM_SERVE_ENV_A / _B (space-separated NAME=VALUE) start two servers that alternate too (A/B of a
-setting).
+chunk) per request, to two servers (the default --stream-interval of 20 ms and 0: a chunk per token, alternating);
+then a fresh process opens the backend with the same --threads and runs the same prompt and --max-tokens greedy
+steps --requests times (tokens after the first / their time). Printed: the medians and server / raw.
 """
 from __future__ import annotations
 
@@ -356,22 +355,22 @@ print(json.dumps(rates[1:]))
 
 
 def server_rates(url, model, n, max_tokens) -> list[float]:
-    """n streamed text requests one after another -> decode tok/s of each (tokens after the first chunk)."""
+    """n streamed text requests one after another -> decode tok/s of each: the tokens between the first and the
+    last content chunk (their counts from stream_options.continuous_usage_stats) over the time between them."""
     c = client_for(url)
     out = []
     for _ in range(n):
         first = last = None
-        usage = None
         for ch in c.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                            stream_options={"continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True},
                                             messages=[{"role": "user", "content": QUESTIONS[1]}]):
             now = time.perf_counter()
-            if ch.choices and ch.choices[0].delta.content:
-                first = first or now
-                last = now
-            usage = ch.usage or usage
-        if first is not None and last > first and usage:
-            out.append((usage.completion_tokens - 1) / (last - first))
+            if ch.choices and ch.choices[0].delta.content and ch.usage:
+                first = first or (now, ch.usage.completion_tokens)
+                last = (now, ch.usage.completion_tokens)
+        if first is not None and last[0] > first[0]:
+            out.append((last[1] - first[1]) / (last[0] - first[0]))
     return out
 
 
@@ -379,9 +378,8 @@ def vs_raw_only(a) -> int:
     """--vs-raw: one client through the server(s) against the backend's own loop in a fresh process, alternating."""
     import json
     import subprocess
-    envs = {k: dict(x.split("=", 1) for x in os.environ.get(f"EDGEMM_SERVE_ENV_{k}", "").split())
-            for k in ("A", "B") if f"EDGEMM_SERVE_ENV_{k}" in os.environ} or {"server": {}}
-    servers = {k: start_server(a, env) for k, env in envs.items()}
+    envs = {"--stream-interval 20 (default)": [], "--stream-interval 0": ["--stream-interval", "0"]}
+    servers = {k: start_server(a, extra=x) for k, x in envs.items()}
     try:
         model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id
         backend = a.backend or "auto"
@@ -398,10 +396,9 @@ def vs_raw_only(a) -> int:
               f"ignore_eos), {a.requests} requests a round, {a.rounds} rounds alternating (load average "
               f"{os.getloadavg()[0]:.1f})")
         print(f"  raw backend loop (fresh process): {raw:7.1f} tok/s (median of {len(runs['raw'])})")
-        for k, env in envs.items():
+        for k in envs:
             v = float(np.median(runs[k]))
-            print(f"  through the server{' ' + k + ' ' + str(env) if env else ''}: {v:7.1f} tok/s "
-                  f"(median of {len(runs[k])}), {v / raw:.3f}x raw")
+            print(f"  through the server, {k}: {v:7.1f} tok/s (median of {len(runs[k])}), {v / raw:.3f}x raw")
     finally:
         stop_servers(servers)
     return 0

@@ -617,8 +617,11 @@ def test_stream_interval_sends_the_tokens_of_an_interval_as_one_chunk():
             pass
 
     async def run(interval):
+        import types
         q = Events(asyncio.get_running_loop())
         a = Answer("m", FakeJob(), q, "id", 0)
+        real = q.loop.call_soon_threadsafe
+        q.loop = types.SimpleNamespace(call_soon_threadsafe=lambda *x: (wakes.append(1), real(*x)))
 
         def worker():
             q.put("text", " t0", 1)
@@ -636,6 +639,8 @@ def test_stream_interval_sends_the_tokens_of_an_interval_as_one_chunk():
         t.join()
         return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and
                 c["choices"][0]["delta"].get("content")], time.perf_counter() - t0
+    wakes = []
     texts, took = asyncio.run(run(30.0))
     assert texts == ["t0", "".join(f" t{i}" for i in range(1, 40))]     # the first at once, the rest with the end
     assert took < 25                                                      # (the end did not wait out the interval)
+    assert len(wakes) <= 3, len(wakes)      # the loop woken for t0, the next batch's first token and the end only

@@ -125,16 +125,17 @@ class Events:
     """A request's events from the engine's worker thread to the event loop, handed over in batches: put() appends
     (kind, data, n_out) and wakes the loop only when nothing is waiting already (one call_soon_threadsafe, so one
     self-pipe write, per batch, not per token); take() returns all that came since the last take. When the loop
-    falls behind the engine, the tokens that piled up go out as one chunk, in one write."""
+    falls behind the engine, the tokens that piled up go out as one chunk, in one write. While `quiet` (the stream
+    waits out its interval), text does not wake the loop at all; the answer's end still does."""
 
     def __init__(self, loop):
-        self.loop, self.items, self.lock, self.woken = loop, [], threading.Lock(), False
+        self.loop, self.items, self.lock, self.woken, self.quiet = loop, [], threading.Lock(), False, False
         self.ready = asyncio.Event()
 
     def put(self, kind, data, n_out) -> None:             # the worker thread
         with self.lock:
             self.items.append((kind, data, n_out))
-            if self.woken:
+            if self.woken or (self.quiet and kind == "text"):
                 return
             self.woken = True
         self.loop.call_soon_threadsafe(self.ready.set)
@@ -230,10 +231,13 @@ async def events(a: Answer, include_usage: bool, continuous: bool = False, inter
         while not end:
             evs = await a.q.take()
             wait = sent + interval - loop.time()
-            while wait > 0 and not any(k != "text" for k, _, _ in evs):  # (the first text, and the end, at once)
-                if (more := await a.q.take(timeout=wait)):
-                    evs += more
-                wait = sent + interval - loop.time()
+            if wait > 0 and all(k == "text" for k, _, _ in evs):     # (the first text, and the end, at once)
+                a.q.quiet = True                  # the interval's tokens wait without waking the loop
+                try:
+                    evs += await a.q.take(timeout=wait)               # (returns early for the answer's end)
+                finally:
+                    a.q.quiet = False
+                evs += a.q.drain()
             out = []                              # the chunks of one batch of events: one write
             for kind, data, n_out in merged(evs):   # (n_out: the answer's tokens at that event)
                 if kind in ("text", "done") and tools is not None:
