@@ -11,7 +11,8 @@ session while it decodes (its workers should sleep, not spin: runtimes/llamacpp_
 
 `--stock --fresh` runs every engine in a fresh process per round, the order rotating: the backend (also after an
 image through its mtmd context, and with --onnx-vision on the ONNX-vision bundle), llama.cpp's plain loop at the
-backend's n_ctx, at n_ctx 512 and with an mtmd context made first; printed with the threads each process holds.
+backend's n_ctx, at n_ctx 512, with an mtmd context made first, and with flash attention on (llama.cpp's own
+default, `-fa auto`, where the CPU has it); printed with the threads each process holds.
 
 `--compare-build DIR` times the same bundles with another llama-cpp-python build as well (DIR: a directory it was
 installed into with `pip install --target DIR --no-deps WHEEL`), each measurement in its own child process, the
@@ -97,7 +98,7 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int, mtmd: bool
 
 
 def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int, prompt_len: int = 300,
-               mmproj: Path | None = None) -> float:
+               mmproj: Path | None = None, flash_attn: bool = False) -> float:
     """llama.cpp's own low-level loop on the same file and context settings (f16 KV cache, flash attention off,
     as the backend for quantized bundles): a prompt of `prompt_len` tokens, then greedy single-token
     llama_decode steps reading the logits in place. -> tokens/s. No edgemm code inside the timed loop. mmproj: an
@@ -115,7 +116,7 @@ def stock_loop(decoder: Path, threads: int, steps: int, warmup: int, n_ctx: int,
     cp = ll.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, 1
     cp.n_threads = cp.n_threads_batch = threads
-    cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.no_perf = True
     ctx = ll.llama_init_from_model(model, cp)
     n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
@@ -167,7 +168,8 @@ def variant(name: str, bundle: str, threads: int, steps: int, warmup: int, n_ctx
         dec = Path(bundle) / man["stages"]["decoder"]["file"]
         mmproj = Path(bundle) / man["stages"]["vision"]["file"] if name == "plain-mtmd" else None
         ctx = 512 if name == "plain-ctx512" else n_ctx
-        r = {"tokens_per_s": stock_loop(dec, threads, steps, warmup, ctx, prompt_len, mmproj), "n_ctx": ctx}
+        r = {"tokens_per_s": stock_loop(dec, threads, steps, warmup, ctx, prompt_len, mmproj, name == "plain-fa"),
+             "n_ctx": ctx}
     return {**r, **process_facts()}
 
 
@@ -187,7 +189,7 @@ def fresh_rounds(bundle: Path, onnx_bundle: Path | None, a) -> dict:
     """--stock: every engine in a fresh process per round, the order rotating round by round -> {name: [runs]}."""
     first = _variant_child("backend", bundle, a.threads, a.steps, a.warmup, 0, 0)
     n_ctx, rows = first["n_ctx"], first["prefill_rows"]
-    names = ["backend", "backend-mtmd", "plain", "plain-ctx512", "plain-mtmd"]
+    names = ["backend", "backend-mtmd", "plain", "plain-ctx512", "plain-mtmd", "plain-fa"]
     if onnx_bundle is not None:
         names.append("backend-onnx-vision")
     runs: dict = {n: [] for n in names}
