@@ -69,7 +69,7 @@ CASES = [
     ("onnx", "int8", "decoder_text", r"^layers\.1\.text\.o\.weight_scale", neg),
     ("onnx", "int8", "decoder_image", r"^layers\.0\.vision\.qkv\.weight_scale", neg),
     ("onnx", I4, "decoder_text", r"^layers\.0\.text\.qkv\.weight_nbits", invert_nibbles),
-    ("onnx", I4, "decoder_image", r"^layers\.0\.vision\.qkv\.weight_scales", neg),
+    ("onnx", I4, "decoder_image", r"^layers\.0\.vision\.qkv\.weight_scale", neg),   # (int8-dyn there)
     ("trt", "fp16", "vision", LAST_MATMUL, neg),
     ("trt", "fp16", "decoder_text", r"^layers\.1\.text\.o\.weight", neg),
     ("trt", "fp16", "decoder_image", r"^layers\.1\.vision\.o\.weight", neg),
