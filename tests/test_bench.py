@@ -64,7 +64,7 @@ def test_bench_end_to_end(bundles, tmp_path):
     assert j["bandwidth_gb_s"] > 0
     t = format_table(rep)
     assert "int4" in t and "decode tok/s" in t and "recipe" in t
-    assert rows["int4"]["recipe"] == "int4" and rows["fp32"]["recipe"] == "fp32"
+    assert rows["int4"]["recipe"] == "int4/int8-dyn (vision int8-dyn)" and rows["fp32"]["recipe"] == "fp32"
 
 
 def test_bundle_recipe_from_the_manifest():
