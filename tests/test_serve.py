@@ -647,14 +647,14 @@ def test_stream_interval_sends_the_tokens_of_an_interval_as_one_chunk():
 
 
 def test_serve_cli_passes_the_stream_interval(monkeypatch):
-    """edgemm serve --stream-interval MS reaches the app's Limits in seconds (default 20 ms; 0: a chunk a token)."""
+    """edgemm serve --stream-interval MS reaches the app's Limits in seconds (default 0: a chunk a token)."""
     from click.testing import CliRunner
     import edgemm.serve as serve_mod
     from edgemm.cli import main
     got = []
     from edgemm.serve.api import Limits
     monkeypatch.setattr(serve_mod, "serve", lambda *a, **k: got.append(next(x for x in a if isinstance(x, Limits))))
-    for args, want in (([], 0.02), (["--stream-interval", "0"], 0.0), (["--stream-interval", "5"], 0.005)):
+    for args, want in (([], 0.0), (["--stream-interval", "20"], 0.02), (["--stream-interval", "5"], 0.005)):
         r = CliRunner().invoke(main, ["serve", "--model", "tiny-shapes"] + args)
         assert r.exit_code == 0, r.output
         assert got[-1].stream_interval == pytest.approx(want)

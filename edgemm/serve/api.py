@@ -23,7 +23,7 @@ class Limits:
     remote_seconds: float = 10.0
     body_seconds: float = 30.0              # a request's head, then its body, arrive within this (serve.clients)
     client_connections: int = 64            # open connections per client address (plain `edgemm serve`)
-    stream_interval: float = 0.02           # seconds: a streamed answer's text goes out at most this often, the
+    stream_interval: float = 0.0            # seconds: a streamed answer's text goes out at most this often, the
     #                                         tokens that came meanwhile in one chunk (0: a chunk per token)
 
 
