@@ -318,6 +318,9 @@ def doctor(bundle, device, json_path):
               "more get 503 with Retry-After.")
 @click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
               "runs between two decode steps of the running streams (default 16; 0: the whole prompt at once).")
+@click.option("--side-threads", default=None, type=click.IntRange(min=0), help="Threads of the worker that encodes "
+              "newcomers' images (and on torch and ort prefills their prompts) beside the decode loop (default: the "
+              "CPUs --threads leaves free, at least 1; 0: all of it in the decode loop, between its steps).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
@@ -341,8 +344,8 @@ def doctor(bundle, device, json_path):
               "`serve deploy` on a cluster, and exit.")
 @llama_options
 @handle_errors
-def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, api_key,
-          api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
+def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, side_threads,
+          api_key, api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
           grace_period, use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
@@ -407,7 +410,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, side_threads=side_threads,
+               kv_cache=kv_cache,
                mmproj_offload=mmproj_offload, **({"context": context} if context else {}))
 
 

@@ -37,13 +37,15 @@ def backend_class(name: str):
 
 def load_backend(name: str = "auto", model: str | None = None, bundle: str | None = None,
                  device: str = "auto", threads: int | None = None, log=None, slots: int = 1,
-                 kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None) -> Backend:
+                 kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None,
+                 vision_threads: int | None = None) -> Backend:
     """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why).
 
     slots: how many states will be live at once (a server's parallel slots); backends whose states share one
     native context (llamacpp) size it for them, the others hold any number of states anyway. kv_cache (f16, q8_0,
     q4_0) and mmproj_offload=False are llama.cpp's (--kv-cache, --no-mmproj-offload); a backend without them
-    refuses them in one line (kv_cache_refusal)."""
+    refuses them in one line (kv_cache_refusal). vision_threads: the vision stage's own threads where a backend
+    sizes them when it opens (ort, llamacpp; torch sets them on the thread that encodes: Backend.on_side_thread)."""
     from edgemm.errors import EdgemmError
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
@@ -72,6 +74,8 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
             kw[key] = val
     if context is not None and "context" in params:        # sized at opening (llama.cpp's n_ctx)
         kw["context"] = context
+    if vision_threads and "vision_threads" in params:
+        kw["vision_threads"] = vision_threads
     b = cls.open(model=model, bundle=bundle, device=device, threads=threads, log=log, **kw)
     if context is not None:                     # the others: the caches new states get (Backend.context_limit)
         b.context_limit = min(int(context), b.context_length)

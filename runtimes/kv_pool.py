@@ -5,7 +5,8 @@ prompt runs batch 1 with row r bound as past/present (a pointer into the buffer:
 `step` advances several states with one run of the batch-capable decoder_text: the rows lo..hi of the states
 are bound as one [n, K, capacity + 1, E] tensor and GroupQueryAttention reads and writes each row at its own
 seqlens_k. Rows in that range that sit the step out are fed a dummy token written just past the rows they hold
-(at `capacity`, the spare row, when they are full), so what they hold is untouched.
+(at `capacity`, the spare row, when they are full or busy: a prefill writing them on another thread, State.busy),
+so what they hold is untouched.
 
 A row is free when its state was released or is gone (weak references: a state dropped without `release`
 gives its row back).
@@ -115,7 +116,7 @@ class KVPool:
         pos.fill(0)
         for r in range(lo, lo + n):         # rows sitting out: the dummy row goes past what they hold
             o = self._owner(r)
-            seqlens[r - lo] = min(o.length, self.capacity) if o is not None else 0
+            seqlens[r - lo] = (self.capacity if o.busy else min(o.length, self.capacity)) if o is not None else 0
         for st, r, t in zip(states, rows, tokens):
             ids[r - lo, 0], pos[r - lo, 0], seqlens[r - lo] = t, st.pos, st.length
         arrs["total_sequence_length"][...] = int(seqlens.max()) + 1

@@ -17,6 +17,7 @@ from edgemm.errors import EdgemmError
 from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+VISION_STAGES = ("vision", "image_tokens")       # pixels / image tokens -> rows (vision_threads)
 
 
 def _import_ort():
@@ -97,7 +98,10 @@ class OrtBackend(SegmentRunner):
         return True, f"onnx bundle on onnxruntime {ort.__version__} (providers to try: {', '.join(provs)})"
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1,
+             vision_threads: int | None = None):
+        """vision_threads: intra-op threads of the stages that turn pixels / image tokens into rows (default
+        `threads`; edgemm serve runs them on its side worker beside the decode loop)."""
         from edgemm.bundle import load_tokenizer, read_manifest, stage_sources, verify_bundle
         from edgemm.config import ModelConfig
         if model is not None or bundle is None:
@@ -129,7 +133,8 @@ class OrtBackend(SegmentRunner):
         s8 = s8s8_stages(stages, names)
         if s8 and not s8s8_int8_exact():
             paths.update(cls._u8u8(paths, s8, log))
-        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
+        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8,
+                                           vision_threads=vision_threads)
         fp16 = [s for s in names if stages[s].get("precision") == "fp16" and stages[s].get("compute") != "fp16"]
         half = [s for s in names if stages[s].get("compute") == "fp16"]
         if fp16 and provider == "CPUExecutionProvider" and log:
@@ -167,14 +172,18 @@ class OrtBackend(SegmentRunner):
         return out
 
     @staticmethod
-    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads_or_default(threads)
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below
-        if disable_qdq_fusion:
-            so.add_session_config_entry("session.disable_quant_qdq", "1")
+    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False, vision_threads=None):
+        def options(n):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below
+            if disable_qdq_fusion:
+                so.add_session_config_entry("session.disable_quant_qdq", "1")
+            return so
+        so = options(threads_or_default(threads))
+        opts = {s: options(int(vision_threads)) if vision_threads and s in VISION_STAGES else so for s in paths}
         available = ort.get_available_providers()
         cands = provider_candidates(device, available)
         errors = []
@@ -183,7 +192,7 @@ class OrtBackend(SegmentRunner):
                               "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
             chain = list(dict.fromkeys(chain))
             try:
-                sessions = {s: ort.InferenceSession(p, so, providers=chain) for s, p in paths.items()}
+                sessions = {s: ort.InferenceSession(p, opts[s], providers=chain) for s, p in paths.items()}
             except Exception as e:  # a provider that fails to initialise: try the next one
                 errors.append(f"{prov}: {str(e).splitlines()[0][:160]}")
                 continue
@@ -337,6 +346,9 @@ class OrtBackend(SegmentRunner):
         self.sess["decoder_text"].run_with_iobinding(io)
         state.length = total
         return logits[0].copy()
+
+    def prefill_beside_why(self):
+        return None     # concurrent runs of a session are allowed; a pool row being prefilled sits steps out (busy)
 
     # ---- parallel slots (runtimes/kv_pool.py) ---------------------------------------------------
     def unbatched_why(self) -> str | None:
