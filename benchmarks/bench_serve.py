@@ -76,7 +76,12 @@ def start_server(args, env: dict | None = None, extra=()) -> tuple[subprocess.Po
 def stop_servers(servers: dict) -> None:
     for p, _ in servers.values():
         os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=30)
+    for p, _ in servers.values():            # (a server still draining after a minute is killed)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def peak_rss_mb(pid: int) -> float | None:

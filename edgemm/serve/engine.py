@@ -238,6 +238,9 @@ class Engine:
             self.cv.notify()
         self.thread.join(timeout=10)
         if self.side is not None:
+            for slot in self.slots:             # prefills on the side worker stop at their next piece
+                if slot.side is not None and slot.job is not None:
+                    slot.job.cancel()
             self.side.shutdown(wait=True, cancel_futures=True)
 
     # ---- the worker ----------------------------------------------------------------------------------
