@@ -185,7 +185,8 @@ _ESTIMATORS = {"ort": _ort, "llamacpp": _llamacpp, "torch": _torch, "trt": _trt}
 def memory_of(bundle=None, model=None, backend: str = "auto", device: str = "auto", kv_type: str | None = None,
               chunk: int | None = None, flash_attn: bool = False) -> ModelMemory:
     """A bundle or a model (directory or preset) as the planner sees it on `backend` ('auto': the one
-    edgemm.runtimes.pick_backend would pick). kv_type: llama.cpp's KV cache type (default: its backend's)."""
+    edgemm.runtimes.pick_backend would pick). kv_type: llama.cpp's KV cache type, or int8 on ort (default: the
+    backend's)."""
     from .config import ModelConfig
     if bundle is None:
         from .checkpoint import model_config
@@ -218,8 +219,8 @@ def memory_of(bundle=None, model=None, backend: str = "auto", device: str = "aut
         kv = kv_type or ("f32" if dec.get("precision") == "f32" else "f16")
     elif backend == "trt":
         kv = "f16"
-    else:
-        kv = "f16" if dec.get("compute") == "fp16" else "f32"
+    else:                                                    # (ort: the bundle's float type, or --kv-cache int8)
+        kv = "int8" if backend == "ort" and kv_type == "int8" else "f16" if dec.get("compute") == "fp16" else "f32"
     ctx = int(man.get("trt", {}).get("max_context") or cfg.decoder.max_seq_len) if backend == "trt" \
         else cfg.decoder.max_seq_len
     flash_attn = flash_attn or kv in ("q8_0", "q4_0")       # (the backend turns it on for a quantized cache)

@@ -65,6 +65,8 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
     import inspect
     params = inspect.signature(cls.open).parameters
     kw = {"slots": slots} if "slots" in params else {}
+    if kv_cache is not None and kv_cache not in getattr(cls, "kv_caches", ()):
+        raise EdgemmError(kv_cache_refusal(name, kv_cache))
     for key, val, default in (("kv_cache", kv_cache, None), ("mmproj_offload", mmproj_offload, True)):
         if val != default:
             if key not in params:
@@ -83,8 +85,12 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
 
 
 def kv_cache_refusal(name: str, kv_cache: str) -> str:
-    """Why --kv-cache is refused on a backend other than llamacpp, with the evidence for ONNX Runtime: whether the
-    installed version's GroupQueryAttention (the ort bundles' attention op) has a quantized-cache form at all."""
+    """Why a --kv-cache type is refused on a backend (Backend class attribute kv_caches: the types it takes), with
+    the evidence for ONNX Runtime: whether the installed version's GroupQueryAttention (the ort bundles' attention
+    op) has an int8-cache form at all."""
+    if name == "llamacpp":
+        return (f"--kv-cache {kv_cache} is the ort backend's (onnx bundles); llama.cpp's types are f32, f16, q8_0 and "
+                "q4_0")
     head = f"--kv-cache {kv_cache} applies to the llamacpp backend (gguf bundles); "
     if name != "ort":
         return head + f"the {name} backend keeps its KV cache in the model's float type"
@@ -93,9 +99,9 @@ def kv_cache_refusal(name: str, kv_cache: str) -> str:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
         gqa = next((x for x in get_all_operator_schema() if x.name == "GroupQueryAttention"), None)
         quant = gqa is not None and any(i.name == "k_scale" for i in gqa.inputs)
-        what = (f"ONNX Runtime {ort.__version__}'s GroupQueryAttention does take an int8 cache (k_scale / v_scale "
-                "inputs, k_quant_type), but edgemm's ort bundles are written with a float KV cache and no scales, "
-                "so there is no int8-KV graph to run yet" if quant else
+        what = (f"the ort backend takes --kv-cache int8 (ONNX Runtime {ort.__version__}'s GroupQueryAttention does "
+                "take an int8 cache: k_scale / v_scale inputs, k_quant_type; the scales are the bundle's) or the "
+                "bundle's float type" if quant else
                 f"ONNX Runtime {ort.__version__}'s GroupQueryAttention has no quantized KV cache (no k_scale / "
                 "v_scale inputs in its schema)")
     except ImportError:

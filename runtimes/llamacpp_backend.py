@@ -467,6 +467,7 @@ def use_gpu(ll, device: str, log=None) -> bool:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    kv_caches = tuple(KV_TYPES)             # --kv-cache
 
     def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1,
                  kv_cache: str | None = None, gpu: bool = False, mmproj_offload: bool = True,

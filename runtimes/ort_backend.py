@@ -71,6 +71,7 @@ def placement_line(stage: str, provider: str, off: dict[str, int]) -> str | None
 
 class OrtBackend(SegmentRunner):
     name = "ort"
+    kv_caches = ("f32", "f16", "int8")      # --kv-cache: the bundle's float type (named), or int8 (runtimes/ort_kv.py)
 
     def __init__(self, sessions, manifest, cfg, tokenizer, provider, bundle):
         self.sess, self.manifest, self.cfg, self.tokenizer = sessions, manifest, cfg, tokenizer
@@ -82,7 +83,8 @@ class OrtBackend(SegmentRunner):
         ids = next((i.shape for i in sessions["decoder_text"].get_inputs() if i.name == "input_ids"), [1])
         self.batched = isinstance(ids[0], str)        # decoder_text with a batch dimension (decode_batch)
         past = next((i.type for i in sessions["decoder_text"].get_inputs() if i.name == "past_key.0"), "")
-        self.kv_dtype = np.float16 if past == "tensor(float16)" else np.float32     # fp16 compute bundles
+        self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past, np.float32)   # fp16
+        # compute bundles; --kv-cache int8 (runtimes/ort_kv.py)
         self.slots, self._pool = 1, None
 
     # ---- opening -------------------------------------------------------------------
@@ -99,9 +101,10 @@ class OrtBackend(SegmentRunner):
 
     @classmethod
     def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1,
-             vision_threads: int | None = None):
+             vision_threads: int | None = None, kv_cache: str | None = None):
         """vision_threads: intra-op threads of the stages that turn pixels / image tokens into rows (default
-        `threads`; edgemm serve runs them on its side worker beside the decode loop)."""
+        `threads`; edgemm serve runs them on its side worker beside the decode loop). kv_cache "int8": the
+        decoder graphs rewritten to keep an int8 KV cache with the manifest's scales (runtimes/ort_kv.py)."""
         from edgemm.bundle import load_tokenizer, read_manifest, stage_sources, verify_bundle
         from edgemm.config import ModelConfig
         if model is not None or bundle is None:
@@ -133,6 +136,9 @@ class OrtBackend(SegmentRunner):
         s8 = s8s8_stages(stages, names)
         if s8 and not s8s8_int8_exact():
             paths.update(cls._u8u8(paths, s8, log))
+        if kv_cache == "int8":
+            from .ort_kv import int8_sources
+            paths.update(int8_sources(paths, man, cfg, bundle))
         sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8,
                                            vision_threads=vision_threads)
         fp16 = [s for s in names if stages[s].get("precision") == "fp16" and stages[s].get("compute") != "fp16"]
@@ -149,6 +155,10 @@ class OrtBackend(SegmentRunner):
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
         b = cls(sessions, man, cfg, tok, provider, bundle)
+        own = {np.float32: "f32", np.float16: "f16"}.get(b.kv_dtype)
+        if kv_cache not in (None, "int8", own):
+            raise EdgemmError(f"--kv-cache {kv_cache}: this bundle's KV cache is {own}; the ort backend takes "
+                              f"--kv-cache {own} (its own) or int8")
         b.slots = max(1, int(slots))      # states live at once: with a batched decoder_text, rows of one pool
         return b
 
@@ -245,7 +255,8 @@ class OrtBackend(SegmentRunner):
                               f"config says d_model {c.d_model}; re-export it")
 
     def describe(self) -> str:
-        return f"ort ({self.provider}) on {self.device}"
+        kv = "" if self.kv_dtype != np.int8 else ", KV cache int8"
+        return f"ort ({self.provider}) on {self.device}{kv}"
 
     # ---- state -------------------------------------------------------------------------
     def new_state(self, max_len: int | None = None) -> State:
