@@ -71,10 +71,12 @@ BACKENDS = ["torch", "ort", "llamacpp"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{backend: model id}: the shipped weights with the Hermes template (context raised to 2048: RoPE positions,
-    so the tools' prompt fits) as a checkpoint (torch) and a GGUF bundle (llamacpp); the shipped model itself in
-    its own Q:/A: format as `auto` serves it, its cached fp32 ONNX bundle (ort)."""
+    so the tools' prompt fits) as a checkpoint (torch), an fp32 ONNX bundle (ort, the tool-call tests) and a GGUF
+    bundle (llamacpp); the shipped model itself in its own Q:/A: format as `auto` serves it, its cached fp32 ONNX
+    bundle (ort, the others)."""
     from edgemm.checkpoint import DEMO_DIR
     from edgemm.export.gguf import export_gguf
+    from edgemm.export.onnx import export_onnx
     root = tmp_path_factory.mktemp("structured")
     ckpt = root / "hermes"
     shutil.copytree(DEMO_DIR, ckpt)
@@ -83,6 +85,8 @@ def models(tmp_path_factory):
     cfg["decoder"]["max_seq_len"] = 2048
     (ckpt / "config.json").write_text(json.dumps(cfg))
     out, bundles = {"torch": "hermes", "ort": "tiny-shapes"}, []
+    export_onnx(model=str(ckpt), out=root / "hermes-onnx", precision="fp32", threads=1, log=None, seed=1)
+    bundles.append(str(root / "hermes-onnx"))
     if HAVE_LLAMA:
         export_gguf(model=str(ckpt), out=root / "hermes-gguf", precision={"vision": "f32", "decoder": "f32"}, log=None)
         bundles.append(str(root / "hermes-gguf"))
@@ -98,7 +102,7 @@ def server(models):
                      f"serve(models={models[1]!r}, bundles={models[2]!r}, threads=1, port={{port}}, parallel=2, "
                      "limits=Limits(max_tokens=200))"))
     try:
-        for backend, m in models[0].items():         # each on the backend its tests name
+        for backend, m in [*models[0].items(), ("ort", "hermes-onnx")]:     # each on the backend its tests name
             assert f"serving {m}: {backend}" in s.log(), s.log()
         yield s
     finally:
@@ -107,10 +111,7 @@ def server(models):
 
 
 def _tools_model(models, backend):
-    if backend == "ort":
-        pytest.skip("the ort model here is the shipped one in its own Q:/A: format, which has no tools "
-                    "(the tool path above the backends is the one torch and llamacpp run)")
-    return _model(models, backend)
+    return "hermes-onnx" if backend == "ort" else _model(models, backend)     # (the Hermes template: tools)
 
 
 def _model(models, backend):
