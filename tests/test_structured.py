@@ -333,3 +333,42 @@ def test_call_grammar_forces_a_valid_call_in_each_form(fmt):
         content, calls = parse_calls(fmt, ans.text)
         assert content == "" and len(calls) == 1, ans.text
         jsonschema.validate(json.loads(calls[0]["arguments"]), params[calls[0]["name"]])
+
+
+@pytest.mark.parametrize("fmt,lead", [("hermes", "Let me look. <tool_call>"), ("hermes", "Ok <tool_call>\n{\"na"),
+                                      ("mistral", None)])
+def test_auto_switches_the_call_grammar_on_when_a_call_opens(fmt, lead):
+    """tool_choice auto: the answer is free (here: logits that spell `lead`) until the model opens a call; from
+    there sampling noise is masked to a valid call, whether the opening ended a token or sat inside one (the text
+    after it fed to the grammar), or is Mistral's special [TOOL_CALLS] token (not in the decoded text). Without
+    the trigger the same noise gives no call."""
+    import jsonschema
+    import numpy as np
+    from tokenizers import AddedToken
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.generation import AnswerStream, GenerationConfig
+    from edgemm.tokenizer import Tokenizer
+    from edgemm.tools import call_trigger, parse_calls
+    tok = Tokenizer.load(DEMO_DIR / "tokenizer.json")
+    tok.tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    v = tok.vocab_size
+    trig = call_trigger(tok, [WEATHER, TIME], fmt, parallel=False)
+    lead_ids = tok.encode(lead) if lead else [tok.tok.token_to_id("[TOOL_CALLS]")]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for seed in range(3):
+        for trigger in (trig, None):
+            rng = np.random.default_rng(seed)
+            ans = AnswerStream(tok, GenerationConfig(max_new_tokens=300, temperature=1.0, seed=seed, trigger=trigger))
+            done, n = False, 0
+            while not done:
+                x = rng.normal(size=v).astype(np.float32)
+                if n < len(lead_ids):
+                    x[lead_ids[n]] = 1e4                  # the model writes the lead
+                done, n = ans.push(x)[1], n + 1
+            content, calls = parse_calls(fmt, ans.text)
+            if trigger is None:
+                assert not calls
+                continue
+            assert ans.finish_reason == "stop" and len(calls) == 1, ans.text
+            assert content.strip() == ((lead or "").split("<tool_call>")[0]).strip()
+            jsonschema.validate(json.loads(calls[0]["arguments"]), params[calls[0]["name"]])
