@@ -9,6 +9,10 @@ from .blocks.params import PARTS, param_part
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
 
+# bytes per stored KV value: q8_0 blocks hold 32 values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18
+KV_TYPE_BYTES = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
+                 "int8": 1.0, "fp8": 1.0}
+
 # bytes per weight; int4 (MatMulNBits block 128, fp32 scales) and GGUF types include their block scales
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128,
                     "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k_m": 176 / 256, "q4_k_m": 144 / 256, "q4_0": 18 / 32}
@@ -153,7 +157,6 @@ def kv_cache_lines(cfg: ModelConfig, kv_cache: str, contexts=None, base: str = "
                    runtime: str = "llama.cpp") -> list[str]:
     """The KV cache at a type per context, beside the `base` type (q8_0: 34 bytes per 32 values, q4_0: 18, int8:
     1)."""
-    from .memory import KV_TYPE_BYTES
     per, ref = KV_TYPE_BYTES[kv_cache], KV_TYPE_BYTES[base]
     contexts = list(contexts or dict.fromkeys((512, cfg.decoder.max_seq_len)))
     return [f"KV cache at {kv_cache} ({runtime}, {per:g} bytes per value; {base}: {ref:g}):"] + [

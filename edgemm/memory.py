@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgemmError
+from .info import KV_TYPE_BYTES                 # bytes per stored KV value, by type name
 
 MiB, GiB = 1 << 20, 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
           "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40}
-# bytes per stored KV value: q8_0 blocks hold 32 values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18
-KV_TYPE_BYTES = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
-                 "int8": 1.0, "fp8": 1.0}
 ORT_LOAD_FACTOR = 2.53          # resident bytes per byte of stage file, sessions opened from the bytes (measured)
 RUNTIME = {"ort": 16 * MiB, "trt": 16 * MiB, "llamacpp": 32 * MiB, "torch": 96 * MiB}    # measured (VmHWM)
 LIBRARIES = {"ort": 56 * MiB, "trt": 56 * MiB, "llamacpp": 44 * MiB, "torch": 220 * MiB}   # measured imports

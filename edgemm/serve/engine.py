@@ -248,9 +248,8 @@ class Engine:
         job = slot.job
         if slot.pieces is not None and slot.side is None:
             slot.pieces.close()
-        for key, fut in slot.encodes.items():   # encodes no other slot waits for: dropped (or their rows, if running)
-            if not any(s.encodes.get(key) is fut for s in self.slots if s is not slot):
-                fut.cancel()
+        for fut in slot.encodes.values():       # its encodes not begun are dropped (running: their rows are)
+            fut.cancel()
         slot.job, slot.ans, slot.pieces, slot.encodes, slot.blocked = None, None, None, {}, None
         if error is None and slot.fed and slot.state is not None:        # the answer is in the cache too
             slot.held.append((("gen", tuple(slot.fed)), slot.state.length, slot.state.pos))
@@ -271,6 +270,10 @@ class Engine:
         pixels, ins = job.pixels[index], job.instructions[index] if job.instructions else ()
         return pixels.video_rows(self.b, ins) if hasattr(pixels, "video_rows") \
             else self.b.vision(pixels, *ins) if ins else encode_pixels(self.b, pixels)
+
+    def _side_encode(self, job: Job, index: int):
+        """_encode on the side worker, unless the request was cancelled while it waited there (None)."""
+        return None if job.cancelled.is_set() else self._encode(job, index)
 
     def _keep_rows(self, key: str, rows) -> None:
         self.rows_cache[key] = rows
@@ -301,12 +304,8 @@ class Engine:
         if self.side is not None:                # the images encoded on the side worker, from now on
             for (kind, data), key in zip(job.segments[k:], segment_keys(job)[k:]):
                 if kind == "image" and key[1] not in self.rows_cache and key[1] not in slot.encodes:
-                    fut = next((s.encodes[key[1]] for s in self.slots if key[1] in s.encodes
-                                and not s.encodes[key[1]].cancelled()), None)        # (another slot's, same image)
-                    if fut is None:
-                        fut = self.side.submit(self._encode, job, data)
-                        fut.add_done_callback(self._wake)
-                    slot.encodes[key[1]] = fut
+                    fut = slot.encodes[key[1]] = self.side.submit(self._side_encode, job, data)
+                    fut.add_done_callback(self._wake)
         if not self.prefill_chunk:
             self._first(slot, job, _drive(slot.pieces))
 
@@ -339,6 +338,8 @@ class Engine:
                     data = self.rows_cache[key[1]]
                 else:                            # (here: one piece, bounded by --max-image-pixels)
                     data, ran = (fut.result(), ran) if fut is not None else (self._encode(job, data), True)
+                    if data is None:             # (the side worker skipped it: cancelled meanwhile)
+                        return None
                     if not job.cancelled.is_set():
                         self._keep_rows(key[1], data)
                     if ran:
