@@ -17,9 +17,12 @@ default) and one reusing whole segments only (EDGEMM_PROMPT_REUSE=segments), con
 them --rounds times. Printed: the TTFT of each turn on both and the prompt tokens it carries.
 
 --arrivals S: prefill that does not stall decoding (issue 31). 3 streams decode --max-tokens tokens each while a new
-image request (4 tokens; each a different image, so none is served from the prompt cache) arrives every S seconds, against two servers started here, one prefilling a newcomer's
-whole prompt before the next decode step (--prefill-chunk 0) and one in pieces of --prefill-chunk rows between
-the streams' steps; each round measures both servers without arrivals, then with them (servers alternating).
+image request (4 tokens; each a different image, so none is served from the prompt cache) arrives every S seconds,
+against three servers started here: one prefilling a newcomer's whole prompt before the next decode step
+(--prefill-chunk 0 --side-threads 0), one in pieces of --prefill-chunk rows between the streams' steps, the image
+encode one piece among them (--side-threads 0), and one with its side worker (--side-threads, default the server's:
+the encode, and on torch / ort the whole prefill, on another thread beside the decode loop); each round measures
+every server without arrivals, then with them (servers alternating).
 Printed: the median gap between the streams' tokens without arrivals, their p50 / p95 / max gap with arrivals,
 and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
 their first token until the first finishes; the newcomers still running then are closed (cancelled). Gaps are per
@@ -80,7 +83,12 @@ def start_server(args, env: dict | None = None, extra=()) -> tuple[subprocess.Po
 def stop_servers(servers: dict) -> None:
     for p, _ in servers.values():
         os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=30)
+    for p, _ in servers.values():            # (a server still draining after a minute is killed)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -283,8 +291,11 @@ def gaps_with_arrivals(url, model, every, max_tokens) -> list[float]:
 
 def arrivals_only(a) -> int:
     """--arrivals: the running streams' token gaps with newcomers arriving, unchunked vs chunked prefill."""
-    names = {"unchunked": 0, f"chunk {a.prefill_chunk}": a.prefill_chunk}
-    servers = {m: start_server(a, extra=["--prefill-chunk", str(n)]) for m, n in names.items()}
+    side = [] if a.side_threads is None else ["--side-threads", str(a.side_threads)]
+    names = {"unchunked": ["--prefill-chunk", "0", "--side-threads", "0"],
+             f"chunk {a.prefill_chunk}": ["--prefill-chunk", str(a.prefill_chunk), "--side-threads", "0"],
+             f"{a.prefill_chunk}+side": ["--prefill-chunk", str(a.prefill_chunk)] + side}
+    servers = {m: start_server(a, extra=x) for m, x in names.items()}
     try:
         model = a.model or client_for(servers["unchunked"][1]).models.list().data[0].id
         calm, busy = {m: [] for m in servers}, {m: [] for m in servers}
@@ -426,6 +437,8 @@ def main(argv=None) -> int:
                     "turn with token-level against whole-segment prompt reuse (two servers started here).")
     ap.add_argument("--arrivals", type=float, default=None, help="3 streams decoding while a new image request "
                     "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
+    ap.add_argument("--side-threads", type=int, default=None, help="--arrivals: the side-worker server's "
+                    "--side-threads (default: the server's own)")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "
                     "--prefill-chunk.")
     ap.add_argument("--vs-raw", action="store_true", help="One client through the server against the backend's "

@@ -58,7 +58,9 @@ def model_options(fn):
 
 
 KV_HELP = ("llamacpp backend: the KV cache type (default: f32 for an f32 decoder, else f16); q8_0 / q4_0 turn on "
-           "flash attention, which llama.cpp's quantized V cache needs. Other backends refuse it.")
+           "flash attention, which llama.cpp's quantized V cache needs. ort backend: int8 (ONNX Runtime's "
+           "GroupQueryAttention keeps the cache in int8, with scales fitted at export) or the bundle's float type. "
+           "Other backends refuse it.")
 MMPROJ_HELP = ("llamacpp backend on a GPU: keep the projector (mmproj) on the CPU, as llama-server's "
                "--no-mmproj-offload (frees GPU memory for layers and KV).")
 
@@ -262,7 +264,8 @@ def eval_cmd(model, bundle, backend, device, threads, kv_cache, mmproj_offload, 
 @click.option("--bundle", default=None, type=click.Path(), help="An exported bundle directory.")
 @click.option("--context", "contexts", multiple=True, type=int, help="Context lengths for the KV cache estimate.")
 @click.option("--kv-cache", default=None, type=click.Choice(KV_CHOICES), help="Also the KV cache bytes at this "
-              "llama.cpp type (gguf bundles; --kv-cache of run, chat, serve).")
+              "llama.cpp type (gguf bundles), or at int8 (onnx bundles, the ort backend's); --kv-cache of run, chat, "
+              "serve.")
 @click.option("--parallel", default=None, type=int, help="Plan memory as `edgemm serve --parallel P` holds it: "
               "weights + vision + KV of P slots at each --context + working buffers, per the bundle's backend.")
 @click.option("--memory", default=None, help="Also the most slots (and context) that fit this budget (6GiB, 6G, "
@@ -321,6 +324,9 @@ def doctor(bundle, device, json_path):
 @click.option("--stream-interval", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Milliseconds: "
               "a streamed answer's text is sent at most this often, the tokens decoded meanwhile in one chunk (the "
               "first token at once; 0: a chunk per token, measured as fast as 20 ms with one client).")
+@click.option("--side-threads", default=None, type=click.IntRange(min=0), help="Threads of the worker that encodes "
+              "newcomers' images (and on torch and ort prefills their prompts) beside the decode loop (default: the "
+              "CPUs --threads leaves free, at least 1; 0: all of it in the decode loop, between its steps).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")
@@ -345,7 +351,7 @@ def doctor(bundle, device, json_path):
 @llama_options
 @handle_errors
 def serve(models, bundles, backend, device, threads, host, port, parallel, max_queue, prefill_chunk, stream_interval,
-          api_key, api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
+          side_threads, api_key, api_key_file, metrics, max_tokens, max_image_pixels, remote_hosts, body_timeout, max_client_connections,
           grace_period, use_ray, replicas, autoscale, ray_config, kv_cache, mmproj_offload, context, memory):
     """Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, /v1/models, /health,
     /tokenize, /metrics).
@@ -411,7 +417,8 @@ def serve(models, bundles, backend, device, threads, host, port, parallel, max_q
         ray_app.run(args, host, port, log=_err)
         return
     run_server(models, bundles, backend, device, threads, host, port, parallel, max_queue, api_key, metrics,
-               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+               limits, log=_err, grace=grace_period, prefill_chunk=prefill_chunk, side_threads=side_threads,
+               kv_cache=kv_cache,
                mmproj_offload=mmproj_offload, **({"context": context} if context else {}))
 
 
@@ -695,8 +702,9 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads,
 @click.option("--max-tiles", default=None, help="Any-resolution (LLaVA-NeXT) bundles: tile budgets to compare, "
               "comma-separated, 'default' = the bundle's own (e.g. 1,default): one row each, timed in interleaved "
               "rounds.")
-@click.option("--kv-cache", "kv_caches", multiple=True, type=click.Choice(KV_CHOICES), help="llamacpp backend: "
-              "KV cache types to compare (repeatable: one row each, accuracy included; default: the backend's).")
+@click.option("--kv-cache", "kv_caches", multiple=True, type=click.Choice(KV_CHOICES), help="llamacpp / ort "
+              "backends: KV cache types to compare (repeatable: one row each, accuracy included; default: the "
+              "backend's; ort: f32 and int8).")
 @handle_errors
 def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out,
           max_tiles, kv_caches):

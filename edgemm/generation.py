@@ -19,6 +19,9 @@ class GenerationConfig:
     stop: tuple = ()                # stop strings (not included in the answer)
     ignore_eos: bool = False        # keep going past </s> until max_new_tokens (benchmarks, load tests)
     grammar: object = None          # edgemm.grammar.Grammar: only the tokens it allows are sampled
+    trigger: tuple | None = None    # (text, Grammar, token id | None): that grammar from the point the answer's text
+                                    # holds `text` (or that token is sampled) on (tool_choice auto: a call's opening
+                                    # tag; edgemm.tools.call_trigger)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -109,6 +112,7 @@ class AnswerStream:
         self.unfed: list[int] = []
         self.finish_reason: str | None = None
         self.constraint = gen.grammar.start() if gen.grammar is not None else None
+        self.trigger = gen.trigger if gen.grammar is None else None
 
     @property
     def text(self) -> str:
@@ -118,6 +122,17 @@ class AnswerStream:
         piece = self.stream.text[self.emitted:]
         self.emitted = len(self.stream.text)
         return piece
+
+    def _triggered(self, t: int) -> None:
+        """Switch the trigger's grammar on once the text holds its text (or its token was sampled), fed what
+        follows it in the text so far (llguidance matches bytes: any tokenization of them does)."""
+        text, grammar, tid = self.trigger
+        at = len(self.stream.text) if t == tid else self.stream.text.find(text)
+        if at < 0:
+            return
+        self.trigger, self.constraint = None, grammar.start()
+        for i in self.tok.encode(self.stream.text[at + len(text):] if t != tid else ""):
+            self.constraint.accept(i)
 
     def push(self, logits) -> tuple[str, bool]:
         c = self.constraint                  # a grammar: the tokens it forbids are never sampled
@@ -130,6 +145,8 @@ class AnswerStream:
         self.stream.add(t)
         if c is not None:
             c.accept(t)
+        elif self.trigger is not None:
+            self._triggered(t)
         hits = [self.stream.text.find(x) for x in self.stops if x in self.stream.text]
         if hits:
             self.stream.text = self.stream.text[:min(hits)]

@@ -9,6 +9,10 @@ from .blocks.params import PARTS, param_part
 from .config import ModelConfig, get_preset
 from .errors import EdgemmError
 
+# bytes per stored KV value: q8_0 blocks hold 32 values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18
+KV_TYPE_BYTES = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
+                 "int8": 1.0, "fp8": 1.0}
+
 # bytes per weight; int4 (MatMulNBits block 128, fp32 scales) and GGUF types include their block scales
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128,
                     "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k_m": 176 / 256, "q4_k_m": 144 / 256, "q4_0": 18 / 32}
@@ -122,7 +126,8 @@ def describe_config(cfg: ModelConfig, source: str, contexts=None, counts: dict |
 
 
 def describe(model: str | None = None, bundle: str | None = None, contexts=None, kv_cache: str | None = None) -> str:
-    """kv_cache: also the KV cache at llama.cpp's type (f16, q8_0, q4_0) per context, beside f16."""
+    """kv_cache: also the KV cache at llama.cpp's type (f16, q8_0, q4_0) per context, beside f16; on an onnx bundle
+    at int8 (the ort backend's --kv-cache int8) beside the bundle's float type."""
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
     if bundle:
@@ -130,10 +135,16 @@ def describe(model: str | None = None, bundle: str | None = None, contexts=None,
         if kv_cache:
             from .bundle import read_manifest
             m = read_manifest(bundle)
-            if m.get("target") != "gguf":
-                raise EdgemmError(f"--kv-cache is llama.cpp's (gguf bundles); {bundle} is a {m.get('target')} bundle, "
-                                  "whose KV cache is the model's float type")
-            lines += kv_cache_lines(ModelConfig.from_dict(m["model"]), kv_cache, contexts)
+            cfg = ModelConfig.from_dict(m["model"])
+            if m.get("target") == "onnx" and kv_cache == "int8":
+                own = "f16" if m["stages"].get("decoder_text", {}).get("compute") == "fp16" else "f32"
+                lines += kv_cache_lines(cfg, kv_cache, contexts, base=own, runtime="ort")
+            elif m.get("target") != "gguf":
+                raise EdgemmError(f"--kv-cache {kv_cache} is llama.cpp's (gguf bundles) or, int8, the ort backend's "
+                                  f"(onnx bundles); {bundle} is a {m.get('target')} bundle, whose KV cache is the "
+                                  "model's float type")
+            else:
+                lines += kv_cache_lines(cfg, kv_cache, contexts)
         return "\n".join(lines)
     from .checkpoint import model_config
     cfg, source, path = model_config(model)
@@ -142,14 +153,15 @@ def describe(model: str | None = None, bundle: str | None = None, contexts=None,
                                                                        if kv_cache else []))
 
 
-def kv_cache_lines(cfg: ModelConfig, kv_cache: str, contexts=None) -> list[str]:
-    """The KV cache at a llama.cpp type per context, beside f16 (q8_0: 34 bytes per 32 values, q4_0: 18)."""
-    from .llamacpp import KV_TYPES
-    per = KV_TYPES[kv_cache][1]
+def kv_cache_lines(cfg: ModelConfig, kv_cache: str, contexts=None, base: str = "f16",
+                   runtime: str = "llama.cpp") -> list[str]:
+    """The KV cache at a type per context, beside the `base` type (q8_0: 34 bytes per 32 values, q4_0: 18, int8:
+    1)."""
+    per, ref = KV_TYPE_BYTES[kv_cache], KV_TYPE_BYTES[base]
     contexts = list(contexts or dict.fromkeys((512, cfg.decoder.max_seq_len)))
-    return [f"KV cache at {kv_cache} (llama.cpp, {per:g} bytes per value; f16: 2):"] + [
-        f"  ctx {c:>6}  {_fmt(kv_cache_bytes(cfg, c, per)):>10}  (f16 {_fmt(kv_cache_bytes(cfg, c)):>10}, "
-        f"{per / 2:.2f}x)" for c in contexts]
+    return [f"KV cache at {kv_cache} ({runtime}, {per:g} bytes per value; {base}: {ref:g}):"] + [
+        f"  ctx {c:>6}  {_fmt(kv_cache_bytes(cfg, c, per)):>10}  ({base} {_fmt(kv_cache_bytes(cfg, c, ref)):>10}, "
+        f"{per / ref:.2f}x)" for c in contexts]
 
 
 def describe_bundle(bundle: str, contexts=None) -> list[str]:

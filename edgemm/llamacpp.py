@@ -207,7 +207,7 @@ def load_llama_cpp(verbose: bool = False):
 # --kv-cache: llama.cpp's KV types -> (GGML_TYPE_* of llama_cpp.py, bytes per stored value: q8_0 blocks hold 32
 # values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18 (an f16 scale + 32 nibbles))
 KV_TYPES = {"f32": (0, 4.0), "f16": (1, 2.0), "q8_0": (8, 34 / 32), "q4_0": (2, 18 / 32)}
-KV_CHOICES = ("f16", "q8_0", "q4_0")
+KV_CHOICES = ("f16", "q8_0", "q4_0", "f32", "int8")     # (the CLI's; int8 and f32 for the ort backend too)
 KV_BLOCK = 32                 # values per q8_0 / q4_0 block: a row (one head's K or V) must be a multiple
 # llama_context's check (src/llama-context.cpp): a quantized V cache is refused without flash attention
 QUANTIZED_V_NEEDS_FA = "llama.cpp's quantized V cache needs flash attention"

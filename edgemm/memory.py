@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgemmError
+from .info import KV_TYPE_BYTES                 # bytes per stored KV value, by type name
 
 MiB, GiB = 1 << 20, 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
           "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40}
-# bytes per stored KV value: q8_0 blocks hold 32 values in 34 bytes (an f16 scale + 32 int8), q4_0 in 18
-KV_TYPE_BYTES = {"f32": 4.0, "fp32": 4.0, "f16": 2.0, "fp16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
-                 "int8": 1.0, "fp8": 1.0}
 ORT_LOAD_FACTOR = 2.53          # resident bytes per byte of stage file, sessions opened from the bytes (measured)
 RUNTIME = {"ort": 16 * MiB, "trt": 16 * MiB, "llamacpp": 32 * MiB, "torch": 96 * MiB}    # measured (VmHWM)
 LIBRARIES = {"ort": 56 * MiB, "trt": 56 * MiB, "llamacpp": 44 * MiB, "torch": 220 * MiB}   # measured imports
@@ -185,7 +183,8 @@ _ESTIMATORS = {"ort": _ort, "llamacpp": _llamacpp, "torch": _torch, "trt": _trt}
 def memory_of(bundle=None, model=None, backend: str = "auto", device: str = "auto", kv_type: str | None = None,
               chunk: int | None = None, flash_attn: bool = False) -> ModelMemory:
     """A bundle or a model (directory or preset) as the planner sees it on `backend` ('auto': the one
-    edgemm.runtimes.pick_backend would pick). kv_type: llama.cpp's KV cache type (default: its backend's)."""
+    edgemm.runtimes.pick_backend would pick). kv_type: llama.cpp's KV cache type, or int8 on ort (default: the
+    backend's)."""
     from .config import ModelConfig
     if bundle is None:
         from .checkpoint import model_config
@@ -218,8 +217,8 @@ def memory_of(bundle=None, model=None, backend: str = "auto", device: str = "aut
         kv = kv_type or ("f32" if dec.get("precision") == "f32" else "f16")
     elif backend == "trt":
         kv = "f16"
-    else:
-        kv = "f16" if dec.get("compute") == "fp16" else "f32"
+    else:                                                    # (ort: the bundle's float type, or --kv-cache int8)
+        kv = "int8" if backend == "ort" and kv_type == "int8" else "f16" if dec.get("compute") == "fp16" else "f32"
     ctx = int(man.get("trt", {}).get("max_context") or cfg.decoder.max_seq_len) if backend == "trt" \
         else cfg.decoder.max_seq_len
     flash_attn = flash_attn or kv in ("q8_0", "q4_0")       # (the backend turns it on for a quantized cache)

@@ -45,22 +45,37 @@ def call_schema(tool: dict, fmt: str) -> dict:
             "required": ["name", key], "additionalProperties": False}
 
 
-def call_grammar(tok, tools: list, fmt: str, parallel: bool = True):
+TRIGGERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}     # a call's opening, in the answer's text
+
+
+def call_trigger(tok, tools: list, fmt: str, parallel: bool = True) -> tuple | None:
+    """tool_choice auto: (the text that opens a call, the grammar of the rest of the calls, that text's token id
+    where the vocabulary has it as one token: a special token's text is not in the decoded answer) for
+    GenerationConfig.trigger: the answer is free until the model opens a call, which is then forced valid (None:
+    a form whose calls have no opening text, llama3's bare JSON)."""
+    if fmt not in TRIGGERS:
+        return None
+    text = TRIGGERS[fmt]
+    return text, call_grammar(tok, tools, fmt, parallel, opened=True), tok.tok.token_to_id(text)
+
+
+def call_grammar(tok, tools: list, fmt: str, parallel: bool = True, opened: bool = False):
     """A grammar (edgemm.grammar.Grammar) whose sentences are calls of `tools` in form `fmt`: one, or with
-    `parallel` up to four (hermes, mistral)."""
+    `parallel` up to four (hermes, mistral); opened: what follows the first call's opening (TRIGGERS)."""
     from .grammar import lark_grammar, lark_json
     strict = all(t["function"].get("strict") is not False for t in tools)
     body = lark_json({"anyOf": [call_schema(t, fmt) for t in tools]} if len(tools) > 1 else call_schema(tools[0], fmt),
                      strict)
     if fmt == "hermes":
         more = ' ("\\n" call){0,3}' if parallel else ""
-        lark = f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: {body}\n'
+        first = '"\\n" body "\\n</tool_call>"' if opened else "call"
+        lark = f'start: {first}{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: {body}\n'
     elif fmt == "llama3":
         lark = f"start: body\nbody: {body}\n"
     else:                               # [TOOL_CALLS] is a special token where the vocabulary has it
         more = ' (", " body){0,3}' if parallel else ""
         tid = tok.tok.token_to_id("[TOOL_CALLS]")
-        lark = f'start: {"" if tid is None else f"<[{tid}]> "}"[" body{more} "]"\nbody: {body}\n'
+        lark = f'start: {"" if tid is None or opened else f"<[{tid}]> "}"[" body{more} "]"\nbody: {body}\n'
     return lark_grammar(tok, lark, "the tools' parameters")
 
 

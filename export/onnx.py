@@ -335,6 +335,10 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
                     **qformer}
         if calibration:
             manifest["calibration"] = calibration
+        from edgemm.export.kv_scales import fit_kv_scales
+        kv8 = fit_kv_scales(m, tok, calib)               # the ort backend's --kv-cache int8 (runtimes/ort_kv.py)
+        if kv8:
+            manifest["kv_cache_int8"] = kv8
         if cfg.vision.grid_pinpoints:
             from edgemm.anyres import manifest_fields
             manifest["anyres"] = manifest_fields(m)

@@ -37,13 +37,15 @@ def backend_class(name: str):
 
 def load_backend(name: str = "auto", model: str | None = None, bundle: str | None = None,
                  device: str = "auto", threads: int | None = None, log=None, slots: int = 1,
-                 kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None) -> Backend:
+                 kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None,
+                 vision_threads: int | None = None) -> Backend:
     """Open a model directory/preset or a bundle with the named backend ('auto' picks and says why).
 
     slots: how many states will be live at once (a server's parallel slots); backends whose states share one
     native context (llamacpp) size it for them, the others hold any number of states anyway. kv_cache (f16, q8_0,
     q4_0) and mmproj_offload=False are llama.cpp's (--kv-cache, --no-mmproj-offload); a backend without them
-    refuses them in one line (kv_cache_refusal)."""
+    refuses them in one line (kv_cache_refusal). vision_threads: the vision stage's own threads where a backend
+    sizes them when it opens (ort, llamacpp; torch sets them on the thread that encodes: Backend.on_side_thread)."""
     from edgemm.errors import EdgemmError
     if model and bundle:
         raise EdgemmError("give either --model or --bundle, not both")
@@ -63,6 +65,8 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
     import inspect
     params = inspect.signature(cls.open).parameters
     kw = {"slots": slots} if "slots" in params else {}
+    if kv_cache is not None and kv_cache not in getattr(cls, "kv_caches", ()):
+        raise EdgemmError(kv_cache_refusal(name, kv_cache))
     for key, val, default in (("kv_cache", kv_cache, None), ("mmproj_offload", mmproj_offload, True)):
         if val != default:
             if key not in params:
@@ -72,6 +76,8 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
             kw[key] = val
     if context is not None and "context" in params:        # sized at opening (llama.cpp's n_ctx)
         kw["context"] = context
+    if vision_threads and "vision_threads" in params:
+        kw["vision_threads"] = vision_threads
     b = cls.open(model=model, bundle=bundle, device=device, threads=threads, log=log, **kw)
     if context is not None:                     # the others: the caches new states get (Backend.context_limit)
         b.context_limit = min(int(context), b.context_length)
@@ -79,8 +85,12 @@ def load_backend(name: str = "auto", model: str | None = None, bundle: str | Non
 
 
 def kv_cache_refusal(name: str, kv_cache: str) -> str:
-    """Why --kv-cache is refused on a backend other than llamacpp, with the evidence for ONNX Runtime: whether the
-    installed version's GroupQueryAttention (the ort bundles' attention op) has a quantized-cache form at all."""
+    """Why a --kv-cache type is refused on a backend (Backend class attribute kv_caches: the types it takes), with
+    the evidence for ONNX Runtime: whether the installed version's GroupQueryAttention (the ort bundles' attention
+    op) has an int8-cache form at all."""
+    if name == "llamacpp":
+        return (f"--kv-cache {kv_cache} is the ort backend's (onnx bundles); llama.cpp's types are f32, f16, q8_0 and "
+                "q4_0")
     head = f"--kv-cache {kv_cache} applies to the llamacpp backend (gguf bundles); "
     if name != "ort":
         return head + f"the {name} backend keeps its KV cache in the model's float type"
@@ -89,9 +99,9 @@ def kv_cache_refusal(name: str, kv_cache: str) -> str:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
         gqa = next((x for x in get_all_operator_schema() if x.name == "GroupQueryAttention"), None)
         quant = gqa is not None and any(i.name == "k_scale" for i in gqa.inputs)
-        what = (f"ONNX Runtime {ort.__version__}'s GroupQueryAttention does take an int8 cache (k_scale / v_scale "
-                "inputs, k_quant_type), but edgemm's ort bundles are written with a float KV cache and no scales, "
-                "so there is no int8-KV graph to run yet" if quant else
+        what = (f"the ort backend takes --kv-cache int8 (ONNX Runtime {ort.__version__}'s GroupQueryAttention does "
+                "take an int8 cache: k_scale / v_scale inputs, k_quant_type; the scales are the bundle's) or the "
+                "bundle's float type" if quant else
                 f"ONNX Runtime {ort.__version__}'s GroupQueryAttention has no quantized KV cache (no k_scale / "
                 "v_scale inputs in its schema)")
     except ImportError:

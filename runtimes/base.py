@@ -13,11 +13,14 @@ class State:
 
     `cache` is the backend's own, one type per backend: torch `edgemm.model.KVCache`; ort and trt a dict
     {"k": [per layer], "v": [per layer], "capacity": rows} of OrtValues / arrays; llamacpp the int id of the
-    llama context's sequence that holds it. Setting `length` (and `pos`) lower rewinds the cache."""
+    llama context's sequence that holds it. Setting `length` (and `pos`) lower rewinds the cache. `busy`: a prefill
+    runs on it on another thread (edgemm serve's side worker: Backend.prefill_beside_why), so a batched step of other
+    states must not write its rows (ort's KV pool then treats its row as full)."""
     cache: Any = None
     length: int = 0
     pos: int = 0
     extra: dict = field(default_factory=dict)
+    busy: bool = False
 
 
 class Backend:
@@ -95,6 +98,19 @@ class Backend:
         if type(self)._image_pieces is Backend._image_pieces:
             return f"the {self.name} backend appends an image's rows in one piece"
         return None
+
+    def prefill_beside_why(self) -> str | None:
+        """Why a state's prefill cannot run on another thread while decode_batch steps other states (None: it can;
+        edgemm serve then prefills newcomers on its side worker). vision() always can: every backend encodes
+        with resources of its own (a torch module, an ONNX Runtime session, mtmd's clip context, a TensorRT
+        execution context)."""
+        return f"the {self.name} backend runs one call at a time"
+
+    def on_side_thread(self, threads: int) -> None:
+        """Called once on edgemm serve's side worker (image encodes, and prefills where prefill_beside_why is
+        None) before its first call: give that thread's own compute `threads` threads where the backend sets
+        them per thread (torch); the others size their vision stage when they open (load_backend's
+        vision_threads)."""
 
     def decode_batch(self, states: list, tokens: list[int]) -> list[np.ndarray]:
         """One decode step for several states (token i appended to state i) -> logits per state. Backends that

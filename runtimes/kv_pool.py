@@ -5,7 +5,8 @@ prompt runs batch 1 with row r bound as past/present (a pointer into the buffer:
 `step` advances several states with one run of the batch-capable decoder_text: the rows lo..hi of the states
 are bound as one [n, K, capacity + 1, E] tensor and GroupQueryAttention reads and writes each row at its own
 seqlens_k. Rows in that range that sit the step out are fed a dummy token written just past the rows they hold
-(at `capacity`, the spare row, when they are full), so what they hold is untouched.
+(at `capacity`, the spare row, when they are full), so what they hold is untouched. A busy row (a prefill writing it
+on another thread: State.busy) is never bound: the step runs the spans of rows on either side of it.
 
 A row is free when its state was released or is gone (weak references: a state dropped without `release`
 gives its row back).
@@ -86,13 +87,28 @@ class KVPool:
                 io.bind_output(f"present_{kv}.{i}", self.dev[0], self.dev[1], self.dtype, shape, ptr)
 
     def step(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
-        """One decode step of every state (token i appended to state i) in one run -> logits per state.
+        """One decode step of every state (token i appended to state i) -> logits per state: one run, or one per
+        span of rows between busy ones (State.busy)."""
+        rows = [self.row(st) for st in states]
+        if len(set(rows)) < len(rows):
+            raise EdgemmError("decode_batch got the same state twice")
+        busy = sorted(r for r in range(min(rows), max(rows)) if (o := self._owner(r)) is not None and o.busy)
+        if not busy:
+            return self._step(sess, states, tokens, row_feeds)
+        out = {}
+        for a, b in zip([-1] + busy, busy + [self.shape[0]]):      # the rows strictly between two busy ones
+            span = [i for i, r in enumerate(rows) if a < r < b]
+            if span:
+                got = self._step(sess, [states[i] for i in span], [tokens[i] for i in span], row_feeds)
+                out.update(zip(span, got))
+        return [out[i] for i in range(len(states))]
+
+    def _step(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
+        """One decode step of states whose rows span no busy row, in one run -> logits per state.
         row_feeds: other inputs of one row ([1, ...] arrays, the same every call), repeated for every row.
         As the single-state step does (OrtBackend._step), each span of rows keeps one binding whose CPU inputs are
         arrays updated in place and whose logits land in one preallocated buffer: a step allocates nothing."""
         rows = [self.row(st) for st in states]
-        if len(set(rows)) < len(rows):
-            raise EdgemmError("decode_batch got the same state twice")
         for st in states:
             if st.length + 1 > self.capacity:
                 raise EdgemmError(f"KV cache full: {st.length} + 1 rows > capacity {self.capacity}")

@@ -467,11 +467,13 @@ def use_gpu(ll, device: str, log=None) -> bool:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    kv_caches = tuple(KV_TYPES)             # --kv-cache
 
     def __init__(self, bundle, manifest, threads=None, f32_kv=None, flash_attn=False, log=None, n_seq: int = 1,
                  kv_cache: str | None = None, gpu: bool = False, mmproj_offload: bool = True,
-                 context: int | None = None):
-        """context: rows per sequence (default the model's max_seq_len; edgemm serve --context).
+                 context: int | None = None, vision_threads: int | None = None):
+        """vision_threads: mtmd's / the ONNX vision stage's threads (default `threads`; edgemm serve encodes on its
+        side worker beside llama_decode). context: rows per sequence (default the model's max_seq_len; edgemm serve --context).
         kv_cache: f16 / q8_0 / q4_0 (None: f32 for an f32 decoder, else f16); a quantized cache turns flash
         attention on (llama.cpp's quantized V needs it). gpu: all decoder layers on the GPU, and the projector
         too unless mmproj_offload is False (LlamaCppBackend.open decides it from --device)."""
@@ -482,12 +484,13 @@ class LlamaCppBackend(Backend):
         self.tokenizer = load_tokenizer(bundle, manifest, verified=True)
         st = manifest["stages"]
         self.threads = threads_or_default(threads)
+        self.vision_threads = int(vision_threads or self.threads)
         self._onnx_vision = None
         onnx_vision = st["vision"].get("format") == "onnx"
         if onnx_vision:         # the ONNX vision stage parsed from the bytes that were hashed (edgemm.bundle)
             from edgemm.bundle import stage_sources
             self._onnx_vision = OnnxVision(stage_sources(bundle, manifest, ["vision"], True)["vision"], self.cfg,
-                                           self.threads, st["vision"]["file"], st["vision"])
+                                           self.vision_threads, st["vision"]["file"], st["vision"])
         # the GGUF files hashed through the descriptors llama.cpp then reads (open() verified the rest)
         self._pinned = [PinnedFile(bundle, st[s]["file"], manifest)
                         for s in ("decoder",) + (() if onnx_vision else ("vision",))]
@@ -518,7 +521,8 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, slots: int = 1,
-             kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None):
+             kv_cache: str | None = None, mmproj_offload: bool = True, context: int | None = None,
+             vision_threads: int | None = None):
         """slots: how many states may be live at once (llama.cpp sequences in one context; `edgemm serve
         --parallel N`); a new_state beyond them takes over the sequence of the oldest. device: cuda / auto offload
         every layer (and the projector unless mmproj_offload is False) where the loaded llama.cpp has a GPU
@@ -532,7 +536,7 @@ class LlamaCppBackend(Backend):
         if m.get("target") != "gguf":
             raise EdgemmError(f"{bundle} is a {m.get('target')} bundle; the llamacpp backend runs gguf bundles")
         return cls(bundle, m, threads=threads, log=log, n_seq=max(1, int(slots)), kv_cache=kv_cache, gpu=gpu,
-                   mmproj_offload=mmproj_offload, context=context)
+                   mmproj_offload=mmproj_offload, context=context, vision_threads=vision_threads)
 
     @classmethod
     def available(cls, manifest, device):
@@ -594,6 +598,9 @@ class LlamaCppBackend(Backend):
     def unbatched_why(self) -> str | None:
         return None                 # decode_batch: every sequence in one llama_decode
 
+    def prefill_beside_why(self) -> str | None:
+        return "one llama context holds every slot's sequence, and it runs one llama_decode at a time"
+
     def decode_batch(self, states, tokens) -> list[np.ndarray]:
         """One token per state, all in one llama_decode (the weights are read once for every sequence)."""
         items = [(self._sync(st), t, st.pos) for st, t in zip(states, tokens)]
@@ -638,7 +645,8 @@ class LlamaCppBackend(Backend):
             self._why_reference = "SmolVLM's tiles are cut on the host (mtmd tiles a whole image by its own rules)"
         if rgb is not None:
             if self._mtmd is None:
-                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.threads, use_gpu=self.mmproj_offload,
+                self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.vision_threads,
+                                        use_gpu=self.mmproj_offload,
                                         around=image_bounds(self.cfg, self.tokenizer, self.runner))
             self.vision_source = "mtmd (mmproj)"
             return self._mtmd.encode_rgb(rgb)[None]

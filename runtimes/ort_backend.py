@@ -17,6 +17,7 @@ from edgemm.errors import EdgemmError
 from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+VISION_STAGES = ("vision", "image_tokens")       # pixels / image tokens -> rows (vision_threads)
 
 
 def _import_ort():
@@ -70,6 +71,7 @@ def placement_line(stage: str, provider: str, off: dict[str, int]) -> str | None
 
 class OrtBackend(SegmentRunner):
     name = "ort"
+    kv_caches = ("f32", "f16", "int8")      # --kv-cache: the bundle's float type (named), or int8 (runtimes/ort_kv.py)
 
     def __init__(self, sessions, manifest, cfg, tokenizer, provider, bundle):
         self.sess, self.manifest, self.cfg, self.tokenizer = sessions, manifest, cfg, tokenizer
@@ -81,7 +83,8 @@ class OrtBackend(SegmentRunner):
         ids = next((i.shape for i in sessions["decoder_text"].get_inputs() if i.name == "input_ids"), [1])
         self.batched = isinstance(ids[0], str)        # decoder_text with a batch dimension (decode_batch)
         past = next((i.type for i in sessions["decoder_text"].get_inputs() if i.name == "past_key.0"), "")
-        self.kv_dtype = np.float16 if past == "tensor(float16)" else np.float32     # fp16 compute bundles
+        self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past, np.float32)   # fp16
+        # compute bundles; --kv-cache int8 (runtimes/ort_kv.py)
         self.slots, self._pool = 1, None
 
     # ---- opening -------------------------------------------------------------------
@@ -97,7 +100,11 @@ class OrtBackend(SegmentRunner):
         return True, f"onnx bundle on onnxruntime {ort.__version__} (providers to try: {', '.join(provs)})"
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, verify=True, slots: int = 1,
+             vision_threads: int | None = None, kv_cache: str | None = None):
+        """vision_threads: intra-op threads of the stages that turn pixels / image tokens into rows (default
+        `threads`; edgemm serve runs them on its side worker beside the decode loop). kv_cache "int8": the
+        decoder graphs rewritten to keep an int8 KV cache with the manifest's scales (runtimes/ort_kv.py)."""
         from edgemm.bundle import load_tokenizer, read_manifest, stage_sources, verify_bundle
         from edgemm.config import ModelConfig
         if model is not None or bundle is None:
@@ -129,7 +136,11 @@ class OrtBackend(SegmentRunner):
         s8 = s8s8_stages(stages, names)
         if s8 and not s8s8_int8_exact():
             paths.update(cls._u8u8(paths, s8, log))
-        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8)
+        if kv_cache == "int8":
+            from .ort_kv import int8_sources
+            paths.update(int8_sources(paths, man, cfg, bundle))
+        sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8,
+                                           vision_threads=vision_threads)
         fp16 = [s for s in names if stages[s].get("precision") == "fp16" and stages[s].get("compute") != "fp16"]
         half = [s for s in names if stages[s].get("compute") == "fp16"]
         if fp16 and provider == "CPUExecutionProvider" and log:
@@ -144,6 +155,10 @@ class OrtBackend(SegmentRunner):
             cls._check_io(bundle, s, stages[s], sessions[s])
         cls._check_shapes(bundle, cfg, sessions)
         b = cls(sessions, man, cfg, tok, provider, bundle)
+        own = {np.float32: "f32", np.float16: "f16"}.get(b.kv_dtype)
+        if kv_cache not in (None, "int8", own):
+            raise EdgemmError(f"--kv-cache {kv_cache}: this bundle's KV cache is {own}; the ort backend takes "
+                              f"--kv-cache {own} (its own) or int8")
         b.slots = max(1, int(slots))      # states live at once: with a batched decoder_text, rows of one pool
         return b
 
@@ -167,14 +182,18 @@ class OrtBackend(SegmentRunner):
         return out
 
     @staticmethod
-    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads_or_default(threads)
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below
-        if disable_qdq_fusion:
-            so.add_session_config_entry("session.disable_quant_qdq", "1")
+    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False, vision_threads=None):
+        def options(n):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")   # placement report below
+            if disable_qdq_fusion:
+                so.add_session_config_entry("session.disable_quant_qdq", "1")
+            return so
+        so = options(threads_or_default(threads))
+        opts = {s: options(int(vision_threads)) if vision_threads and s in VISION_STAGES else so for s in paths}
         available = ort.get_available_providers()
         cands = provider_candidates(device, available)
         errors = []
@@ -183,7 +202,7 @@ class OrtBackend(SegmentRunner):
                               "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
             chain = list(dict.fromkeys(chain))
             try:
-                sessions = {s: ort.InferenceSession(p, so, providers=chain) for s, p in paths.items()}
+                sessions = {s: ort.InferenceSession(p, opts[s], providers=chain) for s, p in paths.items()}
             except Exception as e:  # a provider that fails to initialise: try the next one
                 errors.append(f"{prov}: {str(e).splitlines()[0][:160]}")
                 continue
@@ -236,7 +255,8 @@ class OrtBackend(SegmentRunner):
                               f"config says d_model {c.d_model}; re-export it")
 
     def describe(self) -> str:
-        return f"ort ({self.provider}) on {self.device}"
+        kv = "" if self.kv_dtype != np.int8 else ", KV cache int8"
+        return f"ort ({self.provider}) on {self.device}{kv}"
 
     # ---- state -------------------------------------------------------------------------
     def new_state(self, max_len: int | None = None) -> State:
@@ -337,6 +357,9 @@ class OrtBackend(SegmentRunner):
         self.sess["decoder_text"].run_with_iobinding(io)
         state.length = total
         return logits[0].copy()
+
+    def prefill_beside_why(self):
+        return None     # concurrent runs of a session are allowed; a pool row being prefilled sits steps out (busy)
 
     # ---- parallel slots (runtimes/kv_pool.py) ---------------------------------------------------
     def unbatched_why(self) -> str | None:

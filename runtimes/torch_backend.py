@@ -54,6 +54,21 @@ class TorchBackend(Backend):
         from edgemm.model import KVCache
         return State(cache=KVCache.empty(self.cfg.decoder, 1, max_len, device=self.device))
 
+    def prefill_beside_why(self):
+        return None                 # a state is its own KVCache; the modules only read their weights
+
+    def on_side_thread(self, threads: int) -> None:
+        """torch.set_num_threads sets the calling thread's OpenMP / MKL count, and also the count threads started
+        later take on first use: set this thread's, then put the process's back from a throwaway thread (so the
+        engine's own thread, whose first torch call may come later, keeps --threads)."""
+        import threading
+        import torch
+        was = torch.get_num_threads()           # (this thread's first call: it takes the process's count)
+        torch.set_num_threads(max(1, int(threads)))
+        t = threading.Thread(target=torch.set_num_threads, args=(was,))
+        t.start()
+        t.join()
+
     def vision(self, pixels, *instruction):
         import torch
         with torch.inference_mode():

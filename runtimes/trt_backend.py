@@ -219,6 +219,7 @@ class TrtBackend(_KVWindow):
         self.engines = engines
         self.ctx = {s: e.create_execution_context() for s, e in engines.items()}
         self.stream = torch.cuda.Stream()
+        self.vision_stream = torch.cuda.Stream()    # the vision stages' own: an encode beside the decode loop
         self.names = _io_names(cfg)
 
     @classmethod
@@ -310,11 +311,15 @@ class TrtBackend(_KVWindow):
             shape = tuple(ctx.get_tensor_shape(name))
             outs[name] = t.empty(shape, dtype=self._torch_dtype(eng.get_tensor_dtype(name)), device="cuda")
             ctx.set_tensor_address(name, outs[name].data_ptr())
-        self.stream.wait_stream(t.cuda.current_stream())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+        stream = self.vision_stream if stage in ("vision", "image_tokens") else self.stream
+        stream.wait_stream(t.cuda.current_stream())
+        if not ctx.execute_async_v3(stream.cuda_stream):
             raise EdgemmError(f"TensorRT failed to run the {stage} engine")
-        t.cuda.current_stream().wait_stream(self.stream)
+        t.cuda.current_stream().wait_stream(stream)
         return outs
+
+    def prefill_beside_why(self) -> str | None:
+        return "one TensorRT execution context per decoder stage, shared by every slot"
 
     def _cuda(self, feeds):             # (CUDA tensors, e.g. an image's cross K/V, stay where they are)
         return {n: v if isinstance(v, self.torch.Tensor) else self.torch.from_numpy(np.ascontiguousarray(v)).cuda()

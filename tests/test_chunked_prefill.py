@@ -100,10 +100,14 @@ class Recorder:
     """Wraps a backend: logs the engine's calls (the rows of each prefill piece, decode_batch sizes)."""
 
     def __init__(self, b):
-        self.b, self.calls = b, []
+        self.b, self.calls, self.threads = b, [], []
 
     def __getattr__(self, k):
         return getattr(self.b, k)
+
+    def vision(self, *a):
+        self.threads.append(("vision", threading.current_thread().name))
+        return self.b.vision(*a)
 
     def prefill(self, st, kind, data, chunk=None):
         pieces = self.b.prefill(st, kind, data, chunk)
@@ -114,6 +118,7 @@ class Recorder:
             except StopIteration:
                 return
             self.calls.append((kind, st.length - before, id(st)))
+            self.threads.append(("prefill", threading.current_thread().name))
             yield out
 
     def decode_batch(self, states, tokens):
@@ -121,13 +126,14 @@ class Recorder:
         return self.b.decode_batch(states, tokens)
 
 
-def _serve(b, jobs_in, chunk, late=()):
-    """Questions about the example image through the engine with 3 slots; `late` ones are submitted once the
-    others have answered 3 tokens -> (texts, recorder calls)."""
+def _serve(b, jobs_in, chunk, late=(), side=0, rec=None, vary=False):
+    """Questions about the example image through the engine with 3 slots (side: its side worker's threads; vary:
+    each job's image a little different, so none takes another's rows); `late` ones are submitted once the others
+    have answered 3 tokens -> (texts, recorder calls)."""
     from edgemm.tilings import preprocess_image
     from edgemm.serve.engine import Engine, Job
-    rec = Recorder(b)
-    eng = Engine(rec, parallel=3, prefill_chunk=chunk)
+    rec = rec or Recorder(b)
+    eng = Engine(rec, parallel=3, prefill_chunk=chunk, side_threads=side)
     texts, ends, n_tok = {}, {}, {}
     every, started = threading.Event(), threading.Event()
     total = len(jobs_in) + len(late)
@@ -147,7 +153,12 @@ def _serve(b, jobs_in, chunk, late=()):
                 ends[k] = (kind, data)
                 if len(ends) == total:
                     every.set()
-        eng.submit(Job(segments=[("text", b.tokenizer.prefix_ids()), ("image", 0), ("text", ids)], pixels=[px], gen=GEN,
+        pk = px
+        if vary:                # (an 8-bit image still: llama.cpp's mtmd encodes it)
+            img = np.asarray(__import__("PIL.Image").Image.open(EXAMPLE).convert("RGB")).copy()
+            img[:4, :4] = 40 * k
+            pk = preprocess_image(img, b.cfg.vision)
+        eng.submit(Job(segments=[("text", b.tokenizer.prefix_ids()), ("image", 0), ("text", ids)], pixels=[pk], gen=GEN,
                        on_event=ev, prompt_rows=0))
     try:
         with eng.cv:
@@ -193,3 +204,107 @@ def test_engine_interleaves_and_answers_the_same(backends, name):
     first, end = calls.index(runs[0]), calls.index(runs[-1])
     between = [c for c in calls[first:end] if c[0] == "decode" and c[1] == 2]
     assert len(between) >= len(runs) - 1 >= n // 8
+
+
+@pytest.mark.parametrize("name", ["torch", "ort", "llamacpp"])
+def test_side_worker_answers_the_same(backends, name):
+    """serve's side worker: the newcomers' image encodes (and on torch / ort their whole prefill) run on another
+    thread beside the decode loop; the answers are the in-loop engine's (3 different images: each is encoded)."""
+    if name not in backends:
+        pytest.skip("llama-cpp-python is not installed")
+    b = backends[name]
+    qs, late = ["What color is the circle?", "How many shapes are there?"], ["Where is the square?"]
+    plain, _ = _serve(b, qs, 0, late, vary=True)
+    rec = Recorder(b)
+    got, _ = _serve(b, qs, 8, late, side=1, rec=rec, vary=True)
+    assert got == plain
+    assert sum(k == "vision" for k, _ in rec.threads) == 3
+    where = {kind: {t.split("_")[0] for k, t in rec.threads if k == kind} for kind in ("vision", "prefill")}
+    assert where["vision"] == {"edgemm-side"}                 # every encode on the side worker
+    beside = b.prefill_beside_why() is None
+    assert where["prefill"] == ({"edgemm-side"} if beside else {"edgemm-engine"}), where
+    assert beside == (name != "llamacpp")
+
+
+class Gate(Recorder):
+    """A backend whose vision() waits for `go` (once `entered` says it has begun)."""
+
+    def __init__(self, b):
+        super().__init__(b)
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def vision(self, *a):
+        self.entered.set()
+        assert self.go.wait(60)
+        return super().vision(*a)
+
+
+def _ask(eng, b, px, q, events):
+    from edgemm.serve.engine import Job
+    ids = b.tokenizer.user_turn(q, first=True)
+    job = Job(segments=[("text", b.tokenizer.prefix_ids()), ("image", 0), ("text", ids)], pixels=[px], gen=GEN,
+              on_event=lambda kind, data: events.append((kind, data)), prompt_rows=0)
+    eng.submit(job)
+    return job
+
+
+def _until(cond, seconds=60):
+    import time
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < seconds
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("name", ["torch", "llamacpp"])
+def test_cancel_during_side_encode_leaves_nothing(backends, name):
+    """Clients gone while the side worker encodes their images (torch: the whole prefill there; llamacpp: the
+    encode only): both end 'cancelled', their slots come back empty (no job, no side work, no encodes, not busy,
+    no cache claimed), no rows of theirs are kept, the worker is idle, and the next request answers what a
+    fresh engine answers."""
+    from edgemm.serve.engine import Engine
+    from edgemm.tilings import preprocess_image
+    if name not in backends:
+        pytest.skip("llama-cpp-python is not installed")
+    b = backends[name]
+    img = np.asarray(__import__("PIL.Image").Image.open(EXAMPLE).convert("RGB")).copy()
+    pxs = []
+    for k in range(2):
+        img[:4, :4] = 90 + 60 * k
+        pxs.append(preprocess_image(img, b.cfg.vision))
+    gate = Gate(b)
+    eng = Engine(gate, parallel=2, prefill_chunk=8, side_threads=1)
+    try:
+        ev1, ev2 = [], []
+        j1 = _ask(eng, b, pxs[0], "What color is the circle?", ev1)
+        assert gate.entered.wait(60)                          # the first encode has begun
+        j2 = _ask(eng, b, pxs[1], "Where is the square?", ev2)  # the second queued behind it on the worker
+        _until(lambda: all(s.job is not None for s in eng.slots))
+        j1.cancel()
+        j2.cancel()
+        gate.go.set()
+        _until(lambda: ev1 and ev2)
+        assert ev1[-1][0] == ev2[-1][0] == "done"
+        assert ev1[-1][1]["finish_reason"] == ev2[-1][1]["finish_reason"] == "cancelled"
+        assert not any(kind == "text" for kind, _ in ev1 + ev2)
+        _until(lambda: all(s.job is None and s.side is None for s in eng.slots))
+        for s in eng.slots:
+            assert s.encodes == {} and s.blocked is None and s.pieces is None and s.held == []
+            assert s.state is None or not s.state.busy
+        assert len(eng.rows_cache) == 0                       # no rows of a cancelled request kept
+        assert eng.side.submit(lambda: 7).result(timeout=60) == 7 and eng.side._work_queue.empty()
+        assert [k for k, _ in gate.threads].count("vision") == 1     # the queued one never encoded
+        ev3 = []
+        _ask(eng, b, pxs[0], "What color is the circle?", ev3)
+        _until(lambda: ev3 and ev3[-1][0] in ("done", "error"))
+    finally:
+        eng.close()
+    fresh = Engine(b, parallel=1)
+    try:
+        ev4 = []
+        _ask(fresh, b, pxs[0], "What color is the circle?", ev4)
+        _until(lambda: ev4 and ev4[-1][0] in ("done", "error"))
+    finally:
+        fresh.close()
+    text = lambda ev: "".join(d for k, d in ev if k == "text")              # noqa: E731
+    assert ev3[-1][0] == ev4[-1][0] == "done" and text(ev3) == text(ev4) and text(ev3)

@@ -117,8 +117,8 @@ def test_cli_kv_cache_runs(bundle):
 
 
 def test_ort_refuses_kv_cache_with_the_evidence(tmp_path):
-    """--kv-cache on the ort backend: one line that says what ONNX Runtime's GroupQueryAttention allows here (its
-    schema's k_scale / v_scale inputs) and why edgemm's ort bundles cannot use it."""
+    """A llama.cpp --kv-cache type on the ort backend: one line that says what ONNX Runtime's GroupQueryAttention
+    allows here (its schema's k_scale / v_scale inputs: the ort backend's --kv-cache int8, tests/test_ort_kv.py)."""
     ort = pytest.importorskip("onnxruntime")
     from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
     gqa = next(x for x in get_all_operator_schema() if x.name == "GroupQueryAttention")
@@ -128,6 +128,7 @@ def test_ort_refuses_kv_cache_with_the_evidence(tmp_path):
     (line,) = _error_lines(r)
     assert f"ONNX Runtime {ort.__version__}'s GroupQueryAttention" in line
     assert ("does take an int8 cache" in line) == has_scales and ("has no quantized KV cache" in line) != has_scales
+    assert ("the ort backend takes --kv-cache int8" in line) == has_scales
     r = _cli("run", "--bundle", str(tmp_path), "--backend", "torch", "--kv-cache", "q4_0", "hello")
     assert r.exit_code == 2 and "applies to the llamacpp backend" in _error_lines(r)[0]
 
@@ -162,12 +163,13 @@ def test_bench_compares_kv_cache_types(bundle):
 
 
 def test_info_kv_cache_refused_for_an_onnx_bundle(bundle, monkeypatch):
-    """--kv-cache in info is llama.cpp's: another target's bundle is refused, naming it."""
+    """--kv-cache q8_0 in info is llama.cpp's: another target's bundle is refused, naming it (int8 on an onnx
+    bundle is the ort backend's: tests/test_ort_kv.py)."""
     from edgemm import bundle as bundle_mod, info
     man = bundle_mod.read_manifest(bundle)
     monkeypatch.setattr(bundle_mod, "read_manifest", lambda b: dict(man, target="onnx"))   # an onnx manifest
     monkeypatch.setattr(info, "describe_bundle", lambda b, contexts=None: ["(described)"])
-    with pytest.raises(EdgemmError, match="--kv-cache is llama.cpp's .* is a onnx bundle"):
+    with pytest.raises(EdgemmError, match="--kv-cache q8_0 is llama.cpp's .* is a onnx bundle"):
         info.describe(bundle=bundle, kv_cache="q8_0")
     assert info.describe(bundle=bundle) == "(described)"
 

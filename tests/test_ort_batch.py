@@ -127,6 +127,34 @@ def test_full_row_sits_out(exported):
     assert all(np.array_equal(x[0, :, :8], h) for x, h in zip(full.cache["arrays"], held))
 
 
+def test_busy_row_sits_out(exported):
+    """A row being prefilled on another thread (State.busy: serve's side worker) is left out of the batched step
+    (the rows on either side of it run apart): none of its rows is written, and the others' logits are each
+    state's own (without busy the dummy row lands at its length: the test can fail). The caches hold the whole
+    context, as a server's do (a dummy row past them would need RoPE tables longer than the context)."""
+    _, bundle, _ = exported
+    b = OrtBackend.open(bundle=str(bundle), device="cpu", threads=1, slots=3)
+    single = OrtBackend.open(bundle=str(bundle), device="cpu", threads=1)
+    a, busy, c = (b.new_state() for _ in range(3))
+    ra, rc = single.new_state(), single.new_state()
+    for st, rf, ids in ((a, ra, [1, 2, 3]), (c, rc, [4, 5])):
+        b.text(st, ids)
+        single.text(rf, ids)
+    b.text(busy, [7, 8])
+    for x in busy.cache["arrays"]:            # what a prefill in flight would be writing
+        x[0, :, 2:16] = 0.25
+    held = [x[0, :, :16].copy() for x in busy.cache["arrays"]]
+    busy.busy = True
+    for t in (6, 7):
+        got = b.decode_batch([a, c], [t, t])
+        assert np.abs(got[0] - single.text(ra, [t])).max() <= TOL
+        assert np.abs(got[1] - single.text(rc, [t])).max() <= TOL
+    assert all(np.array_equal(x[0, :, :16], h) for x, h in zip(busy.cache["arrays"], held))
+    busy.busy = False
+    b.decode_batch([a, c], [1, 1])
+    assert not all(np.array_equal(x[0, :, :16], h) for x, h in zip(busy.cache["arrays"], held))
+
+
 def test_exporter_validates_the_batched_step(exported):
     from edgemm.export.onnx import validate_batch
     m, bundle, man = exported

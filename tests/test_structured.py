@@ -71,10 +71,12 @@ BACKENDS = ["torch", "ort", "llamacpp"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{backend: model id}: the shipped weights with the Hermes template (context raised to 2048: RoPE positions,
-    so the tools' prompt fits) as a checkpoint (torch) and a GGUF bundle (llamacpp); the shipped model itself in
-    its own Q:/A: format as `auto` serves it, its cached fp32 ONNX bundle (ort)."""
+    so the tools' prompt fits) as a checkpoint (torch), an fp32 ONNX bundle (ort, the tool-call tests) and a GGUF
+    bundle (llamacpp); the shipped model itself in its own Q:/A: format as `auto` serves it, its cached fp32 ONNX
+    bundle (ort, the others)."""
     from edgemm.checkpoint import DEMO_DIR
     from edgemm.export.gguf import export_gguf
+    from edgemm.export.onnx import export_onnx
     root = tmp_path_factory.mktemp("structured")
     ckpt = root / "hermes"
     shutil.copytree(DEMO_DIR, ckpt)
@@ -83,6 +85,8 @@ def models(tmp_path_factory):
     cfg["decoder"]["max_seq_len"] = 2048
     (ckpt / "config.json").write_text(json.dumps(cfg))
     out, bundles = {"torch": "hermes", "ort": "tiny-shapes"}, []
+    export_onnx(model=str(ckpt), out=root / "hermes-onnx", precision="fp32", threads=1, log=None, seed=1)
+    bundles.append(str(root / "hermes-onnx"))
     if HAVE_LLAMA:
         export_gguf(model=str(ckpt), out=root / "hermes-gguf", precision={"vision": "f32", "decoder": "f32"}, log=None)
         bundles.append(str(root / "hermes-gguf"))
@@ -98,7 +102,7 @@ def server(models):
                      f"serve(models={models[1]!r}, bundles={models[2]!r}, threads=1, port={{port}}, parallel=2, "
                      "limits=Limits(max_tokens=200))"))
     try:
-        for backend, m in models[0].items():         # each on the backend its tests name
+        for backend, m in [*models[0].items(), ("ort", "hermes-onnx")]:     # each on the backend its tests name
             assert f"serving {m}: {backend}" in s.log(), s.log()
         yield s
     finally:
@@ -107,10 +111,7 @@ def server(models):
 
 
 def _tools_model(models, backend):
-    if backend == "ort":
-        pytest.skip("the ort model here is the shipped one in its own Q:/A: format, which has no tools "
-                    "(the tool path above the backends is the one torch and llamacpp run)")
-    return _model(models, backend)
+    return "hermes-onnx" if backend == "ort" else _model(models, backend)     # (the Hermes template: tools)
 
 
 def _model(models, backend):
@@ -332,3 +333,42 @@ def test_call_grammar_forces_a_valid_call_in_each_form(fmt):
         content, calls = parse_calls(fmt, ans.text)
         assert content == "" and len(calls) == 1, ans.text
         jsonschema.validate(json.loads(calls[0]["arguments"]), params[calls[0]["name"]])
+
+
+@pytest.mark.parametrize("fmt,lead", [("hermes", "Let me look. <tool_call>"), ("hermes", "Ok <tool_call>\n{\"na"),
+                                      ("mistral", None)])
+def test_auto_switches_the_call_grammar_on_when_a_call_opens(fmt, lead):
+    """tool_choice auto: the answer is free (here: logits that spell `lead`) until the model opens a call; from
+    there sampling noise is masked to a valid call, whether the opening ended a token or sat inside one (the text
+    after it fed to the grammar), or is Mistral's special [TOOL_CALLS] token (not in the decoded text). Without
+    the trigger the same noise gives no call."""
+    import jsonschema
+    import numpy as np
+    from tokenizers import AddedToken
+    from edgemm.checkpoint import DEMO_DIR
+    from edgemm.generation import AnswerStream, GenerationConfig
+    from edgemm.tokenizer import Tokenizer
+    from edgemm.tools import call_trigger, parse_calls
+    tok = Tokenizer.load(DEMO_DIR / "tokenizer.json")
+    tok.tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    v = tok.vocab_size
+    trig = call_trigger(tok, [WEATHER, TIME], fmt, parallel=False)
+    lead_ids = tok.encode(lead) if lead else [tok.tok.token_to_id("[TOOL_CALLS]")]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for seed in range(3):
+        for trigger in (trig, None):
+            rng = np.random.default_rng(seed)
+            ans = AnswerStream(tok, GenerationConfig(max_new_tokens=300, temperature=1.0, seed=seed, trigger=trigger))
+            done, n = False, 0
+            while not done:
+                x = rng.normal(size=v).astype(np.float32)
+                if n < len(lead_ids):
+                    x[lead_ids[n]] = 1e4                  # the model writes the lead
+                done, n = ans.push(x)[1], n + 1
+            content, calls = parse_calls(fmt, ans.text)
+            if trigger is None:
+                assert not calls
+                continue
+            assert ans.finish_reason == "stop" and len(calls) == 1, ans.text
+            assert content.strip() == ((lead or "").split("<tool_call>")[0]).strip()
+            jsonschema.validate(json.loads(calls[0]["arguments"]), params[calls[0]["name"]])

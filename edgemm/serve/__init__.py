@@ -27,12 +27,15 @@ def is_loopback(host: str) -> bool:
 
 
 def load_models(models=(), bundles=(), backend="auto", device="auto", threads=None, parallel=1, max_queue=16,
-                log=None, prefill_chunk=None, **backend_options) -> dict:
+                log=None, prefill_chunk=None, side_threads=None, **backend_options) -> dict:
     """-> {model id: edgemm.serve.app.Model}: each opened with `slots=parallel` and its own engine; backend_options
-    (kv_cache, mmproj_offload: llama.cpp's) go to load_backend."""
+    (kv_cache, mmproj_offload: llama.cpp's) go to load_backend. side_threads: the engine's side worker, which
+    encodes newcomers' images (and prefills their prompts where the backend allows) beside the decode loop
+    (None: side_threads_default; 0: none, everything between the decode steps)."""
     from ..runtimes import load_backend
     from .app import Model
     from .engine import PREFILL_CHUNK, Engine
+    side = side_threads_default(threads) if side_threads is None else int(side_threads)
     specs = [("model", m) for m in models] + [("bundle", b) for b in bundles]
     if not specs:
         specs = [("model", "tiny-shapes")]
@@ -43,10 +46,10 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
             raise EdgemmError(f"two served models would both be called {mid!r}: give the bundle directories "
                               "distinct names")
         b = load_backend(backend, **{kind: spec}, device=device, threads=threads, log=log, slots=parallel,
-                         **backend_options)
+                         vision_threads=side or None, **backend_options)
         out[mid] = Model(id=mid, backend=b, engine=Engine(b, parallel, max_queue, log=log,
                                                              prefill_chunk=PREFILL_CHUNK if prefill_chunk is None
-                                                             else prefill_chunk),
+                                                             else prefill_chunk, side_threads=side),
                          template=chat_template_of(b))
         if log:
             log(f"serving {mid}: {b.describe()}, {parallel} slot(s)")
@@ -57,9 +60,16 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
     return out
 
 
+def side_threads_default(threads=None) -> int:
+    """The side worker's threads: the CPUs --threads leaves free, at least 1 (with --threads at every CPU the encode
+    then shares one with decoding: the running streams' steps slow while it runs rather than stop)."""
+    from ..cpu import default_threads, threads_or_default
+    return max(1, default_threads()[0] - threads_or_default(threads))
+
+
 def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, host="127.0.0.1", port=8080,
           parallel=1, max_queue=16, api_key=None, metrics=False, limits=None, log=print, grace=None,
-          prefill_chunk=None, **backend_options) -> None:
+          prefill_chunk=None, side_threads=None, **backend_options) -> None:
     """Run the server until SIGTERM or SIGINT, then drain for at most `grace` seconds (edgemm.serve.drain) and
     return (models load in the background; /health says 503 until ready)."""
     from .api import Limits
@@ -74,7 +84,7 @@ def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, ho
     limits = limits or Limits()
     app = create_app({}, limits=limits, api_key=api_key, metrics=metrics,
                      loader=lambda: load_models(models, bundles, backend, device, threads, parallel, max_queue, log,
-                                                prefill_chunk, **backend_options))
+                                                prefill_chunk, side_threads, **backend_options))
     if log:
         log(f"edgemm serve on http://{host}:{port}/v1 ({'API key required' if api_key else 'no API key'}); "
             f"GET /health says when the models are loaded")

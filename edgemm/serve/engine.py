@@ -11,6 +11,13 @@ prompt; prefill_chunk 0: the whole prompt at admission), a cancelled request (cl
 the next step, and at most `max_queue` requests wait beyond the slots (more are refused: the server answers 503
 with Retry-After).
 
+The side worker (`side_threads` > 0, edgemm serve's default): one more thread, with threads of its own
+(Backend.on_side_thread, load_backend's vision_threads), encodes a newcomer's images beside the decode loop (the
+loop runs other pieces meanwhile: an encode is no longer a piece of its own), and where the backend lets a state's
+prefill run beside decode_batch (Backend.prefill_beside_why: torch, ort; the state is `busy` meanwhile) the
+newcomer's whole prefill runs there and the loop only samples its first token. A request cancelled meanwhile ends
+when the worker reaches its next piece (an encode not begun is dropped; rows of a cancelled request are not kept).
+
 Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
 pixels; the tokens its last answer fed back). A new request goes to the free slot whose cache shares the longest
 lead with its prompt: whole segments, then token by token into the first text segment that differs (a text row is
@@ -39,6 +46,15 @@ class QueueFull(Exception):
     pass
 
 
+def _drive(pieces):
+    """Run a prefill generator (Engine._prefill) to its end -> what it returns."""
+    try:
+        while True:
+            next(pieces)
+    except StopIteration as e:
+        return e.value
+
+
 @dataclass
 class Job:
     segments: list                      # [("text", ids) | ("image", index)]
@@ -65,6 +81,9 @@ class Slot:
     held: list = field(default_factory=list)     # [(segment key, length after, pos after)] in the KV cache
     fed: list = field(default_factory=list)      # the answer's tokens fed to the cache so far (decode steps)
     pieces: object = None                        # its prompt's prefill still to run (a generator: Engine._prefill)
+    side: object = None                          # the side worker's Future running that prefill (side_prefill)
+    encodes: dict = field(default_factory=dict)  # image digest -> the side worker's Future of its rows
+    blocked: object = None                       # the encode Future its prefill waits for (in the loop)
 
 
 def segment_keys(job: Job) -> list:
@@ -167,7 +186,7 @@ class Engine:
     """The slots of one model (see the module docstring)."""
 
     def __init__(self, backend, parallel: int = 1, max_queue: int = 16, metrics: Metrics | None = None, log=None,
-                 prefill_chunk: int | None = PREFILL_CHUNK):
+                 prefill_chunk: int | None = PREFILL_CHUNK, side_threads: int = 0):
         self.b = backend
         self.parallel, self.max_queue = int(parallel), int(max_queue)
         self.prefill_chunk = int(prefill_chunk or 0)      # 0: a newcomer's whole prompt before the next step
@@ -184,6 +203,19 @@ class Engine:
         # --turns compares the two)
         self.token_reuse = (not backend.cfg.decoder.cross_attn_every
                             and os.environ.get("EDGEMM_PROMPT_REUSE", "tokens") != "segments")
+        # the side worker (side_threads > 0): newcomers' image encodes run on it, beside the decode loop, with
+        # side_threads threads of their own (Backend.on_side_thread); where a state's prefill may run beside
+        # decode_batch (Backend.prefill_beside_why) the newcomer's whole prefill runs there
+        self.side, self.side_prefill = None, False
+        if side_threads:
+            from concurrent.futures import ThreadPoolExecutor
+            self.side = ThreadPoolExecutor(1, thread_name_prefix="edgemm-side", initializer=backend.on_side_thread,
+                                           initargs=(int(side_threads),))
+            why = backend.prefill_beside_why()
+            self.side_prefill = why is None
+            if why:
+                self.log(f"note: newcomers' images are encoded beside the decode loop, their prompts prefilled in it "
+                         f"({why})")
         self.cv = threading.Condition()
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
@@ -205,11 +237,20 @@ class Engine:
             self.running = False
             self.cv.notify()
         self.thread.join(timeout=10)
+        if self.side is not None:
+            for slot in self.slots:             # prefills on the side worker stop at their next piece
+                if slot.side is not None and slot.job is not None:
+                    slot.job.cancel()
+            self.side.shutdown(wait=True, cancel_futures=True)
 
     # ---- the worker ----------------------------------------------------------------------------------
     def _finish(self, slot: Slot, reason: str | None = None, error: str | None = None) -> None:
         job = slot.job
-        slot.job, slot.ans, slot.pieces = None, None, None
+        if slot.pieces is not None and slot.side is None:
+            slot.pieces.close()
+        for fut in slot.encodes.values():       # its encodes not begun are dropped (running: their rows are)
+            fut.cancel()
+        slot.job, slot.ans, slot.pieces, slot.encodes, slot.blocked = None, None, None, {}, None
         if error is None and slot.fed and slot.state is not None:        # the answer is in the cache too
             slot.held.append((("gen", tuple(slot.fed)), slot.state.length, slot.state.pos))
         slot.fed = []
@@ -222,18 +263,26 @@ class Engine:
 
     ROWS_CACHE = 8
 
-    def _rows(self, key: str, pixels, instruction=()):
-        if key in self.rows_cache:
-            self.rows_cache.move_to_end(key)
-            return self.rows_cache[key]
+    def _encode(self, job: Job, index: int):
+        """Image `index` of a job -> its rows (tiled and packed for any-resolution models; InstructBLIP: with its
+        question's Q-Former ids; a clip: serve.videos). Runs on the engine's thread or the side worker."""
         from ..tilings import encode_pixels
-        # (tiled and packed for any-resolution models; InstructBLIP: with its question's Q-Former ids)
-        rows = pixels.video_rows(self.b, instruction) if hasattr(pixels, "video_rows") \
-            else self.b.vision(pixels, *instruction) if instruction else encode_pixels(self.b, pixels)  # (a clip: serve.videos)
+        pixels, ins = job.pixels[index], job.instructions[index] if job.instructions else ()
+        return pixels.video_rows(self.b, ins) if hasattr(pixels, "video_rows") \
+            else self.b.vision(pixels, *ins) if ins else encode_pixels(self.b, pixels)
+
+    def _side_encode(self, job: Job, index: int):
+        """_encode on the side worker, unless the request was cancelled while it waited there (None)."""
+        return None if job.cancelled.is_set() else self._encode(job, index)
+
+    def _keep_rows(self, key: str, rows) -> None:
         self.rows_cache[key] = rows
         while len(self.rows_cache) > self.ROWS_CACHE:
             self.rows_cache.popitem(last=False)
-        return rows
+
+    def _wake(self, _future=None) -> None:
+        with self.cv:
+            self.cv.notify()
 
     def _start(self, slot: Slot, job: Job) -> None:
         """Rewind the slot's cache to the lead it shares with the prompt and set up the rest's prefill: run now
@@ -247,14 +296,24 @@ class Engine:
         slot.held, slot.fed = slot.held[:k], []
         self.prefill_rows_saved += st.length
         slot.pieces = self._prefill(slot, job, k, j)
+        if self.side_prefill:                    # the whole prefill on the side worker (a busy state)
+            st.busy = True
+            slot.side = self.side.submit(_drive, slot.pieces)
+            slot.side.add_done_callback(self._wake)
+            return
+        if self.side is not None:                # the images encoded on the side worker, from now on
+            for (kind, data), key in zip(job.segments[k:], segment_keys(job)[k:]):
+                if kind == "image" and key[1] not in self.rows_cache and key[1] not in slot.encodes:
+                    fut = slot.encodes[key[1]] = self.side.submit(self._side_encode, job, data)
+                    fut.add_done_callback(self._wake)
         if not self.prefill_chunk:
-            for _ in slot.pieces:
-                pass
+            self._first(slot, job, _drive(slot.pieces))
 
     def _prefill(self, slot: Slot, job: Job, k: int, j: int):
-        """The prompt from segment k (its first j ids held) -> a generator of pieces: an image's encode, then at
-        most prefill_chunk rows each (Backend.prefill); after the last it samples the first token."""
-        b, st, logits = self.b, slot.state, None
+        """The prompt from segment k (its first j ids held) -> a generator: each next() runs one piece (an image's
+        encode, or at most prefill_chunk rows: Backend.prefill) or waits a turn for an image the side worker is
+        encoding; it returns the last row's logits (None when the request was cancelled)."""
+        b, st, logits, ran = self.b, slot.state, None, False
         keys = segment_keys(job)
         for n, ((kind, data), key) in enumerate(zip(job.segments[k:], keys[k:])):
             if n == 0 and j:
@@ -262,32 +321,73 @@ class Engine:
                 if not data:                     # all of it (not the last segment): nothing to run
                     slot.held.append((key, st.length, st.pos))
                     continue
+            if ran:                              # a piece ran this turn: the others' decode step comes first
+                yield
             if job.cancelled.is_set():
-                break
-            if kind == "image":                  # the encode is one piece (bounded by --max-image-pixels)
-                ins = job.instructions[data] if job.instructions else ()   # InstructBLIP
-                data = self._rows(key[1], job.pixels[data], ins)
-                yield
+                return None
+            if kind == "image":
+                fut = slot.encodes.get(key[1])
+                while fut is not None and not fut.done() and self.prefill_chunk:   # encoding on the side worker
+                    slot.blocked = fut
+                    yield
+                    if job.cancelled.is_set():
+                        return None
+                slot.blocked = None
+                if key[1] in self.rows_cache:
+                    self.rows_cache.move_to_end(key[1])
+                    data = self.rows_cache[key[1]]
+                else:                            # (here: one piece, bounded by --max-image-pixels)
+                    data, ran = (fut.result(), ran) if fut is not None else (self._encode(job, data), True)
+                    if data is None:             # (the side worker skipped it: cancelled meanwhile)
+                        return None
+                    if not job.cancelled.is_set():
+                        self._keep_rows(key[1], data)
+                    if ran:
+                        yield
+                        if job.cancelled.is_set():
+                            return None
             for out in b.prefill(st, kind, data, self.prefill_chunk or None):
-                logits = out
-                yield
+                logits, ran = out, True
+                if out is None:                  # more pieces of this segment
+                    yield
+                    if job.cancelled.is_set():
+                        return None
             slot.held.append((key, st.length, st.pos))
+        return logits
+
+    def _first(self, slot: Slot, job: Job, logits) -> None:
+        """A prefill has ended: sample the first token (or end a cancelled request)."""
         slot.pieces = None
         if job.cancelled.is_set():
-            slot.held = []
+            slot.held = []                       # what its cache holds is not known
             self._finish(slot, "cancelled")
             return
-        slot.ans = AnswerStream(b.tokenizer, job.gen)
+        slot.ans = AnswerStream(self.b.tokenizer, job.gen)
         self._advance(slot, logits)
 
     def _prefill_step(self) -> None:
-        """One piece of the oldest prefill (the newcomers' prompts interleave with the decode steps)."""
-        slots = [s for s in self.slots if s.job is not None and s.pieces is not None]
+        """One piece of the oldest prefill not waiting for its image (the newcomers' prompts interleave with the
+        decode steps); and the first token of those the side worker has prefilled."""
+        for slot in self.slots:
+            if slot.side is not None and slot.side.done():
+                fut, slot.side = slot.side, None
+                slot.state.busy = False
+                try:
+                    logits = fut.result()
+                except Exception as e:
+                    slot.pieces = None
+                    self._fail(slot, e)
+                    continue
+                self._first(slot, slot.job, logits)
+        slots = [s for s in self.slots if s.job is not None and s.pieces is not None and s.side is None
+                 and (s.blocked is None or s.blocked.done())]
         if not slots:
             return
         slot = min(slots, key=lambda s: s.job.t_submit)
         try:
-            next(slot.pieces, None)
+            next(slot.pieces)
+        except StopIteration as e:
+            self._first(slot, slot.job, e.value)
         except Exception as e:
             self._fail(slot, e)
 
@@ -317,18 +417,34 @@ class Engine:
             except Exception as e:      # never let the worker die: fail what it was doing, keep serving
                 self.log(f"error: the engine's step failed ({type(e).__name__}: {e}); its requests were ended")
                 for slot in self.slots:
-                    if slot.job is not None:
+                    if slot.side is not None:           # the side worker still writes its cache: it stops soon
+                        slot.job.cancel()
+                    elif slot.job is not None:
                         self._finish(slot, error=f"internal error: {type(e).__name__}: {e}")
+
+    def _ready(self) -> bool:
+        """Whether _once has something to do (under self.cv)."""
+        if self.waiting and any(s.job is None and s.side is None for s in self.slots):
+            return True
+        for s in self.slots:
+            if s.side is not None:
+                if s.side.done():
+                    return True
+            elif s.job is not None and (s.ans is not None or s.job.cancelled.is_set() or s.blocked is None
+                                        or s.blocked.done()):
+                return True
+        return False
 
     def _once(self) -> None:
         """One admission round and one decode step."""
         with self.cv:
-            while self.running and not self.waiting and not self.active():
-                self.cv.wait()
+            while self.running and not self._ready():
+                # (woken by submit and by the side worker's futures; the timeout notices a client gone meanwhile)
+                self.cv.wait(0.05 if self.active() else None)
             if not self.running:
                 return
             admit = []
-            free = [s for s in self.slots if s.job is None]
+            free = [s for s in self.slots if s.job is None and s.side is None]
             while free and self.waiting:
                 job = self.waiting.popleft()
                 keys = segment_keys(job)
@@ -346,8 +462,8 @@ class Engine:
             except Exception as e:
                 self._fail(slot, e)
         self._prefill_step()
-        for slot in self.slots:                     # clients that went away free their slots now
-            if slot.job is not None and slot.job.cancelled.is_set():
+        for slot in self.slots:                     # clients that went away free their slots now (the side worker's
+            if slot.job is not None and slot.job.cancelled.is_set() and slot.side is None:      # prefill: once done)
                 if slot.pieces is not None:         # mid-prefill: what its cache holds is not known
                     slot.held = []
                 self._finish(slot, "cancelled")

@@ -197,7 +197,7 @@ async def submit(m, body: dict, limits: Limits) -> Answer:
     gen = gen_config(body, limits)
     b = m.backend
     st = await asyncio.to_thread(structured_of, body, b.tokenizer, m.template)    # response_format, tools
-    gen.grammar = st.grammar
+    gen.grammar, gen.trigger = st.grammar, st.trigger
     clips = await videos_of(b.cfg, body.get("messages"), limits)      # a clip's frame count sets its prompt
     segs, urls, rows = prompt_of(m, body, gen, limits, st.tools, clips)
     pixels = await pixels_of(urls, b.cfg, limits)

@@ -14,6 +14,7 @@ class Structured:
     grammar: object = None          # edgemm.grammar.Grammar, or None: the answer is free
     tools: list | None = None       # rendered by the chat template
     fmt: str | None = None          # the tool-call form the answer is parsed in (None: no tool calls)
+    trigger: tuple | None = None    # tool_choice auto: the calls' grammar once one opens (GenerationConfig.trigger)
 
 
 def _response_format(tok, rf):
@@ -56,7 +57,7 @@ def _tool_choice(choice, tools: list | None) -> tuple[str, list | None]:
 def structured_of(body: dict, tok, template: str | None) -> Structured:
     """The request's structured-output settings (APIError 400 for a bad one). Compiling a grammar may take a
     while on a large vocabulary the first time: call it off the event loop."""
-    from ..tools import call_grammar, check_tools, tool_format
+    from ..tools import call_grammar, call_trigger, check_tools, tool_format
     rf, tools, choice = body.get("response_format"), body.get("tools"), body.get("tool_choice")
     if rf is None and tools is None and choice is None:
         return Structured()
@@ -75,7 +76,8 @@ def structured_of(body: dict, tok, template: str | None) -> Structured:
                               "tool-call form); send tool_choice 'none' or serve a model whose template does")
         if mode == "required":
             return Structured(call_grammar(tok, usable, fmt, parallel), tools, fmt)
-        return Structured(_response_format(tok, rf), tools, fmt)
+        grammar = _response_format(tok, rf)         # auto: free text (or the response_format) until a call opens
+        return Structured(grammar, tools, fmt, None if grammar is not None else call_trigger(tok, tools, fmt, parallel))
     except EdgemmError as e:
         raise APIError(400, str(e), code="invalid_request") from None
 
