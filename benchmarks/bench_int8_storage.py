@@ -45,7 +45,7 @@ def main():
     import onnxruntime as ort
     from edgemm import cpu
     from edgemm.calib.quantize import fake_quant_act, quant_weight_per_channel, quantize_stage
-    from edgemm.calib.stats import LayerStats, Stats
+    from edgemm.calib.stats import Stats
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="int8-storage-"))
     so = ort.SessionOptions()
@@ -56,10 +56,7 @@ def main():
     for K, N in SHAPES:
         W = _model(tmp / "in.onnx", K, N, rng)
         calib = rng.standard_normal((64, K)).astype(np.float32)
-        ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(),
-                        weight_absmax=np.abs(W).max(1))
-        ls.add(calib, rng)
-        stats = Stats({"decoder_text/l": ls}, {"digest": "bench"})
+        stats = Stats.of_matrix(W, calib, rng, digest="bench")
         sess = {}
         for st in ("s8s8", "u8u8"):
             quantize_stage(tmp / "in.onnx", tmp / f"{st}.onnx", "decoder_text", "int8", stats=stats, log=None,

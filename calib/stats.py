@@ -165,6 +165,18 @@ class Stats:
     def stage(self, stage: str) -> dict:
         return {k: v for k, v in self.layers.items() if v.stage == stage}
 
+    @classmethod
+    def of_matrix(cls, W, x, rng, digest: str = "t", hessian: bool = False) -> "Stats":
+        """Statistics of one decoder_text layer (text branch) of a MatMul weight W [in, out] over inputs x [..., in]
+        (hessian: + X^T X): what a quantizer reads for a one-MatMul graph (tests, benchmarks/bench_int8_storage.py)."""
+        K = W.shape[0]
+        ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(),
+                        weight_absmax=np.abs(W).max(1))
+        if hessian:
+            ls.xtx = np.zeros((K, K))
+        ls.add(x, rng)
+        return cls({"decoder_text/l": ls}, {"digest": digest})
+
     def shared(self) -> "Stats":
         """One shared calibration: every routed layer gets the statistics of both branches' inputs together
         (what a quantizer unaware of the modality routing would compute). For comparisons."""

@@ -211,8 +211,8 @@ class ModelConfig:
             raise EdgemmError(f"d_model {d.d_model} is not divisible by n_heads {d.n_heads}")
         if d.n_heads % d.kv_heads:
             raise EdgemmError(f"n_heads {d.n_heads} is not a multiple of n_kv_heads {d.kv_heads}")
-        # SigLIP's stride-p patch conv drops the remainder, as transformers' does (so400m-patch14-384: 27 x 27 patches)
-        if v.image_size % v.patch_size and v.arch != "siglip":
+        tower = block_spec.get("vision", v.arch)            # (a tower whose patch conv drops the remainder: SigLIP)
+        if v.image_size % v.patch_size and not (tower is not None and tower.partial_patches):
             raise EdgemmError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.width % v.heads:
             raise EdgemmError(f"vision width {v.width} is not divisible by heads {v.heads}")

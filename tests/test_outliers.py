@@ -152,7 +152,7 @@ def test_awq_in_onnxruntime_matmulnbits(tmp_path):
     from onnx import numpy_helper
     from edgemm.calib.quantize import quant_blockwise, quantize_stage
     from edgemm.calib.recipes import get_recipe
-    from edgemm.calib.stats import LayerStats, Stats
+    from edgemm.calib.stats import Stats
     from tests.test_calib import _mm_model, _run
     rng = np.random.default_rng(0)
     K, N = 256, 64
@@ -161,10 +161,7 @@ def test_awq_in_onnxruntime_matmulnbits(tmp_path):
     W[:6] /= 30                                       # outlier channels (the product unchanged)
     x[..., :6] *= 30
     onnx.save(_mm_model(W), tmp_path / "in.onnx")
-    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(),
-                    weight_absmax=np.abs(W).max(1))
-    ls.add(x, rng)
-    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    stats = Stats.of_matrix(W, x, rng)
     err = {}
     for recipe in ("int4", "int4-awq"):
         rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats,
@@ -217,7 +214,7 @@ def test_gptq_in_onnxruntime_matmulnbits(tmp_path):
     from onnx import numpy_helper
     from edgemm.calib.quantize import gptq_blockwise, quant_blockwise, quantize_stage
     from edgemm.calib.recipes import get_recipe
-    from edgemm.calib.stats import LayerStats, Stats
+    from edgemm.calib.stats import Stats
     from tests.test_calib import _mm_model, _run
     rng = np.random.default_rng(1)
     K, N = 256, 48
@@ -230,11 +227,8 @@ def test_gptq_in_onnxruntime_matmulnbits(tmp_path):
     got = gptq_blockwise(W, H, 4, 128, act_order=True)[2]              # the recipe's: act-order, static blocks
     np.testing.assert_allclose(got, _gptq_recurrence(W, H, 4, 128, act_order=True), atol=1e-5)
     onnx.save(_mm_model(W), tmp_path / "in.onnx")
-    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(), weight_absmax=np.abs(W).max(1))
-    ls.xtx = np.zeros((K, K))
-    ls.add(x, rng)
-    np.testing.assert_allclose(ls.hessian, H, rtol=1e-5)
-    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    stats = Stats.of_matrix(W, x, rng, hessian=True)
+    np.testing.assert_allclose(stats.layers["decoder_text/l"].hessian, H, rtol=1e-5)
     err = {}
     for recipe in ("int4", "int4-gptq", "int4-awq-gptq"):
         rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats,
@@ -252,7 +246,7 @@ def test_gptq_in_onnxruntime_matmulnbits(tmp_path):
         err[recipe] = np.linalg.norm(y - x @ W) / np.linalg.norm(x @ W)
     assert err["int4-gptq"] < 0.7 * err["int4"] and err["int4-awq-gptq"] < 0.7 * err["int4"], err
     with pytest.raises(Exception, match="Hessian"):                        # statistics without hessian=True
-        ls.xtx = None
+        stats.layers["decoder_text/l"].xtx = None
         quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int4", stats=stats, log=None,
                        recipe="int4-gptq")
 
@@ -263,15 +257,12 @@ def test_calibrated_default_recipe(tmp_path):
     onnx = pytest.importorskip("onnx")
     from edgemm.calib.apply import quantize_bundle_stages
     from edgemm.calib.recipes import CALIBRATED_RECIPE, RECIPES
-    from edgemm.calib.stats import LayerStats, Stats
+    from edgemm.calib.stats import Stats
     from tests.test_calib import _mm_model
     rng = np.random.default_rng(2)
     K, N = 128, 32
     W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
-    ls = LayerStats("decoder_text/l", "decoder_text", "l", "text", K, wsig=W[:2].copy(), weight_absmax=np.abs(W).max(1))
-    ls.xtx = np.zeros((K, K))
-    ls.add(rng.standard_normal((64, K)).astype(np.float32), rng)
-    stats = Stats({"decoder_text/l": ls}, {"digest": "t"})
+    stats = Stats.of_matrix(W, rng.standard_normal((64, K)).astype(np.float32), rng, hessian=True)
     assert CALIBRATED_RECIPE["int4"] in RECIPES and RECIPES[CALIBRATED_RECIPE["int4"]].weights == "int4"
     for st, recipes, want in ((stats, None, CALIBRATED_RECIPE["int4"]), (None, None, "int4"),
                               (stats, {"decoder": "int4"}, "int4")):
@@ -280,7 +271,7 @@ def test_calibrated_default_recipe(tmp_path):
         quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=st, recipes=recipes, log=None)
         assert stages["decoder_text"]["quantization"]["recipe"]["name"] == want
     if RECIPES[CALIBRATED_RECIPE["int4"]].gptq:           # statistics without Hessians: AWQ instead, said
-        ls.xtx, said = None, []
+        stats.layers["decoder_text/l"].xtx, said = None, []
         onnx.save(_mm_model(W), tmp_path / "decoder_text.onnx")
         stages = {"decoder_text": {"file": "decoder_text.onnx"}}
         quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=stats, log=said.append)

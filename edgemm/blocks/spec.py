@@ -9,6 +9,7 @@ without it) and says, for one kind of one role:
     rows       (connectors) the image rows one untiled image sends to the decoder
     params     (towers, connectors) its parameters, from the config alone (`edgemm info`)
     describe   (connectors) `edgemm info`'s `vision:` line, where the default line does not say what it does
+    partial_patches  (towers) image_size need not be a multiple of patch_size (the patch conv drops the rest)
 
 Roles and the config field that picks the kind: "vision" (vision.arch), "connector" (adapter.kind) and "decoder"
 (option groups of the decoder's layers: each group's fields, and its check, which always runs). A tiling's fields
@@ -38,6 +39,8 @@ class Spec:
     rows: Callable | None = None
     params: Callable | None = None
     describe: Callable | None = None
+    partial_patches: bool = False       # (towers) an image_size that is not a multiple of patch_size is allowed: the
+                                        # stride-p patch conv drops the remainder (SigLIP, as transformers' does)
 
 
 _SPECS: dict[tuple[str, str], Spec] = {}
