@@ -7,7 +7,7 @@
 
 `--stock --onnx-vision` also times the backend on a bundle of the same decoder whose vision stage is vision.onnx
 (export_gguf vision="onnx"), after one image has run through ONNX Runtime, so the process holds a warm ONNX vision
-session while it decodes (its workers should sleep, not spin: runtimes/llamacpp_backend.py OnnxVision).
+session while it decodes (its workers should sleep, not spin: runtimes/gguf_vision.py OnnxVision).
 
 `--stock --fresh` runs every engine in a fresh process per round, the order rotating: the backend (also after an
 image through its mtmd context, and with --onnx-vision on the ONNX-vision bundle), llama.cpp's plain loop at the

@@ -24,7 +24,7 @@ _PROBE = """
 import json, sys
 import numpy as np
 from edgemm.llamacpp import GGML_CPU, ggml_devices, gpu_offload, load_llama_cpp
-from edgemm.runtimes.llamacpp_backend import LlamaRunner
+from edgemm.runtimes.llamacpp_runner import LlamaRunner
 ll = load_llama_cpp()
 out = dict(GGML_CPU, system_info=ll.llama_print_system_info().decode("utf-8", "replace"),
            devices=ggml_devices(ll), gpu_offload=gpu_offload(ll))

@@ -130,7 +130,8 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
     falls back to; SmolVLM's marker rows from the decoder `run`) against the reference, and mtmd's rows, diagnosed.
     -> mtmd's rows, or None where not comparable."""
     import torch
-    from edgemm.runtimes.llamacpp_backend import markers, reference_vision_from_mmproj
+    from edgemm.runtimes.llamacpp_runner import markers
+    from edgemm.runtimes.gguf_vision import reference_vision_from_mmproj
     tower, proj = reference_vision_from_mmproj(mmproj, model.cfg, markers(model.cfg, run) if run else None)
     px = torch.from_numpy(np.asarray(pixels))
     with torch.inference_mode():
@@ -161,7 +162,7 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
 
 def _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
     """The mmproj through llama.cpp's mtmd -> its image rows (LLaVA's diagnosed: _llava_rows_check)."""
-    from edgemm.runtimes.llamacpp_backend import MtmdVision, image_bounds
+    from edgemm.runtimes.llamacpp_runner import MtmdVision, image_bounds
     mt = MtmdVision(mmproj, run, threads, around=image_bounds(model.cfg, tok, run))
     try:
         rows_mt = mt.encode_rgb(img)
@@ -178,7 +179,7 @@ def _onnx_rows_check(model, path: Path, pixels, hw, rows_ref, vprec: str, thread
     (judged by the onnx rows of edgemm.export.thresholds at its precision). -> its rows [rows, D]."""
     from edgemm.export.thresholds import judge
     from edgemm.export.validate import compare
-    from edgemm.runtimes.llamacpp_backend import OnnxVision
+    from edgemm.runtimes.gguf_vision import OnnxVision
     rows = OnnxVision(str(path), model.cfg, threads).rows(pixels)
     if hw is not None:                  # any-resolution tiles: packed on the host, as the backend's host does
         import torch
@@ -201,7 +202,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     are off)."""
     import torch
     from edgemm.model import KVCache
-    from edgemm.runtimes.llamacpp_backend import LlamaRunner
+    from edgemm.runtimes.llamacpp_runner import LlamaRunner
     cfg = model.cfg
     dprec, vprec = precision["decoder"], precision["vision"]
     q_ids = tok.user_turn(VALIDATION_QUESTION, first=True)

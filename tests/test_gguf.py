@@ -105,7 +105,7 @@ def test_mmproj_weights_reload(tmp_path, random_ckpt):
     from edgemm.checkpoint import load_checkpoint
     from edgemm.export.gguf import validation_image, write_mmproj_gguf
     from edgemm.processor import preprocess
-    from edgemm.runtimes.llamacpp_backend import reference_vision_from_mmproj
+    from edgemm.runtimes.gguf_vision import reference_vision_from_mmproj
     m, _ = load_checkpoint(random_ckpt)
     write_mmproj_gguf(m, tmp_path / "v.gguf", "t", "f32")
     px = torch.from_numpy(preprocess(validation_image(m.cfg), m.cfg.vision))
@@ -202,7 +202,7 @@ def test_generation_through_backend(f32_bundle, random_ckpt):
 @needs_llama
 def test_llama_tokenization_equals_edgemm(f32_bundle):
     from edgemm import shapes
-    from edgemm.runtimes.llamacpp_backend import LlamaRunner
+    from edgemm.runtimes.llamacpp_runner import LlamaRunner
     from edgemm.tokenizer import Tokenizer
     out, man = f32_bundle
     tok = Tokenizer.load(out / "tokenizer.json")

@@ -351,7 +351,7 @@ def test_llama_sentencepiece_tokenizer(tmp_path):
     from edgemm import shapes
     from edgemm.export.gguf import export_gguf, tokenizer_fields
     from edgemm.importers import import_checkpoint
-    from edgemm.runtimes.llamacpp_backend import LlamaRunner
+    from edgemm.runtimes.llamacpp_runner import LlamaRunner
     from edgemm.tokenizer import Tokenizer
     hf_tok = _llama_style_tokenizer()
     _tiny_llava(kv_heads=2).save_pretrained(tmp_path / "src", safe_serialization=True)

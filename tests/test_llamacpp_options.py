@@ -88,7 +88,7 @@ def test_quantized_v_without_flash_attention_is_refused(bundle, kv):
     on.)"""
     import json
     from pathlib import Path
-    from edgemm.runtimes.llamacpp_backend import LlamaRunner
+    from edgemm.runtimes.llamacpp_runner import LlamaRunner
     dec = Path(bundle) / json.loads((Path(bundle) / "edgemm.json").read_text())["stages"]["decoder"]["file"]
     with pytest.raises(EdgemmError, match=f"KV cache {kv}: llama.cpp's quantized V cache needs flash attention"):
         LlamaRunner(dec, 64, threads=1, kv_type=kv, flash_attn=False)

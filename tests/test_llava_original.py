@@ -372,7 +372,7 @@ def test_mmproj_projector_tensors_round_trip(imported, tmp_path):
     from gguf import GGUFReader
     from edgemm.checkpoint import load_checkpoint
     from edgemm.export.gguf import write_llava_mmproj_gguf
-    from edgemm.runtimes.llamacpp_backend import reference_vision_from_mmproj
+    from edgemm.runtimes.gguf_vision import reference_vision_from_mmproj
     m, _ = load_checkpoint(imported["ck"])
     write_llava_mmproj_gguf(m, tmp_path / "v.gguf", "t", "f32")
     names = {t.name for t in GGUFReader(str(tmp_path / "v.gguf")).tensors}
