@@ -33,8 +33,8 @@ import math
 
 import numpy as np
 
-from edgemm.export.graph import (GRAPH_GQA, GRAPH_KV, MOE_DEFAULT, NEG, Graph, add_rms, linear, mlp, norm_weights, np32,
-                                 rms, rope, rope_tables)
+from edgemm.export.graph import GRAPH_GQA, GRAPH_KV, MOE_DEFAULT, NEG, Graph, add_rms, norm_weights, np32, rms, rope, rope_tables
+from edgemm.export.layer_emit import EMITTERS, branch_emitter
 
 
 def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list, str]:
@@ -59,8 +59,9 @@ def decoder_input(g: Graph, model, branch: str, B: int | str = 1) -> tuple[list,
 
 
 def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
-    """The layers of one decoder branch: dense or low-rank (Libra) projections, per-modality norms, Libra's
-    cross-modal K/V bridge.
+    """The layers of one decoder branch, each branch's projections and MLP by its kind's emitter
+    (export/layer_emit.py); what all share here: norms (per-modality ones on the vision side, Gemma's sandwich
+    norms), residuals, the gated cross-attention layers before the layers that have one, Libra's bridge on K/V.
 
     attend(i, q, k, v, read) -> [1, T, H*E]: q [1, T, H*E] and k, v [1, T, cache_heads*E] before RoPE; with the
     bridge k, v hold both versions of the rows (heads [0, K) as text queries read them, [K, 2K) as vision
@@ -72,84 +73,35 @@ def decoder_layers(g: Graph, model, branch: str, x: str, attend) -> str:
     pend = None                                         # the last MLP's output, not yet added to x (see add_rms)
     packed = getattr(attend, "packed", False) and not c.qk_norm and not c.cross_modal_bridge
     for i, layer in enumerate(model.decoder.layers):
-        if c.cross_attn_every and cross_layer_at(c, i) is not None:
+        j = cross_layer_at(c, i) if c.cross_attn_every else None
+        if j is not None:
             if pend is not None:
                 x, pend = g.op("Add", [x, pend]), None
-            x = cross_attn_block(g, model, i, x)
-        br, p = getattr(layer, branch), f"layers.{i}"
+            x = EMITTERS["gated-cross-attention"].block(g, c, model.decoder.cross_layers[j], j, x)
+        br, p, emit = getattr(layer, branch), f"layers.{i}.{branch}", branch_emitter(c, layer, branch)
         nrm = (layer.vision_attn_norm, layer.vision_ffn_norm) if own else (layer.attn_norm, layer.ffn_norm)
-        pre = "vision_" if own else ""
-        w = norm_weights(g, nrm[0], f"{p}.{pre}attn_norm")
+        pre = f"layers.{i}.vision_" if own else f"layers.{i}."
+        w = norm_weights(g, nrm[0], f"{pre}attn_norm")
         if pend is None:
             h = rms(g, x, w, c.rms_eps)
         else:
             x, h = add_rms(g, x, pend, w, c.rms_eps)
-        if packed and _fused_qkv(br):                 # GroupQueryAttention takes the fused QKV as it is
-            a = attend(i, linear(g, h, br.qkv, f"{p}.{branch}.qkv"), None, None, None)
+        if packed and emit.fused_qkv:                 # GroupQueryAttention takes the fused QKV as it is
+            a = attend(i, emit.proj(g, h, br.qkv, f"{p}.qkv"), None, None, None)
         else:
-            a = attend(i, *_qkv(g, c, br, h, p, branch))
-        o = linear(g, a, br.o, f"{p}.{branch}.o")
+            q, k, v = emit.qkv(g, c, br, h, p)
+            read = None
+            if c.cross_modal_bridge:
+                k, v, read = EMITTERS["bridge"].kv(g, br, h, p, branch, k, v)
+            a = attend(i, q, k, v, read)
+        o = emit.proj(g, a, br.o, f"{p}.o")
         if c.sandwich_norms:                                # Gemma: the attention output normed before the residual
-            o = rms(g, o, norm_weights(g, layer.post_attn_norm, f"{p}.post_attn_norm"), c.rms_eps)
-        x, h = add_rms(g, x, o, norm_weights(g, nrm[1], f"{p}.{pre}ffn_norm"), c.rms_eps)
-        pend = mlp(g, h, br, f"{p}.{branch}", c.ffn_dim)
+            o = rms(g, o, norm_weights(g, layer.post_attn_norm, f"layers.{i}.post_attn_norm"), c.rms_eps)
+        x, h = add_rms(g, x, o, norm_weights(g, nrm[1], f"{pre}ffn_norm"), c.rms_eps)
+        pend = emit.mlp(g, h, br, p, c.ffn_dim)
         if c.sandwich_norms:                                # (and the MLP's)
-            pend = rms(g, pend, norm_weights(g, layer.post_ffn_norm, f"{p}.post_ffn_norm"), c.rms_eps)
+            pend = rms(g, pend, norm_weights(g, layer.post_ffn_norm, f"layers.{i}.post_ffn_norm"), c.rms_eps)
     return g.op("Add", [x, pend])
-
-
-def _fused_qkv(br) -> bool:
-    """Whether a branch has one fused QKV projection (dense, or XComposer2's W0 + low-rank delta), not q, k, v."""
-    return hasattr(br.qkv, "weight") or hasattr(br.qkv, "base")
-
-
-def _qkv(g: Graph, c, br, h: str, p: str, branch: str) -> tuple:
-    """-> (q, k, v, read) of one layer for attend: dense or low-rank projections, Qwen3's per-head q/k norm, Libra's
-    bridge (k, v then hold both versions of the rows and `read` names the half this branch attends over)."""
-    H, K, E = c.n_heads, c.kv_heads, c.head_dim
-    if _fused_qkv(br):
-        q, k, v = g.op("Split", [linear(g, h, br.qkv, f"{p}.{branch}.qkv"), g.i64([H * E, K * E, K * E])],
-                       n_out=3, axis=-1)
-    else:
-        q, k, v = (linear(g, h, getattr(br, n), f"{p}.{branch}.{n}") for n in "qkv")
-    if c.qk_norm:                       # Qwen3 (RMSNorm), Persimmon (LayerNorm) over each head's Q and K, before RoPE
-        def head_norm(t, n, nm):
-            w = norm_weights(g, getattr(br, nm), f"{p}.{branch}.{nm}")
-            t = rms(g, g.op("Reshape", [t, g.i64([0, 0, n, E])]), w, c.rms_eps)
-            return g.op("Reshape", [t, g.i64([0, 0, n * E])])
-        q, k = head_norm(q, H, "q_norm"), head_norm(k, K, "k_norm")
-    read = None
-    if c.cross_modal_bridge:
-        read = int(branch == "vision")
-        ko, vo = (g.op("Add", [t, linear(g, h, getattr(br, f"{n}_bridge"), f"{p}.{branch}.{n}_bridge")])
-                  for t, n in ((k, "k"), (v, "v")))                  # as the other modality's queries read them
-        k, v = (g.op("Concat", [t, o] if read == 0 else [o, t], axis=-1) for t, o in ((k, ko), (v, vo)))
-    return q, k, v, read
-
-
-def cross_attn_block(g: Graph, model, i: int, x: str) -> str:
-    """The gated cross-attention layer before decoder layer i, if any (edgemm.xattn.GatedCrossAttnLayer): reads
-    the graph inputs cross_key.j / cross_value.j [1, H, n, E] (the image's, from the cross_kv stage) and
-    cross_gate [1, T, 1] (1 where the row reads the image)."""
-    from edgemm.xattn import cross_layer_at
-    c = model.cfg.decoder
-    j = cross_layer_at(c, i)
-    if j is None:
-        return x
-    xl, p, H, E = model.decoder.cross_layers[j], f"cross_layers.{j}", c.n_heads, c.head_dim
-    h = rms(g, x, g.weight(f"{p}.attn_norm.weight", np32(xl.attn_norm.weight)), c.rms_eps)
-    q = g.op("Reshape", [linear(g, h, xl.q, f"{p}.q"), g.i64([1, -1, H, E])])              # [1, T, H, E]
-    if c.cross_attn_qk_norms:
-        q = rms(g, q, g.weight(f"{p}.q_norm.weight", np32(xl.q_norm.weight)), c.rms_eps)
-    kt = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])                           # [1, H, E, n]
-    s = g.op("Mul", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1, 3]), kt]), g.scalar(1.0 / math.sqrt(E))])
-    a = g.op("MatMul", [g.op("Softmax", [s], axis=-1), f"cross_value.{j}"])                 # [1, H, T, E]
-    a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.i64([1, -1, c.d_model])])
-    a = g.op("Mul", [linear(g, a, xl.o, f"{p}.o"), g.act("cross_gate")])
-    x = g.op("Add", [x, g.op("Mul", [a, g.weight(f"{p}.tanh_alpha_attn", np.tanh(np32(xl.alpha_attn)))])])
-    h = rms(g, x, g.weight(f"{p}.ffn_norm.weight", np32(xl.ffn_norm.weight)), c.rms_eps)
-    d = g.op("Mul", [mlp(g, h, xl, p, c.ffn_dim), g.weight(f"{p}.tanh_alpha_dense", np.tanh(np32(xl.alpha_dense)))])
-    return g.op("Add", [x, d])
 
 
 def cross_inputs(model, kv_type=None) -> list:
@@ -177,13 +129,8 @@ def cross_kv_graph(model, fp16: bool = False, half: bool = False):
     g, outs = Graph(fp16, half=half), []
     rows = g.act("image_rows")
     for j, xl in enumerate(model.decoder.cross_layers):
-        for kv in ("key", "value"):
-            t = g.op("Reshape", [linear(g, rows, getattr(xl, kv[0]), f"cross_layers.{j}.{kv[0]}"),
-                                 g.i64([1, -1, H, E])])
-            if kv == "key" and c.cross_attn_qk_norms:
-                t = rms(g, t, g.weight(f"cross_layers.{j}.k_norm.weight", np32(xl.k_norm.weight)), c.rms_eps)
-            g.op("Transpose", [t], perm=[0, 2, 1, 3], out=f"cross_{kv}.{j}")
-            outs.append(vi(f"cross_{kv}.{j}", g.ftype, [1, H, "rows", E]))
+        EMITTERS["gated-cross-attention"].kv(g, c, xl, j, rows)
+        outs += [vi(f"cross_{kv}.{j}", g.ftype, [1, H, "rows", E]) for kv in ("key", "value")]
     ins = [vi("image_rows", TensorProto.FLOAT, [1, "rows", W])]
     return g.model("edgemm_cross_kv", ins, outs), g.weight_bytes
 

@@ -1,6 +1,7 @@
 """The one ONNX graph builder of the onnx and trt exporters: the op-by-op `Graph`, the primitives every stage is
-written with (RMSNorm, RoPE, linear, SwiGLU MLP, MoE FFN), the input stage traced from the reference, and how
-stages are saved. The decoder stages are written from these in edgemm.export.decoder_graph.
+written with (RMSNorm, RoPE, MoE FFN), the input stage traced from the reference, and how stages are saved. The
+decoder stages are written from these in edgemm.export.decoder_graph, each layer kind's projections and MLP by its
+emitter in edgemm.export.layer_emit.
 
 RMSNorm is written `Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div -> Mul`, the form ONNX Runtime fuses into
 SimplifiedLayerNormalization (and TensorRT into its normalization layer). One opset for every graph: 19 (the
@@ -34,7 +35,7 @@ class Graph:
     def __init__(self, fp16_weights: bool = False, fused_norms: bool = False, moe_form: str = "dense",
                  half: bool = False):
         """fused_norms: the graph may use ONNX Runtime's contrib ops for residual + norm and separate gate/up
-        MatMuls (the ort flavour, see add_rms and mlp); moe_form: how MoE layers are written (moe_mlp);
+        MatMuls (the ort flavour, see add_rms and layer_emit.Routed.split_gate_up); moe_form: how MoE layers are written (moe_mlp);
         half: fp16 compute (weights and activations in fp16; see act)."""
         from onnx import TensorProto, helper
         self.h = helper
@@ -183,18 +184,6 @@ def rope(g: Graph, x4: str, cos: str, sin: str, E: int, R: int | None = None) ->
     return g.op("Add", [g.op("Mul", [x4, cos]), g.op("Mul", [rot, sin])])
 
 
-def linear(g: Graph, x: str, mod, name: str) -> str:
-    """x @ W^T (+ b) for an nn.Linear; Libra's LowRankLinear as two MatMuls (x @ A^T @ B^T: stays low-rank);
-    XComposer2's LowRankDelta adds its base Linear (W0 x + b + B A x)."""
-    if hasattr(mod, "weight_A"):
-        h = g.op("MatMul", [x, g.weight(f"{name}.weight_A.T", np32(mod.weight_A).T)], name=f"{name}.A")
-        y = g.op("MatMul", [h, g.weight(f"{name}.weight_B.T", np32(mod.weight_B).T)], name=f"{name}.B")
-        base = getattr(mod, "base", None)
-        return y if base is None else g.op("Add", [linear(g, x, base, f"{name}.base"), y])
-    y = g.op("MatMul", [x, g.weight(f"{name}.weight.T", np32(mod.weight).T)], name=name)
-    return y if mod.bias is None else g.op("Add", [y, g.weight(f"{name}.bias", np32(mod.bias))])
-
-
 MOE_FORMS = ("ort-moe", "dense", "ort-qmoe4")
 MOE_DEFAULT = {GRAPH_GQA: "ort-moe", GRAPH_KV: "dense"}    # onnx: the faster on the CPU (benchmarks/bench_moe.py)
 QMOE_BLOCK = 32                 # int4 experts: symmetric per block of 32 inputs (the int4-b32 recipe's block)
@@ -247,25 +236,6 @@ def moe_mlp(g: Graph, x: str, moe, name: str, form: str) -> str:
                         g.weight(f"{name}.experts.down.T", down.transpose(0, 2, 1))], name=f"{name}.experts.down")
     y = g.op("Mul", [y, g.op("Transpose", [w], perm=[2, 1, 0])])                 # [n, T, D] * [n, T, 1]
     return g.op("ReduceSum", [y, g.i64([0])], keepdims=1)                         # [1, T, D]
-
-
-def mlp(g: Graph, x: str, br, name: str, ffn: int) -> str:
-    """SwiGLU (a dense branch's gate and up: one MatMul in the TensorRT flavour); an MoE layer's experts: moe_mlp."""
-    if "moe" in getattr(br, "_modules", {}):
-        return moe_mlp(g, x, br.moe, name, g.moe_form)
-    if getattr(br, "gate", None) is None:              # Persimmon: down(relu(up(x))^2), with biases
-        u = g.op("Relu", [linear(g, x, br.up, f"{name}.up")])
-        return linear(g, g.op("Mul", [u, u]), br.down, f"{name}.down")
-    # ONNX Runtime graphs (g.fused_norms): gate and up as two MatMuls, no Split, as ORT GenAI's builder writes them
-    # (measured 1-2% faster a decode step on bench-0.5b int4 than one [D, 2F] MatMul + Split); TensorRT: one MatMul
-    if hasattr(br.gate, "weight_A") or g.fused_norms:
-        gate, up = linear(g, x, br.gate, f"{name}.gate"), linear(g, x, br.up, f"{name}.up")
-    else:
-        gu = np.concatenate([np32(br.gate.weight).T, np32(br.up.weight).T], 1)   # [D, 2F]: one MatMul
-        gate, up = g.op("Split", [g.op("MatMul", [x, g.weight(f"{name}.gate_up.weight.T", gu)], name=f"{name}.gate_up"),
-                                  g.i64([ffn, ffn])], n_out=2, axis=-1)
-    act = gelu_tanh(g, gate) if getattr(br, "geglu", False) else g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-    return linear(g, g.op("Mul", [act, up]), br.down, f"{name}.down")
 
 
 def gelu_tanh(g: Graph, x: str) -> str:

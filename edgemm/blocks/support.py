@@ -134,6 +134,11 @@ FEATURES: tuple[Feature, ...] = (
                         "not have (its VQ image tokenizer is not imported)"),
 )
 BY_NAME = {f.name: f for f in FEATURES}
+# Registered blocks without a row of their own: edgemm's own family's (every target computes them; gguf: llama.cpp's
+# cogvlm decoder + mmproj), or a block that comes only with another feature's block (its row's targets are its own)
+BASE_BLOCKS = {"vision:eva": None, "connector:glu": None,
+               "vision:none": "libra image tokens", "connector:perceiver": "gated cross-attention",
+               "connector:newline_rows": "linear patch embedding (fuyu)"}
 
 
 def variants(cfg) -> list[str]:
