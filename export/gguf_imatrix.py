@@ -24,13 +24,6 @@ from edgemm.errors import EdgemmError
 
 IMATRIX_FILE = "imatrix.gguf"
 KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")            # the precisions that take the importance matrix by default
-# edgemm Linear (branch attribute) -> llama.cpp tensor(s) reading the same input
-_COGVLM = {"text": {"qkv": ["attn_qkv"], "o": ["attn_output"], "gate": ["ffn_gate"], "up": ["ffn_up"],
-                    "down": ["ffn_down"]},
-           "vision": {"qkv": ["vis_attn_qkv"], "o": ["vis_attn_output"], "gate": ["vis_gate"], "up": ["vis_up"],
-                      "down": ["vis_down"]}}
-_ONE_BRANCH = {"qkv": ["attn_q", "attn_k", "attn_v"], "o": ["attn_output"], "gate": ["ffn_gate"], "up": ["ffn_up"],
-               "down": ["ffn_down"]}
 
 
 def tensor_names(module: str, arch: str) -> list[str]:
@@ -40,9 +33,9 @@ def tensor_names(module: str, arch: str) -> list[str]:
     parts = module.split(".")
     if len(parts) != 5 or parts[:2] != ["decoder", "layers"]:
         return []                                        # (MoE routers / experts, cross-attention: not matched)
+    from edgemm.export.gguf_tensors import DECODER_ARCHS
     i, branch, kind = parts[2], parts[3], parts[4]
-    table = _COGVLM.get(branch, {}) if arch == "cogvlm" else _ONE_BRANCH
-    return [f"blk.{i}.{n}.weight" for n in table.get(kind, [])]
+    return [f"blk.{i}.{n}.weight" for n in DECODER_ARCHS[arch].tensor_names(branch).get(kind, [])]
 
 
 def imatrix_entries(stats, arch: str) -> dict:

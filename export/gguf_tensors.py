@@ -20,62 +20,6 @@ def _np(t) -> np.ndarray:
     return t.detach().float().cpu().contiguous().numpy()
 
 
-def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: str | None = None,
-                  tok_fields: dict | None = None) -> None:
-    """The decoder in f32 as llama.cpp's `arch`: cogvlm (text + vision branches, shared norms, embeddings, LM head),
-    or for LLaVA llama / qwen2 (one branch). chat_template: what tokenizer.chat_template holds (None: edgemm's
-    format); tok_fields: tokenizer_fields already converted (None: converted here)."""
-    import gguf
-    d = model.cfg.decoder
-    w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_name(name)
-    w.add_description("edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)"
-                      if arch == "cogvlm" else f"edgemm single-branch decoder ({arch})")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(d.max_seq_len)
-    w.add_embedding_length(d.d_model)
-    w.add_block_count(d.n_layers)
-    w.add_feed_forward_length(d.moe_ffn_dim if d.n_experts else d.ffn_dim)    # MoE: the experts' width (n_ff)
-    if d.n_experts:                     # Mixtral layout: ffn_gate_inp + ffn_{gate,up,down}_exps in every layer
-        w.add_expert_count(d.n_experts)
-        w.add_expert_used_count(d.experts_top_k)
-    w.add_head_count(d.n_heads)
-    w.add_head_count_kv(d.kv_heads)
-    w.add_layer_norm_rms_eps(d.rms_eps)
-    w.add_rope_freq_base(d.rope_theta)
-    w.add_rope_dimension_count(d.head_dim)
-    w.add_vocab_size(d.vocab_size)
-    if arch == "gemma3":
-        _gemma3_keys(w, d)
-    tf = tok_fields or tokenizer_fields(tok, d.vocab_size)
-    add_tokenizer(w, tok, tf, chat_template)
-
-    dec = model.decoder
-    w.add_tensor("token_embd.weight", _np(dec.tok_embeddings.weight))
-    w.add_tensor("output_norm.weight", _np(dec.norm.weight))
-    if not d.tie_embeddings:
-        w.add_tensor("output.weight", _np(dec.lm_head.weight))
-    for i, layer in enumerate(dec.layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", _np(layer.attn_norm.weight))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", _np(layer.ffn_norm.weight))
-        if arch == "gemma3":
-            _gemma3_layer(w, i, layer, d)
-        if arch != "cogvlm":
-            _write_attention(w, i, layer.text, d, permute=arch == "llama")     # (gemma3, qwen2: NEOX rope)
-            _write_ffn(w, i, layer.text)
-            continue
-        for prefix, br in (("", layer.text), ("vis_", layer.vision)):
-            w.add_tensor(f"blk.{i}.{prefix}attn_qkv.weight", _np(br.qkv.weight))
-            w.add_tensor(f"blk.{i}.{'vis_attn_output' if prefix else 'attn_output'}.weight", _np(br.o.weight))
-            w.add_tensor(f"blk.{i}.{prefix}{'gate' if prefix else 'ffn_gate'}.weight", _np(br.gate.weight))
-            w.add_tensor(f"blk.{i}.{prefix}{'up' if prefix else 'ffn_up'}.weight", _np(br.up.weight))
-            w.add_tensor(f"blk.{i}.{prefix}{'down' if prefix else 'ffn_down'}.weight", _np(br.down.weight))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def gemma3_attention_scale(d) -> float:
     """The query scale llama.cpp's gemma3 graph applies (src/models/gemma3.cpp): 1 / sqrt(head_dim), or for the
     62-layer (27B) model 1 / sqrt(n_embd / n_head)."""
@@ -142,6 +86,125 @@ def _write_ffn(w, i: int, br) -> None:
     w.add_tensor(f"blk.{i}.ffn_gate.weight", _np(br.gate.weight))
     w.add_tensor(f"blk.{i}.ffn_up.weight", _np(br.up.weight))
     w.add_tensor(f"blk.{i}.ffn_down.weight", _np(br.down.weight))
+
+
+# --------------------------------------------------------------------------- decoder architectures
+# One class a llama.cpp decoder architecture, registered by name, overriding only what differs (as
+# convert_hf_to_gguf.py's model classes do): its metadata keys, the tensors of one layer, and which edgemm Linear
+# each of its matrices reads its input from (gguf_imatrix: the importance matrix of that tensor).
+DECODER_ARCHS: dict[str, "Llama"] = {}
+
+
+def decoder_arch_class(name: str):
+    """Class decorator: the GGUF writer of llama.cpp's decoder architecture `name`."""
+    def deco(cls):
+        cls.arch = name
+        DECODER_ARCHS[name] = cls()
+        return cls
+    return deco
+
+
+@decoder_arch_class("llama")
+class Llama:
+    """A single-branch decoder (LLaVA): separate attn_q / attn_k / attn_v (+ biases), attn_output, a SwiGLU FFN or
+    an MoE layer's router + stacked experts (Mixtral layout); llama's Q / K rows permuted for its normal RoPE."""
+    arch = "llama"
+    permute = True                      # HF's NEOX halves -> llama's interleaved pairs
+    description = "edgemm single-branch decoder ({arch})"
+    ONE_BRANCH = {"qkv": ["attn_q", "attn_k", "attn_v"], "o": ["attn_output"], "gate": ["ffn_gate"],
+                  "up": ["ffn_up"], "down": ["ffn_down"]}
+
+    def keys(self, w, d) -> None:
+        """Keys beyond the ones every decoder file has."""
+
+    def layer(self, w, i: int, layer, d) -> None:
+        _write_attention(w, i, layer.text, d, permute=self.permute)
+        _write_ffn(w, i, layer.text)
+
+    def tensor_names(self, branch: str) -> dict:
+        """edgemm branch attribute (qkv, o, gate, up, down) -> the layer's tensors reading that Linear's input."""
+        return self.ONE_BRANCH
+
+
+@decoder_arch_class("qwen2")
+class Qwen2(Llama):
+    """Qwen2 (LLaVA-OneVision, ...): as llama, NEOX RoPE (rows never permuted), QKV biases."""
+    permute = False
+
+
+@decoder_arch_class("gemma3")
+class Gemma3(Qwen2):
+    """Gemma 3: Qwen2's layout plus its keys (_gemma3_keys) and per-layer norms (_gemma3_layer)."""
+
+    def keys(self, w, d) -> None:
+        _gemma3_keys(w, d)
+
+    def layer(self, w, i: int, layer, d) -> None:
+        _gemma3_layer(w, i, layer, d)
+        super().layer(w, i, layer, d)
+
+
+@decoder_arch_class("cogvlm")
+class CogVLM(Llama):
+    """edgemm's own family: llama.cpp's cogvlm, the text branch under the ordinary names, the vision branch under
+    blk.N.vis_* (fused QKV both; norms shared)."""
+    description = "edgemm routed-visual-expert decoder (text branch: blk.N.*, vision branch: blk.N.vis_*)"
+    BRANCHES = {"text": {"qkv": ["attn_qkv"], "o": ["attn_output"], "gate": ["ffn_gate"], "up": ["ffn_up"],
+                         "down": ["ffn_down"]},
+                "vision": {"qkv": ["vis_attn_qkv"], "o": ["vis_attn_output"], "gate": ["vis_gate"],
+                           "up": ["vis_up"], "down": ["vis_down"]}}
+
+    def layer(self, w, i: int, layer, d) -> None:
+        for branch, br in (("text", layer.text), ("vision", layer.vision)):
+            for attr, (name,) in self.BRANCHES[branch].items():
+                w.add_tensor(f"blk.{i}.{name}.weight", _np(getattr(br, attr).weight))
+
+    def tensor_names(self, branch: str) -> dict:
+        return self.BRANCHES.get(branch, {})
+
+
+def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: str | None = None,
+                  tok_fields: dict | None = None) -> None:
+    """The decoder in f32 as llama.cpp's `arch` (DECODER_ARCHS: cogvlm for edgemm's own family, llama / qwen2 /
+    gemma3 for single-branch ones). chat_template: what tokenizer.chat_template holds (None: edgemm's format);
+    tok_fields: tokenizer_fields already converted (None: converted here)."""
+    import gguf
+    a = DECODER_ARCHS[arch]
+    d = model.cfg.decoder
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name(name)
+    w.add_description(a.description.format(arch=arch))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(d.max_seq_len)
+    w.add_embedding_length(d.d_model)
+    w.add_block_count(d.n_layers)
+    w.add_feed_forward_length(d.moe_ffn_dim if d.n_experts else d.ffn_dim)    # MoE: the experts' width (n_ff)
+    if d.n_experts:                     # Mixtral layout: ffn_gate_inp + ffn_{gate,up,down}_exps in every layer
+        w.add_expert_count(d.n_experts)
+        w.add_expert_used_count(d.experts_top_k)
+    w.add_head_count(d.n_heads)
+    w.add_head_count_kv(d.kv_heads)
+    w.add_layer_norm_rms_eps(d.rms_eps)
+    w.add_rope_freq_base(d.rope_theta)
+    w.add_rope_dimension_count(d.head_dim)
+    w.add_vocab_size(d.vocab_size)
+    a.keys(w, d)
+    tf = tok_fields or tokenizer_fields(tok, d.vocab_size)
+    add_tokenizer(w, tok, tf, chat_template)
+
+    dec = model.decoder
+    w.add_tensor("token_embd.weight", _np(dec.tok_embeddings.weight))
+    w.add_tensor("output_norm.weight", _np(dec.norm.weight))
+    if not d.tie_embeddings:
+        w.add_tensor("output.weight", _np(dec.lm_head.weight))
+    for i, layer in enumerate(dec.layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", _np(layer.attn_norm.weight))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", _np(layer.ffn_norm.weight))
+        a.layer(w, i, layer, d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
