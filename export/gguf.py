@@ -61,19 +61,26 @@ def decoder_arch(cfg) -> str:
         return "cogvlm"
     if mtmd_graph(cfg) == "gemma3":
         return "gemma3"
+    if cfg.decoder.mrope_section:
+        return "qwen2vl"                # Qwen2 + M-RoPE (rope.dimension_sections)
     return "qwen2" if cfg.decoder.qkv_bias else "llama"
 
 
 def projector(cfg) -> str:
-    """The mmproj's clip.projector_type: mlp (LLaVA), the composition's own (mtmd_graph), else cogvlm."""
+    """The mmproj's clip.projector_type: mlp (LLaVA), the composition's own (mtmd_graph; Qwen2-VL's qwen2vl_merger, 2.5's qwen2.5vl_merger),
+    else cogvlm."""
+    if mtmd_graph(cfg) == "qwen2vl":
+        from edgemm.export.gguf_mtmd import qwen2vl_projector
+        return qwen2vl_projector(cfg)
     return "mlp" if is_llava(cfg) else mtmd_graph(cfg) or "cogvlm"
 
 
 def mmproj_writer(cfg):
     """The function writing this model's mmproj (model, path, name, qtype) -> {tensor: type}."""
-    from edgemm.export.gguf_mtmd import write_gemma3_mmproj, write_idefics3_mmproj
-    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj,
-            "idefics3": write_idefics3_mmproj}.get(projector(cfg), write_mmproj_gguf)
+    from edgemm.export.gguf_mtmd import write_gemma3_mmproj, write_idefics3_mmproj, write_qwen2vl_mmproj
+    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj, "idefics3": write_idefics3_mmproj,
+            "qwen2vl_merger": write_qwen2vl_mmproj,
+            "qwen2.5vl_merger": write_qwen2vl_mmproj}.get(projector(cfg), write_mmproj_gguf)
 
 
 def gguf_chat_template(cfg, template: str) -> str | None:
@@ -126,7 +133,9 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
         raise EdgemmError("vision width must be divisible by the vision heads")
     if cfg.decoder.single_branch:
         _check_moe(cfg.decoder, where)
-    if mtmd_graph(cfg) and cfg.vision.gelu != "tanh":
+    if mtmd_graph(cfg) == "qwen2vl":
+        _check_qwen2vl(cfg, where, log)
+    elif mtmd_graph(cfg) and cfg.vision.gelu != "tanh":
         log(f"warning: this vision tower uses the {cfg.vision.gelu} GELU; llama.cpp's {mtmd_graph(cfg)} mmproj "
             "computes the tanh form (clip.use_gelu), so the vision stage is approximated")
     if vision_stage(cfg, vision) == "onnx" or mtmd_graph(cfg):
@@ -150,6 +159,26 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
             "(ggml_gelu), so the vision stage is approximated")
     if abs(cfg.adapter.eps - 1e-5) > 1e-12:
         log(f"warning: the adapter LayerNorm eps is {cfg.adapter.eps}; llama.cpp's cogvlm projector uses 1e-5")
+
+
+def _check_qwen2vl(cfg, where: str, log) -> None:
+    """What llama.cpp's qwen2vl / qwen2.5vl graphs (tools/mtmd/models/qwen2vl.cpp) fix: 2 x 2 merged cells, 2.5's
+    112 px windows with every n-th block full; 2-VL's tower MLP is QuickGELU (clip.cpp's default FFN op) and the
+    merger's GELU the tanh form (FFN_GELU) where Qwen's is erf."""
+    from edgemm.export.gguf_mtmd import QWEN25_WINDOW_PX, qwen2vl_window_pattern
+    v = cfg.vision
+    if v.merge_size != 2:
+        raise EdgemmError(f"{where}: spatial_merge_size {v.merge_size}; llama.cpp's qwen2vl graph merges 2 x 2 "
+                          "patches only")
+    if v.mlp != "swiglu" and v.gelu != "quick":
+        raise EdgemmError(f"{where}: the tower's MLP activation is {v.gelu} GELU; llama.cpp's qwen2vl mmproj "
+                          "computes QuickGELU (Qwen2-VL's)")
+    if v.window_px and v.window_px != QWEN25_WINDOW_PX:
+        raise EdgemmError(f"{where}: window attention over {v.window_px} px; llama.cpp's qwen2.5vl graph uses "
+                          f"{QWEN25_WINDOW_PX} px windows (the released models')")
+    qwen2vl_window_pattern(v)
+    log("warning: the patch merger's GELU is the erf form; llama.cpp's qwen2vl_merger projector computes the tanh form "
+        "(FFN_GELU), so the image rows are approximated")
 
 
 def _check_moe(d, where: str) -> None:

@@ -12,7 +12,15 @@ MmprojModel.set_gguf_parameters) and read by its tools/mtmd/clip.cpp:
   pixel-shuffled by clip.vision.projector.scale_factor (1 / downsample_ratio), mm.model.fc (no bias);
   clip.vision.preproc_image_size is the processor's longest_edge. The tile markers are text tokens to llama.cpp
   (mtmd.cpp's idefics3 slice template); edgemm's llamacpp backend runs mtmd tile by tile and takes the marker rows
-  from the decoder's token_embd."""
+  from the decoder's token_embd;
+- qwen2vl_merger / qwen2.5vl_merger (Qwen2-VL / Qwen2.5-VL, conversion/qwenvl.py Qwen2VLVisionModel; tools/mtmd/models/qwen2vl.cpp):
+  the Conv3d patch embedding as two Conv2d kernels v.patch_embd.weight / .weight.1 (one per frame; edgemm keeps
+  their sum, so each gets half: an image is one frame repeated), no patch bias, no position table (2-D M-RoPE in
+  the graph), blocks ln1 / attn_q,k,v / attn_out / ln2 / ffn_up, ffn_down (+ ffn_gate: 2.5's SwiGLU, clip.use_silu;
+  2-VL's QuickGELU is clip.cpp's default FFN op), the merger's ln_q as v.post_ln and its two Linears as mm.0 /
+  mm.2. 2.5's window attention is clip.vision.n_wa_pattern (every n-th block full; clip.cpp's windows are 112 px).
+  The image's rows come back in the merged grid's row-major order (clip.cpp undoes its window grouping);
+  <|vision_start|> / <|vision_end|> are text tokens that mtmd puts around them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +31,11 @@ from edgemm.export.gguf_quant import add_vision_tensor, mmproj_file_type
 from edgemm.export.gguf_tensors import _np, clip_block_tensors
 
 
-def _clip_header(w, model, name: str, qtype: str, projector: str, description: str) -> None:
-    """The keys every mmproj has (MmprojModel.set_gguf_parameters) + the projector type, GELU (tanh form: SigLIP's
-    gelu_pytorch_tanh, ggml_gelu) and the tower's LayerNorm eps."""
+def _clip_header(w, model, name: str, qtype: str, projector: str, description: str, ffn: str = "gelu",
+                 image_size: int | None = None) -> None:
+    """The keys every mmproj has (MmprojModel.set_gguf_parameters) + the projector type, the tower's FFN activation
+    (ffn: "gelu", the tanh form: SigLIP's gelu_pytorch_tanh, ggml_gelu; "silu": clip.use_silu; "quick": neither key,
+    clip.cpp's GELU_QUICK) and the tower's LayerNorm eps."""
     v = model.cfg.vision
     w.add_name(f"{name} vision")
     w.add_description(description)
@@ -33,9 +43,10 @@ def _clip_header(w, model, name: str, qtype: str, projector: str, description: s
     w.add_file_type(mmproj_file_type(qtype))
     w.add_bool("clip.has_vision_encoder", True)
     w.add_string("clip.projector_type", projector)
-    w.add_bool("clip.use_gelu", True)
+    if ffn in ("gelu", "silu"):
+        w.add_bool(f"clip.use_{ffn}", True)
     w.add_uint32("clip.vision.projection_dim", model.cfg.decoder.d_model)
-    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.image_size", image_size or v.image_size)
     w.add_uint32("clip.vision.patch_size", v.patch_size)
     w.add_uint32("clip.vision.embedding_length", v.width)
     w.add_uint32("clip.vision.feed_forward_length", v.mlp_dim)
@@ -114,5 +125,69 @@ def write_idefics3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     w.add_uint32("clip.vision.preproc_image_size", v.longest_edge or v.image_size)
     _siglip_tensors(put, model.vision, v)
     put("mm.model.fc.weight", model.adapter.proj.weight)
+    _close(w)
+    return types
+
+
+QWEN25_WINDOW_PX = 112          # clip.cpp's qwen2.5vl windows (attn_window_size 0 -> 112; no key read for it)
+
+
+def qwen2vl_projector(cfg) -> str:
+    """clip.projector_type of a Qwen2-VL (qwen2vl) or Qwen2.5-VL (RMSNorm + SwiGLU tower: qwen2.5vl_merger) mmproj."""
+    return "qwen2.5vl_merger" if cfg.vision.mlp == "swiglu" else "qwen2vl_merger"
+
+
+def qwen2vl_window_pattern(v) -> int:
+    """clip.vision.n_wa_pattern: blocks n-1, 2n-1, ... attend fully, the others in windows (the converter's
+    fullatt_block_indexes[0] + 1); 0 without window attention. Raises where clip.cpp's pattern cannot say it."""
+    from edgemm.errors import EdgemmError
+    if not v.window_px:
+        return 0
+    full = sorted(v.full_blocks)
+    n = full[0] + 1 if full else 0
+    if not n or full != list(range(n - 1, v.layers, n)):
+        raise EdgemmError(f"Qwen2.5-VL full-attention blocks {full}: llama.cpp's qwen2.5vl_merger mmproj takes every n-th "
+                          "block (clip.vision.n_wa_pattern), as the released models have them")
+    return n
+
+
+def write_qwen2vl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
+    """Qwen2-VL's / Qwen2.5-VL's tower + patch merger as llama.cpp's clip/mmproj file, projector qwen2vl_merger / qwen2.5vl_merger
+    (module docstring). -> {tensor: type}."""
+    cfg, v = model.cfg, model.cfg.vision
+    v25 = qwen2vl_projector(cfg) == "qwen2.5vl_merger"
+    w, put, types = _writer(path, qtype)
+    _clip_header(w, model, name, qtype, qwen2vl_projector(cfg), "edgemm vision stage: Qwen2-VL ViT + 2x2 patch "
+                 f"merger (llama.cpp projector {qwen2vl_projector(cfg)})", ffn="silu" if v25 else "quick",
+                 image_size=560)                        # (the converter's default: the warmup size only)
+    w.add_uint32("clip.vision.spatial_merge_size", v.merge_size)
+    if v25:
+        w.add_uint32("clip.vision.n_wa_pattern", qwen2vl_window_pattern(v))
+    vt, ad = model.vision, model.adapter
+    half = _np(vt.patch_embed.weight) * np.float32(0.5)             # the two frames' kernels (exact halves)
+    put("v.patch_embd.weight", half, "f32")
+    put("v.patch_embd.weight.1", half.copy(), "f32")
+    # clip.cpp swaps ffn_up / ffn_down of qwen2vl files whose ffn_down has n_embd inputs (legacy naming); with
+    # mlp_dim == width it cannot tell, so write that order then
+    up, down = ("ffn_down", "ffn_up") if v.mlp_dim == v.width else ("ffn_up", "ffn_down")
+    mlp = (("gate", "ffn_gate"), ("up", up), ("down", down)) if v25 else (("fc1", up), ("fc2", down))
+    kinds = ("weight",) if v25 else ("weight", "bias")                  # 2.5: RMSNorm
+    for i, blk in enumerate(vt.blocks):
+        b = f"v.blk.{i}."
+        for kind in ("weight", "bias"):
+            qkv = _np(getattr(blk.qkv, kind))
+            for j, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                put(f"{b}{n}.{kind}", qkv[j * v.width:(j + 1) * v.width])
+            put(f"{b}attn_out.{kind}", getattr(blk.proj, kind))
+            for ours, theirs in mlp:
+                put(f"{b}{theirs}.{kind}", getattr(getattr(blk, ours), kind))
+        for kind in kinds:
+            put(f"{b}ln1.{kind}", getattr(blk.norm1, kind))
+            put(f"{b}ln2.{kind}", getattr(blk.norm2, kind))
+    for kind in kinds:
+        put(f"v.post_ln.{kind}", getattr(ad.ln_q, kind))
+    for kind in ("weight", "bias"):
+        put(f"mm.0.{kind}", getattr(ad.fc1, kind))
+        put(f"mm.2.{kind}", getattr(ad.fc2, kind))
     _close(w)
     return types

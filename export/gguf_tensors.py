@@ -132,6 +132,15 @@ class Qwen2(Llama):
     permute = False
 
 
+@decoder_arch_class("qwen2vl")
+class Qwen2VL(Qwen2):
+    """Qwen2-VL / Qwen2.5-VL's language model: Qwen2's layout with M-RoPE, its sections (rotary pairs per temporal,
+    height, width) as rope.dimension_sections with an unused fourth 0 (convert_hf_to_gguf.py's mrope_section)."""
+
+    def keys(self, w, d) -> None:
+        w.add_rope_dimension_sections([int(s) for s in d.mrope_section] + [0] * (4 - len(d.mrope_section)))
+
+
 @decoder_arch_class("gemma3")
 class Gemma3(Qwen2):
     """Gemma 3: Qwen2's layout plus its keys (_gemma3_keys) and per-layer norms (_gemma3_layer)."""

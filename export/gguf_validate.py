@@ -52,6 +52,11 @@ def validation_image(cfg) -> np.ndarray:
 def validation_image_source(cfg) -> tuple[np.ndarray, str]:
     """-> (validation_image, what it is: "a shapes test scene", or "seeded noise (why)")."""
     s = cfg.vision.image_size
+    if cfg.vision.tiling == "qwen2vl":          # any size: a 4 x 3 grid of merged cells, at the host's own size
+        from edgemm.qwen2vl_pixels import factor, smart_resize
+        h, w = smart_resize(cfg.vision, 3 * factor(cfg.vision), 4 * factor(cfg.vision))
+        return (np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8),
+                f"seeded noise ({w}x{h}: Qwen2-VL's tower takes any size, rows at 2-D M-RoPE positions)")
     try:
         from edgemm import shapes
         if s == shapes.IMAGE_SIZE:
@@ -66,6 +71,21 @@ def _log_softmax(z):
     z = np.asarray(z, np.float64)
     z = z - z.max()
     return z - np.log(np.exp(z).sum())
+
+
+def put_image(run, cfg, rows, pos0: int, grid=None) -> int:
+    """An image's rows [1, n, D] (or [n, D]) into llama.cpp at pos0, as edgemm's llamacpp backend puts them: at
+    sequential positions, or with M-RoPE at (p, p + i, p + j) over the grid `grid` carries (default: `rows`';
+    qwen2vl_pixels.GridRows). -> the position of the text after it."""
+    a = rows[0] if rows.ndim == 3 else rows
+    a = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+    if not cfg.decoder.mrope_section:
+        run.decode_embd(a, pos0, bidirectional=cfg.decoder.image_bidirectional)
+        return pos0 + a.shape[0]
+    from edgemm.qwen2vl_pixels import image_positions
+    pos = image_positions(pos0, rows if grid is None else grid)
+    run.decode_embd(a, pos0, positions=pos)
+    return int(pos.max()) + 1
 
 
 def fidelity(model, tok, run, rows_ref) -> dict:
@@ -86,9 +106,9 @@ def fidelity(model, tok, run, rows_ref) -> dict:
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
-        g = run.decode_tokens(q_ids, len(pre) + rows_ref.shape[1])
-        n = len(pre) + rows_ref.shape[1] + len(q_ids)
+        p = put_image(run, cfg, rows_ref, len(pre))
+        g = run.decode_tokens(q_ids, p)
+        n = p + len(q_ids)
         for step in range(FIDELITY_STEPS + 1):
             rl = r[0, -1].float().numpy()
             lp, lq = _log_softmax(rl), _log_softmax(g)
@@ -163,12 +183,16 @@ def _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out: dict, l
 def _mtmd_rows(model, tok, mmproj, run, threads, img, pixels, hw, rows_ref, llava: bool, out: dict, log):
     """The mmproj through llama.cpp's mtmd -> its image rows (LLaVA's diagnosed: _llava_rows_check)."""
     from edgemm.runtimes.llamacpp_runner import MtmdVision, image_bounds
-    mt = MtmdVision(mmproj, run, threads, around=image_bounds(model.cfg, tok, run))
+    qwen = model.cfg.vision.tiling == "qwen2vl"         # (any size: mtmd keeps the host's; its rows compared below)
+    if qwen:
+        from edgemm.qwen2vl_pixels import max_rows
+    mt = MtmdVision(mmproj, run, threads, around=image_bounds(model.cfg, tok, run),
+                    max_rows=max_rows(model.cfg) if qwen else 0)
     try:
         rows_mt = mt.encode_rgb(img)
     finally:
         mt.close()
-    if llava or hasattr(pixels, "pack_rows"):
+    if (llava or hasattr(pixels, "pack_rows")) and not qwen:
         return _llava_rows_check(model, mmproj, pixels, hw, rows_ref, rows_mt, out, log, run)
     out["vision_rows_max_abs"] = float(np.max(np.abs(rows_mt - rows_ref[0].numpy())))
     return rows_mt
@@ -236,7 +260,8 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
                                                                          ("text", torch.tensor([q_ids]))])
 
     f32_kv = dprec == "f32"
-    run = LlamaRunner(decoder, cfg.decoder.max_seq_len, threads, n_batch=max(512, n_rows), f32_kv=f32_kv)
+    run = LlamaRunner(decoder, cfg.decoder.max_seq_len, threads, n_batch=max(512, n_rows), f32_kv=f32_kv,
+                      mrope=bool(cfg.decoder.mrope_section))
     try:
         out = {"kv_cache": run.kv_type, "flash_attention": False, "validation_image": img_what}
         # tokenization: llama.cpp's gpt2 BPE vs edgemm's
@@ -249,8 +274,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
         run.clear()
         if pre:
             run.decode_tokens(pre, 0)
-        run.decode_embd(rows_ref[0].numpy(), len(pre), bidirectional=cfg.decoder.image_bidirectional)
-        li = run.decode_tokens(q_ids, len(pre) + n_rows)
+        li = run.decode_tokens(q_ids, put_image(run, cfg, rows_ref, len(pre)))
         out["image_max_abs"] = float(np.max(np.abs(li - ref_img)))
         out["image_top1_equal"] = bool(li.argmax() == ref_img.argmax())
         out["vision_rows_scale"] = float(np.max(np.abs(rows_ref[0].numpy())))
@@ -264,8 +288,7 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
             out["vision_rows_cosine"] = compare(rows_ref[0].numpy(), rows_mt)[1]
         if rows_mt is not None:
             run.rewind(len(pre))
-            run.decode_embd(rows_mt, len(pre), bidirectional=cfg.decoder.image_bidirectional)
-            le = run.decode_tokens(q_ids, len(pre) + n_rows)
+            le = run.decode_tokens(q_ids, put_image(run, cfg, rows_mt, len(pre), grid=rows_ref))
             out["image_mtmd_max_abs"] = float(np.max(np.abs(le - ref_img)))
             out["image_mtmd_top1_equal"] = bool(le.argmax() == ref_img.argmax())
         else:                       # not compared (any-resolution: mtmd tiles by its own rules)

@@ -92,7 +92,8 @@ class LlamaCppBackend(Backend):
         n_ctx = min(context or 1 << 62, self.cfg.decoder.max_seq_len)
         self.runner = LlamaRunner(self.decoder_path, n_ctx, self.threads,
                                   n_batch=max(512, self.cfg.n_image_rows), f32_kv=f32_kv, flash_attn=flash_attn,
-                                  n_seq=n_seq, kv_type=kv_cache, n_gpu_layers=-1 if gpu else 0)
+                                  n_seq=n_seq, kv_type=kv_cache, n_gpu_layers=-1 if gpu else 0,
+                                  mrope=bool(self.cfg.decoder.mrope_section))
         self.source = self.bundle
         self.device = "cuda" if gpu else "cpu"
         self.mmproj_offload = gpu and mmproj_offload
@@ -195,19 +196,36 @@ class LlamaCppBackend(Backend):
         return out
 
     def image(self, state: State, rows) -> np.ndarray:
+        from .base import last
+        return last(self._image_pieces(state, rows, None))
+
+    def _put_rows(self, state: State, rows, positions=None) -> np.ndarray:
         seq = self._sync(state)
         rows = np.asarray(rows, np.float32)
         rows = rows.reshape(-1, rows.shape[-1])
-        logits = self.runner.decode_embd(rows, state.pos, seq, self.cfg.decoder.image_bidirectional)
+        logits = self.runner.decode_embd(rows, state.pos, seq, self.cfg.decoder.image_bidirectional, positions)
         state.length += rows.shape[0]
         state.pos += rows.shape[0]
         return logits
 
     def _image_pieces(self, state: State, rows, chunk):
-        """Image rows sit at sequential positions here: an image appends in pieces as text does (prefill)."""
+        """An image appends in pieces as text does (prefill). Its rows sit at sequential positions, or with M-RoPE
+        (Qwen2-VL) at (p, p + i, p + j) over their grid, the text after the image at p + max(rows, cols)."""
         from .base import _pieces
+        mrope = None
+        if self.cfg.decoder.mrope_section:
+            from edgemm.qwen2vl_pixels import image_positions
+            mrope = image_positions(state.pos, rows)        # [3, n] from the rows' grid (qwen2vl_pixels.GridRows)
         rows = np.asarray(rows, np.float32).reshape(1, -1, np.shape(rows)[-1])
-        yield from _pieces(lambda a, b: self.image(state, rows[:, a:b]), rows.shape[1], chunk)
+        if mrope is None:
+            yield from _pieces(lambda a, b: self._put_rows(state, rows[:, a:b]), rows.shape[1], chunk)
+            return
+
+        def piece(a, b):
+            out = self._put_rows(state, rows[:, a:b], mrope[:, a:b])
+            state.pos = int(mrope[:, :b].max()) + 1
+            return out
+        yield from _pieces(piece, rows.shape[1], chunk)
 
     def vision(self, pixels, *instruction) -> np.ndarray:
         if self._onnx_vision is not None:            # the bundle's ONNX vision stage (OnnxVision)
@@ -228,12 +246,20 @@ class LlamaCppBackend(Backend):
             rgb = None
             self._why_reference = "SmolVLM's tiles are cut on the host (mtmd tiles a whole image by its own rules)"
         if rgb is not None:
+            qwen = self.cfg.vision.tiling == "qwen2vl"      # any size: mtmd keeps the size the host gave it
             if self._mtmd is None:
+                from edgemm.qwen2vl_pixels import max_rows
                 self._mtmd = MtmdVision(self.mmproj_path, self.runner, self.vision_threads,
                                         use_gpu=self.mmproj_offload,
-                                        around=image_bounds(self.cfg, self.tokenizer, self.runner))
+                                        around=image_bounds(self.cfg, self.tokenizer, self.runner),
+                                        max_rows=max_rows(self.cfg) if qwen else 0)
             self.vision_source = "mtmd (mmproj)"
-            return self._mtmd.encode_rgb(rgb)[None]
+            rows = self._mtmd.encode_rgb(rgb)[None]
+            if qwen and rows.shape[1] != (want := rgb.shape[0] * rgb.shape[1] // (self.cfg.vision.patch_size
+                                                                                  * self.cfg.vision.merge_size) ** 2):
+                raise EdgemmError(f"mtmd encoded the {rgb.shape[1]}x{rgb.shape[0]} image into {rows.shape[1]} rows, "
+                                  f"not the {want} of its grid")
+            return rows
         import torch
         if self._ref_vision is None:
             self._ref_vision = reference_vision_from_mmproj(self.mmproj_path, self.cfg,

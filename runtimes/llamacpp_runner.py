@@ -21,8 +21,10 @@ class LlamaRunner:
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
                  f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1,
-                 kv_type: str | None = None, n_gpu_layers: int = 0):
-        """kv_type: f32 / f16 / q8_0 / q4_0 for both K and V (default f32, or f16 with f32_kv False); a quantized V
+                 kv_type: str | None = None, n_gpu_layers: int = 0, mrope: bool = False):
+        """mrope: the decoder is llama.cpp's qwen2vl (M-RoPE: an embedding batch carries 4 positions a row, section-major,
+        decode_embd's `positions`; token batches one, which llama.cpp repeats over the first three sections).
+        kv_type: f32 / f16 / q8_0 / q4_0 for both K and V (default f32, or f16 with f32_kv False); a quantized V
         needs flash_attn (llama.cpp refuses the context otherwise: said in one line). n_gpu_layers: decoder layers
         on the GPU (-1: all; 0, the default, keeps everything on the CPU where an offloading build would
         otherwise take all layers)."""
@@ -69,6 +71,13 @@ class LlamaRunner:
         self._tok_batch = ll.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = ll.llama_batch_init(n_batch, self.n_embd, 1)
         self.lengths = [0] * n_seq   # rows in each sequence's KV cache
+        self.mrope = mrope
+        if mrope:       # llama_batch_init allocates one position a row: the embedding batch gets a 4-a-row array
+            # (the address, not the field: a pointer read from a Structure aliases the field's storage)
+            self._pos_t = type(self._emb_batch.pos)
+            self._emb_pos1 = ctypes.cast(self._emb_batch.pos, ctypes.c_void_p).value
+            self._emb_pos4 = (ctypes.c_int32 * (4 * n_batch))()
+            self._row_pos = [[] for _ in range(n_seq)]   # each KV row's first-section position (rewinds go by it)
 
     @property
     def length(self) -> int:
@@ -79,18 +88,32 @@ class LlamaRunner:
         if seq is None:
             self.ll.llama_memory_clear(self.mem, True)
             self.lengths = [0] * self.n_seq
+            if self.mrope:
+                self._row_pos = [[] for _ in range(self.n_seq)]
         else:
             self.rewind(0, seq)
 
     def rewind(self, length: int, seq: int = 0):
         if length < self.lengths[seq]:
-            self.ll.llama_memory_seq_rm(self.mem, seq, length, -1)
+            # M-RoPE: rows and positions part after an image (its rows share their first position, the text after
+            # it goes on at p + max(rows, cols)), so the cells go by the position of the first row dropped
+            p = self._row_pos[seq][length] if self.mrope else length
+            self.ll.llama_memory_seq_rm(self.mem, seq, p, -1)
             self.lengths[seq] = length
+            if self.mrope:
+                del self._row_pos[seq][length:]
 
     # ---- decoding ------------------------------------------------------------------------------
-    def _run(self, batch, n: int, pos0: int, last: bool, seq: int = 0):
+    def _run(self, batch, n: int, pos0: int, last: bool, seq: int = 0, positions: np.ndarray | None = None):
+        """positions (M-RoPE embedding batches): int [4, n], section-major into the batch's 4-a-row array."""
+        if positions is not None:
+            self._emb_pos4[:4 * n] = np.ascontiguousarray(positions, np.int32).reshape(-1).tolist()
+            batch.pos = ctypes.cast(self._emb_pos4, self._pos_t)
+        elif self.mrope and batch is self._emb_batch:
+            batch.pos = ctypes.cast(self._emb_pos1, self._pos_t)
         for i in range(n):
-            batch.pos[i] = pos0 + i
+            if positions is None:
+                batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
             # every row of the final batch is an output: llama.cpp's cogvlm graph does not select the output rows
@@ -101,6 +124,9 @@ class LlamaRunner:
         if rc != 0:
             raise EdgemmError(f"llama_decode failed (code {rc}) at cache length {self.lengths[seq]}, {n} rows")
         self.lengths[seq] += n
+        if self.mrope:
+            self._row_pos[seq] += (list(range(pos0, pos0 + n)) if positions is None
+                                   else [int(x) for x in positions[0]])
 
     def _logits(self, i: int = -1) -> np.ndarray:
         ptr = self.ll.llama_get_logits_ith(self.ctx, i)
@@ -123,8 +149,10 @@ class LlamaRunner:
             self._run(b, len(chunk), pos0 + s, s + len(chunk) == len(ids), seq)
         return self._logits()
 
-    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0, bidirectional: bool = False) -> np.ndarray:
-        """An embedding batch. bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the first and
+    def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0, bidirectional: bool = False,
+                    positions: np.ndarray | None = None) -> np.ndarray:
+        """An embedding batch. positions: M-RoPE's [3, n] (temporal, height, width) of the rows (default: pos0 + i in
+        each section, as a text row). bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the first and
         the last attend to each other both ways, in one non-causal batch as mtmd's helper decodes an image
         (mtmd_decode_use_non_causal), boi and eoi causally as the tokens llama.cpp puts around it."""
         rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
@@ -141,11 +169,20 @@ class LlamaRunner:
                 self.ll.llama_set_causal_attn(self.ctx, True)
             return self.decode_embd(rows[-1:], pos0 + n - 1, seq)
         self._check_room(n, seq)
+        p4 = None
+        if self.mrope:                  # [4, n]: (t, h, w) + the unused fourth section (0, as mtmd's helper)
+            p3 = np.tile(np.arange(pos0, pos0 + n), (3, 1)) if positions is None else np.asarray(positions)
+            if p3.shape != (3, n):
+                raise EdgemmError(f"M-RoPE positions {list(p3.shape)} for {n} rows; expected [3, {n}]")
+            p4 = np.concatenate([p3, np.zeros((1, n), p3.dtype)]).astype(np.int32)
+        elif positions is not None:
+            raise EdgemmError("3-D positions given to a decoder without M-RoPE")
         b = self._emb_batch
         for s in range(0, n, self.n_batch):
             chunk = np.ascontiguousarray(rows[s:s + self.n_batch])
             ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
-            self._run(b, chunk.shape[0], pos0 + s, s + chunk.shape[0] == n, seq)
+            self._run(b, chunk.shape[0], pos0 + s, s + chunk.shape[0] == n, seq,
+                      None if p4 is None else p4[:, s:s + chunk.shape[0]])
         return self._logits()
 
     def decode_step(self, items) -> list[np.ndarray]:
@@ -159,8 +196,10 @@ class LlamaRunner:
         rc = self.ll.llama_decode(self.ctx, b)
         if rc != 0:
             raise EdgemmError(f"llama_decode failed (code {rc}) for a batch of {len(items)} sequences")
-        for seq, _, _ in items:
+        for seq, _, pos in items:
             self.lengths[seq] += 1
+            if self.mrope:
+                self._row_pos[seq].append(int(pos))
         return [self._logits(i) for i in range(len(items))]
 
     def token_rows(self, ids) -> np.ndarray:
@@ -185,6 +224,8 @@ class LlamaRunner:
         ll = getattr(self, "ll", None)
         if ll is None:
             return
+        if getattr(self, "mrope", False) and getattr(self, "_emb_batch", None) is not None:
+            self._emb_batch.pos = ctypes.cast(self._emb_pos1, self._pos_t)     # llama_batch_free frees its own
         for attr in ("_tok_batch", "_emb_batch"):
             if getattr(self, attr, None) is not None:
                 ll.llama_batch_free(getattr(self, attr))
@@ -207,8 +248,11 @@ class MtmdVision:
     """The mmproj through llama.cpp's mtmd: an RGB image at the tower's size -> image rows [P + 2, D]."""
 
     def __init__(self, mmproj: str | Path, runner: LlamaRunner, threads: int | None = None, use_gpu: bool = False,
-                 around: tuple | None = None):
-        """around: (first, last) rows put around mtmd's (Gemma 3's boi / eoi: image_bounds), or None."""
+                 around: tuple | None = None, max_rows: int = 0):
+        """around: (first, last) rows put around mtmd's (Gemma 3's boi / eoi: image_bounds), or None. max_rows
+        (dynamic-resolution towers, Qwen2-VL): mtmd's image token limits set to 1..max_rows, so an image the host
+        already sized (multiples of the merged cell, within its pixel budget) is encoded at its own size, not
+        rescaled to mtmd's default budget."""
         from llama_cpp import mtmd_cpp
         self.around = around
         from edgemm.safety import check_gguf
@@ -221,6 +265,8 @@ class MtmdVision:
         p.n_threads = threads or runner.threads
         p.flash_attn_type = runner.ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.warmup = False
+        if max_rows:
+            p.image_min_tokens, p.image_max_tokens = 1, int(max_rows)
         self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), runner.model, p)
         if not self.ctx:
             raise EdgemmError(f"llama.cpp's mtmd could not load the mmproj {mmproj}")

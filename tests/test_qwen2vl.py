@@ -35,7 +35,9 @@ QUESTION = "what color is the circle?"
 SIZES = [(40, 20), (20, 44), (64, 14), (31, 30), (9, 12), (200, 90)]       # (width, height)
 
 
-def _tiny(v25: bool, tok, seed=0):
+def _tiny(v25: bool, tok, seed=0, patch=PATCH, **vision_over):
+    """vision_over: vision_config settings over the defaults below (the gguf tests' real-sized patches, 2.5's
+    112 px windows)."""
     ids = tok.token_to_id
     text = dict(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32, intermediate_size=64,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -46,12 +48,13 @@ def _tiny(v25: bool, tok, seed=0):
     if v25:
         from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
         vision = dict(depth=3, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
-                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=16,
+                      patch_size=patch, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=16,
                       fullatt_block_indexes=[1])
     else:
         from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
-        vision = dict(depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32, patch_size=PATCH,
+        vision = dict(depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32, patch_size=patch,
                       spatial_merge_size=MERGE, temporal_patch_size=2, hidden_act="quick_gelu")
+    vision.update(vision_over)
     torch.manual_seed(seed)
     return away_from_init(Model(Config(text_config=text, vision_config=vision, **common)).eval(), seed)
 
@@ -61,28 +64,30 @@ def _image(w, h, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def _hf_processor(src):
+def _hf_processor(src, patch=PATCH):
+    """min / max pixels: 4 to 30 rows an image at any patch size."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
     class Processor(Qwen2VLProcessor):          # no torchvision here: no video processor, whose class check fails
         def check_argument_for_proper_class(self, name, arg):
             return None if name == "video_processor" else super().check_argument_for_proper_class(name, arg)
-    ip = Qwen2VLImageProcessorPil(min_pixels=MIN_PX, max_pixels=MAX_PX, patch_size=PATCH, merge_size=MERGE,
+    cell = (patch * MERGE) ** 2
+    ip = Qwen2VLImageProcessorPil(min_pixels=4 * cell, max_pixels=30 * cell, patch_size=patch, merge_size=MERGE,
                                   temporal_patch_size=2, image_mean=MEAN, image_std=STD)
     return Processor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(src), video_processor=object(),
                      chat_template=TEMPLATE)
 
 
-def _save(d, v25: bool):
+def _save(d, v25: bool, patch=PATCH, **vision_over):
     """A tiny Qwen2(.5)-VL saved as transformers saves it, with a byte-level tokenizer carrying Qwen's special
     tokens, its processor settings and chat template; imported by `edgemm import`."""
     from .test_tokenizers import QWEN2_SPLIT, _byte_level
     tok = _byte_level(QWEN2_SPLIT, SPECIALS, 300, False, False, None)
-    hf = _tiny(v25, tok)
+    hf = _tiny(v25, tok, patch=patch, **vision_over)
     src = d / "src"
     hf.save_pretrained(src, safe_serialization=True)
     save_tokenizer(tok, src)
-    return import_with_processor(d, src, hf, _hf_processor(src), TEMPLATE)
+    return import_with_processor(d, src, hf, _hf_processor(src, patch), TEMPLATE)
 
 
 def save_tokenizer(tok, src):
@@ -202,10 +207,10 @@ def test_import_matches_transformers(imported):
 
 def test_exports_validate_and_answer(imported, monkeypatch):
     """`edgemm export --target onnx` (fp32, int8) and `--target trt --no-build` validate against the reference;
-    `edgemm run --image` on the onnx and trt bundles answers transformers' greedy ids; gguf is refused, naming why."""
+    `edgemm run --image` on the onnx and trt bundles answers transformers' greedy ids (gguf: tests/test_qwen2vl_gguf.py)."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    exports_validate(ck, d, "m-rope")
+    exports_validate(ck, d, None)
     _image(40, 20, 7).save(d / "img.png")
     from PIL import Image
     hf_in, _ = _reference(hf, proc, [Image.open(d / "img.png")], 1)

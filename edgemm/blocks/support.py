@@ -9,8 +9,8 @@ projector, so a model reaches that graph only as a LLaVA composition (single bra
 A vision-side feature marked `gguf="onnx"` has no llama.cpp graph: a gguf bundle carries its vision stage as the
 ONNX graph the onnx exporter traces, run by ONNX Runtime beside llama.cpp's llama decoder (`gguf_vision`).
 A family llama.cpp has an mtmd projector (and a decoder architecture) of its own for (Gemma 3: `gemma3` + projector
-`gemma3`; SmolVLM / Idefics3: `llama` + projector `idefics3`) is a composition in MTMD_GRAPHS: its features are
-computed by gguf only together.
+`gemma3`; SmolVLM / Idefics3: `llama` + projector `idefics3`; Qwen2-VL / 2.5-VL: `qwen2vl` + `qwen2vl_merger` /
+`qwen2.5vl_merger`) is a composition in MTMD_GRAPHS: its features are computed by gguf only together.
 
 This module is core: it imports nothing of edgemm, and a config is read by duck typing (`cfg.decoder`, ...).
 """
@@ -37,6 +37,11 @@ MTMD_GRAPHS = {
                 "bidirectional attention among an image's rows")),
     "idefics3": (("single branch (llava)", "siglip vision tower", "pixel-shuffle linear projector",
                   "tile grid (smolvlm)"), ("grouped-query attention",)),
+    # Qwen2-VL (projector qwen2vl_merger) and Qwen2.5-VL (qwen2.5vl_merger, its window attention): llama.cpp's qwen2vl decoder
+    # (Qwen2 with M-RoPE: rope.dimension_sections) and tools/mtmd/models/qwen2vl.cpp (convert_hf_to_gguf.py's
+    # Qwen2VLModel / Qwen2VLVisionModel)
+    "qwen2vl": (("single branch (llava)", "qwen2-vl vision tower (2-d rope, any size)", "qwen2-vl patch merger",
+                 "m-rope (3-d image positions)"), ("qkv bias", "grouped-query attention", "window attention (qwen2.5-vl)")),
 }
 
 
