@@ -191,3 +191,49 @@ def write_qwen2vl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
         put(f"mm.2.{kind}", getattr(ad.fc2, kind))
     _close(w)
     return types
+
+
+def write_internvl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
+    """InternVL's InternViT tower + pixel-shuffle projector as llama.cpp's clip/mmproj file, projector internvl, as
+    the vendored converter's InternVisionModel writes it (conversion/internvl.py): use_gelu for InternViT's "gelu",
+    the class and position embeddings as transformers stores them (CLS first), q/k/v split, ls1 / ls2
+    (lambda_1 / lambda_2), the projector's LayerNorm and two Linears as mm.model.mlp.0 / .1 / .3. -> {tensor: type}.
+    Not used by the exporter: llama.cpp's internvl graph (tools/mtmd/models/internvl.cpp) appends CLS after the
+    patches but adds the position rows in CLS-first order, and computes the tanh GELU (tests/test_internvl_gguf.py
+    measures it)."""
+    cfg, v = model.cfg, model.cfg.vision
+    w, put, types = _writer(path, qtype)
+    _clip_header(w, model, name, qtype, "internvl", "edgemm vision stage: InternViT + pixel-shuffle MLP projector "
+                 "(llama.cpp projector internvl)")
+    w.add_uint32("clip.vision.projector.scale_factor", round(1 / cfg.adapter.downsample_ratio))
+    vt, ad = model.vision, model.adapter
+    put("v.patch_embd.weight", vt.patch_embed.weight, "f32")
+    put("v.patch_embd.bias", vt.patch_embed.bias)
+    put("v.class_embd", _np(vt.cls).reshape(1, v.width))
+    put("v.position_embd.weight", _np(vt.pos).reshape(v.n_patches + 1, v.width), "f32")
+    for i, blk in enumerate(vt.blocks):
+        b = f"v.blk.{i}."
+        for kind in ("weight", "bias"):
+            t = getattr(blk.qkv, kind)
+            if t is not None:
+                qkv = _np(t)
+                for j, n in enumerate(("attn_q", "attn_k", "attn_v")):
+                    put(f"{b}{n}.{kind}", qkv[j * v.width:(j + 1) * v.width])
+            for ours, theirs in (("proj", "attn_out"), ("ln1", "ln1"), ("ln2", "ln2"), ("fc1", "ffn_up"),
+                                 ("fc2", "ffn_down")):
+                t = getattr(getattr(blk, ours), kind, None)
+                if t is not None:
+                    put(f"{b}{theirs}.{kind}", t)
+        if "q_norm" in blk._modules:
+            put(f"{b}attn_q_norm.weight", blk.q_norm.weight)
+            put(f"{b}attn_k_norm.weight", blk.k_norm.weight)
+        put(f"{b}ls1.weight", blk.ls1)
+        put(f"{b}ls2.weight", blk.ls2)
+    if "final_norm" in vt._modules:
+        put("v.post_ln.weight", vt.final_norm.weight)
+        put("v.post_ln.bias", vt.final_norm.bias)
+    for j, mod in ((0, ad.layer_norm), (1, ad.linear_1), (3, ad.linear_2)):
+        for kind in ("weight", "bias"):
+            put(f"mm.model.mlp.{j}.{kind}", getattr(mod, kind))
+    _close(w)
+    return types

@@ -106,6 +106,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("context + content tokens a frame (llama-vid)", "connector:llamavid",
             lambda c: c.adapter.kind == "llamavid", gguf="onnx"),
     Feature("any-resolution tiling", "option:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
+    # (no gguf: llama.cpp's internvl graph misorders the position rows against CLS; tests/test_internvl_gguf.py)
     Feature("internvit vision tower", "vision:internvit", lambda c: c.vision.arch == "internvit"),
     Feature("pixel-shuffle projector", "connector:pixel_shuffle", lambda c: c.adapter.kind == "pixel_shuffle"),
     Feature("dynamic tiles (internvl)", "option:tiles", lambda c: c.vision.tiling == "internvl"),
