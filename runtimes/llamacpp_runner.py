@@ -98,6 +98,9 @@ class LlamaRunner:
             # M-RoPE: rows and positions part after an image (its rows share their first position, the text after
             # it goes on at p + max(rows, cols)), so the cells go by the position of the first row dropped
             p = self._row_pos[seq][length] if self.mrope else length
+            if self.mrope and length and self._row_pos[seq][length - 1] >= p:
+                raise EdgemmError(f"cannot rewind to row {length}: it is inside an image, whose rows share their "
+                                  "first M-RoPE position")
             self.ll.llama_memory_seq_rm(self.mem, seq, p, -1)
             self.lengths[seq] = length
             if self.mrope:
