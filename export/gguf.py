@@ -134,7 +134,8 @@ def check_supported(cfg, log=print, vision: str | None = None) -> None:
     if cfg.decoder.single_branch:
         _check_moe(cfg.decoder, where)
     if mtmd_graph(cfg) == "qwen2vl":
-        _check_qwen2vl(cfg, where, log)
+        if vision_stage(cfg, vision) == "mmproj":       # (an ONNX vision stage computes Qwen's tower exactly)
+            _check_qwen2vl(cfg, where, log)
     elif mtmd_graph(cfg) and cfg.vision.gelu != "tanh":
         log(f"warning: this vision tower uses the {cfg.vision.gelu} GELU; llama.cpp's {mtmd_graph(cfg)} mmproj "
             "computes the tanh form (clip.use_gelu), so the vision stage is approximated")

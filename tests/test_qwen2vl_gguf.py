@@ -100,14 +100,17 @@ def test_gguf_stock_llama_cpp_agrees_with_transformers(imported, gguf_bundles):
 
 def test_gguf_run_image_answers_as_transformers(imported, gguf_bundles, monkeypatch):
     """`edgemm run --image` on the f32 and q8_0 bundles (edgemm's llamacpp backend: the host's resize, mtmd's rows
-    at their 3-D positions in a 4-positions-a-row embedding batch) answers transformers' greedy ids at f32, on an
-    image the processor resizes (smart_resize)."""
+    at their 3-D positions in a 4-positions-a-row embedding batch) and `edgemm serve` of the f32 one answer
+    transformers' greedy ids, on an image the processor resizes (smart_resize)."""
     from PIL import Image
+    from .test_smolvlm import _served_answer
     d = imported["dir"]
     _image(150, 80, 7).save(d / "img-gguf.png")
     hf_in, logits, eos = _wants(imported, Image.open(d / "img-gguf.png"))
     want = greedy_ids(logits, hf_in["input_ids"][0].tolist(), eos)
     gguf_bundles_answer(monkeypatch, gguf_bundles, d / "img-gguf.png", QUESTION, want)
+    _served_answer(gguf_bundles["f32"][0], d / "img-gguf.png", len(hf_in["input_ids"][0]), want,
+                   json.loads((imported["ck"] / "config.json").read_text())["tokens"], QUESTION)
 
 
 def test_gguf_backend_pieces_and_rewinds(imported, gguf_bundles):
@@ -151,3 +154,27 @@ def test_gguf_refuses_what_llama_cpp_cannot(imported, tmp_path):
     (ck / "config.json").write_text(json.dumps(cfg))
     r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(tmp_path / "g")])
     assert r.exit_code == 2 and "112 px windows" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_gguf_onnx_vision_stage(imported, monkeypatch):
+    """`--gguf-vision onnx`: the qwen2vl decoder GGUF beside the tower as ONNX (exact: no GELU warning) validates,
+    and `edgemm run --image` on it (ONNX Runtime's rows fed at their M-RoPE positions) answers transformers' ids."""
+    from PIL import Image
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from .test_import_llava import record_answers
+    if imported["hf"].config.model_type != "qwen2_vl":
+        pytest.skip("the same path for both; once is enough")
+    d = imported["dir"]
+    r = CliRunner().invoke(main, ["export", "--model", str(imported["ck"]), "--target", "gguf", "--precision", "f32",
+                                  "--gguf-vision", "onnx", "-o", str(d / "gguf-onnxv")])
+    assert r.exit_code == 0 and "GELU" not in r.output, r.output
+    man = json.loads((d / "gguf-onnxv" / "edgemm.json").read_text())
+    assert man["validation"]["passed"] and man["stages"]["vision"]["format"] == "onnx"
+    _image(150, 80, 7).save(d / "img-onnxv.png")
+    hf_in, logits, eos = _wants(imported, Image.open(d / "img-onnxv.png"))
+    want = greedy_ids(logits, hf_in["input_ids"][0].tolist(), eos)
+    got = record_answers(monkeypatch)
+    r = CliRunner().invoke(main, ["run", "--bundle", str(d / "gguf-onnxv"), "--backend", "llamacpp", "--image",
+                                  str(d / "img-onnxv.png"), "--max-new-tokens", "4", QUESTION])
+    assert r.exit_code == 0 and got == [want] and want, (r.output, got, want)
