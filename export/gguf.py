@@ -277,6 +277,7 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         log("validating in llama.cpp ...")
         figures = validate(m, tok, tmp / dec_file, tmp / mm_file, {"decoder": dprec, "vision": vtype}, threads, log)
         dec_table = gguf_tensor_table(tmp / dec_file)
+        qwen = cfg.vision.tiling == "qwen2vl"                   # (any image size, M-RoPE)
         manifest = {
             "target": "gguf",
             "model": cfg.to_dict(),
@@ -291,14 +292,14 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
                            "runs_with": "reference code with the mmproj weights"
                            if figures.get("mtmd_cls_order_defect") or cfg.vision.grid_pinpoints else "llama.cpp mtmd",
                            "input": {"pixels": ["tiles" if cfg.vision.grid_pinpoints else "1", "3",
-                                                cfg.vision.image_size, cfg.vision.image_size]},
+                                                *(("h", "w") if qwen else (cfg.vision.image_size,) * 2)]},
                            "output": {"rows": ["1", cfg.n_image_rows, cfg.decoder.d_model]},
                            "tensor_types": type_summary([{"name": k, "type": t} for k, t in vis_types.items()])},
                 "decoder": {"file": dec_file, "format": f"gguf (arch {arch})", "precision": dprec,
                             "quantizer": "llama_model_quantize" if dprec != "f32" else None,
                             "imatrix": imx_rec,
                             "branches": {"decoder_text": "token batches -> blk.N.{attn_qkv,attn_output,ffn_*}",
-                                         "decoder_image": "embedding batches -> blk.N.vis_*"} if not llava else
+                                         "decoder_image": "embedding batches -> blk.N.vis_*"} if arch == "cogvlm" else
                             {"decoder_text": "token batches", "decoder_image": "embedding batches (same weights)"},
                             "tensor_types": type_summary(dec_table)},
             },
@@ -307,6 +308,8 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
                             "host)" if cfg.vision.grid_pinpoints else
                             "the reference vision code with the mmproj weights (llama.cpp#25814)"
                             if figures.get("mtmd_cls_order_defect") else
+                            "mtmd with the mmproj at the host's image size (8-bit images only), the rows at M-RoPE "
+                            "positions (p, p + i, p + j), 4 a row" if qwen else
                             "mtmd with the mmproj (8-bit images at the tower size; other pixels: the reference "
                             "vision code with the mmproj weights)"),
                         "kv_cache": "f32 for f32 bundles, else f16", "flash_attention": False},
