@@ -55,8 +55,9 @@ def mtmd_graph(cfg) -> str | None:
 
 
 def decoder_arch(cfg) -> str:
-    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), gemma3 (Gemma 3), llama, or qwen2
-    (LLaMA + QKV bias) for the other single-branch decoders (LLaVA, and those beside an ONNX vision stage)."""
+    """llama.cpp's architecture for the decoder: cogvlm (edgemm's family), gemma3 (Gemma 3), qwen2vl (M-RoPE:
+    Qwen2-VL), llama, or qwen2 (LLaMA + QKV bias) for the other single-branch decoders (LLaVA, and those beside an
+    ONNX vision stage)."""
     if not cfg.decoder.single_branch:
         return "cogvlm"
     if mtmd_graph(cfg) == "gemma3":
@@ -67,8 +68,8 @@ def decoder_arch(cfg) -> str:
 
 
 def projector(cfg) -> str:
-    """The mmproj's clip.projector_type: mlp (LLaVA), the composition's own (mtmd_graph; Qwen2-VL's qwen2vl_merger, 2.5's qwen2.5vl_merger),
-    else cogvlm."""
+    """The mmproj's clip.projector_type: mlp (LLaVA), the composition's own (mtmd_graph; Qwen2-VL's qwen2vl_merger,
+    2.5's qwen2.5vl_merger), else cogvlm."""
     if mtmd_graph(cfg) == "qwen2vl":
         from edgemm.export.gguf_mtmd import qwen2vl_projector
         return qwen2vl_projector(cfg)

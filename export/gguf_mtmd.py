@@ -13,7 +13,8 @@ MmprojModel.set_gguf_parameters) and read by its tools/mtmd/clip.cpp:
   clip.vision.preproc_image_size is the processor's longest_edge. The tile markers are text tokens to llama.cpp
   (mtmd.cpp's idefics3 slice template); edgemm's llamacpp backend runs mtmd tile by tile and takes the marker rows
   from the decoder's token_embd;
-- qwen2vl_merger / qwen2.5vl_merger (Qwen2-VL / Qwen2.5-VL, conversion/qwenvl.py Qwen2VLVisionModel; tools/mtmd/models/qwen2vl.cpp):
+- qwen2vl_merger / qwen2.5vl_merger (Qwen2-VL / Qwen2.5-VL, conversion/qwenvl.py Qwen2VLVisionModel;
+  tools/mtmd/models/qwen2vl.cpp):
   the Conv3d patch embedding as two Conv2d kernels v.patch_embd.weight / .weight.1 (one per frame; edgemm keeps
   their sum, so each gets half: an image is one frame repeated), no patch bias, no position table (2-D M-RoPE in
   the graph), blocks ln1 / attn_q,k,v / attn_out / ln2 / ffn_up, ffn_down (+ ffn_gate: 2.5's SwiGLU, clip.use_silu;
@@ -146,14 +147,14 @@ def qwen2vl_window_pattern(v) -> int:
     full = sorted(v.full_blocks)
     n = full[0] + 1 if full else 0
     if not n or full != list(range(n - 1, v.layers, n)):
-        raise EdgemmError(f"Qwen2.5-VL full-attention blocks {full}: llama.cpp's qwen2.5vl_merger mmproj takes every n-th "
-                          "block (clip.vision.n_wa_pattern), as the released models have them")
+        raise EdgemmError(f"Qwen2.5-VL full-attention blocks {full}: llama.cpp's qwen2.5vl_merger mmproj takes "
+                          "every n-th block (clip.vision.n_wa_pattern), as the released models have them")
     return n
 
 
 def write_qwen2vl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
-    """Qwen2-VL's / Qwen2.5-VL's tower + patch merger as llama.cpp's clip/mmproj file, projector qwen2vl_merger / qwen2.5vl_merger
-    (module docstring). -> {tensor: type}."""
+    """Qwen2-VL's / Qwen2.5-VL's tower + patch merger as llama.cpp's clip/mmproj file, projector qwen2vl_merger /
+    qwen2.5vl_merger (module docstring). -> {tensor: type}."""
     cfg, v = model.cfg, model.cfg.vision
     v25 = qwen2vl_projector(cfg) == "qwen2.5vl_merger"
     w, put, types = _writer(path, qtype)

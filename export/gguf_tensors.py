@@ -175,7 +175,7 @@ class CogVLM(Llama):
 def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: str | None = None,
                   tok_fields: dict | None = None) -> None:
     """The decoder in f32 as llama.cpp's `arch` (DECODER_ARCHS: cogvlm for edgemm's own family, llama / qwen2 /
-    gemma3 for single-branch ones). chat_template: what tokenizer.chat_template holds (None: edgemm's format);
+    qwen2vl / gemma3 for single-branch ones). chat_template: what tokenizer.chat_template holds (None: edgemm's format);
     tok_fields: tokenizer_fields already converted (None: converted here)."""
     import gguf
     a = DECODER_ARCHS[arch]

@@ -22,8 +22,9 @@ class LlamaRunner:
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None = None, n_batch: int = 512,
                  f32_kv: bool = True, flash_attn: bool = False, verbose: bool = False, n_seq: int = 1,
                  kv_type: str | None = None, n_gpu_layers: int = 0, mrope: bool = False):
-        """mrope: the decoder is llama.cpp's qwen2vl (M-RoPE: an embedding batch carries 4 positions a row, section-major,
-        decode_embd's `positions`; token batches one, which llama.cpp repeats over the first three sections).
+        """mrope: the decoder is llama.cpp's qwen2vl (M-RoPE: an embedding batch carries 4 positions a row,
+        section-major, decode_embd's `positions`; token batches one, which llama.cpp repeats over the first three
+        sections).
         kv_type: f32 / f16 / q8_0 / q4_0 for both K and V (default f32, or f16 with f32_kv False); a quantized V
         needs flash_attn (llama.cpp refuses the context otherwise: said in one line). n_gpu_layers: decoder layers
         on the GPU (-1: all; 0, the default, keeps everything on the CPU where an offloading build would
@@ -155,8 +156,8 @@ class LlamaRunner:
     def decode_embd(self, rows: np.ndarray, pos0: int, seq: int = 0, bidirectional: bool = False,
                     positions: np.ndarray | None = None) -> np.ndarray:
         """An embedding batch. positions: M-RoPE's [3, n] (temporal, height, width) of the rows (default: pos0 + i in
-        each section, as a text row). bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the first and
-        the last attend to each other both ways, in one non-causal batch as mtmd's helper decodes an image
+        each section, as a text row). bidirectional (Gemma 3's image segment: boi, rows, eoi): the rows between the
+        first and the last attend to each other both ways, in one non-causal batch as mtmd's helper decodes an image
         (mtmd_decode_use_non_causal), boi and eoi causally as the tokens llama.cpp puts around it."""
         rows = np.ascontiguousarray(np.asarray(rows, np.float32).reshape(-1, self.n_embd))
         n = rows.shape[0]

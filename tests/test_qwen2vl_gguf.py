@@ -1,8 +1,9 @@
 """gguf for Qwen2-VL / Qwen2.5-VL: llama.cpp's qwen2vl decoder (Qwen2 + M-RoPE, rope.dimension_sections) and a
-qwen2vl_merger / qwen2.5vl_merger mmproj as llama.cpp's converter writes them, against transformers' Qwen2VLForConditionalGeneration
-/ Qwen2_5_VLForConditionalGeneration on tiny random instances (real 14 px patches; 2.5 with the released 112 px
-windows, every second block full): stock llama-cpp-python's own mtmd on transformers' chat prompt (same prompt ids,
-logits, greedy tokens), and edgemm's llamacpp backend (`edgemm run --image`; an image in pieces; rewinds)."""
+qwen2vl_merger / qwen2.5vl_merger mmproj as llama.cpp's converter writes them, against transformers'
+Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration on tiny random instances (real 14 px patches;
+2.5 with the released 112 px windows, every second block full): stock llama-cpp-python's own mtmd on transformers'
+chat prompt (same prompt ids, logits, greedy tokens), and edgemm's llamacpp backend (`edgemm run --image`, serve,
+an image in pieces, rewinds, --gguf-vision onnx)."""
 import io
 import json
 

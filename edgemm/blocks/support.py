@@ -37,11 +37,12 @@ MTMD_GRAPHS = {
                 "bidirectional attention among an image's rows")),
     "idefics3": (("single branch (llava)", "siglip vision tower", "pixel-shuffle linear projector",
                   "tile grid (smolvlm)"), ("grouped-query attention",)),
-    # Qwen2-VL (projector qwen2vl_merger) and Qwen2.5-VL (qwen2.5vl_merger, its window attention): llama.cpp's qwen2vl decoder
-    # (Qwen2 with M-RoPE: rope.dimension_sections) and tools/mtmd/models/qwen2vl.cpp (convert_hf_to_gguf.py's
-    # Qwen2VLModel / Qwen2VLVisionModel)
+    # Qwen2-VL (projector qwen2vl_merger) and Qwen2.5-VL (qwen2.5vl_merger, its window attention): llama.cpp's
+    # qwen2vl decoder (Qwen2 with M-RoPE: rope.dimension_sections) and tools/mtmd/models/qwen2vl.cpp
+    # (convert_hf_to_gguf.py's Qwen2VLModel / Qwen2VLVisionModel)
     "qwen2vl": (("single branch (llava)", "qwen2-vl vision tower (2-d rope, any size)", "qwen2-vl patch merger",
-                 "m-rope (3-d image positions)"), ("qkv bias", "grouped-query attention", "window attention (qwen2.5-vl)")),
+                 "m-rope (3-d image positions)"),
+                ("qkv bias", "grouped-query attention", "window attention (qwen2.5-vl)")),
 }
 
 
