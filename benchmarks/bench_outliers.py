@@ -89,10 +89,17 @@ def main(argv=None):
         print("\n4-bit weight rounding, relative output error on the calibration rows (H-weighted), block 128")
         print(layer_errors(a.model, stats))
         return
-    paths = []
+    paths, refused = [], {}
+    from edgemm.errors import EdgemmError
     for name, (prec, recipe) in RECIPES.items():
-        paths += export_all(a.model, out / name.replace("-", "_"), [prec], stats=stats, threads=threads,
-                            force=a.force, recipes={"vision": prec, "decoder": recipe} if recipe else None)
+        try:
+            paths += export_all(a.model, out / name.replace("-", "_"), [prec], stats=stats, threads=threads,
+                                force=a.force, recipes={"vision": prec, "decoder": recipe} if recipe else None)
+        except EdgemmError as e:                       # the exporter's own check refused it: a result, not a crash
+            refused[name] = str(e)
+            err(f"{name}: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refused.json").write_text(json.dumps(refused, indent=1))
     from edgemm.export.gguf import export_gguf
     for name, imx in GGUF.items():
         dst = out / name.replace("-", "_") / "q4_k_m"
@@ -110,6 +117,9 @@ def report(a, rep: dict) -> None:
     names = {n.replace("-", "_"): n for n in [*RECIPES, *GGUF]}
     rows = {names[Path(r["bundle"]).parent.name]: r for r in rep["results"]}
     out = Path(a.out)
+    refused = json.loads((out / "refused.json").read_text()) if (out / "refused.json").is_file() else {}
+    for name, why in refused.items():                  # refused by the export's validation: no bundle, accuracy 0
+        rows[name] = {"error": f"refused by the exporter: {why}", "accuracy": 0.0}
     fp32 = rows["fp32"].get("accuracy")
     print(f"\n{a.model}, {rows['fp32'].get('total')} test questions, fidelity over {a.fidelity_n} prompts")
     print(f"{'recipe':<15} {'accuracy':>8} {'of fp32':>8} {'top-1':>6} {'mean KL':>9} {'tok/s':>7} {'MB':>6}  "

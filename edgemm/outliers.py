@@ -17,31 +17,82 @@ unlike between image and text rows, by an exact reparametrisation of the shipped
 - The attention output feeding `o` is a mix of both modalities' V rows (text queries read image rows' V), so its
   channels (`attn`) take one factor in both branches' V rows and o columns.
 
+Weight outliers beside them (the same reparametrisation the other way, SmoothQuant's inverse): each activation
+outlier channel c gets a partner p in the same run of 32 input channels, the channel of the largest weight column
+there, whose activation is divided by t and whose weight columns are multiplied by t. Real models have both: a few
+input columns with weights far larger than the rest, and activation outliers whose weights are small. The pair is
+what llama.cpp's k-quants find hard and what its importance matrix is for (ggml-quants.c, quantize_row_q4_K_impl):
+q4_K rounds each run of 32 weights of a row to 16 levels d*q - m spanning the run's range, so p widens that grid t
+times and c's small weight (1/s of the original) lands up to d/2 off, an error c's s-fold activation multiplies.
+Without a matrix the quantizer weights each weight's error by sqrt(2 mean w^2) + |w|, blind to c; with one
+(llama-imatrix's mean x^2 per input channel) c's error weighs s^2 more and the run's offset m is fitted to c. One
+pair per run at most, since one offset per run is what the matrix can spend. The ONNX recipes see the same model:
+AWQ's per-channel scaling undoes both kinds; round-to-nearest int4 (a symmetric scale per 128) rounds c's small
+weights to zero and p's run coarsely; int8 keeps its weights per output row and the activations per tensor.
+
 Channels are chosen deterministically from the weights: the k most important (gain x column norm of the readers),
-so that rounding their now-small weight columns away costs what it costs in a real model. fp32 logits stay within
-1e-4 of tiny-shapes (tests/test_outliers.py); `edgemm calibrate --model tiny-shapes-outliers --outliers` prints the
-per-branch channel ratios from calibration statistics.
+at most one per run of `spread` inputs, so that rounding their now-small weight columns away costs what it costs in
+a real model. fp32 logits stay within 1e-4 of tiny-shapes (tests/test_outliers.py); `edgemm calibrate --model
+tiny-shapes-outliers --outliers` prints the per-branch channel ratios from calibration statistics.
 """
 from __future__ import annotations
 
-# k channels and factor per site; ffn per branch. Tuned so that RTN int4 and a shared text/image activation scale
-# lose accuracy while per-branch W8A8 keeps it (README, benchmarks/bench_outliers.py).
-# (More is refused by the export's own check: image FFN channels at 128x fail int8 validation, cosine 0.987.)
-SPEC = {"norm": (4, 16.0), "attn": (2, 8.0), "ffn": {"text": (24, 8.0), "vision": (16, 64.0)}}
+# per site (k channels, activation factor s, weight-outlier factor t of their partners); ffn per branch; spread: one
+# outlier channel per run of that many inputs (q4_K's sub-block). Tuned so that RTN int4, a shared text/image
+# activation scale and q4_k_m without an importance matrix lose accuracy while per-branch W8A8, AWQ / GPTQ int4 and
+# q4_k_m with the matrix keep it (README, benchmarks/bench_outliers.py). More is refused by the export's own check:
+# image FFN channels at 128x fail int8 validation (cosine 0.987), and text rows' at 64x with norm channels at 32x.
+SPEC = {"norm": (8, 8.0, 8.0), "attn": (8, 4.0, 8.0), "ffn": {"text": (16, 4.0, 8.0), "vision": (16, 64.0)},
+        "spread": 32}
 
 
-def _top(score, k: int, exclude=()):
+def _top(score, k: int, exclude=(), spread: int = 0):
+    """The k highest-scoring channels not in `exclude`; spread > 0: at most one in each run of `spread` channels."""
     import torch
     score = score.clone()
     if len(exclude):
         score[list(exclude)] = -1
-    return torch.topk(score, k).indices.sort().values
+    if not spread:
+        return torch.topk(score, k).indices.sort().values
+    got, used = [], set()
+    for c in torch.argsort(score, descending=True).tolist():
+        if c // spread not in used and score[c] >= 0:
+            got.append(c)
+            used.add(c // spread)
+            if len(got) == k:
+                break
+    return torch.tensor(sorted(got))
+
+
+def _factors(score, colnorm, site, exclude=(), spread: int = 0):
+    """-> (per-channel factor f [n]: the activation side is multiplied by f, the weight side divided, channels
+    (activation outliers), partners (weight outliers)). site: (k, s) or (k, s, t): the k channels of highest `score`
+    get f = s; with t, each one's partner, the channel of the largest weight column (`colnorm`) in the same run of
+    `spread` channels, gets f = 1/t (its weights t times larger, its activation t times smaller)."""
+    import torch
+    k, s, t = (*site, 1.0)[:3]
+    c = _top(score, k, exclude, spread)
+    f = torch.ones_like(score)
+    f[c] = s
+    partners = []
+    if t != 1.0 and spread:
+        for ch in c.tolist():
+            lo = ch // spread * spread
+            cn = colnorm[lo: lo + spread].clone()
+            for x in [ch, *exclude]:
+                if lo <= x < lo + spread:
+                    cn[x - lo] = -1
+            partners.append(lo + int(cn.argmax()))
+        f[partners] = 1.0 / t
+    return f, c.tolist(), sorted(partners)
 
 
 def add_outliers(model, spec: dict | None = None) -> dict:
-    """Reparametrise `model`'s decoder in place (see the module docstring). -> {layer: {site: channels}}."""
+    """Reparametrise `model`'s decoder in place (see the module docstring). -> {layer: {site: channels}, and
+    {site + ":w": partner channels} where the site has weight outliers}."""
     import torch
     spec = spec or SPEC
+    sp = spec.get("spread", 0)
     chosen = {}
     with torch.no_grad():
         for i, layer in enumerate(model.decoder.layers):
@@ -49,34 +100,41 @@ def add_outliers(model, spec: dict | None = None) -> dict:
             if t is v:
                 raise ValueError("the outlier transform needs a model with text and vision branches")
             got = chosen[i] = {}
-            k, s = spec["norm"]
+
+            def keep(site, c, p):
+                got[site] = c
+                if p:
+                    got[site + ":w"] = p
             for norm, readers in ((layer.attn_norm, ("qkv",)), (layer.ffn_norm, ("gate", "up"))):
                 ws = [getattr(b, r).weight for b in (t, v) for r in readers]
-                c = _top(norm.weight.abs() * sum(w.norm(dim=0) for w in ws), k)
-                norm.weight[c] *= s
+                cn = sum(w.norm(dim=0) for w in ws)
+                f, c, p = _factors(norm.weight.abs() * cn, cn, spec["norm"], spread=sp)
+                norm.weight.mul_(f)
                 for w in ws:
-                    w[:, c] /= s
-                got[f"norm:{readers[0]}"] = c.tolist()
-            k, s = spec["attn"]
+                    w.div_(f)
+                keep(f"norm:{readers[0]}", c, p)
             c_ = layer.c
             v0 = (c_.n_heads + c_.kv_heads) * c_.head_dim                    # V rows of the fused qkv
-            c = _top(sum(b.o.weight.norm(dim=0)[: c_.kv_heads * c_.head_dim] for b in (t, v)), k)
+            nv = c_.kv_heads * c_.head_dim
+            cn = sum(b.o.weight.norm(dim=0)[:nv] for b in (t, v))
+            f, c, p = _factors(cn, cn, spec["attn"], spread=sp)
+            rep = c_.n_heads // c_.kv_heads                                    # attention output channel of V row
+            ch = torch.arange(nv)
             for b in (t, v):
-                rep = c_.n_heads // c_.kv_heads                                # attention output channel of V row
-                b.qkv.weight[v0 + c] *= s
+                b.qkv.weight[v0: v0 + nv] *= f[:, None]
                 if b.qkv.bias is not None:
-                    b.qkv.bias[v0 + c] *= s
+                    b.qkv.bias[v0: v0 + nv] *= f
                 for r in range(rep):                                           # (GQA: every head reading it)
-                    b.o.weight[:, (c // c_.head_dim * rep + r) * c_.head_dim + c % c_.head_dim] /= s
-            got["attn"] = c.tolist()
+                    b.o.weight[:, (ch // c_.head_dim * rep + r) * c_.head_dim + ch % c_.head_dim] /= f
+            keep("attn", c, p)
             taken = []
             for name, b in (("text", t), ("vision", v)):
-                k, s = spec["ffn"][name]
-                c = _top(b.down.weight.norm(dim=0) * b.up.weight.norm(dim=1), k, taken)
-                taken += c.tolist()
-                b.up.weight[c] *= s
-                b.down.weight[:, c] /= s
-                got[f"ffn:{name}"] = c.tolist()
+                cn = b.down.weight.norm(dim=0)
+                f, c, p = _factors(cn * b.up.weight.norm(dim=1), cn, spec["ffn"][name], taken, sp)
+                taken += c + p
+                b.up.weight.mul_(f[:, None])
+                b.down.weight.div_(f)
+                keep(f"ffn:{name}", c, p)
     return chosen
 
 

@@ -33,7 +33,9 @@ def models():
 
 
 # factors that are not powers of two: the products are rounded, the function must still hold to 1e-4
-ODD = {"norm": (4, 13.0), "attn": (2, 7.0), "ffn": {"text": (4, 11.0), "vision": (4, 70.0)}}
+# (and weight outliers beside them, the partner channels' activations divided by t)
+ODD = {"norm": (4, 13.0, 5.0), "attn": (2, 7.0, 3.0), "ffn": {"text": (4, 11.0, 6.0), "vision": (4, 70.0, 9.0)},
+       "spread": 32}
 
 
 @requires_demo
@@ -47,7 +49,8 @@ def test_transform_keeps_the_logits(models, spec):
         m1, _ = load_model("tiny-shapes")
         add_outliers(m1, spec)
     assert m1.cfg.name == "tiny-shapes-outliers" or spec is not None
-    assert (m1.decoder.layers[0].attn_norm.weight / m0.decoder.layers[0].attn_norm.weight).max() > 10  # not a no-op
+    ratio = m1.decoder.layers[0].attn_norm.weight / m0.decoder.layers[0].attn_norm.weight
+    assert ratio.max() > 10 and ratio.min() < 0.25                              # not a no-op, both kinds
     items = [(img, q) for img, q in shapes.make_split("val", 4)]
     for a, b in zip(_logits(m0, tok, items), _logits(m1, tok, items)):
         assert a.abs().max() > 1
@@ -81,12 +84,16 @@ def test_outlier_statistics_per_modality(models, stats):
         factor = SPEC[site.split(":")[0]] if site != f"ffn:{v.branch}" else SPEC["ffn"][v.branch]
         want = np.ones(v.in_features)
         want[chosen[layer][site]] = factor[1]
+        if site + ":w" in chosen[layer]:            # weight outliers: activations divided by t
+            want[chosen[layer][site + ":w"]] = 1 / factor[2]
+            # each sits in the same run of 32 inputs (a q4_K sub-block) as one activation outlier
+            assert sorted(c // 32 for c in chosen[layer][site + ":w"]) == sorted(c // 32 for c in chosen[layer][site])
         np.testing.assert_allclose(v.chan_absmax / s0.layers[key].chan_absmax, want, rtol=1e-4)
         seen.add((kind, v.branch))
     assert len(seen) == 10
     # image rows' FFN outliers are larger than text rows' and on other channels
     for i in range(len(chosen)):
-        assert not set(chosen[i]["ffn:text"]) & set(chosen[i]["ffn:vision"])
+        assert not set(chosen[i]["ffn:text"] + chosen[i].get("ffn:text:w", [])) & set(chosen[i]["ffn:vision"])
         t = s1.layers[f"decoder_text/decoder.layers.{i}.text.down"]
         v = s1.layers[f"decoder_image/decoder.layers.{i}.vision.down"]
         assert set(np.argsort(-v.chan_absmax)[:4]) <= set(chosen[i]["ffn:vision"]) or i == len(chosen) - 1
