@@ -17,18 +17,19 @@ unlike between image and text rows, by an exact reparametrisation of the shipped
 - The attention output feeding `o` is a mix of both modalities' V rows (text queries read image rows' V), so its
   channels (`attn`) take one factor in both branches' V rows and o columns.
 
-Weight outliers beside them (the same reparametrisation the other way, SmoothQuant's inverse): each activation
-outlier channel c gets a partner p in the same run of 32 input channels, the channel of the largest weight column
-there, whose activation is divided by t and whose weight columns are multiplied by t. Real models have both: a few
-input columns with weights far larger than the rest, and activation outliers whose weights are small. The pair is
-what llama.cpp's k-quants find hard and what its importance matrix is for (ggml-quants.c, quantize_row_q4_K_impl):
-q4_K rounds each run of 32 weights of a row to 16 levels d*q - m spanning the run's range, so p widens that grid t
-times and c's small weight (1/s of the original) lands up to d/2 off, an error c's s-fold activation multiplies.
-Without a matrix the quantizer weights each weight's error by sqrt(2 mean w^2) + |w|, blind to c; with one
-(llama-imatrix's mean x^2 per input channel) c's error weighs s^2 more and the run's offset m is fitted to c. One
-pair per run at most, since one offset per run is what the matrix can spend. The ONNX recipes see the same model:
-AWQ's per-channel scaling undoes both kinds; round-to-nearest int4 (a symmetric scale per 128) rounds c's small
-weights to zero and p's run coarsely; int8 keeps its weights per output row and the activations per tensor.
+Weight outliers beside them (SPECS["kquant"]; the same reparametrisation the other way, SmoothQuant's inverse): each
+activation outlier channel c gets a partner p in the same run of 32 input channels, the channel of the largest
+weight column there, whose activation is divided by t and whose weight columns are multiplied by t. Real models have
+both: a few input columns with weights far larger than the rest, and activation outliers whose weights are small.
+The pair is meant to be what llama.cpp's k-quants find hard and what its importance matrix is for (ggml-quants.c,
+quantize_row_q4_K_impl): q4_K rounds each run of 32 weights of a row to 16 levels d*q - m spanning the run's range,
+so p widens that grid t times and c's small weight (1/s of the original) lands up to d/2 off, an error c's s-fold
+activation multiplies. Without a matrix the quantizer weights each weight's error by sqrt(2 mean w^2) + |w|, blind
+to c; with one (llama-imatrix's mean x^2 per input channel) c's error weighs s^2 more and the run's offset m is
+fitted to c. One pair per run at most, since one offset per run is what the matrix can spend. The ONNX recipes see
+the same model: AWQ's per-channel scaling undoes both kinds; round-to-nearest int4 (a symmetric scale per 128)
+rounds c's small weights to zero and p's run coarsely; int8 keeps its weights per output row and the activations per
+tensor.
 
 Channels are chosen deterministically from the weights: the k most important (gain x column norm of the readers),
 at most one per run of `spread` inputs, so that rounding their now-small weight columns away costs what it costs in
@@ -37,13 +38,31 @@ tiny-shapes-outliers --outliers` prints the per-branch channel ratios from calib
 """
 from __future__ import annotations
 
-# per site (k channels, activation factor s, weight-outlier factor t of their partners); ffn per branch; spread: one
-# outlier channel per run of that many inputs (q4_K's sub-block). Tuned so that RTN int4, a shared text/image
-# activation scale and q4_k_m without an importance matrix lose accuracy while per-branch W8A8, AWQ / GPTQ int4 and
-# q4_k_m with the matrix keep it (README, benchmarks/bench_outliers.py). More is refused by the export's own check:
-# image FFN channels at 128x fail int8 validation (cosine 0.987), and text rows' at 64x with norm channels at 32x.
-SPEC = {"norm": (8, 8.0, 8.0), "attn": (8, 4.0, 8.0), "ffn": {"text": (16, 4.0, 8.0), "vision": (16, 64.0)},
-        "spread": 32}
+# per site (k channels, activation factor s[, weight-outlier factor t of their partners]); ffn per branch. Tuned so
+# that RTN int4 and a shared text/image activation scale lose accuracy while per-branch W8A8 keeps it (README,
+# benchmarks/bench_outliers.py). (More is refused by the export's own check: image FFN channels at 128x fail int8
+# validation, cosine 0.987.)
+SPEC = {"norm": (4, 16.0), "attn": (2, 8.0), "ffn": {"text": (24, 8.0), "vision": (16, 64.0)}}
+# The variant with weight outliers (`bench_outliers.py --spec kquant`; an experiment, not the preset): one activation
+# outlier per 32 inputs (spread: q4_K's sub-block), each with a partner t times larger in weight. Measured (200
+# questions): llama.cpp's q4_k_m is refused by its own export check without the matrix (mean KL 0.125 > 0.1) AND with
+# it (0.458), although ggml's quantize_q4_K on the same weights and matrix, fake-quantized into the torch model, gave
+# 28x lower KL at the answer position with the matrix (not yet explained); per-branch int8 without SmoothQuant is
+# refused too (int8 keeps its weights per output row, which the partners widen t-fold: decoder_text cosine 0.992
+# with its K/V rows, decoder_image 0.961) and only int8-sq passes (0.960 = fp32); AWQ int4 keeps fp32's accuracy.
+KQUANT_SPEC = {"norm": (8, 16.0, 8.0), "attn": (8, 16.0, 8.0),
+               "ffn": {"text": (16, 16.0, 8.0), "vision": (16, 64.0, 8.0)}, "spread": 32}
+SPECS = {"default": SPEC, "kquant": KQUANT_SPEC}
+_ACTIVE = "default"          # the preset's spec; use_spec() switches it for a process (benchmarks/bench_outliers.py)
+
+
+def use_spec(name: str) -> None:
+    """Make `tiny-shapes-outliers` load with SPECS[name] in this process (its state digest follows, so calibration
+    caches never mix the two)."""
+    global _ACTIVE
+    if name not in SPECS:
+        raise ValueError(f"unknown outlier spec {name!r}; specs: {', '.join(SPECS)}")
+    _ACTIVE = name
 
 
 def _top(score, k: int, exclude=(), spread: int = 0):
@@ -91,7 +110,7 @@ def add_outliers(model, spec: dict | None = None) -> dict:
     """Reparametrise `model`'s decoder in place (see the module docstring). -> {layer: {site: channels}, and
     {site + ":w": partner channels} where the site has weight outliers}."""
     import torch
-    spec = spec or SPEC
+    spec = spec or SPECS[_ACTIVE]
     sp = spec.get("spread", 0)
     chosen = {}
     with torch.no_grad():

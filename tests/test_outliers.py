@@ -39,18 +39,21 @@ ODD = {"norm": (4, 13.0, 5.0), "attn": (2, 7.0, 3.0), "ffn": {"text": (4, 11.0, 
 
 
 @requires_demo
-@pytest.mark.parametrize("spec", [None, ODD], ids=["preset", "odd-factors"])
+@pytest.mark.parametrize("spec", [None, ODD, "kquant"], ids=["preset", "odd-factors", "kquant"])
 def test_transform_keeps_the_logits(models, spec):
     from edgemm import shapes
     from edgemm.outliers import add_outliers
+    from edgemm.outliers import SPECS
     (m0, tok), (m1, _) = models
     if spec is not None:
         from edgemm.checkpoint import load_model
+        spec = SPECS[spec] if isinstance(spec, str) else spec
         m1, _ = load_model("tiny-shapes")
         add_outliers(m1, spec)
     assert m1.cfg.name == "tiny-shapes-outliers" or spec is not None
     ratio = m1.decoder.layers[0].attn_norm.weight / m0.decoder.layers[0].attn_norm.weight
-    assert ratio.max() > 10 and ratio.min() < 0.25                              # not a no-op, both kinds
+    assert ratio.max() > 10                                                       # not a no-op
+    assert (ratio.min() < 0.25) == (spec is not None)                             # weight outliers: their gain / t
     items = [(img, q) for img, q in shapes.make_split("val", 4)]
     for a, b in zip(_logits(m0, tok, items), _logits(m1, tok, items)):
         assert a.abs().max() > 1
