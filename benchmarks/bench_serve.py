@@ -31,9 +31,10 @@ token: a chunk covering m tokens (text held back until a UTF-8 character complet
 --vs-raw: one client's decode speed through the server against the backend's own decode loop on the same bundle
 (issue 34: a server that costs nothing per token). Rounds alternate: --requests streamed text requests
 (--max-tokens tokens, greedy, ignore_eos) to the server, whose rate is (completion tokens - 1) / (last chunk - first
-chunk) per request, to two servers (the default --stream-interval of 20 ms and 0: a chunk per token, alternating);
+chunk) per request, to two servers (--stream-interval 20 ms and the default 0: a chunk per token, alternating);
 then a fresh process opens the backend with the same --threads and runs the same prompt and --max-tokens greedy
-steps --requests times (tokens after the first / their time). Printed: the medians and server / raw.
+steps --requests times (tokens after the first / their time), its cache sized as serve sizes a slot (prompt +
+--max-tokens, rounded up: edgemm.memory.kv_rows). Printed: the medians and server / raw.
 """
 from __future__ import annotations
 
@@ -353,10 +354,12 @@ from edgemm.runtimes import load_backend
 bundle, backend, threads, steps, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 b = load_backend(backend, bundle=bundle, threads=threads)
 ids = b.tokenizer.user_turn(sys.argv[6], first=True)
-rates, st = [], b.new_state(max_len=b.context_length)       # as a server slot holds it
+from edgemm.memory import kv_rows
+prompt = b.tokenizer.prefix_ids() + ids
+rates, st = [], b.new_state(max_len=kv_rows(len(prompt) + steps + 1, b.context_length))   # as serve sizes a slot
 for _ in range(n + 1):                                # the first one warms up
     st.length = st.pos = 0
-    t = int(np.argmax(b.text(st, b.tokenizer.prefix_ids() + ids)))
+    t = int(np.argmax(b.text(st, prompt)))
     t0 = time.perf_counter()
     for _ in range(steps - 1):
         t = int(np.argmax(b.text(st, [t])))
@@ -389,7 +392,7 @@ def vs_raw_only(a) -> int:
     """--vs-raw: one client through the server(s) against the backend's own loop in a fresh process, alternating."""
     import json
     import subprocess
-    envs = {"--stream-interval 20 (default)": [], "--stream-interval 0": ["--stream-interval", "0"]}
+    envs = {"--stream-interval 20": ["--stream-interval", "20"], "--stream-interval 0 (default)": []}
     servers = {k: start_server(a, extra=x) for k, x in envs.items()}
     try:
         model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id

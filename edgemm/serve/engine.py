@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import EdgemmError
 from ..generation import AnswerStream, GenerationConfig
+from ..memory import kv_rows
 
 
 class QueueFull(Exception):
@@ -288,8 +289,13 @@ class Engine:
         """Rewind the slot's cache to the lead it shares with the prompt and set up the rest's prefill: run now
         whole (no prefill_chunk), else piece by piece between the others' decode steps (_once)."""
         b = self.b
+        # the slot's KV cache sized to what this request can use, grown (a copy) when a later one needs more:
+        # ONNX Runtime's attention reads the whole buffer each step, and torch zeroes the whole of it
+        need = kv_rows(job.prompt_rows + job.gen.max_new_tokens + 1, b.context_length)
         if slot.state is None:
-            slot.state = b.new_state(max_len=b.context_length)
+            slot.state = b.new_state(max_len=need)
+        else:
+            b.reserve(slot.state, need)
         st = slot.state
         # reuse the cached lead (whole segments, then tokens), but always run a row of the last segment
         k, j, st.length, st.pos = reuse_point(slot.held, segment_keys(job), self.token_reuse)   # rewind there
