@@ -300,11 +300,14 @@ def arrivals_only(a) -> int:
     names = {"unchunked": ["--prefill-chunk", "0", "--side-threads", "0"],
              f"chunk {a.prefill_chunk}": ["--prefill-chunk", str(a.prefill_chunk), "--side-threads", "0"],
              f"{a.prefill_chunk}+side": ["--prefill-chunk", str(a.prefill_chunk)] + side}
+    if a.servers:                   # --servers unchunked,chunk,side: a subset
+        keep = [k for k, n in zip(names, ("unchunked", "chunk", "side")) if n in a.servers.split(",")]
+        names = {k: names[k] for k in keep}
     traces = {m: Path(tempfile.mkdtemp(prefix="edgemm-trace-")) / "engine.jsonl" for m in names} if a.trace else {}
     servers = {m: start_server(a, extra=x, env={"EDGEMM_ENGINE_TRACE": str(traces[m])} if a.trace else None)
                for m, x in names.items()}
     try:
-        model = a.model or client_for(servers["unchunked"][1]).models.list().data[0].id
+        model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id
         calm, busy, windows = {m: [] for m in servers}, {m: [] for m in servers}, {m: [] for m in servers}
         for r in range(a.rounds):
             for m in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
@@ -482,6 +485,9 @@ def main(argv=None) -> int:
                     "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
     ap.add_argument("--side-threads", type=int, default=None, help="--arrivals: the side-worker server's "
                     "--side-threads (default: the server's own)")
+    ap.add_argument("--servers", default=None, help="--arrivals: only these of unchunked,chunk,side (the "
+                    "unchunked server's queue of newcomers can starve its streams past the client's timeout on a "
+                    "loaded machine).")
     ap.add_argument("--trace", action="store_true", help="--arrivals: the servers' loop turns traced "
                     "(EDGEMM_ENGINE_TRACE): where the turns longer than 2x the calm median gap spend their time.")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "

@@ -195,8 +195,8 @@ llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason
 @llama
 def test_llamacpp_context_sized_to_need_and_grown(tmp_path, tokenizer):
     """A single-sequence llamacpp backend makes its context as large as new_state asks (not the model's context)
-    and grows it (the sequence copied into a new context) mid-answer: its greedy logits are those of llama.cpp's
-    own loop in a context of the whole size (stock llama-cpp-python, no edgemm code)."""
+    and grows it (the sequence copied into a new context) mid-answer: its greedy logits are those of stock
+    llama-cpp-python's Llama in a context of the whole size (no edgemm code)."""
     from edgemm.checkpoint import save_checkpoint
     from edgemm.export.gguf import export_gguf
     from edgemm.llamacpp import load_llama_cpp
@@ -222,31 +222,16 @@ def test_llamacpp_context_sized_to_need_and_grown(tmp_path, tokenizer):
         assert b.runner.n_ctx > n0 and st.length == len(prompt) + 12
     finally:
         b.close()
-    ll = load_llama_cpp()
     import json
+    load_llama_cpp()            # registers llama.cpp's CPU variant; from here on stock llama-cpp-python only
+    from llama_cpp import Llama
     man = json.loads((out / "edgemm.json").read_text())
-    model = ll.llama_model_load_from_file(str(out / man["stages"]["decoder"]["file"]).encode(),
-                                          ll.llama_model_default_params())
-    cp = ll.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 2048, 512, 512, 1, 1
-    cp.type_k = cp.type_v = 0                             # GGML_TYPE_F32 (the backend's cache of an f32 decoder)
-    cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = ll.llama_init_from_model(model, cp)
-    batch = ll.llama_batch_init(512, 0, 1)
-    try:
-        def decode(tokens, pos0):
-            for i, t in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos0 + i, 1, 1
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = len(tokens)
-            assert ll.llama_decode(ctx, batch) == 0
-            return np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(V,)).copy()
-        ref = decode(prompt, 0)
-        for i, t in enumerate(got):
-            assert np.abs(ref - seen[i]).max() <= 1e-4, i
-            assert int(np.argmax(ref)) == t
-            ref = decode([t], len(prompt) + i)
-    finally:
-        ll.llama_batch_free(batch)
-        ll.llama_free(ctx)
-        ll.llama_model_free(model)
+    # logits_all: llama.cpp's cogvlm graph does not select output rows (tests/test_gguf.py); f32 KV as the backend's
+    llm = Llama(model_path=str(out / man["stages"]["decoder"]["file"]), n_ctx=2048, n_batch=512, n_threads=1,
+                logits_all=True, type_k=0, type_v=0, verbose=False)
+    llm.eval(prompt)
+    for i, t in enumerate(got):
+        ref = np.asarray(llm.scores[llm.n_tokens - 1], np.float32)
+        assert np.abs(ref - seen[i]).max() <= 1e-4, i
+        assert int(np.argmax(ref)) == t
+        llm.eval([t])
