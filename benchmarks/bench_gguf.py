@@ -78,11 +78,13 @@ def bench_bundle(bundle: Path, threads: int, steps: int, warmup: int, mtmd: bool
         from edgemm.tilings import preprocess_image
         b.vision(preprocess_image(shapes.make_split("val", 1)[0][0], cfg.vision))     # an 8-bit image (mtmd's)
     rows = (rng.standard_normal((1, cfg.n_image_rows, cfg.decoder.d_model)) * 0.02).astype(np.float32)
-    st = b.new_state()
+    question = tok.user_turn("what color is the circle?", True)
+    # a context sized to need, as `edgemm run` sizes it (ChatSession: the prompt and the answer, at least 256 rows)
+    st = b.new_state(max_len=max(256, 1 + cfg.n_image_rows + len(question) + warmup + steps + 1))
     t0 = time.perf_counter()
     b.text(st, [tok.bos_id])
     b.image(st, rows)
-    logits = b.text(st, tok.user_turn("what color is the circle?", True))
+    logits = b.text(st, question)
     prefill = time.perf_counter() - t0
     prompt_rows = st.length
     for _ in range(warmup):

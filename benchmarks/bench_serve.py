@@ -27,13 +27,17 @@ Printed: the median gap between the streams' tokens without arrivals, their p50 
 and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
 their first token until the first finishes; the newcomers still running then are closed (cancelled). Gaps are per
 token: a chunk covering m tokens (text held back until a UTF-8 character completes) is m gaps of its gap / m.
+--trace: each server writes its loop turns (EDGEMM_ENGINE_TRACE: admission, loop prefill piece, decode_batch, live
+streams, side-worker prefills / encodes running) and the turns in the arrival windows longer than 2x the calm median
+gap are broken down: what makes the worst gaps, measured.
 
 --vs-raw: one client's decode speed through the server against the backend's own decode loop on the same bundle
 (issue 34: a server that costs nothing per token). Rounds alternate: --requests streamed text requests
 (--max-tokens tokens, greedy, ignore_eos) to the server, whose rate is (completion tokens - 1) / (last chunk - first
-chunk) per request, to two servers (the default --stream-interval of 20 ms and 0: a chunk per token, alternating);
+chunk) per request, to two servers (--stream-interval 20 ms and the default 0: a chunk per token, alternating);
 then a fresh process opens the backend with the same --threads and runs the same prompt and --max-tokens greedy
-steps --requests times (tokens after the first / their time). Printed: the medians and server / raw.
+steps --requests times (tokens after the first / their time), its cache sized as serve sizes a slot (prompt +
+--max-tokens, rounded up: edgemm.memory.kv_rows). Printed: the medians and server / raw.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -295,14 +300,21 @@ def arrivals_only(a) -> int:
     names = {"unchunked": ["--prefill-chunk", "0", "--side-threads", "0"],
              f"chunk {a.prefill_chunk}": ["--prefill-chunk", str(a.prefill_chunk), "--side-threads", "0"],
              f"{a.prefill_chunk}+side": ["--prefill-chunk", str(a.prefill_chunk)] + side}
-    servers = {m: start_server(a, extra=x) for m, x in names.items()}
+    if a.servers:                   # --servers unchunked,chunk,side: a subset
+        keep = [k for k, n in zip(names, ("unchunked", "chunk", "side")) if n in a.servers.split(",")]
+        names = {k: names[k] for k in keep}
+    traces = {m: Path(tempfile.mkdtemp(prefix="edgemm-trace-")) / "engine.jsonl" for m in names} if a.trace else {}
+    servers = {m: start_server(a, extra=x, env={"EDGEMM_ENGINE_TRACE": str(traces[m])} if a.trace else None)
+               for m, x in names.items()}
     try:
-        model = a.model or client_for(servers["unchunked"][1]).models.list().data[0].id
-        calm, busy = {m: [] for m in servers}, {m: [] for m in servers}
+        model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id
+        calm, busy, windows = {m: [] for m in servers}, {m: [] for m in servers}, {m: [] for m in servers}
         for r in range(a.rounds):
             for m in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
                 calm[m] += gaps_with_arrivals(servers[m][1], model, 0, a.max_tokens)
+                t0 = time.perf_counter()
                 busy[m] += gaps_with_arrivals(servers[m][1], model, a.arrivals, a.max_tokens)
+                windows[m].append((t0, time.perf_counter()))
         print(f"{model}: 3 streams of {a.max_tokens} tokens, a new image request every {a.arrivals:g} s; gaps "
               f"between the streams' tokens over {a.rounds} round(s), servers alternating (load average "
               f"{os.getloadavg()[0]:.1f})")
@@ -313,9 +325,41 @@ def arrivals_only(a) -> int:
             p50, p95, mx = (float(np.quantile(busy[m], q)) for q in (0.5, 0.95, 1.0))
             print(f"{m:>10} {med * 1e3:>7.0f}ms {p50 * 1e3:>7.0f}ms {p95 * 1e3:>7.0f}ms {mx * 1e3:>7.0f}ms "
                   f"{p95 / med:>8.2f}x {len(busy[m]):>5}")
+        for m in traces:
+            print_trace(m, traces[m], windows[m], 2 * float(np.median(calm[m])))
     finally:
         stop_servers(servers)
     return 0
+
+
+def print_trace(name: str, path: Path, windows: list, bound: float) -> None:
+    """--trace: the engine's loop turns (EDGEMM_ENGINE_TRACE) in the windows with arrivals: a turn's period (start
+    to the next turn's start) is the gap the decoding streams see; for the turns over `bound` (2x the calm median
+    gap), where their time went."""
+    import json
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    turns = []
+    for a_, b_ in zip(rows, rows[1:]):
+        if any(lo <= a_["t"] and b_["t"] <= hi for lo, hi in windows):
+            turns.append({**a_, "period": b_["t"] - a_["t"]})
+    if not turns:
+        print(f"  trace {name}: no turns in the arrival windows")
+        return
+    per = np.array([t["period"] for t in turns])
+    slow = [t for t in turns if t["period"] > bound]
+    print(f"  trace {name}: {len(turns)} loop turns with arrivals, period p50 {np.median(per) * 1e3:.0f} ms, p95 "
+          f"{np.quantile(per, 0.95) * 1e3:.0f} ms; {len(slow)} over 2x the calm median ({bound * 1e3:.0f} ms)")
+    for label, group in (("over", slow), ("the rest", [t for t in turns if t["period"] <= bound])):
+        if not group:
+            continue
+        mean = {k: float(np.mean([t[k] for t in group])) * 1e3 for k in ("period", "admit", "prefill", "decode")}
+        other = mean["period"] - mean["admit"] - mean["prefill"] - mean["decode"]
+        share = lambda f: sum(1 for t in group if f(t)) / len(group)     # noqa: E731
+        print(f"    {label:>8}: mean period {mean['period']:.0f} ms = admission {mean['admit']:.0f} + loop prefill "
+              f"piece {mean['prefill']:.0f} + decode_batch {mean['decode']:.0f} + other {other:.0f} ms; "
+              f"{share(lambda t: t['live'] >= 4):.0%} step 4 streams, {share(lambda t: t['side_prefill']):.0%} "
+              f"beside a side prefill, {share(lambda t: t['side_encode']):.0%} beside a side encode, "
+              f"{share(lambda t: t['admitted']):.0%} admitted a request")
 
 
 def decode_batch_only(a) -> int:
@@ -353,10 +397,12 @@ from edgemm.runtimes import load_backend
 bundle, backend, threads, steps, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 b = load_backend(backend, bundle=bundle, threads=threads)
 ids = b.tokenizer.user_turn(sys.argv[6], first=True)
-rates, st = [], b.new_state(max_len=b.context_length)       # as a server slot holds it
+from edgemm.memory import kv_rows
+prompt = b.tokenizer.prefix_ids() + ids
+rates, st = [], b.new_state(max_len=kv_rows(len(prompt) + steps + 1, b.context_length))   # as serve sizes a slot
 for _ in range(n + 1):                                # the first one warms up
     st.length = st.pos = 0
-    t = int(np.argmax(b.text(st, b.tokenizer.prefix_ids() + ids)))
+    t = int(np.argmax(b.text(st, prompt)))
     t0 = time.perf_counter()
     for _ in range(steps - 1):
         t = int(np.argmax(b.text(st, [t])))
@@ -389,7 +435,7 @@ def vs_raw_only(a) -> int:
     """--vs-raw: one client through the server(s) against the backend's own loop in a fresh process, alternating."""
     import json
     import subprocess
-    envs = {"--stream-interval 20 (default)": [], "--stream-interval 0": ["--stream-interval", "0"]}
+    envs = {"--stream-interval 20": ["--stream-interval", "20"], "--stream-interval 0 (default)": []}
     servers = {k: start_server(a, extra=x) for k, x in envs.items()}
     try:
         model = a.model or client_for(next(iter(servers.values()))[1]).models.list().data[0].id
@@ -439,6 +485,11 @@ def main(argv=None) -> int:
                     "arrives every this many seconds: their token gaps, unchunked vs --prefill-chunk (two servers).")
     ap.add_argument("--side-threads", type=int, default=None, help="--arrivals: the side-worker server's "
                     "--side-threads (default: the server's own)")
+    ap.add_argument("--servers", default=None, help="--arrivals: only these of unchunked,chunk,side (the "
+                    "unchunked server's queue of newcomers can starve its streams past the client's timeout on a "
+                    "loaded machine).")
+    ap.add_argument("--trace", action="store_true", help="--arrivals: the servers' loop turns traced "
+                    "(EDGEMM_ENGINE_TRACE): where the turns longer than 2x the calm median gap spend their time.")
     ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "
                     "--prefill-chunk.")
     ap.add_argument("--vs-raw", action="store_true", help="One client through the server against the backend's "

@@ -340,8 +340,10 @@ class ChatSession:
                 self.log(f"note: the context ({ctx} tokens) is full; dropping the oldest turns (the image stays)")
                 self._warned = True
         self.turns = turns
-        if self.state is None:
-            self.state = self.b.new_state(max_len=ctx)
+        if self.state is None:               # sized to this turn where the backend grows it for the next ones
+            from .memory import kv_rows
+            need = size(items) + gen.max_new_tokens + 1
+            self.state = self.b.new_state(max_len=kv_rows(need, ctx) if self.b.kv_grows else ctx)
         st = self.state
         p = 0
         while p < len(self.fed) and p < len(items) and self.fed[p] == items[p]:

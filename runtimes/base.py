@@ -47,8 +47,16 @@ class Backend:
         return min(self.cfg.decoder.max_seq_len, self.context_limit or 1 << 62)
 
     def new_state(self, max_len: int | None = None) -> State:
-        """An empty KV cache of `max_len` rows (default: the whole context)."""
+        """An empty KV cache of `max_len` rows (default: the whole context). torch, ort and a single-sequence
+        llamacpp backend grow it (a copy into a bigger buffer: edgemm.blocks.decoder.kv_rows) when a segment
+        needs more, up to the context; so callers size it to what they expect to need."""
         raise NotImplementedError
+
+    kv_grows = False        # whether a state's KV cache grows past its max_len when a segment needs it (reserve)
+
+    def reserve(self, state: State, rows: int) -> None:
+        """Let the state's KV cache hold at least `rows` rows (up to the context) before they are written, so
+        a server grows a slot's cache once, at admission, not mid-answer. Default: nothing (its cache is fixed)."""
 
     def vision(self, pixels: np.ndarray, *instruction) -> np.ndarray:
         """float32 [1, 3, S, S] -> image rows float32 [1, P + 2, D]. InstructBLIP: + the question's Q-Former ids
@@ -178,10 +186,12 @@ class SegmentRunner(Backend):
 
     kv_dtype = np.float32           # the KV cache's (and cross K/V's) element type; fp16 compute bundles: float16
 
-    @staticmethod
-    def _room(state: State, T: int) -> int:
-        """-> the rows filled after appending T; an error when the KV cache cannot take them."""
+    def _room(self, state: State, T: int) -> int:
+        """-> the rows filled after appending T (the cache grown to take them where the backend can: reserve);
+        an error when the KV cache cannot take them."""
         from edgemm.errors import EdgemmError
+        if state.length + T > state.cache["capacity"]:
+            self.reserve(state, state.length + T)
         cap = state.cache["capacity"]
         if state.length + T > cap:
             raise EdgemmError(f"KV cache full: {state.length} + {T} rows > capacity {cap}")

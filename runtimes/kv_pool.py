@@ -10,10 +10,16 @@ on another thread: State.busy) is never bound: the step runs the spans of rows o
 
 A row is free when its state was released or is gone (weak references: a state dropped without `release`
 gives its row back).
+
+The pool is sized to need (the first state's rows) and grows when a state needs more (`grow`: new buffers, every
+row copied, every binding made again): runs that bind its memory hold `using()`, and `grow` waits for them, so a
+prefill on serve's side worker never writes into a buffer that is being replaced.
 """
 from __future__ import annotations
 
+import threading
 import weakref
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -34,19 +40,78 @@ def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
 class KVPool:
     def __init__(self, ort, dev: tuple, slots: int, n_layers: int, heads: int, capacity: int, head_dim: int,
                  dtype=np.float32):
-        self.capacity, self.n_layers, self.dev, self.dtype = int(capacity), n_layers, dev, np.dtype(dtype)
-        self.shape = (int(slots), heads, self.capacity + 1, head_dim)
-        if dev[0] == "cpu":                 # numpy-backed: zero pages until written, readable in place
-            self.arrays = [aligned_zeros(self.shape, self.dtype) for _ in range(2 * n_layers)]
+        self.n_layers, self.dev, self.dtype, self._ort = n_layers, dev, np.dtype(dtype), ort
+        self.owners: list = [None] * int(slots)         # row -> weakref to its State
+        self._cv, self._users, self._growing = threading.Condition(), 0, False
+        self._alloc(int(slots), heads, int(capacity), head_dim)
+
+    def _alloc(self, slots: int, heads: int, capacity: int, head_dim: int, old=None) -> None:
+        """The buffers [slots, heads, capacity + 1, head_dim] per layer's K and V (old: host copies of the previous
+        ones, whose rows are copied in)."""
+        self.capacity = capacity
+        self.shape = (slots, heads, capacity + 1, head_dim)
+        if self.dev[0] == "cpu":            # numpy-backed: zero pages until written, readable in place
+            self.arrays = [aligned_zeros(self.shape, self.dtype) for _ in range(2 * self.n_layers)]
+            for a, b in zip(self.arrays, old or ()):
+                a[:, :, : b.shape[2]] = b
             self.ptrs = [a.ctypes.data for a in self.arrays]
         else:
             self.arrays = None
-            self._vals = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, *dev)
-                          for _ in range(2 * n_layers)]
+            if old is None:
+                self._vals = [self._ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, *self.dev)
+                              for _ in range(2 * self.n_layers)]
+            else:                           # (a grown pool on the device: its rows through the host, once)
+                self._vals = []
+                for b in old:
+                    host = np.zeros(self.shape, self.dtype)
+                    host[:, :, : b.shape[2]] = b
+                    self._vals.append(self._ort.OrtValue.ortvalue_from_numpy(host, *self.dev))
             self.ptrs = [v.data_ptr() for v in self._vals]
         self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self.owners: list = [None] * self.shape[0]      # row -> weakref to its State
         self._io: dict = {}                              # (first row, rows) -> the batched step's IOBinding
+
+    @contextmanager
+    def using(self):
+        """Held while a run binds and uses the pool's memory (any thread; several at once): grow waits for them."""
+        with self._cv:
+            while self._growing:
+                self._cv.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._users -= 1
+                self._cv.notify_all()
+
+    def grow(self, capacity: int) -> None:
+        """Rows of `capacity` (more than now) for every slot: new buffers with each row's cache copied in, the
+        states' capacities and views updated and their bindings dropped (made again at their next run). Waits for
+        the runs in flight (using); must not be called while holding using()."""
+        with self._cv:
+            while self._growing or self._users:
+                self._cv.wait()
+            if capacity <= self.capacity:
+                return
+            self._growing = True
+        try:
+            old = self.arrays if self.arrays is not None else [v.numpy() for v in self._vals]
+            old = [a[:, :, : self.capacity] for a in old]          # (not the spare row)
+            self._alloc(self.shape[0], self.shape[1], int(capacity), self.shape[3], old)
+            for r in range(self.shape[0]):
+                st = self._owner(r)
+                if st is not None:
+                    st.cache["capacity"] = self.capacity
+                    if self.arrays is not None:
+                        st.cache["arrays"] = [a[r:r + 1] for a in self.arrays]
+                    st.extra.pop("io", None)
+        finally:
+            with self._cv:
+                self._growing = False
+                self._cv.notify_all()
+
+    def has_free(self) -> bool:
+        return any(self._owner(r) is None for r in range(self.shape[0]))
 
     def _owner(self, r: int):
         return self.owners[r]() if self.owners[r] is not None else None
@@ -89,6 +154,10 @@ class KVPool:
     def step(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
         """One decode step of every state (token i appended to state i) -> logits per state: one run, or one per
         span of rows between busy ones (State.busy)."""
+        with self.using():
+            return self._spans(sess, states, tokens, row_feeds)
+
+    def _spans(self, sess, states: list, tokens: list[int], row_feeds: dict) -> list[np.ndarray]:
         rows = [self.row(st) for st in states]
         if len(set(rows)) < len(rows):
             raise EdgemmError("decode_batch got the same state twice")

@@ -15,6 +15,9 @@ from edgemm.errors import EdgemmError
 from edgemm.llamacpp import KV_TYPES, QUANTIZED_V_NEEDS_FA, load_llama_cpp
 
 
+CTX_BLOCK = 256         # llama.cpp pads its KV cache to 256 cells: contexts sized to need are whole blocks of it
+
+
 class LlamaRunner:
     """One llama model + context driven batch by batch. The context holds `n_seq` sequences (KV caches of
     `n_ctx` rows each, llama.cpp's seq ids 0..n_seq-1); every call names its sequence (default 0)."""
@@ -55,6 +58,7 @@ class LlamaRunner:
             raise EdgemmError(f"KV cache type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
         cp.type_k = cp.type_v = KV_TYPES[kv_type][0]
         cp.no_perf = True
+        self._cp, self.n_seq, self.kv_type, self.flash_attn = cp, n_seq, kv_type, flash_attn
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             ll.llama_model_free(self.model)
@@ -65,10 +69,8 @@ class LlamaRunner:
             raise EdgemmError(f"llama.cpp could not create a context for {path} (n_ctx {n_ctx}, KV cache {kv_type}, "
                               f"flash attention {'on' if flash_attn else 'off'})")
         self.n_ctx = ll.llama_n_ctx(self.ctx) // n_seq
-        self.n_seq = n_seq
+        self.max_ctx = self.n_ctx       # rows a sequence may grow to (resize); the backend raises it
         self.mem = ll.llama_get_memory(self.ctx)
-        self.kv_type = kv_type
-        self.flash_attn = flash_attn
         self._tok_batch = ll.llama_batch_init(n_batch, 0, 1)
         self._emb_batch = ll.llama_batch_init(n_batch, self.n_embd, 1)
         self.lengths = [0] * n_seq   # rows in each sequence's KV cache
@@ -107,6 +109,29 @@ class LlamaRunner:
             if self.mrope:
                 del self._row_pos[seq][length:]
 
+    def resize(self, n_ctx: int) -> None:
+        """A context of `n_ctx` rows per sequence in place of this one, every sequence's KV cache copied over
+        (llama_state_seq_get_data / set_data): how a cache sized to need grows."""
+        ll = self.ll
+        saved = []
+        for seq in range(self.n_seq):
+            if self.lengths[seq]:
+                n = ll.llama_state_seq_get_size(self.ctx, seq)
+                buf = (ctypes.c_uint8 * n)()
+                if ll.llama_state_seq_get_data(self.ctx, buf, n, seq) != n:
+                    raise EdgemmError(f"llama.cpp could not save sequence {seq} to grow the context")
+                saved.append((seq, buf, n))
+        self._cp.n_ctx = int(n_ctx) * self.n_seq
+        ctx = ll.llama_init_from_model(self.model, self._cp)
+        if not ctx:
+            raise EdgemmError(f"llama.cpp could not create a context of {n_ctx} rows to grow the KV cache")
+        ll.llama_free(self.ctx)
+        self.ctx, self.mem = ctx, ll.llama_get_memory(ctx)
+        self.n_ctx = ll.llama_n_ctx(ctx) // self.n_seq
+        for seq, buf, n in saved:
+            if ll.llama_state_seq_set_data(ctx, buf, n, seq) != n:
+                raise EdgemmError(f"llama.cpp could not restore sequence {seq} into the grown context")
+
     # ---- decoding ------------------------------------------------------------------------------
     def _run(self, batch, n: int, pos0: int, last: bool, seq: int = 0, positions: np.ndarray | None = None):
         """positions (M-RoPE embedding batches): int [4, n], section-major into the batch's 4-a-row array."""
@@ -137,6 +162,10 @@ class LlamaRunner:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
 
     def _check_room(self, n: int, seq: int = 0):
+        need = self.lengths[seq] + n
+        if self.n_ctx < need <= self.max_ctx:          # a context sized to need grows (a copy)
+            from edgemm.memory import kv_rows
+            self.resize(kv_rows(need, self.max_ctx, self.n_ctx, block=CTX_BLOCK))
         if self.lengths[seq] + n > self.n_ctx:
             raise EdgemmError(f"the llama.cpp context is full: {self.lengths[seq]} + {n} rows > {self.n_ctx}")
 

@@ -3,6 +3,9 @@
 The KV cache lives in preallocated OrtValues, one [1, K, cache_len, E] buffer per layer for K and for V, on the
 session's device. Each call binds the same buffer as `past_*` input and `present_*` output (I/O binding), and
 GroupQueryAttention writes the new rows in place, so a decode step costs attention over the cache, not a copy.
+GroupQueryAttention's CPU kernel pays for the whole buffer each step, so a state's buffers are sized to what its
+caller expects (new_state's max_len) and grown (`reserve`: a copy into buffers at least twice as large, up to the
+context) when a segment needs more.
 
 Opened with `slots=N > 1` (edgemm serve --parallel N) on a bundle whose decoder_text has a batch dimension, the
 states are rows of one [N, K, cache_len + 1, E] buffer per layer (runtimes/kv_pool.py) and decode_batch steps
@@ -10,10 +13,13 @@ them in one run, the weights read once for all rows; older bundles (batch 1) ste
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from edgemm.cpu import s8s8_int8_exact, threads_or_default
 from edgemm.errors import EdgemmError
+from edgemm.memory import kv_rows
 from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -71,6 +77,7 @@ def placement_line(stage: str, provider: str, off: dict[str, int]) -> str | None
 
 class OrtBackend(SegmentRunner):
     name = "ort"
+    kv_grows = True
     kv_caches = ("f32", "f16", "int8")      # --kv-cache: the bundle's float type (named), or int8 (runtimes/ort_kv.py)
 
     def __init__(self, sessions, manifest, cfg, tokenizer, provider, bundle):
@@ -260,26 +267,61 @@ class OrtBackend(SegmentRunner):
 
     # ---- state -------------------------------------------------------------------------
     def new_state(self, max_len: int | None = None) -> State:
+        """A cache of `max_len` rows (default the context), grown when a segment needs more (reserve): ONNX
+        Runtime's GroupQueryAttention reads the whole buffer every step, so callers size it to need."""
         c = self.cfg.decoder
-        n = int(max_len or c.max_seq_len)
-        if self.batched and self.slots > 1:        # a row of the slots' pool (sized by the first state)
+        n = int(max_len or self.context_length)
+        if self.batched and self.slots > 1:        # a row of the slots' pool (sized by the first state, grown)
             if self._pool is None:
                 from .kv_pool import KVPool
                 self._pool = KVPool(self._ort, self._dev, self.slots, c.n_layers, c.cache_heads, n, c.head_dim,
                                     self.kv_dtype)
+            elif self.context_length >= n > self._pool.capacity and self._pool.has_free():
+                self._pool.grow(kv_rows(n, self.context_length, self._pool.capacity))
             st = self._pool.take(n)
             if st is not None:
                 return st                          # (else a state of its own, stepped alone)
-        shape = (1, c.cache_heads, n, c.head_dim)
-        ov = self._ort.OrtValue
+        arrays, vals = self._buffers((1, c.cache_heads, n, c.head_dim))
+        return State(cache={"k": vals[0::2], "v": vals[1::2], "capacity": n, "arrays": arrays})
+
+    def _buffers(self, shape, old=None):
+        """2 x n_layers KV buffers of `shape` (K, V per layer) -> (numpy arrays on the CPU or None, OrtValues);
+        old: the state's cache whose rows are copied in (a grown cache)."""
+        c, ov = self.cfg.decoder, self._ort.OrtValue
         if self.device == "cpu":   # numpy-backed buffers: zero-filled, readable in place
             from .kv_pool import aligned_zeros
             arrays = [aligned_zeros(shape, self.kv_dtype) for _ in range(2 * c.n_layers)]
-            vals = [ov.ortvalue_from_numpy(a) for a in arrays]
-        else:
-            arrays = None
-            vals = [ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, *self._dev) for _ in range(2 * c.n_layers)]
-        return State(cache={"k": vals[0::2], "v": vals[1::2], "capacity": n, "arrays": arrays})
+            if old is not None:
+                for a, b in zip(arrays, old["arrays"]):
+                    a[:, :, : b.shape[2]] = b
+            return arrays, [ov.ortvalue_from_numpy(a) for a in arrays]
+        if old is None:
+            return None, [ov.ortvalue_from_shape_and_type(shape, self.kv_dtype, *self._dev)
+                          for _ in range(2 * c.n_layers)]
+        vals = []                   # (a grown cache on the device: its rows through the host, once)
+        for v in [x for kv in zip(old["k"], old["v"]) for x in kv]:
+            host = np.zeros(shape, self.kv_dtype)
+            held = v.numpy()
+            host[:, :, : held.shape[2]] = held
+            vals.append(ov.ortvalue_from_numpy(host, *self._dev))
+        return None, vals
+
+    def reserve(self, state: State, rows: int) -> None:
+        """Grow the state's cache (its own buffers, or the pool all slots' rows live in) to hold `rows`: a copy
+        into buffers of kv_rows(...) rows (doubling, up to the context); its bindings are made again."""
+        cap, limit = state.cache["capacity"], self.context_length
+        if rows <= cap or rows > limit:
+            return
+        new = kv_rows(rows, limit, cap)
+        pool = state.cache.get("pool")
+        if pool is not None:
+            pool.row(state)
+            pool.grow(new)
+            return
+        c = self.cfg.decoder
+        arrays, vals = self._buffers((1, c.cache_heads, new, c.head_dim), old=state.cache)
+        state.cache.update(k=vals[0::2], v=vals[1::2], capacity=new, arrays=arrays)
+        state.extra.pop("io", None)
 
     @property
     def context_length(self) -> int:
@@ -297,27 +339,29 @@ class OrtBackend(SegmentRunner):
     def _run(self, stage, state, feeds, positions):
         if stage == "decoder_text" and len(positions) == 1 and len(feeds) == 1:
             return self._step(state, feeds["input_ids"], positions)
-        total = self._room(state, len(positions))
+        total = self._room(state, len(positions))          # (grows the cache first, outside the pool's lock)
         sess = self.sess[stage]
         pool = state.cache.get("pool")
-        row = pool.row(state) if pool is not None else None
-        io = state.extra.get(stage)
-        if io is None:        # one binding per state and stage: the KV buffers are bound once, in and out
-            io = state.extra[stage] = sess.io_binding()
-            io.bind_output("logits", "cpu")                # first: get_outputs() follows binding order
-            if pool is not None:
-                pool.bind(io, row, 1)
-            self._bind_cache(io, state)
-        positions = np.asarray(positions, np.int64)
-        feeds = {**feeds, "positions": positions[None] if self.batched and stage == "decoder_text" else positions,
-                 "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
-        for name, arr in feeds.items():                    # (feeds stays alive until the run is done)
-            if isinstance(arr, self._ort.OrtValue):          # e.g. an image's cross K/V, on the device
-                io.bind_ortvalue_input(name, arr)
-            else:
-                io.bind_cpu_input(name, arr)
-        sess.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
+        with pool.using() if pool is not None else nullcontext():      # (the pool does not move meanwhile)
+            row = pool.row(state) if pool is not None else None            # (a released state: an error)
+            bindings = state.extra.setdefault("io", {})
+            io = bindings.get(stage)
+            if io is None:        # one binding per state and stage: the KV buffers are bound once, in and out
+                io = bindings[stage] = sess.io_binding()
+                io.bind_output("logits", "cpu")                # first: get_outputs() follows binding order
+                if pool is not None:
+                    pool.bind(io, row, 1)
+                self._bind_cache(io, state)
+            positions = np.asarray(positions, np.int64)
+            feeds = {**feeds, "positions": positions[None] if self.batched and stage == "decoder_text" else positions,
+                     "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
+            for name, arr in feeds.items():                    # (feeds stays alive until the run is done)
+                if isinstance(arr, self._ort.OrtValue):          # e.g. an image's cross K/V, on the device
+                    io.bind_ortvalue_input(name, arr)
+                else:
+                    io.bind_cpu_input(name, arr)
+            sess.run_with_iobinding(io)
+            logits = io.get_outputs()[0].numpy()
         state.length = total
         return np.array(logits[0], dtype=np.float32)  # a copy: the bound output buffer is reused by the next call
 
@@ -333,30 +377,34 @@ class OrtBackend(SegmentRunner):
         small numpy arrays updated in place and whose logits land in one preallocated buffer, so a step allocates
         and rebinds nothing (measured 0.2-0.8 ms a step on bench-0.5b int4 with fresh bindings)."""
         total = self._room(state, 1)
-        f = state.extra.get("decoder_text.step")
-        if f is None:
-            io = self.sess["decoder_text"].io_binding()
-            arrs = {"input_ids": np.zeros((1, 1), np.int64),
-                    "positions": np.zeros((1, 1) if self.batched else (1,), np.int64),
-                    "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.zeros((), np.int32)}
-            logits = np.zeros((1, self.cfg.decoder.vocab_size), np.float32)
-            io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            pool = state.cache.get("pool")
-            if pool is not None:                             # a row of the slots' pool (serve --parallel)
-                pool.bind(io, pool.row(state), 1)
-            else:
-                self._bind_cache(io, state)
-            for name, a in arrs.items():                     # backed by these arrays: updated in place below
-                io.bind_cpu_input(name, a)
-            f = state.extra["decoder_text.step"] = (io, arrs, logits)
-        io, arrs, logits = f
-        arrs["input_ids"].flat[0] = int(np.asarray(ids).flat[0])
-        arrs["positions"].flat[0] = int(positions[0])
-        arrs["seqlens_k"][0] = total - 1
-        arrs["total_sequence_length"][...] = total
-        self.sess["decoder_text"].run_with_iobinding(io)
+        pool = state.cache.get("pool")
+        with pool.using() if pool is not None else nullcontext():      # (the pool does not move meanwhile)
+            row = pool.row(state) if pool is not None else None            # (a released state: an error)
+            bindings = state.extra.setdefault("io", {})
+            f = bindings.get("decoder_text.step")
+            if f is None:
+                io = self.sess["decoder_text"].io_binding()
+                arrs = {"input_ids": np.zeros((1, 1), np.int64),
+                        "positions": np.zeros((1, 1) if self.batched else (1,), np.int64),
+                        "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.zeros((), np.int32)}
+                logits = np.zeros((1, self.cfg.decoder.vocab_size), np.float32)
+                io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+                if pool is not None:                             # a row of the slots' pool (serve --parallel)
+                    pool.bind(io, row, 1)
+                else:
+                    self._bind_cache(io, state)
+                for name, a in arrs.items():                     # backed by these arrays: updated in place below
+                    io.bind_cpu_input(name, a)
+                f = bindings["decoder_text.step"] = (io, arrs, logits)
+            io, arrs, logits = f
+            arrs["input_ids"].flat[0] = int(np.asarray(ids).flat[0])
+            arrs["positions"].flat[0] = int(positions[0])
+            arrs["seqlens_k"][0] = total - 1
+            arrs["total_sequence_length"][...] = total
+            self.sess["decoder_text"].run_with_iobinding(io)
+            out = logits[0].copy()
         state.length = total
-        return logits[0].copy()
+        return out
 
     def prefill_beside_why(self):
         return None     # concurrent runs of a session are allowed; a pool row being prefilled sits steps out (busy)
@@ -376,6 +424,9 @@ class OrtBackend(SegmentRunner):
         if len(states) < 2 or not all(self.pooled(st) for st in states):
             return super().decode_batch(states, tokens)
         c = self.cfg.decoder
+        for st in states:                   # a row about to outgrow the pool grows it first (reserve)
+            if st.length + 1 > st.cache["capacity"]:
+                self.reserve(st, st.length + 1)
         row_feeds = {"input_rows": np.zeros((1, 0, c.d_model), np.float32)} if self._eoi_text() else {}
         return self._pool.step(self.sess["decoder_text"], states, tokens, row_feeds)
 

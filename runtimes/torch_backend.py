@@ -29,6 +29,7 @@ def pick_torch_device(device: str, log=None) -> str:
 
 class TorchBackend(Backend):
     name = "torch"
+    kv_grows = True
 
     def __init__(self, model, tokenizer, device="cpu", source=""):
         self.model, self.tokenizer, self.device, self.source = model, tokenizer, device, source
@@ -51,8 +52,14 @@ class TorchBackend(Backend):
         return False, "the torch backend runs model directories only"
 
     def new_state(self, max_len: int | None = None) -> State:
+        """A cache of `max_len` rows (default the context) that grows, up to the context, when a segment needs
+        more (KVCache.reserve)."""
         from edgemm.model import KVCache
-        return State(cache=KVCache.empty(self.cfg.decoder, 1, max_len, device=self.device))
+        return State(cache=KVCache.empty(self.cfg.decoder, 1, max_len or self.context_length, device=self.device,
+                                         limit=self.context_length))
+
+    def reserve(self, state: State, rows: int) -> None:
+        state.cache.reserve(rows)
 
     def prefill_beside_why(self):
         return None                 # a state is its own KVCache; the modules only read their weights

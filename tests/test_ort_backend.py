@@ -100,8 +100,10 @@ def test_logits_and_cache_in_place(backends):
     st_o.length -= 2
     st_o.pos -= 2
     np.testing.assert_allclose(ob.text(st_o, [4, 2]), lo, atol=1e-6)
-    with pytest.raises(EdgemmError, match="KV cache full"):
-        ob.text(st_o, list(range(64)))
+    ob.text(st_o, list(range(64)))             # past its 64 rows: the cache grows (tests/test_kv_growth.py)
+    assert st_o.cache["capacity"] >= st_o.length > 64
+    with pytest.raises(EdgemmError, match="KV cache full"):    # but not past the context
+        ob.text(st_o, list(range(ob.context_length)))
 
 
 def test_auto_picks_ort_for_onnx_bundles(bundle):

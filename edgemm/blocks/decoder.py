@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DecoderConfig
+from ..memory import kv_rows
 from .cross import GatedCrossAttnLayer, cross_layer_at, n_cross_layers
 from .layers import Branch, CrossModalBridge, vision_branch
 from .ops import RMSNorm, apply_rope, norm, rope_cos_sin, rope_dims, routed
@@ -18,22 +19,38 @@ from .ops import RMSNorm, apply_rope, norm, rope_cos_sin, rope_dims, routed
 
 @dataclass
 class KVCache:
-    """Preallocated per-layer K/V buffers; `length` rows are filled. k, v [L, B, K (x2 with a bridge), S_max, E]."""
+    """Preallocated per-layer K/V buffers; `length` rows are filled. k, v [L, B, K (x2 with a bridge), S_max, E].
+    `limit`: the rows the cache may grow to when a segment outgrows it (grow: a copy into a bigger buffer; None:
+    it never grows, a segment past its capacity is an error)."""
     k: torch.Tensor                                         # [L, B, K, S_max, E]
     v: torch.Tensor
     length: int = 0
     cross: tuple | None = None              # gated cross-attention: the current image's K, V (edgemm.xattn)
     cross_on: bool = False                  # whether the next token reads that image
+    limit: int | None = None
 
     @classmethod
-    def empty(cls, c: DecoderConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32):
+    def empty(cls, c: DecoderConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32,
+              limit: int | None = None):
         heads = c.kv_heads * (2 if c.cross_modal_bridge else 1)    # bridge: K/V as read by each modality
         shape = (c.n_layers, batch, heads, max_len or c.max_seq_len, c.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   limit=limit)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
+
+    def reserve(self, need: int) -> None:
+        """Hold at least `need` rows: a bigger buffer (kv_rows: doubling, up to `limit`) with the rows copied."""
+        if need <= self.capacity or self.limit is None or need > self.limit:
+            return
+        rows = kv_rows(need, self.limit, self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (rows,) + old.shape[4:])
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -179,6 +196,8 @@ class Decoder(nn.Module):
         """x: [B, T, D] input rows; positions: [T] RoPE positions ([3, T] with M-RoPE); appends to cache at cache.length.
         cross: (K, V [Lx, B, H, n, E] or None, gate [B, T, 1]) for the gated cross-attention layers."""
         start = cache.length if cache is not None else 0
+        if cache is not None and start + x.shape[1] > cache.capacity:
+            cache.reserve(start + x.shape[1])                   # (a cache sized to need grows: KVCache.limit)
         if cache is not None and start + x.shape[1] > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {x.shape[1]} rows > capacity {cache.capacity}")
         c = self.c

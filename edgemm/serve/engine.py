@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import EdgemmError
 from ..generation import AnswerStream, GenerationConfig
+from ..memory import kv_rows
 
 
 class QueueFull(Exception):
@@ -216,6 +217,10 @@ class Engine:
             if why:
                 self.log(f"note: newcomers' images are encoded beside the decode loop, their prompts prefilled in it "
                          f"({why})")
+        # EDGEMM_ENGINE_TRACE=FILE: one JSON line per loop turn that decoded (what the turn spent its time on:
+        # benchmarks/bench_serve.py --trace reads them to say what makes the longest gaps between tokens)
+        path = os.environ.get("EDGEMM_ENGINE_TRACE")
+        self._trace = open(path, "a", buffering=1) if path else None
         self.cv = threading.Condition()
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="edgemm-engine", daemon=True)
@@ -288,8 +293,13 @@ class Engine:
         """Rewind the slot's cache to the lead it shares with the prompt and set up the rest's prefill: run now
         whole (no prefill_chunk), else piece by piece between the others' decode steps (_once)."""
         b = self.b
+        # the slot's KV cache sized to what this request can use, grown (a copy) when a later one needs more:
+        # ONNX Runtime's attention reads the whole buffer each step, and torch zeroes the whole of it
+        need = kv_rows(job.prompt_rows + job.gen.max_new_tokens + 1, b.context_length)
         if slot.state is None:
-            slot.state = b.new_state(max_len=b.context_length)
+            slot.state = b.new_state(max_len=need)
+        else:
+            b.reserve(slot.state, need)
         st = slot.state
         # reuse the cached lead (whole segments, then tokens), but always run a row of the last segment
         k, j, st.length, st.pos = reuse_point(slot.held, segment_keys(job), self.token_reuse)   # rewind there
@@ -452,6 +462,7 @@ class Engine:
                 free.remove(slot)
                 slot.job = job                             # taken now: submit() counts it as active
                 admit.append(slot)
+        t_turn = time.perf_counter()
         for slot in admit:
             job = slot.job
             if job.cancelled.is_set():
@@ -461,7 +472,9 @@ class Engine:
                 self._start(slot, job)
             except Exception as e:
                 self._fail(slot, e)
+        t_admit = time.perf_counter()
         self._prefill_step()
+        t_prefill = time.perf_counter()
         for slot in self.slots:                     # clients that went away free their slots now (the side worker's
             if slot.job is not None and slot.job.cancelled.is_set() and slot.side is None:      # prefill: once done)
                 if slot.pieces is not None:         # mid-prefill: what its cache holds is not known
@@ -470,6 +483,8 @@ class Engine:
         live = [s for s in self.slots if s.job is not None and s.ans is not None]
         if not live:
             return
+        side = (sum(s.side is not None and not s.side.done() for s in self.slots),
+                sum(not f.done() for s in self.slots for f in s.encodes.values())) if self._trace else None
         t0 = time.perf_counter()
         try:
             outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
@@ -477,9 +492,15 @@ class Engine:
             for s in live:
                 self._finish(s, error=f"decoding failed: {e}")
             return
+        t1 = time.perf_counter()
         with self.metrics.lock:
-            self.metrics.decode_seconds += time.perf_counter() - t0
+            self.metrics.decode_seconds += t1 - t0
             self.metrics.tokens += len(live)
+        if self._trace is not None:
+            import json
+            self._trace.write(json.dumps({
+                "t": t_turn, "admit": t_admit - t_turn, "admitted": len(admit), "prefill": t_prefill - t_admit,
+                "decode": t1 - t0, "live": len(live), "side_prefill": side[0], "side_encode": side[1]}) + "\n")
         for s, logits in zip(live, outs):
             s.fed.append(s.ans.ids[-1])
             try:
