@@ -23,9 +23,11 @@ def test_presets_are_consistent():
     for name, p in m.SHAPES.items():
         t, v = p["text"], p["vision"]
         assert t["hidden_size"] % t["num_attention_heads"] == 0
-        assert t["num_attention_heads"] % t["num_key_value_heads"] == 0
-        width, heads = v.get("embed_dim", v["hidden_size"]), v.get("num_heads", v.get("num_attention_heads"))
-        assert width % heads == 0, name                 # (Qwen2-VL's tower: embed_dim / num_heads)
+        assert t["num_attention_heads"] % t.get("num_key_value_heads", t["num_attention_heads"]) == 0
+        heads = v.get("num_heads", v.get("num_attention_heads"))
+        if heads:                                   # (Fuyu has no tower: a Linear over pixel patches)
+            width = v.get("embed_dim", v.get("hidden_size"))
+            assert width % heads == 0, name             # (Qwen2-VL's tower: embed_dim / num_heads)
         if "scale_factor" in p:                     # SmolVLM's pixel shuffle: the tile's rows
             side = v["image_size"] // v["patch_size"]
             assert side % p["scale_factor"] == 0 and (side // p["scale_factor"]) ** 2 == p["image_seq_len"], name
