@@ -181,15 +181,15 @@ SHAPES = {
     },
     # dvlab-research/LLaMA-VID (llama-vid-7b-full-224-video-fps-1): LAVIS's EVA ViT-g/14 at 224 px has width 1408,
     # 16 heads of 88, MLP 6144 and 39 layers (1.0 B parameters, 4 GB in fp32): here its width, heads, MLP and image
-    # size with 12 of the 39 layers (a SMALLER tower: about 12/39 of its time per frame), InstructBLIP's Q-Former at
+    # size with 8 of the 39 layers (a SMALLER tower: about 8/39 of its time per frame), InstructBLIP's Q-Former at
     # its shape (BERT-base: 12 layers of 768, cross-attention every 2nd, 32 queries; a 21-word vocabulary instead of
-    # BERT's 30522), the mlp2x_gelu projector and a REDUCED decoder: 2 Llama layers of width 2048 (Vicuna-7B: 4096 x
+    # BERT's 30522), the mlp2x_gelu projector and a REDUCED decoder: 2 Llama layers of width 1024 (Vicuna-7B: 4096 x
     # 32). Frames at 1 a second; each frame 2 rows (compress 'mean')
     "llamavid": {
-        "text": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=2,
-                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        "text": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
                      tie_word_embeddings=False),
-        "vision": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=12, num_attention_heads=16,
+        "vision": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=8, num_attention_heads=16,
                        image_size=224, patch_size=14, layer_norm_eps=1e-6),
         "qformer": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                         cross_attention_frequency=2, max_position_embeddings=512),
@@ -205,11 +205,11 @@ SHAPES = {
         "queries": 4, "import_args": ["--allow-bin"], "sweep": ["--frames", "1,3"],
     },
     # llava-hf/LLaVA-NeXT-Video-7B-hf: CLIP ViT-L/14-336 (real; feature layer -2), LLaVA-v1.6's pinpoints, frames pooled
-    # 2 x 2 (average: 144 rows a frame), 8 frames by default; a REDUCED decoder (2 Llama layers of width 2048; the
+    # 2 x 2 (average: 144 rows a frame), 8 frames by default; a REDUCED decoder (2 Llama layers of width 1024; the
     # 7B's: 4096 x 32, vocabulary 32064)
     "llava_next_video": {
-        "text": dict(vocab_size=32064, hidden_size=2048, intermediate_size=5504, num_hidden_layers=2,
-                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        "text": dict(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
                      tie_word_embeddings=False),
         "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768),
@@ -606,7 +606,7 @@ def main(argv=None):
             th = ["--threads", a.export_threads] if a.export_threads else []
             if preset.get("export_max_tiles"):       # (the export's check runs the largest image the budget allows)
                 th += ["--max-tiles", preset["export_max_tiles"]]
-            if a.calib_items and p != "fp32":
+            if a.calib_items:          # (fp32 too: its int8 KV scales are fitted on the first 16 calibration items)
                 th += ["--calib", small_calib(out / "calib", a.calib_items)]
             timings[f"export_{p}_s"] = sh(edgemm + ["export", "--target", "onnx", "--model", ck, "--precision", p,
                                                     "-o", dst, "--force"] + th, log)

@@ -37,3 +37,14 @@ def test_tiny_preset_builds_and_imports(tmp_path):
     _script().main(["--family", "smolvlm-tiny", "--out", str(tmp_path), "--build-only"])
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["vision"]["tiling"] == "smolvlm" and cfg["vision"]["image_splitting"] is False
+
+
+def test_tiny_sweep_preset_benches_a_row_per_input(tmp_path):
+    """A preset's sweep (fuyu-tiny: --images 20x13,100x61) goes to `edgemm bench`: a row per image size, Fuyu's rows
+    growing with the size (a patch row each + its newline rows)."""
+    _script().main(["--family", "fuyu-tiny", "--out", str(tmp_path), "--precisions", "fp32", "--repeats", "1",
+                    "--warmup", "0", "--decode-steps", "2", "--threads", "1"])
+    rows = json.loads((tmp_path / "family_shapes.json").read_text())["results"]
+    assert [(r["precision"], r["input"], r["vision_inputs"]) for r in rows] == [("fp32", "20x13", 1),
+                                                                               ("fp32", "100x61", 1)]
+    assert rows[0]["image_rows"] < rows[1]["image_rows"] and all(r["vision_ms"] > 0 for r in rows)
