@@ -52,6 +52,24 @@ the AVX2-only u8u8 path, not a property of the design).
     int8        1024x768           1         936     1544.2    23127.3           4.1          2496      616
     int8        1920x1080          1        2340     4484.8    63397.4           3.9          2496      616
 
+    python benchmarks/bench_family_shapes.py --family llamavid --precisions fp32,int8 --calib-items 2 --repeats 1 \
+        --warmup 0 --decode-steps 16        # peak RSS of any step 7.0 GiB (an export), 35 min in all; EVA 8 of 39 layers
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        1 frame            1           2    10318.2    10990.1          10.7          5094     2092
+    fp32        4 frames           4           8    31477.1    32536.6           8.3          5094     2092
+    fp32        16 frames         16          32   109359.2   110080.6          20.1          5094     2092
+    int8        1 frame            1           2     2857.2     3193.4          37.6          2345      632
+    int8        4 frames           4           8    11788.1    12220.4          35.1          2345      632
+    int8        16 frames         16          32    50838.4    51388.6          20.5          2345      632
+
+    python benchmarks/bench_family_shapes.py --family llava_next_video --precisions fp32 --calib-items 2 \
+        --repeats 1 --warmup 0 --decode-steps 16 --sweep "--frames 1,4"   # peak RSS 7.0 GiB, 27 min (int8 not run:
+                                                                            # its video stage is fp32 anyway)
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        1 frame            1         144    25105.9    26140.4           8.9          7130     2946
+    fp32        4 frames           4         576   103362.6   105953.5           9.5          7130     2946
+
 Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
 sample under that load), InternVL3-1B (its fp32 export was OOM-killed beside other jobs; rerun with --calib-items 9)
 and Gemma 3 (preset ready).
