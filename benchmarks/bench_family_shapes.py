@@ -52,6 +52,17 @@ the AVX2-only u8u8 path, not a property of the design).
     int8        1024x768           1         936     1544.2    23127.3           4.1          2496      616
     int8        1920x1080          1        2340     4484.8    63397.4           3.9          2496      616
 
+    python benchmarks/bench_family_shapes.py --family llava_uhd --precisions fp32,int8 --calib-items 2 --repeats 1 \
+        --warmup 0 --decode-steps 16        # peak RSS 7.6 GiB (an export); the exports took 10 and 28 min, the bench
+                                            # was rerun alone (load 4 -> 1) as `edgemm bench` with the same arguments
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        4000x200           1         144     6611.5     7374.8          13.0          6821     2859
+    fp32        1008x336           4         579    25378.0    27575.4          16.9          6821     2859
+    fp32        336x336            7        1014    26436.3    28108.3          27.6          6821     2859
+    int8        4000x200           1         144     3155.0     3537.3          78.3          3137      961
+    int8        1008x336           4         579    12214.0    14021.2          24.4          3137      961
+    int8        336x336            7        1014    34965.6    37613.0          27.0          3137      961
+
     python benchmarks/bench_family_shapes.py --family llamavid --precisions fp32,int8 --calib-items 2 --repeats 1 \
         --warmup 0 --decode-steps 16        # peak RSS of any step 7.0 GiB (an export), 35 min in all; EVA 8 of 39 layers
 
