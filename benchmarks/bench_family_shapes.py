@@ -32,6 +32,55 @@ newline rows; export with --max-tiles 1):
     fp32          22940.4    40593.4           3.8          7848     6108
     int4          52389.6   113152.9           3.4          3588     1305
 
+Issue 29's designs (2026-12-03, each preset's `sweep`: `edgemm bench --images ...` / `--frames ...`, a row per image
+size or frame count; "vision in": the slices / frames / images the vision stage took; random weights; REDUCED
+decoders, so TTFT and decode tok/s are not the released models' (see each preset). The machine was HEAVILY LOADED:
+load average 8-12 on the 2 cores from other agents and these runs themselves (two or three at once), bench's
+bandwidth probe read 2.0 GB/s (17 GB/s idle): every figure is inflated, int8 slower than fp32 is the load and
+the AVX2-only u8u8 path, not a property of the design).
+
+    python benchmarks/bench_family_shapes.py --family fuyu --precisions fp32,int8 --calib-items 4 --repeats 2 \
+        --warmup 1 --decode-steps 16        # peak RSS of any step 5.5 GiB (the fp32 bench), 33 min in all
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        300x300            1         110       91.0     1771.2           6.1          5220     2058
+    fp32        640x480            1         368      285.2     5071.8           5.5          5220     2058
+    fp32        1024x768           1         936      837.8    14493.0           4.2          5220     2058
+    fp32        1920x1080          1        2340     2674.6    48907.8           4.3          5220     2058
+    int8        300x300            1         110      236.8     3503.1           4.7          2496      616
+    int8        640x480            1         368      663.4     8447.3           4.1          2496      616
+    int8        1024x768           1         936     1544.2    23127.3           4.1          2496      616
+    int8        1920x1080          1        2340     4484.8    63397.4           3.9          2496      616
+
+    python benchmarks/bench_family_shapes.py --family llava_uhd --precisions fp32,int8 --calib-items 2 --repeats 1 \
+        --warmup 0 --decode-steps 16        # peak RSS 7.6 GiB (an export); the exports took 10 and 28 min, the bench
+                                            # was rerun alone (load 4 -> 1) as `edgemm bench` with the same arguments
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        4000x200           1         144     6611.5     7374.8          13.0          6821     2859
+    fp32        1008x336           4         579    25378.0    27575.4          16.9          6821     2859
+    fp32        336x336            7        1014    26436.3    28108.3          27.6          6821     2859
+    int8        4000x200           1         144     3155.0     3537.3          78.3          3137      961
+    int8        1008x336           4         579    12214.0    14021.2          24.4          3137      961
+    int8        336x336            7        1014    34965.6    37613.0          27.0          3137      961
+
+    python benchmarks/bench_family_shapes.py --family llamavid --precisions fp32,int8 --calib-items 2 --repeats 1 \
+        --warmup 0 --decode-steps 16        # peak RSS of any step 7.0 GiB (an export), 35 min in all; EVA 8 of 39 layers
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        1 frame            1           2    10318.2    10990.1          10.7          5094     2092
+    fp32        4 frames           4           8    31477.1    32536.6           8.3          5094     2092
+    fp32        16 frames         16          32   109359.2   110080.6          20.1          5094     2092
+    int8        1 frame            1           2     2857.2     3193.4          37.6          2345      632
+    int8        4 frames           4           8    11788.1    12220.4          35.1          2345      632
+    int8        16 frames         16          32    50838.4    51388.6          20.5          2345      632
+
+    python benchmarks/bench_family_shapes.py --family llava_next_video --precisions fp32 --calib-items 2 \
+        --repeats 1 --warmup 0 --decode-steps 16 --sweep "--frames 1,4"   # peak RSS 7.0 GiB, 27 min (int8 not run:
+                                                                            # its video stage is fp32 anyway)
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        1 frame            1         144    25105.9    26140.4           8.9          7130     2946
+    fp32        4 frames           4         576   103362.6   105953.5           9.5          7130     2946
+
 Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
 sample under that load), InternVL3-1B (its fp32 export was OOM-killed beside other jobs; rerun with --calib-items 9)
 and Gemma 3 (preset ready).
@@ -155,7 +204,103 @@ SHAPES = {
                        spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
         "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64,
     },
+    # --- issue 29's designs: the vision side at (or near) its released shapes, a small decoder; `sweep` is the
+    # `edgemm bench --images / --frames` the script passes (a row per slice / frame count)
+    # thunlp/LLaVA-UHD v1 (guozonghao96/llava-uhd-144-13b): CLIP ViT-L/14-336 (its real shape), the adaptive
+    # resampler (12 x 12 queries, hidden // 128 heads) and a REDUCED decoder: 2 Llama layers of width 2048 (the 13B's
+    # is 5120 x 40 layers, which with the resampler at 5120 does not fit the 6 GiB this script may use), Vicuna's
+    # 32000-row vocabulary (the separators ',' / '\n' are ids 29892 and 13). Slice counts by aspect ratio (1024-px
+    # keep-ratio resize, max 7 slices + the source image): 336x336 -> 3x2 + 1, 1008x336 -> 3x1 + 1, 1344x336 -> 4x1
+    # + 1, 4000x200 -> unsliced (1)
+    "llava_uhd": {
+        "text": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=2,
+                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False),
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768),
+        "grid": 12, "sweep": ["--images", "4000x200,1008x336,336x336"],
+    },
+    "llava_uhd-tiny": {
+        "text": dict(vocab_size=29900, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False),
+        "vision": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                       patch_size=4, hidden_act="quick_gelu"),
+        "grid": 3, "sweep": ["--images", "4000x200,336x336"],
+    },
+    # dvlab-research/LLaMA-VID (llama-vid-7b-full-224-video-fps-1): LAVIS's EVA ViT-g/14 at 224 px has width 1408,
+    # 16 heads of 88, MLP 6144 and 39 layers (1.0 B parameters, 4 GB in fp32): here its width, heads, MLP and image
+    # size with 8 of the 39 layers (a SMALLER tower: about 8/39 of its time per frame), InstructBLIP's Q-Former at
+    # its shape (BERT-base: 12 layers of 768, cross-attention every 2nd, 32 queries; a 21-word vocabulary instead of
+    # BERT's 30522), the mlp2x_gelu projector and a REDUCED decoder: 2 Llama layers of width 1024 (Vicuna-7B: 4096 x
+    # 32). Frames at 1 a second; each frame 2 rows (compress 'mean')
+    "llamavid": {
+        "text": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False),
+        "vision": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=8, num_attention_heads=16,
+                       image_size=224, patch_size=14, layer_norm_eps=1e-6),
+        "qformer": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        cross_attention_frequency=2, max_position_embeddings=512),
+        "queries": 32, "import_args": ["--allow-bin"], "sweep": ["--frames", "1,4,16"],
+    },
+    "llamavid-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False),
+        "vision": dict(hidden_size=176, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4, layer_norm_eps=1e-6),
+        "qformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=96,
+                        cross_attention_frequency=2, max_position_embeddings=64),
+        "queries": 4, "import_args": ["--allow-bin"], "sweep": ["--frames", "1,3"],
+    },
+    # llava-hf/LLaVA-NeXT-Video-7B-hf: CLIP ViT-L/14-336 (real; feature layer -2), LLaVA-v1.6's pinpoints, frames pooled
+    # 2 x 2 (average: 144 rows a frame), 8 frames by default; a REDUCED decoder (2 Llama layers of width 1024; the
+    # 7B's: 4096 x 32, vocabulary 32064)
+    "llava_next_video": {
+        "text": dict(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False),
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768),
+        "pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+        "export_max_tiles": 1, "sweep": ["--frames", "1,4,8"],
+    },
+    "llava_next_video-tiny": {
+        "text": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False),
+        "vision": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                       patch_size=4, hidden_act="quick_gelu", projection_dim=16),
+        "pinpoints": [[16, 32], [32, 16], [32, 32]], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+        "sweep": ["--frames", "1,3"],
+    },
+    # adept/fuyu-8b: no vision tower (30 x 30 x 3 patches through one Linear to 4096, a newline row per row of
+    # patches, any size up to the 1080 x 1920 canvas) and the Persimmon-8B decoder at its real width (4096, 64 heads,
+    # MLP 16384, q/k LayerNorm, partial rotary 0.5, squared ReLU) REDUCED to 1 of its 36 layers and an 8192-row
+    # vocabulary (the 8B's: 262144): the TTFT here is one layer's over the image's rows
+    "fuyu": {
+        "text": dict(model_type="persimmon", vocab_size=8192, hidden_size=4096, intermediate_size=16384,
+                     num_hidden_layers=1, num_attention_heads=64, max_position_embeddings=16384, qk_layernorm=True,
+                     hidden_act="relu2", rope_parameters={"rope_type": "default", "rope_theta": 25000.0,
+                                                          "partial_rotary_factor": 0.5}),
+        "vision": dict(patch_size=30, canvas={"height": 1080, "width": 1920}),
+        "sweep": ["--images", "300x300,640x480,1024x768,1920x1080"],
+    },
+    "fuyu-tiny": {
+        "text": dict(model_type="persimmon", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=512, qk_layernorm=True, hidden_act="relu2",
+                     rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5}),
+        "vision": dict(patch_size=6, canvas={"height": 36, "width": 48}),
+        "sweep": ["--images", "20x13,100x61"],
+    },
 }
+# HuggingFaceTB/SmolVLM2-256M-Video-Instruct (as recalled): SmolVLM-256M's shapes (above, all real) with its video
+# processor's sampling (1 frame a second, at most 64, each frame resized to 512 px: one 64-row tile + its markers and
+# a "Frame from MM:SS:" line) and SmolVLMProcessor's video chat template
+SHAPES["smolvlm_video"] = {**SHAPES["smolvlm"], "video": {"fps": 1, "max_frames": 64, "longest_edge": 512},
+                           "sweep": ["--frames", "1,2,4,8"]}
+SHAPES["smolvlm_video-tiny"] = {**SHAPES["smolvlm-tiny"], "video": {"fps": 1, "max_frames": 8, "longest_edge": 16},
+                                "sweep": ["--frames", "1,3"]}
 
 SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                     "<global-img>", "<image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -191,6 +336,14 @@ def build_smolvlm(preset: dict, src: Path, seed: int = 0):
                              do_image_splitting=preset["image_splitting"]).save_pretrained(src)
     (src / "processor_config.json").write_text(json.dumps({"image_seq_len": preset["image_seq_len"]}))
     (src / "chat_template.jinja").write_text(TEMPLATE)
+    if preset.get("video"):                  # SmolVLM2's video: its video processor's sampling, the video template
+        from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+        v = preset["video"]
+        _write(src, {"video_preprocessor_config.json": {
+            "video_sampling": {"fps": v["fps"], "max_frames": v["max_frames"],
+                               "video_size": {"longest_edge": v["longest_edge"]}},
+            "max_image_size": {"longest_edge": preset["vision"]["image_size"]}, "image_mean": preset["mean"],
+            "image_std": preset["std"], "resample": 1}, "chat_template.jinja": DEFAULT_CHAT_TEMPLATE})
     return sum(p.numel() for p in hf.parameters())
 
 
@@ -339,10 +492,107 @@ def build_qwen2vl(preset: dict, src: Path, seed: int = 0):
 
 
 
+def build_llava_uhd(preset: dict, src: Path, seed: int = 0):
+    """transformers' CLIPVisionModel + LlamaForCausalLM + the released AdaptSpatialResampler, random, written in
+    thunlp/LLaVA-UHD's layout (tests/test_llava_uhd.py's write_release: flat config, mm_projector, the tower's
+    folder, a byte-level tokenizer with Vicuna's template)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    _tests()
+    from tests.test_llava_uhd import ReleasedResampler, write_release
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**preset["vision"])).eval()
+    lm = LlamaForCausalLM(LlamaConfig(**preset["text"])).eval()
+    D = preset["text"]["hidden_size"]
+    rs = ReleasedResampler(preset["grid"], D, D // 128, preset["vision"]["hidden_size"]).eval()
+    write_release(tower, lm, rs, src)
+    return sum(p.numel() for m in (tower, lm, rs) for p in m.parameters())
+
+
+def build_llamavid(preset: dict, src: Path, seed: int = 0):
+    """transformers' InstructBlipVideo vision model (EVA) and Q-Former, a LlamaForCausalLM and LLaMA-VID's own
+    tensors, random, written as the release saves them (tests/test_llamavid.py's write_release: the EVA tower in
+    LAVIS's eva_vit_g.pth, a pickle: imported with --allow-bin; the Q-Former's BERT tokenizer)."""
+    import torch
+    from transformers import (InstructBlipVideoQFormerConfig, InstructBlipVideoQFormerModel,
+                              InstructBlipVideoVisionConfig, InstructBlipVideoVisionModel, LlamaConfig, LlamaForCausalLM)
+    _tests()
+    from tests.test_llamavid import QWORDS, write_release
+    torch.manual_seed(seed)
+    v, D = preset["vision"], preset["text"]["hidden_size"]
+    W, QW = v["hidden_size"], preset["qformer"]["hidden_size"]
+    vis = InstructBlipVideoVisionModel(InstructBlipVideoVisionConfig(**v)).eval()
+    qf = InstructBlipVideoQFormerModel(InstructBlipVideoQFormerConfig(vocab_size=len(QWORDS) + 1, encoder_hidden_size=W,
+                                                                      **preset["qformer"])).eval()
+    lm = LlamaForCausalLM(LlamaConfig(**preset["text"])).eval()
+    with torch.no_grad():
+        for layer in vis.encoder.layers:           # (LAVIS's blocks have no k bias)
+            layer.self_attn.qkv.bias[W:2 * W] = 0
+    g = torch.Generator().manual_seed(seed + 7)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.02                                          # noqa: E731
+    p = {"vlm_att_query": r(1, preset["queries"], QW), "vlm_att_ln.weight": 1 + r(W), "vlm_att_ln.bias": r(W)}
+    for name, (o, i) in (("vlm_att_projector", (W, QW)), ("vlm_att_key_projector", (W, W)),
+                         ("vlm_att_val_projector", (D, W)), ("mm_projector.0", (D, W)), ("mm_projector.2", (D, D))):
+        p[name + ".weight"], p[name + ".bias"] = r(o, i), r(o)
+    write_release({"vision": vis, "qformer": qf, "lm": lm, "p": p, "grid": 1}, src)
+    return sum(t.numel() for m in (vis, qf, lm) for t in m.parameters()) + sum(t.numel() for t in p.values())
+
+
+def build_llava_next_video(preset: dict, src: Path, seed: int = 0):
+    """A random LlavaNextVideoForConditionalGeneration (CLIP + Llama) saved as transformers saves it, LLaVA-NeXT's
+    image processor (the preset's pinpoints), the tests' word-level tokenizer (<image> 3, video token 4) and a chat
+    template that places <video>."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextImageProcessorPil, LlavaNextVideoConfig,
+                              LlavaNextVideoForConditionalGeneration)
+    _tests()
+    from tests.test_import import write_tokenizer
+    from tests.test_video import TEMPLATE
+    s = preset["vision"]["image_size"]
+    cfg = LlavaNextVideoConfig(vision_config=CLIPVisionConfig(**preset["vision"]),
+                               text_config=LlamaConfig(**preset["text"]), image_token_index=3, video_token_index=4,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               projector_hidden_act="gelu", image_grid_pinpoints=preset["pinpoints"],
+                               spatial_pool_stride=2, spatial_pool_mode="average", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    hf = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                               image_grid_pinpoints=preset["pinpoints"], image_mean=preset["mean"],
+                               image_std=preset["std"]).save_pretrained(src)
+    write_tokenizer(src)
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    return sum(p.numel() for p in hf.parameters())
+
+
+def build_fuyu(preset: dict, src: Path, seed: int = 0):
+    """A random FuyuForCausalLM saved as transformers saves it, the tests' Fuyu-style tokenizer and
+    FuyuImageProcessor's settings (the preset's canvas and patch)."""
+    import torch
+    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessorPil
+    _tests()
+    from tests.test_fuyu import _tokenizer
+    tok = _tokenizer()
+    assert tok.get_vocab_size() <= preset["text"]["vocab_size"]
+    v, p = preset["vision"], preset["vision"]["patch_size"]
+    torch.manual_seed(seed)
+    hf = FuyuForCausalLM(FuyuConfig(patch_size=p, image_token_id=tok.token_to_id("|SPEAKER|"),
+                                    tie_word_embeddings=False, text_config=preset["text"])).eval()
+    hf.save_pretrained(src, safe_serialization=True)
+    tok.save(str(src / "tokenizer.json"))
+    _write(src, {"tokenizer_config.json": {"bos_token": "|ENDOFTEXT|", "eos_token": "|ENDOFTEXT|",
+                                           "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}})
+    FuyuImageProcessorPil(size=v["canvas"], patch_size={"height": p, "width": p}).save_pretrained(src)
+    return sum(t.numel() for t in hf.parameters())
+
+
 BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl": build_internvl,
             "internvl-tiny": build_internvl, "llava_onevision": build_llava_onevision,
             "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3,
-            "qwen2vl": build_qwen2vl, "qwen2vl-tiny": build_qwen2vl}
+            "qwen2vl": build_qwen2vl, "qwen2vl-tiny": build_qwen2vl, "smolvlm_video": build_smolvlm,
+            "smolvlm_video-tiny": build_smolvlm, "llava_uhd": build_llava_uhd, "llava_uhd-tiny": build_llava_uhd,
+            "llamavid": build_llamavid, "llamavid-tiny": build_llamavid, "llava_next_video": build_llava_next_video,
+            "llava_next_video-tiny": build_llava_next_video, "fuyu": build_fuyu, "fuyu-tiny": build_fuyu}
 
 
 def small_calib(d: Path, n: int) -> Path:
@@ -373,6 +623,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="bench's CPU threads")
     ap.add_argument("--export-threads", type=int, default=None, help="export's CPU threads (default: export's own)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--sweep", default=None, help="bench's --images / --frames arguments instead of the preset's "
+                    "(e.g. '--frames 1,2'; '' for none)")
     ap.add_argument("--calib-items", type=int, default=None,
                     help="calibrate on the first N shapes items (default: export's bundled 64)")
     ap.add_argument("--force", action="store_true", help="rebuild the checkpoint and re-export existing bundles")
@@ -386,10 +640,12 @@ def main(argv=None):
     src, ck = out / "src", out / "ck"
     if a.force or not (ck / "config.json").exists():
         t = time.time()
+        shutil.rmtree(src, ignore_errors=True)
         n = BUILDERS[a.family](preset, src)
         timings["build_s"] = time.time() - t
         print(f"built {src}: {n / 1e6:.1f} M parameters in {timings['build_s']:.0f}s", file=sys.stderr)
-        timings["import_s"] = sh(edgemm + ["import", src, "-o", ck] + (["--force"] if ck.exists() else []), log)
+        timings["import_s"] = sh(edgemm + ["import", src, "-o", ck, *preset.get("import_args", [])]
+                                 + (["--force"] if ck.exists() else []), log)
     if a.build_only:
         return 0
     bundles = []
@@ -399,27 +655,31 @@ def main(argv=None):
             th = ["--threads", a.export_threads] if a.export_threads else []
             if preset.get("export_max_tiles"):       # (the export's check runs the largest image the budget allows)
                 th += ["--max-tiles", preset["export_max_tiles"]]
-            if a.calib_items and p != "fp32":
+            if a.calib_items:          # (fp32 too: its int8 KV scales are fitted on the first 16 calibration items)
                 th += ["--calib", small_calib(out / "calib", a.calib_items)]
             timings[f"export_{p}_s"] = sh(edgemm + ["export", "--target", "onnx", "--model", ck, "--precision", p,
                                                     "-o", dst, "--force"] + th, log)
         bundles.append(dst)
+    sweep = preset.get("sweep", []) if a.sweep is None else a.sweep.split()
     timings["bench_s"] = sh(edgemm + ["bench", *bundles, "--limit", "0", "--fidelity-prompts", "0", "--threads",
-                                      a.threads, "--repeats", a.repeats, "-o", out / "bench"], log)
+                                      a.threads, "--repeats", a.repeats, "--warmup", a.warmup, "--decode-steps",
+                                      a.decode_steps, *sweep, "-o", out / "bench"], log)
     rep = json.loads((out / "bench" / "bench.json").read_text())
     rows = []
-    for p, r in zip(a.precisions.split(","), rep["results"]):
-        rows.append({"precision": p, **{k: r.get(k) for k in ("vision_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb",
-                                                              "size_mb", "image_rows", "error")}})
+    for r in rep["results"]:                     # a row per bundle (precision) x --images / --frames setting
+        p = Path(r["bundle"]).name
+        rows.append({"precision": p, "input": r.get("input") or "-", **{k: r.get(k) for k in (
+            "vision_inputs", "image_rows", "vision_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb", "size_mb", "error")}})
     lines = [f"{a.family} shapes (random weights), onnx on CPU, {a.threads} threads",
-             f"{'precision':<10} {'vision ms':>10} {'TTFT ms':>10} {'decode tok/s':>13} {'peak RSS MiB':>13} "
-             f"{'size MB':>8} {'image rows':>11}"]
+             f"{'precision':<10} {'input':>10} {'vision in':>9} {'image rows':>10} {'vision ms':>10} {'TTFT ms':>10} "
+             f"{'decode tok/s':>13} {'peak RSS MiB':>13} {'size MB':>8}"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r['precision']:<10} error: {r['error'][:80]}")
+            lines.append(f"{r['precision']:<10} {r['input']:>10} error: {r['error'][:80]}")
             continue
-        lines.append(f"{r['precision']:<10} {r['vision_ms']:>10.1f} {r['ttft_ms']:>10.1f} {r['decode_tok_s']:>13.1f} "
-                     f"{r['peak_rss_mb']:>13.0f} {r['size_mb']:>8.0f} {r['image_rows']!s:>11}")
+        lines.append(f"{r['precision']:<10} {r['input']:>10} {r['vision_inputs']!s:>9} {r['image_rows']!s:>10} "
+                     f"{r['vision_ms']:>10.1f} {r['ttft_ms']:>10.1f} {r['decode_tok_s']:>13.1f} "
+                     f"{r['peak_rss_mb']:>13.0f} {r['size_mb']:>8.0f}")
     print("\n".join(lines))
     (out / "family_shapes.json").write_text(json.dumps({
         "family": a.family, "shapes": preset, "threads": a.threads, "results": rows, "timings_s": timings,

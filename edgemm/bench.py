@@ -206,54 +206,198 @@ def fidelity(backend, ref) -> dict:
 
 
 # --------------------------------------------------------------------------- one bundle x backend (child)
-def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=(None,)):
-    """Median vision / TTFT / decode figures on the test image; with several max-tiles settings (any-resolution
-    models; None = the bundle's own) one list of figures per setting, measured in interleaved rounds."""
-    if len(settings) > 1 or settings[0] is not None:
-        own, out = backend.cfg.vision.max_tiles, {s: [] for s in settings}
-        for r in range(warmup + repeats):
-            for s in settings:
-                _use_tiles(backend, s, own)
-                out[s].append(_timings(backend, 1, 0, decode_steps) if r >= warmup else None)
-        backend.cfg.vision.max_tiles = own
-        res = []
-        for s in settings:
-            runs = [x for x in out[s] if x]
-            med = {k: float(np.median([x[k] for x in runs])) for k in ("vision_ms", "ttft_ms", "decode_tok_s")}
-            res.append({**runs[0], **med, "decode_ms_per_token": 1e3 / med["decode_tok_s"],
-                        "max_tiles": own if s is None else s})
-        return res
-    from . import shapes
-    from .tilings import image_rows
-    img, q = shapes.make_split("val", 1)[0]
-    tok = backend.tokenizer
-    ids = tok.user_turn(q.question, first=True)
-    vis, ttft, tps = [], [], []
-    for r in range(warmup + repeats):
-        t0 = time.perf_counter()
-        rows = image_rows(backend, img)      # (tiled and packed for any-resolution models)
-        t1 = time.perf_counter()
-        st = backend.new_state(max_len=1 + rows.shape[1] + len(ids) + decode_steps + 2)
+CLIP_SIZE = (640, 360)      # --frames: each generated clip's frame size (the model's processor resizes it)
+
+
+def input_label(inp) -> str | None:
+    """A --images / --frames setting's name in the table: "672x336" (an image of that size), "8 frames"."""
+    if inp is None:
+        return None
+    return f"{inp[1][0]}x{inp[1][1]}" if inp[0] == "image" else f"{inp[1]} frame{'s' * (inp[1] != 1)}"
+
+
+MAX_SIDE, MAX_FRAMES = 16384, 4096       # --images / --frames: larger is a typo, refused in one line
+
+
+def parse_inputs(images: str | None, frames: str | None) -> list | None:
+    """--images "336x336,672x336" and --frames "1,4,8" -> [("image", (336, 336)), ..., ("frames", 1), ...] (None:
+    neither given); a malformed or out-of-range value -> EdgemmError in one line."""
+    out = []
+    for part in (images.split(",") if images is not None else []):
+        try:
+            w, h = (int(x) for x in part.strip().lower().split("x"))
+        except ValueError:
+            raise EdgemmError(f"--images {images!r}: give sizes as WxH, comma-separated (e.g. 336x336,672x336)") \
+                from None
+        if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+            raise EdgemmError(f"--images: {part.strip()} is not a size from 1x1 to {MAX_SIDE}x{MAX_SIDE}")
+        out.append(("image", (w, h)))
+    for part in (frames.split(",") if frames is not None else []):
+        try:
+            n = int(part)
+        except ValueError:
+            raise EdgemmError(f"--frames {frames!r}: give frame counts, comma-separated (e.g. 1,4,8)") from None
+        if not 0 < n <= MAX_FRAMES:
+            raise EdgemmError(f"--frames: {n} is not a frame count from 1 to {MAX_FRAMES}")
+        out.append(("frames", n))
+    return out or None
+
+
+class _Case:
+    """One input setting of a bundle's timings: None (the shapes test image), ("image", (w, h)) (that image resized
+    to w x h) or ("frames", n) (a generated clip the model's own sampling takes n frames of, as `run --video` takes
+    it). encode() -> (rows: one array or a list of blocks, video flag or text) is what vision ms times: the host's
+    path from the image or clip bytes to the rows (preprocessing, slicing / tiling, clip decoding and sampling, every
+    vision-stage call); items() is the prompt as `edgemm run` feeds it (ChatSession: the chat template where the
+    model has one, else bos, image, question)."""
+
+    def __init__(self, backend, inp, decode_steps: int):
+        from PIL import Image
+        from . import shapes
+        from .generation import ChatSession
+        self.b, self.inp, self.steps, cfg = backend, inp, decode_steps, backend.cfg
+        img, q = shapes.make_split("val", 1)[0]
+        self.question, self.img, self.clip = q.question, img, None
+        self.session = ChatSession(backend, log=None)
+        if inp is None:
+            return
+        kind, val = inp
+        if kind == "image":
+            self.img = np.asarray(Image.fromarray(img).resize(val, Image.BILINEAR))
+            return
+        from .video import frame_rows, make_clip, takes_video
+        v = takes_video(cfg)
+        if self.session.template is None and not v.get("question"):
+            raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
+        n = sum(frame_rows(cfg, val))
+        if n >= backend.context_length:
+            raise EdgemmError(f"a clip of {val} frames takes {n} rows, but the context holds {backend.context_length}")
+        self.clip = make_clip(val, *CLIP_SIZE, rate=v.get("fps") or 1, pattern=True)   # n frames at the model's rate
+
+    def encode(self):
+        from .qformer import instruction
+        from .tilings import image_rows, preprocess_image
+        b, cfg = self.b, self.b.cfg
+        ins = instruction(b.tokenizer, cfg, self.question)          # () unless the vision stage reads the question
+        if self.clip is None:
+            if ins:                                                   # InstructBLIP: the rows read the question
+                return b.vision(preprocess_image(self.img, cfg.vision), *ins), False
+            return image_rows(b, self.img), False
+        from .video import clip_pixel_rows, load_clip, question_rows
+        v = cfg.vision.video
+        own = v.get("frames")
+        v["frames"] = self.inp[1]            # the model's sampling, asked for n frames of the n-frame clip
+        try:
+            px = load_clip(self.clip, cfg)
+        finally:
+            v["frames"] = own
+        return (question_rows(b, px, ins), True) if v.get("question") else clip_pixel_rows(b, px)
+
+    def items(self, rows, video) -> list:
+        s, tok = self.session, self.b.tokenizer
+        if s.template is None:
+            return (list(tok.prefix_ids()) if tok.add_bos else []) + ["image"] + tok.user_turn(self.question, True)
+        s.rows, s.video = rows, video
+        return s._template_items([], self.question)
+
+    def once(self) -> dict:
+        b = self.b
+        count = [0, 0]                       # vision inputs (images, slices, tiles, frames) through the tower
+
+        def counted(f):
+            def call(x, *a, **k):
+                count[1] += 1
+                if count[1] == 1:            # (the outermost call: a video stage may call the vision stage)
+                    count[0] += int(np.shape(x)[0])
+                try:
+                    return f(x, *a, **k)
+                finally:
+                    count[1] -= 1
+            return call
+        own = {k: b.__dict__.get(k) for k in ("vision", "video")}
+        b.vision, b.video = counted(b.vision), counted(b.video)
+        try:
+            t0 = time.perf_counter()
+            rows, video = self.encode()
+            t1 = time.perf_counter()
+        finally:
+            for k, f in own.items():         # (the methods again)
+                if f is None:
+                    delattr(b, k)
+                else:
+                    setattr(b, k, f)
+        blocks = rows if isinstance(rows, list) else [rows]
+        items = self.items(rows, video)
+        n_rows = sum(x.shape[1] for x in blocks)
+        prompt = n_rows + sum(t != "image" for t in items)
+        if prompt + self.steps + 2 > b.context_length:
+            raise EdgemmError(f"the prompt takes {prompt} rows ({n_rows} of the "
+                              f"{input_label(self.inp) or 'image'}) + {self.steps} decode steps, but the context "
+                              f"holds {b.context_length}")
+        st = b.new_state(max_len=prompt + self.steps + 2)
         t1b = time.perf_counter()
-        if tok.add_bos:
-            backend.text(st, tok.prefix_ids())
-        backend.image(st, rows)
-        logits = backend.text(st, ids)
+        logits, i, k = None, 0, 0
+        while i < len(items):                # runs of text ids; each "image" one block of rows
+            if items[i] == "image":
+                logits, i, k = b.image(st, blocks[k]), i + 1, k + 1
+                continue
+            j = i
+            while j < len(items) and items[j] != "image":
+                j += 1
+            logits, i = b.text(st, items[i:j]), j
         t2 = time.perf_counter()
         t = int(np.argmax(logits))
         t3 = time.perf_counter()
-        for _ in range(decode_steps):
-            t = int(np.argmax(backend.text(st, [t])))
+        for _ in range(self.steps):
+            t = int(np.argmax(b.text(st, [t])))
         t4 = time.perf_counter()
-        if r >= warmup:
-            vis.append(t1 - t0)
-            ttft.append((t1 - t0) + (t2 - t1b))
-            tps.append(decode_steps / (t4 - t3))
-    ctx = (1 if tok.add_bos else 0) + rows.shape[1] + len(ids) + decode_steps / 2     # the decode steps' mean context
-    return {"vision_ms": 1e3 * float(np.median(vis)), "ttft_ms": 1e3 * float(np.median(ttft)),
-            "decode_tok_s": float(np.median(tps)), "decode_ms_per_token": 1e3 / float(np.median(tps)),
-            "image_rows": int(rows.shape[1]), "image_size": f"{img.shape[1]}x{img.shape[0]}",
-            "decode_context": ctx, "kv_bytes_per_step": kv_bytes_per_step(backend, ctx)}
+        return {"vision_s": t1 - t0, "ttft_s": (t1 - t0) + (t2 - t1b), "tok_s": self.steps / (t4 - t3),
+                "image_rows": n_rows, "prompt_rows": prompt, "vision_inputs": count[0],
+                "decode_context": prompt + self.steps / 2}
+
+
+def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=((None, None),)) -> list[dict]:
+    """Median vision / TTFT / decode figures, one dict per setting (max_tiles, input): max_tiles a tile budget of an
+    any-resolution model (None: the bundle's own); input None (the shapes test image), ("image", (w, h)) or
+    ("frames", n) (_Case). Settings are measured in interleaved rounds; one the model refuses (EdgemmError) gets
+    {"error": its line} and the others go on."""
+    own = backend.cfg.vision.max_tiles
+    cases, errors, runs = {}, {}, {s: [] for s in settings}
+    for s in settings:
+        try:
+            cases[s] = _Case(backend, s[1], decode_steps)
+        except EdgemmError as e:
+            errors[s] = str(e)
+    for r in range(warmup + repeats):
+        for s, case in cases.items():
+            if s in errors:
+                continue
+            try:
+                _use_tiles(backend, s[0], own)
+                x = case.once()
+            except EdgemmError as e:
+                errors[s] = str(e)
+                continue
+            if r >= warmup:
+                runs[s].append(x)
+    backend.cfg.vision.max_tiles = own
+    res = []
+    for s in settings:
+        lab = {"max_tiles": own if s[0] is None else s[0], "input": input_label(s[1])}
+        if s in errors:
+            res.append({**lab, "error": errors[s]})
+            continue
+        x = runs[s]
+        med = {k: float(np.median([y[k] for y in x])) for k in ("vision_s", "ttft_s", "tok_s")}
+        img = cases[s].img
+        ctx = x[0]["decode_context"]
+        res.append({**lab, "vision_ms": 1e3 * med["vision_s"], "ttft_ms": 1e3 * med["ttft_s"],
+                    "decode_tok_s": med["tok_s"], "decode_ms_per_token": 1e3 / med["tok_s"],
+                    "image_rows": x[0]["image_rows"], "prompt_rows": x[0]["prompt_rows"],
+                    "vision_inputs": x[0]["vision_inputs"],
+                    "image_size": None if cases[s].clip is not None else f"{img.shape[1]}x{img.shape[0]}",
+                    "decode_context": ctx, "kv_bytes_per_step": kv_bytes_per_step(backend, ctx)})
+    return res
 
 
 def kv_bytes_per_step(backend, context: float) -> int | None:
@@ -281,8 +425,9 @@ def _use_tiles(backend, setting, own) -> None:
         set_max_tiles(backend.cfg, setting, getattr(backend, "manifest", None))
 
 
-def _bench_one(job: dict) -> dict:
-    """Runs in a child process: open, time, evaluate, compare; report peak RSS."""
+def _bench_one(job: dict) -> list | dict:
+    """Runs in a child process: open, time, evaluate, compare; report peak RSS. -> a row per setting (a dict with
+    "error" when the bundle does not open)."""
     import torch
     threads = job["threads"]
     torch.set_num_threads(threads)
@@ -304,30 +449,32 @@ def _bench_one(job: dict) -> dict:
     res["on_device"] = b.device
     res["describe"] = b.describe()
     res["notes"] = notes
-    settings = tuple(job.get("max_tiles") or (None,))     # any-resolution models: tile budgets, interleaved
-    try:
-        figures = _timings(b, job["repeats"], job["warmup"], job["decode_steps"], settings)
-    except EdgemmError as e:
-        res["error"] = str(e)
-        return res
+    # any-resolution models: tile budgets; --images / --frames: inputs; every pair a row, in interleaved rounds
+    settings = [(t, i) for t in job.get("max_tiles") or (None,) for i in job.get("inputs") or (None,)]
+    figures = _timings(b, job["repeats"], job["warmup"], job["decode_steps"], settings)
     out, own = [], b.cfg.vision.max_tiles
     ref = None
     if job.get("ref_file"):
         z = np.load(job["ref_file"], allow_pickle=False)
         ref = [{"tokens": list(z[f"t{i}"]), "logits": z[f"l{i}"]} for i in range(int(z["n"]))]
-    for s, figs in zip(settings, figures if isinstance(figures, list) else [figures]):
+    quality = {}                     # accuracy and fidelity: the bundle's at a tile budget, whatever the input
+    for (t, _), figs in zip(settings, figures):
         r = {**res, **figs}
-        _use_tiles(b, s, own)
-        if job["limit"] != 0:
-            from .evaluate import evaluate
-            ev = evaluate(b, limit=job["limit"], progress=job["progress"])
-            r.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
-                     accuracy_per_type={t: v["accuracy"] for t, v in ev["per_type"].items()})
-        if ref is not None:
-            r.update(fidelity(b, ref))
+        if "error" not in figs and t not in quality:
+            quality[t] = q = {}
+            _use_tiles(b, t, own)
+            if job["limit"] != 0:
+                from .evaluate import evaluate
+                ev = evaluate(b, limit=job["limit"], progress=job["progress"])
+                q.update(accuracy=ev["accuracy"], correct=ev["correct"], total=ev["total"],
+                         accuracy_per_type={k: v["accuracy"] for k, v in ev["per_type"].items()})
+            if ref is not None:
+                q.update(fidelity(b, ref))
+        if "error" not in figs:
+            r.update(quality[t])
         r["peak_rss_mb"] = peak_rss_mb()
         out.append(r)
-    return out if len(out) > 1 else out[0]
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -354,12 +501,14 @@ def _run_child(job: dict) -> dict:
 def bench(bundles, backends=("auto",), reference: str | None = None, limit: int | None = None,
           repeats: int = 5, warmup: int = 2, decode_steps: int = 32, threads: int | None = None,
           device: str = "auto", out: str | Path | None = None, fidelity_n: int = FIDELITY_PROMPTS,
-          progress: bool = True, log=print, isolate: bool = True, max_tiles=None, kv_caches=(None,)) -> dict:
+          progress: bool = True, log=print, isolate: bool = True, max_tiles=None, kv_caches=(None,),
+          inputs=None) -> dict:
     """Measure every bundle x backend; -> {"machine", "bandwidth_gb_s", "results": [...]}; writes
     bench.json / bench.csv / bench.png into `out` when given. limit: questions of the test split
     (None: all 1,000; 0: skip accuracy). reference: the fp32 reference model (default: each manifest's
     source model); fidelity_n=0 skips fidelity. kv_caches: llama.cpp KV types (--kv-cache), one row each (None:
-    the backend's default)."""
+    the backend's default). inputs (--images / --frames): ("image", (w, h)) and ("frames", n) settings, a row each
+    per bundle x backend (vision ms, TTFT, decode tok/s at that input; _Case)."""
     import tempfile
     from tqdm import tqdm
     from .bundle import read_manifest
@@ -400,13 +549,13 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
         job = {"bundle": b, "backend": be, "device": device, "threads": threads, "repeats": repeats,
                "warmup": warmup, "decode_steps": decode_steps, "limit": limit, "progress": progress,
                "ref_file": refs.get(man.get("_ref")) if fidelity_n else None, "max_tiles": max_tiles,
-               "kv_cache": kv}
+               "kv_cache": kv, "inputs": inputs}
         got = _run_child(job) if isolate else _bench_one(job)
         first = got[0] if isinstance(got, list) else got
         wb = decode_weight_bytes(b, cpu=first.get("on_device") == "cpu")
-        for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles setting
-            res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}"
-                                            if isinstance(got, list) else "") + (f" kv {kv}" if kv else "")
+        for res in got if isinstance(got, list) else [got]:       # one row per --max-tiles x input setting
+            res["name"] = Path(b).name + (f" max-tiles {res.get('max_tiles') or 'all'}" if max_tiles else "") \
+                + (f" {res['input']}" if res.get("input") else "") + (f" kv {kv}" if kv else "")
             res["target"] = man.get("target")
             res["precision"] = man.get("precision")
             res["recipe"] = bundle_recipe(man)
@@ -428,7 +577,7 @@ def bench(bundles, backends=("auto",), reference: str | None = None, limit: int 
     report = {"machine": machine, "bandwidth_gb_s": bw / 1e9, "settings": {
         "repeats": repeats, "warmup": warmup, "decode_steps": decode_steps, "limit": limit,
         "fidelity_prompts": fidelity_n, "threads": threads, "device": device, "max_tiles": max_tiles,
-        "kv_caches": list(kv_caches)},
+        "kv_caches": list(kv_caches), "inputs": [input_label(i) for i in inputs or ()]},
         "results": results}
     if out:
         out = Path(out)
@@ -473,7 +622,8 @@ def _jsonable(o):
 
 COLUMNS = [("name", "bundle", "{}"), ("backend", "backend", "{}"), ("recipe", "recipe", "{}"),
            ("size_mb", "size MB", "{:.1f}"),
-           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("image_rows", "image rows", "{}"),
+           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("vision_inputs", "vision inputs", "{}"),
+           ("image_rows", "image rows", "{}"),
            ("vision_ms", "vision ms", "{:.2f}"),
            ("ttft_ms", "TTFT ms", "{:.2f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
            ("roofline_fraction", "of roofline", "{:.0%}"), ("roofline_kv_fraction", "+KV", "{:.0%}"),
@@ -493,6 +643,9 @@ def format_table(report: dict) -> str:
     lines = ["  ".join(c.rjust(w[i]) if i > 2 else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     m = report["machine"]
+    if any(r.get("vision_inputs") is not None for r in report["results"]):
+        lines.append("vision inputs: images, slices, tiles or frames the vision stage took; vision ms: from the "
+                     "image (clip bytes) to its rows, preprocessing and clip decoding included")
     lines.append(f"machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads); bandwidth "
                  f"{report['bandwidth_gb_s']:.1f} GB/s; roofline = bandwidth / weight bytes per decode step "
                  "(+KV: weights + the KV cache a step reads at the decode's mean context)")
@@ -501,7 +654,7 @@ def format_table(report: dict) -> str:
 
 def write_csv(results: list, path) -> None:
     keys = ["name", "bundle", "target", "backend", "precision", "recipe", "size_mb", "peak_rss_mb", "image_rows", "image_size",
-            "max_tiles", "vision_ms", "ttft_ms",
+            "max_tiles", "input", "vision_inputs", "prompt_rows", "vision_ms", "ttft_ms",
             "decode_tok_s", "decode_ms_per_token", "weight_bytes_per_step", "roofline_tok_s", "roofline_fraction",
             "kv_bytes_per_step", "roofline_kv_fraction",
             "accuracy", "correct", "total", "top1_agreement", "mean_kl", "error"]

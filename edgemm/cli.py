@@ -705,9 +705,14 @@ def calibrate(model, calib, samples, method, cache, refresh, json_path, threads,
 @click.option("--kv-cache", "kv_caches", multiple=True, type=click.Choice(KV_CHOICES), help="llamacpp / ort "
               "backends: KV cache types to compare (repeatable: one row each, accuracy included; default: the "
               "backend's; ort: f32 and int8).")
+@click.option("--images", default=None, help="Image sizes WxH, comma-separated (e.g. 336x336,672x336,1008x336): "
+              "the test image resized to each, a row each with the vision inputs (slices, tiles) it made, vision ms, "
+              "TTFT and decode tok/s.")
+@click.option("--frames", default=None, help="Video models: frame counts, comma-separated (e.g. 1,4,8,16): a "
+              "generated clip the model's own sampling takes that many frames of, a row each.")
 @handle_errors
 def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup, decode_steps, device, threads, out,
-          max_tiles, kv_caches):
+          max_tiles, kv_caches, images, frames):
     """Latency, memory, size, accuracy and fidelity of each BUNDLE on each backend: a table, JSON, CSV and a
     latency-vs-accuracy plot with the Pareto front (latency alone when --limit 0 skips accuracy)."""
     from .bench import bench as run_bench, format_table
@@ -719,9 +724,11 @@ def bench(bundles, backends, reference, limit, fidelity_prompts, repeats, warmup
             tiles = [None if t.strip() == "default" else int(t) for t in max_tiles.split(",")]
         except ValueError:
             raise EdgemmError(f"--max-tiles {max_tiles!r}: give numbers or 'default', comma-separated") from None
+    from .bench import parse_inputs
     rep = run_bench(list(bundles), backends=backends, reference=reference, limit=limit, repeats=repeats,
                     warmup=warmup, decode_steps=decode_steps, threads=threads, device=device, out=out,
-                    fidelity_n=fidelity_prompts, log=_err, max_tiles=tiles, kv_caches=kv_caches or (None,))
+                    fidelity_n=fidelity_prompts, log=_err, max_tiles=tiles, kv_caches=kv_caches or (None,),
+                    inputs=parse_inputs(images, frames))
     click.echo(format_table(rep))
     for f in rep.get("files", []):
         _err(f"wrote {f}")

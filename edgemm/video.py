@@ -207,6 +207,35 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling) -> list[
     return [out[i] for i in idx]
 
 
+CLIP_COLORS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250),
+               (130, 130, 130), (250, 250, 250), (10, 10, 10), (200, 120, 40)]
+
+
+def make_clip(n=10, w=32, h=24, fmt="mp4", codec="mpeg4", rate=4, pattern=False) -> bytes:
+    """A generated clip (the tests', `edgemm bench --frames`'): n frames at `rate` a second, frame i a solid
+    CLIP_COLORS[i % 10] (or, pattern, a gradient shifted by i)."""
+    import fractions
+    try:
+        import av
+    except ImportError:
+        raise EdgemmError("video input needs PyAV: pip install av") from None
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=fractions.Fraction(rate).limit_denominator(1000))
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        y, x = np.mgrid[0:h, 0:w]
+        for i in range(n):
+            if pattern:
+                a = np.stack([(x * 7 + i * 20) % 256, (y * 9 + i * 30) % 256, (x + y + i * 40) % 256], -1)
+            else:
+                a = np.broadcast_to(np.array(CLIP_COLORS[i % len(CLIP_COLORS)]), (h, w, 3))
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- frames -> the model's rows
 def takes_video(cfg) -> dict:
     """The model's video settings; EdgemmError in one line for a model that takes no video."""
@@ -375,7 +404,11 @@ def encode_block(backend, block: np.ndarray) -> np.ndarray:
 def clip_rows(backend, src, limits: VideoLimits | None = None):
     """A clip -> (its rows for the backend's model: one array, or a list of one per frame; its text for the
     template, None for one array): `edgemm run --video`'s host path (ChatSession.set_image_rows)."""
-    px = load_clip(src, backend.cfg, limits)
+    return clip_pixel_rows(backend, load_clip(src, backend.cfg, limits))
+
+
+def clip_pixel_rows(backend, px):
+    """clip_rows after the clip is decoded: its sampled frames' pixels (load_clip) -> (rows, text)."""
     blocks = [encode_block(backend, b) for b in clip_blocks(backend.cfg, px)]
     text = video_text(backend.cfg, len(px), px)
     return (blocks if text is not None else blocks[0]), (text if text is not None else True)

@@ -23,9 +23,11 @@ def test_presets_are_consistent():
     for name, p in m.SHAPES.items():
         t, v = p["text"], p["vision"]
         assert t["hidden_size"] % t["num_attention_heads"] == 0
-        assert t["num_attention_heads"] % t["num_key_value_heads"] == 0
-        width, heads = v.get("embed_dim", v["hidden_size"]), v.get("num_heads", v.get("num_attention_heads"))
-        assert width % heads == 0, name                 # (Qwen2-VL's tower: embed_dim / num_heads)
+        assert t["num_attention_heads"] % t.get("num_key_value_heads", t["num_attention_heads"]) == 0
+        heads = v.get("num_heads", v.get("num_attention_heads"))
+        if heads:                                   # (Fuyu has no tower: a Linear over pixel patches)
+            width = v.get("embed_dim", v.get("hidden_size"))
+            assert width % heads == 0, name             # (Qwen2-VL's tower: embed_dim / num_heads)
         if "scale_factor" in p:                     # SmolVLM's pixel shuffle: the tile's rows
             side = v["image_size"] // v["patch_size"]
             assert side % p["scale_factor"] == 0 and (side // p["scale_factor"]) ** 2 == p["image_seq_len"], name
@@ -35,3 +37,14 @@ def test_tiny_preset_builds_and_imports(tmp_path):
     _script().main(["--family", "smolvlm-tiny", "--out", str(tmp_path), "--build-only"])
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["vision"]["tiling"] == "smolvlm" and cfg["vision"]["image_splitting"] is False
+
+
+def test_tiny_sweep_preset_benches_a_row_per_input(tmp_path):
+    """A preset's sweep (fuyu-tiny: --images 20x13,100x61) goes to `edgemm bench`: a row per image size, Fuyu's rows
+    growing with the size (a patch row each + its newline rows)."""
+    _script().main(["--family", "fuyu-tiny", "--out", str(tmp_path), "--precisions", "fp32", "--repeats", "1",
+                    "--warmup", "0", "--decode-steps", "2", "--threads", "1"])
+    rows = json.loads((tmp_path / "family_shapes.json").read_text())["results"]
+    assert [(r["precision"], r["input"], r["vision_inputs"]) for r in rows] == [("fp32", "20x13", 1),
+                                                                               ("fp32", "100x61", 1)]
+    assert rows[0]["image_rows"] < rows[1]["image_rows"] and all(r["vision_ms"] > 0 for r in rows)

@@ -91,10 +91,11 @@ def _lavis_tower(vis) -> dict:
     out = {"cls_token": vis.embeddings.class_embedding, "pos_embed": vis.embeddings.position_embedding}
     for n in ("weight", "bias"):
         out[f"patch_embed.proj.{n}"] = getattr(vis.embeddings.patch_embedding, n)
+    w = vis.config.hidden_size
     for i, layer in enumerate(vis.encoder.layers):
         s, b = f"blocks.{i}.", layer.self_attn.qkv.bias
-        out.update({s + "attn.qkv.weight": layer.self_attn.qkv.weight, s + "attn.q_bias": b[:W],
-                    s + "attn.v_bias": b[2 * W:]})
+        out.update({s + "attn.qkv.weight": layer.self_attn.qkv.weight, s + "attn.q_bias": b[:w],
+                    s + "attn.v_bias": b[2 * w:]})
         for n in ("weight", "bias"):
             for ours, mod in (("norm1", layer.layer_norm1), ("attn.proj", layer.self_attn.projection),
                               ("norm2", layer.layer_norm2), ("mlp.fc1", layer.mlp.fc1), ("mlp.fc2", layer.mlp.fc2)):
@@ -131,13 +132,14 @@ def write_release(ref: dict, d, in_checkpoint: bool = False):
         torch.save(tower, d / TOWER)
     save_file(sd, str(d / "model.safetensors"))
     cfg = {"architectures": ["LlavaLlamaAttForCausalLM"], "model_type": "llava", "hidden_act": "silu",
-           "vocab_size": tc.vocab_size, "hidden_size": D, "intermediate_size": tc.intermediate_size,
+           "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size,
            "num_hidden_layers": tc.num_hidden_layers, "num_attention_heads": tc.num_attention_heads,
-           "num_key_value_heads": tc.num_key_value_heads, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-           "tie_word_embeddings": False, "mm_vision_tower": TOWER, "image_processor": "./llamavid/processor/clip",
-           "mm_hidden_size": W, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+           "num_key_value_heads": tc.num_key_value_heads, "max_position_embeddings": tc.max_position_embeddings,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "mm_vision_tower": TOWER,
+           "image_processor": "./llamavid/processor/clip", "mm_hidden_size": ref["vision"].config.hidden_size,
+           "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
            "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-           "image_aspect_ratio": "pad", "bert_type": "qformer_pretrain", "num_query": Q,
+           "image_aspect_ratio": "pad", "bert_type": "qformer_pretrain", "num_query": ref["p"]["vlm_att_query"].shape[1],
            "compress_type": "mean" if ref["grid"] == 1 else f"grid:{ref['grid']}", "max_token": 2048}
     (d / "config.json").write_text(json.dumps(cfg))
     from edgemm import shapes

@@ -192,10 +192,11 @@ def write_release(tower, lm, rs, d):
     c = lm.config
     (d / "config.json").write_text(json.dumps({
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_act": "silu",
-        "vocab_size": VOCAB, "hidden_size": D, "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 1e4, "tie_word_embeddings": False, "mm_vision_tower": "./clip-tiny", "mm_hidden_size": W,
+        "num_key_value_heads": c.num_key_value_heads, "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e4, "tie_word_embeddings": False, "mm_vision_tower": "./clip-tiny",
+        "mm_hidden_size": tower.config.hidden_size,
         "mm_projector_type": "adapt_spatial_resampler", "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_patch_merge_type": "flat",
         "image_aspect_ratio": "pad", "use_mm_proj": True}))

@@ -11,36 +11,16 @@ import numpy as np
 import pytest
 
 from edgemm.errors import EdgemmError
+from edgemm.video import CLIP_COLORS as COLORS, make_clip  # noqa: F401  (other tests import make_clip from here)
 
 av = pytest.importorskip("av", reason="video input needs PyAV (pip install edgemm[serve] or av)")
 
-COLORS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250),
-          (130, 130, 130), (250, 250, 250), (10, 10, 10), (200, 120, 40)]
 TEMPLATE = ("{% for message in messages %}{{ 'w10 ' if message['role'] == 'user' else 'w11 ' }}"
             "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
             "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}<video>{% endfor %}"
             "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + c['text'] }}"
             "{% endfor %}{{ ' </s> ' if message['role'] == 'assistant' }}{% endfor %}"
             "{% if add_generation_prompt %} w11{% endif %}")
-
-
-def make_clip(n=10, w=32, h=24, fmt="mp4", codec="mpeg4", rate=4, pattern=False) -> bytes:
-    """n frames: frame i a solid COLORS[i % 10] (or, pattern, a gradient shifted by i)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        y, x = np.mgrid[0:h, 0:w]
-        for i in range(n):
-            if pattern:
-                a = np.stack([(x * 7 + i * 20) % 256, (y * 9 + i * 30) % 256, (x + y + i * 40) % 256], -1)
-            else:
-                a = np.broadcast_to(np.array(COLORS[i % len(COLORS)]), (h, w, 3))
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
 
 
 def _one_line(e):
