@@ -359,9 +359,10 @@ class _Case:
 def _timings(backend, repeats: int, warmup: int, decode_steps: int, settings=((None, None),)) -> list[dict]:
     """Median vision / TTFT / decode figures, one dict per setting (max_tiles, input): max_tiles a tile budget of an
     any-resolution model (None: the bundle's own); input None (the shapes test image), ("image", (w, h)) or
-    ("frames", n) (_Case). Settings are measured in interleaved rounds; one the model refuses (EdgemmError) gets
-    {"error": its line} and the others go on."""
+    ("frames", n) (_Case); a bare max_tiles (an int or None) is that budget on the test image. Settings are measured
+    in interleaved rounds; one the model refuses (EdgemmError) gets {"error": its line} and the others go on."""
     own = backend.cfg.vision.max_tiles
+    settings = tuple(s if isinstance(s, tuple) else (s, None) for s in settings)
     cases, errors, runs = {}, {}, {s: [] for s in settings}
     for s in settings:
         try:
