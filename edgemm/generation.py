@@ -341,7 +341,7 @@ class ChatSession:
                 self._warned = True
         self.turns = turns
         if self.state is None:               # sized to this turn where the backend grows it for the next ones
-            from .memory import kv_rows
+            from .blocks.kv_rows import kv_rows
             need = size(items) + gen.max_new_tokens + 1
             self.state = self.b.new_state(max_len=kv_rows(need, ctx) if self.b.kv_grows else ctx)
         st = self.state

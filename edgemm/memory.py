@@ -30,18 +30,7 @@ from pathlib import Path
 
 from .errors import EdgemmError
 from .info import KV_TYPE_BYTES                 # bytes per stored KV value, by type name
-
-KV_ROWS_BLOCK = 64         # KV caches sized to need grow in whole blocks of rows (kv_rows)
-
-
-def kv_rows(need: int, limit: int, capacity: int = 0, block: int = KV_ROWS_BLOCK) -> int:
-    """The rows to allocate for a KV cache that must hold `need` rows: `need` rounded up to a block, and when a
-    cache of `capacity` rows grows, at least double it (so a long answer copies its cache O(log n) times); never
-    more than `limit` (the context). A cache sized to need, not to the context: ONNX Runtime's
-    GroupQueryAttention reads the whole buffer a decode step (37 against 105 tok/s at 4096 against ~300 rows on
-    bench-0.5b), and a torch cache of the whole context is 537 MB to zero per server slot."""
-    want = max(int(need), 2 * int(capacity))
-    return min(-(-want // block) * block, int(limit))
+from .blocks.kv_rows import KV_ROWS_BLOCK, kv_rows  # noqa: F401  (the sizing rule, core: blocks.decoder uses it)
 
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -32,7 +32,8 @@ from edgemm.errors import EdgemmError, UnsupportedVariant
 from edgemm.export import gguf_validate
 from edgemm.export.gguf_llava_cls import llava_rows_cls_last, mtmd_cls_order_defect  # noqa: F401
 from edgemm.export.gguf_quant import FTYPES, PRECISIONS, VISION_TYPES, quantize_decoder  # noqa: F401
-from edgemm.export.gguf_tensors import (branch_of, gguf_tensor_table, rope_permute, type_summary,  # noqa: F401
+from edgemm.export.gguf_archs import rope_permute  # noqa: F401  (tests/test_gguf_llava.py)
+from edgemm.export.gguf_tensors import (branch_of, gguf_tensor_table, type_summary,  # noqa: F401
                                         write_decoder, write_llava_mmproj_gguf, write_mmproj_gguf)
 from edgemm.export.gguf_tokenizer import GGUF_CHAT_TEMPLATE, tokenizer_fields  # noqa: F401
 from edgemm.export.gguf_validate import (FIDELITY_KL, FIDELITY_MARGIN, FIDELITY_QUESTIONS,  # noqa: F401

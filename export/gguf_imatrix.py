@@ -33,7 +33,7 @@ def tensor_names(module: str, arch: str) -> list[str]:
     parts = module.split(".")
     if len(parts) != 5 or parts[:2] != ["decoder", "layers"]:
         return []                                        # (MoE routers / experts, cross-attention: not matched)
-    from edgemm.export.gguf_tensors import DECODER_ARCHS
+    from edgemm.export.gguf_archs import DECODER_ARCHS
     i, branch, kind = parts[2], parts[3], parts[4]
     return [f"blk.{i}.{n}.weight" for n in DECODER_ARCHS[arch].tensor_names(branch).get(kind, [])]
 

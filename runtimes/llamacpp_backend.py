@@ -26,7 +26,7 @@ import numpy as np
 
 from edgemm.cpu import threads_or_default
 from edgemm.errors import EdgemmError
-from edgemm.memory import kv_rows
+from edgemm.blocks.kv_rows import kv_rows
 from .base import Backend, State
 from .gguf_vision import OnnxVision, pixels_to_rgb, reference_vision_from_mmproj
 from .llamacpp_runner import CTX_BLOCK, LlamaRunner, MtmdVision, image_bounds, markers

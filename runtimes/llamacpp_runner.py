@@ -164,7 +164,7 @@ class LlamaRunner:
     def _check_room(self, n: int, seq: int = 0):
         need = self.lengths[seq] + n
         if self.n_ctx < need <= self.max_ctx:          # a context sized to need grows (a copy)
-            from edgemm.memory import kv_rows
+            from edgemm.blocks.kv_rows import kv_rows
             self.resize(kv_rows(need, self.max_ctx, self.n_ctx, block=CTX_BLOCK))
         if self.lengths[seq] + n > self.n_ctx:
             raise EdgemmError(f"the llama.cpp context is full: {self.lengths[seq]} + {n} rows > {self.n_ctx}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgemm.cpu import s8s8_int8_exact, threads_or_default
 from edgemm.errors import EdgemmError
-from edgemm.memory import kv_rows
+from edgemm.blocks.kv_rows import kv_rows
 from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

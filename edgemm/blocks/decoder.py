@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DecoderConfig
-from ..memory import kv_rows
+from .kv_rows import kv_rows
 from .cross import GatedCrossAttnLayer, cross_layer_at, n_cross_layers
 from .layers import Branch, CrossModalBridge, vision_branch
 from .ops import RMSNorm, apply_rope, norm, rope_cos_sin, rope_dims, routed

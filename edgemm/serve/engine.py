@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import EdgemmError
 from ..generation import AnswerStream, GenerationConfig
-from ..memory import kv_rows
+from ..blocks.kv_rows import kv_rows
 
 
 class QueueFull(Exception):
