@@ -293,6 +293,35 @@ SHAPES = {
         "vision": dict(patch_size=6, canvas={"height": 36, "width": 48}),
         "sweep": ["--images", "20x13,100x61"],
     },
+    # Qwen/Qwen-VL(-Chat): visual.py's ViT-bigG at its width (1664, 16 heads, MLP 8192, 448 px, 14 px patches) with 8
+    # of its 48 layers (1.9 B parameters in all; 8 layers: about 8/48 of its time per image), the resampler at its shape
+    # (256 queries, 4096 wide, 32 heads) and a REDUCED decoder: 2 QWen layers at Qwen-7B's width (4096, 32 heads, MLP
+    # 11008; the 7B has 32 layers and 151936 vocabulary rows: here 8192, the byte-level test ranks + Qwen's specials)
+    "qwen_vl": {
+        "text": dict(vocab_size=8192, hidden_size=4096, intermediate_size=22016, num_hidden_layers=2,
+                     num_attention_heads=32),
+        "vision": dict(image_size=448, patch_size=14, width=1664, layers=8, heads=16, mlp_ratio=4.9231,
+                       n_queries=256, output_dim=4096),
+    },
+    "qwen_vl-tiny": {
+        "text": dict(vocab_size=600, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+        "vision": dict(image_size=28, patch_size=7, width=48, layers=2, heads=4, mlp_ratio=2.5, output_dim=256),
+    },
+    # Yuliang-Liu/Monkey: the same tower over an 896 px image's four 448 px windows (a rank-16 / 32 LoRA each) and
+    # the whole image resized to 448: five tower passes, 1280 rows; tower and decoder reduced as qwen_vl's
+    "monkey": {
+        "text": dict(vocab_size=8192, hidden_size=4096, intermediate_size=22016, num_hidden_layers=2,
+                     num_attention_heads=32),
+        "vision": dict(image_size=896, patch_size=14, width=1664, layers=8, heads=16, mlp_ratio=4.9231,
+                       n_queries=256, output_dim=4096, lora_repeat_num=4),
+        "monkey": True,
+    },
+    "monkey-tiny": {
+        "text": dict(vocab_size=600, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+        "vision": dict(image_size=896, patch_size=28, width=48, layers=2, heads=4, mlp_ratio=2.5, output_dim=256,
+                       lora_repeat_num=4),
+        "monkey": True,
+    },
 }
 # HuggingFaceTB/SmolVLM2-256M-Video-Instruct (as recalled): SmolVLM-256M's shapes (above, all real) with its video
 # processor's sampling (1 frame a second, at most 64, each frame resized to 512 px: one 64-row tile + its markers and
@@ -586,13 +615,57 @@ def build_fuyu(preset: dict, src: Path, seed: int = 0):
     return sum(t.numel() for t in hf.parameters())
 
 
+def build_qwen_vl(preset: dict, src: Path, seed: int = 0):
+    """Qwen-VL (Monkey) in its release's layout: visual.py's tower and resampler as tests/test_qwen_vl.py re-computes
+    them (random, every parameter moved off its init), the QWen decoder's tensors under modeling_qwen.py's names at
+    the preset's shapes, config.json (model_type qwen / monkey, `visual`), qwen.tiktoken (the tests' byte-level
+    ranks + Qwen's specials) converted to tokenizer.json beside it."""
+    import base64
+    import torch
+    from safetensors.torch import save_file
+    _tests()
+    from tests.test_qwen_vl import VisionTransformer, _randomize, _ranks
+    from edgemm.families.qwen_vl import SPECIALS, convert_tokenizer
+    t, monkey = preset["text"], bool(preset.get("monkey"))
+    ranks = _ranks()
+    vocab, D, L = t["vocab_size"], t["hidden_size"], t["num_hidden_layers"]
+    assert len(ranks) + len(SPECIALS) <= vocab, (len(ranks) + len(SPECIALS), vocab)
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "qwen.tiktoken").write_text("".join(f"{base64.b64encode(k).decode()} {r}\n" for k, r in ranks.items()))
+    visual = {**preset["vision"], "image_start_id": len(ranks) + SPECIALS.index("<img>")}
+    torch.manual_seed(seed)
+    sd = {"transformer.visual." + k: v for k, v in _randomize(VisionTransformer(**visual), seed + 5).state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.02                                          # noqa: E731
+    F2 = t["intermediate_size"] // 2
+    sd.update({"transformer.wte.weight": r(vocab, D), "lm_head.weight": r(vocab, D), "transformer.ln_f.weight": 1 + r(D)})
+    for i in range(L):
+        h = f"transformer.h.{i}."
+        sd.update({h + "ln_1.weight": 1 + r(D), h + "ln_2.weight": 1 + r(D), h + "attn.c_attn.weight": r(3 * D, D),
+                   h + "attn.c_attn.bias": r(3 * D), h + "attn.c_proj.weight": r(D, D), h + "mlp.w1.weight": r(F2, D),
+                   h + "mlp.w2.weight": r(F2, D), h + "mlp.c_proj.weight": r(D, F2)})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(src / "model.safetensors"))
+    arch, mt = ("MonkeyLMHeadModel", "monkey") if monkey else ("QWenLMHeadModel", "qwen")
+    _write(src, {"config.json": {
+        "architectures": [arch], "model_type": mt, "hidden_size": D, "num_attention_heads": t["num_attention_heads"],
+        "num_hidden_layers": L, "intermediate_size": t["intermediate_size"],
+        "kv_channels": D // t["num_attention_heads"], "layer_norm_epsilon": 1e-6, "max_position_embeddings": 8192,
+        "no_bias": True, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 2048, "use_dynamic_ntk": True,
+        "use_logn_attn": True, "tie_word_embeddings": False, "vocab_size": vocab, "visual": visual},
+        "generation_config.json": {"chat_format": "chatml", "eos_token_id": len(ranks), "pad_token_id": len(ranks)}})
+    convert_tokenizer(src, src)
+    return sum(v.numel() for v in sd.values())
+
+
 BUILDERS = {"smolvlm": build_smolvlm, "smolvlm-tiny": build_smolvlm, "internvl": build_internvl,
             "internvl-tiny": build_internvl, "llava_onevision": build_llava_onevision,
             "llava_onevision-tiny": build_llava_onevision, "gemma3": build_gemma3, "gemma3-tiny": build_gemma3,
             "qwen2vl": build_qwen2vl, "qwen2vl-tiny": build_qwen2vl, "smolvlm_video": build_smolvlm,
             "smolvlm_video-tiny": build_smolvlm, "llava_uhd": build_llava_uhd, "llava_uhd-tiny": build_llava_uhd,
             "llamavid": build_llamavid, "llamavid-tiny": build_llamavid, "llava_next_video": build_llava_next_video,
-            "llava_next_video-tiny": build_llava_next_video, "fuyu": build_fuyu, "fuyu-tiny": build_fuyu}
+            "llava_next_video-tiny": build_llava_next_video, "fuyu": build_fuyu, "fuyu-tiny": build_fuyu,
+            "qwen_vl": build_qwen_vl, "qwen_vl-tiny": build_qwen_vl, "monkey": build_qwen_vl,
+            "monkey-tiny": build_qwen_vl}
 
 
 def small_calib(d: Path, n: int) -> Path:

@@ -24,9 +24,9 @@ def test_presets_are_consistent():
         t, v = p["text"], p["vision"]
         assert t["hidden_size"] % t["num_attention_heads"] == 0
         assert t["num_attention_heads"] % t.get("num_key_value_heads", t["num_attention_heads"]) == 0
-        heads = v.get("num_heads", v.get("num_attention_heads"))
+        heads = v.get("num_heads", v.get("num_attention_heads", v.get("heads")))
         if heads:                                   # (Fuyu has no tower: a Linear over pixel patches)
-            width = v.get("embed_dim", v.get("hidden_size"))
+            width = v.get("embed_dim", v.get("hidden_size", v.get("width")))
             assert width % heads == 0, name             # (Qwen2-VL's tower: embed_dim / num_heads)
         if "scale_factor" in p:                     # SmolVLM's pixel shuffle: the tile's rows
             side = v["image_size"] // v["patch_size"]
@@ -48,3 +48,13 @@ def test_tiny_sweep_preset_benches_a_row_per_input(tmp_path):
     assert [(r["precision"], r["input"], r["vision_inputs"]) for r in rows] == [("fp32", "20x13", 1),
                                                                                ("fp32", "100x61", 1)]
     assert rows[0]["image_rows"] < rows[1]["image_rows"] and all(r["vision_ms"] > 0 for r in rows)
+
+
+def test_monkey_preset_builds_in_the_release_layout(tmp_path):
+    """The Qwen-VL / Monkey builder writes the release's layout (config.json `visual`, qwen.tiktoken): `edgemm import`
+    detects Monkey and keeps every source tensor; an image is its four windows' and the global view's 1280 rows."""
+    _script().main(["--family", "monkey-tiny", "--out", str(tmp_path), "--build-only"])
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["vision"]["arch"] == "qwen" and cfg["vision"]["window"] == 448 and len(cfg["vision"]["window_lora"]) == 2
+    from edgemm.config import ModelConfig
+    assert ModelConfig.from_dict(cfg).n_image_rows == 1280
