@@ -78,11 +78,15 @@ def projector(cfg) -> str:
 
 
 def mmproj_writer(cfg):
-    """The function writing this model's mmproj (model, path, name, qtype) -> {tensor: type}."""
-    from edgemm.export.gguf_mtmd import write_gemma3_mmproj, write_idefics3_mmproj, write_qwen2vl_mmproj
-    return {"mlp": write_llava_mmproj_gguf, "gemma3": write_gemma3_mmproj, "idefics3": write_idefics3_mmproj,
-            "qwen2vl_merger": write_qwen2vl_mmproj,
-            "qwen2.5vl_merger": write_qwen2vl_mmproj}.get(projector(cfg), write_mmproj_gguf)
+    """The function writing this model's mmproj (model, path, name, qtype) -> {tensor: type}: the writer registered
+    for its projector (gguf_tensors.MMPROJ_WRITERS; gguf_mtmd's register on import)."""
+    from edgemm.export import gguf_mtmd  # noqa: F401  (its writers register)
+    from edgemm.export.gguf_tensors import MMPROJ_WRITERS
+    p = projector(cfg)
+    if p not in MMPROJ_WRITERS:
+        raise EdgemmError(f"gguf: no mmproj writer for llama.cpp projector {p!r} (written: "
+                          f"{', '.join(sorted(MMPROJ_WRITERS))}); export with --gguf-vision onnx")
+    return MMPROJ_WRITERS[p]
 
 
 def gguf_chat_template(cfg, template: str) -> str | None:
@@ -267,13 +271,14 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
     if vtype != vprec:
         log(f"note: llama.cpp's mmproj files take f32/f16/q8_0/q4_0 here; the vision stage is written as {vtype} "
             f"for --precision vision={vprec}")
+    write_mmproj = mmproj_writer(cfg)
     with bundle_writer(out, force=force) as tmp:
         dec_file, mm_file = f"decoder-{dprec}.gguf", f"mmproj-{vtype}.gguf"
         # an imported model's own chat template goes into the file; edgemm's format as the GGUF form of it
         imx_rec = _write_decoder_file(m, tok, tmp, dec_file, name, gguf_chat_template(cfg, template), tok_fields,
                                       dprec, threads, log, imx)
         log(f"writing the mmproj (clip, projector {proj}, {vtype}) ...")
-        vis_types = mmproj_writer(cfg)(m, tmp / mm_file, name, vtype)
+        vis_types = write_mmproj(m, tmp / mm_file, name, vtype)
         tok.save(tmp / "tokenizer.json")
         (tmp / "chat_template.jinja").write_text(template)
         log("validating in llama.cpp ...")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.export.gguf_quant import add_vision_tensor, mmproj_file_type
-from edgemm.export.gguf_tensors import _np, clip_block_tensors
+from edgemm.export.gguf_tensors import _np, clip_block_tensors, mmproj_writer_for
 
 
 def _clip_header(w, model, name: str, qtype: str, projector: str, description: str, ffn: str = "gelu",
@@ -97,6 +97,7 @@ def gemma3_scale_factor(cfg) -> int:
     return side // round(cfg.adapter.pool_tokens ** 0.5)
 
 
+@mmproj_writer_for("gemma3")
 def write_gemma3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     """Gemma 3's SigLIP tower + projector as llama.cpp's clip/mmproj file, projector gemma3. -> {tensor: type}.
     Quantized files keep mm.input_projection at f16 and the embeddings at f32, as the converter forces them
@@ -115,6 +116,7 @@ def write_gemma3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     return types
 
 
+@mmproj_writer_for("idefics3")
 def write_idefics3_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     """SmolVLM's / Idefics3's SigLIP tower + pixel-shuffle Linear as llama.cpp's clip/mmproj file, projector idefics3.
     -> {tensor: type}. The connector's marker rows are token embeddings: not in the mmproj."""
@@ -152,6 +154,7 @@ def qwen2vl_window_pattern(v) -> int:
     return n
 
 
+@mmproj_writer_for("qwen2vl_merger", "qwen2.5vl_merger")
 def write_qwen2vl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     """Qwen2-VL's / Qwen2.5-VL's tower + patch merger as llama.cpp's clip/mmproj file, projector qwen2vl_merger /
     qwen2.5vl_merger (module docstring). -> {tensor: type}."""

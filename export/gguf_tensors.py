@@ -61,6 +61,22 @@ def write_decoder(model, tok, path: Path, name: str, arch: str, chat_template: s
     w.close()
 
 
+MMPROJ_WRITERS: dict = {}      # clip.projector_type -> writer (model, path, name, qtype) -> {tensor: type}
+
+
+def mmproj_writer_for(*projectors: str):
+    """Registers the decorated function as the mmproj writer of these clip.projector_type values (as DECODER_ARCHS
+    registers a decoder architecture): a new composition's projector is one decorated writer."""
+    def put(fn):
+        for p in projectors:
+            if p in MMPROJ_WRITERS:
+                raise ValueError(f"two mmproj writers for projector {p!r}: {MMPROJ_WRITERS[p].__name__}, {fn.__name__}")
+            MMPROJ_WRITERS[p] = fn
+        return fn
+    return put
+
+
+@mmproj_writer_for("cogvlm")
 def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
     """ViT + adapter + boi/eoi as llama.cpp's clip/mmproj file, projector cogvlm. -> {tensor: type}."""
     import gguf
@@ -117,6 +133,7 @@ def write_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
     return types
 
 
+@mmproj_writer_for("mlp")
 def write_llava_mmproj_gguf(model, path: Path, name: str, qtype: str) -> dict:
     """CLIP tower + LLaVA's MLP projector as llama.cpp's clip/mmproj file, projector mlp. -> {tensor: type}.
 

@@ -61,3 +61,16 @@ def test_a_branch_gets_its_kinds_emitter(over, kind):
     layer = m.decoder.layers[0]
     assert branch_emitter(cfg.decoder, layer, "vision").kind == kind
     assert branch_emitter(cfg.decoder, layer, "text").kind == ("moe" if "n_experts" in over else "routed")
+
+
+def test_every_mtmd_composition_has_an_mmproj_writer():
+    """Each llama.cpp projector a gguf export can route to (LLaVA's mlp, edgemm's cogvlm, every MTMD_GRAPHS
+    composition's) has one registered writer; a second registration is refused."""
+    from types import SimpleNamespace
+    from edgemm.export import gguf_mtmd  # noqa: F401
+    from edgemm.export.gguf_tensors import MMPROJ_WRITERS, mmproj_writer_for
+    want = {"mlp", "cogvlm"} | (set(support.MTMD_GRAPHS) - {"qwen2vl"})
+    want |= {gguf_mtmd.qwen2vl_projector(SimpleNamespace(vision=SimpleNamespace(mlp=m))) for m in ("gelu", "swiglu")}
+    assert want <= set(MMPROJ_WRITERS), f"projectors without a writer: {want - set(MMPROJ_WRITERS)}"
+    with pytest.raises(ValueError, match="two mmproj writers"):
+        mmproj_writer_for("mlp")(lambda *a: {})
