@@ -704,6 +704,8 @@ def main(argv=None):
                     help="calibrate on the first N shapes items (default: export's bundled 64)")
     ap.add_argument("--force", action="store_true", help="rebuild the checkpoint and re-export existing bundles")
     ap.add_argument("--build-only", action="store_true", help="build and import the checkpoint, then stop")
+    ap.add_argument("--no-bench", action="store_true", help="build, import and export, then stop (bench later, e.g. "
+                    "on a quiet machine: the same command without it reuses the bundles)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -733,6 +735,8 @@ def main(argv=None):
             timings[f"export_{p}_s"] = sh(edgemm + ["export", "--target", "onnx", "--model", ck, "--precision", p,
                                                     "-o", dst, "--force"] + th, log)
         bundles.append(dst)
+    if a.no_bench:
+        return 0
     sweep = preset.get("sweep", []) if a.sweep is None else a.sweep.split()
     timings["bench_s"] = sh(edgemm + ["bench", *bundles, "--limit", "0", "--fidelity-prompts", "0", "--threads",
                                       a.threads, "--repeats", a.repeats, "--warmup", a.warmup, "--decode-steps",
