@@ -83,8 +83,9 @@ class Backend:
         raise NotImplementedError
 
     def prefill(self, state: State, kind: str, data, chunk: int | None = None):
-        """Append a segment ("text" ids or "image" rows) in pieces of at most `chunk` rows (None: one piece), so a
-        server can step other streams between them (edgemm serve --prefill-chunk): a generator that runs one piece
+        """Append a segment ("text" ids or "image" rows) in pieces of at most `chunk` rows (None: one piece; a
+        callable: asked for each piece's rows just before it runs), so a server can step other streams between
+        them (edgemm serve --prefill-chunk): a generator that runs one piece
         per next() and yields None after each but the last, which yields the segment's last-row logits. The
         KV cache after the last piece is the one text() / image() leave. Text splits anywhere; an image where
         the backend can append its rows at their own positions (chunked_image_why)."""
@@ -137,14 +138,26 @@ class Backend:
         return f"{self.name} on {self.device}"
 
 
-def _pieces(run, n: int, chunk: int | None):
-    """run(a, b) over [0, n) in steps of `chunk` (None or 0: one step), yielding None after each but the last,
-    which yields its result (prefill's protocol). n == 0 still runs once (the backend's error for an empty
-    segment)."""
-    step = chunk or n or 1
-    for a in range(0, max(n, 1), step):
-        out = run(a, min(a + step, n))
-        yield out if a + step >= n else None
+def spans(n: int, chunk):
+    """[0, n) in pieces -> (a, b) each: at most `chunk` rows (None or 0: one piece), or `chunk` a callable asked
+    for the next piece's rows just before it runs (edgemm serve sizes pieces by their measured time). n == 0 is
+    one empty piece."""
+    a = 0
+    while True:
+        step = (chunk() if callable(chunk) else chunk) or n or 1
+        b = min(a + max(1, int(step)), n)
+        yield a, b
+        if b >= n:
+            return
+        a = b
+
+
+def _pieces(run, n: int, chunk):
+    """run(a, b) over spans(n, chunk), yielding None after each but the last, which yields its result (prefill's
+    protocol). n == 0 still runs once (the backend's error for an empty segment)."""
+    for a, b in spans(n, chunk):
+        out = run(a, b)
+        yield out if b >= n else None
 
 
 def last(pieces):
@@ -291,16 +304,16 @@ class SegmentRunner(Backend):
         eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
         m = rows.shape[1] - eoi
         # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
-        step = chunk or max(m, 1)
-        pieces = [("decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:min(a + step, m)]), **(
-                   {} if mrope is None else {"mrope_positions": np.ascontiguousarray(mrope[:, a:min(a + step, m)])})},
-                   positions[a:min(a + step, m)]) for a in range(0, m, step)]
-        if eoi:
-            pieces.append(("decoder_text", self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]),
-                           positions[-1:]))
-        for i, (stage, feeds, pos) in enumerate(pieces):
+        def pieces():
+            for a, b in (spans(m, chunk) if m else ()):
+                yield "decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:b]), **(
+                    {} if mrope is None else {"mrope_positions": np.ascontiguousarray(mrope[:, a:b])})}, \
+                    positions[a:b], b == m and not eoi
+            if eoi:
+                yield "decoder_text", self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]), positions[-1:], True
+        for stage, feeds, pos, end in pieces():
             logits = self._run(stage, state, feeds, pos)
-            if i + 1 < len(pieces):
+            if not end:
                 yield None
         state.pos = int(positions[-1] if mrope is None else mrope.max()) + 1
         yield logits

@@ -127,14 +127,19 @@ class TorchBackend(Backend):
         x = self._rows(rows)
         positions = m.image_positions(state.pos, x.shape[1], x).to(self.device)
         k = x.shape[1] - (self.cfg.decoder.eoi_branch == "text")
-        pieces = [(a, min(a + chunk, k), "vision") for a in range(0, k, chunk)]
-        pieces += [(k, x.shape[1], "text")] if k < x.shape[1] else []
-        for i, (a, b, route) in enumerate(pieces):
+        from .base import spans
+
+        def pieces():                           # (lazy: a callable chunk sizes each piece just before it runs)
+            for a, b in (spans(k, chunk) if k else ()):
+                yield a, b, "vision", b == x.shape[1]
+            if k < x.shape[1]:
+                yield k, x.shape[1], "text", True
+        for a, b, route, end in pieces():
             state.cache.length = state.length
             with torch.inference_mode():
                 logits = m.decoder(x[:, a:b], route, positions[..., a:b], state.cache, True)
             state.length = state.cache.length
-            if i + 1 < len(pieces):
+            if not end:
                 yield None
         state.pos = m.next_position(positions)
         yield logits[0, -1].float().cpu().numpy()

@@ -177,10 +177,47 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-# rows a prefill piece takes at most (serve --prefill-chunk): measured on bench-0.5b (torch, 1 CPU thread) a piece
-# of 16 rows costs about one decode step of 3 streams (168 vs 144 ms; 32 rows 242 ms, 64 rows 390 ms), so the
-# running streams' gaps at most about double while a newcomer's prompt goes in (benchmarks/bench_serve.py --arrivals)
-PREFILL_CHUNK = 16
+# rows a prefill piece takes at most (serve --prefill-chunk N: another maximum); within it each piece is sized by
+# measured time (PieceSizer). 64 rows cost 390 ms on bench-0.5b (torch, 1 CPU thread), 2.7x a decode step of 3
+# streams there; a GPU's step and piece costs are far apart, so the time rule, not this cap, sizes pieces
+PREFILL_CHUNK = 64
+PIECE_FLOOR = 4         # rows a piece takes at least (a prefill always progresses)
+PIECE_SHARE = 0.75      # a piece costs at most this share of the decode step it comes with
+
+
+class PieceSizer:
+    """Rows of a newcomer's next prefill piece, from costs this engine measured (running averages): a decode step
+    of n streams (calm steps only: no side-worker work beside them) and a prefill row (a piece's seconds / its
+    rows, its fixed share included; the loop's and the side worker's apart). A piece is given `share` x the step of
+    the streams decoding now, in rows at the row cost, within [floor, most]; with none decoding, `most`. A piece of
+    n rows costs a + b n (a: reading the weights once), so its per-row average is a / n + b and the rule
+    n' = budget / (cost(n) / n) settles where cost(n) = budget: the running streams' gap is then at most
+    (1 + share) x their step. Before the costs are measured: `floor` rows."""
+
+    def __init__(self, most: int, floor: int = PIECE_FLOOR, share: float = PIECE_SHARE, weight: float = 0.3):
+        self.most, self.floor, self.share, self.weight = int(most), min(int(floor), int(most)), share, weight
+        self.steps: dict = {}            # streams -> seconds of a calm decode step
+        self.row: dict = {}              # "loop" / "side" -> seconds per prefill row
+
+    def _avg(self, d: dict, key, x: float) -> None:
+        d[key] = x if key not in d else d[key] + self.weight * (x - d[key])
+
+    def step(self, live: int, seconds: float) -> None:
+        self._avg(self.steps, live, seconds)
+
+    def piece(self, where: str, rows: int, seconds: float) -> None:
+        if rows > 0:
+            self._avg(self.row, where, seconds / rows)
+
+    def rows(self, where: str, live: int) -> int:
+        if not live:
+            return self.most
+        known = self.steps.get(live) or (self.steps[min(self.steps, key=lambda n: abs(n - live))]
+                                         if self.steps else None)       # (the nearest count measured)
+        row = self.row.get(where)
+        if not known or not row:
+            return self.floor
+        return int(max(self.floor, min(self.most, self.share * known / row)))
 
 
 class Engine:
@@ -191,6 +228,11 @@ class Engine:
         self.b = backend
         self.parallel, self.max_queue = int(parallel), int(max_queue)
         self.prefill_chunk = int(prefill_chunk or 0)      # 0: a newcomer's whole prompt before the next step
+        self.sizer = PieceSizer(self.prefill_chunk) if self.prefill_chunk else None     # else the most rows a piece
+        self._live = 0                  # streams the loop's next decode step advances (the side worker reads it)
+        self._steps = 0                 # decode steps done (under self.turns; the side worker waits for the next)
+        self._side_runs, self._side_busy, self._side_rows = 0, 0, 0    # side work begun, running now; rows it put in
+        self.turns = threading.Condition()
         self.metrics = metrics or Metrics()
         self.log = log or (lambda s: None)
         why = backend.chunked_image_why() if self.prefill_chunk else None
@@ -278,7 +320,41 @@ class Engine:
 
     def _side_encode(self, job: Job, index: int):
         """_encode on the side worker, unless the request was cancelled while it waited there (None)."""
-        return None if job.cancelled.is_set() else self._encode(job, index)
+        if job.cancelled.is_set():
+            return None
+        self._side_runs, self._side_busy = self._side_runs + 1, self._side_busy + 1
+        try:
+            return self._encode(job, index)
+        finally:
+            self._side_busy -= 1
+
+    def _side_drive(self, slot: Slot, job: Job):
+        """_drive on the side worker, taking turns with the decode loop: one piece (sized by time: PieceSizer)
+        beside each decode step of the running streams. After a piece it waits until a step has ended since (none
+        decoding: it goes on), so the streams' steps share the cores with at most one piece each."""
+        st, seen = slot.state, None
+        while True:
+            with self.turns:
+                while (seen is not None and self._steps == seen and self._live and self.running
+                       and not job.cancelled.is_set()):
+                    self.turns.wait(0.05)
+            self._side_runs, self._side_busy = self._side_runs + 1, self._side_busy + 1
+            t0, n0 = time.perf_counter(), st.length
+            try:
+                next(slot.pieces)
+            except StopIteration as e:
+                return e.value
+            finally:
+                self._side_busy -= 1
+                rows = st.length - n0
+                self._side_rows += max(rows, 0)
+                if self.sizer is not None:
+                    self.sizer.piece("side", rows, time.perf_counter() - t0)
+                seen = self._steps
+
+    def _chunk(self, where: str):
+        """The rows Backend.prefill's next piece takes: sized by time (a callable), or None (the whole segment)."""
+        return (lambda: self.sizer.rows(where, self._live)) if self.sizer is not None else None
 
     def _keep_rows(self, key: str, rows) -> None:
         self.rows_cache[key] = rows
@@ -305,10 +381,10 @@ class Engine:
         k, j, st.length, st.pos = reuse_point(slot.held, segment_keys(job), self.token_reuse)   # rewind there
         slot.held, slot.fed = slot.held[:k], []
         self.prefill_rows_saved += st.length
-        slot.pieces = self._prefill(slot, job, k, j)
+        slot.pieces = self._prefill(slot, job, k, j, "side" if self.side_prefill else "loop")
         if self.side_prefill:                    # the whole prefill on the side worker (a busy state)
             st.busy = True
-            slot.side = self.side.submit(_drive, slot.pieces)
+            slot.side = self.side.submit(self._side_drive, slot, job)
             slot.side.add_done_callback(self._wake)
             return
         if self.side is not None:                # the images encoded on the side worker, from now on
@@ -319,10 +395,11 @@ class Engine:
         if not self.prefill_chunk:
             self._first(slot, job, _drive(slot.pieces))
 
-    def _prefill(self, slot: Slot, job: Job, k: int, j: int):
+    def _prefill(self, slot: Slot, job: Job, k: int, j: int, where: str = "loop"):
         """The prompt from segment k (its first j ids held) -> a generator: each next() runs one piece (an image's
-        encode, or at most prefill_chunk rows: Backend.prefill) or waits a turn for an image the side worker is
-        encoding; it returns the last row's logits (None when the request was cancelled)."""
+        encode, or at most prefill_chunk rows sized by time: Backend.prefill, PieceSizer) or waits a turn for an
+        image the side worker is encoding; it returns the last row's logits (None when the request was
+        cancelled). where: "loop" or "side", whose measured row cost sizes the pieces."""
         b, st, logits, ran = self.b, slot.state, None, False
         keys = segment_keys(job)
         for n, ((kind, data), key) in enumerate(zip(job.segments[k:], keys[k:])):
@@ -356,7 +433,7 @@ class Engine:
                         yield
                         if job.cancelled.is_set():
                             return None
-            for out in b.prefill(st, kind, data, self.prefill_chunk or None):
+            for out in b.prefill(st, kind, data, self._chunk(where)):
                 logits, ran = out, True
                 if out is None:                  # more pieces of this segment
                     yield
@@ -394,12 +471,23 @@ class Engine:
         if not slots:
             return
         slot = min(slots, key=lambda s: s.job.t_submit)
+        self._live = sum(s.ans is not None for s in self.slots)
+        st, t0 = slot.state, time.perf_counter()
+        n0 = st.length
         try:
             next(slot.pieces)
         except StopIteration as e:
+            self._piece_ran(st, n0, t0)
             self._first(slot, slot.job, e.value)
         except Exception as e:
             self._fail(slot, e)
+        else:
+            self._piece_ran(st, n0, t0)
+
+    def _piece_ran(self, st, n0: int, t0: float) -> None:
+        self._piece_rows = st.length - n0
+        if self.sizer is not None:
+            self.sizer.piece("loop", self._piece_rows, time.perf_counter() - t0)
 
     def _fail(self, slot: Slot, e: Exception) -> None:
         if isinstance(e, EdgemmError):
@@ -473,6 +561,7 @@ class Engine:
             except Exception as e:
                 self._fail(slot, e)
         t_admit = time.perf_counter()
+        self._piece_rows = 0
         self._prefill_step()
         t_prefill = time.perf_counter()
         for slot in self.slots:                     # clients that went away free their slots now (the side worker's
@@ -482,17 +571,22 @@ class Engine:
                 self._finish(slot, "cancelled")
         live = [s for s in self.slots if s.job is not None and s.ans is not None]
         if not live:
+            self._set_live()
             return
         side = (sum(s.side is not None and not s.side.done() for s in self.slots),
                 sum(not f.done() for s in self.slots for f in s.encodes.values())) if self._trace else None
+        side0, rows0 = (self._side_runs, self._side_busy), self._side_rows
         t0 = time.perf_counter()
         try:
             outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
         except Exception as e:
             for s in live:
                 self._finish(s, error=f"decoding failed: {e}")
+            self._set_live()
             return
         t1 = time.perf_counter()
+        if self.sizer is not None and side0 == (self._side_runs, 0) and not self._side_busy:    # a calm step
+            self.sizer.step(len(live), t1 - t0)
         with self.metrics.lock:
             self.metrics.decode_seconds += t1 - t0
             self.metrics.tokens += len(live)
@@ -500,10 +594,20 @@ class Engine:
             import json
             self._trace.write(json.dumps({
                 "t": t_turn, "admit": t_admit - t_turn, "admitted": len(admit), "prefill": t_prefill - t_admit,
-                "decode": t1 - t0, "live": len(live), "side_prefill": side[0], "side_encode": side[1]}) + "\n")
+                "decode": t1 - t0, "live": len(live), "side_prefill": side[0], "side_encode": side[1],
+                "rows": self._piece_rows, "side_rows": self._side_rows - rows0}) + "\n")
         for s, logits in zip(live, outs):
             s.fed.append(s.ans.ids[-1])
             try:
                 self._advance(s, logits)
             except EdgemmError as e:            # (a grammar that allows no token): this request only
                 self._finish(s, error=str(e))
+        self._set_live(1)
+
+    def _set_live(self, stepped: int = 0) -> None:
+        """After a turn: the streams the next step advances, and (stepped) one more step done (the side worker
+        waits for it)."""
+        with self.turns:
+            self._live = sum(s.ans is not None for s in self.slots)
+            self._steps += stepped
+            self.turns.notify_all()
