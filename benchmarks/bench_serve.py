@@ -297,9 +297,10 @@ def gaps_with_arrivals(url, model, every, max_tokens) -> list[float]:
 def arrivals_only(a) -> int:
     """--arrivals: the running streams' token gaps with newcomers arriving, unchunked vs chunked prefill."""
     side = [] if a.side_threads is None else ["--side-threads", str(a.side_threads)]
+    chunk, c = ([], "auto") if a.prefill_chunk is None else (["--prefill-chunk", str(a.prefill_chunk)], a.prefill_chunk)
     names = {"unchunked": ["--prefill-chunk", "0", "--side-threads", "0"],
-             f"chunk {a.prefill_chunk}": ["--prefill-chunk", str(a.prefill_chunk), "--side-threads", "0"],
-             f"{a.prefill_chunk}+side": ["--prefill-chunk", str(a.prefill_chunk)] + side}
+             f"chunk {c}": chunk + ["--side-threads", "0"],
+             f"{c}+side": chunk + side}
     if a.servers:                   # --servers unchunked,chunk,side: a subset
         keep = [k for k, n in zip(names, ("unchunked", "chunk", "side")) if n in a.servers.split(",")]
         names = {k: names[k] for k in keep}
@@ -353,13 +354,16 @@ def print_trace(name: str, path: Path, windows: list, bound: float) -> None:
         if not group:
             continue
         mean = {k: float(np.mean([t[k] for t in group])) * 1e3 for k in ("period", "admit", "prefill", "decode")}
+        rows = [t.get("rows", 0) for t in group if t.get("rows")]
+        side_rows = [t.get("side_rows", 0) for t in group if t.get("side_rows")]
         other = mean["period"] - mean["admit"] - mean["prefill"] - mean["decode"]
         share = lambda f: sum(1 for t in group if f(t)) / len(group)     # noqa: E731
         print(f"    {label:>8}: mean period {mean['period']:.0f} ms = admission {mean['admit']:.0f} + loop prefill "
               f"piece {mean['prefill']:.0f} + decode_batch {mean['decode']:.0f} + other {other:.0f} ms; "
               f"{share(lambda t: t['live'] >= 4):.0%} step 4 streams, {share(lambda t: t['side_prefill']):.0%} "
               f"beside a side prefill, {share(lambda t: t['side_encode']):.0%} beside a side encode, "
-              f"{share(lambda t: t['admitted']):.0%} admitted a request")
+              f"{share(lambda t: t['admitted']):.0%} admitted a request; loop pieces of "
+              f"{np.median(rows) if rows else 0:.0f} rows (median), side rows per step {np.median(side_rows) if side_rows else 0:.0f}")
 
 
 def decode_batch_only(a) -> int:
@@ -490,8 +494,8 @@ def main(argv=None) -> int:
                     "loaded machine).")
     ap.add_argument("--trace", action="store_true", help="--arrivals: the servers' loop turns traced "
                     "(EDGEMM_ENGINE_TRACE): where the turns longer than 2x the calm median gap spend their time.")
-    ap.add_argument("--prefill-chunk", type=int, default=16, help="--arrivals: the chunked server's "
-                    "--prefill-chunk.")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="--arrivals: the chunked servers' "
+                    "--prefill-chunk (default: the server's own, pieces sized by measured time).")
     ap.add_argument("--vs-raw", action="store_true", help="One client through the server against the backend's "
                     "own decode loop (a fresh process), alternating rounds.")
     ap.add_argument("--requests", type=int, default=4, help="--vs-raw: requests (and raw runs) a round.")

@@ -1,8 +1,8 @@
 """Prefill pieces sized by measured time (issue 31): the engine measures what a decode step and a prefill row cost
 and gives each newcomer piece the rows that keep piece + step within (1 + PIECE_SHARE) x the step. A backend whose
 step and row costs are known (a sleep added to the tiny model's own calls) gets the piece size those costs predict,
-a dearer row gets smaller pieces, the answers stay those of an unchunked engine, and the side worker runs at most
-one piece beside each decode step."""
+a dearer row gets smaller pieces, the answers stay those of an unchunked engine, and the side worker runs one piece
+between two decode steps, never beside one."""
 from __future__ import annotations
 
 import threading
@@ -143,8 +143,8 @@ def test_engine_sizes_pieces_by_measured_cost(tiny):
 
 
 def test_side_worker_takes_turns_with_the_steps(tiny):
-    """The side worker's prefill: pieces sized by its own measured row cost, at most one begun per decode step
-    while streams decode, and the answers of the unchunked engine."""
+    """The side worker's prefill: pieces sized by its own measured row cost, one between two decode steps while
+    streams decode (never beside one), and the answers of the unchunked engine."""
     plain, _ = _run(tiny, 0)
     got, log = _run(Timed(tiny, 0.1, 0.05, 0.005), 64, side=1)
     assert got == plain
@@ -155,5 +155,7 @@ def test_side_worker_takes_turns_with_the_steps(tiny):
     for p, q in zip(side, side[1:]):
         if q[3] < last_step:                                  # (streams still decoding)
             assert any(p[3] - 0.005 <= s[4] <= q[3] + 0.001 for s in steps), (p, q)   # a step ended between
+    for p in side:                                            # never beside a step: one or the other
+        assert not any(s[3] < p[4] and p[3] < s[4] for s in steps), p
     sizes = [e[1] for e in side]
     assert 10 <= float(np.median(sizes[len(sizes) // 2:])) <= 30, sizes

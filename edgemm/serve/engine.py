@@ -231,8 +231,10 @@ class Engine:
         self.sizer = PieceSizer(self.prefill_chunk) if self.prefill_chunk else None     # else the most rows a piece
         self._live = 0                  # streams the loop's next decode step advances (the side worker reads it)
         self._steps = 0                 # decode steps done (under self.turns; the side worker waits for the next)
-        self._side_runs, self._side_busy, self._side_rows = 0, 0, 0    # side work begun, running now; rows it put in
+        self._side_encodes, self._side_busy = 0, 0     # side-worker encodes begun, running now
+        self._side_rows = self._rows_traced = 0         # rows the side worker prefilled (up to the last trace line)
         self.turns = threading.Condition()
+        self.exclusive = threading.Lock()   # a decode step or a side prefill piece, one at a time
         self.metrics = metrics or Metrics()
         self.log = log or (lambda s: None)
         why = backend.chunked_image_why() if self.prefill_chunk else None
@@ -322,7 +324,7 @@ class Engine:
         """_encode on the side worker, unless the request was cancelled while it waited there (None)."""
         if job.cancelled.is_set():
             return None
-        self._side_runs, self._side_busy = self._side_runs + 1, self._side_busy + 1
+        self._side_encodes, self._side_busy = self._side_encodes + 1, self._side_busy + 1
         try:
             return self._encode(job, index)
         finally:
@@ -330,22 +332,25 @@ class Engine:
 
     def _side_drive(self, slot: Slot, job: Job):
         """_drive on the side worker, taking turns with the decode loop: one piece (sized by time: PieceSizer)
-        beside each decode step of the running streams. After a piece it waits until a step has ended since (none
-        decoding: it goes on), so the streams' steps share the cores with at most one piece each."""
+        between two decode steps of the running streams, never beside one (self.exclusive). After a piece it
+        waits until a step has ended since (none decoding: it goes on). Measured (bench_serve --arrivals --trace,
+        torch, 2 cores): a step beside a side prefill piece took 3x a calm one (both threads' small torch ops take
+        the GIL in turn), so the piece and the step are not run at once; the images, encoded before (_start),
+        still run beside the steps."""
         st, seen = slot.state, None
         while True:
             with self.turns:
                 while (seen is not None and self._steps == seen and self._live and self.running
                        and not job.cancelled.is_set()):
                     self.turns.wait(0.05)
-            self._side_runs, self._side_busy = self._side_runs + 1, self._side_busy + 1
-            t0, n0 = time.perf_counter(), st.length
+            n0 = st.length
             try:
-                next(slot.pieces)
+                with self.exclusive:
+                    t0 = time.perf_counter()
+                    next(slot.pieces)
             except StopIteration as e:
                 return e.value
             finally:
-                self._side_busy -= 1
                 rows = st.length - n0
                 self._side_rows += max(rows, 0)
                 if self.sizer is not None:
@@ -382,16 +387,16 @@ class Engine:
         slot.held, slot.fed = slot.held[:k], []
         self.prefill_rows_saved += st.length
         slot.pieces = self._prefill(slot, job, k, j, "side" if self.side_prefill else "loop")
+        if self.side is not None:                # the images encoded on the side worker, from now on (before a
+            for (kind, data), key in zip(job.segments[k:], segment_keys(job)[k:]):      # prefill there: in order)
+                if kind == "image" and key[1] not in self.rows_cache and key[1] not in slot.encodes:
+                    fut = slot.encodes[key[1]] = self.side.submit(self._side_encode, job, data)
+                    fut.add_done_callback(self._wake)
         if self.side_prefill:                    # the whole prefill on the side worker (a busy state)
             st.busy = True
             slot.side = self.side.submit(self._side_drive, slot, job)
             slot.side.add_done_callback(self._wake)
             return
-        if self.side is not None:                # the images encoded on the side worker, from now on
-            for (kind, data), key in zip(job.segments[k:], segment_keys(job)[k:]):
-                if kind == "image" and key[1] not in self.rows_cache and key[1] not in slot.encodes:
-                    fut = slot.encodes[key[1]] = self.side.submit(self._side_encode, job, data)
-                    fut.add_done_callback(self._wake)
         if not self.prefill_chunk:
             self._first(slot, job, _drive(slot.pieces))
 
@@ -575,17 +580,17 @@ class Engine:
             return
         side = (sum(s.side is not None and not s.side.done() for s in self.slots),
                 sum(not f.done() for s in self.slots for f in s.encodes.values())) if self._trace else None
-        side0, rows0 = (self._side_runs, self._side_busy), self._side_rows
-        t0 = time.perf_counter()
         try:
-            outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
+            with self.exclusive:                # (a side prefill piece ends first)
+                side0, t0 = (self._side_encodes, self._side_busy), time.perf_counter()
+                outs = self.b.decode_batch([s.state for s in live], [s.ans.ids[-1] for s in live])
+                t1 = time.perf_counter()
         except Exception as e:
             for s in live:
                 self._finish(s, error=f"decoding failed: {e}")
             self._set_live()
             return
-        t1 = time.perf_counter()
-        if self.sizer is not None and side0 == (self._side_runs, 0) and not self._side_busy:    # a calm step
+        if self.sizer is not None and side0 == (self._side_encodes, 0) and not self._side_busy:    # no encode beside
             self.sizer.step(len(live), t1 - t0)
         with self.metrics.lock:
             self.metrics.decode_seconds += t1 - t0
@@ -595,7 +600,8 @@ class Engine:
             self._trace.write(json.dumps({
                 "t": t_turn, "admit": t_admit - t_turn, "admitted": len(admit), "prefill": t_prefill - t_admit,
                 "decode": t1 - t0, "live": len(live), "side_prefill": side[0], "side_encode": side[1],
-                "rows": self._piece_rows, "side_rows": self._side_rows - rows0}) + "\n")
+                "rows": self._piece_rows, "side_rows": self._side_rows - self._rows_traced}) + "\n")
+            self._rows_traced = self._side_rows
         for s, logits in zip(live, outs):
             s.fed.append(s.ans.ids[-1])
             try:
