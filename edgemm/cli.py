@@ -299,6 +299,19 @@ def doctor(bundle, device, json_path):
         write_json_atomic(json_path, f)
 
 
+def _prefill_chunk(value):
+    """serve --prefill-chunk: auto -> None (the engine's maximum), else rows >= 0."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise click.BadParameter(f"{value!r}: give auto or a number of rows >= 0")
+    return rows
+
+
 @main.command()
 @click.option("--model", "models", multiple=True, help="Checkpoint directory or preset to serve (repeatable; "
               "default tiny-shapes when no --bundle is given).")
@@ -319,8 +332,11 @@ def doctor(bundle, device, json_path):
               "working buffers are planned to fit it (edgemm.memory); a configuration that cannot is refused.")
 @click.option("--max-queue", default=16, show_default=True, type=int, help="Requests waiting beyond the slots; "
               "more get 503 with Retry-After.")
-@click.option("--prefill-chunk", default=None, type=click.IntRange(min=0), help="Prompt rows a newcomer's prefill "
-              "runs between two decode steps of the running streams (default 16; 0: the whole prompt at once).")
+@click.option("--prefill-chunk", default="auto", show_default=True, callback=lambda c, p, v: _prefill_chunk(v),
+              help="Most prompt rows a newcomer's prefill piece takes between two decode steps of the running "
+              "streams. Within it each piece is sized by measured time: the server times its decode steps and "
+              "prefill rows and gives a piece 0.75x the running streams' step (at least 4 rows; the maximum "
+              "when none decodes). auto: at most 64 rows; N: at most N; 0: the whole prompt at once.")
 @click.option("--stream-interval", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Milliseconds: "
               "a streamed answer's text is sent at most this often, the tokens decoded meanwhile in one chunk (the "
               "first token at once; 0: a chunk per token, measured as fast as 20 ms with one client).")
