@@ -335,7 +335,7 @@ def _prefill_chunk(value):
 @click.option("--prefill-chunk", default="auto", show_default=True, callback=lambda c, p, v: _prefill_chunk(v),
               help="Most prompt rows a newcomer's prefill piece takes between two decode steps of the running "
               "streams. Within it each piece is sized by measured time: the server times its decode steps and "
-              "prefill rows and gives a piece 0.75x the running streams' step (at least 4 rows; the maximum "
+              "prefill rows and gives a piece 0.5x the running streams' step (at least 4 rows; the maximum "
               "when none decodes). auto: at most 64 rows; N: at most N; 0: the whole prompt at once.")
 @click.option("--stream-interval", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Milliseconds: "
               "a streamed answer's text is sent at most this often, the tokens decoded meanwhile in one chunk (the "

@@ -182,7 +182,10 @@ class Metrics:
 # streams there; a GPU's step and piece costs are far apart, so the time rule, not this cap, sizes pieces
 PREFILL_CHUNK = 64
 PIECE_FLOOR = 4         # rows a piece takes at least (a prefill always progresses)
-PIECE_SHARE = 0.75      # a piece costs at most this share of the decode step it comes with
+# a piece costs at most this share of the decode step it comes with: a turn with a piece stays within 1.5x the
+# step, and within 2x the step before a newcomer began decoding too (torch steps its streams one after another:
+# a 4th stream makes the step 4/3; 4/3 x 1.5 = 2)
+PIECE_SHARE = 0.5
 
 
 class PieceSizer:
