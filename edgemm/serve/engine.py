@@ -336,10 +336,10 @@ class Engine:
     def _side_drive(self, slot: Slot, job: Job):
         """_drive on the side worker, taking turns with the decode loop: one piece (sized by time: PieceSizer)
         between two decode steps of the running streams, never beside one (self.exclusive). After a piece it
-        waits until a step has ended since (none decoding: it goes on). Measured (bench_serve --arrivals --trace,
-        torch, 2 cores): a step beside a side prefill piece took 3x a calm one (both threads' small torch ops take
-        the GIL in turn), so the piece and the step are not run at once; the images, encoded before (_start),
-        still run beside the steps."""
+        waits until a step has ended since (none decoding: it goes on). Traced (bench_serve --arrivals --trace,
+        torch, 2 cores, load 6.6): a step beside a side piece took 3x a calm one (CPU share or the GIL: not told
+        apart), so a piece and a step do not run at once; the images, encoded before (_start), still run beside
+        the steps."""
         st, seen = slot.state, None
         while True:
             with self.turns:
