@@ -19,16 +19,17 @@ them --rounds times. Printed: the TTFT of each turn on both and the prompt token
 --arrivals S: prefill that does not stall decoding (issue 31). 3 streams decode --max-tokens tokens each while a new
 image request (4 tokens; each a different image, so none is served from the prompt cache) arrives every S seconds,
 against three servers started here: one prefilling a newcomer's whole prompt before the next decode step
-(--prefill-chunk 0 --side-threads 0), one in pieces of --prefill-chunk rows between the streams' steps, the image
-encode one piece among them (--side-threads 0), and one with its side worker (--side-threads, default the server's:
-the encode, and on torch / ort the whole prefill, on another thread beside the decode loop); each round measures
-every server without arrivals, then with them (servers alternating).
+(--prefill-chunk 0 --side-threads 0), one in pieces between the streams' steps (sized by measured time, at most
+--prefill-chunk rows: default the server's), the image encode one piece among them (--side-threads 0), and one with
+its side worker (--side-threads, default the server's: the encode beside the decode loop, and on torch / ort the
+prefill's pieces on that thread, one between two steps); each round measures every server without arrivals, then
+with them (servers alternating).
 Printed: the median gap between the streams' tokens without arrivals, their p50 / p95 / max gap with arrivals,
 and p95 over the median without (issue 31's acceptance: within 2x). Gaps count from when all 3 streams have
 their first token until the first finishes; the newcomers still running then are closed (cancelled). Gaps are per
 token: a chunk covering m tokens (text held back until a UTF-8 character completes) is m gaps of its gap / m.
---trace: each server writes its loop turns (EDGEMM_ENGINE_TRACE: admission, loop prefill piece, decode_batch, live
-streams, side-worker prefills / encodes running) and the turns in the arrival windows longer than 2x the calm median
+--trace: each server writes its loop turns (EDGEMM_ENGINE_TRACE: admission, loop prefill piece and its rows,
+decode_batch, live streams, side-worker prefills / encodes running, rows the side worker prefilled since) and the turns in the arrival windows longer than 2x the calm median
 gap are broken down: what makes the worst gaps, measured.
 
 --vs-raw: one client's decode speed through the server against the backend's own decode loop on the same bundle
