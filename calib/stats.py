@@ -11,8 +11,9 @@ Per layer: the absolute max, the max per input channel (SmoothQuant), a histogra
 range that doubles as needed, merging bin pairs, so it stays exact), a few sampled input rows (to measure each
 layer's quantization error for --keep-sensitive), and a signature of the weight (its first two input rows),
 which lets a quantizer find the layer behind any ONNX MatMul/Gemm whatever the graph names it. Also the sum of
-squares per input channel over every row (`sum2`: llama.cpp's importance matrix, edgemm.export.gguf_imatrix) and,
-with collect_stats(hessian=True), the second moment X^T X of layers up to XTX_MAX_IN inputs (GPTQ's Hessian).
+squares per input channel over every row (`sum2`), the same of the rows as ggml's CPU k-quant kernels round them
+(`sum2_q8k`, q8k_round: llama.cpp's importance matrix, edgemm.export.gguf_imatrix) and, with
+collect_stats(hessian=True), the second moment X^T X of layers up to XTX_MAX_IN inputs (GPTQ's Hessian).
 
 The clipping threshold (amax) of a layer's activations comes from one of three methods: `max`, `percentile`
 (of |x|, default 99.99) and `entropy` (TensorRT's KL-divergence search over the histogram, 128 levels).
@@ -35,7 +36,8 @@ NBINS = 2048
 KEEP_ROWS = 32
 XTX_MAX_IN = 4096                 # hessian=True: X^T X kept for layers with at most this many inputs
 METHODS = ("max", "percentile", "entropy")
-STATS_VERSION = 2                 # 2: sum2 (and xtx); version-1 files load without them
+STATS_VERSION = 3                 # 2: sum2 (and xtx); 3: sum2_q8k; older files load without them
+QK_K = 256                        # ggml's k-quant super-block: Q4_K..Q6_K weights multiply Q8_K activations
 DEFAULT_PERCENTILE = 99.99
 
 
@@ -61,6 +63,7 @@ class LayerStats:
     weight_absmax: np.ndarray = None # [in]: max |W| per input channel (SmoothQuant)
     sum2: np.ndarray = None          # [in] float64: sum of x_j^2 over every row (llama.cpp's imatrix in_sum2)
     xtx: np.ndarray = None           # [in, in] float64: sum of x x^T over every row (GPTQ's Hessian), if asked
+    sum2_q8k: np.ndarray = None      # [in] float64: sum of q8k_round(x)_j^2 (in_features a multiple of QK_K)
 
     @property
     def hessian(self) -> np.ndarray | None:
@@ -84,6 +87,9 @@ class LayerStats:
         self.absmax = max(self.absmax, m)
         x64 = x.astype(np.float64)
         self.sum2 = (0 if self.sum2 is None else self.sum2) + (x64 * x64).sum(0)
+        if self.in_features % QK_K == 0:
+            xq = q8k_round(x).astype(np.float64)
+            self.sum2_q8k = (0 if self.sum2_q8k is None else self.sum2_q8k) + (xq * xq).sum(0)
         if self.xtx is not None:
             self.xtx += x64.T @ x64
         # reservoir-ish sample of rows
@@ -105,8 +111,9 @@ class LayerStats:
                          max(self.absmax, other.absmax), np.maximum(self.chan_absmax, other.chan_absmax),
                          a.hist + hb, a.hist_range, self.count + other.count,
                          np.concatenate([self.rows, other.rows]), self.wsig, self.weight_absmax)
-        if self.sum2 is not None and other.sum2 is not None:
-            out.sum2 = self.sum2 + other.sum2
+        for name in ("sum2", "sum2_q8k"):
+            if getattr(self, name) is not None and getattr(other, name) is not None:
+                setattr(out, name, getattr(self, name) + getattr(other, name))
         if self.xtx is not None and other.xtx is not None:
             out.xtx = self.xtx + other.xtx
         return out
@@ -124,6 +131,20 @@ class LayerStats:
         if method == "entropy":
             return float(min(entropy_threshold(self.hist, levels) * width, self.absmax))
         raise EdgemmError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+
+
+def q8k_round(x: np.ndarray) -> np.ndarray:
+    """Rows [..., n] (n a multiple of QK_K) as ggml's CPU kernels multiply them with Q4_K / Q5_K / Q6_K weights:
+    each run of 256 inputs rounded to int8 with one scale, -127 / (the run's value of largest |x|)
+    (ggml-quants.c quantize_row_q8_K_ref), then back to floats. With an activation outlier in a run, the run's
+    other inputs keep few levels (tests/test_gguf_imatrix.py checks this against ggml's own functions)."""
+    x = np.asarray(x, np.float32)
+    b = x.reshape(*x.shape[:-1], -1, QK_K)
+    mx = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0)).astype(np.float32)
+        q = np.minimum(np.rint(iscale * b), 127)
+        return np.where(mx != 0, q * (np.float32(1) / iscale), np.float32(0)).astype(np.float32).reshape(x.shape)
 
 
 def entropy_threshold(hist: np.ndarray, levels: int = 128) -> float:
@@ -206,7 +227,7 @@ class Stats:
             index.append({"key": k, "stage": v.stage, "module": v.module, "branch": v.branch,
                           "in_features": v.in_features, "absmax": v.absmax, "hist_range": v.hist_range,
                           "count": v.count})
-            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "xtx"):
+            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "sum2_q8k", "xtx"):
                 if getattr(v, name) is not None:
                     arrays[f"{i}.{name}"] = getattr(v, name)
         meta = json.dumps({"meta": self.meta, "index": index, "version": STATS_VERSION})
@@ -225,13 +246,13 @@ class Stats:
         except Exception as e:
             raise EdgemmError(f"calibration statistics {path} are unreadable ({e}); delete the file and "
                               "run `edgemm calibrate` again") from None
-        if info.get("version") not in (1, STATS_VERSION):
+        if info.get("version") not in (1, 2, STATS_VERSION):
             raise EdgemmError(f"{path} has statistics version {info.get('version')}, expected {STATS_VERSION}")
         layers = {}
         for i, row in enumerate(info["index"]):
             v = LayerStats(row["key"], row["stage"], row["module"], row["branch"], row["in_features"],
                            row["absmax"], hist_range=row["hist_range"], count=row["count"])
-            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "xtx"):
+            for name in ("chan_absmax", "hist", "rows", "wsig", "weight_absmax", "sum2", "sum2_q8k", "xtx"):
                 if f"{i}.{name}" in z:
                     setattr(v, name, z[f"{i}.{name}"])
             layers[row["key"]] = v

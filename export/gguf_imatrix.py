@@ -3,7 +3,14 @@
 llama.cpp's k-quants (and q4_0 / iq types) take an importance matrix: per input column of each weight matrix, the
 mean of x_j^2 over the rows the matrix multiplied (tools/imatrix collects the sums over a text file; tools/quantize
 loads them and divides by the row counts). Here the sums come from the calibration set as the exported stages see it
-(edgemm.calib.stats: every Linear's input, per stage and modality branch, `sum2` and `count`), so the vision
+(edgemm.calib.stats: every Linear's input, per stage and modality branch, and `count`). They are the sums of the
+inputs as ggml's CPU kernels multiply a K-quant's weights: each row rounded to Q8_K, one int8 scale a run of 256
+inputs (`sum2_q8k`, calib.stats.q8k_round), not of the float inputs llama-imatrix sums (`sum2`, used for tensors
+whose rows are not runs of 256, and for older statistics). The two differ where it matters: beside an activation
+outlier a run's small inputs round to few levels (often 0), so a column whose float activations are small still
+carries the rounding's noise; weighted by the float sums the quantizer lets such a column's weights err, and on the
+outlier model (benchmarks/bench_gguf_imatrix.py) that made q4_k_m with the matrix fit the fp32 model worse than
+without it in llama.cpp, while fake-quantized in torch with float activations it fit better. So the vision
 branch's tensors (blk.N.vis_*) are weighted by image rows and the text branch's by text rows; a tensor both read
 (the LM head, a single-branch LLaVA decoder's layers) gets both sums added, as llama-imatrix running both would.
 
@@ -39,14 +46,16 @@ def tensor_names(module: str, arch: str) -> list[str]:
 
 
 def imatrix_entries(stats, arch: str) -> dict:
-    """{GGUF tensor name: (sum of x^2 per input column [n_in] float64, rows)} from the decoder stages' statistics."""
+    """{GGUF tensor name: (sum of x^2 per input column [n_in] float64, x as ggml's kernels round it where the
+    statistics have it, rows)} from the decoder stages' statistics."""
     out: dict = {}
     for v in stats.layers.values():
-        if not v.stage.startswith("decoder_") or v.sum2 is None:
+        sums = v.sum2 if v.sum2_q8k is None else v.sum2_q8k
+        if not v.stage.startswith("decoder_") or sums is None:
             continue
         for name in tensor_names(v.module, arch):
             s, n = out.get(name, (0.0, 0))
-            out[name] = (np.asarray(v.sum2, np.float64) + s, n + int(v.count))
+            out[name] = (np.asarray(sums, np.float64) + s, n + int(v.count))
     if not out and any(v.stage.startswith("decoder_") for v in stats.layers.values()):
         raise EdgemmError("these calibration statistics have no sums of squares (version 1): collect them again "
                           "(`edgemm calibrate --refresh`) for an importance matrix")
