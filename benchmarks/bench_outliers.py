@@ -7,6 +7,8 @@
     python benchmarks/bench_outliers.py --layer-errors-only                 # per-layer 4-bit errors, no bundles
     python benchmarks/bench_outliers.py --out runs/outliers --report-only   # the table and checks of the last run
     python benchmarks/bench_outliers.py --spec kquant --out runs/outliers-kq --limit 200   # with weight outliers
+    python benchmarks/bench_outliers.py --spec kquant --recipes q4_k_m,q4_k_m-imatrix --measure-refused ...
+                                        # only these (and fp32); GGUF bundles the export's check refuses measured
 
 Prints the per-branch activation outliers from the calibration statistics (edgemm.outliers.format_outliers), then
 exports --model as ONNX bundles with the recipes fp32, int8 (W8A8, an activation scale per branch: text rows and
@@ -74,7 +76,15 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="re-export bundles that exist")
     ap.add_argument("--layer-errors-only", action="store_true", help="print the per-layer 4-bit errors and stop")
     ap.add_argument("--report-only", action="store_true", help="print the table and checks of OUT/bench/bench.json")
+    ap.add_argument("--recipes", default=None, help="comma-separated recipes to run (fp32 always): "
+                    + ", ".join([*RECIPES, *GGUF]))
+    ap.add_argument("--measure-refused", action="store_true", help="GGUF bundles the export's validation refuses "
+                    "are kept and measured (marked refused in the table) instead of scored 0")
     a = ap.parse_args(argv)
+    want = set(a.recipes.split(",")) if a.recipes else None
+    unknown = (want or set()) - {*RECIPES, *GGUF}
+    if unknown:
+        ap.error(f"unknown recipe(s) {', '.join(sorted(unknown))}; recipes: {', '.join([*RECIPES, *GGUF])}")
     import torch
     from edgemm.bench import bench
     from edgemm.calib.stats import collect_stats
@@ -95,28 +105,37 @@ def main(argv=None):
         print("\n4-bit weight rounding, relative output error on the calibration rows (H-weighted), block 128")
         print(layer_errors(a.model, stats))
         return
-    paths, refused = [], {}
+    paths, refused, refused_kept = [], {}, {}
     from edgemm.errors import EdgemmError
     for name, (prec, recipe) in RECIPES.items():
+        if want and name != "fp32" and name not in want:
+            continue
         try:
             paths += export_all(a.model, out / name.replace("-", "_"), [prec], stats=stats, threads=threads,
                                 force=a.force, recipes={"vision": prec, "decoder": recipe} if recipe else None)
         except EdgemmError as e:                       # the exporter's own check refused it: a result, not a crash
             refused[name] = str(e)
             err(f"{name}: {e}")
+    from edgemm.bundle import read_manifest
     from edgemm.export.gguf import export_gguf
     for name, imx in GGUF.items():
+        if want and name not in want:
+            continue
         dst = out / name.replace("-", "_") / "q4_k_m"
         try:
             if not dst.exists() or a.force:
                 export_gguf(model=a.model, out=dst, precision="q4_k_m", force=True, threads=threads, imatrix=imx,
-                            stats=stats if imx else None, log=err)
+                            stats=stats if imx else None, log=err, strict=not a.measure_refused)
+            why = read_manifest(dst).get("validation", {}).get("refused")
+            if why:
+                refused_kept[name] = why
             paths.append(str(dst))
         except EdgemmError as e:
             refused[name] = str(e)
             err(f"{name}: {e}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "refused.json").write_text(json.dumps(refused, indent=1))
+    (out / "refused_kept.json").write_text(json.dumps(refused_kept, indent=1))
     rep = bench(paths, limit=a.limit, fidelity_n=a.fidelity_n, threads=threads, out=out / "bench",
                 repeats=a.repeats, log=err)
     report(a, rep)
@@ -128,6 +147,7 @@ def report(a, rep: dict) -> None:
     rows = {names[Path(r["bundle"]).parent.name]: r for r in rep["results"]}
     out = Path(a.out)
     refused = json.loads((out / "refused.json").read_text()) if (out / "refused.json").is_file() else {}
+    kept = json.loads((out / "refused_kept.json").read_text()) if (out / "refused_kept.json").is_file() else {}
     for name, why in refused.items():                  # refused by the export's validation: no bundle, accuracy 0
         rows[name] = {"error": f"refused by the exporter: {why}", "accuracy": 0.0}
     fp32 = rows["fp32"].get("accuracy")
@@ -139,18 +159,31 @@ def report(a, rep: dict) -> None:
             print(f"{name:<15} error: {r['error']}")
             continue
         print(f"{name:<15} {r['accuracy']:>8.3f} {r['accuracy'] / fp32:>8.1%} {r.get('top1_agreement', 0):>6.3f} "
-              f"{r.get('mean_kl', 0):>9.2e} {r['decode_tok_s']:>7.1f} {r['size_mb']:>6.1f}  {r.get('recipe')}")
+              f"{r.get('mean_kl', 0):>9.2e} {r['decode_tok_s']:>7.1f} {r['size_mb']:>6.1f}  {r.get('recipe')}"
+              + ("  [refused by the export's check, kept by --measure-refused]" if name in kept else ""))
+    for name, why in kept.items():
+        print(f"  {name}: {why}")
     acc = {n: r.get("accuracy") for n, r in rows.items()}
-    checks = {f"int4 (RTN) below fp32 by > {a.margin:g}": fp32 - acc["int4"] > a.margin,
-              f"int8-shared below fp32 by > {a.margin:g}": fp32 - acc["int8-shared"] > a.margin,
-              "best int8 recipe (per-branch: int8, int8-sq) >= 99% of fp32":
-                  max(acc["int8"], acc.get("int8-sq") or 0) >= 0.99 * fp32,
-              "best 4-bit onnx recipe >= 97% of fp32":
-                  max(acc["int4-awq"], acc["int4-gptq"], acc["int4-awq-gptq"]) >= 0.97 * fp32,
-              "q4_k_m with the importance matrix >= 97% of fp32": acc["q4_k_m-imatrix"] >= 0.97 * fp32,
-              "q4_k_m with the importance matrix above q4_k_m without": acc["q4_k_m-imatrix"] > acc["q4_k_m"],
-              "q4_k_m with the importance matrix: mean KL to fp32 below q4_k_m's":
-                  rows["q4_k_m-imatrix"].get("mean_kl", 1) < rows["q4_k_m"].get("mean_kl", 0)}
+    have = lambda *ns: all(acc.get(n) is not None for n in ns)  # noqa: E731  (--recipes: checks of what ran)
+    checks = {}
+    if have("int4"):
+        checks[f"int4 (RTN) below fp32 by > {a.margin:g}"] = fp32 - acc["int4"] > a.margin
+    if have("int8-shared"):
+        checks[f"int8-shared below fp32 by > {a.margin:g}"] = fp32 - acc["int8-shared"] > a.margin
+    if have("int8") or have("int8-sq"):
+        checks["best int8 recipe (per-branch: int8, int8-sq) >= 99% of fp32"] = \
+            max(acc.get("int8") or 0, acc.get("int8-sq") or 0) >= 0.99 * fp32
+    if have("int4-awq") or have("int4-gptq") or have("int4-awq-gptq"):
+        checks["best 4-bit onnx recipe >= 97% of fp32"] = \
+            max(acc.get(n) or 0 for n in ("int4-awq", "int4-gptq", "int4-awq-gptq")) >= 0.97 * fp32
+    if have("q4_k_m-imatrix"):
+        checks["q4_k_m with the importance matrix >= 97% of fp32"] = acc["q4_k_m-imatrix"] >= 0.97 * fp32
+    if have("q4_k_m", "q4_k_m-imatrix"):
+        checks["q4_k_m with the importance matrix above q4_k_m without"] = acc["q4_k_m-imatrix"] > acc["q4_k_m"]
+        checks["q4_k_m with the importance matrix: mean KL to fp32 below q4_k_m's"] = \
+            rows["q4_k_m-imatrix"].get("mean_kl", 1) < rows["q4_k_m"].get("mean_kl", 0)
+    if kept:
+        checks["every GGUF bundle passed the export's check"] = False
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
     (out / "outliers.json").write_text(json.dumps({"model": a.model, "limit": a.limit, "accuracy": acc,

@@ -209,10 +209,11 @@ def write_decoder_gguf(model, tok, path: Path, name: str, chat_template: str | N
     write_decoder(model, tok, path, name, decoder_arch(model.cfg), chat_template, tok_fields)
 
 
-def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: int, log=print) -> dict:
+def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: int, log=print,
+             strict: bool = True) -> dict:
     """Run the files in llama.cpp and compare with the reference (gguf_validate.validate). -> figures (raises when
-    f32/f16 are off)."""
-    return gguf_validate.validate(model, tok, decoder, mmproj, precision, threads, is_llava(model.cfg), log)
+    they are off, unless not strict)."""
+    return gguf_validate.validate(model, tok, decoder, mmproj, precision, threads, is_llava(model.cfg), log, strict)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -226,12 +227,13 @@ def _source(spec) -> dict:
 
 def export_gguf(model=None, out=None, precision=None, force=False, calib=None, no_build=False, log=print,
                 threads: int | None = None, vision: str | None = None, imatrix: bool | None = None,
-                stats=None) -> dict:
+                stats=None, strict: bool = True) -> dict:
     """Export `model` (checkpoint dir or preset) to a GGUF bundle at `out`. -> the manifest.
     vision: auto (the support matrix decides), mmproj (llama.cpp's clip/mtmd) or onnx (vision.onnx, ONNX Runtime
     beside llama.cpp's decoder: vision_stage). imatrix: quantize the decoder with an importance matrix from the
     calibration set's text and image rows (gguf_imatrix); default: for the k-quants when `calib` or `stats`
-    (calibration statistics: edgemm.calib.stats.Stats or a file) is given."""
+    (calibration statistics: edgemm.calib.stats.Stats or a file) is given. strict=False (benchmarks only): a bundle
+    the validation refuses is written anyway, its manifest's validation saying why (passed false, refused)."""
     log = log or (lambda s: None)
     from edgemm.bundle import bundle_writer, tool_versions, write_manifest
     from edgemm.checkpoint import load_model
@@ -282,7 +284,8 @@ def export_gguf(model=None, out=None, precision=None, force=False, calib=None, n
         tok.save(tmp / "tokenizer.json")
         (tmp / "chat_template.jinja").write_text(template)
         log("validating in llama.cpp ...")
-        figures = validate(m, tok, tmp / dec_file, tmp / mm_file, {"decoder": dprec, "vision": vtype}, threads, log)
+        figures = validate(m, tok, tmp / dec_file, tmp / mm_file, {"decoder": dprec, "vision": vtype}, threads, log,
+                           strict)
         dec_table = gguf_tensor_table(tmp / dec_file)
         qwen = cfg.vision.tiling == "qwen2vl"                   # (any image size, M-RoPE)
         manifest = {

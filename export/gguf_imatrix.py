@@ -45,12 +45,13 @@ def tensor_names(module: str, arch: str) -> list[str]:
     return [f"blk.{i}.{n}.weight" for n in DECODER_ARCHS[arch].tensor_names(branch).get(kind, [])]
 
 
-def imatrix_entries(stats, arch: str) -> dict:
+def imatrix_entries(stats, arch: str, q8k: bool = True) -> dict:
     """{GGUF tensor name: (sum of x^2 per input column [n_in] float64, x as ggml's kernels round it where the
-    statistics have it, rows)} from the decoder stages' statistics."""
+    statistics have it (q8k=False: the float inputs' sums, as llama-imatrix), rows)} from the decoder stages'
+    statistics."""
     out: dict = {}
     for v in stats.layers.values():
-        sums = v.sum2 if v.sum2_q8k is None else v.sum2_q8k
+        sums = v.sum2 if v.sum2_q8k is None or not q8k else v.sum2_q8k
         if not v.stage.startswith("decoder_") or sums is None:
             continue
         for name in tensor_names(v.module, arch):
