@@ -13,7 +13,8 @@ the mean KL(fp32 || quantized) on the GGUF export check's fidelity prompts (expo
 ways: run by llama.cpp; the dequantized weights in the torch model (float activations); the same with every decoder
 linear's input rounded to Q8_K as ggml's kernels do. The third reproducing the first is the evidence that the
 activation rounding, not the weights, decides. --accuracy N: accuracy on N test questions of the torch model with the
-dequantized weights and Q8_K inputs (fp32 with Q8_K inputs as a baseline). --ablate: the q4_k_m file with one tensor
+dequantized weights and Q8_K inputs (fp32 with Q8_K inputs as a baseline). Also the llama.cpp KL per position:
+the check's mean over 30 positions of one image is decided by one or two of them. --ablate: the q4_k_m file with one tensor
 kind swapped for the float-sum matrix file's (Q8_K inputs).
 """
 from __future__ import annotations
@@ -129,10 +130,14 @@ def main(argv=None):
     with torch.inference_mode():
         rows = m.encode_image(torch.from_numpy(np.asarray(preprocess_image(validation_image(cfg), cfg.vision))))
 
+    per = {}
+
     def llama(path):
         run = LlamaRunner(path, cfg.decoder.max_seq_len, threads, n_batch=512, f32_kv=True)
         try:
-            return fidelity(m, tok, run, rows)["mean_kl"]
+            r = fidelity(m, tok, run, rows)
+            per[path] = r["kl_per_position"]
+            return r["mean_kl"]
         finally:
             run.close()
     print(f"{a.model} (spec {a.spec}): mean KL(fp32 || file) on the GGUF check's fidelity prompts")
@@ -142,6 +147,9 @@ def main(argv=None):
         dq = dequantized(m, p)
         print(f"{label:<36} {llama(p):>10.4f} {fidelity(m, tok, TorchRun(dq), rows)['mean_kl']:>20.4f} "
               f"{fidelity(m, tok, TorchRun(q8k_inputs(copy.deepcopy(dq))), rows)['mean_kl']:>19.4f}", flush=True)
+    print("\nllama.cpp, KL per position (questions x positions; the mean is decided by a few):")
+    for label, p in paths.items():
+        print(f"{label:<36} " + " ".join(f"{k:.3f}" for k in per[p]))
     if a.accuracy:
         from edgemm.evaluate import evaluate
         from edgemm.runtimes.torch_backend import TorchBackend

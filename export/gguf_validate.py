@@ -124,7 +124,8 @@ def fidelity(model, tok, run, rows_ref) -> dict:
             n += 1
     sure = [a for a, confident in agree if confident]
     return {"prompts": len(FIDELITY_QUESTIONS), "positions": len(kls), "mean_kl": float(np.mean(kls)),
-            "max_kl": float(np.max(kls)), "top1": float(np.mean([a for a, _ in agree])),
+            "max_kl": float(np.max(kls)), "kl_per_position": [round(k, 4) for k in kls],
+            "top1": float(np.mean([a for a, _ in agree])),
             "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None}
 
 
