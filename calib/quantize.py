@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemm.errors import EdgemmError
+from edgemm.calib.stats import XTX_MAX_IN
 
 STAGES = ("vision", "decoder_text", "decoder_image")
 from .recipes import QUANTIZED as PRECISIONS  # noqa: E402
@@ -384,7 +385,7 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
     matcher = _Matcher(_stage_layers(stats, stage))
     wkind = r.weights
     akind = r.activations
-    records = []
+    records, wide = [], []            # wide: GPTQ layers past XTX_MAX_IN inputs (AWQ / round-to-nearest)
     if wkind == "fp8":
         _upgrade_opset(model, 19)
     if r.granularity in ("block", "dynamic"):
@@ -438,12 +439,16 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             got = dynamic_fake_quant(X) @ deq
         else:
             bits = 8 if wkind == "int8" else 4
-            if r.gptq:
-                H = layer.hessian if layer is not None else None
-                if H is None:
+            H = layer.hessian if r.gptq and layer is not None else None
+            if r.gptq and H is None:
+                if layer is not None and Wio.shape[0] > XTX_MAX_IN:     # by design: X^T X is not kept this wide
+                    rec["gptq"] = f"none ({Wio.shape[0]} inputs: X^T X is kept up to {XTX_MAX_IN})"
+                    wide.append(layer.key)
+                else:
                     raise EdgemmError(f"the {r.name} recipe needs each layer's Hessian: calibration statistics "
                                       "collected with hessian=True (layer "
                                       f"{layer.key if layer else rec['node']} has none)")
+            if H is not None:
                 sc = awq_scales(Wio, X, layer.chan_absmax, bits, r.block_size) if r.awq else np.ones(len(Wio))
                 # AWQ first (W' = diag(s) W sees inputs x / s: H' = diag(1/s) H diag(1/s)), then GPTQ's rounding
                 packed, s, deq = gptq_blockwise(Wio * sc[:, None], H / np.outer(sc, sc), bits, r.block_size,
@@ -545,6 +550,9 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
     n_q = sum(1 for x in records if not x["got"].startswith("original"))
     n_k = len(records) - n_q
     errs = [x["rel_err"] for x in records if "rel_err" in x]
+    if wide:
+        log(f"note: {len(wide)} layer(s) of {stage} have more than {XTX_MAX_IN} inputs, where no X^T X is kept: "
+            f"{'AWQ' if r.awq else 'round-to-nearest'} without GPTQ there ({wide[0]}{', ...' if len(wide) > 1 else ''})")
     log(f"quantized {stage} ({r.name}): {n_q} of {len(records)} weight MatMul/Gemm"
         + (f", {n_k} kept at original precision" if n_k else "")
         + (f"; layer error median {np.median(errs):.3g}, max {max(errs):.3g}" if errs else "")

@@ -287,3 +287,36 @@ def test_calibrated_default_recipe(tmp_path):
         quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=stats, log=said.append)
         assert stages["decoder_text"]["quantization"]["recipe"]["name"] == "int4-awq"
         assert any("no Hessians" in x for x in said)
+
+
+def test_gptq_layers_wider_than_the_kept_hessians_fall_back(tmp_path):
+    """A layer with more inputs than XTX_MAX_IN (Qwen2.5-0.5B's FFN down: 4864) has no X^T X in hessian=True
+    statistics; int4-awq-gptq quantizes it as int4-awq (recorded, said once) instead of refusing the export,
+    while a layer within the limit but without its Hessian is still refused."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from edgemm.calib.quantize import quantize_stage
+    from edgemm.calib.recipes import get_recipe
+    from edgemm.calib.stats import XTX_MAX_IN, Stats
+    from tests.test_calib import _mm_model, _run
+    rng = np.random.default_rng(3)
+    K, N = XTX_MAX_IN + 128, 8
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((1, 16, K)).astype(np.float32)
+    x[..., :4] *= 30
+    onnx.save(_mm_model(W), tmp_path / "in.onnx")
+    stats = Stats.of_matrix(W, x, rng)                  # (collect_stats keeps no X^T X past XTX_MAX_IN inputs)
+    said, y = [], {}
+    for recipe in ("int4-awq", "int4-awq-gptq"):
+        rec = quantize_stage(tmp_path / "in.onnx", tmp_path / f"{recipe}.onnx", "decoder_text", "int4", stats=stats,
+                             log=said.append, recipe=get_recipe(recipe).with_options(accuracy_level=0))
+        y[recipe] = _run(onnx.load(tmp_path / f"{recipe}.onnx"), {"x": x})
+    assert rec["quantized"] == 1 and rec["layers"][0]["gptq"].startswith(f"none ({K} inputs")
+    assert sum("no X^T X is kept" in s for s in said) == 1
+    np.testing.assert_allclose(y["int4-awq-gptq"], y["int4-awq"], rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(y["int4-awq"] - x @ W) < 0.2 * np.linalg.norm(x @ W)
+    Ws = W[:256]
+    onnx.save(_mm_model(Ws), tmp_path / "narrow.onnx")
+    with pytest.raises(Exception, match="Hessian"):
+        quantize_stage(tmp_path / "narrow.onnx", tmp_path / "q.onnx", "decoder_text", "int4",
+                       stats=Stats.of_matrix(Ws, x[..., :256], rng), log=None, recipe="int4-awq-gptq")
