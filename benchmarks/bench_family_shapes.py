@@ -81,9 +81,19 @@ the AVX2-only u8u8 path, not a property of the design).
     fp32        1 frame            1         144    25105.9    26140.4           8.9          7130     2946
     fp32        4 frames           4         576   103362.6   105953.5           9.5          7130     2946
 
+InternVL3-1B's shapes (2026-12-03, `--family internvl --precisions fp32,int8 --calib-items 9 --repeats 3`, the
+exports at load 5-9 beside other jobs, the bench alone at load 1.4-1.7; one 448 px tile: 256 image rows; 802 M
+parameters with the tied 151674-row embedding):
+
+    precision   vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32           6830.4     8876.9          10.1          7005     5744
+    int8           4689.1     5983.3          23.2          5892     1868
+
+(int4 stopped the export: `--precision int4 --calib` means int4-awq-gptq, whose Hessians are kept for layers of
+at most 4096 inputs, and Qwen2.5-0.5B's FFN down has 4864; such layers now fall back to int4-awq, not rerun here.)
+
 Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
-sample under that load), InternVL3-1B (its fp32 export was OOM-killed beside other jobs; rerun with --calib-items 9)
-and Gemma 3 (preset ready).
+sample under that load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B, Qwen-VL and Monkey (presets ready).
 """
 from __future__ import annotations
 
