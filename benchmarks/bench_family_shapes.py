@@ -92,6 +92,24 @@ parameters with the tied 151674-row embedding):
 (int4 stopped the export: `--precision int4 --calib` means int4-awq-gptq, whose Hessians are kept for layers of
 at most 4096 inputs, and Qwen2.5-0.5B's FFN down has 4864; such layers now fall back to int4-awq, not rerun here.)
 
+SmolVLM2-256M-Video's shapes (2026-12-03, `--family smolvlm_video --precisions fp32,int8,int4 --calib-items 9
+--repeats 2 --warmup 1`, the exports loaded, the bench alone at load 1.7-2.1; a frame a second, each one 512 px tile
+of 64 rows + its markers):
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        1 frame            1          67     2209.0     2769.7          29.8          3793     1568
+    fp32        2 frames           2         134     4441.6     5364.8          26.9          3793     1568
+    fp32        4 frames           4         268     8149.3     9721.1          27.2          3793     1568
+    fp32        8 frames           8         536    15902.3    18915.5          23.4          3793     1568
+    int8        1 frame            1          67     1715.2     2177.7          55.0          1750      488
+    int8        2 frames           2         134     3274.8     4037.4          53.7          1750      488
+    int8        4 frames           4         268     7120.6     8414.4          52.7          1750      488
+    int8        8 frames           8         536    13556.2    16214.8          40.7          1750      488
+    int4        1 frame            1          67     1399.7     1946.5          89.9          1449      430
+    int4        2 frames           2         134     2908.1     3703.6          88.0          1449      430
+    int4        4 frames           4         268     5579.6     7002.0          75.4          1449      430
+    int4        8 frames           8         536    11854.7    14238.1          70.0          1449      430
+
 Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
 sample under that load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B, Qwen-VL and Monkey (presets ready).
 """
