@@ -152,6 +152,16 @@ def spans(n: int, chunk):
         a = b
 
 
+def image_spans(n: int, eoi_text: bool, chunk):
+    """An image's n rows in pieces -> (a, b, branch, last): the rows through the vision branch in spans (sized
+    lazily), and with eoi_text the last row alone through the text branch (CogVLM's eoi row)."""
+    k = n - eoi_text
+    for a, b in (spans(k, chunk) if k else ()):
+        yield a, b, "vision", b == n
+    if eoi_text:
+        yield k, n, "text", True
+
+
 def _pieces(run, n: int, chunk):
     """run(a, b) over spans(n, chunk), yielding None after each but the last, which yields its result (prefill's
     protocol). n == 0 still runs once (the backend's error for an empty segment)."""
@@ -302,17 +312,14 @@ class SegmentRunner(Backend):
             mrope = image_positions(state.pos, src)                        # [3, n] (from the rows' grid)
         positions = self.image_positions(state.pos, max(rows.shape[1], self.cfg.n_image_rows))[: rows.shape[1]]
         eoi = self._eoi_text() and rows.shape[1] == self.cfg.n_image_rows     # the eoi row through decoder_text
-        m = rows.shape[1] - eoi
         # (the rows' positions are fixed up front, so pieces at p, p + chunk, ... append what one run would)
-        def pieces():
-            for a, b in (spans(m, chunk) if m else ()):
-                yield "decoder_image", {"image_rows": np.ascontiguousarray(rows[:, a:b]), **(
-                    {} if mrope is None else {"mrope_positions": np.ascontiguousarray(mrope[:, a:b])})}, \
-                    positions[a:b], b == m and not eoi
-            if eoi:
-                yield "decoder_text", self._text_feeds(np.zeros((1, 0), np.int64), rows[:, -1:]), positions[-1:], True
-        for stage, feeds, pos, end in pieces():
-            logits = self._run(stage, state, feeds, pos)
+        for a, b, branch, end in image_spans(rows.shape[1], bool(eoi), chunk):
+            if branch == "text":
+                logits = self._run("decoder_text", state, self._text_feeds(np.zeros((1, 0), np.int64), rows[:, a:b]),
+                                   positions[a:b])
+            else:
+                logits = self._run("decoder_image", state, {"image_rows": np.ascontiguousarray(rows[:, a:b]), **(
+                    {} if mrope is None else {"mrope_positions": np.ascontiguousarray(mrope[:, a:b])})}, positions[a:b])
             if not end:
                 yield None
         state.pos = int(positions[-1] if mrope is None else mrope.max()) + 1

@@ -126,15 +126,8 @@ class TorchBackend(Backend):
         m = self.model
         x = self._rows(rows)
         positions = m.image_positions(state.pos, x.shape[1], x).to(self.device)
-        k = x.shape[1] - (self.cfg.decoder.eoi_branch == "text")
-        from .base import spans
-
-        def pieces():                           # (lazy: a callable chunk sizes each piece just before it runs)
-            for a, b in (spans(k, chunk) if k else ()):
-                yield a, b, "vision", b == x.shape[1]
-            if k < x.shape[1]:
-                yield k, x.shape[1], "text", True
-        for a, b, route, end in pieces():
+        from .base import image_spans
+        for a, b, route, end in image_spans(x.shape[1], self.cfg.decoder.eoi_branch == "text", chunk):
             state.cache.length = state.length
             with torch.inference_mode():
                 logits = m.decoder(x[:, a:b], route, positions[..., a:b], state.cache, True)
