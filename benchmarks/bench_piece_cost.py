@@ -3,6 +3,10 @@
 pieces cannot keep piece + step within 2x a 3-stream step there; not a test).
 
     python benchmarks/bench_piece_cost.py --model bench-0.5b --threads 1
+    python benchmarks/bench_piece_cost.py --model bench-0.5b --threads 1 --compare --rounds 3
+
+--compare measures the backend with its Linears packed in oneDNN's layout (the default: runtimes/torch_pack.py)
+and with torch's dense F.linear, round by round (interleaved), and prints each median.
 
 Prints the median ms of: a one-row step, a text piece of n rows (n = 1, 2, 3, 4, 8, 16, 32), the first 4-row piece of
 a 258-row image, a vision encode, and torch's F.linear of n rows by a 3584 x 896 weight (the matmul alone). Measured
@@ -28,17 +32,7 @@ def _median_ms(f, n: int) -> float:
     return float(np.median(ts)) * 1e3
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="bench-0.5b")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    a = ap.parse_args(argv)
-    import torch
-    import torch.nn.functional as F
-    from edgemm.runtimes import load_backend
-    b = load_backend("torch", model=a.model, device="cpu", threads=a.threads)
-    torch.set_num_threads(a.threads)
+def _measure(b, repeats: int) -> dict:
     D = b.cfg.decoder.d_model
     st = b.new_state()
     b.text(st, list(range(5, 25)))
@@ -52,13 +46,36 @@ def main(argv=None) -> int:
     def image4():
         st.length = L
         next(b.prefill(st, "image", rows, chunk=4))
-    print(f"one-row step {_median_ms(lambda: text(1), a.repeats):.1f} ms")
+    out = {"one-row step": _median_ms(lambda: text(1), repeats)}
     for n in (1, 2, 3, 4, 8, 16, 32):
-        print(f"text piece of {n} rows {_median_ms(lambda: text(n), a.repeats):.1f} ms")
-    print(f"an image's first 4-row piece {_median_ms(image4, a.repeats):.1f} ms")
+        out[f"text piece of {n} rows"] = _median_ms(lambda: text(n), repeats)
+    out["an image's first 4-row piece"] = _median_ms(image4, repeats)
     S = b.cfg.vision.image_size
     px = np.random.default_rng(0).standard_normal((1, 3, S, S)).astype(np.float32)
-    print(f"vision encode {_median_ms(lambda: b.vision(px), 2):.1f} ms")
+    out["vision encode"] = _median_ms(lambda: b.vision(px), 2)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="bench-0.5b")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare", action="store_true", help="packed (default) and dense Linears, interleaved")
+    ap.add_argument("--rounds", type=int, default=1, help="with --compare: rounds of (packed, dense)")
+    a = ap.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+    from edgemm.runtimes.torch_backend import TorchBackend
+    kinds = ("packed", "dense") if a.compare else ("packed",)
+    bs = {k: TorchBackend.open(model=a.model, device="cpu", threads=a.threads, pack=k == "packed") for k in kinds}
+    torch.set_num_threads(a.threads)
+    runs: dict = {k: [] for k in kinds}
+    for r in range(a.rounds if a.compare else 1):
+        for k in (kinds if r % 2 == 0 else kinds[::-1]):
+            runs[k].append(_measure(bs[k], a.repeats))
+    for name in runs[kinds[0]][0]:
+        print(f"{name:32s} " + "  ".join(f"{k} {np.median([m[name] for m in runs[k]]):7.1f} ms" for k in kinds))
     W = torch.randn(4 * 896, 896)
     for n in (1, 2, 4, 16):
         x = torch.randn(n, 896)

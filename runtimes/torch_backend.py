@@ -36,7 +36,9 @@ class TorchBackend(Backend):
         self.cfg = model.cfg
 
     @classmethod
-    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None):
+    def open(cls, model=None, bundle=None, device="auto", threads=None, log=None, pack: bool = True):
+        """pack: on the CPU, hold the fp32 Linears' weights in oneDNN's layout (runtimes/torch_pack.py: a piece of
+        a few rows then costs about 1.5x a one-row step, not 2-3x)."""
         import torch
         from edgemm.checkpoint import load_model
         if bundle is not None:
@@ -45,6 +47,9 @@ class TorchBackend(Backend):
         torch.set_num_threads(threads_or_default(threads))   # torch's own default ignores a cgroup quota
         dev = pick_torch_device(device, log)
         m, tok = load_model(model, device=dev)
+        if pack and dev == "cpu":
+            from .torch_pack import pack_linears
+            pack_linears(m)
         return cls(m, tok, dev, source=str(model or "tiny-shapes"))
 
     @classmethod
