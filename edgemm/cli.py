@@ -342,7 +342,9 @@ def _prefill_chunk(value):
               "first token at once; 0: a chunk per token, measured as fast as 20 ms with one client).")
 @click.option("--side-threads", default=None, type=click.IntRange(min=0), help="Threads of the worker that encodes "
               "newcomers' images (and on torch and ort prefills their prompts) beside the decode loop (default: the "
-              "CPUs --threads leaves free, at least 1; 0: all of it in the decode loop, between its steps).")
+              "CPUs --threads leaves free, at least 1; 0: all of it in the decode loop, between its steps). Where --threads "
+              "+ --side-threads fit the CPUs its prefill pieces run while the streams decode, else in turns with their "
+              "steps.")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--api-key-file", default=None, type=click.Path(), help="Read the API key from this file.")
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics.")

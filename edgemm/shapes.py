@@ -115,6 +115,21 @@ def questions_for(scene: Scene, qtype: str, rng: np.random.Generator) -> Questio
     return Question("position", f"Where is the {o.color} {o.shape}?", POSITIONS[o.cell])
 
 
+def all_questions(scene: Scene) -> list[Question]:
+    """Every question the templates can ask about `scene`, in a fixed order (each object's shape, position and, if
+    its shape is unique, color; the counts): a checker's prompt set in the model's own distribution."""
+    objs, out = scene.objects, []
+    counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    for o in objs:
+        out.append(Question("shape", f"What shape is the {o.color} object?", o.shape))
+        out.append(Question("position", f"Where is the {o.color} {o.shape}?", POSITIONS[o.cell]))
+        if counts[o.shape] == 1:
+            out.append(Question("color", f"What color is the {o.shape}?", o.color))
+    out.append(Question("count", "How many shapes are there?", str(len(objs))))
+    out += [Question("count", f"How many {s}s are there?", str(counts[s])) for s in SHAPES]
+    return out
+
+
 def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
     """A question of qtype, or of the next type that the scene can answer."""
     i = QTYPES.index(qtype)

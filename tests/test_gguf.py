@@ -278,6 +278,59 @@ def test_broken_q4_k_m_fails_fidelity(tmp_path):
         validate(m, tok, broken, mm, {"decoder": "q4_k_m", "vision": "f32"}, 2, log=_quiet)
 
 
+@needs_demo
+def test_fidelity_asks_the_scene_its_own_questions_and_stops_at_the_answer_end():
+    """On a shapes model the fidelity prompts are the questions the model was trained to ask of the validation scene
+    (not a yes/no question or a shape the scene lacks), and no position past the reference's end of answer counts:
+    a runner that is the reference itself gives KL 0 at exactly those positions."""
+    import torch
+    from edgemm import shapes
+    from edgemm.checkpoint import load_model
+    from edgemm.export.gguf_validate import (FIDELITY_QUESTIONS, FIDELITY_STEPS, fidelity, fidelity_questions,
+                                             validation_image)
+    from edgemm.model import KVCache
+    from edgemm.tilings import preprocess_image
+    m, tok = load_model("tiny-shapes")
+    qs = fidelity_questions(m.cfg)
+    scene = shapes.scene_at("test", 0)
+    assert set(qs) == {q.question for q in shapes.all_questions(scene)} and not set(qs) & set(FIDELITY_QUESTIONS)
+    kinds = {q.qtype for q in shapes.all_questions(scene)}
+    assert kinds == {"shape", "position", "count"} | ({"color"} if any(
+        sum(o.shape == x.shape for x in scene.objects) == 1 for o in scene.objects) else set())
+
+    class SelfRun:                                  # the calls fidelity() makes of a LlamaRunner, on the reference
+        def clear(self):
+            self.cache = KVCache.empty(m.cfg.decoder, 1)
+
+        def decode_tokens(self, ids, pos):
+            with torch.inference_mode():
+                return m.forward_segment("text", torch.tensor([list(ids)]), self.cache, pos)[0][0, -1].numpy()
+
+        def decode_embd(self, a, pos, bidirectional=False, positions=None):
+            with torch.inference_mode():
+                m.forward_segment("image", torch.from_numpy(np.asarray(a))[None], self.cache, pos)
+    with torch.inference_mode():
+        rows = m.encode_image(torch.from_numpy(np.asarray(preprocess_image(validation_image(m.cfg), m.cfg.vision))))
+    r = fidelity(m, tok, SelfRun(), rows)
+    want = 0                                        # greedy answers, each to its end (at most FIDELITY_STEPS + 1)
+    for q in qs:
+        ids = tok.prefix_ids() + tok.user_turn(q, first=True)
+        with torch.inference_mode():
+            cache = KVCache.empty(m.cfg.decoder, 1)
+            _, pos = m.forward_segment("text", torch.tensor([tok.prefix_ids()]), cache, 0)
+            _, pos = m.forward_segment("image", rows, cache, pos)
+            lg, pos = m.forward_segment("text", torch.tensor([tok.user_turn(q, first=True)]), cache, pos)
+            for step in range(FIDELITY_STEPS + 1):
+                want += 1
+                t = int(lg[0, -1].argmax())
+                if tok.is_eos(t) or step == FIDELITY_STEPS:
+                    break
+                lg, pos = m.forward_segment("text", torch.tensor([[t]]), cache, pos)
+        assert ids
+    assert r["prompts"] == len(qs) and r["positions"] == want < len(qs) * (FIDELITY_STEPS + 1)
+    assert r["mean_kl"] < 1e-9 and r["top1"] == 1.0
+
+
 # --------------------------------------------------------------------------- stock llama-cpp-python, trained weights
 @needs_llama
 @needs_demo

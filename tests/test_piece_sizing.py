@@ -82,9 +82,9 @@ def tiny():
     return load_backend("torch", model="tiny-shapes", device="cpu", threads=1)
 
 
-def _run(b, chunk, side=0, rows=240):
+def _run(b, chunk, side=0, rows=240, beside=False):
     """2 streams of 40 tokens, then (once both have 3) a newcomer with a `rows`-token prompt -> (answers, log)."""
-    eng = Engine(b, parallel=3, prefill_chunk=chunk, side_threads=side)
+    eng = Engine(b, parallel=3, prefill_chunk=chunk, side_threads=side, side_beside=beside)
     rng = np.random.default_rng(0)
     texts, done, started = {}, threading.Event(), threading.Event()
     counts = {}
@@ -159,3 +159,26 @@ def test_side_worker_takes_turns_with_the_steps(tiny):
         assert not any(s[3] < p[4] and p[3] < s[4] for s in steps), p
     sizes = [e[1] for e in side]
     assert 10 <= float(np.median(sizes[len(sizes) // 2:])) <= 30, sizes
+
+
+def test_side_worker_with_cpus_of_its_own_prefills_while_the_streams_step(tiny):
+    """side_beside: the side worker's pieces run while the loop steps (no turn-taking), the answers unchanged."""
+    plain, _ = _run(tiny, 0)
+    got, log = _run(Timed(tiny, 0.15, 0.05, 0.005), 64, side=1, beside=True)
+    assert got == plain
+    side = [e for e in _newcomer_pieces(log) if e[2].startswith("edgemm-side")]
+    steps = [e for e in log if e[0] == "decode"]
+    overlapping = [p for p in side if any(s[3] < p[4] and p[3] < s[4] for s in steps)]
+    assert side and len(overlapping) >= len(side) // 2, (side, steps)
+    # back to back: no piece waits for a step to end after the previous one
+    assert any(not any(p[4] <= s[4] <= q[3] for s in steps) for p, q in zip(side, side[1:])), side
+
+
+def test_serve_runs_side_pieces_beside_the_steps_only_on_cpus_of_their_own(monkeypatch):
+    import edgemm.cpu as cpu
+    from edgemm.serve import side_has_own_cpus, side_threads_default
+    monkeypatch.setattr(cpu, "default_threads", lambda *a, **k: (4, "cpu_count"))
+    assert side_has_own_cpus(2, side_threads_default(2))           # 2 + 2 of 4
+    assert side_has_own_cpus(1, 1) and not side_has_own_cpus(4, 1) and not side_has_own_cpus(3, 2)
+    assert not side_has_own_cpus(None, side_threads_default(None))  # --threads at every CPU: 4 + 1
+    assert not side_has_own_cpus(1, 0)                             # no side worker

@@ -36,6 +36,7 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
     from .app import Model
     from .engine import PREFILL_CHUNK, Engine
     side = side_threads_default(threads) if side_threads is None else int(side_threads)
+    beside = side_has_own_cpus(threads, side)
     specs = [("model", m) for m in models] + [("bundle", b) for b in bundles]
     if not specs:
         specs = [("model", "tiny-shapes")]
@@ -49,7 +50,8 @@ def load_models(models=(), bundles=(), backend="auto", device="auto", threads=No
                          vision_threads=side or None, **backend_options)
         out[mid] = Model(id=mid, backend=b, engine=Engine(b, parallel, max_queue, log=log,
                                                              prefill_chunk=PREFILL_CHUNK if prefill_chunk is None
-                                                             else prefill_chunk, side_threads=side),
+                                                             else prefill_chunk, side_threads=side,
+                                                             side_beside=beside),
                          template=chat_template_of(b))
         if log:
             log(f"serving {mid}: {b.describe()}, {parallel} slot(s)")
@@ -65,6 +67,13 @@ def side_threads_default(threads=None) -> int:
     then shares one with decoding: the running streams' steps slow while it runs rather than stop)."""
     from ..cpu import default_threads, threads_or_default
     return max(1, default_threads()[0] - threads_or_default(threads))
+
+
+def side_has_own_cpus(threads, side: int) -> bool:
+    """Whether the side worker's threads and the decode threads together fit the CPUs: then its prefill pieces run
+    at the same time as the decode steps, else in turns with them (edgemm.serve.engine's docstring)."""
+    from ..cpu import default_threads, threads_or_default
+    return side > 0 and threads_or_default(threads) + side <= default_threads()[0]
 
 
 def serve(models=(), bundles=(), backend="auto", device="auto", threads=None, host="127.0.0.1", port=8080,

@@ -17,6 +17,11 @@ loop runs other pieces meanwhile: an encode is no longer a piece of its own), an
 prefill run beside decode_batch (Backend.prefill_beside_why: torch, ort; the state is `busy` meanwhile) the
 newcomer's whole prefill runs there and the loop only samples its first token. A request cancelled meanwhile ends
 when the worker reaches its next piece (an encode not begun is dropped; rows of a cancelled request are not kept).
+Where the worker has CPUs of its own (`side_beside`: --threads + --side-threads within the CPUs, as edgemm serve
+decides) its prefill pieces run at the same time as the decode steps; otherwise they take turns with them, one
+piece between two steps (two compute threads on one core slow both). Measured on 2 cores, --threads 1, bench-0.5b
+(`bench_serve.py --arrivals 1 --servers side`): p95 gap with arrivals over the calm median, beside / in turns,
+ort int4 1.56x / 2.32x, torch 1.55x / 1.76x.
 
 Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
 pixels; the tokens its last answer fed back). A new request goes to the free slot whose cache shares the longest
@@ -30,6 +35,7 @@ reuse whole segments only: which image a row reads depends on the tokens before 
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import os
 import threading
 import time
@@ -227,7 +233,7 @@ class Engine:
     """The slots of one model (see the module docstring)."""
 
     def __init__(self, backend, parallel: int = 1, max_queue: int = 16, metrics: Metrics | None = None, log=None,
-                 prefill_chunk: int | None = PREFILL_CHUNK, side_threads: int = 0):
+                 prefill_chunk: int | None = PREFILL_CHUNK, side_threads: int = 0, side_beside: bool = False):
         self.b = backend
         self.parallel, self.max_queue = int(parallel), int(max_queue)
         self.prefill_chunk = int(prefill_chunk or 0)      # 0: a newcomer's whole prompt before the next step
@@ -255,6 +261,7 @@ class Engine:
         # side_threads threads of their own (Backend.on_side_thread); where a state's prefill may run beside
         # decode_batch (Backend.prefill_beside_why) the newcomer's whole prefill runs there
         self.side, self.side_prefill = None, False
+        self.side_beside = bool(side_beside) and bool(side_threads)     # (see the module docstring)
         if side_threads:
             from concurrent.futures import ThreadPoolExecutor
             self.side = ThreadPoolExecutor(1, thread_name_prefix="edgemm-side", initializer=backend.on_side_thread,
@@ -334,21 +341,23 @@ class Engine:
             self._side_busy -= 1
 
     def _side_drive(self, slot: Slot, job: Job):
-        """_drive on the side worker, taking turns with the decode loop: one piece (sized by time: PieceSizer)
-        between two decode steps of the running streams, never beside one (self.exclusive). After a piece it
-        waits until a step has ended since (none decoding: it goes on). Traced (bench_serve --arrivals --trace,
-        torch, 2 cores, load 6.6): a step beside a side piece took 3x a calm one (CPU share or the GIL: not told
-        apart), so a piece and a step do not run at once; the images, encoded before (_start), still run beside
-        the steps."""
+        """_drive on the side worker. With CPUs of its own (side_beside) its pieces (sized by time: PieceSizer) run
+        while the loop steps; else it takes turns with the decode loop: one piece between two decode steps of the
+        running streams, never beside one (self.exclusive), and after a piece it waits until a step has ended
+        since (none decoding: it goes on). (Traced on torch with dense F.linear, 2 cores, load 6.6: a step beside a
+        side piece took 3x a calm one; with the worker on a CPU of its own and the Linears packed, beside is the
+        faster of the two: the module docstring.) The images, encoded before (_start), always run beside the
+        steps."""
         st, seen = slot.state, None
         while True:
             with self.turns:
-                while (seen is not None and self._steps == seen and self._live and self.running
+                while (seen is not None and not self.side_beside and self._steps == seen and self._live
+                       and self.running
                        and not job.cancelled.is_set()):
                     self.turns.wait(0.05)
             n0 = st.length
             try:
-                with self.exclusive:
+                with contextlib.nullcontext() if self.side_beside else self.exclusive:
                     t0 = time.perf_counter()
                     next(slot.pieces)
             except StopIteration as e:
