@@ -33,8 +33,10 @@ def quantize_bundle_stages(bundle_dir, stages: dict, precision: dict, model, tok
         stats = Stats.load(stats)
     if calib is not None or stats is not None:      # a calibration set given: the calibrated recipe by default
         for s, p in todo.items():
-            if s not in recipes and p in CALIBRATED_RECIPE:
-                r = get_recipe(CALIBRATED_RECIPE[p])
+            name = CALIBRATED_RECIPE.get(p)
+            name = name.get(group(s)) if isinstance(name, dict) else name
+            if s not in recipes and name:
+                r = get_recipe(name)
                 if r.gptq and stats is not None and not any(v.xtx is not None for v in stats.stage(s).values()):
                     log(f"note: the statistics given have no Hessians (collect_stats(hessian=True)): {s} gets "
                         f"int4-awq instead of {r.name}")

@@ -46,11 +46,11 @@ SPEC = {"norm": (4, 16.0), "attn": (2, 8.0), "ffn": {"text": (24, 8.0), "vision"
 # The variant with weight outliers (`bench_outliers.py --spec kquant`; an experiment, not the preset): one activation
 # outlier per 32 inputs (spread: q4_K's sub-block), each with a partner t times larger in weight. Per-branch int8
 # without SmoothQuant is refused by its export check (int8 keeps its weights per output row, which the partners widen
-# t-fold) and only int8-sq passes; AWQ int4 keeps fp32's accuracy. llama.cpp's q4_k_m (`--measure-refused`): 0.930 of
-# fp32's 0.969 on 1,000 questions, with the importance matrix (Q8_K sums, edgemm.export.gguf_imatrix) 0.963, bench
-# mean KL 3.9e-2 -> 3.5e-3. Both are refused by the GGUF export's own check, whose mean KL over 30 positions of one
-# image is decided by one or two of them (fp32 weights with llama.cpp's Q8_K activation rounding alone: 0.09; float
-# sums: one position at KL 13; benchmarks/bench_gguf_imatrix.py), which is what read as "worse with the matrix".
+# t-fold) and only int8-sq passes (hence int8-sq as the decoders' calibrated int8: calib.recipes.CALIBRATED_RECIPE);
+# AWQ int4 keeps fp32's accuracy. llama.cpp's q4_k_m: 0.930 of fp32's 0.969 on 1,000 questions, with the importance
+# matrix (Q8_K sums, edgemm.export.gguf_imatrix) 0.963, bench mean KL 3.9e-2 -> 3.7e-3; both pass the GGUF export's
+# check since it asks the scene's trained questions and stops at the answer's end (export.gguf_validate; before, two
+# off-distribution positions of 30 decided its mean and it refused both).
 KQUANT_SPEC = {"norm": (8, 16.0, 8.0), "attn": (8, 16.0, 8.0),
                "ffn": {"text": (16, 16.0, 8.0), "vision": (16, 64.0, 8.0)}, "spread": 32}
 SPECS = {"default": SPEC, "kquant": KQUANT_SPEC}

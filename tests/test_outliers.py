@@ -280,6 +280,29 @@ def test_calibrated_default_recipe(tmp_path):
         stages = {"decoder_text": {"file": "decoder_text.onnx"}}
         quantize_bundle_stages(tmp_path, stages, {"decoder": "int4"}, None, None, stats=st, recipes=recipes, log=None)
         assert stages["decoder_text"]["quantization"]["recipe"]["name"] == want
+    # int8: the decoders' calibrated default is SmoothQuant's (a {group: recipe} entry); vision stages keep int8
+    assert CALIBRATED_RECIPE["int8"] == {"decoder": "int8-sq"} and RECIPES["int8-sq"].smoothquant
+    for recipes, want in ((None, "int8-sq"), ({"decoder": "int8"}, "int8")):
+        onnx.save(_mm_model(W), tmp_path / "decoder_text.onnx")
+        stages = {"decoder_text": {"file": "decoder_text.onnx"}}
+        quantize_bundle_stages(tmp_path, stages, {"decoder": "int8"}, None, None, stats=stats, recipes=recipes,
+                               log=None)
+        assert stages["decoder_text"]["quantization"]["recipe"]["name"] == want
+    seen = {}
+    import edgemm.calib.quantize as qz
+    orig = qz.quantize_stage
+
+    def spy(f, tmp, stage, p, recipe=None, **kw):         # which recipe each stage is given
+        seen[stage] = recipe
+        raise RuntimeError("stop")
+    qz.quantize_stage = spy
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            quantize_bundle_stages(tmp_path, {"vision": {"file": "vision.onnx"}}, {"vision": "int8"}, None, None,
+                                   stats=stats, log=None)
+    finally:
+        qz.quantize_stage = orig
+    assert seen == {"vision": None}            # no calibrated recipe for a vision stage: --precision int8's own
     if RECIPES[CALIBRATED_RECIPE["int4"]].gptq:           # statistics without Hessians: AWQ instead, said
         stats.layers["decoder_text/l"].xtx, said = None, []
         onnx.save(_mm_model(W), tmp_path / "decoder_text.onnx")
