@@ -126,6 +126,26 @@ class Backend:
         can batch sequences (llamacpp) do it in one call; the default runs them one after another."""
         return [self.text(st, [t]) for st, t in zip(states, tokens)]
 
+    # Riding (edgemm serve's chunked prefill): a backend with `rides` can run a text prefill piece in the same
+    # forward as the next decode_batch (llama.cpp: one llama_decode holds the streams' tokens and the piece's, as
+    # llama-server batches its slots), so the piece costs the running streams a wider step, not a step of its own.
+    # Within riding(), text() appends nothing yet: it records the piece (the state's length and position move on)
+    # and returns a Ridden whose value the next decode_batch fills; flush_ride() runs a recorded piece alone
+    # (nothing to decode after all). At most one piece rides a step; ride_rows: the rows the last step carried.
+    rides = False
+    ride_rows = 0
+
+    def riding(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def flush_ride(self) -> None:
+        """Run a recorded piece alone (no decode step follows); nothing when none waits."""
+
+    def ride_pending(self) -> bool:
+        """Whether a recorded piece waits for the next decode_batch."""
+        return False
+
     def unbatched_why(self) -> str | None:
         """Why decode_batch steps the states one after another (None: one call steps them all); `edgemm serve
         --parallel N` says it at start-up."""
@@ -160,6 +180,11 @@ def image_spans(n: int, eoi_text: bool, chunk):
         yield a, b, "vision", b == n
     if eoi_text:
         yield k, n, "text", True
+
+
+class Ridden:
+    """A text piece's last-row logits, known once the decode step it rides has run (Backend.riding)."""
+    value: np.ndarray | None = None
 
 
 def _pieces(run, n: int, chunk):

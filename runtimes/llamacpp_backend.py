@@ -193,9 +193,40 @@ class LlamaCppBackend(Backend):
         self.runner.rewind(state.length, seq)
         return seq
 
+    rides = True            # (Backend.riding: a text piece in the decode step's llama_decode)
+
+    def riding(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on():
+            self._riding = True
+            try:
+                yield
+            finally:
+                self._riding = False
+        return on()
+
+    def ride_pending(self) -> bool:
+        return getattr(self, "_ride", None) is not None
+
+    def flush_ride(self) -> None:
+        ride, self._ride = getattr(self, "_ride", None), None
+        if ride is not None:
+            seq, ids, pos, out = ride
+            out.value = self.runner.decode_tokens(ids, pos, seq)
+
     def text(self, state: State, ids) -> np.ndarray:
         seq = self._sync(state)
         ids = list(ids)
+        if (getattr(self, "_riding", False) and getattr(self, "_ride", None) is None and ids
+                and len(ids) + len(self._owner) <= self.runner.n_batch):
+            from .base import Ridden
+            out = Ridden()
+            self._ride = (seq, ids, state.pos, out)     # (run by the next decode_batch, or flush_ride)
+            state.length += len(ids)
+            state.pos += len(ids)
+            return out
         logits = self.runner.decode_tokens(ids, state.pos, seq)
         state.length += len(ids)
         state.pos += len(ids)
@@ -209,8 +240,15 @@ class LlamaCppBackend(Backend):
 
     def decode_batch(self, states, tokens) -> list[np.ndarray]:
         """One token per state, all in one llama_decode (the weights are read once for every sequence)."""
+        ride, self._ride = getattr(self, "_ride", None), None
         items = [(self._sync(st), t, st.pos) for st, t in zip(states, tokens)]
-        out = self.runner.decode_step(items)
+        self.ride_rows = 0
+        if ride is not None:                    # a prefill piece rides this step (Backend.riding)
+            seq, ids, pos, got = ride
+            out, got.value = self.runner.decode_mixed(items, seq, ids, pos)
+            self.ride_rows = len(ids)
+        else:
+            out = self.runner.decode_step(items)
         for st in states:
             st.length += 1
             st.pos += 1

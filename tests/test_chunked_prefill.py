@@ -176,9 +176,19 @@ def _serve(b, jobs_in, chunk, late=(), side=0, rec=None, vary=False):
     return [texts[k] for k in range(total)], rec.calls[n:] if late else rec.calls
 
 
+def _run_answers(b, questions) -> list:
+    """What `edgemm run` answers each question about the example image."""
+    from edgemm.generation import ChatSession
+    want = []
+    for q in questions:
+        s = ChatSession(b, GEN)
+        s.set_image(str(EXAMPLE))
+        want.append(s.ask(q))
+    return want
+
+
 @pytest.mark.parametrize("name", ["torch", "ort", "llamacpp"])
 def test_engine_interleaves_and_answers_the_same(backends, name):
-    from edgemm.generation import ChatSession
     if name not in backends:
         pytest.skip("llama-cpp-python is not installed")
     b = backends[name]
@@ -186,11 +196,7 @@ def test_engine_interleaves_and_answers_the_same(backends, name):
     plain, plain_calls = _serve(b, qs, 0, late)
     got, calls = _serve(b, qs, 8, late)
     assert got == plain
-    want = []
-    for q in qs + late:
-        s = ChatSession(b, GEN)
-        s.set_image(str(EXAMPLE))
-        want.append(s.ask(q))
+    want = _run_answers(b, qs + late)
     assert [g.lstrip() for g in got] == want                  # what `edgemm run` answers (it drops the lead space)
     n = b.cfg.n_image_rows
 
@@ -308,3 +314,31 @@ def test_cancel_during_side_encode_leaves_nothing(backends, name):
         fresh.close()
     text = lambda ev: "".join(d for k, d in ev if k == "text")              # noqa: E731
     assert ev3[-1][0] == ev4[-1][0] == "done" and text(ev3) == text(ev4) and text(ev3)
+
+
+class RideRecorder(Recorder):
+    """Recorder + the rows of a prefill piece each decode step carried (Backend.riding)."""
+
+    def decode_batch(self, states, tokens):
+        out = self.b.decode_batch(states, tokens)
+        self.calls.append(("decode", len(states), self.b.ride_rows))
+        return out
+
+
+def test_llamacpp_text_pieces_ride_the_decode_step(backends):
+    """On llama.cpp a newcomer's text pieces go into the running streams' llama_decode (as llama-server batches its
+    slots): some steps carry a piece's rows, and every answer is the unchunked engine's and `edgemm run`'s."""
+    if "llamacpp" not in backends:
+        pytest.skip("llama-cpp-python is not installed")
+    b = backends["llamacpp"]
+    assert b.rides
+    qs, late = ["What color is the circle?", "How many shapes are there?"], ["Where is the square?"]
+    plain, _ = _serve(b, qs, 0, late)
+    rec = RideRecorder(b)
+    got, calls = _serve(b, qs, 8, late, rec=rec)
+    assert got == plain
+    want = _run_answers(b, qs + late)
+    assert [g.lstrip() for g in got] == want
+    rode = [c for c in calls if c[0] == "decode" and c[2]]
+    assert rode and all(c[1] == 2 for c in rode), calls          # a piece rode a step of the 2 running streams
+    assert not b.ride_pending()

@@ -23,6 +23,11 @@ piece between two steps (two compute threads on one core slow both). Measured on
 (`bench_serve.py --arrivals 1 --servers side`): p95 gap with arrivals over the calm median, beside / in turns,
 ort int4 1.56x / 2.32x, torch 1.55x / 1.76x.
 
+Riding (Backend.rides: llamacpp): a text piece in the loop goes into that turn's decode step, one forward for the
+streams' tokens and the piece's rows (_prefill_step records it under Backend.riding, decode_batch runs it, a prompt
+whose last piece rode gets its first token after the step: _after_ride); a ridden piece's cost for PieceSizer is
+what it added to the step.
+
 Prompt caching: a slot keeps what its KV cache holds, segment by segment (text ids; images by a digest of their
 pixels; the tokens its last answer fed back). A new request goes to the free slot whose cache shares the longest
 lead with its prompt: whole segments, then token by token into the first text segment that differs (a text row is
@@ -47,6 +52,7 @@ import numpy as np
 from ..errors import EdgemmError
 from ..generation import AnswerStream, GenerationConfig
 from ..blocks.kv_rows import kv_rows
+from ..runtimes.base import Ridden
 
 
 class QueueFull(Exception):
@@ -91,6 +97,7 @@ class Slot:
     side: object = None                          # the side worker's Future running that prefill (side_prefill)
     encodes: dict = field(default_factory=dict)  # image digest -> the side worker's Future of its rows
     blocked: object = None                       # the encode Future its prefill waits for (in the loop)
+    ridden: object = None                        # its last prefill piece's logits, riding this turn's step (Ridden)
 
 
 def segment_keys(job: Job) -> list:
@@ -309,6 +316,8 @@ class Engine:
             slot.pieces.close()
         for fut in slot.encodes.values():       # its encodes not begun are dropped (running: their rows are)
             fut.cancel()
+        if slot.ridden is not None:             # ended before its riding piece's step: what its cache holds is unsure
+            slot.held, slot.ridden = [], None
         slot.job, slot.ans, slot.pieces, slot.encodes, slot.blocked = None, None, None, {}, None
         if error is None and slot.fed and slot.state is not None:        # the answer is in the cache too
             slot.held.append((("gen", tuple(slot.fed)), slot.state.length, slot.state.pos))
@@ -491,19 +500,35 @@ class Engine:
         self._live = sum(s.ans is not None for s in self.slots)
         st, t0 = slot.state, time.perf_counter()
         n0 = st.length
+        ride = self.b.rides and self._live > 0       # a text piece goes into this turn's decode step (riding)
         try:
-            next(slot.pieces)
+            with self.b.riding() if ride else contextlib.nullcontext():
+                next(slot.pieces)
         except StopIteration as e:
-            self._piece_ran(st, n0, t0)
-            self._first(slot, slot.job, e.value)
+            self._piece_ran(st, n0, t0, ride)
+            if isinstance(e.value, Ridden):             # its logits come with the step: the first token after it
+                slot.pieces, slot.ridden = None, e.value
+            else:
+                self._first(slot, slot.job, e.value)
         except Exception as e:
+            self.b.flush_ride() if ride else None
             self._fail(slot, e)
         else:
-            self._piece_ran(st, n0, t0)
+            self._piece_ran(st, n0, t0, ride)
 
-    def _piece_ran(self, st, n0: int, t0: float) -> None:
+    def _after_ride(self) -> None:
+        """The first tokens of prompts whose last piece rode this turn's step (or ran alone: flush_ride)."""
+        for slot in self.slots:
+            if slot.ridden is not None:
+                logits, slot.ridden = slot.ridden.value, None
+                if logits is None:
+                    self._fail(slot, EdgemmError("internal error: a prefill piece that rode a failed step"))
+                else:
+                    self._first(slot, slot.job, logits)
+
+    def _piece_ran(self, st, n0: int, t0: float, ride: bool = False) -> None:
         self._piece_rows = st.length - n0
-        if self.sizer is not None:
+        if self.sizer is not None and not (ride and self.b.ride_pending()):    # (a ridden piece: timed in its step)
             self.sizer.piece("loop", self._piece_rows, time.perf_counter() - t0)
 
     def _fail(self, slot: Slot, e: Exception) -> None:
@@ -588,6 +613,8 @@ class Engine:
                 self._finish(slot, "cancelled")
         live = [s for s in self.slots if s.job is not None and s.ans is not None]
         if not live:
+            self.b.flush_ride()                 # (a piece recorded to ride a step that will not come)
+            self._after_ride()
             self._set_live()
             return
         side = (sum(s.side is not None and not s.side.done() for s in self.slots),
@@ -600,10 +627,15 @@ class Engine:
         except Exception as e:
             for s in live:
                 self._finish(s, error=f"decoding failed: {e}")
+            self._after_ride()
             self._set_live()
             return
+        rode = self.b.ride_rows if self.b.rides else 0
         if self.sizer is not None and side0 == (self._side_encodes, 0) and not self._side_busy:    # no encode beside
-            self.sizer.step(len(live), t1 - t0)
+            if not rode:
+                self.sizer.step(len(live), t1 - t0)
+            elif len(live) in self.sizer.steps:      # a ridden piece's cost: what it added to the step
+                self.sizer.piece("loop", rode, max(t1 - t0 - self.sizer.steps[len(live)], 1e-4 * rode))
         with self.metrics.lock:
             self.metrics.decode_seconds += t1 - t0
             self.metrics.tokens += len(live)
@@ -620,6 +652,7 @@ class Engine:
                 self._advance(s, logits)
             except EdgemmError as e:            # (a grammar that allows no token): this request only
                 self._finish(s, error=str(e))
+        self._after_ride()
         self._set_live(1)
 
     def _set_live(self, stepped: int = 0) -> None:
