@@ -110,8 +110,24 @@ of 64 rows + its markers):
     int4        4 frames           4         268     5579.6     7002.0          75.4          1449      430
     int4        8 frames           8         536    11854.7    14238.1          70.0          1449      430
 
-Not measured here (time and memory, this session): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per
-sample under that load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B, Qwen-VL and Monkey (presets ready).
+Qwen-VL's shapes (2026-12-03, `--family qwen_vl --precisions fp32,int8 --calib-items 2 --repeats 2 --warmup 1`,
+quiet machine; ViT-bigG's width at 8 of its 48 layers, the resampler's 256 queries at their real shape, 2 QWen-7B
+layers; int8 is the decoders' int8-sq, as `--calib` now gives; the fp32 export needed the fp32 check relative to the
+rows' scale: its vision rows reach 15.1):
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32            -              1         256     2313.6     3291.9          21.7         10315     5270
+    int8            -              1         256      975.8     1290.5         101.4          4121     1601
+
+Monkey's shapes (the same tower and decoder; `--family monkey`, same flags, quiet): an 896 px image, five tower
+passes (four 448 px windows with their LoRA merged, and the whole image at 448), 1280 rows:
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32            -              1        1280    13875.6    17321.2          20.3         11380     5304
+    int8            -              1        1280     7097.8     8766.2          81.2          6194     1635
+
+Not measured here (time and memory): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per sample under
+load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B (presets ready).
 """
 from __future__ import annotations
 
