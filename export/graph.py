@@ -283,8 +283,9 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
     matrices in fp16 behind a Cast, as the decoder graphs do. half (fp16 compute for the CUDA provider): traced from
     an fp16 copy of the reference, fp32 inputs and image rows cast at the graph's edges."""
     import copy
-    import io
+    import tempfile
     import warnings
+    from pathlib import Path
 
     import onnx
     import torch
@@ -308,7 +309,10 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
     any_size = model.cfg.vision.arch in ("patch_linear", "qwen2vl") or model.cfg.vision.tiling == "uhd"   # Fuyu,
     # Qwen2-VL, LLaVA-UHD: pixels of any height and width (LLaVA-UHD: + the regions' RoIAlign weights, sized by the
     # patch grid)
-    buf = io.BytesIO()
+    # traced into a file, not memory: a tower over protobuf's 2 GiB (Qwen2-VL-2B's, 675 M parameters: 2.7 GB in
+    # fp32) can only be written with its weights as external data beside the file, which onnx.load reads back
+    tmp = tempfile.TemporaryDirectory(prefix="edgemm-vision-")
+    buf = str(Path(tmp.name) / "vision.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Vision(copy.deepcopy(model).half() if half else model).eval(), tuple(ins.values()), buf,
@@ -319,7 +323,8 @@ def vision_graph(model, fp16: bool = False, half: bool = False, video: bool = Fa
                                             **({2: "height", 3: "width"} if n == "pixels" and any_size else {}),
                                             **({0: n + "_out", 1: n + "_in"} if n.startswith("pool_") else {})}
                                         for n in [*ins, "image_rows"]})
-    m = onnx.load_from_string(buf.getvalue())
+    with tmp:
+        m = onnx.load(buf)
     m.ir_version = IR_VERSION
     nbytes = sum(int(np.prod(t.dims)) * (2 if t.data_type == TensorProto.FLOAT16 else 4) for t in m.graph.initializer)
     if fp16 and not half:
