@@ -17,8 +17,9 @@ Both decoder flavours are emitted from one layer description (`decoder_layers`) 
 
 RoPE (NEOX form) is computed from an explicit `positions` input in both, so the cogvlm position rule works.
 M-RoPE (Qwen2-VL): GroupQueryAttention's rotary is 1-D, so decoder_image takes the image rows' `mrope_positions`
-[3, T] and rotates q and k outside the op (do_rotary 0), each frequency from its section's row; decoder_text keeps
-the op's rotary (a text row's three positions are equal: M-RoPE is plain RoPE there), so decoding costs nothing.
+[3, T] and rotates q and k outside the op (do_rotary 0), each frequency from its section's row; decoder_text
+rotates outside it too, from its `positions` input (a text row's three positions are equal: M-RoPE is plain RoPE
+there, but the text after an image is not at its cache row, which is where the op's rotary would put it).
 Imported-model variants: low-rank vision branches (two MatMuls per projection, the weights stay low-rank),
 per-modality norms (the vision graph holds the vision norms, incl. the final one), Libra's cross-modal K/V bridge
 (a cache of 2 * kv_heads heads: each segment writes both versions of its rows and attends over its own half),
@@ -145,8 +146,11 @@ def gqa_rotary(c) -> bool:
     """GroupQueryAttention rotates Q and K itself (do_rotary, NEOX form, cos/sin caches) when every row's RoPE
     position is its cache row, i.e. the sequential position rule; CogVLM's collapsed image positions keep the
     external RoPE from the `positions` input, as do head sizes ONNX Runtime's rotary kernel refuses (not a
-    multiple of 16) and partial rotary (Persimmon: the op rotates whole heads)."""
-    return c.position_rule == "sequential" and c.head_dim % 16 == 0 and c.rope_dims in (0, c.head_dim)
+    multiple of 16) and partial rotary (Persimmon: the op rotates whole heads). M-RoPE (Qwen2-VL) too: the text
+    after an image sits at p + max(grid rows, cols), not at its cache row (the op rotated it there: at head size 128
+    decoder_text's fp32 check measured max abs 0.044 against 4e-7 with the positions input)."""
+    return (c.position_rule == "sequential" and c.head_dim % 16 == 0 and c.rope_dims in (0, c.head_dim)
+            and not c.mrope_section)
 
 
 def rotary_caches(g: Graph, c, local: bool = False) -> tuple[str, str]:

@@ -35,7 +35,7 @@ QUESTION = "what color is the circle?"
 SIZES = [(40, 20), (20, 44), (64, 14), (31, 30), (9, 12), (200, 90)]       # (width, height)
 
 
-def _tiny(v25: bool, tok, seed=0, patch=PATCH, **vision_over):
+def _tiny(v25: bool, tok, seed=0, patch=PATCH, text_over=None, **vision_over):
     """vision_over: vision_config settings over the defaults below (the gguf tests' real-sized patches, 2.5's
     112 px windows)."""
     ids = tok.token_to_id
@@ -43,6 +43,7 @@ def _tiny(v25: bool, tok, seed=0, patch=PATCH, **vision_over):
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                     "mrope_section": [2, 1, 1]})
+    text.update(text_over or {})
     common = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     if v25:
@@ -78,12 +79,12 @@ def _hf_processor(src, patch=PATCH):
                      chat_template=TEMPLATE)
 
 
-def _save(d, v25: bool, patch=PATCH, **vision_over):
+def _save(d, v25: bool, patch=PATCH, text_over=None, **vision_over):
     """A tiny Qwen2(.5)-VL saved as transformers saves it, with a byte-level tokenizer carrying Qwen's special
     tokens, its processor settings and chat template; imported by `edgemm import`."""
     from .test_tokenizers import QWEN2_SPLIT, _byte_level
     tok = _byte_level(QWEN2_SPLIT, SPECIALS, 300, False, False, None)
-    hf = _tiny(v25, tok, patch=patch, **vision_over)
+    hf = _tiny(v25, tok, patch=patch, text_over=text_over, **vision_over)
     src = d / "src"
     hf.save_pretrained(src, safe_serialization=True)
     save_tokenizer(tok, src)
@@ -225,6 +226,23 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     for b in (load_backend("torch", model=str(ck), device="cpu"),
               load_backend("ort", bundle=str(d / "onnx-fp32"), device="cpu")):
         _chunked_image_matches(b)
+
+
+def test_text_after_an_image_at_a_head_size_the_op_rotates(tmp_path):
+    """At head sizes that are multiples of 16 GroupQueryAttention could rotate q and k itself, at each row's cache
+    row; under M-RoPE the text after an image sits at p + max(grid rows, cols) instead, so decoder_text rotates from
+    its positions input (at Qwen2-VL-2B's head size 128 the op's rotary put decoder_text 0.044 off). Head size 16:
+    the fp32 export's own check (ONNX Runtime against the reference) holds, and the reference is transformers'."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from edgemm.checkpoint import load_model
+    from edgemm.export.decoder_graph import gqa_rotary
+    from edgemm.export.onnx import export_onnx
+    rp = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    out = _save(tmp_path, False, text_over=dict(num_attention_heads=2, num_key_value_heads=2, rope_parameters=rp))
+    m, _ = load_model(str(out["ck"]))
+    assert m.cfg.decoder.head_dim == 16 and m.cfg.decoder.mrope_section == [4, 2, 2] and not gqa_rotary(m.cfg.decoder)
+    man = export_onnx(model=str(out["ck"]), out=tmp_path / "b", precision="fp32", threads=1, log=None)
+    assert man["validation"]["stages"]["decoder_text"]["max_abs_err"] <= 1e-4
 
 
 def _chunked_image_matches(b):
