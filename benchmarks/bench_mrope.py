@@ -6,14 +6,17 @@
 ONNX Runtime's GroupQueryAttention rotates with 1-D positions only (do_rotary, its cos/sin caches). A Qwen2-VL
 image's rows have 3-D positions, so edgemm's decoder_image graph takes `mrope_positions` [3, T] and rotates q and k
 outside the op (angles of the three rows times a one-hot of mrope_section, summed; then NEOX rotation per layer),
-the op running with do_rotary 0. decoder_text is unchanged (a text row's three positions are equal: plain RoPE),
-which this script checks op for op. It times decoder_image of one random-weight model with Qwen2-VL-2B's text shapes
+the op running with do_rotary 0. decoder_text rotates outside the op too, from its 1-D `positions` input (a text
+row's three positions are equal, but the text after an image is not at its cache row, where the op's rotary puts it:
+fixed 2026-12-03, export/decoder_graph.gqa_rotary); the script prints whether its graph equals the 1-D model's (it no
+longer does; the decode cost of that rotation was not measured). It times decoder_image of one random-weight model
+with Qwen2-VL-2B's text shapes
 (d_model 1536, 12 heads, 2 KV heads, head_dim 128, FFN 8960; --layers of its 28) on --rows image rows, the M-RoPE
 graph against the same model's graph with the op's own 1-D rotary, in interleaved rounds, and prints the medians.
 
 Measured (2026-12-03, onnxruntime 1.32, the shared 2-core machine at load average 17-19 from other agents: the
-spread is noise). decoder_text op for op the same (43 nodes at 2 layers); decoder_image 86 nodes against 42 (the
-tables, the unpacked QKV split and two rotations a layer):
+spread is noise; before the decoder_text fix). decoder_text op for op the same (43 nodes at 2 layers); decoder_image
+86 nodes against 42 (the tables, the unpacked QKV split and two rotations a layer):
 
     --layers 2 --rows 64 --rounds 9:   m-rope median 1953 ms (1644-2127), 1-d 1961 ms (1880-2123): ratio 0.996
     --layers 4 --rows 256 --rounds 7:  m-rope median 12342 ms (10022-16491), 1-d 13339 ms (7691-15598): ratio 0.925
