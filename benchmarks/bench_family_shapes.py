@@ -126,8 +126,16 @@ passes (four 448 px windows with their LoRA merged, and the whole image at 448),
     fp32            -              1        1280    13875.6    17321.2          20.3         11380     5304
     int8            -              1        1280     7097.8     8766.2          81.2          6194     1635
 
+Qwen2-VL-2B's shapes (the tower whole, 4 of the 28 decoder layers: decode tok/s is not the 2B's), fp32 only
+(`--family qwen2vl --precisions fp32 --repeats 2 --warmup 1`, quiet; the first export found two defects, both fixed
+on 2026-12-03: the >2 GiB tower's trace and decoder_text's rotary):
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        224x224            1          64     1172.0     1564.7          22.8          9235     6955
+    fp32        448x448            1         256     5331.3     5925.4          22.5          9235     6955
+
 Not measured here (time and memory): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per sample under
-load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B (presets ready).
+load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B int8 / int4 (presets ready).
 """
 from __future__ import annotations
 
