@@ -53,6 +53,15 @@ def validation_image(cfg) -> np.ndarray:
     return validation_image_source(cfg)[0]
 
 
+def validation_scene(cfg):
+    """The shapes test scene the checks show a tower of the shapes' size (any-size Qwen2-VL towers excepted), else
+    None."""
+    from edgemm import shapes
+    if cfg.vision.tiling == "qwen2vl" or cfg.vision.image_size != shapes.IMAGE_SIZE:
+        return None
+    return shapes.scene_at("test", 0)
+
+
 def validation_image_source(cfg) -> tuple[np.ndarray, str]:
     """-> (validation_image, what it is: "a shapes test scene", or "seeded noise (why)")."""
     s = cfg.vision.image_size
@@ -63,8 +72,9 @@ def validation_image_source(cfg) -> tuple[np.ndarray, str]:
                 f"seeded noise ({w}x{h}: Qwen2-VL's tower takes any size, rows at 2-D M-RoPE positions)")
     try:
         from edgemm import shapes
-        if s == shapes.IMAGE_SIZE:
-            return shapes.render(shapes.scene_at("test", 0)), "a shapes test scene"
+        scene = validation_scene(cfg)
+        if scene is not None:
+            return shapes.render(scene), "a shapes test scene"
         why = f"the vision tower takes {s} px, the shapes scenes are {shapes.IMAGE_SIZE} px"
     except Exception as e:
         why = f"the shapes scene did not render: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -93,12 +103,13 @@ def put_image(run, cfg, rows, pos0: int, grid=None) -> int:
 
 
 def fidelity_questions(cfg) -> tuple[str, ...]:
-    """The fidelity prompts: on a shapes test scene (validation_image_source) every question the shapes templates
-    ask of it, else FIDELITY_QUESTIONS."""
-    if validation_image_source(cfg)[1] == "a shapes test scene":
-        from edgemm import shapes
-        return tuple(q.question for q in shapes.all_questions(shapes.scene_at("test", 0)))
-    return FIDELITY_QUESTIONS
+    """The fidelity prompts: on the shapes test scene (validation_scene) every question the shapes templates ask of
+    it, else FIDELITY_QUESTIONS."""
+    scene = validation_scene(cfg)
+    if scene is None:
+        return FIDELITY_QUESTIONS
+    from edgemm import shapes
+    return tuple(q.question for q in shapes.all_questions(scene))
 
 
 def fidelity(model, tok, run, rows_ref) -> dict:
@@ -141,8 +152,7 @@ def fidelity(model, tok, run, rows_ref) -> dict:
     return {"prompts": len(questions), "positions": len(kls), "mean_kl": float(np.mean(kls)),
             "max_kl": float(np.max(kls)), "kl_per_position": [round(k, 4) for k in kls],
             "top1": float(np.mean([a for a, _ in agree])),
-            "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None,
-            "sure_per_position": [bool(c) for _, c in agree]}
+            "confident_positions": len(sure), "top1_confident": float(np.mean(sure)) if sure else None}
 
 
 def gguf_failure(bad: list, decoder: str, mmproj: str) -> str:

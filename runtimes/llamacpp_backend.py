@@ -194,6 +194,8 @@ class LlamaCppBackend(Backend):
         return seq
 
     rides = True            # (Backend.riding: a text piece in the decode step's llama_decode)
+    _riding = False         # inside riding(): text() records its piece
+    _ride = None            # the recorded piece: (seq, ids, pos, Ridden)
 
     def riding(self):
         import contextlib
@@ -208,10 +210,10 @@ class LlamaCppBackend(Backend):
         return on()
 
     def ride_pending(self) -> bool:
-        return getattr(self, "_ride", None) is not None
+        return self._ride is not None
 
     def flush_ride(self) -> None:
-        ride, self._ride = getattr(self, "_ride", None), None
+        ride, self._ride = self._ride, None
         if ride is not None:
             seq, ids, pos, out = ride
             out.value = self.runner.decode_tokens(ids, pos, seq)
@@ -219,7 +221,7 @@ class LlamaCppBackend(Backend):
     def text(self, state: State, ids) -> np.ndarray:
         seq = self._sync(state)
         ids = list(ids)
-        if (getattr(self, "_riding", False) and getattr(self, "_ride", None) is None and ids
+        if (self._riding and self._ride is None and ids
                 and len(ids) + len(self._owner) <= self.runner.n_batch):
             from .base import Ridden
             out = Ridden()
@@ -240,15 +242,12 @@ class LlamaCppBackend(Backend):
 
     def decode_batch(self, states, tokens) -> list[np.ndarray]:
         """One token per state, all in one llama_decode (the weights are read once for every sequence)."""
-        ride, self._ride = getattr(self, "_ride", None), None
+        ride, self._ride = self._ride, None     # a prefill piece riding this step (Backend.riding)
         items = [(self._sync(st), t, st.pos) for st, t in zip(states, tokens)]
-        self.ride_rows = 0
-        if ride is not None:                    # a prefill piece rides this step (Backend.riding)
-            seq, ids, pos, got = ride
-            out, got.value = self.runner.decode_mixed(items, seq, ids, pos)
-            self.ride_rows = len(ids)
-        else:
-            out = self.runner.decode_step(items)
+        out, last = self.runner.decode_step(items, None if ride is None else ride[:3])
+        self.ride_rows = 0 if ride is None else len(ride[1])
+        if ride is not None:
+            ride[3].value = last
         for st in states:
             st.length += 1
             st.pos += 1

@@ -218,49 +218,35 @@ class LlamaRunner:
                       None if p4 is None else p4[:, s:s + chunk.shape[0]])
         return self._logits()
 
-    def decode_step(self, items) -> list[np.ndarray]:
-        """One token for each of several sequences in one llama_decode: items [(seq, token, pos)] -> logits."""
-        b = self._tok_batch
-        for i, (seq, t, pos) in enumerate(items):
+    def decode_step(self, items, piece=None) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """One token for each of several sequences in one llama_decode: items [(seq, token, pos)] -> (logits per
+        item, None). piece (seq, ids, pos0): a text piece of that sequence in the same llama_decode (serve's riding
+        prefill) -> its last row's logits in place of None. Every row is an output, as _run's final batches (the
+        cogvlm graph selects no output rows)."""
+        rows = list(items)
+        if piece is not None:
+            seq, ids, pos0 = piece
+            rows += [(seq, t, pos0 + i) for i, t in enumerate(ids)]
+            if not ids or len(rows) > self.n_batch:
+                raise EdgemmError(f"a decode step with a {len(ids)}-row piece needs {len(rows)} rows; n_batch is "
+                                  f"{self.n_batch}")
+            self._check_room(len(ids), seq)
+        for seq, _, _ in items:
             self._check_room(1, seq)
+        b = self._tok_batch
+        for i, (seq, t, pos) in enumerate(rows):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), int(pos), 1, 1
             b.seq_id[i][0] = seq
-        b.n_tokens = len(items)
+        b.n_tokens = len(rows)
         rc = self.ll.llama_decode(self.ctx, b)
         if rc != 0:
-            raise EdgemmError(f"llama_decode failed (code {rc}) for a batch of {len(items)} sequences")
-        for seq, _, pos in items:
+            raise EdgemmError(f"llama_decode failed (code {rc}) for a batch of {len(items)} sequences"
+                              + (f" and a {len(rows) - len(items)}-row piece" if piece is not None else ""))
+        for seq, _, pos in rows:
             self.lengths[seq] += 1
             if self.mrope:
                 self._row_pos[seq].append(int(pos))
-        return [self._logits(i) for i in range(len(items))]
-
-    def decode_mixed(self, items, seq: int, ids, pos0: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """decode_step's tokens and a text piece of sequence `seq` (ids at pos0, pos0 + 1, ...) in one llama_decode
-        -> (logits per item, the piece's last-row logits). Every row is an output, as _run's final batches (the
-        cogvlm graph selects no output rows)."""
-        ids = list(ids)
-        n = len(items) + len(ids)
-        if not ids or n > self.n_batch:
-            raise EdgemmError(f"a decode step with a {len(ids)}-row piece needs {n} rows; n_batch is {self.n_batch}")
-        for sq, _, _ in items:
-            self._check_room(1, sq)
-        self._check_room(len(ids), seq)
-        b = self._tok_batch
-        rows = [(sq, t, pos) for sq, t, pos in items] + [(seq, t, pos0 + i) for i, t in enumerate(ids)]
-        for i, (sq, t, pos) in enumerate(rows):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), int(pos), 1, 1
-            b.seq_id[i][0] = sq
-        b.n_tokens = n
-        rc = self.ll.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise EdgemmError(f"llama_decode failed (code {rc}) for a batch of {len(items)} sequences and a "
-                              f"{len(ids)}-row piece")
-        for sq, _, pos in rows:
-            self.lengths[sq] += 1
-            if self.mrope:
-                self._row_pos[sq].append(int(pos))
-        return [self._logits(i) for i in range(len(items))], self._logits(n - 1)
+        return [self._logits(i) for i in range(len(items))], (self._logits(len(rows) - 1) if piece else None)
 
     def token_rows(self, ids) -> np.ndarray:
         """The decoder file's token_embd rows of `ids` (dequantized as llama.cpp's get_rows reads them) -> [n, D]."""

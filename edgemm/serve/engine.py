@@ -511,7 +511,8 @@ class Engine:
             else:
                 self._first(slot, slot.job, e.value)
         except Exception as e:
-            self.b.flush_ride() if ride else None
+            if ride:
+                self.b.flush_ride()
             self._fail(slot, e)
         else:
             self._piece_ran(st, n0, t0, ride)
