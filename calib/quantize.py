@@ -39,7 +39,7 @@ import numpy as np
 from edgemm.errors import EdgemmError
 from edgemm.calib.stats import XTX_MAX_IN
 
-STAGES = ("vision", "decoder_text", "decoder_image")
+STAGES = ("vision", "decoder_text", "decoder_image", "video")     # video: LLaVA-NeXT-Video's pooled frames
 from .recipes import QUANTIZED as PRECISIONS  # noqa: E402
 INT8_STORAGES = ("s8s8", "u8u8")
 FP8_MAX = 448.0

@@ -109,7 +109,7 @@ RECIPES: dict[str, Recipe] = {
 # the image rows' prefill 1.3x less than MatMulNBits int4 at accuracy_level 4 (benchmarks/profile_ort.py), and the
 # stages' cosine to the reference 0.998 / 0.996 where int4 had 0.941 / 0.905; the bundle is larger (254 -> 376 MB)
 PREFILL_RECIPE = {"int4": "int8-dyn"}
-PREFILL_STAGES = ("vision", "decoder_image")
+PREFILL_STAGES = ("vision", "decoder_image", "video")
 
 # --precision value -> recipe name; these are the quantized precisions of every ONNX-graph target
 PRECISION_RECIPE = {"int8": "int8", "int8-wo": "int8-wo", "int4": "int4", "fp8": "fp8"}

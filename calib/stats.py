@@ -36,7 +36,7 @@ NBINS = 2048
 KEEP_ROWS = 32
 XTX_MAX_IN = 4096                 # hessian=True: X^T X kept for layers with at most this many inputs
 METHODS = ("max", "percentile", "entropy")
-STATS_VERSION = 3                 # 2: sum2 (and xtx); 3: sum2_q8k; older files load without them
+STATS_VERSION = 4                 # 2: sum2 (and xtx); 3: sum2_q8k; 4: the video stage; older files load without them
 QK_K = 256                        # ggml's k-quant super-block: Q4_K..Q6_K weights multiply Q8_K activations
 DEFAULT_PERCENTILE = 99.99
 
@@ -246,7 +246,7 @@ class Stats:
         except Exception as e:
             raise EdgemmError(f"calibration statistics {path} are unreadable ({e}); delete the file and "
                               "run `edgemm calibrate` again") from None
-        if info.get("version") not in (1, 2, STATS_VERSION):
+        if info.get("version") not in (1, 2, 3, STATS_VERSION):
             raise EdgemmError(f"{path} has statistics version {info.get('version')}, expected {STATS_VERSION}")
         layers = {}
         for i, row in enumerate(info["index"]):
@@ -261,7 +261,7 @@ class Stats:
 
 # --------------------------------------------------------------------------- collection
 def _branch_of(module: str, stage: str) -> str:
-    if stage == "vision":
+    if stage in ("vision", "video"):
         return "vision-tower"
     if ".text." in module:
         return "text"
@@ -357,6 +357,10 @@ def collect_stats(model_spec_or_model, calib_set=None, *, tokenizer=None, cache:
                         if hasattr(px, "encode_with") else m.encode_image(t, *ins))    # (LLaVA-UHD: per size)
                 if hasattr(px, "pack_rows"):                     # SmolVLM: its tiles' rows between their markers
                     rows = px.pack_rows(rows, cfg)
+                if cfg.video_stage:       # LLaVA-NeXT-Video: the image as a one-frame clip (its pooled video stage)
+                    from edgemm.video import still_frames
+                    current["stage"] = "video"
+                    m.encode_video(torch.from_numpy(still_frames([s.image], cfg)))
                 ids = tok.user_turn(s.prompt, first=True) + (tok.answer(s.answer) if s.answer else [])
                 cache_ = KVCache.empty(cfg.decoder, 1, 1 + rows.shape[1] + len(ids) + 2)
                 current["stage"] = "decoder_text"

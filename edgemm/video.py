@@ -274,6 +274,13 @@ def frame_pixels(frames, cfg) -> np.ndarray:
     return np.concatenate(out)
 
 
+def still_frames(images, cfg) -> np.ndarray:
+    """Still images (paths or uint8 [H, W, 3] arrays) as a clip's frames -> float32 [F, 3, S, S] (frame_pixels):
+    what calibrates and checks a quantized video stage (edgemm.calib.stats, edgemm.export.onnx)."""
+    from .processor import load_image
+    return frame_pixels([np.asarray(load_image(x)) for x in images], cfg)
+
+
 class ClipPixels(np.ndarray):
     """A clip's frames [F, 3, S, S] that remember when they were taken: `times` (seconds, each frame's index / the
     clip's fps) and `duration` (frames / fps), which SmolVLM's prompt states."""

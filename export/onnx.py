@@ -95,14 +95,15 @@ def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     return out
 
 
-def video_stage(m, out: Path) -> dict:
+def video_stage(m, out: Path, fp16: bool = False) -> dict:
     """LLaVA-NeXT-Video's `video` stage (edgemm.model.encode_video: the frames' patch grids pooled between the
-    tower and the connector) traced into out/video.onnx -> its manifest entry. fp32 whatever the vision stage's
-    precision: its calibration would need pooled-frame statistics of its own."""
+    tower and the connector) traced into out/video.onnx -> its fp32 manifest entry. It belongs to the `vision`
+    precision group: quantized beside the vision stage, on statistics of its own (edgemm.calib.stats runs each
+    calibration image through it as a one-frame clip: the pooled rows the connector sees differ from an image's)."""
     import onnx
-    g, nbytes = vision_graph(m, video=True)
-    st = {"file": "video.onnx", "graph": GRAPH_STANDARD, "precision": "fp32", "compute": "fp32",
-          "weights": "fp32 (not quantized)", "note": "frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch "
+    g, nbytes = vision_graph(m, fp16, video=True)
+    st = {"file": "video.onnx", "graph": GRAPH_STANDARD, "precision": "fp16" if fp16 else "fp32", "compute": "fp32",
+          "weights": "fp16 matrices, cast to fp32 in the graph; fp32 compute" if fp16 else "fp32", "note": "frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch "
           "grid pooled between the tower and the connector (LLaVA-NeXT-Video's vision_resampler)"}
     extra = save_stage(g, out / "video.onnx", nbytes)
     onnx.checker.check_model(str(out / "video.onnx"))
@@ -111,8 +112,8 @@ def video_stage(m, out: Path) -> dict:
 
 
 def stage_precision(precision: dict, stage: str) -> str:
-    """The precision a stage was exported at: its --precision group's, the video stage always fp32."""
-    return "fp32" if stage == "video" else precision[group(stage)]
+    """The precision a stage was exported at: its --precision group's (the video stage: the vision group's)."""
+    return precision[group(stage)]
 
 
 def check_variants(cfg, where: str, precision: dict, target: str = "onnx") -> None:
@@ -176,9 +177,13 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     res = run_prompt(ref, b, cfg, ins, segments, decode_steps, stop_id=stop, image_hw=hw)
     if b.batched:
         res["decoder_batch"] = validate_batch(model, b, gen, against_backend=bool(calib_items))
-    if cfg.video_stage:                 # LLaVA-NeXT-Video: three random frames through the video stage
-        S = cfg.vision.image_size
+    if cfg.video_stage:                 # LLaVA-NeXT-Video: three frames through the video stage (random; quantized:
+        S = cfg.vision.image_size       # held-out images, the frames its scales were fitted for)
         frames = torch.randn(3, 3, S, S, generator=gen)
+        if calib_items:
+            from edgemm.video import still_frames
+            n = len(calib_items.samples)
+            frames = torch.from_numpy(still_frames([calib_items.samples[(seed + i) % n].image for i in range(3)], cfg))
         with torch.inference_mode():
             want = model.encode_video(frames).numpy()
         res["video"] = [compare(want, b.video(frames.numpy()))]
@@ -314,12 +319,12 @@ def export_onnx(model=None, out=None, precision=None, force: bool = False, calib
             stages[stage] = {**st, **stage_notes(cfg, stage, moe_form)}
             del g
         graphs.clear()
+        if cfg.video_stage:                 # LLaVA-NeXT-Video's pooled frames: quantized with the vision group
+            stages["video"] = video_stage(m, tmp, prec["vision"] == "fp16")
         from edgemm.calib.apply import quantize_bundle_stages     # quantized precisions (no-op for fp32/fp16)
         calibration = quantize_bundle_stages(tmp, stages, prec, m, tok, calib=calib, stats=stats, log=log,
                                              keep_sensitive=keep_sensitive, model_digest=source["digest"],
                                              recipes=recipes)
-        if cfg.video_stage:                 # LLaVA-NeXT-Video's pooled frames: fp32, beside the quantized stages
-            stages["video"] = video_stage(m, tmp)
         tok.save(tmp / "tokenizer.json")
         from edgemm.qformer import bundle_fields
         qformer = bundle_fields(tok, tmp, cfg)                  # InstructBLIP: its Q-Former tokenizer
