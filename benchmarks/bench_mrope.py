@@ -42,6 +42,36 @@ def build(layers: int):
                   ).init_weights(0).eval()
 
 
+def decode_steps(graphs, so, c, a) -> None:
+    """decoder_text's one-row decode steps, the M-RoPE graph (rotary outside the op, from `positions`) against the
+    1-D graph (the op's rotary), --steps a round from --context cached rows, rounds interleaved: median ms a step."""
+    import numpy as np
+    import onnxruntime as ort
+    sess = {k: ort.InferenceSession(g["text"].SerializeToString(), so, providers=["CPUExecutionProvider"])
+            for k, g in graphs.items()}
+    cap, rng = a.context + a.steps + 1, np.random.default_rng(1)
+    past = {f"past_{kv}.{i}": rng.standard_normal((1, c.kv_heads, cap, c.head_dim)).astype(np.float32) * 0.5
+            for i in range(c.n_layers) for kv in ("key", "value")}
+    ids = rng.integers(5, c.vocab_size, a.steps)
+    times = {k: [] for k in sess}
+    for r in range(a.rounds + 1):                       # the first round warms up, not counted
+        for k, s in sess.items():
+            t0 = time.perf_counter()
+            for j in range(a.steps):
+                n = a.context + j                       # cached rows before this step; the text's M-RoPE position
+                f = {"input_ids": np.array([[ids[j]]], np.int64), "positions": np.array([n + 40], np.int64),
+                     "seqlens_k": np.array([n], np.int32), "total_sequence_length": np.array(n + 1, np.int32), **past}
+                s.run(["logits"], {i.name: f[i.name] for i in s.get_inputs()})
+            if r:
+                times[k].append((time.perf_counter() - t0) * 1e3 / a.steps)
+    print(f"decoder_text, one-row steps from {a.context} cached rows, {c.n_layers} layers, {a.threads} threads, "
+          f"{a.steps} steps x {a.rounds} interleaved rounds (ms a step):")
+    for k, ts in times.items():
+        print(f"  {k:<32} median {statistics.median(ts):8.2f} ms  (min {min(ts):.2f}, max {max(ts):.2f})")
+    m_, d_ = (statistics.median(ts) for ts in times.values())
+    print(f"  ratio m-rope / 1-d: {m_ / d_:.3f}")
+
+
 def main(argv=None):
     import numpy as np
     import onnxruntime as ort
@@ -52,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=256, help="image rows (256: a 448 x 448 image)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64, help="decoder_text one-row steps timed per round (0: none)")
+    ap.add_argument("--context", type=int, default=320, help="rows already in the KV cache at the first step")
     a = ap.parse_args(argv)
     m = build(a.layers)
     c = m.cfg.decoder
@@ -77,6 +109,8 @@ def main(argv=None):
     for i in range(c.n_layers):
         for kv in ("key", "value"):
             feeds[f"past_{kv}.{i}"] = np.zeros((1, c.kv_heads, cap, c.head_dim), np.float32)
+    if a.steps:
+        decode_steps(graphs, so, c, a)
     times = {k: [] for k in sess}
     for _ in range(a.rounds + 1):                       # the first round warms up, not counted
         for k, s in sess.items():

@@ -264,14 +264,18 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     """`edgemm export --target onnx` (fp32 and int8) and `--target trt --no-build` (fp16 Q/DQ graphs) validate against
     the reference; `edgemm run --image` on the onnx fp32 bundle and the trt one (its graphs on the CPU) answers, the
     answer's ids being transformers' greedy ones (a 2 x 1 grid + thumbnail: three tiles through the vision stage);
-    gguf is refused, naming the targets that can."""
+    `--target gguf` writes the decoder for llama.cpp with the vision stage in ONNX (llama.cpp's internvl mmproj graph
+    misorders positions: tests/test_internvl_gguf.py), and `edgemm run` on it gives the same ids."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from PIL import Image
     from click.testing import CliRunner
     from edgemm.cli import main
     from edgemm.generation import ChatSession
     d, ck, hf, proc = imported["dir"], imported["ck"], imported["hf"], imported["proc"]
-    exports_validate(ck, d, "internvit vision tower")
+    exports_validate(ck, d, None)
+    from .test_import_llava import gguf_exports
+    b, man, _ = gguf_exports(ck, d, ("f32",))["f32"]
+    assert man["stages"]["vision"]["format"] == "onnx" and man["validation"]["passed"], man["validation"]
     w, h = SIZES[1]
     Image.fromarray(_image(w, h, 1)).save(d / "img.png")
     hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
@@ -298,10 +302,10 @@ def test_exports_validate_and_answer(imported, monkeypatch):
         return ans
     monkeypatch.setattr(ChatSession, "_generate", recording)
     run = ["run", "--image", str(d / "img.png"), "--max-new-tokens", "4", "--device", "cpu"]
-    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt")):
+    for bundle, backend in (("onnx-fp32", "ort"), ("trt-fp16", "trt"), ("gguf-f32", "llamacpp")):
         r = CliRunner().invoke(main, run + ["--bundle", str(d / bundle), "--backend", backend, ASK])
         assert r.exit_code == 0, r.output
-    assert got == [want, want], (got, want)
+    assert got == [want, want, want], (got, want)
     from .test_smolvlm import _served_answer                # `edgemm serve` of the onnx bundle: the same answer
     _served_answer(d / "onnx-fp32", d / "img.png", len(hf_in["input_ids"][0]), want,
                    json.loads((ck / "config.json").read_text())["tokens"], question=ASK)

@@ -1,4 +1,5 @@
-"""Why InternVL stays refused for gguf, measured: an internvl mmproj written as the vendored converter
+"""InternVL's gguf bundle: llama.cpp's qwen2 decoder beside an ONNX vision stage (the tiles cut on the host), checked
+with stock llama-cpp-python fed onnxruntime's rows against transformers; and why its vision is not an mmproj, measured: an internvl mmproj written as the vendored converter
 (llama-cpp-python 0.3.36, conversion/internvl.py InternVisionModel) writes it, run through stock llama.cpp's mtmd
 on one tile, against transformers' InternVLForConditionalGeneration image features (tiny random instance of
 tests/test_internvl.py: q/k norm, q/k/v bias, LayerScale randomised).
@@ -82,3 +83,29 @@ def test_mtmd_internvl_rows_match_transformers(rows):
     """What would enable gguf for InternVL: mtmd's rows within the mtmd bound of transformers'."""
     got, want, _, tol = rows
     assert np.abs(got - want).max() <= tol
+
+
+def test_stock_llama_cpp_fed_the_onnx_stage_gives_transformers_greedy_tokens(tmp_path):
+    """The gguf export's files outside edgemm: vision.onnx in onnxruntime on transformers' processor's tiles (a 2 x 1
+    grid + the thumbnail), the decoder GGUF in stock llama-cpp-python fed those rows as an embedding batch where the
+    processor's ids hold <IMG_CONTEXT> -> transformers' greedy tokens."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    from PIL import Image
+    from edgemm.export.gguf import export_gguf
+    from .test_gguf_mixed import _hf_greedy, _stock_greedy
+    from .test_internvl import ASK, ROWS_PER_TILE, SIZES, _image, build_imported
+    imp = build_imported(tmp_path)
+    man = export_gguf(model=str(imp["ck"]), out=tmp_path / "b", precision="f32", log=None, threads=2)
+    assert man["stages"]["vision"]["format"] == "onnx" and man["stages"]["decoder"]["format"] == "gguf (arch qwen2)"
+    proc, hf = imp["proc"], imp["hf"]
+    hf_in = proc(text=proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": ASK}]}], add_generation_prompt=True),
+        images=[Image.fromarray(_image(*SIZES[1], 1))], return_tensors="pt")
+    px, ids = hf_in["pixel_values"], hf_in["input_ids"][0].tolist()
+    sess = ort.InferenceSession(str(tmp_path / "b" / "vision.onnx"), providers=["CPUExecutionProvider"])
+    rows = sess.run(["image_rows"], {"pixels": px.numpy()})[0]
+    img = [i for i, t in enumerate(ids) if t == hf.config.image_token_id]
+    assert px.shape[0] == 3 and rows.shape == (1, 3 * ROWS_PER_TILE, 32) and len(img) == rows.shape[1]
+    assert img == list(range(img[0], img[0] + len(img)))
+    want = _hf_greedy(hf, torch.tensor([ids]), px, 4)
+    assert _stock_greedy(tmp_path / "b" / "decoder-f32.gguf", ids[:img[0]], rows[0], ids[img[-1] + 1:], 4) == want

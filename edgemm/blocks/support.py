@@ -107,10 +107,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("context + content tokens a frame (llama-vid)", "connector:llamavid",
             lambda c: c.adapter.kind == "llamavid", gguf="onnx"),
     Feature("any-resolution tiling", "option:anyres", lambda c: bool(c.vision.grid_pinpoints), gguf="llava"),
-    # (no gguf: llama.cpp's internvl graph misorders the position rows against CLS; tests/test_internvl_gguf.py)
-    Feature("internvit vision tower", "vision:internvit", lambda c: c.vision.arch == "internvit"),
-    Feature("pixel-shuffle projector", "connector:pixel_shuffle", lambda c: c.adapter.kind == "pixel_shuffle"),
-    Feature("dynamic tiles (internvl)", "option:tiles", lambda c: c.vision.tiling == "internvl"),
+    # gguf: an ONNX vision stage (llama.cpp's internvl mmproj graph misorders the position rows against CLS;
+    # tests/test_internvl_gguf.py measures it), the tiles cut on the host
+    Feature("internvit vision tower", "vision:internvit", lambda c: c.vision.arch == "internvit", gguf="onnx"),
+    Feature("pixel-shuffle projector", "connector:pixel_shuffle", lambda c: c.adapter.kind == "pixel_shuffle",
+            gguf="onnx"),
+    Feature("dynamic tiles (internvl)", "option:tiles", lambda c: c.vision.tiling == "internvl", gguf="onnx"),
     Feature("pixel-shuffle linear projector", "connector:pixel_shuffle_linear",
             lambda c: c.adapter.kind == "pixel_shuffle_linear"),
     Feature("tile grid (smolvlm)", "option:tiles", lambda c: c.vision.tiling == "smolvlm"),
