@@ -104,9 +104,9 @@ def test_refusals_name_the_targets_that_can(llava, tmp_path):
     libra.adapter.codebooks, libra.adapter.vision_vocab = 2, 16
     cls_kept = ModelConfig.from_dict(cfg.to_dict())
     cls_kept.vision.keep_cls = True
-    siglip_like = ModelConfig.from_dict(cfg.to_dict())      # LLaVA's decoder with a SigLIP tower (neither llama.cpp's
-    siglip_like.vision.arch = "siglip"                      # graph nor an ONNX stage beside it: support.py)
-    for c, name in ((libra, "libra image tokens"), (cls_kept, "CLS row kept"), (siglip_like, "siglip vision tower")):
+    windowed = ModelConfig.from_dict(cfg.to_dict())         # LLaVA with Gemma 3's sliding window (llama.cpp's llama
+    windowed.decoder.sliding_window, windowed.decoder.sliding_layers = 4, [0]   # graph has none: support.py)
+    for c, name in ((libra, "libra image tokens"), (cls_kept, "CLS row kept"), (windowed, "sliding-window attention")):
         d = tmp_path / name.split()[0]
         d.mkdir()
         c.save(d / "config.json")

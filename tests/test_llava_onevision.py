@@ -287,7 +287,8 @@ def test_image_rows_logits_and_cached_decode_match_transformers(imported, size):
 def test_cli_import_export_onnx_and_run(imported, tmp_path):
     """`edgemm import`, `edgemm export --target onnx` (fp32 and int8, each validated against the reference by the
     exporter) and `edgemm run --image` on the bundle: the ort backend answers as the torch reference does (greedy,
-    the checkpoint's chat template and Qwen2 stop tokens)."""
+    the checkpoint's chat template and Qwen2 stop tokens); so does `edgemm run` on the gguf export (the decoder in
+    llama.cpp, the SigLIP tower in an ONNX stage: llama.cpp's llava graph is CLIP's)."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from click.testing import CliRunner
     from PIL import Image
@@ -298,8 +299,6 @@ def test_cli_import_export_onnx_and_run(imported, tmp_path):
     ck = tmp_path / "ck"
     r = run.invoke(main, ["import", str(imported["src"]), "-o", str(ck)])
     assert r.exit_code == 0, r.output
-    r = run.invoke(main, ["export", "--target", "gguf", "--model", str(ck), "-o", str(tmp_path / "gguf")])
-    assert r.exit_code == 2 and "siglip vision tower" in r.output          # llama.cpp's llava graph: CLIP only
     r = run.invoke(main, ["info", "--model", str(ck)])
     assert r.exit_code == 0 and "anyres_max 2" in r.output, r.output
     Image.fromarray(_image(50, 47, 1)).save(tmp_path / "img.png")          # downscaled by anyres_max
@@ -320,6 +319,11 @@ def test_cli_import_export_onnx_and_run(imported, tmp_path):
         s.set_image(tmp_path / "img.png")
     want = ref.ask(QUESTION)
     assert ort.ask(QUESTION) == want and want.strip() in answers["fp32"]
+    r = run.invoke(main, ["export", "--target", "gguf", "--model", str(ck), "-o", str(tmp_path / "gguf")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(main, ["run", "--bundle", str(tmp_path / "gguf"), "--backend", "llamacpp", "--image",
+                          str(tmp_path / "img.png"), "--max-new-tokens", str(MAX_NEW), QUESTION])
+    assert r.exit_code == 0 and want.strip() in r.output, (r.output, want)
     from .test_serve import served_reply                    # `edgemm serve` of the bundle: the same answer
     r = served_reply(tmp_path / "fp32", tmp_path / "img.png", QUESTION, MAX_NEW)
     assert r.choices[0].message.content == want, (r.choices[0].message.content, want)
@@ -361,3 +365,46 @@ def test_text_config_tie_is_honoured(tmp_path):
     ids = torch.randint(5, 290, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (m.forward_full([("text", ids)])[0] - hf(input_ids=ids).logits[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("size", [(64, 14), (50, 47)], ids=["wide", "downscaled"])
+def test_gguf_bundle_against_transformers(imported, tmp_path, size):
+    """The gguf export (decoder GGUF + the SigLIP tower and projector as vision.onnx): the llamacpp backend's image
+    rows (the ONNX stage's tiles packed on the host: unpad, anyres_max downscale, newline rows) equal transformers'
+    get_image_features within 1e-4, and stock llama-cpp-python's low-level API fed those rows where the processor's
+    ids hold <image> gives transformers' greedy tokens."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'edgemm[gguf]')")
+    from edgemm.export.gguf import export_gguf
+    from edgemm.runtimes import load_backend
+    from edgemm.tilings import image_rows
+    from .test_gguf_mixed import _stock_greedy
+    man = export_gguf(model=str(imported["ck"]), out=tmp_path / "b", precision="f32", log=None, threads=2)
+    assert man["stages"]["vision"]["format"] == "onnx" and man["validation"]["passed"]
+    hf_model, proc = imported["hf"], imported["proc"]
+    img = _image(*size, 7)
+    inputs = _hf_inputs(proc, img)
+    b = load_backend("llamacpp", bundle=str(tmp_path / "b"), threads=2)
+    try:
+        got = image_rows(b, img)[0]
+    finally:
+        b.close()
+    with torch.no_grad():
+        want = hf_model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                 image_sizes=inputs["image_sizes"]).pooler_output[0].numpy()
+    assert got.shape == want.shape and abs(got - want).max() <= 1e-4
+    ids = inputs["input_ids"][0].tolist()
+    at = [i for i, t in enumerate(ids) if t == hf_model.config.image_token_id]
+    assert len(at) == got.shape[0] and at == list(range(at[0], at[0] + len(at)))
+
+    def hf_greedy(ids, px, steps):          # (LLaVA-OneVision's forward needs image_sizes beside the pixels)
+        out = []
+        with torch.no_grad():
+            for _ in range(steps):
+                t = int(hf_model(input_ids=ids, pixel_values=px, image_sizes=inputs["image_sizes"]).logits[0, -1]
+                        .argmax())
+                out.append(t)
+                ids = torch.cat([ids, torch.tensor([[t]])], 1)
+        return out
+    expect = hf_greedy(torch.tensor([ids]), inputs["pixel_values"], MAX_NEW)
+    assert _stock_greedy(tmp_path / "b" / "decoder-f32.gguf", ids[:at[0]], got, ids[at[-1] + 1:], MAX_NEW) == expect

@@ -93,7 +93,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("linear projector", "connector:linear", lambda c: c.adapter.kind == "linear", gguf="llava"),
     Feature("mlp-norm projector", "connector:mlp_norm", lambda c: c.adapter.kind == "mlp_norm", gguf="llava"),
     Feature("blip vision tower", "vision:blip", lambda c: c.vision.arch == "blip", gguf="onnx"),
-    Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip"),
+    # gguf: inside its mtmd compositions (gemma3, idefics3) an mmproj, else an ONNX vision stage (LLaVA-OneVision:
+    # llama.cpp's llava graph is CLIP's)
+    Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip", gguf="onnx"),
     Feature("qwen-vl vision tower", "vision:qwen", lambda c: c.vision.arch == "qwen", gguf="onnx"),
     Feature("cross-attention resampler (qwen-vl)", "connector:resampler", lambda c: c.adapter.kind == "resampler", gguf="onnx"),
     # llama.cpp has no graph for it (MiniCPM-V's resampler attends to every patch)
