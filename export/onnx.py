@@ -24,8 +24,8 @@ from edgemm.errors import EdgemmError, UnsupportedVariant
 
 from edgemm.export.decoder_graph import decode_batch_supported, decoder_graph
 from edgemm.export.graph import GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, io_spec, save_stage, vision_graph
-from edgemm.export.validate import (INPUTS, TorchReference, check_items, compare, format_validation,  # noqa: F401
-                                    random_ids, random_record, real_prompt, run_prompt, summarize, validation_inputs)
+from edgemm.export.validate import (INPUTS, TorchReference, check_items, check_video, compare,  # noqa: F401
+                                    format_validation, random_ids, random_record, real_prompt, run_prompt, summarize, validation_inputs)
 
 from edgemm.calib.recipes import QUANTIZED, group
 from edgemm.export import TARGET_PRECISIONS
@@ -95,6 +95,10 @@ def stage_notes(cfg, stage: str, moe_form: str = "dense") -> dict:
     return out
 
 
+VIDEO_NOTE = ("frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch grid pooled between the tower and the "
+              "connector (LLaVA-NeXT-Video's vision_resampler)")
+
+
 def video_stage(m, out: Path, fp16: bool = False) -> dict:
     """LLaVA-NeXT-Video's `video` stage (edgemm.model.encode_video: the frames' patch grids pooled between the
     tower and the connector) traced into out/video.onnx -> its fp32 manifest entry. It belongs to the `vision`
@@ -103,8 +107,7 @@ def video_stage(m, out: Path, fp16: bool = False) -> dict:
     import onnx
     g, nbytes = vision_graph(m, fp16, video=True)
     st = {"file": "video.onnx", "graph": GRAPH_STANDARD, "precision": "fp16" if fp16 else "fp32", "compute": "fp32",
-          "weights": "fp16 matrices, cast to fp32 in the graph; fp32 compute" if fp16 else "fp32", "note": "frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch "
-          "grid pooled between the tower and the connector (LLaVA-NeXT-Video's vision_resampler)"}
+          "weights": "fp16 matrices, cast to fp32 in the graph; fp32 compute" if fp16 else "fp32", "note": VIDEO_NOTE}
     extra = save_stage(g, out / "video.onnx", nbytes)
     onnx.checker.check_model(str(out / "video.onnx"))
     st["inputs"], st["outputs"] = io_spec(g)
@@ -177,16 +180,8 @@ def validate_bundle(model, bundle: Path, precision: dict, seed: int | None = Non
     res = run_prompt(ref, b, cfg, ins, segments, decode_steps, stop_id=stop, image_hw=hw)
     if b.batched:
         res["decoder_batch"] = validate_batch(model, b, gen, against_backend=bool(calib_items))
-    if cfg.video_stage:                 # LLaVA-NeXT-Video: three frames through the video stage (random; quantized:
-        S = cfg.vision.image_size       # held-out images, the frames its scales were fitted for)
-        frames = torch.randn(3, 3, S, S, generator=gen)
-        if calib_items:
-            from edgemm.video import still_frames
-            n = len(calib_items.samples)
-            frames = torch.from_numpy(still_frames([calib_items.samples[(seed + i) % n].image for i in range(3)], cfg))
-        with torch.inference_mode():
-            want = model.encode_video(frames).numpy()
-        res["video"] = [compare(want, b.video(frames.numpy()))]
+    if cfg.video_stage:                 # LLaVA-NeXT-Video's pooled frames
+        res["video"] = check_video(model, b, gen, seed, calib_items)
     out = summarize(res, lambda s: stage_precision(precision, s), lambda *a: judge("onnx", *a))
     out["_seed"] = seed
     return out

@@ -37,8 +37,8 @@ from edgemm.export.onnx import group
 from edgemm.export.trt_engines import build_engines
 from edgemm.export.trt_profiles import (DEVICE_CLASSES, FP8_MIN_CC, TRT_PRECISIONS as PRECISIONS,
                                         check_precision_supported, default_device_class, make_profiles, trt_flags)
-from edgemm.export.validate import (TorchReference, calibration_items, check_items, format_validation, random_ids,
-                                    random_record, real_prompt, run_prompt, summarize, validation_inputs)
+from edgemm.export.validate import (TorchReference, calibration_items, check_items, check_video, format_validation,
+                                    random_ids, random_record, real_prompt, run_prompt, summarize, validation_inputs)
 
 STAGES = ("vision", "decoder_text", "decoder_image")      # Libra: image_tokens instead of vision (cfg.stages)
 # Validation tolerances on the CPU (ONNX Runtime) against the fp32 reference: edgemm.export.thresholds (target
@@ -82,6 +82,8 @@ def validate_graphs(model, bundle_dir, precision: dict, seed: int | None = None,
     ref = TorchReference(model, 2 + len(ids2) + cfg.n_image_rows + decode_steps + 2)
     res = run_prompt(ref, b, cfg, ins, [("text", [1]), ("image", None), ("text", ids2)], decode_steps,
                      stop_id=b.tokenizer.eos_id if calib_items else None, image_hw=hw)
+    if cfg.video_stage:                 # LLaVA-NeXT-Video's pooled frames
+        res["video"] = check_video(model, b, gen, seed, calib_items)
     out = summarize(res, lambda s: precision[group(s)], lambda *a: judge("trt", *a))
     out["_seed"] = seed
     return out
@@ -103,7 +105,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     import torch
     from edgemm.bundle import bundle_writer, check_out, tool_versions, write_manifest
     from edgemm.checkpoint import load_source
-    from edgemm.export.onnx import check_variants, stage_notes
+    from edgemm.export.onnx import VIDEO_NOTE, check_variants, stage_notes
     from edgemm.runtimes.trt_backend import gpu_identity
     log = log or (lambda s: None)
     if not out:
@@ -125,11 +127,14 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
     profiles = {dc: make_profiles(cfg, dc, max_context, max_batch) for dc in DEVICE_CLASSES}
     from edgemm.calib.recipes import QDQ
     quantized = any(p in QDQ for p in prec.values())
+    names = tuple(cfg.stages) + (("video",) if cfg.video_stage else ())
     t0 = time.time()
     with bundle_writer(out, force) as tmp, torch.inference_mode():
         fp32_dir = Path(tempfile.mkdtemp(prefix="edgemm-trt-fp32-", dir=tmp.parent))
         try:
             graphs = {cfg.input_stage: vision_graph(m)[0], "decoder_text": decoder_graph(m, "text", GRAPH_KV)[0]}
+            if cfg.video_stage:                     # LLaVA-NeXT-Video's pooled frames (the vision group)
+                graphs["video"] = vision_graph(m, video=True)[0]
             if "cross_kv" in cfg.stages:            # gated cross-attention: the image's K/V stage, no image branch
                 from edgemm.export.decoder_graph import cross_kv_graph
                 graphs["cross_kv"] = cross_kv_graph(m)[0]
@@ -148,7 +153,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                 log(f"calibrating on {len(calib_items)} image+prompt pairs "
                     f"({'the bundled shapes calibration split' if calib is None else calib}) ...")
                 stats = collect_stats((m, tok), calib, n=calib_size, log=log, progress=False)
-            for s in cfg.stages:
+            for s in names:
                 p = prec[group(s)]
                 src, dst = fp32_dir / f"{s}.onnx", tmp / f"{s}.onnx"
                 if p in QDQ:
@@ -162,12 +167,14 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
             shutil.rmtree(fp32_dir, ignore_errors=True)
         stages = {}
         heads = "2 * kv_heads" if cfg.decoder.cross_modal_bridge else "kv_heads"
-        for s in cfg.stages:
+        for s in names:
             g = onnx.load(str(tmp / f"{s}.onnx"))
             ins, outs = io_spec(g)
             st = {"file": f"{s}.onnx", "graph": GRAPH_KV if s.startswith("decoder") else GRAPH_STANDARD,
                   "precision": prec[group(s)], "inputs": ins, "outputs": outs, "quantization": recipe[s],
                   **stage_notes(cfg, s)}
+            if s == "video":
+                st["note"] = VIDEO_NOTE
             if s.startswith("decoder"):
                 st["branch"] = "text" if s == "decoder_text" else "vision"
                 st["kv_cache"] = {"layout": f"BSNH [1, rows, {heads}, head_dim] per layer", "dtype": "float32",
@@ -205,7 +212,7 @@ def export_trt(model=None, out=None, precision=None, force: bool = False, calib=
                                        "items": len(calib_items), "digest": calib_digest,
                                        "statistics": "activation amax per stage (per modality branch)"}
         write_manifest(tmp, manifest)
-        log(f"exported {', '.join(cfg.stages)} ({'/'.join(sorted(set(prec.values())))}) in {time.time() - t0:.1f}s; "
+        log(f"exported {', '.join(names)} ({'/'.join(sorted(set(prec.values())))}) in {time.time() - t0:.1f}s; "
             "validating in onnxruntime (CPU) against the reference ...")
         figures = validate_graphs(m, tmp, prec, seed=seed, threads=threads, calib_items=held)
         log(format_validation(figures))

@@ -64,6 +64,11 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         inp.update({n: {"min": [1, 0], "opt": [1, min(32, T)], "max": [fb, T]}
                     for n in ("qformer_input_ids", "qformer_attention_mask")})
     img_max = ctx - 8 if cfg.vision.video.get("question") else n_img        # (a clip's rows: one image segment)
+    frames = 0
+    if cfg.video_stage:             # LLaVA-NeXT-Video: the video stage takes a clip's frames at once, its rows one
+        from edgemm.video import DEFAULT_FRAMES, frame_rows            # image segment
+        frames = int(cfg.vision.video.get("frames", DEFAULT_FRAMES))
+        img_max = min(ctx - 8, max(n_img, frame_rows(cfg, frames)[0]))
     rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
     out = {
         cfg.input_stage: inp,
@@ -80,6 +85,8 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         "_meta": {"device_class": device_class, "max_context": ctx, "max_batch": batch,
                   "workspace_mib": dc["workspace_mib"], "builder_optimization_level": dc["builder_optimization_level"]},
     }
+    if frames:
+        out["video"] = {"pixels": {"min": [1, 3, S, S], "opt": [frames, 3, S, S], "max": [frames, 3, S, S]}}
     if c.cross_attn_every:      # gated cross-attention (edgemm.xattn): the cross_kv stage instead of decoder_image
         n, W, H = a.perceiver_latents, c.cross_attn_kv_dim or D, c.n_heads
         del out["decoder_image"]

@@ -261,6 +261,23 @@ def calibration_items(model, tok, calib=None, n: int = 32):
     return _items(model, tok, resolve_calib(calib, n).samples)
 
 
+def check_video(model, b, gen, seed: int, calib_items=None) -> list:
+    """LLaVA-NeXT-Video's video stage (ModelConfig.video_stage) of backend b against the reference on three frames:
+    random, or (a quantized bundle: calib_items) held-out images, the frames its scales were fitted for ->
+    [compare figures]."""
+    import torch
+    cfg = model.cfg
+    S = cfg.vision.image_size
+    frames = torch.randn(3, 3, S, S, generator=gen)
+    if calib_items:
+        from edgemm.video import still_frames
+        n = len(calib_items.samples)
+        frames = torch.from_numpy(still_frames([calib_items.samples[(seed + i) % n].image for i in range(3)], cfg))
+    with torch.inference_mode():
+        want = model.encode_video(frames).numpy()
+    return [compare(want, b.video(frames.numpy()))]
+
+
 class CheckItems(list):
     """A quantized bundle's check prompts: (pixels, segments) of the set's held-out part (edgemm.calib.sets),
     disjoint from the items its scales were fitted on; `.samples` the CalibSamples (ids, prompts)."""

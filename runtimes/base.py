@@ -203,6 +203,12 @@ def last(pieces):
     return out
 
 
+def bundle_stages(cfg, stages: dict) -> tuple:
+    """The stages an onnx / trt bundle's backend opens: the model's (cfg.stages), and LLaVA-NeXT-Video's `video`
+    stage where the manifest lists one (ModelConfig.video_stage; bundles exported before it have none)."""
+    return tuple(cfg.stages) + (("video",) if cfg.video_stage and "video" in stages else ())
+
+
 def vision_feeds(cfg, pixels, instruction=()) -> dict:
     """The exported vision stage's inputs (Backend.vision's arguments): pixels, and InstructBLIP's Q-Former ids and
     mask (none: an empty instruction)."""
@@ -361,8 +367,7 @@ class SegmentRunner(Backend):
         from edgemm.errors import EdgemmError
         if "video" not in getattr(self, "manifest", {}).get("stages", {}):
             raise EdgemmError(f"bundle {self.source} has no video stage (LLaVA-NeXT-Video's pooled frames: onnx "
-                              "bundles exported by this edgemm have it); re-export it with --target onnx, or run "
-                              "--model DIR")
+                              "and trt bundles exported by this edgemm have it); re-export it, or run --model DIR")
         return self._encode("video", {"pixels": np.ascontiguousarray(frames, dtype=np.float32)})
 
     def image_tokens(self, codes, signal=None) -> np.ndarray:

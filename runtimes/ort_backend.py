@@ -124,8 +124,9 @@ class OrtBackend(SegmentRunner):
         if not isinstance(mc, dict) or not {"vision", "decoder"} <= set(mc):
             raise EdgemmError(f"bundle {bundle}: the manifest has no model config; re-export it")
         cfg = ModelConfig.from_dict(mc)
-        stages, names = man.get("stages", {}), cfg.stages
-        names += ("video",) if cfg.video_stage and "video" in stages else ()     # LLaVA-NeXT-Video's pooled frames
+        from .base import bundle_stages
+        stages = man.get("stages", {})
+        names = bundle_stages(cfg, stages)                       # (+ LLaVA-NeXT-Video's pooled frames)
         missing = [s for s in names if s not in stages]
         if missing:
             raise EdgemmError(f"bundle {bundle}: the manifest lists no stage {', '.join(missing)}; re-export it")

@@ -132,7 +132,8 @@ class OnnxQdqBackend(_KVWindow):
         # ONNX Runtime's extended CPU optimisations fuse FP8 Q/DQ into integer MatMul kernels that reject
         # float8 (MatMulIntegerToFloat); the basic level keeps the graph as written, for every precision.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        srcs = stage_sources(bundle, man, cfg.stages, verify)        # the bytes that were hashed
+        from .base import bundle_stages
+        srcs = stage_sources(bundle, man, bundle_stages(cfg, man.get("stages", {})), verify)   # the hashed bytes
         sessions = {s: ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]) for s, src in srcs.items()}
         b = cls(sessions, man, cfg, tok, str(bundle))
         if log:
@@ -256,8 +257,9 @@ class TrtBackend(_KVWindow):
         import tensorrt as trt
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        from .base import bundle_stages
         loaded = {}
-        for s in cfg.stages:
+        for s in bundle_stages(cfg, man.get("stages", {})):
             # engines are executable artefacts: only files the manifest lists and hashes, checked on the very
             # bytes TensorRT deserializes
             rel = engines["files"][s]

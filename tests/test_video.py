@@ -270,6 +270,38 @@ def test_onnx_bundle_takes_video(lnv, tmp_path):
     assert words and words == want.split()[:len(words)], (r.output, want)
 
 
+def test_trt_bundle_takes_video(lnv, tmp_path):
+    """A trt bundle of LLaVA-NeXT-Video (Q/DQ graphs; engines not built here) carries the video stage at the vision
+    group's precision, with its profile (a clip's frames at once) and its check; the graphs on onnxruntime give rows
+    within cosine 0.99 of transformers' get_video_features on a real clip, and `edgemm run --bundle --backend trt
+    --device cpu --video` answers."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
+    import torch
+    from click.testing import CliRunner
+    from edgemm.cli import main
+    from edgemm.export.trt import export_trt
+    from edgemm.runtimes import load_backend
+    from edgemm.video import frame_pixels, read_video, video_rows
+    model, _, ck = lnv
+    man = export_trt(str(ck), tmp_path / "b", precision="int8", no_build=True, log=None)
+    st, v = man["stages"]["video"], man["validation"]["stages"]["video"]
+    assert st["precision"] == "int8" and st["quantization"]["quantized"] > 0 and v["ok"] and v["cosine"] > 0.99, v
+    prof = man["trt"]["profiles"][man["trt"]["device_class"]]
+    assert prof["video"]["pixels"]["max"][0] == 8 and prof["decoder_image"]["image_rows"]["max"][1] >= 8 * 4
+    b = load_backend("trt", bundle=str(tmp_path / "b"), device="cpu")
+    px = frame_pixels(read_video(make_clip(10, pattern=True), 8), b.cfg)
+    got = video_rows(b, px).ravel()
+    with torch.no_grad():
+        hf = model.model.get_video_features(pixel_values_videos=torch.from_numpy(px)[None], vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default").pooler_output.numpy().ravel()
+    assert got.shape == hf.shape and got @ hf / np.linalg.norm(got) / np.linalg.norm(hf) >= 0.99
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_clip(10, pattern=True))
+    r = CliRunner().invoke(main, ["run", "--bundle", str(tmp_path / "b"), "--backend", "trt", "--device", "cpu",
+                                  "--video", str(clip), "--max-new-tokens", "3", "w20 w21"])
+    assert r.exit_code == 0 and r.output.strip(), r.output
+
+
 def test_run_video_refusals_are_one_line(lnv, tmp_path):
     from click.testing import CliRunner
     from edgemm.cli import main

@@ -20,7 +20,7 @@ class LlavaNextVideo(LlavaNext):
     model_types = ("llava_next_video",)
     architectures = ("llavanextvideoforconditionalgeneration",)
     source = "`LlavaNextVideoForConditionalGeneration`"
-    computes = "LLaVA-NeXT's image path; video frames pooled (torch, onnx)"
+    computes = "LLaVA-NeXT's image path; video frames pooled (torch, onnx, trt)"
 
     def plan(self, hf, src, rules="original"):
         plan = super().plan(hf, src, rules)
