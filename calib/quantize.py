@@ -491,9 +491,11 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             xq, xdq = sur.uniq(base + ".act_q"), sur.uniq(base + ".act_dq")
             new += [helper.make_node("QuantizeLinear", [x_in, a_s, a_zp], [xq], name=sur.uniq(base + ".QuantizeLinear")),
                     helper.make_node("DequantizeLinear", [xq, a_s, a_zp], [xdq], name=sur.uniq(base + ".DequantizeLinear"))]
-            # weight: int8 / fp8 initializer in the node's layout + per-channel DequantizeLinear
-            wq_layout = q.T if trans_b else q                         # Gemm transB keeps [out, in]
-            axis = 0 if trans_b else 1
+            # weight: int8 / fp8 initializer [in, out] + per-channel DequantizeLinear. A Gemm becomes MatMul (+ Add):
+            # ONNX Runtime fuses Q/DQ around a MatMul into its int8 kernels (MatMulIntegerToFloat, s8s8 included),
+            # not around a Gemm, which then ran in fp32 after dequantizing its weights on every call (Qwen2-VL's
+            # 2-D tower: int8 vision no faster than fp32, 41% of its time in DequantizeLinear)
+            wq_layout, axis = q, 1
             if wkind == "int8":
                 wq_store = (wq_layout + 128).astype(np.uint8) if u8 else wq_layout.astype(np.int8)
                 wzp_arr = np.full(len(s), 128, np.uint8) if u8 else np.zeros(len(s), np.int8)
@@ -505,9 +507,16 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
             wdq = sur.uniq(base + ".weight_dq")
             new.append(helper.make_node("DequantizeLinear", [w_name, w_s, w_zp], [wdq], axis=axis,
                                         name=sur.uniq(base + ".weight_DequantizeLinear")))
-            sur.insert_before(node, new)
-            node.input[0] = xdq
-            node.input[1] = wdq
+            if node.op_type == "Gemm":
+                out = node.output[0]
+                bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                mm = sur.uniq(base + ".mm") if bias else out
+                replace[id(node)] = new + [helper.make_node("MatMul", [xdq, wdq], [mm], name=sur.uniq(base + ".MatMul"))] \
+                    + ([helper.make_node("Add", [mm, bias], [out], name=sur.uniq(base + ".bias"))] if bias else [])
+            else:
+                sur.insert_before(node, new)
+                node.input[0] = xdq
+                node.input[1] = wdq
             rec["got"] = (f"{wkind} weights per channel, {akind} activations per tensor"
                           + (f" ({int8_storage})" if akind == "int8" else ""))
         elif r.granularity == "dynamic":
@@ -535,7 +544,8 @@ def quantize_stage(onnx_in, onnx_out, stage: str, precision: str, stats=None, ke
         records.append(rec)
     if replace:
         nodes = []
-        for n in model.graph.node:
+        for n in model.graph.node:          # (the nodes inserted before a kept one go first: ids change below)
+            nodes.extend(sur.new_nodes_before.pop(id(n), []))
             nodes.extend(replace.get(id(n), [n]))
         del model.graph.node[:]
         model.graph.node.extend(nodes)

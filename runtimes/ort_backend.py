@@ -24,6 +24,10 @@ from .base import SegmentRunner, State
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 VISION_STAGES = ("vision", "image_tokens")       # pixels / image tokens -> rows (vision_threads)
+# ONNX Runtime optimizers kept off for Q/DQ stages: MatMulAddFusion would fold a quantized MatMul and its bias Add
+# into a Gemm before the QDQ fusion runs, and Q/DQ around a Gemm is not fused: the Gemm then ran in fp32 after
+# dequantizing its weights on every call (edgemm.calib.quantize writes a quantized Gemm as MatMul + Add)
+QDQ_DISABLED = ["MatMulAddFusion"]
 
 
 def _import_ort():
@@ -147,8 +151,9 @@ class OrtBackend(SegmentRunner):
         if kv_cache == "int8":
             from .ort_kv import int8_sources
             paths.update(int8_sources(paths, man, cfg, bundle))
+        qdq = [s for s in names if stages[s].get("precision") in ("int8", "fp8")]     # W8A8 / FP8 Q/DQ stages
         sessions, provider = cls._sessions(ort, paths, device, threads, log, disable_qdq_fusion=fp8,
-                                           vision_threads=vision_threads)
+                                           vision_threads=vision_threads, qdq=qdq)
         fp16 = [s for s in names if stages[s].get("precision") == "fp16" and stages[s].get("compute") != "fp16"]
         half = [s for s in names if stages[s].get("compute") == "fp16"]
         if fp16 and provider == "CPUExecutionProvider" and log:
@@ -190,7 +195,7 @@ class OrtBackend(SegmentRunner):
         return out
 
     @staticmethod
-    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False, vision_threads=None):
+    def _sessions(ort, paths, device, threads, log, disable_qdq_fusion=False, vision_threads=None, qdq=()):
         def options(n):
             so = ort.SessionOptions()
             so.intra_op_num_threads = n
@@ -210,7 +215,9 @@ class OrtBackend(SegmentRunner):
                               "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
             chain = list(dict.fromkeys(chain))
             try:
-                sessions = {s: ort.InferenceSession(p, opts[s], providers=chain) for s, p in paths.items()}
+                sessions = {s: ort.InferenceSession(p, opts[s], providers=chain,
+                                                    **({"disabled_optimizers": QDQ_DISABLED} if s in qdq else {}))
+                            for s, p in paths.items()}
             except Exception as e:  # a provider that fails to initialise: try the next one
                 errors.append(f"{prov}: {str(e).splitlines()[0][:160]}")
                 continue

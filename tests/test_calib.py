@@ -291,3 +291,48 @@ def test_int8_dyn_in_onnxruntime_matches_its_equations(tmp_path, gemm):
     xd = (np.clip(np.round(x / sx) + zp, 0, 255) - zp) * sx
     want = xd.astype(np.float64) @ Wd + (bias if gemm else 0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("storage", ["s8s8", "u8u8"])
+def test_static_int8_gemm_becomes_a_matmul_onnxruntime_fuses(tmp_path, storage):
+    """A Gemm (transB, bias, 2-D input: Qwen2-VL's tower exports its Linears so) quantized W8A8 is written as Q/DQ
+    around a MatMul + the bias Add: ONNX Runtime, as the ort backend opens such a stage (MatMulAddFusion off: it would
+    make the Gemm again), fuses that into its int8 kernel (no float MatMul or Gemm left in the session's optimized
+    graph), where Q/DQ around the Gemm ran as an fp32 Gemm that
+    dequantized its weights each call; the outputs equal the Q/DQ equations re-computed in numpy."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    from edgemm.calib.quantize import quantize_stage
+    from edgemm.calib.stats import Stats
+    rng = np.random.default_rng(2)
+    K, N = 128, 48
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((40, K)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="mm", transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W.T.copy(), "w"), numpy_helper.from_array(bias, "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "in.onnx")
+    stats = Stats.of_matrix(W, x, np.random.default_rng(0))
+    rec = quantize_stage(tmp_path / "in.onnx", tmp_path / "q.onnx", "decoder_text", "int8", stats=stats, log=None,
+                         recipe="int8", int8_storage=storage)
+    q = onnx.load(tmp_path / "q.onnx")
+    ops = [n.op_type for n in q.graph.node]
+    assert rec["quantized"] == 1 and "Gemm" not in ops and ops.count("MatMul") == 1 and ops[-1] == "Add", ops
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    from edgemm.runtimes.ort_backend import QDQ_DISABLED            # as the ort backend opens Q/DQ stages
+    got = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                               disabled_optimizers=QDQ_DISABLED).run(None, {"x": x})[0]
+    opt = onnx.load(tmp_path / "opt.onnx")
+    float_mm = [n for n in opt.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert not float_mm and any("Integer" in n.op_type or n.op_type.startswith("QLinear") for n in opt.graph.node), \
+        [n.op_type for n in opt.graph.node]
+    amax = rec["layers"][0]["act_amax"]                     # the equations, independently of edgemm's code
+    sx, sw = np.float32(amax / 127), np.abs(W).max(0) / 127
+    xd = np.clip(np.round(x / sx), -127 if storage == "s8s8" else -128, 127) * sx
+    want = xd.astype(np.float64) @ (np.clip(np.round(W / sw), -127, 127) * sw) + bias
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * np.abs(want).max())
