@@ -340,5 +340,7 @@ def test_llamacpp_text_pieces_ride_the_decode_step(backends):
     want = _run_answers(b, qs + late)
     assert [g.lstrip() for g in got] == want
     rode = [c for c in calls if c[0] == "decode" and c[2]]
-    assert rode and all(c[1] == 2 for c in rode), calls          # a piece rode a step of the 2 running streams
+    # pieces rode steps of the running streams: both of them, and (where the pieces are small enough on a fast CPU
+    # to outlast the shorter answer) the one still running
+    assert rode and any(c[1] == 2 for c in rode) and all(c[1] >= 1 for c in rode), calls
     assert not b.ride_pending()
