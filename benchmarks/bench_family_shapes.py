@@ -89,8 +89,14 @@ parameters with the tied 151674-row embedding):
     fp32           6830.4     8876.9          10.1          7005     5744
     int8           4689.1     5983.3          23.2          5892     1868
 
-(int4 stopped the export: `--precision int4 --calib` means int4-awq-gptq, whose Hessians are kept for layers of
-at most 4096 inputs, and Qwen2.5-0.5B's FFN down has 4864; such layers now fall back to int4-awq, not rerun here.)
+(int4 stopped that export: `--precision int4 --calib` means int4-awq-gptq, whose Hessians are kept for layers of at
+most 4096 inputs, and Qwen2.5-0.5B's FFN down has 4864; such layers now fall back to int4-awq.) int4, rerun
+2026-12-03 on another machine (2-core AMD EPYC Zen 4 with AVX-512 VNNI: not comparable with the rows above), alone
+and quiet, `--family internvl --precisions int4 --calib-items 9 --repeats 2 --warmup 1` (24 FFN-down layers AWQ
+without GPTQ, the vision stage and the image rows' prefill int8-dyn):
+
+    precision   vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    int4           1293.8     1637.3         112.0          4214     1634
 
 SmolVLM2-256M-Video's shapes (2026-12-03, `--family smolvlm_video --precisions fp32,int8,int4 --calib-items 9
 --repeats 2 --warmup 1`, the exports loaded, the bench alone at load 1.7-2.1; a frame a second, each one 512 px tile
