@@ -140,8 +140,22 @@ on 2026-12-03: the >2 GiB tower's trace and decoder_text's rotary):
     fp32        224x224            1          64     1172.0     1564.7          22.8          9235     6955
     fp32        448x448            1         256     5331.3     5925.4          22.5          9235     6955
 
+The three precisions (2026-12-03, a 2-core AMD EPYC Zen 4 with AVX-512 VNNI, onnxruntime 1.32, int8 as s8s8, alone
+and quiet; `--family qwen2vl --precisions fp32,int8,int4 --calib-items 9 --repeats 2 --warmup 1`, after the int8
+export found a third defect, fixed: the tower's Linears are Gemms on 2-D rows, and ONNX Runtime ran Q/DQ Gemms in fp32
+after dequantizing their weights every call (edgemm.calib.quantize now writes them as MatMul + Add); an earlier run
+of the old int8 bundle, on a loaded machine, gave vision 1271 / 4984 ms and peak RSS 9156 MiB):
+
+    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32        224x224            1          64      975.6     1269.6          36.4          9235     6955
+    fp32        448x448            1         256     3855.7     4323.0          35.4          9235     6955
+    int8        224x224            1          64      325.5      449.5          90.1          5898     2447
+    int8        448x448            1         256     1813.8     2003.6          81.5          5898     2447
+    int4        224x224            1          64      359.7      494.5         163.1          5642     2247
+    int4        448x448            1         256     1780.9     2000.1         167.0          5642     2247
+
 Not measured here (time and memory): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per sample under
-load), InternVL3-1B int4, Gemma 3, Qwen2-VL-2B int8 / int4 (presets ready).
+load), Gemma 3 (preset ready).
 """
 from __future__ import annotations
 
