@@ -25,7 +25,8 @@ from edgemm.errors import EdgemmError, UnsupportedVariant
 from edgemm.export.decoder_graph import decode_batch_supported, decoder_graph
 from edgemm.export.graph import GRAPH_GQA, GRAPH_STANDARD, MOE_DEFAULT, OPSET, io_spec, save_stage, vision_graph
 from edgemm.export.validate import (INPUTS, TorchReference, check_items, check_video, compare,  # noqa: F401
-                                    format_validation, random_ids, random_record, real_prompt, run_prompt, summarize, validation_inputs)
+                                    format_validation, random_ids, random_record, real_prompt, run_prompt, summarize,
+                                    validation_inputs)
 
 from edgemm.calib.recipes import QUANTIZED, group
 from edgemm.export import TARGET_PRECISIONS
@@ -101,9 +102,10 @@ VIDEO_NOTE = ("frames [F, 3, S, S] -> rows [1, F * R, D]: each frame's patch gri
 
 def video_stage(m, out: Path, fp16: bool = False) -> dict:
     """LLaVA-NeXT-Video's `video` stage (edgemm.model.encode_video: the frames' patch grids pooled between the
-    tower and the connector) traced into out/video.onnx -> its fp32 manifest entry. It belongs to the `vision`
-    precision group: quantized beside the vision stage, on statistics of its own (edgemm.calib.stats runs each
-    calibration image through it as a one-frame clip: the pooled rows the connector sees differ from an image's)."""
+    tower and the connector) traced into out/video.onnx (fp32, or fp16 matrices) -> its manifest entry. It belongs to
+    the `vision` precision group: quantized beside the vision stage, on statistics of its own (edgemm.calib.stats
+    runs each calibration image through it as a one-frame clip: the pooled rows the connector sees differ from an
+    image's)."""
     import onnx
     g, nbytes = vision_graph(m, fp16, video=True)
     st = {"file": "video.onnx", "graph": GRAPH_STANDARD, "precision": "fp16" if fp16 else "fp32", "compute": "fp32",
