@@ -231,7 +231,8 @@ def _onnx_rows_check(model, path: Path, pixels, hw, rows_ref, vprec: str, thread
     from edgemm.export.thresholds import judge
     from edgemm.export.validate import compare
     from edgemm.runtimes.gguf_vision import OnnxVision
-    rows = OnnxVision(str(path), model.cfg, threads).rows(pixels)
+    ov = OnnxVision(str(path), model.cfg, threads)
+    rows = pixels.encode_with(ov.rows, model.cfg) if hasattr(pixels, "encode_with") else ov.rows(pixels)
     if hw is not None:                  # any-resolution tiles: packed on the host, as the backend's host does
         import torch
         from edgemm.anyres import pack, row_index
@@ -273,7 +274,10 @@ def validate(model, tok, decoder: Path, mmproj: Path, precision: dict, threads: 
     with torch.inference_mode():
         rows_ref = (model.encode_image_tiled(torch.from_numpy(pixels), *hw) if anyres
                     else pixels.pack_rows(model.encode_image(torch.from_numpy(np.asarray(pixels))), cfg)
-                    if hasattr(pixels, "pack_rows") else model.encode_image(torch.from_numpy(pixels)))  # [1, rows, D]
+                    if hasattr(pixels, "pack_rows")
+                    else pixels.encode_with(lambda *a: model.encode_image(*map(torch.from_numpy, a)), cfg)
+                    if hasattr(pixels, "encode_with")        # LLaVA-UHD: a vision call per size (its slices, source)
+                    else model.encode_image(torch.from_numpy(pixels)))  # [1, rows, D]
         n_rows = rows_ref.shape[1]
 
         def ref(segs):

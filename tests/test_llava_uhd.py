@@ -361,7 +361,9 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     """`edgemm export --target onnx` fp32 and int8 validate (ONNX Runtime runs the vision stage over slices of any
     size with their RoIAlign weights); its rows equal the reference's at several image sizes; `edgemm run --image`
     answers the checkpoint's greedy ids from the onnx fp32 bundle and the trt one (its fp16 graphs on the CPU: the
-    vision stage's profiles take slices of any size and their RoIAlign weights); gguf is refused with the reason."""
+    vision stage's profiles take slices of any size and their RoIAlign weights); `--target gguf` writes llama.cpp's
+    decoder beside the vision stage in ONNX (the slices cut on the host), whose rows in the llamacpp backend equal
+    the release's re-computation, and `edgemm run` on it answers the same ids."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install edgemm[cpu])")
     from click.testing import CliRunner
     from edgemm.cli import main
@@ -380,13 +382,19 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     assert r.exit_code == 0, r.output                       # fp16 graphs, validated by ONNX Runtime
     man = json.loads((d / "trt" / "edgemm.json").read_text())
     assert all(s["ok"] for s in man["validation"]["stages"].values()), man["validation"]
-    r = CliRunner().invoke(main, ["export", "--model", str(ck), "--target", "gguf", "-o", str(d / "gguf")])
-    assert r.exit_code == 2 and "llava-uhd" in r.output and "onnx, trt" in r.output, r.output
+    from .test_import_llava import gguf_exports
+    _, man, _ = gguf_exports(ck, d, ("f32",))["f32"]
+    assert man["stages"]["vision"]["format"] == "onnx" and man["validation"]["passed"], man["validation"]
     ort_b = load_backend("ort", bundle=str(d / "onnx-fp32"), device="cpu")
     torch_b = load_backend("torch", model=str(ck))
+    gguf_b = load_backend("llamacpp", bundle=str(d / "gguf-f32"), threads=2)
     for i, (w, h) in enumerate(SIZES):
         got, ref = (np.asarray(image_rows(b, _image(w, h, i))) for b in (ort_b, torch_b))
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4, (w, h)
+        want = np.asarray(release_rows(imported["tower"], imported["rs"], imported["lm"], _image(w, h, i))[0])
+        rows = np.asarray(image_rows(gguf_b, _image(w, h, i)))[0]
+        assert rows.shape == want.shape and np.abs(rows - want).max() <= 1e-4, (w, h)
+    gguf_b.close()
     _image(1200, 700, 7).save(d / "img.png")
     got = record_answers(monkeypatch)
     r = CliRunner().invoke(main, ["run", "--model", str(ck), "--backend", "torch", "--image", str(d / "img.png"),
@@ -394,4 +402,4 @@ def test_exports_validate_and_answer(imported, monkeypatch):
     assert r.exit_code == 0 and len(got) == 1 and got[0], r.output
     monkeypatch.undo()
     bundles_answer(monkeypatch, d, d / "img.png", "What is this?", got[0],
-                   bundles=(("onnx-fp32", "ort"), ("trt", "trt")))
+                   bundles=(("onnx-fp32", "ort"), ("trt", "trt"), ("gguf-f32", "llamacpp")))

@@ -98,9 +98,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("siglip vision tower", "vision:siglip", lambda c: c.vision.arch == "siglip", gguf="onnx"),
     Feature("qwen-vl vision tower", "vision:qwen", lambda c: c.vision.arch == "qwen", gguf="onnx"),
     Feature("cross-attention resampler (qwen-vl)", "connector:resampler", lambda c: c.adapter.kind == "resampler", gguf="onnx"),
-    # llama.cpp has no graph for it (MiniCPM-V's resampler attends to every patch)
+    # llama.cpp has no graph for it (MiniCPM-V's resampler attends to every patch): gguf takes it as an ONNX vision
+    # stage, the slices cut on the host
     Feature("variable-size slices + spatially constrained resampler (llava-uhd)", "connector:uhd_resampler",
-            lambda c: c.adapter.kind == "uhd_resampler"),
+            lambda c: c.adapter.kind == "uhd_resampler", gguf="onnx"),
     Feature("per-window LoRA (monkey)", "vision:qwen", lambda c: bool(c.vision.window), gguf="onnx"),
     Feature("q-former adapter", "connector:qformer", lambda c: c.adapter.kind == "qformer", gguf="onnx"),
     Feature("q-former instruction input (instructblip)", "connector:qformer",
