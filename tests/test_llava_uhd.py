@@ -354,7 +354,7 @@ def test_import_and_logits_match_a_recomputation(imported):
     from click.testing import CliRunner
     from edgemm.cli import main
     r = CliRunner().invoke(main, ["info", "--model", str(imported["ck"])])
-    assert r.exit_code == 0 and "LLaVA-UHD slices" in r.output and "targets: onnx, trt\n" in r.output, r.output
+    assert r.exit_code == 0 and "LLaVA-UHD slices" in r.output and "targets: onnx, trt, gguf\n" in r.output, r.output
 
 
 def test_exports_validate_and_answer(imported, monkeypatch):
