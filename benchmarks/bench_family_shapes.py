@@ -142,15 +142,9 @@ passes (four 448 px windows with their LoRA merged, and the whole image at 448),
     fp32            -              1        1280    13875.6    17321.2          20.3         11380     5304
     int8            -              1        1280     7097.8     8766.2          81.2          6194     1635
 
-Qwen2-VL-2B's shapes (the tower whole, 4 of the 28 decoder layers: decode tok/s is not the 2B's), fp32 only
-(`--family qwen2vl --precisions fp32 --repeats 2 --warmup 1`, quiet; the first export found two defects, both fixed
-on 2026-12-03: the >2 GiB tower's trace and decoder_text's rotary):
-
-    precision   input      vision in  image rows  vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
-    fp32        224x224            1          64     1172.0     1564.7          22.8          9235     6955
-    fp32        448x448            1         256     5331.3     5925.4          22.5          9235     6955
-
-The three precisions (2026-12-03, a 2-core AMD EPYC Zen 4 with AVX-512 VNNI, onnxruntime 1.32, int8 as s8s8, alone
+Qwen2-VL-2B's shapes (the tower whole, 4 of the 28 decoder layers: decode tok/s is not the 2B's). A first fp32 run
+(AVX2 machine, `--precisions fp32`) found two defects, both fixed on 2026-12-03: the >2 GiB tower's trace and
+decoder_text's rotary; it gave vision 1172 / 5331 ms at 224 / 448 px. The three precisions, rerun (2026-12-03, a 2-core AMD EPYC Zen 4 with AVX-512 VNNI, onnxruntime 1.32, int8 as s8s8, alone
 and quiet; `--family qwen2vl --precisions fp32,int8,int4 --calib-items 9 --repeats 2 --warmup 1`, after the int8
 export found a third defect, fixed: the tower's Linears are Gemms on 2-D rows, and ONNX Runtime ran Q/DQ Gemms in fp32
 after dequantizing their weights every call (edgemm.calib.quantize now writes them as MatMul + Add); an earlier run

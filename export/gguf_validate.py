@@ -231,13 +231,19 @@ def _onnx_rows_check(model, path: Path, pixels, hw, rows_ref, vprec: str, thread
     from edgemm.export.thresholds import judge
     from edgemm.export.validate import compare
     from edgemm.runtimes.gguf_vision import OnnxVision
-    ov = OnnxVision(str(path), model.cfg, threads)
-    rows = pixels.encode_with(ov.rows, model.cfg) if hasattr(pixels, "encode_with") else ov.rows(pixels)
+    from edgemm.anyres import CONFIG, Tiles
+    from edgemm.tilings import encode_pixels
+
+    class Host:                         # the llamacpp backend's host path (encode_pixels) over OnnxVision
+        cfg, vision = model.cfg, OnnxVision(str(path), model.cfg, threads).rows
+
+        @staticmethod
+        def image_newline():
+            return model.adapter.image_newline.detach().float().numpy()
     if hw is not None:                  # any-resolution tiles: packed on the host, as the backend's host does
-        import torch
-        from edgemm.anyres import pack, row_index
-        rows = pack(torch.from_numpy(rows), model.adapter.image_newline.detach(),
-                    row_index(model.cfg.vision, *hw)).numpy()
+        pixels = np.asarray(pixels).view(Tiles)
+        pixels.hw, pixels.max_tiles = tuple(hw), CONFIG
+    rows = np.asarray(encode_pixels(Host, pixels))
     ref = rows_ref[0].numpy()
     err, cos = compare(ref, rows[0])[:2]
     text, ok = judge("onnx", "vision", vprec, err, cos, out["vision_rows_scale"])
