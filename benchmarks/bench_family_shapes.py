@@ -438,7 +438,7 @@ def build_smolvlm(preset: dict, src: Path, seed: int = 0):
     hf = SmolVLMForConditionalGeneration(cfg).eval()
     emb = hf.get_input_embeddings().weight
     assert emb.shape == (vocab, preset["text"]["hidden_size"]), emb.shape
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     save_tokenizer(tok, src)
     SmolVLMImageProcessorPil(size={"longest_edge": preset["longest_edge"]},
                              max_image_size={"longest_edge": preset["vision"]["image_size"]},
@@ -463,6 +463,20 @@ def _write(src: Path, files: dict):
         (src / name).write_text(obj if isinstance(obj, str) else json.dumps(obj))
 
 
+def _save(hf, src: Path, seed: int) -> None:
+    """Save a random transformers model as transformers saves it, every parameter that starts at a constant (norm
+    weights, zero biases, LayerScale, Gemma 3's zero-initialised projection) moved off it first. A constant left in
+    place can make a stage compute nothing: Gemma 3's projection at its init, zeros, made every image's rows equal
+    (0), so the vision check compared zeros with zeros and decoder_image saw no image."""
+    import torch
+    g = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.numel() > 1 and bool(p.min() == p.max()):
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02)
+    hf.save_pretrained(src, safe_serialization=True)
+
+
 def _tests():
     sys.path.insert(0, str(ROOT))
 
@@ -485,7 +499,7 @@ def build_internvl(preset: dict, src: Path, seed: int = 0):
                          tie_word_embeddings=preset["text"]["tie_word_embeddings"])
     torch.manual_seed(seed)
     hf = InternVLForConditionalGeneration(cfg).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     tok.save(str(src / "tokenizer.json"))
     ids = tok.token_to_id
     s = preset["vision"]["image_size"]
@@ -522,7 +536,7 @@ def build_llava_onevision(preset: dict, src: Path, seed: int = 0):
                                tie_word_embeddings=preset["text"]["tie_word_embeddings"])
     torch.manual_seed(seed)
     hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     tok.save(str(src / "tokenizer.json"))
     s = preset["vision"]["image_size"]
     LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=preset["pinpoints"],
@@ -559,7 +573,7 @@ def build_gemma3(preset: dict, src: Path, seed: int = 0):
                        tie_word_embeddings=True)
     torch.manual_seed(seed)
     hf = Gemma3ForConditionalGeneration(cfg).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     tok.save(str(src / "tokenizer.json"))
     s = preset["vision"]["image_size"]
     Gemma3ImageProcessorPil(size={"height": s, "width": s}, image_mean=preset["mean"], image_std=preset["std"],
@@ -591,7 +605,7 @@ def build_qwen2vl(preset: dict, src: Path, seed: int = 0):
                         tie_word_embeddings=preset["text"]["tie_word_embeddings"])
     torch.manual_seed(seed)
     hf = Qwen2VLForConditionalGeneration(cfg).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     save_tokenizer(tok, src)
     v = preset["vision"]
     Qwen2VLImageProcessorPil(min_pixels=preset["min_pixels"], max_pixels=preset["max_pixels"],
@@ -666,7 +680,7 @@ def build_llava_next_video(preset: dict, src: Path, seed: int = 0):
                                spatial_pool_stride=2, spatial_pool_mode="average", tie_word_embeddings=False)
     torch.manual_seed(seed)
     hf = LlavaNextVideoForConditionalGeneration(cfg).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                                image_grid_pinpoints=preset["pinpoints"], image_mean=preset["mean"],
                                image_std=preset["std"]).save_pretrained(src)
@@ -688,7 +702,7 @@ def build_fuyu(preset: dict, src: Path, seed: int = 0):
     torch.manual_seed(seed)
     hf = FuyuForCausalLM(FuyuConfig(patch_size=p, image_token_id=tok.token_to_id("|SPEAKER|"),
                                     tie_word_embeddings=False, text_config=preset["text"])).eval()
-    hf.save_pretrained(src, safe_serialization=True)
+    _save(hf, src, seed)
     tok.save(str(src / "tokenizer.json"))
     _write(src, {"tokenizer_config.json": {"bos_token": "|ENDOFTEXT|", "eos_token": "|ENDOFTEXT|",
                                            "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}})

@@ -58,3 +58,23 @@ def test_monkey_preset_builds_in_the_release_layout(tmp_path):
     assert cfg["vision"]["arch"] == "qwen" and cfg["vision"]["window"] == 448 and len(cfg["vision"]["window_lora"]) == 2
     from edgemm.config import ModelConfig
     assert ModelConfig.from_dict(cfg).n_image_rows == 1280
+
+
+def test_builder_moves_constant_parameters_off_their_init(tmp_path):
+    """Gemma 3's projection starts at zeros in transformers: left there, every image's rows were 0 and the bench's
+    checks compared zeros. The builder's checkpoint has no constant tensor, and the imported model's image rows
+    differ between two images."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from edgemm.checkpoint import load_checkpoint
+    _script().main(["--family", "gemma3-tiny", "--out", str(tmp_path), "--build-only"])
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    constant = [k for k, v in state.items() if v.size > 1 and v.min() == v.max()]
+    assert not constant and any(k.endswith("mm_input_projection_weight") for k in state), constant
+    m, _ = load_checkpoint(tmp_path / "ck")
+    S = m.cfg.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        a, b = (m.encode_image(torch.randn(1, 3, S, S, generator=g)).numpy() for _ in range(2))
+    assert np.abs(a - b).max() > 1e-3 and np.abs(a).max(axis=-1).min() > 0
