@@ -265,11 +265,11 @@ class _Case:
         if kind == "image":
             self.img = np.asarray(Image.fromarray(img).resize(val, Image.BILINEAR))
             return
-        from .video import frame_rows, make_clip, takes_video
+        from .video import frame_hw, frame_rows, make_clip, takes_video
         v = takes_video(cfg)
         if self.session.template is None and not v.get("question"):
             raise EdgemmError("this model has no chat template that places a video (<video>); import it with one")
-        n = sum(frame_rows(cfg, val))
+        n = sum(frame_rows(cfg, np.broadcast_to(np.float32(0), (val, 3, *frame_hw(cfg, *CLIP_SIZE)))))
         if n >= backend.context_length:
             raise EdgemmError(f"a clip of {val} frames takes {n} rows, but the context holds {backend.context_length}")
         self.clip = make_clip(val, *CLIP_SIZE, rate=v.get("fps") or 1, pattern=True)   # n frames at the model's rate

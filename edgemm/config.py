@@ -32,7 +32,8 @@ class _VisionCore:
     arch: str = "eva"                       # the tower kind: eva, clip, siglip, none (Libra's image tokens), ...
     tiling: str = ""                        # a tiling of edgemm.tilings.MODULES ("": none, or grid_pinpoints' anyres)
     # Video input (edgemm.video): {"frames": clips are sampled to this many frames uniformly, "pool": stride of
-    # LLaVA-NeXT-Video's spatial pooling of each frame's patch grid, "pool_mode": average | max}; empty: no video
+    # LLaVA-NeXT-Video's spatial pooling of each frame's patch grid, "pool_mode": average | max; Qwen2-VL's
+    # "temporal": frames a temporal patch, edgemm.qwen2vl_pixels.clip_pixels for the rest}; empty: no video
     video: dict = field(default_factory=dict)
     # pad_square: the image padded to a square with the mean colour before resizing (Libra's Expand2Square,
     # LLaVA-1.5's image_aspect_ratio "pad"); resample: PIL's filter of the one resize to image_size (3 bicubic;
@@ -189,10 +190,11 @@ class ModelConfig:
 
     @property
     def video_stage(self) -> bool:
-        """LLaVA-NeXT-Video: a bundle's `video` stage (frames [F, 3, S, S] -> rows [1, F * R, D], the patch grid
-        pooled between the tower and the connector, edgemm.model.encode_video), beside the stages below."""
+        """A bundle's `video` stage (edgemm.model.encode_video), beside the stages below: LLaVA-NeXT-Video's (frames
+        [F, 3, S, S] -> rows [1, F * R, D], the patch grid pooled between the tower and the connector), Qwen2-VL's
+        (frames [F, 3, h, w] -> rows [1, F / T * R, D], T frames a temporal patch)."""
         v = self.vision.video
-        return bool(v.get("pool")) and not v.get("project_first") and "frame" not in v
+        return bool(v.get("pool")) and not v.get("project_first") and "frame" not in v or bool(v.get("temporal"))
 
     @property
     def stages(self) -> tuple[str, str, str]:

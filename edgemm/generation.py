@@ -223,7 +223,7 @@ class ChatSession:
         """LLaMA-VID: a clip's frames [F, 3, S, S], encoded with the conversation's first question (the template's
         video place); a clip whose rows do not fit the context is refused before any frame is encoded."""
         from .video import frame_rows
-        n = frame_rows(self.b.cfg, len(pixels))[0]
+        n = frame_rows(self.b.cfg, pixels)[0]
         if n >= self.b.context_length:
             raise EdgemmError(f"the clip's {len(pixels)} frames take {n} rows, but the context holds "
                               f"{self.b.context_length}: use a shorter clip")

@@ -92,9 +92,13 @@ class EdgeMM(nn.Module):
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Stage `video` (LLaVA-NeXT-Video's frames, `vision.video` "pool"): frames [F, 3, S, S] -> rows [1, F * R, D]:
         each frame through the tower, its patch grid pooled (the vision_resampler: average or max, by the stride),
-        then the connector."""
+        then the connector. Qwen2-VL (`temporal` T): frames [F, 3, h, w] -> rows [1, F / T * R, D], each T frames
+        one temporal patch through the whole Conv3d kernel (edgemm.blocks.qwen2vl)."""
         import torch.nn.functional as F
         v = self.cfg.vision.video
+        if v.get("temporal"):           # Qwen2-VL: frames [F, 3, h, w], T a temporal patch -> [1, F / T * R, D]
+            rows = self.adapter(self.vision.frames(frames))
+            return rows.reshape(1, -1, rows.shape[-1])
         stride = int(v.get("pool", 1))
         f = self.vision(frames)                                         # [F, P, W] (CLS dropped)
         g = self.cfg.vision.image_size // self.cfg.vision.patch_size

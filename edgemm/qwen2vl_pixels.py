@@ -14,6 +14,13 @@ rotary frequencies between them): row (i, j) of the merged grid at (p, p + i, p 
 position p; the text after it continues at p + max(grid rows, grid cols). The rows carry their grid (`GridRows.grid`
 (1, rows, cols), set by pack_rows) to the backends; rows without one (an export's check on random rows) take the
 most nearly square grid of their count.
+
+A video (VisionConfig.video "temporal" T): its frames resized as Qwen2VLVideoProcessor resizes them (clip_pixels),
+each T frames one temporal patch; the rows of temporal patch k sit at temporal position p + int(k * step) (step 1,
+Qwen2.5-VL: tokens_per_second * T / the sampled fps, GridRows.tstep), their height and width positions as an
+image's; the text after the clip continues at the largest position + 1, as the released get_rope_index has it
+(transformers 5.x continues at p + max(grid rows, grid cols) whatever the temporal patches: the same wherever a clip
+has no more temporal patches than its grid has rows or columns).
 """
 from __future__ import annotations
 
@@ -46,11 +53,13 @@ def smart_resize(v, height: int, width: int) -> tuple[int, int]:
 
 
 class GridRows(np.ndarray):
-    """An image's rows [1, rows, D] that remember their merged grid (t, rows, cols): the M-RoPE positions."""
+    """An image's (a clip's) rows [1, rows, D] that remember their merged grid (t, rows, cols) and the temporal
+    positions' step (tstep): the M-RoPE positions."""
     grid: tuple | None = None
+    tstep: float = 1.0
 
     def __array_finalize__(self, obj):
-        self.grid = getattr(obj, "grid", None)
+        self.grid, self.tstep = getattr(obj, "grid", None), getattr(obj, "tstep", 1.0)
 
 
 class QwenPixels(np.ndarray):
@@ -101,8 +110,58 @@ def image_positions(start: int, rows) -> np.ndarray:
     if t * gh * gw != rows.shape[1]:
         raise EdgemmError(f"image rows {rows.shape[1]} do not fill their grid {t}x{gh}x{gw}")
     i, j = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    pos = np.stack([np.zeros(gh * gw, np.int64), i.reshape(-1), j.reshape(-1)]) + start
-    return np.tile(pos, (1, t)) if t > 1 else pos
+    k = (np.arange(t, dtype=np.float32) * np.float32(getattr(rows, "tstep", 1.0))).astype(np.int64)  # (torch's f32)
+    return np.stack([np.repeat(k, gh * gw), np.tile(i.reshape(-1), t), np.tile(j.reshape(-1), t)]) + start
+
+
+# ---- video --------------------------------------------------------------------------------------------------------
+def video_config(v):
+    """The vision config with the video processor's pixel budget (smart_resize of a frame)."""
+    import dataclasses
+    vv = v.video
+    return dataclasses.replace(v, min_pixels=int(vv["min_pixels"]), max_pixels=int(vv["max_pixels"]))
+
+
+def clip_pixels(frames, cfg, mean, std) -> np.ndarray:
+    """Frames uint8 [H, W, 3] -> float32 [F', 3, h, w] as Qwen2VLVideoProcessor gives them: h x w the video budget's
+    smart_resize of the first frame, each frame resized to it BICUBIC with antialias on its uint8 values (torchvision's
+    resize: torch's interpolate on uint8, which rounds), rescaled and normalised in one step ((x - 255 mean) / (255
+    std), the processor's fused form), the last frame repeated up to a multiple of T frames (patchify's padding).
+    A clip's frames share a size; still images taken as frames (calibration, checks) are each resized to it."""
+    import torch
+    import torch.nn.functional as F
+    v = cfg.vision
+    T = int(v.video["temporal"])
+    h, w = smart_resize(video_config(v), *frames[0].shape[:2])
+    out = []
+    for f in frames:
+        x = torch.from_numpy(np.array(f, np.uint8)).permute(2, 0, 1)[None]
+        if tuple(x.shape[2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        out.append(x)
+    x = torch.cat(out).float()
+    m, s = (torch.tensor(a, dtype=torch.float32).view(1, 3, 1, 1) * 255 for a in (mean, std))
+    x = ((x - m) / s).numpy()
+    if len(x) % T:
+        x = np.concatenate([x, np.repeat(x[-1:], T - len(x) % T, 0)])
+    return np.ascontiguousarray(x, np.float32)
+
+
+def clip_grid(cfg, pixels) -> tuple[int, int, int]:
+    """A clip's pixels [F', 3, h, w] -> the merged grid of its rows (temporal patches, rows, cols)."""
+    m = factor(cfg.vision)
+    return -(-len(pixels) // int(cfg.vision.video["temporal"])), pixels.shape[2] // m, pixels.shape[3] // m
+
+
+def video_grid_rows(cfg, pixels, rows, sampled_fps: float = 0.0):
+    """The video stage's rows [1, n, D] -> GridRows carrying the clip's grid and temporal step (Qwen2.5-VL:
+    tokens_per_second * T / the sampled fps; 1 else, or where the clip says no rate)."""
+    vv = cfg.vision.video
+    out = np.asarray(rows, np.float32).view(GridRows)
+    out.grid = clip_grid(cfg, pixels)
+    tps = float(vv.get("tokens_per_second") or 0)
+    out.tstep = tps * int(vv["temporal"]) / sampled_fps if tps and sampled_fps else 1.0
+    return out
 
 
 # ---- the tiling hooks (edgemm.tilings) ------------------------------------------------------------------------
@@ -115,6 +174,10 @@ def check_config(cfg) -> None:
                           f"{factor(v)} px block")
     if v.window_px and v.window_px % factor(v):
         raise EdgemmError(f"qwen2vl: window_px {v.window_px} must be a multiple of {factor(v)}")
+    vv = v.video
+    if vv and not (vv.get("temporal", 0) >= 1 and 0 < vv.get("min_pixels", 0) <= vv.get("max_pixels", 0)
+                   and vv.get("fps", 0) > 0):
+        raise EdgemmError("qwen2vl video: temporal >= 1, 0 < min_pixels <= max_pixels and fps > 0")
     if len(d.mrope_section) != 3 or sum(d.mrope_section) != d.head_dim // 2:
         raise EdgemmError(f"mrope_section {d.mrope_section} must be 3 sections summing to head_dim / 2 "
                           f"({d.head_dim // 2})")
@@ -138,13 +201,18 @@ def max_tile_batch(v) -> int:
     return 1
 
 
+def profile_side(budget: int, f: int) -> int:
+    """The largest side a trt profile takes for images (frames) of `budget` pixels: any aspect up to 2:1 at the
+    whole budget (16:9 included; a longer strip is refused by the engine's profile, edgemm.export.trt_profiles)."""
+    return max(f, math.isqrt(2 * budget) // f * f)
+
+
 def input_profiles(cfg) -> dict:
-    """The trt vision stage's input profiles: pixels of one image, from one merged cell to max_pixels' square."""
+    """The trt vision stage's input profiles: pixels of one image, from one merged cell to profile_side's square."""
     v = cfg.vision
     f = factor(v)
-    side = max(f, math.isqrt(v.max_pixels) // f * f)
-    return {"pixels": {"min": [1, 3, f, f], "opt": [1, 3, side // 2 // f * f or f, side // 2 // f * f or f],
-                       "max": [1, 3, side, side]}}
+    side, opt = profile_side(v.max_pixels, f), max(f, math.isqrt(v.max_pixels) // 2 // f * f)
+    return {"pixels": {"min": [1, 3, f, f], "opt": [1, 3, opt, opt], "max": [1, 3, side, side]}}
 
 
 def describe_rows(cfg, typical=((640, 480), (1024, 768), (1920, 1080))) -> str:

@@ -14,7 +14,10 @@ frame's context and content rows), the frames' rows in order as one block; `fps`
 fps) frames from the first (the release's load_video). Frames as images (`frame`: InternVL): each frame
 stretched to the tower's size, one image (the vision stage's rows) where `<image>` stands in the processor's text
 for it (`frame`, `{n}` its number from 1, joined by `sep`), which replaces the template's `<video>`; `shift`: the
-processor samples from the middle of each stretch (InternVL's initial_shift). A model without `video` takes none.
+processor samples from the middle of each stretch (InternVL's initial_shift). Qwen2-VL (`temporal` T): frames
+sampled at `fps` within min / max frames, a multiple of T (`sample` "qwen2vl"), resized as its video processor does
+(edgemm.qwen2vl_pixels.clip_pixels), through the bundle's video stage, each T frames one grid of rows at its own
+temporal M-RoPE position. A model without `video` takes none.
 """
 from __future__ import annotations
 
@@ -66,12 +69,30 @@ class VideoLimits:
 
 
 def sample_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                   video_fps: float | None = None, shift: bool = False, sampling: str = "uniform") -> list[int]:
+                   video_fps: float | None = None, shift: bool = False, sampling: str = "uniform",
+                   bounds: tuple = (1, 10_000, 1)) -> list[int]:
     """transformers' default_sample_indices_fn (uniform: i * total // n), or with shift InternVL's video processor's
     (arange(total / n / 2, total, total / n), in float32 as torch's), except that a clip with fewer frames than asked
     gives all of them instead of an error; fps: n from the clip's length at that rate. sampling "step": every
     round(video_fps / fps)-th frame from the first (LLaMA-VID's load_video); "smolvlm": SmolVLMVideoProcessor's
-    sample_frames (at most num_frames at fps, 1 s skipped at each end of a long clip, linspace)."""
+    sample_frames (at most num_frames at fps, 1 s skipped at each end of a long clip, linspace); "qwen2vl":
+    Qwen2VLVideoProcessor's sample_frames with bounds = (min_frames, max_frames, temporal_patch_size): num_frames
+    rounded to a multiple of T, else the clip's length at fps within the bounds, floored to a multiple of T, at
+    arange(0, total, total / n) (a clip shorter than one temporal patch: all its frames)."""
+    if sampling == "qwen2vl":
+        import math
+        import torch
+        lo, hi, T = bounds
+        if num_frames:
+            n = min(round(num_frames / T) * T, total)
+        else:
+            if not video_fps:
+                raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
+            n = min(max(total / video_fps * fps, lo), math.floor(min(hi, total) / T) * T, total)
+            n = math.floor(n / T) * T
+        if n < 1:
+            return list(range(total))
+        return [int(i) for i in torch.arange(0, total, total / n).int().tolist()]
     if sampling != "uniform" and not video_fps:
         raise EdgemmError("the clip does not say its frame rate; cannot sample it at a rate")
     if sampling == "step":
@@ -132,7 +153,7 @@ def _open(data: bytes, fmt: str):
 
 def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits | None = None,
                fps: float | None = None, stats: dict | None = None, shift: bool = False,
-               sampling: str = "uniform") -> list[np.ndarray]:
+               sampling: str = "uniform", bounds: tuple = (1, 10_000, 1)) -> list[np.ndarray]:
     """A clip (path or bytes) -> its sampled frames, uint8 [H, W, 3] RGB each, within `limits`; EdgemmError in
     one line otherwise. stats (optional dict): "total" frames, "indices" sampled, "decoded" frames decoded, "fps"
     the clip's rate (None where it says none)."""
@@ -146,7 +167,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
     except ImportError:
         raise EdgemmError("video input needs PyAV: pip install av") from None
     try:
-        return _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling)
+        return _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling, bounds)
     except EdgemmError:
         raise
     except MemoryError:
@@ -156,7 +177,7 @@ def read_video(src, num_frames: int | None = DEFAULT_FRAMES, limits: VideoLimits
         raise EdgemmError(f"the video does not decode (damaged, or not an mp4/webm clip: {msg})") from None
 
 
-def _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling) -> list[np.ndarray]:
+def _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling, bounds) -> list[np.ndarray]:
     with _open(data, fmt) as c:
         if not c.streams.video:
             raise EdgemmError("the file has no video stream")
@@ -179,7 +200,7 @@ def _decode(data, fmt, num_frames, fps, limits, stats, shift, sampling) -> list[
                           f"{limits.frames} frames")
     if total < 1:
         raise EdgemmError("the video has no frames")
-    idx = sample_indices(total, num_frames, fps, rate, shift, sampling)
+    idx = sample_indices(total, num_frames, fps, rate, shift, sampling, bounds)
     stats.update(total=total, indices=idx, fps=rate)
     want, last, out, work = set(idx), idx[-1], {}, 0
     if (last + 1) * w * h > limits.work:
@@ -254,6 +275,9 @@ def frame_pixels(frames, cfg) -> np.ndarray:
     vv = takes_video(cfg)
     v = dataclasses.replace(cfg.vision, image_mean=tuple(vv.get("image_mean", cfg.vision.image_mean)),
                             image_std=tuple(vv.get("image_std", cfg.vision.image_std)))
+    if vv.get("temporal"):              # Qwen2-VL: its video processor's resize, T frames a temporal patch
+        from .qwen2vl_pixels import clip_pixels
+        return clip_pixels(frames, cfg, v.image_mean, v.image_std)
     if vv.get("longest_edge"):          # SmolVLM: its video processor's two LANCZOS resizes (edgemm.smolvlm_tiles)
         from .smolvlm_tiles import tile_image
         w = dataclasses.replace(v, longest_edge=int(vv["longest_edge"]), image_splitting=False)
@@ -283,20 +307,28 @@ def still_frames(images, cfg) -> np.ndarray:
 
 class ClipPixels(np.ndarray):
     """A clip's frames [F, 3, S, S] that remember when they were taken: `times` (seconds, each frame's index / the
-    clip's fps) and `duration` (frames / fps), which SmolVLM's prompt states."""
+    clip's fps) and `duration` (frames / fps), which SmolVLM's prompt states; `sampled_fps` (frames sampled a second
+    of the clip), which spaces Qwen2.5-VL's temporal positions. A view keeps them."""
     times: list = []
     duration: float = 0.0
+    sampled_fps: float = 0.0
+
+    def __array_finalize__(self, obj):
+        for k in ("times", "duration", "sampled_fps"):
+            setattr(self, k, getattr(obj, k, getattr(ClipPixels, k)))
 
 
 def load_clip(src, cfg, limits: VideoLimits | None = None) -> np.ndarray:
     """A clip (path or bytes) -> its sampled frames' pixels [F, 3, S, S] for the model (ClipPixels)."""
     v, stats = takes_video(cfg), {}
     sampling = v.get("sample", "uniform")           # "step": LLaMA-VID's 1 fps; "smolvlm": its sample_frames
-    frames = read_video(src, None if sampling == "step" else v.get("frames", DEFAULT_FRAMES), limits,
-                        fps=v.get("fps"), stats=stats, shift=bool(v.get("shift")), sampling=sampling)
+    n = None if sampling == "step" else v.get("frames", None if sampling == "qwen2vl" else DEFAULT_FRAMES)
+    frames = read_video(src, n, limits, fps=v.get("fps"), stats=stats, shift=bool(v.get("shift")), sampling=sampling,
+                        bounds=(v.get("min_frames", 1), v.get("max_frames", 10_000), v.get("temporal", 1)))
     px = frame_pixels(frames, cfg).view(ClipPixels)
     fps = stats["fps"] or 24                        # (SmolVLMProcessor's default when a clip says no rate)
     px.times, px.duration = [i / fps for i in stats["indices"]], stats["total"] / fps
+    px.sampled_fps = len(stats["indices"]) / stats["total"] * stats["fps"] if stats["fps"] else 0.0
     return px
 
 
@@ -327,9 +359,21 @@ def _mmss(t: float) -> str:
     return f"{int(t // 60):02d}:{int(t % 60):02d}"
 
 
-def frame_rows(cfg, n_frames: int) -> list[int]:
-    """Rows each block of a clip of n frames takes (the context check before it is encoded)."""
-    v = takes_video(cfg)
+def frame_hw(cfg, width: int, height: int) -> tuple[int, int]:
+    """The (height, width) the model's video processor gives a width x height frame."""
+    if takes_video(cfg).get("temporal"):
+        from .qwen2vl_pixels import smart_resize, video_config
+        return smart_resize(video_config(cfg.vision), height, width)
+    return cfg.vision.image_size, cfg.vision.image_size
+
+
+def frame_rows(cfg, pixels) -> list[int]:
+    """Rows each block of a clip's sampled frames [F, 3, h, w] takes (the context check before it is encoded)."""
+    v, n_frames = takes_video(cfg), len(pixels)
+    if v.get("temporal"):               # Qwen2-VL: a grid of rows per temporal patch
+        from .qwen2vl_pixels import clip_grid
+        t, gh, gw = clip_grid(cfg, pixels)
+        return [t * gh * gw]
     if v.get("longest_edge"):           # SmolVLM: a frame is a whole image alone, its markers around its rows
         from .smolvlm_tiles import row_index
         return [len(row_index(cfg, 0, 0))] * n_frames
@@ -346,13 +390,18 @@ def video_rows(backend, pixels: np.ndarray) -> np.ndarray:
     """Frames' pixels [F, 3, S, S] -> the video's rows [1, F * R (+ 1), D]: LLaVA-NeXT-Video: the backend's video
     stage (each frame through the tower, its patch grid pooled, the projector: edgemm.model.encode_video; torch and
     onnx bundles); LLaVA-OneVision: the tower, the projector, the map downscaled bilinear, then the newline row (any
-    backend: the vision stage is the tower + projector)."""
+    backend: the vision stage is the tower + projector); Qwen2-VL: the video stage, its rows carrying the clip's grid
+    (edgemm.qwen2vl_pixels.video_grid_rows)."""
     v = takes_video(backend.cfg)
     if v.get("question"):
         raise EdgemmError("this model's video rows read the question (LLaMA-VID): encode the clip with it "
                           "(edgemm.video.question_rows)")
     if v.get("project_first") and v.get("pool_mode") == "bilinear":
         return _pooled_stage_rows(backend, pixels, v)
+    if v.get("temporal"):               # Qwen2-VL: the rows carry their grid and temporal step (M-RoPE positions)
+        from .qwen2vl_pixels import video_grid_rows
+        rows = backend.video(np.ascontiguousarray(pixels, dtype=np.float32))
+        return video_grid_rows(backend.cfg, pixels, rows, getattr(pixels, "sampled_fps", 0.0))
     return np.asarray(backend.video(np.ascontiguousarray(pixels, dtype=np.float32)), np.float32)
 
 

@@ -15,8 +15,9 @@ MmprojModel.set_gguf_parameters) and read by its tools/mtmd/clip.cpp:
   from the decoder's token_embd;
 - qwen2vl_merger / qwen2.5vl_merger (Qwen2-VL / Qwen2.5-VL, conversion/qwenvl.py Qwen2VLVisionModel;
   tools/mtmd/models/qwen2vl.cpp):
-  the Conv3d patch embedding as two Conv2d kernels v.patch_embd.weight / .weight.1 (one per frame; edgemm keeps
-  their sum, so each gets half: an image is one frame repeated), no patch bias, no position table (2-D M-RoPE in
+  the Conv3d patch embedding as two Conv2d kernels v.patch_embd.weight / .weight.1 (one per frame, from the kept
+  kernel; a checkpoint imported with the sum only gives each half: an image is one frame repeated, so mtmd's image
+  rows are the same), no patch bias, no position table (2-D M-RoPE in
   the graph), blocks ln1 / attn_q,k,v / attn_out / ln2 / ffn_up, ffn_down (+ ffn_gate: 2.5's SwiGLU, clip.use_silu;
   2-VL's QuickGELU is clip.cpp's default FFN op), the merger's ln_q as v.post_ln and its two Linears as mm.0 /
   mm.2. 2.5's window attention is clip.vision.n_wa_pattern (every n-th block full; clip.cpp's windows are 112 px).
@@ -168,9 +169,14 @@ def write_qwen2vl_mmproj(model, path: Path, name: str, qtype: str) -> dict:
     if v25:
         w.add_uint32("clip.vision.n_wa_pattern", qwen2vl_window_pattern(v))
     vt, ad = model.vision, model.adapter
-    half = _np(vt.patch_embed.weight) * np.float32(0.5)             # the two frames' kernels (exact halves)
-    put("v.patch_embd.weight", half, "f32")
-    put("v.patch_embd.weight.1", half.copy(), "f32")
+    if hasattr(vt, "patch_embed_t") and vt.patch_embed_t.in_channels == 6:     # the Conv3d's own two kernels
+        k = _np(vt.patch_embed_t.weight)
+        put("v.patch_embd.weight", np.ascontiguousarray(k[:, :3]), "f32")
+        put("v.patch_embd.weight.1", np.ascontiguousarray(k[:, 3:]), "f32")
+    else:                                       # (a checkpoint imported before edgemm kept them: exact halves)
+        half = _np(vt.patch_embed.weight) * np.float32(0.5)
+        put("v.patch_embd.weight", half, "f32")
+        put("v.patch_embd.weight.1", half.copy(), "f32")
     # clip.cpp swaps ffn_up / ffn_down of qwen2vl files whose ffn_down has n_embd inputs (legacy naming); with
     # mlp_dim == width it cannot tell, so write that order then
     up, down = ("ffn_down", "ffn_up") if v.mlp_dim == v.width else ("ffn_up", "ffn_down")

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from edgemm.errors import EdgemmError
 from edgemm.export.onnx import group
 
 MIN_TRT_MAJOR = 10
 FP8_MIN_CC = (8, 9)
 TRT_PRECISIONS = ("fp16", "int8", "fp8")
+TRT_VIDEO_FRAMES = 16           # Qwen2-VL's video profile: frames a clip (8 temporal patches; 8 s at 2 a second)
+TRT_VIDEO_PIXELS = 768 * 28 * 28    # ... and pixels a frame at most (Qwen2VLVideoProcessor's default budget)
 # Build defaults per device class; --max-context / --max-batch override them.
 DEVICE_CLASSES = {
     "orin": {"description": "Jetson Orin (AGX / NX / Nano; JetPack 6, TensorRT 10; shared CPU/GPU memory)",
@@ -64,11 +68,22 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
         inp.update({n: {"min": [1, 0], "opt": [1, min(32, T)], "max": [fb, T]}
                     for n in ("qformer_input_ids", "qformer_attention_mask")})
     img_max = ctx - 8 if cfg.vision.video.get("question") else n_img        # (a clip's rows: one image segment)
-    frames = 0
-    if cfg.video_stage:             # LLaVA-NeXT-Video: the video stage takes a clip's frames at once, its rows one
-        from edgemm.video import DEFAULT_FRAMES, frame_rows            # image segment
-        frames = int(cfg.vision.video.get("frames", DEFAULT_FRAMES))
-        img_max = min(ctx - 8, max(n_img, frame_rows(cfg, frames)[0]))
+    frames, video = 0, None
+    if cfg.video_stage:             # the video stage takes a clip's frames at once, its rows one image segment:
+        from edgemm.video import DEFAULT_FRAMES, frame_rows            # LLaVA-NeXT-Video's, at the tower's size;
+        v = cfg.vision.video                                           # Qwen2-VL's, any size within the video
+        T = int(v.get("temporal", 0))                                  # budget, TRT_VIDEO_FRAMES at most
+        if T:
+            import math
+            from edgemm.qwen2vl_pixels import factor, profile_side
+            f, budget = factor(cfg.vision), min(int(v["max_pixels"]), TRT_VIDEO_PIXELS)
+            frames = max(T, min(TRT_VIDEO_FRAMES, int(v["max_frames"])) // T * T)
+            side, opt = profile_side(budget, f), max(f, math.isqrt(budget) // 2 // f * f)
+            video = {"min": [T, 3, f, f], "opt": [frames, 3, opt, opt], "max": [frames, 3, side, side]}
+        else:
+            frames = int(v.get("frames", DEFAULT_FRAMES))
+            video = {"min": [1, 3, S, S], "opt": [frames, 3, S, S], "max": [frames, 3, S, S]}
+        img_max = min(ctx - 8, max(n_img, frame_rows(cfg, np.broadcast_to(np.float32(0), video["max"]))[0]))
     rows = {"input_rows": {"min": [1, 0, D], "opt": [1, 0, D], "max": [1, 1, D]}} if eoi else {}
     out = {
         cfg.input_stage: inp,
@@ -86,7 +101,7 @@ def make_profiles(cfg, device_class: str, max_context: int | None = None, max_ba
                   "workspace_mib": dc["workspace_mib"], "builder_optimization_level": dc["builder_optimization_level"]},
     }
     if frames:
-        out["video"] = {"pixels": {"min": [1, 3, S, S], "opt": [frames, 3, S, S], "max": [frames, 3, S, S]}}
+        out["video"] = {"pixels": video}
     if c.cross_attn_every:      # gated cross-attention (edgemm.xattn): the cross_kv stage instead of decoder_image
         n, W, H = a.perceiver_latents, c.cross_attn_kv_dim or D, c.n_heads
         del out["decoder_image"]
@@ -165,3 +180,22 @@ def default_device_class(here: dict | None) -> str:
     if here and ("orin" in str(here.get("gpu", "")).lower() or Path("/etc/nv_tegra_release").exists()):
         return "orin"
     return "workstation"
+
+
+def outside_profile(manifest: dict, stage: str, feeds: dict) -> str | None:
+    """Why an engine's optimization profile (the bundle's device class's) cannot take these inputs, in one line, or
+    None: TensorRT refuses a shape outside [min, max] at run time with an error of its own (pure: tested without
+    a GPU)."""
+    t = manifest.get("trt") or {}
+    prof = (t.get("profiles") or {}).get(t.get("device_class"), {}).get(stage, {})
+    for name, x in feeds.items():
+        p = prof.get(name)
+        shape = tuple(getattr(x, "shape", ()))
+        if p is None or len(shape) != len(p["max"]):
+            continue
+        if any(not lo <= n <= hi for n, lo, hi in zip(shape, p["min"], p["max"])):
+            what = f"{shape[0]} frames of {shape[3]}x{shape[2]} pixels" if stage == "video" else f"shape {list(shape)}"
+            return (f"this trt bundle's {stage} engine takes {name} from {p['min']} to {p['max']}, not {what}: "
+                    + ("use a shorter or smaller clip, or an onnx bundle" if stage == "video" else
+                       "use a smaller input, or an onnx bundle"))
+    return None

@@ -262,17 +262,20 @@ def calibration_items(model, tok, calib=None, n: int = 32):
 
 
 def check_video(model, b, gen, seed: int, calib_items=None) -> list:
-    """LLaVA-NeXT-Video's video stage (ModelConfig.video_stage) of backend b against the reference on three frames:
-    random, or (a quantized bundle: calib_items) held-out images, the frames its scales were fitted for ->
-    [compare figures]."""
+    """The video stage (ModelConfig.video_stage) of backend b against the reference on three frames (Qwen2-VL: two
+    temporal patches, at the vision check's image size): random, or (a quantized bundle: calib_items) held-out
+    images, the frames its scales were fitted for -> [compare figures]."""
     import torch
+    from edgemm.export.graph import input_examples
     cfg = model.cfg
-    S = cfg.vision.image_size
-    frames = torch.randn(3, 3, S, S, generator=gen)
+    S, T = cfg.vision.image_size, int(cfg.vision.video.get("temporal", 0))
+    n_frames, hw = (2 * T, tuple(input_examples(cfg, gen)["pixels"].shape[2:])) if T else (3, (S, S))
+    frames = torch.randn(n_frames, 3, *hw, generator=gen)
     if calib_items:
         from edgemm.video import still_frames
         n = len(calib_items.samples)
-        frames = torch.from_numpy(still_frames([calib_items.samples[(seed + i) % n].image for i in range(3)], cfg))
+        frames = torch.from_numpy(still_frames([calib_items.samples[(seed + i) % n].image for i in range(n_frames)],
+                                               cfg))
     with torch.inference_mode():
         want = model.encode_video(frames).numpy()
     return [compare(want, b.video(frames.numpy()))]

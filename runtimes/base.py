@@ -68,8 +68,9 @@ class Backend:
         raise NotImplementedError
 
     def video(self, frames: np.ndarray) -> np.ndarray:
-        """LLaVA-NeXT-Video (ModelConfig.video_stage): frames float32 [F, 3, S, S] -> rows [1, F * R, D], each
-        frame's patch grid pooled between the tower and the connector."""
+        """The video stage (ModelConfig.video_stage): LLaVA-NeXT-Video's frames float32 [F, 3, S, S] -> rows
+        [1, F * R, D], each frame's patch grid pooled between the tower and the connector; Qwen2-VL's [F, 3, h, w]
+        -> [1, F / T * R, D], T frames a temporal patch."""
         from edgemm.errors import EdgemmError
         raise EdgemmError(f"the {self.name} backend has no video stage for this model; run it with --model DIR (torch) "
                           "or an onnx bundle")
@@ -366,8 +367,9 @@ class SegmentRunner(Backend):
     def video(self, frames) -> np.ndarray:
         from edgemm.errors import EdgemmError
         if "video" not in getattr(self, "manifest", {}).get("stages", {}):
-            raise EdgemmError(f"bundle {self.source} has no video stage (LLaVA-NeXT-Video's pooled frames: onnx "
-                              "and trt bundles exported by this edgemm have it); re-export it, or run --model DIR")
+            raise EdgemmError(f"bundle {self.source} has no video stage (LLaVA-NeXT-Video's pooled frames, "
+                              "Qwen2-VL's temporal patches: onnx and trt bundles exported by this edgemm have it); "
+                              "re-export it, or run --model DIR")
         return self._encode("video", {"pixels": np.ascontiguousarray(frames, dtype=np.float32)})
 
     def image_tokens(self, codes, signal=None) -> np.ndarray:

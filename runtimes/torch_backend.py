@@ -115,7 +115,8 @@ class TorchBackend(Backend):
     def _rows(self, rows):
         import torch
         x = torch.from_numpy(np.asarray(rows, np.float32)).to(self.device)
-        x.grid = getattr(rows, "grid", None)        # (M-RoPE: the image's grid, edgemm.qwen2vl_pixels)
+        x.grid = getattr(rows, "grid", None)        # (M-RoPE: the image's grid, edgemm.qwen2vl_pixels; a clip's
+        x.tstep = getattr(rows, "tstep", 1.0)       # temporal step)
         return x
 
     def image(self, state, rows):

@@ -328,6 +328,10 @@ class TrtBackend(_KVWindow):
                 for n, v in feeds.items()}
 
     def _encode(self, stage, feeds):
+        from edgemm.export.trt_profiles import outside_profile
+        why = outside_profile(self.manifest, stage, feeds)
+        if why:
+            raise EdgemmError(why)
         return self._execute(stage, self._cuda(feeds))["image_rows"].float().cpu().numpy()
 
     def _outputs(self, stage, feeds):

@@ -4,6 +4,7 @@ refuses is an error row of one line beside the others. Tiny random bundles: LLaV
 LLaVA-NeXT-Video (frames through its onnx video stage)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -85,13 +86,15 @@ def test_frame_counts_a_row_each(lnv_bundle, tmp_path):
     from edgemm.config import ModelConfig
     from edgemm.video import frame_rows
     cfg = ModelConfig.from_dict(read_manifest(lnv_bundle)["model"])
-    per = frame_rows(cfg, 1)[0]
+    S = cfg.vision.image_size
+    clip = lambda n: np.zeros((n, 3, S, S), np.float32)                     # noqa: E731
+    per = frame_rows(cfg, clip(1))[0]
     over = cfg.decoder.max_seq_len // per + 1
     rep = _bench(lnv_bundle, [("frames", 1), ("frames", 16), ("frames", over)], repeats=3, warmup=1, out=tmp_path)
     one, many, big = rep["results"]
     for r, n in ((one, 1), (many, 16)):
         assert "error" not in r, r
-        assert r["vision_inputs"] == n and r["image_rows"] == frame_rows(cfg, n)[0] == n * per
+        assert r["vision_inputs"] == n and r["image_rows"] == frame_rows(cfg, clip(n))[0] == n * per
         assert r["input"] == f"{n} frame{'s' * (n > 1)}" and r["image_size"] is None
     assert many["vision_ms"] > one["vision_ms"] and many["prompt_rows"] - one["prompt_rows"] == 15 * per
     assert big["error"].startswith(f"a clip of {over} frames takes") and "\n" not in big["error"]

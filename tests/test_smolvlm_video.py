@@ -85,7 +85,7 @@ def test_video_matches_transformers(smv, n, rate):
     px = load_clip(clip, b.cfg)
     assert [round(t * rate) for t in px.times] == idx and np.abs(np.asarray(px) - pv[0].numpy()).max() <= 1e-5
     rows = [torch.from_numpy(np.asarray(encode_block(b, blk), np.float32)) for blk in clip_blocks(b.cfg, px)]
-    assert [r.shape[1] for r in rows] == frame_rows(b.cfg, len(idx))
+    assert [r.shape[1] for r in rows] == frame_rows(b.cfg, px) and len(px) == len(idx)
     msgs = normalize_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}},
                                                            {"type": "text", "text": QUESTION}]}])
     segs = segments_template(tok, (smv["ck"] / "chat_template.jinja").read_text(), msgs,

@@ -5,8 +5,12 @@ Shapes: h, w pixels (multiples of patch_size * merge_size), gh = h / p, gw = w /
 width, m merge_size, D d_model. pixels [1, 3, h, w] -> tower rows [1, N, W] in the processor's merge-block order (the
 m x m patches of each merged cell together, cells row-major) -> merger -> image rows [1, N / m^2, D].
 
-- the patch embedding: Conv3d over temporal_patch_size frames of one image repeated; the import sums its kernel over
-  time, so here it is a Conv2d (no bias) over the pixels;
+- the patch embedding: Conv3d over temporal_patch_size (T) frames. An image is one frame repeated: the import sums
+  the kernel over time, so an image goes through a Conv2d (no bias) over its pixels. A video (`frames`: F frames
+  [F, 3, h, w], F a multiple of T) goes through the whole kernel: each group of T consecutive frames stacked on the
+  channels ([F / T, T * 3, h, w], frame-major) and a Conv2d over them (`patch_embed_t`, present where the
+  checkpoint's VisionConfig.video has `temporal`); every group is attended on its own (transformers' cu_seqlens: one
+  sequence per temporal patch), at the same 2-D positions, as a batch;
 - 2-D RoPE: head_dim / 4 frequencies (base 10000) for the patch row, as many for its column, cat, then doubled
   (NEOX halves) over the whole head;
 - blocks: x + proj(attn(norm1(x))), x + mlp(norm2(x)); LayerNorm and fc1 -> QuickGELU -> fc2 (Qwen2-VL), RMSNorm and
@@ -42,7 +46,8 @@ def _rotate(x, cos, sin):                                   # x [N, heads, E]; c
 
 
 class Qwen2VLBlock(nn.Module):
-    """One tower block. x [N, W], cos / sin [N, 1, E], mask [N, N] bool or None -> [N, W]."""
+    """One tower block. x [G, N, W] (G images / temporal patches, each attended alone), cos / sin [N, 1, E], mask
+    [N, N] bool or None -> [G, N, W]."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -57,11 +62,11 @@ class Qwen2VLBlock(nn.Module):
             self.fc1, self.fc2 = nn.Linear(W, c.mlp_dim), nn.Linear(c.mlp_dim, W)
 
     def forward(self, x, cos, sin, mask):
-        N, W = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(N, 3, self.heads, W // self.heads).unbind(1)   # [N, heads, E]
+        G, N, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(G, N, 3, self.heads, W // self.heads).unbind(2)   # [G, N, heads, E]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        a = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask)
-        x = x + self.proj(a[0].transpose(0, 1).reshape(N, W))
+        a = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+        x = x + self.proj(a.transpose(1, 2).reshape(G, N, W))
         h = self.norm2(x)
         h = self.down(F.silu(self.gate(h)) * self.up(h)) if self.swiglu else self.fc2(gelu(self.fc1(h), self.gelu))
         return x + h
@@ -69,22 +74,32 @@ class Qwen2VLBlock(nn.Module):
 
 @register("vision", "qwen2vl")
 class Qwen2VLTower(Tower):
-    """pixels [1, 3, h, w] -> tower rows [1, N, W] in merge-block order (module docstring)."""
+    """pixels [1, 3, h, w] -> tower rows [1, N, W] in merge-block order (module docstring); `frames`: a video."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.c = c
         self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, c.patch_size, bias=False)
+        T = int(c.video.get("temporal", 0))
+        if T:                             # the Conv3d's whole kernel, frame-major on the channels (a video's)
+            self.patch_embed_t = nn.Conv2d(3 * T, c.width, c.patch_size, c.patch_size, bias=False)
         self.blocks = nn.ModuleList(Qwen2VLBlock(c) for _ in range(c.layers))
 
     def forward(self, pixels):
+        return self._run(self.patch_embed(pixels))                            # [1, W, gh, gw] -> [1, N, W]
+
+    def frames(self, frames):
+        """A video's frames [F, 3, h, w] (F a multiple of T) -> rows [F / T, N, W], one temporal patch a row."""
+        T = self.patch_embed_t.in_channels // 3
+        return self._run(self.patch_embed_t(frames.reshape(-1, 3 * T, frames.shape[2], frames.shape[3])))
+
+    def _run(self, x):
         c, m = self.c, self.c.merge_size
-        x = self.patch_embed(pixels)                                          # [1, W, gh, gw]
-        W, gh, gw = x.shape[1], x.shape[2], x.shape[3]
+        G, W, gh, gw = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
 
         def blocks(t):                    # [gh, gw, ...] -> [N, ...]: each merged cell's m x m patches together
             return t.reshape(gh // m, m, gw // m, m, -1).transpose(1, 2).reshape(gh * gw, -1)
-        x = blocks(x[0].permute(1, 2, 0))                                     # [N, W]
+        x = x.permute(0, 2, 3, 1).reshape(G, gh // m, m, gw // m, m, W).transpose(2, 3).reshape(G, gh * gw, W)
         hw = torch.stack([torch.arange(gh, device=x.device)[:, None].expand(gh, gw),
                           torch.arange(gw, device=x.device)[None, :].expand(gh, gw)], -1)
         hw = blocks(hw)                                                       # [N, 2]: patch row, column
@@ -100,7 +115,7 @@ class Qwen2VLTower(Tower):
             window = wid[:, None] == wid[None, :]                             # [N, N]
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, None if i in c.full_blocks else window)
-        return x[None]                                                        # [1, N, W]
+        return x                                                              # [G, N, W]
 
 
 @register("connector", "qwen2vl_merger")

@@ -10,10 +10,15 @@ Qwen2_5_VLForConditionalGeneration, "qwen2_5_vl": Qwen2-VL-2B/7B, Qwen2.5-VL-3B/
   (DecoderConfig.mrope_section): an image's rows at 3-D positions, the text after it at max + 1, as get_rope_index;
 - the processor: Qwen2VLImageProcessor's smart_resize (min_pixels / max_pixels, multiples of 28, BICUBIC), mean /
   std (edgemm.qwen2vl_pixels); the chat template's `<|image_pad|>` (Qwen2VLProcessor expands it to the image's rows
-  between `<|vision_start|>` and `<|vision_end|>`) becomes edgemm's <image>, the vision start / end tokens staying text.
+  between `<|vision_start|>` and `<|vision_end|>`) becomes edgemm's <image>, the vision start / end tokens staying text;
+- video, as Qwen2VLVideoProcessor and the model take it: the Conv3d's whole kernel kept beside the summed one
+  (vision.patch_embed_t), frames sampled at the processor's fps (video_preprocessor_config.json, else
+  preprocessor_config.json as transformers falls back to it; 2 a second, qwen-vl-utils' rate, where it says none),
+  each temporal patch of T frames one grid of rows at its own temporal M-RoPE position (Qwen2.5-VL: spaced by
+  tokens_per_second * T / the sampled fps); the template's `<|video_pad|>` becomes edgemm's <video>
+  (edgemm.qwen2vl_pixels.clip_pixels, edgemm.video).
 Both layouts: the releases' (model., visual., lm_head; text settings at the top of config.json, rope_scaling
 {"type": "mrope"}) and transformers 5.x's (model.language_model., model.visual., text_config).
-Not imported: video (frames with temporal positions).
 """
 from __future__ import annotations
 
@@ -21,12 +26,13 @@ from ..config import AdapterConfig, ModelConfig, VisionConfig
 from ..errors import EdgemmError
 from ..importers.shards import Source
 from ..importers.tokenizer import _read_json
+from ..chat_template import VIDEO
 from ..tokenizer import IMAGE
 from . import Family, register
 from .base import CLIP_MEAN, CLIP_STD, Plan, _act, _req
 from .llava import decoder_config, decoder_plan, pick
 
-IMAGE_PAD = "<|image_pad|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 BICUBIC = 3
 
 
@@ -82,6 +88,34 @@ def _processor(src: Source, v: VisionConfig, temporal: int) -> None:
     v.image_std = tuple(p.get("image_std", CLIP_STD))
 
 
+VIDEO_SIZE = (128 * 28 * 28, 768 * 28 * 28)    # Qwen2VLVideoProcessor's size (shortest_edge, longest_edge) default
+VIDEO_FRAMES = (4, 768)                          # its min_frames, max_frames
+VIDEO_FPS = 2.0                                  # qwen-vl-utils' sampling rate (the processor's own samples none)
+
+
+def _video(src: Source, v: VisionConfig, temporal: int, tokens_per_second: float) -> dict:
+    """VisionConfig.video: Qwen2VLVideoProcessor's settings from video_preprocessor_config.json, else from
+    preprocessor_config.json (transformers reads that when the video one is missing), its class defaults else."""
+    w = "video_preprocessor_config.json"
+    p = _read_json(src.path / w)
+    if not isinstance(p, dict):
+        w, p = "preprocessor_config.json", _read_json(src.path / "preprocessor_config.json") or {}
+    size = p.get("size") or {}
+    lo = int(p.get("min_pixels") or size.get("shortest_edge") or VIDEO_SIZE[0])
+    hi = int(p.get("max_pixels") or size.get("longest_edge") or VIDEO_SIZE[1])
+    fps = float(p.get("fps") or VIDEO_FPS)
+    n = p.get("num_frames") if p.get("do_sample_frames") else None
+    lo_f, hi_f = int(p.get("min_frames", VIDEO_FRAMES[0])), int(p.get("max_frames", VIDEO_FRAMES[1]))
+    if not 0 < lo <= hi or hi < (v.patch_size * v.merge_size) ** 2 or fps <= 0 or not 0 < lo_f <= hi_f or \
+            n is not None and (not isinstance(n, int) or n < 1) or p.get("temporal_patch_size", temporal) != temporal:
+        raise EdgemmError(f"{w}: the video settings (min / max pixels, fps, min / max frames, num_frames, "
+                          "temporal_patch_size) are out of range or differ from the vision tower's")
+    out = {"temporal": temporal, "min_pixels": lo, "max_pixels": hi, "fps": fps, "min_frames": lo_f,
+           "max_frames": hi_f, "sample": "qwen2vl", "tokens_per_second": float(tokens_per_second),
+           "image_mean": list(p.get("image_mean", v.image_mean)), "image_std": list(p.get("image_std", v.image_std))}
+    return {**out, **({"frames": n} if n else {})}
+
+
 def map_qwen2vl(hf: dict, src: Source, rules: str = "original") -> Plan:
     w, wv = "config.json", "config.json vision_config"
     v25 = "qwen2_5" in str(hf.get("model_type", "")) or any("2_5" in str(a) for a in hf.get("architectures") or [])
@@ -96,13 +130,18 @@ def map_qwen2vl(hf: dict, src: Source, rules: str = "original") -> Plan:
     decoder.mrope_section = section
     cfg = ModelConfig(name=src.path.name, vision=_vision(vc, wv, v25, decoder.d_model),
                       adapter=AdapterConfig(kind="qwen2vl_merger", gelu="erf"), decoder=decoder)
-    _processor(src, cfg.vision, vc.get("temporal_patch_size", 2))
+    T = int(vc.get("temporal_patch_size", 2))
+    _processor(src, cfg.vision, T)
+    cfg.vision.video = _video(src, cfg.vision, T, vc.get("tokens_per_second", 4) if v25 else 0)
     cfg.validate()
     names = set(src.where)
     plan = Plan(cfg)
     decoder_plan(plan, src)
     vt = pick(names, ("model.visual.", "visual."), "patch_embed.proj.weight")
     plan.add("vision.patch_embed.weight", vt + "patch_embed.proj.weight", fn=lambda t: t[0].float().sum(2))
+    W, p = cfg.vision.width, cfg.vision.patch_size      # (a video's: [W, 3, T, p, p] -> frame-major channels)
+    plan.add("vision.patch_embed_t.weight", vt + "patch_embed.proj.weight",
+             fn=lambda t: t[0].float().permute(0, 2, 1, 3, 4).reshape(W, 3 * T, p, p))
     mlp = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")) if v25 else (("fc1", "fc1"), ("fc2", "fc2"))
     norms = ("weight",) if v25 else ("weight", "bias")
     for i in range(cfg.vision.layers):
@@ -126,7 +165,11 @@ def map_qwen2vl(hf: dict, src: Source, rules: str = "original") -> Plan:
                       f"at 3-D M-RoPE positions (sections {section})"
                       + (f"; window attention over {v.window_px} px, full in blocks {v.full_blocks}" if v.window_px
                          else ""))
-    plan.notes.append("video input is not imported (frames with temporal positions)")
+    vv = v.video
+    plan.notes.append(f"video token id {hf.get('video_token_id')} ({VIDEO_PAD}): frames sampled at {vv['fps']:g} a "
+                      f"second ({vv['min_frames']}..{vv['max_frames']}), resized within {vv['min_pixels']}.."
+                      f"{vv['max_pixels']} pixels, {T} frames a temporal patch at its own temporal position"
+                      + (f" ({vv['tokens_per_second']:g} positions a second)" if vv["tokens_per_second"] else ""))
     return plan
 
 
@@ -137,7 +180,7 @@ class Qwen2VL(Family):
     architectures = ("qwen2vlforconditionalgeneration", "qwen2_5_vlforconditionalgeneration")
     source = "`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`"
     computes = "Qwen2-VL ViT (2-D RoPE, any size; 2.5: RMSNorm, SwiGLU, window attention), 2x2 patch merger, " \
-               "Qwen2 decoder with M-RoPE; images (video not yet)"
+               "Qwen2 decoder with M-RoPE; images and video (temporal patches of frames at temporal positions)"
     blocks = ("vision:qwen2vl", "connector:qwen2vl_merger", "layer:single")
     core = ("single branch (llava)", "qkv bias", "qwen2-vl vision tower (2-d rope, any size)", "qwen2-vl patch merger",
             "m-rope (3-d image positions)")
@@ -147,5 +190,6 @@ class Qwen2VL(Family):
         return map_qwen2vl(hf, src, rules)
 
     def adapt_template(self, template: str, src) -> str:
-        """The template's <|image_pad|> (one per image, expanded by the processor) becomes edgemm's <image>."""
-        return template.replace(IMAGE_PAD, IMAGE)
+        """The template's <|image_pad|> / <|video_pad|> (one per image / video, expanded by the processor) become
+        edgemm's <image> / <video>."""
+        return template.replace(IMAGE_PAD, IMAGE).replace(VIDEO_PAD, VIDEO)

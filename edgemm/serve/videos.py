@@ -11,12 +11,13 @@ import numpy as np
 
 from ..chat_template import normalize_messages
 from ..errors import EdgemmError
+from ..video import ClipPixels
 from .api import APIError, Limits
 
 MAX_VIDEOS = 1                 # videos per request
 
 
-class VideoPixels(np.ndarray):
+class VideoPixels(ClipPixels):
     """A clip's frames [F, 3, S, S] whose rows are one block (LLaVA-NeXT-Video), queued like an image's pixels; the
     engine asks it for its rows. (Frames as images are queued as images [1, 3, S, S].)"""
 
@@ -25,7 +26,7 @@ class VideoPixels(np.ndarray):
         from ..video import encode_block, question_rows
         if instruction:
             return question_rows(backend, np.asarray(self), instruction)
-        return encode_block(backend, np.asarray(self))
+        return encode_block(backend, self)              # (its sampled_fps: Qwen2.5-VL's temporal positions)
 
 
 @dataclass
@@ -76,7 +77,7 @@ async def videos_of(cfg, messages, limits: Limits) -> Clips:
         px = await asyncio.to_thread(decode_video, u, cfg, limits)
         blocks = clip_blocks(cfg, px)
         out.blocks += blocks if "frame" in cfg.vision.video else [px.view(VideoPixels)]
-        out.rows += frame_rows(cfg, len(px))
+        out.rows += frame_rows(cfg, px)
         text = video_text(cfg, len(px), px)
         if text is not None:
             out.texts = (out.texts or []) + [text]
