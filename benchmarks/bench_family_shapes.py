@@ -158,9 +158,26 @@ of the old int8 bundle, on a loaded machine, gave vision 1271 / 4984 ms and peak
     int4        224x224            1          64      359.7      494.5         163.1          5642     2247
     int4        448x448            1         256     1780.9     2000.1         167.0          5642     2247
 
-Not measured here (time and memory): LLaVA-OneVision int8 (static int8's calibration ran at 235 s per sample under
-load), Gemma 3 (its fp32 export validates; `--precisions fp32,int8,int4 --calib-items 5` had its int8 export refused
-by the check: decoder_image cosine 0.910 on these random weights with 4 calibration samples).
+Gemma 3-4B's shapes (2026-12-04, a 2-core AMD EPYC Zen 4 with AVX-512 VNNI, onnxruntime 1.32, the bench alone and
+quiet; `--family gemma3 --precisions fp32,int8,int4 --calib-items 9 --repeats 2 --warmup 1`). Its SigLIP tower is
+whole at 896 px (4096 patches; int8 / int4 cut its time less than other towers', likely the attention over 4096
+patches, which is not quantized: not profiled). The decoder is REDUCED to 2 of 34 layers: TTFT and decode tok/s are
+not the 4B's. 258 image rows as bench counts them. The int8 / int4 exports validate since the builder randomises the
+zero-initialised mm_input_projection_weight:
+
+    precision   vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32          33899.9    34621.0          24.4         13321     5472
+    int8          23232.6    23587.3          86.6          9442     2094
+    int4          22957.9    23279.4         181.7          9100     1925
+
+LLaVA-OneVision-0.5B's shapes at the three precisions (2026-12-04, the same machine as Gemma 3's, the bench alone
+and quiet; `--family llava_onevision --precisions fp32,int8,int4 --calib-items 5 --repeats 1 --warmup 0`; the base
+image and one tile: 2 vision inputs, 1485 rows; one repeat: read the decode column as rough):
+
+    precision   vision ms    TTFT ms  decode tok/s  peak RSS MiB  size MB
+    fp32           7181.2    13976.9          14.7          7624     6109
+    int8           2819.0     5472.1          37.7          4760     1962
+    int4           2966.0     5672.8          65.2          4429     1727
 """
 from __future__ import annotations
 
